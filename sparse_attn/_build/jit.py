@@ -1,0 +1,104 @@
+"""Just-in-time build of the `csrc/` extensions, cached between runs.
+
+`load_extension(name, sources)` returns the compiled module. It looks first for an
+ahead-of-time build (`sparse_attn._ext_<name>`, made by `SPARSE_ATTN_BUILD_EXT=1 pip install .`),
+then builds with `torch.utils.cpp_extension.load` + ninja into a cache folder whose name encodes
+the sources' content, the flags and the torch version, so a change to any of them rebuilds and
+an unchanged tree never does. torch's own file baton serialises concurrent builds of one name.
+
+Importing `sparse_attn` never compiles anything: a kernel calls this on first use (or when the
+scheduler asks whether it is available), and a failure raises `ExtensionBuildError` whose message
+says what failed; the kernel then reports "unavailable: ..." in `plan(...).explain()`.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+_LOCK = threading.Lock()
+_LOADED: dict[str, object] = {}
+_FAILED: dict[str, str] = {}
+
+
+class ExtensionBuildError(RuntimeError):
+    """A C++/CUDA extension could not be built or loaded."""
+
+
+def csrc_dir() -> Path:
+    """Where the C++/CUDA sources are: $SPARSE_ATTN_CSRC, the repo's csrc/ (editable install),
+    or the copy that setup.py puts inside the installed package."""
+    env = os.environ.get("SPARSE_ATTN_CSRC")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parent.parent
+    for cand in (here.parent / "csrc", here / "_csrc"):
+        if cand.is_dir():
+            return cand
+    raise ExtensionBuildError("the C++/CUDA sources (csrc/) are not installed with this copy of sparse_attn")
+
+
+def cache_root() -> Path:
+    env = os.environ.get("SPARSE_ATTN_CACHE")
+    base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sparse_attn"
+    return base / f"torch{torch.__version__.split('+')[0]}-py{sys.version_info.major}{sys.version_info.minor}"
+
+
+def _digest(paths: list[Path], flags: list[str]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    for f in flags:
+        h.update(f.encode())
+    h.update(torch.__version__.encode())
+    return h.hexdigest()[:16]
+
+
+def load_extension(name: str, sources: list[str], *, extra_cflags: list[str] | None = None,
+                   headers: list[str] | None = None, verbose: bool | None = None):
+    """Compile (once) and import the extension `name` from `sources` (paths relative to csrc/)."""
+    with _LOCK:
+        if name in _LOADED:
+            return _LOADED[name]
+        if name in _FAILED:
+            raise ExtensionBuildError(_FAILED[name])
+        try:
+            mod = importlib.import_module(f"sparse_attn._ext_{name}")  # ahead-of-time build
+        except ImportError:
+            try:
+                mod = _jit(name, sources, extra_cflags or [], headers or [], verbose)
+            except Exception as e:  # compiler missing, compile error, ABI mismatch ...
+                lines = [ln for ln in str(e).splitlines() if ln.strip()]
+                errs = [ln for ln in lines if "error" in ln.lower()][:6] or lines[-6:]
+                msg = (f"C++ extension '{name}' failed to build ({type(e).__name__}): " + " | ".join(errs)
+                       + " -- set SPARSE_ATTN_VERBOSE_BUILD=1 for the full compiler output")
+                _FAILED[name] = msg
+                raise ExtensionBuildError(msg) from e
+        _LOADED[name] = mod
+        return mod
+
+
+def _jit(name, sources, extra_cflags, headers, verbose):
+    from torch.utils.cpp_extension import load
+
+    root = csrc_dir()
+    paths = [root / s for s in sources]
+    deps = paths + [root / h for h in headers]
+    for p in deps:
+        if not p.is_file():
+            raise ExtensionBuildError(f"missing source {p}")
+    flags = ["-O3", "-std=c++17"] + list(extra_cflags)
+    build_dir = cache_root() / f"{name}-{_digest(deps, flags)}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    if verbose is None:
+        verbose = os.environ.get("SPARSE_ATTN_VERBOSE_BUILD") == "1"
+    if not verbose:
+        print(f"[sparse_attn] building C++ extension '{name}' in {build_dir} (first use only)", file=sys.stderr)
+    return load(name=f"sparse_attn_{name}", sources=[str(p) for p in paths], extra_cflags=flags,
+                extra_include_paths=[str(root)], build_directory=str(build_dir), verbose=verbose)

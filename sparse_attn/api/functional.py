@@ -1,0 +1,171 @@
+"""The public functional API: `attention`, `attention_varlen`, `select_blocks`,
+`linear_attention` and `plan`. Each validates its inputs once (clear `ValueError`/`TypeError`
+naming the argument), asks the scheduler for a kernel and runs it."""
+from __future__ import annotations
+
+import torch
+
+from ..layout.topk_selection import select_blocks_mask
+from ..patterns import Dense, Pattern, TopK
+from ..patterns.linear import LinearAttention
+from ..scheduler.device import device_info
+from ..scheduler.plan import Plan, choose
+from ..scheduler.problem import (FLOAT_DTYPES, Problem, check_backend, check_qkv, check_scale, make_problem)
+
+
+def plan(q, k, v, pattern: Pattern = Dense(), *, scale=None, gate=None, backend=None, requires_grad=None) -> Plan:
+    """The scheduler's decision for `attention(q, k, v, pattern, ...)`, without running it.
+
+    Returns a :class:`~sparse_attn.scheduler.Plan`: `.kernel` is the chosen kernel, `.run(q, k, v)`
+    runs it, and `.explain()` lists every candidate with its estimated cost or its reasons not to
+    run. `requires_grad` defaults to whether autograd would track the call.
+    """
+    check_backend(backend)
+    problem = make_problem(q, k, v, pattern, scale=scale, gate=gate, requires_grad=requires_grad)
+    return choose(problem, backend=backend)
+
+
+def attention(q, k, v, pattern: Pattern = Dense(), *, scale=None, gate=None, backend=None) -> torch.Tensor:
+    """Attention of `pattern` (contract) in SDPA layout.
+
+    Args:
+        q: `(B, Hq, Sq, D)`; query row `t` has absolute position `Sk - Sq + t`.
+        k: `(B, Hkv, Sk, D)` with `Hq % Hkv == 0` (query head `h` reads kv head `h // (Hq // Hkv)`).
+        v: `(B, Hkv, Sk, Dv)`.
+        pattern: `Dense`, `SlidingWindow`, `BlockSparse`, `TopK` or `WindowLinear`.
+        scale: softmax scale, default `D ** -0.5`.
+        gate: `(Hq,)` gate logits, required by (and only by) `WindowLinear`.
+        backend: None (scheduler's choice) or "reference" | "triton" | "cpu" | "cuda" | "npu".
+    Returns:
+        `(B, Hq, Sq, Dv)` in q's dtype. Differentiable in q, k, v (and gate).
+    """
+    p = plan(q, k, v, pattern, scale=scale, gate=gate, backend=backend)
+    return p.run(q, k, v, gate=gate)
+
+
+def _check_cu(name, cu, total: int, device) -> None:
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"{name} must be an int32 torch.Tensor, got {type(cu).__name__}")
+    if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1:
+        raise ValueError(f"{name} must be a 1-D int32 tensor of nseq+1 offsets, got {cu.dtype} {tuple(cu.shape)}")
+    if cu.device != device:
+        raise ValueError(f"{name} is on {cu.device} but q is on {device}")
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, pattern: Pattern = Dense(), *, max_seqlen_q=None,
+                     max_seqlen_k=None, scale=None, gate=None, backend=None) -> torch.Tensor:
+    """Attention over packed sequences, FlashAttention varlen layout.
+
+    q `(Tq, Hq, D)`, k `(Tk, Hkv, D)`, v `(Tk, Hkv, Dv)`; `cu_seqlens_q/k` int32 `(nseq + 1,)`
+    offsets. Each sequence obeys the contract on its own (end-aligned queries). For `BlockSparse`
+    the layout's batch axis is `nseq` or 1 and sequence `i` reads its top-left
+    `ceil(Sk_i/bs) x ceil(Sk_i/bs)` corner. Returns `(Tq, Hq, Dv)`.
+
+    The offsets are read on the host (one synchronisation), as FlashAttention's varlen plan does.
+    """
+    check_backend(backend)
+    check_qkv(q, k, v, ndim=3)
+    _check_cu("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
+    _check_cu("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (nseq + 1), got "
+                         f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for name, cu, total in (("cu_seqlens_q", cq, q.shape[0]), ("cu_seqlens_k", ck, k.shape[0])):
+        if cu[0] != 0 or cu[-1] != total or any(b < a for a, b in zip(cu, cu[1:])):
+            raise ValueError(f"{name} must start at 0, be non-decreasing and end at the packed length "
+                             f"{total}, got {cu}")
+    from ..patterns import BlockSparse
+
+    outs = []
+    for i in range(len(cq) - 1):
+        qi = q[cq[i]:cq[i + 1]].transpose(0, 1)[None]
+        ki = k[ck[i]:ck[i + 1]].transpose(0, 1)[None]
+        vi = v[ck[i]:ck[i + 1]].transpose(0, 1)[None]
+        pat = pattern
+        if isinstance(pattern, BlockSparse):
+            lay = pattern.layout
+            nb = -(-ki.shape[2] // pattern.block_size)
+            if lay.shape[0] not in (1, len(cq) - 1) or lay.shape[2] < nb or lay.shape[3] < nb:
+                raise ValueError(f"BlockSparse.layout for varlen must have shape (nseq or 1, Hkv or 1, >= {nb}, "
+                                 f">= {nb}), got {tuple(lay.shape)}")
+            row = lay[i:i + 1] if lay.shape[0] > 1 else lay
+            pat = BlockSparse(row[:, :, :nb, :nb], block_size=pattern.block_size)
+        outs.append(attention(qi, ki, vi, pat, scale=scale, gate=gate, backend=backend)[0].transpose(0, 1))
+    if not outs:
+        return q.new_zeros(0, q.shape[1], v.shape[2])
+    return torch.cat(outs, dim=0)
+
+
+def select_blocks(q, k, pattern: TopK) -> torch.Tensor:
+    """The TopK selection as bool `(B, Hkv, Sq, ceil(Sk/bs))`: forced (sink, local) and selected
+    blocks. Computed in float32 (float64 for float64 inputs); not differentiable."""
+    if not isinstance(pattern, TopK):
+        raise TypeError(f"select_blocks needs a TopK pattern, got {type(pattern).__name__}")
+    check_qkv(q, k, k, names=("q", "k", "k"))
+    make_problem(q, k, k, pattern)  # same checks as attention()
+    with torch.no_grad():
+        return select_blocks_mask(q, k, pattern)
+
+
+def _check_linear(q, k, v, decay, initial_state):
+    check_qkv(q, k, v)
+    b, h, s, d = q.shape
+    if k.shape[2] != s:
+        raise ValueError(f"linear_attention needs q and k of the same length, got q={s}, k={k.shape[2]}")
+    kind = "none"
+    if decay is not None:
+        if not isinstance(decay, torch.Tensor):
+            raise TypeError(f"decay must be a torch.Tensor or None, got {type(decay).__name__}")
+        if not decay.is_floating_point():
+            raise TypeError(f"decay must be a floating-point tensor, got {decay.dtype}")
+        if decay.shape == (h,):
+            kind = "per-head"
+        elif decay.shape == (b, h, s):
+            kind = "per-token"
+        else:
+            raise ValueError(f"decay must have shape (H,) = ({h},) or (B, H, S) = ({b}, {h}, {s}), "
+                             f"got {tuple(decay.shape)}")
+        if decay.device != q.device:
+            raise ValueError(f"decay is on {decay.device} but q is on {q.device}")
+    if initial_state is not None:
+        if not isinstance(initial_state, torch.Tensor):
+            raise TypeError(f"initial_state must be a torch.Tensor or None, got {type(initial_state).__name__}")
+        want = (b, h, d, v.shape[3])
+        if tuple(initial_state.shape) != want:
+            raise ValueError(f"initial_state must have shape (B, H, D, Dv) = {want}, got {tuple(initial_state.shape)}")
+        if initial_state.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"initial_state must be a floating-point tensor, got {initial_state.dtype}")
+        if initial_state.device != q.device:
+            raise ValueError(f"initial_state is on {initial_state.device} but q is on {q.device}")
+    return kind
+
+
+def linear_attention(q, k, v, *, decay=None, scale=None, initial_state=None, return_state=False, backend=None):
+    """Causal linear attention with optional decay (contract, "Linear attention").
+
+    `S_t = exp(g_t) S_{t-1} + k_t v_t^T`, `o_t = scale * q_t^T S_t`, identity feature map.
+
+    Args:
+        q: `(B, H, S, D)`; k: `(B, Hkv, S, D)`; v: `(B, Hkv, S, Dv)` (GQA: k/v heads are shared).
+        decay: None, per-head log-decays `(H,)`, or per-token log-decays `(B, H, S)`.
+        scale: default `D ** -0.5`.
+        initial_state: `(B, H, D, Dv)` state to continue from (e.g. a previous chunk's).
+        return_state: also return the final state `(B, H, D, Dv)` (float32; float64 for float64 inputs).
+    Returns:
+        o `(B, H, S, Dv)` in q's dtype, or `(o, state)`.
+    """
+    check_backend(backend)
+    kind = _check_linear(q, k, v, decay, initial_state)
+    b, h, s, d = q.shape
+    sc = check_scale(scale, d)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, decay, initial_state))
+    problem = Problem(batch=b, q_heads=h, kv_heads=k.shape[1], sq=s, sk=s, head_dim=d, v_head_dim=v.shape[3],
+                      dtype=q.dtype, device=device_info(q.device), pattern=LinearAttention(kind), scale=sc,
+                      requires_grad=grad)
+    p = choose(problem, backend=backend, op="linear_attention")
+    g = h // k.shape[1]
+    if g > 1:
+        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    o, state = p.kernel.run(q, k, v, problem, decay=decay, initial_state=initial_state)
+    return (o, state) if return_state else o

@@ -1,0 +1,6 @@
+"""Backends: one folder each; importing this package registers every kernel with the scheduler.
+
+A backend whose dependencies are missing still registers its kernels; they report why they
+cannot run (`Kernel.unavailable`), which `plan(...).explain()` shows.
+"""
+from . import reference  # noqa: F401

@@ -1,0 +1,7 @@
+"""`reference`: plain PyTorch on any device; readable, autograd-capable, never `Sq x Sk`."""
+from ...scheduler.registry import register
+from .kernels import ReferenceChunked, ReferenceLinear, TorchSDPA
+
+register(ReferenceChunked())
+register(TorchSDPA())
+register(ReferenceLinear(), op="linear_attention")

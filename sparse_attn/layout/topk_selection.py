@@ -1,0 +1,82 @@
+"""TopK block selection in plain PyTorch (the portable path; fast backends bring their own).
+
+Follows the contract: pooled keys `kbar` (mean of each block, the last one partial), scores
+`s[n] = mean over the group's heads of q_h . kbar[n]`, forced sink/local blocks, and the `topk`
+best of the remaining blocks `n < pb`. Scores are computed in float32 (float64 for float64
+inputs) whatever the input dtype, query chunk by query chunk, so memory is `chunk x nblocks`,
+never `Sq x Sk` and never `Sq x nblocks` at once.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..patterns import TopK
+from .block_layout import _index_to_bool
+
+#: query rows scored at once are chosen so one chunk of scores holds about this many elements
+_SCORE_CHUNK_ELEMS = 1 << 22
+
+
+def pooled_keys(k: torch.Tensor, block_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """Mean key of each block: `(B, Hkv, ceil(Sk/bs), D)` in `dtype`; the last block may be partial."""
+    b, h, sk, d = k.shape
+    nb = -(-sk // block_size)
+    pad = nb * block_size - sk
+    kf = k.to(dtype)
+    if pad:
+        kf = torch.nn.functional.pad(kf, (0, 0, 0, pad))
+    sums = kf.view(b, h, nb, block_size, d).sum(dim=3)
+    counts = torch.full((nb,), float(block_size), dtype=dtype, device=k.device)
+    if pad:
+        counts[-1] = block_size - pad
+    return sums / counts[:, None]
+
+
+def group_mean_queries(q: torch.Tensor, kv_heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """`(B, Hq, Sq, D)` -> mean over each GQA group `(B, Hkv, Sq, D)`; the group score is linear in q."""
+    b, hq, sq, d = q.shape
+    return q.to(dtype).view(b, kv_heads, hq // kv_heads, sq, d).mean(dim=2)
+
+
+def topk_token_index(q: torch.Tensor, k: torch.Tensor, pattern: TopK) -> torch.Tensor:
+    """Per-token selected blocks beyond the forced ones: int32 `(B, Hkv, Sq, topk)`, ascending, -1 padded."""
+    b, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    bs = pattern.block_size
+    nb = -(-sk // bs)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    width = min(pattern.topk, nb)
+    out = torch.full((b, hkv, sq, pattern.topk), -1, dtype=torch.int32, device=q.device)
+    if width == 0 or sq == 0 or b == 0:
+        return out
+    kbar = pooled_keys(k, bs, acc)  # (B, Hkv, N, D)
+    qbar = group_mean_queries(q, hkv, acc)  # (B, Hkv, Sq, D)
+    blocks = torch.arange(nb, device=q.device)
+    rows = max(1, _SCORE_CHUNK_ELEMS // max(1, b * hkv * nb))
+    for r0 in range(0, sq, rows):
+        r1 = min(sq, r0 + rows)
+        pos = torch.arange(sk - sq + r0, sk - sq + r1, device=q.device)
+        pb = pos // bs
+        # candidates: not a sink, strictly before the local blocks
+        cand = (blocks[None, :] >= pattern.sink_blocks) & (blocks[None, :] <= pb[:, None] - pattern.local_blocks)
+        scores = torch.matmul(qbar[:, :, r0:r1], kbar.transpose(-1, -2))  # (B, Hkv, r, N)
+        scores = scores.masked_fill(~cand, float("-inf"))
+        val, idx = torch.topk(scores, width, dim=-1)
+        idx = torch.where(torch.isinf(val) & (val < 0), torch.full_like(idx, -1), idx).to(torch.int32)
+        # ascending block order, padding last
+        key = torch.where(idx < 0, torch.full_like(idx, nb), idx)
+        idx = torch.sort(key, dim=-1).values
+        out[:, :, r0:r1, :width] = torch.where(idx == nb, torch.full_like(idx, -1), idx)
+    return out
+
+
+def select_blocks_mask(q: torch.Tensor, k: torch.Tensor, pattern: TopK) -> torch.Tensor:
+    """The full selection (forced + top-k) as bool `(B, Hkv, Sq, ceil(Sk/bs))`, for inspection."""
+    b, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    bs = pattern.block_size
+    nb = -(-sk // bs)
+    sel = _index_to_bool(topk_token_index(q, k, pattern), nb)
+    pos = torch.arange(sk - sq, sk, device=q.device)
+    forced = pattern.forced_block_mask(pos // bs, torch.arange(nb, device=q.device))  # (Sq, N)
+    return sel | forced

@@ -1,0 +1,60 @@
+"""Per-token top-k block selection (NSA / MoBA / Quest style), causal and decode-consistent."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import Pattern, _check_int, window_pairs
+
+
+@dataclass(frozen=True)
+class TopK(Pattern):
+    """Each query token sees the key blocks it selects (contract, "TopK selection").
+
+    Per query token at position `p` (block `pb = p // block_size`), shared by the query heads of
+    one kv head: the `sink_blocks` first blocks, the `local_blocks` blocks ending at `pb` (the
+    query's own block is always in), plus the `topk` highest-scoring earlier blocks, where a block's
+    score is the group-averaged dot product of the query with the block's mean key. Inside the
+    visited blocks the usual causal rule `j <= p` applies.
+    """
+
+    topk: int
+    block_size: int = 64
+    sink_blocks: int = 1
+    local_blocks: int = 1
+
+    def __post_init__(self):
+        _check_int("TopK.topk", self.topk, minimum=0)
+        _check_int("TopK.block_size", self.block_size, minimum=1)
+        _check_int("TopK.sink_blocks", self.sink_blocks, minimum=0)
+        _check_int("TopK.local_blocks", self.local_blocks, minimum=1)
+
+    @property
+    def blocks_per_query(self) -> int:
+        """Most key blocks any query visits."""
+        return self.sink_blocks + self.local_blocks + self.topk
+
+    def forced_block_mask(self, qblock, kblock):
+        """Bool `(len(qblock), len(kblock))`: sink or local blocks (no selection needed)."""
+        qb = qblock[:, None]
+        kb = kblock[None, :]
+        return (kb <= qb) & ((kb < self.sink_blocks) | (kb > qb - self.local_blocks))
+
+    def token_mask(self, qpos, kpos, *, selected=None, **ctx):
+        """`selected`: bool `(B, Hkv, len(qpos), nblocks)` from the selection (see selection.py)."""
+        bs = self.block_size
+        qb, kb = qpos // bs, kpos // bs
+        causal = kpos[None, :] <= qpos[:, None]
+        forced = self.forced_block_mask(qb, kb) & causal
+        if selected is None:
+            return forced
+        return forced | (selected.index_select(-1, kb) & causal)
+
+    def is_dense_causal_for(self, sq, sk):
+        if sk == 0:
+            return True
+        last_block = (sk - 1) // self.block_size
+        candidates = last_block - self.local_blocks + 1 - self.sink_blocks
+        return candidates <= self.topk
+
+    def visited_pairs(self, sq, sk):
+        return window_pairs(sq, sk, self.blocks_per_query * self.block_size, 0)

@@ -1,0 +1,127 @@
+"""What the scheduler knows about a device: its kind, generation, parallelism and roofline.
+
+Detected once per device and cached; no kernel launch and no host synchronisation. The peak
+rates are nominal constants per device generation: the bench measures the real ones and
+`docs/` records them; the scheduler only needs them to rank kernels, not to predict time.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import platform
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    type: str  # "cpu", "cuda", "npu", or another torch device type
+    name: str
+    generation: str  # e.g. "sm90", "sm80", "avx512-bf16", "avx2", "neon", "ascend910b"
+    units: int  # CPU cores, CUDA SMs, NPU AI cores
+    peak_tflops_lowp: float  # bf16/fp16 matrix rate
+    peak_tflops_fp32: float
+    bandwidth_gbs: float
+
+    def peak_tflops(self, dtype: torch.dtype) -> float:
+        if dtype in (torch.float16, torch.bfloat16):
+            return self.peak_tflops_lowp
+        if dtype == torch.float64:
+            return self.peak_tflops_fp32 / 2
+        return self.peak_tflops_fp32
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _cpu_info() -> DeviceInfo:
+    flags = _cpu_flags()
+    cores = torch.get_num_threads() or os.cpu_count() or 1
+    if "avx512_bf16" in flags:
+        gen, per_core_fp32 = "avx512-bf16", 64.0  # GFLOP/s per core at ~2 GHz, 2 FMA units x 16 lanes
+        lowp = per_core_fp32 * 2.5  # bf16 dot products: ~2.5x the fp32 GEMM rate here (design notes)
+    elif "avx512f" in flags:
+        gen, per_core_fp32 = "avx512", 64.0
+        lowp = per_core_fp32
+    elif "avx2" in flags:
+        gen, per_core_fp32 = "avx2", 32.0
+        lowp = per_core_fp32
+    elif platform.machine() in ("aarch64", "arm64"):
+        gen, per_core_fp32 = ("sve" if "sve" in flags else "neon"), 16.0
+        lowp = per_core_fp32 * (2.0 if "bf16" in flags else 1.0)
+    else:
+        gen, per_core_fp32 = "generic", 8.0
+        lowp = per_core_fp32
+    return DeviceInfo(type="cpu", name=f"cpu ({platform.machine()}, {cores} threads, {gen})", generation=gen,
+                      units=cores, peak_tflops_lowp=lowp * cores / 1000, peak_tflops_fp32=per_core_fp32 * cores / 1000,
+                      bandwidth_gbs=35.0)
+
+
+# (bf16 dense TFLOP/s, fp32 non-tensor TFLOP/s, HBM GB/s) per compute capability major.minor
+_CUDA_GENERATIONS = {
+    (9, 0): (990.0, 67.0, 3350.0),  # H100 SXM
+    (8, 9): (180.0, 80.0, 900.0),  # L4/L40/4090 class
+    (8, 6): (70.0, 35.0, 900.0),
+    (8, 0): (312.0, 19.5, 2000.0),  # A100
+    (7, 5): (65.0, 8.0, 320.0),
+    (7, 0): (125.0, 15.0, 900.0),
+}
+
+
+def _cuda_info(index: int) -> DeviceInfo:
+    props = torch.cuda.get_device_properties(index)
+    cap = (props.major, props.minor)
+    lowp, fp32, bw = _CUDA_GENERATIONS.get(cap, _CUDA_GENERATIONS[(8, 0)] if cap >= (8, 0) else (65.0, 8.0, 320.0))
+    if "H200" in props.name:
+        bw = 4800.0
+    if cap >= (10, 0):
+        lowp, fp32, bw = 2250.0, 80.0, 8000.0
+    return DeviceInfo(type="cuda", name=props.name, generation=f"sm{props.major}{props.minor}",
+                      units=props.multi_processor_count, peak_tflops_lowp=lowp, peak_tflops_fp32=fp32,
+                      bandwidth_gbs=bw)
+
+
+def _npu_info(index: int) -> DeviceInfo:
+    # torch_npu registers torch.npu; its device name says the Ascend generation (e.g. "Ascend910B2").
+    name = "npu"
+    cores = 1
+    try:
+        import torch_npu  # noqa: F401
+
+        name = torch.npu.get_device_name(index)
+        props = torch.npu.get_device_properties(index)
+        cores = int(getattr(props, "cube_core_num", 0) or getattr(props, "multi_processor_count", 0) or 1)
+    except Exception:  # torch_npu missing or too old: keep conservative defaults
+        pass
+    gen = "ascend910b" if "910B" in name else ("ascend910" if "910" in name else "ascend")
+    return DeviceInfo(type="npu", name=name, generation=gen, units=cores, peak_tflops_lowp=300.0,
+                      peak_tflops_fp32=75.0, bandwidth_gbs=1600.0)
+
+
+@functools.lru_cache(maxsize=None)
+def _info(dev_type: str, index: int) -> DeviceInfo:
+    if dev_type == "cpu":
+        return _cpu_info()
+    if dev_type == "cuda":
+        return _cuda_info(index)
+    if dev_type == "npu":
+        return _npu_info(index)
+    return DeviceInfo(type=dev_type, name=dev_type, generation=dev_type, units=1, peak_tflops_lowp=10.0,
+                      peak_tflops_fp32=5.0, bandwidth_gbs=100.0)
+
+
+def device_info(device: torch.device) -> DeviceInfo:
+    device = torch.device(device)
+    index = device.index
+    if index is None and device.type == "cuda":
+        index = torch.cuda.current_device()
+    return _info(device.type, index or 0)

@@ -1,0 +1,70 @@
+"""`Kernel`: what one kernel declares (capabilities), refuses (reasons) and costs (estimate).
+
+The scheduler never special-cases a kernel: it asks every registered kernel for its reasons not
+to run a `Problem`, keeps those with none, and ranks them by `cost()`. Capabilities are class
+attributes so the docs and the tests can read them too.
+"""
+from __future__ import annotations
+
+import torch
+
+from .problem import Problem
+
+
+class Kernel:
+    name: str = "?"
+    backend: str = "?"
+    #: torch device types this kernel runs on; None = any
+    devices: tuple[str, ...] | None = None
+    dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    #: pattern classes served (contract patterns, or the internal LinearAttention marker)
+    patterns: tuple[type, ...] = ()
+    head_dims: tuple[int, int] = (1, 1 << 16)  # inclusive range
+    supports_backward: bool = False
+    #: phases this kernel is meant for; the others get a reason
+    phases: tuple[str, ...] = ("prefill", "chunked-prefill", "decode", "training")
+
+    def unavailable(self) -> str | None:
+        """Why this kernel cannot run in this process at all (missing package, failed build)."""
+        return None
+
+    def extra_reasons(self, p: Problem) -> list[str]:
+        return []
+
+    def not_supported_reasons(self, p: Problem) -> list[str]:
+        why = []
+        missing = self.unavailable()
+        if missing:
+            return [missing]
+        if self.devices is not None and p.device.type not in self.devices:
+            why.append(f"device {p.device.type} not in {self.devices}")
+        if p.dtype not in self.dtypes:
+            why.append(f"dtype {str(p.dtype).replace('torch.', '')} not supported")
+        if not isinstance(p.pattern, self.patterns):
+            why.append(f"pattern {type(p.pattern).__name__} not supported")
+        lo, hi = self.head_dims
+        if not (lo <= p.head_dim <= hi and lo <= p.v_head_dim <= hi):
+            why.append(f"head dims {p.head_dim}/{p.v_head_dim} outside [{lo}, {hi}]")
+        if p.requires_grad and not self.supports_backward:
+            why.append("no backward pass (inputs require grad)")
+        if p.phase not in self.phases:
+            why.append(f"not meant for phase {p.phase}")
+        return why + self.extra_reasons(p)
+
+    def cost(self, p: Problem) -> float:
+        """Estimated seconds: a roofline over the FLOPs and bytes this kernel really touches."""
+        raise NotImplementedError
+
+    def run(self, q, k, v, p: Problem, *, gate=None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self):
+        return f"<kernel {self.name} ({self.backend})>"
+
+
+def roofline_seconds(p: Problem, *, flops: float, bytes_moved: float, efficiency: float,
+                     overhead_s: float = 0.0) -> float:
+    """max(compute, memory) time at `efficiency` of the device's peak, plus fixed overhead."""
+    compute = flops / (p.device.peak_tflops(p.dtype) * 1e12 * efficiency)
+    memory = bytes_moved / (p.device.bandwidth_gbs * 1e9 * efficiency)
+    return max(compute, memory) + overhead_s

@@ -1,0 +1,68 @@
+"""`plan()`: the scheduler's decision for one call, and `explain()`, its account.
+
+Host work only (shapes, pattern parameters, device properties): no kernel launch and no device
+synchronisation, so a plan can be made inside a CUDA-graph capture or a decode loop.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .kernel import Kernel
+from .problem import Problem
+from .registry import kernels
+
+
+@dataclass
+class Candidate:
+    kernel: Kernel
+    reasons: list[str]
+    cost: float | None
+
+
+@dataclass
+class Plan:
+    problem: Problem
+    candidates: list[Candidate]
+    kernel: Kernel
+    backend_request: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def run(self, q, k, v, *, gate=None):
+        return self.kernel.run(q, k, v, self.problem, gate=gate)
+
+    def explain(self) -> str:
+        lines = [f"problem: {self.problem.describe()}",
+                 f"request: backend={self.backend_request!r}; chosen: {self.kernel.name}"]
+        lines += [f"note: {n}" for n in self.notes]
+        width = max(len(c.kernel.name) for c in self.candidates)
+        for c in sorted(self.candidates, key=lambda c: (c.reasons != [], c.cost or 0.0)):
+            mark = "*" if c.kernel is self.kernel else (" " if not c.reasons else "x")
+            cost = f"{c.cost * 1e3:10.3f} ms" if c.cost is not None else " " * 13
+            why = "chosen (cheapest)" if c.kernel is self.kernel else (
+                "; ".join(c.reasons) if c.reasons else "supported, costlier")
+            lines.append(f" {mark} {c.kernel.name:<{width}}  [{c.kernel.backend:9}] {cost}  {why}")
+        return "\n".join(lines)
+
+    __str__ = explain
+
+
+def choose(problem: Problem, *, backend: str | None = None, op: str = "attention") -> Plan:
+    """Filter the registered kernels of `op` by their reasons, rank by estimated cost."""
+    cands = []
+    for kern in kernels(op):
+        reasons = []
+        if backend is not None and kern.backend != backend:
+            reasons.append(f"backend {backend!r} requested")
+        reasons += kern.not_supported_reasons(problem)
+        cost = kern.cost(problem) if not reasons else None
+        cands.append(Candidate(kern, reasons, cost))
+    ok = [c for c in cands if not c.reasons]
+    if not ok:
+        listing = "\n".join(f"  {c.kernel.name} [{c.kernel.backend}]: {'; '.join(c.reasons)}" for c in cands
+                            if backend is None or c.kernel.backend == backend)
+        if not listing:
+            listing = f"  (no kernel of backend {backend!r} is registered in this build)"
+        raise ValueError(f"no kernel can run this {op} call with backend={backend!r} "
+                         f"({problem.describe()}):\n{listing}")
+    best = min(ok, key=lambda c: c.cost)
+    return Plan(problem=problem, candidates=cands, kernel=best.kernel, backend_request=backend)

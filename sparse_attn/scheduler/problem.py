@@ -1,0 +1,162 @@
+"""`Problem`: one frozen description of an attention call, validated once.
+
+Every kernel answers "why not" and "how much" from a `Problem` alone, so nothing here may need a
+host synchronisation: shapes, dtypes, the device, the phase and the pattern's parameters.
+Validation raises the contract's `ValueError` / `TypeError` naming the argument.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..patterns import BlockSparse, Dense, Pattern, SlidingWindow, TopK, WindowLinear
+from .device import DeviceInfo, device_info
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+BACKENDS = ("reference", "triton", "cpu", "cuda", "npu")
+
+PREFILL, DECODE, CHUNKED, TRAINING = "prefill", "decode", "chunked-prefill", "training"
+
+
+@dataclass(frozen=True)
+class Problem:
+    batch: int
+    q_heads: int
+    kv_heads: int
+    sq: int
+    sk: int
+    head_dim: int
+    v_head_dim: int
+    dtype: torch.dtype
+    device: DeviceInfo
+    pattern: Pattern
+    scale: float
+    requires_grad: bool
+    varlen: bool = False
+
+    @property
+    def group(self) -> int:
+        return self.q_heads // self.kv_heads
+
+    @property
+    def phase(self) -> str:
+        if self.requires_grad:
+            return TRAINING
+        if self.sq == 1:
+            return DECODE
+        return PREFILL if self.sq == self.sk else CHUNKED
+
+    @property
+    def is_empty(self) -> bool:
+        return self.batch == 0 or self.sq == 0 or self.q_heads == 0
+
+    def visited_pairs(self) -> float:
+        """Visible (query, key) pairs over all batches and query heads (host estimate)."""
+        return self.pattern.visited_pairs(self.sq, self.sk) * self.batch * self.q_heads
+
+    def flops(self) -> float:
+        """Forward FLOPs over the visited pairs (two matrix products); backward is ~2.5x."""
+        f = 2.0 * (self.head_dim + self.v_head_dim) * self.visited_pairs()
+        return f * 3.5 if self.requires_grad else f
+
+    def describe(self) -> str:
+        return (f"B={self.batch} Hq={self.q_heads} Hkv={self.kv_heads} Sq={self.sq} Sk={self.sk} "
+                f"D={self.head_dim} Dv={self.v_head_dim} {str(self.dtype).replace('torch.', '')} "
+                f"on {self.device.name}, {self.phase}, {self.pattern.describe()}")
+
+
+def _need_tensor(name, x):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+
+
+def check_backend(backend) -> None:
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be None or one of {BACKENDS}, got {backend!r}")
+
+
+def check_scale(scale, head_dim: int) -> float:
+    if scale is None:
+        return head_dim ** -0.5 if head_dim > 0 else 1.0
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return float(scale)
+
+
+def check_qkv(q, k, v, *, ndim: int = 4, names=("q", "k", "v")) -> None:
+    """Types, ranks, dtypes and devices common to every op. `ndim` 4 = (B,H,S,D), 3 = varlen."""
+    for name, x in zip(names, (q, k, v)):
+        _need_tensor(name, x)
+        if x.dim() != ndim:
+            want = "(B, H, S, D)" if ndim == 4 else "(T, H, D)"
+            raise ValueError(f"{name} must be {ndim}-D {want}, got shape {tuple(x.shape)}")
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share one dtype, got q={q.dtype}, k={k.dtype}, v={v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device, got q={q.device}, k={k.device}, v={v.device}")
+    h = 1  # head axis in both layouts
+    s = 2 if ndim == 4 else 0
+    if ndim == 4 and not (q.shape[0] == k.shape[0] == v.shape[0]):
+        raise ValueError(f"q, k, v batch sizes differ: {q.shape[0]}, {k.shape[0]}, {v.shape[0]}")
+    if k.shape[h] != v.shape[h]:
+        raise ValueError(f"k and v must have the same number of heads, got k={k.shape[h]}, v={v.shape[h]}")
+    if k.shape[s] != v.shape[s]:
+        raise ValueError(f"k and v must have the same sequence length, got k={k.shape[s]}, v={v.shape[s]}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k must have the same head dim, got q={q.shape[-1]}, k={k.shape[-1]}")
+    if k.shape[h] == 0 and q.shape[h] != 0:
+        raise ValueError("k must have at least one head")
+    if k.shape[h] and q.shape[h] % k.shape[h] != 0:
+        raise ValueError(f"the number of query heads ({q.shape[h]}) must be a multiple of the number of "
+                         f"kv heads ({k.shape[h]}) (GQA: q head h reads kv head h // (Hq // Hkv))")
+
+
+def check_pattern(pattern, *, q_heads, kv_heads, batch, sq, sk, gate, device) -> None:
+    if not isinstance(pattern, Pattern):
+        raise TypeError(f"pattern must be one of Dense, SlidingWindow, BlockSparse, TopK, WindowLinear; "
+                        f"got {type(pattern).__name__}")
+    if pattern.causal and sq > sk:
+        raise ValueError(f"queries are aligned to the end of the keys, so a causal pattern needs Sq <= Sk; "
+                         f"got q length {sq} > k length {sk}")
+    if isinstance(pattern, BlockSparse):
+        lay = pattern.layout
+        nb = -(-sk // pattern.block_size)
+        if lay.shape[0] not in (1, batch) or lay.shape[1] not in (1, kv_heads) or lay.shape[2] != nb \
+                or lay.shape[3] != nb:
+            raise ValueError(f"BlockSparse.layout must have shape (B or 1, Hkv or 1, ceil(Sk/bs), ceil(Sk/bs)) "
+                             f"= ({batch} or 1, {kv_heads} or 1, {nb}, {nb}), got {tuple(lay.shape)}")
+        if lay.device != device:
+            raise ValueError(f"BlockSparse.layout is on {lay.device} but q is on {device}")
+    if isinstance(pattern, WindowLinear):
+        if gate is None:
+            raise ValueError("WindowLinear needs gate=: a (Hq,) tensor of per-head gate logits")
+    if gate is not None:
+        if not isinstance(pattern, WindowLinear):
+            raise ValueError(f"gate is only used by WindowLinear, not by {type(pattern).__name__}")
+        _need_tensor("gate", gate)
+        if gate.shape != (q_heads,):
+            raise ValueError(f"gate must have shape (Hq,) = ({q_heads},), got {tuple(gate.shape)}")
+        if not gate.is_floating_point():
+            raise TypeError(f"gate must be a floating-point tensor, got {gate.dtype}")
+        if gate.device != device:
+            raise ValueError(f"gate is on {gate.device} but q is on {device}")
+
+
+def make_problem(q, k, v, pattern, *, scale=None, gate=None, requires_grad=None) -> Problem:
+    """Validate an `attention(q, k, v, pattern, ...)` call and describe it."""
+    check_qkv(q, k, v)
+    b, hq, sq, d = q.shape
+    hkv, sk, dv = k.shape[1], k.shape[2], v.shape[3]
+    check_pattern(pattern, q_heads=hq, kv_heads=hkv, batch=b, sq=sq, sk=sk, gate=gate, device=q.device)
+    scale = check_scale(scale, d)
+    if requires_grad is None:
+        requires_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, k, v, gate))
+    return Problem(batch=b, q_heads=hq, kv_heads=hkv, sq=sq, sk=sk, head_dim=d, v_head_dim=dv, dtype=q.dtype,
+                   device=device_info(q.device), pattern=pattern, scale=scale, requires_grad=bool(requires_grad))
