@@ -2,15 +2,19 @@
 
 Queries are processed in chunks of rows; each chunk only touches the keys its pattern can see
 (`Pattern.key_range` plus sinks) and builds the token mask of that chunk alone, so the largest
-intermediate is `rows x keys_in_range`, sized by `_CHUNK_ELEMS`, never `Sq x Sk`. With autograd,
-each chunk runs under activation checkpointing, so the backward pass recomputes one chunk at a
-time instead of keeping every chunk's probabilities. Accumulation is float32 (float64 for
-float64 inputs). Runs on any torch device.
+intermediate is `rows x keys_in_range`, sized by `_CHUNK_ELEMS`, never `Sq x Sk`. The backward
+pass is the flash-attention one written with plain tensor ops: it saves only the output and the
+log-sum-exp of each row, and recomputes each chunk's probabilities, so training memory is
+linear in the length too. Accumulation is float32 (float64 for float64 inputs). Runs on any
+torch device. Not twice differentiable.
+
+Long-lived buffers (the output, dq, dk, dv) are allocated once before the loop: interleaving
+them with the growing transient score matrices fragments the CPU heap (glibc) until it holds
+about `Sq x Sk`.
 """
 from __future__ import annotations
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from ...layout.block_layout import _index_to_bool
 from ...layout.topk_selection import topk_token_index
@@ -45,54 +49,104 @@ def _chunk_keys(pattern, p_lo: int, p_hi: int, sk: int, device):
     return None, (lo, hi)
 
 
-def masked_softmax_av(s: torch.Tensor, mask: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(s masked) @ v with rows that see no key giving exactly 0 (and finite gradients)."""
-    s = s.masked_fill(~mask, float("-inf"))
-    m = s.amax(dim=-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
-    p = torch.exp(s - m)
-    denom = p.sum(dim=-1, keepdim=True)
-    denom = torch.where(denom > 0, denom, torch.ones_like(denom))
-    return torch.matmul(p, v) / denom
+class _Chunk:
+    """The keys one chunk of queries may see, and that chunk's token mask."""
+
+    def __init__(self, pattern, r0: int, r1: int, sq: int, sk: int, device, token_index, nb: int):
+        off = sk - sq
+        self.r0, self.r1 = r0, r1
+        self.qpos = torch.arange(off + r0, off + r1, device=device)
+        self.kidx, self.krange = _chunk_keys(pattern, off + r0, off + r1, sk, device)
+        if self.kidx is not None:
+            kpos = self.kidx
+        else:
+            kpos = torch.arange(*self.krange, device=device)
+        selected = _index_to_bool(token_index[:, :, r0:r1], nb) if token_index is not None else None
+        mask = pattern.token_mask(self.qpos, kpos, selected=selected)
+        self.mask = mask[None, None, None] if mask.dim() == 2 else mask[:, :, None]  # (B', H', 1|G, r, n)
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        """The chunk's keys (or values) of `x` `(B, Hkv, Sk, *)` -> `(B, Hkv, 1, n, *)`."""
+        if self.kidx is not None:
+            return x.index_select(2, self.kidx)[:, :, None]
+        lo, hi = self.krange
+        return x[:, :, None, lo:hi]
+
+    def add_to(self, dx: torch.Tensor, part: torch.Tensor) -> None:
+        """dx[keys] += part `(B, Hkv, n, *)`."""
+        if self.kidx is not None:
+            dx.index_add_(2, self.kidx, part)
+        else:
+            lo, hi = self.krange
+            dx[:, :, lo:hi] += part
 
 
-def _attend_chunk(qc, k, v, qpos, kidx, krange, pattern, scale, selected):
-    """One chunk: qc `(B, Hkv, G, r, D)`, k/v `(B, Hkv, Sk, *)` in accumulation dtype."""
-    if kidx is not None:
-        kc, vc, kpos = k.index_select(2, kidx), v.index_select(2, kidx), kidx
-    else:
-        lo, hi = krange
-        kc, vc = k[:, :, lo:hi], v[:, :, lo:hi]
-        kpos = torch.arange(lo, hi, device=k.device)
-    mask = pattern.token_mask(qpos, kpos, selected=selected)
-    mask = mask[None, None, None] if mask.dim() == 2 else mask[:, :, None]
-    s = torch.matmul(qc, kc[:, :, None].transpose(-1, -2)) * scale
-    return masked_softmax_av(s, mask, vc[:, :, None])
+def _chunks(pattern, q_shape, sk, device, token_index):
+    b, hkv, g, sq, _ = q_shape
+    nb = -(-sk // pattern.block_size) if isinstance(pattern, TopK) else 0
+    rows = chunk_rows(pattern, batch_heads=b * hkv * g, sq=sq, sk=sk)
+    for r0 in range(0, sq, rows):
+        yield _Chunk(pattern, r0, min(sq, r0 + rows), sq, sk, device, token_index, nb)
+
+
+class _SoftmaxAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, pattern, scale, token_index):
+        b, hq, sq, d = q.shape
+        hkv, sk, dv = k.shape[1], k.shape[2], v.shape[3]
+        g = hq // hkv if hkv else 1
+        acc = acc_dtype(q.dtype)
+        qa = q.to(acc).view(b, hkv, g, sq, d)
+        ka, va = k.to(acc), v.to(acc)
+        out = torch.zeros(b, hkv, g, sq, dv, dtype=acc, device=q.device)
+        lse = torch.full((b, hkv, g, sq), float("inf"), dtype=acc, device=q.device)
+        for c in _chunks(pattern, qa.shape, sk, q.device, token_index):
+            s = torch.matmul(qa[:, :, :, c.r0:c.r1], c.take(ka).transpose(-1, -2)) * scale
+            s = s.masked_fill(~c.mask, float("-inf"))
+            m = s.amax(dim=-1, keepdim=True)
+            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+            p = torch.exp(s - m)
+            denom = p.sum(dim=-1, keepdim=True)
+            seen = denom > 0  # rows with no visible key output 0 (contract)
+            out[:, :, :, c.r0:c.r1] = torch.matmul(p, c.take(va)) / torch.where(seen, denom, torch.ones_like(denom))
+            lse[:, :, :, c.r0:c.r1] = torch.where(seen, m + torch.log(denom), torch.full_like(m, float("inf")))[..., 0]
+        ctx.save_for_backward(q, k, v, out, lse, token_index)
+        ctx.pattern, ctx.scale = pattern, scale
+        return out.view(b, hq, sq, dv)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, token_index = ctx.saved_tensors
+        pattern, scale = ctx.pattern, ctx.scale
+        b, hq, sq, d = q.shape
+        hkv, sk = k.shape[1], k.shape[2]
+        g = hq // hkv if hkv else 1
+        acc = out.dtype
+        qa = q.to(acc).view(b, hkv, g, sq, d)
+        ka, va = k.to(acc), v.to(acc)
+        do = dout.to(acc).view(out.shape)
+        delta = (do * out).sum(dim=-1)  # (B, Hkv, G, Sq)
+        dq = torch.zeros_like(qa)
+        dk = torch.zeros_like(ka)
+        dvv = torch.zeros_like(va)
+        for c in _chunks(pattern, qa.shape, sk, q.device, token_index):
+            qc, doc = qa[:, :, :, c.r0:c.r1], do[:, :, :, c.r0:c.r1]
+            kc, vc = c.take(ka), c.take(va)
+            s = torch.matmul(qc, kc.transpose(-1, -2)) * scale
+            s = s.masked_fill(~c.mask, float("-inf"))
+            p = torch.exp(s - lse[:, :, :, c.r0:c.r1, None])  # 0 where masked or the row saw nothing
+            c.add_to(dvv, torch.matmul(p.transpose(-1, -2), doc).sum(dim=2))
+            ds = p * (torch.matmul(doc, vc.transpose(-1, -2)) - delta[:, :, :, c.r0:c.r1, None])
+            dq[:, :, :, c.r0:c.r1] = torch.matmul(ds, kc) * scale
+            c.add_to(dk, torch.matmul(ds.transpose(-1, -2), qc).sum(dim=2) * scale)
+        return (dq.view(q.shape).to(q.dtype), dk.to(k.dtype), dvv.to(v.dtype), None, None, None)
 
 
 def softmax_attention(q, k, v, pattern, *, scale: float, token_index=None, out_dtype=None) -> torch.Tensor:
     """Reference attention for Dense, SlidingWindow, BlockSparse and TopK; returns `(B, Hq, Sq, Dv)`
-    in `out_dtype` (default q's dtype)."""
-    b, hq, sq, d = q.shape
-    hkv, sk, dv = k.shape[1], k.shape[2], v.shape[3]
-    g = hq // hkv if hkv else 1
-    acc = acc_dtype(q.dtype)
+    in `out_dtype` (default q's dtype). Differentiable in q, k, v (the TopK selection is not)."""
     if isinstance(pattern, TopK) and token_index is None:
         with torch.no_grad():
             token_index = topk_token_index(q.detach(), k.detach(), pattern)
-    qa = q.to(acc).view(b, hkv, g, sq, d)
-    ka, va = k.to(acc), v.to(acc)
-    nb = -(-sk // pattern.block_size) if isinstance(pattern, TopK) else 0
-    rows = chunk_rows(pattern, batch_heads=b * hq, sq=sq, sk=sk)
-    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    off = sk - sq
-    outs = []
-    for r0 in range(0, max(sq, 1), rows):
-        r1 = min(sq, r0 + rows)
-        qpos = torch.arange(off + r0, off + r1, device=q.device)
-        kidx, krange = _chunk_keys(pattern, off + r0, off + r1, sk, q.device)
-        selected = _index_to_bool(token_index[:, :, r0:r1], nb) if token_index is not None else None
-        args = (qa[:, :, :, r0:r1], ka, va, qpos, kidx, krange, pattern, scale, selected)
-        outs.append(checkpoint(_attend_chunk, *args, use_reentrant=False) if grad else _attend_chunk(*args))
-    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=3)
-    return out.reshape(b, hq, sq, dv).to(out_dtype or q.dtype)
+    out = _SoftmaxAttention.apply(q, k, v, pattern, float(scale), token_index)
+    return out.to(out_dtype or q.dtype)
