@@ -116,7 +116,7 @@ class BlockLayout:
         """Fraction of all (query, key) pairs that are visited (host sync: debugging/bench only)."""
         if self.sq == 0 or self.sk == 0:
             return 0.0
-        return self.to_dense().float().mean().item()
+        return self.to_dense().double().mean().item()
 
     def sparsity(self) -> float:
         return 1.0 - self.density()
