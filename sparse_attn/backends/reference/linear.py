@@ -13,6 +13,7 @@ exp, so no `exp` of a large positive number appears. The state is float32 (float
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .softmax import acc_dtype
 
@@ -40,6 +41,7 @@ def linear_attention_chunked(q, k, v, *, decay=None, scale: float, initial_state
              else torch.zeros(b, h, d, dv, dtype=acc, device=q.device))
     outs = []
     causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
+    strict = causal.tril(-1)
     for c0 in range(0, s, chunk):
         c1 = min(s, c0 + chunk)
         n = c1 - c0
@@ -52,12 +54,17 @@ def linear_attention_chunked(q, k, v, *, decay=None, scale: float, initial_state
             state = state + torch.matmul(kc.transpose(-1, -2), vc)
         else:
             bcum = torch.cumsum(g[:, :, c0:c1], dim=-1)  # (B, H, n), non-increasing for g <= 0
-            diff = (bcum[..., :, None] - bcum[..., None, :]).masked_fill(~tri, float("-inf"))
-            intra = torch.matmul(scores * torch.exp(diff), vc)
+            # The diagonal (weight exp(0) = 1) and the chunk's last key in the state update carry
+            # no decay; keeping them out of the exp(differences) keeps O(1) terms that cancel
+            # exactly in theory out of d(decay), where float32 would leave eps-sized residue
+            # against a gradient as small as exp(g).
+            diff = (bcum[..., :, None] - bcum[..., None, :]).masked_fill(~strict[:n, :n], float("-inf"))
+            intra = torch.matmul(scores * torch.exp(diff), vc) + torch.diagonal(scores, dim1=-2, dim2=-1)[..., None] * vc
             inter = torch.exp(bcum)[..., None] * torch.matmul(qc, state)
-            last = bcum[..., -1:]  # (B, H, 1)
-            w = torch.exp(last - bcum)[..., None]  # (B, H, n, 1)
-            state = torch.exp(last)[..., None] * state + torch.matmul((kc * w).transpose(-1, -2), vc)
+            gc = g[:, :, c0 + 1:c1]  # decay from key s to the chunk's end: sum of g over (s, last]
+            to_end = F.pad(torch.flip(torch.cumsum(torch.flip(gc, [-1]), -1), [-1]), (0, 1))
+            state = torch.exp(bcum[..., -1:])[..., None] * state \
+                + torch.matmul((kc * torch.exp(to_end)[..., None]).transpose(-1, -2), vc)
         outs.append((intra + inter) * scale)
     o = torch.cat(outs, dim=2) if outs else va.new_zeros(b, h, 0, dv)
     return o.to(q.dtype), state

@@ -22,6 +22,8 @@ from ...patterns import TopK
 
 #: elements of one chunk's score matrix (B * Hq * rows * keys); 4M floats = 16 MiB
 _CHUNK_ELEMS = 1 << 22
+#: query rows per chunk at most, so even a small problem never forms a whole Sq x Sk score matrix
+_MAX_ROWS = 256
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -37,7 +39,7 @@ def chunk_rows(pattern, *, batch_heads: int, sq: int, sk: int) -> int:
     rows = _CHUNK_ELEMS // max(1, batch_heads * keys)
     if windowed:
         rows = min(rows, reach)
-    return max(1, min(max(sq, 1), rows))
+    return max(1, min(max(sq, 1), rows, _MAX_ROWS))
 
 
 def _chunk_keys(pattern, p_lo: int, p_hi: int, sk: int, device):
@@ -125,7 +127,6 @@ class _SoftmaxAttention(torch.autograd.Function):
         qa = q.to(acc).view(b, hkv, g, sq, d)
         ka, va = k.to(acc), v.to(acc)
         do = dout.to(acc).view(out.shape)
-        delta = (do * out).sum(dim=-1)  # (B, Hkv, G, Sq)
         dq = torch.zeros_like(qa)
         dk = torch.zeros_like(ka)
         dvv = torch.zeros_like(va)
@@ -136,7 +137,10 @@ class _SoftmaxAttention(torch.autograd.Function):
             s = s.masked_fill(~c.mask, float("-inf"))
             p = torch.exp(s - lse[:, :, :, c.r0:c.r1, None])  # 0 where masked or the row saw nothing
             c.add_to(dvv, torch.matmul(p.transpose(-1, -2), doc).sum(dim=2))
-            ds = p * (torch.matmul(doc, vc.transpose(-1, -2)) - delta[:, :, :, c.r0:c.r1, None])
+            dp = torch.matmul(doc, vc.transpose(-1, -2))
+            # rowsum(P * dP) equals dO . O, but computed from the same P and dP it cancels exactly
+            # where it should (a row with one visible key has ds = 0, not float32 residue)
+            ds = p * (dp - (p * dp).sum(dim=-1, keepdim=True))
             dq[:, :, :, c.r0:c.r1] = torch.matmul(ds, kc) * scale
             c.add_to(dk, torch.matmul(ds.transpose(-1, -2), qc).sum(dim=2) * scale)
         return (dq.view(q.shape).to(q.dtype), dk.to(k.dtype), dvv.to(v.dtype), None, None, None)
