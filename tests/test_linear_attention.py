@@ -1,0 +1,175 @@
+"""`linear_attention` (whatever chunking the package uses) against the float64 step-by-step recurrence
+`S_t = exp(g_t) S_{t-1} + k_t v_t^T`, `o_t = scale q_t^T S_t`: outputs, final state and gradients
+(dq, dk, dv, d(decay)); long sequences with weak and strong decay; state hand-over between calls."""
+import pytest
+import torch
+
+import oracle
+import sparse_attn as sa
+from conftest import BACKENDS, DTYPE_IDS, DTYPES, check_against_oracle, pairwise, randn
+
+F64 = torch.float64
+
+AXES = {
+    "dtype": DTYPES,
+    "decay": ["none", "per-head", "per-token"],
+    "s": [1, 37, 100, 259],
+    "d": [16, 32, 64],
+    "state": ["none", "return", "init+return"],
+}
+EXTRA = [
+    dict(dtype=torch.float32, decay="per-token", s=130, d=32, dv=16, state="init+return", scale=0.1),
+    dict(dtype=torch.bfloat16, decay="per-head", s=77, d=16, dv=48, state="return"),
+]
+CASES = pairwise(AXES) + EXTRA
+
+
+def case_id(c):
+    extra = "".join(f"-{n}{c[n]}" for n in ("dv", "scale") if n in c)
+    return f"{DTYPE_IDS[c['dtype']]}-{c['decay']}-s{c['s']}-d{c['d']}-{c['state']}{extra}"
+
+
+def make_decay(kind, b, h, s, dtype, lo=-3.0, hi=0.0):
+    """Log-decays drawn uniformly in [lo, hi]: (H,) per head or (B, H, S) per token."""
+    if kind == "none":
+        return None
+    shape = (h,) if kind == "per-head" else (b, h, s)
+    return (lo + (hi - lo) * torch.rand(shape)).to(dtype).requires_grad_()
+
+
+def state_dtype(dtype):
+    return F64 if dtype == F64 else torch.float32
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
+def test_linear_attention_matrix(case, backend):
+    dtype, s, d = case["dtype"], case["s"], case["d"]
+    b, h, dv = 2, 3, case.get("dv", d)
+    scale = case.get("scale")
+    q, k = randn(b, h, s, d, dtype=dtype, requires_grad=True), randn(b, h, s, d, dtype=dtype, requires_grad=True)
+    v = randn(b, h, s, dv, dtype=dtype, requires_grad=True)
+    decay = make_decay(case["decay"], b, h, s, dtype, lo=-1.0)
+    s0 = randn(b, h, d, dv, dtype=state_dtype(dtype)) if case["state"] == "init+return" else None
+    ret = case["state"] != "none"
+    got = {}
+
+    def run(q, k, v, decay):
+        res = sa.linear_attention(q, k, v, decay=decay, scale=scale, initial_state=s0, return_state=ret,
+                                  backend=backend)
+        if ret:
+            assert isinstance(res, tuple) and len(res) == 2, type(res)
+            res, got["state"] = res
+        else:
+            assert isinstance(res, torch.Tensor), type(res)
+        return res
+
+    out = check_against_oracle(
+        run,
+        lambda q, k, v, decay: oracle.oracle_linear_attention(q, k, v, decay=decay, scale=scale,
+                                                              initial_state=s0)[0],
+        lambda q, k, v, decay: oracle.masked_linear_attention_in_dtype(q, k, v, decay=decay, scale=scale,
+                                                                       initial_state=s0),
+        dict(q=q, k=k, v=v, decay=decay), dtype=dtype)
+    assert out.shape == (b, h, s, dv)
+    if ret:
+        _, ref_state = oracle.oracle_linear_attention(q, k, v, decay=decay, scale=scale, initial_state=s0)
+        assert got["state"].shape == (b, h, d, dv)
+        oracle.assert_close_contract(got["state"], ref_state, dtype=dtype, device="cpu",
+                                     out_dtype=state_dtype(dtype), what="final state")
+
+
+LONG = [  # 4096 tokens: the chunked form must keep cumulative decays in log space
+    pytest.param("per-token", -1e-3, 0.0, id="per-token-near-0"),
+    pytest.param("per-token", -5.5, -4.5, id="per-token-near-minus5"),
+    pytest.param("per-head", -1e-3, -1e-4, id="per-head-near-0"),
+    pytest.param("per-head", -5.2, -4.8, id="per-head-near-minus5"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind,lo,hi", LONG)
+def test_long_sequence_against_recurrence(kind, lo, hi, backend):
+    b, h, s, d, dv = 1, 2, 4096, 32, 16
+    q, k, v = (randn(b, h, s, n, requires_grad=True) for n in (d, d, dv))
+    decay = make_decay(kind, b, h, s, torch.float32, lo=lo, hi=hi)
+    res = {}
+
+    def run(q, k, v, decay):
+        o, res["state"] = sa.linear_attention(q, k, v, decay=decay, return_state=True, backend=backend)
+        return o
+
+    check_against_oracle(run, lambda q, k, v, decay: oracle.oracle_linear_attention(q, k, v, decay=decay)[0],
+                         None, dict(q=q, k=k, v=v, decay=decay), dtype=torch.float32)
+    _, ref_state = oracle.oracle_linear_attention(q, k, v, decay=decay)
+    oracle.assert_close_contract(res["state"], ref_state, dtype=torch.float32, device="cpu", what="state")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=DTYPE_IDS.get)
+def test_long_sequence_low_precision(dtype, backend):
+    b, h, s, d = 1, 2, 4096, 16
+    q, k, v = (randn(b, h, s, d, dtype=dtype) for _ in range(3))
+    decay = make_decay("per-token", b, h, s, dtype, lo=-5.5, hi=-4.5).detach()
+    out = sa.linear_attention(q, k, v, decay=decay, backend=backend)
+    ref, _ = oracle.oracle_linear_attention(q, k, v, decay=decay)
+    base = oracle.masked_linear_attention_in_dtype(q, k, v, decay=decay)
+    oracle.assert_close_contract(out, ref, dtype=dtype, device="cpu", lowp_baseline=base)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("decay_kind", ["none", "per-head", "per-token"])
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=DTYPE_IDS.get)
+def test_chained_calls_equal_one_call(dtype, decay_kind, backend):
+    """Prefill in pieces, handing the state on, then decode token by token == one long call."""
+    b, h, s, d, dv = 2, 2, 300, 32, 24
+    q, k, v = (randn(b, h, s, n, dtype=dtype) for n in (d, d, dv))
+    decay = make_decay(decay_kind, b, h, s, dtype, lo=-2.0)
+    decay = None if decay is None else decay.detach()
+    s0 = randn(b, h, d, dv, dtype=state_dtype(dtype))
+    whole, whole_state = sa.linear_attention(q, k, v, decay=decay, initial_state=s0, return_state=True,
+                                             backend=backend)
+    cuts = [0, 77, 78, 200, 296, 297, 298, 299, 300]   # uneven pieces, then single-token decode steps
+    outs, state = [], s0
+    for a, z in zip(cuts[:-1], cuts[1:]):
+        dec = decay if decay is None or decay.dim() == 1 else decay[:, :, a:z]
+        o, state = sa.linear_attention(q[:, :, a:z], k[:, :, a:z], v[:, :, a:z], decay=dec,
+                                       initial_state=state, return_state=True, backend=backend)
+        assert state.dtype == state_dtype(dtype)
+        outs.append(o)
+    oracle.assert_close_contract(torch.cat(outs, dim=2), whole, dtype=dtype, device="cpu", what="chained output")
+    oracle.assert_close_contract(state, whole_state, dtype=dtype, device="cpu", what="chained state",
+                                 out_dtype=state_dtype(dtype))
+    ref, ref_state = oracle.oracle_linear_attention(q, k, v, decay=decay, initial_state=s0)
+    oracle.assert_close_contract(whole, ref, dtype=dtype, device="cpu")
+    oracle.assert_close_contract(whole_state, ref_state, dtype=dtype, device="cpu", out_dtype=state_dtype(dtype))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("g", [-30.0, -80.0, "mixed"])
+def test_extreme_decays_stay_finite_and_exact(g, backend):
+    """exp of a cumulative decay over a chunk underflows; nothing may overflow into inf / NaN."""
+    b, h, s, d = 1, 2, 333, 16
+    q, k, v = (randn(b, h, s, d) for _ in range(3))
+    if g == "mixed":   # long stretches of no decay broken by near-resets
+        decay = torch.where(torch.rand(b, h, s) < 0.1, torch.tensor(-60.0), torch.tensor(0.0))
+    else:
+        decay = torch.full((b, h, s), g)
+    decay.requires_grad_()
+    check_against_oracle(
+        lambda q, k, v, decay: sa.linear_attention(q, k, v, decay=decay, backend=backend),
+        lambda q, k, v, decay: oracle.oracle_linear_attention(q, k, v, decay=decay)[0], None,
+        dict(q=q.requires_grad_(), k=k.requires_grad_(), v=v.requires_grad_(), decay=decay), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_default_scale_and_return_types(backend):
+    q, k, v = (randn(1, 2, 50, 20) for _ in range(3))
+    o = sa.linear_attention(q, k, v, backend=backend)
+    assert isinstance(o, torch.Tensor) and o.shape == (1, 2, 50, 20) and o.dtype == torch.float32
+    oracle.assert_close_contract(o, sa.linear_attention(q, k, v, scale=20 ** -0.5, backend=backend),
+                                 dtype=torch.float32, device="cpu")
+    o2, st = sa.linear_attention(q.half(), k.half(), v.half(), return_state=True, backend=backend)
+    assert o2.dtype == torch.float16 and st.dtype == torch.float32 and st.shape == (1, 2, 20, 20)

@@ -1,0 +1,131 @@
+"""The scheduler: reasons, costs, the dense/sparse switch, named backends and explain()."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import sparse_attn as sa
+from sparse_attn.scheduler import Kernel, device_info, kernels, register
+from sparse_attn.scheduler import registry as registry_mod
+from conftest import make_qkv
+
+
+def _qkv(sq, sk, *, hq=4, hkv=2, d=16, dtype=torch.float32, grad=False):
+    return make_qkv(1, hq, hkv, sq, sk, d, dtype=dtype, requires_grad=grad)
+
+
+def test_explain_lists_every_kernel_with_a_reason_or_a_cost():
+    q, k, v = _qkv(300, 300)
+    p = sa.plan(q, k, v, sa.TopK(2, block_size=16))
+    text = p.explain()
+    for kern in kernels():
+        assert kern.name in text
+    assert f"chosen: {p.kernel.name}" in text
+    for c in p.candidates:
+        assert c.reasons or (c.cost is not None and math.isfinite(c.cost) and c.cost > 0)
+    assert str(p) == text
+
+
+@pytest.mark.parametrize("pattern,sk,dense", [
+    (sa.TopK(16, block_size=64), 1000, True),   # 16 blocks: top-16 + sink + local cover them all
+    (sa.TopK(16, block_size=64), 1300, False),  # 21 blocks: 21 - 1 sink - 1 local = 19 candidates > 16
+    (sa.TopK(2, block_size=16), 300, False),
+    (sa.SlidingWindow(512), 400, True),
+    (sa.SlidingWindow(100, sinks=4), 400, False),
+    (sa.Dense(), 400, True),
+])
+def test_dense_kernel_exactly_where_the_pattern_is_dense(pattern, sk, dense):
+    assert pattern.is_dense_causal_for(sk, sk) == dense
+    q, k, v = _qkv(sk, sk)
+    p = sa.plan(q, k, v, pattern)
+    sdpa = next(c for c in p.candidates if c.kernel.name == "reference.sdpa")
+    if dense:
+        assert not sdpa.reasons
+    else:
+        assert any("sparse at this length" in r for r in sdpa.reasons)
+        assert p.kernel.name != "reference.sdpa"
+
+
+def test_chunked_prefill_never_uses_top_left_causal_sdpa():
+    q, k, v = _qkv(7, 40)
+    p = sa.plan(q, k, v, sa.Dense())
+    assert p.kernel.name != "reference.sdpa"
+    assert "top-left" in p.explain()
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda", "npu"])
+def test_named_backend_that_cannot_run_raises_with_reasons(backend):
+    q, k, v = _qkv(40, 40)
+    with pytest.raises(ValueError, match=f"backend='{backend}'"):
+        sa.attention(q, k, v, sa.Dense(), backend=backend)
+
+
+def test_unknown_backend_string():
+    q, k, v = _qkv(4, 4)
+    with pytest.raises(ValueError, match="backend must be"):
+        sa.plan(q, k, v, backend="tpu")
+
+
+def test_training_excludes_forward_only_kernels():
+    q, k, v = _qkv(64, 64, grad=True)
+    p = sa.plan(q, k, v, sa.SlidingWindow(16))
+    assert p.problem.phase == "training"
+    assert p.kernel.supports_backward
+    for c in p.candidates:
+        if not c.kernel.supports_backward:
+            assert any("no backward" in r for r in c.reasons)
+
+
+def test_phase_is_visible():
+    q, k, v = _qkv(1, 64)
+    assert sa.plan(q, k, v).problem.phase == "decode"
+    q, k, v = _qkv(5, 64)
+    assert sa.plan(q, k, v).problem.phase == "chunked-prefill"
+    q, k, v = _qkv(64, 64)
+    assert sa.plan(q, k, v).problem.phase == "prefill"
+
+
+def test_cpu_device_info():
+    info = device_info(torch.device("cpu"))
+    assert info.type == "cpu" and info.units >= 1 and info.generation
+    assert info.peak_tflops(torch.bfloat16) >= info.peak_tflops(torch.float32) > 0
+
+
+class _Fake(Kernel):
+    backend = "reference"
+    patterns = (sa.SlidingWindow,)
+    supports_backward = True
+
+    def __init__(self, name, seconds, why=()):
+        self.name, self.seconds, self.why = name, seconds, list(why)
+
+    def extra_reasons(self, p):
+        return self.why
+
+    def cost(self, p):
+        return self.seconds
+
+    def run(self, q, k, v, p, *, gate=None):
+        return torch.full((q.shape[0], q.shape[1], q.shape[2], v.shape[3]), 7.0, dtype=q.dtype)
+
+
+def test_cheapest_supporting_kernel_wins_and_reasons_are_listed(monkeypatch):
+    monkeypatch.setattr(registry_mod, "_KERNELS", {k: list(v) for k, v in registry_mod._KERNELS.items()})
+    register(_Fake("fake.cheap-but-refuses", 1e-12, ["refuses for the test"]))
+    register(_Fake("fake.cheap", 2e-12))
+    q, k, v = _qkv(64, 64)
+    p = sa.plan(q, k, v, sa.SlidingWindow(16))
+    assert p.kernel.name == "fake.cheap"
+    assert "refuses for the test" in p.explain()
+    assert (sa.attention(q, k, v, sa.SlidingWindow(16)) == 7.0).all()
+
+
+def test_error_lists_every_reason_when_nothing_runs(monkeypatch):
+    monkeypatch.setattr(registry_mod, "_KERNELS", {"attention": [_Fake("fake.only", 1.0, ["not today"])]})
+    q, k, v = _qkv(64, 64)
+    with pytest.raises(ValueError, match="fake.only.*not today"):
+        sa.attention(q, k, v, sa.SlidingWindow(16))
+    with pytest.raises(ValueError, match="pattern Dense not supported"):
+        sa.attention(q, k, v, sa.Dense())
