@@ -39,7 +39,7 @@ def _layout(q, k, pat, blocks):
                            q_block=blocks[0], k_block=blocks[1], token_index=ti)
 
 
-@pytest.mark.parametrize("sq,sk,pat,blocks", _cases())
+@pytest.mark.parametrize("sq,sk,pat,blocks", list(_cases()))
 def test_layout_equals_oracle_visibility(sq, sk, pat, blocks):
     q, k, v = make_qkv(2, 4, 2, sq, sk, 8, dtype=torch.float64)
     lay = _layout(q, k, pat, blocks)
