@@ -43,7 +43,7 @@ def ext_modules():
         mods.append(CppExtension(f"sparse_attn._ext_{name}", [f"csrc/{s}" for s in spec["sources"]],
                                  include_dirs=[str(ROOT / "csrc")],
                                  extra_compile_args=["-O3", "-std=c++17"] + spec["cflags"],
-                                 extra_link_args=["-fopenmp"] if "-fopenmp" in spec["cflags"] else []))
+                                 extra_link_args=spec.get("ldflags", [])))
     return mods, {"build_ext": BuildExtension}
 
 

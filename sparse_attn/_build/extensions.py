@@ -1,6 +1,7 @@
 """The C++/CUDA extensions: one table read by the JIT loader and by setup.py (no torch import here).
 
-name -> sources (relative to csrc/), headers they include (for the cache key), extra flags.
+name -> sources (relative to csrc/), headers they include (for the cache key), compiler and
+linker flags, and flags for just-in-time builds only (e.g. -march=native).
 """
 
 EXTENSIONS = {
@@ -8,5 +9,8 @@ EXTENSIONS = {
         "sources": ["cpu/block_sparse_fwd.cpp"],
         "headers": [],
         "cflags": ["-fopenmp"],
+        "ldflags": ["-fopenmp"],
+        # only in JIT builds, which run where they are built
+        "jit_cflags": ["-march=native"],
     },
 }

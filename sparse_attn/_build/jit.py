@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from .extensions import EXTENSIONS
+
 _LOCK = threading.Lock()
 _LOADED: dict[str, object] = {}
 _FAILED: dict[str, str] = {}
@@ -60,9 +62,8 @@ def _digest(paths: list[Path], flags: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def load_extension(name: str, sources: list[str], *, extra_cflags: list[str] | None = None,
-                   headers: list[str] | None = None, verbose: bool | None = None):
-    """Compile (once) and import the extension `name` from `sources` (paths relative to csrc/)."""
+def load_extension(name: str, *, verbose: bool | None = None):
+    """Compile (once) and import the extension `name` of the table in `extensions.py`."""
     with _LOCK:
         if name in _LOADED:
             return _LOADED[name]
@@ -72,7 +73,14 @@ def load_extension(name: str, sources: list[str], *, extra_cflags: list[str] | N
             mod = importlib.import_module(f"sparse_attn._ext_{name}")  # ahead-of-time build
         except ImportError:
             try:
-                mod = _jit(name, sources, extra_cflags or [], headers or [], verbose)
+                if os.environ.get("SPARSE_ATTN_DISABLE_JIT") == "1":
+                    raise ExtensionBuildError("just-in-time builds are disabled (SPARSE_ATTN_DISABLE_JIT=1)")
+                spec = EXTENSIONS[name]
+                mod = _jit(name, spec["sources"], spec["cflags"] + spec.get("jit_cflags", []),
+                           spec.get("ldflags", []), spec["headers"], verbose)
+            except ExtensionBuildError as e:
+                _FAILED[name] = f"C++ extension '{name}' unavailable: {e}"
+                raise ExtensionBuildError(_FAILED[name]) from e
             except Exception as e:  # compiler missing, compile error, ABI mismatch ...
                 lines = [ln for ln in str(e).splitlines() if ln.strip()]
                 errs = [ln for ln in lines if "error" in ln.lower()][:6] or lines[-6:]
@@ -84,7 +92,7 @@ def load_extension(name: str, sources: list[str], *, extra_cflags: list[str] | N
         return mod
 
 
-def _jit(name, sources, extra_cflags, headers, verbose):
+def _jit(name, sources, extra_cflags, ldflags, headers, verbose):
     from torch.utils.cpp_extension import load
 
     root = csrc_dir()
@@ -94,11 +102,11 @@ def _jit(name, sources, extra_cflags, headers, verbose):
         if not p.is_file():
             raise ExtensionBuildError(f"missing source {p}")
     flags = ["-O3", "-std=c++17"] + list(extra_cflags)
-    build_dir = cache_root() / f"{name}-{_digest(deps, flags)}"
+    build_dir = cache_root() / f"{name}-{_digest(deps, flags + list(ldflags))}"
     build_dir.mkdir(parents=True, exist_ok=True)
     if verbose is None:
         verbose = os.environ.get("SPARSE_ATTN_VERBOSE_BUILD") == "1"
-    if not verbose:
+    if not verbose and not any(build_dir.glob(f"sparse_attn_{name}*.so")):
         print(f"[sparse_attn] building C++ extension '{name}' in {build_dir} (first use only)", file=sys.stderr)
     return load(name=f"sparse_attn_{name}", sources=[str(p) for p in paths], extra_cflags=flags,
-                extra_include_paths=[str(root)], build_directory=str(build_dir), verbose=verbose)
+                extra_ldflags=list(ldflags), extra_include_paths=[str(root)], build_directory=str(build_dir), verbose=verbose)

@@ -4,3 +4,4 @@ A backend whose dependencies are missing still registers its kernels; they repor
 cannot run (`Kernel.unavailable`), which `plan(...).explain()` shows.
 """
 from . import reference  # noqa: F401
+from . import cpu  # noqa: F401,E402

@@ -63,8 +63,10 @@ class Kernel:
 
 
 def roofline_seconds(p: Problem, *, flops: float, bytes_moved: float, efficiency: float,
-                     overhead_s: float = 0.0) -> float:
-    """max(compute, memory) time at `efficiency` of the device's peak, plus fixed overhead."""
-    compute = flops / (p.device.peak_tflops(p.dtype) * 1e12 * efficiency)
+                     overhead_s: float = 0.0, compute_dtype: torch.dtype | None = None) -> float:
+    """max(compute, memory) time at `efficiency` of the device's peak, plus fixed overhead.
+    `compute_dtype`: the dtype the arithmetic really runs in, when not the inputs' (e.g. float32
+    accumulation of bfloat16 inputs without bf16 dot products)."""
+    compute = flops / (p.device.peak_tflops(compute_dtype or p.dtype) * 1e12 * efficiency)
     memory = bytes_moved / (p.device.bandwidth_gbs * 1e9 * efficiency)
     return max(compute, memory) + overhead_s

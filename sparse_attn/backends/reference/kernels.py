@@ -9,7 +9,7 @@ from ...patterns.linear import LinearAttention
 from ...scheduler.kernel import Kernel, roofline_seconds
 from ...scheduler.problem import Problem
 from .linear import linear_attention_chunked
-from .softmax import chunk_rows, softmax_attention
+from .softmax import acc_dtype, chunk_rows, softmax_attention
 from .window_linear import window_linear_attention
 
 _CHUNK_OVERHEAD_S = 40e-6  # Python + launch cost of one chunk
@@ -46,7 +46,8 @@ class ReferenceChunked(Kernel):
         rows = chunk_rows(p.pattern, batch_heads=p.batch * p.q_heads, sq=p.sq, sk=p.sk)
         chunks = -(-max(p.sq, 1) // rows)
         return roofline_seconds(p, flops=flops, bytes_moved=nbytes, efficiency=0.25,
-                                overhead_s=chunks * _CHUNK_OVERHEAD_S * (3 if p.requires_grad else 1))
+                                overhead_s=chunks * _CHUNK_OVERHEAD_S * (3 if p.requires_grad else 1),
+                                compute_dtype=acc_dtype(p.dtype))  # upcasts to float32 / float64
 
     def run(self, q, k, v, p, *, gate=None):
         if isinstance(p.pattern, WindowLinear):
@@ -86,8 +87,12 @@ class TorchSDPA(Kernel):
         flops *= p.batch * p.q_heads * (3.5 if p.requires_grad else 1.0)
         elem = torch.finfo(p.dtype).bits // 8
         nbytes = elem * p.batch * p.kv_heads * p.sk * (p.head_dim + p.v_head_dim)
-        eff = 0.5 if p.device.type == "cuda" else 0.3
-        return roofline_seconds(p, flops=flops, bytes_moved=nbytes, efficiency=eff, overhead_s=20e-6)
+        if p.device.type == "cpu":
+            # PyTorch's CPU attention runs float32 arithmetic whatever the dtype (no bf16 dot
+            # products): ~0.6 of the float32 GEMM rate measured by the bench, for every dtype
+            return roofline_seconds(p, flops=flops, bytes_moved=nbytes, efficiency=0.6, overhead_s=20e-6,
+                                    compute_dtype=acc_dtype(p.dtype))
+        return roofline_seconds(p, flops=flops, bytes_moved=nbytes, efficiency=0.5, overhead_s=20e-6)
 
     def run(self, q, k, v, p, *, gate=None):
         causal = p.pattern.causal and p.sq > 1
@@ -107,7 +112,8 @@ class ReferenceLinear(Kernel):
         chunk = 64
         flops = 2.0 * p.batch * p.q_heads * p.sq * (chunk * (p.head_dim + p.v_head_dim) + 3 * p.head_dim * p.v_head_dim)
         return roofline_seconds(p, flops=flops * (3.5 if p.requires_grad else 1.0), bytes_moved=0.0,
-                                efficiency=0.25, overhead_s=-(-p.sq // chunk) * _CHUNK_OVERHEAD_S)
+                                efficiency=0.25, overhead_s=-(-p.sq // chunk) * _CHUNK_OVERHEAD_S,
+                                compute_dtype=acc_dtype(p.dtype))
 
     def run(self, q, k, v, p, *, gate=None, decay=None, initial_state=None):
         return linear_attention_chunked(q, k, v, decay=decay, scale=p.scale, initial_state=initial_state)

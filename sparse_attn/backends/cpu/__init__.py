@@ -1,0 +1,5 @@
+"""`cpu`: C++ kernels for x86 / Arm CPUs, built just in time from csrc/cpu on first use."""
+from ...scheduler.registry import register
+from .kernels import CpuBlockSparseForward
+
+register(CpuBlockSparseForward())
