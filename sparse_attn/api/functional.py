@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..layout.topk_selection import select_blocks_mask
-from ..patterns import Dense, Pattern, TopK
+from ..patterns import BlockSparse, Dense, Pattern, TopK
 from ..patterns.linear import LinearAttention
 from ..scheduler.device import device_info
 from ..scheduler.plan import Plan, choose
@@ -75,8 +75,6 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, pattern: Pattern = Den
         if cu[0] != 0 or cu[-1] != total or any(b < a for a, b in zip(cu, cu[1:])):
             raise ValueError(f"{name} must start at 0, be non-decreasing and end at the packed length "
                              f"{total}, got {cu}")
-    from ..patterns import BlockSparse
-
     outs = []
     for i in range(len(cq) - 1):
         qi = q[cq[i]:cq[i + 1]].transpose(0, 1)[None]

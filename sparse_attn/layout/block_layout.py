@@ -96,21 +96,21 @@ class BlockLayout:
         qtile = qpos // bq - self.q_tile_offset
         kblk = kpos // bk
         nb = self.num_k_blocks
-        full = _index_to_bool(self.full_index, nb)  # (B', H', M, N)
-        part = _index_to_bool(self.partial_index, nb)
+        full = index_to_bool(self.full_index, nb)  # (B', H', M, N)
+        part = index_to_bool(self.partial_index, nb)
         full_tok = full[:, :, qtile][..., kblk]
         part_tok = part[:, :, qtile][..., kblk] & self.token_rule(qpos, kpos)
         vis = full_tok | part_tok
         if self.token_index is not None:
-            sel = _index_to_bool(self.token_index, nb)[..., kblk]  # (B, Hkv, Sq, Sk)
+            sel = index_to_bool(self.token_index, nb)[..., kblk]  # (B, Hkv, Sq, Sk)
             vis = vis | sel
         return vis
 
     def block_mask(self) -> torch.Tensor:
         """`(B', H', M, N)` int8: 2 = full, 1 = partial, 0 = not visited (tile lists only)."""
         nb = self.num_k_blocks
-        return (2 * _index_to_bool(self.full_index, nb).to(torch.int8)
-                + _index_to_bool(self.partial_index, nb).to(torch.int8))
+        return (2 * index_to_bool(self.full_index, nb).to(torch.int8)
+                + index_to_bool(self.partial_index, nb).to(torch.int8))
 
     def density(self) -> float:
         """Fraction of all (query, key) pairs that are visited (host sync: debugging/bench only)."""
@@ -127,7 +127,7 @@ class BlockLayout:
         nb = self.num_k_blocks
         out = []
         for index in (self.full_index, self.partial_index):
-            grid = _index_to_bool(index, nb).transpose(-1, -2)  # (B', H', N, M)
+            grid = index_to_bool(index, nb).transpose(-1, -2)  # (B', H', N, M)
             cnt, idx = compact(grid, grid.shape[-1])
             out += [cnt, idx]
         return tuple(out)
@@ -148,7 +148,7 @@ class BlockLayout:
         return "\n".join(lines)
 
 
-def _index_to_bool(index: torch.Tensor, n: int) -> torch.Tensor:
+def index_to_bool(index: torch.Tensor, n: int) -> torch.Tensor:
     """int32 index lists `(..., W)` with -1 padding -> bool `(..., n)`."""
     out = torch.zeros(*index.shape[:-1], n + 1, dtype=torch.bool, device=index.device)
     idx = torch.where(index < 0, torch.full_like(index, n), index).long()

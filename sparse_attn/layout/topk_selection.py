@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..patterns import TopK
-from .block_layout import _index_to_bool
+from .block_layout import index_to_bool
 
 #: query rows scored at once are chosen so one chunk of scores holds about this many elements
 _SCORE_CHUNK_ELEMS = 1 << 22
@@ -76,7 +76,7 @@ def select_blocks_mask(q: torch.Tensor, k: torch.Tensor, pattern: TopK) -> torch
     hkv, sk = k.shape[1], k.shape[2]
     bs = pattern.block_size
     nb = -(-sk // bs)
-    sel = _index_to_bool(topk_token_index(q, k, pattern), nb)
+    sel = index_to_bool(topk_token_index(q, k, pattern), nb)
     pos = torch.arange(sk - sq, sk, device=q.device)
     forced = pattern.forced_block_mask(pos // bs, torch.arange(nb, device=q.device))  # (Sq, N)
     return sel | forced

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ...layout.block_layout import _index_to_bool
+from ...layout.block_layout import index_to_bool
 from ...layout.topk_selection import topk_token_index
 from ...patterns import TopK
 
@@ -63,7 +63,7 @@ class _Chunk:
             kpos = self.kidx
         else:
             kpos = torch.arange(*self.krange, device=device)
-        selected = _index_to_bool(token_index[:, :, r0:r1], nb) if token_index is not None else None
+        selected = index_to_bool(token_index[:, :, r0:r1], nb) if token_index is not None else None
         mask = pattern.token_mask(self.qpos, kpos, selected=selected)
         self.mask = mask[None, None, None] if mask.dim() == 2 else mask[:, :, None]  # (B', H', 1|G, r, n)
 
