@@ -1,6 +1,19 @@
-"""The `cpu` backend's C++ forward kernel against the float64 oracle, over the shared layout."""
+"""The `cpu` backend's C++ forward kernel (`cpu.block_sparse_fwd`, csrc/cpu/).
+
+* through the public API, against a float64 evaluation: `attention(q.double(), ..., backend="reference")`
+  (itself checked against the independent oracle in test_oracle.py), for every softmax pattern,
+  GQA 1/2/4/8, head dims 64/80/128 (and odd ones), lengths that are not multiples of any block,
+  Sq < Sk, float32 / bfloat16 / float16 with the contract's bounds;
+* as a layout consumer: hand-made and built `BlockLayout`s (q_block != k_block, broadcast
+  batch/heads, per-token blocks, empty lists) against a float64 masked evaluation of
+  `layout.to_dense()`;
+* the scheduler: never chosen when a backward is needed, and a failed build is reported, not fatal.
+
+The first test in a fresh cache compiles the extension (~30 s on the 2-core CPU machine).
+"""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -8,66 +21,289 @@ import pytest
 import torch
 
 import sparse_attn as sa
-from conftest import BLOCK, DTYPE_IDS, check_against_oracle, make_pattern, make_qkv_for
-import oracle
+from sparse_attn.layout import BlockLayout, build_layout, compact, index_to_bool
+from sparse_attn.layout.topk_selection import topk_token_index
 
-CONFIGS = [  # pattern, B, Hq, Hkv, Sq, Sk, D, Dv
-    ("dense_causal", 1, 4, 4, 37, 37, 64, 64),
-    ("dense_causal", 2, 8, 2, 5, 71, 80, 80),
-    ("dense_full", 1, 8, 1, 20, 50, 64, 32),
+KERNEL = "cpu.block_sparse_fwd"
+BOUND = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
+DTYPES = [pytest.param(torch.float32, id="f32"), pytest.param(torch.bfloat16, id="bf16"),
+          pytest.param(torch.float16, id="f16")]
+
+if os.environ.get("SPARSE_ATTN_DISABLE_JIT") == "1":
+    pytestmark = pytest.mark.skip(reason="SPARSE_ATTN_DISABLE_JIT=1: the C++ extension is not built")
+
+
+def _kernel_module():
+    from sparse_attn.backends.cpu import kernels
+    return kernels
+
+
+def rel_err(out, ref) -> float:
+    out, ref = out.to(torch.float64), ref.to(torch.float64)
+    assert not torch.isnan(out).any(), "NaN in the output"
+    den = ref.norm().item()
+    return (out - ref).norm().item() / (den if den > 0 else 1.0)
+
+
+def masked_in_dtype(q, k, v, mask, scale):
+    """Plain masked attention evaluated in the inputs' dtype (the contract's low-precision baseline)."""
+    g = q.shape[1] // k.shape[1]
+    kk, vv = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    m = mask.expand(q.shape[0], k.shape[1], *mask.shape[2:]).repeat_interleave(g, 1)
+    s = (q @ kk.transpose(-1, -2)) * scale
+    s = s.masked_fill(~m, float("-inf"))
+    p = torch.softmax(s.float(), dim=-1).nan_to_num(0.0).to(q.dtype)
+    return p @ vv
+
+
+def masked_f64(q, k, v, mask, scale):
+    return masked_in_dtype(q.double(), k.double(), v.double(), mask, scale)
+
+
+def check(out, ref, dtype, baseline=None):
+    assert out.dtype == dtype and out.shape == ref.shape
+    err = rel_err(out, ref)
+    assert err <= BOUND[dtype], f"relative error {err:.3g} > {BOUND[dtype]:.3g}"
+    if baseline is not None:  # float16 / bfloat16: at most twice the plain evaluation's error
+        base = rel_err(baseline, ref)
+        assert err <= 2 * base + 1e-6, f"relative error {err:.3g} > 2 x baseline {base:.3g}"
+
+
+def qkv(b, hq, hkv, sq, sk, d, dv=None, dtype=torch.float32):
+    dv = d if dv is None else dv
+    return (torch.randn(b, hq, sq, d).to(dtype), torch.randn(b, hkv, sk, d).to(dtype),
+            torch.randn(b, hkv, sk, dv).to(dtype))
+
+
+def random_layout(b, hkv, sq, sk, bs, density=0.5):
+    """Random BlockSparse layout; one query block inside the query range sees nothing."""
+    nb = -(-sk // bs)
+    lay = torch.rand(b, hkv, nb, nb) < density
+    first = (sk - sq) // bs
+    lay[..., torch.randint(first, nb, ()).item(), :] = False
+    return lay
+
+
+# ------------------------------------------------------------------------------------ public API
+CONFIGS = [  # kind, B, Hq, Hkv, Sq, Sk, D, Dv
+    ("dense", 1, 4, 4, 37, 37, 64, 64),
+    ("dense", 2, 8, 4, 5, 71, 80, 80),
+    ("dense", 1, 8, 1, 1, 71, 128, 128),
+    ("dense", 1, 8, 2, 300, 300, 128, 128),  # several 64-row tiles, dynamic scheduling
+    ("dense_full", 1, 8, 2, 20, 50, 64, 32),
+    ("dense_full", 1, 2, 1, 30, 10, 33, 17),  # non-causal allows Sq > Sk; odd head dims
     ("window", 1, 4, 1, 71, 71, 128, 128),
+    ("window", 1, 4, 2, 5, 300, 80, 80),
     ("window_sinks", 2, 8, 1, 1, 71, 64, 64),
+    ("window_sinks", 1, 4, 2, 300, 300, 64, 64),
+    ("window_big_sinks", 1, 2, 2, 37, 37, 64, 64),
     ("blocksparse", 2, 4, 2, 37, 37, 80, 80),
     ("blocksparse", 1, 8, 8, 5, 71, 64, 64),
+    ("blocksparse_bcast", 2, 8, 1, 71, 71, 128, 128),
+    ("blocksparse_big_blocks", 1, 4, 2, 250, 250, 64, 80),  # block 100: 112 columns (64 + 48)
     ("topk", 1, 8, 1, 71, 71, 64, 64),
     ("topk", 2, 4, 2, 1, 50, 128, 128),
     ("topk", 1, 2, 1, 20, 71, 80, 80),
+    ("topk", 1, 8, 2, 200, 200, 128, 128),  # tokens of a tile share selected blocks
+    ("topk_wide", 1, 4, 1, 5, 71, 80, 80),
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=DTYPE_IDS.get)
+def make_pattern(kind, b, hkv, sq, sk):
+    return {
+        "dense": lambda: sa.Dense(),
+        "dense_full": lambda: sa.Dense(causal=False),
+        "window": lambda: sa.SlidingWindow(20),
+        "window_sinks": lambda: sa.SlidingWindow(13, sinks=3),
+        "window_big_sinks": lambda: sa.SlidingWindow(7, sinks=20),
+        "blocksparse": lambda: sa.BlockSparse(random_layout(b, hkv, sq, sk, 16), block_size=16),
+        "blocksparse_bcast": lambda: sa.BlockSparse(random_layout(1, 1, sq, sk, 16), block_size=16),
+        "blocksparse_big_blocks": lambda: sa.BlockSparse(random_layout(1, hkv, sq, sk, 100, 0.7), block_size=100),
+        "topk": lambda: sa.TopK(1 if sk < 100 else 3, block_size=16),
+        "topk_wide": lambda: sa.TopK(2, block_size=8, sink_blocks=0, local_blocks=2),
+    }[kind]()
+
+
+def draw_inputs(pattern, shape, dtype):
+    """Random inputs; for TopK, redrawn until the selection does not hang on rounding (the float32
+    selection of the dtype's values equals the float64 one)."""
+    for _ in range(50):
+        q, k, v = qkv(*shape, dtype=dtype)
+        if not isinstance(pattern, sa.TopK):
+            return q, k, v
+        if torch.equal(sa.select_blocks(q, k, pattern), sa.select_blocks(q.double(), k.double(), pattern)):
+            return q, k, v
+    raise RuntimeError("no well-separated TopK input")
+
+
+def visibility(q, k, pattern):
+    """The token-level mask of `pattern`, from the package's layout (for the low-precision baseline)."""
+    b, hq, sq, _ = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    ti = topk_token_index(q, k, pattern) if isinstance(pattern, sa.TopK) else None
+    return build_layout(pattern, batch=b, kv_heads=hkv, sq=sq, sk=sk, token_index=ti).to_dense()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind,b,hq,hkv,sq,sk,d,dv", CONFIGS,
                          ids=[f"{c[0]}-gqa{c[2] // c[3]}-sq{c[4]}-sk{c[5]}-d{c[6]}" for c in CONFIGS])
-def test_cpu_forward_against_oracle(kind, b, hq, hkv, sq, sk, d, dv, dtype):
-    pattern = make_pattern(kind, b=b, hkv=hkv, sk=sk)
-    q, k, v = make_qkv_for(pattern, b, hq, hkv, sq, sk, d, dv, dtype=dtype)
-    check_against_oracle(lambda q, k, v: sa.attention(q, k, v, pattern, backend="cpu"),
-                         lambda q, k, v: oracle.oracle_attention(q, k, v, pattern),
-                         lambda q, k, v: oracle.masked_attention_in_dtype(q, k, v, pattern),
-                         dict(q=q, k=k, v=v), dtype=dtype, grads=False)
+def test_against_float64_reference(kind, b, hq, hkv, sq, sk, d, dv, dtype):
+    pattern = make_pattern(kind, b, hkv, sq, sk)
+    q, k, v = draw_inputs(pattern, (b, hq, hkv, sq, sk, d, dv), dtype)
+    p = sa.plan(q, k, v, pattern, backend="cpu")
+    assert p.kernel.name == KERNEL
+    out = sa.attention(q, k, v, pattern, backend="cpu")
+    ref = sa.attention(q.double(), k.double(), v.double(), pattern, backend="reference")
+    base = None
+    if dtype != torch.float32:
+        base = masked_in_dtype(q, k, v, visibility(q, k, pattern), d ** -0.5)
+    check(out, ref, dtype, base)
+    if kind.startswith("blocksparse"):  # query blocks that see nothing output exact zeros
+        lay = pattern.layout.expand(b, hkv, -1, -1)
+        pos = torch.arange(sk - sq, sk)
+        empty = ~lay[:, :, pos // pattern.block_size].any(-1)  # (B, Hkv, Sq)
+        empty = empty.repeat_interleave(hq // hkv, 1)
+        assert empty.any() and (out[empty] == 0).all()
 
 
-def test_rows_with_no_visible_key_are_zero():
-    lay = torch.zeros(1, 1, 3, 3, dtype=torch.bool)
-    lay[0, 0, 2, 1] = True
-    q, k, v = make_qkv_for(sa.Dense(), 1, 2, 1, 40, 40, 16)
-    out = sa.attention(q, k, v, sa.BlockSparse(lay, block_size=BLOCK), backend="cpu")
-    assert (out[:, :, :32] == 0).all() and out[:, :, 32:].abs().sum() > 0
+def test_scale_and_strided_inputs():
+    """Non-default scale; q/k/v as (B, S, H, D) transposed views (read through their strides)."""
+    b, hq, hkv, s, d = 2, 8, 2, 70, 64
+    q = torch.randn(b, s, hq, d).transpose(1, 2)
+    k = torch.randn(b, s, hkv, d).transpose(1, 2)
+    v = torch.randn(b, s, hkv, 2 * d)[..., ::2].transpose(1, 2)  # strided head dim too
+    for pattern in (sa.Dense(), sa.SlidingWindow(9, sinks=2)):
+        out = sa.attention(q, k, v, pattern, scale=0.3, backend="cpu")
+        ref = sa.attention(q.double(), k.double(), v.double(), pattern, scale=0.3, backend="reference")
+        check(out, ref, torch.float32)
 
 
-def test_not_chosen_for_training():
-    q, k, v = make_qkv_for(sa.Dense(), 1, 2, 1, 40, 40, 16, requires_grad=True)
+def test_empty_inputs():
+    for shape in ((0, 4, 2, 5, 9, 16), (1, 4, 2, 0, 9, 16)):
+        q, k, v = qkv(*shape)
+        out = sa.attention(q, k, v, sa.SlidingWindow(4), backend="cpu")
+        assert out.shape == (shape[0], 4, shape[3], 16)
+    q, k, v = qkv(1, 2, 1, 4, 0, 16)
+    out = sa.attention(q, k, v, sa.Dense(causal=False), backend="cpu")  # no keys at all
+    assert out.shape == (1, 2, 4, 16) and (out == 0).all()
+
+
+# -------------------------------------------------------------------------------- layout consumer
+def run_layout(q, k, v, lay, scale):
+    return _kernel_module().block_sparse_forward_layout(q, k, v, lay, scale=scale)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pattern,q_block,k_block", [
+    (sa.Dense(), 32, 48),
+    (sa.Dense(), 7, 5),
+    (sa.Dense(causal=False), 64, 16),
+    (sa.SlidingWindow(40, sinks=5), 16, 40),
+    (sa.SlidingWindow(3), 128, 8),
+], ids=["dense-32x48", "dense-7x5", "full-64x16", "window-sinks-16x40", "window-128x8"])
+def test_built_layouts_any_tiling(pattern, q_block, k_block, dtype):
+    b, hq, hkv, sq, sk, d = 2, 4, 2, 90, 131, 80
+    q, k, v = qkv(b, hq, hkv, sq, sk, d, dtype=dtype)
+    lay = build_layout(pattern, batch=b, kv_heads=hkv, sq=sq, sk=sk, q_block=q_block, k_block=k_block)
+    out = run_layout(q, k, v, lay, 0.125)
+    mask = lay.to_dense()
+    check(out, masked_f64(q, k, v, mask, 0.125), dtype,
+          masked_in_dtype(q, k, v, mask, 0.125) if dtype != torch.float32 else None)
+
+
+@pytest.mark.parametrize("lb,lh", [(1, 1), (2, 1), (1, 3), (2, 3)], ids=["bcast", "per-batch", "per-head", "full"])
+def test_hand_made_layout_with_token_blocks(lb, lh):
+    """Random full / partial lists (broadcast over batch and/or heads), an arbitrary token rule,
+    and random per-token blocks (some rows with none): the kernel visits exactly what it is told."""
+    b, g, hkv, sq, sk, d, qb, kb = 2, 2, 3, 45, 100, 64, 16, 12
+    q, k, v = qkv(b, g * hkv, hkv, sq, sk, d)
+    m0, m1 = (sk - sq) // qb, -(-sk // qb)
+    nb = -(-sk // kb)
+    grid = torch.rand(lb, lh, m1 - m0, nb)
+    full, part = grid < 0.3, (grid >= 0.3) & (grid < 0.5)
+    full[..., 1, :] = False  # a tile with partial blocks only
+    part[..., 1, :3] = True
+    full[..., 2, :], part[..., 2, :] = False, False  # a tile with no blocks
+    fc, fi = compact(full, nb)
+    pc, pi = compact(part, 6)  # narrower than the candidates: lists are cut at `width`
+    token = torch.rand(b, hkv, sq, nb) < 0.15
+    token[:, :, ::3] = False
+    # per-token blocks come on top of the tile's lists (the format never lists a block twice)
+    tile_of_row = (torch.arange(sk - sq, sk) // qb) - m0
+    listed = (index_to_bool(fi, nb) | index_to_bool(pi, nb))[:, :, tile_of_row]  # (lb, lh, Sq, nb)
+    token &= ~listed
+    tc, ti = compact(token, 4)
+    ti = torch.where(torch.arange(4) < tc[..., None], ti, torch.full_like(ti, -1))
+    lay = BlockLayout(sq=sq, sk=sk, q_block=qb, k_block=kb, causal=True, window=30, sink_tokens=4,
+                      full_count=torch.minimum(fc, torch.tensor(nb, dtype=torch.int32)), full_index=fi,
+                      partial_count=torch.minimum(pc, torch.tensor(6, dtype=torch.int32)), partial_index=pi,
+                      token_index=ti)
+    out = run_layout(q, k, v, lay, d ** -0.5)
+    mask = lay.to_dense()
+    check(out, masked_f64(q, k, v, mask, d ** -0.5), torch.float32)
+    empty = ~mask.expand(b, hkv, sq, sk).any(-1).repeat_interleave(g, 1)
+    assert empty.any() and (out[empty] == 0).all()
+
+
+def test_bad_layout_raises_not_crashes():
+    q, k, v = qkv(1, 2, 1, 20, 20, 16)
+    lay = build_layout(sa.Dense(), batch=1, kv_heads=1, sq=20, sk=20, q_block=8, k_block=8)
+    bad = lay.full_index.clone()
+    bad[0, 0, -1, 0] = 99
+    with pytest.raises(RuntimeError, match="full_index"):
+        _kernel_module()._ext().block_sparse_fwd(q, k, v, lay.full_count, bad, lay.partial_count, lay.partial_index,
+                                                 None, 20, 20, 8, 8, True, -1, 0, 0.25)
+    with pytest.raises(RuntimeError, match="counts"):
+        _kernel_module()._ext().block_sparse_fwd(q, k, v, lay.full_count[..., :1], lay.full_index[..., :1, :],
+                                                 lay.partial_count[..., :1], lay.partial_index[..., :1, :],
+                                                 None, 20, 20, 8, 8, True, -1, 0, 0.25)
+
+
+# ------------------------------------------------------------------------------------- scheduler
+def test_not_chosen_when_a_backward_is_needed():
+    q, k, v = (x.requires_grad_() for x in qkv(1, 4, 2, 40, 40, 16))
     p = sa.plan(q, k, v, sa.SlidingWindow(8))
-    cpu = next(c for c in p.candidates if c.kernel.name == "cpu.block_sparse_fwd")
+    assert p.kernel.name != KERNEL
+    cpu = next(c for c in p.candidates if c.kernel.name == KERNEL)
     assert any("no backward" in r for r in cpu.reasons)
+    assert "no backward" in p.explain()
     with pytest.raises(ValueError, match="no backward"):
         sa.attention(q, k, v, sa.SlidingWindow(8), backend="cpu")
+    with torch.no_grad():  # inference on the same tensors may use it
+        assert sa.plan(q, k, v, sa.SlidingWindow(8), backend="cpu").kernel.name == KERNEL
+
+
+def test_supported_and_costed_for_inference():
+    q, k, v = qkv(1, 8, 2, 1024, 1024, 64)
+    for pattern in (sa.Dense(), sa.SlidingWindow(128), sa.TopK(4, block_size=64),
+                    sa.BlockSparse(random_layout(1, 2, 1024, 1024, 64), block_size=64)):
+        cpu = next(c for c in sa.plan(q, k, v, pattern).candidates if c.kernel.name == KERNEL)
+        assert cpu.reasons == [] and cpu.cost is not None and cpu.cost > 0
+    cpu = next(c for c in sa.plan(q, k, v, sa.WindowLinear(16), gate=torch.zeros(8)).candidates
+               if c.kernel.name == KERNEL)
+    assert any("WindowLinear" in r for r in cpu.reasons)
 
 
 def test_failed_build_is_reported_not_fatal(tmp_path):
-    """A broken toolchain or source tree: import works, the kernel says why, the reference runs."""
+    """A broken source tree (or toolchain): import works, the kernel says why, the reference runs."""
     code = (
         "import torch, sparse_attn as sa\n"
         "q = torch.randn(1, 2, 30, 16); k = torch.randn(1, 1, 30, 16)\n"
         "p = sa.plan(q, k, k, sa.SlidingWindow(8))\n"
         "print(p.kernel.name)\n"
         "print(p.explain())\n"
-        "sa.attention(q, k, k, sa.SlidingWindow(8))\n"
+        "out = sa.attention(q, k, k, sa.SlidingWindow(8))\n"
+        "assert out.shape == (1, 2, 30, 16)\n"
+        "try:\n"
+        "    sa.attention(q, k, k, sa.SlidingWindow(8), backend='cpu')\n"
+        "except ValueError as e:\n"
+        "    print('refused:', 'unavailable' in str(e))\n"
     )
-    env = {"SPARSE_ATTN_CSRC": str(tmp_path / "no-such-csrc"), "SPARSE_ATTN_CACHE": str(tmp_path / "cache"),
-           "PATH": "/usr/bin:/bin"}
+    env = dict(os.environ, SPARSE_ATTN_CSRC=str(tmp_path / "no-such-csrc"), SPARSE_ATTN_CACHE=str(tmp_path / "cache"))
+    env.pop("SPARSE_ATTN_DISABLE_JIT", None)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr
     first, rest = res.stdout.split("\n", 1)
-    assert first == "reference.chunked"
+    assert first.startswith("reference.")
     assert "C++ extension 'cpu' unavailable" in rest and "missing source" in rest
+    assert "refused: True" in rest

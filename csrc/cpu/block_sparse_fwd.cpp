@@ -1,196 +1,348 @@
 // Block-sparse flash-attention forward on the CPU over sparse_attn's BlockLayout.
 //
-// One task per (batch, kv head, query tile): the G query heads of the kv head and the tile's rows
-// form one block of R = G * rows query rows, so each K/V block is converted and read once for the
-// whole group. Online softmax in float32 over the tile's full blocks (no mask), its partial blocks
-// (the layout's token rule), then TopK's per-token blocks (full for their token). Rows that see no
-// key output 0. Nothing of size Sq x Sk is allocated: scratch is R x k_block per task.
+// One task per (batch, kv head, query tile). The G query heads of the kv head and the tile's rows
+// form one matrix of R = rows * G query rows (token-major: row r * G + g is token r, head g), so
+// each visited K/V block is converted to float32 once and read once for the whole group:
+//   S (R x kb)  = Q (R x D) . K_block^T        register-blocked micro-kernel (vec.h)
+//   online softmax per row in base 2 (q is pre-scaled by scale * log2 e), token rule on partial blocks
+//   O (R x Dv) = corr * O + P (R x kb) . V_block
+// in the order: the tile's full blocks (no mask), its partial blocks (the layout's token rule),
+// then TopK's per-token blocks. For those, the tile's (token, block) pairs are sorted by block, so
+// each selected block is converted once per tile and multiplied with the rows of all the tokens of
+// the tile that selected it (a key-block-centric pass restricted to one tile; the online-softmax
+// state of a row is shared by every pass, so no partial results are stored). Rows that see no key
+// output 0. Scratch per thread: R x (D + Dv) for the tile's Q and O, 192 x kb scores, one K/V
+// block; nothing of size Sq x Sk is allocated.
 //
-// First cut (issue 4 continues it): inputs are converted to float32 once, inner loops are plain
-// C++ written for the compiler's vectoriser (omp simd), no hand-written AVX-512 BF16 yet.
+// Tasks are handed out dynamically (an atomic counter, heaviest causal tiles first) to the
+// at::parallel_for threads. Inputs are read through their strides (no .contiguous() copy); bf16 and
+// fp16 are converted to float32 block by block; accumulation is float32.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
-#include <limits>
+#include <cstdint>
 #include <vector>
 
+#include "cpu/vec.h"
+
+namespace sparse_attn_cpu {
 namespace {
 
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kLog2e = 1.4426950408889634f;
+// rows whose scores are computed at once: bounds the score scratch (kRowChunk x k_block) whatever
+// the tile (G x q_block rows can be large with big BlockSparse blocks)
+constexpr int64_t kRowChunk = 192;
 
-struct Layout {
-  const int32_t* full_count; const int32_t* full_index;
-  const int32_t* part_count; const int32_t* part_index;
-  int64_t lb, lh, width_full, width_part;  // broadcast extents (1 or B / Hkv) and list widths
-  const int32_t* token_index; int64_t topk;  // (B, Hkv, Sq, topk) or null
+struct Params {
+  int64_t B, Hq, Hkv, G, sq, sk, D, Dv, Dv_pad, q_block, k_block, kb_pad, M, nb, off, tile0;
+  bool causal;
+  int64_t window, sinks;  // window < 0: no window
+  float qmul;             // scale * log2(e)
+  int64_t qst[4], kst[4], vst[4];
+  const int32_t *fc, *fi, *pc, *pi, *ti;
+  int64_t lb, lh, wf, wp, topk;  // layout broadcast extents (1 or B / Hkv), list widths, topk
 };
 
-struct Rule {  // the token rule on partial blocks
-  bool causal; int64_t window; int64_t sinks;  // window < 0: none
-  bool visible(int64_t p, int64_t j) const {
-    if (causal && j > p) return false;
-    if (window >= 0 && !(p - j < window || j < sinks)) return false;
-    return true;
+struct Scratch {
+  std::vector<float> q, o, s, kt, v, m, l, corr;
+  std::vector<const float*> qp, qp2;
+  std::vector<float*> sp, op, op2;
+  std::vector<int32_t> rid, rid2;
+  std::vector<int64_t> pairs;
+
+  explicit Scratch(const Params& P) {
+    const int64_t R = P.q_block * P.G, RC = std::min(R, kRowChunk);
+    q.assign(R * P.D, 0.f);
+    o.assign(R * P.Dv_pad, 0.f);
+    s.assign(RC * P.kb_pad, 0.f);
+    kt.assign(std::max<int64_t>(P.D, 1) * P.kb_pad, 0.f);
+    v.assign(P.kb_pad * P.Dv_pad, 0.f);  // padding columns stay 0
+    m.assign(R, kNegInf);
+    l.assign(R, 0.f);
+    corr.assign(RC, 0.f);
+    qp.resize(R), qp2.resize(R), op.resize(R), op2.resize(R), rid.resize(R), rid2.resize(R);
+    sp.resize(RC);
+    for (int64_t i = 0; i < RC; ++i) sp[i] = s.data() + i * P.kb_pad;
   }
 };
 
-// Online-softmax state of R rows.
-struct Rows {
-  int64_t R, dv;
-  std::vector<float> m, l, acc, s;
-  Rows(int64_t R_, int64_t dv_, int64_t kb) : R(R_), dv(dv_), m(R_, kNegInf), l(R_, 0.f), acc(R_ * dv_, 0.f), s(kb) {}
+template <int DT, typename OutT>
+class TaskRunner {
+  using In = typename Elem<DT>::T;
+
+ public:
+  TaskRunner(const Params& P, const In* Q, const In* K, const In* V, OutT* O) : P(P), Q(Q), K(K), V(V), O(O) {}
+
+  void run(Scratch& S, int64_t b, int64_t h, int64_t i) {
+    const int64_t p_lo = std::max((P.tile0 + i) * P.q_block, P.off);
+    const int64_t p_hi = std::min((P.tile0 + i + 1) * P.q_block, P.sk);
+    const int64_t rows = p_hi - p_lo;
+    if (rows <= 0) return;
+    const int64_t t_lo = p_lo - P.off, G = P.G, R = rows * G;
+    p_lo_ = p_lo;
+    loaded_ = -1;
+    // Q rows (token-major), pre-scaled; state reset
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t row = r * G + g;
+        const In* src = Q + b * P.qst[0] + (h * G + g) * P.qst[1] + (t_lo + r) * P.qst[2];
+        load_row<DT>(S.q.data() + row * P.D, src, P.D, P.qst[3], P.qmul);
+        S.qp[row] = S.q.data() + row * P.D;
+        S.op[row] = S.o.data() + row * P.Dv_pad;
+        S.rid[row] = static_cast<int32_t>(row);
+      }
+    std::fill_n(S.o.begin(), R * P.Dv_pad, 0.f);
+    std::fill_n(S.m.begin(), R, kNegInf);
+    std::fill_n(S.l.begin(), R, 0.f);
+
+    const int64_t lrow = ((P.lb == 1 ? 0 : b) * P.lh + (P.lh == 1 ? 0 : h)) * P.M + i;
+    const int32_t* full = P.fi + lrow * P.wf;
+    for (int64_t e = 0, n = P.fc[lrow]; e < n; ++e)
+      attend(S, b, h, full[e], R, S.qp.data(), S.op.data(), S.rid.data(), false);
+    const int32_t* part = P.pi + lrow * P.wp;
+    for (int64_t e = 0, n = P.pc[lrow]; e < n; ++e)
+      attend(S, b, h, part[e], R, S.qp.data(), S.op.data(), S.rid.data(), true);
+    if (P.ti != nullptr) per_token_blocks(S, b, h, t_lo, rows);
+
+    // out = O / l (0 where no key was visible)
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t row = r * G + g;
+        const float inv = S.l[row] > 0.f ? 1.f / S.l[row] : 0.f;
+        const float* src = S.o.data() + row * P.Dv_pad;
+        OutT* dst = O + (((b * P.Hq + h * G + g) * P.sq) + t_lo + r) * P.Dv;
+        for (int64_t t = 0; t < P.Dv; ++t) dst[t] = static_cast<OutT>(src[t] * inv);
+      }
+  }
+
+ private:
+  // TopK: the tile's (block, token) pairs sorted by block; each block once, with all its tokens' rows
+  void per_token_blocks(Scratch& S, int64_t b, int64_t h, int64_t t_lo, int64_t rows) {
+    S.pairs.clear();
+    for (int64_t r = 0; r < rows; ++r) {
+      const int32_t* sel = P.ti + ((b * P.Hkv + h) * P.sq + t_lo + r) * P.topk;
+      for (int64_t e = 0; e < P.topk; ++e)
+        if (sel[e] >= 0) S.pairs.push_back((int64_t(sel[e]) << 32) | r);
+    }
+    std::sort(S.pairs.begin(), S.pairs.end());
+    const int64_t G = P.G;
+    for (size_t a = 0; a < S.pairs.size();) {
+      const int64_t n = S.pairs[a] >> 32;
+      int64_t cnt = 0;
+      for (; a < S.pairs.size() && (S.pairs[a] >> 32) == n; ++a) {
+        const int64_t r = S.pairs[a] & 0xffffffff;
+        for (int64_t g = 0; g < G; ++g, ++cnt) {
+          const int64_t row = r * G + g;
+          S.qp2[cnt] = S.qp[row];
+          S.op2[cnt] = S.op[row];
+          S.rid2[cnt] = static_cast<int32_t>(row);
+        }
+      }
+      attend(S, b, h, n, cnt, S.qp2.data(), S.op2.data(), S.rid2.data(), false);
+    }
+  }
+
+  // K block n -> kt (D x kb_pad, transposed), V block -> v (kb x Dv_pad), float32
+  void load_block(Scratch& S, int64_t b, int64_t h, int64_t n) {
+    if (loaded_ == n) return;
+    loaded_ = n;
+    const int64_t j0 = n * P.k_block, nk = std::min(P.k_block, P.sk - j0);
+    const In* kb = K + b * P.kst[0] + h * P.kst[1] + j0 * P.kst[2];
+    const In* vb = V + b * P.vst[0] + h * P.vst[1] + j0 * P.vst[2];
+    float* kt = S.kt.data();
+    const int64_t ld = P.kb_pad, ks2 = P.kst[2], ks3 = P.kst[3];
+    // transpose in chunks of 16 keys so the reads stay in a few cache lines
+    for (int64_t c0 = 0; c0 < nk; c0 += 16) {
+      const int64_t c1 = std::min(nk, c0 + 16);
+      for (int64_t t = 0; t < P.D; ++t) {
+        float* dst = kt + t * ld;
+        for (int64_t c = c0; c < c1; ++c) dst[c] = Elem<DT>::get(kb, c * ks2 + t * ks3);
+      }
+    }
+    for (int64_t c = 0; c < nk; ++c) load_row<DT>(S.v.data() + c * P.Dv_pad, vb + c * P.vst[2], P.Dv, P.vst[3], 1.f);
+  }
+
+  // online-softmax update of `cnt` rows (pointers; rid = their state rows) with key block n,
+  // kRowChunk rows at a time
+  void attend(Scratch& S, int64_t b, int64_t h, int64_t n, int64_t cnt, const float* const* qp, float* const* op,
+              const int32_t* rid, bool masked) {
+    if (cnt == 0) return;
+    load_block(S, b, h, n);
+    const int64_t j0 = n * P.k_block, nk = std::min(P.k_block, P.sk - j0), kbp = P.kb_pad;
+    float* const* sp = S.sp.data();
+    float* corr = S.corr.data();
+    for (int64_t c0 = 0; c0 < cnt; c0 += kRowChunk) {
+      const int64_t rows = std::min(kRowChunk, cnt - c0);
+      gemm_rows<false>(rows, kbp, P.D, qp + c0, S.kt.data(), kbp, sp, nullptr);
+      for (int64_t i = 0; i < rows; ++i) {
+        float* s = sp[i];
+        const int64_t st = rid[c0 + i];
+        for (int64_t c = nk; c < kbp; ++c) s[c] = kNegInf;
+        if (masked) mask_row(s, p_lo_ + st / P.G, j0, nk);
+        const float m_old = S.m[st];
+        const float m_new = std::max(m_old, row_max(s, kbp));
+        if (m_new == kNegInf) {  // nothing visible yet for this row
+          corr[i] = 1.f;
+          std::fill_n(s, kbp, 0.f);
+          continue;
+        }
+        corr[i] = exp2_scalar(m_old - m_new);  // 0 on the row's first visible block
+        S.l[st] = S.l[st] * corr[i] + exp2_sub_sum(s, kbp, m_new);
+        S.m[st] = m_new;
+      }
+      gemm_rows<true>(rows, P.Dv_pad, nk, sp, S.v.data(), P.Dv_pad, op + c0, corr);
+    }
+  }
+
+  // the token rule on keys j0 + [0, nk) for a query at position p: hide j > p (causal) and
+  // sinks <= j <= p - window (window), as two ranges
+  void mask_row(float* s, int64_t p, int64_t j0, int64_t nk) const {
+    if (P.causal) {
+      const int64_t c = std::max<int64_t>(0, p - j0 + 1);
+      if (c < nk) std::fill(s + c, s + nk, kNegInf);
+    }
+    if (P.window >= 0) {
+      const int64_t c0 = std::max<int64_t>(0, P.sinks - j0), c1 = std::min<int64_t>(nk, p - P.window - j0 + 1);
+      if (c0 < c1) std::fill(s + c0, s + c1, kNegInf);
+    }
+  }
+
+  const Params& P;
+  const In *Q, *K, *V;
+  OutT* O;
+  int64_t p_lo_ = 0, loaded_ = -1;
 };
 
-// scores of rows [r_begin, r_end) (row r reads q_rows[r]) against keys [j0, j1), then the online update.
-// mask(r, j) -> bool is consulted only when Masked.
-template <bool Masked, typename MaskFn>
-void attend_block(Rows& st, const float* const* q_rows, int64_t r_begin, int64_t r_end, const float* kf,
-                  const float* vf, int64_t j0, int64_t j1, int64_t d, float scale, MaskFn mask) {
-  const int64_t nk = j1 - j0;
-  const int64_t dv = st.dv;
-  for (int64_t r = r_begin; r < r_end; ++r) {
-    const float* qr = q_rows[r];
-    float* srow = st.s.data();  // one row at a time: s holds its nk scores
-    float mx = kNegInf;
-    for (int64_t j = 0; j < nk; ++j) {
-      if (Masked && !mask(r, j0 + j)) { srow[j] = kNegInf; continue; }
-      const float* kj = kf + (j0 + j) * d;
-      float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-      for (int64_t t = 0; t < d; ++t) dot += qr[t] * kj[t];
-      srow[j] = dot * scale;
-      mx = std::max(mx, srow[j]);
+template <int DT, typename OutT>
+void run_all(const Params& P, const void* q, const void* k, const void* v, OutT* out) {
+  using In = typename Elem<DT>::T;
+  const int64_t BH = P.B * P.Hkv, total = BH * P.M;
+  std::atomic<int64_t> next{0};
+  const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total));
+  at::parallel_for(0, nthreads, 1, [&](int64_t begin, int64_t end) {
+    if (begin >= end) return;
+    Scratch S(P);
+    TaskRunner<DT, OutT> runner(P, static_cast<const In*>(q), static_cast<const In*>(k), static_cast<const In*>(v),
+                                out);
+    for (;;) {
+      const int64_t t = next.fetch_add(1);
+      if (t >= total) break;
+      // heaviest first: causal tiles grow with their index
+      const int64_t i = P.M - 1 - t / BH, bh = t % BH;
+      runner.run(S, bh / P.Hkv, bh % P.Hkv, i);
     }
-    if (mx == kNegInf) continue;  // nothing visible in this block for this row
-    const float m_new = std::max(st.m[r], mx);
-    const float corr = st.m[r] == kNegInf ? 0.f : std::exp(st.m[r] - m_new);
-    float* ar = st.acc.data() + r * dv;
-    if (corr != 1.f) {
-#pragma omp simd
-      for (int64_t t = 0; t < dv; ++t) ar[t] *= corr;
+  });
+}
+
+// index lists: counts in [0, width], entries [0, count) strictly ascending in [0, nb)
+void check_lists(const torch::Tensor& count, const torch::Tensor& index, int64_t nb, const char* what) {
+  const int32_t* c = count.data_ptr<int32_t>();
+  const int32_t* x = index.data_ptr<int32_t>();
+  const int64_t rows = count.numel(), w = index.size(3);
+  for (int64_t r = 0; r < rows; ++r) {
+    TORCH_CHECK(c[r] >= 0 && c[r] <= w, "block_sparse_fwd: ", what, "_count out of range [0, ", w, "]: ", c[r]);
+    for (int64_t e = 0; e < c[r]; ++e) {
+      const int32_t n = x[r * w + e];
+      TORCH_CHECK(n >= 0 && n < nb && (e == 0 || n > x[r * w + e - 1]), "block_sparse_fwd: ", what,
+                  "_index must hold ascending key blocks in [0, ", nb, "), got ", n);
     }
-    float lsum = 0.f;
-    for (int64_t j = 0; j < nk; ++j) {
-      if (srow[j] == kNegInf) continue;
-      const float p = std::exp(srow[j] - m_new);
-      lsum += p;
-      const float* vj = vf + (j0 + j) * dv;
-#pragma omp simd
-      for (int64_t t = 0; t < dv; ++t) ar[t] += p * vj[t];
-    }
-    st.l[r] = st.l[r] * corr + lsum;
-    st.m[r] = m_new;
   }
 }
 
 }  // namespace
+}  // namespace sparse_attn_cpu
 
 torch::Tensor block_sparse_fwd(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor full_count,
-                               torch::Tensor full_index, torch::Tensor part_count, torch::Tensor part_index,
+                               torch::Tensor full_index, torch::Tensor partial_count, torch::Tensor partial_index,
                                c10::optional<torch::Tensor> token_index, int64_t sq, int64_t sk, int64_t q_block,
-                               int64_t k_block, bool causal, int64_t window, int64_t sinks, double scale) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "block_sparse_fwd: q, k, v must be 4-D");
-  TORCH_CHECK(q.device().is_cpu(), "block_sparse_fwd: CPU tensors only");
+                               int64_t k_block, bool causal, int64_t window, int64_t sink_tokens, double scale) {
+  using namespace sparse_attn_cpu;
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "block_sparse_fwd: q, k, v must be 4-D (B, H, S, D)");
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "block_sparse_fwd: CPU tensors only");
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(dt == torch::kFloat32 || dt == torch::kBFloat16 || dt == torch::kFloat16,
+              "block_sparse_fwd: dtype must be float32, bfloat16 or float16, got ", dt);
+  TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt, "block_sparse_fwd: q, k, v must share one dtype");
+  TORCH_CHECK(q_block > 0 && k_block > 0, "block_sparse_fwd: q_block and k_block must be positive");
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(3), Hkv = k.size(1), Dv = v.size(3);
-  TORCH_CHECK(q.size(2) == sq && k.size(2) == sk && v.size(2) == sk, "block_sparse_fwd: lengths disagree with the layout");
+  TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == Hkv && k.size(3) == D,
+              "block_sparse_fwd: q, k, v shapes disagree");
+  TORCH_CHECK(q.size(2) == sq && k.size(2) == sk && v.size(2) == sk, "block_sparse_fwd: lengths disagree with sq/sk");
+  TORCH_CHECK(sq >= 0 && sk >= 0 && (!causal || sq <= sk), "block_sparse_fwd: need Sq <= Sk for a causal rule");
+  auto out = torch::zeros({B, Hq, sq, Dv}, q.options());
+  if (B == 0 || Hq == 0 || sq == 0) return out;
   TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "block_sparse_fwd: Hq must be a multiple of Hkv");
-  const int64_t G = Hq / Hkv;
-  auto qf = q.to(torch::kFloat32).contiguous();
-  auto kf = k.to(torch::kFloat32).contiguous();
-  auto vf = v.to(torch::kFloat32).contiguous();
-  auto out = torch::zeros({B, Hq, sq, Dv}, q.options().dtype(torch::kFloat32));
+
+  // query tiles at absolute positions (floor division: Sq > Sk is allowed without a causal rule)
+  const int64_t off = sk - sq;
+  auto floor_div = [](int64_t a, int64_t d) { return a >= 0 ? a / d : -((-a + d - 1) / d); };
+  const int64_t tile0 = floor_div(off, q_block), M = (sk + q_block - 1) / q_block - tile0;
+  const int64_t nb = (sk + k_block - 1) / k_block;
+
   auto fc = full_count.to(torch::kInt32).contiguous(), fi = full_index.to(torch::kInt32).contiguous();
-  auto pc = part_count.to(torch::kInt32).contiguous(), pi = part_index.to(torch::kInt32).contiguous();
+  auto pc = partial_count.to(torch::kInt32).contiguous(), pi = partial_index.to(torch::kInt32).contiguous();
+  for (const auto* t : {&fc, &pc}) {
+    TORCH_CHECK(t->dim() == 3 && (t->size(0) == 1 || t->size(0) == B) && (t->size(1) == 1 || t->size(1) == Hkv) &&
+                    t->size(2) == M,
+                "block_sparse_fwd: counts must be (1 or B, 1 or Hkv, ", M, " query tiles), got ", t->sizes());
+  }
+  TORCH_CHECK(fi.dim() == 4 && fi.sizes().slice(0, 3) == fc.sizes() && pi.dim() == 4 &&
+                  pi.sizes().slice(0, 3) == pc.sizes() && fc.sizes() == pc.sizes(),
+              "block_sparse_fwd: index lists must be (counts' shape, width)");
+  TORCH_CHECK(fc.device().is_cpu() && pc.device().is_cpu(), "block_sparse_fwd: layout tensors must be on the CPU");
+  check_lists(fc, fi, nb, "full");
+  check_lists(pc, pi, nb, "partial");
   torch::Tensor ti;
-  Layout L{fc.data_ptr<int32_t>(), fi.data_ptr<int32_t>(), pc.data_ptr<int32_t>(), pi.data_ptr<int32_t>(),
-           fc.size(0), fc.size(1), fi.size(3), pi.size(3), nullptr, 0};
   if (token_index.has_value() && token_index->defined()) {
     ti = token_index->to(torch::kInt32).contiguous();
-    L.token_index = ti.data_ptr<int32_t>();
-    L.topk = ti.size(3);
-  }
-  const int64_t M = fc.size(2);
-  if (B == 0 || sq == 0 || M == 0) return out.to(q.scalar_type());
-  const Rule rule{causal, window, sinks};
-  const int64_t off = sk - sq, tile0 = off / q_block;
-  const float fscale = static_cast<float>(scale);
-  const float* Q = qf.data_ptr<float>();
-  const float* K = kf.data_ptr<float>();
-  const float* V = vf.data_ptr<float>();
-  float* O = out.data_ptr<float>();
-
-  at::parallel_for(0, B * Hkv * M, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t i = task % M, h = (task / M) % Hkv, b = task / (M * Hkv);
-      const int64_t p_lo = std::max((tile0 + i) * q_block, off), p_hi = std::min((tile0 + i + 1) * q_block, sk);
-      const int64_t t_lo = p_lo - off, rows = p_hi - p_lo, R = G * rows;
-      if (rows <= 0) continue;
-      Rows st(R, Dv, k_block);
-      std::vector<const float*> qrow(R);
-      for (int64_t g = 0; g < G; ++g)
-        for (int64_t r = 0; r < rows; ++r)
-          qrow[g * rows + r] = Q + (((b * Hq + h * G + g) * sq) + t_lo + r) * D;
-      const float* Kb = K + (b * Hkv + h) * sk * D;
-      const float* Vb = V + (b * Hkv + h) * sk * Dv;
-      const int64_t lb = L.lb == 1 ? 0 : b, lh = L.lh == 1 ? 0 : h;
-      const int64_t lrow = (lb * L.lh + lh) * M + i;
-      auto visit = [&](int64_t n, bool masked) {
-        const int64_t j0 = n * k_block, j1 = std::min(j0 + k_block, sk);
-        if (!masked) {
-          attend_block<false>(st, qrow.data(), 0, R, Kb, Vb, j0, j1, D, fscale, [](int64_t, int64_t) { return true; });
-        } else {
-          attend_block<true>(st, qrow.data(), 0, R, Kb, Vb, j0, j1, D, fscale,
-                             [&](int64_t r, int64_t j) { return rule.visible(p_lo + r % rows, j); });
-        }
-      };
-      for (int64_t e = 0; e < L.full_count[lrow]; ++e) visit(L.full_index[lrow * L.width_full + e], false);
-      for (int64_t e = 0; e < L.part_count[lrow]; ++e) visit(L.part_index[lrow * L.width_part + e], true);
-      if (L.token_index != nullptr) {
-        // per token: its selected blocks, for the G heads of the group (rows r, r + rows, ...)
-        std::vector<const float*> grp(G);
-        Rows one(G, Dv, k_block);
-        for (int64_t r = 0; r < rows; ++r) {
-          const int32_t* sel = L.token_index + ((b * Hkv + h) * sq + t_lo + r) * L.topk;
-          bool any = false;
-          for (int64_t e = 0; e < L.topk; ++e) any |= sel[e] >= 0;
-          if (!any) continue;
-          for (int64_t g = 0; g < G; ++g) {
-            grp[g] = qrow[g * rows + r];
-            one.m[g] = st.m[g * rows + r];
-            one.l[g] = st.l[g * rows + r];
-            std::copy_n(st.acc.data() + (g * rows + r) * Dv, Dv, one.acc.data() + g * Dv);
-          }
-          for (int64_t e = 0; e < L.topk; ++e) {
-            if (sel[e] < 0) continue;
-            const int64_t j0 = int64_t(sel[e]) * k_block, j1 = std::min(j0 + k_block, sk);
-            attend_block<false>(one, grp.data(), 0, G, Kb, Vb, j0, j1, D, fscale, [](int64_t, int64_t) { return true; });
-          }
-          for (int64_t g = 0; g < G; ++g) {
-            st.m[g * rows + r] = one.m[g];
-            st.l[g * rows + r] = one.l[g];
-            std::copy_n(one.acc.data() + g * Dv, Dv, st.acc.data() + (g * rows + r) * Dv);
-          }
-        }
-      }
-      for (int64_t g = 0; g < G; ++g) {
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t rr = g * rows + r;
-          float* o = O + (((b * Hq + h * G + g) * sq) + t_lo + r) * Dv;
-          const float inv = st.l[rr] > 0.f ? 1.f / st.l[rr] : 0.f;
-          const float* a = st.acc.data() + rr * Dv;
-#pragma omp simd
-          for (int64_t t = 0; t < Dv; ++t) o[t] = a[t] * inv;
-        }
+    TORCH_CHECK(ti.device().is_cpu() && ti.dim() == 4 && ti.size(0) == B && ti.size(1) == Hkv && ti.size(2) == sq,
+                "block_sparse_fwd: token_index must be (B, Hkv, Sq, topk), got ", ti.sizes());
+    const int32_t* x = ti.data_ptr<int32_t>();
+    const int64_t rows = ti.numel() / std::max<int64_t>(ti.size(3), 1), w = ti.size(3);
+    for (int64_t r = 0; r < rows; ++r) {
+      int32_t prev = -1;
+      for (int64_t e = 0; e < w; ++e) {
+        const int32_t n = x[r * w + e];
+        if (n < 0) continue;
+        TORCH_CHECK(n < nb && n > prev, "block_sparse_fwd: token_index must hold ascending key blocks in [0, ", nb,
+                    ") or -1, got ", n);
+        prev = n;
       }
     }
-  });
-  return out.to(q.scalar_type());
+  }
+
+  Params P{};
+  P.B = B, P.Hq = Hq, P.Hkv = Hkv, P.G = Hq / Hkv, P.sq = sq, P.sk = sk, P.D = D, P.Dv = Dv;
+  P.Dv_pad = round_up(std::max<int64_t>(Dv, 1), kVec);
+  P.q_block = q_block, P.k_block = k_block, P.kb_pad = round_up(k_block, kVec);
+  P.M = M, P.nb = nb, P.off = off, P.tile0 = tile0;
+  P.causal = causal, P.window = window, P.sinks = sink_tokens;
+  P.qmul = static_cast<float>(scale) * kLog2e;
+  for (int d = 0; d < 4; ++d) P.qst[d] = q.stride(d), P.kst[d] = k.stride(d), P.vst[d] = v.stride(d);
+  P.fc = fc.data_ptr<int32_t>(), P.fi = fi.data_ptr<int32_t>(), P.pc = pc.data_ptr<int32_t>(),
+  P.pi = pi.data_ptr<int32_t>();
+  P.lb = fc.size(0), P.lh = fc.size(1), P.wf = fi.size(3), P.wp = pi.size(3);
+  P.ti = ti.defined() && ti.size(3) > 0 ? ti.data_ptr<int32_t>() : nullptr;
+  P.topk = ti.defined() ? ti.size(3) : 0;
+  if (M <= 0) return out;
+
+  const void *qd = q.data_ptr(), *kd = k.data_ptr(), *vd = v.data_ptr();
+  if (dt == torch::kFloat32) {
+    run_all<0, float>(P, qd, kd, vd, out.data_ptr<float>());
+  } else if (dt == torch::kBFloat16) {
+    run_all<1, at::BFloat16>(P, qd, kd, vd, out.data_ptr<at::BFloat16>());
+  } else {
+    run_all<2, at::Half>(P, qd, kd, vd, out.data_ptr<at::Half>());
+  }
+  return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sparse_attn CPU kernels";
+  m.attr("vector_width") = sparse_attn_cpu::kVec;
   m.def("block_sparse_fwd", &block_sparse_fwd, "block-sparse flash attention forward over a BlockLayout",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("full_count"), py::arg("full_index"),
         py::arg("partial_count"), py::arg("partial_index"), py::arg("token_index"), py::arg("sq"), py::arg("sk"),

@@ -7,7 +7,7 @@ linker flags, and flags for just-in-time builds only (e.g. -march=native).
 EXTENSIONS = {
     "cpu": {
         "sources": ["cpu/block_sparse_fwd.cpp"],
-        "headers": [],
+        "headers": ["cpu/vec.h"],
         "cflags": ["-fopenmp"],
         "ldflags": ["-fopenmp"],
         # only in JIT builds, which run where they are built

@@ -1,5 +1,13 @@
-"""The `cpu` backend's kernels: C++ over the shared BlockLayout (csrc/cpu/)."""
+"""The `cpu` backend's kernels: C++ over the shared BlockLayout (csrc/cpu/), built just in time.
+
+Nothing here compiles at import: the extension is loaded on the first `unavailable()` (the
+scheduler asks it when it plans a call) or `run()`, and the outcome, success or the build error,
+is cached for the process by the loader.
+"""
 from __future__ import annotations
+
+import dataclasses
+import functools
 
 import torch
 
@@ -9,16 +17,70 @@ from ...layout.topk_selection import topk_token_index
 from ...patterns import BlockSparse, Dense, SlidingWindow, TopK
 from ...scheduler.kernel import Kernel, roofline_seconds
 
-_TILE = 64  # query tile and key block of Dense / SlidingWindow layouts
+#: key block of Dense / SlidingWindow layouts (BlockSparse / TopK use their block_size)
+K_BLOCK = 64
+#: query rows of one task = G * q_block; ~256 keeps the micro-kernels busy while the tile's
+#: float32 Q, S and O stay in the 2 MiB L2 (measured, B=1 Hq=8 D=128 S=4096: G=1 128 rows
+#: 158 GFLOP/s vs 64 rows 140; G=4 64 rows 181-184, 32 rows 175)
+TARGET_ROWS = 256
+
+
+def dense_q_block(group: int) -> int:
+    """Query tile of Dense / SlidingWindow layouts for a GQA group of `group` heads: 64 or 128."""
+    return 128 if group * 64 < TARGET_ROWS else 64
 
 
 def _ext():
     return load_extension("cpu")
 
 
+@functools.lru_cache(maxsize=8)  # a dense layout is O((S / 64)^2) ints: a few shapes only
+def _static_layout(pattern, sq: int, sk: int, q_block: int | None, k_block: int | None):
+    """Layouts of Dense / SlidingWindow / TopK's forced blocks depend on host integers only (shape
+    (1, 1, M, W)): built once per (pattern, lengths, tiles), e.g. once for all the layers of a model."""
+    return build_layout(pattern, batch=1, kv_heads=1, sq=sq, sk=sk, q_block=q_block, k_block=k_block,
+                        device="cpu")
+
+
+def cpu_layout(q, k, pattern, *, q_block: int | None = None, k_block: int | None = None):
+    """The BlockLayout the C++ kernel runs for `pattern` (with TopK's per-token selection)."""
+    b, hq, sq, _ = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    if not isinstance(pattern, (BlockSparse, TopK)):
+        q_block = q_block or dense_q_block(hq // max(hkv, 1))
+        k_block = k_block or K_BLOCK
+    if isinstance(pattern, BlockSparse):  # data: not cached
+        return build_layout(pattern, batch=b, kv_heads=hkv, sq=sq, sk=sk, q_block=q_block, k_block=k_block,
+                            device=q.device)
+    lay = _static_layout(pattern, sq, sk, q_block, k_block)
+    if isinstance(pattern, TopK) and sq > 0 and b > 0:
+        with torch.no_grad():
+            lay = dataclasses.replace(lay, token_index=topk_token_index(q, k, pattern))
+    return lay
+
+
+def block_sparse_forward(q, k, v, pattern, *, scale: float, q_block: int | None = None, k_block: int | None = None):
+    """Run the C++ kernel on `pattern` (Dense, SlidingWindow, BlockSparse, TopK) for CPU tensors:
+    the layout (and TopK's per-token selection) is built in PyTorch, then the extension runs.
+    Raises `ExtensionBuildError` if the extension cannot be built."""
+    lay = cpu_layout(q, k, pattern, q_block=q_block, k_block=k_block)
+    return block_sparse_forward_layout(q, k, v, lay, scale=scale)
+
+
+def block_sparse_forward_layout(q, k, v, lay, *, scale: float):
+    """The C++ kernel on an explicit :class:`~sparse_attn.layout.BlockLayout` (any layout: the
+    kernel visits exactly the blocks it lists, with its token rule on the partial ones)."""
+    return _ext().block_sparse_fwd(
+        q, k, v, lay.full_count, lay.full_index, lay.partial_count, lay.partial_index, lay.token_index,
+        lay.sq, lay.sk, lay.q_block, lay.k_block, lay.causal, -1 if lay.window is None else lay.window,
+        lay.sink_tokens, float(scale))
+
+
 class CpuBlockSparseForward(Kernel):
-    """Flash-attention forward over the visited blocks only, parallel over (batch, kv head, query
-    tile), the query heads of a GQA group sharing each K/V block; float32 accumulation."""
+    """Flash-attention forward over the layout's visited blocks only, parallel over (batch, kv
+    head, query tile) with dynamic scheduling, the G query heads of a GQA group sharing each K/V
+    block (converted to float32 once per tile); TopK's per-token blocks are visited block by block
+    for all the tokens of a tile that selected them. float32 accumulation; forward only."""
 
     name = "cpu.block_sparse_fwd"
     backend = "cpu"
@@ -27,9 +89,28 @@ class CpuBlockSparseForward(Kernel):
     patterns = (Dense, SlidingWindow, BlockSparse, TopK)
     head_dims = (1, 256)
     supports_backward = False
-    #: fraction of the float32 peak these plain (compiler-vectorised) loops reach: ~35 GFLOP/s of
-    #: 192 on the project's 2-core AVX-512 machine (2026-11-23, B=1 Hq=8 Hkv=2 D=128, 2K-4K tokens)
-    efficiency = 0.18
+    #: fraction of the device's float32 peak reached over the visited pairs: 170-185 GFLOP/s of
+    #: the nominal 192 (2 cores x 96) for dense causal, 130-140 for SlidingWindow(256) (whose
+    #: partial blocks also compute masked pairs), 135-150 for 10%-dense BlockSparse; B=1 Hq=8
+    #: Hkv=2 D=128, S=1K-4K, float32 and bfloat16 alike (2026-11-23, the project's 2-core
+    #: AVX-512 EPYC; SDPA, modelled at 0.6, measured 0.65-0.75)
+    efficiency = 0.8
+    #: TopK's per-token blocks run at `efficiency * G / (G + 1)`: each (block, tile) pair converts
+    #: the block for the rows of the tokens that selected it, few on random inputs at long
+    #: lengths (measured S=16K TopK(16) random: G=4 ~0.6, G=1 ~0.3 of the peak).
+    #: The selection (PyTorch, layout/topk_selection.py): its matmul + topk over every block run
+    #: at ~0.15 of the float32 peak, and it pools all of K in float32 first (memory term, at the
+    #: nominal bandwidth: K is usually cache-resident in decode loops; a fresh float32 copy of
+    #: K over ~32 MB costs page faults on top, ~10 ms at 8M elements, not modelled)
+    select_efficiency = 0.15
+    #: decode and short rows: every visited K/V block is converted to float32 scratch; measured
+    #: ~12-14 GB/s of those float32 bytes (dense decode, 16K keys) = 0.35 of the 35 GB/s nominal
+    memory_efficiency = 0.35
+    #: the extension call + the layout build (Python, ~160 us; cached per shape for Dense,
+    #: SlidingWindow and TopK's forced blocks, so repeated shapes pay ~40 us); TopK adds its
+    #: selection's PyTorch calls (~250 us at decode)
+    overhead_s = 100e-6
+    topk_overhead_s = 250e-6
 
     def unavailable(self):
         try:
@@ -39,25 +120,36 @@ class CpuBlockSparseForward(Kernel):
         return None
 
     def cost(self, p):
-        flops = 2.0 * (p.head_dim + p.v_head_dim) * p.visited_pairs()
-        if isinstance(p.pattern, TopK):
-            flops += 2.0 * p.head_dim * p.sq * -(-p.sk // p.pattern.block_size) * p.batch * p.kv_heads
+        pat = p.pattern
+        per_pair = 2.0 * (p.head_dim + p.v_head_dim)
+        fp32 = dict(bytes_moved=0.0, compute_dtype=torch.float32)  # float32 loops whatever the dtype
         elem = torch.finfo(p.dtype).bits // 8
-        nbytes = elem * p.batch * (p.q_heads * p.sq * (p.head_dim + p.v_head_dim)
-                                   + p.kv_heads * p.sk * (p.head_dim + p.v_head_dim))
-        # one float32 conversion pass over q, k, v and the output
-        nbytes *= 3
-        return roofline_seconds(p, flops=flops, bytes_moved=nbytes, efficiency=self.efficiency, overhead_s=30e-6,
-                                compute_dtype=torch.float32)  # float32 loops whatever the input dtype
+        g = p.group if p.kv_heads else 1
+        select = 0.0
+        if isinstance(pat, TopK):
+            # forced (sink + local) blocks run as tiles, the top-k blocks token by token
+            forced = TopK(0, block_size=pat.block_size, sink_blocks=pat.sink_blocks, local_blocks=pat.local_blocks)
+            tile_pairs = forced.visited_pairs(p.sq, p.sk) * p.batch * p.q_heads
+            token_pairs = max(0.0, p.visited_pairs() - tile_pairs)
+            q_block = pat.block_size
+            # the selection, in PyTorch: q . kbar over every block, after pooling all of K in float32
+            select = max(
+                roofline_seconds(p, flops=2.0 * p.head_dim * p.sq * -(-p.sk // pat.block_size) * p.batch * p.kv_heads,
+                                 efficiency=self.select_efficiency, **fp32),
+                roofline_seconds(p, flops=0.0, bytes_moved=(elem + 4.0) * p.batch * p.kv_heads * p.sk * p.head_dim,
+                                 efficiency=1.0)) + self.topk_overhead_s
+        else:
+            tile_pairs, token_pairs = p.visited_pairs(), 0.0
+            q_block = pat.block_size if isinstance(pat, BlockSparse) else dense_q_block(g)
+        compute = (roofline_seconds(p, flops=per_pair * tile_pairs, efficiency=self.efficiency, **fp32)
+                   + roofline_seconds(p, flops=per_pair * token_pairs, efficiency=self.efficiency * g / (g + 1), **fp32))
+        # bytes: every tile reads (and converts to float32) the keys its rows visit, once per GQA group
+        rows = max(1, min(p.sq, q_block))
+        keys_read = pat.visited_pairs(p.sq, p.sk) / rows * p.batch * p.kv_heads
+        nbytes = (4 * keys_read * (p.head_dim + p.v_head_dim)
+                  + elem * p.batch * p.q_heads * p.sq * (p.head_dim + p.v_head_dim))
+        memory = roofline_seconds(p, flops=0.0, bytes_moved=nbytes, efficiency=self.memory_efficiency)
+        return max(compute, memory) + select + self.overhead_s
 
     def run(self, q, k, v, p, *, gate=None):
-        pat = p.pattern
-        blocked = isinstance(pat, (BlockSparse, TopK))
-        token_index = topk_token_index(q, k, pat) if isinstance(pat, TopK) else None
-        lay = build_layout(pat, batch=p.batch, kv_heads=p.kv_heads, sq=p.sq, sk=p.sk,
-                           q_block=None if blocked else _TILE, k_block=None if blocked else _TILE,
-                           device=q.device, token_index=token_index)
-        return _ext().block_sparse_fwd(
-            q, k, v, lay.full_count, lay.full_index, lay.partial_count, lay.partial_index, lay.token_index,
-            p.sq, p.sk, lay.q_block, lay.k_block, lay.causal, -1 if lay.window is None else lay.window,
-            lay.sink_tokens, p.scale)
+        return block_sparse_forward(q, k, v, p.pattern, scale=p.scale)
