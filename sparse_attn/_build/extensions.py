@@ -13,4 +13,11 @@ EXTENSIONS = {
         # only in JIT builds, which run where they are built
         "jit_cflags": ["-march=native"],
     },
+    "cpu_decode": {
+        "sources": ["cpu/decode.cpp"],
+        "headers": ["cpu/vec.h"],
+        "cflags": ["-fopenmp"],
+        "ldflags": ["-fopenmp"],
+        "jit_cflags": ["-march=native"],
+    },
 }

@@ -3,3 +3,5 @@ from ...scheduler.registry import register
 from .kernels import CpuBlockSparseForward
 
 register(CpuBlockSparseForward())
+
+from . import decode  # noqa: F401,E402  (registers its own kernels)

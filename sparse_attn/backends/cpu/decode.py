@@ -1,0 +1,1 @@
+"""Split-KV decode on the CPU (csrc/cpu/decode.cpp)."""

@@ -1,0 +1,5 @@
+"""`triton`: Triton kernels for the GPU (and for CPU tensors under TRITON_INTERPRET=1, which is how
+CI runs them). Each module registers its kernels; without a usable Triton they still register
+and report why they cannot run (`Kernel.unavailable`)."""
+from . import attention  # noqa: F401
+from . import linear  # noqa: F401

@@ -1,0 +1,1 @@
+"""Block-sparse flash attention (forward and backward) in Triton over the shared BlockLayout."""

@@ -1,0 +1,1 @@
+"""Chunked linear attention and WindowLinear in Triton."""
