@@ -13,6 +13,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+#: Triton kernels run on CPU tensors in Triton's interpreter; `@triton.jit` reads this when the
+#: kernel modules are imported, so it is set before sparse_attn is. On a machine with a GPU the
+#: same tests run the compiled kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+#: where the Triton tests run: "cuda" with a GPU, else "cpu" (interpreter)
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 import oracle  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
