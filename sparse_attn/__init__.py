@@ -4,6 +4,7 @@ The semantics of every op are fixed by the contract (docs/contract.md); kernels 
 never in meaning. `plan(...).explain()` shows which kernel runs a call and why.
 """
 from .api import SparseAttention, attention, attention_varlen, linear_attention, plan, select_blocks
+from .cache import KVCache, PagedKVCache, attention_with_cache
 from .layout import BlockLayout, build_layout
 from .patterns import BlockSparse, Dense, Pattern, SlidingWindow, TopK, WindowLinear
 
@@ -11,4 +12,4 @@ __version__ = "0.1.0"
 
 __all__ = ["attention", "attention_varlen", "linear_attention", "plan", "select_blocks", "SparseAttention",
            "Dense", "SlidingWindow", "BlockSparse", "TopK", "WindowLinear", "Pattern", "BlockLayout",
-           "build_layout", "__version__"]
+           "build_layout", "KVCache", "PagedKVCache", "attention_with_cache", "__version__"]
