@@ -35,11 +35,20 @@ class BuildPyWithSources(build_py):
 def ext_modules():
     if os.environ.get("SPARSE_ATTN_BUILD_EXT") != "1":
         return [], {}
-    from torch.utils.cpp_extension import BuildExtension, CppExtension
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     table = runpy.run_path(str(ROOT / "sparse_attn" / "_build" / "extensions.py"))["EXTENSIONS"]
     mods = []
     for name, spec in table.items():
+        if spec.get("cuda"):
+            if torch.version.cuda is None:
+                continue  # a CPU build of torch: the CUDA kernels report themselves unavailable
+            mods.append(CUDAExtension(f"sparse_attn._ext_{name}", [f"csrc/{s}" for s in spec["sources"]],
+                                      include_dirs=[str(ROOT / "csrc")],
+                                      extra_compile_args={"cxx": ["-O3", "-std=c++17"] + spec["cflags"],
+                                                          "nvcc": spec["cuda_cflags"]}))
+            continue
         mods.append(CppExtension(f"sparse_attn._ext_{name}", [f"csrc/{s}" for s in spec["sources"]],
                                  include_dirs=[str(ROOT / "csrc")],
                                  extra_compile_args=["-O3", "-std=c++17"] + spec["cflags"],

@@ -34,8 +34,8 @@ def _fill(caches, full_k, full_v, lengths, steps):
     done = [0] * b
     for t in steps:
         counts = [min(t, n - dn) for n, dn in zip(lengths, done)]
-        k = torch.zeros(b, full_k.shape[1], t, full_k.shape[3], dtype=full_k.dtype)
-        v = torch.zeros(b, full_v.shape[1], t, full_v.shape[3], dtype=full_v.dtype)
+        k = torch.zeros(b, full_k.shape[1], t, full_k.shape[3], dtype=full_k.dtype, device=full_k.device)
+        v = torch.zeros(b, full_v.shape[1], t, full_v.shape[3], dtype=full_v.dtype, device=full_v.device)
         for i in range(b):
             k[i, :, :counts[i]] = full_k[i, :, done[i]:done[i] + counts[i]]
             v[i, :, :counts[i]] = full_v[i, :, done[i]:done[i] + counts[i]]

@@ -1,7 +1,10 @@
 """The C++/CUDA extensions: one table read by the JIT loader and by setup.py (no torch import here).
 
 name -> sources (relative to csrc/), headers they include (for the cache key), compiler and
-linker flags, and flags for just-in-time builds only (e.g. -march=native).
+linker flags, and flags for just-in-time builds only (e.g. -march=native). An entry with
+`"cuda": True` has .cu sources compiled by nvcc with `cuda_cflags`; it is built only where torch
+has CUDA (the JIT loader and setup.py skip it elsewhere; CI compiles its .cu files with nvcc alone,
+tests/test_cuda_build.py).
 """
 
 EXTENSIONS = {
@@ -19,5 +22,15 @@ EXTENSIONS = {
         "cflags": ["-fopenmp"],
         "ldflags": ["-fopenmp"],
         "jit_cflags": ["-march=native"],
+    },
+    "cuda": {
+        "sources": ["cuda/paged_decode.cu", "cuda/paged_decode_binding.cpp"],
+        "headers": ["cuda/paged_decode.cuh"],
+        "cflags": [],
+        "ldflags": [],
+        "cuda": True,
+        # Ampere and Hopper; the JIT build adds the running GPU's own architecture
+        "cuda_cflags": ["-O3", "-std=c++17", "-gencode=arch=compute_80,code=sm_80",
+                        "-gencode=arch=compute_90,code=sm_90"],
     },
 }

@@ -77,7 +77,8 @@ def load_extension(name: str, *, verbose: bool | None = None):
                     raise ExtensionBuildError("just-in-time builds are disabled (SPARSE_ATTN_DISABLE_JIT=1)")
                 spec = EXTENSIONS[name]
                 mod = _jit(name, spec["sources"], spec["cflags"] + spec.get("jit_cflags", []),
-                           spec.get("ldflags", []), spec["headers"], verbose)
+                           spec.get("ldflags", []), spec["headers"], verbose,
+                           cuda_cflags=spec.get("cuda_cflags", []))
             except ExtensionBuildError as e:
                 _FAILED[name] = f"C++ extension '{name}' unavailable: {e}"
                 raise ExtensionBuildError(_FAILED[name]) from e
@@ -92,7 +93,7 @@ def load_extension(name: str, *, verbose: bool | None = None):
         return mod
 
 
-def _jit(name, sources, extra_cflags, ldflags, headers, verbose):
+def _jit(name, sources, extra_cflags, ldflags, headers, verbose, cuda_cflags=()):
     from torch.utils.cpp_extension import load
 
     root = csrc_dir()
@@ -102,11 +103,11 @@ def _jit(name, sources, extra_cflags, ldflags, headers, verbose):
         if not p.is_file():
             raise ExtensionBuildError(f"missing source {p}")
     flags = ["-O3", "-std=c++17"] + list(extra_cflags)
-    build_dir = cache_root() / f"{name}-{_digest(deps, flags + list(ldflags))}"
+    build_dir = cache_root() / f"{name}-{_digest(deps, flags + list(ldflags) + list(cuda_cflags))}"
     build_dir.mkdir(parents=True, exist_ok=True)
     if verbose is None:
         verbose = os.environ.get("SPARSE_ATTN_VERBOSE_BUILD") == "1"
     if not verbose and not any(build_dir.glob(f"sparse_attn_{name}*.so")):
         print(f"[sparse_attn] building C++ extension '{name}' in {build_dir} (first use only)", file=sys.stderr)
     return load(name=f"sparse_attn_{name}", sources=[str(p) for p in paths], extra_cflags=flags,
-                extra_ldflags=list(ldflags), extra_include_paths=[str(root)], build_directory=str(build_dir), verbose=verbose)
+                extra_ldflags=list(ldflags), extra_cuda_cflags=list(cuda_cflags) or None, extra_include_paths=[str(root)], build_directory=str(build_dir), verbose=verbose)

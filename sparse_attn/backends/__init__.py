@@ -6,3 +6,4 @@ cannot run (`Kernel.unavailable`), which `plan(...).explain()` shows.
 from . import reference  # noqa: F401
 from . import cpu  # noqa: F401,E402
 from . import triton  # noqa: F401,E402
+from . import cuda  # noqa: F401,E402

@@ -73,6 +73,30 @@ def _topk_selected(q, cache, pattern, qpos, nb):
     return chosen[..., :nb] | forced
 
 
+def row_blocks(q, cache, pattern, qpos, nb, key_block):
+    """Bool `(B, Hkv, Sq, nb)`: key blocks each query row may visit (before the token rule), or
+    None for Dense (every block below the sequence's length). Built on the device."""
+    b, sq = qpos.shape
+    hkv = cache.kv_heads
+    blocks = torch.arange(nb, device=q.device)
+    if isinstance(pattern, Dense):
+        return None
+    if isinstance(pattern, TopK):
+        return _topk_selected(q, cache, pattern, qpos, nb)
+    if isinstance(pattern, SlidingWindow):
+        first = torch.clamp(qpos - pattern.window + 1, min=0) // key_block  # (B, Sq)
+        last = qpos // key_block
+        rows = (blocks >= first[..., None]) & (blocks <= last[..., None])
+        rows = rows | ((blocks * key_block < pattern.sinks) & (blocks <= last[..., None]))
+        return rows[:, None].expand(b, hkv, sq, nb)
+    if isinstance(pattern, BlockSparse):
+        lay = pattern.layout.to(q.device)[:, :, :, :nb]
+        lay = lay.expand(b, hkv, lay.shape[2], nb)
+        qb = (qpos // key_block)[:, None, :, None].expand(b, hkv, sq, nb)
+        return torch.gather(lay, 2, qb)
+    raise TypeError(f"unsupported pattern {type(pattern).__name__}")
+
+
 def _visible(pattern, qpos, kpos, lengths, selected, b_idx):
     """Bool `(B, 1|Hkv, Sq, n)` visibility of keys `kpos` (n,) for queries `qpos` (B, Sq)."""
     p = qpos[:, None, :, None]
@@ -98,7 +122,35 @@ def q_device(x):
     return x.device
 
 
-def attention_with_cache(q: torch.Tensor, cache: CacheBase, pattern=Dense(), *, scale=None) -> torch.Tensor:
+def cache_backend(q: torch.Tensor, cache: CacheBase, pattern=Dense(), *, backend=None) -> tuple[str, str]:
+    """Which implementation `attention_with_cache` runs for these arguments, and why: `(backend, reason)`."""
+    if backend not in (None, "reference", "cuda"):
+        raise ValueError(f"backend must be None, 'reference' or 'cuda' for attention over a cache, got {backend!r}")
+    if backend == "reference":
+        return "reference", "requested"
+    from ..backends.cuda.paged_decode import MAX_SQ, cuda_unavailable
+    why = []
+    if cache.device.type != "cuda":
+        why.append(f"cache is on {cache.device.type}")
+    else:
+        missing = cuda_unavailable()
+        if missing:
+            why.append(missing)
+    if q.shape[2] > MAX_SQ:
+        why.append(f"Sq={q.shape[2]} > {MAX_SQ}")
+    if q.dtype == torch.float64:
+        why.append("float64")
+    if max(cache.head_dim, cache.v_head_dim) > 256:
+        why.append("head dim > 256")
+    if not why:
+        return "cuda", "split-KV paged decode kernel (csrc/cuda)"
+    if backend == "cuda":
+        raise ValueError("backend='cuda' cannot run this cache attention: " + "; ".join(why))
+    return "reference", "chunked PyTorch path (cuda kernel not usable: " + "; ".join(why) + ")"
+
+
+def attention_with_cache(q: torch.Tensor, cache: CacheBase, pattern=Dense(), *, scale=None,
+                         backend=None) -> torch.Tensor:
     """Attention of `q` `(B, Hq, Sq, D)` over the keys and values held in `cache`.
 
     Sequence `b`'s query rows are end-aligned to its own length (append their keys first). Returns
@@ -106,6 +158,9 @@ def attention_with_cache(q: torch.Tensor, cache: CacheBase, pattern=Dense(), *, 
     BlockSparse (layout indexed by absolute positions) and TopK (selected from the cache's pooled
     keys: the same selection as `attention` on the full sequence). Differentiable in q only through
     plain autograd; meant for inference.
+
+    `backend`: None runs the CUDA split-KV kernel where it can (a CUDA cache, Sq <= 16, D <= 256,
+    not float64) and the chunked PyTorch path otherwise; `cache_backend(...)` says which and why.
     """
     _check(q, cache, pattern)
     b, hq, sq, d = q.shape
@@ -114,6 +169,9 @@ def attention_with_cache(q: torch.Tensor, cache: CacheBase, pattern=Dense(), *, 
     sc = check_scale(scale, d)
     if sq == 0:
         return q.new_zeros(b, hq, 0, dv)
+    if cache_backend(q, cache, pattern, backend=backend)[0] == "cuda":
+        from ..backends.cuda.paged_decode import decode_over_cache
+        return decode_over_cache(q, cache, pattern, scale=sc)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     dev = q.device
     lengths = cache.lengths

@@ -1,0 +1,164 @@
+"""The CUDA split-KV decode kernel (csrc/cuda/paged_decode.cu, backend `cuda`).
+
+On every machine: the arguments the Python side hands the kernel (per-(sequence, kv head) block
+lists, per-row block masks, page tables, lengths, window/sinks) are checked by feeding them to a
+float64 PyTorch emulation of the kernel's documented semantics (paged_decode.cuh) and comparing
+with the oracle; so a wrong block list fails here, GPU or not.
+On a machine with a CUDA GPU: the kernel itself against the oracle, through `attention(...,
+backend="cuda")` and `attention_with_cache` over contiguous and paged caches.
+tests/test_cuda_build.py compiles the .cu file with nvcc for sm_80 and sm_90.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import oracle
+import sparse_attn as sa
+from conftest import make_pattern, make_qkv_for, randn, topk_margin
+from sparse_attn.backends.cuda.paged_decode import CudaSplitKVDecode, cache_kernel_args, tensor_kernel_args
+from sparse_attn.cache import KVCache, PagedKVCache, attention_with_cache
+from sparse_attn.scheduler.problem import make_problem
+from test_cache import _fill, _row_pattern
+
+KINDS = ["dense_causal", "dense_full", "window", "window_sinks", "blocksparse", "topk", "topk_wide"]
+HAS_CUDA = torch.cuda.is_available() and torch.version.cuda is not None
+
+
+def emulate(q, k, v, table, lengths, count, index, row_mask, key_block, causal, window, sinks, scale, splits):
+    """float64 evaluation of what paged_decode.cuh specifies for these arguments."""
+    assert splits >= 1
+    b, hq, sq, d = q.shape
+    hkv, page = k.shape[1], k.shape[2]
+    g = hq // hkv
+    out = torch.zeros(b, hq, sq, v.shape[3], dtype=torch.float64)
+    for bi in range(b):
+        n = int(lengths[bi])
+        j = torch.arange(n)
+        pages = table[bi].long()[j // page]
+        kk = k[pages, :, j % page].double().permute(1, 0, 2)  # (Hkv, n, D)
+        vv = v[pages, :, j % page].double().permute(1, 0, 2)
+        nb = -(-n // key_block)
+        for h in range(hkv):
+            if count is None:
+                allowed = torch.ones(nb, dtype=torch.bool)
+            else:
+                allowed = torch.zeros(max(nb, int(index.shape[-1])), dtype=torch.bool)
+                ids = index[bi, h, :int(count[bi, h])].long()
+                assert (ids >= 0).all() and (ids[1:] > ids[:-1]).all(), "block list not ascending"
+                allowed[ids] = True
+            for t in range(sq):
+                p = n - sq + t
+                ok = allowed[j // key_block]
+                if row_mask is not None:
+                    ok = ok & row_mask[bi, h, t].bool()[j // key_block]
+                if causal:
+                    ok = ok & (j <= p)
+                if window > 0:
+                    ok = ok & ((p - j < window) | (j < sinks))
+                for gi in range(g):
+                    s = (kk[h] @ q[bi, h * g + gi, t].double()) * scale
+                    s = s.masked_fill(~ok, float("-inf"))
+                    if ok.any():
+                        out[bi, h * g + gi, t] = torch.softmax(s, 0) @ vv[h]
+    return out
+
+
+@pytest.mark.parametrize("cache_kind", ["contiguous", "paged"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_cache_arguments_match_oracle(kind, cache_kind):
+    b, hq, hkv, d = 3, 4, 2, 16
+    lengths, max_len = [37, 81, 64], 96
+    pat = make_pattern(kind, b=b, hkv=hkv, sk=max_len, bs=16)
+    bs = getattr(pat, "block_size", 16)
+    for _ in range(50):
+        full_k, full_v = randn(b, hkv, 81, d), randn(b, hkv, 81, d)
+        q = randn(b, hq, 3, d)
+        if not isinstance(pat, sa.TopK) or all(
+                topk_margin(q[i:i + 1], full_k[i:i + 1, :, :n], pat) > 1e-3 for i, n in enumerate(lengths)):
+            break
+    cache = (KVCache(b, hkv, d, max_len, pool_block_size=bs) if cache_kind == "contiguous" else
+             PagedKVCache(b, hkv, d, num_pages=40, page_size=8, max_len=max_len, pool_block_size=bs))
+    _fill([cache], full_k, full_v, lengths, steps=[30, 1, 50])
+    for sq in (1, 3):
+        args = cache_kernel_args(q[:, :, -sq:], cache, pat, scale=d ** -0.5, units=132)
+        out = emulate(*args)
+        for i, n in enumerate(lengths):
+            ref = oracle.oracle_attention(q[i:i + 1, :, -sq:], full_k[i:i + 1, :, :n], full_v[i:i + 1, :, :n],
+                                          _row_pattern(pat, i, n))
+            torch.testing.assert_close(out[i:i + 1], ref, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("sq", [1, 5])
+@pytest.mark.parametrize("kind", KINDS)
+def test_tensor_arguments_match_oracle(kind, sq):
+    b, hq, hkv, sk, d = 2, 8, 2, 75, 16
+    pat = make_pattern(kind, b=b, hkv=hkv, sk=sk, bs=16)
+    q, k, v = make_qkv_for(pat, b, hq, hkv, sq, sk, d)
+    kern = CudaSplitKVDecode()
+    prob = make_problem(q, k, v, pat)
+    args = tensor_kernel_args(q, k, v, prob, kern.prepare(q, k, prob))
+    torch.testing.assert_close(emulate(*args), oracle.oracle_attention(q, k, v, pat), rtol=1e-9, atol=1e-12)
+
+
+def test_scheduler_reports_why_not_here():
+    q, k, v = randn(1, 4, 1, 16), randn(1, 2, 40, 16), randn(1, 2, 40, 16)
+    text = sa.plan(q, k, v, sa.Dense()).explain()
+    assert "cuda.splitkv_decode" in text
+    if not HAS_CUDA:
+        assert "no usable CUDA device" in text
+        with pytest.raises(ValueError, match="cuda"):
+            sa.attention(q, k, v, sa.Dense(), backend="cuda")
+
+
+def test_prefill_shapes_refused():
+    q, k, v = randn(1, 4, 40, 16), randn(1, 2, 40, 16), randn(1, 2, 40, 16)
+    reasons = CudaSplitKVDecode().extra_reasons(make_problem(q, k, v, sa.Dense()))
+    assert any("Sq=40" in r for r in reasons)
+
+
+# ------------------------------------------------------------------------------------- on a GPU
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build of torch")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
+@pytest.mark.parametrize("sq", [1, 4])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", [(2, 8, 2, 333, 64), (1, 32, 8, 1000, 128), (1, 4, 4, 200, 80)])
+def test_kernel_matches_oracle_on_gpu(shape, kind, sq, dtype):
+    b, hq, hkv, sk, d = shape
+    pat = make_pattern(kind, b=b, hkv=hkv, sk=sk, bs=16)
+    q, k, v = make_qkv_for(pat, b, hq, hkv, sq, sk, d, dtype=dtype)
+    q, k, v = q.cuda(), k.cuda(), v.cuda()
+    if isinstance(pat, sa.BlockSparse):
+        pat = sa.BlockSparse(pat.layout.cuda(), block_size=pat.block_size)
+    out = sa.attention(q, k, v, pat, backend="cuda")
+    ref = oracle.oracle_attention(q.cpu(), k.cpu(), v.cpu(), _cpu(pat))
+    base = oracle.masked_attention_in_dtype(q.cpu(), k.cpu(), v.cpu(), _cpu(pat))
+    oracle.assert_close_contract(out.cpu(), ref, dtype=dtype, device="cuda", lowp_baseline=base)
+
+
+def _cpu(pat):
+    return sa.BlockSparse(pat.layout.cpu(), block_size=pat.block_size) if isinstance(pat, sa.BlockSparse) else pat
+
+
+@gpu
+@pytest.mark.parametrize("kind", KINDS)
+def test_caches_on_gpu_match_reference(kind):
+    b, hq, hkv, d = 3, 8, 2, 64
+    lengths, max_len = [300, 811, 64], 1024
+    pat = make_pattern(kind, b=b, hkv=hkv, sk=max_len, bs=16)
+    if isinstance(pat, sa.BlockSparse):
+        pat = sa.BlockSparse(pat.layout.cuda(), block_size=pat.block_size)
+    bs = getattr(pat, "block_size", 16)
+    full_k, full_v = randn(b, hkv, 811, d, dtype=torch.bfloat16), randn(b, hkv, 811, d, dtype=torch.bfloat16)
+    caches = [KVCache(b, hkv, d, max_len, dtype=torch.bfloat16, device="cuda", pool_block_size=bs),
+              PagedKVCache(b, hkv, d, num_pages=200, page_size=16, max_len=max_len, dtype=torch.bfloat16,
+                           device="cuda", pool_block_size=bs)]
+    _fill(caches, full_k.cuda(), full_v.cuda(), lengths, steps=[256, 1, 600])
+    q = randn(b, hq, 2, d, dtype=torch.bfloat16).cuda()
+    for c in caches:
+        got = attention_with_cache(q, c, pat, backend="cuda")
+        want = attention_with_cache(q, c, pat, backend="reference")
+        oracle.assert_close_contract(got.cpu(), want.double().cpu(), dtype=torch.bfloat16, device="cuda")
