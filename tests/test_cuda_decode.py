@@ -16,7 +16,8 @@ import torch
 import oracle
 import sparse_attn as sa
 from conftest import make_pattern, make_qkv_for, randn, topk_margin
-from sparse_attn.backends.cuda.paged_decode import CudaSplitKVDecode, cache_kernel_args, tensor_kernel_args
+from sparse_attn.backends.cuda.paged_decode import CudaSplitKVDecode
+from sparse_attn.layout.decode_blocks import cache_decode_args, tensor_decode_args
 from sparse_attn.cache import KVCache, PagedKVCache, attention_with_cache
 from sparse_attn.scheduler.problem import make_problem
 from test_cache import _fill, _row_pattern
@@ -81,7 +82,7 @@ def test_cache_arguments_match_oracle(kind, cache_kind):
              PagedKVCache(b, hkv, d, num_pages=40, page_size=8, max_len=max_len, pool_block_size=bs))
     _fill([cache], full_k, full_v, lengths, steps=[30, 1, 50])
     for sq in (1, 3):
-        args = cache_kernel_args(q[:, :, -sq:], cache, pat, scale=d ** -0.5, units=132)
+        args = cache_decode_args(q[:, :, -sq:], cache, pat, scale=d ** -0.5, units=132)
         out = emulate(*args)
         for i, n in enumerate(lengths):
             ref = oracle.oracle_attention(q[i:i + 1, :, -sq:], full_k[i:i + 1, :, :n], full_v[i:i + 1, :, :n],
@@ -95,9 +96,7 @@ def test_tensor_arguments_match_oracle(kind, sq):
     b, hq, hkv, sk, d = 2, 8, 2, 75, 16
     pat = make_pattern(kind, b=b, hkv=hkv, sk=sk, bs=16)
     q, k, v = make_qkv_for(pat, b, hq, hkv, sq, sk, d)
-    kern = CudaSplitKVDecode()
-    prob = make_problem(q, k, v, pat)
-    args = tensor_kernel_args(q, k, v, prob, kern.prepare(q, k, prob))
+    args = tensor_decode_args(q, k, v, pat, scale=d ** -0.5, units=132)
     torch.testing.assert_close(emulate(*args), oracle.oracle_attention(q, k, v, pat), rtol=1e-9, atol=1e-12)
 
 

@@ -123,30 +123,40 @@ def q_device(x):
 
 
 def cache_backend(q: torch.Tensor, cache: CacheBase, pattern=Dense(), *, backend=None) -> tuple[str, str]:
-    """Which implementation `attention_with_cache` runs for these arguments, and why: `(backend, reason)`."""
-    if backend not in (None, "reference", "cuda"):
-        raise ValueError(f"backend must be None, 'reference' or 'cuda' for attention over a cache, got {backend!r}")
+    """Which implementation `attention_with_cache` runs for these arguments, and why:
+    `(backend, reason)`. Order of preference: the CUDA kernel, the Triton kernel (on CUDA
+    tensors; on CPU tensors only when asked for, in the interpreter), the PyTorch path."""
+    if backend not in (None, "reference", "cuda", "triton"):
+        raise ValueError(f"backend must be None, 'reference', 'cuda' or 'triton' for attention over a cache, "
+                         f"got {backend!r}")
     if backend == "reference":
         return "reference", "requested"
-    from ..backends.cuda.paged_decode import MAX_SQ, cuda_unavailable
-    why = []
-    if cache.device.type != "cuda":
-        why.append(f"cache is on {cache.device.type}")
-    else:
-        missing = cuda_unavailable()
-        if missing:
-            why.append(missing)
+    from ..backends.cuda.paged_decode import cuda_unavailable
+    from ..backends.triton.decode import MAX_SQ, interpreting, triton_unavailable
+    common = []
     if q.shape[2] > MAX_SQ:
-        why.append(f"Sq={q.shape[2]} > {MAX_SQ}")
+        common.append(f"Sq={q.shape[2]} > {MAX_SQ}")
     if q.dtype == torch.float64:
-        why.append("float64")
+        common.append("float64")
     if max(cache.head_dim, cache.v_head_dim) > 256:
-        why.append("head dim > 256")
-    if not why:
-        return "cuda", "split-KV paged decode kernel (csrc/cuda)"
-    if backend == "cuda":
-        raise ValueError("backend='cuda' cannot run this cache attention: " + "; ".join(why))
-    return "reference", "chunked PyTorch path (cuda kernel not usable: " + "; ".join(why) + ")"
+        common.append("head dim > 256")
+    why = {}
+    for name, missing, devices in (("cuda", cuda_unavailable, ("cuda",)),
+                                   ("triton", triton_unavailable, ("cuda", "cpu") if interpreting() else ("cuda",))):
+        if backend not in (None, name):
+            continue
+        r = list(common)
+        if cache.device.type not in devices:
+            r.append(f"cache is on {cache.device.type}")
+        elif missing():
+            r.append(missing())
+        if not r:
+            return name, "split-KV decode kernel (csrc/cuda)" if name == "cuda" else "split-KV decode kernel (Triton)"
+        why[name] = r
+    text = "; ".join(f"{n}: {', '.join(r)}" for n, r in why.items())
+    if backend is not None:
+        raise ValueError(f"backend={backend!r} cannot run this cache attention: {text}")
+    return "reference", f"chunked PyTorch path ({text})"
 
 
 def attention_with_cache(q: torch.Tensor, cache: CacheBase, pattern=Dense(), *, scale=None,
@@ -159,8 +169,9 @@ def attention_with_cache(q: torch.Tensor, cache: CacheBase, pattern=Dense(), *, 
     keys: the same selection as `attention` on the full sequence). Differentiable in q only through
     plain autograd; meant for inference.
 
-    `backend`: None runs the CUDA split-KV kernel where it can (a CUDA cache, Sq <= 16, D <= 256,
-    not float64) and the chunked PyTorch path otherwise; `cache_backend(...)` says which and why.
+    `backend`: None runs a split-KV decode kernel where one can (a CUDA cache, Sq <= 16, D <= 256,
+    not float64: the CUDA C++ kernel, else the Triton one) and the chunked PyTorch path otherwise;
+    "reference" | "cuda" | "triton" forces one. `cache_backend(...)` says which and why.
     """
     _check(q, cache, pattern)
     b, hq, sq, d = q.shape
@@ -169,8 +180,12 @@ def attention_with_cache(q: torch.Tensor, cache: CacheBase, pattern=Dense(), *, 
     sc = check_scale(scale, d)
     if sq == 0:
         return q.new_zeros(b, hq, 0, dv)
-    if cache_backend(q, cache, pattern, backend=backend)[0] == "cuda":
+    chosen = cache_backend(q, cache, pattern, backend=backend)[0]
+    if chosen == "cuda":
         from ..backends.cuda.paged_decode import decode_over_cache
+        return decode_over_cache(q, cache, pattern, scale=sc)
+    if chosen == "triton":
+        from ..backends.triton.decode import decode_over_cache
         return decode_over_cache(q, cache, pattern, scale=sc)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     dev = q.device

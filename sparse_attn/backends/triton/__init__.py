@@ -3,3 +3,8 @@ CI runs them). Each module registers its kernels; without a usable Triton they s
 and report why they cannot run (`Kernel.unavailable`)."""
 from . import attention  # noqa: F401
 from . import linear  # noqa: F401
+
+from ...scheduler.registry import register  # noqa: E402
+from .decode import TritonSplitKVDecode  # noqa: E402
+
+register(TritonSplitKVDecode())

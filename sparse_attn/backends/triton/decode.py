@@ -1,0 +1,214 @@
+"""Split-KV (flash-decoding) decode in Triton, over contiguous or paged K/V.
+
+Same work lists and semantics as the CUDA kernel (`sparse_attn/layout/decode_blocks.py`,
+csrc/cuda/paged_decode.cuh): one program per (split, sequence x kv head, group of query rows)
+loads the group's query rows (the G heads of the GQA group times the Sq rows) once, walks its
+share of the visited key blocks, gathering each block's keys through the page table, with an
+online softmax in float32; the splits' partial results are merged by log-sum-exp in PyTorch.
+Blocks are converted to float32 as they are loaded and both products run in float32 (tf32 on
+tensor cores): decode is bound by reading K/V, not by arithmetic, and Triton's interpreter does
+not compute bfloat16 dot products correctly (seen with Triton 3.9: garbage results).
+Runs on CUDA tensors, and on CPU tensors in Triton's interpreter (`TRITON_INTERPRET=1`), which
+is how CI tests it.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ...layout.decode_blocks import DecodeArgs, cache_decode_args, tensor_decode_args
+from ...patterns import BlockSparse, Dense, SlidingWindow, TopK
+from ..flash import FlashKernel
+
+try:  # Triton is optional: without it the kernel registers and says why it cannot run
+    import triton
+    import triton.language as tl
+    _IMPORT_ERROR = None
+except Exception as e:  # pragma: no cover - depends on the install
+    triton, tl, _IMPORT_ERROR = None, None, e
+
+#: query rows per sequence served at most
+MAX_SQ = 16
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_unavailable() -> str | None:
+    if _IMPORT_ERROR is not None:
+        return f"triton cannot be imported ({type(_IMPORT_ERROR).__name__}: {_IMPORT_ERROR})"
+    return None
+
+
+def _pow2(n: int, lo: int = 16) -> int:
+    return max(lo, 1 << max(0, (int(n) - 1).bit_length()))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _split_kernel(Q, K, V, PT, LEN, CNT, IDX, RMASK, PO, PL,
+                      s_qb, s_qh, s_qs, s_kp, s_kh, s_kt, s_vp, s_vh, s_vt, s_pt, s_idx, s_rm,
+                      HQ, HKV, SQ, D, DV, PAGE, KEYB, NSPLITS, WINDOW, SINKS, scale,
+                      HAS_LIST: tl.constexpr, HAS_RMASK: tl.constexpr, CAUSAL: tl.constexpr,
+                      HAS_WINDOW: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+        split = tl.program_id(0)
+        bh = tl.program_id(1)
+        rg = tl.program_id(2)
+        b = bh // HKV
+        h = bh % HKV
+        group = HQ // HKV
+        rows = rg * BLOCK_R + tl.arange(0, BLOCK_R)
+        rvalid = rows < group * SQ
+        g = rows // SQ
+        t = rows % SQ
+        length = tl.load(LEN + b)
+        qpos = length - SQ + t
+        dd = tl.arange(0, BLOCK_D)
+        dv = tl.arange(0, BLOCK_DV)
+        q = tl.load(Q + b * s_qb + (h * group + g)[:, None] * s_qh + t[:, None] * s_qs + dd[None, :],
+                    mask=rvalid[:, None] & (dd[None, :] < D), other=0.0).to(tl.float32)
+        if HAS_LIST:
+            nblocks = tl.load(CNT + bh)
+        else:
+            nblocks = (length + KEYB - 1) // KEYB
+        per = (nblocks + NSPLITS - 1) // NSPLITS
+        lo = split * per
+        hi = tl.minimum(nblocks, lo + per)
+        m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        lsum = tl.zeros([BLOCK_R], tl.float32)
+        acc = tl.zeros([BLOCK_R, BLOCK_DV], tl.float32)
+        nn = tl.arange(0, BLOCK_N)
+        for bi in range(lo, hi):
+            if HAS_LIST:
+                blk = tl.load(IDX + bh * s_idx + bi)
+            else:
+                blk = bi
+            j = blk * KEYB + nn
+            jvalid = (nn < KEYB) & (j < length)
+            page = tl.load(PT + b * s_pt + j // PAGE, mask=jvalid, other=0)
+            off = j % PAGE
+            k = tl.load(K + page[:, None] * s_kp + h * s_kh + off[:, None] * s_kt + dd[None, :],
+                        mask=jvalid[:, None] & (dd[None, :] < D), other=0.0).to(tl.float32)
+            s = tl.dot(q, tl.trans(k)) * scale  # (R, N)
+            vis = rvalid[:, None] & jvalid[None, :]
+            if CAUSAL:
+                vis = vis & (j[None, :] <= qpos[:, None])
+            if HAS_WINDOW:
+                vis = vis & (((qpos[:, None] - j[None, :]) < WINDOW) | (j[None, :] < SINKS))
+            if HAS_RMASK:
+                rm = tl.load(RMASK + (bh * SQ + t) * s_rm + blk, mask=rvalid, other=0)
+                vis = vis & (rm != 0)[:, None]
+            s = tl.where(vis, s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m - m_safe)  # 0 while m is -inf
+            p = tl.exp(s - m_safe[:, None])  # 0 on hidden pairs
+            lsum = lsum * alpha + tl.sum(p, 1)
+            vt = tl.load(V + page[:, None] * s_vp + h * s_vh + off[:, None] * s_vt + dv[None, :],
+                         mask=jvalid[:, None] & (dv[None, :] < DV), other=0.0).to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(p, vt)
+            m = m_new
+        seen = lsum > 0
+        out = acc / tl.where(seen, lsum, 1.0)[:, None]
+        prow = (b * HQ + h * group + g) * SQ + t
+        slot = prow * NSPLITS + split
+        tl.store(PO + slot[:, None] * DV + dv[None, :], tl.where(seen[:, None], out, 0.0),
+                 mask=rvalid[:, None] & (dv[None, :] < DV))
+        tl.store(PL + slot, tl.where(seen, m + tl.log(tl.where(seen, lsum, 1.0)), float("-inf")), mask=rvalid)
+
+
+def run_decode(a: DecodeArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the kernel on work lists from `decode_blocks`: returns (out in q's dtype, lse float32),
+    `lse = +inf` (and zeros) for a row that sees no key."""
+    q = a.q
+    b, hq, sq, d = q.shape
+    hkv, dv_ = a.k.shape[1], a.v.shape[3]
+    group = hq // hkv
+    splits = a.splits
+    part = torch.empty(b, hq, sq, splits, dv_, dtype=torch.float32, device=q.device)
+    plse = torch.empty(b, hq, sq, splits, dtype=torch.float32, device=q.device)
+    if b * hq * sq == 0:
+        return q.new_zeros(b, hq, sq, dv_), torch.full((b, hq, sq), float("inf"), device=q.device)
+    block_r = _pow2(min(group * sq, 64))
+    grid = (splits, b * hkv, -(-group * sq // block_r))
+    dummy = a.lengths  # stands for absent optional tensors (never read: their flags are off)
+    cnt = a.count if a.count is not None else dummy
+    idx = a.index if a.index is not None else dummy
+    rm = a.row_mask if a.row_mask is not None else dummy
+    _split_kernel[grid](
+        q, a.k, a.v, a.page_table, a.lengths, cnt, idx, rm, part, plse,
+        q.stride(0), q.stride(1), q.stride(2), a.k.stride(0), a.k.stride(1), a.k.stride(2),
+        a.v.stride(0), a.v.stride(1), a.v.stride(2), a.page_table.stride(0),
+        a.index.stride(1) if a.index is not None else 0, a.row_mask.stride(2) if a.row_mask is not None else 0,
+        hq, hkv, sq, d, dv_, a.k.shape[2], a.key_block, splits, a.window, a.sinks, a.scale,
+        HAS_LIST=a.count is not None, HAS_RMASK=a.row_mask is not None, CAUSAL=a.causal,
+        HAS_WINDOW=a.window > 0, BLOCK_R=block_r, BLOCK_N=_pow2(a.key_block), BLOCK_D=_pow2(d),
+        BLOCK_DV=_pow2(dv_))
+    # merge the splits by log-sum-exp
+    mx = plse.amax(dim=-1, keepdim=True)
+    mx_safe = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+    w = torch.exp(plse - mx_safe)  # 0 for empty splits
+    wsum = w.sum(dim=-1, keepdim=True)
+    seen = wsum > 0
+    out = (w[..., None] * part).sum(dim=-2) / torch.where(seen, wsum, torch.ones_like(wsum))
+    lse = torch.where(seen, mx_safe + torch.log(torch.where(seen, wsum, torch.ones_like(wsum))),
+                      torch.full_like(wsum, float("inf")))[..., 0]
+    return out.to(q.dtype), lse
+
+
+def _units(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: a few splits, so the merge is exercised
+
+
+def decode_over_cache(q, cache, pattern, *, scale: float) -> torch.Tensor:
+    return run_decode(cache_decode_args(q, cache, pattern, scale=scale, units=_units(q.device)))[0]
+
+
+class TritonSplitKVDecode(FlashKernel):
+    """Split-KV decode in Triton: Sq <= 16 rows per sequence, each GQA group's K/V read once,
+    Dense / SlidingWindow / BlockSparse / TopK; forward only (decode is inference)."""
+
+    name = "triton.splitkv_decode"
+    backend = "triton"
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    patterns = (Dense, SlidingWindow, BlockSparse, TopK)
+    head_dims = (1, 256)
+    supports_backward = False
+    phases = ("decode", "chunked-prefill")
+    #: estimate until measured on a GPU (none was lent when this kernel was written)
+    memory_efficiency = 0.5
+    overhead_s = 30e-6  # launch + the PyTorch merge
+
+    @property
+    def devices(self):
+        return ("cuda", "cpu") if interpreting() else ("cuda",)
+
+    def unavailable(self):
+        return triton_unavailable()
+
+    def extra_reasons(self, p):
+        why = []
+        if p.sq > MAX_SQ:
+            why.append(f"Sq={p.sq} > {MAX_SQ}: a prefill shape, not decode")
+        if p.sk == 0 or p.is_empty:
+            why.append("empty input")
+        return why
+
+    def cost(self, p):
+        from ..cuda.paged_decode import decode_cost
+        t = decode_cost(self, p)
+        if p.device.type != "cuda":
+            t += 1000.0  # the interpreter: only when backend="triton" is asked for
+        return t
+
+    def prepare(self, q, k, p):
+        return None
+
+    def forward(self, q, k, v, p, layout):
+        return run_decode(tensor_decode_args(q, k, v, p.pattern, scale=p.scale, units=_units(q.device)))
