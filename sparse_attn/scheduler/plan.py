@@ -50,10 +50,11 @@ def choose(problem: Problem, *, backend: str | None = None, op: str = "attention
     """Filter the registered kernels of `op` by their reasons, rank by estimated cost."""
     cands = []
     for kern in kernels(op):
-        reasons = []
         if backend is not None and kern.backend != backend:
-            reasons.append(f"backend {backend!r} requested")
-        reasons += kern.not_supported_reasons(problem)
+            # not asked: no capability checks, so no build of an extension nobody will run
+            cands.append(Candidate(kern, [f"backend {backend!r} requested"], None))
+            continue
+        reasons = kern.not_supported_reasons(problem)
         cost = kern.cost(problem) if not reasons else None
         cands.append(Candidate(kern, reasons, cost))
     ok = [c for c in cands if not c.reasons]

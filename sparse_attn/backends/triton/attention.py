@@ -1,1 +1,165 @@
-"""Block-sparse flash attention (forward and backward) in Triton over the shared BlockLayout."""
+"""Block-sparse flash attention (forward and backward) in Triton over the shared BlockLayout.
+
+`TritonBlockSparse` serves Dense, SlidingWindow, BlockSparse and TopK on CUDA GPUs, and on CPU
+tensors when Triton's interpreter is on (`TRITON_INTERPRET=1`, how the tests run without a GPU).
+The kernels live in `flash_fwd.py` / `flash_bwd.py`, the tile table in `tiles.py`; design notes
+in docs/backends/triton.md. Nothing here imports Triton at module import: a missing or broken
+Triton makes `unavailable()` say why, and the kernel is never chosen.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import torch
+
+from ...layout import build_layout
+from ...layout.topk_selection import topk_token_index
+from ...patterns import BlockSparse, Dense, SlidingWindow, TopK
+from ...scheduler.kernel import roofline_seconds
+from ...scheduler.registry import register
+from ..flash import FlashKernel
+from .tiles import dense_q_block, tile_config
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_modules():
+    """(flash_fwd, flash_bwd), imported on first use; raises ImportError with the reason."""
+    from . import flash_bwd, flash_fwd  # noqa: F401  (imports triton)
+    return flash_fwd, flash_bwd
+
+
+def _triton_select():
+    from .topk_select import topk_token_index_triton
+    return topk_token_index_triton
+
+
+@functools.lru_cache(maxsize=16)  # Dense / SlidingWindow / TopK-forced layouts: host integers only
+def _static_layout(pattern, sq: int, sk: int, q_block: int | None, k_block: int | None, device: torch.device):
+    return build_layout(pattern, batch=1, kv_heads=1, sq=sq, sk=sk, q_block=q_block, k_block=k_block,
+                        device=device)
+
+
+def triton_layout(q, k, pattern, cfg):
+    """The BlockLayout the Triton kernels run: the pattern's blocks for BlockSparse / TopK (with
+    TopK's per-token selection, computed without grad and without host synchronisation), the
+    generation's tile for Dense / SlidingWindow."""
+    b, hq, sq, _ = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    if isinstance(pattern, BlockSparse):
+        return build_layout(pattern, batch=b, kv_heads=hkv, sq=sq, sk=sk, device=q.device)
+    if isinstance(pattern, TopK):
+        lay = _static_layout(pattern, sq, sk, None, None, q.device)
+        if sq > 0 and b > 0 and pattern.topk > 0:
+            # on the GPU the Triton selection (running top-k, no Sq x blocks scores); under the
+            # interpreter the PyTorch one (same result, much faster there)
+            select = _triton_select() if q.device.type == "cuda" else topk_token_index
+            with torch.no_grad():
+                lay = dataclasses.replace(lay, token_index=select(q.detach(), k.detach(), pattern))
+        return lay
+    return _static_layout(pattern, sq, sk, dense_q_block(cfg, hq // max(hkv, 1)), cfg.k_block, q.device)
+
+
+class TritonBlockSparse(FlashKernel):
+    """Flash attention over the layout's visited blocks: one program per (query sub-tile, batch,
+    kv head, chunk of its GQA heads) so each K/V chunk is loaded once for the heads it holds; TopK's
+    per-token blocks in a second, group-centric kernel (one program per token and kv head, the
+    group's heads as rows) that continues the tile part's online softmax. Backward: dq over the
+    same lists, dk/dv per key block over the transposed lists and the tokens that selected it.
+    float32 accumulation; float32 inputs use TF32 matrix products on GPUs (contract: 1e-3)."""
+
+    name = "triton.block_sparse"
+    backend = "triton"
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    patterns = (Dense, SlidingWindow, BlockSparse, TopK)
+    head_dims = (64, 256)
+    supports_backward = True
+    #: fraction of the tensor-core peak reached over the visited pairs (not measured yet: the
+    #: usual Triton flash-attention-2 forward reaches 0.35-0.45 of an H100's / A100's bf16 peak)
+    efficiency = 0.35
+    #: TopK's per-token part: rows are the G heads padded to 16, so at most G/16 of the matrix
+    #: units do useful work; it is memory bound (each selected block read once per token and group)
+    token_memory_efficiency = 0.5
+    #: launches of one forward (tile + token kernels, the layout build and the selection's torch ops)
+    overhead_s = 30e-6
+    interpreter_penalty_s = 1000.0
+
+    @property
+    def devices(self):
+        return ("cuda", "cpu") if interpreting() else ("cuda",)
+
+    def unavailable(self):
+        try:
+            _triton_modules()
+        except Exception as e:  # ImportError, or a Triton that fails while compiling the module
+            return f"triton unavailable: {type(e).__name__}: {e}"
+        return None
+
+    def extra_reasons(self, p):
+        if p.varlen:
+            return ["varlen inputs not supported"]
+        return []
+
+    def cost(self, p):
+        pat = p.pattern
+        g = p.group if p.kv_heads else 1
+        elem = torch.finfo(p.dtype).bits // 8
+        per_pair = 2.0 * (p.head_dim + p.v_head_dim)
+        factor = 3.5 if p.requires_grad else 1.0  # backward ~2.5x the forward
+        cfg = tile_config(p.device.type, p.device.generation, p.head_dim)
+        select = token_s = 0.0
+        if isinstance(pat, TopK):
+            forced = TopK(0, block_size=pat.block_size, sink_blocks=pat.sink_blocks, local_blocks=pat.local_blocks)
+            tile_pairs = forced.visited_pairs(p.sq, p.sk) * p.batch * p.q_heads
+            token_pairs = max(0.0, p.visited_pairs() - tile_pairs)
+            rows = max(1, min(p.sq, pat.block_size))
+            # per token and kv head: read each selected block's K and V once
+            token_bytes = token_pairs / max(g, 1) * elem * (p.head_dim + p.v_head_dim)
+            token_s = factor * roofline_seconds(p, flops=per_pair * token_pairs * max(16, g) / max(g, 1),
+                                                bytes_moved=token_bytes, efficiency=self.token_memory_efficiency)
+            # the selection: pooling in PyTorch, then the Triton scorer (float32 IEEE products plus
+            # `topk` merge rounds of ~10 operations per score)
+            scores = float(p.sq * -(-p.sk // pat.block_size) * p.batch * p.kv_heads)
+            select = roofline_seconds(p, flops=scores * (2.0 * p.head_dim + 10.0 * pat.topk),
+                                      bytes_moved=(elem + 4.0) * p.batch * p.kv_heads * (p.sk + p.sq) * p.head_dim,
+                                      efficiency=0.3, compute_dtype=torch.float32) + 50e-6
+        else:
+            tile_pairs = p.visited_pairs()
+            rows = pat.block_size if isinstance(pat, BlockSparse) else dense_q_block(cfg, g)
+            rows = max(1, min(p.sq, rows))
+        # one program holds `rows` query positions of `hpb` heads and reads each key once for them
+        hpb = max(1, min(g, cfg.rows // min(rows, cfg.rows)))
+        keys_read = tile_pairs / (rows * hpb)
+        nbytes = elem * (keys_read * (p.head_dim + p.v_head_dim)
+                         + 2 * p.batch * p.q_heads * p.sq * (p.head_dim + p.v_head_dim))
+        tile_s = factor * roofline_seconds(p, flops=per_pair * tile_pairs, bytes_moved=nbytes,
+                                           efficiency=self.efficiency)
+        launches = 4 if p.requires_grad else 2
+        total = tile_s + token_s + select + self.overhead_s * launches
+        if p.device.type != "cuda":  # the interpreter: correct, but never the automatic choice
+            total += self.interpreter_penalty_s
+        return total
+
+    def _cfg(self, q):
+        from ...scheduler.device import device_info
+        info = device_info(q.device)
+        return tile_config(info.type, info.generation, max(q.shape[-1], 16))
+
+    def prepare(self, q, k, p):
+        return triton_layout(q.detach(), k.detach(), p.pattern, self._cfg(q))
+
+    def forward(self, q, k, v, p, layout):
+        fwd, _ = _triton_modules()
+        return fwd.flash_forward(q, k, v, layout, scale=p.scale, cfg=self._cfg(q))
+
+    def backward(self, q, k, v, out, lse, dout, p, layout):
+        _, bwd = _triton_modules()
+        return bwd.flash_backward(q, k, v, out, lse, dout, layout, scale=p.scale, cfg=self._cfg(q))
+
+
+register(TritonBlockSparse())
