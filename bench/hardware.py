@@ -55,6 +55,20 @@ def _version(module: str) -> str | None:
         return None
 
 
+def git_commit() -> str | None:
+    """HEAD of the repository the bench runs from, '+dirty' when the tree has changes (read only)."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("+dirty" if dirty else "")) or None
+
+
 def environment(device: torch.device) -> dict:
     return {
         "device": str(device),
@@ -68,6 +82,8 @@ def environment(device: torch.device) -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average": os.getloadavg(),  # other work on the machine skews the timings
+        "git_commit": git_commit(),
+        "platform": platform.platform(),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": " ".join([os.path.basename(sys.executable), "-m", "bench", *sys.argv[1:]]),
     }
