@@ -1,4 +1,4 @@
-"""The `cpu` backend's C++ forward kernel (`cpu.block_sparse_fwd`, csrc/cpu/).
+"""The `cpu` backend's C++ kernel (`cpu.block_sparse`, csrc/cpu/): forward, lse and backward.
 
 * through the public API, against a float64 evaluation: `attention(q.double(), ..., backend="reference")`
   (itself checked against the independent oracle in test_oracle.py), for every softmax pattern,
@@ -7,7 +7,11 @@
 * as a layout consumer: hand-made and built `BlockLayout`s (q_block != k_block, broadcast
   batch/heads, per-token blocks, empty lists) against a float64 masked evaluation of
   `layout.to_dense()`;
-* the scheduler: never chosen when a backward is needed, and a failed build is reported, not fatal.
+* the backward pass: dq, dk, dv against the float64 oracle (tests/oracle.py) for every softmax
+  pattern, GQA 1/2/4/8, head dims 64/80/128, odd lengths, Sq < Sk, the three dtypes (bfloat16 and
+  float16 also within twice the plain in-dtype evaluation's error); the forward's lse; a TopK
+  training step of a small model against the same step on the float64 reference;
+* the scheduler: chosen for training, and a failed build is reported, not fatal.
 
 The first test in a fresh cache compiles the extension (~30 s on the 2-core CPU machine).
 """
@@ -24,7 +28,7 @@ import sparse_attn as sa
 from sparse_attn.layout import BlockLayout, build_layout, compact, index_to_bool
 from sparse_attn.layout.topk_selection import topk_token_index
 
-KERNEL = "cpu.block_sparse_fwd"
+KERNEL = "cpu.block_sparse"
 BOUND = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 DTYPES = [pytest.param(torch.float32, id="f32"), pytest.param(torch.bfloat16, id="bf16"),
           pytest.param(torch.float16, id="f16")]
@@ -36,6 +40,15 @@ if os.environ.get("SPARSE_ATTN_DISABLE_JIT") == "1":
 def _kernel_module():
     from sparse_attn.backends.cpu import kernels
     return kernels
+
+
+def run_cpu(q, k, v, pattern, **kw):
+    """This kernel through its `run` (what the scheduler calls; autograd included) on the plan's
+    problem, whichever `cpu` kernel the scheduler prefers (cpu.decode for short Sq, say)."""
+    p = sa.plan(q, k, v, pattern, backend="cpu", **kw)
+    cand = next(c for c in p.candidates if c.kernel.name == KERNEL)
+    assert cand.reasons == [], cand.reasons
+    return cand.kernel.run(q, k, v, p.problem)
 
 
 def rel_err(out, ref) -> float:
@@ -150,9 +163,7 @@ def visibility(q, k, pattern):
 def test_against_float64_reference(kind, b, hq, hkv, sq, sk, d, dv, dtype):
     pattern = make_pattern(kind, b, hkv, sq, sk)
     q, k, v = draw_inputs(pattern, (b, hq, hkv, sq, sk, d, dv), dtype)
-    p = sa.plan(q, k, v, pattern, backend="cpu")
-    assert p.kernel.name == KERNEL
-    out = sa.attention(q, k, v, pattern, backend="cpu")
+    out = run_cpu(q, k, v, pattern)
     ref = sa.attention(q.double(), k.double(), v.double(), pattern, backend="reference")
     base = None
     if dtype != torch.float32:
@@ -173,7 +184,7 @@ def test_scale_and_strided_inputs():
     k = torch.randn(b, s, hkv, d).transpose(1, 2)
     v = torch.randn(b, s, hkv, 2 * d)[..., ::2].transpose(1, 2)  # strided head dim too
     for pattern in (sa.Dense(), sa.SlidingWindow(9, sinks=2)):
-        out = sa.attention(q, k, v, pattern, scale=0.3, backend="cpu")
+        out = run_cpu(q, k, v, pattern, scale=0.3)
         ref = sa.attention(q.double(), k.double(), v.double(), pattern, scale=0.3, backend="reference")
         check(out, ref, torch.float32)
 
@@ -181,10 +192,10 @@ def test_scale_and_strided_inputs():
 def test_empty_inputs():
     for shape in ((0, 4, 2, 5, 9, 16), (1, 4, 2, 0, 9, 16)):
         q, k, v = qkv(*shape)
-        out = sa.attention(q, k, v, sa.SlidingWindow(4), backend="cpu")
+        out = run_cpu(q, k, v, sa.SlidingWindow(4))
         assert out.shape == (shape[0], 4, shape[3], 16)
     q, k, v = qkv(1, 2, 1, 4, 0, 16)
-    out = sa.attention(q, k, v, sa.Dense(causal=False), backend="cpu")  # no keys at all
+    out = run_cpu(q, k, v, sa.Dense(causal=False))  # no keys at all
     assert out.shape == (1, 2, 4, 16) and (out == 0).all()
 
 
@@ -260,17 +271,14 @@ def test_bad_layout_raises_not_crashes():
 
 
 # ------------------------------------------------------------------------------------- scheduler
-def test_not_chosen_when_a_backward_is_needed():
+def test_trainable_and_chosen_by_name():
     q, k, v = (x.requires_grad_() for x in qkv(1, 4, 2, 40, 40, 16))
-    p = sa.plan(q, k, v, sa.SlidingWindow(8))
-    assert p.kernel.name != KERNEL
-    cpu = next(c for c in p.candidates if c.kernel.name == KERNEL)
-    assert any("no backward" in r for r in cpu.reasons)
-    assert "no backward" in p.explain()
-    with pytest.raises(ValueError, match="no backward"):
-        sa.attention(q, k, v, sa.SlidingWindow(8), backend="cpu")
-    with torch.no_grad():  # inference on the same tensors may use it
-        assert sa.plan(q, k, v, sa.SlidingWindow(8), backend="cpu").kernel.name == KERNEL
+    p = sa.plan(q, k, v, sa.SlidingWindow(8), backend="cpu")
+    assert p.kernel.name == KERNEL and p.problem.phase == "training"
+    out = sa.attention(q, k, v, sa.SlidingWindow(8), backend="cpu")
+    assert out.requires_grad
+    out.sum().backward()
+    assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in (q, k, v))
 
 
 def test_supported_and_costed_for_inference():
@@ -307,3 +315,149 @@ def test_failed_build_is_reported_not_fatal(tmp_path):
     assert first.startswith("reference.")
     assert "C++ extension 'cpu' unavailable" in rest and "missing source" in rest
     assert "refused: True" in rest
+
+
+# -------------------------------------------------------------------------------------- backward
+BWD_CONFIGS = [  # kind, B, Hq, Hkv, Sq, Sk, D, Dv
+    ("dense", 1, 4, 4, 37, 37, 64, 64),
+    ("dense", 2, 8, 4, 29, 71, 80, 80),  # Sq < Sk
+    ("dense", 1, 8, 1, 150, 150, 128, 128),  # several query tiles and key blocks
+    ("dense_full", 1, 4, 1, 20, 50, 64, 32),
+    ("dense_full", 1, 2, 1, 30, 10, 33, 17),  # Sq > Sk without a causal rule; odd head dims
+    ("window", 1, 4, 1, 71, 71, 128, 128),
+    ("window_sinks", 1, 4, 2, 130, 130, 64, 64),
+    ("window_sinks", 2, 8, 1, 9, 71, 80, 80),
+    ("blocksparse", 2, 4, 2, 37, 37, 80, 80),
+    ("blocksparse_bcast", 1, 8, 1, 71, 71, 128, 128),
+    ("blocksparse_big_blocks", 1, 4, 2, 250, 250, 64, 80),
+    ("topk", 1, 8, 1, 71, 71, 64, 64),
+    ("topk", 1, 8, 2, 200, 200, 128, 128),
+    ("topk", 1, 2, 1, 20, 71, 80, 80),
+    ("topk_wide", 1, 4, 1, 33, 71, 80, 80),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind,b,hq,hkv,sq,sk,d,dv", BWD_CONFIGS,
+                         ids=[f"{c[0]}-gqa{c[2] // c[3]}-sq{c[4]}-sk{c[5]}-d{c[6]}" for c in BWD_CONFIGS])
+def test_backward_against_float64_oracle(kind, b, hq, hkv, sq, sk, d, dv, dtype):
+    """out, dq, dk, dv of the C++ kernel vs the float64 oracle (bounds of the contract; float16 /
+    bfloat16 also at most twice the error of the masked evaluation in that dtype)."""
+    import oracle
+    from conftest import check_against_oracle, make_qkv_for
+
+    pattern = make_pattern(kind, b, hkv, sq, sk)
+    q, k, v = make_qkv_for(pattern, b, hq, hkv, sq, sk, d, dv, dtype=dtype, requires_grad=True)
+
+    def run(q, k, v):
+        return run_cpu(q, k, v, pattern)
+
+    def ref(q, k, v):
+        return oracle.oracle_attention(q, k, v, pattern)
+
+    def base(q, k, v):
+        return oracle.masked_attention_in_dtype(q, k, v, pattern)
+
+    check_against_oracle(run, ref, base, dict(q=q, k=k, v=v), dtype=dtype)
+
+
+def test_backward_strided_inputs_and_scale():
+    """(B, S, H, D) views read through their strides, a non-default scale, gradients of one input."""
+    b, hq, hkv, s, d = 2, 8, 2, 70, 64
+    q = torch.randn(b, s, hq, d).transpose(1, 2).requires_grad_()
+    k = torch.randn(b, s, hkv, d).transpose(1, 2).requires_grad_()
+    v = torch.randn(b, s, hkv, d).transpose(1, 2)
+    pattern = sa.SlidingWindow(9, sinks=2)
+    out = run_cpu(q, k, v, pattern, scale=0.3)
+    go = torch.randn_like(out)
+    dq, dk = torch.autograd.grad(out, [q, k], go)
+    q64, k64 = (x.detach().double().requires_grad_() for x in (q, k))
+    ref = sa.attention(q64, k64, v.double(), pattern, scale=0.3, backend="reference")
+    rq, rk = torch.autograd.grad(ref, [q64, k64], go.double())
+    check(dq, rq, torch.float32)
+    check(dk, rk, torch.float32)
+
+
+def test_forward_lse():
+    """lse = natural-log log-sum-exp of each row's scaled visible scores, +inf for rows with none."""
+    km = _kernel_module()
+    b, hq, hkv, sq, sk, d = 2, 4, 2, 45, 83, 64
+    q, k, v = qkv(b, hq, hkv, sq, sk, d)
+    for pattern in (sa.Dense(), sa.SlidingWindow(11, sinks=2), sa.TopK(2, block_size=16),
+                    sa.BlockSparse(random_layout(b, hkv, sq, sk, 16), block_size=16)):
+        lay = km.cpu_layout(q, k, pattern)
+        out, lse = km.block_sparse_forward_layout(q, k, v, lay, scale=0.2, return_lse=True)
+        assert lse.dtype == torch.float32 and lse.shape == (b, hq, sq)
+        mask = lay.to_dense().expand(b, hkv, sq, sk).repeat_interleave(hq // hkv, 1)
+        s = (q.double() @ k.double().repeat_interleave(hq // hkv, 1).transpose(-1, -2)) * 0.2
+        ref = s.masked_fill(~mask, float("-inf")).logsumexp(-1)
+        seen = mask.any(-1)
+        assert torch.equal(torch.isinf(lse), ~seen) and (lse[~seen] == float("inf")).all()
+        assert torch.allclose(lse[seen].double(), ref[seen], rtol=1e-6, atol=1e-5)
+        if isinstance(pattern, sa.BlockSparse):
+            assert (~seen).any()
+
+
+def test_topk_training_step():
+    """Three SGD steps of a tiny attention layer with TopK on the C++ kernel equal the same steps
+    on the float64 reference (same selection: inputs redrawn until it does not hang on rounding)."""
+    from conftest import topk_margin
+
+    bsz, s, e, hq, hkv, d = 1, 150, 48, 4, 2, 16
+    pattern = sa.TopK(2, block_size=16)
+
+    def heads(x, w, h):
+        return (x @ w).view(bsz, s, h, d).transpose(1, 2)
+
+    for _ in range(20):
+        x = torch.randn(bsz, s, e)
+        w0 = [torch.randn(e, hq * d) / e ** 0.5, torch.randn(e, hkv * d) / e ** 0.5,
+              torch.randn(e, hkv * d) / e ** 0.5, torch.randn(hq * d, e) / (hq * d) ** 0.5]
+        if topk_margin(heads(x, w0[0], hq), heads(x, w0[1], hkv), pattern) > 1e-2:
+            break
+
+    def train(backend, dtype):
+        ws = [w.detach().to(dtype).clone().requires_grad_() for w in w0]
+        opt = torch.optim.SGD(ws, lr=0.5)
+        losses, grads = [], None
+        for _ in range(3):
+            xx = x.to(dtype)
+            out = sa.attention(heads(xx, ws[0], hq), heads(xx, ws[1], hkv), heads(xx, ws[2], hkv), pattern,
+                               backend=backend)
+            loss = ((out.transpose(1, 2).reshape(bsz, s, hq * d) @ ws[3] - xx) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            grads = grads or [w.grad.clone() for w in ws]
+            opt.step()
+            losses.append(loss.item())
+        return losses, grads, ws
+
+    losses, grads, ws = train("cpu", torch.float32)
+    ref_losses, ref_grads, ref_ws = train("reference", torch.float64)
+    assert losses[-1] < losses[0]
+    assert all(abs(a - r) <= 1e-5 * abs(r) for a, r in zip(losses, ref_losses)), (losses, ref_losses)
+    for g, rg in zip(grads, ref_grads):
+        check(g, rg, torch.float32)
+    for w, rw in zip(ws, ref_ws):
+        check(w.detach(), rw.detach(), torch.float32)
+
+
+def test_jit_cache_key_names_the_cpu(monkeypatch, tmp_path):
+    """-march=native builds land in a folder keyed by the CPU model and flags: a cache shared with
+    another machine never loads a build that uses instructions this CPU lacks."""
+    import torch.utils.cpp_extension as cpp
+    from sparse_attn._build import jit
+
+    seen = []
+    monkeypatch.setattr(cpp, "load", lambda **kw: seen.append(kw["build_directory"]))
+    monkeypatch.setenv("SPARSE_ATTN_CACHE", str(tmp_path))
+    args = ("cpu", ["cpu/block_sparse_fwd.cpp"], ["-fopenmp"], [], ["cpu/vec.h"], False)
+    for sig in ("x86_64|A|avx2", "x86_64|B|avx2 avx512f avx512_bf16", "x86_64|A|avx2"):
+        monkeypatch.setattr(jit, "cpu_signature", lambda s=sig: s)
+        jit._jit(args[0], args[1], args[2] + ["-march=native"], *args[3:])
+        jit._jit(*args)  # no -march=native: portable, one folder for every CPU
+    assert seen[0] != seen[2] and seen[0] == seen[4]
+    assert seen[1] == seen[3] == seen[5] and seen[1] not in (seen[0], seen[2])
+    monkeypatch.undo()
+    import platform
+    assert jit.cpu_signature().startswith(platform.machine() + "|")

@@ -26,12 +26,14 @@
 #include <cstdint>
 #include <vector>
 
+#include "cpu/layout_check.h"
 #include "cpu/vec.h"
 
 namespace sparse_attn_cpu {
 namespace {
 
 constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
 // rows whose scores are computed at once: bounds the score scratch (kRowChunk x k_block) whatever
 // the tile (G x q_block rows can be large with big BlockSparse blocks)
 constexpr int64_t kRowChunk = 192;
@@ -74,7 +76,8 @@ class TaskRunner {
   using In = typename Elem<DT>::T;
 
  public:
-  TaskRunner(const Params& P, const In* Q, const In* K, const In* V, OutT* O) : P(P), Q(Q), K(K), V(V), O(O) {}
+  TaskRunner(const Params& P, const In* Q, const In* K, const In* V, OutT* O, float* L)
+      : P(P), Q(Q), K(K), V(V), O(O), L(L) {}
 
   void run(Scratch& S, int64_t b, int64_t h, int64_t i) {
     const int64_t p_lo = std::max((P.tile0 + i) * P.q_block, P.off);
@@ -107,14 +110,17 @@ class TaskRunner {
       attend(S, b, h, part[e], R, S.qp.data(), S.op.data(), S.rid.data(), true);
     if (P.ti != nullptr) per_token_blocks(S, b, h, t_lo, rows);
 
-    // out = O / l (0 where no key was visible)
+    // out = O / l (0 where no key was visible); lse = ln 2 * (m + log2 l) in natural-log units of
+    // the scaled scores (+inf where no key was visible)
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t g = 0; g < G; ++g) {
         const int64_t row = r * G + g;
         const float inv = S.l[row] > 0.f ? 1.f / S.l[row] : 0.f;
         const float* src = S.o.data() + row * P.Dv_pad;
-        OutT* dst = O + (((b * P.Hq + h * G + g) * P.sq) + t_lo + r) * P.Dv;
+        const int64_t orow = ((b * P.Hq + h * G + g) * P.sq) + t_lo + r;
+        OutT* dst = O + orow * P.Dv;
         for (int64_t t = 0; t < P.Dv; ++t) dst[t] = static_cast<OutT>(src[t] * inv);
+        L[orow] = S.l[row] > 0.f ? kLn2 * (S.m[row] + std::log2(S.l[row])) : std::numeric_limits<float>::infinity();
       }
   }
 
@@ -213,11 +219,12 @@ class TaskRunner {
   const Params& P;
   const In *Q, *K, *V;
   OutT* O;
+  float* L;
   int64_t p_lo_ = 0, loaded_ = -1;
 };
 
 template <int DT, typename OutT>
-void run_all(const Params& P, const void* q, const void* k, const void* v, OutT* out) {
+void run_all(const Params& P, const void* q, const void* k, const void* v, OutT* out, float* lse) {
   using In = typename Elem<DT>::T;
   const int64_t BH = P.B * P.Hkv, total = BH * P.M;
   std::atomic<int64_t> next{0};
@@ -226,7 +233,7 @@ void run_all(const Params& P, const void* q, const void* k, const void* v, OutT*
     if (begin >= end) return;
     Scratch S(P);
     TaskRunner<DT, OutT> runner(P, static_cast<const In*>(q), static_cast<const In*>(k), static_cast<const In*>(v),
-                                out);
+                                out, lse);
     for (;;) {
       const int64_t t = next.fetch_add(1);
       if (t >= total) break;
@@ -237,25 +244,10 @@ void run_all(const Params& P, const void* q, const void* k, const void* v, OutT*
   });
 }
 
-// index lists: counts in [0, width], entries [0, count) strictly ascending in [0, nb)
-void check_lists(const torch::Tensor& count, const torch::Tensor& index, int64_t nb, const char* what) {
-  const int32_t* c = count.data_ptr<int32_t>();
-  const int32_t* x = index.data_ptr<int32_t>();
-  const int64_t rows = count.numel(), w = index.size(3);
-  for (int64_t r = 0; r < rows; ++r) {
-    TORCH_CHECK(c[r] >= 0 && c[r] <= w, "block_sparse_fwd: ", what, "_count out of range [0, ", w, "]: ", c[r]);
-    for (int64_t e = 0; e < c[r]; ++e) {
-      const int32_t n = x[r * w + e];
-      TORCH_CHECK(n >= 0 && n < nb && (e == 0 || n > x[r * w + e - 1]), "block_sparse_fwd: ", what,
-                  "_index must hold ascending key blocks in [0, ", nb, "), got ", n);
-    }
-  }
-}
-
 }  // namespace
 }  // namespace sparse_attn_cpu
 
-torch::Tensor block_sparse_fwd(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor full_count,
+std::tuple<torch::Tensor, torch::Tensor> block_sparse_fwd(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor full_count,
                                torch::Tensor full_index, torch::Tensor partial_count, torch::Tensor partial_index,
                                c10::optional<torch::Tensor> token_index, int64_t sq, int64_t sk, int64_t q_block,
                                int64_t k_block, bool causal, int64_t window, int64_t sink_tokens, double scale) {
@@ -273,7 +265,8 @@ torch::Tensor block_sparse_fwd(torch::Tensor q, torch::Tensor k, torch::Tensor v
   TORCH_CHECK(q.size(2) == sq && k.size(2) == sk && v.size(2) == sk, "block_sparse_fwd: lengths disagree with sq/sk");
   TORCH_CHECK(sq >= 0 && sk >= 0 && (!causal || sq <= sk), "block_sparse_fwd: need Sq <= Sk for a causal rule");
   auto out = torch::zeros({B, Hq, sq, Dv}, q.options());
-  if (B == 0 || Hq == 0 || sq == 0) return out;
+  auto lse = torch::full({B, Hq, sq}, std::numeric_limits<float>::infinity(), q.options().dtype(torch::kFloat32));
+  if (B == 0 || Hq == 0 || sq == 0) return {out, lse};
   TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "block_sparse_fwd: Hq must be a multiple of Hkv");
 
   // query tiles at absolute positions (floor division: Sq > Sk is allowed without a causal rule)
@@ -293,25 +286,14 @@ torch::Tensor block_sparse_fwd(torch::Tensor q, torch::Tensor k, torch::Tensor v
                   pi.sizes().slice(0, 3) == pc.sizes() && fc.sizes() == pc.sizes(),
               "block_sparse_fwd: index lists must be (counts' shape, width)");
   TORCH_CHECK(fc.device().is_cpu() && pc.device().is_cpu(), "block_sparse_fwd: layout tensors must be on the CPU");
-  check_lists(fc, fi, nb, "full");
-  check_lists(pc, pi, nb, "partial");
+  check_lists(fc, fi, nb, "block_sparse_fwd", "full");
+  check_lists(pc, pi, nb, "block_sparse_fwd", "partial");
   torch::Tensor ti;
   if (token_index.has_value() && token_index->defined()) {
     ti = token_index->to(torch::kInt32).contiguous();
     TORCH_CHECK(ti.device().is_cpu() && ti.dim() == 4 && ti.size(0) == B && ti.size(1) == Hkv && ti.size(2) == sq,
                 "block_sparse_fwd: token_index must be (B, Hkv, Sq, topk), got ", ti.sizes());
-    const int32_t* x = ti.data_ptr<int32_t>();
-    const int64_t rows = ti.numel() / std::max<int64_t>(ti.size(3), 1), w = ti.size(3);
-    for (int64_t r = 0; r < rows; ++r) {
-      int32_t prev = -1;
-      for (int64_t e = 0; e < w; ++e) {
-        const int32_t n = x[r * w + e];
-        if (n < 0) continue;
-        TORCH_CHECK(n < nb && n > prev, "block_sparse_fwd: token_index must hold ascending key blocks in [0, ", nb,
-                    ") or -1, got ", n);
-        prev = n;
-      }
-    }
+    check_token_index(ti, nb, "block_sparse_fwd");
   }
 
   Params P{};
@@ -327,25 +309,41 @@ torch::Tensor block_sparse_fwd(torch::Tensor q, torch::Tensor k, torch::Tensor v
   P.lb = fc.size(0), P.lh = fc.size(1), P.wf = fi.size(3), P.wp = pi.size(3);
   P.ti = ti.defined() && ti.size(3) > 0 ? ti.data_ptr<int32_t>() : nullptr;
   P.topk = ti.defined() ? ti.size(3) : 0;
-  if (M <= 0) return out;
+  if (M <= 0) return {out, lse};
 
   const void *qd = q.data_ptr(), *kd = k.data_ptr(), *vd = v.data_ptr();
   if (dt == torch::kFloat32) {
-    run_all<0, float>(P, qd, kd, vd, out.data_ptr<float>());
+    run_all<0, float>(P, qd, kd, vd, out.data_ptr<float>(), lse.data_ptr<float>());
   } else if (dt == torch::kBFloat16) {
-    run_all<1, at::BFloat16>(P, qd, kd, vd, out.data_ptr<at::BFloat16>());
+    run_all<1, at::BFloat16>(P, qd, kd, vd, out.data_ptr<at::BFloat16>(), lse.data_ptr<float>());
   } else {
-    run_all<2, at::Half>(P, qd, kd, vd, out.data_ptr<at::Half>());
+    run_all<2, at::Half>(P, qd, kd, vd, out.data_ptr<at::Half>(), lse.data_ptr<float>());
   }
-  return out;
+  return {out, lse};
 }
+
+// block_sparse_bwd.cpp
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> block_sparse_bwd(
+    torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor out, torch::Tensor lse, torch::Tensor dout,
+    torch::Tensor full_count, torch::Tensor full_index, torch::Tensor partial_count, torch::Tensor partial_index,
+    torch::Tensor t_full_count, torch::Tensor t_full_index, torch::Tensor t_partial_count,
+    torch::Tensor t_partial_index, c10::optional<torch::Tensor> token_index, c10::optional<torch::Tensor> block_tokens,
+    c10::optional<torch::Tensor> block_token_offsets, int64_t sq, int64_t sk, int64_t q_block, int64_t k_block,
+    bool causal, int64_t window, int64_t sink_tokens, double scale);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sparse_attn CPU kernels";
   m.attr("vector_width") = sparse_attn_cpu::kVec;
-  m.def("block_sparse_fwd", &block_sparse_fwd, "block-sparse flash attention forward over a BlockLayout",
+  m.def("block_sparse_fwd", &block_sparse_fwd, "block-sparse flash attention forward over a BlockLayout -> (out, lse)",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("full_count"), py::arg("full_index"),
         py::arg("partial_count"), py::arg("partial_index"), py::arg("token_index"), py::arg("sq"), py::arg("sk"),
         py::arg("q_block"), py::arg("k_block"), py::arg("causal"), py::arg("window"), py::arg("sink_tokens"),
         py::arg("scale"));
+  m.def("block_sparse_bwd", &block_sparse_bwd,
+        "block-sparse flash attention backward over a BlockLayout and its transpose -> (dq, dk, dv)", py::arg("q"),
+        py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dout"), py::arg("full_count"),
+        py::arg("full_index"), py::arg("partial_count"), py::arg("partial_index"), py::arg("t_full_count"),
+        py::arg("t_full_index"), py::arg("t_partial_count"), py::arg("t_partial_index"), py::arg("token_index"),
+        py::arg("block_tokens"), py::arg("block_token_offsets"), py::arg("sq"), py::arg("sk"), py::arg("q_block"),
+        py::arg("k_block"), py::arg("causal"), py::arg("window"), py::arg("sink_tokens"), py::arg("scale"));
 }

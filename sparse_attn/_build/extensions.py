@@ -9,8 +9,8 @@ tests/test_cuda_build.py).
 
 EXTENSIONS = {
     "cpu": {
-        "sources": ["cpu/block_sparse_fwd.cpp"],
-        "headers": ["cpu/vec.h"],
+        "sources": ["cpu/block_sparse_fwd.cpp", "cpu/block_sparse_bwd.cpp"],
+        "headers": ["cpu/vec.h", "cpu/layout_check.h"],
         "cflags": ["-fopenmp"],
         "ldflags": ["-fopenmp"],
         # only in JIT builds, which run where they are built
@@ -18,7 +18,7 @@ EXTENSIONS = {
     },
     "cpu_decode": {
         "sources": ["cpu/decode.cpp"],
-        "headers": ["cpu/vec.h"],
+        "headers": [],  # self-contained: edits to vec.h do not rebuild it
         "cflags": ["-fopenmp"],
         "ldflags": ["-fopenmp"],
         "jit_cflags": ["-march=native"],

@@ -51,6 +51,29 @@ def cache_root() -> Path:
     return base / f"torch{torch.__version__.split('+')[0]}-py{sys.version_info.major}{sys.version_info.minor}"
 
 
+def cpu_signature() -> str:
+    """The host CPU as a JIT build targets it (-march=native): architecture, model name and the
+    instruction-set flags. Part of the cache key, so a cache shared between machines (an NFS home,
+    a container image) never loads a build that uses instructions this CPU lacks."""
+    import platform
+
+    model, flags = "", ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, val = line.partition(":")
+                key = key.strip().lower()
+                if key in ("model name", "cpu model", "cpu part") and not model:
+                    model = val.strip()
+                elif key in ("flags", "features") and not flags:
+                    flags = " ".join(sorted(val.split()))
+                if model and flags:
+                    break
+    except OSError:  # not Linux: the processor string is the best we have
+        model = platform.processor()
+    return f"{platform.machine()}|{model}|{flags}"
+
+
 def _digest(paths: list[Path], flags: list[str]) -> str:
     h = hashlib.sha256()
     for p in paths:
@@ -103,7 +126,10 @@ def _jit(name, sources, extra_cflags, ldflags, headers, verbose, cuda_cflags=())
         if not p.is_file():
             raise ExtensionBuildError(f"missing source {p}")
     flags = ["-O3", "-std=c++17"] + list(extra_cflags)
-    build_dir = cache_root() / f"{name}-{_digest(deps, flags + list(ldflags) + list(cuda_cflags))}"
+    key = flags + list(ldflags) + list(cuda_cflags)
+    if any(f.startswith("-march=native") or f.startswith("-mcpu=native") for f in key):
+        key.append(cpu_signature())  # the build is only valid on this CPU model
+    build_dir = cache_root() / f"{name}-{_digest(deps, key)}"
     build_dir.mkdir(parents=True, exist_ok=True)
     if verbose is None:
         verbose = os.environ.get("SPARSE_ATTN_VERBOSE_BUILD") == "1"

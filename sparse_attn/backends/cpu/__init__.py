@@ -1,7 +1,7 @@
 """`cpu`: C++ kernels for x86 / Arm CPUs, built just in time from csrc/cpu on first use."""
 from ...scheduler.registry import register
-from .kernels import CpuBlockSparseForward
+from .kernels import CpuBlockSparse
 
-register(CpuBlockSparseForward())
+register(CpuBlockSparse())
 
 from . import decode  # noqa: F401,E402  (registers its own kernels)

@@ -15,7 +15,8 @@ from ..._build import ExtensionBuildError, load_extension
 from ...layout import build_layout
 from ...layout.topk_selection import topk_token_index
 from ...patterns import BlockSparse, Dense, SlidingWindow, TopK
-from ...scheduler.kernel import Kernel, roofline_seconds
+from ...scheduler.kernel import roofline_seconds
+from ..flash import FlashKernel
 
 #: key block of Dense / SlidingWindow layouts (BlockSparse / TopK use their block_size)
 K_BLOCK = 64
@@ -62,39 +63,91 @@ def cpu_layout(q, k, pattern, *, q_block: int | None = None, k_block: int | None
 def block_sparse_forward(q, k, v, pattern, *, scale: float, q_block: int | None = None, k_block: int | None = None):
     """Run the C++ kernel on `pattern` (Dense, SlidingWindow, BlockSparse, TopK) for CPU tensors:
     the layout (and TopK's per-token selection) is built in PyTorch, then the extension runs.
-    Raises `ExtensionBuildError` if the extension cannot be built."""
+    Returns the output only. Raises `ExtensionBuildError` if the extension cannot be built."""
     lay = cpu_layout(q, k, pattern, q_block=q_block, k_block=k_block)
     return block_sparse_forward_layout(q, k, v, lay, scale=scale)
 
 
-def block_sparse_forward_layout(q, k, v, lay, *, scale: float):
+def _rule(lay):
+    return (lay.sq, lay.sk, lay.q_block, lay.k_block, lay.causal, -1 if lay.window is None else lay.window,
+            lay.sink_tokens)
+
+
+def block_sparse_forward_layout(q, k, v, lay, *, scale: float, return_lse: bool = False):
     """The C++ kernel on an explicit :class:`~sparse_attn.layout.BlockLayout` (any layout: the
-    kernel visits exactly the blocks it lists, with its token rule on the partial ones)."""
-    return _ext().block_sparse_fwd(
+    kernel visits exactly the blocks it lists, with its token rule on the partial ones).
+    Returns `out`, or `(out, lse)` with `lse` float32 `(B, Hq, Sq)` (+inf: no visible key)."""
+    out, lse = _ext().block_sparse_fwd(
         q, k, v, lay.full_count, lay.full_index, lay.partial_count, lay.partial_index, lay.token_index,
-        lay.sq, lay.sk, lay.q_block, lay.k_block, lay.causal, -1 if lay.window is None else lay.window,
-        lay.sink_tokens, float(scale))
+        *_rule(lay), float(scale))
+    return (out, lse) if return_lse else out
 
 
-class CpuBlockSparseForward(Kernel):
-    """Flash-attention forward over the layout's visited blocks only, parallel over (batch, kv
-    head, query tile) with dynamic scheduling, the G query heads of a GQA group sharing each K/V
-    block (converted to float32 once per tile); TopK's per-token blocks are visited block by block
-    for all the tokens of a tile that selected them. float32 accumulation; forward only."""
+def block_token_lists(token_index: torch.Tensor, num_blocks: int):
+    """TopK's per-token blocks transposed: per (batch, kv head), the tokens that selected each key
+    block. `token_index` int32 `(B, Hkv, Sq, topk)` (-1 padding) -> (`tokens` int32
+    `(B, Hkv, Sq * topk)`: sorted by (block, token), `offsets` int32 `(B, Hkv, num_blocks + 1)`:
+    block n's tokens are `tokens[..., offsets[n]:offsets[n + 1]]`). One sort of `Sq * topk`
+    entries, on the device, no host synchronisation, nothing of size Sq x Sk."""
+    b, h, sq, topk = token_index.shape
+    t = torch.arange(sq, device=token_index.device, dtype=torch.int64).view(1, 1, sq, 1)
+    blk = token_index.to(torch.int64)
+    key = torch.where(blk >= 0, blk, torch.full_like(blk, num_blocks)) * max(sq, 1) + t
+    key = key.reshape(b, h, sq * topk).sort(dim=-1).values
+    tokens = (key % max(sq, 1)).to(torch.int32)
+    counts = torch.zeros(b, h, num_blocks + 1, dtype=torch.int64, device=key.device)
+    counts.scatter_add_(-1, key // max(sq, 1), torch.ones_like(key))
+    offsets = torch.zeros(b, h, num_blocks + 1, dtype=torch.int32, device=key.device)
+    offsets[..., 1:] = counts[..., :num_blocks].cumsum(-1).to(torch.int32)
+    return tokens, offsets
 
-    name = "cpu.block_sparse_fwd"
+
+def block_sparse_backward_layout(q, k, v, out, lse, dout, lay, *, scale: float):
+    """The C++ backward over `lay` (the forward's layout): dq per query tile over its blocks, dk/dv
+    per key block over the query tiles of `lay.transpose()` and, for TopK, the tokens that
+    selected the block (`block_token_lists`). Returns (dq, dk, dv) in the inputs' dtypes."""
+    tfc, tfi, tpc, tpi = lay.transpose()
+    tokens = offsets = None
+    ti = lay.token_index
+    if ti is not None and ti.shape[-1] > 0 and ti.numel() > 0:
+        tokens, offsets = block_token_lists(ti, lay.num_k_blocks)
+    return _ext().block_sparse_bwd(
+        q, k, v, out, lse, dout, lay.full_count, lay.full_index, lay.partial_count, lay.partial_index,
+        tfc, tfi, tpc, tpi, ti, tokens, offsets, *_rule(lay), float(scale))
+
+
+class CpuBlockSparse(FlashKernel):
+    """Flash attention over the layout's visited blocks only, parallel over (batch, kv head,
+    query tile) with dynamic scheduling, the G query heads of a GQA group sharing each K/V block
+    (converted to float32 once per tile); TopK's per-token blocks are visited block by block for
+    all the tokens of a tile that selected them. Backward: dq per query tile, dk/dv per key block
+    over the transposed layout (csrc/cpu/block_sparse_bwd.cpp). float32 accumulation."""
+
+    name = "cpu.block_sparse"
     backend = "cpu"
     devices = ("cpu",)
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
     patterns = (Dense, SlidingWindow, BlockSparse, TopK)
     head_dims = (1, 256)
-    supports_backward = False
+    supports_backward = True
     #: fraction of the device's float32 peak reached over the visited pairs: 170-185 GFLOP/s of
     #: the nominal 192 (2 cores x 96) for dense causal, 130-140 for SlidingWindow(256) (whose
     #: partial blocks also compute masked pairs), 135-150 for 10%-dense BlockSparse; B=1 Hq=8
     #: Hkv=2 D=128, S=1K-4K, float32 and bfloat16 alike (2026-11-23, the project's 2-core
     #: AVX-512 EPYC; SDPA, modelled at 0.6, measured 0.65-0.75)
     efficiency = 0.8
+    #: per CPU generation (DeviceInfo.generation) where it differs. avx2: on the 2-core Zen 3 EPYC
+    #: (no AVX-512) with the 6 x 2 micro tile, dense causal prefill B=1 Hq=32 Hkv=8 D=128 S=4096
+    #: ran at SDPA's speed: S=4096 bf16 1.03x / fp32 1.11x SDPA's speed in CPU time, S=8192 bf16
+    #: 0.94-1.05x / fp32 0.95x (machine shared with 5 other jobs, 2026-11-23), so about SDPA's
+    #: modelled 0.6, a little above it: the scheduler prefers this kernel from where its
+    #: per-call overhead stops mattering
+    efficiency_by_generation = {"avx2": 0.65}
+    #: training: the backward pass (dq pass: Q.K^T, dO.V^T, dS.K; dk/dv pass: K.Q^T, V.dO^T,
+    #: P^T.dO, dS^T.Q = 7 products against the forward's 2, plus per-pair conversions of Q and dO)
+    #: took 2.8-3.9x the forward's CPU time (dense causal fp32 B=1 Hq=32 Hkv=8 D=128 S=2048, avx2,
+    #: shared machine, 2026-11-23). SDPA's CPU backward: fp32 ~3.2x its forward, bf16 ~30x.
+    backward_factor = 3.5
     #: TopK's per-token blocks run at `efficiency * G / (G + 1)`: each (block, tile) pair converts
     #: the block for the rows of the tokens that selected it, few on random inputs at long
     #: lengths (measured S=16K TopK(16) random: G=4 ~0.6, G=1 ~0.3 of the peak).
@@ -141,15 +194,23 @@ class CpuBlockSparseForward(Kernel):
         else:
             tile_pairs, token_pairs = p.visited_pairs(), 0.0
             q_block = pat.block_size if isinstance(pat, BlockSparse) else dense_q_block(g)
-        compute = (roofline_seconds(p, flops=per_pair * tile_pairs, efficiency=self.efficiency, **fp32)
-                   + roofline_seconds(p, flops=per_pair * token_pairs, efficiency=self.efficiency * g / (g + 1), **fp32))
+        eff = self.efficiency_by_generation.get(p.device.generation, self.efficiency)
+        compute = (roofline_seconds(p, flops=per_pair * tile_pairs, efficiency=eff, **fp32)
+                   + roofline_seconds(p, flops=per_pair * token_pairs, efficiency=eff * g / (g + 1), **fp32))
         # bytes: every tile reads (and converts to float32) the keys its rows visit, once per GQA group
         rows = max(1, min(p.sq, q_block))
         keys_read = pat.visited_pairs(p.sq, p.sk) / rows * p.batch * p.kv_heads
         nbytes = (4 * keys_read * (p.head_dim + p.v_head_dim)
                   + elem * p.batch * p.q_heads * p.sq * (p.head_dim + p.v_head_dim))
         memory = roofline_seconds(p, flops=0.0, bytes_moved=nbytes, efficiency=self.memory_efficiency)
-        return max(compute, memory) + select + self.overhead_s
+        work = max(compute, memory) * (1.0 + (self.backward_factor if p.requires_grad else 0.0))
+        return work + select + self.overhead_s
 
-    def run(self, q, k, v, p, *, gate=None):
-        return block_sparse_forward(q, k, v, p.pattern, scale=p.scale)
+    def prepare(self, q, k, p):
+        return cpu_layout(q.detach(), k.detach(), p.pattern)
+
+    def forward(self, q, k, v, p, layout):
+        return block_sparse_forward_layout(q, k, v, layout, scale=p.scale, return_lse=True)
+
+    def backward(self, q, k, v, out, lse, dout, p, layout):
+        return block_sparse_backward_layout(q, k, v, out, lse, dout, layout, scale=p.scale)

@@ -1,0 +1,529 @@
+// Block-sparse flash-attention backward on the CPU over sparse_attn's BlockLayout.
+//
+// Two passes, each parallel over independent outputs, so no thread ever adds into another
+// thread's rows (no atomics, deterministic):
+//   dq pass,    one task per (batch, kv head, query tile): the tile's visited blocks as in the
+//               forward (full, partial, then TopK's per-token blocks grouped by block);
+//   dk/dv pass, one task per (batch, kv head, key block): the query tiles that visit the block
+//               (the transposed layout), then the tokens that selected it (TopK: a per-block
+//               token list, built in PyTorch by sorting token_index; no Sq x Sk tensor).
+// Both recompute the probabilities from the forward's log-sum-exp:
+//   P = exp2(Qs . K^T - lse2)     (Qs = q * scale * log2 e, lse2 = lse * log2 e)
+//   dP = dO . V^T,   dS = P * (dP - delta),   delta = rowsum(dO * O)
+//   dQ = scale * dS . K,   dK = scale * dS^T . Q,   dV = P^T . dO
+// As in the forward, the G query heads of a GQA group are the rows of one matrix (token-major),
+// so each K/V block is converted once for the group, and a key block's dk/dv sum over the group.
+// float32 accumulation; gradients written in the inputs' dtype. Scratch per thread: a query
+// tile's rows (dq pass) or kCols query columns (dk/dv pass) plus one K/V block.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "cpu/layout_check.h"
+#include "cpu/vec.h"
+
+namespace sparse_attn_cpu {
+namespace {
+
+constexpr float kLog2eB = 1.4426950408889634f;
+constexpr float kInf = std::numeric_limits<float>::infinity();
+// query rows per score chunk (dq pass) and query columns per chunk (dk/dv pass)
+constexpr int64_t kRows = 192;
+constexpr int64_t kCols = 256;
+
+struct BwdParams {
+  int64_t B, Hq, Hkv, G, sq, sk, D, Dv, D_pad, Dv_pad, q_block, k_block, kb_pad, M, nb, off, tile0;
+  bool causal;
+  int64_t window, sinks;
+  float qmul, scale;
+  int64_t qst[4], kst[4], vst[4], dost[4];
+  const float *lse, *delta;  // (B, Hq, Sq) contiguous; lse in natural-log units
+  // forward lists (per query tile) and their transpose (per key block)
+  const int32_t *fc, *fi, *pc, *pi, *ti;
+  int64_t lb, lh, wf, wp, topk;
+  const int32_t *tfc, *tfi, *tpc, *tpi;
+  int64_t twf, twp;
+  // TopK per key block: tokens[tok_off[n] : tok_off[n + 1]] of each (b, kv head), ascending
+  const int32_t *tok, *tok_off;
+  int64_t tok_w;
+};
+
+inline bool visible(const BwdParams& P, int64_t p, int64_t j) {
+  if (P.causal && j > p) return false;
+  if (P.window >= 0 && p - j >= P.window && j >= P.sinks) return false;
+  return true;
+}
+
+// ---------------------------------------------------------------------------------- dq pass
+struct DqScratch {
+  std::vector<float> q, dO, dq, s, dp, kt, vt, kr, lse2, delta, ones;
+  std::vector<const float *> qp, dop, qp2, dop2;
+  std::vector<float *> dqp, dqp2, sp, dpp;
+  std::vector<int32_t> rid, rid2;
+  std::vector<int64_t> pairs;
+
+  explicit DqScratch(const BwdParams& P) {
+    const int64_t R = P.q_block * P.G, RC = std::min(R, kRows);
+    q.assign(R * std::max<int64_t>(P.D, 1), 0.f);
+    dO.assign(R * P.Dv_pad, 0.f);
+    dq.assign(R * P.D_pad, 0.f);
+    s.assign(RC * P.kb_pad, 0.f);
+    dp.assign(RC * P.kb_pad, 0.f);
+    kt.assign(std::max<int64_t>(P.D, 1) * P.kb_pad, 0.f);
+    vt.assign(std::max<int64_t>(P.Dv, 1) * P.kb_pad, 0.f);
+    kr.assign(P.kb_pad * P.D_pad, 0.f);  // padding rows and columns stay 0
+    lse2.assign(R, 0.f), delta.assign(R, 0.f), ones.assign(std::max(R, P.kb_pad), 1.f);
+    qp.resize(R), dop.resize(R), qp2.resize(R), dop2.resize(R), dqp.resize(R), dqp2.resize(R);
+    rid.resize(R), rid2.resize(R);
+    sp.resize(RC), dpp.resize(RC);
+    for (int64_t i = 0; i < RC; ++i) sp[i] = s.data() + i * P.kb_pad, dpp[i] = dp.data() + i * P.kb_pad;
+  }
+};
+
+template <int DT>
+class DqRunner {
+  using In = typename Elem<DT>::T;
+  using Out = std::conditional_t<DT == 0, float, std::conditional_t<DT == 1, at::BFloat16, at::Half>>;
+
+ public:
+  DqRunner(const BwdParams& P, const In* Q, const In* K, const In* V, const In* dO, Out* dQ)
+      : P(P), Q(Q), K(K), V(V), dO(dO), dQ(dQ) {}
+
+  void run(DqScratch& S, int64_t b, int64_t h, int64_t i) {
+    const int64_t p_lo = std::max((P.tile0 + i) * P.q_block, P.off);
+    const int64_t p_hi = std::min((P.tile0 + i + 1) * P.q_block, P.sk);
+    const int64_t rows = p_hi - p_lo;
+    if (rows <= 0) return;
+    const int64_t t_lo = p_lo - P.off, G = P.G, R = rows * G;
+    p_lo_ = p_lo;
+    loaded_ = -1;
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t row = r * G + g, hq = h * G + g, t = t_lo + r;
+        load_row<DT>(S.q.data() + row * P.D, Q + b * P.qst[0] + hq * P.qst[1] + t * P.qst[2], P.D, P.qst[3], P.qmul);
+        load_row<DT>(S.dO.data() + row * P.Dv_pad, dO + b * P.dost[0] + hq * P.dost[1] + t * P.dost[2], P.Dv,
+                     P.dost[3], 1.f);
+        const int64_t stat = (b * P.Hq + hq) * P.sq + t;
+        S.lse2[row] = P.lse[stat] * kLog2eB;
+        S.delta[row] = P.delta[stat];
+        S.qp[row] = S.q.data() + row * P.D;
+        S.dop[row] = S.dO.data() + row * P.Dv_pad;
+        S.dqp[row] = S.dq.data() + row * P.D_pad;
+        S.rid[row] = static_cast<int32_t>(row);
+      }
+    std::fill_n(S.dq.begin(), R * P.D_pad, 0.f);
+
+    const int64_t lrow = ((P.lb == 1 ? 0 : b) * P.lh + (P.lh == 1 ? 0 : h)) * P.M + i;
+    const int32_t* full = P.fi + lrow * P.wf;
+    for (int64_t e = 0, n = P.fc[lrow]; e < n; ++e)
+      block(S, b, h, full[e], R, S.qp.data(), S.dop.data(), S.dqp.data(), S.rid.data(), false);
+    const int32_t* part = P.pi + lrow * P.wp;
+    for (int64_t e = 0, n = P.pc[lrow]; e < n; ++e)
+      block(S, b, h, part[e], R, S.qp.data(), S.dop.data(), S.dqp.data(), S.rid.data(), true);
+    if (P.ti != nullptr) per_token_blocks(S, b, h, t_lo, rows);
+
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t row = r * G + g;
+        const float* src = S.dq.data() + row * P.D_pad;
+        Out* dst = dQ + (((b * P.Hq + h * G + g) * P.sq) + t_lo + r) * P.D;
+        for (int64_t t = 0; t < P.D; ++t) dst[t] = static_cast<Out>(src[t] * P.scale);
+      }
+  }
+
+ private:
+  void per_token_blocks(DqScratch& S, int64_t b, int64_t h, int64_t t_lo, int64_t rows) {
+    S.pairs.clear();
+    for (int64_t r = 0; r < rows; ++r) {
+      const int32_t* sel = P.ti + ((b * P.Hkv + h) * P.sq + t_lo + r) * P.topk;
+      for (int64_t e = 0; e < P.topk; ++e)
+        if (sel[e] >= 0) S.pairs.push_back((int64_t(sel[e]) << 32) | r);
+    }
+    std::sort(S.pairs.begin(), S.pairs.end());
+    const int64_t G = P.G;
+    for (size_t a = 0; a < S.pairs.size();) {
+      const int64_t n = S.pairs[a] >> 32;
+      int64_t cnt = 0;
+      for (; a < S.pairs.size() && (S.pairs[a] >> 32) == n; ++a) {
+        const int64_t r = S.pairs[a] & 0xffffffff;
+        for (int64_t g = 0; g < G; ++g, ++cnt) {
+          const int64_t row = r * G + g;
+          S.qp2[cnt] = S.qp[row], S.dop2[cnt] = S.dop[row], S.dqp2[cnt] = S.dqp[row];
+          S.rid2[cnt] = static_cast<int32_t>(row);
+        }
+      }
+      block(S, b, h, n, cnt, S.qp2.data(), S.dop2.data(), S.dqp2.data(), S.rid2.data(), false);
+    }
+  }
+
+  // K block n -> kt (D x kb_pad) and kr (kb_pad x D_pad), V block -> vt (Dv x kb_pad)
+  void load_block(DqScratch& S, int64_t b, int64_t h, int64_t n) {
+    if (loaded_ == n) return;
+    loaded_ = n;
+    const int64_t j0 = n * P.k_block, nk = std::min(P.k_block, P.sk - j0), ld = P.kb_pad;
+    const In* kb = K + b * P.kst[0] + h * P.kst[1] + j0 * P.kst[2];
+    const In* vb = V + b * P.vst[0] + h * P.vst[1] + j0 * P.vst[2];
+    for (int64_t c = 0; c < nk; ++c) load_row<DT>(S.kr.data() + c * P.D_pad, kb + c * P.kst[2], P.D, P.kst[3], 1.f);
+    for (int64_t c = nk; c < P.kb_pad; ++c) std::fill_n(S.kr.data() + c * P.D_pad, P.D_pad, 0.f);
+    for (int64_t t = 0; t < P.D; ++t)
+      for (int64_t c = 0; c < nk; ++c) S.kt[t * ld + c] = S.kr[c * P.D_pad + t];
+    for (int64_t c0 = 0; c0 < nk; c0 += 16) {
+      const int64_t c1 = std::min(nk, c0 + 16);
+      for (int64_t t = 0; t < P.Dv; ++t)
+        for (int64_t c = c0; c < c1; ++c) S.vt[t * ld + c] = Elem<DT>::get(vb, c * P.vst[2] + t * P.vst[3]);
+    }
+  }
+
+  void block(DqScratch& S, int64_t b, int64_t h, int64_t n, int64_t cnt, const float* const* qp,
+             const float* const* dop, float* const* dqp, const int32_t* rid, bool masked) {
+    if (cnt == 0) return;
+    load_block(S, b, h, n);
+    const int64_t j0 = n * P.k_block, nk = std::min(P.k_block, P.sk - j0), kbp = P.kb_pad;
+    for (int64_t c0 = 0; c0 < cnt; c0 += kRows) {
+      const int64_t rows = std::min(kRows, cnt - c0);
+      gemm_rows<false>(rows, kbp, P.D, qp + c0, S.kt.data(), kbp, S.sp.data(), nullptr);
+      gemm_rows<false>(rows, kbp, P.Dv, dop + c0, S.vt.data(), kbp, S.dpp.data(), nullptr);
+      for (int64_t r = 0; r < rows; ++r) {
+        float* s = S.sp[r];
+        float* dp = S.dpp[r];
+        const int64_t st = rid[c0 + r];
+        for (int64_t c = nk; c < kbp; ++c) s[c] = kNegInf;
+        if (masked) {
+          const int64_t p = p_lo_ + st / P.G;
+          for (int64_t c = 0; c < nk; ++c)
+            if (!visible(P, p, j0 + c)) s[c] = kNegInf;
+        }
+        exp2_sub_sum(s, kbp, S.lse2[st]);  // s = P
+        const float dl = S.delta[st];
+#pragma omp simd
+        for (int64_t c = 0; c < kbp; ++c) s[c] = s[c] * (dp[c] - dl);  // s = dS
+      }
+      gemm_rows<true>(rows, P.D_pad, nk, S.sp.data(), S.kr.data(), P.D_pad, dqp + c0, S.ones.data());
+    }
+  }
+
+  const BwdParams& P;
+  const In *Q, *K, *V, *dO;
+  Out* dQ;
+  int64_t p_lo_ = 0, loaded_ = -1;
+};
+
+// -------------------------------------------------------------------------------- dk/dv pass
+struct DkvScratch {
+  std::vector<float> qt, dot, qr, dor, st, dpt, kr, vr, dk, dv, lse2, delta, ones;
+  std::vector<const float *> krp, vrp;
+  std::vector<float *> stp, dptp, dkp, dvp;
+  std::vector<int64_t> cols;  // (token, head) of each column, as t * G + g
+  explicit DkvScratch(const BwdParams& P) {
+    const int64_t D1 = std::max<int64_t>(P.D, 1), Dv1 = std::max<int64_t>(P.Dv, 1), kbp = P.kb_pad;
+    qt.assign(D1 * kCols, 0.f), dot.assign(Dv1 * kCols, 0.f);
+    qr.assign(kCols * P.D_pad, 0.f), dor.assign(kCols * P.Dv_pad, 0.f);
+    st.assign(kbp * kCols, 0.f), dpt.assign(kbp * kCols, 0.f);
+    kr.assign(kbp * D1, 0.f), vr.assign(kbp * Dv1, 0.f);
+    dk.assign(kbp * P.D_pad, 0.f), dv.assign(kbp * P.Dv_pad, 0.f);
+    lse2.assign(kCols, kInf), delta.assign(kCols, 0.f), ones.assign(kbp, 1.f);
+    krp.resize(kbp), vrp.resize(kbp), stp.resize(kbp), dptp.resize(kbp), dkp.resize(kbp), dvp.resize(kbp);
+    for (int64_t r = 0; r < kbp; ++r) {
+      krp[r] = kr.data() + r * D1, vrp[r] = vr.data() + r * Dv1;
+      stp[r] = st.data() + r * kCols, dptp[r] = dpt.data() + r * kCols;
+      dkp[r] = dk.data() + r * P.D_pad, dvp[r] = dv.data() + r * P.Dv_pad;
+    }
+    cols.reserve(kCols);
+  }
+};
+
+template <int DT>
+class DkvRunner {
+  using In = typename Elem<DT>::T;
+  using Out = std::conditional_t<DT == 0, float, std::conditional_t<DT == 1, at::BFloat16, at::Half>>;
+
+ public:
+  DkvRunner(const BwdParams& P, const In* Q, const In* K, const In* V, const In* dO, Out* dK, Out* dV)
+      : P(P), Q(Q), K(K), V(V), dO(dO), dK(dK), dV(dV) {}
+
+  void run(DkvScratch& S, int64_t b, int64_t h, int64_t n) {
+    const int64_t j0 = n * P.k_block, nk = std::min(P.k_block, P.sk - j0), G = P.G;
+    if (nk <= 0) return;
+    b_ = b, h_ = h, j0_ = j0, nk_ = nk;
+    const In* kb = K + b * P.kst[0] + h * P.kst[1] + j0 * P.kst[2];
+    const In* vb = V + b * P.vst[0] + h * P.vst[1] + j0 * P.vst[2];
+    for (int64_t c = 0; c < nk; ++c) {
+      load_row<DT>(S.kr.data() + c * std::max<int64_t>(P.D, 1), kb + c * P.kst[2], P.D, P.kst[3], 1.f);
+      load_row<DT>(S.vr.data() + c * std::max<int64_t>(P.Dv, 1), vb + c * P.vst[2], P.Dv, P.vst[3], 1.f);
+    }
+    std::fill(S.dk.begin(), S.dk.end(), 0.f);
+    std::fill(S.dv.begin(), S.dv.end(), 0.f);
+
+    // the query tiles that visit this block: all G heads of each of their tokens, kCols at a time
+    const int64_t lrow = ((P.lb == 1 ? 0 : b) * P.lh + (P.lh == 1 ? 0 : h)) * P.nb + n;
+    for (int pass = 0; pass < 2; ++pass) {
+      const bool masked = pass == 1;
+      const int32_t* idx = masked ? P.tpi + lrow * P.twp : P.tfi + lrow * P.twf;
+      const int64_t cnt = masked ? P.tpc[lrow] : P.tfc[lrow];
+      for (int64_t e = 0; e < cnt; ++e) {
+        const int64_t i = idx[e];
+        const int64_t p_lo = std::max((P.tile0 + i) * P.q_block, P.off);
+        const int64_t p_hi = std::min((P.tile0 + i + 1) * P.q_block, P.sk);
+        for (int64_t c = (p_lo - P.off) * G, c1 = (p_hi - P.off) * G; c < c1; c += kCols) {
+          S.cols.clear();
+          for (int64_t x = c; x < std::min(c1, c + kCols); ++x) S.cols.push_back(x);
+          columns(S, masked);
+        }
+      }
+    }
+    // TopK: the tokens that selected this block
+    if (P.tok != nullptr) {
+      const int32_t* off = P.tok_off + (b * P.Hkv + h) * (P.nb + 1);
+      const int32_t* tok = P.tok + (b * P.Hkv + h) * P.tok_w;
+      S.cols.clear();
+      for (int64_t e = off[n]; e < off[n + 1]; ++e) {
+        for (int64_t g = 0; g < G; ++g) S.cols.push_back(int64_t(tok[e]) * G + g);
+        if (int64_t(S.cols.size()) + G > kCols) columns(S, false), S.cols.clear();
+      }
+      if (!S.cols.empty()) columns(S, false);
+    }
+
+    const float kmul = P.scale / P.qmul;  // dK from the pre-scaled Q: * scale, not * scale * log2 e
+    for (int64_t c = 0; c < nk; ++c) {
+      Out* dk = dK + ((b * P.Hkv + h) * P.sk + j0 + c) * P.D;
+      Out* dv = dV + ((b * P.Hkv + h) * P.sk + j0 + c) * P.Dv;
+      const float* sk = S.dk.data() + c * P.D_pad;
+      const float* sv = S.dv.data() + c * P.Dv_pad;
+      for (int64_t t = 0; t < P.D; ++t) dk[t] = static_cast<Out>(sk[t] * kmul);
+      for (int64_t t = 0; t < P.Dv; ++t) dv[t] = static_cast<Out>(sv[t]);
+    }
+  }
+
+ private:
+  // one chunk of query columns S.cols (x = t * G + g: token t, head h * G + g)
+  void columns(DkvScratch& S, bool masked) {
+    const int64_t C = S.cols.size(), Cp = round_up(C, kVec), G = P.G, D = P.D, Dv = P.Dv;
+    const int64_t b = b_, h = h_;
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t t = S.cols[c] / G, hq = h * G + S.cols[c] % G;
+      float* qr = S.qr.data() + c * P.D_pad;
+      float* dr = S.dor.data() + c * P.Dv_pad;
+      load_row<DT>(qr, Q + b * P.qst[0] + hq * P.qst[1] + t * P.qst[2], D, P.qst[3], P.qmul);
+      load_row<DT>(dr, dO + b * P.dost[0] + hq * P.dost[1] + t * P.dost[2], Dv, P.dost[3], 1.f);
+      for (int64_t x = D; x < P.D_pad; ++x) qr[x] = 0.f;
+      for (int64_t x = Dv; x < P.Dv_pad; ++x) dr[x] = 0.f;
+      const int64_t stat = (b * P.Hq + hq) * P.sq + t;
+      S.lse2[c] = P.lse[stat] * kLog2eB;
+      S.delta[c] = P.delta[stat];
+    }
+    for (int64_t c = C; c < Cp; ++c) {  // padding columns: zero inputs, P = 0
+      std::fill_n(S.qr.data() + c * P.D_pad, P.D_pad, 0.f);
+      std::fill_n(S.dor.data() + c * P.Dv_pad, P.Dv_pad, 0.f);
+      S.lse2[c] = kInf, S.delta[c] = 0.f;
+    }
+    // Q^T and dO^T from the rows, kVec columns at a time (contiguous writes)
+    for (int64_t c0 = 0; c0 < Cp; c0 += kVec) {
+      for (int64_t x = 0; x < D; ++x)
+        for (int64_t c = c0; c < c0 + kVec; ++c) S.qt[x * kCols + c] = S.qr[c * P.D_pad + x];
+      for (int64_t x = 0; x < Dv; ++x)
+        for (int64_t c = c0; c < c0 + kVec; ++c) S.dot[x * kCols + c] = S.dor[c * P.Dv_pad + x];
+    }
+    const int64_t nk = nk_;
+    gemm_rows<false>(nk, Cp, D, S.krp.data(), S.qt.data(), kCols, S.stp.data(), nullptr);   // S^T
+    gemm_rows<false>(nk, Cp, Dv, S.vrp.data(), S.dot.data(), kCols, S.dptp.data(), nullptr);  // dP^T
+    for (int64_t r = 0; r < nk; ++r) {
+      float* s = S.stp[r];
+      float* dp = S.dptp[r];
+      if (masked) {
+        const int64_t j = j0_ + r;
+        for (int64_t c = 0; c < C; ++c)
+          if (!visible(P, P.off + S.cols[c] / G, j)) s[c] = kNegInf;
+      }
+      exp2_sub_cols(s, S.lse2.data(), Cp);  // s = P^T
+      const float* dl = S.delta.data();
+#pragma omp simd
+      for (int64_t c = 0; c < Cp; ++c) dp[c] = s[c] * (dp[c] - dl[c]);  // dp = dS^T
+    }
+    gemm_rows<true>(nk, P.Dv_pad, C, S.stp.data(), S.dor.data(), P.Dv_pad, S.dvp.data(), S.ones.data());
+    gemm_rows<true>(nk, P.D_pad, C, S.dptp.data(), S.qr.data(), P.D_pad, S.dkp.data(), S.ones.data());
+  }
+
+  const BwdParams& P;
+  const In *Q, *K, *V, *dO;
+  Out *dK, *dV;
+  int64_t b_ = 0, h_ = 0, j0_ = 0, nk_ = 0;
+};
+
+template <int DT>
+void run_bwd(const BwdParams& P, const void* q, const void* k, const void* v, const void* dout, void* dq, void* dk,
+             void* dv) {
+  using In = typename Elem<DT>::T;
+  using Out = std::conditional_t<DT == 0, float, std::conditional_t<DT == 1, at::BFloat16, at::Half>>;
+  const In *Q = static_cast<const In*>(q), *K = static_cast<const In*>(k), *V = static_cast<const In*>(v),
+           *dO = static_cast<const In*>(dout);
+  const int64_t BH = P.B * P.Hkv;
+  {  // dq: heaviest (late, causal) tiles first
+    const int64_t total = BH * P.M;
+    std::atomic<int64_t> next{0};
+    const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total));
+    at::parallel_for(0, nthreads, 1, [&](int64_t begin, int64_t end) {
+      if (begin >= end) return;
+      DqScratch S(P);
+      DqRunner<DT> runner(P, Q, K, V, dO, static_cast<Out*>(dq));
+      for (int64_t t; (t = next.fetch_add(1)) < total;) {
+        const int64_t i = P.M - 1 - t / BH, bh = t % BH;
+        runner.run(S, bh / P.Hkv, bh % P.Hkv, i);
+      }
+    });
+  }
+  {  // dk, dv: heaviest (early, causal) key blocks first
+    const int64_t total = BH * P.nb;
+    std::atomic<int64_t> next{0};
+    const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total));
+    at::parallel_for(0, nthreads, 1, [&](int64_t begin, int64_t end) {
+      if (begin >= end) return;
+      DkvScratch S(P);
+      DkvRunner<DT> runner(P, Q, K, V, dO, static_cast<Out*>(dk), static_cast<Out*>(dv));
+      for (int64_t t; (t = next.fetch_add(1)) < total;) {
+        const int64_t n = t / BH, bh = t % BH;
+        runner.run(S, bh / P.Hkv, bh % P.Hkv, n);
+      }
+    });
+  }
+}
+
+torch::Tensor as_lists(const torch::Tensor& x) { return x.to(torch::kInt32).contiguous(); }
+
+}  // namespace
+}  // namespace sparse_attn_cpu
+
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> block_sparse_bwd(
+    torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor out, torch::Tensor lse, torch::Tensor dout,
+    torch::Tensor full_count, torch::Tensor full_index, torch::Tensor partial_count, torch::Tensor partial_index,
+    torch::Tensor t_full_count, torch::Tensor t_full_index, torch::Tensor t_partial_count,
+    torch::Tensor t_partial_index, c10::optional<torch::Tensor> token_index, c10::optional<torch::Tensor> block_tokens,
+    c10::optional<torch::Tensor> block_token_offsets, int64_t sq, int64_t sk, int64_t q_block, int64_t k_block,
+    bool causal, int64_t window, int64_t sink_tokens, double scale) {
+  using namespace sparse_attn_cpu;
+  const char* who = "block_sparse_bwd";
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && out.dim() == 4 && dout.dim() == 4,
+              who, ": q, k, v, out, dout must be 4-D (B, H, S, D)");
+  for (const auto* t : {&q, &k, &v, &out, &lse, &dout})
+    TORCH_CHECK(t->device().is_cpu(), who, ": CPU tensors only");
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(dt == torch::kFloat32 || dt == torch::kBFloat16 || dt == torch::kFloat16, who,
+              ": dtype must be float32, bfloat16 or float16, got ", dt);
+  TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt && dout.scalar_type() == dt && out.scalar_type() == dt,
+              who, ": q, k, v, out, dout must share one dtype");
+  TORCH_CHECK(q_block > 0 && k_block > 0, who, ": q_block and k_block must be positive");
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(3), Hkv = k.size(1), Dv = v.size(3);
+  TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == Hkv && k.size(3) == D, who, ": q, k, v shapes disagree");
+  TORCH_CHECK(q.size(2) == sq && k.size(2) == sk && v.size(2) == sk, who, ": lengths disagree with sq/sk");
+  TORCH_CHECK(out.sizes() == torch::IntArrayRef({B, Hq, sq, Dv}) && dout.sizes() == out.sizes(), who,
+              ": out and dout must be (B, Hq, Sq, Dv)");
+  TORCH_CHECK(lse.scalar_type() == torch::kFloat32 && lse.sizes() == torch::IntArrayRef({B, Hq, sq}), who,
+              ": lse must be float32 (B, Hq, Sq)");
+  TORCH_CHECK(sq >= 0 && sk >= 0 && (!causal || sq <= sk), who, ": need Sq <= Sk for a causal rule");
+  auto dq = torch::zeros_like(q, at::MemoryFormat::Contiguous);
+  auto dk = torch::zeros_like(k, at::MemoryFormat::Contiguous);
+  auto dv = torch::zeros_like(v, at::MemoryFormat::Contiguous);
+  if (B == 0 || Hq == 0 || sq == 0 || sk == 0) return {dq, dk, dv};
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, who, ": Hq must be a multiple of Hkv");
+
+  const int64_t off = sk - sq;
+  auto floor_div = [](int64_t a, int64_t d) { return a >= 0 ? a / d : -((-a + d - 1) / d); };
+  const int64_t tile0 = floor_div(off, q_block), M = (sk + q_block - 1) / q_block - tile0;
+  const int64_t nb = (sk + k_block - 1) / k_block;
+  if (M <= 0) return {dq, dk, dv};
+
+  auto fc = as_lists(full_count), fi = as_lists(full_index), pc = as_lists(partial_count),
+       pi = as_lists(partial_index);
+  auto tfc = as_lists(t_full_count), tfi = as_lists(t_full_index), tpc = as_lists(t_partial_count),
+       tpi = as_lists(t_partial_index);
+  for (const auto* t : {&fc, &pc}) {
+    TORCH_CHECK(t->dim() == 3 && (t->size(0) == 1 || t->size(0) == B) && (t->size(1) == 1 || t->size(1) == Hkv) &&
+                    t->size(2) == M,
+                who, ": counts must be (1 or B, 1 or Hkv, ", M, " query tiles), got ", t->sizes());
+  }
+  TORCH_CHECK(fi.dim() == 4 && fi.sizes().slice(0, 3) == fc.sizes() && pi.dim() == 4 &&
+                  pi.sizes().slice(0, 3) == pc.sizes() && fc.sizes() == pc.sizes(),
+              who, ": index lists must be (counts' shape, width)");
+  for (const auto* t : {&tfc, &tpc}) {
+    TORCH_CHECK(t->dim() == 3 && t->size(0) == fc.size(0) && t->size(1) == fc.size(1) && t->size(2) == nb, who,
+                ": transposed counts must be (", fc.size(0), ", ", fc.size(1), ", ", nb, " key blocks), got ",
+                t->sizes());
+  }
+  TORCH_CHECK(tfi.dim() == 4 && tfi.sizes().slice(0, 3) == tfc.sizes() && tpi.dim() == 4 &&
+                  tpi.sizes().slice(0, 3) == tpc.sizes(),
+              who, ": transposed index lists must be (counts' shape, width)");
+  check_lists(fc, fi, nb, who, "full");
+  check_lists(pc, pi, nb, who, "partial");
+  check_lists(tfc, tfi, M, who, "t_full");
+  check_lists(tpc, tpi, M, who, "t_partial");
+
+  torch::Tensor ti, tok, tok_off;
+  if (token_index.has_value() && token_index->defined() && token_index->size(-1) > 0) {
+    ti = as_lists(*token_index);
+    TORCH_CHECK(ti.dim() == 4 && ti.size(0) == B && ti.size(1) == Hkv && ti.size(2) == sq, who,
+                ": token_index must be (B, Hkv, Sq, topk), got ", ti.sizes());
+    check_token_index(ti, nb, who);
+    TORCH_CHECK(Hq / Hkv <= kCols, who, ": TopK backward supports at most ", kCols, " query heads per kv head");
+    TORCH_CHECK(block_tokens.has_value() && block_token_offsets.has_value(), who,
+                ": token_index needs block_tokens and block_token_offsets");
+    tok = as_lists(*block_tokens), tok_off = as_lists(*block_token_offsets);
+    TORCH_CHECK(tok.dim() == 3 && tok.size(0) == B && tok.size(1) == Hkv, who,
+                ": block_tokens must be (B, Hkv, width), got ", tok.sizes());
+    TORCH_CHECK(tok_off.dim() == 3 && tok_off.size(0) == B && tok_off.size(1) == Hkv && tok_off.size(2) == nb + 1,
+                who, ": block_token_offsets must be (B, Hkv, ", nb + 1, "), got ", tok_off.sizes());
+    const int32_t* o = tok_off.data_ptr<int32_t>();
+    const int32_t* x = tok.data_ptr<int32_t>();
+    const int64_t w = tok.size(2);
+    for (int64_t r = 0; r < B * Hkv; ++r) {
+      TORCH_CHECK(o[r * (nb + 1)] >= 0, who, ": block_token_offsets must start at >= 0");
+      for (int64_t n = 0; n < nb; ++n)
+        TORCH_CHECK(o[r * (nb + 1) + n] <= o[r * (nb + 1) + n + 1] && o[r * (nb + 1) + n + 1] <= w, who,
+                    ": block_token_offsets must be non-decreasing in [0, ", w, "]");
+      for (int64_t e = o[r * (nb + 1)]; e < o[r * (nb + 1) + nb]; ++e)
+        TORCH_CHECK(x[r * w + e] >= 0 && x[r * w + e] < sq, who, ": block_tokens must be tokens in [0, ", sq, ")");
+    }
+  }
+
+  // delta = rowsum(dO * O) and the forward's lse, float32 (B, Hq, Sq)
+  auto delta = (dout.to(torch::kFloat32) * out.to(torch::kFloat32)).sum(-1).contiguous();
+  auto lsec = lse.contiguous();
+
+  BwdParams P{};
+  P.B = B, P.Hq = Hq, P.Hkv = Hkv, P.G = Hq / Hkv, P.sq = sq, P.sk = sk, P.D = D, P.Dv = Dv;
+  P.D_pad = round_up(std::max<int64_t>(D, 1), kVec), P.Dv_pad = round_up(std::max<int64_t>(Dv, 1), kVec);
+  P.q_block = q_block, P.k_block = k_block, P.kb_pad = round_up(k_block, kVec);
+  P.M = M, P.nb = nb, P.off = off, P.tile0 = tile0;
+  P.causal = causal, P.window = window, P.sinks = sink_tokens;
+  P.scale = static_cast<float>(scale);
+  P.qmul = static_cast<float>(scale) * kLog2eB;
+  for (int d = 0; d < 4; ++d)
+    P.qst[d] = q.stride(d), P.kst[d] = k.stride(d), P.vst[d] = v.stride(d), P.dost[d] = dout.stride(d);
+  P.lse = lsec.data_ptr<float>(), P.delta = delta.data_ptr<float>();
+  P.fc = fc.data_ptr<int32_t>(), P.fi = fi.data_ptr<int32_t>(), P.pc = pc.data_ptr<int32_t>(),
+  P.pi = pi.data_ptr<int32_t>();
+  P.lb = fc.size(0), P.lh = fc.size(1), P.wf = fi.size(3), P.wp = pi.size(3);
+  P.tfc = tfc.data_ptr<int32_t>(), P.tfi = tfi.data_ptr<int32_t>(), P.tpc = tpc.data_ptr<int32_t>(),
+  P.tpi = tpi.data_ptr<int32_t>();
+  P.twf = tfi.size(3), P.twp = tpi.size(3);
+  P.ti = ti.defined() ? ti.data_ptr<int32_t>() : nullptr;
+  P.topk = ti.defined() ? ti.size(3) : 0;
+  P.tok = tok.defined() ? tok.data_ptr<int32_t>() : nullptr;
+  P.tok_off = tok_off.defined() ? tok_off.data_ptr<int32_t>() : nullptr;
+  P.tok_w = tok.defined() ? tok.size(2) : 0;
+
+  const void *qd = q.data_ptr(), *kd = k.data_ptr(), *vd = v.data_ptr(), *dod = dout.data_ptr();
+  if (dt == torch::kFloat32) {
+    run_bwd<0>(P, qd, kd, vd, dod, dq.data_ptr(), dk.data_ptr(), dv.data_ptr());
+  } else if (dt == torch::kBFloat16) {
+    run_bwd<1>(P, qd, kd, vd, dod, dq.data_ptr(), dk.data_ptr(), dv.data_ptr());
+  } else {
+    run_bwd<2>(P, qd, kd, vd, dod, dq.data_ptr(), dk.data_ptr(), dv.data_ptr());
+  }
+  return {dq, dk, dv};
+}
