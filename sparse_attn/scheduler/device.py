@@ -54,7 +54,10 @@ def _cpu_info() -> DeviceInfo:
         gen, per_core_fp32 = "avx512", 96.0
         lowp = per_core_fp32
     elif "avx2" in flags:
-        gen, per_core_fp32 = "avx2", 32.0
+        # measured 2026-11-23 on a 2-core Zen 3 EPYC (AVX2, no AVX-512): a 2048^3 float32 GEMM at
+        # ~49 GFLOP/s per core-second, the C++ kernels at 46-49; bfloat16 matmuls have no hardware
+        # path there (a 1024^3 bf16 GEMM took ~10 s), so low precision is no faster
+        gen, per_core_fp32 = "avx2", 48.0
         lowp = per_core_fp32
     elif platform.machine() in ("aarch64", "arm64"):
         gen, per_core_fp32 = ("sve" if "sve" in flags else "neon"), 16.0
