@@ -143,3 +143,12 @@ def test_visited_pairs_counts_the_visible_pairs(pat, sq, sk):
 def test_blocked_patterns_need_their_own_block_size():
     with pytest.raises(ValueError, match="block_size"):
         sa.build_layout(sa.TopK(2, block_size=16), batch=1, kv_heads=1, sq=40, sk=40, q_block=32)
+
+
+def test_block_token_lists():
+    """Per key block, the tokens that selected it: ascending, padding dropped."""
+    from sparse_attn.layout.block_layout import block_token_lists
+    ti = torch.tensor([[[[0, 2], [2, -1], [-1, -1], [0, 1]]]], dtype=torch.int32)
+    tokens, offsets = block_token_lists(ti, 4)
+    assert offsets[0, 0].tolist() == [0, 2, 3, 5, 5]
+    assert tokens[0, 0, :5].tolist() == [0, 3, 3, 0, 1]

@@ -235,13 +235,6 @@ def test_split_k_forward(kind):
         assert torch.isinf(lse[0, 2:]).all() and (out[0, 2:] == 0).all()
 
 
-def test_block_token_lists():
-    ti = torch.tensor([[[[0, 2], [2, -1], [-1, -1], [0, 1]]]], dtype=torch.int32, device=DEV)
-    tokens, offsets = _bwd().block_token_lists(ti, 4)
-    assert offsets[0, 0].tolist() == [0, 2, 3, 5, 5]
-    assert tokens[0, 0, :5].tolist() == [0, 3, 3, 0, 1]
-
-
 # ------------------------------------------------------------------------------- TopK selection
 @pytest.mark.parametrize("b,hq,hkv,sq,sk,d,pattern", [
     (1, 4, 2, 70, 70, 64, sa.TopK(2, block_size=8)),

@@ -132,6 +132,13 @@ class BlockLayout:
             out += [cnt, idx]
         return tuple(out)
 
+    def transpose_tokens(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """TopK's per-token blocks transposed, for dk/dv: per (batch, kv head) the tokens that
+        selected each key block, or None without per-token blocks. See `block_token_lists`."""
+        if self.token_index is None or self.token_index.shape[-1] == 0 or self.token_index.numel() == 0:
+            return None
+        return block_token_lists(self.token_index, self.num_k_blocks)
+
     def __repr__(self) -> str:
         lines = [f"BlockLayout(Sq={self.sq}, Sk={self.sk}, q_block={self.q_block}, k_block={self.k_block}, "
                  f"tiles={self.num_q_tiles}x{self.num_k_blocks}, batch/heads={tuple(self.full_count.shape[:2])}, "
@@ -173,3 +180,19 @@ def compact(valid: torch.Tensor, width: int, ids: torch.Tensor | None = None):
     index = torch.where(key == big, torch.full_like(key, -1), key)
     count = valid.sum(-1, dtype=torch.int32)
     return count, index
+
+
+def block_token_lists(token_index: torch.Tensor, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """TopK's per-token blocks transposed, on the device: `token_index` int32 `(B, Hkv, Sq, topk)`
+    (-1 padding) -> (`tokens` int32 `(B, Hkv, Sq * topk)` ordered by (block, token), `offsets`
+    int32 `(B, Hkv, num_blocks + 1)`: block n's tokens are `tokens[..., offsets[n]:offsets[n + 1]]`;
+    padding entries sort after the last block). A stable sort of `Sq * topk` block ids and a batched
+    `searchsorted`: no host synchronisation, nothing of size `Sq x Sk`."""
+    b, h, sq, topk = token_index.shape
+    blocks = token_index.reshape(b, h, sq * topk).to(torch.int64)
+    blocks = torch.where(blocks >= 0, blocks, torch.full_like(blocks, num_blocks))
+    sorted_blocks, order = torch.sort(blocks, dim=-1, stable=True)  # stable: tokens ascending per block
+    tokens = (order // max(topk, 1)).to(torch.int32)
+    bounds = torch.arange(num_blocks + 1, device=token_index.device).expand(b, h, num_blocks + 1).contiguous()
+    offsets = torch.searchsorted(sorted_blocks.contiguous(), bounds).to(torch.int32)
+    return tokens.contiguous(), offsets

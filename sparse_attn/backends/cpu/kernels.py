@@ -83,34 +83,13 @@ def block_sparse_forward_layout(q, k, v, lay, *, scale: float, return_lse: bool 
     return (out, lse) if return_lse else out
 
 
-def block_token_lists(token_index: torch.Tensor, num_blocks: int):
-    """TopK's per-token blocks transposed: per (batch, kv head), the tokens that selected each key
-    block. `token_index` int32 `(B, Hkv, Sq, topk)` (-1 padding) -> (`tokens` int32
-    `(B, Hkv, Sq * topk)`: sorted by (block, token), `offsets` int32 `(B, Hkv, num_blocks + 1)`:
-    block n's tokens are `tokens[..., offsets[n]:offsets[n + 1]]`). One sort of `Sq * topk`
-    entries, on the device, no host synchronisation, nothing of size Sq x Sk."""
-    b, h, sq, topk = token_index.shape
-    t = torch.arange(sq, device=token_index.device, dtype=torch.int64).view(1, 1, sq, 1)
-    blk = token_index.to(torch.int64)
-    key = torch.where(blk >= 0, blk, torch.full_like(blk, num_blocks)) * max(sq, 1) + t
-    key = key.reshape(b, h, sq * topk).sort(dim=-1).values
-    tokens = (key % max(sq, 1)).to(torch.int32)
-    counts = torch.zeros(b, h, num_blocks + 1, dtype=torch.int64, device=key.device)
-    counts.scatter_add_(-1, key // max(sq, 1), torch.ones_like(key))
-    offsets = torch.zeros(b, h, num_blocks + 1, dtype=torch.int32, device=key.device)
-    offsets[..., 1:] = counts[..., :num_blocks].cumsum(-1).to(torch.int32)
-    return tokens, offsets
-
-
 def block_sparse_backward_layout(q, k, v, out, lse, dout, lay, *, scale: float):
     """The C++ backward over `lay` (the forward's layout): dq per query tile over its blocks, dk/dv
     per key block over the query tiles of `lay.transpose()` and, for TopK, the tokens that
-    selected the block (`block_token_lists`). Returns (dq, dk, dv) in the inputs' dtypes."""
+    selected the block (`BlockLayout.transpose_tokens`). Returns (dq, dk, dv) in the inputs' dtypes."""
     tfc, tfi, tpc, tpi = lay.transpose()
-    tokens = offsets = None
+    tokens, offsets = lay.transpose_tokens() or (None, None)
     ti = lay.token_index
-    if ti is not None and ti.shape[-1] > 0 and ti.numel() > 0:
-        tokens, offsets = block_token_lists(ti, lay.num_k_blocks)
     return _ext().block_sparse_bwd(
         q, k, v, out, lse, dout, lay.full_count, lay.full_index, lay.partial_count, lay.partial_index,
         tfc, tfi, tpc, tpi, ti, tokens, offsets, *_rule(lay), float(scale))

@@ -8,7 +8,7 @@ With `P = exp(s - lse)` recomputed from the saved log-sum-exp and `delta = rowsu
   adding to the tile part's float32 dq of the same rows (each row has one owner: no atomics);
 * `_dkdv_kernel`: one program per (key chunk, batch, kv head): the query tiles of the transposed
   lists (`BlockLayout.transpose()`), every head of the group, then for TopK the tokens that
-  selected this key block (`block_token_lists`), gathered `TQ` tokens x `G` heads at a time.
+  selected this key block (`BlockLayout.transpose_tokens`), gathered `TQ` tokens x `G` heads at a time.
   dk/dv are accumulated in registers and written once: no atomics, deterministic.
 """
 from __future__ import annotations
@@ -258,21 +258,6 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_OUT,
              mask=jv[:, None] & (offs_dv[None, :] < DV))
 
 
-def block_token_lists(token_index: torch.Tensor, num_blocks: int):
-    """TopK's per-token blocks transposed, on the device: `token_index` int32 `(B, Hkv, Sq, topk)`
-    (-1 padding) -> (`tokens` int32 `(B, Hkv, Sq * topk)` ordered by (block, token), `offsets`
-    int32 `(B, Hkv, num_blocks + 1)`: block n's tokens are `tokens[..., offsets[n]:offsets[n + 1]]`).
-    A stable sort of the block ids (padding sorts last) and a batched `searchsorted`."""
-    b, h, sq, topk = token_index.shape
-    blocks = token_index.reshape(b, h, sq * topk).to(torch.int64)
-    blocks = torch.where(blocks >= 0, blocks, torch.full_like(blocks, num_blocks))
-    sorted_blocks, order = torch.sort(blocks, dim=-1, stable=True)  # stable: tokens ascending per block
-    tokens = (order // topk).to(torch.int32)
-    bounds = torch.arange(num_blocks + 1, device=token_index.device).expand(b, h, num_blocks + 1).contiguous()
-    offsets = torch.searchsorted(sorted_blocks.contiguous(), bounds).to(torch.int32)
-    return tokens.contiguous(), offsets
-
-
 def flash_backward(q, k, v, out, lse, dout, layout, *, scale: float, cfg):
     """(dq, dk, dv) in the inputs' dtypes over the forward's `layout`."""
     b, hq, sq, d = q.shape
@@ -312,7 +297,7 @@ def flash_backward(q, k, v, out, lse, dout, layout, *, scale: float, cfg):
             hkv, g, sq, sk, d, dv_, layout.k_block, ti.shape[-1], scale, scale * LOG2E,
             GR=_pow2(g), BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv, UPCAST=upcast(q), num_warps=4,
             num_stages=cfg.num_stages)
-        tokens, offsets = block_token_lists(ti, layout.num_k_blocks)
+        tokens, offsets = layout.transpose_tokens()
     else:
         tokens = torch.zeros(1, 1, 1, dtype=torch.int32, device=q.device)
         offsets = torch.zeros(1, 1, 2, dtype=torch.int32, device=q.device)
