@@ -173,3 +173,142 @@ def test_default_scale_and_return_types(backend):
                                  dtype=torch.float32, device="cpu")
     o2, st = sa.linear_attention(q.half(), k.half(), v.half(), return_state=True, backend=backend)
     assert o2.dtype == torch.float16 and st.dtype == torch.float32 and st.shape == (1, 2, 20, 20)
+
+
+# ----------------------------------------------------------------------------------------------
+# decode (recurrent kernel), varlen, plan
+# ----------------------------------------------------------------------------------------------
+from sparse_attn.api.linear import plan_linear  # noqa: E402
+
+
+@pytest.mark.parametrize("decay_kind", ["none", "per-head", "per-token"])
+def test_decode_step_uses_recurrent_kernel(decay_kind):
+    """S = 1 with a state: the scheduler picks the recurrent kernel; a decode loop equals prefill rows."""
+    b, h, hkv, s, d, dv = 2, 4, 2, 40, 32, 16
+    q, k, v = randn(b, h, s, d), randn(b, hkv, s, d), randn(b, hkv, s, dv)
+    decay = make_decay(decay_kind, b, h, s, torch.float32, lo=-2.0)
+    decay = None if decay is None else decay.detach()
+    s0 = randn(b, h, d, dv)
+    one = decay if decay is None or decay.dim() == 1 else decay[:, :, :1]
+    p = plan_linear(q[:, :, :1], k[:, :, :1], v[:, :, :1], decay=one, initial_state=s0)
+    assert p.kernel.name == "reference.linear_recurrent", p.explain()
+    assert "reference.linear_chunked" in p.explain() and p.problem.phase == "decode"
+    assert plan_linear(q, k, v, decay=decay).kernel.name == "reference.linear_chunked"
+    whole, whole_state = sa.linear_attention(q, k, v, decay=decay, initial_state=s0, return_state=True)
+    state, outs = s0, []
+    for t in range(s):
+        dt = decay if decay is None or decay.dim() == 1 else decay[:, :, t:t + 1]
+        o, state = p.run(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], decay=dt, initial_state=state,
+                         return_state=True)
+        outs.append(o)
+    oracle.assert_close_contract(torch.cat(outs, 2), whole, dtype=torch.float32, device="cpu", what="decode rows")
+    oracle.assert_close_contract(state, whole_state, dtype=torch.float32, device="cpu", what="decode state")
+    ref, ref_state = oracle.oracle_linear_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                                    decay=decay, initial_state=s0)
+    oracle.assert_close_contract(torch.cat(outs, 2), ref, dtype=torch.float32, device="cpu")
+
+
+def test_recurrent_kernel_gradients():
+    b, h, s, d = 1, 3, 3, 16
+    q, k, v = (randn(b, h, s, d, requires_grad=True) for _ in range(3))
+    decay = make_decay("per-token", b, h, s, torch.float32, lo=-3.0)
+    s0 = randn(b, h, d, d, requires_grad=True)
+    check_against_oracle(
+        lambda q, k, v, decay, s0: sa.linear_attention(q, k, v, decay=decay, initial_state=s0),
+        lambda q, k, v, decay, s0: oracle.oracle_linear_attention(q, k, v, decay=decay, initial_state=s0)[0],
+        None, dict(q=q, k=k, v=v, decay=decay, s0=s0), dtype=torch.float32)
+    assert plan_linear(q, k, v, decay=decay, initial_state=s0).kernel.name == "reference.linear_recurrent"
+
+
+def cu(*lens):
+    return torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
+
+
+@pytest.mark.parametrize("decay_kind", ["none", "per-head", "per-token"])
+def test_varlen_cu_seqlens(decay_kind):
+    lens = [5, 0, 70, 1, 33]
+    h, d, dv, t = 2, 16, 24, sum(lens)
+    q, k, v = randn(1, h, t, d, requires_grad=True), randn(1, h, t, d), randn(1, h, t, dv)
+    decay = make_decay(decay_kind, 1, h, t, torch.float32, lo=-2.0)
+    s0 = randn(len(lens), h, d, dv, requires_grad=True)
+    o, st = sa.linear_attention(q, k, v, decay=decay, initial_state=s0, return_state=True, cu_seqlens=cu(*lens))
+    assert o.shape == (1, h, t, dv) and st.shape == (len(lens), h, d, dv)
+    offs = cu(*lens).tolist()
+    for i in range(len(lens)):
+        a, z = offs[i], offs[i + 1]
+        di = decay if decay is None or decay.dim() == 1 else decay[:, :, a:z]
+        ref, ref_st = oracle.oracle_linear_attention(q[:, :, a:z], k[:, :, a:z], v[:, :, a:z], decay=di,
+                                                     initial_state=s0[i:i + 1])
+        if z > a:
+            oracle.assert_close_contract(o[:, :, a:z], ref, dtype=torch.float32, device="cpu", what=f"seq {i}")
+        oracle.assert_close_contract(st[i:i + 1], ref_st, dtype=torch.float32, device="cpu", what=f"state {i}")
+    (o.square().sum() + st.sum()).backward()  # gradients flow to q and every sequence's initial state
+    assert torch.isfinite(q.grad).all() and (s0.grad.abs().sum(dim=(1, 2, 3)) > 0).all()
+
+
+def test_varlen_rejects_bad_offsets():
+    q = randn(1, 2, 10, 16)
+    with pytest.raises(TypeError, match="cu_seqlens"):
+        sa.linear_attention(q, q, q, cu_seqlens=[0, 10])
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        sa.linear_attention(q, q, q, cu_seqlens=torch.tensor([0, 10]))          # int64
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        sa.linear_attention(q, q, q, cu_seqlens=cu(3, 4))                        # ends at 7, not 10
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        sa.linear_attention(q, q, q, cu_seqlens=torch.tensor([0, 6, 4, 10], dtype=torch.int32))
+    q2 = randn(2, 2, 10, 16)
+    with pytest.raises(ValueError, match=r"\(1, H, T, D\)"):
+        sa.linear_attention(q2, q2, q2, cu_seqlens=cu(4, 6))
+    with pytest.raises(ValueError, match="initial_state"):
+        sa.linear_attention(q, q, q, cu_seqlens=cu(4, 6), initial_state=torch.zeros(1, 2, 16, 16))
+    with pytest.raises(ValueError, match="initial_state"):
+        sa.linear_attention(q, q, q, cu_seqlens=cu(4, 6), initial_state=torch.zeros(2, 2, 16, 8))
+    with pytest.raises(ValueError, match="decay"):
+        sa.linear_attention(q, q, q, cu_seqlens=cu(4, 6), decay=torch.zeros(1, 2, 9))
+
+
+def test_plan_linear_explain_and_run():
+    q, k, v = randn(1, 2, 300, 32), randn(1, 2, 300, 32), randn(1, 2, 300, 16)
+    p = plan_linear(q, k, v, decay=torch.full((2,), -0.1))
+    text = p.explain()
+    assert "linear_attention(decay=per-head)" in text and "* reference.linear_chunked" in text
+    assert "S=300 > 16" in text  # the recurrent kernel's reason
+    o = p.run(q, k, v, decay=torch.full((2,), -0.1))
+    oracle.assert_close_contract(o, sa.linear_attention(q, k, v, decay=torch.full((2,), -0.1)), dtype=torch.float32,
+                                 device="cpu")
+    with pytest.raises(ValueError, match="backend 'cpu'"):
+        plan_linear(q, k, v, backend="cpu")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,lo,hi", [pytest.param("per-token", -1e-3, 0.0, id="near-0"),
+                                        pytest.param("per-token", -5.5, -4.5, id="near-minus5")])
+def test_long_handoff_with_state_gradient(kind, lo, hi):
+    """4K tokens in two chunked calls handing the state on == the recurrence, with gradients for q, k,
+    v, the per-token decay and the initial state."""
+    b, h, s, d, dv = 1, 2, 4096, 16, 16
+    q, k, v = (randn(b, h, s, n, requires_grad=True) for n in (d, d, dv))
+    decay = make_decay(kind, b, h, s, torch.float32, lo=lo, hi=hi)
+    s0 = randn(b, h, d, dv, requires_grad=True)
+
+    def run(q, k, v, decay, s0):
+        o1, st = sa.linear_attention(q[:, :, :2500], k[:, :, :2500], v[:, :, :2500], decay=decay[:, :, :2500],
+                                     initial_state=s0, return_state=True)
+        o2 = sa.linear_attention(q[:, :, 2500:], k[:, :, 2500:], v[:, :, 2500:], decay=decay[:, :, 2500:],
+                                 initial_state=st)
+        return torch.cat([o1, o2], dim=2)
+
+    check_against_oracle(run, lambda q, k, v, decay, s0: oracle.oracle_linear_attention(
+        q, k, v, decay=decay, initial_state=s0)[0], None, dict(q=q, k=k, v=v, decay=decay, s0=s0),
+        dtype=torch.float32)
+
+
+@pytest.mark.slow
+def test_long_bf16_per_head_near_zero():
+    b, h, s, d = 1, 2, 4096, 16
+    q, k, v = (randn(b, h, s, d, dtype=torch.bfloat16) for _ in range(3))
+    decay = make_decay("per-head", b, h, s, torch.bfloat16, lo=-1e-3, hi=-1e-4).detach()
+    out = sa.linear_attention(q, k, v, decay=decay)
+    ref, _ = oracle.oracle_linear_attention(q, k, v, decay=decay)
+    base = oracle.masked_linear_attention_in_dtype(q, k, v, decay=decay)
+    oracle.assert_close_contract(out, ref, dtype=torch.bfloat16, device="cpu", lowp_baseline=base)

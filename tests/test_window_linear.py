@@ -70,3 +70,103 @@ def test_sinks_are_not_in_the_linear_memory(backend):
     window_delta = 0.5 * (oracle.oracle_attention(q, k, v2, sa.SlidingWindow(4, sinks=3))
                           - oracle.oracle_attention(q, k, v, sa.SlidingWindow(4, sinks=3)))
     assert oracle.rel_err(delta, window_delta) < 1e-4
+
+
+# ----------------------------------------------------------------------------------------------
+# constant-memory decode
+# ----------------------------------------------------------------------------------------------
+from sparse_attn.backends.reference.window_linear import WindowLinearDecoder, window_linear_decode  # noqa: E402
+
+DECODE = [  # (window, sinks, Hq, Hkv, S, prefill tokens, D)
+    pytest.param(8, 0, 4, 4, 61, 0, 64, id="w8-from-empty-gqa1"),
+    pytest.param(5, 3, 8, 2, 57, 20, 80, id="w5-sinks3-after-prefill-gqa4"),
+    pytest.param(1, 1, 8, 1, 30, 0, 64, id="w1-sink1-gqa8"),
+    pytest.param(16, 2, 4, 2, 70, 2, 128, id="w16-sinks2-prefill-in-sinks-gqa2"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("window,sinks,hq,hkv,s,prefill,d", DECODE)
+def test_decode_loop_with_window_buffer_equals_prefill(window, sinks, hq, hkv, s, prefill, d, dtype):
+    """Decoding token by token while keeping only sinks + window keys and (M, z) gives the prefill rows."""
+    pattern = sa.WindowLinear(window, sinks=sinks)
+    q, k, v = make_qkv(2, hq, hkv, s, s, d, dtype=dtype)
+    gate = randn(hq, scale=2.0)
+    full = sa.attention(q, k, v, pattern, gate=gate)
+    dec = (WindowLinearDecoder.from_prefill(k[:, :, :prefill], v[:, :, :prefill], pattern, gate=gate) if prefill
+           else WindowLinearDecoder(pattern, gate=gate))
+    outs = []
+    for t in range(prefill, s):
+        outs.append(dec.step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1]))
+        assert dec.cached_tokens() <= window + sinks
+        m, z = dec.memory
+        assert m.shape == (2, hkv, d, d) and z.shape == (2, hkv, d)
+    got = torch.cat(outs, dim=2)
+    ref = oracle.oracle_attention(q, k, v, pattern, gate=gate)[:, :, prefill:]
+    base = oracle.masked_attention_in_dtype(q, k, v, pattern, gate=gate.to(dtype))[:, :, prefill:]
+    oracle.assert_close_contract(got, ref, dtype=dtype, device="cpu", what="decoded rows", lowp_baseline=base)
+    assert oracle.rel_err(got, full[:, :, prefill:]) < (1e-5 if dtype == torch.float32 else 3e-2)
+
+
+def test_decode_function_memory_update():
+    """window_linear_decode adds the evicted keys to (M, z) before reading them, and returns the update."""
+    pattern = sa.WindowLinear(4, sinks=0)
+    q, k, v = make_qkv(1, 2, 1, 10, 10, 64)
+    gate = torch.tensor([0.5, -0.5])
+    # token 9 sees keys 6..9; evicted: 0..5 (0..4 already in memory, 5 leaves now)
+    from sparse_attn.backends.reference.window_linear import phi
+    fk = phi(k[:, :, :5])
+    mem = (fk.transpose(-1, -2) @ v[:, :, :5], fk.sum(2))
+    o, (m, z) = window_linear_decode(q[:, :, 9:], k[:, :, 6:], v[:, :, 6:], mem, gate=gate,
+                                     evict_k=k[:, :, 5:6], evict_v=v[:, :, 5:6])
+    ref = oracle.oracle_attention(q, k, v, pattern, gate=gate)[:, :, 9:]
+    oracle.assert_close_contract(o, ref, dtype=torch.float32, device="cpu")
+    fk6 = phi(k[:, :, :6])
+    oracle.assert_close_contract(m, fk6.transpose(-1, -2) @ v[:, :, :6], dtype=torch.float32, device="cpu", what="M")
+    oracle.assert_close_contract(z, fk6.sum(2), dtype=torch.float32, device="cpu", what="z")
+
+
+# ----------------------------------------------------------------------------------------------
+# the fused Triton forward (interpreter on CPU-only machines)
+# ----------------------------------------------------------------------------------------------
+from conftest import TRITON_DEVICE  # noqa: E402
+
+TRITON_CONFIGS = [  # (window, sinks, B, Hq, Hkv, Sq, Sk, D)
+    pytest.param(16, 0, 2, 4, 4, 37, 37, 64, id="w16-prefill-gqa1"),
+    pytest.param(13, 2, 1, 8, 2, 5, 71, 80, id="w13-sinks2-chunk-gqa4"),
+    pytest.param(1, 0, 1, 8, 1, 1, 50, 64, id="w1-decode-gqa8"),
+    pytest.param(7, 5, 1, 2, 1, 100, 100, 32, id="w7-sinks5-gqa2"),
+    pytest.param(40, 3, 1, 2, 2, 90, 90, 128, id="w40-sinks3-d128"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("window,sinks,b,hq,hkv,sq,sk,d", TRITON_CONFIGS)
+def test_triton_fused_forward_against_oracle(window, sinks, b, hq, hkv, sq, sk, d, dtype):
+    pattern = sa.WindowLinear(window, sinks=sinks)
+    q, k, v = (x.to(TRITON_DEVICE) for x in make_qkv(b, hq, hkv, sq, sk, d, dv=d - 16 if d > 64 else d,
+                                                       dtype=dtype))
+    gate = randn(hq, scale=2.0).to(TRITON_DEVICE)
+    p = sa.plan(q, k, v, pattern, gate=gate, backend="triton")
+    assert p.kernel.name == "triton.window_linear"
+    out = p.run(q, k, v, gate=gate)
+    ref = oracle.oracle_attention(q.cpu(), k.cpu(), v.cpu(), pattern, gate=gate.cpu())
+    base = oracle.masked_attention_in_dtype(q.cpu(), k.cpu(), v.cpu(), pattern, gate=gate.cpu().to(dtype))
+    oracle.assert_close_contract(out.cpu(), ref, dtype=dtype, device=TRITON_DEVICE, lowp_baseline=base)
+
+
+def test_triton_fused_is_forward_only_and_not_chosen_on_cpu():
+    pattern = sa.WindowLinear(8, sinks=1)
+    q, k, v = (x.to(TRITON_DEVICE) for x in make_qkv(1, 2, 2, 20, 20, 64, requires_grad=True))
+    gate = torch.zeros(2, device=TRITON_DEVICE)
+    with pytest.raises(ValueError, match="no backward"):
+        sa.attention(q, k, v, pattern, gate=gate, backend="triton")
+    if TRITON_DEVICE == "cpu":
+        with torch.no_grad():
+            assert sa.plan(q, k, v, pattern, gate=gate).kernel.backend == "reference"
+    # nothing evicted (Sk <= window + sinks): the linear part is 0, o = sigmoid(0) * window softmax
+    with torch.no_grad():
+        q2, k2, v2 = q[:, :, :9], k[:, :, :9], v[:, :, :9]
+        out = sa.attention(q2, k2, v2, pattern, gate=gate, backend="triton")
+        oracle.assert_close_contract(out.cpu(), 0.5 * oracle.oracle_attention(q2.cpu(), k2.cpu(), v2.cpu(), sa.Dense()),
+                                     dtype=torch.float32, device=TRITON_DEVICE)

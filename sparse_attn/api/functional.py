@@ -9,6 +9,7 @@ from ..layout.topk_selection import select_blocks_mask
 from ..patterns import BlockSparse, Dense, Pattern, TopK
 from ..scheduler.plan import Plan, choose
 from ..scheduler.problem import check_backend, check_qkv, make_problem
+from .ops import attention_op, encode_pattern, select_blocks_op, validate
 
 
 def plan(q, k, v, pattern: Pattern = Dense(), *, scale=None, gate=None, backend=None, requires_grad=None) -> Plan:
@@ -36,7 +37,12 @@ def attention(q, k, v, pattern: Pattern = Dense(), *, scale=None, gate=None, bac
         backend: None (scheduler's choice) or "reference" | "triton" | "cpu" | "cuda" | "npu".
     Returns:
         `(B, Hq, Sq, Dv)` in q's dtype. Differentiable in q, k, v (and gate).
+
+    Under `torch.compile` the call goes through the `sparse_attn::attention_fwd/bwd` custom ops
+    (api/ops.py): no graph break, the same kernel choice, made when the compiled graph runs.
     """
+    if torch.compiler.is_compiling():
+        return attention_op(q, k, v, pattern, scale=scale, gate=gate, backend=backend)
     p = plan(q, k, v, pattern, scale=scale, gate=gate, backend=backend)
     return p.run(q, k, v, gate=gate)
 
@@ -99,6 +105,8 @@ def select_blocks(q, k, pattern: TopK) -> torch.Tensor:
     if not isinstance(pattern, TopK):
         raise TypeError(f"select_blocks needs a TopK pattern, got {type(pattern).__name__}")
     check_qkv(q, k, k, names=("q", "k", "k"))
-    make_problem(q, k, k, pattern)  # same checks as attention()
+    validate(q, k, k, pattern)  # same checks as attention(), traceable by torch.compile
+    if torch.compiler.is_compiling():
+        return select_blocks_op(q.detach(), k.detach(), encode_pattern(pattern)[1])
     with torch.no_grad():
         return select_blocks_mask(q, k, pattern)

@@ -5,7 +5,7 @@ import torch
 
 from ..patterns.linear import LinearAttention
 from ..scheduler.device import device_info
-from ..scheduler.plan import choose
+from ..scheduler.plan import Plan, choose
 from ..scheduler.problem import FLOAT_DTYPES, Problem, check_backend, check_qkv, check_scale
 
 
@@ -42,7 +42,101 @@ def _check_linear(q, k, v, decay, initial_state):
     return kind
 
 
-def linear_attention(q, k, v, *, decay=None, scale=None, initial_state=None, return_state=False, backend=None):
+class LinearPlan(Plan):
+    """A `Plan` for `linear_attention`: `.run` takes the decay and state arguments too."""
+
+    def run(self, q, k, v, *, decay=None, initial_state=None, return_state=False, gate=None):
+        if gate is not None:
+            raise ValueError("gate is not an argument of linear_attention")
+        o, state = _run_kernel(self.kernel, q, k, v, self.problem, decay, initial_state)
+        return (o, state) if return_state else o
+
+
+def _problem(q, k, v, decay, initial_state, scale, requires_grad):
+    kind = _check_linear(q, k, v, decay, initial_state)
+    b, h, s, d = q.shape
+    sc = check_scale(scale, d)
+    if requires_grad is None:
+        requires_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, k, v, decay, initial_state))
+    return Problem(batch=b, q_heads=h, kv_heads=k.shape[1], sq=s, sk=s, head_dim=d, v_head_dim=v.shape[3],
+                   dtype=q.dtype, device=device_info(q.device), pattern=LinearAttention(kind), scale=sc,
+                   requires_grad=bool(requires_grad))
+
+
+def _run_kernel(kernel, q, k, v, problem, decay, initial_state):
+    g = problem.group
+    if g > 1:
+        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    return kernel.run(q, k, v, problem, decay=decay, initial_state=initial_state)
+
+
+def plan_linear(q, k, v, *, decay=None, scale=None, initial_state=None, backend=None,
+                requires_grad=None) -> LinearPlan:
+    """The scheduler's decision for `linear_attention(q, k, v, ...)`, without running it.
+
+    Same arguments as `linear_attention` (no `cu_seqlens`: plan one sequence). `.explain()` lists
+    every linear-attention kernel with its estimated cost or its reasons not to run;
+    `.run(q, k, v, decay=..., initial_state=..., return_state=...)` runs the chosen one.
+    """
+    check_backend(backend)
+    problem = _problem(q, k, v, decay, initial_state, scale, requires_grad)
+    p = choose(problem, backend=backend, op="linear_attention")
+    return LinearPlan(problem=p.problem, candidates=p.candidates, kernel=p.kernel, backend_request=backend)
+
+
+def _check_cu_seqlens(cu, q, initial_state):
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be an int32 torch.Tensor, got {type(cu).__name__}")
+    if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1:
+        raise ValueError(f"cu_seqlens must be a 1-D int32 tensor of nseq + 1 offsets, got {cu.dtype} "
+                         f"{tuple(cu.shape)}")
+    if cu.device != q.device:
+        raise ValueError(f"cu_seqlens is on {cu.device} but q is on {q.device}")
+    if q.dim() != 4 or q.shape[0] != 1:
+        raise ValueError(f"with cu_seqlens, q/k/v hold the packed sequences as batch 1: (1, H, T, D); "
+                         f"got q of shape {tuple(q.shape)}")
+    offs = cu.tolist()  # the one host read of the varlen path (as attention_varlen)
+    total = q.shape[2]
+    if offs[0] != 0 or offs[-1] != total or any(b < a for a, b in zip(offs, offs[1:])):
+        raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at the packed length {total}, "
+                         f"got {offs}")
+    nseq = len(offs) - 1
+    if initial_state is not None and isinstance(initial_state, torch.Tensor) and initial_state.dim() == 4 \
+            and initial_state.shape[0] != nseq:
+        raise ValueError(f"with cu_seqlens, initial_state must have shape (nseq, H, D, Dv) with nseq = {nseq}, "
+                         f"got {tuple(initial_state.shape)}")
+    return offs
+
+
+def _linear_varlen(q, k, v, cu_seqlens, *, decay, scale, initial_state, return_state, backend):
+    offs = _check_cu_seqlens(cu_seqlens, q, initial_state)
+    nseq = len(offs) - 1
+    # validate the packed call once, as one sequence of the full length (shapes, dtypes, decay)
+    _check_linear(q, k, v, decay, None)
+    h, d, dv = q.shape[1], q.shape[3], v.shape[3]
+    if initial_state is not None:
+        _check_linear(q[:, :, :0].expand(nseq, -1, -1, -1), k[:, :, :0].expand(nseq, -1, -1, -1),
+                      v[:, :, :0].expand(nseq, -1, -1, -1), None, initial_state)
+    outs, states = [], []
+    for i in range(nseq):
+        a, z = offs[i], offs[i + 1]
+        dec = decay if decay is None or decay.dim() == 1 else decay[:, :, a:z]
+        s0 = None if initial_state is None else initial_state[i:i + 1]
+        o, st = linear_attention(q[:, :, a:z], k[:, :, a:z], v[:, :, a:z], decay=dec, scale=scale,
+                                 initial_state=s0, return_state=True, backend=backend)
+        outs.append(o)
+        states.append(st)
+    o = torch.cat(outs, dim=2) if outs else q.new_zeros(1, h, 0, dv)
+    if not return_state:
+        return o
+    sdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    st = torch.cat(states, dim=0) if states else q.new_zeros(0, h, d, dv, dtype=sdt)
+    return o, st
+
+
+def linear_attention(q, k, v, *, decay=None, scale=None, initial_state=None, return_state=False,
+                     cu_seqlens=None, backend=None):
     """Causal linear attention with optional decay (contract, "Linear attention").
 
     `S_t = exp(g_t) S_{t-1} + k_t v_t^T`, `o_t = scale * q_t^T S_t`, identity feature map.
@@ -53,20 +147,20 @@ def linear_attention(q, k, v, *, decay=None, scale=None, initial_state=None, ret
         scale: default `D ** -0.5`.
         initial_state: `(B, H, D, Dv)` state to continue from (e.g. a previous chunk's).
         return_state: also return the final state `(B, H, D, Dv)` (float32; float64 for float64 inputs).
+        cu_seqlens: packed sequences (FLA-style varlen): q/k/v are `(1, H, T, D)` holding the
+            sequences back to back, `cu_seqlens` the int32 offsets `(nseq + 1,)`; each sequence
+            starts from its own state: `initial_state` and the returned state are `(nseq, H, D, Dv)`,
+            a per-token decay is `(1, H, T)`. The offsets are read on the host once.
+        backend: None (the scheduler's choice: the recurrent kernel for a token or a few, the
+            chunked one otherwise) or a backend name.
     Returns:
         o `(B, H, S, Dv)` in q's dtype, or `(o, state)`.
     """
     check_backend(backend)
-    kind = _check_linear(q, k, v, decay, initial_state)
-    b, h, s, d = q.shape
-    sc = check_scale(scale, d)
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, decay, initial_state))
-    problem = Problem(batch=b, q_heads=h, kv_heads=k.shape[1], sq=s, sk=s, head_dim=d, v_head_dim=v.shape[3],
-                      dtype=q.dtype, device=device_info(q.device), pattern=LinearAttention(kind), scale=sc,
-                      requires_grad=grad)
+    if cu_seqlens is not None:
+        return _linear_varlen(q, k, v, cu_seqlens, decay=decay, scale=scale, initial_state=initial_state,
+                              return_state=return_state, backend=backend)
+    problem = _problem(q, k, v, decay, initial_state, scale, None)
     p = choose(problem, backend=backend, op="linear_attention")
-    g = h // k.shape[1]
-    if g > 1:
-        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
-    o, state = p.kernel.run(q, k, v, problem, decay=decay, initial_state=initial_state)
+    o, state = _run_kernel(p.kernel, q, k, v, problem, decay, initial_state)
     return (o, state) if return_state else o

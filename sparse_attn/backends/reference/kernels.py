@@ -9,7 +9,8 @@ from ...patterns.linear import LinearAttention
 from ...scheduler.kernel import Kernel, roofline_seconds
 from ...scheduler.problem import Problem
 from .linear import linear_attention_chunked
-from .softmax import acc_dtype, chunk_rows, softmax_attention
+from ..flash import FlashKernel
+from .softmax import acc_dtype, chunk_rows, softmax_backward, softmax_forward, topk_index_for
 from .window_linear import window_linear_attention
 
 _CHUNK_OVERHEAD_S = 40e-6  # Python + launch cost of one chunk
@@ -25,8 +26,12 @@ def _pairs_touched(p: Problem) -> float:
     return Dense(causal=pat.causal).visited_pairs(p.sq, p.sk)
 
 
-class ReferenceChunked(Kernel):
-    """Every softmax pattern and WindowLinear, chunked over queries, checkpointed for autograd."""
+class ReferenceChunked(FlashKernel):
+    """Every softmax pattern and WindowLinear, chunked over queries, checkpointed for autograd.
+
+    For the softmax patterns it is a :class:`FlashKernel` (forward -> (out, lse), backward from
+    lse); its "layout" is TopK's per-token selection (None for the other patterns). WindowLinear
+    runs its own composite (window_linear.py), differentiated by autograd."""
 
     name = "reference.chunked"
     backend = "reference"
@@ -45,14 +50,39 @@ class ReferenceChunked(Kernel):
                                    + p.kv_heads * p.sk * (p.head_dim + p.v_head_dim))
         rows = chunk_rows(p.pattern, batch_heads=p.batch * p.q_heads, sq=p.sq, sk=p.sk)
         chunks = -(-max(p.sq, 1) // rows)
-        return roofline_seconds(p, flops=flops, bytes_moved=nbytes, efficiency=0.25,
-                                overhead_s=chunks * _CHUNK_OVERHEAD_S * (3 if p.requires_grad else 1),
-                                compute_dtype=acc_dtype(p.dtype))  # upcasts to float32 / float64
+        overhead = chunks * _CHUNK_OVERHEAD_S * (3 if p.requires_grad else 1)
+        t = roofline_seconds(p, flops=flops, bytes_moved=nbytes, efficiency=0.25, overhead_s=overhead,
+                             compute_dtype=acc_dtype(p.dtype))  # upcasts to float32 / float64
+        if p.device.type == "cpu":
+            # What dominates few-row calls (decode): K and V are upcast to float32, and each chunk's
+            # matmul broadcasts its keys over the G heads of the group, i.e. copies them once per
+            # query head, into fresh memory (page faults) every call. Measured ~2 GB/s of those
+            # bytes on the 2-core CPU: TopK decode 30-170 ms for 2K-8K keys (B=1 Hq=32 Hkv=8 D=128,
+            # bf16) where the roofline above says 2-8 ms. TopK's pooling reads K once more.
+            acc_elem = torch.finfo(acc_dtype(p.dtype)).bits // 8
+            per_head = p.head_dim + p.v_head_dim
+            copies = acc_elem * p.batch * p.q_heads * (_pairs_touched(p) / rows) * per_head
+            if acc_elem != elem:
+                copies += acc_elem * p.batch * p.kv_heads * p.sk * per_head
+            if isinstance(p.pattern, TopK):
+                copies += elem * p.batch * p.kv_heads * p.sk * p.head_dim
+            t = max(t, copies / (p.device.bandwidth_gbs * 1e9 * 0.06) + overhead)
+        return t
+
+    def prepare(self, q, k, p):
+        return topk_index_for(q, k, p.pattern)
+
+    def forward(self, q, k, v, p, layout):
+        out, lse = softmax_forward(q, k, v, p.pattern, scale=p.scale, token_index=layout)
+        return out.to(q.dtype), lse
+
+    def backward(self, q, k, v, out, lse, dout, p, layout):
+        return softmax_backward(q, k, v, lse, dout, p.pattern, scale=p.scale, token_index=layout)
 
     def run(self, q, k, v, p, *, gate=None):
         if isinstance(p.pattern, WindowLinear):
             return window_linear_attention(q, k, v, p.pattern, scale=p.scale, gate=gate)
-        return softmax_attention(q, k, v, p.pattern, scale=p.scale)
+        return super().run(q, k, v, p)
 
 
 class TorchSDPA(Kernel):
@@ -89,9 +119,14 @@ class TorchSDPA(Kernel):
         nbytes = elem * p.batch * p.kv_heads * p.sk * (p.head_dim + p.v_head_dim)
         if p.device.type == "cpu":
             # PyTorch's CPU attention runs float32 arithmetic whatever the dtype (no bf16 dot
-            # products): ~0.6 of the float32 GEMM rate measured by the bench, for every dtype
-            return roofline_seconds(p, flops=flops, bytes_moved=nbytes, efficiency=0.6, overhead_s=20e-6,
-                                    compute_dtype=acc_dtype(p.dtype))
+            # products): ~0.6 of the float32 GEMM rate measured by the bench, for every dtype.
+            # Its few-row (decode) path reads K/V far below the machine's bandwidth: measured
+            # ~1.2 GB/s of K+V bytes for bfloat16 / float16 and 3-17 GB/s for float32 (2-core EPYC,
+            # B=1 Hq=32 Hkv=8 D=128, 2K-128K keys): 0.035 and ~0.23 of the nominal 35 GB/s
+            read = 0.23 if p.dtype in (torch.float32, torch.float64) else 0.035
+            compute = roofline_seconds(p, flops=flops, bytes_moved=0.0, efficiency=0.6,
+                                       compute_dtype=acc_dtype(p.dtype))
+            return max(compute, nbytes / (p.device.bandwidth_gbs * 1e9 * read)) + 20e-6
         return roofline_seconds(p, flops=flops, bytes_moved=nbytes, efficiency=0.5, overhead_s=20e-6)
 
     def run(self, q, k, v, p, *, gate=None):
@@ -101,19 +136,26 @@ class TorchSDPA(Kernel):
 
 
 class ReferenceLinear(Kernel):
-    """Chunked linear attention in plain PyTorch (matrix products inside a chunk, recurrence across)."""
+    """Chunked linear attention in plain PyTorch: batched matrix products over all chunks at once
+    inside a chunk, a short sequential scan of the (D, Dv) states across chunks."""
 
     name = "reference.linear_chunked"
     backend = "reference"
     patterns = (LinearAttention,)
     supports_backward = True
 
+    @staticmethod
+    def chunk_for(p):
+        """Chunk length per device: intra-chunk FLOPs grow with it, the matrix products get larger.
+        CPU: 64 beat 128 by 1.05-1.2x at D=128, S=16K (/work/notes/linear_bench.py, 1 thread).
+        GPU: 128 (larger products for the tensor cores; not measured yet)."""
+        return 128 if p.device.type == "cuda" else 64
+
     def cost(self, p):
-        chunk = 64
-        flops = 2.0 * p.batch * p.q_heads * p.sq * (chunk * (p.head_dim + p.v_head_dim) + 3 * p.head_dim * p.v_head_dim)
-        return roofline_seconds(p, flops=flops * (3.5 if p.requires_grad else 1.0), bytes_moved=0.0,
-                                efficiency=0.25, overhead_s=-(-p.sq // chunk) * _CHUNK_OVERHEAD_S,
-                                compute_dtype=acc_dtype(p.dtype))
+        from .linear import linear_chunked_cost  # the cost model lives beside the implementation
+
+        return linear_chunked_cost(p, self.chunk_for(p))
 
     def run(self, q, k, v, p, *, gate=None, decay=None, initial_state=None):
-        return linear_attention_chunked(q, k, v, decay=decay, scale=p.scale, initial_state=initial_state)
+        return linear_attention_chunked(q, k, v, decay=decay, scale=p.scale, initial_state=initial_state,
+                                        chunk=self.chunk_for(p))

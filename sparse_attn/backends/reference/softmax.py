@@ -91,66 +91,89 @@ def _chunks(pattern, q_shape, sk, device, token_index):
         yield _Chunk(pattern, r0, min(sq, r0 + rows), sq, sk, device, token_index, nb)
 
 
+def softmax_forward(q, k, v, pattern, *, scale: float, token_index=None):
+    """Forward of the reference softmax attention: `(out (B, Hq, Sq, Dv), lse (B, Hq, Sq))`, both in
+    the accumulation dtype (float32; float64 for float64 inputs). `lse` is the natural-log
+    log-sum-exp of each row's scaled visible scores, `+inf` for a row that sees no key (its output
+    is 0). `token_index`: TopK's per-token selection (`topk_token_index`), None otherwise."""
+    b, hq, sq, d = q.shape
+    hkv, sk, dv = k.shape[1], k.shape[2], v.shape[3]
+    g = hq // hkv if hkv else 1
+    acc = acc_dtype(q.dtype)
+    qa = q.to(acc).view(b, hkv, g, sq, d)
+    ka, va = k.to(acc), v.to(acc)
+    out = torch.zeros(b, hkv, g, sq, dv, dtype=acc, device=q.device)
+    lse = torch.full((b, hkv, g, sq), float("inf"), dtype=acc, device=q.device)
+    for c in _chunks(pattern, qa.shape, sk, q.device, token_index):
+        s = torch.matmul(qa[:, :, :, c.r0:c.r1], c.take(ka).transpose(-1, -2)) * scale
+        s = s.masked_fill(~c.mask, float("-inf"))
+        m = s.amax(dim=-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        p = torch.exp(s - m)
+        denom = p.sum(dim=-1, keepdim=True)
+        seen = denom > 0  # rows with no visible key output 0 (contract)
+        out[:, :, :, c.r0:c.r1] = torch.matmul(p, c.take(va)) / torch.where(seen, denom, torch.ones_like(denom))
+        lse[:, :, :, c.r0:c.r1] = torch.where(seen, m + torch.log(denom), torch.full_like(m, float("inf")))[..., 0]
+    return out.view(b, hq, sq, dv), lse.view(b, hq, sq)
+
+
+def softmax_backward(q, k, v, lse, dout, pattern, *, scale: float, token_index=None):
+    """The flash backward of :func:`softmax_forward` from the saved `lse` alone (the output is not
+    needed: rowsum(P * dP) replaces dO . O). Returns `(dq, dk, dv)` in the inputs' dtypes."""
+    b, hq, sq, d = q.shape
+    hkv, sk, dv = k.shape[1], k.shape[2], v.shape[3]
+    g = hq // hkv if hkv else 1
+    acc = acc_dtype(q.dtype)
+    qa = q.to(acc).view(b, hkv, g, sq, d)
+    ka, va = k.to(acc), v.to(acc)
+    do = dout.to(acc).reshape(b, hkv, g, sq, dv)
+    lse = lse.to(acc).reshape(b, hkv, g, sq)
+    dq = torch.zeros_like(qa)
+    dk = torch.zeros_like(ka)
+    dvv = torch.zeros_like(va)
+    for c in _chunks(pattern, qa.shape, sk, q.device, token_index):
+        qc, doc = qa[:, :, :, c.r0:c.r1], do[:, :, :, c.r0:c.r1]
+        kc, vc = c.take(ka), c.take(va)
+        s = torch.matmul(qc, kc.transpose(-1, -2)) * scale
+        s = s.masked_fill(~c.mask, float("-inf"))
+        p = torch.exp(s - lse[:, :, :, c.r0:c.r1, None])  # 0 where masked or the row saw nothing
+        c.add_to(dvv, torch.matmul(p.transpose(-1, -2), doc).sum(dim=2))
+        dp = torch.matmul(doc, vc.transpose(-1, -2))
+        # rowsum(P * dP) equals dO . O, but computed from the same P and dP it cancels exactly
+        # where it should (a row with one visible key has ds = 0, not float32 residue)
+        ds = p * (dp - (p * dp).sum(dim=-1, keepdim=True))
+        dq[:, :, :, c.r0:c.r1] = torch.matmul(ds, kc) * scale
+        c.add_to(dk, torch.matmul(ds.transpose(-1, -2), qc).sum(dim=2) * scale)
+    return dq.view(q.shape).to(q.dtype), dk.to(k.dtype), dvv.to(v.dtype)
+
+
+def topk_index_for(q, k, pattern):
+    """TopK's per-token selection (no autograd), or None for the other patterns."""
+    if not isinstance(pattern, TopK):
+        return None
+    with torch.no_grad():
+        return topk_token_index(q.detach(), k.detach(), pattern)
+
+
 class _SoftmaxAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, pattern, scale, token_index):
-        b, hq, sq, d = q.shape
-        hkv, sk, dv = k.shape[1], k.shape[2], v.shape[3]
-        g = hq // hkv if hkv else 1
-        acc = acc_dtype(q.dtype)
-        qa = q.to(acc).view(b, hkv, g, sq, d)
-        ka, va = k.to(acc), v.to(acc)
-        out = torch.zeros(b, hkv, g, sq, dv, dtype=acc, device=q.device)
-        lse = torch.full((b, hkv, g, sq), float("inf"), dtype=acc, device=q.device)
-        for c in _chunks(pattern, qa.shape, sk, q.device, token_index):
-            s = torch.matmul(qa[:, :, :, c.r0:c.r1], c.take(ka).transpose(-1, -2)) * scale
-            s = s.masked_fill(~c.mask, float("-inf"))
-            m = s.amax(dim=-1, keepdim=True)
-            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-            p = torch.exp(s - m)
-            denom = p.sum(dim=-1, keepdim=True)
-            seen = denom > 0  # rows with no visible key output 0 (contract)
-            out[:, :, :, c.r0:c.r1] = torch.matmul(p, c.take(va)) / torch.where(seen, denom, torch.ones_like(denom))
-            lse[:, :, :, c.r0:c.r1] = torch.where(seen, m + torch.log(denom), torch.full_like(m, float("inf")))[..., 0]
-        ctx.save_for_backward(q, k, v, out, lse, token_index)
+        out, lse = softmax_forward(q, k, v, pattern, scale=scale, token_index=token_index)
+        ctx.save_for_backward(q, k, v, lse, token_index)
         ctx.pattern, ctx.scale = pattern, scale
-        return out.view(b, hq, sq, dv)
+        return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse, token_index = ctx.saved_tensors
-        pattern, scale = ctx.pattern, ctx.scale
-        b, hq, sq, d = q.shape
-        hkv, sk = k.shape[1], k.shape[2]
-        g = hq // hkv if hkv else 1
-        acc = out.dtype
-        qa = q.to(acc).view(b, hkv, g, sq, d)
-        ka, va = k.to(acc), v.to(acc)
-        do = dout.to(acc).view(out.shape)
-        dq = torch.zeros_like(qa)
-        dk = torch.zeros_like(ka)
-        dvv = torch.zeros_like(va)
-        for c in _chunks(pattern, qa.shape, sk, q.device, token_index):
-            qc, doc = qa[:, :, :, c.r0:c.r1], do[:, :, :, c.r0:c.r1]
-            kc, vc = c.take(ka), c.take(va)
-            s = torch.matmul(qc, kc.transpose(-1, -2)) * scale
-            s = s.masked_fill(~c.mask, float("-inf"))
-            p = torch.exp(s - lse[:, :, :, c.r0:c.r1, None])  # 0 where masked or the row saw nothing
-            c.add_to(dvv, torch.matmul(p.transpose(-1, -2), doc).sum(dim=2))
-            dp = torch.matmul(doc, vc.transpose(-1, -2))
-            # rowsum(P * dP) equals dO . O, but computed from the same P and dP it cancels exactly
-            # where it should (a row with one visible key has ds = 0, not float32 residue)
-            ds = p * (dp - (p * dp).sum(dim=-1, keepdim=True))
-            dq[:, :, :, c.r0:c.r1] = torch.matmul(ds, kc) * scale
-            c.add_to(dk, torch.matmul(ds.transpose(-1, -2), qc).sum(dim=2) * scale)
-        return (dq.view(q.shape).to(q.dtype), dk.to(k.dtype), dvv.to(v.dtype), None, None, None)
+        q, k, v, lse, token_index = ctx.saved_tensors
+        dq, dk, dv = softmax_backward(q, k, v, lse, dout, ctx.pattern, scale=ctx.scale, token_index=token_index)
+        return dq, dk, dv, None, None, None
 
 
 def softmax_attention(q, k, v, pattern, *, scale: float, token_index=None, out_dtype=None) -> torch.Tensor:
     """Reference attention for Dense, SlidingWindow, BlockSparse and TopK; returns `(B, Hq, Sq, Dv)`
     in `out_dtype` (default q's dtype). Differentiable in q, k, v (the TopK selection is not)."""
-    if isinstance(pattern, TopK) and token_index is None:
-        with torch.no_grad():
-            token_index = topk_token_index(q.detach(), k.detach(), pattern)
+    if token_index is None:
+        token_index = topk_index_for(q, k, pattern)
     out = _SoftmaxAttention.apply(q, k, v, pattern, float(scale), token_index)
     return out.to(out_dtype or q.dtype)

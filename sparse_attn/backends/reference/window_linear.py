@@ -65,3 +65,102 @@ def window_linear_attention(q, k, v, pattern: WindowLinear, *, scale: float, gat
     lin = evicted_linear(q, k, v, window=pattern.window, sinks=min(pattern.sinks, k.shape[2]))
     w = torch.sigmoid(gate.to(acc))[None, :, None, None]
     return (w * a + (1.0 - w) * lin).to(q.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# constant-memory decode
+# ----------------------------------------------------------------------------------------------
+def window_linear_decode(q, k_seen, v_seen, memory, *, gate, scale: float | None = None, evict_k=None,
+                         evict_v=None):
+    """One decode step of `WindowLinear` from the window's keys and the `(M, z)` memory alone.
+
+    Args:
+        q: `(B, Hq, 1, D)`, the new token's query.
+        k_seen, v_seen: `(B, Hkv, n, D)` / `(B, Hkv, n, Dv)`: the keys the softmax part sees for this
+            token (the sinks and the last `window` tokens, this token included; any order).
+        memory: `(M (B, Hkv, D, Dv), z (B, Hkv, D))` over the keys evicted BEFORE this step
+            (float32; float64 for float64 inputs), or None for an empty memory.
+        gate: `(Hq,)` gate logits; scale: default `D ** -0.5`.
+        evict_k, evict_v: `(B, Hkv, e, *)` keys that leave the window at this step (added to the
+            memory before the linear part is read), or None.
+    Returns:
+        `(o (B, Hq, 1, Dv) in q's dtype, (M, z) updated)`. Cost and memory do not grow with the
+        context: O((sinks + window) * D + D * Dv) per head.
+    """
+    b, hq, sq, d = q.shape
+    hkv, dv = k_seen.shape[1], v_seen.shape[3]
+    g = hq // hkv
+    acc = acc_dtype(q.dtype)
+    scale = d ** -0.5 if scale is None else scale
+    if memory is None:
+        m = torch.zeros(b, hkv, d, dv, dtype=acc, device=q.device)
+        z = torch.zeros(b, hkv, d, dtype=acc, device=q.device)
+    else:
+        m, z = memory
+    if evict_k is not None and evict_k.shape[2]:
+        fk = phi(evict_k.to(acc))
+        m = m + torch.matmul(fk.transpose(-1, -2), evict_v.to(acc))
+        z = z + fk.sum(dim=2)
+    qa = q.to(acc).view(b, hkv, g, sq, d)
+    s = torch.matmul(qa, k_seen.to(acc)[:, :, None].transpose(-1, -2)) * scale  # (B, Hkv, G, 1, n)
+    a = torch.matmul(torch.softmax(s, dim=-1), v_seen.to(acc)[:, :, None])
+    fq = phi(qa)
+    num = torch.matmul(fq, m[:, :, None])
+    den = torch.matmul(fq, z[:, :, None, :, None])  # (B, Hkv, G, 1, 1)
+    lin = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))
+    w = torch.sigmoid(gate.to(acc)).view(1, hkv, g, 1, 1)
+    o = (w * a + (1.0 - w) * lin).reshape(b, hq, sq, dv)
+    return o.to(q.dtype), (m, z)
+
+
+class WindowLinearDecoder:
+    """Constant-memory decode state of one `WindowLinear` layer: the sinks' keys, the last `window`
+    keys and the `(M, z)` memory of the evicted ones. `step(q, k, v)` appends one token and returns
+    its output, equal to the matching row of the prefill `attention(..., WindowLinear, gate=)`."""
+
+    def __init__(self, pattern: WindowLinear, *, gate, scale: float | None = None):
+        self.pattern, self.gate, self.scale = pattern, gate, scale
+        self.length = 0
+        self.sink_k = self.sink_v = self.win_k = self.win_v = None
+        self.memory = None
+
+    @classmethod
+    def from_prefill(cls, k, v, pattern: WindowLinear, *, gate, scale: float | None = None):
+        """Start after a prefill of `k`/`v` `(B, Hkv, S, *)`: keeps only the sinks, the last
+        `window - 1` keys (the next token completes the window) and the memory of the rest."""
+        dec = cls(pattern, gate=gate, scale=scale)
+        s = k.shape[2]
+        ns = min(pattern.sinks, s)
+        keep = max(ns, s - (pattern.window - 1))  # tokens [keep, s) stay in the window buffer
+        dec.sink_k, dec.sink_v = k[:, :, :ns], v[:, :, :ns]
+        dec.win_k, dec.win_v = k[:, :, keep:], v[:, :, keep:]
+        acc = acc_dtype(k.dtype)
+        fk, va = phi(k[:, :, ns:keep].to(acc)), v[:, :, ns:keep].to(acc)
+        dec.memory = (torch.matmul(fk.transpose(-1, -2), va), fk.sum(dim=2))
+        dec.length = s
+        return dec
+
+    def cached_tokens(self) -> int:
+        return sum(x.shape[2] for x in (self.sink_k, self.win_k) if x is not None)
+
+    def step(self, q, k, v):
+        """q `(B, Hq, 1, D)`, k/v `(B, Hkv, 1, *)` of the next token -> `(B, Hq, 1, Dv)`."""
+        p = self.length
+        if self.sink_k is None:
+            self.sink_k, self.sink_v = k[:, :, :0], v[:, :, :0]
+            self.win_k, self.win_v = k[:, :, :0], v[:, :, :0]
+        evict_k = evict_v = None
+        if p < self.pattern.sinks:
+            self.sink_k, self.sink_v = torch.cat([self.sink_k, k], 2), torch.cat([self.sink_v, v], 2)
+        else:
+            wk, wv = torch.cat([self.win_k, k], 2), torch.cat([self.win_v, v], 2)
+            over = wk.shape[2] - self.pattern.window  # tokens at positions <= p - window
+            if over > 0:
+                evict_k, evict_v = wk[:, :, :over], wv[:, :, :over]
+                wk, wv = wk[:, :, over:], wv[:, :, over:]
+            self.win_k, self.win_v = wk, wv
+        o, self.memory = window_linear_decode(
+            q, torch.cat([self.sink_k, self.win_k], 2), torch.cat([self.sink_v, self.win_v], 2), self.memory,
+            gate=self.gate, scale=self.scale, evict_k=evict_k, evict_v=evict_v)
+        self.length = p + 1
+        return o
