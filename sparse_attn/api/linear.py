@@ -157,6 +157,10 @@ def linear_attention(q, k, v, *, decay=None, scale=None, initial_state=None, ret
         o `(B, H, S, Dv)` in q's dtype, or `(o, state)`.
     """
     check_backend(backend)
+    if cu_seqlens is None and torch.compiler.is_compiling():
+        from .linear_ops import linear_attention_op  # traced by dynamo: custom ops, no graph break
+        return linear_attention_op(q, k, v, decay=decay, scale=scale, initial_state=initial_state,
+                                   return_state=return_state, backend=backend)
     if cu_seqlens is not None:
         return _linear_varlen(q, k, v, cu_seqlens, decay=decay, scale=scale, initial_state=initial_state,
                               return_state=return_state, backend=backend)
