@@ -7,3 +7,4 @@ from . import reference  # noqa: F401
 from . import cpu  # noqa: F401,E402
 from . import triton  # noqa: F401,E402
 from . import cuda  # noqa: F401,E402
+from . import npu  # noqa: F401,E402
