@@ -125,12 +125,14 @@ def q_device(x):
 def cache_backend(q: torch.Tensor, cache: CacheBase, pattern=Dense(), *, backend=None) -> tuple[str, str]:
     """Which implementation `attention_with_cache` runs for these arguments, and why:
     `(backend, reason)`. Order of preference: the CUDA kernel, the Triton kernel (on CUDA
-    tensors; on CPU tensors only when asked for, in the interpreter), the PyTorch path."""
-    if backend not in (None, "reference", "cuda", "triton"):
-        raise ValueError(f"backend must be None, 'reference', 'cuda' or 'triton' for attention over a cache, "
-                         f"got {backend!r}")
+    tensors; on CPU tensors only when asked for, in the interpreter), the CPU C++ kernel (CPU
+    caches), the PyTorch path."""
+    if backend not in (None, "reference", "cuda", "triton", "cpu"):
+        raise ValueError(f"backend must be None, 'reference', 'cuda', 'triton' or 'cpu' for attention over a "
+                         f"cache, got {backend!r}")
     if backend == "reference":
         return "reference", "requested"
+    from ..backends.cpu.decode import MAX_ROWS as CPU_MAX_ROWS
     from ..backends.cuda.paged_decode import cuda_unavailable
     from ..backends.triton.decode import MAX_SQ, interpreting, triton_unavailable
     common = []
@@ -141,8 +143,10 @@ def cache_backend(q: torch.Tensor, cache: CacheBase, pattern=Dense(), *, backend
     if max(cache.head_dim, cache.v_head_dim) > 256:
         common.append("head dim > 256")
     why = {}
+    # the interpreter runs Triton on CPU tensors, but only when asked for (it is a test vehicle)
+    triton_devices = ("cuda", "cpu") if interpreting() and backend == "triton" else ("cuda",)
     for name, missing, devices in (("cuda", cuda_unavailable, ("cuda",)),
-                                   ("triton", triton_unavailable, ("cuda", "cpu") if interpreting() else ("cuda",))):
+                                   ("triton", triton_unavailable, triton_devices)):
         if backend not in (None, name):
             continue
         r = list(common)
@@ -153,6 +157,24 @@ def cache_backend(q: torch.Tensor, cache: CacheBase, pattern=Dense(), *, backend
         if not r:
             return name, "split-KV decode kernel (csrc/cuda)" if name == "cuda" else "split-KV decode kernel (Triton)"
         why[name] = r
+    if backend in (None, "cpu"):
+        r = []
+        if q.shape[2] > CPU_MAX_ROWS:
+            r.append(f"Sq={q.shape[2]} > {CPU_MAX_ROWS}")
+        if q.dtype == torch.float64:
+            r.append("float64")
+        if cache.device.type != "cpu":
+            r.append(f"cache is on {cache.device.type}")
+        if q.requires_grad and torch.is_grad_enabled():
+            r.append("q requires grad (the kernel is inference only)")
+        if not r:
+            from ..backends.cpu.decode import CpuDecode
+            missing = CpuDecode().unavailable()
+            if missing:
+                r.append(missing)
+        if not r:
+            return "cpu", "split-KV decode kernel (csrc/cpu/decode.cpp)"
+        why["cpu"] = r
     text = "; ".join(f"{n}: {', '.join(r)}" for n, r in why.items())
     if backend is not None:
         raise ValueError(f"backend={backend!r} cannot run this cache attention: {text}")
@@ -169,9 +191,10 @@ def attention_with_cache(q: torch.Tensor, cache: CacheBase, pattern=Dense(), *, 
     keys: the same selection as `attention` on the full sequence). Differentiable in q only through
     plain autograd; meant for inference.
 
-    `backend`: None runs a split-KV decode kernel where one can (a CUDA cache, Sq <= 16, D <= 256,
-    not float64: the CUDA C++ kernel, else the Triton one) and the chunked PyTorch path otherwise;
-    "reference" | "cuda" | "triton" forces one. `cache_backend(...)` says which and why.
+    `backend`: None runs a split-KV decode kernel where one can (Sq <= 16, not float64; a CUDA
+    cache with D <= 256: the CUDA C++ kernel, else the Triton one; a CPU cache: the C++ kernel of
+    csrc/cpu/decode.cpp) and the chunked PyTorch path otherwise; "reference" | "cuda" | "triton" |
+    "cpu" forces one. `cache_backend(...)` says which and why.
     """
     _check(q, cache, pattern)
     b, hq, sq, d = q.shape
@@ -186,6 +209,9 @@ def attention_with_cache(q: torch.Tensor, cache: CacheBase, pattern=Dense(), *, 
         return decode_over_cache(q, cache, pattern, scale=sc)
     if chosen == "triton":
         from ..backends.triton.decode import decode_over_cache
+        return decode_over_cache(q, cache, pattern, scale=sc)
+    if chosen == "cpu":
+        from ..backends.cpu.decode import decode_over_cache
         return decode_over_cache(q, cache, pattern, scale=sc)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     dev = q.device

@@ -1,1 +1,226 @@
-"""Split-KV decode on the CPU (csrc/cpu/decode.cpp)."""
+"""Split-KV decode on the CPU (csrc/cpu/decode.cpp): the few-query-row forward (Sq <= 16).
+
+Decode reads every visited K/V byte to produce one row per query head, so it is memory-bound and
+its speed is the bandwidth at which K/V are read. The kernel splits the visited keys of each
+(batch, kv head) across the threads ("flash-decoding"); each split serves all the rows of the GQA
+group (G heads x Sq tokens) from one read of its K/V, in the inputs' dtype (converted in
+registers), and the splits are merged by log-sum-exp. What a row visits comes straight from the
+pattern: the token rule (causal / window / sinks) and, for BlockSparse, the user's layout (read in
+place) or, for TopK, the per-token selection (the contract's PyTorch selection,
+`topk_token_index_pooled`, over keys pooled by the extension).
+No `BlockLayout` is built: there is nothing to tile with one query row.
+
+Over a KV cache (`decode_over_cache`, what `attention_with_cache` runs on CPU caches) the same
+kernel takes each sequence's length (rows end-aligned to it) and, for a `PagedKVCache`, the page
+table; TopK is then selected from the cache's pooled keys (`cache_token_index`, O(blocks)).
+
+Inference only (`supports_backward = False`); phases decode and chunked-prefill.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..._build import ExtensionBuildError, load_extension
+from ...layout.topk_selection import group_mean_queries, topk_token_index_pooled
+from ...patterns import BlockSparse, Dense, SlidingWindow, TopK
+from ...scheduler.kernel import roofline_seconds
+from ...scheduler.registry import register
+from ..flash import FlashKernel
+
+#: most query rows (tokens) one call serves: the kernel's row masks are 16-bit and its scratch
+#: (G * Sq rows x (D + 64) floats) is sized for a handful of tokens; longer chunks are prefill
+MAX_ROWS = 16
+
+
+def _ext():
+    return load_extension("cpu_decode")
+
+
+def _rule(pattern) -> tuple[bool, int, int]:
+    """(causal, window or -1, sinks) of the token rule."""
+    if isinstance(pattern, SlidingWindow):
+        return True, pattern.window, pattern.sinks
+    if isinstance(pattern, Dense):
+        return pattern.causal, -1, 0
+    return True, -1, 0
+
+
+def decode_prepare(q: torch.Tensor, k: torch.Tensor, pattern):
+    """What the kernel needs beyond q, k, v: TopK's per-token selection (int32 `(B, Hkv, Sq, topk)`),
+    else None. On the device, no host synchronisation, no autograd."""
+    if isinstance(pattern, TopK) and q.shape[0] > 0 and q.shape[2] > 0:
+        with torch.no_grad():
+            # pooling all of K is the selection's whole cost at decode: done by the extension
+            # (K read once in its dtype, float32 sums, all threads); the rest as the contract's
+            # PyTorch selection does it
+            kbar = _ext().pool_keys(k.detach(), pattern.block_size)
+            return topk_token_index_pooled(q.detach(), kbar, k.shape[2], pattern)
+    return None
+
+
+def decode_forward(q, k, v, pattern, *, scale: float, token_index: torch.Tensor | None = None):
+    """The split-KV kernel for `Sq <= 16` query rows: returns `(out (B, Hq, Sq, Dv) in q's dtype,
+    lse float32 (B, Hq, Sq))`, lse = +inf (and out = 0) for rows that see no key. `token_index`
+    (TopK only) defaults to the contract's selection. Raises `ExtensionBuildError` if the
+    extension cannot be built."""
+    if q.shape[2] > MAX_ROWS:
+        raise ValueError(f"q has {q.shape[2]} query rows; the decode kernel serves at most {MAX_ROWS}")
+    # the kernel reads K/V rows with vector loads: the head dim must be contiguous (cheap to ask,
+    # true for every KV-cache layout; a transposed view is copied)
+    if k.shape[-1] > 1 and k.stride(-1) != 1:
+        k = k.contiguous()
+    if v.shape[-1] > 1 and v.stride(-1) != 1:
+        v = v.contiguous()
+    causal, window, sinks = _rule(pattern)
+    layout = None
+    mode, block, sink_blocks, local_blocks = 0, 0, 0, 1
+    if isinstance(pattern, BlockSparse):
+        mode, block, layout = 1, pattern.block_size, pattern.layout
+    elif isinstance(pattern, TopK):
+        mode, block = 2, pattern.block_size
+        sink_blocks, local_blocks = pattern.sink_blocks, pattern.local_blocks
+        if token_index is None:
+            token_index = decode_prepare(q, k, pattern)
+    if mode != 2:
+        token_index = None
+    elif token_index is None:  # empty input
+        token_index = torch.empty(q.shape[0], k.shape[1], q.shape[2], 0, dtype=torch.int32)
+    return _ext().decode_fwd(q, k, v, causal, window, sinks, mode, block, layout, token_index, sink_blocks,
+                             local_blocks, float(scale))
+
+
+def cache_token_index(q: torch.Tensor, cache, pattern: TopK) -> torch.Tensor:
+    """TopK's per-token selection over a KV cache: int32 `(B, Hkv, Sq, topk)`, ascending, -1
+    padded, as `topk_token_index_pooled` computes it, but from the block means the cache keeps
+    (`cache.pooled_keys`: O(blocks), K is not read) and with each sequence's rows end-aligned to
+    its own length. Candidate blocks lie strictly below the query's own block, so they are
+    complete and their means are the contract's."""
+    b, hq, sq, d = q.shape
+    hkv, bs = cache.kv_heads, pattern.block_size
+    nb = -(-cache.max_length // bs)
+    width = min(pattern.topk, nb)
+    out = torch.full((b, hkv, sq, pattern.topk), -1, dtype=torch.int32, device=q.device)
+    if width == 0 or sq == 0 or b == 0:
+        return out
+    with torch.no_grad():
+        kbar = cache.pooled_keys(nb)  # (B, Hkv, nb, D) float32
+        qbar = group_mean_queries(q.detach(), hkv, kbar.dtype)  # (B, Hkv, Sq, D)
+        qpos = cache.lengths.long()[:, None] - sq + torch.arange(sq, device=q.device)[None, :]  # (B, Sq)
+        pb = (qpos // bs)[:, None, :, None]  # (B, 1, Sq, 1)
+        blocks = torch.arange(nb, device=q.device)
+        cand = (blocks >= pattern.sink_blocks) & (blocks <= pb - pattern.local_blocks)  # (B, 1, Sq, nb)
+        scores = torch.matmul(qbar, kbar.transpose(-1, -2)).masked_fill(~cand, float("-inf"))
+        val, idx = torch.topk(scores, width, dim=-1)
+        key = torch.where(torch.isneginf(val), torch.full_like(idx, nb), idx)
+        idx = torch.sort(key, dim=-1).values
+        out[..., :width] = torch.where(idx == nb, torch.full_like(idx, -1), idx).to(torch.int32)
+    return out
+
+
+def decode_over_cache(q: torch.Tensor, cache, pattern, *, scale: float) -> torch.Tensor:
+    """`attention_with_cache` on a CPU `KVCache` / `PagedKVCache` with the split-KV kernel: each
+    sequence's rows end-aligned to its own length (`cache.lengths`), K/V read in place (a
+    contiguous cache as strided rows, a paged one through its page table), TopK selected from the
+    cache's pooled keys. Returns `(B, Hq, Sq, Dv)` in q's dtype."""
+    from ...cache.paged import PagedKVCache
+
+    if q.shape[2] > MAX_ROWS:
+        raise ValueError(f"q has {q.shape[2]} query rows; the decode kernel serves at most {MAX_ROWS}")
+    causal, window, sinks = _rule(pattern)
+    layout, token_index = None, None
+    mode, block, sink_blocks, local_blocks = 0, 0, 0, 1
+    if isinstance(pattern, BlockSparse):
+        mode, block, layout = 1, pattern.block_size, pattern.layout
+    elif isinstance(pattern, TopK):
+        mode, block = 2, pattern.block_size
+        sink_blocks, local_blocks = pattern.sink_blocks, pattern.local_blocks
+        token_index = cache_token_index(q, cache, pattern)
+    if isinstance(cache, PagedKVCache):
+        k, v, table, page_size = cache.k_pages, cache.v_pages, cache.page_table, cache.page_size
+    else:
+        k, v, table, page_size = cache.k, cache.v, None, 0
+    return _ext().decode_fwd(q, k, v, causal, window, sinks, mode, block, layout, token_index, sink_blocks,
+                             local_blocks, float(scale), cache.lengths, table, page_size)[0]
+
+
+def _keys_read(p) -> float:
+    """Keys of one (batch, kv head) the kernel reads: the union over the Sq rows of their visited
+    keys (TopK: the rows' selections are assumed disjoint, the worst case on random inputs)."""
+    pat = p.pattern
+    per_row = pat.visited_pairs(p.sq, p.sk) / max(p.sq, 1)
+    if isinstance(pat, TopK):
+        blocks = pat.sink_blocks + pat.local_blocks + pat.topk * p.sq
+        return min(float(p.sk), blocks * pat.block_size, per_row * p.sq)
+    return min(float(p.sk), per_row + (p.sq - 1))
+
+
+class CpuDecode(FlashKernel):
+    """Split-KV (flash-decoding) forward for Sq <= 16: the visited keys of each (batch, kv head)
+    are split across threads, each split reads its K/V once for all G x Sq rows of the group, in
+    the inputs' dtype, float32 accumulation, splits merged by log-sum-exp. No backward."""
+
+    name = "cpu.decode"
+    backend = "cpu"
+    devices = ("cpu",)
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    patterns = (Dense, SlidingWindow, BlockSparse, TopK)
+    head_dims = (1, 512)
+    supports_backward = False
+    phases = ("decode", "chunked-prefill")
+    #: fraction of the device's nominal bandwidth at which the visited K/V bytes are read:
+    #: measured 2-3x cpu.block_sparse's decode speed for bfloat16 and ~1.5x for float32 (which
+    #: converts every visited block to float32 scratch, modelled at 0.35 of 4-byte elements), and
+    #: 60-120% of a same-run torch copy_ of K+V (16K keys, B=1 Hq=32 Hkv=8 D=128, 1-2 threads,
+    #: 2026-11-23, 2-core AVX2 EPYC shared with other jobs: load average 8-12)
+    memory_efficiency = 0.45
+    #: float32 FMA rate over the visited pairs (dot products + output update, no matrix units);
+    #: matters only for many rows per kv head (Sq x G large)
+    compute_efficiency = 0.5
+    #: Python + extension call + one parallel region
+    overhead_s = 40e-6
+    #: TopK's selection: keys pooled by the extension (K read once in its dtype, all threads;
+    #: measured 55-65 ms for 268 MB of bf16 K at 131K keys on the loaded 2-core machine, 4-5 GB/s),
+    #: then the contract's PyTorch scoring / top-k. Modelled with the same terms as
+    #: cpu.block_sparse's selection (scores at 0.15 of the float32 peak, K bytes at the nominal
+    #: bandwidth) so that the common part cancels when the two are ranked; both are optimistic
+    #: in absolute terms (cpu.block_sparse's PyTorch pooling is far slower still: ~4 s there)
+    select_efficiency = 0.15
+    select_overhead_s = 250e-6
+
+    def unavailable(self):
+        try:
+            _ext()
+        except ExtensionBuildError as e:
+            return str(e)
+        return None
+
+    def extra_reasons(self, p):
+        why = []
+        if p.sq > MAX_ROWS:
+            why.append(f"Sq = {p.sq} query rows > {MAX_ROWS}: a decode kernel (prefill kernels tile longer chunks)")
+        return why
+
+    def cost(self, p):
+        elem = torch.finfo(p.dtype).bits // 8
+        nbytes = elem * p.batch * p.kv_heads * _keys_read(p) * (p.head_dim + p.v_head_dim)
+        flops = 2.0 * (p.head_dim + p.v_head_dim) * p.visited_pairs()
+        t = roofline_seconds(p, flops=0.0, bytes_moved=nbytes, efficiency=self.memory_efficiency)
+        t = max(t, roofline_seconds(p, flops=flops, bytes_moved=0.0, efficiency=self.compute_efficiency,
+                                    compute_dtype=torch.float32))
+        if isinstance(p.pattern, TopK):
+            nb = -(-p.sk // p.pattern.block_size)
+            scores = 2.0 * p.head_dim * p.sq * nb * p.batch * p.kv_heads
+            pool = elem * p.batch * p.kv_heads * p.sk * p.head_dim
+            t += max(roofline_seconds(p, flops=scores, bytes_moved=0.0, efficiency=self.select_efficiency,
+                                      compute_dtype=torch.float32),
+                     roofline_seconds(p, flops=0.0, bytes_moved=pool, efficiency=1.0)) + self.select_overhead_s
+        return t + self.overhead_s
+
+    def prepare(self, q, k, p):
+        return decode_prepare(q, k, p.pattern)
+
+    def forward(self, q, k, v, p, layout):
+        return decode_forward(q, k, v, p.pattern, scale=p.scale, token_index=layout)
+
+
+register(CpuDecode())
