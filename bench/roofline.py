@@ -50,6 +50,15 @@ def measure_roofline(device: torch.device, dtypes, quick: bool = False) -> dict:
     }
 
 
+def compute_peak(roofline: dict, dtype: str) -> float:
+    """GFLOP/s a kernel on `dtype` inputs can reach: the dtype's measured matmul rate, or the float32
+    one when that is higher (every kernel may convert to float32; on CPUs without bf16/fp16 matrix
+    instructions PyTorch's half-precision matmul is far slower than float32: 1 vs 120 GFLOP/s seen
+    on the project's AVX2 machine, which made every bf16 row look compute-bound)."""
+    rates = roofline["matmul_gflops"]
+    return max(rates.get(dtype) or 0.0, rates["float32"])
+
+
 def merge_rooflines(a: dict, b: dict) -> dict:
     """The higher of two measurements of each peak (start and end of a run: other work on a shared
     machine only ever lowers a measured peak)."""
@@ -63,7 +72,7 @@ def refresh_fractions(rows: list, roofline: dict) -> None:
     for r in rows:
         if "work_flop" not in r or "ms" not in r:
             continue
-        peak = roofline["matmul_gflops"].get(r["dtype"]) or roofline["matmul_gflops"]["float32"]
+        peak = compute_peak(roofline, r["dtype"])
         compute, memory = r["work_flop"] / (peak * 1e9), r["work_byte"] / (roofline["copy_gbps"] * 1e9)
         r["roofline_ms"] = 1e3 * max(compute, memory)
         r["roofline_fraction"] = max(compute, memory) / (r["ms"] * 1e-3)
@@ -99,7 +108,7 @@ def work_of(case, what, roofline: dict) -> dict:
             flop *= 3.5
             byte *= 2.5
     dt = str(case.dtype).removeprefix("torch.")
-    peak = roofline["matmul_gflops"].get(dt) or roofline["matmul_gflops"]["float32"]
+    peak = compute_peak(roofline, dt)
     compute, memory = flop / (peak * 1e9), byte / (roofline["copy_gbps"] * 1e9)
     return {"flop": flop, "byte": byte, "seconds": max(compute, memory),
             "bound": "compute" if compute >= memory else "memory"}
