@@ -13,12 +13,7 @@ import torch
 
 from ..._build import ExtensionBuildError, load_extension
 from ...layout.decode_blocks import cache_decode_args, tensor_decode_args
-from ...patterns import BlockSparse, Dense, SlidingWindow, TopK
-from ...scheduler.kernel import roofline_seconds
-from ..flash import FlashKernel
-
-#: query rows per sequence served at most; longer query blocks are prefill work
-MAX_SQ = 16
+from ..decode import MAX_SQ, SplitKVDecodeKernel  # noqa: F401  (MAX_SQ: part of this module's API)
 
 
 def _ext():
@@ -37,34 +32,13 @@ def cuda_unavailable() -> str | None:
     return None
 
 
-def decode_cost(kernel, p) -> float:
-    """Roofline of a split-KV decode: the visited K/V bytes once per GQA group, plus TopK selection."""
-    elem = torch.finfo(p.dtype).bits // 8
-    keys = p.pattern.visited_pairs(1, p.sk) if p.sq == 1 else min(p.sk, p.pattern.visited_pairs(p.sq, p.sk))
-    nbytes = elem * p.batch * p.kv_heads * keys * (p.head_dim + p.v_head_dim)
-    flops = 2.0 * (p.head_dim + p.v_head_dim) * p.visited_pairs()
-    t = roofline_seconds(p, flops=flops, bytes_moved=nbytes, efficiency=kernel.memory_efficiency,
-                         overhead_s=kernel.overhead_s)
-    if isinstance(p.pattern, TopK):  # selection (PyTorch): q . kbar over every block
-        nb = -(-p.sk // p.pattern.block_size)
-        t += roofline_seconds(p, flops=2.0 * p.head_dim * p.sq * nb * p.batch * p.kv_heads,
-                              bytes_moved=elem * p.batch * p.kv_heads * p.sk * p.head_dim, efficiency=0.3,
-                              overhead_s=30e-6)
-    return t
-
-
-class CudaSplitKVDecode(FlashKernel):
+class CudaSplitKVDecode(SplitKVDecodeKernel):
     """Split-KV decode (CUDA C++): Sq <= 16 query rows per sequence, every GQA group's K/V read
     once, Dense / SlidingWindow / BlockSparse / TopK; forward only (decode is inference)."""
 
     name = "cuda.splitkv_decode"
     backend = "cuda"
     devices = ("cuda",)
-    dtypes = (torch.float16, torch.bfloat16, torch.float32)
-    patterns = (Dense, SlidingWindow, BlockSparse, TopK)
-    head_dims = (1, 256)
-    supports_backward = False
-    phases = ("decode", "chunked-prefill")
     #: fraction of HBM bandwidth on the visited K/V bytes: an estimate until measured on a GPU
     #: (none was lent when this kernel was written); docs/perf/ holds what was measured
     memory_efficiency = 0.6
@@ -72,20 +46,6 @@ class CudaSplitKVDecode(FlashKernel):
 
     def unavailable(self):
         return cuda_unavailable()
-
-    def extra_reasons(self, p):
-        why = []
-        if p.sq > MAX_SQ:
-            why.append(f"Sq={p.sq} > {MAX_SQ}: a prefill shape, not decode")
-        if p.sk == 0 or p.is_empty:
-            why.append("empty input")
-        return why
-
-    def cost(self, p):
-        return decode_cost(self, p)
-
-    def prepare(self, q, k, p):
-        return None  # the work lists need v too: built in forward
 
     def forward(self, q, k, v, p, layout):
         args = tensor_decode_args(q, k, v, p.pattern, scale=p.scale, units=p.device.units)

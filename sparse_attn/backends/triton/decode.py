@@ -18,8 +18,7 @@ import os
 import torch
 
 from ...layout.decode_blocks import DecodeArgs, cache_decode_args, tensor_decode_args
-from ...patterns import BlockSparse, Dense, SlidingWindow, TopK
-from ..flash import FlashKernel
+from ..decode import MAX_SQ, SplitKVDecodeKernel  # noqa: F401  (MAX_SQ: part of this module's API)
 
 try:  # Triton is optional: without it the kernel registers and says why it cannot run
     import triton
@@ -27,10 +26,6 @@ try:  # Triton is optional: without it the kernel registers and says why it cann
     _IMPORT_ERROR = None
 except Exception as e:  # pragma: no cover - depends on the install
     triton, tl, _IMPORT_ERROR = None, None, e
-
-#: query rows per sequence served at most
-MAX_SQ = 16
-
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
@@ -170,17 +165,12 @@ def decode_over_cache(q, cache, pattern, *, scale: float) -> torch.Tensor:
     return run_decode(cache_decode_args(q, cache, pattern, scale=scale, units=_units(q.device)))[0]
 
 
-class TritonSplitKVDecode(FlashKernel):
+class TritonSplitKVDecode(SplitKVDecodeKernel):
     """Split-KV decode in Triton: Sq <= 16 rows per sequence, each GQA group's K/V read once,
     Dense / SlidingWindow / BlockSparse / TopK; forward only (decode is inference)."""
 
     name = "triton.splitkv_decode"
     backend = "triton"
-    dtypes = (torch.float16, torch.bfloat16, torch.float32)
-    patterns = (Dense, SlidingWindow, BlockSparse, TopK)
-    head_dims = (1, 256)
-    supports_backward = False
-    phases = ("decode", "chunked-prefill")
     #: estimate until measured on a GPU (none was lent when this kernel was written)
     memory_efficiency = 0.5
     overhead_s = 30e-6  # launch + the PyTorch merge
@@ -192,23 +182,11 @@ class TritonSplitKVDecode(FlashKernel):
     def unavailable(self):
         return triton_unavailable()
 
-    def extra_reasons(self, p):
-        why = []
-        if p.sq > MAX_SQ:
-            why.append(f"Sq={p.sq} > {MAX_SQ}: a prefill shape, not decode")
-        if p.sk == 0 or p.is_empty:
-            why.append("empty input")
-        return why
-
     def cost(self, p):
-        from ..cuda.paged_decode import decode_cost
-        t = decode_cost(self, p)
+        t = super().cost(p)
         if p.device.type != "cuda":
             t += 1000.0  # the interpreter: only when backend="triton" is asked for
         return t
-
-    def prepare(self, q, k, p):
-        return None
 
     def forward(self, q, k, v, p, layout):
         return run_decode(tensor_decode_args(q, k, v, p.pattern, scale=p.scale, units=_units(q.device)))
