@@ -287,5 +287,5 @@ def test_unavailable_triton_is_a_reason(monkeypatch):
         raise ImportError("no module named triton")
     monkeypatch.setattr(mod, "_triton_modules", broken)
     q, k, v = make_qkv(1, 2, 1, 8, 8, 64)
-    with pytest.raises(ValueError, match="triton unavailable"):
+    with pytest.raises(ValueError, match="triton cannot be used here"):
         sa.plan(q.to(DEV), k.to(DEV), v.to(DEV), sa.Dense(), backend="triton")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 
 import torch
 
@@ -20,11 +19,8 @@ from ...patterns import BlockSparse, Dense, SlidingWindow, TopK
 from ...scheduler.kernel import roofline_seconds
 from ...scheduler.registry import register
 from ..flash import FlashKernel
+from .runtime import TritonKernelMixin
 from .tiles import dense_q_block, tile_config
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @functools.lru_cache(maxsize=1)
@@ -65,7 +61,7 @@ def triton_layout(q, k, pattern, cfg):
     return _static_layout(pattern, sq, sk, dense_q_block(cfg, hq // max(hkv, 1)), cfg.k_block, q.device)
 
 
-class TritonBlockSparse(FlashKernel):
+class TritonBlockSparse(TritonKernelMixin, FlashKernel):
     """Flash attention over the layout's visited blocks: one program per (query sub-tile, batch,
     kv head, chunk of its GQA heads) so each K/V chunk is loaded once for the heads it holds; TopK's
     per-token blocks in a second, group-centric kernel (one program per token and kv head, the
@@ -89,15 +85,11 @@ class TritonBlockSparse(FlashKernel):
     overhead_s = 30e-6
     interpreter_penalty_s = 1000.0
 
-    @property
-    def devices(self):
-        return ("cuda", "cpu") if interpreting() else ("cuda",)
-
-    def unavailable(self):
+    def import_error(self):
         try:
             _triton_modules()
         except Exception as e:  # ImportError, or a Triton that fails while compiling the module
-            return f"triton unavailable: {type(e).__name__}: {e}"
+            return f"{type(e).__name__}: {e}"
         return None
 
     def extra_reasons(self, p):

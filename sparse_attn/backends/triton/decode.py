@@ -13,11 +13,11 @@ is how CI tests it.
 """
 from __future__ import annotations
 
-import os
 
 import torch
 
 from ...layout.decode_blocks import DecodeArgs, cache_decode_args, tensor_decode_args
+from .runtime import TritonKernelMixin, interpreting  # noqa: F401  (interpreting: part of this module's API)
 from ..decode import MAX_SQ, SplitKVDecodeKernel  # noqa: F401  (MAX_SQ: part of this module's API)
 
 try:  # Triton is optional: without it the kernel registers and says why it cannot run
@@ -27,14 +27,9 @@ try:  # Triton is optional: without it the kernel registers and says why it cann
 except Exception as e:  # pragma: no cover - depends on the install
     triton, tl, _IMPORT_ERROR = None, None, e
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def triton_unavailable() -> str | None:
-    if _IMPORT_ERROR is not None:
-        return f"triton cannot be imported ({type(_IMPORT_ERROR).__name__}: {_IMPORT_ERROR})"
-    return None
+    """Why this module's kernel cannot run here (None if Triton imported)."""
+    return TritonSplitKVDecode().unavailable()
 
 
 def _pow2(n: int, lo: int = 16) -> int:
@@ -165,7 +160,7 @@ def decode_over_cache(q, cache, pattern, *, scale: float) -> torch.Tensor:
     return run_decode(cache_decode_args(q, cache, pattern, scale=scale, units=_units(q.device)))[0]
 
 
-class TritonSplitKVDecode(SplitKVDecodeKernel):
+class TritonSplitKVDecode(TritonKernelMixin, SplitKVDecodeKernel):
     """Split-KV decode in Triton: Sq <= 16 rows per sequence, each GQA group's K/V read once,
     Dense / SlidingWindow / BlockSparse / TopK; forward only (decode is inference)."""
 
@@ -175,12 +170,8 @@ class TritonSplitKVDecode(SplitKVDecodeKernel):
     memory_efficiency = 0.5
     overhead_s = 30e-6  # launch + the PyTorch merge
 
-    @property
-    def devices(self):
-        return ("cuda", "cpu") if interpreting() else ("cuda",)
-
-    def unavailable(self):
-        return triton_unavailable()
+    def import_error(self):
+        return None if _IMPORT_ERROR is None else f"{type(_IMPORT_ERROR).__name__}: {_IMPORT_ERROR}"
 
     def cost(self, p):
         t = super().cost(p)

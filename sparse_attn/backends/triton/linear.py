@@ -9,7 +9,6 @@ GPU note: one program per (batch * head, 64-column tile of Dv) walks the whole s
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 from ...patterns.linear import LinearAttention
 from ...scheduler.kernel import Kernel, roofline_seconds
 from ...scheduler.registry import register
+from .runtime import TritonKernelMixin
 
 try:
     import triton
@@ -27,10 +27,6 @@ except Exception as exc:  # no Triton, or one too old for these kernels
     triton = None
     _k = None
     _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
-
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _meta(q, d, dv):
@@ -126,7 +122,7 @@ def triton_linear_attention(q, k, v, *, decay=None, scale: float, initial_state=
     return _TritonLinear.apply(q, k, v, g, initial_state, float(scale))
 
 
-class TritonLinear(Kernel):
+class TritonLinear(TritonKernelMixin, Kernel):
     """Chunked linear attention forward + backward in Triton (state in float32 registers)."""
 
     name = "triton.linear_chunked"
@@ -136,14 +132,8 @@ class TritonLinear(Kernel):
     head_dims = (1, 128)
     supports_backward = True
 
-    @property
-    def devices(self):
-        return ("cuda", "cpu") if _interpret() else ("cuda",)
-
-    def unavailable(self):
-        if _IMPORT_ERROR is not None:
-            return f"unavailable: triton could not be imported ({_IMPORT_ERROR})"
-        return None
+    def import_error(self):
+        return _IMPORT_ERROR
 
     def cost(self, p):
         if p.device.type == "cpu":  # the interpreter: correct but very slow; only when asked for

@@ -15,6 +15,7 @@ import torch
 from ...patterns import WindowLinear
 from ...scheduler.kernel import Kernel, roofline_seconds
 from ...scheduler.registry import register
+from .runtime import TritonKernelMixin
 
 try:
     import triton
@@ -23,12 +24,6 @@ try:
 except Exception as exc:  # pragma: no cover - no Triton
     triton = None
     _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
-
-
-def _interpret() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 if triton is not None:
@@ -143,7 +138,7 @@ def triton_window_linear(q, k, v, pattern: WindowLinear, *, scale: float, gate: 
     return out
 
 
-class TritonWindowLinear(Kernel):
+class TritonWindowLinear(TritonKernelMixin, Kernel):
     """WindowLinear forward fused in one Triton kernel (window softmax + linear memory)."""
 
     name = "triton.window_linear"
@@ -153,14 +148,8 @@ class TritonWindowLinear(Kernel):
     head_dims = (1, 128)
     supports_backward = False
 
-    @property
-    def devices(self):
-        return ("cuda", "cpu") if _interpret() else ("cuda",)
-
-    def unavailable(self):
-        if _IMPORT_ERROR is not None:
-            return f"unavailable: triton could not be imported ({_IMPORT_ERROR})"
-        return None
+    def import_error(self):
+        return _IMPORT_ERROR
 
     def extra_reasons(self, p):
         return ["varlen inputs not supported"] if p.varlen else []
