@@ -137,3 +137,13 @@ def _jit(name, sources, extra_cflags, ldflags, headers, verbose, cuda_cflags=())
         print(f"[sparse_attn] building C++ extension '{name}' in {build_dir} (first use only)", file=sys.stderr)
     return load(name=f"sparse_attn_{name}", sources=[str(p) for p in paths], extra_cflags=flags,
                 extra_ldflags=list(ldflags), extra_cuda_cflags=list(cuda_cflags) or None, extra_include_paths=[str(root)], build_directory=str(build_dir), verbose=verbose)
+
+
+def unavailable_reason(loader) -> str | None:
+    """Why `loader()` (a function returning a loaded extension) cannot give one here, as the
+    scheduler's reason text; None when it loads. Builds on first call, then cached by the loader."""
+    try:
+        loader()
+    except ExtensionBuildError as e:
+        return str(e)
+    return None

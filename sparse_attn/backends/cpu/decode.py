@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ..._build import ExtensionBuildError, load_extension
+from ..._build import load_extension, unavailable_reason
 from ...layout.topk_selection import group_mean_queries, topk_token_index_pooled
 from ...patterns import BlockSparse, Dense, SlidingWindow, TopK
 from ...scheduler.kernel import roofline_seconds
@@ -188,11 +188,7 @@ class CpuDecode(FlashKernel):
     select_overhead_s = 250e-6
 
     def unavailable(self):
-        try:
-            _ext()
-        except ExtensionBuildError as e:
-            return str(e)
-        return None
+        return unavailable_reason(_ext)
 
     def extra_reasons(self, p):
         why = []

@@ -11,7 +11,7 @@ import functools
 
 import torch
 
-from ..._build import ExtensionBuildError, load_extension
+from ..._build import load_extension, unavailable_reason
 from ...layout import build_layout
 from ...layout.topk_selection import topk_token_index
 from ...patterns import BlockSparse, Dense, SlidingWindow, TopK
@@ -145,11 +145,7 @@ class CpuBlockSparse(FlashKernel):
     topk_overhead_s = 250e-6
 
     def unavailable(self):
-        try:
-            _ext()
-        except ExtensionBuildError as e:
-            return str(e)
-        return None
+        return unavailable_reason(_ext)
 
     def cost(self, p):
         pat = p.pattern

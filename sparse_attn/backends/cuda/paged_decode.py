@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..._build import ExtensionBuildError, load_extension
+from ..._build import ExtensionBuildError, load_extension, unavailable_reason
 from ...layout.decode_blocks import cache_decode_args, tensor_decode_args
 from ..decode import MAX_SQ, SplitKVDecodeKernel  # noqa: F401  (MAX_SQ: part of this module's API)
 
@@ -25,11 +25,7 @@ def _ext():
 
 def cuda_unavailable() -> str | None:
     """Why the CUDA extension cannot run here (None if it can)."""
-    try:
-        _ext()
-    except ExtensionBuildError as e:
-        return str(e)
-    return None
+    return unavailable_reason(_ext)
 
 
 class CudaSplitKVDecode(SplitKVDecodeKernel):
