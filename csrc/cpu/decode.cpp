@@ -30,6 +30,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/scalar.h"
+
 #if defined(__AVX__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
@@ -37,41 +39,13 @@
 namespace sparse_attn_decode {
 namespace {
 
-// ------------------------------------------------------------------------------ scalar helpers
-inline float bits_to_float(uint32_t w) {
-  float f;
-  std::memcpy(&f, &w, 4);
-  return f;
-}
-inline uint32_t float_to_bits(float f) {
-  uint32_t w;
-  std::memcpy(&w, &f, 4);
-  return w;
-}
-
-// 2^x for x <= 0 (softmax exponents): x = n + f with n = round(x), |f| <= 1/2; 2^f by its
-// degree-6 minimax polynomial, 2^n from exponent bits; x <= -127 (and -inf) gives exactly 0
-constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23: x + kMagic - kMagic rounds x to an integer
-template <typename T>
-inline T exp2_poly(T f) {
-  return (((((1.535336188319500e-4f * f + 1.339887440266574e-3f) * f + 9.618437357674640e-3f) * f +
-            5.550332471162809e-2f) * f + 2.402264791363012e-1f) * f + 6.931472028550421e-1f) * f + 1.0f;
-}
-inline float exp2_scalar(float x) {
-  x = std::max(x, -127.0f);
-  const float t = x + kMagic;
-  const float n = t - kMagic;
-  const int32_t e = static_cast<int32_t>(float_to_bits(t) - float_to_bits(kMagic)) + 127;
-  return exp2_poly(x - n) * bits_to_float(static_cast<uint32_t>(e) << 23);
-}
-
-// IEEE half bits -> float, exact for normals, subnormals, inf and NaN (no branches)
-inline float half_bits_to_float(uint16_t h) {
-  const uint32_t w = uint32_t(h) << 16, sign = w & 0x80000000u, two_w = w + w;
-  const float normal = bits_to_float((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;  // rebias 15 -> 127
-  const float subnormal = bits_to_float((two_w >> 17) | (126u << 23)) - 0.5f;       // m * 2^-24
-  return bits_to_float(sign | (two_w < (1u << 27) ? float_to_bits(subnormal) : float_to_bits(normal)));
-}
+// scalar helpers: scalar.h
+using sparse_attn_scalar::bits_to_float;
+using sparse_attn_scalar::exp2_poly;
+using sparse_attn_scalar::exp2_scalar;
+using sparse_attn_scalar::float_to_bits;
+using sparse_attn_scalar::half_bits_to_float;
+using sparse_attn_scalar::kMagic;
 
 // dtype tags: 0 float32, 1 bfloat16, 2 float16 (both 16-bit types as raw bits)
 template <int DT>

@@ -16,7 +16,16 @@
 #include <cstring>
 #include <limits>
 
+#include "cpu/scalar.h"
+
 namespace sparse_attn_cpu {
+
+using sparse_attn_scalar::bits_to_float;
+using sparse_attn_scalar::exp2_poly;
+using sparse_attn_scalar::exp2_scalar;
+using sparse_attn_scalar::float_to_bits;
+using sparse_attn_scalar::half_bits_to_float;
+using sparse_attn_scalar::kMagic;
 
 // Micro tile: kMR rows x kNV vectors of accumulators, plus kNV B vectors and one broadcast, must
 // fit the register file (gemm_rows handles kMR <= 6, kNV <= 4). SPARSE_ATTN_MR / _NV override.
@@ -54,16 +63,6 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-inline float bits_to_float(uint32_t w) {
-  float f;
-  std::memcpy(&f, &w, 4);
-  return f;
-}
-inline uint32_t float_to_bits(float f) {
-  uint32_t w;
-  std::memcpy(&w, &f, 4);
-  return w;
-}
 
 // ------------------------------------------------------------------------------------- vectors
 #if (defined(__GNUC__) || defined(__clang__)) && !defined(SPARSE_ATTN_NO_VECTOR_TYPES)
@@ -80,23 +79,7 @@ inline void vstore(float* p, vfloat v) { std::memcpy(p, &v, sizeof(v)); }
 inline vfloat vsplat(float x) { return vfloat{} + x; }
 #endif
 
-// 2^x for x <= 0 (the softmax's exponent), ~2 ulp; 2^x -> 0 below -127 (and for -inf).
-// Cephes exp2f: round to the nearest integer n, 2^f on [-0.5, 0.5] by a degree-6 polynomial,
-// 2^n by building the exponent bits.
-constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-#define SPARSE_ATTN_EXP2_POLY(f)                                                                   \
-  ((((((1.535336188319500e-4f * (f) + 1.339887440266574e-3f) * (f) + 9.618437357674640e-3f) * (f) + \
-      5.550332471162809e-2f) * (f) + 2.402264791363012e-1f) * (f) + 6.931472028550421e-1f) * (f) + 1.0f)
-
-inline float exp2_scalar(float x) {
-  x = std::min(std::max(x, -127.0f), 127.0f);
-  const float t = x + kMagic;
-  const float n = t - kMagic;
-  const float f = x - n;
-  const int32_t e = static_cast<int32_t>(float_to_bits(t) - float_to_bits(kMagic)) + 127;
-  return SPARSE_ATTN_EXP2_POLY(f) * bits_to_float(static_cast<uint32_t>(e) << 23);
-}
-
+// 2^x for x <= 0 (the softmax's exponent): exp2_scalar and exp2_poly come from scalar.h.
 #ifdef SPARSE_ATTN_VECTOR_TYPES
 inline vfloat vexp2(vfloat x) {
   x = x < vsplat(-127.0f) ? vsplat(-127.0f) : x;
@@ -105,7 +88,7 @@ inline vfloat vexp2(vfloat x) {
   const vfloat n = t - kMagic;
   const vfloat f = x - n;
   const vint e = ((vint)t - (vint)vsplat(kMagic)) + 127;
-  return SPARSE_ATTN_EXP2_POLY(f) * (vfloat)(e << 23);
+  return exp2_poly(f) * (vfloat)(e << 23);
 }
 #endif
 
@@ -242,17 +225,6 @@ inline void gemm_rows(int64_t rows, int64_t N, int64_t K, const float* const* a,
 }
 
 // ---------------------------------------------------------------------------------- conversion
-// IEEE half -> float, branch-free so loops of it vectorise (the method of c10 / FP16 without F16C).
-inline float half_bits_to_float(uint16_t h) {
-  const uint32_t w = uint32_t(h) << 16;
-  const uint32_t sign = w & 0x80000000u;
-  const uint32_t two_w = w + w;
-  const float normalized = bits_to_float((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
-  const float denormalized = bits_to_float((two_w >> 17) | (126u << 23)) - 0.5f;
-  const uint32_t r = sign | (two_w < (1u << 27) ? float_to_bits(denormalized) : float_to_bits(normalized));
-  return bits_to_float(r);
-}
-
 // dtype tags: 0 float32, 1 bfloat16, 2 float16
 template <int DT>
 struct Elem;

@@ -10,7 +10,7 @@ tests/test_cuda_build.py).
 EXTENSIONS = {
     "cpu": {
         "sources": ["cpu/block_sparse_fwd.cpp", "cpu/block_sparse_bwd.cpp"],
-        "headers": ["cpu/vec.h", "cpu/layout_check.h"],
+        "headers": ["cpu/vec.h", "cpu/scalar.h", "cpu/layout_check.h"],
         "cflags": ["-fopenmp"],
         "ldflags": ["-fopenmp"],
         # only in JIT builds, which run where they are built
@@ -18,7 +18,7 @@ EXTENSIONS = {
     },
     "cpu_decode": {
         "sources": ["cpu/decode.cpp"],
-        "headers": [],  # self-contained: edits to vec.h do not rebuild it
+        "headers": ["cpu/scalar.h"],  # not vec.h: its micro-kernel is not used here
         "cflags": ["-fopenmp"],
         "ldflags": ["-fopenmp"],
         "jit_cflags": ["-march=native"],
