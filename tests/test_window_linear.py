@@ -108,6 +108,35 @@ def test_decode_loop_with_window_buffer_equals_prefill(window, sinks, hq, hkv, s
     assert oracle.rel_err(got, full[:, :, prefill:]) < (1e-5 if dtype == torch.float32 else 3e-2)
 
 
+EXTEND = [  # (window, sinks, Hq, Hkv, prefill tokens, continuation chunk sizes, D)
+    pytest.param(6, 2, 8, 2, 9, [3, 1, 7, 1, 2, 5], 64, id="w6-sinks2-gqa4"),
+    pytest.param(5, 4, 4, 4, 2, [5, 1, 4, 140, 1], 80, id="w5-sinks4-filled-by-chunk-then-140"),
+    pytest.param(30, 0, 4, 1, 0, [7, 1, 40, 3], 64, id="w30-from-empty-window-longer-than-history-gqa4"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("window,sinks,hq,hkv,prefill,chunks,d", EXTEND)
+def test_decoder_extend_by_chunks_equals_prefill(window, sinks, hq, hkv, prefill, chunks, d, dtype):
+    """`extend` with several tokens at a time (before and after tokens are evicted, chunks longer
+    than the window and than one piece) gives the prefill rows and keeps at most sinks + window keys."""
+    pattern = sa.WindowLinear(window, sinks=sinks)
+    s = prefill + sum(chunks)
+    q, k, v = make_qkv(2, hq, hkv, s, s, d, dtype=dtype)
+    gate = randn(hq, scale=2.0)
+    dec = (WindowLinearDecoder.from_prefill(k[:, :, :prefill], v[:, :, :prefill], pattern, gate=gate) if prefill
+           else WindowLinearDecoder(pattern, gate=gate))
+    outs, t = [], prefill
+    for c in chunks:
+        outs.append(dec.extend(q[:, :, t:t + c], k[:, :, t:t + c], v[:, :, t:t + c]))
+        t += c
+        assert dec.length == t and dec.cached_tokens() <= window + sinks
+    got = torch.cat(outs, dim=2)
+    ref = oracle.oracle_attention(q, k, v, pattern, gate=gate)[:, :, prefill:]
+    base = oracle.masked_attention_in_dtype(q, k, v, pattern, gate=gate.to(dtype))[:, :, prefill:]
+    oracle.assert_close_contract(got, ref, dtype=dtype, device="cpu", what="extended rows", lowp_baseline=base)
+
+
 def test_decode_function_memory_update():
     """window_linear_decode adds the evicted keys to (M, z) before reading them, and returns the update."""
     pattern = sa.WindowLinear(4, sinks=0)

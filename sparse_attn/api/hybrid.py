@@ -12,6 +12,18 @@ MLPs are the model's own business. Linear layers use `linear_attention` with a l
 log-decay (`"per-head"`, RetNet style) or a per-token one from a projection of `x` (`"per-token"`,
 Mamba2 / simple-GLA style), or none; softmax layers use `attention` with any pattern
 (`WindowLinear` gets its learnable per-head gate).
+
+What the cache keeps per layer (`HybridCache.nbytes()` counts it):
+- linear layer: the `(B, H, D, Dv)` state (constant);
+- `SlidingWindow(window, sinks)`: the sinks' K/V and the last `window - 1` tokens' (constant), the
+  keys any later query can see. They are stored back to back, so a key's index is no longer its
+  position; the window rule is relative to the end of the keys and the sinks are the first
+  `sinks` indices whenever a token was dropped, so attention over the kept keys sees exactly the
+  keys the full sequence would;
+- `WindowLinear(window, sinks)`: a `WindowLinearDecoder` (the sinks, at most `window` tokens and
+  the `(M, z)` memory of the evicted ones; constant). Decode and continuation chunks run its
+  reference code (`backend` applies to the prefill only);
+- `Dense`, `BlockSparse`, `TopK`: the full K/V (grows with the context).
 """
 from __future__ import annotations
 
@@ -21,14 +33,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..patterns import Dense, Pattern, WindowLinear
+from ..backends.reference.window_linear import WindowLinearDecoder
+from ..patterns import Dense, Pattern, SlidingWindow, WindowLinear
 from .functional import attention
 from .linear import linear_attention
 
 
 class HybridCache:
-    """Decode state of a hybrid stack, per layer: `(K, V)` `(B, Hkv, S, D)` for a softmax layer,
-    the `(B, H, D, Dv)` float32 state for a linear layer. `length` is the tokens seen so far."""
+    """Decode state of a hybrid stack, per layer: the `(B, H, D, Dv)` float32 state of a linear
+    layer; `(K, V)` `(B, Hkv, n, D)` of a softmax layer, all tokens for `Dense` / `BlockSparse` /
+    `TopK`, `min(sinks, S) + min(window - 1, max(0, S - sinks))` for `SlidingWindow`; a
+    `WindowLinearDecoder` for `WindowLinear`. `length` is the tokens seen so far."""
 
     def __init__(self, n_layers: int):
         self.entries: list = [None] * n_layers
@@ -38,12 +53,15 @@ class HybridCache:
         return len(self.entries)
 
     def nbytes(self) -> int:
-        total = 0
+        """Bytes the cache pins: the whole storage behind each held tensor, each storage once."""
+        storages = {}
         for e in self.entries:
-            for t in (e if isinstance(e, tuple) else (e,)):
+            held = e.tensors() if isinstance(e, WindowLinearDecoder) else (e if isinstance(e, tuple) else (e,))
+            for t in held:
                 if isinstance(t, torch.Tensor):
-                    total += t.numel() * t.element_size()
-        return total
+                    st = t.untyped_storage()
+                    storages[(str(t.device), st.data_ptr())] = st.nbytes()
+        return sum(storages.values())
 
 
 def _check_int(name, x, minimum=1):
@@ -114,14 +132,35 @@ class HybridAttentionLayer(nn.Module):
                                         backend=self.backend)
             if cache is not None:
                 cache.entries[layer_idx] = state
+        elif isinstance(self.pattern, WindowLinear) and cache is not None:
+            if entry is None:
+                o = attention(q, k, v, self.pattern, gate=self.gate, backend=self.backend)
+                cache.entries[layer_idx] = WindowLinearDecoder.from_prefill(k, v, self.pattern, gate=self.gate)
+            else:
+                entry.gate = self.gate
+                o = entry.extend(q, k, v)
         else:
             if entry is not None:
                 k = torch.cat([entry[0], k], dim=2)
                 v = torch.cat([entry[1], v], dim=2)
-            if cache is not None:
-                cache.entries[layer_idx] = (k, v)
             o = attention(q, k, v, self.pattern, gate=self.gate, backend=self.backend)
+            if cache is not None:
+                cache.entries[layer_idx] = self._kept_kv(k, v)
         return x + self.o_proj(o.transpose(1, 2).reshape(b, s, self.h * self.d))
+
+    def _kept_kv(self, k, v):
+        """The K/V a softmax layer keeps for later tokens. `SlidingWindow`: the sinks (the first
+        `min(sinks, n)` kept keys: either no token was dropped yet, or the sinks are all there)
+        and the last `window - 1` of the rest, in a fresh tensor (a slice would pin the old one)."""
+        if not isinstance(self.pattern, SlidingWindow):
+            return k, v
+        n = k.shape[2]
+        ns = min(self.pattern.sinks, n)
+        start = max(ns, n - (self.pattern.window - 1))
+        if start == ns:
+            return k, v
+        return (torch.cat([k[:, :, :ns], k[:, :, start:]], dim=2),
+                torch.cat([v[:, :, :ns], v[:, :, start:]], dim=2))
 
     def extra_repr(self):
         what = f"pattern={self.pattern!r}" if self.kind == "softmax" else f"decay={self.decay_kind!r}"

@@ -115,8 +115,14 @@ def window_linear_decode(q, k_seen, v_seen, memory, *, gate, scale: float | None
 
 class WindowLinearDecoder:
     """Constant-memory decode state of one `WindowLinear` layer: the sinks' keys, the last `window`
-    keys and the `(M, z)` memory of the evicted ones. `step(q, k, v)` appends one token and returns
-    its output, equal to the matching row of the prefill `attention(..., WindowLinear, gate=)`."""
+    keys at most and the `(M, z)` memory of the evicted ones. `step(q, k, v)` appends one token and
+    `extend(q, k, v)` any number; both return the matching rows of the prefill
+    `attention(..., WindowLinear, gate=)`.
+
+    Invariant: the buffers hold the sinks `[0, min(sinks, length))` and the tokens
+    `[length - n_win, length)`; `memory` sums the tokens in between (none until the sinks are full).
+    Every held tensor owns its storage (no view of a prefill's K/V), so `tensors()` is what it pins.
+    """
 
     def __init__(self, pattern: WindowLinear, *, gate, scale: float | None = None):
         self.pattern, self.gate, self.scale = pattern, gate, scale
@@ -129,38 +135,108 @@ class WindowLinearDecoder:
         """Start after a prefill of `k`/`v` `(B, Hkv, S, *)`: keeps only the sinks, the last
         `window - 1` keys (the next token completes the window) and the memory of the rest."""
         dec = cls(pattern, gate=gate, scale=scale)
+        dec._reset(k, v)
+        return dec
+
+    def _reset(self, k, v):
+        """Replace the state by the one after the whole history `k`/`v` `(B, Hkv, S, *)`."""
         s = k.shape[2]
-        ns = min(pattern.sinks, s)
-        keep = max(ns, s - (pattern.window - 1))  # tokens [keep, s) stay in the window buffer
-        dec.sink_k, dec.sink_v = k[:, :, :ns], v[:, :, :ns]
-        dec.win_k, dec.win_v = k[:, :, keep:], v[:, :, keep:]
+        ns = min(self.pattern.sinks, s)
+        keep = max(ns, s - (self.pattern.window - 1))  # tokens [keep, s) stay in the window buffer
+        # clone: a slice would pin the whole prefill K/V
+        self.sink_k, self.sink_v = k[:, :, :ns].clone(), v[:, :, :ns].clone()
+        self.win_k, self.win_v = k[:, :, keep:].clone(), v[:, :, keep:].clone()
         acc = acc_dtype(k.dtype)
         fk, va = phi(k[:, :, ns:keep].to(acc)), v[:, :, ns:keep].to(acc)
-        dec.memory = (torch.matmul(fk.transpose(-1, -2), va), fk.sum(dim=2))
-        dec.length = s
-        return dec
+        self.memory = (torch.matmul(fk.transpose(-1, -2), va), fk.sum(dim=2))
+        self.length = s
 
     def cached_tokens(self) -> int:
         return sum(x.shape[2] for x in (self.sink_k, self.win_k) if x is not None)
+
+    def tensors(self) -> list:
+        """Every tensor the decoder holds (keys, values, `M`, `z`)."""
+        held = [self.sink_k, self.sink_v, self.win_k, self.win_v, *(self.memory or ())]
+        return [t for t in held if t is not None]
 
     def step(self, q, k, v):
         """q `(B, Hq, 1, D)`, k/v `(B, Hkv, 1, *)` of the next token -> `(B, Hq, 1, Dv)`."""
         p = self.length
         if self.sink_k is None:
-            self.sink_k, self.sink_v = k[:, :, :0], v[:, :, :0]
-            self.win_k, self.win_v = k[:, :, :0], v[:, :, :0]
+            b, hkv = k.shape[:2]
+            self.sink_k = self.win_k = k.new_empty(b, hkv, 0, k.shape[3])
+            self.sink_v = self.win_v = v.new_empty(b, hkv, 0, v.shape[3])
         evict_k = evict_v = None
         if p < self.pattern.sinks:
             self.sink_k, self.sink_v = torch.cat([self.sink_k, k], 2), torch.cat([self.sink_v, v], 2)
         else:
-            wk, wv = torch.cat([self.win_k, k], 2), torch.cat([self.win_v, v], 2)
-            over = wk.shape[2] - self.pattern.window  # tokens at positions <= p - window
+            over = self.win_k.shape[2] + 1 - self.pattern.window  # tokens at positions <= p - window
+            wk, wv = self.win_k, self.win_v
             if over > 0:
                 evict_k, evict_v = wk[:, :, :over], wv[:, :, :over]
                 wk, wv = wk[:, :, over:], wv[:, :, over:]
-            self.win_k, self.win_v = wk, wv
+            self.win_k, self.win_v = torch.cat([wk, k], 2), torch.cat([wv, v], 2)  # fresh storage
         o, self.memory = window_linear_decode(
             q, torch.cat([self.sink_k, self.win_k], 2), torch.cat([self.sink_v, self.win_v], 2), self.memory,
             gate=self.gate, scale=self.scale, evict_k=evict_k, evict_v=evict_v)
         self.length = p + 1
         return o
+
+    def extend(self, q, k, v):
+        """q `(B, Hq, S, D)`, k/v `(B, Hkv, S, *)` of the next `S` tokens (any `S`) -> `(B, Hq, S, Dv)`.
+
+        `S == 1` is `step`. Before any token is evicted the buffers are the whole history, so the
+        prefill formula runs on them. After, the tokens go in pieces of at most `_LINEAR_CHUNK`:
+        the softmax part attends over `sinks + buffer + piece` (the sliding-window rule is relative
+        to the end, and with the sinks full the kept keys keep their distances to the queries,
+        so it sees exactly the prefill's keys), and the linear part reads the memory plus the
+        buffer keys that leave the window inside the piece, under the mask `j <= p - window`.
+        """
+        s = q.shape[2]
+        if s == 1:
+            return self.step(q, k, v)
+        if s == 0:
+            return q.new_zeros(*q.shape[:3], v.shape[3])
+        if self.sink_k is None or self.cached_tokens() == self.length:
+            if self.sink_k is not None:
+                k = torch.cat([self.sink_k, self.win_k, k], 2)
+                v = torch.cat([self.sink_v, self.win_v, v], 2)
+            scale = q.shape[3] ** -0.5 if self.scale is None else self.scale
+            o = window_linear_attention(q, k, v, self.pattern, scale=scale, gate=self.gate)
+            self._reset(k, v)
+            return o
+        outs = [self._extend_evicting(q[:, :, r0:r0 + _LINEAR_CHUNK], k[:, :, r0:r0 + _LINEAR_CHUNK],
+                                      v[:, :, r0:r0 + _LINEAR_CHUNK]) for r0 in range(0, s, _LINEAR_CHUNK)]
+        return torch.cat(outs, dim=2)
+
+    def _extend_evicting(self, q, k, v):
+        """`extend` for a piece of `r` tokens once tokens have been evicted (so the sinks are full)."""
+        b, hq, r, d = q.shape
+        hkv, dv = k.shape[1], v.shape[3]
+        g = hq // hkv
+        window, p0 = self.pattern.window, self.length
+        acc = acc_dtype(q.dtype)
+        scale = d ** -0.5 if self.scale is None else self.scale
+        a = softmax_attention(q, torch.cat([self.sink_k, self.win_k, k], 2), torch.cat([self.sink_v, self.win_v, v], 2),
+                              self.pattern.softmax_part, scale=scale, out_dtype=acc).view(b, hkv, g, r, dv)
+        bk, bv = torch.cat([self.win_k, k], 2), torch.cat([self.win_v, v], 2)  # positions [f, p0 + r)
+        f = p0 - self.win_k.shape[2]
+        n_ev = max(0, p0 + r - window - f)  # buffer keys j <= p0 + r - 1 - window leave in this piece
+        m, z = self.memory
+        fq = phi(q.to(acc)).view(b, hkv, g, r, d)
+        num = torch.matmul(fq, m[:, :, None])
+        den = torch.matmul(fq, z[:, :, None, :, None])  # (B, Hkv, G, r, 1)
+        if n_ev:
+            fk, ve = phi(bk[:, :, :n_ev].to(acc)), bv[:, :, :n_ev].to(acc)
+            qpos = torch.arange(p0, p0 + r, device=q.device)
+            kpos = torch.arange(f, f + n_ev, device=q.device)
+            vis = (kpos[None, :] <= qpos[:, None] - window).to(acc)  # (r, n_ev)
+            w = torch.matmul(fq, fk[:, :, None].transpose(-1, -2)) * vis
+            num = num + torch.matmul(w, ve[:, :, None])
+            den = den + w.sum(dim=-1, keepdim=True)
+            self.memory = (m + torch.matmul(fk.transpose(-1, -2), ve), z + fk.sum(dim=2))
+        lin = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))
+        w = torch.sigmoid(self.gate.to(acc)).view(1, hkv, g, 1, 1)
+        self.win_k, self.win_v = bk[:, :, n_ev:].clone(), bv[:, :, n_ev:].clone()
+        self.length = p0 + r
+        return (w * a + (1.0 - w) * lin).reshape(b, hq, r, dv).to(q.dtype)
