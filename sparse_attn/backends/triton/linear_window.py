@@ -1,12 +1,29 @@
-"""Fused `WindowLinear` forward in Triton: the window softmax and the linear memory in one pass.
+"""Fused `WindowLinear` in Triton, forward and backward: the window softmax and the linear memory
+of the evicted keys in one pass each (contract: `o = s * A + (1 - s) * L`, `s = sigmoid(gate)`).
 
-One program per (batch * query head, 64-column Dv tile) walks the queries in tiles of `C`:
+Forward: one program per (batch * query head, 64-column Dv tile) walks the queries in tiles of `C`:
 - softmax part: an online softmax over the sink keys left of the window and the key tiles of the
   window `[p_lo - window + 1, p_hi]` (mask `j <= p` and `p - j < window or j < sinks`);
 - linear part: `(M, z)` in float32 registers hold the evicted keys `sinks <= j <= p_lo - window`;
   the `C` keys `p_lo - window < j <= p_lo + C - window` that leave the window inside the tile enter
   under the shifted causal mask `j <= p - window` and are then added to `(M, z)`.
-Memory is constant in the context length. Forward only (training uses the reference kernel).
+
+Backward (no atomics, deterministic), with `phi = elu + 1`, `w_tj = phi(q_t).phi(k_j)` over the
+evicted keys `E_t` of query `t`, `den_t = sum_j w_tj`, and `dO` the output gradient:
+- `g_num_t = (1 - s) dO_t / den_t`, `g_den_t = -(1 - s) (dO_t . L_t) / den_t` (0 when `den_t = 0`),
+  so `d w_tj = g_num_t . v_j + g_den_t`;
+- linear dq: `dphi(q_t) * (M_t g_num_t + g_den_t z_t)` (forward running state over queries);
+- linear dk/dv: with `R_j = sum_{t: p_t >= j + window} phi(q_t) g_num_t^T` and `r_j` the same sum of
+  `g_den_t phi(q_t)` (a reverse running state over queries, summed over the GQA group),
+  `dv_j = R_j^T phi(k_j)`, `dk_j = dphi(k_j) * (R_j v_j + r_j)` for `j >= sinks`;
+- softmax part: the flash backward with `dO_A = s dO`, `dS = s P (dO v^T - dO . A)`;
+- `d gate = s (1 - s) sum_t dO_t . (A_t - L_t)`.
+Three launches: the forward kernel again in "prep" mode (per row `lse`, `den` and `dO . L`), one
+program per (batch * query head) for dq (it also writes `dO . A`, taken as `sum_j P dp` over the
+same `dp` it uses, so the softmax part of a row with one visible key gets exactly zero gradient),
+and one per (batch * kv head) for dk/dv (key tiles walked from the end; the softmax part visits
+the queries that see each key tile; the group's heads are summed in registers). Extra memory:
+float32 row vectors `(B, Hq, Sq)` and the `(D, Dv)` states in registers; nothing of size Sq x Sk.
 """
 from __future__ import annotations
 
@@ -32,6 +49,10 @@ if triton is not None:
         return tl.where(x > 0, x + 1.0, tl.exp(tl.minimum(x, 0.0)))
 
     @triton.jit
+    def _dphi(x):
+        return tl.where(x > 0, 1.0, tl.exp(tl.minimum(x, 0.0)))
+
+    @triton.jit
     def _softmax_tile(q, K, V, j0, pos, rmask, offs_c, offs_d, dmask, offs_v, vmask, m_i, l_i, acc,
                       scale, SK, D, DV, WINDOW, SINKS, LIMIT, PREC: tl.constexpr):
         kj = j0 + offs_c
@@ -51,8 +72,11 @@ if triton is not None:
         return m_new, l_i, acc
 
     @triton.jit
-    def window_linear_fwd_kernel(Q, K, V, GATE, O, scale, SQ, SK, D, DV, HQ, G, WINDOW, SINKS,
-                                 C: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    def window_linear_fwd_kernel(Q, K, V, GATE, O, DO, LSE, DEN, DL, scale, SQ, SK, D, DV, HQ, G, WINDOW,
+                                 SINKS, C: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+                                 PREP: tl.constexpr):
+        """PREP=False: writes O. PREP=True (backward): writes, per row, `lse` and `den` (Dv tile 0)
+        and this Dv tile's share of `dO . L` (summed over the tiles by the launcher)."""
         pid = tl.program_id(0)
         iv = tl.program_id(1)
         b = pid // HQ
@@ -117,12 +141,228 @@ if triton is not None:
             mem += tl.dot(tl.trans(fk), v, input_precision=PREC)
             z += tl.sum(fk, axis=0)
             lin = tl.where(den[:, None] > 0, num / tl.where(den > 0, den, 1.0)[:, None], 0.0)
-            o = gw * a + (1.0 - gw) * lin
-            tl.store(O + pid * SQ * DV + rows[:, None] * DV + offs_v[None, :], o.to(O.dtype.element_ty),
-                     mask=rmask[:, None] & vmask[None, :])
+            if PREP:
+                do = tl.load(DO + pid * SQ * DV + rows[:, None] * DV + offs_v[None, :],
+                             mask=rmask[:, None] & vmask[None, :], other=0.0).to(tl.float32)
+                part = (iv * tl.num_programs(0) + pid) * SQ + rows
+                tl.store(DL + part, tl.sum(do * lin, axis=1), mask=rmask)
+                lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("inf"))
+                first = rmask & ((rows * 0 + iv) == 0)  # Dv tile 0 writes the per-row values
+                tl.store(LSE + pid * SQ + rows, lse, mask=first)
+                tl.store(DEN + pid * SQ + rows, den, mask=first)
+            else:
+                o = gw * a + (1.0 - gw) * lin
+                tl.store(O + pid * SQ * DV + rows[:, None] * DV + offs_v[None, :], o.to(O.dtype.element_ty),
+                         mask=rmask[:, None] & vmask[None, :])
+
+    @triton.jit
+    def _dq_softmax_tile(q, do, lse, da, dq, K, V, j0, pos, rmask, offs_c, offs_d, dmask, offs_v, vmask,
+                         scale, gw, SK, D, DV, WINDOW, SINKS, LIMIT, PREC: tl.constexpr, DELTA: tl.constexpr):
+        """DELTA: returns `da + sum_j P dp` (the row's `dO . A` from the same `dp` the second pass
+        uses, so `sum_j dS = 0` up to one rounding: a row with one visible key gets dS = 0 exactly);
+        else `dq + dS k`."""
+        kj = j0 + offs_c
+        kmask = (kj < SK) & (kj < LIMIT)
+        k = tl.load(K + kj[:, None] * D + offs_d[None, :], mask=kmask[:, None] & dmask[None, :],
+                    other=0.0).to(tl.float32)
+        v = tl.load(V + kj[:, None] * DV + offs_v[None, :], mask=kmask[:, None] & vmask[None, :],
+                    other=0.0).to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+        vis = (kj[None, :] <= pos[:, None]) & ((pos[:, None] - kj[None, :] < WINDOW) | (kj[None, :] < SINKS))
+        vis = vis & kmask[None, :] & rmask[:, None]
+        p = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        if DELTA:
+            return da + tl.sum(p * dp, axis=1)
+        ds = gw * p * (dp - da[:, None])
+        return dq + tl.dot(ds, k, input_precision=PREC)
+
+    @triton.jit
+    def window_linear_bwd_dq_kernel(Q, K, V, GATE, DO, LSE, DEN, DA, DL, DQ, scale, SQ, SK, D, DV, HQ, G, WINDOW,
+                                    SINKS, C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+                                    PREC: tl.constexpr):
+        """One program per (batch * query head): dq of the softmax part over the sink and window key
+        tiles, plus the linear part from the running `(M, z)` (all of Dv in registers)."""
+        pid = tl.program_id(0)
+        b = pid // HQ
+        hq = pid % HQ
+        kvh = b * (HQ // G) + hq // G
+        offs_c = tl.arange(0, C)
+        offs_d = tl.arange(0, BD)
+        offs_v = tl.arange(0, BDV)
+        dmask = offs_d < D
+        vmask = offs_v < DV
+        Kb = K + kvh * SK * D
+        Vb = V + kvh * SK * DV
+        off = SK - SQ
+        gw = 1.0 / (1.0 + tl.exp(-tl.load(GATE + hq).to(tl.float32)))
+        mem = tl.zeros([BD, BDV], dtype=tl.float32)
+        z = tl.zeros([BD], dtype=tl.float32)
+        e0 = tl.maximum(SINKS, off - WINDOW + 1)
+        for j0 in range(SINKS, e0, C):
+            kj = j0 + offs_c
+            km = kj < e0
+            k = tl.load(Kb + kj[:, None] * D + offs_d[None, :], mask=km[:, None] & dmask[None, :], other=0.0)
+            v = tl.load(Vb + kj[:, None] * DV + offs_v[None, :], mask=km[:, None] & vmask[None, :], other=0.0)
+            fk = tl.where(km[:, None] & dmask[None, :], _phi(k.to(tl.float32)), 0.0)
+            mem += tl.dot(tl.trans(fk), v.to(tl.float32), input_precision=PREC)
+            z += tl.sum(fk, axis=0)
+        for t0 in range(0, SQ, C):
+            rows = t0 + offs_c
+            rmask = rows < SQ
+            pos = off + rows
+            q = tl.load(Q + pid * SQ * D + rows[:, None] * D + offs_d[None, :], mask=rmask[:, None] & dmask[None, :],
+                        other=0.0).to(tl.float32)
+            do = tl.load(DO + pid * SQ * DV + rows[:, None] * DV + offs_v[None, :],
+                         mask=rmask[:, None] & vmask[None, :], other=0.0).to(tl.float32)
+            lse = tl.load(LSE + pid * SQ + rows, mask=rmask, other=0.0)
+            dl = tl.load(DL + pid * SQ + rows, mask=rmask, other=0.0)
+            den = tl.load(DEN + pid * SQ + rows, mask=rmask, other=0.0)
+            p_lo = off + t0
+            p_hi = tl.minimum(off + t0 + C, SK) - 1
+            lo = tl.maximum(0, p_lo - WINDOW + 1)
+            sink_end = tl.minimum(SINKS, lo)
+            dq = tl.zeros([C, BD], dtype=tl.float32)
+            da = tl.zeros([C], dtype=tl.float32)
+            for j0 in range(0, sink_end, C):  # pass 1: da = dO . A
+                da = _dq_softmax_tile(q, do, lse, da, dq, Kb, Vb, j0, pos, rmask, offs_c, offs_d, dmask, offs_v,
+                                      vmask, scale, gw, SK, D, DV, WINDOW, SINKS, sink_end, PREC, True)
+            for j0 in range(lo, p_hi + 1, C):
+                da = _dq_softmax_tile(q, do, lse, da, dq, Kb, Vb, j0, pos, rmask, offs_c, offs_d, dmask, offs_v,
+                                      vmask, scale, gw, SK, D, DV, WINDOW, SINKS, SK, PREC, True)
+            tl.store(DA + pid * SQ + rows, da, mask=rmask)  # for the dk/dv pass and d(gate)
+            for j0 in range(0, sink_end, C):  # pass 2: dS = s P (dp - da), dq = scale dS k
+                dq = _dq_softmax_tile(q, do, lse, da, dq, Kb, Vb, j0, pos, rmask, offs_c, offs_d, dmask, offs_v,
+                                      vmask, scale, gw, SK, D, DV, WINDOW, SINKS, sink_end, PREC, False)
+            for j0 in range(lo, p_hi + 1, C):
+                dq = _dq_softmax_tile(q, do, lse, da, dq, Kb, Vb, j0, pos, rmask, offs_c, offs_d, dmask, offs_v,
+                                      vmask, scale, gw, SK, D, DV, WINDOW, SINKS, SK, PREC, False)
+            dq = dq * scale
+            # linear part: d phi(q_t) = M_t g_num_t + g_den_t z_t, M_t = stored state + keys leaving here
+            fq = tl.where(dmask[None, :], _phi(q), 0.0)
+            inv = tl.where(den > 0, 1.0 / tl.where(den > 0, den, 1.0), 0.0)
+            gnum = ((1.0 - gw) * inv)[:, None] * do
+            gden = -(1.0 - gw) * dl * inv
+            gfq = tl.dot(gnum, tl.trans(mem), input_precision=PREC) + gden[:, None] * z[None, :]
+            kj = p_lo - WINDOW + 1 + offs_c
+            kv = (kj >= SINKS) & (kj >= 0) & (kj < SK)
+            k = tl.load(Kb + kj[:, None] * D + offs_d[None, :], mask=kv[:, None] & dmask[None, :], other=0.0)
+            v = tl.load(Vb + kj[:, None] * DV + offs_v[None, :], mask=kv[:, None] & vmask[None, :],
+                        other=0.0).to(tl.float32)
+            fk = tl.where(kv[:, None] & dmask[None, :], _phi(k.to(tl.float32)), 0.0)
+            wmask = (kj[None, :] <= pos[:, None] - WINDOW) & kv[None, :]
+            gw_tj = tl.where(wmask, tl.dot(gnum, tl.trans(v), input_precision=PREC) + gden[:, None], 0.0)
+            gfq += tl.dot(gw_tj, fk, input_precision=PREC)
+            mem += tl.dot(tl.trans(fk), v, input_precision=PREC)
+            z += tl.sum(fk, axis=0)
+            dq += _dphi(q) * gfq
+            tl.store(DQ + pid * SQ * D + rows[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+                     mask=rmask[:, None] & dmask[None, :])
+
+    @triton.jit
+    def window_linear_bwd_dkdv_kernel(Q, K, V, GATE, DO, LSE, DEN, DA, DL, DK, DVO, scale, SQ, SK, D, DV, HQ, G,
+                                      WINDOW, SINKS, C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+                                      PREC: tl.constexpr):
+        """One program per (batch * kv head), key tiles from the last: the softmax part over the
+        queries that see the tile (every later query for a tile with sinks), and the linear part
+        from the reverse state `(R, r)` over the queries at `p >= j + window`, both summed over
+        the group's query heads."""
+        pid = tl.program_id(0)
+        hkv_all = HQ // G
+        b = pid // hkv_all
+        hkv = pid % hkv_all
+        offs_c = tl.arange(0, C)
+        offs_d = tl.arange(0, BD)
+        offs_v = tl.arange(0, BDV)
+        dmask = offs_d < D
+        vmask = offs_v < DV
+        Kb = K + pid * SK * D
+        Vb = V + pid * SK * DV
+        off = SK - SQ
+        rst = tl.zeros([BD, BDV], dtype=tl.float32)
+        r = tl.zeros([BD], dtype=tl.float32)
+        n_tiles = tl.cdiv(SK, C)
+        for it in range(0, n_tiles):
+            j0 = (n_tiles - 1 - it) * C
+            kj = j0 + offs_c
+            kmask = kj < SK
+            k = tl.load(Kb + kj[:, None] * D + offs_d[None, :], mask=kmask[:, None] & dmask[None, :],
+                        other=0.0).to(tl.float32)
+            v = tl.load(Vb + kj[:, None] * DV + offs_v[None, :], mask=kmask[:, None] & vmask[None, :],
+                        other=0.0).to(tl.float32)
+            dk = tl.zeros([C, BD], dtype=tl.float32)
+            dv = tl.zeros([C, BDV], dtype=tl.float32)
+            # softmax part: query positions [j0, j1 - 2 + window], or all after j0 if the tile has sinks
+            j1 = tl.minimum(j0 + C, SK)
+            row_lo = tl.maximum(0, j0 - off)
+            row_hi = tl.where(j0 < SINKS, SQ, tl.minimum(SQ, j1 + WINDOW - 1 - off))
+            for hh in range(0, G):
+                qh = b * HQ + hkv * G + hh
+                gw = 1.0 / (1.0 + tl.exp(-tl.load(GATE + hkv * G + hh).to(tl.float32)))
+                for r0 in range(row_lo, row_hi, C):
+                    rows = r0 + offs_c
+                    rmask = rows < SQ
+                    pos = off + rows
+                    q = tl.load(Q + qh * SQ * D + rows[:, None] * D + offs_d[None, :],
+                                mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+                    do = tl.load(DO + qh * SQ * DV + rows[:, None] * DV + offs_v[None, :],
+                                 mask=rmask[:, None] & vmask[None, :], other=0.0).to(tl.float32)
+                    lse = tl.load(LSE + qh * SQ + rows, mask=rmask, other=0.0)
+                    da = tl.load(DA + qh * SQ + rows, mask=rmask, other=0.0)
+                    s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+                    vis = (kj[None, :] <= pos[:, None]) & (
+                        (pos[:, None] - kj[None, :] < WINDOW) | (kj[None, :] < SINKS))
+                    vis = vis & kmask[None, :] & rmask[:, None]
+                    p = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
+                    dv += gw * tl.dot(tl.trans(p), do, input_precision=PREC)
+                    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+                    ds = gw * p * (dp - da[:, None])
+                    dk += tl.dot(tl.trans(ds), q, input_precision=PREC)
+            dk = dk * scale
+            # linear part: the state holds the queries at p >= j0 + C + window (they see every key
+            # of the tile evicted); the C queries p = j0 + window + c see a prefix of it
+            lin = kmask & (kj >= SINKS)
+            fk = tl.where(lin[:, None] & dmask[None, :], _phi(k), 0.0)
+            dv += tl.dot(fk, rst, input_precision=PREC)
+            gfk = tl.dot(v, tl.trans(rst), input_precision=PREC) + r[None, :]
+            prow = j0 + WINDOW + offs_c
+            rows = prow - off
+            rvalid = (rows >= 0) & (rows < SQ)
+            for hh in range(0, G):
+                qh = b * HQ + hkv * G + hh
+                gw = 1.0 / (1.0 + tl.exp(-tl.load(GATE + hkv * G + hh).to(tl.float32)))
+                q = tl.load(Q + qh * SQ * D + rows[:, None] * D + offs_d[None, :],
+                            mask=rvalid[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+                do = tl.load(DO + qh * SQ * DV + rows[:, None] * DV + offs_v[None, :],
+                             mask=rvalid[:, None] & vmask[None, :], other=0.0).to(tl.float32)
+                dl = tl.load(DL + qh * SQ + rows, mask=rvalid, other=0.0)
+                den = tl.load(DEN + qh * SQ + rows, mask=rvalid, other=0.0)
+                fq = tl.where(rvalid[:, None] & dmask[None, :], _phi(q), 0.0)
+                inv = tl.where(den > 0, 1.0 / tl.where(den > 0, den, 1.0), 0.0)
+                gnum = ((1.0 - gw) * inv)[:, None] * do
+                gden = -(1.0 - gw) * dl * inv
+                wm = (prow[:, None] >= kj[None, :] + WINDOW) & rvalid[:, None] & lin[None, :]
+                w = tl.where(wm, tl.dot(fq, tl.trans(fk), input_precision=PREC), 0.0)
+                dv += tl.dot(tl.trans(w), gnum, input_precision=PREC)
+                gm = tl.where(wm, tl.dot(gnum, tl.trans(v), input_precision=PREC) + gden[:, None], 0.0)
+                gfk += tl.dot(tl.trans(gm), fq, input_precision=PREC)
+                rst += tl.dot(tl.trans(fq), gnum, input_precision=PREC)
+                r += tl.sum(gden[:, None] * fq, axis=0)
+            dk += tl.where(lin[:, None], _dphi(k) * gfk, 0.0)
+            tl.store(DK + pid * SK * D + kj[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty),
+                     mask=kmask[:, None] & dmask[None, :])
+            tl.store(DVO + pid * SK * DV + kj[:, None] * DV + offs_v[None, :], dv.to(DVO.dtype.element_ty),
+                     mask=kmask[:, None] & vmask[None, :])
+
+
+def _prec(dtype) -> str:
+    # bfloat16 values are exact in TF32; float16 / float32 keep IEEE float32 products
+    return "tf32" if dtype == torch.bfloat16 else "ieee"
 
 
 def triton_window_linear(q, k, v, pattern: WindowLinear, *, scale: float, gate: torch.Tensor) -> torch.Tensor:
+    """Forward: q `(B, Hq, Sq, D)`, k `(B, Hkv, Sk, D)`, v `(B, Hkv, Sk, Dv)`, gate `(Hq,)` logits
+    -> `(B, Hq, Sq, Dv)` in q's dtype."""
     b, hq, sq, d = q.shape
     hkv, sk, dv = k.shape[1], k.shape[2], v.shape[3]
     out = torch.empty(b, hq, sq, dv, dtype=q.dtype, device=q.device)
@@ -131,22 +371,72 @@ def triton_window_linear(q, k, v, pattern: WindowLinear, *, scale: float, gate: 
     bd = max(16, triton.next_power_of_2(d))
     bv = max(16, min(64, triton.next_power_of_2(dv)))
     c = 32 if q.device.type != "cuda" or bd > 64 else 64
-    prec = "tf32" if q.dtype == torch.bfloat16 else "ieee"
     window_linear_fwd_kernel[(b * hq, triton.cdiv(dv, bv))](
-        q.contiguous(), k.contiguous(), v.contiguous(), gate.contiguous(), out, float(scale), sq, sk, d, dv, hq,
-        hq // hkv, pattern.window, pattern.sinks, C=c, BD=bd, BV=bv, PREC=prec)
+        q.contiguous(), k.contiguous(), v.contiguous(), gate.contiguous(), out, out, out, out, out, float(scale),
+        sq, sk, d, dv, hq, hq // hkv, pattern.window, pattern.sinks, C=c, BD=bd, BV=bv, PREC=_prec(q.dtype),
+        PREP=False)
     return out
 
 
+def triton_window_linear_backward(q, k, v, gate, dout, pattern: WindowLinear, *, scale: float):
+    """`(dq, dk, dv, dgate)` of `triton_window_linear` for the output gradient `dout` `(B, Hq, Sq, Dv)`;
+    dq/dk/dv in the inputs' dtype, dgate `(Hq,)` in gate's dtype. Extra memory: five float32
+    `(B, Hq, Sq)` row vectors (times the Dv tiles for two of them)."""
+    b, hq, sq, d = q.shape
+    hkv, sk, dv = k.shape[1], k.shape[2], v.shape[3]
+    q, k, v, gate, dout = (x.contiguous() for x in (q, k, v, gate, dout))
+    dq, dk, dvv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    if b == 0 or hq == 0 or sq == 0 or sk == 0:
+        return dq, dk, dvv, torch.zeros_like(gate)
+    bd = max(16, triton.next_power_of_2(d))
+    bv = max(16, min(64, triton.next_power_of_2(dv)))
+    nv = triton.cdiv(dv, bv)
+    c = 32 if q.device.type != "cuda" or bd > 64 else 64
+    prec = _prec(q.dtype)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    lse, den, da = (torch.empty(b * hq, sq, **f32) for _ in range(3))
+    dl_parts = torch.empty(nv, b * hq, sq, **f32)
+    args = (sq, sk, d, dv, hq, hq // hkv, pattern.window, pattern.sinks)
+    window_linear_fwd_kernel[(b * hq, nv)](q, k, v, gate, dout, dout, lse, den, dl_parts, float(scale), *args,
+                                           C=c, BD=bd, BV=bv, PREC=prec, PREP=True)
+    dl = dl_parts.sum(0)  # dO . L per row (a fixed order: deterministic)
+    bdv = max(16, triton.next_power_of_2(dv))
+    cb = 32 if q.device.type != "cuda" or max(bd, bdv) <= 64 else 16  # the (D, Dv) state lives in registers
+    window_linear_bwd_dq_kernel[(b * hq,)](q, k, v, gate, dout, lse, den, da, dl, dq, float(scale), *args,
+                                           C=cb, BD=bd, BDV=bdv, PREC=prec)
+    window_linear_bwd_dkdv_kernel[(b * hkv,)](q, k, v, gate, dout, lse, den, da, dl, dk, dvv, float(scale), *args,
+                                              C=cb, BD=bd, BDV=bdv, PREC=prec)
+    s = torch.sigmoid(gate.float())
+    dgate = s * (1.0 - s) * (da - dl).view(b, hq, sq).sum(dim=(0, 2))
+    return dq, dk, dvv, dgate.to(gate.dtype)
+
+
+class _WindowLinearFn(torch.autograd.Function):
+    """Saves q, k, v and gate only (no activations): the backward recomputes what it needs."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, gate, pattern, scale):
+        ctx.save_for_backward(q, k, v, gate)
+        ctx.pattern, ctx.scale = pattern, scale
+        return triton_window_linear(q, k, v, pattern, scale=scale, gate=gate)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, gate = ctx.saved_tensors
+        dq, dk, dv, dgate = triton_window_linear_backward(q, k, v, gate, dout, ctx.pattern, scale=ctx.scale)
+        return dq, dk, dv, dgate, None, None
+
+
 class TritonWindowLinear(TritonKernelMixin, Kernel):
-    """WindowLinear forward fused in one Triton kernel (window softmax + linear memory)."""
+    """WindowLinear fused in Triton (window softmax + linear memory), forward and backward: training
+    calls go through `_WindowLinearFn` (gradients for q, k, v and gate, no atomics)."""
 
     name = "triton.window_linear"
     backend = "triton"
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
     patterns = (WindowLinear,)
     head_dims = (1, 128)
-    supports_backward = False
+    supports_backward = True
 
     def import_error(self):
         return _IMPORT_ERROR
@@ -166,9 +456,20 @@ class TritonWindowLinear(TritonKernelMixin, Kernel):
                                    + p.q_heads * p.sk * (p.head_dim + p.v_head_dim))
         programs = p.batch * p.q_heads * -(-p.v_head_dim // 64)
         eff = max(0.01, 0.3 * min(1.0, programs / max(p.device.units, 1)))
-        return roofline_seconds(p, flops=flops, bytes_moved=nbytes, efficiency=eff, overhead_s=15e-6)
+        fwd = roofline_seconds(p, flops=flops, bytes_moved=nbytes, efficiency=eff, overhead_s=15e-6)
+        if not p.requires_grad:
+            return fwd
+        # backward: the forward again (prep), dq (~2x the forward's products, one program per query
+        # head) and dk/dv (~3x, one program per kv head: the group's heads run in sequence)
+        eff_dq = max(0.01, 0.3 * min(1.0, p.batch * p.q_heads / max(p.device.units, 1)))
+        eff_kv = max(0.01, 0.3 * min(1.0, p.batch * p.kv_heads / max(p.device.units, 1)))
+        dq = roofline_seconds(p, flops=2.0 * flops, bytes_moved=2 * nbytes, efficiency=eff_dq, overhead_s=15e-6)
+        dkdv = roofline_seconds(p, flops=3.0 * flops, bytes_moved=2 * nbytes, efficiency=eff_kv, overhead_s=15e-6)
+        return 2 * fwd + dq + dkdv
 
     def run(self, q, k, v, p, *, gate=None):
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, gate)):
+            return _WindowLinearFn.apply(q, k, v, gate, p.pattern, p.scale)
         return triton_window_linear(q, k, v, p.pattern, scale=p.scale, gate=gate)
 
 
