@@ -361,12 +361,16 @@ def test_backward_against_float64_oracle(kind, b, hq, hkv, sq, sk, d, dv, dtype)
     check_against_oracle(run, ref, base, dict(q=q, k=k, v=v), dtype=dtype)
 
 
-def test_backward_strided_inputs_and_scale():
-    """(B, S, H, D) views read through their strides, a non-default scale, gradients of one input."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_backward_strided_inputs_and_scale(dtype):
+    """(B, S, H, D) views read through their strides, a non-default scale, gradients of one input;
+    bfloat16 also with a non-unit head-dim stride (the bf16 dot-product path's element-wise packing)."""
     b, hq, hkv, s, d = 2, 8, 2, 70, 64
-    q = torch.randn(b, s, hq, d).transpose(1, 2).requires_grad_()
-    k = torch.randn(b, s, hkv, d).transpose(1, 2).requires_grad_()
-    v = torch.randn(b, s, hkv, d).transpose(1, 2)
+    q = torch.randn(b, s, hq, d).to(dtype).transpose(1, 2).requires_grad_()
+    k = torch.randn(b, s, hkv, d).to(dtype).transpose(1, 2).requires_grad_()
+    v = torch.randn(b, s, hkv, d).to(dtype).transpose(1, 2)
+    if dtype == torch.bfloat16:  # head dim with stride 2: every other element of a wider tensor
+        k = torch.randn(b, s, hkv, 2 * d).to(dtype)[..., ::2].transpose(1, 2).requires_grad_()
     pattern = sa.SlidingWindow(9, sinks=2)
     out = run_cpu(q, k, v, pattern, scale=0.3)
     go = torch.randn_like(out)
@@ -374,8 +378,8 @@ def test_backward_strided_inputs_and_scale():
     q64, k64 = (x.detach().double().requires_grad_() for x in (q, k))
     ref = sa.attention(q64, k64, v.double(), pattern, scale=0.3, backend="reference")
     rq, rk = torch.autograd.grad(ref, [q64, k64], go.double())
-    check(dq, rq, torch.float32)
-    check(dk, rk, torch.float32)
+    check(dq, rq, dtype)
+    check(dk, rk, dtype)
 
 
 def test_forward_lse():
@@ -461,3 +465,51 @@ def test_jit_cache_key_names_the_cpu(monkeypatch, tmp_path):
     monkeypatch.undo()
     import platform
     assert jit.cpu_signature().startswith(platform.machine() + "|")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def test_bf16_dot_path_follows_the_cpu():
+    """The JIT build (-march=native) uses vdpbf16ps products for bfloat16 exactly where the CPU has
+    AVX-512 BF16, so the bfloat16 tests above run that path on such machines (CI's included)."""
+    ext = _kernel_module()._ext()
+    flags = _cpu_flags()
+    if not flags or ext.__name__.startswith("sparse_attn._ext_"):
+        pytest.skip("no /proc/cpuinfo, or an ahead-of-time build (no -march=native)")
+    assert bool(ext.bf16_dot) == ({"avx512_bf16", "avx512bw"} <= flags)
+    assert ext.vector_width == (16 if "avx512f" in flags else 8 if "avx" in flags else 4)
+
+
+SELECT_CASES = [  # B, Hq, Hkv, Sq, Sk, D, TopK(topk, block_size, sink_blocks, local_blocks)
+    (1, 4, 2, 100, 100, 64, (3, 8, 1, 1)),
+    (2, 8, 2, 37, 300, 64, (5, 16, 2, 3)),  # Sq < Sk
+    (1, 4, 1, 1, 1000, 128, (16, 64, 1, 1)),  # a decode row
+    (1, 2, 2, 513, 513, 80, (40, 4, 0, 1)),  # topk > 16 (the generic running minimum), no sinks
+    (1, 3, 3, 70, 70, 33, (2, 16, 1, 2)),  # odd head dim
+    (1, 4, 2, 20, 20, 64, (8, 64, 1, 1)),  # shorter than the forced blocks: nothing to select
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b,hq,hkv,sq,sk,d,tk", SELECT_CASES)
+def test_topk_selection_in_cpp_equals_the_pytorch_selection(b, hq, hkv, sq, sk, d, tk, dtype):
+    """csrc/cpu/topk_select.cpp picks the same blocks, in the same order and padding, as the
+    contract's PyTorch selection (layout/topk_selection.py), from a strided q too."""
+    from sparse_attn.backends.cpu.kernels import topk_select
+
+    pattern = sa.TopK(tk[0], block_size=tk[1], sink_blocks=tk[2], local_blocks=tk[3])
+    q = torch.randn(b, sq, hq, d).to(dtype).transpose(1, 2)  # (B, Hq, Sq, D) view, strided
+    k = torch.randn(b, hkv, sk, d).to(dtype)
+    want = topk_token_index(q, k, pattern)
+    got = topk_select(q, k, pattern)
+    assert got.dtype == torch.int32 and got.shape == want.shape
+    assert torch.equal(got, want)

@@ -28,6 +28,7 @@
 
 #include "cpu/layout_check.h"
 #include "cpu/vec.h"
+#include "cpu/vec_bf16.h"
 
 namespace sparse_attn_cpu {
 namespace {
@@ -62,15 +63,39 @@ inline bool visible(const BwdParams& P, int64_t p, int64_t j) {
 }
 
 // ---------------------------------------------------------------------------------- dq pass
+#ifdef SPARSE_ATTN_BF16_DOT
+constexpr bool kHaveBf16Dot = true;
+#else
+constexpr bool kHaveBf16Dot = false;
+#endif
+
+// bf16 dot-product path (bfloat16 inputs on AVX-512 BF16; vec_bf16.h): Q and dO rows as bf16
+// words, K and V blocks pair-packed for Q.K^T / dO.V^T (transposed) and dS.K (rows interleaved),
+// dS as bf16 pairs; float32 sums.
+struct DqDotScratch {
+  std::vector<uint32_t> qw, dow, kp, vpt, kint, dsw;
+  std::vector<const uint32_t*> qwp, dowp, qwp2, dowp2, dswp;
+  void init(const BwdParams& P, int64_t R, int64_t RC) {
+    const int64_t Dw = (P.D + 1) / 2, Dvw = (P.Dv + 1) / 2;
+    qw.assign(R * Dw, 0u), dow.assign(R * Dvw, 0u);
+    kp.assign(std::max<int64_t>(Dw, 1) * P.kb_pad, 0u), vpt.assign(std::max<int64_t>(Dvw, 1) * P.kb_pad, 0u);
+    kint.assign(P.kb_pad / 2 * P.D_pad, 0u), dsw.assign(RC * P.kb_pad / 2, 0u);
+    qwp.resize(R), dowp.resize(R), qwp2.resize(R), dowp2.resize(R), dswp.resize(RC);
+    for (int64_t i = 0; i < RC; ++i) dswp[i] = dsw.data() + i * P.kb_pad / 2;
+  }
+};
+
 struct DqScratch {
   std::vector<float> q, dO, dq, s, dp, kt, vt, kr, lse2, delta, ones;
   std::vector<const float *> qp, dop, qp2, dop2;
   std::vector<float *> dqp, dqp2, sp, dpp;
   std::vector<int32_t> rid, rid2;
   std::vector<int64_t> pairs;
+  DqDotScratch w;
 
-  explicit DqScratch(const BwdParams& P) {
+  DqScratch(const BwdParams& P, bool bf16_dot) {
     const int64_t R = P.q_block * P.G, RC = std::min(R, kRows);
+    if (bf16_dot) w.init(P, R, RC);
     q.assign(R * std::max<int64_t>(P.D, 1), 0.f);
     dO.assign(R * P.Dv_pad, 0.f);
     dq.assign(R * P.D_pad, 0.f);
@@ -93,6 +118,8 @@ class DqRunner {
   using Out = std::conditional_t<DT == 0, float, std::conditional_t<DT == 1, at::BFloat16, at::Half>>;
 
  public:
+  static constexpr bool kDot = DT == 1 && kHaveBf16Dot;
+
   DqRunner(const BwdParams& P, const In* Q, const In* K, const In* V, const In* dO, Out* dQ)
       : P(P), Q(Q), K(K), V(V), dO(dO), dQ(dQ) {}
 
@@ -107,9 +134,21 @@ class DqRunner {
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t g = 0; g < G; ++g) {
         const int64_t row = r * G + g, hq = h * G + g, t = t_lo + r;
-        load_row<DT>(S.q.data() + row * P.D, Q + b * P.qst[0] + hq * P.qst[1] + t * P.qst[2], P.D, P.qst[3], P.qmul);
-        load_row<DT>(S.dO.data() + row * P.Dv_pad, dO + b * P.dost[0] + hq * P.dost[1] + t * P.dost[2], P.Dv,
-                     P.dost[3], 1.f);
+        const In* qsrc = Q + b * P.qst[0] + hq * P.qst[1] + t * P.qst[2];
+        const In* dsrc = dO + b * P.dost[0] + hq * P.dost[1] + t * P.dost[2];
+#ifdef SPARSE_ATTN_BF16_DOT
+        if constexpr (kDot) {
+          const int64_t Dw = (P.D + 1) / 2, Dvw = (P.Dv + 1) / 2;
+          copy_words(S.w.qw.data() + row * Dw, reinterpret_cast<const uint16_t*>(qsrc), P.D, P.qst[3]);
+          copy_words(S.w.dow.data() + row * Dvw, reinterpret_cast<const uint16_t*>(dsrc), P.Dv, P.dost[3]);
+          S.w.qwp[row] = S.w.qw.data() + row * Dw;
+          S.w.dowp[row] = S.w.dow.data() + row * Dvw;
+        } else
+#endif
+        {
+          load_row<DT>(S.q.data() + row * P.D, qsrc, P.D, P.qst[3], P.qmul);
+          load_row<DT>(S.dO.data() + row * P.Dv_pad, dsrc, P.Dv, P.dost[3], 1.f);
+        }
         const int64_t stat = (b * P.Hq + hq) * P.sq + t;
         S.lse2[row] = P.lse[stat] * kLog2eB;
         S.delta[row] = P.delta[stat];
@@ -123,10 +162,12 @@ class DqRunner {
     const int64_t lrow = ((P.lb == 1 ? 0 : b) * P.lh + (P.lh == 1 ? 0 : h)) * P.M + i;
     const int32_t* full = P.fi + lrow * P.wf;
     for (int64_t e = 0, n = P.fc[lrow]; e < n; ++e)
-      block(S, b, h, full[e], R, S.qp.data(), S.dop.data(), S.dqp.data(), S.rid.data(), false);
+      block(S, b, h, full[e], R, S.qp.data(), S.dop.data(), S.w.qwp.data(), S.w.dowp.data(), S.dqp.data(),
+            S.rid.data(), false);
     const int32_t* part = P.pi + lrow * P.wp;
     for (int64_t e = 0, n = P.pc[lrow]; e < n; ++e)
-      block(S, b, h, part[e], R, S.qp.data(), S.dop.data(), S.dqp.data(), S.rid.data(), true);
+      block(S, b, h, part[e], R, S.qp.data(), S.dop.data(), S.w.qwp.data(), S.w.dowp.data(), S.dqp.data(),
+            S.rid.data(), true);
     if (P.ti != nullptr) per_token_blocks(S, b, h, t_lo, rows);
 
     for (int64_t r = 0; r < rows; ++r)
@@ -155,11 +196,14 @@ class DqRunner {
         const int64_t r = S.pairs[a] & 0xffffffff;
         for (int64_t g = 0; g < G; ++g, ++cnt) {
           const int64_t row = r * G + g;
-          S.qp2[cnt] = S.qp[row], S.dop2[cnt] = S.dop[row], S.dqp2[cnt] = S.dqp[row];
+          if constexpr (kDot) S.w.qwp2[cnt] = S.w.qwp[row], S.w.dowp2[cnt] = S.w.dowp[row];
+          else S.qp2[cnt] = S.qp[row], S.dop2[cnt] = S.dop[row];
+          S.dqp2[cnt] = S.dqp[row];
           S.rid2[cnt] = static_cast<int32_t>(row);
         }
       }
-      block(S, b, h, n, cnt, S.qp2.data(), S.dop2.data(), S.dqp2.data(), S.rid2.data(), false);
+      block(S, b, h, n, cnt, S.qp2.data(), S.dop2.data(), S.w.qwp2.data(), S.w.dowp2.data(), S.dqp2.data(),
+            S.rid2.data(), false);
     }
   }
 
@@ -170,6 +214,17 @@ class DqRunner {
     const int64_t j0 = n * P.k_block, nk = std::min(P.k_block, P.sk - j0), ld = P.kb_pad;
     const In* kb = K + b * P.kst[0] + h * P.kst[1] + j0 * P.kst[2];
     const In* vb = V + b * P.vst[0] + h * P.vst[1] + j0 * P.vst[2];
+#ifdef SPARSE_ATTN_BF16_DOT
+    if constexpr (kDot) {
+      const auto* k16 = reinterpret_cast<const uint16_t*>(kb);
+      pack_k_pairs(S.w.kp.data(), ld, k16, P.kst[2], P.kst[3], nk, P.D);  // Q . K^T
+      pack_k_pairs(S.w.vpt.data(), ld, reinterpret_cast<const uint16_t*>(vb), P.vst[2], P.vst[3], nk, P.Dv);  // dO . V^T
+      for (int64_t pr = 0; pr < (nk + 1) / 2; ++pr)  // dS . K
+        interleave_bf16_rows(S.w.kint.data() + pr * P.D_pad, k16 + 2 * pr * P.kst[2],
+                             2 * pr + 1 < nk ? k16 + (2 * pr + 1) * P.kst[2] : nullptr, P.D, P.kst[3]);
+      return;
+    }
+#endif
     for (int64_t c = 0; c < nk; ++c) load_row<DT>(S.kr.data() + c * P.D_pad, kb + c * P.kst[2], P.D, P.kst[3], 1.f);
     for (int64_t c = nk; c < P.kb_pad; ++c) std::fill_n(S.kr.data() + c * P.D_pad, P.D_pad, 0.f);
     for (int64_t t = 0; t < P.D; ++t)
@@ -182,14 +237,23 @@ class DqRunner {
   }
 
   void block(DqScratch& S, int64_t b, int64_t h, int64_t n, int64_t cnt, const float* const* qp,
-             const float* const* dop, float* const* dqp, const int32_t* rid, bool masked) {
+             const float* const* dop, const uint32_t* const* qwp, const uint32_t* const* dowp, float* const* dqp,
+             const int32_t* rid, bool masked) {
     if (cnt == 0) return;
     load_block(S, b, h, n);
     const int64_t j0 = n * P.k_block, nk = std::min(P.k_block, P.sk - j0), kbp = P.kb_pad;
     for (int64_t c0 = 0; c0 < cnt; c0 += kRows) {
       const int64_t rows = std::min(kRows, cnt - c0);
-      gemm_rows<false>(rows, kbp, P.D, qp + c0, S.kt.data(), kbp, S.sp.data(), nullptr);
-      gemm_rows<false>(rows, kbp, P.Dv, dop + c0, S.vt.data(), kbp, S.dpp.data(), nullptr);
+#ifdef SPARSE_ATTN_BF16_DOT
+      if constexpr (kDot) {
+        gemm_bf16<false>(rows, kbp, (P.D + 1) / 2, qwp + c0, S.w.kp.data(), kbp, S.sp.data(), nullptr, P.qmul);
+        gemm_bf16<false>(rows, kbp, (P.Dv + 1) / 2, dowp + c0, S.w.vpt.data(), kbp, S.dpp.data(), nullptr);
+      } else
+#endif
+      {
+        gemm_rows<false>(rows, kbp, P.D, qp + c0, S.kt.data(), kbp, S.sp.data(), nullptr);
+        gemm_rows<false>(rows, kbp, P.Dv, dop + c0, S.vt.data(), kbp, S.dpp.data(), nullptr);
+      }
       for (int64_t r = 0; r < rows; ++r) {
         float* s = S.sp[r];
         float* dp = S.dpp[r];
@@ -205,6 +269,14 @@ class DqRunner {
 #pragma omp simd
         for (int64_t c = 0; c < kbp; ++c) s[c] = s[c] * (dp[c] - dl);  // s = dS
       }
+#ifdef SPARSE_ATTN_BF16_DOT
+      if constexpr (kDot) {
+        for (int64_t r = 0; r < rows; ++r) floats_to_bf16_pairs(S.w.dsw.data() + r * kbp / 2, S.sp[r], kbp);
+        gemm_bf16<true>(rows, P.D_pad, (nk + 1) / 2, S.w.dswp.data(), S.w.kint.data(), P.D_pad, dqp + c0,
+                        S.ones.data());
+        continue;
+      }
+#endif
       gemm_rows<true>(rows, P.D_pad, nk, S.sp.data(), S.kr.data(), P.D_pad, dqp + c0, S.ones.data());
     }
   }
@@ -216,12 +288,36 @@ class DqRunner {
 };
 
 // -------------------------------------------------------------------------------- dk/dv pass
+// bf16 dot-product path of the dk/dv pass: the key block's K and V rows as bf16 words (the
+// A operands of K.Q^T and V.dO^T), the chunk's Q and dO rows copied (bf16, even width) then
+// pair-packed transposed (qT, doT) and with pairs of columns interleaved (qi, doi) for
+// dS^T.Q and P^T.dO; P^T and dS^T as bf16 pairs.
+struct DkvDotScratch {
+  std::vector<uint32_t> kw, vw, qrow, drow, qT, doT, qi, doi, pw, dsw;
+  std::vector<const uint32_t*> kwp, vwp, pwp, dswp;
+  void init(const BwdParams& P) {
+    const int64_t Dw = (P.D + 1) / 2, Dvw = (P.Dv + 1) / 2, kbp = P.kb_pad;
+    kw.assign(kbp * Dw, 0u), vw.assign(kbp * Dvw, 0u);
+    qrow.assign(kCols * Dw, 0u), drow.assign(kCols * Dvw, 0u);
+    qT.assign(std::max<int64_t>(Dw, 1) * kCols, 0u), doT.assign(std::max<int64_t>(Dvw, 1) * kCols, 0u);
+    qi.assign(kCols / 2 * P.D_pad, 0u), doi.assign(kCols / 2 * P.Dv_pad, 0u);
+    pw.assign(kbp * kCols / 2, 0u), dsw.assign(kbp * kCols / 2, 0u);
+    kwp.resize(kbp), vwp.resize(kbp), pwp.resize(kbp), dswp.resize(kbp);
+    for (int64_t r = 0; r < kbp; ++r) {
+      kwp[r] = kw.data() + r * Dw, vwp[r] = vw.data() + r * Dvw;
+      pwp[r] = pw.data() + r * kCols / 2, dswp[r] = dsw.data() + r * kCols / 2;
+    }
+  }
+};
+
 struct DkvScratch {
   std::vector<float> qt, dot, qr, dor, st, dpt, kr, vr, dk, dv, lse2, delta, ones;
   std::vector<const float *> krp, vrp;
   std::vector<float *> stp, dptp, dkp, dvp;
   std::vector<int64_t> cols;  // (token, head) of each column, as t * G + g
-  explicit DkvScratch(const BwdParams& P) {
+  DkvDotScratch w;
+  DkvScratch(const BwdParams& P, bool bf16_dot) {
+    if (bf16_dot) w.init(P);
     const int64_t D1 = std::max<int64_t>(P.D, 1), Dv1 = std::max<int64_t>(P.Dv, 1), kbp = P.kb_pad;
     qt.assign(D1 * kCols, 0.f), dot.assign(Dv1 * kCols, 0.f);
     qr.assign(kCols * P.D_pad, 0.f), dor.assign(kCols * P.Dv_pad, 0.f);
@@ -245,6 +341,8 @@ class DkvRunner {
   using Out = std::conditional_t<DT == 0, float, std::conditional_t<DT == 1, at::BFloat16, at::Half>>;
 
  public:
+  static constexpr bool kDot = DT == 1 && kHaveBf16Dot;
+
   DkvRunner(const BwdParams& P, const In* Q, const In* K, const In* V, const In* dO, Out* dK, Out* dV)
       : P(P), Q(Q), K(K), V(V), dO(dO), dK(dK), dV(dV) {}
 
@@ -255,6 +353,15 @@ class DkvRunner {
     const In* kb = K + b * P.kst[0] + h * P.kst[1] + j0 * P.kst[2];
     const In* vb = V + b * P.vst[0] + h * P.vst[1] + j0 * P.vst[2];
     for (int64_t c = 0; c < nk; ++c) {
+#ifdef SPARSE_ATTN_BF16_DOT
+      if constexpr (kDot) {
+        copy_words(S.w.kw.data() + c * ((P.D + 1) / 2), reinterpret_cast<const uint16_t*>(kb + c * P.kst[2]), P.D,
+                   P.kst[3]);
+        copy_words(S.w.vw.data() + c * ((P.Dv + 1) / 2), reinterpret_cast<const uint16_t*>(vb + c * P.vst[2]), P.Dv,
+                   P.vst[3]);
+        continue;
+      }
+#endif
       load_row<DT>(S.kr.data() + c * std::max<int64_t>(P.D, 1), kb + c * P.kst[2], P.D, P.kst[3], 1.f);
       load_row<DT>(S.vr.data() + c * std::max<int64_t>(P.Dv, 1), vb + c * P.vst[2], P.Dv, P.vst[3], 1.f);
     }
@@ -290,7 +397,8 @@ class DkvRunner {
       if (!S.cols.empty()) columns(S, false);
     }
 
-    const float kmul = P.scale / P.qmul;  // dK from the pre-scaled Q: * scale, not * scale * log2 e
+    // dK from the pre-scaled Q (float32 path): * scale, not * scale * log2 e; the bf16 path's Q is unscaled
+    const float kmul = kDot ? P.scale : P.scale / P.qmul;
     for (int64_t c = 0; c < nk; ++c) {
       Out* dk = dK + ((b * P.Hkv + h) * P.sk + j0 + c) * P.D;
       Out* dv = dV + ((b * P.Hkv + h) * P.sk + j0 + c) * P.Dv;
@@ -302,8 +410,85 @@ class DkvRunner {
   }
 
  private:
+  // the probabilities and dS of the chunk's columns: st = P^T, dpt = dS^T (rows: keys)
+  void softmax_grad(DkvScratch& S, int64_t C, int64_t Cp, bool masked) {
+    for (int64_t r = 0; r < nk_; ++r) {
+      float* s = S.stp[r];
+      float* dp = S.dptp[r];
+      if (masked) {
+        const int64_t j = j0_ + r;
+        for (int64_t c = 0; c < C; ++c)
+          if (!visible(P, P.off + S.cols[c] / P.G, j)) s[c] = kNegInf;
+      }
+      exp2_sub_cols(s, S.lse2.data(), Cp);  // s = P^T
+      const float* dl = S.delta.data();
+#pragma omp simd
+      for (int64_t c = 0; c < Cp; ++c) dp[c] = s[c] * (dp[c] - dl[c]);  // dp = dS^T
+    }
+  }
+
+  // the chunk's statistics (lse in base 2, delta) per column; padding columns get P = 0
+  void column_stats(DkvScratch& S, int64_t C, int64_t Cp) {
+    for (int64_t c = 0; c < Cp; ++c) {
+      if (c >= C) {
+        S.lse2[c] = kInf, S.delta[c] = 0.f;
+        continue;
+      }
+      const int64_t t = S.cols[c] / P.G, hq = h_ * P.G + S.cols[c] % P.G;
+      const int64_t stat = (b_ * P.Hq + hq) * P.sq + t;
+      S.lse2[c] = P.lse[stat] * kLog2eB;
+      S.delta[c] = P.delta[stat];
+    }
+  }
+
+#ifdef SPARSE_ATTN_BF16_DOT
+  // columns() on the bf16 dot-product path
+  void columns_bf16(DkvScratch& S, bool masked) {
+    auto& W = S.w;
+    const int64_t C = S.cols.size(), Cp = round_up(C, kVec), G = P.G, nk = nk_;
+    const int64_t Dw = (P.D + 1) / 2, Dvw = (P.Dv + 1) / 2;
+    for (int64_t c = 0; c < Cp; ++c) {  // the columns' Q and dO rows, bf16 words (padding: zeros)
+      uint32_t* qr = W.qrow.data() + c * Dw;
+      uint32_t* dr = W.drow.data() + c * Dvw;
+      if (c >= C) {
+        std::fill_n(qr, Dw, 0u), std::fill_n(dr, Dvw, 0u);
+        continue;
+      }
+      const int64_t t = S.cols[c] / G, hq = h_ * G + S.cols[c] % G;
+      copy_words(qr, reinterpret_cast<const uint16_t*>(Q + b_ * P.qst[0] + hq * P.qst[1] + t * P.qst[2]), P.D,
+                 P.qst[3]);
+      copy_words(dr, reinterpret_cast<const uint16_t*>(dO + b_ * P.dost[0] + hq * P.dost[1] + t * P.dost[2]), P.Dv,
+                 P.dost[3]);
+    }
+    column_stats(S, C, Cp);
+    const auto* q16 = reinterpret_cast<const uint16_t*>(W.qrow.data());
+    const auto* d16 = reinterpret_cast<const uint16_t*>(W.drow.data());
+    pack_k_pairs(W.qT.data(), kCols, q16, 2 * Dw, 1, Cp, 2 * Dw);
+    pack_k_pairs(W.doT.data(), kCols, d16, 2 * Dvw, 1, Cp, 2 * Dvw);
+    gemm_bf16<false>(nk, Cp, Dw, W.kwp.data(), W.qT.data(), kCols, S.stp.data(), nullptr, P.qmul);  // S^T
+    gemm_bf16<false>(nk, Cp, Dvw, W.vwp.data(), W.doT.data(), kCols, S.dptp.data(), nullptr);      // dP^T
+    softmax_grad(S, C, Cp, masked);
+    for (int64_t r = 0; r < nk; ++r) {
+      floats_to_bf16_pairs(W.pw.data() + r * kCols / 2, S.stp[r], Cp);
+      floats_to_bf16_pairs(W.dsw.data() + r * kCols / 2, S.dptp[r], Cp);
+    }
+    for (int64_t pr = 0; pr < Cp / 2; ++pr) {  // pairs of columns interleaved, for the products over columns
+      interleave_bf16_rows(W.doi.data() + pr * P.Dv_pad, d16 + 2 * pr * 2 * Dvw, d16 + (2 * pr + 1) * 2 * Dvw, P.Dv);
+      interleave_bf16_rows(W.qi.data() + pr * P.D_pad, q16 + 2 * pr * 2 * Dw, q16 + (2 * pr + 1) * 2 * Dw, P.D);
+    }
+    gemm_bf16<true>(nk, P.Dv_pad, Cp / 2, W.pwp.data(), W.doi.data(), P.Dv_pad, S.dvp.data(), S.ones.data());
+    gemm_bf16<true>(nk, P.D_pad, Cp / 2, W.dswp.data(), W.qi.data(), P.D_pad, S.dkp.data(), S.ones.data());
+  }
+#endif
+
   // one chunk of query columns S.cols (x = t * G + g: token t, head h * G + g)
   void columns(DkvScratch& S, bool masked) {
+#ifdef SPARSE_ATTN_BF16_DOT
+    if constexpr (kDot) {
+      columns_bf16(S, masked);
+      return;
+    }
+#endif
     const int64_t C = S.cols.size(), Cp = round_up(C, kVec), G = P.G, D = P.D, Dv = P.Dv;
     const int64_t b = b_, h = h_;
     for (int64_t c = 0; c < C; ++c) {
@@ -314,15 +499,12 @@ class DkvRunner {
       load_row<DT>(dr, dO + b * P.dost[0] + hq * P.dost[1] + t * P.dost[2], Dv, P.dost[3], 1.f);
       for (int64_t x = D; x < P.D_pad; ++x) qr[x] = 0.f;
       for (int64_t x = Dv; x < P.Dv_pad; ++x) dr[x] = 0.f;
-      const int64_t stat = (b * P.Hq + hq) * P.sq + t;
-      S.lse2[c] = P.lse[stat] * kLog2eB;
-      S.delta[c] = P.delta[stat];
     }
-    for (int64_t c = C; c < Cp; ++c) {  // padding columns: zero inputs, P = 0
+    for (int64_t c = C; c < Cp; ++c) {  // padding columns: zero inputs
       std::fill_n(S.qr.data() + c * P.D_pad, P.D_pad, 0.f);
       std::fill_n(S.dor.data() + c * P.Dv_pad, P.Dv_pad, 0.f);
-      S.lse2[c] = kInf, S.delta[c] = 0.f;
     }
+    column_stats(S, C, Cp);
     // Q^T and dO^T from the rows, kVec columns at a time (contiguous writes)
     for (int64_t c0 = 0; c0 < Cp; c0 += kVec) {
       for (int64_t x = 0; x < D; ++x)
@@ -333,19 +515,7 @@ class DkvRunner {
     const int64_t nk = nk_;
     gemm_rows<false>(nk, Cp, D, S.krp.data(), S.qt.data(), kCols, S.stp.data(), nullptr);   // S^T
     gemm_rows<false>(nk, Cp, Dv, S.vrp.data(), S.dot.data(), kCols, S.dptp.data(), nullptr);  // dP^T
-    for (int64_t r = 0; r < nk; ++r) {
-      float* s = S.stp[r];
-      float* dp = S.dptp[r];
-      if (masked) {
-        const int64_t j = j0_ + r;
-        for (int64_t c = 0; c < C; ++c)
-          if (!visible(P, P.off + S.cols[c] / G, j)) s[c] = kNegInf;
-      }
-      exp2_sub_cols(s, S.lse2.data(), Cp);  // s = P^T
-      const float* dl = S.delta.data();
-#pragma omp simd
-      for (int64_t c = 0; c < Cp; ++c) dp[c] = s[c] * (dp[c] - dl[c]);  // dp = dS^T
-    }
+    softmax_grad(S, C, Cp, masked);
     gemm_rows<true>(nk, P.Dv_pad, C, S.stp.data(), S.dor.data(), P.Dv_pad, S.dvp.data(), S.ones.data());
     gemm_rows<true>(nk, P.D_pad, C, S.dptp.data(), S.qr.data(), P.D_pad, S.dkp.data(), S.ones.data());
   }
@@ -370,7 +540,7 @@ void run_bwd(const BwdParams& P, const void* q, const void* k, const void* v, co
     const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total));
     at::parallel_for(0, nthreads, 1, [&](int64_t begin, int64_t end) {
       if (begin >= end) return;
-      DqScratch S(P);
+      DqScratch S(P, DqRunner<DT>::kDot);
       DqRunner<DT> runner(P, Q, K, V, dO, static_cast<Out*>(dq));
       for (int64_t t; (t = next.fetch_add(1)) < total;) {
         const int64_t i = P.M - 1 - t / BH, bh = t % BH;
@@ -384,7 +554,7 @@ void run_bwd(const BwdParams& P, const void* q, const void* k, const void* v, co
     const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total));
     at::parallel_for(0, nthreads, 1, [&](int64_t begin, int64_t end) {
       if (begin >= end) return;
-      DkvScratch S(P);
+      DkvScratch S(P, DkvRunner<DT>::kDot);
       DkvRunner<DT> runner(P, Q, K, V, dO, static_cast<Out*>(dk), static_cast<Out*>(dv));
       for (int64_t t; (t = next.fetch_add(1)) < total;) {
         const int64_t n = t / BH, bh = t % BH;

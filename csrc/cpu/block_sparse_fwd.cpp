@@ -28,6 +28,7 @@
 
 #include "cpu/layout_check.h"
 #include "cpu/vec.h"
+#include "cpu/vec_bf16.h"
 
 namespace sparse_attn_cpu {
 namespace {
@@ -48,20 +49,44 @@ struct Params {
   int64_t lb, lh, wf, wp, topk;  // layout broadcast extents (1 or B / Hkv), list widths, topk
 };
 
+#ifdef SPARSE_ATTN_BF16_DOT
+constexpr bool kHaveBf16Dot = true;
+#else
+constexpr bool kHaveBf16Dot = false;
+#endif
+
 struct Scratch {
   std::vector<float> q, o, s, kt, v, m, l, corr;
   std::vector<const float*> qp, qp2;
   std::vector<float*> sp, op, op2;
   std::vector<int32_t> rid, rid2;
   std::vector<int64_t> pairs;
+  // bf16 dot-product path (bfloat16 inputs on AVX-512 BF16): Q rows as bf16 words (unscaled),
+  // the K block pair-packed (a 32-bit transpose), the V block pair-packed (rows interleaved) and
+  // the probabilities as bf16 pairs
+  std::vector<uint32_t> qw, kp, vp, pw;
+  std::vector<const uint32_t*> qwp, qwp2, pwp;
 
-  explicit Scratch(const Params& P) {
+  Scratch(const Params& P, bool bf16_dot) {
     const int64_t R = P.q_block * P.G, RC = std::min(R, kRowChunk);
-    q.assign(R * P.D, 0.f);
+    if (bf16_dot) {
+      const int64_t Dw = (P.D + 1) / 2;
+      qw.assign(R * Dw, 0u);
+      kp.assign(std::max<int64_t>(Dw, 1) * P.kb_pad, 0u);
+      vp.assign(P.kb_pad / 2 * P.Dv_pad, 0u);
+      pw.assign(RC * P.kb_pad / 2, 0u);
+      qwp.resize(R), qwp2.resize(R), pwp.resize(RC);
+      for (int64_t i = 0; i < RC; ++i) pwp[i] = pw.data() + i * P.kb_pad / 2;
+      q.assign(1, 0.f);  // the float32 Q rows are not used
+      kt.assign(1, 0.f);
+      v.assign(1, 0.f);
+    } else {
+      q.assign(R * P.D, 0.f);
+      kt.assign(std::max<int64_t>(P.D, 1) * P.kb_pad, 0.f);
+      v.assign(P.kb_pad * P.Dv_pad, 0.f);  // padding columns stay 0
+    }
     o.assign(R * P.Dv_pad, 0.f);
     s.assign(RC * P.kb_pad, 0.f);
-    kt.assign(std::max<int64_t>(P.D, 1) * P.kb_pad, 0.f);
-    v.assign(P.kb_pad * P.Dv_pad, 0.f);  // padding columns stay 0
     m.assign(R, kNegInf);
     l.assign(R, 0.f);
     corr.assign(RC, 0.f);
@@ -76,6 +101,9 @@ class TaskRunner {
   using In = typename Elem<DT>::T;
 
  public:
+  // bfloat16 inputs use vdpbf16ps products (bf16 Q, K, V and probabilities, float32 sums)
+  static constexpr bool kDot = DT == 1 && kHaveBf16Dot;
+
   TaskRunner(const Params& P, const In* Q, const In* K, const In* V, OutT* O, float* L)
       : P(P), Q(Q), K(K), V(V), O(O), L(L) {}
 
@@ -92,8 +120,16 @@ class TaskRunner {
       for (int64_t g = 0; g < G; ++g) {
         const int64_t row = r * G + g;
         const In* src = Q + b * P.qst[0] + (h * G + g) * P.qst[1] + (t_lo + r) * P.qst[2];
-        load_row<DT>(S.q.data() + row * P.D, src, P.D, P.qst[3], P.qmul);
-        S.qp[row] = S.q.data() + row * P.D;
+        if constexpr (kDot) {
+#ifdef SPARSE_ATTN_BF16_DOT
+          uint32_t* dst = S.qw.data() + row * ((P.D + 1) / 2);
+          copy_words(dst, reinterpret_cast<const uint16_t*>(src), P.D, P.qst[3]);
+          S.qwp[row] = dst;
+#endif
+        } else {
+          load_row<DT>(S.q.data() + row * P.D, src, P.D, P.qst[3], P.qmul);
+          S.qp[row] = S.q.data() + row * P.D;
+        }
         S.op[row] = S.o.data() + row * P.Dv_pad;
         S.rid[row] = static_cast<int32_t>(row);
       }
@@ -104,10 +140,10 @@ class TaskRunner {
     const int64_t lrow = ((P.lb == 1 ? 0 : b) * P.lh + (P.lh == 1 ? 0 : h)) * P.M + i;
     const int32_t* full = P.fi + lrow * P.wf;
     for (int64_t e = 0, n = P.fc[lrow]; e < n; ++e)
-      attend(S, b, h, full[e], R, S.qp.data(), S.op.data(), S.rid.data(), false);
+      attend(S, b, h, full[e], R, S.qp.data(), S.qwp.data(), S.op.data(), S.rid.data(), false);
     const int32_t* part = P.pi + lrow * P.wp;
     for (int64_t e = 0, n = P.pc[lrow]; e < n; ++e)
-      attend(S, b, h, part[e], R, S.qp.data(), S.op.data(), S.rid.data(), true);
+      attend(S, b, h, part[e], R, S.qp.data(), S.qwp.data(), S.op.data(), S.rid.data(), true);
     if (P.ti != nullptr) per_token_blocks(S, b, h, t_lo, rows);
 
     // out = O / l (0 where no key was visible); lse = ln 2 * (m + log2 l) in natural-log units of
@@ -142,12 +178,13 @@ class TaskRunner {
         const int64_t r = S.pairs[a] & 0xffffffff;
         for (int64_t g = 0; g < G; ++g, ++cnt) {
           const int64_t row = r * G + g;
-          S.qp2[cnt] = S.qp[row];
+          if constexpr (kDot) S.qwp2[cnt] = S.qwp[row];
+          else S.qp2[cnt] = S.qp[row];
           S.op2[cnt] = S.op[row];
           S.rid2[cnt] = static_cast<int32_t>(row);
         }
       }
-      attend(S, b, h, n, cnt, S.qp2.data(), S.op2.data(), S.rid2.data(), false);
+      attend(S, b, h, n, cnt, S.qp2.data(), S.qwp2.data(), S.op2.data(), S.rid2.data(), false);
     }
   }
 
@@ -158,6 +195,10 @@ class TaskRunner {
     const int64_t j0 = n * P.k_block, nk = std::min(P.k_block, P.sk - j0);
     const In* kb = K + b * P.kst[0] + h * P.kst[1] + j0 * P.kst[2];
     const In* vb = V + b * P.vst[0] + h * P.vst[1] + j0 * P.vst[2];
+    if constexpr (kDot) {
+      load_block_bf16(S, kb, vb, nk);
+      return;
+    }
     float* kt = S.kt.data();
     const int64_t ld = P.kb_pad, ks2 = P.kst[2], ks3 = P.kst[3];
     // transpose in chunks of 16 keys so the reads stay in a few cache lines
@@ -171,10 +212,25 @@ class TaskRunner {
     for (int64_t c = 0; c < nk; ++c) load_row<DT>(S.v.data() + c * P.Dv_pad, vb + c * P.vst[2], P.Dv, P.vst[3], 1.f);
   }
 
+  // bf16 path: K block -> kp (word p of key c at [p][c]), V block -> vp (rows 2p, 2p + 1
+  // interleaved at [p]); keys past nk are zero in vp (their probabilities are 0)
+  void load_block_bf16(Scratch& S, const In* kb, const In* vb, int64_t nk) {
+#ifdef SPARSE_ATTN_BF16_DOT
+    pack_k_pairs(S.kp.data(), P.kb_pad, reinterpret_cast<const uint16_t*>(kb), P.kst[2], P.kst[3], nk, P.D);
+    for (int64_t pr = 0; pr < (nk + 1) / 2; ++pr) {
+      const In* r1 = 2 * pr + 1 < nk ? vb + (2 * pr + 1) * P.vst[2] : nullptr;
+      interleave_bf16_rows(S.vp.data() + pr * P.Dv_pad, reinterpret_cast<const uint16_t*>(vb + 2 * pr * P.vst[2]),
+                           reinterpret_cast<const uint16_t*>(r1), P.Dv, P.vst[3]);
+    }
+#else
+    (void)S, (void)kb, (void)vb, (void)nk;
+#endif
+  }
+
   // online-softmax update of `cnt` rows (pointers; rid = their state rows) with key block n,
   // kRowChunk rows at a time
-  void attend(Scratch& S, int64_t b, int64_t h, int64_t n, int64_t cnt, const float* const* qp, float* const* op,
-              const int32_t* rid, bool masked) {
+  void attend(Scratch& S, int64_t b, int64_t h, int64_t n, int64_t cnt, const float* const* qp,
+              const uint32_t* const* qwp, float* const* op, const int32_t* rid, bool masked) {
     if (cnt == 0) return;
     load_block(S, b, h, n);
     const int64_t j0 = n * P.k_block, nk = std::min(P.k_block, P.sk - j0), kbp = P.kb_pad;
@@ -182,7 +238,11 @@ class TaskRunner {
     float* corr = S.corr.data();
     for (int64_t c0 = 0; c0 < cnt; c0 += kRowChunk) {
       const int64_t rows = std::min(kRowChunk, cnt - c0);
-      gemm_rows<false>(rows, kbp, P.D, qp + c0, S.kt.data(), kbp, sp, nullptr);
+#ifdef SPARSE_ATTN_BF16_DOT
+      if constexpr (kDot) gemm_bf16<false>(rows, kbp, (P.D + 1) / 2, qwp + c0, S.kp.data(), kbp, sp, nullptr, P.qmul);
+      else
+#endif
+        gemm_rows<false>(rows, kbp, P.D, qp + c0, S.kt.data(), kbp, sp, nullptr);
       for (int64_t i = 0; i < rows; ++i) {
         float* s = sp[i];
         const int64_t st = rid[c0 + i];
@@ -199,6 +259,13 @@ class TaskRunner {
         S.l[st] = S.l[st] * corr[i] + exp2_sub_sum(s, kbp, m_new);
         S.m[st] = m_new;
       }
+#ifdef SPARSE_ATTN_BF16_DOT
+      if constexpr (kDot) {
+        for (int64_t i = 0; i < rows; ++i) floats_to_bf16_pairs(S.pw.data() + i * kbp / 2, sp[i], kbp);
+        gemm_bf16<true>(rows, P.Dv_pad, (nk + 1) / 2, S.pwp.data(), S.vp.data(), P.Dv_pad, op + c0, corr);
+        continue;
+      }
+#endif
       gemm_rows<true>(rows, P.Dv_pad, nk, sp, S.v.data(), P.Dv_pad, op + c0, corr);
     }
   }
@@ -231,7 +298,7 @@ void run_all(const Params& P, const void* q, const void* k, const void* v, OutT*
   const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total));
   at::parallel_for(0, nthreads, 1, [&](int64_t begin, int64_t end) {
     if (begin >= end) return;
-    Scratch S(P);
+    Scratch S(P, TaskRunner<DT, OutT>::kDot);
     TaskRunner<DT, OutT> runner(P, static_cast<const In*>(q), static_cast<const In*>(k), static_cast<const In*>(v),
                                 out, lse);
     for (;;) {
@@ -331,9 +398,14 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> block_sparse_bwd(
     c10::optional<torch::Tensor> block_token_offsets, int64_t sq, int64_t sk, int64_t q_block, int64_t k_block,
     bool causal, int64_t window, int64_t sink_tokens, double scale);
 
+// topk_select.cpp
+torch::Tensor topk_select(torch::Tensor q, torch::Tensor kbar_t, int64_t kv_heads, int64_t sk, int64_t nb,
+                          int64_t block_size, int64_t topk, int64_t sink_blocks, int64_t local_blocks);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sparse_attn CPU kernels";
   m.attr("vector_width") = sparse_attn_cpu::kVec;
+  m.attr("bf16_dot") = sparse_attn_cpu::kHaveBf16Dot;  // bfloat16 products with vdpbf16ps
   m.def("block_sparse_fwd", &block_sparse_fwd, "block-sparse flash attention forward over a BlockLayout -> (out, lse)",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("full_count"), py::arg("full_index"),
         py::arg("partial_count"), py::arg("partial_index"), py::arg("token_index"), py::arg("sq"), py::arg("sk"),
@@ -346,4 +418,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("t_full_index"), py::arg("t_partial_count"), py::arg("t_partial_index"), py::arg("token_index"),
         py::arg("block_tokens"), py::arg("block_token_offsets"), py::arg("sq"), py::arg("sk"), py::arg("q_block"),
         py::arg("k_block"), py::arg("causal"), py::arg("window"), py::arg("sink_tokens"), py::arg("scale"));
+  m.def("topk_select", &topk_select,
+        "TopK per-token block selection from transposed pooled keys -> int32 (B, Hkv, Sq, topk), ascending, -1 padded",
+        py::arg("q"), py::arg("kbar_t"), py::arg("kv_heads"), py::arg("sk"), py::arg("nb"), py::arg("block_size"),
+        py::arg("topk"), py::arg("sink_blocks"), py::arg("local_blocks"));
 }

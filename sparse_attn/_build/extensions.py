@@ -9,8 +9,8 @@ tests/test_cuda_build.py).
 
 EXTENSIONS = {
     "cpu": {
-        "sources": ["cpu/block_sparse_fwd.cpp", "cpu/block_sparse_bwd.cpp"],
-        "headers": ["cpu/vec.h", "cpu/scalar.h", "cpu/layout_check.h"],
+        "sources": ["cpu/block_sparse_fwd.cpp", "cpu/block_sparse_bwd.cpp", "cpu/topk_select.cpp"],
+        "headers": ["cpu/vec.h", "cpu/vec_bf16.h", "cpu/scalar.h", "cpu/layout_check.h"],
         "cflags": ["-fopenmp"],
         "ldflags": ["-fopenmp"],
         # only in JIT builds, which run where they are built
@@ -19,6 +19,13 @@ EXTENSIONS = {
     "cpu_decode": {
         "sources": ["cpu/decode.cpp"],
         "headers": ["cpu/scalar.h"],  # not vec.h: its micro-kernel is not used here
+        "cflags": ["-fopenmp"],
+        "ldflags": ["-fopenmp"],
+        "jit_cflags": ["-march=native"],
+    },
+    "cpu_linear": {
+        "sources": ["cpu/linear.cpp"],
+        "headers": ["cpu/vec.h", "cpu/scalar.h"],
         "cflags": ["-fopenmp"],
         "ldflags": ["-fopenmp"],
         "jit_cflags": ["-march=native"],

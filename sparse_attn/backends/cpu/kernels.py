@@ -13,7 +13,7 @@ import torch
 
 from ..._build import load_extension, unavailable_reason
 from ...layout import build_layout
-from ...layout.topk_selection import topk_token_index
+from ...layout.topk_selection import pooled_keys
 from ...patterns import BlockSparse, Dense, SlidingWindow, TopK
 from ...scheduler.kernel import roofline_seconds
 from ..flash import FlashKernel
@@ -56,8 +56,25 @@ def cpu_layout(q, k, pattern, *, q_block: int | None = None, k_block: int | None
     lay = _static_layout(pattern, sq, sk, q_block, k_block)
     if isinstance(pattern, TopK) and sq > 0 and b > 0:
         with torch.no_grad():
-            lay = dataclasses.replace(lay, token_index=topk_token_index(q, k, pattern))
+            lay = dataclasses.replace(lay, token_index=topk_select(q, k, pattern))
     return lay
+
+
+def topk_select(q, k, pattern: TopK, kbar=None):
+    """TopK's per-token selection (int32 `(B, Hkv, Sq, topk)`, ascending, -1 padded) by the C++
+    kernel (csrc/cpu/topk_select.cpp): block means pooled in PyTorch (K read once in its dtype,
+    float32 sums), or `kbar` `(B, Hkv, nblocks, D)` float32 when the caller has them; scores and
+    the running top-k in C++, chunk by chunk of queries (never Sq x nblocks at once)."""
+    b, _, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    bs = pattern.block_size
+    nb = -(-sk // bs)
+    if kbar is None:
+        kbar = pooled_keys(k, bs, torch.float32)
+    w = _ext().vector_width
+    kbar_t = kbar.new_zeros(b, hkv, d, -(-nb // w) * w)
+    kbar_t[..., :nb] = kbar.transpose(-1, -2)
+    return _ext().topk_select(q, kbar_t, hkv, sk, nb, bs, pattern.topk, pattern.sink_blocks, pattern.local_blocks)
 
 
 def block_sparse_forward(q, k, v, pattern, *, scale: float, q_block: int | None = None, k_block: int | None = None):
@@ -98,9 +115,11 @@ def block_sparse_backward_layout(q, k, v, out, lse, dout, lay, *, scale: float):
 class CpuBlockSparse(FlashKernel):
     """Flash attention over the layout's visited blocks only, parallel over (batch, kv head,
     query tile) with dynamic scheduling, the G query heads of a GQA group sharing each K/V block
-    (converted to float32 once per tile); TopK's per-token blocks are visited block by block for
-    all the tokens of a tile that selected them. Backward: dq per query tile, dk/dv per key block
-    over the transposed layout (csrc/cpu/block_sparse_bwd.cpp). float32 accumulation."""
+    (converted to float32 once per tile, or, for bfloat16 on AVX-512 BF16, pair-packed for
+    vdpbf16ps products); TopK's per-token blocks are visited block by block for all the tokens of
+    a tile that selected them, and TopK's selection runs in C++ too. Backward: dq per query tile,
+    dk/dv per key block over the transposed layout (csrc/cpu/block_sparse_bwd.cpp). float32
+    accumulation."""
 
     name = "cpu.block_sparse"
     backend = "cpu"
@@ -122,6 +141,12 @@ class CpuBlockSparse(FlashKernel):
     #: modelled 0.6, a little above it: the scheduler prefers this kernel from where its
     #: per-call overhead stops mattering
     efficiency_by_generation = {"avx2": 0.65}
+    #: bfloat16 inputs where the build has vdpbf16ps products (AVX-512 BF16, `_ext().bf16_dot`):
+    #: fraction of the device's bf16 peak (DeviceInfo.peak_tflops_lowp, 2.2x the float32 one).
+    #: Dense causal B=1 Hq=32 Hkv=8 D=128 S=4096, one core: 139 GFLOP/s of the nominal 211
+    #: (the micro-kernel alone: ~215; the rest is the float32 softmax and the packing), SDPA
+    #: 71 (2026-11-23, 2-core Zen 4 EPYC)
+    bf16_dot_efficiency = 0.6
     #: training: the backward pass (dq pass: Q.K^T, dO.V^T, dS.K; dk/dv pass: K.Q^T, V.dO^T,
     #: P^T.dO, dS^T.Q = 7 products against the forward's 2, plus per-pair conversions of Q and dO)
     #: took 2.8-3.9x the forward's CPU time (dense causal fp32 B=1 Hq=32 Hkv=8 D=128 S=2048, avx2,
@@ -130,11 +155,12 @@ class CpuBlockSparse(FlashKernel):
     #: TopK's per-token blocks run at `efficiency * G / (G + 1)`: each (block, tile) pair converts
     #: the block for the rows of the tokens that selected it, few on random inputs at long
     #: lengths (measured S=16K TopK(16) random: G=4 ~0.6, G=1 ~0.3 of the peak).
-    #: The selection (PyTorch, layout/topk_selection.py): its matmul + topk over every block run
-    #: at ~0.15 of the float32 peak, and it pools all of K in float32 first (memory term, at the
-    #: nominal bandwidth: K is usually cache-resident in decode loops; a fresh float32 copy of
-    #: K over ~32 MB costs page faults on top, ~10 ms at 8M elements, not modelled)
-    select_efficiency = 0.15
+    #: The selection (C++, csrc/cpu/topk_select.cpp): q.kbar over the candidate blocks with the
+    #: float32 micro-kernel plus a running top-k, counted over every block (~half are candidates
+    #: under the causal rule): S=32768 TopK(16) B=1 Hq=32 Hkv=8 D=128 bf16, 34 GFLOP counted in
+    #: 0.25 s on 2 threads = 0.7 of the float32 peak (the PyTorch selection it replaced: 14 s).
+    #: Pooling reads K once in its dtype (memory term, at the nominal bandwidth).
+    select_efficiency = 0.6
     #: decode and short rows: every visited K/V block is converted to float32 scratch; measured
     #: ~12-14 GB/s of those float32 bytes (dense decode, 16K keys) = 0.35 of the 35 GB/s nominal
     memory_efficiency = 0.35
@@ -147,10 +173,20 @@ class CpuBlockSparse(FlashKernel):
     def unavailable(self):
         return unavailable_reason(_ext)
 
+    def bf16_dot(self) -> bool:
+        """Whether the loaded build multiplies bfloat16 with vdpbf16ps (else it converts to float32)."""
+        try:
+            return bool(getattr(_ext(), "bf16_dot", False))
+        except Exception:
+            return False
+
     def cost(self, p):
         pat = p.pattern
         per_pair = 2.0 * (p.head_dim + p.v_head_dim)
-        fp32 = dict(bytes_moved=0.0, compute_dtype=torch.float32)  # float32 loops whatever the dtype
+        fp32 = dict(bytes_moved=0.0, compute_dtype=torch.float32)
+        lowp = p.dtype == torch.bfloat16 and self.bf16_dot()
+        # the attention products: bf16 dot products, or float32 loops whatever the dtype
+        prod = dict(bytes_moved=0.0, compute_dtype=torch.bfloat16 if lowp else torch.float32)
         elem = torch.finfo(p.dtype).bits // 8
         g = p.group if p.kv_heads else 1
         select = 0.0
@@ -160,18 +196,19 @@ class CpuBlockSparse(FlashKernel):
             tile_pairs = forced.visited_pairs(p.sq, p.sk) * p.batch * p.q_heads
             token_pairs = max(0.0, p.visited_pairs() - tile_pairs)
             q_block = pat.block_size
-            # the selection, in PyTorch: q . kbar over every block, after pooling all of K in float32
+            # the selection: q . kbar over every block (counted), after pooling K (read once)
             select = max(
                 roofline_seconds(p, flops=2.0 * p.head_dim * p.sq * -(-p.sk // pat.block_size) * p.batch * p.kv_heads,
                                  efficiency=self.select_efficiency, **fp32),
-                roofline_seconds(p, flops=0.0, bytes_moved=(elem + 4.0) * p.batch * p.kv_heads * p.sk * p.head_dim,
+                roofline_seconds(p, flops=0.0, bytes_moved=elem * p.batch * p.kv_heads * p.sk * p.head_dim,
                                  efficiency=1.0)) + self.topk_overhead_s
         else:
             tile_pairs, token_pairs = p.visited_pairs(), 0.0
             q_block = pat.block_size if isinstance(pat, BlockSparse) else dense_q_block(g)
-        eff = self.efficiency_by_generation.get(p.device.generation, self.efficiency)
-        compute = (roofline_seconds(p, flops=per_pair * tile_pairs, efficiency=eff, **fp32)
-                   + roofline_seconds(p, flops=per_pair * token_pairs, efficiency=eff * g / (g + 1), **fp32))
+        eff = (self.bf16_dot_efficiency if lowp
+               else self.efficiency_by_generation.get(p.device.generation, self.efficiency))
+        compute = (roofline_seconds(p, flops=per_pair * tile_pairs, efficiency=eff, **prod)
+                   + roofline_seconds(p, flops=per_pair * token_pairs, efficiency=eff * g / (g + 1), **prod))
         # bytes: every tile reads (and converts to float32) the keys its rows visit, once per GQA group
         rows = max(1, min(p.sq, q_block))
         keys_read = pat.visited_pairs(p.sq, p.sk) / rows * p.batch * p.kv_heads

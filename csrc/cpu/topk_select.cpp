@@ -1,0 +1,184 @@
+// TopK block selection on the CPU (the contract's TopK rule), for prefill and decode rows alike.
+//
+// Per query token t at position p = Sk - Sq + t, shared by the G query heads of a kv head:
+//   score[n] = qbar_t . kbar[n]            qbar_t = mean of the group's q rows, kbar = block means
+//   candidates: sink_blocks <= n <= p / bs - local_blocks (the forced blocks are not candidates)
+//   selected:   the `topk` highest-scoring candidates (all of them if fewer), ascending, -1 padded.
+// One task per (batch, kv head, chunk of kRows tokens): the chunk's qbar (kRows x D, float32) times
+// the transposed pooled keys (D x nb_pad, float32, prepared by the caller) over the columns the
+// chunk's last token can see, with vec.h's micro-kernel; then per row a running top-k whose
+// current minimum rejects most candidates 16 (or 8) at a time. Memory per thread: kRows x nb_pad
+// scores; nothing of size Sq x nblocks or Sq x Sk. Ties keep the lower block index.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "cpu/vec.h"
+
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
+namespace sparse_attn_cpu {
+namespace {
+
+constexpr int64_t kRows = 64;
+
+struct SelectParams {
+  int64_t B, Hq, Hkv, G, sq, sk, D, nb, nb_pad, bs, topk, sinks, locals;
+  int64_t qst[4];
+  const float* kbt;  // (B, Hkv, D, nb_pad)
+  int32_t* out;      // (B, Hkv, Sq, topk)
+};
+
+// the `w` best of s[lo..hi] (w < hi - lo + 1) -> idx, ascending. A running top-w: a candidate
+// enters only if it beats the current minimum (about w ln(n / w) entries on random scores), so
+// most of the row is rejected a vector at a time.
+inline void top_w(const float* s, int64_t lo, int64_t hi, int64_t w, float* val, int32_t* idx) {
+  for (int64_t e = 0; e < w; ++e) val[e] = s[lo + e], idx[e] = static_cast<int32_t>(lo + e);
+  auto argmin_scalar = [&]() {
+    int64_t a = 0;
+    for (int64_t e = 1; e < w; ++e)
+      if (val[e] < val[a] || (val[e] == val[a] && idx[e] > idx[a])) a = e;  // evict the later block on ties
+    return a;
+  };
+#if defined(__AVX512F__)
+  // w <= 16 (the common topk): the minimum of one vector; val has 16 slots, unused ones +inf
+  const __mmask16 live = w >= 16 ? __mmask16(0xffff) : __mmask16((1u << w) - 1);
+  auto argmin = [&]() -> int64_t {
+    if (w > 16) return argmin_scalar();
+    const __m512 v = _mm512_mask_loadu_ps(_mm512_set1_ps(std::numeric_limits<float>::infinity()), live, val);
+    const float mn = _mm512_reduce_min_ps(v);
+    const uint32_t eq = _mm512_mask_cmp_ps_mask(live, v, _mm512_set1_ps(mn), _CMP_EQ_OQ);
+    if (eq != 0 && (eq & (eq - 1)) == 0) return __builtin_ctz(eq);
+    return argmin_scalar();  // ties (or NaN)
+  };
+#else
+  auto argmin = argmin_scalar;
+#endif
+  int64_t amin = argmin();
+  float vmin = val[amin];
+  auto offer = [&](int64_t n) {
+    if (s[n] > vmin) {
+      val[amin] = s[n], idx[amin] = static_cast<int32_t>(n);
+      amin = argmin(), vmin = val[amin];
+    }
+  };
+  int64_t n = lo + w;
+#if defined(__AVX512F__)
+  for (; n + 16 <= hi + 1; n += 16) {
+    uint32_t m = _mm512_cmp_ps_mask(_mm512_loadu_ps(s + n), _mm512_set1_ps(vmin), _CMP_GT_OQ);
+    while (m != 0) {  // lanes above the minimum when the vector was read; offer re-checks each
+      offer(n + __builtin_ctz(m));
+      m &= m - 1;
+    }
+  }
+#elif defined(__AVX__)
+  for (; n + 8 <= hi + 1; n += 8) {
+    uint32_t m = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(s + n), _mm256_set1_ps(vmin), _CMP_GT_OQ));
+    while (m != 0) {
+      offer(n + __builtin_ctz(m));
+      m &= m - 1;
+    }
+  }
+#endif
+  for (; n <= hi; ++n) offer(n);
+  std::sort(idx, idx + w);
+}
+
+template <int DT>
+void run_task(const SelectParams& P, const typename Elem<DT>::T* Q, int64_t b, int64_t h, int64_t t0,
+              std::vector<float>& qbar, std::vector<float>& s, std::vector<float>& val, std::vector<int32_t>& idx) {
+  const int64_t t1 = std::min(P.sq, t0 + kRows), rows = t1 - t0, off = P.sk - P.sq;
+  int32_t* out = P.out + ((b * P.Hkv + h) * P.sq + t0) * P.topk;
+  std::fill_n(out, rows * P.topk, -1);
+  // candidate columns of the chunk's last token: [sinks, hi_max]
+  const int64_t hi_max = std::min(P.nb - 1, (off + t1 - 1) / P.bs - P.locals);
+  if (hi_max < P.sinks || P.topk == 0) return;
+  const int64_t ncols = round_up(hi_max + 1, kVec);
+  // qbar rows: the mean of the group's heads
+  const float inv_g = 1.f / static_cast<float>(P.G);
+  std::vector<const float*> ap(rows);
+  std::vector<float*> cp(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    float* dst = qbar.data() + r * P.D;
+    std::fill_n(dst, P.D, 0.f);
+    for (int64_t g = 0; g < P.G; ++g) {
+      const auto* src = Q + b * P.qst[0] + (h * P.G + g) * P.qst[1] + (t0 + r) * P.qst[2];
+      for (int64_t d = 0; d < P.D; ++d) dst[d] += Elem<DT>::get(src, d * P.qst[3]);
+    }
+    for (int64_t d = 0; d < P.D; ++d) dst[d] *= inv_g;
+    ap[r] = dst;
+    cp[r] = s.data() + r * P.nb_pad;
+  }
+  gemm_rows<false>(rows, ncols, P.D, ap.data(), P.kbt + (b * P.Hkv + h) * P.D * P.nb_pad, P.nb_pad, cp.data(),
+                   nullptr);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t hi = std::min(P.nb - 1, (off + t0 + r) / P.bs - P.locals);
+    const int64_t cnt = hi - P.sinks + 1;
+    if (cnt <= 0) continue;
+    int32_t* o = out + r * P.topk;
+    if (cnt <= P.topk) {
+      for (int64_t e = 0; e < cnt; ++e) o[e] = static_cast<int32_t>(P.sinks + e);
+    } else {
+      top_w(cp[r], P.sinks, hi, P.topk, val.data(), o);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace sparse_attn_cpu
+
+torch::Tensor topk_select(torch::Tensor q, torch::Tensor kbar_t, int64_t kv_heads, int64_t sk, int64_t nb,
+                          int64_t block_size, int64_t topk, int64_t sink_blocks, int64_t local_blocks) {
+  using namespace sparse_attn_cpu;
+  TORCH_CHECK(q.dim() == 4 && q.device().is_cpu(), "topk_select: q must be a 4-D CPU tensor (B, Hq, Sq, D)");
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(dt == torch::kFloat32 || dt == torch::kBFloat16 || dt == torch::kFloat16,
+              "topk_select: q must be float32, bfloat16 or float16, got ", dt);
+  const int64_t B = q.size(0), Hq = q.size(1), sq = q.size(2), D = q.size(3);
+  TORCH_CHECK(kv_heads > 0 && Hq % kv_heads == 0, "topk_select: Hq must be a multiple of kv_heads");
+  TORCH_CHECK(block_size > 0 && topk >= 0 && sink_blocks >= 0 && local_blocks >= 0 && sq <= sk,
+              "topk_select: bad TopK parameters or Sq > Sk");
+  TORCH_CHECK(kbar_t.scalar_type() == torch::kFloat32 && kbar_t.is_contiguous() && kbar_t.dim() == 4 &&
+                  kbar_t.size(0) == B && kbar_t.size(1) == kv_heads && kbar_t.size(2) == D &&
+                  kbar_t.size(3) >= nb && kbar_t.size(3) % kVec == 0,
+              "topk_select: kbar_t must be contiguous float32 (B, Hkv, D, nb padded to a multiple of ", kVec,
+              "), got ", kbar_t.sizes());
+  auto out = torch::full({B, kv_heads, sq, topk}, -1, q.options().dtype(torch::kInt32));
+  if (B == 0 || sq == 0 || topk == 0) return out;
+  SelectParams P{};
+  P.B = B, P.Hq = Hq, P.Hkv = kv_heads, P.G = Hq / kv_heads, P.sq = sq, P.sk = sk, P.D = D, P.nb = nb;
+  P.nb_pad = kbar_t.size(3), P.bs = block_size, P.topk = topk, P.sinks = sink_blocks, P.locals = local_blocks;
+  for (int d = 0; d < 4; ++d) P.qst[d] = q.stride(d);
+  P.kbt = kbar_t.data_ptr<float>();
+  P.out = out.data_ptr<int32_t>();
+  const int64_t chunks = (sq + kRows - 1) / kRows, total = B * kv_heads * chunks;
+  const void* qd = q.data_ptr();
+  // tasks handed out dynamically, latest chunks (the most candidate columns) first
+  std::atomic<int64_t> next{0};
+  const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total));
+  at::parallel_for(0, nthreads, 1, [&](int64_t begin, int64_t end) {
+    if (begin >= end) return;
+    std::vector<float> qbar(kRows * std::max<int64_t>(D, 1)), s(kRows * P.nb_pad), val(std::max<int64_t>(topk, 1));
+    std::vector<int32_t> idx(std::max<int64_t>(topk, 1));
+    for (;;) {
+      const int64_t i = next.fetch_add(1);
+      if (i >= total) break;
+      const int64_t t = (chunks - 1 - i / (B * kv_heads)) + (i % (B * kv_heads)) * chunks;
+      const int64_t c = t % chunks, bh = t / chunks, b = bh / kv_heads, h = bh % kv_heads;
+      if (dt == torch::kFloat32)
+        run_task<0>(P, static_cast<const float*>(qd), b, h, c * kRows, qbar, s, val, idx);
+      else if (dt == torch::kBFloat16)
+        run_task<1>(P, static_cast<const uint16_t*>(qd), b, h, c * kRows, qbar, s, val, idx);
+      else
+        run_task<2>(P, static_cast<const uint16_t*>(qd), b, h, c * kRows, qbar, s, val, idx);
+    }
+  });
+  return out;
+}
