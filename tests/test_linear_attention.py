@@ -179,6 +179,12 @@ def test_default_scale_and_return_types(backend):
 # decode (recurrent kernel), varlen, plan
 # ----------------------------------------------------------------------------------------------
 from sparse_attn.api.linear import plan_linear  # noqa: E402
+from sparse_attn.backends.cpu.linear import CpuLinearChunked  # noqa: E402
+
+#: why the C++ kernel cannot run here (None: it builds); it then serves inference prefill
+CPU_LINEAR_MISSING = CpuLinearChunked().unavailable()
+PREFILL_KERNEL = "reference.linear_chunked" if CPU_LINEAR_MISSING else "cpu.linear_chunked"
+needs_cpu_linear = pytest.mark.skipif(CPU_LINEAR_MISSING is not None, reason=f"cpu_linear: {CPU_LINEAR_MISSING}")
 
 
 @pytest.mark.parametrize("decay_kind", ["none", "per-head", "per-token"])
@@ -193,7 +199,7 @@ def test_decode_step_uses_recurrent_kernel(decay_kind):
     p = plan_linear(q[:, :, :1], k[:, :, :1], v[:, :, :1], decay=one, initial_state=s0)
     assert p.kernel.name == "reference.linear_recurrent", p.explain()
     assert "reference.linear_chunked" in p.explain() and p.problem.phase == "decode"
-    assert plan_linear(q, k, v, decay=decay).kernel.name == "reference.linear_chunked"
+    assert plan_linear(q, k, v, decay=decay).kernel.name == PREFILL_KERNEL
     whole, whole_state = sa.linear_attention(q, k, v, decay=decay, initial_state=s0, return_state=True)
     state, outs = s0, []
     for t in range(s):
@@ -271,13 +277,13 @@ def test_plan_linear_explain_and_run():
     q, k, v = randn(1, 2, 300, 32), randn(1, 2, 300, 32), randn(1, 2, 300, 16)
     p = plan_linear(q, k, v, decay=torch.full((2,), -0.1))
     text = p.explain()
-    assert "linear_attention(decay=per-head)" in text and "* reference.linear_chunked" in text
+    assert "linear_attention(decay=per-head)" in text and f"* {PREFILL_KERNEL}" in text
     assert "S=300 > 16" in text  # the recurrent kernel's reason
     o = p.run(q, k, v, decay=torch.full((2,), -0.1))
     oracle.assert_close_contract(o, sa.linear_attention(q, k, v, decay=torch.full((2,), -0.1)), dtype=torch.float32,
                                  device="cpu")
-    with pytest.raises(ValueError, match="backend 'cpu'"):
-        plan_linear(q, k, v, backend="cpu")
+    with pytest.raises(ValueError, match="backend 'cuda'"):  # the cuda backend has no linear kernel
+        plan_linear(q, k, v, backend="cuda")
 
 
 @pytest.mark.slow
@@ -312,3 +318,140 @@ def test_long_bf16_per_head_near_zero():
     ref, _ = oracle.oracle_linear_attention(q, k, v, decay=decay)
     base = oracle.masked_linear_attention_in_dtype(q, k, v, decay=decay)
     oracle.assert_close_contract(out, ref, dtype=torch.bfloat16, device="cpu", lowp_baseline=base)
+
+
+# ----------------------------------------------------------------------------------------------
+# cpu.linear_chunked: the C++ forward (csrc/cpu/linear.cpp), inference only
+# ----------------------------------------------------------------------------------------------
+CPU_AXES = {
+    "dtype": [torch.float32, torch.bfloat16, torch.float16],
+    "decay": ["none", "per-head", "per-token"],
+    "s": [2, 31, 32, 33, 97, 259],  # around the chunk (32) and its multiples, and not
+    "dims": [(16, 16), (20, 24), (64, 80), (128, 128)],  # (D, Dv): not multiples of the vector too
+    "state": ["none", "init"],
+    "hkv": [2, 6],  # GQA (query heads 3i..3i+2 share kv head i, read in place) and not
+}
+CPU_CASES = pairwise(CPU_AXES)
+
+
+def cpu_case_id(c):
+    return f"{DTYPE_IDS[c['dtype']]}-{c['decay']}-s{c['s']}-d{c['dims'][0]}x{c['dims'][1]}-{c['state']}-hkv{c['hkv']}"
+
+
+@needs_cpu_linear
+@pytest.mark.parametrize("case", CPU_CASES, ids=[cpu_case_id(c) for c in CPU_CASES])
+def test_cpu_linear_matrix(case):
+    dtype, s, (d, dv) = case["dtype"], case["s"], case["dims"]
+    b, h, hkv = 2, 6, case["hkv"]
+    q, k, v = randn(b, h, s, d, dtype=dtype), randn(b, hkv, s, d, dtype=dtype), randn(b, hkv, s, dv, dtype=dtype)
+    decay = make_decay(case["decay"], b, h, s, dtype, lo=-2.0)
+    decay = None if decay is None else decay.detach()
+    s0 = randn(b, h, d, dv) if case["state"] == "init" else None
+    p = plan_linear(q, k, v, decay=decay, initial_state=s0)
+    assert p.kernel.name == "cpu.linear_chunked", p.explain()
+    o, st = sa.linear_attention(q, k, v, decay=decay, initial_state=s0, return_state=True, backend="cpu")
+    g = h // hkv
+    k64, v64 = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    ref, ref_st = oracle.oracle_linear_attention(q, k64, v64, decay=decay, initial_state=s0)
+    base = oracle.masked_linear_attention_in_dtype(q, k64, v64, decay=decay, initial_state=s0)
+    assert o.shape == (b, h, s, dv)
+    oracle.assert_close_contract(o, ref, dtype=dtype, device="cpu", lowp_baseline=base)
+    oracle.assert_close_contract(st, ref_st, dtype=dtype, device="cpu", out_dtype=torch.float32, what="final state")
+
+
+@needs_cpu_linear
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,lo,hi", LONG + [pytest.param("none", 0.0, 0.0, id="none")])
+def test_cpu_linear_long_against_recurrence(kind, lo, hi):
+    """4K tokens, strong and weak decays: cumulative decays stay relative to each chunk's start."""
+    b, h, s, d, dv = 1, 2, 4096, 32, 48
+    q, k, v = (randn(b, h, s, n) for n in (d, d, dv))
+    decay = make_decay(kind, b, h, s, torch.float32, lo=lo, hi=hi)
+    decay = None if decay is None else decay.detach()
+    o, st = sa.linear_attention(q, k, v, decay=decay, return_state=True, backend="cpu")
+    ref, ref_st = oracle.oracle_linear_attention(q, k, v, decay=decay)
+    oracle.assert_close_contract(o, ref, dtype=torch.float32, device="cpu")
+    oracle.assert_close_contract(st, ref_st, dtype=torch.float32, device="cpu", what="state")
+
+
+@needs_cpu_linear
+@pytest.mark.parametrize("g", [-30.0, -80.0, "mixed"])
+def test_cpu_linear_extreme_decays(g):
+    b, h, s, d = 1, 2, 333, 16
+    q, k, v = (randn(b, h, s, d) for _ in range(3))
+    if g == "mixed":
+        decay = torch.where(torch.rand(b, h, s) < 0.1, torch.tensor(-60.0), torch.tensor(0.0))
+    else:
+        decay = torch.full((b, h, s), g)
+    o, st = sa.linear_attention(q, k, v, decay=decay, return_state=True, backend="cpu")
+    ref, ref_st = oracle.oracle_linear_attention(q, k, v, decay=decay)
+    oracle.assert_close_contract(o, ref, dtype=torch.float32, device="cpu")
+    oracle.assert_close_contract(st, ref_st, dtype=torch.float32, device="cpu", what="state")
+
+
+@needs_cpu_linear
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("dv", [80, 128])
+def test_cpu_linear_column_split_and_strides(threads, dv):
+    """Fewer (batch, head) pairs than threads: the kernel splits the Dv columns (80 = a padded block
+    of 48 and one of 32); inputs are non-contiguous views (a transposed layout)."""
+    b, h, s, d = 1, 1, 150, 32
+    q, k = randn(b, s, h, d).transpose(1, 2), randn(b, s, h, d).transpose(1, 2)
+    v = randn(b, s, h, dv).transpose(1, 2)
+    decay = make_decay("per-token", b, h, s, torch.float32, lo=-1.0).detach()
+    s0 = randn(b, h, d, dv)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        o, st = sa.linear_attention(q, k, v, decay=decay, initial_state=s0, return_state=True, backend="cpu")
+    finally:
+        torch.set_num_threads(old)
+    ref, ref_st = oracle.oracle_linear_attention(q, k, v, decay=decay, initial_state=s0)
+    oracle.assert_close_contract(o, ref, dtype=torch.float32, device="cpu")
+    oracle.assert_close_contract(st, ref_st, dtype=torch.float32, device="cpu", what="state")
+
+
+@needs_cpu_linear
+@pytest.mark.parametrize("decay_kind", ["none", "per-head", "per-token"])
+def test_cpu_linear_varlen(decay_kind):
+    lens = [5, 0, 70, 1, 33]
+    h, d, dv, t = 2, 16, 24, sum(lens)
+    q, k, v = randn(1, h, t, d), randn(1, h, t, d), randn(1, h, t, dv)
+    decay = make_decay(decay_kind, 1, h, t, torch.float32, lo=-2.0)
+    decay = None if decay is None else decay.detach()
+    s0 = randn(len(lens), h, d, dv)
+    o, st = sa.linear_attention(q, k, v, decay=decay, initial_state=s0, return_state=True, cu_seqlens=cu(*lens))
+    offs = cu(*lens).tolist()
+    for i in range(len(lens)):
+        a, z = offs[i], offs[i + 1]
+        di = decay if decay is None or decay.dim() == 1 else decay[:, :, a:z]
+        ref, ref_st = oracle.oracle_linear_attention(q[:, :, a:z], k[:, :, a:z], v[:, :, a:z], decay=di,
+                                                     initial_state=s0[i:i + 1])
+        if z - a > 1:  # a one-token sequence is a decode step: the recurrent kernel
+            assert plan_linear(q[:, :, a:z], k[:, :, a:z], v[:, :, a:z], decay=di,
+                               initial_state=s0[i:i + 1]).kernel.name == "cpu.linear_chunked"
+        if z > a:
+            oracle.assert_close_contract(o[:, :, a:z], ref, dtype=torch.float32, device="cpu", what=f"seq {i}")
+        oracle.assert_close_contract(st[i:i + 1], ref_st, dtype=torch.float32, device="cpu", what=f"state {i}")
+
+
+@needs_cpu_linear
+def test_cpu_linear_scheduler_and_training():
+    """Inference prefill runs the C++ kernel; with gradients the reference (autograd) kernel runs and
+    its gradients match the recurrence; backend="cpu" with gradients names the missing backward."""
+    b, h, s, d = 1, 2, 100, 32
+    q, k, v = (randn(b, h, s, d, requires_grad=True) for _ in range(3))
+    decay = make_decay("per-token", b, h, s, torch.float32, lo=-2.0)
+    p = plan_linear(q, k, v, decay=decay)
+    assert p.kernel.name == "reference.linear_chunked" and p.problem.phase == "training", p.explain()
+    assert "no backward pass" in p.explain()
+    with torch.no_grad():
+        p2 = plan_linear(q, k, v, decay=decay)
+        assert p2.kernel.name == "cpu.linear_chunked" and "chosen" in p2.explain(), p2.explain()
+    with pytest.raises(ValueError, match="no backward pass"):
+        sa.linear_attention(q, k, v, decay=decay, backend="cpu")
+    check_against_oracle(lambda q, k, v, decay: sa.linear_attention(q, k, v, decay=decay),
+                         lambda q, k, v, decay: oracle.oracle_linear_attention(q, k, v, decay=decay)[0], None,
+                         dict(q=q, k=k, v=v, decay=decay), dtype=torch.float32)
+    q1 = q.detach()[:, :, :1]
+    assert plan_linear(q1, q1, q1).kernel.name == "reference.linear_recurrent"  # decode stays recurrent

@@ -126,7 +126,7 @@ def test_triton_scheduler_choice_and_refusals():
     text = p.explain()
     assert "triton.linear_chunked" in text
     if DEV == "cpu":  # the interpreter is correct but slow: never chosen unless asked for
-        assert p.kernel.backend == "reference"
+        assert p.kernel.backend != "triton"
     assert plan_linear(q, k, v, backend="triton").kernel.name == "triton.linear_chunked"
     with pytest.raises(ValueError, match="dtype float64"):
         sa.linear_attention(q.double(), k.double(), v.double(), backend="triton")

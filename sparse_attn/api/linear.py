@@ -66,7 +66,7 @@ def _problem(q, k, v, decay, initial_state, scale, requires_grad):
 
 def _run_kernel(kernel, q, k, v, problem, decay, initial_state):
     g = problem.group
-    if g > 1:
+    if g > 1 and not getattr(kernel, "native_gqa", False):  # kernels that read shared kv heads in place say so
         k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
     return kernel.run(q, k, v, problem, decay=decay, initial_state=initial_state)
 

@@ -5,3 +5,4 @@ from .kernels import CpuBlockSparse
 register(CpuBlockSparse())
 
 from . import decode  # noqa: F401,E402  (registers its own kernels)
+from . import linear  # noqa: F401,E402  (registers cpu.linear_chunked for linear_attention)
