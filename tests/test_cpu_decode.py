@@ -95,9 +95,10 @@ def test_against_float64_reference(case):
         assert any(c.kernel.name == KERNEL and not c.reasons for c in p.candidates), p.explain()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=SHORT.get)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=SHORT.get)
 def test_odd_head_dims(dtype):
-    """Head dims that are not multiples of the 8-float vectors (scalar tails), Dv != D."""
+    """Head dims that are not multiples of the 8-float vectors (scalar tails), Dv != D; bfloat16
+    on AVX-512 BF16: odd D packs K element by element, Dv not a multiple of 16 pads V's pairs."""
     for d, dv in [(33, 20), (72, 40), (5, 129)]:
         pattern = sa.SlidingWindow(50, sinks=4)
         q, k, v = make_qkv_for(pattern, 1, 6, 2, 3, 123, d, dv, dtype=dtype)

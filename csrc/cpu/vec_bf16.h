@@ -129,18 +129,18 @@ inline void transpose16x16_epi32(__m512i r[16]) {
 
 // Pair-pack a block of rows for a product with its transpose (S = Q . K^T, dP = dO . V^T, ...):
 // kp[w * ld + c] = word w (elements 2w, 2w + 1; a missing odd element is 0) of row c, for rows
-// c < nk (`row_stride` elements apart, `col_stride` between elements) and w < ceil(D / 2); rows
-// nk .. round_up(nk, 16) get zeros. Contiguous rows of even D: 16 x 16 word tiles transposed in
-// registers; otherwise element by element.
-inline void pack_k_pairs(uint32_t* kp, int64_t ld, const uint16_t* k, int64_t row_stride, int64_t col_stride,
-                         int64_t nk, int64_t D) {
+// c < nk and w < ceil(D / 2); rows nk .. round_up(nk, 16) get zeros. `row(c)` is where row c
+// starts, `col_stride` the distance between its elements. Contiguous rows of even D: 16 x 16 word
+// tiles transposed in registers; otherwise element by element.
+template <typename RowFn>
+inline void pack_k_pairs_rows(uint32_t* kp, int64_t ld, RowFn row, int64_t col_stride, int64_t nk, int64_t D) {
   const int64_t Dw = (D + 1) / 2;
   if (col_stride != 1 || D % 2 != 0) {
     for (int64_t c = 0; c < round_up(nk, 16); ++c)
       for (int64_t w = 0; w < Dw; ++w) {
-        const uint16_t* row = k + c * row_stride;
-        const uint32_t lo = c < nk ? row[2 * w * col_stride] : 0u;
-        const uint32_t hi = c < nk && 2 * w + 1 < D ? row[(2 * w + 1) * col_stride] : 0u;
+        const uint16_t* r = c < nk ? row(c) : nullptr;
+        const uint32_t lo = c < nk ? r[2 * w * col_stride] : 0u;
+        const uint32_t hi = c < nk && 2 * w + 1 < D ? r[(2 * w + 1) * col_stride] : 0u;
         kp[w * ld + c] = lo | hi << 16;
       }
     return;
@@ -153,11 +153,17 @@ inline void pack_k_pairs(uint32_t* kp, int64_t ld, const uint16_t* k, int64_t ro
       __m512i r[16];
 #pragma GCC unroll 16
       for (int i = 0; i < 16; ++i)
-        r[i] = i < kn ? _mm512_maskz_loadu_epi32(wm, k + (c0 + i) * row_stride + 2 * w0) : _mm512_setzero_si512();
+        r[i] = i < kn ? _mm512_maskz_loadu_epi32(wm, row(c0 + i) + 2 * w0) : _mm512_setzero_si512();
       transpose16x16_epi32(r);
       for (int64_t j = 0; j < wn; ++j) _mm512_storeu_si512(kp + (w0 + j) * ld + c0, r[j]);
     }
   }
+}
+
+// pack_k_pairs_rows for rows `row_stride` elements apart from k
+inline void pack_k_pairs(uint32_t* kp, int64_t ld, const uint16_t* k, int64_t row_stride, int64_t col_stride,
+                         int64_t nk, int64_t D) {
+  pack_k_pairs_rows(kp, ld, [=](int64_t c) { return k + c * row_stride; }, col_stride, nk, D);
 }
 
 // One bf16 row (n elements, `stride` apart) as ceil(n / 2) words, a missing odd element 0.

@@ -18,7 +18,7 @@ EXTENSIONS = {
     },
     "cpu_decode": {
         "sources": ["cpu/decode.cpp"],
-        "headers": ["cpu/scalar.h"],  # not vec.h: its micro-kernel is not used here
+        "headers": ["cpu/scalar.h", "cpu/vec.h", "cpu/vec_bf16.h"],
         "cflags": ["-fopenmp"],
         "ldflags": ["-fopenmp"],
         "jit_cflags": ["-march=native"],
