@@ -227,8 +227,7 @@ class DqRunner {
 #endif
     for (int64_t c = 0; c < nk; ++c) load_row<DT>(S.kr.data() + c * P.D_pad, kb + c * P.kst[2], P.D, P.kst[3], 1.f);
     for (int64_t c = nk; c < P.kb_pad; ++c) std::fill_n(S.kr.data() + c * P.D_pad, P.D_pad, 0.f);
-    for (int64_t t = 0; t < P.D; ++t)
-      for (int64_t c = 0; c < nk; ++c) S.kt[t * ld + c] = S.kr[c * P.D_pad + t];
+    transpose_f32(S.kt.data(), ld, S.kr.data(), P.D_pad, nk, P.D);  // kr's rows past nk are 0
     for (int64_t c0 = 0; c0 < nk; c0 += 16) {
       const int64_t c1 = std::min(nk, c0 + 16);
       for (int64_t t = 0; t < P.Dv; ++t)
@@ -505,13 +504,9 @@ class DkvRunner {
       std::fill_n(S.dor.data() + c * P.Dv_pad, P.Dv_pad, 0.f);
     }
     column_stats(S, C, Cp);
-    // Q^T and dO^T from the rows, kVec columns at a time (contiguous writes)
-    for (int64_t c0 = 0; c0 < Cp; c0 += kVec) {
-      for (int64_t x = 0; x < D; ++x)
-        for (int64_t c = c0; c < c0 + kVec; ++c) S.qt[x * kCols + c] = S.qr[c * P.D_pad + x];
-      for (int64_t x = 0; x < Dv; ++x)
-        for (int64_t c = c0; c < c0 + kVec; ++c) S.dot[x * kCols + c] = S.dor[c * P.Dv_pad + x];
-    }
+    // Q^T and dO^T from the rows (zero-padded to D_pad / Dv_pad columns and Cp rows)
+    transpose_f32(S.qt.data(), kCols, S.qr.data(), P.D_pad, Cp, D);
+    transpose_f32(S.dot.data(), kCols, S.dor.data(), P.Dv_pad, Cp, Dv);
     const int64_t nk = nk_;
     gemm_rows<false>(nk, Cp, D, S.krp.data(), S.qt.data(), kCols, S.stp.data(), nullptr);   // S^T
     gemm_rows<false>(nk, Cp, Dv, S.vrp.data(), S.dot.data(), kCols, S.dptp.data(), nullptr);  // dP^T

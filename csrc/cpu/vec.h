@@ -18,6 +18,10 @@
 
 #include "cpu/scalar.h"
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace sparse_attn_cpu {
 
 using sparse_attn_scalar::bits_to_float;
@@ -222,6 +226,63 @@ inline void gemm_rows(int64_t rows, int64_t N, int64_t K, const float* const* a,
       }
     }
   }
+}
+
+// ------------------------------------------------------------------------------ transposes
+#if defined(__AVX512F__)
+// In-place transpose of a 16 x 16 matrix of 32-bit words held in 16 registers.
+inline void transpose16x16_epi32(__m512i r[16]) {
+  __m512i t[16], u[16];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {  // lane L of t[2i] / t[2i+1]: rows 2i, 2i+1 at columns 4L+{0,1} / 4L+{2,3}
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+#pragma GCC unroll 4
+  for (int g = 0; g < 4; ++g) {  // lane L of u[4g + e]: rows 4g..4g+3 at column 4L + e
+    u[4 * g + 0] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+    u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+    u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+    u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+  }
+#pragma GCC unroll 4
+  for (int e = 0; e < 4; ++e) {  // gather lane L of u[e], u[4+e], u[8+e], u[12+e] into row 4L + e
+    const __m512i v0 = _mm512_shuffle_i32x4(u[e], u[4 + e], 0x88), w0 = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0x88);
+    const __m512i v1 = _mm512_shuffle_i32x4(u[e], u[4 + e], 0xDD), w1 = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0xDD);
+    r[e] = _mm512_shuffle_i32x4(v0, w0, 0x88);
+    r[8 + e] = _mm512_shuffle_i32x4(v0, w0, 0xDD);
+    r[4 + e] = _mm512_shuffle_i32x4(v1, w1, 0x88);
+    r[12 + e] = _mm512_shuffle_i32x4(v1, w1, 0xDD);
+  }
+}
+#endif
+
+// dst[x * ldd + c] = src[c * lds + x] for c < rows, x < cols (32-bit elements). With AVX-512,
+// 16 x 16 tiles in registers: src must then be readable up to round_up(rows, 16) rows and
+// round_up(cols, 16) columns (padding), and only x < cols rows of dst are written.
+inline void transpose_f32(float* dst, int64_t ldd, const float* src, int64_t lds, int64_t rows, int64_t cols) {
+#if defined(__AVX512F__)
+  for (int64_t c0 = 0; c0 < rows; c0 += 16)
+    for (int64_t x0 = 0; x0 < cols; x0 += 16) {
+      __m512i r[16];
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(src + (c0 + i) * lds + x0);
+      transpose16x16_epi32(r);
+      const int64_t xn = std::min<int64_t>(16, cols - x0);
+      for (int64_t j = 0; j < xn; ++j) {
+        if (c0 + 16 <= rows) {
+          _mm512_storeu_si512(dst + (x0 + j) * ldd + c0, r[j]);
+        } else {
+          const __mmask16 m = __mmask16((1u << (rows - c0)) - 1);
+          _mm512_mask_storeu_epi32(dst + (x0 + j) * ldd + c0, m, r[j]);
+        }
+      }
+    }
+#else
+  for (int64_t c0 = 0; c0 < rows; c0 += 16)  // 16 rows at a time: the reads stay in a few lines
+    for (int64_t x = 0; x < cols; ++x)
+      for (int64_t c = c0; c < std::min(rows, c0 + 16); ++c) dst[x * ldd + c] = src[c * lds + x];
+#endif
 }
 
 // ---------------------------------------------------------------------------------- conversion

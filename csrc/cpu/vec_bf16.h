@@ -101,32 +101,6 @@ inline void gemm_bf16(int64_t rows, int64_t N, int64_t KP, const uint32_t* const
   }
 }
 
-// In-place transpose of a 16 x 16 matrix of 32-bit words held in 16 registers.
-inline void transpose16x16_epi32(__m512i r[16]) {
-  __m512i t[16], u[16];
-#pragma GCC unroll 8
-  for (int i = 0; i < 8; ++i) {  // lane L of t[2i] / t[2i+1]: rows 2i, 2i+1 at columns 4L+{0,1} / 4L+{2,3}
-    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-  }
-#pragma GCC unroll 4
-  for (int g = 0; g < 4; ++g) {  // lane L of u[4g + e]: rows 4g..4g+3 at column 4L + e
-    u[4 * g + 0] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
-    u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
-    u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
-    u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
-  }
-#pragma GCC unroll 4
-  for (int e = 0; e < 4; ++e) {  // gather lane L of u[e], u[4+e], u[8+e], u[12+e] into row 4L + e
-    const __m512i v0 = _mm512_shuffle_i32x4(u[e], u[4 + e], 0x88), w0 = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0x88);
-    const __m512i v1 = _mm512_shuffle_i32x4(u[e], u[4 + e], 0xDD), w1 = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0xDD);
-    r[e] = _mm512_shuffle_i32x4(v0, w0, 0x88);
-    r[8 + e] = _mm512_shuffle_i32x4(v0, w0, 0xDD);
-    r[4 + e] = _mm512_shuffle_i32x4(v1, w1, 0x88);
-    r[12 + e] = _mm512_shuffle_i32x4(v1, w1, 0xDD);
-  }
-}
-
 // Pair-pack a block of rows for a product with its transpose (S = Q . K^T, dP = dO . V^T, ...):
 // kp[w * ld + c] = word w (elements 2w, 2w + 1; a missing odd element is 0) of row c, for rows
 // c < nk and w < ceil(D / 2); rows nk .. round_up(nk, 16) get zeros. `row(c)` is where row c
