@@ -63,6 +63,10 @@ inline bool visible(const BwdParams& P, int64_t p, int64_t j) {
 }
 
 // ---------------------------------------------------------------------------------- dq pass
+// the gradients' element type for dtype tag DT (0 float32, 1 bfloat16, 2 float16)
+template <int DT>
+using OutOf = std::conditional_t<DT == 0, float, std::conditional_t<DT == 1, at::BFloat16, at::Half>>;
+
 #ifdef SPARSE_ATTN_BF16_DOT
 constexpr bool kHaveBf16Dot = true;
 #else
@@ -115,7 +119,7 @@ struct DqScratch {
 template <int DT>
 class DqRunner {
   using In = typename Elem<DT>::T;
-  using Out = std::conditional_t<DT == 0, float, std::conditional_t<DT == 1, at::BFloat16, at::Half>>;
+  using Out = OutOf<DT>;
 
  public:
   static constexpr bool kDot = DT == 1 && kHaveBf16Dot;
@@ -337,7 +341,7 @@ struct DkvScratch {
 template <int DT>
 class DkvRunner {
   using In = typename Elem<DT>::T;
-  using Out = std::conditional_t<DT == 0, float, std::conditional_t<DT == 1, at::BFloat16, at::Half>>;
+  using Out = OutOf<DT>;
 
  public:
   static constexpr bool kDot = DT == 1 && kHaveBf16Dot;
@@ -525,7 +529,7 @@ template <int DT>
 void run_bwd(const BwdParams& P, const void* q, const void* k, const void* v, const void* dout, void* dq, void* dk,
              void* dv) {
   using In = typename Elem<DT>::T;
-  using Out = std::conditional_t<DT == 0, float, std::conditional_t<DT == 1, at::BFloat16, at::Half>>;
+  using Out = OutOf<DT>;
   const In *Q = static_cast<const In*>(q), *K = static_cast<const In*>(k), *V = static_cast<const In*>(v),
            *dO = static_cast<const In*>(dout);
   const int64_t BH = P.B * P.Hkv;

@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "cpu/scalar.h"
 
@@ -202,6 +203,21 @@ inline void micro_cols(int nv, int64_t K, const float* const* a, const float* b,
   }
 }
 
+// f(std::integral_constant<int, mr>{}) for a micro tile of mr = 1..6 rows (the row count as a
+// template argument of the micro-kernels)
+template <typename F>
+inline void with_rows(int64_t mr, F&& f) {
+  switch (mr) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    default: break;
+  }
+}
+
 // C (rows x N, N a multiple of kVec; rows by pointer) = [rescale *] C + A (rows x K) . B (K x N).
 template <bool Accumulate>
 inline void gemm_rows(int64_t rows, int64_t N, int64_t K, const float* const* a, const float* b, int64_t ldb,
@@ -212,18 +228,7 @@ inline void gemm_rows(int64_t rows, int64_t N, int64_t K, const float* const* a,
       const int nv = static_cast<int>(std::min<int64_t>(kNV, (N - c0) / kVec));
       const float* bb = b + c0;
       const float* sc = rescale == nullptr ? nullptr : rescale + r;
-      switch (mr) {
-#define SPARSE_ATTN_CASE(M) \
-  case M: micro_cols<M, Accumulate>(nv, K, a + r, bb, ldb, c + r, c0, sc); break;
-        SPARSE_ATTN_CASE(1)
-        SPARSE_ATTN_CASE(2)
-        SPARSE_ATTN_CASE(3)
-        SPARSE_ATTN_CASE(4)
-        SPARSE_ATTN_CASE(5)
-        SPARSE_ATTN_CASE(6)
-#undef SPARSE_ATTN_CASE
-        default: break;
-      }
+      with_rows(mr, [&](auto m) { micro_cols<decltype(m)::value, Accumulate>(nv, K, a + r, bb, ldb, c + r, c0, sc); });
     }
   }
 }

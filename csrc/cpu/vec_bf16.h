@@ -85,18 +85,9 @@ inline void gemm_bf16(int64_t rows, int64_t N, int64_t KP, const uint32_t* const
     for (int64_t c0 = 0; c0 < N; c0 += 16 * kNVb) {
       const int nv = static_cast<int>(std::min<int64_t>(kNVb, (N - c0) / 16));
       const uint32_t* bb = b + c0;
-      switch (mr) {
-#define SPARSE_ATTN_CASE(M) \
-  case M: micro_bf16_cols<M, Accumulate>(nv, KP, a + r, bb, ldb, c + r, c0, sc, out_mul); break;
-        SPARSE_ATTN_CASE(1)
-        SPARSE_ATTN_CASE(2)
-        SPARSE_ATTN_CASE(3)
-        SPARSE_ATTN_CASE(4)
-        SPARSE_ATTN_CASE(5)
-        SPARSE_ATTN_CASE(6)
-#undef SPARSE_ATTN_CASE
-        default: break;
-      }
+      with_rows(mr, [&](auto m) {
+        micro_bf16_cols<decltype(m)::value, Accumulate>(nv, KP, a + r, bb, ldb, c + r, c0, sc, out_mul);
+      });
     }
   }
 }
