@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "cpu/layout_check.h"
+#include "cpu/token_blocks.h"
 #include "cpu/vec.h"
 #include "cpu/vec_bf16.h"
 
@@ -94,7 +95,7 @@ struct DqScratch {
   std::vector<const float *> qp, dop, qp2, dop2;
   std::vector<float *> dqp, dqp2, sp, dpp;
   std::vector<int32_t> rid, rid2;
-  std::vector<int64_t> pairs;
+  std::vector<int64_t> pairs, tokens;
   DqDotScratch w;
 
   DqScratch(const BwdParams& P, bool bf16_dot) {
@@ -185,19 +186,11 @@ class DqRunner {
 
  private:
   void per_token_blocks(DqScratch& S, int64_t b, int64_t h, int64_t t_lo, int64_t rows) {
-    S.pairs.clear();
-    for (int64_t r = 0; r < rows; ++r) {
-      const int32_t* sel = P.ti + ((b * P.Hkv + h) * P.sq + t_lo + r) * P.topk;
-      for (int64_t e = 0; e < P.topk; ++e)
-        if (sel[e] >= 0) S.pairs.push_back((int64_t(sel[e]) << 32) | r);
-    }
-    std::sort(S.pairs.begin(), S.pairs.end());
     const int64_t G = P.G;
-    for (size_t a = 0; a < S.pairs.size();) {
-      const int64_t n = S.pairs[a] >> 32;
+    const int32_t* sel = P.ti + ((b * P.Hkv + h) * P.sq + t_lo) * P.topk;
+    for_each_selected_block(sel, rows, P.topk, S.pairs, S.tokens, [&](int64_t n, const std::vector<int64_t>& toks) {
       int64_t cnt = 0;
-      for (; a < S.pairs.size() && (S.pairs[a] >> 32) == n; ++a) {
-        const int64_t r = S.pairs[a] & 0xffffffff;
+      for (const int64_t r : toks)
         for (int64_t g = 0; g < G; ++g, ++cnt) {
           const int64_t row = r * G + g;
           if constexpr (kDot) S.w.qwp2[cnt] = S.w.qwp[row], S.w.dowp2[cnt] = S.w.dowp[row];
@@ -205,10 +198,9 @@ class DqRunner {
           S.dqp2[cnt] = S.dqp[row];
           S.rid2[cnt] = static_cast<int32_t>(row);
         }
-      }
       block(S, b, h, n, cnt, S.qp2.data(), S.dop2.data(), S.w.qwp2.data(), S.w.dowp2.data(), S.dqp2.data(),
             S.rid2.data(), false);
-    }
+    });
   }
 
   // K block n -> kt (D x kb_pad) and kr (kb_pad x D_pad), V block -> vt (Dv x kb_pad)

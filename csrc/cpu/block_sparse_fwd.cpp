@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "cpu/layout_check.h"
+#include "cpu/token_blocks.h"
 #include "cpu/vec.h"
 #include "cpu/vec_bf16.h"
 
@@ -60,7 +61,7 @@ struct Scratch {
   std::vector<const float*> qp, qp2;
   std::vector<float*> sp, op, op2;
   std::vector<int32_t> rid, rid2;
-  std::vector<int64_t> pairs;
+  std::vector<int64_t> pairs, tokens;
   // bf16 dot-product path (bfloat16 inputs on AVX-512 BF16): Q rows as bf16 words (unscaled),
   // the K block pair-packed (a 32-bit transpose), the V block pair-packed (rows interleaved) and
   // the probabilities as bf16 pairs
@@ -163,19 +164,11 @@ class TaskRunner {
  private:
   // TopK: the tile's (block, token) pairs sorted by block; each block once, with all its tokens' rows
   void per_token_blocks(Scratch& S, int64_t b, int64_t h, int64_t t_lo, int64_t rows) {
-    S.pairs.clear();
-    for (int64_t r = 0; r < rows; ++r) {
-      const int32_t* sel = P.ti + ((b * P.Hkv + h) * P.sq + t_lo + r) * P.topk;
-      for (int64_t e = 0; e < P.topk; ++e)
-        if (sel[e] >= 0) S.pairs.push_back((int64_t(sel[e]) << 32) | r);
-    }
-    std::sort(S.pairs.begin(), S.pairs.end());
     const int64_t G = P.G;
-    for (size_t a = 0; a < S.pairs.size();) {
-      const int64_t n = S.pairs[a] >> 32;
+    const int32_t* sel = P.ti + ((b * P.Hkv + h) * P.sq + t_lo) * P.topk;
+    for_each_selected_block(sel, rows, P.topk, S.pairs, S.tokens, [&](int64_t n, const std::vector<int64_t>& toks) {
       int64_t cnt = 0;
-      for (; a < S.pairs.size() && (S.pairs[a] >> 32) == n; ++a) {
-        const int64_t r = S.pairs[a] & 0xffffffff;
+      for (const int64_t r : toks)
         for (int64_t g = 0; g < G; ++g, ++cnt) {
           const int64_t row = r * G + g;
           if constexpr (kDot) S.qwp2[cnt] = S.qwp[row];
@@ -183,9 +176,8 @@ class TaskRunner {
           S.op2[cnt] = S.op[row];
           S.rid2[cnt] = static_cast<int32_t>(row);
         }
-      }
       attend(S, b, h, n, cnt, S.qp2.data(), S.qwp2.data(), S.op2.data(), S.rid2.data(), false);
-    }
+    });
   }
 
   // K block n -> kt (D x kb_pad, transposed), V block -> v (kb x Dv_pad), float32
