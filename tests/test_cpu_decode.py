@@ -107,6 +107,18 @@ def test_odd_head_dims(dtype):
         check(q, k, v, pattern, out)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=SHORT.get)
+def test_head_dims_of_the_direct_bf16_path(dtype):
+    """bfloat16 on AVX-512 BF16 multiplies straight from the K/V rows when D and Dv are 32, 64, 128
+    or 256 (else it packs them): both sides of that rule, one or both dims, 1 to 9 rows per group."""
+    for d, dv, g, sq in [(32, 32, 1, 1), (256, 256, 4, 2), (256, 64, 3, 3), (128, 80, 4, 1), (48, 128, 2, 1)]:
+        pattern = sa.SlidingWindow(90, sinks=3)
+        q, k, v = make_qkv_for(pattern, 1, 2 * g, 2, sq, 157, d, dv, dtype=dtype)
+        out, _ = _mod().decode_forward(q, k, v, pattern, scale=d ** -0.5)
+        assert out.shape == (1, 2 * g, sq, dv)
+        check(q, k, v, pattern, out)
+
+
 def test_lse_is_the_log_sum_exp():
     pattern = sa.SlidingWindow(30, sinks=2)
     q, k, v = make_qkv_for(pattern, 1, 8, 2, 3, 150, 64)

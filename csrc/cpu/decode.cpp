@@ -13,10 +13,12 @@
 //   softmax in base 2 (q pre-scaled by scale * log2 e), online across segments;
 // * out += p . V: accumulators of 16 output columns x the tile's rows stay in registers while the
 //   segment's keys stream by;
-// * bfloat16 on AVX-512 BF16 (vec_bf16.h): each segment's K is pair-packed (a 16 x 16 word
-//   transpose) and V pair-interleaved, and both products run as vdpbf16ps micro-kernels over all
-//   the rows (P rounded to bf16, float32 sums), with K/V prefetched two segments ahead: about 3x
+// * bfloat16 on AVX-512 BF16: vdpbf16ps products (P rounded to bf16, float32 sums), about 3x
 //   fewer instructions per key than the float32 dot products, which left one core at ~5 GB/s.
+//   Head dims 32/64/128/256 multiply straight from the K/V rows (decode_bf16.h: no packing; one
+//   core computes ~24 GB/s of K/V from cache, 1.5x the packed path); other head dims pack each
+//   segment's K (16 x 16 word transposes) and V (pair interleave) for vec_bf16.h's micro-kernel,
+//   with K/V prefetched two segments ahead.
 // Which keys a row visits: the token rule (causal, window, sinks) and a block filter: none
 // (Dense, SlidingWindow), a BlockSparse layout (read in place, broadcast batch / heads allowed) or
 // TopK (forced sink / local blocks + the per-token selection `token_index`). Rows that see no key
@@ -35,7 +37,8 @@
 #include <vector>
 
 #include "cpu/scalar.h"
-#include "cpu/vec_bf16.h"  // SPARSE_ATTN_BF16_DOT: bfloat16 products with vdpbf16ps
+#include "cpu/vec_bf16.h"    // SPARSE_ATTN_BF16_DOT: bfloat16 products with vdpbf16ps
+#include "cpu/decode_bf16.h"  // ... straight from the K/V rows
 
 #if defined(__AVX__) || defined(__F16C__)
 #include <immintrin.h>
@@ -58,6 +61,13 @@ using sparse_attn_cpu::floats_to_bf16_pairs;
 using sparse_attn_cpu::gemm_bf16;
 using sparse_attn_cpu::interleave_bf16_rows;
 using sparse_attn_cpu::pack_k_pairs_rows;
+using sparse_attn_cpu::direct_head_dim;
+using sparse_attn_cpu::kDirectRows;
+using sparse_attn_cpu::prefetch_line_run;
+using sparse_attn_cpu::pv_direct;
+using sparse_attn_cpu::qk_direct;
+using sparse_attn_cpu::with_chunks;
+using sparse_attn_cpu::with_direct_rows;
 #endif
 
 // dtype tags: 0 float32, 1 bfloat16, 2 float16 (both 16-bit types as raw bits)
@@ -425,12 +435,18 @@ constexpr bool kHaveBf16Dot = false;
 // micro-kernel, the softmax as on the float32 path.
 struct DotScratch {
   int64_t Dw = 0, Dvp = 0;
+  bool direct = false;  // decode_bf16.h's products (no packing): D and Dv in {32, 64, 128, 256}
+  std::vector<uint16_t> zero;
   std::vector<uint32_t> qw, kp, vp, pw;
   std::vector<float> ob;
   std::vector<const uint32_t*> qwp, pwp;
   std::vector<float*> obp;
   void init(const Params& P) {
     Dw = (P.D + 1) / 2, Dvp = (P.Dv + 15) / 16 * 16;
+#ifdef SPARSE_ATTN_BF16_DOT
+    direct = direct_head_dim(P.D) && direct_head_dim(P.Dv);
+#endif
+    zero.assign(Dvp, 0);
     qw.assign(P.R * Dw, 0u), kp.assign(std::max<int64_t>(Dw, 1) * kSeg, 0u), vp.assign(kSeg / 2 * Dvp, 0u);
     pw.assign(P.R * kSeg / 2, 0u), ob.assign(P.R * Dvp, 0.f);
     qwp.resize(P.R), pwp.resize(P.R), obp.resize(P.R);
@@ -494,15 +510,18 @@ class Split {
       const In* kb = K + b * P.kst[0] + h * P.kst[1];
       const In* vb = V + b * P.vst[0] + h * P.vst[1];
       for (int64_t e = 0; e < nseg; ++e) {
-        if (kDot) {  // K and V kPrefetchAhead segments ahead, every line: the bf16 products consume
-          // a segment faster than the hardware prefetchers fetch 16 rows at once
+        if (kDot && !S.w.direct) {  // K and V kPrefetchAhead segments ahead, every line: the bf16
+          // products consume a segment faster than the hardware prefetchers fetch 16 rows at once
           for (int64_t f = (e == 0 ? 1 : kPrefetchAhead); f <= kPrefetchAhead && e + f < nseg; ++f) {
             prefetch_rows<StridedRows<In>, 1>(StridedRows<In>{kb + segs[e + f].j0 * P.kst[2], P.kst[2]}, segs[e + f].nk, P.D);
             prefetch_rows<StridedRows<In>, 1>(StridedRows<In>{vb + segs[e + f].j0 * P.vst[2], P.vst[2]}, segs[e + f].nk, P.Dv);
           }
         }
+        const Seg* nx = e + 1 < nseg ? &segs[e + 1] : nullptr;
         segment(S, segs[e], StridedRows<In>{kb + segs[e].j0 * P.kst[2], P.kst[2]},
-                StridedRows<In>{vb + segs[e].j0 * P.vst[2], P.vst[2]}, skb);
+                StridedRows<In>{vb + segs[e].j0 * P.vst[2], P.vst[2]}, skb,
+                StridedRows<In>{kb + (nx ? nx->j0 : 0) * P.kst[2], P.kst[2]},
+                StridedRows<In>{vb + (nx ? nx->j0 : 0) * P.vst[2], P.vst[2]}, nx ? nx->nk : 0);
       }
       copy_out(S, po, pm, pl);
       return;
@@ -524,7 +543,8 @@ class Split {
           __builtin_prefetch(V + page * P.vst[0] + h * P.vst[1] + off * P.vst[2], 0, 2);
         }
       }
-      segment(S, segs[e], TableRows<In>{kr_[e & 1]}, TableRows<In>{vr_[e & 1]}, skb);
+      segment(S, segs[e], TableRows<In>{kr_[e & 1]}, TableRows<In>{vr_[e & 1]}, skb, TableRows<In>{kr_[(e + 1) & 1]},
+              TableRows<In>{vr_[(e + 1) & 1]}, e + 1 < nseg ? segs[e + 1].nk : 0);
     }
     copy_out(S, po, pm, pl);
   }
@@ -563,10 +583,12 @@ class Split {
         __builtin_prefetch(reinterpret_cast<const char*>(r[j]) + c, 0, Locality);
   }
 
+  // one segment's keys: kr / vr its K / V rows; nkr / nvr the next segment's (next_nk of them),
+  // which the direct bf16 path prefetches while it works when the cache is paged
   template <typename Rows>
-  void segment(Scratch& S, const Seg& sg, Rows kr, Rows vr, int64_t skb) {
+  void segment(Scratch& S, const Seg& sg, Rows kr, Rows vr, int64_t skb, Rows nkr, Rows nvr, int64_t next_nk) {
     const int64_t G = P.G, nk = sg.nk, j0 = sg.j0;
-    if (!kDot || P.table) prefetch_rows(vr, nk, P.Dv);  // the V rows are read after the scores: ask for them now
+    if (!kDot || (P.table && !S.w.direct)) prefetch_rows(vr, nk, P.Dv);  // the V rows are read after the scores: ask for them now
     int64_t cnt = 0;
     for (int64_t t = 0; t < P.sq; ++t) {
       if (!(sg.rows >> t & 1u)) continue;
@@ -584,10 +606,25 @@ class Split {
     }
 #ifdef SPARSE_ATTN_BF16_DOT
     if constexpr (kDot) {  // scores: q . K^T over the segment's keys, scaled by scale * log2 e
+      if (S.w.direct) {
+        const int64_t kbytes = P.D * int64_t(sizeof(In));
+        for (int64_t r = 0; r < cnt; r += kDirectRows)
+          with_direct_rows(std::min<int64_t>(kDirectRows, cnt - r), [&](auto rg) {
+            with_chunks(P.D, [&](auto dc) {
+              qk_direct<decltype(rg)::value, decltype(dc)::value>(
+                  nk, S.w.qwp.data() + r, [&](int64_t j) { return reinterpret_cast<const uint16_t*>(kr[j]); },
+                  S.sp.data() + r, P.qmul, [&](int64_t j) {
+                    if (r != 0 || !P.table) return;
+                    for (int64_t x = j; x < std::min(j + 2, next_nk); ++x) prefetch_line_run(nkr[x], kbytes);
+                  });
+            });
+          });
+      } else {
       pack_k_pairs_rows(S.w.kp.data(), kSeg, [&](int64_t j) { return reinterpret_cast<const uint16_t*>(kr[j]); }, 1,
                         nk, P.D);
       gemm_bf16<false>(cnt, round_up(nk, 16), S.w.Dw, S.w.qwp.data(), S.w.kp.data(), kSeg, S.sp.data(), nullptr,
                        P.qmul);
+      }
     } else
 #endif
     for (int64_t r = 0; r < cnt; r += kRT) {
@@ -638,6 +675,24 @@ class Split {
     if constexpr (kDot) {  // out = corr * out + P . V, P rounded to bf16 pairs
       const int64_t np = (nk + 1) / 2;
       for (int64_t i = 0; i < cnt; ++i) floats_to_bf16_pairs(S.w.pw.data() + i * kSeg / 2, S.sp[i], round_up(nk, 16));
+      if (S.w.direct) {
+        const int64_t vbytes = P.Dv * int64_t(sizeof(In));
+        for (int64_t r = 0; r < cnt; r += kDirectRows)
+          for (int64_t d0 = 0; d0 < P.Dv; d0 += 64)
+            with_direct_rows(std::min<int64_t>(kDirectRows, cnt - r), [&](auto rg) {
+              auto run = [&](auto nc) {
+                pv_direct<decltype(rg)::value, decltype(nc)::value>(
+                    nk, S.w.pwp.data() + r, [&](int64_t j) { return reinterpret_cast<const uint16_t*>(vr[j]); },
+                    S.w.zero.data(), d0, S.w.obp.data() + r, S.corr.data() + r, [&](int64_t j) {
+                      if (r != 0 || d0 != 0 || !P.table) return;
+                      for (int64_t x = j; x < std::min(j + 2, next_nk); ++x) prefetch_line_run(nvr[x], vbytes);
+                    });
+              };
+              if (P.Dv - d0 >= 64) run(std::integral_constant<int, 2>{});
+              else run(std::integral_constant<int, 1>{});
+            });
+        return;
+      }
       for (int64_t pr = 0; pr < np; ++pr)
         interleave_bf16_rows(S.w.vp.data() + pr * S.w.Dvp, reinterpret_cast<const uint16_t*>(vr[2 * pr]),
                              2 * pr + 1 < nk ? reinterpret_cast<const uint16_t*>(vr[2 * pr + 1]) : nullptr, P.Dv);

@@ -18,7 +18,7 @@ EXTENSIONS = {
     },
     "cpu_decode": {
         "sources": ["cpu/decode.cpp"],
-        "headers": ["cpu/scalar.h", "cpu/vec.h", "cpu/vec_bf16.h"],
+        "headers": ["cpu/scalar.h", "cpu/vec.h", "cpu/vec_bf16.h", "cpu/decode_bf16.h"],
         "cflags": ["-fopenmp"],
         "ldflags": ["-fopenmp"],
         "jit_cflags": ["-march=native"],

@@ -1,0 +1,151 @@
+// bfloat16 products for decode's few query rows, straight from the K/V rows (AVX-512 BF16).
+//
+// Decode has R = G x Sq query rows (4 to 16 typically) and reads each key once. The matrix-product
+// form of vec_bf16.h first pair-packs the keys (a 16 x 16 word transpose of K, an interleave of V
+// rows, both stored and read back); with so few rows that packing costs as much as the products.
+// Here the rows are used as they sit in the cache:
+//   scores:  per key, vdpbf16ps of the key's row chunks with each query row's chunks, giving 16
+//            partial sums per (row, key); 16 keys' partial vectors are then reduced to one vector
+//            of 16 scores by a 4-level shuffle/add tree (the first level in registers, per key pair);
+//   P . V:   per pair of keys, the two V rows are interleaved in registers (one vpermt2w per 16
+//            words) and multiplied with each row's broadcast (p_2i, p_2i+1) pair into accumulators
+//            that stay in registers across the segment (64 output columns per pass).
+// Both loops take a hook called once per key pair, which the paged caller uses to prefetch the
+// next segment's rows (one row pair per step, spread evenly rather than in a burst); a contiguous
+// cache needs none (the hardware prefetchers follow its two streams: measured, software
+// prefetching was no faster at 128K keys and slower at 4K).
+// Requires D and Dv multiples of 32 (one 64-byte vector per 32 elements); callers use the packed
+// path otherwise.
+#pragma once
+
+#include "cpu/vec_bf16.h"
+
+#ifdef SPARSE_ATTN_BF16_DOT
+namespace sparse_attn_cpu {
+
+constexpr int kDirectRows = 4;  // query rows per pass (accumulators: 4 rows x 4 vectors)
+
+// every cache line of `bytes` bytes at p
+inline void prefetch_line_run(const void* p, int64_t bytes) {
+  for (int64_t c = 0; c < bytes; c += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + c, _MM_HINT_T0);
+}
+
+// s[r][0 : round_up(nk, 16)) = out_mul * (q_r . k_j), r < RG. q rows as bf16 words (DC * 16 words
+// each); krow(j) is key j's row (bf16, contiguous, DC * 32 elements). Keys past nk repeat key
+// nk - 1 (finite scores the caller masks). `ahead(j)` is called once per key pair (j even).
+template <int RG, int DC, typename Rows, typename Ahead>
+inline void qk_direct(int64_t nk, const uint32_t* const* q, Rows krow, float* const* s, float out_mul,
+                      Ahead&& ahead) {
+  __m512bh qv[RG][DC];
+#pragma GCC unroll 4
+  for (int r = 0; r < RG; ++r)
+#pragma GCC unroll 8
+    for (int c = 0; c < DC; ++c) qv[r][c] = as_bh(_mm512_loadu_si512(q[r] + 16 * c));
+  alignas(64) float red[RG][8][16];
+  // the tree leaves key b + 4i in lane 4b + i; this puts key L in lane L
+  const __m512i order = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+  const __m512 mul = _mm512_set1_ps(out_mul);
+  for (int64_t j0 = 0; j0 < nk; j0 += 16) {
+    for (int m = 0; m < 8; ++m) {
+      const int64_t ja = std::min(j0 + 2 * m, nk - 1), jb = std::min(j0 + 2 * m + 1, nk - 1);
+      ahead(j0 + 2 * m);
+      const auto* ka = reinterpret_cast<const uint32_t*>(krow(ja));
+      const auto* kb = reinterpret_cast<const uint32_t*>(krow(jb));
+      __m512 a[RG], b[RG];
+#pragma GCC unroll 4
+      for (int r = 0; r < RG; ++r) a[r] = _mm512_setzero_ps(), b[r] = _mm512_setzero_ps();
+#pragma GCC unroll 8
+      for (int c = 0; c < DC; ++c) {
+        const __m512bh x = as_bh(_mm512_loadu_si512(ka + 16 * c)), y = as_bh(_mm512_loadu_si512(kb + 16 * c));
+#pragma GCC unroll 4
+        for (int r = 0; r < RG; ++r) a[r] = _mm512_dpbf16_ps(a[r], qv[r][c], x), b[r] = _mm512_dpbf16_ps(b[r], qv[r][c], y);
+      }
+      // level 1: 128-bit blocks 0-1 <- key a's 8 partial sums, blocks 2-3 <- key b's
+#pragma GCC unroll 4
+      for (int r = 0; r < RG; ++r)
+        _mm512_store_ps(red[r][m], _mm512_add_ps(_mm512_shuffle_f32x4(a[r], b[r], 0x44),
+                                                 _mm512_shuffle_f32x4(a[r], b[r], 0xEE)));
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < RG; ++r) {
+      __m512 u[4], v[2];
+      for (int i = 0; i < 4; ++i) {  // level 2: block b <- key 4i + b (4 partial sums)
+        const __m512 t0 = _mm512_load_ps(red[r][2 * i]), t1 = _mm512_load_ps(red[r][2 * i + 1]);
+        u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(t0, t1, 0x88), _mm512_shuffle_f32x4(t0, t1, 0xDD));
+      }
+      for (int i = 0; i < 2; ++i) {  // level 3: block b <- keys 8i + b, 8i + 4 + b (2 partial sums each)
+        const __m512d x = _mm512_castps_pd(u[2 * i]), y = _mm512_castps_pd(u[2 * i + 1]);
+        v[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+      }
+      // level 4: lane 4b + i <- key b + 4i
+      const __m512 w = _mm512_add_ps(_mm512_shuffle_ps(v[0], v[1], 0x88), _mm512_shuffle_ps(v[0], v[1], 0xDD));
+      _mm512_storeu_ps(s[r] + j0, _mm512_mul_ps(_mm512_permutexvar_ps(order, w), mul));
+    }
+  }
+}
+
+// o_r[d0 : d0 + 32 NC) = corr_r * o_r + sum_i (p_r,2i p_r,2i+1) . (v_2i, v_2i+1)[d0 : d0 + 32 NC),
+// r < RG, over the np = ceil(nk / 2) key pairs; p rows as bf16 pairs (word i = keys 2i, 2i + 1);
+// vrow(j) key j's V row (bf16, contiguous); an odd nk's missing key reads `zero` (Dv zeros).
+// `ahead(j)` is called once per key pair (j even).
+template <int RG, int NC, typename Rows, typename Ahead>
+inline void pv_direct(int64_t nk, const uint32_t* const* p, Rows vrow, const uint16_t* zero, int64_t d0,
+                      float* const* o, const float* corr, Ahead&& ahead) {
+  const __m512i lo_idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
+                                          37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i hi_idx = _mm512_add_epi16(lo_idx, _mm512_set1_epi16(16));
+  __m512 acc[RG][2 * NC];
+#pragma GCC unroll 4
+  for (int r = 0; r < RG; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < 2 * NC; ++v) acc[r][v] = _mm512_mul_ps(_mm512_loadu_ps(o[r] + d0 + 16 * v), _mm512_set1_ps(corr[r]));
+  const int64_t np = (nk + 1) / 2;
+  for (int64_t i = 0; i < np; ++i) {
+    ahead(2 * i);
+    const uint16_t* va = vrow(2 * i) + d0;
+    const uint16_t* vb = (2 * i + 1 < nk ? vrow(2 * i + 1) : zero) + d0;
+    __m512bh pv[RG];
+#pragma GCC unroll 4
+    for (int r = 0; r < RG; ++r) pv[r] = as_bh(_mm512_set1_epi32(static_cast<int>(p[r][i])));
+#pragma GCC unroll 2
+    for (int c = 0; c < NC; ++c) {
+      const __m512i x = _mm512_loadu_si512(va + 32 * c), y = _mm512_loadu_si512(vb + 32 * c);
+      const __m512bh lo = as_bh(_mm512_permutex2var_epi16(x, lo_idx, y)), hi = as_bh(_mm512_permutex2var_epi16(x, hi_idx, y));
+#pragma GCC unroll 4
+      for (int r = 0; r < RG; ++r)
+        acc[r][2 * c] = _mm512_dpbf16_ps(acc[r][2 * c], pv[r], lo),
+        acc[r][2 * c + 1] = _mm512_dpbf16_ps(acc[r][2 * c + 1], pv[r], hi);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < RG; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < 2 * NC; ++v) _mm512_storeu_ps(o[r] + d0 + 16 * v, acc[r][v]);
+}
+
+// dispatch a compile-time row count 1..kDirectRows
+template <typename F>
+inline void with_direct_rows(int64_t rg, F&& f) {
+  switch (rg) {
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    default: f(std::integral_constant<int, 1>{}); break;
+  }
+}
+
+// head dims the direct path serves: 32 * DC elements, DC in {1, 2, 4, 8}
+inline bool direct_head_dim(int64_t d) { return d == 32 || d == 64 || d == 128 || d == 256; }
+
+template <typename F>
+inline void with_chunks(int64_t d, F&& f) {
+  switch (d / 32) {
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    default: f(std::integral_constant<int, 1>{}); break;
+  }
+}
+
+}  // namespace sparse_attn_cpu
+#endif  // SPARSE_ATTN_BF16_DOT
