@@ -9,8 +9,10 @@
   `layout.to_dense()`;
 * the backward pass: dq, dk, dv against the float64 oracle (tests/oracle.py) for every softmax
   pattern, GQA 1/2/4/8, head dims 64/80/128, odd lengths, Sq < Sk, the three dtypes (bfloat16 and
-  float16 also within twice the plain in-dtype evaluation's error); the forward's lse; a TopK
-  training step of a small model against the same step on the float64 reference;
+  float16 also within twice the plain in-dtype evaluation's error), for both schedules (two-pass
+  and fused: `block_sparse_backward_layout(mode=...)`), also over built layouts of any tiling;
+  the schedules against each other; the forward's lse; a TopK training step of a small model
+  against the same step on the float64 reference;
 * the scheduler: chosen for training, and a failed build is reported, not fatal.
 
 The first test in a fresh cache compiles the extension (~30 s on the 2-core CPU machine).
@@ -337,15 +339,30 @@ BWD_CONFIGS = [  # kind, B, Hq, Hkv, Sq, Sk, D, Dv
 ]
 
 
+#: the backward's schedules (block_sparse_backward_layout's `mode`); auto picks one of them
+BWD_MODES = [pytest.param(1, id="two_pass"), pytest.param(2, id="fused")]
+
+
+def force_backward_mode(monkeypatch, mode):
+    """Make the kernel's backward (CpuBlockSparse.backward) run schedule `mode` in this test."""
+    import functools
+    km = _kernel_module()
+    monkeypatch.setattr(km, "block_sparse_backward_layout",
+                        functools.partial(km.block_sparse_backward_layout, mode=mode))
+
+
+@pytest.mark.parametrize("mode", BWD_MODES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind,b,hq,hkv,sq,sk,d,dv", BWD_CONFIGS,
                          ids=[f"{c[0]}-gqa{c[2] // c[3]}-sq{c[4]}-sk{c[5]}-d{c[6]}" for c in BWD_CONFIGS])
-def test_backward_against_float64_oracle(kind, b, hq, hkv, sq, sk, d, dv, dtype):
+def test_backward_against_float64_oracle(kind, b, hq, hkv, sq, sk, d, dv, dtype, mode, monkeypatch):
     """out, dq, dk, dv of the C++ kernel vs the float64 oracle (bounds of the contract; float16 /
-    bfloat16 also at most twice the error of the masked evaluation in that dtype)."""
+    bfloat16 also at most twice the error of the masked evaluation in that dtype), for each of
+    the backward's schedules (two-pass, fused)."""
     import oracle
     from conftest import check_against_oracle, make_qkv_for
 
+    force_backward_mode(monkeypatch, mode)
     pattern = make_pattern(kind, b, hkv, sq, sk)
     q, k, v = make_qkv_for(pattern, b, hq, hkv, sq, sk, d, dv, dtype=dtype, requires_grad=True)
 
@@ -359,6 +376,73 @@ def test_backward_against_float64_oracle(kind, b, hq, hkv, sq, sk, d, dv, dtype)
         return oracle.masked_attention_in_dtype(q, k, v, pattern)
 
     check_against_oracle(run, ref, base, dict(q=q, k=k, v=v), dtype=dtype)
+
+
+@pytest.mark.parametrize("mode", BWD_MODES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pattern,q_block,k_block", [
+    (sa.Dense(), 32, 48),
+    (sa.Dense(), 7, 5),
+    (sa.SlidingWindow(40, sinks=5), 16, 40),
+], ids=["dense-32x48", "dense-7x5", "window-sinks-16x40"])
+def test_backward_built_layouts_any_tiling(pattern, q_block, k_block, dtype, mode):
+    """dq, dk, dv over built layouts with q_block != k_block, odd key blocks (bfloat16 pairs with
+    a missing half) and Sq < Sk, for each schedule, against float64 autograd of the masked
+    evaluation (bfloat16 / float16: also at most twice that evaluation's error in the dtype)."""
+    km = _kernel_module()
+    b, hq, hkv, sq, sk, d = 2, 4, 2, 90, 131, 80
+    q, k, v = qkv(b, hq, hkv, sq, sk, d, dtype=dtype)
+    go = torch.randn(b, hq, sq, d).to(dtype)
+    lay = build_layout(pattern, batch=b, kv_heads=hkv, sq=sq, sk=sk, q_block=q_block, k_block=k_block)
+    out, lse = km.block_sparse_forward_layout(q, k, v, lay, scale=0.125, return_lse=True)
+    got = km.block_sparse_backward_layout(q, k, v, out, lse, go, lay, scale=0.125, mode=mode)
+    mask = lay.to_dense()
+
+    def grads(cast):
+        xs = [cast(x).requires_grad_() for x in (q, k, v)]
+        return torch.autograd.grad(masked_in_dtype(*xs, mask, 0.125), xs, cast(go))
+
+    ref = grads(torch.Tensor.double)
+    base = grads(lambda x: x.clone()) if dtype != torch.float32 else [None] * 3
+    for g, r, bl in zip(got, ref, base):
+        check(g, r, dtype, bl)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_schedules_agree(dtype):
+    """The fused and the two-pass schedules on one random case (TopK, GQA 4, B=2, Sq < Sk, lengths
+    off the blocks, non-default scale): dk and dv come from the same per-key-block code, so they
+    are equal; dq is summed in another order, so it agrees to float32 rounding (bfloat16 / float16
+    outputs: to a rounding of the output dtype). The fused schedule is deterministic: 2 threads
+    give the same bits as 1. A bad `mode` is refused."""
+    km = _kernel_module()
+    b, hq, hkv, sq, sk, d = 2, 8, 2, 83, 141, 64
+    pattern = sa.TopK(3, block_size=16)
+    q, k, v = qkv(b, hq, hkv, sq, sk, d, dtype=dtype)
+    go = torch.randn(b, hq, sq, d).to(dtype)
+    lay = km.cpu_layout(q, k, pattern)
+    out, lse = km.block_sparse_forward_layout(q, k, v, lay, scale=0.2, return_lse=True)
+
+    def grads(mode):
+        return km.block_sparse_backward_layout(q, k, v, out, lse, go, lay, scale=0.2, mode=mode)
+
+    two, fused = grads(1), grads(2)
+    assert torch.equal(two[1], fused[1]) and torch.equal(two[2], fused[2])
+    tol = 1e-6 if dtype == torch.float32 else torch.finfo(dtype).eps
+    assert rel_err(fused[0], two[0]) <= tol, rel_err(fused[0], two[0])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        again = grads(2)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(x, y) for x, y in zip(fused, again))
+    with pytest.raises(RuntimeError, match="mode"):
+        km._ext().block_sparse_bwd(q, k, v, out, lse, go, lay.full_count, lay.full_index, lay.partial_count,
+                                   lay.partial_index, *lay.transpose(), lay.token_index,
+                                   *lay.transpose_tokens(), sq, sk, lay.q_block, lay.k_block, True, -1, 0, 0.2, 3)
+    with pytest.raises(ValueError, match="mode"):
+        grads(3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])

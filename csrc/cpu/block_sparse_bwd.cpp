@@ -1,12 +1,18 @@
 // Block-sparse flash-attention backward on the CPU over sparse_attn's BlockLayout.
 //
-// Two passes, each parallel over independent outputs, so no thread ever adds into another
+// Two schedules, each parallel over independent outputs, so no thread ever adds into another
 // thread's rows (no atomics, deterministic):
-//   dq pass,    one task per (batch, kv head, query tile): the tile's visited blocks as in the
-//               forward (full, partial, then TopK's per-token blocks grouped by block);
-//   dk/dv pass, one task per (batch, kv head, key block): the query tiles that visit the block
-//               (the transposed layout), then the tokens that selected it (TopK: a per-block
-//               token list, built in PyTorch by sorting token_index; no Sq x Sk tensor).
+//   two-pass: a dq pass, one task per (batch, kv head, query tile): the tile's visited blocks as
+//             in the forward (full, partial, then TopK's per-token blocks grouped by block); then
+//             a dk/dv pass, one task per (batch, kv head, key block): the query tiles that visit
+//             the block (the transposed layout), then the tokens that selected it (TopK: a
+//             per-block token list, built in PyTorch by sorting token_index; no Sq x Sk tensor).
+//             7 products per (block, query chunk): S, dP, dQ and S^T, dP^T, dV, dK.
+//   fused:    one task per (batch, kv head) walks its key blocks as the dk/dv pass does and also
+//             adds dS . K into a float32 dq accumulator of all the task's query rows (Sq * G x
+//             D_pad, the task's own: no atomics), written once at the end: 5 products.
+// `mode` 0 (auto) takes the fused schedule when the (batch, kv head) tasks keep every thread busy
+// (fused_pays), else the two passes; 1 forces the two passes, 2 the fused schedule (tests).
 // Both recompute the probabilities from the forward's log-sum-exp:
 //   P = exp2(Qs . K^T - lse2)     (Qs = q * scale * log2 e, lse2 = lse * log2 e)
 //   dP = dO . V^T,   dS = P * (dP - delta),   delta = rowsum(dO * O)
@@ -14,7 +20,8 @@
 // As in the forward, the G query heads of a GQA group are the rows of one matrix (token-major),
 // so each K/V block is converted once for the group, and a key block's dk/dv sum over the group.
 // float32 accumulation; gradients written in the inputs' dtype. Scratch per thread: a query
-// tile's rows (dq pass) or kCols query columns (dk/dv pass) plus one K/V block.
+// tile's rows (dq pass) or kCols query columns (dk/dv pass) plus one K/V block; the fused
+// schedule adds the dq accumulator (all threads together: at most one float32 copy of q).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -288,9 +295,9 @@ class DqRunner {
 // pair-packed transposed (qT, doT) and with pairs of columns interleaved (qi, doi) for
 // dS^T.Q and P^T.dO; P^T and dS^T as bf16 pairs.
 struct DkvDotScratch {
-  std::vector<uint32_t> kw, vw, qrow, drow, qT, doT, qi, doi, pw, dsw;
-  std::vector<const uint32_t*> kwp, vwp, pwp, dswp;
-  void init(const BwdParams& P) {
+  std::vector<uint32_t> kw, vw, qrow, drow, qT, doT, qi, doi, pw, dsw, kint, dsq;
+  std::vector<const uint32_t*> kwp, vwp, pwp, dswp, dsqp;
+  void init(const BwdParams& P, bool fused) {
     const int64_t Dw = (P.D + 1) / 2, Dvw = (P.Dv + 1) / 2, kbp = P.kb_pad;
     kw.assign(kbp * Dw, 0u), vw.assign(kbp * Dvw, 0u);
     qrow.assign(kCols * Dw, 0u), drow.assign(kCols * Dvw, 0u);
@@ -302,6 +309,10 @@ struct DkvDotScratch {
       kwp[r] = kw.data() + r * Dw, vwp[r] = vw.data() + r * Dvw;
       pwp[r] = pw.data() + r * kCols / 2, dswp[r] = dsw.data() + r * kCols / 2;
     }
+    if (!fused) return;
+    // dQ += dS . K: K rows interleaved in pairs (padding words stay 0), dS rows as bf16 pairs
+    kint.assign(kbp / 2 * P.D_pad, 0u), dsq.assign(kCols * kbp / 2, 0u), dsqp.resize(kCols);
+    for (int64_t c = 0; c < kCols; ++c) dsqp[c] = dsq.data() + c * kbp / 2;
   }
 };
 
@@ -310,23 +321,32 @@ struct DkvScratch {
   std::vector<const float *> krp, vrp;
   std::vector<float *> stp, dptp, dkp, dvp;
   std::vector<int64_t> cols;  // (token, head) of each column, as t * G + g
+  // fused schedule only: dS rows (kCols x kb_pad), the task's dq accumulator (Sq * G x D_pad,
+  // row t * G + g) and the chunk's rows of it
+  std::vector<float> ds, dq;
+  std::vector<const float*> dsp;
+  std::vector<float*> dqp;
   DkvDotScratch w;
-  DkvScratch(const BwdParams& P, bool bf16_dot) {
-    if (bf16_dot) w.init(P);
+  DkvScratch(const BwdParams& P, bool bf16_dot, bool fused) {
+    if (bf16_dot) w.init(P, fused);
     const int64_t D1 = std::max<int64_t>(P.D, 1), Dv1 = std::max<int64_t>(P.Dv, 1), kbp = P.kb_pad;
     qt.assign(D1 * kCols, 0.f), dot.assign(Dv1 * kCols, 0.f);
     qr.assign(kCols * P.D_pad, 0.f), dor.assign(kCols * P.Dv_pad, 0.f);
     st.assign(kbp * kCols, 0.f), dpt.assign(kbp * kCols, 0.f);
-    kr.assign(kbp * D1, 0.f), vr.assign(kbp * Dv1, 0.f);
+    kr.assign(kbp * P.D_pad, 0.f), vr.assign(kbp * Dv1, 0.f);  // kr: D_pad wide (B of dS . K), padding 0
     dk.assign(kbp * P.D_pad, 0.f), dv.assign(kbp * P.Dv_pad, 0.f);
-    lse2.assign(kCols, kInf), delta.assign(kCols, 0.f), ones.assign(kbp, 1.f);
+    lse2.assign(kCols, kInf), delta.assign(kCols, 0.f), ones.assign(std::max(kbp, kCols), 1.f);
     krp.resize(kbp), vrp.resize(kbp), stp.resize(kbp), dptp.resize(kbp), dkp.resize(kbp), dvp.resize(kbp);
     for (int64_t r = 0; r < kbp; ++r) {
-      krp[r] = kr.data() + r * D1, vrp[r] = vr.data() + r * Dv1;
+      krp[r] = kr.data() + r * P.D_pad, vrp[r] = vr.data() + r * Dv1;
       stp[r] = st.data() + r * kCols, dptp[r] = dpt.data() + r * kCols;
       dkp[r] = dk.data() + r * P.D_pad, dvp[r] = dv.data() + r * P.Dv_pad;
     }
     cols.reserve(kCols);
+    if (!fused) return;
+    ds.assign(kCols * kbp, 0.f), dq.assign(P.sq * P.G * P.D_pad, 0.f);
+    dsp.resize(kCols), dqp.resize(kCols);
+    for (int64_t c = 0; c < kCols; ++c) dsp[c] = ds.data() + c * kbp;
   }
 };
 
@@ -354,10 +374,15 @@ class DkvRunner {
                    P.kst[3]);
         copy_words(S.w.vw.data() + c * ((P.Dv + 1) / 2), reinterpret_cast<const uint16_t*>(vb + c * P.vst[2]), P.Dv,
                    P.vst[3]);
+        if (dq_ != nullptr && c % 2 == 0) {  // fused: K rows c, c + 1 interleaved for dS . K
+          const auto* k16 = reinterpret_cast<const uint16_t*>(kb);
+          interleave_bf16_rows(S.w.kint.data() + c / 2 * P.D_pad, k16 + c * P.kst[2],
+                               c + 1 < nk ? k16 + (c + 1) * P.kst[2] : nullptr, P.D, P.kst[3]);
+        }
         continue;
       }
 #endif
-      load_row<DT>(S.kr.data() + c * std::max<int64_t>(P.D, 1), kb + c * P.kst[2], P.D, P.kst[3], 1.f);
+      load_row<DT>(S.kr.data() + c * P.D_pad, kb + c * P.kst[2], P.D, P.kst[3], 1.f);
       load_row<DT>(S.vr.data() + c * std::max<int64_t>(P.Dv, 1), vb + c * P.vst[2], P.Dv, P.vst[3], 1.f);
     }
     std::fill(S.dk.begin(), S.dk.end(), 0.f);
@@ -404,7 +429,45 @@ class DkvRunner {
     }
   }
 
+  // Fused schedule: every key block of (b, kv head h) as run() does, plus dQ of all the task's
+  // query rows, accumulated in S.dq (dS . K, K unscaled) and written once, times scale.
+  void run_fused(DkvScratch& S, int64_t b, int64_t h, Out* dQ) {
+    const int64_t G = P.G, R = P.sq * G;
+    std::fill_n(S.dq.begin(), R * P.D_pad, 0.f);
+    dq_ = S.dq.data();
+    for (int64_t n = 0; n < P.nb; ++n) run(S, b, h, n);
+    dq_ = nullptr;
+    for (int64_t g = 0; g < G; ++g) {
+      Out* dst = dQ + (b * P.Hq + h * G + g) * P.sq * P.D;
+      for (int64_t t = 0; t < P.sq; ++t, dst += P.D) {
+        const float* src = S.dq.data() + (t * G + g) * P.D_pad;
+        for (int64_t x = 0; x < P.D; ++x) dst[x] = static_cast<Out>(src[x] * P.scale);
+      }
+    }
+  }
+
  private:
+  // fused schedule: dQ[columns] += dS . K for the chunk, dS^T (S.dpt, keys x Cp) transposed into
+  // rows first; on the bf16 dot-product path, bf16 pairs of dS rows times the interleaved K pairs.
+  void add_dq(DkvScratch& S, int64_t C, int64_t Cp) {
+    const int64_t nk = nk_, kbp = P.kb_pad;
+    transpose_f32(S.ds.data(), kbp, S.dpt.data(), kCols, nk, Cp);  // ds[c][0:nk]
+    for (int64_t c = 0; c < C; ++c) S.dqp[c] = dq_ + S.cols[c] * P.D_pad;
+#ifdef SPARSE_ATTN_BF16_DOT
+    if constexpr (kDot) {
+      for (int64_t c = 0; c < C; ++c) {
+        float* row = S.ds.data() + c * kbp;
+        std::fill(row + nk, row + kbp, 0.f);  // an odd nk's last pair: (dS, 0), never stale
+        floats_to_bf16_pairs(S.w.dsq.data() + c * kbp / 2, row, kbp);
+      }
+      gemm_bf16<true>(C, P.D_pad, (nk + 1) / 2, S.w.dsqp.data(), S.w.kint.data(), P.D_pad, S.dqp.data(),
+                      S.ones.data());
+      return;
+    }
+#endif
+    gemm_rows<true>(C, P.D_pad, nk, S.dsp.data(), S.kr.data(), P.D_pad, S.dqp.data(), S.ones.data());
+  }
+
   // the probabilities and dS of the chunk's columns: st = P^T, dpt = dS^T (rows: keys)
   void softmax_grad(DkvScratch& S, int64_t C, int64_t Cp, bool masked) {
     for (int64_t r = 0; r < nk_; ++r) {
@@ -473,6 +536,7 @@ class DkvRunner {
     }
     gemm_bf16<true>(nk, P.Dv_pad, Cp / 2, W.pwp.data(), W.doi.data(), P.Dv_pad, S.dvp.data(), S.ones.data());
     gemm_bf16<true>(nk, P.D_pad, Cp / 2, W.dswp.data(), W.qi.data(), P.D_pad, S.dkp.data(), S.ones.data());
+    if (dq_ != nullptr) add_dq(S, C, Cp);
   }
 #endif
 
@@ -509,22 +573,45 @@ class DkvRunner {
     softmax_grad(S, C, Cp, masked);
     gemm_rows<true>(nk, P.Dv_pad, C, S.stp.data(), S.dor.data(), P.Dv_pad, S.dvp.data(), S.ones.data());
     gemm_rows<true>(nk, P.D_pad, C, S.dptp.data(), S.qr.data(), P.D_pad, S.dkp.data(), S.ones.data());
+    if (dq_ != nullptr) add_dq(S, C, Cp);  // fused schedule
   }
 
   const BwdParams& P;
   const In *Q, *K, *V, *dO;
   Out *dK, *dV;
   int64_t b_ = 0, h_ = 0, j0_ = 0, nk_ = 0;
+  float* dq_ = nullptr;  // the fused schedule's dq accumulator while run_fused runs
 };
+
+// The fused schedule has one task per (batch, kv head): worth it where those tasks keep every
+// thread busy (at least one each, and the last round at least 80% full), else the two passes'
+// finer tasks balance better.
+bool fused_pays(int64_t tasks, int64_t nthreads) {
+  if (tasks < nthreads) return false;
+  const int64_t rounds = (tasks + nthreads - 1) / nthreads;
+  return tasks >= 0.8 * double(rounds * nthreads);
+}
 
 template <int DT>
 void run_bwd(const BwdParams& P, const void* q, const void* k, const void* v, const void* dout, void* dq, void* dk,
-             void* dv) {
+             void* dv, int64_t mode) {
   using In = typename Elem<DT>::T;
   using Out = OutOf<DT>;
   const In *Q = static_cast<const In*>(q), *K = static_cast<const In*>(k), *V = static_cast<const In*>(v),
            *dO = static_cast<const In*>(dout);
   const int64_t BH = P.B * P.Hkv;
+  const bool fused = mode == 2 || (mode == 0 && fused_pays(BH, at::get_num_threads()));
+  if (fused) {  // one task per (batch, kv head): dk, dv and dq
+    std::atomic<int64_t> next{0};
+    const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), BH));
+    at::parallel_for(0, nthreads, 1, [&](int64_t begin, int64_t end) {
+      if (begin >= end) return;
+      DkvScratch S(P, DkvRunner<DT>::kDot, true);
+      DkvRunner<DT> runner(P, Q, K, V, dO, static_cast<Out*>(dk), static_cast<Out*>(dv));
+      for (int64_t t; (t = next.fetch_add(1)) < BH;) runner.run_fused(S, t / P.Hkv, t % P.Hkv, static_cast<Out*>(dq));
+    });
+    return;
+  }
   {  // dq: heaviest (late, causal) tiles first
     const int64_t total = BH * P.M;
     std::atomic<int64_t> next{0};
@@ -545,7 +632,7 @@ void run_bwd(const BwdParams& P, const void* q, const void* k, const void* v, co
     const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total));
     at::parallel_for(0, nthreads, 1, [&](int64_t begin, int64_t end) {
       if (begin >= end) return;
-      DkvScratch S(P, DkvRunner<DT>::kDot);
+      DkvScratch S(P, DkvRunner<DT>::kDot, false);
       DkvRunner<DT> runner(P, Q, K, V, dO, static_cast<Out*>(dk), static_cast<Out*>(dv));
       for (int64_t t; (t = next.fetch_add(1)) < total;) {
         const int64_t n = t / BH, bh = t % BH;
@@ -566,9 +653,10 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> block_sparse_bwd(
     torch::Tensor t_full_count, torch::Tensor t_full_index, torch::Tensor t_partial_count,
     torch::Tensor t_partial_index, c10::optional<torch::Tensor> token_index, c10::optional<torch::Tensor> block_tokens,
     c10::optional<torch::Tensor> block_token_offsets, int64_t sq, int64_t sk, int64_t q_block, int64_t k_block,
-    bool causal, int64_t window, int64_t sink_tokens, double scale) {
+    bool causal, int64_t window, int64_t sink_tokens, double scale, int64_t mode) {
   using namespace sparse_attn_cpu;
   const char* who = "block_sparse_bwd";
+  TORCH_CHECK(mode >= 0 && mode <= 2, who, ": mode must be 0 (auto), 1 (two-pass) or 2 (fused), got ", mode);
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && out.dim() == 4 && dout.dim() == 4,
               who, ": q, k, v, out, dout must be 4-D (B, H, S, D)");
   for (const auto* t : {&q, &k, &v, &out, &lse, &dout})
@@ -680,11 +768,11 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> block_sparse_bwd(
 
   const void *qd = q.data_ptr(), *kd = k.data_ptr(), *vd = v.data_ptr(), *dod = dout.data_ptr();
   if (dt == torch::kFloat32) {
-    run_bwd<0>(P, qd, kd, vd, dod, dq.data_ptr(), dk.data_ptr(), dv.data_ptr());
+    run_bwd<0>(P, qd, kd, vd, dod, dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), mode);
   } else if (dt == torch::kBFloat16) {
-    run_bwd<1>(P, qd, kd, vd, dod, dq.data_ptr(), dk.data_ptr(), dv.data_ptr());
+    run_bwd<1>(P, qd, kd, vd, dod, dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), mode);
   } else {
-    run_bwd<2>(P, qd, kd, vd, dod, dq.data_ptr(), dk.data_ptr(), dv.data_ptr());
+    run_bwd<2>(P, qd, kd, vd, dod, dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), mode);
   }
   return {dq, dk, dv};
 }

@@ -388,7 +388,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> block_sparse_bwd(
     torch::Tensor t_full_count, torch::Tensor t_full_index, torch::Tensor t_partial_count,
     torch::Tensor t_partial_index, c10::optional<torch::Tensor> token_index, c10::optional<torch::Tensor> block_tokens,
     c10::optional<torch::Tensor> block_token_offsets, int64_t sq, int64_t sk, int64_t q_block, int64_t k_block,
-    bool causal, int64_t window, int64_t sink_tokens, double scale);
+    bool causal, int64_t window, int64_t sink_tokens, double scale, int64_t mode);
 
 // topk_select.cpp
 torch::Tensor topk_select(torch::Tensor q, torch::Tensor kbar_t, int64_t kv_heads, int64_t sk, int64_t nb,
@@ -409,7 +409,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("full_index"), py::arg("partial_count"), py::arg("partial_index"), py::arg("t_full_count"),
         py::arg("t_full_index"), py::arg("t_partial_count"), py::arg("t_partial_index"), py::arg("token_index"),
         py::arg("block_tokens"), py::arg("block_token_offsets"), py::arg("sq"), py::arg("sk"), py::arg("q_block"),
-        py::arg("k_block"), py::arg("causal"), py::arg("window"), py::arg("sink_tokens"), py::arg("scale"));
+        py::arg("k_block"), py::arg("causal"), py::arg("window"), py::arg("sink_tokens"), py::arg("scale"),
+        py::arg("mode"));
   m.def("topk_select", &topk_select,
         "TopK per-token block selection from transposed pooled keys -> int32 (B, Hkv, Sq, topk), ascending, -1 padded",
         py::arg("q"), py::arg("kbar_t"), py::arg("kv_heads"), py::arg("sk"), py::arg("nb"), py::arg("block_size"),

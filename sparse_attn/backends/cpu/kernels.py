@@ -100,16 +100,24 @@ def block_sparse_forward_layout(q, k, v, lay, *, scale: float, return_lse: bool 
     return (out, lse) if return_lse else out
 
 
-def block_sparse_backward_layout(q, k, v, out, lse, dout, lay, *, scale: float):
-    """The C++ backward over `lay` (the forward's layout): dq per query tile over its blocks, dk/dv
-    per key block over the query tiles of `lay.transpose()` and, for TopK, the tokens that
-    selected the block (`BlockLayout.transpose_tokens`). Returns (dq, dk, dv) in the inputs' dtypes."""
+def block_sparse_backward_layout(q, k, v, out, lse, dout, lay, *, scale: float, mode: int = 0):
+    """The C++ backward over `lay` (the forward's layout). Returns (dq, dk, dv) in the inputs' dtypes.
+
+    Two schedules (csrc/cpu/block_sparse_bwd.cpp), chosen by `mode`: 0 (auto: fused when the
+    batch x kv-head tasks keep every thread busy, else two-pass), 1 two-pass (dq per query tile
+    over its blocks, then dk/dv per key block over the query tiles of `lay.transpose()` and, for
+    TopK, the tokens that selected the block, `BlockLayout.transpose_tokens`; 7 products), 2 fused
+    (one task per (batch, kv head) walks its key blocks as the dk/dv pass does and adds dq into a
+    float32 accumulator of its query rows; 5 products). The scheduler's path passes 0; the
+    others exist so tests can run each schedule."""
+    if mode not in (0, 1, 2):
+        raise ValueError(f"mode must be 0 (auto), 1 (two-pass) or 2 (fused), got {mode!r}")
     tfc, tfi, tpc, tpi = lay.transpose()
     tokens, offsets = lay.transpose_tokens() or (None, None)
     ti = lay.token_index
     return _ext().block_sparse_bwd(
         q, k, v, out, lse, dout, lay.full_count, lay.full_index, lay.partial_count, lay.partial_index,
-        tfc, tfi, tpc, tpi, ti, tokens, offsets, *_rule(lay), float(scale))
+        tfc, tfi, tpc, tpi, ti, tokens, offsets, *_rule(lay), float(scale), mode)
 
 
 class CpuBlockSparse(FlashKernel):
@@ -117,9 +125,11 @@ class CpuBlockSparse(FlashKernel):
     query tile) with dynamic scheduling, the G query heads of a GQA group sharing each K/V block
     (converted to float32 once per tile, or, for bfloat16 on AVX-512 BF16, pair-packed for
     vdpbf16ps products); TopK's per-token blocks are visited block by block for all the tokens of
-    a tile that selected them, and TopK's selection runs in C++ too. Backward: dq per query tile,
-    dk/dv per key block over the transposed layout (csrc/cpu/block_sparse_bwd.cpp). float32
-    accumulation."""
+    a tile that selected them, and TopK's selection runs in C++ too. Backward
+    (csrc/cpu/block_sparse_bwd.cpp): fused, one task per (batch, kv head) walking its key blocks
+    over the transposed layout for dk/dv and adding dq into a per-task accumulator, when those
+    tasks keep every thread busy; else two passes (dq per query tile, dk/dv per key block).
+    float32 accumulation."""
 
     name = "cpu.block_sparse"
     backend = "cpu"
@@ -147,11 +157,14 @@ class CpuBlockSparse(FlashKernel):
     #: (the micro-kernel alone: ~215; the rest is the float32 softmax and the packing), SDPA
     #: 71 (2026-11-23, 2-core Zen 4 EPYC)
     bf16_dot_efficiency = 0.6
-    #: training: the backward pass (dq pass: Q.K^T, dO.V^T, dS.K; dk/dv pass: K.Q^T, V.dO^T,
-    #: P^T.dO, dS^T.Q = 7 products against the forward's 2, plus per-pair conversions of Q and dO)
-    #: took 2.8-3.9x the forward's CPU time (dense causal fp32 B=1 Hq=32 Hkv=8 D=128 S=2048, avx2,
-    #: shared machine, 2026-11-23). SDPA's CPU backward: fp32 ~3.2x its forward, bf16 ~30x.
+    #: training: the backward's time over the forward's. Two-pass schedule (dq pass: Q.K^T,
+    #: dO.V^T, dS.K; dk/dv pass: K.Q^T, V.dO^T, P^T.dO, dS^T.Q = 7 products against the forward's
+    #: 2, plus per-pair conversions of Q and dO): 2.8-3.9x (dense causal fp32 B=1 Hq=32 Hkv=8
+    #: D=128 S=2048, avx2, shared machine, 2026-11-23). The fused schedule (5 products), taken when
+    #: the batch x kv-head tasks keep every thread busy: ~2.6x (same case, one Zen 4 core).
+    #: SDPA's CPU backward: fp32 ~3.2x its forward, bf16 ~30x.
     backward_factor = 3.5
+    backward_factor_fused = 2.6
     #: TopK's per-token blocks run at `efficiency * G / (G + 1)`: each (block, tile) pair converts
     #: the block for the rows of the tokens that selected it, few on random inputs at long
     #: lengths (measured S=16K TopK(16) random: G=4 ~0.6, G=1 ~0.3 of the peak).
@@ -215,7 +228,12 @@ class CpuBlockSparse(FlashKernel):
         nbytes = (4 * keys_read * (p.head_dim + p.v_head_dim)
                   + elem * p.batch * p.q_heads * p.sq * (p.head_dim + p.v_head_dim))
         memory = roofline_seconds(p, flops=0.0, bytes_moved=nbytes, efficiency=self.memory_efficiency)
-        work = max(compute, memory) * (1.0 + (self.backward_factor if p.requires_grad else 0.0))
+        bwd = 0.0
+        if p.requires_grad:  # the C++ rule (fused_pays in block_sparse_bwd.cpp)
+            tasks, threads = p.batch * p.kv_heads, max(1, torch.get_num_threads())
+            fused = tasks >= threads and tasks >= 0.8 * (-(-tasks // threads) * threads)
+            bwd = self.backward_factor_fused if fused else self.backward_factor
+        work = max(compute, memory) * (1.0 + bwd)
         return work + select + self.overhead_s
 
     def prepare(self, q, k, p):
