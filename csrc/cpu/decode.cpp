@@ -584,7 +584,7 @@ class Split {
   }
 
   // one segment's keys: kr / vr its K / V rows; nkr / nvr the next segment's (next_nk of them),
-  // which the direct bf16 path prefetches while it works when the cache is paged
+  // which the direct bf16 path prefetches into L2 while it works
   template <typename Rows>
   void segment(Scratch& S, const Seg& sg, Rows kr, Rows vr, int64_t skb, Rows nkr, Rows nvr, int64_t next_nk) {
     const int64_t G = P.G, nk = sg.nk, j0 = sg.j0;
@@ -614,7 +614,7 @@ class Split {
               qk_direct<decltype(rg)::value, decltype(dc)::value>(
                   nk, S.w.qwp.data() + r, [&](int64_t j) { return reinterpret_cast<const uint16_t*>(kr[j]); },
                   S.sp.data() + r, P.qmul, [&](int64_t j) {
-                    if (r != 0 || !P.table) return;
+                    if (r != 0) return;
                     for (int64_t x = j; x < std::min(j + 2, next_nk); ++x) prefetch_line_run(nkr[x], kbytes);
                   });
             });
@@ -684,7 +684,7 @@ class Split {
                 pv_direct<decltype(rg)::value, decltype(nc)::value>(
                     nk, S.w.pwp.data() + r, [&](int64_t j) { return reinterpret_cast<const uint16_t*>(vr[j]); },
                     S.w.zero.data(), d0, S.w.obp.data() + r, S.corr.data() + r, [&](int64_t j) {
-                      if (r != 0 || d0 != 0 || !P.table) return;
+                      if (r != 0 || d0 != 0) return;
                       for (int64_t x = j; x < std::min(j + 2, next_nk); ++x) prefetch_line_run(nvr[x], vbytes);
                     });
               };
