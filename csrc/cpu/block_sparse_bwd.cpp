@@ -33,6 +33,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/huge_pages.h"
 #include "cpu/layout_check.h"
 #include "cpu/token_blocks.h"
 #include "cpu/vec.h"
@@ -675,9 +676,9 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> block_sparse_bwd(
   TORCH_CHECK(lse.scalar_type() == torch::kFloat32 && lse.sizes() == torch::IntArrayRef({B, Hq, sq}), who,
               ": lse must be float32 (B, Hq, Sq)");
   TORCH_CHECK(sq >= 0 && sk >= 0 && (!causal || sq <= sk), who, ": need Sq <= Sk for a causal rule");
-  auto dq = torch::zeros_like(q, at::MemoryFormat::Contiguous);
-  auto dk = torch::zeros_like(k, at::MemoryFormat::Contiguous);
-  auto dv = torch::zeros_like(v, at::MemoryFormat::Contiguous);
+  auto dq = empty_huge(q.sizes(), q.options(), true);
+  auto dk = empty_huge(k.sizes(), k.options(), true);
+  auto dv = empty_huge(v.sizes(), v.options(), true);
   if (B == 0 || Hq == 0 || sq == 0 || sk == 0) return {dq, dk, dv};
   TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, who, ": Hq must be a multiple of Hkv");
 

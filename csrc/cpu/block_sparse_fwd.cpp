@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "cpu/huge_pages.h"
 #include "cpu/layout_check.h"
 #include "cpu/token_blocks.h"
 #include "cpu/vec.h"
@@ -323,7 +324,7 @@ std::tuple<torch::Tensor, torch::Tensor> block_sparse_fwd(torch::Tensor q, torch
               "block_sparse_fwd: q, k, v shapes disagree");
   TORCH_CHECK(q.size(2) == sq && k.size(2) == sk && v.size(2) == sk, "block_sparse_fwd: lengths disagree with sq/sk");
   TORCH_CHECK(sq >= 0 && sk >= 0 && (!causal || sq <= sk), "block_sparse_fwd: need Sq <= Sk for a causal rule");
-  auto out = torch::zeros({B, Hq, sq, Dv}, q.options());
+  auto out = sparse_attn_cpu::empty_huge({B, Hq, sq, Dv}, q.options(), true);
   auto lse = torch::full({B, Hq, sq}, std::numeric_limits<float>::infinity(), q.options().dtype(torch::kFloat32));
   if (B == 0 || Hq == 0 || sq == 0) return {out, lse};
   TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "block_sparse_fwd: Hq must be a multiple of Hkv");

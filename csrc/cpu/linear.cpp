@@ -38,6 +38,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/huge_pages.h"
 #include "cpu/vec.h"
 
 namespace sparse_attn_cpu {
@@ -317,7 +318,7 @@ std::tuple<torch::Tensor, torch::Tensor> linear_fwd(torch::Tensor q, torch::Tens
   if (S > 0 && D > 1) TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1, "linear_fwd: q, k need a contiguous last dim");
   if (S > 0 && Dv > 1) TORCH_CHECK(v.stride(3) == 1, "linear_fwd: v needs a contiguous last dim");
   auto f32 = q.options().dtype(torch::kFloat32);
-  auto out = torch::empty({B, H, S, Dv}, f32);
+  auto out = sparse_attn_cpu::empty_huge({B, H, S, Dv}, f32, false);
   torch::Tensor s0;
   if (initial_state.has_value() && initial_state->defined()) {
     s0 = initial_state->to(torch::kFloat32).contiguous();

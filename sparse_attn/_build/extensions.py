@@ -10,7 +10,8 @@ tests/test_cuda_build.py).
 EXTENSIONS = {
     "cpu": {
         "sources": ["cpu/block_sparse_fwd.cpp", "cpu/block_sparse_bwd.cpp", "cpu/topk_select.cpp"],
-        "headers": ["cpu/vec.h", "cpu/vec_bf16.h", "cpu/scalar.h", "cpu/layout_check.h", "cpu/token_blocks.h"],
+        "headers": ["cpu/vec.h", "cpu/vec_bf16.h", "cpu/scalar.h", "cpu/layout_check.h", "cpu/token_blocks.h",
+                    "cpu/huge_pages.h"],
         "cflags": ["-fopenmp"],
         "ldflags": ["-fopenmp"],
         # only in JIT builds, which run where they are built
@@ -25,7 +26,7 @@ EXTENSIONS = {
     },
     "cpu_linear": {
         "sources": ["cpu/linear.cpp"],
-        "headers": ["cpu/vec.h", "cpu/scalar.h"],
+        "headers": ["cpu/vec.h", "cpu/scalar.h", "cpu/huge_pages.h"],
         "cflags": ["-fopenmp"],
         "ldflags": ["-fopenmp"],
         "jit_cflags": ["-march=native"],
