@@ -35,7 +35,9 @@ SIZES = {
         heads=(32, 8), prefill=tuple(2**i * K for i in range(0, 8)), decode=tuple(2**i * K for i in range(2, 8)),
         train=(1 * K, 2 * K, 4 * K, 8 * K), sparsity_len=8 * K, topk=(4, 8, 16, 32, 64),
         window=(256, 512, 1024, 2048, 4096), density=(0.025, 0.05, 0.1, 0.2, 0.4),
-        linear_prefill=(4 * K, 32 * K), linear_decode=(4 * K, 32 * K, 128 * K),
+        linear_prefill=(4 * K, 16 * K, 32 * K), linear_decode=(4 * K, 32 * K, 128 * K),
+        # linear-prefill rows in issue 6's shape (float32, B=1, H=8, D=128; its target is S=16384)
+        linear_heads=(8, 8),
         default=dict(topk=16, window=1024, density=0.10)),
     ("accel", True): dict(
         heads=(32, 8), prefill=(16 * K, 64 * K), decode=(64 * K, 1024 * K), train=(16 * K,),
@@ -140,9 +142,9 @@ def sweep(device: torch.device, quick: bool, dtypes) -> list[Case]:
                    ("blocksparse", dflt["density"]), ("windowlinear", dflt["window"])]
     cases: dict[str, Case] = {}
 
-    def add(kind, fam, param, s, dt, sweep_name):
+    def add(kind, fam, param, s, dt, sweep_name, heads=(hq, hkv)):
         sq = 1 if kind in ("decode", "linear-decode") else s
-        c = Case(kind, fam, param, B, hq, hkv, sq, s, D, dt, (sweep_name,))
+        c = Case(kind, fam, param, B, heads[0], heads[1], sq, s, D, dt, (sweep_name,))
         old = cases.get(c.name)
         if old is None:
             cases[c.name] = c
@@ -165,7 +167,7 @@ def sweep(device: torch.device, quick: bool, dtypes) -> list[Case]:
                 add("train", fam, p, s, dt, "length")
     ldt = torch.float32 if torch.float32 in dtypes else dtypes[0]
     for s in size["linear_prefill"]:
-        add("linear-prefill", "linear", None, s, ldt, "length")
+        add("linear-prefill", "linear", None, s, ldt, "length", heads=size.get("linear_heads", (hq, hkv)))
     for s in size["linear_decode"]:
         add("linear-decode", "linear", None, s, ldt, "length")
     order = {k: i for i, k in enumerate(KINDS)}

@@ -87,7 +87,8 @@ def page(data: dict, images: list[str], page_dir: str, json_name: str | None) ->
     for kind, title in KIND_TITLES.items():
         sub = [r for r in rows if r["kind"] == kind]
         if sub:
-            lines += [f"## {title}", ""] + kind_table(sub) + [""]
+            shapes = sorted({f"B={r.get('B')}, Hq={r.get('Hq')}, Hkv={r.get('Hkv')}, D={r.get('D')}" for r in sub})
+            lines += [f"## {title}", "", "Shape: " + "; ".join(shapes), ""] + kind_table(sub) + [""]
     unsupported: dict = {}
     for r in rows:
         if r.get("status") == "unsupported":
