@@ -193,3 +193,29 @@ def test_bad_input(case):
     elif case == "cache":
         with pytest.raises(TypeError, match="cache"):
             attention_with_cache(randn(2, 2, 1, 8), k)
+
+
+def test_cache_storage_advised_as_huge_pages():
+    """CPU caches allocate their storage through cache/huge_pages.py: zeros of the right shape,
+    and on Linux with THP not "never", a large tensor really gets the madvise (the call's return
+    value: wrong arguments would make it fail)."""
+    import sys
+
+    from sparse_attn.cache import huge_pages
+
+    t = huge_pages.zeros(2, 3, 5, dtype=torch.bfloat16, device="cpu")
+    assert t.shape == (2, 3, 5) and t.dtype == torch.bfloat16 and not t.any()
+    assert huge_pages.advise_huge(torch.empty(1024)) is False  # under 4 MB: no advice
+    big = torch.empty(3 << 20)  # 12 MB
+    thp = ""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            thp = f.read()
+    except OSError:
+        pass
+    if not sys.platform.startswith("linux"):
+        assert huge_pages.advise_huge(big) is False
+    elif thp and "[never]" not in thp:  # (with THP "never" the call may succeed or not: unchecked)
+        assert huge_pages.advise_huge(big) is True
+    c = sa.KVCache(1, 2, 64, 40000, dtype=torch.bfloat16)  # 10 MB of K: advised, still zeros
+    assert c.k.shape == (1, 2, 40001, 64) and not c.k.any() and not c.v.any()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from . import huge_pages
 from .base import CacheBase, check_positive_int
 
 
@@ -26,8 +27,9 @@ class KVCache(CacheBase):
         super().__init__(batch, kv_heads, head_dim, v_head_dim=v_head_dim, dtype=dtype, device=device,
                          pool_block_size=pool_block_size, max_len=max_len)
         # one spare row past max_len receives the padding rows of ragged appends
-        self.k = torch.zeros(batch, kv_heads, max_len + 1, self.head_dim, dtype=dtype, device=self.device)
-        self.v = torch.zeros(batch, kv_heads, max_len + 1, self.v_head_dim, dtype=dtype, device=self.device)
+        # (on Linux CPUs in transparent huge pages: huge_pages.py)
+        self.k = huge_pages.zeros(batch, kv_heads, max_len + 1, self.head_dim, dtype=dtype, device=self.device)
+        self.v = huge_pages.zeros(batch, kv_heads, max_len + 1, self.v_head_dim, dtype=dtype, device=self.device)
 
     def append(self, k: torch.Tensor, v: torch.Tensor, num_new=None) -> None:
         t, counts, new = self._check_append(k, v, num_new)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..patterns import SlidingWindow
+from . import huge_pages
 from .base import CacheBase, check_positive_int
 
 
@@ -37,8 +38,11 @@ class PagedKVCache(CacheBase):
         super().__init__(batch, kv_heads, head_dim, v_head_dim=v_head_dim, dtype=dtype, device=device,
                          pool_block_size=pool_block_size, max_len=max_len)
         self.num_pages, self.page_size = num_pages, page_size
-        self.k_pages = torch.zeros(num_pages + 1, kv_heads, page_size, self.head_dim, dtype=dtype, device=self.device)
-        self.v_pages = torch.zeros(num_pages + 1, kv_heads, page_size, self.v_head_dim, dtype=dtype, device=self.device)
+        # (on Linux CPUs in transparent huge pages: huge_pages.py)
+        self.k_pages = huge_pages.zeros(num_pages + 1, kv_heads, page_size, self.head_dim, dtype=dtype,
+                                        device=self.device)
+        self.v_pages = huge_pages.zeros(num_pages + 1, kv_heads, page_size, self.v_head_dim, dtype=dtype,
+                                        device=self.device)
         width = -(-max_len // page_size)
         self._host_table = [[num_pages] * width for _ in range(batch)]
         self.page_table = torch.full((batch, width), num_pages, dtype=torch.int32, device=self.device)
