@@ -31,6 +31,7 @@
 #include <cstdint>
 #include <limits>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "cpu/huge_pages.h"
@@ -584,6 +585,20 @@ class DkvRunner {
   float* dq_ = nullptr;  // the fused schedule's dq accumulator while run_fused runs
 };
 
+// `total` tasks over min(threads, total) threads, taken in order from a shared counter (dynamic
+// scheduling: tasks differ in cost); each thread builds its scratch and runner once with make()
+// and runs task t with run(that, t)
+template <typename Make, typename Run>
+void dynamic_tasks(int64_t total, Make&& make, Run&& run) {
+  std::atomic<int64_t> next{0};
+  const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total));
+  at::parallel_for(0, nthreads, 1, [&](int64_t begin, int64_t end) {
+    if (begin >= end) return;
+    auto w = make();
+    for (int64_t t; (t = next.fetch_add(1)) < total;) run(w, t);
+  });
+}
+
 // The fused schedule has one task per (batch, kv head): worth it where those tasks keep every
 // thread busy (at least one each, and the last round at least 80% full), else the two passes'
 // finer tasks balance better.
@@ -602,45 +617,29 @@ void run_bwd(const BwdParams& P, const void* q, const void* k, const void* v, co
            *dO = static_cast<const In*>(dout);
   const int64_t BH = P.B * P.Hkv;
   const bool fused = mode == 2 || (mode == 0 && fused_pays(BH, at::get_num_threads()));
+  auto dkv_runner = [&](bool with_dq) {
+    return std::make_pair(DkvScratch(P, DkvRunner<DT>::kDot, with_dq),
+                          DkvRunner<DT>(P, Q, K, V, dO, static_cast<Out*>(dk), static_cast<Out*>(dv)));
+  };
   if (fused) {  // one task per (batch, kv head): dk, dv and dq
-    std::atomic<int64_t> next{0};
-    const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), BH));
-    at::parallel_for(0, nthreads, 1, [&](int64_t begin, int64_t end) {
-      if (begin >= end) return;
-      DkvScratch S(P, DkvRunner<DT>::kDot, true);
-      DkvRunner<DT> runner(P, Q, K, V, dO, static_cast<Out*>(dk), static_cast<Out*>(dv));
-      for (int64_t t; (t = next.fetch_add(1)) < BH;) runner.run_fused(S, t / P.Hkv, t % P.Hkv, static_cast<Out*>(dq));
+    dynamic_tasks(BH, [&] { return dkv_runner(true); }, [&](auto& w, int64_t t) {
+      w.second.run_fused(w.first, t / P.Hkv, t % P.Hkv, static_cast<Out*>(dq));
     });
     return;
   }
-  {  // dq: heaviest (late, causal) tiles first
-    const int64_t total = BH * P.M;
-    std::atomic<int64_t> next{0};
-    const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total));
-    at::parallel_for(0, nthreads, 1, [&](int64_t begin, int64_t end) {
-      if (begin >= end) return;
-      DqScratch S(P, DqRunner<DT>::kDot);
-      DqRunner<DT> runner(P, Q, K, V, dO, static_cast<Out*>(dq));
-      for (int64_t t; (t = next.fetch_add(1)) < total;) {
+  // dq: heaviest (late, causal) tiles first
+  dynamic_tasks(
+      BH * P.M,
+      [&] { return std::make_pair(DqScratch(P, DqRunner<DT>::kDot), DqRunner<DT>(P, Q, K, V, dO, static_cast<Out*>(dq))); },
+      [&](auto& w, int64_t t) {
         const int64_t i = P.M - 1 - t / BH, bh = t % BH;
-        runner.run(S, bh / P.Hkv, bh % P.Hkv, i);
-      }
-    });
-  }
-  {  // dk, dv: heaviest (early, causal) key blocks first
-    const int64_t total = BH * P.nb;
-    std::atomic<int64_t> next{0};
-    const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total));
-    at::parallel_for(0, nthreads, 1, [&](int64_t begin, int64_t end) {
-      if (begin >= end) return;
-      DkvScratch S(P, DkvRunner<DT>::kDot, false);
-      DkvRunner<DT> runner(P, Q, K, V, dO, static_cast<Out*>(dk), static_cast<Out*>(dv));
-      for (int64_t t; (t = next.fetch_add(1)) < total;) {
-        const int64_t n = t / BH, bh = t % BH;
-        runner.run(S, bh / P.Hkv, bh % P.Hkv, n);
-      }
-    });
-  }
+        w.second.run(w.first, bh / P.Hkv, bh % P.Hkv, i);
+      });
+  // dk, dv: heaviest (early, causal) key blocks first
+  dynamic_tasks(BH * P.nb, [&] { return dkv_runner(false); }, [&](auto& w, int64_t t) {
+    const int64_t n = t / BH, bh = t % BH;
+    w.second.run(w.first, bh / P.Hkv, bh % P.Hkv, n);
+  });
 }
 
 torch::Tensor as_lists(const torch::Tensor& x) { return x.to(torch::kInt32).contiguous(); }
