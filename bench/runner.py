@@ -103,13 +103,18 @@ class Calibration:
     def seconds(self, key, roof_s: float) -> float:
         """Estimated seconds of one call, from the fraction of the roofline reached so far; when
         nothing comparable ran yet (e.g. --filter picked long cases only), `PRIOR_FRACTION` of it.
-        key = (kind, implementation/kernel, dtype). An unseen key borrows, in this order: the same
-        kernel and kind in another dtype; the same kernel in a kind of the same regime (decode is
-        latency-bound, the others compute-bound); the fastest rate of the same kind and dtype (an
-        optimistic guess: a call is skipped only when even that overruns the budget)."""
-        kind, kernel, dt = key
-        tries = (lambda k: k[:2] == (kind, kernel), lambda k: k[1] == kernel and _regime(k[0]) == _regime(kind),
-                 lambda k: (k[0], k[2]) == (kind, dt))
+        key = (kind, implementation/kernel, dtype, pattern family). An unseen key borrows, in this
+        order: the same kernel, kind and family in another dtype; the same kernel and family in a
+        kind of the same regime (decode is latency-bound, the others compute-bound); the fastest
+        rate of the same kind, dtype and family (an optimistic guess: a call is skipped only when
+        even that overruns the budget). Never across pattern families: one kernel runs different
+        code per pattern (TopK's selection, per-token blocks) whose cost the roofline work does
+        not count, so a window rate made a reference TopK call at 32K look 100x cheaper than it
+        was."""
+        kind, kernel, dt, fam = key
+        tries = (lambda k: (k[0], k[1], k[3]) == (kind, kernel, fam),
+                 lambda k: (k[1], k[3]) == (kernel, fam) and _regime(k[0]) == _regime(kind),
+                 lambda k: (k[0], k[2], k[3]) == (kind, dt, fam))
         if key in self.rates:
             return roof_s / self.rates[key]
         for match in tries:
@@ -202,7 +207,7 @@ def _run_impl(case, impl, row, x, refs, device, roofline, calib, budget_s, timin
         return
     what = (x.host_pattern if case.softmax else LINEAR) if impl.computes == "pattern" else None
     roof = work_of(case, what, roofline)
-    ckey = (case.kind, built.kernel if impl.group == "sparse_attn" else impl.name, case.dtype)
+    ckey = (case.kind, built.kernel if impl.group == "sparse_attn" else impl.name, case.dtype, case.family)
     call_s = calib.seconds(ckey, roof["seconds"])
     compile_s = calib.compile_s.get(impl.name, 0.0) if impl.compiles else 0.0
     cpu_long = device.type == "cpu" and call_s > timing_budget_s and not impl.compiles

@@ -28,3 +28,21 @@ def test_bench_quick_smoke(tmp_path):
     assert csvs, "no CSV written"
     rows = list(csv.DictReader(csvs[0].open()))
     assert rows and any("sparse_attn" in json.dumps(r) for r in rows)
+
+
+def test_call_estimates_never_borrow_across_pattern_families():
+    """The bench skips a call whose estimate overruns the budget; the estimate borrows rates seen
+    earlier in the run, within one pattern family only (a window rate once made a reference TopK
+    call look 100x cheaper than it was)."""
+    import torch
+
+    from bench.runner import PRIOR_FRACTION, Calibration
+
+    c = Calibration(roofline={})
+    c.update(("prefill", "k", torch.float32, "window"), roof_s=1.0, seconds=2.0)  # rate 0.5
+    assert c.seconds(("prefill", "k", torch.float32, "window"), 3.0) == 6.0  # seen
+    assert c.seconds(("prefill", "k", torch.bfloat16, "window"), 3.0) == 6.0  # other dtype, same family
+    assert c.seconds(("train", "k", torch.float32, "window"), 3.0) == 6.0  # same regime
+    assert c.seconds(("prefill", "other", torch.float32, "window"), 3.0) == 6.0  # fastest of the family
+    assert c.seconds(("prefill", "k", torch.float32, "topk"), 3.0) == 3.0 / PRIOR_FRACTION  # not borrowed
+    assert c.seconds(("decode", "k", torch.float32, "window"), 3.0) == 3.0 / PRIOR_FRACTION  # other regime
