@@ -27,8 +27,7 @@
 // Work is split over (batch, head) and, when there are fewer of those than threads, over column
 // blocks of Dv (the recurrence is independent per output column; P is then recomputed per block).
 // GQA: k, v keep their Hkv heads. Inputs float32 / bfloat16 / float16 (converted to float32 on
-// load), float32 state and output. No backward: training runs the PyTorch reference (the
-// scheduler's `supports_backward`).
+// load), float32 state and output. The backward (`linear_bwd`) is the second half of this file.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -39,12 +38,14 @@
 #include <vector>
 
 #include "cpu/huge_pages.h"
+#include "cpu/linear_common.h"
 #include "cpu/vec.h"
 
 namespace sparse_attn_cpu {
 namespace {
 
-constexpr double kLog2e = 1.4426950408889634;
+using linear_detail::kLog2e;
+using linear_detail::transpose_rows;
 
 struct LinearParams {
   int64_t B, H, Hkv, S, D, Dv, C;  // k, v have Hkv heads (GQA: head h reads kv head h / (H / Hkv))
@@ -58,40 +59,6 @@ struct LinearParams {
   float scale;
 };
 
-// kt[d * ldt + t] = rows[t][d] for t < n, d < D: the chunk's keys transposed (the B operand of
-// Q K^T and the A rows of K^T V). Blocks of kVec x kVec go through registers: kVec / 2-pair
-// interleaves ("perfect shuffle") repeated log2(kVec) times transpose a block; a scalar loop
-// otherwise (a scalar transpose was ~1/3 of the kernel's non-matmul time).
-inline void transpose_rows(const float* const* rows, int64_t n, int64_t D, float* kt, int64_t ldt) {
-  int64_t t0 = 0, dv = 0;
-#if defined(SPARSE_ATTN_VECTOR_TYPES) && defined(__GNUC__) && !defined(__clang__)
-  constexpr int kHalf = kVec / 2;
-  vint mlo, mhi;
-  for (int j = 0; j < kHalf; ++j) {
-    mlo[2 * j] = j, mlo[2 * j + 1] = kVec + j;
-    mhi[2 * j] = kHalf + j, mhi[2 * j + 1] = kVec + kHalf + j;
-  }
-  dv = D / kVec * kVec;
-  for (; t0 + kVec <= n; t0 += kVec) {
-    for (int64_t d0 = 0; d0 < dv; d0 += kVec) {
-      vfloat x[kVec], y[kVec];
-      for (int i = 0; i < kVec; ++i) x[i] = vload(rows[t0 + i] + d0);
-      for (int round = 1; round < kVec; round *= 2) {
-        for (int i = 0; i < kHalf; ++i) {
-          y[2 * i] = __builtin_shuffle(x[i], x[i + kHalf], mlo);
-          y[2 * i + 1] = __builtin_shuffle(x[i], x[i + kHalf], mhi);
-        }
-        for (int i = 0; i < kVec; ++i) x[i] = y[i];
-      }
-      for (int i = 0; i < kVec; ++i) vstore(kt + (d0 + i) * ldt + t0, x[i]);
-    }
-  }
-#endif
-  for (int64_t t = 0; t < n; ++t) {  // rows left over, and columns left over of the block rows
-    const int64_t dstart = t < t0 ? dv : 0;
-    for (int64_t d = dstart; d < D; ++d) kt[d * ldt + t] = rows[t][d];
-  }
-}
 
 // Per-thread scratch, with the row pointers the micro-kernel takes.
 struct Scratch {
@@ -295,6 +262,7 @@ void run_all(const LinearParams& P) {
 }  // namespace
 }  // namespace sparse_attn_cpu
 
+
 // q `(B, H, S, D)`, k `(B, Hkv, S, D)`, v `(B, Hkv, S, Dv)` (H % Hkv == 0: GQA read in place), one dtype of float32 /
 // bfloat16 / float16, last dim contiguous; decay: float32 `(B, H, S)` log-decays (any strides:
 // a per-head decay is passed expanded) or None; initial_state: float32 `(B, H, D, Dv)` or None.
@@ -356,9 +324,20 @@ std::tuple<torch::Tensor, torch::Tensor> linear_fwd(torch::Tensor q, torch::Tens
   return {out, sfinal};
 }
 
+// the backward, linear_bwd.cpp
+std::vector<torch::Tensor> linear_bwd(torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                                      c10::optional<torch::Tensor> decay, c10::optional<torch::Tensor> initial_state,
+                                      torch::Tensor dout, c10::optional<torch::Tensor> dstate, double scale,
+                                      int64_t chunk, bool decay_grad);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "sparse_attn CPU chunked linear attention forward";
+  m.doc() = "sparse_attn CPU chunked linear attention forward and backward";
   m.def("linear_fwd", &linear_fwd, "chunked linear attention forward -> (o float32, final state float32)",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("decay"), py::arg("initial_state"), py::arg("scale"),
         py::arg("chunk"));
+  m.def("linear_bwd", &linear_bwd,
+        "chunked linear attention backward -> float32 (dq, dk, dv, d(decay) or None, d(initial state), "
+        "float64 sums of d(decay) over the tokens or None)",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("decay"), py::arg("initial_state"), py::arg("dout"),
+        py::arg("dstate"), py::arg("scale"), py::arg("chunk"), py::arg("decay_grad"));
 }

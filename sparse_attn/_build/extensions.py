@@ -25,8 +25,8 @@ EXTENSIONS = {
         "jit_cflags": ["-march=native"],
     },
     "cpu_linear": {
-        "sources": ["cpu/linear.cpp"],
-        "headers": ["cpu/vec.h", "cpu/scalar.h", "cpu/huge_pages.h"],
+        "sources": ["cpu/linear.cpp", "cpu/linear_bwd.cpp"],
+        "headers": ["cpu/vec.h", "cpu/scalar.h", "cpu/huge_pages.h", "cpu/linear_common.h"],
         "cflags": ["-fopenmp"],
         "ldflags": ["-fopenmp"],
         "jit_cflags": ["-march=native"],
