@@ -44,6 +44,7 @@
 namespace sparse_attn_cpu {
 namespace {
 
+using linear_detail::chunk_decays;
 using linear_detail::kLog2e;
 using linear_detail::transpose_rows;
 
@@ -173,18 +174,7 @@ void run_unit(const LinearParams& P, int64_t bh, int64_t j0, int64_t w, Scratch&
     // decays of the chunk: b_t (inclusive cumulative sum, double); ew_t = exp(sum of g over (t, last])
     float elast = 1.f;
     if (gb != nullptr) {
-      double acc = 0.0;
-      for (int64_t t = 0; t < cl; ++t) {
-        acc += static_cast<double>(gb[(c0 + t) * P.gs[2]]);
-        sc.bc[t] = acc;
-        sc.ro[t] = P.scale * static_cast<float>(std::exp(acc));
-      }
-      double rev = 0.0;
-      for (int64_t t = cl - 1; t >= 0; --t) {
-        sc.ew[t] = static_cast<float>(std::exp(rev));
-        rev += static_cast<double>(gb[(c0 + t) * P.gs[2]]);
-      }
-      elast = static_cast<float>(std::exp(sc.bc[cl - 1]));
+      elast = chunk_decays(gb + c0 * P.gs[2], P.gs[2], cl, P.scale, sc.bc.data(), sc.ro.data(), sc.ew.data());
     } else {
       std::fill(sc.ro.begin(), sc.ro.begin() + cl, P.scale);
     }

@@ -50,6 +50,7 @@
 namespace sparse_attn_cpu {
 namespace {
 
+using linear_detail::chunk_decays;
 using linear_detail::kLog2e;
 using linear_detail::transpose_rows;
 
@@ -138,18 +139,7 @@ float load_chunk(const LinearBwdParams& P, BwdScratch& sc, const typename Elem<D
   }
   float elast = 1.f;
   if (gb != nullptr) {
-    double acc = 0.0;
-    for (int64_t t = 0; t < cl; ++t) {
-      acc += static_cast<double>(gb[(c0 + t) * P.gs[2]]);
-      sc.bc[t] = acc;
-      sc.ro[t] = P.scale * static_cast<float>(std::exp(acc));
-    }
-    double rev = 0.0;
-    for (int64_t t = cl - 1; t >= 0; --t) {
-      sc.ew[t] = static_cast<float>(std::exp(rev));
-      rev += static_cast<double>(gb[(c0 + t) * P.gs[2]]);
-    }
-    elast = static_cast<float>(std::exp(sc.bc[cl - 1]));
+    elast = chunk_decays(gb + c0 * P.gs[2], P.gs[2], cl, P.scale, sc.bc.data(), sc.ro.data(), sc.ew.data());
     for (int64_t t = 0; t < cl; ++t) {
       float* wr = sc.w.data() + t * Cp;
       const int64_t tv = round_up(std::max<int64_t>(t, 1), kVec);

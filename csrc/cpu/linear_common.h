@@ -1,6 +1,7 @@
 // What the chunked linear-attention forward (linear.cpp) and backward (linear_bwd.cpp) share.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include "cpu/vec.h"
@@ -43,6 +44,24 @@ inline void transpose_rows(const float* const* rows, int64_t n, int64_t D, float
     const int64_t dstart = t < t0 ? dv : 0;
     for (int64_t d = dstart; d < D; ++d) kt[d * ldt + t] = rows[t][d];
   }
+}
+
+// A chunk's decays from its cl log-decays g[t * gs]: bc_t = sum of g over [0, t] (double),
+// ro_t = scale exp(bc_t), ew_t = exp(sum of g over (t, last]) (summed directly, not a difference
+// of cumulative sums); returns exp(bc_last).
+inline float chunk_decays(const float* g, int64_t gs, int64_t cl, float scale, double* bc, float* ro, float* ew) {
+  double acc = 0.0;
+  for (int64_t t = 0; t < cl; ++t) {
+    acc += static_cast<double>(g[t * gs]);
+    bc[t] = acc;
+    ro[t] = scale * static_cast<float>(std::exp(acc));
+  }
+  double rev = 0.0;
+  for (int64_t t = cl - 1; t >= 0; --t) {
+    ew[t] = static_cast<float>(std::exp(rev));
+    rev += static_cast<double>(g[t * gs]);
+  }
+  return static_cast<float>(std::exp(bc[cl - 1]));
 }
 
 }  // namespace linear_detail
