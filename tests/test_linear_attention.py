@@ -232,6 +232,22 @@ def cu(*lens):
     return torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
 
 
+def check_varlen(o, st, q, k, v, decay, s0, lens, per_seq=None):
+    """Each packed sequence of a varlen call against the float64 oracle run on it alone (its
+    output rows and its final state); `per_seq(i, (q, k, v, decay, s0) of sequence i)` adds checks."""
+    offs = cu(*lens).tolist()
+    for i in range(len(lens)):
+        a, z = offs[i], offs[i + 1]
+        di = decay if decay is None or decay.dim() == 1 else decay[:, :, a:z]
+        args = (q[:, :, a:z], k[:, :, a:z], v[:, :, a:z], di, s0[i:i + 1])
+        ref, ref_st = oracle.oracle_linear_attention(*args[:3], decay=di, initial_state=args[4])
+        if per_seq is not None:
+            per_seq(i, args)
+        if z > a:
+            oracle.assert_close_contract(o[:, :, a:z], ref, dtype=torch.float32, device="cpu", what=f"seq {i}")
+        oracle.assert_close_contract(st[i:i + 1], ref_st, dtype=torch.float32, device="cpu", what=f"state {i}")
+
+
 @pytest.mark.parametrize("decay_kind", ["none", "per-head", "per-token"])
 def test_varlen_cu_seqlens(decay_kind):
     lens = [5, 0, 70, 1, 33]
@@ -241,15 +257,7 @@ def test_varlen_cu_seqlens(decay_kind):
     s0 = randn(len(lens), h, d, dv, requires_grad=True)
     o, st = sa.linear_attention(q, k, v, decay=decay, initial_state=s0, return_state=True, cu_seqlens=cu(*lens))
     assert o.shape == (1, h, t, dv) and st.shape == (len(lens), h, d, dv)
-    offs = cu(*lens).tolist()
-    for i in range(len(lens)):
-        a, z = offs[i], offs[i + 1]
-        di = decay if decay is None or decay.dim() == 1 else decay[:, :, a:z]
-        ref, ref_st = oracle.oracle_linear_attention(q[:, :, a:z], k[:, :, a:z], v[:, :, a:z], decay=di,
-                                                     initial_state=s0[i:i + 1])
-        if z > a:
-            oracle.assert_close_contract(o[:, :, a:z], ref, dtype=torch.float32, device="cpu", what=f"seq {i}")
-        oracle.assert_close_contract(st[i:i + 1], ref_st, dtype=torch.float32, device="cpu", what=f"state {i}")
+    check_varlen(o, st, q, k, v, decay, s0, lens)
     (o.square().sum() + st.sum()).backward()  # gradients flow to q and every sequence's initial state
     assert torch.isfinite(q.grad).all() and (s0.grad.abs().sum(dim=(1, 2, 3)) > 0).all()
 
@@ -423,18 +431,13 @@ def test_cpu_linear_varlen(decay_kind):
     decay = None if decay is None else decay.detach()
     s0 = randn(len(lens), h, d, dv)
     o, st = sa.linear_attention(q, k, v, decay=decay, initial_state=s0, return_state=True, cu_seqlens=cu(*lens))
-    offs = cu(*lens).tolist()
-    for i in range(len(lens)):
-        a, z = offs[i], offs[i + 1]
-        di = decay if decay is None or decay.dim() == 1 else decay[:, :, a:z]
-        ref, ref_st = oracle.oracle_linear_attention(q[:, :, a:z], k[:, :, a:z], v[:, :, a:z], decay=di,
-                                                     initial_state=s0[i:i + 1])
-        if z - a > 1:  # a one-token sequence is a decode step: the recurrent kernel
-            assert plan_linear(q[:, :, a:z], k[:, :, a:z], v[:, :, a:z], decay=di,
-                               initial_state=s0[i:i + 1]).kernel.name == "cpu.linear_chunked"
-        if z > a:
-            oracle.assert_close_contract(o[:, :, a:z], ref, dtype=torch.float32, device="cpu", what=f"seq {i}")
-        oracle.assert_close_contract(st[i:i + 1], ref_st, dtype=torch.float32, device="cpu", what=f"state {i}")
+
+    def chunked_kernel_runs(i, args):
+        qi, ki, vi, di, si = args
+        if qi.shape[2] > 1:  # a one-token sequence is a decode step: the recurrent kernel
+            assert plan_linear(qi, ki, vi, decay=di, initial_state=si).kernel.name == "cpu.linear_chunked"
+
+    check_varlen(o, st, q, k, v, decay, s0, lens, chunked_kernel_runs)
 
 
 @needs_cpu_linear

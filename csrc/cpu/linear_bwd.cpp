@@ -91,27 +91,15 @@ struct BwdScratch {
     bc.assign(C, 0.0), dbq.assign(std::max<int64_t>(S, 1), 0.0);
     rt.assign(Wp * Dp, 0.f), raw.assign(C * Cp, 0.f), kx.assign(C, 0.f);
     rsum.assign(C, 0.0), csum.assign(C, 0.0);
-    for (int64_t t = 0; t < C; ++t) {
-      qrow.push_back(q.data() + t * Dp);
-      krow.push_back(k.data() + t * Dp);
-      vrow.push_back(v.data() + t * Wp);
-      dorow.push_back(dO.data() + t * Wp);
-      prow.push_back(p.data() + t * Cp);
-      prow_w.push_back(p.data() + t * Cp);
-      xrow.push_back(x.data() + t * Xw);
-    }
-    for (int64_t j = 0; j < Wp; ++j) {
-      vtrow.push_back(vt.data() + j * Cp);
-      strow.push_back(st.data() + j * Dp);
-    }
-    for (int64_t d = 0; d < Dp; ++d) {
-      qtrow.push_back(qt.data() + d * Cp);
-      qtsrow.push_back(qts.data() + d * Cp);
-      rrow.push_back(r.data() + d * Wp);
-      rrow_c.push_back(r.data() + d * Wp);
-      dktrow.push_back(dkt.data() + d * Cp);
-      dktrow_c.push_back(dkt.data() + d * Cp);
-    }
+    // row pointers: n rows of ld floats from base
+    auto rows = [](auto& out, float* base, int64_t n, int64_t ld) {
+      for (int64_t i = 0; i < n; ++i) out.push_back(base + i * ld);
+    };
+    rows(qrow, q.data(), C, Dp), rows(krow, k.data(), C, Dp), rows(vrow, v.data(), C, Wp);
+    rows(dorow, dO.data(), C, Wp), rows(prow, p.data(), C, Cp), rows(prow_w, p.data(), C, Cp);
+    rows(xrow, x.data(), C, Xw), rows(vtrow, vt.data(), Wp, Cp), rows(strow, st.data(), Wp, Dp);
+    rows(qtrow, qt.data(), Dp, Cp), rows(qtsrow, qts.data(), Dp, Cp), rows(rrow, r.data(), Dp, Wp);
+    rows(rrow_c, r.data(), Dp, Wp), rows(dktrow, dkt.data(), Dp, Cp), rows(dktrow_c, dkt.data(), Dp, Cp);
   }
 };
 
