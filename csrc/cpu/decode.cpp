@@ -63,6 +63,9 @@ using sparse_attn_cpu::interleave_bf16_rows;
 using sparse_attn_cpu::pack_k_pairs_rows;
 using sparse_attn_cpu::direct_head_dim;
 using sparse_attn_cpu::kDirectRows;
+using sparse_attn_cpu::kPvAccVectors;
+using sparse_attn_cpu::kPvCols;
+using sparse_attn_cpu::pv_rows_per_pass;
 using sparse_attn_cpu::prefetch_line_run;
 using sparse_attn_cpu::pv_direct;
 using sparse_attn_cpu::qk_direct;
@@ -87,6 +90,32 @@ struct Elem<0> {
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+#ifdef SPARSE_ATTN_BF16_DOT
+// The direct bf16 path's prefetch of the next segment: its K rows, then its V rows, into L2
+// (prefetcht1), spread evenly over the `calls` steps of this segment (one per key pair of each
+// q . K^T and P . V pass). The hardware prefetchers do not keep up with this loop on Zen 4, so
+// the memory has to be kept busy from software; paced over the whole segment, the requests also
+// go out while the softmax and the P . V passes that read V back from cache run, instead of in
+// bursts during the passes that stream. Measured (Sk = 131072, G = 4, D = 128, bf16, medians of
+// 30-80 alternating calls in one process, 5 runs each): with whole-row P . V passes, 1.02-1.05x
+// the previous code (next K rows during q . K^T, next V rows during the first half-row P . V
+// pass) on 2 threads and 1.00-1.04x on one; prefetcht0 or prefetchnta in place of prefetcht1
+// 0.8x; two segments ahead no better than one. Small gains on a VM whose memory speed drifts by
+// +-30%: the loop stays well short of overlapping compute and memory (see docs/perf).
+template <typename Rows>
+struct Pacer {
+  Rows k, v;
+  int64_t nk, kbytes, vbytes, calls, call = 0, done = 0;
+  void step() {
+    const int64_t want = ++call * 2 * nk / std::max<int64_t>(calls, 1);
+    for (; done < want && done < 2 * nk; ++done) {
+      if (done < nk) prefetch_line_run(k[done], kbytes);
+      else prefetch_line_run(v[done - nk], vbytes);
+    }
+  }
+};
+#endif
+
 // keys per segment (scores scratch: rows x kSeg). 128 rather than 64: the per-segment work (row
 // setup, softmax bookkeeping, the products' prologues) took ~12% less of the bf16 direct path's
 // compute from cache (one Zen 4 core, Hkv=8, D=128, G=4)
@@ -608,18 +637,20 @@ class Split {
       }
     }
 #ifdef SPARSE_ATTN_BF16_DOT
+    // direct path: q . K^T in passes of kDirectRows rows, P . V in passes of `rows` rows x `cols`
+    // columns; every key pair of every pass steps the pacer, which prefetches the next segment
+    const int64_t cols = std::min<int64_t>(P.Dv, kPvCols), rows = pv_rows_per_pass(cols);
+    Pacer<Rows> pace{nkr, nvr, next_nk, P.D * int64_t(sizeof(In)), P.Dv * int64_t(sizeof(In)),
+                     (nk + 15) / 16 * 8 * ((cnt + kDirectRows - 1) / kDirectRows) +
+                         (nk + 1) / 2 * ((cnt + rows - 1) / rows) * ((P.Dv + cols - 1) / cols)};
     if constexpr (kDot) {  // scores: q . K^T over the segment's keys, scaled by scale * log2 e
       if (S.w.direct) {
-        const int64_t kbytes = P.D * int64_t(sizeof(In));
         for (int64_t r = 0; r < cnt; r += kDirectRows)
           with_direct_rows(std::min<int64_t>(kDirectRows, cnt - r), [&](auto rg) {
             with_chunks(P.D, [&](auto dc) {
               qk_direct<decltype(rg)::value, decltype(dc)::value>(
                   nk, S.w.qwp.data() + r, [&](int64_t j) { return reinterpret_cast<const uint16_t*>(kr[j]); },
-                  S.sp.data() + r, P.qmul, [&](int64_t j) {
-                    if (r != 0) return;
-                    for (int64_t x = j; x < std::min(j + 2, next_nk); ++x) prefetch_line_run(nkr[x], kbytes);
-                  });
+                  S.sp.data() + r, P.qmul, [&] { pace.step(); });
             });
           });
       } else {
@@ -678,21 +709,17 @@ class Split {
     if constexpr (kDot) {  // out = corr * out + P . V, P rounded to bf16 pairs
       const int64_t np = (nk + 1) / 2;
       for (int64_t i = 0; i < cnt; ++i) floats_to_bf16_pairs(S.w.pw.data() + i * kSeg / 2, S.sp[i], round_up(nk, 16));
-      if (S.w.direct) {
-        const int64_t vbytes = P.Dv * int64_t(sizeof(In));
-        for (int64_t r = 0; r < cnt; r += kDirectRows)
-          for (int64_t d0 = 0; d0 < P.Dv; d0 += 64)
-            with_direct_rows(std::min<int64_t>(kDirectRows, cnt - r), [&](auto rg) {
-              auto run = [&](auto nc) {
-                pv_direct<decltype(rg)::value, decltype(nc)::value>(
-                    nk, S.w.pwp.data() + r, [&](int64_t j) { return reinterpret_cast<const uint16_t*>(vr[j]); },
-                    S.w.zero.data(), d0, S.w.obp.data() + r, S.corr.data() + r, [&](int64_t j) {
-                      if (r != 0 || d0 != 0) return;
-                      for (int64_t x = j; x < std::min(j + 2, next_nk); ++x) prefetch_line_run(nvr[x], vbytes);
-                    });
-              };
-              if (P.Dv - d0 >= 64) run(std::integral_constant<int, 2>{});
-              else run(std::integral_constant<int, 1>{});
+      if (S.w.direct) {  // passes of up to kPvCols columns: whole V rows for Dv <= 128 (decode_bf16.h)
+        for (int64_t r = 0; r < cnt; r += rows)
+          for (int64_t d0 = 0; d0 < P.Dv; d0 += cols)
+            with_direct_rows(std::min<int64_t>(rows, cnt - r), [&](auto rg) {
+              with_chunks(cols, [&](auto nc) {
+                constexpr int RG = std::remove_reference_t<decltype(rg)>::value, NC = decltype(nc)::value;
+                if constexpr (RG * NC <= kPvAccVectors / 2)  // pv_rows_per_pass never asks for more
+                  pv_direct<RG, NC>(
+                      nk, S.w.pwp.data() + r, [&](int64_t j) { return reinterpret_cast<const uint16_t*>(vr[j]); },
+                      S.w.zero.data(), d0, S.w.obp.data() + r, S.corr.data() + r, [&] { pace.step(); });
+              });
             });
         return;
       }

@@ -9,11 +9,18 @@
 //            of 16 scores by a 4-level shuffle/add tree (the first level in registers, per key pair);
 //   P . V:   per pair of keys, the two V rows are interleaved in registers (one vpermt2w per 16
 //            words) and multiplied with each row's broadcast (p_2i, p_2i+1) pair into accumulators
-//            that stay in registers across the segment (64 output columns per pass).
+//            that stay in registers across the segment: 16 vectors, so a pass covers 2 rows x 128
+//            columns or 4 rows x 64. Whole V rows (2 rows per pass, the other rows' passes reading
+//            the segment back from L1/L2) rather than half rows for all 4 rows at once: the first
+//            pass then streams the segment's V front to back, which the hardware prefetchers
+//            follow; half rows (two 64-byte lines of every 256 bytes, the other two in the next
+//            pass) they followed badly. Measured at Sk = 131072, G = 4, D = 128, 2 threads, 40
+//            alternating calls in one process: 17.9 -> 21.4 GB/s median (paired ratio 1.20); one
+//            thread 9.7 -> 10.5.
 // Both loops take a hook called once per key pair, which the caller uses to prefetch the next
-// segment's rows into L2, one row pair per step (spread evenly, not in a burst). Measured on one
-// Zen 4 core, Sk = 131072, D = 128: 9.9 GB/s without, 13.3 GB/s with (the hardware prefetchers
-// alone do not keep the K and V streams ahead of the products).
+// segment's rows into L2 at an even pace (decode.cpp's Pacer). Measured on one Zen 4 core, Sk =
+// 131072, D = 128: 9.9 GB/s without, 13.3 GB/s with a prefetch in the first passes only (the
+// hardware prefetchers alone do not keep the K and V streams ahead of the products).
 // Requires D and Dv multiples of 32 (one 64-byte vector per 32 elements); callers use the packed
 // path otherwise.
 #pragma once
@@ -24,6 +31,13 @@
 namespace sparse_attn_cpu {
 
 constexpr int kDirectRows = 4;  // query rows per pass (accumulators: 4 rows x 4 vectors)
+constexpr int kPvAccVectors = 16;  // P . V accumulators per pass: RG rows x 2 NC vectors
+constexpr int64_t kPvCols = 128;   // P . V columns per pass, at most
+
+// query rows per P . V pass of `cols` columns (kPvAccVectors accumulators, at most kDirectRows rows)
+inline int64_t pv_rows_per_pass(int64_t cols) {
+  return std::min<int64_t>(kDirectRows, kPvAccVectors * 16 / cols);
+}
 
 // every cache line of `bytes` bytes at p, into L2 (prefetcht1; into L1, t0, was no faster than
 // none: one core's L1 misses in flight cap it near 10 GB/s)
@@ -33,7 +47,7 @@ inline void prefetch_line_run(const void* p, int64_t bytes) {
 
 // s[r][0 : round_up(nk, 16)) = out_mul * (q_r . k_j), r < RG. q rows as bf16 words (DC * 16 words
 // each); krow(j) is key j's row (bf16, contiguous, DC * 32 elements). Keys past nk repeat key
-// nk - 1 (finite scores the caller masks). `ahead(j)` is called once per key pair (j even).
+// nk - 1 (finite scores the caller masks). `ahead()` is called once per key pair.
 template <int RG, int DC, typename Rows, typename Ahead>
 inline void qk_direct(int64_t nk, const uint32_t* const* q, Rows krow, float* const* s, float out_mul,
                       Ahead&& ahead) {
@@ -49,7 +63,7 @@ inline void qk_direct(int64_t nk, const uint32_t* const* q, Rows krow, float* co
   for (int64_t j0 = 0; j0 < nk; j0 += 16) {
     for (int m = 0; m < 8; ++m) {
       const int64_t ja = std::min(j0 + 2 * m, nk - 1), jb = std::min(j0 + 2 * m + 1, nk - 1);
-      ahead(j0 + 2 * m);
+      ahead();
       const auto* ka = reinterpret_cast<const uint32_t*>(krow(ja));
       const auto* kb = reinterpret_cast<const uint32_t*>(krow(jb));
       __m512 a[RG], b[RG];
@@ -88,7 +102,7 @@ inline void qk_direct(int64_t nk, const uint32_t* const* q, Rows krow, float* co
 // o_r[d0 : d0 + 32 NC) = corr_r * o_r + sum_i (p_r,2i p_r,2i+1) . (v_2i, v_2i+1)[d0 : d0 + 32 NC),
 // r < RG, over the np = ceil(nk / 2) key pairs; p rows as bf16 pairs (word i = keys 2i, 2i + 1);
 // vrow(j) key j's V row (bf16, contiguous); an odd nk's missing key reads `zero` (Dv zeros).
-// `ahead(j)` is called once per key pair (j even).
+// `ahead()` is called once per key pair.
 template <int RG, int NC, typename Rows, typename Ahead>
 inline void pv_direct(int64_t nk, const uint32_t* const* p, Rows vrow, const uint16_t* zero, int64_t d0,
                       float* const* o, const float* corr, Ahead&& ahead) {
@@ -102,13 +116,13 @@ inline void pv_direct(int64_t nk, const uint32_t* const* p, Rows vrow, const uin
     for (int v = 0; v < 2 * NC; ++v) acc[r][v] = _mm512_mul_ps(_mm512_loadu_ps(o[r] + d0 + 16 * v), _mm512_set1_ps(corr[r]));
   const int64_t np = (nk + 1) / 2;
   for (int64_t i = 0; i < np; ++i) {
-    ahead(2 * i);
+    ahead();
     const uint16_t* va = vrow(2 * i) + d0;
     const uint16_t* vb = (2 * i + 1 < nk ? vrow(2 * i + 1) : zero) + d0;
     __m512bh pv[RG];
 #pragma GCC unroll 4
     for (int r = 0; r < RG; ++r) pv[r] = as_bh(_mm512_set1_epi32(static_cast<int>(p[r][i])));
-#pragma GCC unroll 2
+#pragma GCC unroll 4
     for (int c = 0; c < NC; ++c) {
       const __m512i x = _mm512_loadu_si512(va + 32 * c), y = _mm512_loadu_si512(vb + 32 * c);
       const __m512bh lo = as_bh(_mm512_permutex2var_epi16(x, lo_idx, y)), hi = as_bh(_mm512_permutex2var_epi16(x, hi_idx, y));
