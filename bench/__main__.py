@@ -35,6 +35,10 @@ def parse_args(argv=None):
     p.add_argument("--budget", type=float, default=None,
                    help="seconds per implementation per case: longer ones are skipped with the estimate recorded "
                         "(default 5 with --quick, 60 otherwise)")
+    p.add_argument("--timing", type=float, default=None,
+                   help="seconds of timed calls per row, the median reported (default 0.3 with --quick, 3 "
+                        "otherwise); a call longer than this is timed once, cold. Raise it where seconds-long "
+                        "rows are compared: one sample of a 3 s call moved by +-30%% on the 2-core VM")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-plots", action="store_true", help="do not draw the PNG plots")
     p.add_argument("--list", action="store_true", help="list the cases and implementations, and exit")
@@ -57,6 +61,9 @@ def main(argv=None) -> int:
     except KeyError as e:
         sys.exit(f"--dtype: unknown dtype {e}; expected some of {', '.join(DTYPES)}")
     budget = args.budget if args.budget is not None else (5.0 if args.quick else 60.0)
+    timing_budget = args.timing if args.timing is not None else (0.3 if args.quick else 3.0)
+    if not timing_budget > 0:
+        sys.exit(f"--timing: expected a positive number of seconds, got {args.timing}")
     cases = [c for c in sweep(device, args.quick, dtypes) if _match(c.name, args.filter)]
     impls, external = all_impls(device)
     impls = [i for i in impls if _match(i.name, args.impl)]
@@ -73,7 +80,7 @@ def main(argv=None) -> int:
     progress = Progress(len(cases))
     log = progress.message
     env = environment(device)
-    env.update(quick=args.quick, budget_s=budget, dtypes=[str(d).removeprefix("torch.") for d in dtypes],
+    env.update(quick=args.quick, budget_s=budget, timing_s=timing_budget, dtypes=[str(d).removeprefix("torch.") for d in dtypes],
                implementations=[i.name for i in impls], external_libraries=external,
                sdpa_backends={n: next((w for w in ws if w), None) if all(ws) else "ok" for n, ws in sdpa_status.items()})
     log(f"bench on {env['device_name']}: {len(cases)} cases x {len(impls)} implementations "
@@ -83,7 +90,6 @@ def main(argv=None) -> int:
             "other work is running, CPU timings will be noisy")
     roofline = measure_roofline(device, dtypes, quick=args.quick)
     calib, cache, rows = Calibration(roofline), {}, []
-    timing_budget = 0.3 if args.quick else 3.0
     for i, case in enumerate(cases, 1):
         progress.start_case(i, case.name)
         case_rows = run_case(case, impls, device, roofline, calib, budget_s=budget, timing_budget_s=timing_budget,

@@ -74,6 +74,9 @@ def page(data: dict, images: list[str], page_dir: str, json_name: str | None) ->
                                               for k, v in (env.get("sdpa_backends") or {}).items()),
              f"- **Per-implementation budget:** {env.get('budget_s')} s per case (longer ones are skipped, with "
              "the estimate in the row)"]
+    if env.get("timing_s") is not None:
+        lines.append(f"- **Timed calls per row:** {env['timing_s']:g} s of them, the median reported (a longer call "
+                     "is timed once)")
     if json_name:
         lines.append(f"- **Raw results:** [{json_name}]({json_name}) (every row, every repeat)")
     lines += ["", "Columns: *roofline* = the implementation's own work (visited pairs for sparse kernels, all causal "
