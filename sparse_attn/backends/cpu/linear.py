@@ -114,7 +114,7 @@ class CpuLinearChunked(Kernel):
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
     patterns = (LinearAttention,)
     supports_backward = True
-    #: decode (one token, no gradients): reference.linear_recurrent
+    #: decode (one token, no gradients): reference.linear_recurrent; one token with gradients: here
     phases = ("prefill", "chunked-prefill", "training")
     #: takes k, v with their own Hkv heads (`linear_attention` expands them for other kernels): at
     #: B = 1, H = 32, Hkv = 8, S = 32K the expansion alone cost 0.66 s of a 2.0 s call
@@ -129,8 +129,8 @@ class CpuLinearChunked(Kernel):
     #: the backward's autograd machinery (the Function, the engine, the extension call, the
     #: gradient casts): at S = 1 (B = 1, H = 3, D = 16, one core) the kernel's forward + backward
     #: measured 105 us against 16 us for its forward alone. (`linear_attention` forward + backward:
-    #: 146 us, where the recurrent kernel measured 270 us; its cost model, 90 us, leaves its own
-    #: autograd overhead out, so the scheduler still gives it one-token training steps.)
+    #: 146 us, where the recurrent kernel measured 270 us; the reference cost models now count
+    #: their autograd overhead too, so one-token training steps come here.)
     backward_overhead_s = 90e-6
 
     def unavailable(self):

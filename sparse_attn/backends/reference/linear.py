@@ -166,6 +166,14 @@ def linear_attention_recurrent(q, k, v, *, decay=None, scale: float, initial_sta
 # cost models and the recurrent (decode) kernel
 # ----------------------------------------------------------------------------------------------
 _OP_OVERHEAD_S = 15e-6  # one small PyTorch op on the host (dispatch, allocation)
+#: with gradients, every op also records an autograd node and runs its backward: a one-token
+#: forward + backward of the recurrent kernel measured 270 us (B = 1, H = 3, D = 16, one Zen 4
+#: core, 2026-11-23) where its forward ops alone are modelled at 90 us
+_BACKWARD_OP_FACTOR = 3.0
+
+
+def _op_overhead(p, ops: float) -> float:
+    return ops * _OP_OVERHEAD_S * (_BACKWARD_OP_FACTOR if p.requires_grad else 1.0)
 
 
 def linear_chunked_cost(p, chunk: int) -> float:
@@ -179,7 +187,7 @@ def linear_chunked_cost(p, chunk: int) -> float:
     nbytes = elem * tokens * (c + 2 * p.head_dim + 2 * p.v_head_dim)
     scan_ops = n if p.pattern.decay != "none" else 2
     return roofline_seconds(p, flops=flops * (3.5 if p.requires_grad else 1.0), bytes_moved=nbytes,
-                            efficiency=0.5, overhead_s=(20 + scan_ops) * _OP_OVERHEAD_S,
+                            efficiency=0.5, overhead_s=_op_overhead(p, 20 + scan_ops),
                             compute_dtype=acc_dtype(p.dtype))
 
 
@@ -206,7 +214,7 @@ class ReferenceLinearRecurrent(Kernel):
         flops = 4.0 * p.batch * p.q_heads * s * p.head_dim * p.v_head_dim
         nbytes = 4.0 * 2 * p.batch * p.q_heads * p.head_dim * p.v_head_dim * s  # the state, read + written
         return roofline_seconds(p, flops=flops * (3.5 if p.requires_grad else 1.0), bytes_moved=nbytes,
-                                efficiency=0.5, overhead_s=(2 + 4 * s) * _OP_OVERHEAD_S,
+                                efficiency=0.5, overhead_s=_op_overhead(p, 2 + 4 * s),
                                 compute_dtype=acc_dtype(p.dtype))
 
     def run(self, q, k, v, p, *, gate=None, decay=None, initial_state=None):
