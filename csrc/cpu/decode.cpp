@@ -97,11 +97,11 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // the memory has to be kept busy from software; paced over the whole segment, the requests also
 // go out while the softmax and the P . V passes that read V back from cache run, instead of in
 // bursts during the passes that stream. Measured (Sk = 131072, G = 4, D = 128, bf16, medians of
-// 30-80 alternating calls in one process, 5 runs each): with whole-row P . V passes, 1.02-1.05x
-// the previous code (next K rows during q . K^T, next V rows during the first half-row P . V
-// pass) on 2 threads and 1.00-1.04x on one; prefetcht0 or prefetchnta in place of prefetcht1
-// 0.8x; two segments ahead no better than one. Small gains on a VM whose memory speed drifts by
-// +-30%: the loop stays well short of overlapping compute and memory (see docs/perf).
+// 30-80 alternating calls in one process): with whole-row P . V passes, 1.02-1.05x the previous
+// code (next K rows during q . K^T, next V rows during the first half-row P . V pass) on 2
+// threads and 1.00-1.04x on one in a slow phase of the VM, 0.99-1.01x in a fast one; prefetcht0
+// or prefetchnta in place of prefetcht1 0.8x; two segments ahead no better than one. Without
+// software prefetch the loop reads 0.6-0.75x as fast: docs/kernel_guide.md section 8.
 template <typename Rows>
 struct Pacer {
   Rows k, v;
