@@ -3,7 +3,8 @@
 // Decode is memory-bound: the whole cost is reading the visited K/V once. So:
 // * per (batch, kv head) the visited keys are cut into segments of <= kSeg = 128 keys (the union
 //   over the Sq rows; each segment carries a bit mask of the rows that visit it), and the list is
-//   split across threads; every split computes a partial (out, max, sum) for ALL the rows it
+//   split across threads (on the direct bf16 path, consecutive segments are then processed as
+//   runs of up to kRunKeys keys); every split computes a partial (out, max, sum) for ALL the rows it
 //   serves (the G query heads of the group x the Sq tokens), so each K/V byte is read once, then
 //   the splits are merged by log-sum-exp;
 // * K/V are read in their dtype (bf16 / fp16 / fp32) and converted in registers, 8 floats at a
@@ -91,22 +92,22 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 #ifdef SPARSE_ATTN_BF16_DOT
-// The direct bf16 path's prefetch of the next segment: its K rows, then its V rows, into L2
-// (prefetcht1), spread evenly over the `calls` steps of this segment (one per key pair of each
-// q . K^T and P . V pass). The hardware prefetchers do not keep up with this loop on Zen 4, so
-// the memory has to be kept busy from software; paced over the whole segment, the requests also
-// go out while the softmax and the P . V passes that read V back from cache run, instead of in
-// bursts during the passes that stream. Measured (Sk = 131072, G = 4, D = 128, bf16, medians of
-// 30-80 alternating calls in one process): with whole-row P . V passes, 1.02-1.05x the previous
-// code (next K rows during q . K^T, next V rows during the first half-row P . V pass) on 2
-// threads and 1.00-1.04x on one in a slow phase of the VM, 0.99-1.01x in a fast one; prefetcht0
-// or prefetchnta in place of prefetcht1 0.8x; two segments ahead no better than one. Without
-// software prefetch the loop reads 0.6-0.75x as fast: docs/kernel_guide.md section 8.
+// The direct bf16 path's prefetch of the next segment where the hardware prefetchers cannot
+// guess it (a run that does not continue the current one, or the pages of a paged cache): its K
+// rows, then its V rows, into L2 (prefetcht1), spread evenly over the `calls` steps of this
+// segment (one per key pair of each q . K^T and P . V pass), so that the requests also go out
+// while the softmax and the P . V passes that read V back from cache run, instead of in bursts
+// (a burst of prefetches is mostly dropped). Measured with 128-key segments (Sk = 131072, G = 4,
+// D = 128, bf16, medians of 30-80 alternating calls in one process): 1.02-1.05x the previous
+// unpaced prefetch; prefetcht0 or prefetchnta in place of prefetcht1 0.8x; two segments ahead
+// no better than one. step() is forced inline: as a call, it made the compiler spill the 16 P . V
+// accumulators around every key pair, which cost little from DRAM but up to 1.2x on data in
+// cache (TopK(16) decode at 128K keys: 1.38-1.93x with the inline hook and long runs together).
 template <typename Rows>
 struct Pacer {
   Rows k, v;
   int64_t nk, kbytes, vbytes, calls, call = 0, done = 0;
-  void step() {
+  __attribute__((always_inline)) inline void step() {
     const int64_t want = ++call * 2 * nk / std::max<int64_t>(calls, 1);
     for (; done < want && done < 2 * nk; ++done) {
       if (done < nk) prefetch_line_run(k[done], kbytes);
@@ -120,6 +121,20 @@ struct Pacer {
 // setup, softmax bookkeeping, the products' prologues) took ~12% less of the bf16 direct path's
 // compute from cache (one Zen 4 core, Hkv=8, D=128, G=4)
 constexpr int64_t kSeg = 128;
+// On the direct bf16 path, consecutive segments (next keys, same rows) are processed as one run
+// of up to long_run_keys <= kRunKeys keys, on both layouts (cut by position, so a paged cache
+// still gives bit-identical results). Over a strided tensor a run's continuation is not
+// prefetched by software: the hardware prefetchers follow a long run of demand misses, while one
+// core's software prefetches top out near 15 GB/s (probably its L1 miss buffers), where the
+// hardware prefetchers reach ~29 (torch.sum over 512 MB: 57-59 GB/s on 2 threads in the VM's fast
+// phase). Measured (Sk = 131072, G = 4, D = 128, 2 threads, alternating calls in one process,
+// the phase told by a torch.sum between calls): 2048-key runs 1.10-1.13x the paced 128-key
+// segments when the sum reads > 42 GB/s, 1.01-1.04x when it reads ~35; 1024-key runs
+// 1.09-1.10x / 1.00-1.02x; 2048-key runs with the paced prefetch kept 1.00x; P . V in 32-128-key
+// blocks (both row passes over a block while in L1) 0.86-0.93x: pauses in the V stream stall the
+// hardware prefetchers.
+constexpr int64_t kRunKeys = 2048;
+constexpr int64_t kRunScratchFloats = 16384;  // rows x run keys of scores at most (64 KB)
 constexpr int64_t kMinSegs = 4;      // a split reads at least ~512 keys: the merge stays negligible
 constexpr int64_t kMaxSplits = 256;  // per (batch, kv head)
 constexpr int kRT = 4;               // rows per register tile
@@ -473,18 +488,32 @@ struct DotScratch {
   std::vector<float> ob;
   std::vector<const uint32_t*> qwp, pwp;
   std::vector<float*> obp;
-  void init(const Params& P) {
-    Dw = (P.D + 1) / 2, Dvp = (P.Dv + 15) / 16 * 16;
+  static bool direct_path(const Params& P) {
 #ifdef SPARSE_ATTN_BF16_DOT
-    direct = direct_head_dim(P.D) && direct_head_dim(P.Dv);
+    return direct_head_dim(P.D) && direct_head_dim(P.Dv);
+#else
+    return false;
 #endif
+  }
+  // `run`: keys per segment at most (the stride of the P rows)
+  void init(const Params& P, int64_t run) {
+    Dw = (P.D + 1) / 2, Dvp = (P.Dv + 15) / 16 * 16;
+    direct = direct_path(P);
     zero.assign(Dvp, 0);
     qw.assign(P.R * Dw, 0u), kp.assign(std::max<int64_t>(Dw, 1) * kSeg, 0u), vp.assign(kSeg / 2 * Dvp, 0u);
-    pw.assign(P.R * kSeg / 2, 0u), ob.assign(P.R * Dvp, 0.f);
+    pw.assign(P.R * run / 2, 0u), ob.assign(P.R * Dvp, 0.f);
     qwp.resize(P.R), pwp.resize(P.R), obp.resize(P.R);
-    for (int64_t i = 0; i < P.R; ++i) pwp[i] = pw.data() + i * kSeg / 2;
+    for (int64_t i = 0; i < P.R; ++i) pwp[i] = pw.data() + i * run / 2;
   }
 };
+
+// keys of a strided run processed as one segment for `rows` query rows: a power of two in
+// [kSeg, kRunKeys] whose rows x keys of scores fit kRunScratchFloats
+inline int64_t long_run_keys(int64_t rows) {
+  int64_t n = kSeg;
+  while (n * 2 <= kRunKeys && rows * n * 2 <= kRunScratchFloats) n *= 2;
+  return n;
+}
 
 struct Scratch {
   std::vector<float> q, o, s, m, l, corr;
@@ -492,11 +521,16 @@ struct Scratch {
   std::vector<float*> sp, op;
   std::vector<int32_t> rid;
   DotScratch w;
+  // keys per segment at most: kSeg, or long_run_keys on the direct bf16 path, where runs of
+  // consecutive segments are processed as one (Split::run)
+  int64_t run = kSeg;
+  std::vector<Seg> runs;  // a split's segments merged into runs (run > kSeg)
   Scratch(const Params& P, bool bf16_dot) {
-    if (bf16_dot) w.init(P);
+    if (bf16_dot && DotScratch::direct_path(P)) run = long_run_keys(P.R);
+    if (bf16_dot) w.init(P, run);
     q.assign(P.R * P.Dpad, 0.f);
     o.assign(P.R * std::max<int64_t>(P.Dv, 1), 0.f);
-    s.assign(P.R * kSeg, 0.f);
+    s.assign(P.R * run, 0.f);
     m.assign(P.R, kNegInf);
     l.assign(P.R, 0.f);
     corr.assign(P.R, 1.f);
@@ -538,9 +572,38 @@ class Split {
     std::fill(S.m.begin(), S.m.end(), kNegInf);
     std::fill(S.l.begin(), S.l.end(), 0.f);
     const int64_t skb = P.len(b);
+    if (S.run > kSeg) {  // segments cut by position into runs, on both paths (bit-identical results)
+      S.runs.clear();
+      for (int64_t e = 0; e < nseg;) {
+        Seg r = segs[e];
+        for (++e; e < nseg && segs[e].j0 == r.j0 + r.nk && segs[e].rows == r.rows && r.nk + segs[e].nk <= S.run; ++e)
+          r.nk += segs[e].nk;
+        S.runs.push_back(r);
+      }
+      segs = S.runs.data(), nseg = static_cast<int64_t>(S.runs.size());
+    }
     if (!P.table) {
       const In* kb = K + b * P.kst[0] + h * P.kst[1];
       const In* vb = V + b * P.vst[0] + h * P.vst[1];
+      if (S.run > kSeg) {  // direct bf16 path: runs of consecutive segments, one segment each
+        for (int64_t e = 0; e < nseg; ++e) {
+          const Seg& cur = segs[e];
+          const Seg* nx = e + 1 < nseg ? &segs[e + 1] : nullptr;
+          // the next run is prefetched (its first kSeg keys) only where it does not continue this
+          // one: a continuation the hardware prefetchers fetch by themselves
+          const int64_t ahead = nx && nx->j0 != cur.j0 + cur.nk ? std::min<int64_t>(nx->nk, kSeg) : 0;
+          const StridedRows<In> ck{kb + cur.j0 * P.kst[2], P.kst[2]}, cv{vb + cur.j0 * P.vst[2], P.vst[2]};
+          const StridedRows<In> nk{kb + (nx ? nx->j0 : 0) * P.kst[2], P.kst[2]};
+          const StridedRows<In> nv{vb + (nx ? nx->j0 : 0) * P.vst[2], P.vst[2]};
+          if (ahead > 0) {
+            segment(S, cur, ck, cv, skb, nk, nv, ahead);
+          } else {
+            segment<StridedRows<In>, false>(S, cur, ck, cv, skb, nk, nv, 0);
+          }
+        }
+        copy_out(S, po, pm, pl);
+        return;
+      }
       for (int64_t e = 0; e < nseg; ++e) {
         if (kDot && !S.w.direct) {  // K and V kPrefetchAhead segments ahead, every line: the bf16
           // products consume a segment faster than the hardware prefetchers fetch 16 rows at once
@@ -558,9 +621,12 @@ class Split {
       copy_out(S, po, pm, pl);
       return;
     }
-    if (nseg > 0) locate(segs[0], b, h, kr_[0], vr_[0]);
+    if (kr_.size() < static_cast<size_t>(2 * S.run)) kr_.resize(2 * S.run), vr_.resize(2 * S.run);
+    const In** kr[2] = {kr_.data(), kr_.data() + S.run};
+    const In** vr[2] = {vr_.data(), vr_.data() + S.run};
+    if (nseg > 0) locate(segs[0], b, h, kr[0], vr[0]);
     for (int64_t e = 0; e < nseg; ++e) {
-      if (e + 1 < nseg) locate(segs[e + 1], b, h, kr_[(e + 1) & 1], vr_[(e + 1) & 1]);
+      if (e + 1 < nseg) locate(segs[e + 1], b, h, kr[(e + 1) & 1], vr[(e + 1) & 1]);
       // pages sit anywhere in the pool: the hardware prefetchers cannot guess where the keys go
       // on, and every page costs a TLB walk. Touch one line per 4 KB of K and V two segments
       // ahead (a strided tensor streams by itself). Measured: paged / contiguous time ~1.14 ->
@@ -575,8 +641,8 @@ class Split {
           __builtin_prefetch(V + page * P.vst[0] + h * P.vst[1] + off * P.vst[2], 0, 2);
         }
       }
-      segment(S, segs[e], TableRows<In>{kr_[e & 1]}, TableRows<In>{vr_[e & 1]}, skb, TableRows<In>{kr_[(e + 1) & 1]},
-              TableRows<In>{vr_[(e + 1) & 1]}, e + 1 < nseg ? segs[e + 1].nk : 0);
+      segment(S, segs[e], TableRows<In>{kr[e & 1]}, TableRows<In>{vr[e & 1]}, skb, TableRows<In>{kr[(e + 1) & 1]},
+              TableRows<In>{vr[(e + 1) & 1]}, e + 1 < nseg ? segs[e + 1].nk : 0);
     }
     copy_out(S, po, pm, pl);
   }
@@ -617,7 +683,9 @@ class Split {
 
   // one segment's keys: kr / vr its K / V rows; nkr / nvr the next segment's (next_nk of them),
   // which the direct bf16 path prefetches into L2 while it works
-  template <typename Rows>
+  // Paced = false (next_nk must be 0): no prefetch hook at all in the products' loops (a call
+  // there, even one that does nothing, makes the compiler spill the accumulators around it)
+  template <typename Rows, bool Paced = true>
   void segment(Scratch& S, const Seg& sg, Rows kr, Rows vr, int64_t skb, Rows nkr, Rows nvr, int64_t next_nk) {
     const int64_t G = P.G, nk = sg.nk, j0 = sg.j0;
     if (!kDot || (P.table && !S.w.direct)) prefetch_rows(vr, nk, P.Dv);  // the V rows are read after the scores: ask for them now
@@ -628,7 +696,7 @@ class Split {
         const int64_t row = t * G + g;
         S.qp[cnt] = S.q.data() + row * P.Dpad;
         S.op[cnt] = S.o.data() + row * P.Dv;
-        S.sp[cnt] = S.s.data() + cnt * kSeg;
+        S.sp[cnt] = S.s.data() + cnt * S.run;
         S.rid[cnt] = static_cast<int32_t>(row);
         if constexpr (kDot) {
           S.w.qwp[cnt] = S.w.qw.data() + row * S.w.Dw;
@@ -650,7 +718,9 @@ class Split {
             with_chunks(P.D, [&](auto dc) {
               qk_direct<decltype(rg)::value, decltype(dc)::value>(
                   nk, S.w.qwp.data() + r, [&](int64_t j) { return reinterpret_cast<const uint16_t*>(kr[j]); },
-                  S.sp.data() + r, P.qmul, [&] { pace.step(); });
+                  S.sp.data() + r, P.qmul, [&]() __attribute__((always_inline)) {
+                    if constexpr (Paced) pace.step();
+                  });
             });
           });
       } else {
@@ -708,7 +778,7 @@ class Split {
 #ifdef SPARSE_ATTN_BF16_DOT
     if constexpr (kDot) {  // out = corr * out + P . V, P rounded to bf16 pairs
       const int64_t np = (nk + 1) / 2;
-      for (int64_t i = 0; i < cnt; ++i) floats_to_bf16_pairs(S.w.pw.data() + i * kSeg / 2, S.sp[i], round_up(nk, 16));
+      for (int64_t i = 0; i < cnt; ++i) floats_to_bf16_pairs(S.w.pw.data() + i * S.run / 2, S.sp[i], round_up(nk, 16));
       if (S.w.direct) {  // passes of up to kPvCols columns: whole V rows for Dv <= 128 (decode_bf16.h)
         for (int64_t r = 0; r < cnt; r += rows)
           for (int64_t d0 = 0; d0 < P.Dv; d0 += cols)
@@ -718,7 +788,9 @@ class Split {
                 if constexpr (RG * NC <= kPvAccVectors / 2)  // pv_rows_per_pass never asks for more
                   pv_direct<RG, NC>(
                       nk, S.w.pwp.data() + r, [&](int64_t j) { return reinterpret_cast<const uint16_t*>(vr[j]); },
-                      S.w.zero.data(), d0, S.w.obp.data() + r, S.corr.data() + r, [&] { pace.step(); });
+                      S.w.zero.data(), d0, S.w.obp.data() + r, S.corr.data() + r, [&]() __attribute__((always_inline)) {
+                        if constexpr (Paced) pace.step();
+                      });
               });
             });
         return;
@@ -743,8 +815,8 @@ class Split {
 
   const Params& P;
   const In *Q, *K, *V;
-  const In* kr_[2][kSeg];  // paged: K / V row addresses of the current and the next segment
-  const In* vr_[2][kSeg];
+  // paged: K / V row addresses of the current segment and the next (2 x Scratch::run each)
+  std::vector<const In*> kr_, vr_;
 };
 
 template <typename OutT>
