@@ -3,8 +3,8 @@
 // Decode is memory-bound: the whole cost is reading the visited K/V once. So:
 // * per (batch, kv head) the visited keys are cut into segments of <= kSeg = 128 keys (the union
 //   over the Sq rows; each segment carries a bit mask of the rows that visit it), and the list is
-//   split across threads (on the direct bf16 path, consecutive segments are then processed as
-//   runs of up to kRunKeys keys); every split computes a partial (out, max, sum) for ALL the rows it
+//   split across threads (on the direct bf16 path over a strided tensor, consecutive segments are
+//   then read as runs of up to kRunKeys keys, with the same arithmetic); every split computes a partial (out, max, sum) for ALL the rows it
 //   serves (the G query heads of the group x the Sq tokens), so each K/V byte is read once, then
 //   the splits are merged by log-sum-exp;
 // * K/V are read in their dtype (bf16 / fp16 / fp32) and converted in registers, 8 floats at a
@@ -121,9 +121,12 @@ struct Pacer {
 // setup, softmax bookkeeping, the products' prologues) took ~12% less of the bf16 direct path's
 // compute from cache (one Zen 4 core, Hkv=8, D=128, G=4)
 constexpr int64_t kSeg = 128;
-// On the direct bf16 path, consecutive segments (next keys, same rows) are processed as one run
-// of up to long_run_keys <= kRunKeys keys, on both layouts (cut by position, so a paged cache
-// still gives bit-identical results). Over a strided tensor a run's continuation is not
+// On the direct bf16 path over a strided tensor, consecutive segments (next keys, same rows) are
+// read as one run of up to long_run_keys <= kRunKeys keys: q . K^T over the run, then P . V over
+// it, while the softmax and the accumulators' rescaling still go segment by segment, so the
+// result is bit-identical to the segments one by one (and to a paged cache, which keeps 128-key
+// segments and the paced prefetch: with 2048-key runs it measured 0.79-0.97x under every prefetch
+// scheme tried, as a run and its prefetched successor overflow L2). A run's continuation is not
 // prefetched by software: the hardware prefetchers follow a long run of demand misses, while one
 // core's software prefetches top out near 15 GB/s (probably its L1 miss buffers), where the
 // hardware prefetchers reach ~29 (torch.sum over 512 MB: 57-59 GB/s on 2 threads in the VM's fast
@@ -521,12 +524,13 @@ struct Scratch {
   std::vector<float*> sp, op;
   std::vector<int32_t> rid;
   DotScratch w;
-  // keys per segment at most: kSeg, or long_run_keys on the direct bf16 path, where runs of
-  // consecutive segments are processed as one (Split::run)
+  // keys per segment at most: kSeg, or long_run_keys on the direct bf16 path over a strided
+  // tensor, where runs of consecutive segments are read as one (Split::run)
   int64_t run = kSeg;
   std::vector<Seg> runs;  // a split's segments merged into runs (run > kSeg)
+  std::vector<int64_t> run_first, pair_end;  // runs[e]'s first segment; per sub-segment, its end key pair
   Scratch(const Params& P, bool bf16_dot) {
-    if (bf16_dot && DotScratch::direct_path(P)) run = long_run_keys(P.R);
+    if (bf16_dot && DotScratch::direct_path(P) && !P.table) run = long_run_keys(P.R);
     if (bf16_dot) w.init(P, run);
     q.assign(P.R * P.Dpad, 0.f);
     o.assign(P.R * std::max<int64_t>(P.Dv, 1), 0.f);
@@ -572,23 +576,30 @@ class Split {
     std::fill(S.m.begin(), S.m.end(), kNegInf);
     std::fill(S.l.begin(), S.l.end(), 0.f);
     const int64_t skb = P.len(b);
-    if (S.run > kSeg) {  // segments cut by position into runs, on both paths (bit-identical results)
-      S.runs.clear();
-      for (int64_t e = 0; e < nseg;) {
-        Seg r = segs[e];
-        for (++e; e < nseg && segs[e].j0 == r.j0 + r.nk && segs[e].rows == r.rows && r.nk + segs[e].nk <= S.run; ++e)
-          r.nk += segs[e].nk;
-        S.runs.push_back(r);
-      }
-      segs = S.runs.data(), nseg = static_cast<int64_t>(S.runs.size());
-    }
     if (!P.table) {
       const In* kb = K + b * P.kst[0] + h * P.kst[1];
       const In* vb = V + b * P.vst[0] + h * P.vst[1];
-      if (S.run > kSeg) {  // direct bf16 path: runs of consecutive segments, one segment each
-        for (int64_t e = 0; e < nseg; ++e) {
-          const Seg& cur = segs[e];
-          const Seg* nx = e + 1 < nseg ? &segs[e + 1] : nullptr;
+      if (S.run > kSeg) {  // direct bf16 path: runs of consecutive segments (kRunKeys)
+        // a run grows by the next segment while it continues it (next keys, same rows), fits
+        // S.run keys, and ends on a multiple of 16 keys so far (its sub-segments then keep their
+        // own key pairs and 16-key score groups: the arithmetic of separate segments)
+        S.runs.clear(), S.run_first.clear();
+        for (int64_t e = 0; e < nseg;) {
+          Seg r = segs[e];
+          S.run_first.push_back(e);
+          for (++e; e < nseg && r.nk % 16 == 0 && segs[e].j0 == r.j0 + r.nk && segs[e].rows == r.rows &&
+                    r.nk + segs[e].nk <= S.run;
+               ++e)
+            r.nk += segs[e].nk;
+          S.runs.push_back(r);
+        }
+        S.run_first.push_back(nseg);
+        const int64_t nrun = static_cast<int64_t>(S.runs.size());
+        for (int64_t e = 0; e < nrun; ++e) {
+          const Seg& cur = S.runs[e];
+          const Seg* nx = e + 1 < nrun ? &S.runs[e + 1] : nullptr;
+          const Seg* subs = segs + S.run_first[e];
+          const int64_t nsub = S.run_first[e + 1] - S.run_first[e];
           // the next run is prefetched (its first kSeg keys) only where it does not continue this
           // one: a continuation the hardware prefetchers fetch by themselves
           const int64_t ahead = nx && nx->j0 != cur.j0 + cur.nk ? std::min<int64_t>(nx->nk, kSeg) : 0;
@@ -596,9 +607,9 @@ class Split {
           const StridedRows<In> nk{kb + (nx ? nx->j0 : 0) * P.kst[2], P.kst[2]};
           const StridedRows<In> nv{vb + (nx ? nx->j0 : 0) * P.vst[2], P.vst[2]};
           if (ahead > 0) {
-            segment(S, cur, ck, cv, skb, nk, nv, ahead);
+            segment(S, cur, ck, cv, skb, nk, nv, ahead, subs, nsub);
           } else {
-            segment<StridedRows<In>, false>(S, cur, ck, cv, skb, nk, nv, 0);
+            segment<StridedRows<In>, false>(S, cur, ck, cv, skb, nk, nv, 0, subs, nsub);
           }
         }
         copy_out(S, po, pm, pl);
@@ -685,9 +696,14 @@ class Split {
   // which the direct bf16 path prefetches into L2 while it works
   // Paced = false (next_nk must be 0): no prefetch hook at all in the products' loops (a call
   // there, even one that does nothing, makes the compiler spill the accumulators around it)
+  // `subs` (nsub > 0): sg is a run of these consecutive segments, each but the last a multiple of
+  // 16 keys; the softmax and the P . V rescaling run per sub-segment, so the result is bit-identical
+  // to processing them one by one (only the memory access pattern changes)
   template <typename Rows, bool Paced = true>
-  void segment(Scratch& S, const Seg& sg, Rows kr, Rows vr, int64_t skb, Rows nkr, Rows nvr, int64_t next_nk) {
+  void segment(Scratch& S, const Seg& sg, Rows kr, Rows vr, int64_t skb, Rows nkr, Rows nvr, int64_t next_nk,
+               const Seg* subs = nullptr, int64_t nsub = 0) {
     const int64_t G = P.G, nk = sg.nk, j0 = sg.j0;
+    if (nsub == 0) subs = &sg, nsub = 1;
     if (!kDot || (P.table && !S.w.direct)) prefetch_rows(vr, nk, P.Dv);  // the V rows are read after the scores: ask for them now
     int64_t cnt = 0;
     for (int64_t t = 0; t < P.sq; ++t) {
@@ -739,45 +755,53 @@ class Split {
         default: qk_rows<DT, 1>(nk, P.D, S.qp.data() + r, kr, S.sp.data() + r); break;
       }
     }
-    // token rule, online softmax (base 2)
-    const int64_t nk8 = (nk + 7) / 8 * 8;
+    // token rule, online softmax (base 2), per sub-segment; corr[u * cnt + i]: sub-segment u's
+    // rescaling of row i's accumulators
+    if (static_cast<int64_t>(S.corr.size()) < nsub * cnt) S.corr.resize(nsub * cnt);
+    float* const corr = S.corr.data();
     for (int64_t i = 0; i < cnt; ++i) {
-      float* s = S.sp[i];
       const int64_t row = S.rid[i], t = row / G;
-      for (int64_t j = nk; j < nk8; ++j) s[j] = kNegInf;
       const RowRange rr = row_range(P, skb, t);
-      const bool in_window = j0 >= rr.lo && j0 + nk <= rr.hi, in_sinks = j0 + nk <= rr.s;
-      if (!in_window && !in_sinks)
-        for (int64_t j = 0; j < nk; ++j) {
-          const int64_t a = j0 + j;
-          if (!((a >= rr.lo && a < rr.hi) || a < rr.s)) s[j] = kNegInf;
+      for (int64_t u = 0; u < nsub; ++u) {
+        const int64_t sj0 = subs[u].j0, snk = subs[u].nk, snk8 = (snk + 7) / 8 * 8;
+        float* s = S.sp[i] + (sj0 - j0);
+        float& cr = corr[u * cnt + i];
+        for (int64_t j = snk; j < snk8; ++j) s[j] = kNegInf;
+        const bool in_window = sj0 >= rr.lo && sj0 + snk <= rr.hi, in_sinks = sj0 + snk <= rr.s;
+        if (!in_window && !in_sinks)
+          for (int64_t j = 0; j < snk; ++j) {
+            const int64_t a = sj0 + j;
+            if (!((a >= rr.lo && a < rr.hi) || a < rr.s)) s[j] = kNegInf;
+          }
+        f8 mx = vsplat(kNegInf);
+        for (int64_t j = 0; j < snk8; j += 8) mx = vmax(mx, vload(s + j));
+        float m_blk = kNegInf;
+        for (int l = 0; l < 8; ++l) m_blk = std::max(m_blk, lane(mx, l));
+        const float m_old = S.m[row], m_new = std::max(m_old, m_blk);
+        if (m_new == kNegInf) {  // nothing visible to this row yet
+          cr = 1.f;
+          std::fill_n(s, snk8, 0.f);
+          continue;
         }
-      f8 mx = vsplat(kNegInf);
-      for (int64_t j = 0; j < nk8; j += 8) mx = vmax(mx, vload(s + j));
-      float m_blk = kNegInf;
-      for (int l = 0; l < 8; ++l) m_blk = std::max(m_blk, lane(mx, l));
-      const float m_old = S.m[row], m_new = std::max(m_old, m_blk);
-      if (m_new == kNegInf) {  // nothing visible to this row yet
-        S.corr[i] = 1.f;
-        std::fill_n(s, nk8, 0.f);
-        continue;
+        cr = exp2_scalar(m_old - m_new);  // 0 on the row's first visible segment
+        const f8 vm = vsplat(m_new);
+        f8 acc = vzero();
+        for (int64_t j = 0; j < snk8; j += 8) {
+          const f8 pj = vexp2(vload(s + j) - vm);
+          vstore(s + j, pj);
+          acc += pj;
+        }
+        float sum = 0.f;
+        for (int l = 0; l < 8; ++l) sum += lane(acc, l);
+        S.l[row] = S.l[row] * cr + sum;
+        S.m[row] = m_new;
       }
-      S.corr[i] = exp2_scalar(m_old - m_new);  // 0 on the row's first visible segment
-      const f8 vm = vsplat(m_new);
-      f8 acc = vzero();
-      for (int64_t j = 0; j < nk8; j += 8) {
-        const f8 pj = vexp2(vload(s + j) - vm);
-        vstore(s + j, pj);
-        acc += pj;
-      }
-      float sum = 0.f;
-      for (int l = 0; l < 8; ++l) sum += lane(acc, l);
-      S.l[row] = S.l[row] * S.corr[i] + sum;
-      S.m[row] = m_new;
     }
 #ifdef SPARSE_ATTN_BF16_DOT
     if constexpr (kDot) {  // out = corr * out + P . V, P rounded to bf16 pairs
       const int64_t np = (nk + 1) / 2;
+      S.pair_end.resize(nsub);
+      for (int64_t u = 0; u < nsub; ++u) S.pair_end[u] = (subs[u].j0 - j0 + subs[u].nk + 1) / 2;
       for (int64_t i = 0; i < cnt; ++i) floats_to_bf16_pairs(S.w.pw.data() + i * S.run / 2, S.sp[i], round_up(nk, 16));
       if (S.w.direct) {  // passes of up to kPvCols columns: whole V rows for Dv <= 128 (decode_bf16.h)
         for (int64_t r = 0; r < cnt; r += rows)
@@ -788,9 +812,9 @@ class Split {
                 if constexpr (RG * NC <= kPvAccVectors / 2)  // pv_rows_per_pass never asks for more
                   pv_direct<RG, NC>(
                       nk, S.w.pwp.data() + r, [&](int64_t j) { return reinterpret_cast<const uint16_t*>(vr[j]); },
-                      S.w.zero.data(), d0, S.w.obp.data() + r, S.corr.data() + r, [&]() __attribute__((always_inline)) {
+                      S.w.zero.data(), d0, S.w.obp.data() + r, corr + r, [&]() __attribute__((always_inline)) {
                         if constexpr (Paced) pace.step();
-                      });
+                      }, nsub, S.pair_end.data(), cnt);
               });
             });
         return;

@@ -102,10 +102,13 @@ inline void qk_direct(int64_t nk, const uint32_t* const* q, Rows krow, float* co
 // o_r[d0 : d0 + 32 NC) = corr_r * o_r + sum_i (p_r,2i p_r,2i+1) . (v_2i, v_2i+1)[d0 : d0 + 32 NC),
 // r < RG, over the np = ceil(nk / 2) key pairs; p rows as bf16 pairs (word i = keys 2i, 2i + 1);
 // vrow(j) key j's V row (bf16, contiguous); an odd nk's missing key reads `zero` (Dv zeros).
-// `ahead()` is called once per key pair.
+// `ahead()` is called once per key pair. With nsub > 1 the keys are nsub sub-segments, u ending at
+// key pair pair_end[u] (the last at np), and the accumulators are rescaled by corr[u * corr_stride
+// + r] in registers as sub-segment u starts: the same float operations as one call per sub-segment.
 template <int RG, int NC, typename Rows, typename Ahead>
 inline void pv_direct(int64_t nk, const uint32_t* const* p, Rows vrow, const uint16_t* zero, int64_t d0,
-                      float* const* o, const float* corr, Ahead&& ahead) {
+                      float* const* o, const float* corr, Ahead&& ahead, int64_t nsub = 1,
+                      const int64_t* pair_end = nullptr, int64_t corr_stride = 0) {
   const __m512i lo_idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
                                           37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
   const __m512i hi_idx = _mm512_add_epi16(lo_idx, _mm512_set1_epi16(16));
@@ -115,21 +118,31 @@ inline void pv_direct(int64_t nk, const uint32_t* const* p, Rows vrow, const uin
 #pragma GCC unroll 4
     for (int v = 0; v < 2 * NC; ++v) acc[r][v] = _mm512_mul_ps(_mm512_loadu_ps(o[r] + d0 + 16 * v), _mm512_set1_ps(corr[r]));
   const int64_t np = (nk + 1) / 2;
-  for (int64_t i = 0; i < np; ++i) {
-    ahead();
-    const uint16_t* va = vrow(2 * i) + d0;
-    const uint16_t* vb = (2 * i + 1 < nk ? vrow(2 * i + 1) : zero) + d0;
-    __m512bh pv[RG];
+  for (int64_t u = 0, i = 0; u < nsub; ++u) {
+    if (u > 0) {
 #pragma GCC unroll 4
-    for (int r = 0; r < RG; ++r) pv[r] = as_bh(_mm512_set1_epi32(static_cast<int>(p[r][i])));
+      for (int r = 0; r < RG; ++r) {
+        const __m512 c = _mm512_set1_ps(corr[u * corr_stride + r]);
 #pragma GCC unroll 4
-    for (int c = 0; c < NC; ++c) {
-      const __m512i x = _mm512_loadu_si512(va + 32 * c), y = _mm512_loadu_si512(vb + 32 * c);
-      const __m512bh lo = as_bh(_mm512_permutex2var_epi16(x, lo_idx, y)), hi = as_bh(_mm512_permutex2var_epi16(x, hi_idx, y));
+        for (int v = 0; v < 2 * NC; ++v) acc[r][v] = _mm512_mul_ps(acc[r][v], c);
+      }
+    }
+    for (const int64_t end = u + 1 < nsub ? pair_end[u] : np; i < end; ++i) {
+      ahead();
+      const uint16_t* va = vrow(2 * i) + d0;
+      const uint16_t* vb = (2 * i + 1 < nk ? vrow(2 * i + 1) : zero) + d0;
+      __m512bh pv[RG];
 #pragma GCC unroll 4
-      for (int r = 0; r < RG; ++r)
-        acc[r][2 * c] = _mm512_dpbf16_ps(acc[r][2 * c], pv[r], lo),
-        acc[r][2 * c + 1] = _mm512_dpbf16_ps(acc[r][2 * c + 1], pv[r], hi);
+      for (int r = 0; r < RG; ++r) pv[r] = as_bh(_mm512_set1_epi32(static_cast<int>(p[r][i])));
+#pragma GCC unroll 4
+      for (int c = 0; c < NC; ++c) {
+        const __m512i x = _mm512_loadu_si512(va + 32 * c), y = _mm512_loadu_si512(vb + 32 * c);
+        const __m512bh lo = as_bh(_mm512_permutex2var_epi16(x, lo_idx, y)), hi = as_bh(_mm512_permutex2var_epi16(x, hi_idx, y));
+#pragma GCC unroll 4
+        for (int r = 0; r < RG; ++r)
+          acc[r][2 * c] = _mm512_dpbf16_ps(acc[r][2 * c], pv[r], lo),
+          acc[r][2 * c + 1] = _mm512_dpbf16_ps(acc[r][2 * c + 1], pv[r], hi);
+      }
     }
   }
 #pragma GCC unroll 4
