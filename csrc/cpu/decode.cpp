@@ -632,12 +632,9 @@ class Split {
       copy_out(S, po, pm, pl);
       return;
     }
-    if (kr_.size() < static_cast<size_t>(2 * S.run)) kr_.resize(2 * S.run), vr_.resize(2 * S.run);
-    const In** kr[2] = {kr_.data(), kr_.data() + S.run};
-    const In** vr[2] = {vr_.data(), vr_.data() + S.run};
-    if (nseg > 0) locate(segs[0], b, h, kr[0], vr[0]);
+    if (nseg > 0) locate(segs[0], b, h, kr_[0], vr_[0]);
     for (int64_t e = 0; e < nseg; ++e) {
-      if (e + 1 < nseg) locate(segs[e + 1], b, h, kr[(e + 1) & 1], vr[(e + 1) & 1]);
+      if (e + 1 < nseg) locate(segs[e + 1], b, h, kr_[(e + 1) & 1], vr_[(e + 1) & 1]);
       // pages sit anywhere in the pool: the hardware prefetchers cannot guess where the keys go
       // on, and every page costs a TLB walk. Touch one line per 4 KB of K and V two segments
       // ahead (a strided tensor streams by itself). Measured: paged / contiguous time ~1.14 ->
@@ -652,8 +649,8 @@ class Split {
           __builtin_prefetch(V + page * P.vst[0] + h * P.vst[1] + off * P.vst[2], 0, 2);
         }
       }
-      segment(S, segs[e], TableRows<In>{kr[e & 1]}, TableRows<In>{vr[e & 1]}, skb, TableRows<In>{kr[(e + 1) & 1]},
-              TableRows<In>{vr[(e + 1) & 1]}, e + 1 < nseg ? segs[e + 1].nk : 0);
+      segment(S, segs[e], TableRows<In>{kr_[e & 1]}, TableRows<In>{vr_[e & 1]}, skb, TableRows<In>{kr_[(e + 1) & 1]},
+              TableRows<In>{vr_[(e + 1) & 1]}, e + 1 < nseg ? segs[e + 1].nk : 0);
     }
     copy_out(S, po, pm, pl);
   }
@@ -856,8 +853,8 @@ class Split {
 
   const Params& P;
   const In *Q, *K, *V;
-  // paged: K / V row addresses of the current segment and the next (2 x Scratch::run each)
-  std::vector<const In*> kr_, vr_;
+  const In* kr_[2][kSeg];  // paged: K / V row addresses of the current and the next segment
+  const In* vr_[2][kSeg];
 };
 
 template <typename OutT>
