@@ -41,7 +41,8 @@ MIRROR=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources 2
 MIRROR=${MIRROR:-http://deb.debian.org/debian}
 if [ ! -x xbin/qemu-aarch64 ]; then
   retry curl -sfo debs/trixie-Packages.xz "$MIRROR/dists/trixie/main/binary-amd64/Packages.xz"
-  QDEB=$(xz -dc debs/trixie-Packages.xz | awk '/^Package: qemu-user$/{f=1} f&&/^Filename:/{print $2; exit}')
+  # (awk reads to the end: an early exit would make xz die of SIGPIPE, which pipefail turns into a failure)
+  QDEB=$(xz -dc debs/trixie-Packages.xz | awk '/^Package: qemu-user$/{f=1} f && /^Filename:/ && !done {print $2; done=1}')
   [ -n "$QDEB" ] || { echo "arm_env: qemu-user not found in Debian 13's index" >&2; exit 1; }
   retry curl -sfo debs/qemu-user.deb "$MIRROR/$QDEB"
   dpkg-deb --fsys-tarfile debs/qemu-user.deb | tar -x -O ./usr/bin/qemu-aarch64 > xbin/qemu-aarch64
