@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "cpu/target_check.h"
 #include "cpu/huge_pages.h"
 #include "cpu/layout_check.h"
 #include "cpu/token_blocks.h"
@@ -396,6 +397,7 @@ torch::Tensor topk_select(torch::Tensor q, torch::Tensor kbar_t, int64_t kv_head
                           int64_t block_size, int64_t topk, int64_t sink_blocks, int64_t local_blocks);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  SPARSE_ATTN_CHECK_TARGET();  // refuse to load on a CPU without this build's features
   m.doc() = "sparse_attn CPU kernels";
   m.attr("vector_width") = sparse_attn_cpu::kVec;
   m.attr("bf16_dot") = sparse_attn_cpu::kHaveBf16Dot;  // bfloat16 products with vdpbf16ps

@@ -37,6 +37,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/target_check.h"
 #include "cpu/scalar.h"
 #include "cpu/vec_bf16.h"    // SPARSE_ATTN_BF16_DOT: bfloat16 products with vdpbf16ps
 #include "cpu/decode_bf16.h"  // ... straight from the K/V rows
@@ -1124,6 +1125,7 @@ torch::Tensor pool_keys(torch::Tensor k, int64_t block) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  SPARSE_ATTN_CHECK_TARGET();  // refuse to load on a CPU without this build's features
   m.doc() = "sparse_attn CPU split-KV decode kernel";
   m.attr("bf16_dot") = sparse_attn_decode::kHaveBf16Dot;  // bfloat16 products with vdpbf16ps
   m.def("decode_fwd", &decode_fwd, "split-KV attention forward for Sq <= 16 query rows -> (out, lse)", py::arg("q"),

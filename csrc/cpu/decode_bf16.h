@@ -39,6 +39,37 @@ inline int64_t pv_rows_per_pass(int64_t cols) {
   return std::min<int64_t>(kDirectRows, kPvAccVectors * 16 / cols);
 }
 
+// dispatch a compile-time row count 1..kDirectRows
+template <typename F>
+inline void with_direct_rows(int64_t rg, F&& f) {
+  switch (rg) {
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    default: f(std::integral_constant<int, 1>{}); break;
+  }
+}
+
+// head dims the direct path serves: 32 * DC elements, DC in {1, 2, 4, 8}
+inline bool direct_head_dim(int64_t d) { return d == 32 || d == 64 || d == 128 || d == 256; }
+
+template <typename F>
+inline void with_chunks(int64_t d, F&& f) {
+  switch (d / 32) {
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    default: f(std::integral_constant<int, 1>{}); break;
+  }
+}
+
+}  // namespace sparse_attn_cpu
+
+#if defined(__aarch64__)
+#include "cpu/decode_bf16_neon.h"  // the same three functions with Arm's bfdot
+#else
+namespace sparse_attn_cpu {
+
 // every cache line of `bytes` bytes at p, into L2 (prefetcht1; into L1, t0, was no faster than
 // none: one core's L1 misses in flight cap it near 10 GB/s)
 inline void prefetch_line_run(const void* p, int64_t bytes) {
@@ -151,29 +182,6 @@ inline void pv_direct(int64_t nk, const uint32_t* const* p, Rows vrow, const uin
     for (int v = 0; v < 2 * NC; ++v) _mm512_storeu_ps(o[r] + d0 + 16 * v, acc[r][v]);
 }
 
-// dispatch a compile-time row count 1..kDirectRows
-template <typename F>
-inline void with_direct_rows(int64_t rg, F&& f) {
-  switch (rg) {
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    default: f(std::integral_constant<int, 1>{}); break;
-  }
-}
-
-// head dims the direct path serves: 32 * DC elements, DC in {1, 2, 4, 8}
-inline bool direct_head_dim(int64_t d) { return d == 32 || d == 64 || d == 128 || d == 256; }
-
-template <typename F>
-inline void with_chunks(int64_t d, F&& f) {
-  switch (d / 32) {
-    case 8: f(std::integral_constant<int, 8>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    default: f(std::integral_constant<int, 1>{}); break;
-  }
-}
-
 }  // namespace sparse_attn_cpu
+#endif  // x86 / Arm
 #endif  // SPARSE_ATTN_BF16_DOT

@@ -37,6 +37,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/target_check.h"
 #include "cpu/huge_pages.h"
 #include "cpu/linear_common.h"
 #include "cpu/vec.h"
@@ -321,6 +322,7 @@ std::vector<torch::Tensor> linear_bwd(torch::Tensor q, torch::Tensor k, torch::T
                                       int64_t chunk, bool decay_grad);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  SPARSE_ATTN_CHECK_TARGET();  // refuse to load on a CPU without this build's features
   m.doc() = "sparse_attn CPU chunked linear attention forward and backward";
   m.def("linear_fwd", &linear_fwd, "chunked linear attention forward -> (o float32, final state float32)",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("decay"), py::arg("initial_state"), py::arg("scale"),

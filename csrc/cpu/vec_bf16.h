@@ -8,8 +8,10 @@
 // transpose of the K block (word p of key row n); for O = P . V it interleaves V rows 2p and 2p + 1.
 //
 // Everything here exists only when the compiler targets AVX-512 BF16 (-march=native on such a CPU
-// in the JIT build): SPARSE_ATTN_BF16_DOT is then defined and the kernels use these paths for
-// bfloat16 inputs; otherwise they convert bf16 to float32 and use vec.h's float32 kernel.
+// in the JIT build), or Arm's BF16 extension (vec_bf16_neon.h: `bfdot` has the same pair semantics
+// on 4 lanes, so the same packed layouts feed it): SPARSE_ATTN_BF16_DOT is then defined and the
+// kernels use these paths for bfloat16 inputs; otherwise they convert bf16 to float32 and use
+// vec.h's float32 kernel.
 #pragma once
 
 #include "cpu/vec.h"
@@ -173,3 +175,8 @@ inline void interleave_bf16_rows(uint32_t* dst, const uint16_t* r0, const uint16
 }  // namespace sparse_attn_cpu
 
 #endif  // AVX-512 BF16
+
+#if !defined(SPARSE_ATTN_BF16_DOT) && defined(__aarch64__) && defined(__ARM_FEATURE_BF16_VECTOR_ARITHMETIC) && \
+    !defined(SPARSE_ATTN_NO_BF16_DOT)
+#include "cpu/vec_bf16_neon.h"  // the same interface with Arm's bfdot
+#endif

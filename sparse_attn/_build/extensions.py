@@ -1,7 +1,8 @@
 """The C++/CUDA extensions: one table read by the JIT loader and by setup.py (no torch import here).
 
 name -> sources (relative to csrc/), headers they include (for the cache key), compiler and
-linker flags, and flags for just-in-time builds only (e.g. -march=native). An entry with
+linker flags, and flags for just-in-time builds only (`-march=native` there stands for this
+machine's instruction-set target: `target.py` resolves it, explicitly on aarch64). An entry with
 `"cuda": True` has .cu sources compiled by nvcc with `cuda_cflags`; it is built only where torch
 has CUDA (the JIT loader and setup.py skip it elsewhere; CI compiles its .cu files with nvcc alone,
 tests/test_cuda_build.py).
@@ -11,7 +12,7 @@ EXTENSIONS = {
     "cpu": {
         "sources": ["cpu/block_sparse_fwd.cpp", "cpu/block_sparse_bwd.cpp", "cpu/topk_select.cpp"],
         "headers": ["cpu/vec.h", "cpu/vec_bf16.h", "cpu/scalar.h", "cpu/layout_check.h", "cpu/token_blocks.h",
-                    "cpu/huge_pages.h"],
+                    "cpu/huge_pages.h", "cpu/target_check.h", "cpu/vec_bf16_neon.h"],
         "cflags": ["-fopenmp"],
         "ldflags": ["-fopenmp"],
         # only in JIT builds, which run where they are built
@@ -19,14 +20,15 @@ EXTENSIONS = {
     },
     "cpu_decode": {
         "sources": ["cpu/decode.cpp"],
-        "headers": ["cpu/scalar.h", "cpu/vec.h", "cpu/vec_bf16.h", "cpu/decode_bf16.h"],
+        "headers": ["cpu/scalar.h", "cpu/vec.h", "cpu/vec_bf16.h", "cpu/decode_bf16.h", "cpu/target_check.h",
+                    "cpu/vec_bf16_neon.h", "cpu/decode_bf16_neon.h"],
         "cflags": ["-fopenmp"],
         "ldflags": ["-fopenmp"],
         "jit_cflags": ["-march=native"],
     },
     "cpu_linear": {
         "sources": ["cpu/linear.cpp", "cpu/linear_bwd.cpp"],
-        "headers": ["cpu/vec.h", "cpu/scalar.h", "cpu/huge_pages.h", "cpu/linear_common.h"],
+        "headers": ["cpu/vec.h", "cpu/scalar.h", "cpu/huge_pages.h", "cpu/linear_common.h", "cpu/target_check.h"],
         "cflags": ["-fopenmp"],
         "ldflags": ["-fopenmp"],
         "jit_cflags": ["-march=native"],

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .extensions import EXTENSIONS
+from .target import resolve
 
 _LOCK = threading.Lock()
 _LOADED: dict[str, object] = {}
@@ -99,7 +100,7 @@ def load_extension(name: str, *, verbose: bool | None = None):
                 if os.environ.get("SPARSE_ATTN_DISABLE_JIT") == "1":
                     raise ExtensionBuildError("just-in-time builds are disabled (SPARSE_ATTN_DISABLE_JIT=1)")
                 spec = EXTENSIONS[name]
-                mod = _jit(name, spec["sources"], spec["cflags"] + spec.get("jit_cflags", []),
+                mod = _jit(name, spec["sources"], spec["cflags"] + resolve(spec.get("jit_cflags", [])),
                            spec.get("ldflags", []), spec["headers"], verbose,
                            cuda_cflags=spec.get("cuda_cflags", []))
             except ExtensionBuildError as e:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .arm_cores import arm_core, cpu_part as _cpu_part
+
 
 @dataclass(frozen=True)
 class DeviceInfo:
@@ -60,8 +62,15 @@ def _cpu_info() -> DeviceInfo:
         gen, per_core_fp32 = "avx2", 48.0
         lowp = per_core_fp32
     elif platform.machine() in ("aarch64", "arm64"):
-        gen, per_core_fp32 = ("sve" if "sve" in flags else "neon"), 16.0
+        core = arm_core(_cpu_part())
+        gen = core.name
+        per_core_fp32, per_core_gbs = core.fp32_gflops, core.gbs
+        # the kernels' bf16 products use bfdot (2 products per lane) where the build has +bf16
         lowp = per_core_fp32 * (2.0 if "bf16" in flags else 1.0)
+        return DeviceInfo(type="cpu", name=f"cpu ({platform.machine()}, {cores} threads, {gen}, rates {core.source})",
+                          generation=gen, units=cores, peak_tflops_lowp=lowp * cores / 1000,
+                          peak_tflops_fp32=per_core_fp32 * cores / 1000,
+                          bandwidth_gbs=min(core.socket_gbs, per_core_gbs * cores))
     else:
         gen, per_core_fp32 = "generic", 8.0
         lowp = per_core_fp32
