@@ -4,6 +4,8 @@
 // Portable C++17 plus, on gcc and clang, GNU vector types (`vector_size`): no intrinsics, no
 // instruction-set assumption. The vector width follows the target the file is compiled for
 // (16 floats with AVX-512, 8 with AVX, 4 otherwise); -march=native in JIT builds picks it.
+// One exception, at the end: `v8`, vectors of exactly 8 floats whatever the target (the decode
+// kernel's dot-product tiles and softmax), with AVX / F16C intrinsics where they exist.
 // Why vector types and not plain loops: with plain loops gcc 12 kept the micro-kernel's
 // accumulators in registers for some (rows x columns) shapes only and fell to ~3 GFLOP/s on the
 // others, whereas the vector-typed kernel reaches ~110 GFLOP/s per core on AVX-512 for all of
@@ -19,7 +21,7 @@
 
 #include "cpu/scalar.h"
 
-#if defined(__AVX512F__)
+#if defined(__AVX__) || defined(__F16C__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -320,5 +322,131 @@ inline void load_row(float* dst, const typename Elem<DT>::T* src, int64_t n, int
     for (int64_t i = 0; i < n; ++i) dst[i] = Elem<DT>::get(src, i * stride) * mul;
   }
 }
+
+// ------------------------------------------------------------------------ fixed 8-float vectors
+// The decode kernel (decode_f32.h, decode_softmax.h) works on exactly 8 floats at a time on every
+// target: its q . k tiles keep 8 accumulators of 8 lanes and reduce them together (hsum), and its
+// results must not depend on the machine's vector width (a paged and a contiguous cache give the
+// same bits; AVX-512 machines keep the arithmetic measured on AVX2). GNU vector types where the
+// compiler has them (one 256-bit register with AVX, two 128-bit ones without), a plain array
+// elsewhere. Separate names from the native-width `vfloat` above: with AVX the two are one type.
+namespace v8 {
+
+#ifdef SPARSE_ATTN_VECTOR_TYPES
+typedef float f8 __attribute__((vector_size(32)));
+typedef int32_t i8 __attribute__((vector_size(32)));
+typedef uint16_t h8 __attribute__((vector_size(16)));
+inline f8 load(const float* p) {
+  f8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store(float* p, f8 v) { std::memcpy(p, &v, sizeof(v)); }
+inline f8 splat(float x) { return f8{} + x; }
+inline f8 zero() { return f8{}; }
+// a > b ? a : b per lane: a NaN does not reliably survive a running max (callers that must see
+// NaN look for it themselves, as decode_softmax.h does)
+inline f8 max(f8 a, f8 b) { return a > b ? a : b; }
+inline float lane(const f8& v, int i) { return v[i]; }
+// 2^x per lane for the softmax's x <= 0 (exp2_scalar's polynomial; NaN stays NaN)
+inline f8 exp2(f8 x) {
+  x = x < splat(-127.0f) ? splat(-127.0f) : x;
+  const f8 t = x + kMagic;
+  const f8 n = t - kMagic;
+  const f8 f = x - n;
+  const i8 e = ((i8)t - (i8)splat(kMagic)) + 127;
+  return exp2_poly(f) * (f8)(e << 23);
+}
+#else
+struct f8 {
+  float x[8];
+  f8& operator+=(const f8& o) {
+    for (int i = 0; i < 8; ++i) x[i] += o.x[i];
+    return *this;
+  }
+};
+inline f8 operator+(f8 a, const f8& b) { return a += b; }
+inline f8 operator-(f8 a, const f8& b) {
+  for (int i = 0; i < 8; ++i) a.x[i] -= b.x[i];
+  return a;
+}
+inline f8 operator*(f8 a, const f8& b) {
+  for (int i = 0; i < 8; ++i) a.x[i] *= b.x[i];
+  return a;
+}
+inline f8 load(const float* p) {
+  f8 v;
+  std::memcpy(v.x, p, sizeof(v.x));
+  return v;
+}
+inline void store(float* p, f8 v) { std::memcpy(p, v.x, sizeof(v.x)); }
+inline f8 splat(float x) {
+  f8 v;
+  for (int i = 0; i < 8; ++i) v.x[i] = x;
+  return v;
+}
+inline f8 zero() { return splat(0.f); }
+inline f8 max(f8 a, const f8& b) {
+  for (int i = 0; i < 8; ++i) a.x[i] = a.x[i] > b.x[i] ? a.x[i] : b.x[i];
+  return a;
+}
+inline float lane(const f8& v, int i) { return v.x[i]; }
+inline f8 exp2(f8 v) {
+  for (int i = 0; i < 8; ++i) v.x[i] = exp2_scalar(v.x[i]);
+  return v;
+}
+#endif
+
+// 8 elements of dtype DT (0 float32, 1 bfloat16, 2 float16) -> float32, in registers
+template <int DT>
+inline f8 convert(const typename Elem<DT>::T* p);
+template <>
+inline f8 convert<0>(const float* p) {
+  return load(p);
+}
+template <>
+inline f8 convert<1>(const uint16_t* p) {
+#ifdef SPARSE_ATTN_VECTOR_TYPES
+  h8 h;
+  std::memcpy(&h, p, sizeof(h));
+  return (f8)(__builtin_convertvector(h, i8) << 16);
+#else
+  f8 v;
+  for (int i = 0; i < 8; ++i) v.x[i] = bits_to_float(uint32_t(p[i]) << 16);
+  return v;
+#endif
+}
+template <>
+inline f8 convert<2>(const uint16_t* p) {
+#if defined(__F16C__) && defined(SPARSE_ATTN_VECTOR_TYPES)
+  return (f8)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
+  float t[8];
+  for (int i = 0; i < 8; ++i) t[i] = half_bits_to_float(p[i]);
+  return load(t);
+#endif
+}
+
+// out[i] = sum of the lanes of v[i], i < 8 (a horizontal-add tree with AVX, lane sums elsewhere)
+inline void hsum(const f8* v, float* out) {
+#if defined(__AVX__) && defined(SPARSE_ATTN_VECTOR_TYPES)
+  const __m256 t0 = _mm256_hadd_ps((__m256)v[0], (__m256)v[1]);
+  const __m256 t1 = _mm256_hadd_ps((__m256)v[2], (__m256)v[3]);
+  const __m256 t2 = _mm256_hadd_ps((__m256)v[4], (__m256)v[5]);
+  const __m256 t3 = _mm256_hadd_ps((__m256)v[6], (__m256)v[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1);  // [v0..v3 low halves | v0..v3 high halves]
+  const __m256 u1 = _mm256_hadd_ps(t2, t3);
+  const __m256 r = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+  _mm256_storeu_ps(out, r);
+#else
+  for (int i = 0; i < 8; ++i) {
+    float s = 0.f;
+    for (int l = 0; l < 8; ++l) s += lane(v[i], l);
+    out[i] = s;
+  }
+#endif
+}
+
+}  // namespace v8
 
 }  // namespace sparse_attn_cpu

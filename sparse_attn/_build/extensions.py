@@ -19,8 +19,9 @@ EXTENSIONS = {
         "jit_cflags": ["-march=native"],
     },
     "cpu_decode": {
-        "sources": ["cpu/decode.cpp"],
-        "headers": ["cpu/scalar.h", "cpu/vec.h", "cpu/vec_bf16.h", "cpu/decode_bf16.h", "cpu/target_check.h",
+        "sources": ["cpu/decode.cpp", "cpu/decode_binding.cpp"],
+        "headers": ["cpu/scalar.h", "cpu/vec.h", "cpu/vec_bf16.h", "cpu/decode_bf16.h", "cpu/decode_plan.h",
+                    "cpu/decode_rows.h", "cpu/decode_f32.h", "cpu/decode_softmax.h", "cpu/target_check.h",
                     "cpu/vec_bf16_neon.h", "cpu/decode_bf16_neon.h"],
         "cflags": ["-fopenmp"],
         "ldflags": ["-fopenmp"],

@@ -45,6 +45,25 @@ def _rule(pattern) -> tuple[bool, int, int]:
     return True, -1, 0
 
 
+def _run_kernel(q, k, v, pattern, *, scale: float, token_index=None, lengths=None, page_table=None,
+                page_size: int = 0):
+    """The one call into the extension: `decode_fwd(DecodeArgs)` (csrc/cpu/decode_binding.cpp says
+    what each field means) -> `(out, lse)`. `token_index`: TopK's selection (ignored otherwise)."""
+    ext = _ext()
+    args = ext.DecodeArgs()
+    args.q, args.k, args.v, args.scale = q, k, v, float(scale)
+    args.causal, args.window, args.sinks = _rule(pattern)
+    if isinstance(pattern, BlockSparse):
+        args.block, args.layout = pattern.block_size, pattern.layout
+    elif isinstance(pattern, TopK):
+        if token_index is None:  # the kernel would read no filter at all: dense
+            raise ValueError("token_index: TopK needs the per-token selection (decode_prepare)")
+        args.block, args.token_index = pattern.block_size, token_index
+        args.sink_blocks, args.local_blocks = pattern.sink_blocks, pattern.local_blocks
+    args.lengths, args.page_table, args.page_size = lengths, page_table, page_size
+    return ext.decode_fwd(args)
+
+
 def decode_prepare(q: torch.Tensor, k: torch.Tensor, pattern):
     """What the kernel needs beyond q, k, v: TopK's per-token selection (int32 `(B, Hkv, Sq, topk)`),
     else None. On the device, no host synchronisation, no autograd."""
@@ -71,22 +90,12 @@ def decode_forward(q, k, v, pattern, *, scale: float, token_index: torch.Tensor 
         k = k.contiguous()
     if v.shape[-1] > 1 and v.stride(-1) != 1:
         v = v.contiguous()
-    causal, window, sinks = _rule(pattern)
-    layout = None
-    mode, block, sink_blocks, local_blocks = 0, 0, 0, 1
-    if isinstance(pattern, BlockSparse):
-        mode, block, layout = 1, pattern.block_size, pattern.layout
-    elif isinstance(pattern, TopK):
-        mode, block = 2, pattern.block_size
-        sink_blocks, local_blocks = pattern.sink_blocks, pattern.local_blocks
+    if isinstance(pattern, TopK):
         if token_index is None:
             token_index = decode_prepare(q, k, pattern)
-    if mode != 2:
-        token_index = None
-    elif token_index is None:  # empty input
-        token_index = torch.empty(q.shape[0], k.shape[1], q.shape[2], 0, dtype=torch.int32)
-    return _ext().decode_fwd(q, k, v, causal, window, sinks, mode, block, layout, token_index, sink_blocks,
-                             local_blocks, float(scale))
+        if token_index is None:  # empty input
+            token_index = torch.empty(q.shape[0], k.shape[1], q.shape[2], 0, dtype=torch.int32)
+    return _run_kernel(q, k, v, pattern, scale=scale, token_index=token_index)
 
 
 def cache_token_index(q: torch.Tensor, cache, pattern: TopK) -> torch.Tensor:
@@ -126,21 +135,13 @@ def decode_over_cache(q: torch.Tensor, cache, pattern, *, scale: float) -> torch
 
     if q.shape[2] > MAX_ROWS:
         raise ValueError(f"q has {q.shape[2]} query rows; the decode kernel serves at most {MAX_ROWS}")
-    causal, window, sinks = _rule(pattern)
-    layout, token_index = None, None
-    mode, block, sink_blocks, local_blocks = 0, 0, 0, 1
-    if isinstance(pattern, BlockSparse):
-        mode, block, layout = 1, pattern.block_size, pattern.layout
-    elif isinstance(pattern, TopK):
-        mode, block = 2, pattern.block_size
-        sink_blocks, local_blocks = pattern.sink_blocks, pattern.local_blocks
-        token_index = cache_token_index(q, cache, pattern)
+    token_index = cache_token_index(q, cache, pattern) if isinstance(pattern, TopK) else None
     if isinstance(cache, PagedKVCache):
         k, v, table, page_size = cache.k_pages, cache.v_pages, cache.page_table, cache.page_size
     else:
         k, v, table, page_size = cache.k, cache.v, None, 0
-    return _ext().decode_fwd(q, k, v, causal, window, sinks, mode, block, layout, token_index, sink_blocks,
-                             local_blocks, float(scale), cache.lengths, table, page_size)[0]
+    return _run_kernel(q, k, v, pattern, scale=scale, token_index=token_index, lengths=cache.lengths,
+                       page_table=table, page_size=page_size)[0]
 
 
 def _keys_read(p) -> float:

@@ -1,0 +1,250 @@
+// The Python binding of the CPU decode kernel (decode.cpp) and of TopK's key pooling.
+//
+// decode_fwd takes ONE argument, a DecodeArgs: the tensors and the pattern's numbers by name
+// (sparse_attn/backends/cpu/decode.py fills it in one place). This file checks them (a clear
+// error naming the field, never a crash in the kernel), turns them into the kernel's Params
+// (decode_plan.h) and allocates the outputs.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <sstream>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/decode_plan.h"
+#include "cpu/target_check.h"
+#include "cpu/vec.h"
+
+namespace sparse_attn_decode {
+namespace {
+
+namespace v8 = sparse_attn_cpu::v8;
+
+// What decode_fwd computes, by name:
+// * q (B, Hq, Sq, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv): one dtype (float32, bfloat16 or
+//   float16), the head dims contiguous; Sq <= 16.
+// * the token rule: causal, window (< 0: none) and sinks (the first keys, always visible with a
+//   window); scale multiplies q . k.
+// * a block filter of `block` keys per block, at most one: `layout` (BlockSparse: bool (1 or B,
+//   1 or Hkv, >= nb, >= nb), indexed by absolute positions) or `token_index` (TopK: int32
+//   (B, Hkv, Sq, topk), ascending, -1 padded, plus sink_blocks / local_blocks forced blocks).
+// * a cache: `lengths` (int32 (B,)): sequence b holds lengths[b] keys and its query rows are
+//   end-aligned to it (absent: every sequence holds S keys); `page_table` (int32 (B, W), needs
+//   lengths): k, v are pages (P, Hkv, page_size, D|Dv) and key j of sequence b is row
+//   j % page_size of page page_table[b, j / page_size].
+struct DecodeArgs {
+  torch::Tensor q, k, v;
+  bool causal = true;
+  int64_t window = -1, sinks = 0;
+  double scale = std::nan("");
+  int64_t block = 0;
+  c10::optional<torch::Tensor> layout, token_index;
+  int64_t sink_blocks = 0, local_blocks = 1;
+  c10::optional<torch::Tensor> lengths, page_table;
+  int64_t page_size = 0;
+};
+
+std::string describe(const DecodeArgs& a) {
+  auto shape = [](const c10::optional<torch::Tensor>& t) {
+    std::ostringstream s;
+    if (t.has_value() && t->defined()) s << t->sizes(); else s << "None";
+    return s.str();
+  };
+  std::ostringstream s;
+  s << "DecodeArgs(q=" << shape(a.q) << ", k=" << shape(a.k) << ", v=" << shape(a.v) << ", causal=" << a.causal
+    << ", window=" << a.window << ", sinks=" << a.sinks << ", scale=" << a.scale << ", block=" << a.block
+    << ", layout=" << shape(a.layout) << ", token_index=" << shape(a.token_index) << ", sink_blocks=" << a.sink_blocks
+    << ", local_blocks=" << a.local_blocks << ", lengths=" << shape(a.lengths) << ", page_table=" << shape(a.page_table)
+    << ", page_size=" << a.page_size << ")";
+  return s.str();
+}
+
+// -> (out (B, Hq, Sq, Dv) in q's dtype, lse float32 (B, Hq, Sq))
+std::tuple<torch::Tensor, torch::Tensor> decode_fwd(const DecodeArgs& a) {
+  TORCH_CHECK(a.q.defined() && a.k.defined() && a.v.defined(), "decode_fwd: DecodeArgs needs q, k and v");
+  TORCH_CHECK(std::isfinite(a.scale), "decode_fwd: scale must be a finite number, got ", a.scale);
+  const torch::Tensor &q = a.q, &k = a.k, &v = a.v;
+  const bool causal = a.causal;
+  const int64_t window = a.window, sinks = a.sinks, block = a.block, page_size = a.page_size;
+  const double scale = a.scale;
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "decode_fwd: q, k, v must be 4-D (B, H, S, D)");
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "decode_fwd: CPU tensors only");
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(dt == torch::kFloat32 || dt == torch::kBFloat16 || dt == torch::kFloat16,
+              "decode_fwd: dtype must be float32, bfloat16 or float16, got ", dt);
+  TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt, "decode_fwd: q, k, v must share one dtype");
+  const bool paged = a.page_table.has_value() && a.page_table->defined();
+  const bool ragged = a.lengths.has_value() && a.lengths->defined();
+  TORCH_CHECK(!paged || ragged, "decode_fwd: a page_table needs lengths");
+  const int64_t B = q.size(0), Hq = q.size(1), sq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), rows = k.size(2), Dv = v.size(3);
+  TORCH_CHECK((paged || k.size(0) == B) && v.size(0) == k.size(0) && v.size(1) == Hkv && v.size(2) == rows &&
+                  k.size(3) == D,
+              "decode_fwd: q, k, v shapes disagree");
+  TORCH_CHECK(sq <= 16, "decode_fwd: at most 16 query rows, got ", sq);
+  const bool has_layout = a.layout.has_value() && a.layout->defined();
+  const bool has_index = a.token_index.has_value() && a.token_index->defined();
+  TORCH_CHECK(!(has_layout && has_index), "decode_fwd: set one block filter, layout or token_index, not both");
+  const int mode = has_layout ? 1 : has_index ? 2 : 0;
+  TORCH_CHECK(mode == 0 || block > 0, "decode_fwd: block must be positive with a ", has_layout ? "layout" : "token_index",
+              ", got ", block);
+  torch::Tensor lens, table;
+  int64_t sk = rows;  // the longest sequence
+  if (ragged) {
+    lens = a.lengths->to(torch::kInt32).contiguous();
+    TORCH_CHECK(lens.device().is_cpu() && lens.dim() == 1 && lens.size(0) == B,
+                "decode_fwd: lengths must be a CPU int32 (B=", B, ",) tensor, got ", lens.sizes());
+    int64_t cap = rows;
+    if (paged) {
+      table = *a.page_table;
+      TORCH_CHECK(table.scalar_type() == torch::kInt32 && table.device().is_cpu() && table.dim() == 2 &&
+                      table.size(0) == B,
+                  "decode_fwd: page_table must be a CPU int32 (B=", B, ", W) tensor, got ", table.sizes());
+      TORCH_CHECK(page_size > 0 && rows == page_size, "decode_fwd: k, v pages must hold page_size=", page_size,
+                  " rows, got ", rows);
+      cap = table.size(1) * page_size;
+    }
+    const int32_t* L = lens.data_ptr<int32_t>();
+    sk = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(L[b] >= 0 && L[b] <= cap, "decode_fwd: lengths[", b, "] = ", L[b], " is outside [0, ", cap, "]");
+      TORCH_CHECK(!causal || L[b] >= sq, "decode_fwd: a causal rule needs Sq <= lengths[", b, "] = ", L[b]);
+      sk = std::max<int64_t>(sk, L[b]);
+      if (paged) {  // every page a visited key can live on must be in the pool
+        const int32_t* row = table.data_ptr<int32_t>() + b * table.stride(0);
+        for (int64_t s = 0; s < (L[b] + page_size - 1) / page_size; ++s) {
+          const int32_t pg = row[s * table.stride(1)];
+          TORCH_CHECK(pg >= 0 && pg < k.size(0), "decode_fwd: page_table[", b, ", ", s, "] = ", pg,
+                      " is outside the pool [0, ", k.size(0), ")");
+        }
+      }
+    }
+  } else {
+    TORCH_CHECK(!causal || sq <= sk, "decode_fwd: a causal rule needs Sq <= Sk");
+  }
+  auto out = torch::empty({B, Hq, sq, Dv}, q.options());
+  auto lse = torch::empty({B, Hq, sq}, q.options().dtype(torch::kFloat32));
+  if (B == 0 || Hq == 0 || sq == 0) return {out, lse};
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "decode_fwd: Hq must be a multiple of Hkv");
+  if (rows > 0 && D > 0) TORCH_CHECK(k.stride(3) == 1, "decode_fwd: k must be contiguous in its last dim");
+  if (rows > 0 && Dv > 0) TORCH_CHECK(v.stride(3) == 1, "decode_fwd: v must be contiguous in its last dim");
+
+  Params P{};
+  P.B = B, P.Hq = Hq, P.Hkv = Hkv, P.G = Hq / Hkv, P.sq = sq, P.sk = sk, P.D = D, P.Dv = Dv;
+  P.Dpad = std::max<int64_t>(8, (D + 7) / 8 * 8), P.R = sq * P.G;
+  for (int d = 0; d < 4; ++d) P.qst[d] = q.stride(d);
+  for (int d = 0; d < 3; ++d) P.kst[d] = k.stride(d), P.vst[d] = v.stride(d);
+  P.causal = causal, P.window = window, P.sinks = std::max<int64_t>(0, sinks);
+  P.qmul = static_cast<float>(scale) * kLog2e;
+  P.mode = mode, P.unit = mode == 0 ? kSeg : block;
+  P.lens = ragged ? lens.data_ptr<int32_t>() : nullptr;
+  P.table = paged ? table.data_ptr<int32_t>() : nullptr;
+  P.tst0 = paged ? table.stride(0) : 0, P.tst1 = paged ? table.stride(1) : 0;
+  P.page_size = paged ? page_size : 0;
+  torch::Tensor lay, ti;
+  const int64_t nb = (sk + P.unit - 1) / P.unit;
+  if (mode == 1) {
+    lay = *a.layout;
+    TORCH_CHECK(lay.scalar_type() == torch::kBool && lay.device().is_cpu() && lay.dim() == 4 &&
+                    (lay.size(0) == 1 || lay.size(0) == B) && (lay.size(1) == 1 || lay.size(1) == Hkv) &&
+                    lay.size(2) >= nb && lay.size(3) >= nb,
+                "decode_fwd: layout must be bool (1 or B, 1 or Hkv, >= ", nb, ", >= ", nb, "), got ", lay.sizes());
+    P.lay = lay.data_ptr<bool>();
+    for (int d = 0; d < 4; ++d) P.lst[d] = lay.stride(d);
+    P.lb = lay.size(0), P.lh = lay.size(1);
+  } else if (mode == 2) {
+    ti = a.token_index->to(torch::kInt32).contiguous();
+    TORCH_CHECK(ti.device().is_cpu() && ti.dim() == 4 && ti.size(0) == B && ti.size(1) == Hkv && ti.size(2) == sq,
+                "decode_fwd: token_index must be (B, Hkv, Sq, topk), got ", ti.sizes());
+    P.ti = ti.data_ptr<int32_t>(), P.topk = ti.size(3);
+    P.sink_blocks = std::max<int64_t>(0, a.sink_blocks), P.local_blocks = std::max<int64_t>(1, a.local_blocks);
+  }
+
+  const void *qd = q.data_ptr(), *kd = k.data_ptr(), *vd = v.data_ptr();
+  run_decode(P, dt == torch::kFloat32 ? 0 : dt == torch::kBFloat16 ? 1 : 2, qd, kd, vd, out.data_ptr(),
+             lse.data_ptr<float>());
+  return {out, lse};
+}
+
+// TopK's pooled keys: mean of each block of `block` keys (the last may be partial), float32
+// (B, Hkv, ceil(Sk / block), D). K is read once in its dtype (converted in registers), float32
+// sums; parallel over (batch, kv head, block). At decode this is the selection's whole cost.
+torch::Tensor pool_keys(torch::Tensor k, int64_t block) {
+  TORCH_CHECK(k.dim() == 4 && k.device().is_cpu(), "pool_keys: k must be a 4-D CPU tensor");
+  TORCH_CHECK(block > 0, "pool_keys: block must be positive");
+  const auto dt = k.scalar_type();
+  TORCH_CHECK(dt == torch::kFloat32 || dt == torch::kBFloat16 || dt == torch::kFloat16,
+              "pool_keys: dtype must be float32, bfloat16 or float16, got ", dt);
+  const int64_t B = k.size(0), H = k.size(1), sk = k.size(2), D = k.size(3), nb = (sk + block - 1) / block;
+  auto out = torch::empty({B, H, nb, D}, k.options().dtype(torch::kFloat32));
+  if (out.numel() == 0) return out;
+  if (D > 1 && k.stride(3) != 1) k = k.contiguous();
+  const int64_t s0 = k.stride(0), s1 = k.stride(1), s2 = k.stride(2);
+  float* o = out.data_ptr<float>();
+  auto run = [&](auto tag) {
+    constexpr int DT = decltype(tag)::value;
+    using In = typename sparse_attn_cpu::Elem<DT>::T;
+    const In* K = static_cast<const In*>(k.data_ptr());
+    const int64_t grain = std::max<int64_t>(1, 4096 / block);  // ~4K keys per task
+    at::parallel_for(0, B * H * nb, grain, [&](int64_t lo, int64_t hi) {
+      std::vector<float> acc(std::max<int64_t>(D, 8));
+      for (int64_t i = lo; i < hi; ++i) {
+        const int64_t n = i % nb, bh = i / nb, j0 = n * block, j1 = std::min(sk, j0 + block);
+        const In* base = K + (bh / H) * s0 + (bh % H) * s1;
+        std::fill(acc.begin(), acc.end(), 0.f);
+        const int64_t D8 = D / 8 * 8;
+        for (int64_t j = j0; j < j1; ++j) {
+          const In* row = base + j * s2;
+          for (int64_t c = 0; c < D8; c += 8) v8::store(acc.data() + c, v8::load(acc.data() + c) + v8::convert<DT>(row + c));
+          for (int64_t c = D8; c < D; ++c) acc[c] += sparse_attn_cpu::Elem<DT>::get(row, c);
+        }
+        const float cnt = static_cast<float>(j1 - j0);
+        float* dst = o + i * D;
+        for (int64_t c = 0; c < D; ++c) dst[c] = acc[c] / cnt;
+      }
+    });
+  };
+  if (dt == torch::kFloat32) {
+    run(std::integral_constant<int, 0>{});
+  } else if (dt == torch::kBFloat16) {
+    run(std::integral_constant<int, 1>{});
+  } else {
+    run(std::integral_constant<int, 2>{});
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace sparse_attn_decode
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  SPARSE_ATTN_CHECK_TARGET();  // refuse to load on a CPU without this build's features
+  using namespace sparse_attn_decode;
+  m.doc() = "sparse_attn CPU split-KV decode kernel";
+  m.attr("bf16_dot") = bf16_dot_enabled();  // bfloat16 products with vdpbf16ps
+  py::class_<DecodeArgs>(m, "DecodeArgs", "decode_fwd's arguments, by name (see csrc/cpu/decode_binding.cpp)")
+      .def(py::init<>())
+      .def_readwrite("q", &DecodeArgs::q)
+      .def_readwrite("k", &DecodeArgs::k)
+      .def_readwrite("v", &DecodeArgs::v)
+      .def_readwrite("causal", &DecodeArgs::causal)
+      .def_readwrite("window", &DecodeArgs::window)
+      .def_readwrite("sinks", &DecodeArgs::sinks)
+      .def_readwrite("scale", &DecodeArgs::scale)
+      .def_readwrite("block", &DecodeArgs::block)
+      .def_readwrite("layout", &DecodeArgs::layout)
+      .def_readwrite("token_index", &DecodeArgs::token_index)
+      .def_readwrite("sink_blocks", &DecodeArgs::sink_blocks)
+      .def_readwrite("local_blocks", &DecodeArgs::local_blocks)
+      .def_readwrite("lengths", &DecodeArgs::lengths)
+      .def_readwrite("page_table", &DecodeArgs::page_table)
+      .def_readwrite("page_size", &DecodeArgs::page_size)
+      .def("__repr__", &describe);
+  m.def("decode_fwd", &decode_fwd, "split-KV attention forward for Sq <= 16 query rows -> (out, lse)", py::arg("args"));
+  m.def("pool_keys", &pool_keys, "mean key of each block, float32 (B, H, ceil(Sk / block), D)", py::arg("k"),
+        py::arg("block"));
+}
