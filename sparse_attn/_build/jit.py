@@ -12,6 +12,7 @@ says what failed; the kernel then reports "unavailable: ..." in `plan(...).expla
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import os
@@ -136,8 +137,35 @@ def _jit(name, sources, extra_cflags, ldflags, headers, verbose, cuda_cflags=())
         verbose = os.environ.get("SPARSE_ATTN_VERBOSE_BUILD") == "1"
     if not verbose and not any(build_dir.glob(f"sparse_attn_{name}*.so")):
         print(f"[sparse_attn] building C++ extension '{name}' in {build_dir} (first use only)", file=sys.stderr)
-    return load(name=f"sparse_attn_{name}", sources=[str(p) for p in paths], extra_cflags=flags,
-                extra_ldflags=list(ldflags), extra_cuda_cflags=list(cuda_cflags) or None, extra_include_paths=[str(root)], build_directory=str(build_dir), verbose=verbose)
+    with _build_lock(build_dir):
+        return load(name=f"sparse_attn_{name}", sources=[str(p) for p in paths], extra_cflags=flags,
+                    extra_ldflags=list(ldflags), extra_cuda_cflags=list(cuda_cflags) or None,
+                    extra_include_paths=[str(root)], build_directory=str(build_dir), verbose=verbose)
+
+
+@contextlib.contextmanager
+def _build_lock(build_dir: Path):
+    """One process at a time in a build folder, by an OS file lock that dies with its holder.
+
+    torch's own lock (`build_dir/lock`, a file whose existence is the lock) is left behind when a
+    process is killed while it holds it, and every later process then waits on it forever (seen
+    with test runs stopped by a timeout). Under this lock no other sparse_attn process is inside
+    `load`, so a torch lock file found here is such a leftover: it is removed, with a message."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: torch's lock alone
+        yield
+        return
+    with open(build_dir / ".sparse_attn.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            stale = build_dir / "lock"
+            if stale.exists():
+                print(f"[sparse_attn] removing a stale build lock left by a killed process: {stale}", file=sys.stderr)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def unavailable_reason(loader) -> str | None:
