@@ -61,8 +61,15 @@ class ShardedKVCache:
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Append `T` tokens `(B, Hkv, T, D)` at positions `[length, length + T)`; call on every rank
         with the same tensors: each stores the positions it owns."""
-        if not isinstance(k, torch.Tensor) or k.dim() != 4:
-            raise ValueError(f"k must be a (B, Hkv, T, D) tensor, got {getattr(k, 'shape', type(k).__name__)}")
+        for name, x, d in (("k", k, self.head_dim), ("v", v, self.v_head_dim)):
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+            if x.dim() != 4 or x.shape[:2] != (self.batch, self.kv_heads) or x.shape[3] != d \
+                    or x.shape[2] != k.shape[2]:
+                raise ValueError(f"{name} must have shape (batch={self.batch}, kv_heads={self.kv_heads}, T, {d}) "
+                                 f"with the same T for k and v, got {tuple(x.shape)}")
+            if x.dtype != self.dtype:
+                raise TypeError(f"{name} must have the cache's dtype {self.dtype}, got {x.dtype}")
         lo, hi = self.length, self.length + k.shape[2]
         if hi > self.max_len:
             raise ValueError(f"append would grow the context to {hi} tokens; this cache holds at most {self.max_len}")
@@ -70,8 +77,6 @@ class ShardedKVCache:
         if own:
             a, b = own[0]
             self.local.append(k[:, :, a - lo:b - lo], v[:, :, a - lo:b - lo])
-        else:  # still validate the arguments like the owner does
-            self.local._check_append(k, v, None)
         self.length = hi
 
     def _select(self, q, pattern: TopK, qpos0: int):
