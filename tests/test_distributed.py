@@ -3,7 +3,8 @@ gloo process groups of 2, 3 and 4 ranks on CPU (torch.multiprocessing), every so
 both layouts, forward and gradients, lengths that do not divide by the world size; linear
 attention's state scan; the sharded decode cache; and the bytes each pattern sends.
 
-One process group per world size runs every case (tests/distributed_cases.py); the tests below
+One spawn of 4 processes serves every world size (a subgroup per size runs every case:
+tests/distributed_cases.py); the tests below
 read its per-rank results. Errors are the contract's float32 bound on CPU (1e-5).
 """
 from __future__ import annotations
@@ -30,21 +31,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(world: int, tmp_path_factory) -> dict:
-    if world in _RESULTS:
-        return _RESULTS[world]
-    out = tmp_path_factory.mktemp(f"cp{world}")
-    ctx = mp.start_processes(cases.run_rank, args=(world, f"tcp://127.0.0.1:{_free_port()}", str(out)),
-                             nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + 300
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.terminate()
-            pytest.fail(f"world {world}: ranks did not finish in 300 s")
-    per_rank = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
-    _RESULTS[world] = per_rank
-    return per_rank
+def _run(world: int, tmp_path_factory) -> list:
+    """Per-rank results of `world`; the first call runs every world size in one spawn."""
+    if not _RESULTS:
+        out = tmp_path_factory.mktemp("cp")
+        n = max(WORLDS)
+        ctx = mp.start_processes(cases.run_rank, args=(n, f"tcp://127.0.0.1:{_free_port()}", str(out), WORLDS[::-1]),
+                                 nprocs=n, join=False, start_method="spawn")
+        deadline = time.monotonic() + 400
+        while not ctx.join(timeout=5):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.terminate()
+                pytest.fail("ranks did not finish in 400 s")
+        for w in WORLDS:
+            _RESULTS[w] = [json.loads((out / f"w{w}-rank{r}.json").read_text()) for r in range(w)]
+    return _RESULTS[world]
 
 
 def _case(world, name, tmp_path_factory):
