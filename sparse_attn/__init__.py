@@ -16,3 +16,13 @@ __all__ = ["attention", "attention_varlen", "linear_attention", "plan", "select_
            "Dense", "SlidingWindow", "BlockSparse", "TopK", "WindowLinear", "Pattern", "BlockLayout",
            "build_layout", "KVCache", "PagedKVCache", "attention_with_cache", "plan_linear", "hybrid_layers", "HybridStack",
            "HybridCache", "__version__"]
+
+
+def __getattr__(name):
+    # `sparse_attn.distributed` is imported on first use only: importing sparse_attn must not pull
+    # in process-group machinery (slow, or absent from some torch builds)
+    if name == "distributed":
+        import importlib
+
+        return importlib.import_module(".distributed", __name__)
+    raise AttributeError(f"module 'sparse_attn' has no attribute {name!r}")

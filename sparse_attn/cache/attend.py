@@ -196,6 +196,8 @@ def attention_with_cache(q: torch.Tensor, cache: CacheBase, pattern=Dense(), *, 
     csrc/cpu/decode.cpp) and the chunked PyTorch path otherwise; "reference" | "cuda" | "triton" |
     "cpu" forces one. `cache_backend(...)` says which and why.
     """
+    if getattr(cache, "is_sharded", False):  # sparse_attn.distributed.ShardedKVCache: a collective step
+        return cache.attend(q, pattern, scale=scale)
     _check(q, cache, pattern)
     b, hq, sq, d = q.shape
     hkv, dv = cache.kv_heads, cache.v_head_dim
