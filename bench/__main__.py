@@ -39,10 +39,10 @@ def parse_args(argv=None):
                    "bfloat16, or float32 on a CPU without bf16 instructions)")
     p.add_argument("--filter", default=None,
                    help="only cases whose name contains one of these comma-separated substrings "
-                        "(names: kind/pattern/dtype/S<len>, see --list)")
+                        "(names: kind/pattern/dtype/S<len>, see --list); picks from the whole sweep, as --full")
     p.add_argument("--impl", default=None,
                    help="only implementations whose name contains one of these comma-separated substrings "
-                        "(e.g. 'sparse_attn,sdpa'; see --list)")
+                        "(e.g. 'sparse_attn,sdpa'; see --list); picks from the whole sweep, as --full")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds per implementation per case: longer ones are skipped with the estimate recorded "
                         "(default 5 with --quick, 60 otherwise)")
@@ -84,7 +84,9 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     device = detect_device(args.device)
     # quick on CPU: float32 only (CPUs without bf16 instructions run bf16 matmuls 10-50x slower)
-    default_suite = not (args.full or args.quick)
+    # --filter / --impl pick from the whole sweep and every implementation (docs/perf pages' commands
+    # name cases and kernels the default suite leaves out)
+    default_suite = not (args.full or args.quick or args.filter or args.impl)
     spec = args.dtype or (("float32" if device.type == "cpu" else "bfloat16") if args.quick else
                           suite.default_dtype(device) if default_suite else "bfloat16,float32")
     try:

@@ -66,10 +66,16 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--reuse", action="store_true", help="load the trained model from --out instead of training")
+    p.add_argument("--lengths", default=None, help="comma-separated evaluation lengths (default 2048,4096,8192,16384)")
+    p.add_argument("--seqs", type=int, default=None, help="sequences per evaluation length (default 2)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    spec = SMOKE if args.smoke else FULL
+    spec = dict(SMOKE if args.smoke else FULL)
+    if args.lengths:
+        spec["lengths"] = tuple(int(n) for n in args.lengths.split(","))
+    if args.seqs:
+        spec["seqs"] = args.seqs
     os.makedirs(args.out, exist_ok=True)
     t_start = time.perf_counter()
     load0 = os.getloadavg()
@@ -82,12 +88,18 @@ def main(argv=None) -> int:
     if args.reuse and os.path.exists(path):
         model.load_state_dict(torch.load(path))
         log(f"loaded {path}")
+        prev = os.path.join(args.out, "results.json")
+        if os.path.exists(prev):  # keep the training run's log and time
+            old = json.load(open(prev))
+            result.update({k: old[k] for k in ("train_log", "train_s") if k in old})
     else:
         log(f"training {sum(p.numel() for p in model.parameters())} parameters with dense attention ...")
         t0 = time.perf_counter()
         result["train_log"] = run_phases(model, spec["train"], lr=spec["lr"], seed=args.seed + 1)
         result["train_s"] = time.perf_counter() - t0
         torch.save(model.state_dict(), path)
+        with open(os.path.join(args.out, "results.json"), "w") as f:  # the training's log, kept for --reuse
+            json.dump(result, f, indent=1, default=str)
     patterns = pattern_set(spec["block"], spec["window"])
     evaluate_all = _evaluator(spec, patterns, args.seed)
     result["zero_shot"] = evaluate_all(model, "zero-shot")
