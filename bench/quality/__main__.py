@@ -44,12 +44,12 @@ def pattern_set(block: int = 64, window: int = 512) -> dict:
 # short sequences carry most of the steps (the induction circuit forms there; the filler is compute
 # spent on nothing), then 256 and 2K tokens so the circuit works at the evaluation's first length.
 FULL = dict(
-    cfg=dict(d_model=128, heads=4, layers=2, mlp=0),
+    cfg=dict(d_model=128, heads=4, layers=2, mlp=0, token_shift=True),
     train=[Phase(64, 500, 32, 6), Phase(256, 100, 8, 12), Phase(2048, 30, 1, 32)], lr=3e-3,
     finetune=[Phase(2048, 40, 1, 32)], finetune_lr=1e-3, finetune_pattern="topk4",
     lengths=(2048, 4096, 8192, 16384), seqs=2, pairs=32, block=64, window=512)
 SMOKE = dict(
-    cfg=dict(d_model=32, heads=2, layers=2, mlp=0),
+    cfg=dict(d_model=32, heads=2, layers=2, mlp=0, token_shift=True),
     train=[Phase(128, 4, 4, 8)], lr=3e-3, finetune=[Phase(256, 2, 2, 8)], finetune_lr=1e-3,
     finetune_pattern="topk4", lengths=(256,), seqs=1, pairs=8, block=32, window=64)
 

@@ -26,6 +26,10 @@ class Config:
     layers: int = 2
     mlp: int = 256
     rope_base: float = 10000.0
+    # RWKV-style token shift: each position's input also gets a learned map of the previous token's
+    # embedding, so the keys carry "what came before me" from layer 0 (Olsson et al.'s "smeared
+    # keys"): the retrieval circuit then forms in a few hundred steps instead of thousands
+    token_shift: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -108,6 +112,7 @@ class Model(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab, cfg.d_model)
+        self.shift = nn.Linear(cfg.d_model, cfg.d_model, bias=False) if cfg.token_shift else None
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.layers))
         self.norm = nn.RMSNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab, bias=False)
@@ -120,6 +125,8 @@ class Model(nn.Module):
         layer's `(q, k, v, out)`."""
         mixers = mixers or [DENSE] * len(self.layers)
         x = self.embed(tokens)
+        if self.shift is not None:
+            x = x + self.shift(F.pad(x, (0, 0, 1, 0))[:, :-1])
         for layer, m in zip(self.layers, mixers):
             x = layer(x, m, capture)
         if positions is not None:
