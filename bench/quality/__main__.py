@@ -45,9 +45,9 @@ def pattern_set(block: int = 64, window: int = 512) -> dict:
 # spent on nothing), then 256 and 2K tokens so the circuit works at the evaluation's first length.
 FULL = dict(
     cfg=dict(d_model=128, heads=4, layers=2, mlp=0, token_shift=True),
-    train=[Phase(64, 500, 32, 6), Phase(256, 100, 8, 12), Phase(2048, 30, 1, 32)], lr=3e-3,
+    train=[Phase(64, 300, 32, 6), Phase(256, 100, 8, 12), Phase(2048, 80, 1, 32)], lr=3e-3,
     finetune=[Phase(2048, 40, 1, 32)], finetune_lr=1e-3, finetune_pattern="topk4",
-    lengths=(2048, 4096, 8192, 16384), seqs=2, pairs=32, block=64, window=512)
+    lengths=(2048, 4096, 8192, 16384), seqs=1, pairs=32, block=64, window=512)
 SMOKE = dict(
     cfg=dict(d_model=32, heads=2, layers=2, mlp=0, token_shift=True),
     train=[Phase(128, 4, 4, 8)], lr=3e-3, finetune=[Phase(256, 2, 2, 8)], finetune_lr=1e-3,
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--reuse", action="store_true", help="load the trained model from --out instead of training")
     p.add_argument("--lengths", default=None, help="comma-separated evaluation lengths (default 2048,4096,8192,16384)")
-    p.add_argument("--seqs", type=int, default=None, help="sequences per evaluation length (default 2)")
+    p.add_argument("--seqs", type=int, default=None, help="sequences per evaluation length (default 1: 32 answers)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
