@@ -184,7 +184,7 @@ def main(argv=None) -> int:
         print("left out of the default suite (python -m bench --full runs them):\n" + "\n".join(left))
     env["cpu_seconds"] = cpu_seconds()
     stem = os.path.splitext(args.out)[0]
-    write_json(args.out, env, roofline, rows + lg_rows, elapsed)
+    write_json(args.out, env, roofline, rows, elapsed, extra={"longgen": lg_rows} if lg_rows else None)
     write_csv(stem + ".csv", env, rows)
     written = [args.out, stem + ".csv"]
     if not args.no_plots:
