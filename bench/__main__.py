@@ -15,7 +15,7 @@ import torch
 
 from . import extensions, longgen, suite
 from .cases import DTYPES, sweep
-from .estimate import case_seconds
+from .estimate import call_seconds, case_seconds
 from .hardware import detect_device, environment
 from .impls import all_impls, probe_sdpa, sdpa_impls
 from .output import table, write_csv, write_json
@@ -45,7 +45,7 @@ def parse_args(argv=None):
                         "(e.g. 'sparse_attn,sdpa'; see --list); picks from the whole sweep, as --full")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds per implementation per case: longer ones are skipped with the estimate recorded "
-                        "(default 5 with --quick, 60 otherwise)")
+                        "(default 5 with --quick, 120 in the default suite, 60 with --full)")
     p.add_argument("--timing", type=float, default=None,
                    help="seconds of timed calls per row, the median reported (default 0.3 with --quick, 1 in the "
                         "default suite, 3 with --full); a call longer than this is timed once, cold. Raise it where seconds-long "
@@ -93,7 +93,8 @@ def main(argv=None) -> int:
         dtypes = [DTYPES[d.strip()] for d in spec.split(",")]
     except KeyError as e:
         sys.exit(f"--dtype: unknown dtype {e}; expected some of {', '.join(DTYPES)}")
-    budget = args.budget if args.budget is not None else (5.0 if args.quick else 60.0)
+    # the default suite's rows are few and chosen: a row is skipped only past 2 minutes (a loaded machine)
+    budget = args.budget if args.budget is not None else (5.0 if args.quick else 120.0 if default_suite else 60.0)
     timing_budget = args.timing if args.timing is not None else (0.3 if args.quick else 1.0 if default_suite else 3.0)
     if not timing_budget > 0:
         sys.exit(f"--timing: expected a positive number of seconds, got {args.timing}")
@@ -143,8 +144,9 @@ def main(argv=None) -> int:
     log("measuring the roofline ...")
     roofline = measure_roofline(device, dtypes, quick=args.quick)
     seen: set = set()
-    estimates = [case_seconds(c, impls, device, roofline, timing_s=timing_budget, budget_s=budget, seen=seen)
-                 for c in cases]
+    priors = [call_seconds(c, impls, device, roofline) for c in cases]
+    estimates = [case_seconds(c, impls, device, roofline, timing_s=timing_budget, budget_s=budget, seen=seen, calls=pr)
+                 for c, pr in zip(cases, priors)]
     if lg:
         estimates.append(longgen.estimate_seconds(*lg, roofline))
     progress = Progress(len(estimates), estimates=estimates)
@@ -155,7 +157,7 @@ def main(argv=None) -> int:
     for i, case in enumerate(cases, 1):
         progress.start_case(i, case.name)
         case_rows = run_case(case, impls, device, roofline, calib, budget_s=budget, timing_budget_s=timing_budget,
-                             cache=cache)
+                             cache=cache, priors=priors[i - 1])
         rows += case_rows
         n = {s: sum(r.get("status") == s for r in case_rows) for s in ("ok", "skipped", "error")}
         best = min((r for r in case_rows if r.get("status") == "ok"), key=lambda r: r["ms"], default=None)

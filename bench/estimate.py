@@ -55,11 +55,10 @@ def row_seconds(call_s: float, *, timing_s: float, budget_s: float, device) -> f
     return call_s + timed
 
 
-def case_seconds(case, impls, device, roofline, *, timing_s: float, budget_s: float, seen: set) -> float:
-    """Estimated wall seconds of one case over `impls`; a row that repeats a call of an earlier
-    case (its `cache_key` in `seen`, which this adds to) costs 0, as in the runner."""
+def call_seconds(case, impls, device, roofline) -> dict:
+    """{implementation name: estimated seconds of one call of `case`}, before anything ran."""
     pattern = host_pattern(case.make_pattern("cpu")) if case.softmax else None
-    total = CASE_OVERHEAD_S
+    calls = {}
     for impl in impls:
         if impl.group == "sparse_attn":
             call = sparse_attn_call_s(case, pattern, device, getattr(impl, "backend", None))
@@ -69,6 +68,19 @@ def case_seconds(case, impls, device, roofline, *, timing_s: float, budget_s: fl
         else:
             what = (pattern if case.softmax else LINEAR) if impl.computes == "pattern" else None
             call = work_of(case, what, roofline)["seconds"] / BASELINE_FRACTION
+        calls[impl.name] = call
+    return calls
+
+
+def case_seconds(case, impls, device, roofline, *, timing_s: float, budget_s: float, seen: set,
+                 calls: dict | None = None) -> float:
+    """Estimated wall seconds of one case over `impls` (`calls`: from `call_seconds`, computed here
+    when not given); a row that repeats a call of an earlier case (its `cache_key` in `seen`, which
+    this adds to) costs 0, as in the runner."""
+    calls = calls if calls is not None else call_seconds(case, impls, device, roofline)
+    total = CASE_OVERHEAD_S
+    for impl in impls:
+        call = calls[impl.name]
         key = impl.cache_key(case)
         if key is not None:
             if key in seen:

@@ -12,8 +12,8 @@ import re
 
 # case names: kind/label/dtype/S<len> (bench/cases.py); one regular expression per picked group
 DEFAULT_CASES = {
-    "cpu": [r"^prefill/[^/]+/[^/]+/S8192$", r"^decode/[^/]+/[^/]+/S32768$",
-            r"^train/(dense|window\d+|topk\d+)/[^/]+/S2048$",
+    "cpu": [r"^prefill/[^/]+/[^/]+/S4096$", r"^decode/[^/]+/[^/]+/S32768$",
+            r"^train/(dense|window\d+|topk\d+)/[^/]+/S1024$",
             r"^linear-prefill/linear/[^/]+/S16384$", r"^linear-decode/linear/[^/]+/S32768$"],
     "accel": [r"^prefill/[^/]+/[^/]+/S65536$", r"^decode/[^/]+/[^/]+/S262144$", r"^train/[^/]+/[^/]+/S16384$",
               r"^linear-prefill/linear/[^/]+/S131072$", r"^linear-decode/linear/[^/]+/S32768$"],
