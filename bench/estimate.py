@@ -25,8 +25,9 @@ def _stand_in(shape, dtype, device):
     return torch.zeros((), dtype=dtype, device=device).expand(*shape)
 
 
-def sparse_attn_call_s(case, pattern, device, backend=None) -> float | None:
-    """The scheduler's cost of the kernel it would run for `case` (None when it cannot say)."""
+def sparse_attn_call_s(case, pattern, device, backend=None, roofline=None) -> float | None:
+    """The scheduler's cost of the kernel it would run for `case`, scaled to the measured
+    `roofline` when given (None when it cannot say)."""
     import sparse_attn as sa
     if not case.softmax:
         return None
@@ -40,7 +41,22 @@ def sparse_attn_call_s(case, pattern, device, backend=None) -> float | None:
     cost = next((c.cost for c in p.candidates if c.kernel is p.kernel), None)
     if cost is None:
         return None
+    cost *= machine_ratio(case, device, roofline) if roofline else 1.0
     return cost * (3.5 if case.kind == "train" else 1.0)  # a forward's cost; backward ~2.5x more
+
+
+def machine_ratio(case, device, roofline) -> float:
+    """The scheduler's peak for this device (a constant per device generation) over the peak this
+    run measured: kernel costs are scaled by it, so that they and the baselines' roofline
+    estimates describe the same machine (a loaded CPU measured 15x below its constants once)."""
+    from sparse_attn.scheduler.device import device_info
+
+    from .roofline import compute_peak
+    info = device_info(device)
+    if case.kind.endswith("decode"):
+        return max(1.0, info.bandwidth_gbs / max(roofline["copy_gbps"], 1e-9))
+    measured = compute_peak(roofline, str(case.dtype).removeprefix("torch."))
+    return max(1.0, 1e3 * info.peak_tflops(case.dtype) / max(measured, 1e-9))
 
 
 def row_seconds(call_s: float, *, timing_s: float, budget_s: float, device) -> float:
@@ -61,7 +77,7 @@ def call_seconds(case, impls, device, roofline) -> dict:
     calls = {}
     for impl in impls:
         if impl.group == "sparse_attn":
-            call = sparse_attn_call_s(case, pattern, device, getattr(impl, "backend", None))
+            call = sparse_attn_call_s(case, pattern, device, getattr(impl, "backend", None), roofline)
             if call is None:
                 what = pattern if case.softmax else LINEAR
                 call = work_of(case, what, roofline)["seconds"] / BASELINE_FRACTION
