@@ -67,6 +67,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--reuse", action="store_true", help="load the trained model from --out instead of training")
     p.add_argument("--lengths", default=None, help="comma-separated evaluation lengths (default 2048,4096,8192,16384)")
+    p.add_argument("--no-finetune", action="store_true", help="evaluate the trained model only (with --reuse: "
+                   "more lengths for an existing run, in another process)")
     p.add_argument("--seqs", type=int, default=None, help="sequences per evaluation length (default 1: 32 answers)")
     args = p.parse_args(argv)
     if args.threads:
@@ -105,6 +107,9 @@ def main(argv=None) -> int:
     result["zero_shot"] = evaluate_all(model, "zero-shot")
     dense_acc = result["zero_shot"][str(spec["lengths"][0])]["dense"]["acc"]
     log(f"dense accuracy at {spec['lengths'][0]}: {dense_acc:.3f} (chance {1 / VALUES:.3f})")
+    _save(args.out, result, t_start)
+    if args.no_finetune:
+        return 0
 
     ft_name = spec["finetune_pattern"]
     ft_pattern = patterns[ft_name]
@@ -118,17 +123,23 @@ def main(argv=None) -> int:
     result["finetune_pattern"] = repr(ft_pattern)
     torch.save(model.state_dict(), os.path.join(args.out, f"model-finetuned-{ft_name}.pt"))
     result["finetuned"] = evaluate_all(model, f"after fine-tuning with {ft_name}")
-    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    result.update(total_s=time.perf_counter() - t_start, load_average_end=os.getloadavg(),
-                  cpu_s=me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime,
-                  patterns={k: repr(v) for k, v in patterns.items()})
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(result, f, indent=1, default=str)
-    log(f"wrote {args.out}/results.json ({result['total_s']:.0f} s wall, {result['cpu_s']:.0f} s CPU)")
+    result["patterns"] = {k: repr(v) for k, v in patterns.items()}
+    _save(args.out, result, t_start)
     if args.docs:
         from .report import write_docs
         write_docs(result, spec)
     return 0
+
+
+def _save(out, result, t_start):
+    """results.json with the wall and CPU time so far (written after each stage: a long run
+    interrupted keeps what it measured)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    result.update(total_s=time.perf_counter() - t_start, load_average_end=os.getloadavg(),
+                  cpu_s=me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    log(f"wrote {out}/results.json ({result['total_s']:.0f} s wall, {result['cpu_s']:.0f} s CPU so far)")
 
 
 def _evaluator(spec, patterns, seed):

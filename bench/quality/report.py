@@ -25,10 +25,11 @@ def accuracy_table(result) -> list[str]:
     head = "| pattern | " + " | ".join(f"{_k(n)} zero-shot" for n in lengths) + " | " + \
         " | ".join(f"{_k(n)} fine-tuned" for n in lengths) + " |"
     lines = [head, "|---" * (1 + 2 * len(lengths)) + "|"]
+    acc = lambda key, n, name: (f"{result[key][n][name]['acc']:.3f}" if n in result.get(key, {}) else "not run")
     for name in names:
-        zs = [result["zero_shot"][n][name]["acc"] for n in lengths]
-        ft = [result["finetuned"][n][name]["acc"] for n in lengths]
-        lines.append(f"| {name} | " + " | ".join(f"{a:.3f}" for a in zs) + " | " + " | ".join(f"{a:.3f}" for a in ft) + " |")
+        zs = [acc("zero_shot", n, name) for n in lengths]
+        ft = [acc("finetuned", n, name) for n in lengths]
+        lines.append(f"| {name} | " + " | ".join(zs) + " | " + " | ".join(ft) + " |")
     n_ans = result["zero_shot"][lengths[0]][names[0]]["answers"]
     lines.append("")
     lines.append(f"Accuracy over {n_ans} answers per length (the same sequences for every pattern and both models); "
@@ -59,8 +60,8 @@ def svg_plot(result, path: str) -> None:
     colors = ["#000000", "#1f77b4", "#2ca02c", "#17becf", "#d62728", "#ff7f0e", "#9467bd", "#8c564b"]
     W, H, pad, gap = 420, 300, 50, 30
     import math
-    xs = {n: pad + (W - 2 * pad) * (math.log2(n) - math.log2(lengths[0])) / max(1e-9, math.log2(lengths[-1] / lengths[0]))
-          for n in lengths}
+    span = math.log2(lengths[-1] / lengths[0])
+    xs = {n: pad + (W - 2 * pad) * ((math.log2(n / lengths[0]) / span) if span > 0 else 0.5) for n in lengths}
     y = lambda a: H - pad - (H - 2 * pad) * a
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * W + gap + 160}" height="{H + 20}" '
            'font-family="sans-serif" font-size="11">', '<rect width="100%" height="100%" fill="white"/>']
@@ -80,11 +81,12 @@ def svg_plot(result, path: str) -> None:
         out.append(f'<text x="12" y="{H / 2}" transform="rotate(-90 12 {H / 2})" text-anchor="middle">accuracy</text>')
         ch = y(result["chance"])
         out.append(f'<line x1="{pad}" y1="{ch}" x2="{W - pad}" y2="{ch}" stroke="#999" stroke-dasharray="2,3"/>')
+        have = [n for n in lengths if str(n) in result.get(key, {})]
         for c, name in enumerate(names):
-            pts = " ".join(f"{xs[n]:.1f},{y(result[key][str(n)][name]['acc']):.1f}" for n in lengths)
+            pts = " ".join(f"{xs[n]:.1f},{y(result[key][str(n)][name]['acc']):.1f}" for n in have)
             col = colors[c % len(colors)]
             out.append(f'<polyline points="{pts}" fill="none" stroke="{col}" stroke-width="{2.5 if name == "dense" else 1.5}"/>')
-            for n in lengths:
+            for n in have:
                 out.append(f'<circle cx="{xs[n]:.1f}" cy="{y(result[key][str(n)][name]["acc"]):.1f}" r="2.5" fill="{col}"/>')
         out.append("</g>")
     lx = 2 * W + gap
@@ -105,15 +107,17 @@ def measured_section(result, spec_lengths) -> str:
     lines = [BEGIN, "",
              f"Model: {cfg['layers']} layers, d_model {cfg['d_model']}, {cfg['heads']} heads, RoPE, attention only "
              f"(mlp={cfg['mlp']}); seed {result['seed']}; {result['torch_threads']} torch thread(s). "
-             f"Training {result.get('train_s', 0) / 60:.1f} min, fine-tuning {result['finetune_s'] / 60:.1f} min, "
-             f"whole run {result['total_s'] / 60:.1f} min wall for {result['cpu_s'] / 60:.1f} min of CPU time "
+             f"Training {result.get('train_s', 0) / 60:.1f} min, fine-tuning {result.get('finetune_s', 0) / 60:.1f} min, "
+             f"the process that wrote these numbers {result['total_s'] / 60:.1f} min wall for {result['cpu_s'] / 60:.1f} min of CPU time "
              f"(load average {result['load_average_start'][0]:.1f} at the start, "
              f"{result['load_average_end'][0]:.1f} at the end, on 2 cores shared with other work).", "",
              "### Task accuracy", "", f"![accuracy against length]({PLOT.removeprefix('docs/')})", ""]
     lines += accuracy_table(result)
     for key, label in (("zero_shot", "zero-shot (the dense-trained model)"),
-                       ("finetuned", f"after fine-tuning with {result['finetune_pattern']}")):
-        for n in (first, last):
+                       ("finetuned", f"after fine-tuning with {result.get('finetune_pattern')}")):
+        for n in dict.fromkeys((first, last)):
+            if n not in result.get(key, {}):
+                continue
             lines += ["", f"### Per layer and head at {_k(n)} tokens, {label}", ""]
             lines += head_table(result[key][n])
     lines += ["", END]
