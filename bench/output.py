@@ -60,10 +60,12 @@ def table(rows: list, roofline: dict, env: dict, statuses=("ok", "skipped", "err
     return "\n".join(lines)
 
 
-def write_json(path: str, env: dict, roofline: dict, rows: list, elapsed_s: float) -> None:
+def write_json(path: str, env: dict, roofline: dict, rows: list, elapsed_s: float, extra: dict | None = None) -> None:
+    """`extra`: more top-level entries (e.g. "longgen": the long-generation rows, kept apart from
+    `rows` whose fields bench.report and the plots rely on)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
-        json.dump({"environment": env, "roofline": roofline, "elapsed_s": elapsed_s, "rows": rows},
+        json.dump({"environment": env, "roofline": roofline, "elapsed_s": elapsed_s, "rows": rows, **(extra or {})},
                   f, indent=1, default=str)
 
 

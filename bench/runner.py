@@ -100,7 +100,7 @@ class Calibration:
         self.roofline, self.frac, self.rates = roofline, fallback_fraction, {}
         self.compile_s: dict = {}
 
-    def seconds(self, key, roof_s: float) -> float:
+    def seconds(self, key, roof_s: float, prior_s: float | None = None) -> float:
         """Estimated seconds of one call, from the fraction of the roofline reached so far; when
         nothing comparable ran yet (e.g. --filter picked long cases only), `PRIOR_FRACTION` of it.
         key = (kind, implementation/kernel, dtype, pattern family). An unseen key borrows, in this
@@ -110,7 +110,8 @@ class Calibration:
         even that overruns the budget). Never across pattern families: one kernel runs different
         code per pattern (TopK's selection, per-token blocks) whose cost the roofline work does
         not count, so a window rate made a reference TopK call at 32K look 100x cheaper than it
-        was."""
+        was. With nothing comparable seen, `prior_s` (the estimate made before the run,
+        bench/estimate.py: the kernel's own cost() for sparse_attn) when given."""
         kind, kernel, dt, fam = key
         tries = (lambda k: (k[0], k[1], k[3]) == (kind, kernel, fam),
                  lambda k: (k[1], k[3]) == (kernel, fam) and _regime(k[0]) == _regime(kind),
@@ -121,7 +122,7 @@ class Calibration:
             seen = sorted(r for k, r in self.rates.items() if match(k))
             if seen:
                 return roof_s / (seen[len(seen) // 2] if match is not tries[-1] else seen[-1])
-        return roof_s / PRIOR_FRACTION
+        return prior_s if prior_s is not None else roof_s / PRIOR_FRACTION
 
     def update(self, key, roof_s: float, seconds: float):
         self.rates[key] = roof_s / max(seconds, 1e-9)
@@ -146,8 +147,9 @@ MEASURED = ("kernel", "ms", "min_ms", "repeats", "times_ms", "first_call_ms", "w
 
 
 def run_case(case: Case, impls, device, roofline: dict, calib: Calibration, *, budget_s: float,
-             timing_budget_s: float, cache: dict) -> list[dict]:
-    """One row per implementation. `budget_s` bounds each implementation's time on this case."""
+             timing_budget_s: float, cache: dict, priors: dict | None = None) -> list[dict]:
+    """One row per implementation. `budget_s` bounds each implementation's time on this case;
+    `priors`: {implementation name: estimated seconds of a call} made before the run."""
     dt = str(case.dtype).removeprefix("torch.")
     base = dict(case=case.name, kind=case.kind, family=case.family, param=case.param, sweeps=list(case.sweeps),
                 B=case.B, Hq=case.Hq, Hkv=case.Hkv, Sq=case.Sq, Sk=case.Sk, D=case.D, dtype=dt)
@@ -169,7 +171,7 @@ def run_case(case: Case, impls, device, roofline: dict, calib: Calibration, *, b
         t0 = time.perf_counter()
         try:
             _run_impl(case, impl, row, x, refs, device, roofline, calib, budget_s, timing_budget_s, cache,
-                      timed_kernels)
+                      timed_kernels, (priors or {}).get(impl.name))
         except Unsupported as e:
             row.update(status="unsupported", note=str(e))
         except Exception as e:  # record it and go on with the other implementations
@@ -190,7 +192,8 @@ def run_case(case: Case, impls, device, roofline: dict, calib: Calibration, *, b
     return rows
 
 
-def _run_impl(case, impl, row, x, refs, device, roofline, calib, budget_s, timing_budget_s, cache, timed_kernels):
+def _run_impl(case, impl, row, x, refs, device, roofline, calib, budget_s, timing_budget_s, cache, timed_kernels,
+              prior_s=None):
     key = impl.cache_key(case)
     if key is not None and key in cache:
         src = cache[key]
@@ -208,7 +211,7 @@ def _run_impl(case, impl, row, x, refs, device, roofline, calib, budget_s, timin
     what = (x.host_pattern if case.softmax else LINEAR) if impl.computes == "pattern" else None
     roof = work_of(case, what, roofline)
     ckey = (case.kind, built.kernel if impl.group == "sparse_attn" else impl.name, case.dtype, case.family)
-    call_s = calib.seconds(ckey, roof["seconds"])
+    call_s = calib.seconds(ckey, roof["seconds"], prior_s)
     compile_s = calib.compile_s.get(impl.name, 0.0) if impl.compiles else 0.0
     cpu_long = device.type == "cpu" and call_s > timing_budget_s and not impl.compiles
     warm = 0 if cpu_long else (1 if device.type == "cpu" else 3)

@@ -46,3 +46,69 @@ def test_call_estimates_never_borrow_across_pattern_families():
     assert c.seconds(("prefill", "other", torch.float32, "window"), 3.0) == 6.0  # fastest of the family
     assert c.seconds(("prefill", "k", torch.float32, "topk"), 3.0) == 3.0 / PRIOR_FRACTION  # not borrowed
     assert c.seconds(("decode", "k", torch.float32, "window"), 3.0) == 3.0 / PRIOR_FRACTION  # other regime
+
+
+def test_eta_is_there_before_the_first_case_and_follows_the_measured_pace():
+    from bench.progress import Progress
+
+    p = Progress(3, stream=open(os.devnull, "w"), estimates=[10.0, 20.0, 30.0])
+    assert p.eta() == 60.0  # from the estimates alone, before anything ran
+    p.start_case(1, "a")
+    p._t_case -= 20.0  # the first case took twice its estimate
+    p.end_case(1, "a done")
+    assert abs(p.scale() - 2.0) < 0.01
+    assert abs(p.eta() - 100.0) < 0.5
+
+
+def test_default_suite_is_a_slice_of_the_sweep_and_says_what_it_left_out():
+    import torch
+
+    from bench import suite
+    from bench.cases import sweep
+
+    cpu = torch.device("cpu")
+    cases = sweep(cpu, False, [torch.float32])
+    keep, left = suite.pick_cases(cases, cpu)
+    kinds = {c.kind for c in keep}
+    assert kinds == {"prefill", "decode", "train", "linear-prefill", "linear-decode"}
+    assert all("length" in c.sweeps for c in keep) and len(keep) + len(left) == len(cases)
+    assert {c.family for c in keep if c.kind == "prefill"} == {"dense", "window", "topk", "blocksparse", "windowlinear"}
+    lines = suite.left_out_summary(left, [])
+    assert len(lines) >= 4 and sum(int(ln.split(": ")[1].split()[0]) for ln in lines) == len(left)
+
+
+def test_case_estimates_come_before_any_measurement():
+    """The ETA's estimate of a case uses the scheduler's cost() of the kernel it would run (asked
+    with zero-stride stand-ins: nothing allocated, nothing run) and is zero for a skipped row."""
+    import torch
+
+    from bench.cases import Case
+    from bench.estimate import row_seconds, sparse_attn_call_s
+
+    cpu = torch.device("cpu")
+    case = Case("prefill", "topk", 16, 1, 32, 8, 1 << 20, 1 << 20, 128, torch.float32)  # 1M tokens: never allocated
+    s = sparse_attn_call_s(case, case.make_pattern(cpu), cpu, backend="reference")
+    assert s is not None and s > 1.0
+    assert row_seconds(s, timing_s=1.0, budget_s=60.0, device=cpu) == (0.0 if 1.5 * s > 60 else s)
+    assert row_seconds(0.01, timing_s=1.0, budget_s=60.0, device=cpu) == 0.01 + 0.3  # 30 calls at most
+
+
+def test_long_generation_rows(tmp_path):
+    """bench.longgen end to end at toy sizes: SDPA over a growing tensor, each pattern through the
+    public cache API, linear attention through its state; tokens/s and cache bytes reported."""
+    out = tmp_path / "lg.json"
+    env = dict(os.environ, SPARSE_ATTN_DISABLE_JIT="1")
+    cmd = [sys.executable, "-m", "bench.longgen", "--prompt", "256", "--new", "8", "--dtype", "float32",
+           "--out", str(out)]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rows = {(r["case"].split("/")[1], r["impl"]): r for r in json.loads(out.read_text())["rows"]}
+    for key in (("dense", "sdpa (torch.cat + F.sdpa)"), ("dense", "sparse_attn"), ("window1024", "sparse_attn"),
+                ("topk16", "sparse_attn"), ("linear", "sparse_attn")):
+        r = rows[key]
+        assert r["status"] == "ok" and r["tokens_per_s"] > 0 and r["cache_bytes"] > 0, r
+    assert 0.0 <= rows[("topk16", "sparse_attn")]["selection_share"] <= 1.0
+    # what each holds: the float32 (Hq, D, D) state; K and V of the 264 tokens
+    assert rows[("linear", "sparse_attn")]["cache_bytes"] == 8 * 128 * 128 * 4
+    assert rows[("dense", "sdpa (torch.cat + F.sdpa)")]["cache_bytes"] == 2 * 2 * 264 * 128 * 4
+    assert "windowlinear1024" in {k[0] for k in rows}  # a row, supported or with its reason

@@ -1,0 +1,74 @@
+"""The default suite: a representative slice of the full sweep that finishes in minutes.
+
+`python -m bench` runs, per pattern, one prefill length, one decode length and one training
+length, the linear-attention rows and the long-generation rows (bench/longgen.py), with
+sparse_attn's own choice against the fastest SDPA backend; `--full` runs the whole sweep
+(bench/cases.py) with every implementation. The cases are picked from the full sweep by name,
+so rows added to the sweep later appear in the "left out" summary until they are picked here.
+"""
+from __future__ import annotations
+
+import re
+
+# case names: kind/label/dtype/S<len> (bench/cases.py); one regular expression per picked group
+DEFAULT_CASES = {
+    "cpu": [r"^prefill/[^/]+/[^/]+/S4096$", r"^decode/[^/]+/[^/]+/S32768$",
+            r"^train/(dense|window\d+|topk\d+)/[^/]+/S1024$",
+            r"^linear-prefill/linear/[^/]+/S16384$", r"^linear-decode/linear/[^/]+/S32768$"],
+    "accel": [r"^prefill/[^/]+/[^/]+/S65536$", r"^decode/[^/]+/[^/]+/S262144$", r"^train/[^/]+/[^/]+/S16384$",
+              r"^linear-prefill/linear/[^/]+/S131072$", r"^linear-decode/linear/[^/]+/S32768$"],
+}
+# implementation names (bench/impls.py); the SDPA backends a device cannot run drop out by themselves
+DEFAULT_IMPLS = {
+    "cpu": ("sparse_attn", "sdpa.flash"),
+    "accel": ("sparse_attn", "sdpa.flash", "sdpa.efficient", "sdpa.cudnn", "flex", "flash_attn", "flashinfer", "fla"),
+}
+
+
+def default_dtype(device) -> str:
+    """One dtype for the default suite: bfloat16, except on a CPU without bf16 dot-product
+    instructions (there PyTorch's bf16 matmul is 10-50x slower than float32, for every implementation)."""
+    if device.type != "cpu":
+        return "bfloat16"
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
+    except OSError:
+        flags = []
+    return "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
+
+
+def device_class(device) -> str:
+    return "cpu" if device.type == "cpu" else "accel"
+
+
+def pick_cases(cases, device):
+    """(the default suite's cases, the left-out ones), both in sweep order. Only the length sweep's
+    cases (each pattern at its default parameter); the sparsity sweep is --full's."""
+    pats = [re.compile(p) for p in DEFAULT_CASES[device_class(device)]]
+    keep = [c for c in cases if "length" in c.sweeps and any(p.search(c.name) for p in pats)]
+    names = {c.name for c in keep}
+    return keep, [c for c in cases if c.name not in names]
+
+
+def pick_impls(impls, device):
+    wanted = DEFAULT_IMPLS[device_class(device)]
+    keep = [i for i in impls if i.name in wanted]
+    return keep, [i for i in impls if i.name not in wanted]
+
+
+def _lengths(ns) -> str:
+    ks = sorted(set(ns))
+    return ",".join(f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in ks)
+
+
+def left_out_summary(cases, impls) -> list[str]:
+    """Lines saying what the default suite did not run, grouped by kind and dtype."""
+    groups: dict = {}
+    for c in cases:
+        groups.setdefault((c.kind, str(c.dtype).removeprefix("torch.")), []).append(c)
+    lines = [f"  {kind} {dt}: {len(cs)} cases ({', '.join(sorted({c.label for c in cs}))} at S={_lengths(c.Sk for c in cs)})"
+             for (kind, dt), cs in groups.items()]
+    if impls:
+        lines.append(f"  implementations: {', '.join(i.name for i in impls)}")
+    return lines
