@@ -8,7 +8,8 @@
   that do and do not divide the kernel's 64-key segments: paged == contiguous bit for bit;
 * keys at or past a sequence's length, the trash page and released pages are never read (they are
   filled with NaN); `release_outside` of a SlidingWindow leaves the result unchanged;
-* long sequences (several splits per (batch, kv head)), and which backend runs and why.
+* long sequences (several splits per (batch, kv head)), and which kernel the scheduler runs and why
+  (`plan_with_cache(...).explain()`).
 """
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ import oracle
 import sparse_attn as sa
 from conftest import make_pattern, randn, topk_margin
 from sparse_attn.cache import KVCache, PagedKVCache, attention_with_cache
-from sparse_attn.cache.attend import cache_backend
 from test_cache import _fill, _row_pattern
 
 if os.environ.get("SPARSE_ATTN_DISABLE_JIT") == "1":
@@ -100,7 +100,7 @@ def test_ragged_caches_match_oracle(kind, gqa, dtype):
     for sq in sqs:
         qs = q[:, :, -sq:]
         for c in caches:
-            assert cache_backend(qs, c, pat) == ("cpu", "split-KV decode kernel (csrc/cpu/decode.cpp)")
+            assert sa.plan_with_cache(qs, c, pat).kernel.name == "cpu.decode"
         outs = [attention_with_cache(qs, c, pat) for c in caches]
         for o in outs[1:]:
             assert torch.equal(outs[0], o), f"paged != contiguous ({kind}, Sq={sq})"
@@ -167,6 +167,10 @@ def test_long_sequences_several_splits(kind):
             torch.set_num_threads(prev)
 
 
+def _chosen(q, cache, **kw):
+    return sa.plan_with_cache(q, cache, **kw).kernel.backend
+
+
 def test_which_backend_and_why():
     b, hkv, d = 2, 2, 64
     c32 = PagedKVCache(b, hkv, d, num_pages=8, page_size=16, max_len=64, dtype=torch.float32)
@@ -174,24 +178,28 @@ def test_which_backend_and_why():
     for c in (c32, c64):
         c.append(randn(b, hkv, 20, d, dtype=c.dtype), randn(b, hkv, 20, d, dtype=c.dtype))
     q = randn(b, 4, 1, d)
-    assert cache_backend(q, c32)[0] == "cpu"
-    # float64: the PyTorch path by default, a forced "cpu" says why
+    assert _chosen(q, c32) == "cpu"
+    # float64: the PyTorch path by default (explain says why not cpu), a forced "cpu" says why
     q64 = randn(b, 4, 1, d, dtype=torch.float64)
-    name, why = cache_backend(q64, c64)
-    assert name == "reference" and "cpu: float64" in why
+    plan = sa.plan_with_cache(q64, c64)
+    why = {c.kernel.name: "; ".join(c.reasons) for c in plan.candidates}
+    assert plan.kernel.backend == "reference" and "float64" in why["cpu.decode"]
+    assert "float64" in plan.explain()
     with pytest.raises(ValueError, match="float64"):
         attention_with_cache(q64, c64, backend="cpu")
     # more rows than a decode kernel serves
     q17 = randn(b, 4, 17, d)
-    assert cache_backend(q17, c32)[0] == "reference"
-    with pytest.raises(ValueError, match="Sq=17 > 16"):
+    assert _chosen(q17, c32) == "reference"
+    with pytest.raises(ValueError, match="Sq = 17"):
         attention_with_cache(q17, c32, backend="cpu")
     # autograd through q: the inference kernel is not chosen
     qg = randn(b, 4, 1, d, requires_grad=True)
-    assert cache_backend(qg, c32)[0] == "reference"
+    assert _chosen(qg, c32) == "reference"
     with torch.no_grad():
-        assert cache_backend(qg, c32)[0] == "cpu"
+        assert _chosen(qg, c32) == "cpu"
+    with pytest.raises(ValueError, match="npu"):  # no npu kernel reads caches
+        sa.plan_with_cache(q, c32, backend="npu")
     with pytest.raises(ValueError, match="backend must be"):
-        cache_backend(q, c32, backend="npu")
+        sa.plan_with_cache(q, c32, backend="gpu")
     # the Triton interpreter is never chosen on its own for a CPU cache
-    assert cache_backend(q, c32, backend=None)[0] != "triton"
+    assert _chosen(q, c32, backend=None) != "triton"

@@ -82,7 +82,7 @@ def test_cache_arguments_match_oracle(kind, cache_kind):
              PagedKVCache(b, hkv, d, num_pages=40, page_size=8, max_len=max_len, pool_block_size=bs))
     _fill([cache], full_k, full_v, lengths, steps=[30, 1, 50])
     for sq in (1, 3):
-        args = cache_decode_args(q[:, :, -sq:], cache, pat, scale=d ** -0.5, units=132)
+        args = cache_decode_args(q[:, :, -sq:], cache.kv_view(), pat, scale=d ** -0.5, units=132)
         out = emulate(*args)
         for i, n in enumerate(lengths):
             ref = oracle.oracle_attention(q[i:i + 1, :, -sq:], full_k[i:i + 1, :, :n], full_v[i:i + 1, :, :n],

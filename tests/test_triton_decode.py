@@ -11,7 +11,6 @@ import oracle
 import sparse_attn as sa
 from conftest import TRITON_DEVICE, make_pattern, make_qkv_for, pairwise, randn, topk_margin
 from sparse_attn.cache import KVCache, PagedKVCache, attention_with_cache
-from sparse_attn.cache.attend import cache_backend
 from test_cache import _fill, _row_pattern
 
 DEV = TRITON_DEVICE
@@ -76,7 +75,7 @@ def test_cache_decode_matches_oracle(kind, cache_kind):
     cache = (KVCache(b, hkv, d, max_len, device=DEV, pool_block_size=16) if cache_kind == "contiguous" else
              PagedKVCache(b, hkv, d, num_pages=40, page_size=8, max_len=max_len, device=DEV, pool_block_size=16))
     _fill([cache], full_k.to(DEV), full_v.to(DEV), lengths, steps=[30, 1, 50])
-    assert cache_backend(q.to(DEV), cache, pat, backend="triton")[0] == "triton"
+    assert sa.plan_with_cache(q.to(DEV), cache, _to(pat, DEV), backend="triton").kernel.name == "triton.splitkv_decode"
     out = attention_with_cache(q.to(DEV), cache, _to(pat, DEV), backend="triton").cpu()
     for i, n in enumerate(lengths):
         ref = oracle.oracle_attention(q[i:i + 1], full_k[i:i + 1, :, :n], full_v[i:i + 1, :, :n],

@@ -13,17 +13,11 @@ log-decay (`"per-head"`, RetNet style) or a per-token one from a projection of `
 Mamba2 / simple-GLA style), or none; softmax layers use `attention` with any pattern
 (`WindowLinear` gets its learnable per-head gate).
 
-What the cache keeps per layer (`HybridCache.nbytes()` counts it):
-- linear layer: the `(B, H, D, Dv)` state (constant);
-- `SlidingWindow(window, sinks)`: the sinks' K/V and the last `window - 1` tokens' (constant), the
-  keys any later query can see. They are stored back to back, so a key's index is no longer its
-  position; the window rule is relative to the end of the keys and the sinks are the first
-  `sinks` indices whenever a token was dropped, so attention over the kept keys sees exactly the
-  keys the full sequence would;
-- `WindowLinear(window, sinks)`: a `WindowLinearDecoder` (the sinks, at most `window` tokens and
-  the `(M, z)` memory of the evicted ones; constant). Decode and continuation chunks run its
-  reference code (`backend` applies to the prefill only);
-- `Dense`, `BlockSparse`, `TopK`: the full K/V (grows with the context).
+The cache is a :class:`~sparse_attn.api.model_cache.ModelCache` (`HybridCache` is its old
+name): per layer, the `(B, H, D, Dv)` state of a linear layer (constant, updated in place), a
+`KVCache` for `Dense` / `BlockSparse` / `TopK` (grows with the context), a `RingKVCache` of
+`sinks + window` tokens for `SlidingWindow` and a `WindowLinearDecoder` for `WindowLinear`
+(both constant); `nbytes()` counts it. Every step goes through the scheduler.
 """
 from __future__ import annotations
 
@@ -33,35 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backends.reference.window_linear import WindowLinearDecoder
-from ..patterns import Dense, Pattern, SlidingWindow, WindowLinear
+from ..patterns import Dense, Pattern, WindowLinear
 from .functional import attention
 from .linear import linear_attention
+from .model_cache import ModelCache
 
 
-class HybridCache:
-    """Decode state of a hybrid stack, per layer: the `(B, H, D, Dv)` float32 state of a linear
-    layer; `(K, V)` `(B, Hkv, n, D)` of a softmax layer, all tokens for `Dense` / `BlockSparse` /
-    `TopK`, `min(sinks, S) + min(window - 1, max(0, S - sinks))` for `SlidingWindow`; a
-    `WindowLinearDecoder` for `WindowLinear`. `length` is the tokens seen so far."""
-
-    def __init__(self, n_layers: int):
-        self.entries: list = [None] * n_layers
-        self.length = 0
-
-    def __len__(self):
-        return len(self.entries)
-
-    def nbytes(self) -> int:
-        """Bytes the cache pins: the whole storage behind each held tensor, each storage once."""
-        storages = {}
-        for e in self.entries:
-            held = e.tensors() if isinstance(e, WindowLinearDecoder) else (e if isinstance(e, tuple) else (e,))
-            for t in held:
-                if isinstance(t, torch.Tensor):
-                    st = t.untyped_storage()
-                    storages[(str(t.device), st.data_ptr())] = st.nbytes()
-        return sum(storages.values())
+#: the old name of the model cache
+HybridCache = ModelCache
 
 
 def _check_int(name, x, minimum=1):
@@ -113,14 +86,13 @@ class HybridAttentionLayer(nn.Module):
         b, s, _ = x.shape
         return x.view(b, s, n, self.d).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, cache: HybridCache | None = None, layer_idx: int | None = None):
+    def forward(self, x: torch.Tensor, cache: ModelCache | None = None, layer_idx: int | None = None):
         """x `(B, S, hidden)` -> `(B, S, hidden)`. With `cache`, continues from (and updates) entry
         `layer_idx`: the same result as running the whole sequence at once."""
         b, s, _ = x.shape
         q = self._heads(self.q_proj(x), self.h)
         k = self._heads(self.k_proj(x), self.hkv)
         v = self._heads(self.v_proj(x), self.hkv)
-        entry = cache.entries[layer_idx] if cache is not None else None
         if self.kind == "linear":
             if self.decay_kind == "per-head":
                 decay = -F.softplus(self.decay_logit).to(q.dtype)
@@ -128,39 +100,15 @@ class HybridAttentionLayer(nn.Module):
                 decay = -F.softplus(self.g_proj(x)).transpose(1, 2).to(q.dtype)  # (B, H, S)
             else:
                 decay = None
-            o, state = linear_attention(q, k, v, decay=decay, initial_state=entry, return_state=True,
-                                        backend=self.backend)
             if cache is not None:
-                cache.entries[layer_idx] = state
-        elif isinstance(self.pattern, WindowLinear) and cache is not None:
-            if entry is None:
-                o = attention(q, k, v, self.pattern, gate=self.gate, backend=self.backend)
-                cache.entries[layer_idx] = WindowLinearDecoder.from_prefill(k, v, self.pattern, gate=self.gate)
+                o = cache.linear(layer_idx, q, k, v, decay=decay, backend=self.backend)
             else:
-                entry.gate = self.gate
-                o = entry.extend(q, k, v)
+                o = linear_attention(q, k, v, decay=decay, backend=self.backend)
+        elif cache is not None:
+            o = cache.attend(layer_idx, q, k, v, self.pattern, gate=self.gate, backend=self.backend)
         else:
-            if entry is not None:
-                k = torch.cat([entry[0], k], dim=2)
-                v = torch.cat([entry[1], v], dim=2)
             o = attention(q, k, v, self.pattern, gate=self.gate, backend=self.backend)
-            if cache is not None:
-                cache.entries[layer_idx] = self._kept_kv(k, v)
         return x + self.o_proj(o.transpose(1, 2).reshape(b, s, self.h * self.d))
-
-    def _kept_kv(self, k, v):
-        """The K/V a softmax layer keeps for later tokens. `SlidingWindow`: the sinks (the first
-        `min(sinks, n)` kept keys: either no token was dropped yet, or the sinks are all there)
-        and the last `window - 1` of the rest, in a fresh tensor (a slice would pin the old one)."""
-        if not isinstance(self.pattern, SlidingWindow):
-            return k, v
-        n = k.shape[2]
-        ns = min(self.pattern.sinks, n)
-        start = max(ns, n - (self.pattern.window - 1))
-        if start == ns:
-            return k, v
-        return (torch.cat([k[:, :, :ns], k[:, :, start:]], dim=2),
-                torch.cat([v[:, :, :ns], v[:, :, start:]], dim=2))
 
     def extra_repr(self):
         what = f"pattern={self.pattern!r}" if self.kind == "softmax" else f"decay={self.decay_kind!r}"
@@ -182,13 +130,14 @@ def parse_ratio(ratio) -> tuple[int, int]:
 class HybridStack(nn.ModuleList):
     """The layers of `hybrid_layers`, callable as a stack: `stack(x, cache=None)`."""
 
-    def new_cache(self) -> HybridCache:
-        return HybridCache(len(self))
+    def new_cache(self, *, max_len: int | None = None, page_size: int | None = None) -> ModelCache:
+        """An empty :class:`ModelCache` for this stack (arguments as `ModelCache`'s)."""
+        return ModelCache(len(self), max_len=max_len, page_size=page_size)
 
     def kinds(self) -> list[str]:
         return [layer.kind for layer in self]
 
-    def forward(self, x: torch.Tensor, cache: HybridCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: ModelCache | None = None) -> torch.Tensor:
         for i, layer in enumerate(self):
             x = layer(x, cache=cache, layer_idx=i)
         if cache is not None:

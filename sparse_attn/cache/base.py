@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..scheduler.problem import FLOAT_DTYPES
+from .view import KVView
 
 
 def check_positive_int(name: str, value, minimum: int = 1) -> int:
@@ -98,16 +99,42 @@ class CacheBase:
         """Longest sequence now (host value)."""
         return max(self.host_lengths, default=0)
 
+    def _storage(self) -> tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """`(kind, k pages, v pages, page_table, page_size)` of this layout."""
+        raise NotImplementedError
+
+    def kv_view(self) -> KVView:
+        """The read view kernels consume (host work only: no copy, no device read)."""
+        kind, k, v, table, page_size = self._storage()
+        return KVView(kind=kind, k=k, v=v, page_table=table, page_size=page_size, lengths=self.lengths,
+                      host_lengths=tuple(self.host_lengths), block_sums=self._block_sums,
+                      pool_block_size=self.pool_block_size, max_len=self.max_len)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the cache holds (what `nbytes()` counts)."""
+        _, k, v, table, _ = self._storage()
+        return [k, v, table, self.lengths, self._block_sums]
+
+    def nbytes(self) -> int:
+        """Bytes of storage the cache holds (each storage once)."""
+        return storage_bytes(self.tensors())
+
     def pooled_keys(self, num_blocks: int) -> torch.Tensor:
         """Mean key of blocks `[0, num_blocks)` of each sequence `(B, Hkv, num_blocks, D)` (float32;
         float64 for a float64 cache). A block's mean is over its keys present now; absent blocks give 0."""
-        bs = self.pool_block_size
-        start = torch.arange(num_blocks, device=self.device) * bs
-        count = torch.clamp(self.lengths.long()[:, None] - start[None, :], min=0, max=bs)  # (B, N)
-        sums = self._block_sums[:, :, :num_blocks]
-        return sums / torch.clamp(count, min=1)[:, None, :, None].to(sums.dtype)
+        return self.kv_view().pooled_keys(num_blocks)
 
     def gather(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values at positions `[lo, hi)` of every sequence, `(B, Hkv, hi - lo, D|Dv)`.
         Rows at or past a sequence's length hold stale data: callers mask them by `lengths`."""
-        raise NotImplementedError
+        return self.kv_view().gather(lo, hi)
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes pinned by `tensors`: the whole storage behind each, each storage once."""
+    seen = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            st = t.untyped_storage()
+            seen[(str(t.device), st.data_ptr())] = st.nbytes()
+    return sum(seen.values())

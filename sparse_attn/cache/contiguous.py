@@ -30,6 +30,7 @@ class KVCache(CacheBase):
         # (on Linux CPUs in transparent huge pages: huge_pages.py)
         self.k = huge_pages.zeros(batch, kv_heads, max_len + 1, self.head_dim, dtype=dtype, device=self.device)
         self.v = huge_pages.zeros(batch, kv_heads, max_len + 1, self.v_head_dim, dtype=dtype, device=self.device)
+        self._page_table = torch.arange(batch, dtype=torch.int32, device=self.device)[:, None]
 
     def append(self, k: torch.Tensor, v: torch.Tensor, num_new=None) -> None:
         t, counts, new = self._check_append(k, v, num_new)
@@ -44,8 +45,27 @@ class KVCache(CacheBase):
         self._add_block_sums(k, pos, valid)
         self._commit_lengths(new)
 
-    def gather(self, lo: int, hi: int):
-        return self.k[:, :, lo:hi], self.v[:, :, lo:hi]
+    def reserve(self, max_len: int) -> None:
+        """Grow to hold at least `max_len` tokens per sequence: new storage, the held rows and block
+        sums copied (a model cache doubles its capacity this way: O(1) amortised per token). The
+        cache's tensors change: a plan or view made before reads the old ones."""
+        check_positive_int("max_len", max_len)
+        if max_len <= self.max_len:
+            return
+        n = self.max_length
+        k = huge_pages.zeros(self.batch, self.kv_heads, max_len + 1, self.head_dim, dtype=self.dtype, device=self.device)
+        v = huge_pages.zeros(self.batch, self.kv_heads, max_len + 1, self.v_head_dim, dtype=self.dtype,
+                             device=self.device)
+        k[:, :, :n], v[:, :, :n] = self.k[:, :, :n], self.v[:, :, :n]
+        sums = self._block_sums.new_zeros(self.batch, self.kv_heads, -(-max_len // self.pool_block_size) + 1,
+                                          self.head_dim)
+        used = self._block_sums.shape[2] - 1  # without the trash slot
+        sums[:, :, :used] = self._block_sums[:, :, :used]
+        self.k, self.v, self._block_sums, self.max_len = k, v, sums, max_len
+
+    def _storage(self):
+        # sequence b is page b, of max_len + 1 rows
+        return "contiguous", self.k, self.v, self._page_table, self.max_len + 1
 
     def __repr__(self):
         return (f"KVCache(batch={self.batch}, kv_heads={self.kv_heads}, head_dim={self.head_dim}, "

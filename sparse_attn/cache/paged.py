@@ -114,14 +114,8 @@ class PagedKVCache(CacheBase):
         self.lengths.copy_(torch.tensor(self.host_lengths, dtype=torch.int32), non_blocking=True)
 
     # ------------------------------------------------------------------------------------ reads
-    def gather(self, lo: int, hi: int):
-        pos = torch.arange(lo, hi, device=self.device)
-        slot = torch.clamp(pos // self.page_size, max=self.page_table.shape[1] - 1)
-        page = self.page_table.long()[:, slot]  # (B, n)
-        off = (pos % self.page_size)[None, :].expand_as(page)
-        k = self.k_pages[page, :, off].permute(0, 2, 1, 3)  # (B, n, Hkv, D) -> (B, Hkv, n, D)
-        v = self.v_pages[page, :, off].permute(0, 2, 1, 3)
-        return k, v
+    def _storage(self):
+        return "paged", self.k_pages, self.v_pages, self.page_table, self.page_size
 
     def __repr__(self):
         return (f"PagedKVCache(batch={self.batch}, kv_heads={self.kv_heads}, head_dim={self.head_dim}, "

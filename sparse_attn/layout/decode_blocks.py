@@ -18,9 +18,8 @@ from typing import NamedTuple
 
 import torch
 
-from ..patterns import BlockSparse, Dense, SlidingWindow, TopK
 from .block_layout import compact, index_to_bool
-from .topk_selection import topk_token_index
+from .topk_selection import query_positions, topk_index_over_cache, topk_token_index
 
 #: key block of Dense / SlidingWindow lists (BlockSparse and TopK use their block_size)
 KEY_BLOCK = 64
@@ -45,13 +44,13 @@ class DecodeArgs(NamedTuple):
 
 
 def key_block_of(pattern) -> int:
-    return pattern.block_size if isinstance(pattern, (BlockSparse, TopK)) else KEY_BLOCK
+    return pattern.key_block(KEY_BLOCK)
 
 
-def _window_args(pattern):
-    if isinstance(pattern, SlidingWindow):
-        return pattern.window, pattern.sinks
-    return 0, 0
+def _rule_args(pattern) -> tuple[bool, int, int]:
+    """`(causal, window, sinks)` of the kernels' token rule (window 0: none)."""
+    causal, window, sinks = pattern.token_rule()
+    return bool(causal), int(window), int(sinks) if window else 0
 
 
 def num_splits(units: int, batch: int, kv_heads: int, row_groups: int, visited_blocks: int) -> int:
@@ -62,37 +61,29 @@ def num_splits(units: int, batch: int, kv_heads: int, row_groups: int, visited_b
     return int(max(1, min(want, max(1, visited_blocks // 2), 256)))
 
 
+def visited_rows(pattern, qpos: torch.Tensor, num_blocks: int, key_block: int, *, batch: int, kv_heads: int,
+                 index: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Which key blocks each query row visits: bool `(B, Hkv, Sq, num_blocks)`, or None for "every
+    block below the sequence's length" (Dense). The one answer every decode kernel uses (the
+    work lists here, the reference loop over a cache); the pattern says it
+    (`Pattern.candidate_blocks`), from `qpos` `(B or 1, Sq)` and, for a selecting pattern, its
+    per-token choice `index` (int32 `(B, Hkv, Sq, k)`, -1 padded). No host synchronisation."""
+    selected = None if index is None else index_to_bool(index, num_blocks)
+    rows = pattern.candidate_blocks(qpos, num_blocks, key_block, selected=selected)
+    if rows is None:
+        return None
+    return rows.expand(batch, kv_heads, qpos.shape[-1], num_blocks)
+
+
 def visited_blocks(q, k, pattern, key_block: int):
-    """(count int32 (B, Hkv), index int32 (B, Hkv, W), row mask uint8 (B, Hkv, Sq, N) or None)."""
+    """(count int32 (B, Hkv), index int32 (B, Hkv, W), row mask uint8 (B, Hkv, Sq, N) or None) of
+    `attention(q, k, v)`: every sequence holds Sk keys."""
     b, hq, sq, _ = q.shape
     hkv, sk = k.shape[1], k.shape[2]
-    dev = q.device
     nb = -(-sk // key_block)
-    if isinstance(pattern, Dense):
-        return None, None, None
-    rows_qb = torch.arange(sk - sq, sk, device=dev) // key_block  # (Sq,)
-    blocks = torch.arange(nb, device=dev)
-    row_mask = None
-    if isinstance(pattern, SlidingWindow):
-        lo = max(0, sk - sq - pattern.window + 1) // key_block
-        vis = (blocks >= lo) | (blocks * key_block < pattern.sinks)
-        grid = vis[None, None].expand(b, hkv, nb)
-    elif isinstance(pattern, BlockSparse):
-        lay = pattern.layout.to(dev)[:, :, :, :nb]
-        rows = lay.index_select(2, rows_qb).expand(b, hkv, sq, nb)  # (B, Hkv, Sq, N)
-        grid = rows.any(dim=2)
-        row_mask = rows if sq > 1 else None
-    elif isinstance(pattern, TopK):
-        sel = index_to_bool(topk_token_index(q, k, pattern), nb)  # (B, Hkv, Sq, N)
-        rows = sel | pattern.forced_block_mask(rows_qb, blocks)[None, None]
-        grid = rows.any(dim=2)
-        row_mask = rows if sq > 1 else None
-    else:
-        raise TypeError(f"unsupported pattern {type(pattern).__name__}")
-    count, index = compact(grid, nb)
-    if row_mask is not None:
-        row_mask = row_mask.to(torch.uint8).contiguous()
-    return count.contiguous(), index.contiguous(), row_mask
+    qpos = torch.arange(sk - sq, sk, device=q.device)[None]
+    index = topk_token_index(q, k, pattern) if pattern.pool_block() is not None else None
+    return block_lists(visited_rows(pattern, qpos, nb, key_block, batch=b, kv_heads=hkv, index=index), sq)
 
 
 def block_lists(rows: torch.Tensor | None, sq: int):
@@ -119,24 +110,19 @@ def tensor_decode_args(q, k, v, pattern, *, scale: float, units: int) -> DecodeA
     page_table = torch.arange(b, dtype=torch.int32, device=q.device)[:, None]
     lengths = torch.full((b,), sk, dtype=torch.int32, device=q.device)
     return DecodeArgs(q.contiguous(), k, v, page_table, lengths, count, index, row_mask, key_block,
-                      bool(pattern.causal), *_window_args(pattern), float(scale), splits)
+                      *_rule_args(pattern), float(scale), splits)
 
 
-def cache_decode_args(q, cache, pattern, *, scale: float, units: int) -> DecodeArgs:
-    """Arguments for attention over a `KVCache` (one page per sequence) or a `PagedKVCache`."""
-    from ..cache.attend import row_blocks
-    from ..cache.paged import PagedKVCache
-
+def cache_decode_args(q, view, pattern, *, scale: float, units: int) -> DecodeArgs:
+    """Arguments for attention over a cache's read view (`cache.kv_view()`): its pages and page
+    table (a contiguous cache is one page of `max_len + 1` rows per sequence), its lengths."""
     b, hq, sq, _ = q.shape
     key_block = key_block_of(pattern)
-    nb = -(-cache.max_length // key_block)
-    qpos = cache.lengths.long()[:, None] - sq + torch.arange(sq, device=q.device)[None, :]
-    count, index, row_mask = block_lists(row_blocks(q, cache, pattern, qpos, nb, key_block), sq)
-    if isinstance(cache, PagedKVCache):
-        k, v, table = cache.k_pages, cache.v_pages, cache.page_table
-    else:  # contiguous: sequence b is page b (of max_len + 1 rows)
-        k, v = cache.k, cache.v
-        table = torch.arange(b, dtype=torch.int32, device=q.device)[:, None]
-    splits = num_splits(units, b, cache.kv_heads, -(-(hq // cache.kv_heads) * sq // 8), nb)
-    return DecodeArgs(q.contiguous(), k, v, table, cache.lengths, count, index, row_mask, key_block,
-                      bool(pattern.causal), *_window_args(pattern), float(scale), splits)
+    nb = -(-view.max_length // key_block)
+    qpos = query_positions(view.lengths, sq)
+    index = topk_index_over_cache(q, view, pattern) if pattern.pool_block() is not None else None
+    rows = visited_rows(pattern, qpos, nb, key_block, batch=b, kv_heads=view.kv_heads, index=index)
+    count, index, row_mask = block_lists(rows, sq)
+    splits = num_splits(units, b, view.kv_heads, -(-(hq // view.kv_heads) * sq // 8), nb)
+    return DecodeArgs(q.contiguous(), view.k, view.v, view.page_table, view.lengths, count, index, row_mask,
+                      key_block, *_rule_args(pattern), float(scale), splits)

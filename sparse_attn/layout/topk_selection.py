@@ -65,10 +65,13 @@ def topk_token_index(q: torch.Tensor, k: torch.Tensor, pattern: TopK) -> torch.T
     return topk_token_index_pooled(q, pooled_keys(k, bs, acc), sk, pattern)
 
 
-def topk_token_index_pooled(q: torch.Tensor, kbar: torch.Tensor, sk: int, pattern: TopK) -> torch.Tensor:
-    """:func:`topk_token_index` from the pooled keys `kbar` `(B, Hkv, ceil(Sk/bs), D)` (float32, or
-    float64 for float64 queries): for callers that pool K their own way (a native kernel, a cache
-    that keeps the pooled keys of completed blocks)."""
+def topk_token_index_pooled(q: torch.Tensor, kbar: torch.Tensor, qpos, pattern: TopK) -> torch.Tensor:
+    """:func:`topk_token_index` from the pooled keys `kbar` `(B, Hkv, N, D)` (float32, or float64 for
+    float64 queries): for callers that pool K their own way (a native kernel, a cache that keeps the
+    block sums of its keys). `qpos`: the query rows' absolute positions, an int `Sk` (rows
+    end-aligned to `Sk` keys) or a tensor `(B or 1, Sq)` (a cache: each sequence's rows end-aligned
+    to its own length). Candidate blocks lie strictly below a row's own block, so they are complete
+    whenever `kbar` holds the means of the keys present: the contract's selection."""
     b, hq, sq, d = q.shape
     hkv, nb = kbar.shape[1], kbar.shape[2]
     bs = pattern.block_size
@@ -77,15 +80,16 @@ def topk_token_index_pooled(q: torch.Tensor, kbar: torch.Tensor, sk: int, patter
     out = torch.full((b, hkv, sq, pattern.topk), -1, dtype=torch.int32, device=q.device)
     if width == 0 or sq == 0 or b == 0:
         return out
+    if not isinstance(qpos, torch.Tensor):
+        qpos = torch.arange(qpos - sq, qpos, device=q.device)[None]
     qbar = group_mean_queries(q, hkv, acc)  # (B, Hkv, Sq, D)
     blocks = torch.arange(nb, device=q.device)
     rows = max(1, _SCORE_CHUNK_ELEMS // max(1, b * hkv * nb))
     for r0 in range(0, sq, rows):
         r1 = min(sq, r0 + rows)
-        pos = torch.arange(sk - sq + r0, sk - sq + r1, device=q.device)
-        pb = pos // bs
+        pb = (qpos[:, r0:r1] // bs)[:, None, :, None]  # (B or 1, 1, r, 1)
         # candidates: not a sink, strictly before the local blocks
-        cand = (blocks[None, :] >= pattern.sink_blocks) & (blocks[None, :] <= pb[:, None] - pattern.local_blocks)
+        cand = (blocks >= pattern.sink_blocks) & (blocks <= pb - pattern.local_blocks)
         scores = torch.matmul(qbar[:, :, r0:r1], kbar.transpose(-1, -2))  # (B, Hkv, r, N)
         scores = scores.masked_fill(~cand, float("-inf"))
         val, idx = torch.topk(scores, width, dim=-1)
@@ -97,6 +101,21 @@ def topk_token_index_pooled(q: torch.Tensor, kbar: torch.Tensor, sk: int, patter
     return out
 
 
+def topk_index_over_cache(q: torch.Tensor, view, pattern: TopK) -> torch.Tensor:
+    """TopK's per-token selection over a KV cache's read view (`KVView`): int32 `(B, Hkv, Sq, topk)`
+    as :func:`topk_token_index`, from the block means the cache keeps (O(blocks): K is not read),
+    each sequence's rows end-aligned to its own length."""
+    nb = -(-view.max_length // pattern.block_size)
+    with torch.no_grad():
+        return topk_token_index_pooled(q.detach(), view.pooled_keys(nb),
+                                       query_positions(view.lengths, q.shape[2]), pattern)
+
+
+def query_positions(lengths: torch.Tensor, sq: int) -> torch.Tensor:
+    """Absolute positions `(B, Sq)` of `Sq` query rows end-aligned to each sequence's length (device)."""
+    return lengths.long()[:, None] - sq + torch.arange(sq, device=lengths.device)[None, :]
+
+
 def select_blocks_mask(q: torch.Tensor, k: torch.Tensor, pattern: TopK) -> torch.Tensor:
     """The full selection (forced + top-k) as bool `(B, Hkv, Sq, ceil(Sk/bs))`, for inspection."""
     b, hq, sq, d = q.shape
@@ -104,6 +123,5 @@ def select_blocks_mask(q: torch.Tensor, k: torch.Tensor, pattern: TopK) -> torch
     bs = pattern.block_size
     nb = -(-sk // bs)
     sel = index_to_bool(topk_token_index(q, k, pattern), nb)
-    pos = torch.arange(sk - sq, sk, device=q.device)
-    forced = pattern.forced_block_mask(pos // bs, torch.arange(nb, device=q.device))  # (Sq, N)
-    return sel | forced
+    pos = torch.arange(sk - sq, sk, device=q.device)[None]
+    return pattern.candidate_blocks(pos, nb, bs, selected=sel).expand(b, hkv, sq, nb)

@@ -47,6 +47,29 @@ class Pattern:
     def describe(self) -> str:
         return repr(self)
 
+    # ---- what block-wise kernels (decode work lists, caches) ask the pattern ----------------
+    def token_rule(self) -> tuple[bool, int, int]:
+        """`(causal, window, sinks)`: the per-token rule a kernel applies inside the key blocks it
+        visits; `window = 0` means none."""
+        return self.causal, 0, 0
+
+    def key_block(self, default: int) -> int:
+        """Key-block size of block-wise work: the pattern's own blocks (BlockSparse, TopK), else `default`."""
+        return default
+
+    def pool_block(self) -> int | None:
+        """Block size of the pooled key means this pattern's selection reads from a cache (TopK),
+        or None when it selects nothing."""
+        return None
+
+    def candidate_blocks(self, qpos: torch.Tensor, num_blocks: int, key_block: int, *,
+                         selected: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Bool `(B or 1, Hkv or 1, Sq, num_blocks)`: the key blocks that query rows at absolute
+        positions `qpos` `(B or 1, Sq)` may visit, before the token rule; None = every block (below
+        each sequence's length). `selected`: a selecting pattern's choice as bool
+        `(B, Hkv, Sq, num_blocks)` (TopK). Built on the device, no host synchronisation."""
+        return None
+
 
 def causal_pairs(sq: int, sk: int) -> float:
     """Number of (query, key) pairs dense causal attention visits with end-aligned queries."""

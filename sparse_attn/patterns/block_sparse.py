@@ -51,5 +51,15 @@ class BlockSparse(Pattern):
         d = self.known_density()
         return causal_pairs(sq, sk) * (1.0 if d is None else d)
 
+    def key_block(self, default):
+        return self.block_size
+
+    def candidate_blocks(self, qpos, num_blocks, key_block, *, selected=None):
+        lay = self.layout.to(qpos.device)[:, :, :, :num_blocks]  # (B', H', NBq, N)
+        b = max(lay.shape[0], qpos.shape[0])
+        lay = lay.expand(b, -1, -1, -1)
+        qb = (qpos // self.block_size).expand(b, -1)[:, None, :, None].expand(b, lay.shape[1], -1, lay.shape[3])
+        return torch.gather(lay, 2, qb)  # row p // bs of the layout for each query row
+
     def __repr__(self):
         return f"BlockSparse(layout={tuple(self.layout.shape)} bool, block_size={self.block_size})"

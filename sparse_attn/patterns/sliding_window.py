@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from .base import Pattern, _check_int, window_pairs
 
 
@@ -38,3 +40,13 @@ class SlidingWindow(Pattern):
 
     def visited_pairs(self, sq, sk):
         return window_pairs(sq, sk, self.window, self.sinks)
+
+    def token_rule(self):
+        return True, self.window, self.sinks
+
+    def candidate_blocks(self, qpos, num_blocks, key_block, *, selected=None):
+        blocks = torch.arange(num_blocks, device=qpos.device)
+        first = (torch.clamp(qpos - self.window + 1, min=0) // key_block)[..., None]  # (B, Sq, 1)
+        last = (qpos // key_block)[..., None]
+        rows = (blocks <= last) & ((blocks >= first) | (blocks * key_block < self.sinks))
+        return rows[:, None]

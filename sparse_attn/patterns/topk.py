@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from .base import Pattern, _check_int, window_pairs
 
 
@@ -58,3 +60,15 @@ class TopK(Pattern):
 
     def visited_pairs(self, sq, sk):
         return window_pairs(sq, sk, self.blocks_per_query * self.block_size, 0)
+
+    def key_block(self, default):
+        return self.block_size
+
+    def pool_block(self):
+        return self.block_size
+
+    def candidate_blocks(self, qpos, num_blocks, key_block, *, selected=None):
+        blocks = torch.arange(num_blocks, device=qpos.device)
+        pb = (qpos // self.block_size)[..., None]  # (B, Sq, 1)
+        forced = ((blocks <= pb) & ((blocks < self.sink_blocks) | (blocks > pb - self.local_blocks)))[:, None]
+        return forced if selected is None else forced | selected

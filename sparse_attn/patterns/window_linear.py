@@ -38,3 +38,9 @@ class WindowLinear(Pattern):
 
     def visited_pairs(self, sq, sk):
         return window_pairs(sq, sk, self.window, self.sinks)
+
+    def token_rule(self):
+        return self.softmax_part.token_rule()
+
+    def candidate_blocks(self, qpos, num_blocks, key_block, *, selected=None):
+        return self.softmax_part.candidate_blocks(qpos, num_blocks, key_block)

@@ -23,6 +23,8 @@ class Kernel:
     supports_backward: bool = False
     #: phases this kernel is meant for; the others get a reason
     phases: tuple[str, ...] = ("prefill", "chunked-prefill", "decode", "training")
+    #: cache layouts (`KVView.kind`) a kernel of the "attention_with_cache" op reads
+    cache_kinds: tuple[str, ...] = ()
 
     def unavailable(self) -> str | None:
         """Why this kernel cannot run in this process at all (missing package, failed build)."""
@@ -49,6 +51,9 @@ class Kernel:
             why.append("no backward pass (inputs require grad)")
         if p.phase not in self.phases:
             why.append(f"not meant for phase {p.phase}")
+        kind = getattr(p, "cache_kind", None)  # a CacheProblem
+        if kind is not None and kind not in self.cache_kinds:
+            why.append(f"does not read a {kind} cache")
         return why + self.extra_reasons(p)
 
     def cost(self, p: Problem) -> float:
@@ -57,6 +62,11 @@ class Kernel:
 
     def run(self, q, k, v, p: Problem, *, gate=None) -> torch.Tensor:
         raise NotImplementedError
+
+    def run_cache(self, q, view, p: Problem) -> torch.Tensor:
+        """Attention of `q` `(B, Hq, Sq, D)` over a cache's read view (`KVView`): the
+        "attention_with_cache" op. Returns `(B, Hq, Sq, Dv)` in q's dtype."""
+        raise NotImplementedError(f"{self.name} does not read caches")
 
     def __repr__(self):
         return f"<kernel {self.name} ({self.backend})>"

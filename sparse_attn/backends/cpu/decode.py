@@ -10,9 +10,9 @@ place) or, for TopK, the per-token selection (the contract's PyTorch selection,
 `topk_token_index_pooled`, over keys pooled by the extension).
 No `BlockLayout` is built: there is nothing to tile with one query row.
 
-Over a KV cache (`decode_over_cache`, what `attention_with_cache` runs on CPU caches) the same
-kernel takes each sequence's length (rows end-aligned to it) and, for a `PagedKVCache`, the page
-table; TopK is then selected from the cache's pooled keys (`cache_token_index`, O(blocks)).
+Over a KV cache (`CpuCacheDecode`, registered for `attention_with_cache`) the same kernel takes
+the cache's read view: each sequence's length (rows end-aligned to it) and, for a paged cache,
+the page table; TopK is then selected from the cache's block means (O(blocks), `layout/`).
 
 Inference only (`supports_backward = False`); phases decode and chunked-prefill.
 """
@@ -21,8 +21,9 @@ from __future__ import annotations
 import torch
 
 from ..._build import load_extension, unavailable_reason
-from ...layout.topk_selection import group_mean_queries, topk_token_index_pooled
+from ...layout.topk_selection import topk_index_over_cache, topk_token_index_pooled
 from ...patterns import BlockSparse, Dense, SlidingWindow, TopK
+from ...scheduler.cache_problem import CACHE_OP
 from ...scheduler.kernel import roofline_seconds
 from ...scheduler.registry import register
 from ..flash import FlashKernel
@@ -36,38 +37,10 @@ def _ext():
     return load_extension("cpu_decode")
 
 
-def _rule(pattern) -> tuple[bool, int, int]:
-    """(causal, window or -1, sinks) of the token rule."""
-    if isinstance(pattern, SlidingWindow):
-        return True, pattern.window, pattern.sinks
-    if isinstance(pattern, Dense):
-        return pattern.causal, -1, 0
-    return True, -1, 0
-
-
-def _run_kernel(q, k, v, pattern, *, scale: float, token_index=None, lengths=None, page_table=None,
-                page_size: int = 0):
-    """The one call into the extension: `decode_fwd(DecodeArgs)` (csrc/cpu/decode_binding.cpp says
-    what each field means) -> `(out, lse)`. `token_index`: TopK's selection (ignored otherwise)."""
-    ext = _ext()
-    args = ext.DecodeArgs()
-    args.q, args.k, args.v, args.scale = q, k, v, float(scale)
-    args.causal, args.window, args.sinks = _rule(pattern)
-    if isinstance(pattern, BlockSparse):
-        args.block, args.layout = pattern.block_size, pattern.layout
-    elif isinstance(pattern, TopK):
-        if token_index is None:  # the kernel would read no filter at all: dense
-            raise ValueError("token_index: TopK needs the per-token selection (decode_prepare)")
-        args.block, args.token_index = pattern.block_size, token_index
-        args.sink_blocks, args.local_blocks = pattern.sink_blocks, pattern.local_blocks
-    args.lengths, args.page_table, args.page_size = lengths, page_table, page_size
-    return ext.decode_fwd(args)
-
-
 def decode_prepare(q: torch.Tensor, k: torch.Tensor, pattern):
     """What the kernel needs beyond q, k, v: TopK's per-token selection (int32 `(B, Hkv, Sq, topk)`),
     else None. On the device, no host synchronisation, no autograd."""
-    if isinstance(pattern, TopK) and q.shape[0] > 0 and q.shape[2] > 0:
+    if pattern.pool_block() is not None and q.shape[0] > 0 and q.shape[2] > 0:
         with torch.no_grad():
             # pooling all of K is the selection's whole cost at decode: done by the extension
             # (K read once in its dtype, float32 sums, all threads); the rest as the contract's
@@ -75,6 +48,26 @@ def decode_prepare(q: torch.Tensor, k: torch.Tensor, pattern):
             kbar = _ext().pool_keys(k.detach(), pattern.block_size)
             return topk_token_index_pooled(q.detach(), kbar, k.shape[2], pattern)
     return None
+
+
+def _decode_fwd(q, k, v, pattern, *, scale: float, token_index, lengths=None, page_table=None, page_size=0):
+    """The one call of the extension: `decode_fwd(DecodeArgs)` -> `(out, lse)`
+    (csrc/cpu/decode_binding.cpp says what each field means). `lengths` / `page_table`: a cache's
+    (rows end-aligned to each sequence's length; K/V as pages), else None."""
+    ext = _ext()
+    args = ext.DecodeArgs()
+    args.q, args.k, args.v, args.scale = q, k, v, float(scale)
+    causal, window, sinks = pattern.token_rule()
+    args.causal, args.window, args.sinks = causal, window if window else -1, sinks if window else 0
+    if isinstance(pattern, BlockSparse):  # the C++ kernel reads the user's layout in place
+        args.block, args.layout = pattern.block_size, pattern.layout
+    elif pattern.pool_block() is not None:  # TopK: forced blocks in C++, the selection as token_index
+        if token_index is None:  # empty input
+            token_index = torch.empty(q.shape[0], k.shape[1], q.shape[2], 0, dtype=torch.int32)
+        args.block, args.token_index = pattern.block_size, token_index
+        args.sink_blocks, args.local_blocks = pattern.sink_blocks, pattern.local_blocks
+    args.lengths, args.page_table, args.page_size = lengths, page_table, page_size
+    return ext.decode_fwd(args)
 
 
 def decode_forward(q, k, v, pattern, *, scale: float, token_index: torch.Tensor | None = None):
@@ -90,57 +83,24 @@ def decode_forward(q, k, v, pattern, *, scale: float, token_index: torch.Tensor 
         k = k.contiguous()
     if v.shape[-1] > 1 and v.stride(-1) != 1:
         v = v.contiguous()
-    if isinstance(pattern, TopK):
-        if token_index is None:
-            token_index = decode_prepare(q, k, pattern)
-        if token_index is None:  # empty input
-            token_index = torch.empty(q.shape[0], k.shape[1], q.shape[2], 0, dtype=torch.int32)
-    return _run_kernel(q, k, v, pattern, scale=scale, token_index=token_index)
+    if token_index is None and pattern.pool_block() is not None:
+        token_index = decode_prepare(q, k, pattern)
+    return _decode_fwd(q, k, v, pattern, scale=scale, token_index=token_index)
 
 
-def cache_token_index(q: torch.Tensor, cache, pattern: TopK) -> torch.Tensor:
-    """TopK's per-token selection over a KV cache: int32 `(B, Hkv, Sq, topk)`, ascending, -1
-    padded, as `topk_token_index_pooled` computes it, but from the block means the cache keeps
-    (`cache.pooled_keys`: O(blocks), K is not read) and with each sequence's rows end-aligned to
-    its own length. Candidate blocks lie strictly below the query's own block, so they are
-    complete and their means are the contract's."""
-    b, hq, sq, d = q.shape
-    hkv, bs = cache.kv_heads, pattern.block_size
-    nb = -(-cache.max_length // bs)
-    width = min(pattern.topk, nb)
-    out = torch.full((b, hkv, sq, pattern.topk), -1, dtype=torch.int32, device=q.device)
-    if width == 0 or sq == 0 or b == 0:
-        return out
-    with torch.no_grad():
-        kbar = cache.pooled_keys(nb)  # (B, Hkv, nb, D) float32
-        qbar = group_mean_queries(q.detach(), hkv, kbar.dtype)  # (B, Hkv, Sq, D)
-        qpos = cache.lengths.long()[:, None] - sq + torch.arange(sq, device=q.device)[None, :]  # (B, Sq)
-        pb = (qpos // bs)[:, None, :, None]  # (B, 1, Sq, 1)
-        blocks = torch.arange(nb, device=q.device)
-        cand = (blocks >= pattern.sink_blocks) & (blocks <= pb - pattern.local_blocks)  # (B, 1, Sq, nb)
-        scores = torch.matmul(qbar, kbar.transpose(-1, -2)).masked_fill(~cand, float("-inf"))
-        val, idx = torch.topk(scores, width, dim=-1)
-        key = torch.where(torch.isneginf(val), torch.full_like(idx, nb), idx)
-        idx = torch.sort(key, dim=-1).values
-        out[..., :width] = torch.where(idx == nb, torch.full_like(idx, -1), idx).to(torch.int32)
-    return out
-
-
-def decode_over_cache(q: torch.Tensor, cache, pattern, *, scale: float) -> torch.Tensor:
-    """`attention_with_cache` on a CPU `KVCache` / `PagedKVCache` with the split-KV kernel: each
-    sequence's rows end-aligned to its own length (`cache.lengths`), K/V read in place (a
-    contiguous cache as strided rows, a paged one through its page table), TopK selected from the
-    cache's pooled keys. Returns `(B, Hq, Sq, Dv)` in q's dtype."""
-    from ...cache.paged import PagedKVCache
-
+def decode_over_cache(q: torch.Tensor, view, pattern, *, scale: float) -> torch.Tensor:
+    """Attention over a CPU cache's read view (`KVView`) with the split-KV kernel: each sequence's
+    rows end-aligned to its own length (`view.lengths`), K/V read in place (a contiguous cache as
+    strided rows, a paged one through its page table), TopK selected from the cache's block means
+    (`layout.topk_selection.topk_index_over_cache`). Returns `(B, Hq, Sq, Dv)` in q's dtype."""
     if q.shape[2] > MAX_ROWS:
         raise ValueError(f"q has {q.shape[2]} query rows; the decode kernel serves at most {MAX_ROWS}")
-    token_index = cache_token_index(q, cache, pattern) if isinstance(pattern, TopK) else None
-    if isinstance(cache, PagedKVCache):
-        k, v, table, page_size = cache.k_pages, cache.v_pages, cache.page_table, cache.page_size
+    token_index = topk_index_over_cache(q, view, pattern) if pattern.pool_block() is not None else None
+    if view.kind == "contiguous":  # sequence b is k[b]: strided rows, read in runs
+        table, page_size = None, 0
     else:
-        k, v, table, page_size = cache.k, cache.v, None, 0
-    return _run_kernel(q, k, v, pattern, scale=scale, token_index=token_index, lengths=cache.lengths,
+        table, page_size = view.page_table, view.page_size
+    return _decode_fwd(q, view.k, view.v, pattern, scale=scale, token_index=token_index, lengths=view.lengths,
                        page_table=table, page_size=page_size)[0]
 
 
@@ -204,14 +164,18 @@ class CpuDecode(FlashKernel):
         t = roofline_seconds(p, flops=0.0, bytes_moved=nbytes, efficiency=self.memory_efficiency)
         t = max(t, roofline_seconds(p, flops=flops, bytes_moved=0.0, efficiency=self.compute_efficiency,
                                     compute_dtype=torch.float32))
-        if isinstance(p.pattern, TopK):
+        if p.pattern.pool_block() is not None:  # TopK's selection
             nb = -(-p.sk // p.pattern.block_size)
             scores = 2.0 * p.head_dim * p.sq * nb * p.batch * p.kv_heads
-            pool = elem * p.batch * p.kv_heads * p.sk * p.head_dim
+            pool = self._pool_bytes(p, nb)
             t += max(roofline_seconds(p, flops=scores, bytes_moved=0.0, efficiency=self.select_efficiency,
                                       compute_dtype=torch.float32),
                      roofline_seconds(p, flops=0.0, bytes_moved=pool, efficiency=1.0)) + self.select_overhead_s
         return t + self.overhead_s
+
+    def _pool_bytes(self, p, nb: int) -> float:
+        """Bytes the selection reads to pool the keys: all of K, in its dtype."""
+        return torch.finfo(p.dtype).bits // 8 * p.batch * p.kv_heads * p.sk * p.head_dim
 
     def prepare(self, q, k, p):
         return decode_prepare(q, k, p.pattern)
@@ -220,4 +184,18 @@ class CpuDecode(FlashKernel):
         return decode_forward(q, k, v, p.pattern, scale=p.scale, token_index=layout)
 
 
+class CpuCacheDecode(CpuDecode):
+    """`cpu.decode` over a cache (the "attention_with_cache" op): the same kernel and cost, K/V
+    read in place from contiguous or paged storage, TopK selected from the cache's block means."""
+
+    cache_kinds = ("contiguous", "paged")
+
+    def _pool_bytes(self, p, nb):
+        return (8 if p.dtype == torch.float64 else 4) * p.batch * p.kv_heads * nb * p.head_dim
+
+    def run_cache(self, q, view, p):
+        return decode_over_cache(q, view, p.pattern, scale=p.scale)
+
+
 register(CpuDecode())
+register(CpuCacheDecode(), op=CACHE_OP)

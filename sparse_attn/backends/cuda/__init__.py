@@ -2,7 +2,9 @@
 
 On a machine without one, the kernels still register and `plan(...).explain()` says why they
 cannot run."""
+from ...scheduler.cache_problem import CACHE_OP
 from ...scheduler.registry import register
-from .paged_decode import CudaSplitKVDecode
+from .paged_decode import CudaCacheDecode, CudaSplitKVDecode
 
 register(CudaSplitKVDecode())
+register(CudaCacheDecode(), op=CACHE_OP)

@@ -5,7 +5,7 @@ the GQA group (G heads x Sq rows), split across CTAs so that a single long seque
 GPU, and merges the splits by log-sum-exp. Its work lists come from
 `sparse_attn/layout/decode_blocks.py` (shared with the Triton decode kernel): a contiguous
 `(B, Hkv, Sk, D)` tensor is one page per sequence, so `attention(...)` decode and
-`attention_with_cache(...)` over a `PagedKVCache` run the same code.
+`attention_with_cache(...)` over a contiguous or paged cache (`CudaCacheDecode`) run the same code.
 """
 from __future__ import annotations
 
@@ -48,7 +48,11 @@ class CudaSplitKVDecode(SplitKVDecodeKernel):
         return tuple(_ext().paged_decode(*args))
 
 
-def decode_over_cache(q, cache, pattern, *, scale: float):
-    units = torch.cuda.get_device_properties(q.device).multi_processor_count
-    out, _ = _ext().paged_decode(*cache_decode_args(q, cache, pattern, scale=scale, units=units))
-    return out
+class CudaCacheDecode(CudaSplitKVDecode):
+    """`cuda.splitkv_decode` over a contiguous or paged cache (the "attention_with_cache" op)."""
+
+    cache_kinds = ("contiguous", "paged")
+
+    def run_cache(self, q, view, p):
+        out, _ = _ext().paged_decode(*cache_decode_args(q, view, p.pattern, scale=p.scale, units=p.device.units))
+        return out

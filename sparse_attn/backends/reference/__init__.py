@@ -1,5 +1,7 @@
 """`reference`: plain PyTorch on any device; readable, autograd-capable, never `Sq x Sk`."""
+from ...scheduler.cache_problem import CACHE_OP
 from ...scheduler.registry import register
+from .cache import ReferenceCacheChunked
 from .kernels import ReferenceChunked, ReferenceLinear, TorchSDPA
 from .linear import ReferenceLinearRecurrent
 
@@ -7,3 +9,4 @@ register(ReferenceChunked())
 register(TorchSDPA())
 register(ReferenceLinear(), op="linear_attention")
 register(ReferenceLinearRecurrent(), op="linear_attention")
+register(ReferenceCacheChunked(), op=CACHE_OP)

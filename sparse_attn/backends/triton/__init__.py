@@ -4,7 +4,9 @@ and report why they cannot run (`Kernel.unavailable`)."""
 from . import attention  # noqa: F401
 from . import linear  # noqa: F401
 
+from ...scheduler.cache_problem import CACHE_OP  # noqa: E402
 from ...scheduler.registry import register  # noqa: E402
-from .decode import TritonSplitKVDecode  # noqa: E402
+from .decode import TritonCacheDecode, TritonSplitKVDecode  # noqa: E402
 
 register(TritonSplitKVDecode())
+register(TritonCacheDecode(), op=CACHE_OP)

@@ -156,8 +156,9 @@ def _units(device: torch.device) -> int:
     return 4  # the interpreter: a few splits, so the merge is exercised
 
 
-def decode_over_cache(q, cache, pattern, *, scale: float) -> torch.Tensor:
-    return run_decode(cache_decode_args(q, cache, pattern, scale=scale, units=_units(q.device)))[0]
+def decode_over_cache(q, view, pattern, *, scale: float) -> torch.Tensor:
+    """Attention over a cache's read view (`KVView`): `(B, Hq, Sq, Dv)` in q's dtype."""
+    return run_decode(cache_decode_args(q, view, pattern, scale=scale, units=_units(q.device)))[0]
 
 
 class TritonSplitKVDecode(TritonKernelMixin, SplitKVDecodeKernel):
@@ -181,3 +182,12 @@ class TritonSplitKVDecode(TritonKernelMixin, SplitKVDecodeKernel):
 
     def forward(self, q, k, v, p, layout):
         return run_decode(tensor_decode_args(q, k, v, p.pattern, scale=p.scale, units=_units(q.device)))
+
+
+class TritonCacheDecode(TritonSplitKVDecode):
+    """`triton.splitkv_decode` over a contiguous or paged cache (the "attention_with_cache" op)."""
+
+    cache_kinds = ("contiguous", "paged")
+
+    def run_cache(self, q, view, p):
+        return decode_over_cache(q, view, p.pattern, scale=p.scale)

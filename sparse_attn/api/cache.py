@@ -1,0 +1,71 @@
+"""Attention over a KV cache, planned like `attention`: `attention_with_cache` and `plan_with_cache`.
+
+The flow is storage -> view -> plan -> kernel: a cache (`KVCache`, `PagedKVCache`, ...) is
+storage; `cache.kv_view()` describes it in one record (`cache/view.py`); the call is validated
+once into a `CacheProblem` (`scheduler/cache_problem.py`); every kernel registered for the
+"attention_with_cache" op gives its reasons not to run it (cache kinds, dtypes, rows, ...) and its
+cost; the cheapest runs over the view. Planning and running read no device value.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..patterns import Dense
+from ..scheduler.cache_problem import CACHE_OP, make_cache_problem
+from ..scheduler.plan import Plan, choose
+from ..scheduler.problem import check_backend
+
+
+class CachePlan(Plan):
+    """A `Plan` for `attention_with_cache`: `.run(q, cache)` runs the chosen kernel over the
+    cache's current view. It runs the call it was made for (same shapes, dtype, device, cache
+    kind, pattern); the cache may have grown since (every size is read from the view at run)."""
+
+    def run(self, q, cache):
+        problem, view = make_cache_problem(q, cache, self.problem.pattern, scale=self.problem.scale)
+        if not self.problem.same_call(problem):
+            raise ValueError(f"this plan was made for {self.problem.describe()}; it cannot run "
+                             f"{problem.describe()}: plan the new call (plan_with_cache)")
+        return _run(self.kernel, q, view, problem)
+
+
+def _run(kernel, q, view, problem):
+    if problem.is_empty:
+        return q.new_zeros(q.shape[0], q.shape[1], q.shape[2], view.v_head_dim)
+    return kernel.run_cache(q, view, problem)
+
+
+def plan_with_cache(q, cache, pattern=Dense(), *, scale=None, backend=None) -> CachePlan:
+    """The scheduler's decision for `attention_with_cache(q, cache, pattern, ...)`, without running it.
+
+    Returns a :class:`CachePlan`: `.kernel` is the chosen decode kernel, `.run(q, cache)` runs it,
+    and `.explain()` lists every kernel of the op with its estimated cost or its reasons not to run
+    (as `plan(...).explain()` does). Host work only.
+    """
+    check_backend(backend)
+    problem, _ = make_cache_problem(q, cache, pattern, scale=scale)
+    p = choose(problem, backend=backend, op=CACHE_OP)
+    return CachePlan(problem=p.problem, candidates=p.candidates, kernel=p.kernel, backend_request=backend)
+
+
+def attention_with_cache(q: torch.Tensor, cache, pattern=Dense(), *, scale=None, backend=None) -> torch.Tensor:
+    """Attention of `q` `(B, Hq, Sq, D)` over the keys and values held in `cache`.
+
+    Sequence `b`'s query rows are end-aligned to its own length (append their keys first). Returns
+    `(B, Hq, Sq, Dv)` in q's dtype; rows with no visible key give zeros. Dense, SlidingWindow,
+    BlockSparse (layout indexed by absolute positions) and TopK (selected from the cache's block
+    means: the same selection as `attention` on the full sequence).
+
+    `backend`: None lets the scheduler choose among the decode kernels registered for caches
+    (`plan_with_cache(...).explain()` shows the candidates: the split-KV kernels of csrc/cpu,
+    csrc/cuda and Triton for Sq <= 16 and no autograd, the chunked PyTorch loop for anything);
+    a named backend that cannot run the call raises `ValueError` with its reasons.
+    Differentiable in q only through the PyTorch loop (plain autograd); meant for inference.
+    """
+    check_backend(backend)
+    if getattr(cache, "is_sharded", False):  # sparse_attn.distributed.ShardedKVCache: a collective step
+        return cache.attend(q, pattern, scale=scale)
+    problem, view = make_cache_problem(q, cache, pattern, scale=scale)
+    if problem.is_empty:
+        return _run(None, q, view, problem)
+    return _run(choose(problem, backend=backend, op=CACHE_OP).kernel, q, view, problem)

@@ -1,0 +1,113 @@
+"""`KVView`: the one read view of a KV cache that every decode kernel consumes.
+
+A cache is storage (tensors, lengths, page tables, block sums); `cache.kv_view()` describes that
+storage in one frozen record, and kernels read the record, never the cache class. Both layouts
+are pages: key `j` of sequence `b` is row `j % page_size` of page `page_table[b, j // page_size]`
+of `k` / `v` `(pages, Hkv, page_size, D)`. A contiguous cache is one page of `max_len + 1` rows per
+sequence (`page_table[b] = [b]`), so a kernel that follows the table serves both; a kernel that has
+a faster path for one layout asks `kind`.
+
+Fields to come, with defaults so that today's kernels stay valid: a quantization kind and the
+per-row scales (issue 21: a kernel that reads only plain storage declares it), and the ranges
+a cache released (issue 20).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+KINDS = ("contiguous", "paged")
+
+
+@dataclass(frozen=True, eq=False)
+class KVView:
+    """What a cache holds, as a kernel reads it. Host fields never need a device read.
+
+    Attributes:
+        kind: "contiguous" or "paged" (a decode kernel declares the kinds it reads).
+        k, v: `(pages, Hkv, page_size, D)` / `(pages, Hkv, page_size, Dv)` storage, unit stride on D.
+        page_table: int32 `(B, W)` on the cache's device.
+        page_size: rows per page (`max_len + 1` for a contiguous cache).
+        lengths: int32 `(B,)` on the device: tokens held per sequence (what kernels read).
+        host_lengths: the same on the host (what shapes and checks read).
+        block_sums: `(B, Hkv, nb + 1, D)` float32 (float64 for a float64 cache) running sums of the
+            keys of each `pool_block_size` block (the last slot is a trash slot), or None when the
+            storage keeps none.
+        pool_block_size: the block of `block_sums` (None with them).
+        max_len: tokens a sequence may hold.
+    """
+
+    kind: str
+    k: torch.Tensor
+    v: torch.Tensor
+    page_table: torch.Tensor
+    page_size: int
+    lengths: torch.Tensor
+    host_lengths: tuple[int, ...]
+    block_sums: torch.Tensor | None
+    pool_block_size: int | None
+    max_len: int
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+
+    @property
+    def batch(self) -> int:
+        return len(self.host_lengths)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def head_dim(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def v_head_dim(self) -> int:
+        return self.v.shape[3]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
+
+    @property
+    def max_length(self) -> int:
+        """Longest sequence now (host value)."""
+        return max(self.host_lengths, default=0)
+
+    def pooled_keys(self, num_blocks: int) -> torch.Tensor:
+        """Mean key of blocks `[0, num_blocks)` of each sequence `(B, Hkv, num_blocks, D)` (float32;
+        float64 for a float64 cache): a block's mean over its keys present now; absent blocks give 0."""
+        if self.block_sums is None:
+            raise ValueError("this cache keeps no block sums of its keys (pool_block_size=None)")
+        bs = self.pool_block_size
+        start = torch.arange(num_blocks, device=self.device) * bs
+        count = torch.clamp(self.lengths.long()[:, None] - start[None, :], min=0, max=bs)  # (B, N)
+        sums = self.block_sums[:, :, :num_blocks]
+        return sums / torch.clamp(count, min=1)[:, None, :, None].to(sums.dtype)
+
+    def gather(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values at positions `[lo, hi)` of every sequence, `(B, Hkv, hi - lo, D|Dv)`.
+        Rows at or past a sequence's length hold stale data: callers mask them by `lengths`."""
+        if self.kind == "contiguous":  # page b is sequence b: a slice, no copy
+            return self.k[:, :, lo:hi], self.v[:, :, lo:hi]
+        pos = torch.arange(lo, hi, device=self.device)
+        slot = torch.clamp(pos // self.page_size, max=self.page_table.shape[1] - 1)
+        page = self.page_table.long()[:, slot]  # (B, n)
+        off = (pos % self.page_size)[None, :].expand_as(page)
+        k = self.k[page, :, off].permute(0, 2, 1, 3)  # (B, n, Hkv, D) -> (B, Hkv, n, D)
+        v = self.v[page, :, off].permute(0, 2, 1, 3)
+        return k, v
+
+    def describe(self) -> str:
+        lens = self.host_lengths
+        span = f"{min(lens)}..{max(lens)}" if lens and min(lens) != max(lens) else str(max(lens, default=0))
+        pages = f", page_size={self.page_size}" if self.kind == "paged" else ""
+        return f"{self.kind} cache (lengths {span}{pages})"

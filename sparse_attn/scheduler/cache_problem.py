@@ -1,0 +1,97 @@
+"""A decode problem: query rows against a cache's read view, validated once (`attention_with_cache`).
+
+Decode kernels register under the op `CACHE_OP` and answer, like every kernel, "why not" and "how
+much" from the problem alone: it is a :class:`~sparse_attn.scheduler.Problem` whose `sk` is the
+longest sequence the cache holds, plus the cache's kind (a kernel declares the kinds it reads,
+`Kernel.cache_kinds`). Everything here is host work on the cache's host bookkeeping: no device
+read, so a decode step can be planned inside a CUDA-graph capture.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..patterns import SOFTMAX_PATTERNS, BlockSparse
+from .device import device_info
+from .problem import CHUNKED, DECODE, TRAINING, Problem, check_scale
+
+#: the scheduler's op name of attention over a cache
+CACHE_OP = "attention_with_cache"
+
+
+@dataclass(frozen=True)
+class CacheProblem(Problem):
+    """A `Problem` over a cache: `sk` is the longest sequence held (host lengths); each sequence's
+    rows are end-aligned to its own length."""
+
+    cache_kind: str = "contiguous"
+    page_size: int = 0
+    cache_text: str = ""
+
+    @property
+    def phase(self) -> str:
+        # rows that extend a cache are decode (one) or chunked prefill (several), whatever Sk is
+        if self.requires_grad:
+            return TRAINING
+        return DECODE if self.sq == 1 else CHUNKED
+
+    def describe(self) -> str:
+        return f"{super().describe()}, {self.cache_text}"
+
+    def same_call(self, other: "CacheProblem") -> bool:
+        """True when `other` is this call again, the cache possibly longer (what a plan may run)."""
+        fields = ("batch", "q_heads", "kv_heads", "sq", "head_dim", "v_head_dim", "dtype", "device", "scale",
+                  "requires_grad", "cache_kind", "page_size")
+        return all(getattr(self, f) == getattr(other, f) for f in fields) and self.pattern == other.pattern
+
+
+def validate_cache_call(q, cache, pattern, *, scale=None):
+    """The one validation of a call over a cache (`attention_with_cache`, `plan_with_cache`,
+    `CachePlan.run`). Returns `(view, scale)`; raises `TypeError` / `ValueError` naming the
+    argument. Checks that need the cache's bookkeeping (a released range, issue 20) belong here."""
+    view_of = getattr(cache, "kv_view", None)
+    if not callable(view_of):
+        raise TypeError(f"cache must be a KVCache or PagedKVCache (an object with kv_view()), got "
+                        f"{type(cache).__name__}")
+    if not isinstance(q, torch.Tensor):
+        raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
+    if not isinstance(pattern, SOFTMAX_PATTERNS):
+        raise TypeError(f"pattern must be one of {[p.__name__ for p in SOFTMAX_PATTERNS]} for attention over a "
+                        f"cache, got {type(pattern).__name__}")
+    view = view_of()
+    if q.dim() != 4 or q.shape[0] != view.batch or q.shape[3] != view.head_dim:
+        raise ValueError(f"q must have shape (B={view.batch}, Hq, Sq, D={view.head_dim}), got {tuple(q.shape)}")
+    if q.shape[1] % view.kv_heads:
+        raise ValueError(f"q's heads ({q.shape[1]}) must be a multiple of the cache's kv_heads ({view.kv_heads})")
+    if q.dtype != view.dtype:
+        raise TypeError(f"q must have the cache's dtype {view.dtype}, got {q.dtype}")
+    if q.device != view.device:
+        raise ValueError(f"q is on {q.device} but the cache is on {view.device}")
+    short = [b for b, n in enumerate(view.host_lengths) if n < q.shape[2]]
+    if short:
+        raise ValueError(f"sequences {short} hold fewer tokens than q has rows ({q.shape[2]}): append the "
+                         f"queries' own keys to the cache first (lengths {list(view.host_lengths)})")
+    pool = pattern.pool_block()
+    if pool is not None and pool != view.pool_block_size:
+        raise ValueError(f"{type(pattern).__name__}.block_size ({pool}) must equal the cache's pool_block_size "
+                         f"({view.pool_block_size})")
+    if isinstance(pattern, BlockSparse):
+        nb = -(-view.max_length // pattern.block_size)
+        lay = pattern.layout
+        if lay.shape[0] not in (1, view.batch) or lay.shape[1] not in (1, view.kv_heads) or lay.shape[2] < nb \
+                or lay.shape[3] < nb:
+            raise ValueError(f"BlockSparse.layout must have shape (B or 1, Hkv or 1, >= {nb}, >= {nb}) for this "
+                             f"cache, got {tuple(lay.shape)}")
+    return view, check_scale(scale, q.shape[3])
+
+
+def make_cache_problem(q, cache, pattern, *, scale=None):
+    """Validate a call over a cache and describe it: `(CacheProblem, view)`."""
+    view, sc = validate_cache_call(q, cache, pattern, scale=scale)
+    b, hq, sq, d = q.shape
+    problem = CacheProblem(batch=b, q_heads=hq, kv_heads=view.kv_heads, sq=sq, sk=view.max_length, head_dim=d,
+                           v_head_dim=view.v_head_dim, dtype=q.dtype, device=device_info(q.device), pattern=pattern,
+                           scale=sc, requires_grad=bool(torch.is_grad_enabled() and q.requires_grad),
+                           cache_kind=view.kind, page_size=view.page_size, cache_text=view.describe())
+    return problem, view

@@ -1,0 +1,205 @@
+"""Decode through the scheduler: caches are storage read through one view, every decode kernel is
+planned (`plan_with_cache(...).explain()`), TopK selection over a cache is the layout/ one, a
+decode step reads no device value, and `cache/` imports no backend."""
+from __future__ import annotations
+
+import ast
+import pathlib
+import re
+
+import pytest
+import torch
+
+import oracle
+import sparse_attn as sa
+from conftest import randn, topk_margin
+from sparse_attn.cache import KVCache, KVView, PagedKVCache, RingKVCache
+from sparse_attn.layout.topk_selection import topk_index_over_cache, topk_token_index
+from sparse_attn.scheduler.cache_problem import CACHE_OP, make_cache_problem
+from sparse_attn.scheduler.registry import kernels
+from test_cache import _fill
+from test_layout import _NoHostSync
+
+PKG = pathlib.Path(sa.__file__).parent
+
+
+def _caches(b, hkv, d, lengths, *, dtype=torch.float32, pool=16, page_size=8):
+    max_len = max(lengths) + 8
+    caches = [KVCache(b, hkv, d, max_len, dtype=dtype, pool_block_size=pool),
+              PagedKVCache(b, hkv, d, num_pages=b * -(-max_len // page_size), page_size=page_size, max_len=max_len,
+                           dtype=dtype, pool_block_size=pool)]
+    full_k, full_v = randn(b, hkv, max(lengths), d, dtype=dtype), randn(b, hkv, max(lengths), d, dtype=dtype)
+    _fill(caches, full_k, full_v, lengths, steps=[max(lengths) // 2, 1, max(lengths)])
+    return caches, full_k, full_v
+
+
+# ------------------------------------------------------------------------------------- the view
+def test_view_describes_both_layouts():
+    caches, _, _ = _caches(3, 2, 16, [21, 40, 33])
+    contiguous, paged = (c.kv_view() for c in caches)
+    assert isinstance(contiguous, KVView) and contiguous.kind == "contiguous" and paged.kind == "paged"
+    for view in (contiguous, paged):
+        assert (view.batch, view.kv_heads, view.head_dim, view.v_head_dim) == (3, 2, 16, 16)
+        assert view.host_lengths == (21, 40, 33) and view.max_length == 40
+        assert view.lengths.tolist() == [21, 40, 33] and view.page_table.dtype == torch.int32
+    # a contiguous cache is one page of max_len + 1 rows per sequence
+    assert contiguous.page_size == caches[0].max_len + 1 and contiguous.page_table.flatten().tolist() == [0, 1, 2]
+    assert contiguous.k is caches[0].k and paged.k is caches[1].k_pages  # storage, not a copy
+    for lo, hi in ((0, 40), (5, 23)):
+        kc, vc = contiguous.gather(lo, hi)
+        kp, vp = paged.gather(lo, hi)
+        for i, n in enumerate(contiguous.host_lengths):
+            m = max(0, min(hi, n) - lo)
+            assert torch.equal(kc[i, :, :m], kp[i, :, :m]) and torch.equal(vc[i, :, :m], vp[i, :, :m])
+    torch.testing.assert_close(contiguous.pooled_keys(3), paged.pooled_keys(3))
+
+
+def test_selection_over_cache_is_the_layout_one():
+    """TopK over a cache (block means kept by the cache, rows end-aligned per sequence) equals the
+    selection of `attention` on each sequence alone."""
+    pat = sa.TopK(2, block_size=8, sink_blocks=1, local_blocks=1)
+    lengths = [29, 50, 41]
+    caches, full_k, _ = _caches(3, 2, 16, lengths, pool=8)
+    q = randn(3, 4, 3, 16)
+    for c in caches:
+        got = topk_index_over_cache(q, c.kv_view(), pat)
+        for i, n in enumerate(lengths):
+            assert topk_margin(q[i:i + 1], full_k[i:i + 1, :, :n], pat) > 1e-4
+            assert torch.equal(got[i:i + 1], topk_token_index(q[i:i + 1], full_k[i:i + 1, :, :n], pat)), i
+
+
+# ------------------------------------------------------------------------------------- planning
+def test_every_decode_kernel_is_planned_and_explained():
+    caches, _, _ = _caches(2, 2, 32, [37, 61])
+    q = randn(2, 4, 1, 32)
+    names = {k.name for k in kernels(CACHE_OP)}
+    assert {"reference.cache_chunked", "cpu.decode", "triton.splitkv_decode", "cuda.splitkv_decode"} <= names
+    for k in kernels(CACHE_OP):
+        assert set(k.cache_kinds) <= {"contiguous", "paged"} and k.cache_kinds, k.name
+    for c, kind in zip(caches, ("contiguous", "paged")):
+        for pat in (sa.Dense(), sa.SlidingWindow(20, sinks=2), sa.TopK(2, block_size=16)):
+            plan = sa.plan_with_cache(q, c, pat)
+            text = plan.explain()
+            assert plan.kernel.name == "cpu.decode", text
+            assert f"{kind} cache" in text and "chosen: cpu.decode" in text
+            rows = {c.kernel.name: next(ln for ln in text.splitlines() if f" {c.kernel.name} " in ln)
+                    for c in plan.candidates}
+            assert rows["cpu.decode"].lstrip().startswith("*") and "chosen (cheapest)" in rows["cpu.decode"]
+            assert "supported, costlier" in rows["reference.cache_chunked"]
+            if not torch.cuda.is_available():
+                assert "no usable CUDA device" in rows["cuda.splitkv_decode"]
+            torch.testing.assert_close(plan.run(q, c), sa.attention_with_cache(q, c, pat), rtol=0, atol=0)
+    # asked for a backend: the others are not even asked
+    plan = sa.plan_with_cache(q, caches[1], backend="reference")
+    assert plan.kernel.name == "reference.cache_chunked" and "backend 'reference' requested" in plan.explain()
+
+
+def test_a_kernel_that_reads_one_kind_says_so():
+    from sparse_attn.backends.cpu.decode import CpuCacheDecode
+
+    class ContiguousOnly(CpuCacheDecode):
+        cache_kinds = ("contiguous",)
+
+    caches, _, _ = _caches(2, 2, 32, [17, 30])
+    q = randn(2, 2, 1, 32)
+    contiguous, paged = (make_cache_problem(q, c, sa.Dense())[0] for c in caches)
+    assert ContiguousOnly().not_supported_reasons(paged) == ["does not read a paged cache"]
+    assert ContiguousOnly().not_supported_reasons(contiguous) == []
+    assert contiguous.phase == "decode" and "contiguous cache" in contiguous.describe()
+
+
+def test_plan_runs_its_call_as_the_cache_grows():
+    caches, full_k, full_v = _caches(2, 2, 16, [30, 45])
+    pat = sa.SlidingWindow(9, sinks=1)
+    q = randn(2, 4, 1, 16)
+    for c in caches:
+        plan = sa.plan_with_cache(q, c, pat)
+        for step in range(3):
+            c.append(randn(2, 2, 1, 16), randn(2, 2, 1, 16))
+            torch.testing.assert_close(plan.run(q, c), sa.attention_with_cache(q, c, pat, backend="reference"),
+                                       rtol=1e-5, atol=1e-6)
+        with pytest.raises(ValueError, match="this plan was made for"):
+            plan.run(randn(2, 4, 2, 16), c)
+        with pytest.raises(ValueError, match="this plan was made for"):
+            plan.run(q, caches[1 - caches.index(c)])  # the other kind
+        with pytest.raises(ValueError, match="this plan was made for"):
+            plan.run(randn(2, 8, 1, 16), c)
+
+
+# ------------------------------------------------------------------------- no host synchronisation
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("pat", [sa.Dense(), sa.SlidingWindow(20, sinks=3), sa.TopK(2, block_size=16)],
+                         ids=["dense", "window", "topk"])
+def test_decode_step_reads_no_device_value(pat, backend):
+    """Plan and run of a decode step (after the append the caller drives with host counts) never
+    copy a device value to the host: a CUDA graph can capture it."""
+    caches, _, _ = _caches(2, 2, 32, [40, 77])
+    q = randn(2, 4, 1, 32)
+    for c in caches:
+        c.append(randn(2, 2, 1, 32), randn(2, 2, 1, 32))
+        want = sa.attention_with_cache(q, c, pat, backend=backend)
+        with _NoHostSync():
+            plan = sa.plan_with_cache(q, c, pat, backend=backend)
+            out = plan.run(q, c)
+            out2 = sa.attention_with_cache(q, c, pat, backend=backend)
+        assert torch.equal(out, want) and torch.equal(out2, want)
+
+
+# ------------------------------------------------------------------------------ cache is storage
+def _imports(path: pathlib.Path, pkg: str | None = None) -> set[str]:
+    """Absolute module names a file of package `pkg` imports (relative imports resolved), at any nesting."""
+    pkg = pkg or "sparse_attn." + ".".join(path.relative_to(PKG).parent.parts)
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = pkg.rstrip(".").split(".")
+            mod = node.module or ""
+            if node.level:
+                base = base[:len(base) - (node.level - 1)]
+                mod = ".".join(base + ([mod] if mod else []))
+            out |= {mod} | {f"{mod}.{a.name}" for a in node.names}
+    return out
+
+
+def test_cache_imports_no_backend_and_kernels_no_cache_class():
+    files = sorted((PKG / "cache").glob("*.py"))
+    assert files
+    for f in files:
+        bad = {m for m in _imports(f) if m.startswith("sparse_attn.backends")}
+        assert not bad, f"{f.name} imports {bad}"
+    # kernels read the view: no backend or layout module names a cache class
+    for folder in ("backends", "layout"):
+        for f in sorted((PKG / folder).rglob("*.py")):
+            text = f.read_text()
+            assert not re.search(r"isinstance\([^)]*KVCache", text), f
+            assert not {m for m in _imports(f) if m.startswith("sparse_attn.cache")}, f
+
+
+def test_import_graph_check_can_fail(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("def f():\n    from ..backends.cpu import decode\n")
+    assert "sparse_attn.backends.cpu" in _imports(probe, "sparse_attn.cache")
+
+
+# ------------------------------------------------------------------------------------ the ring
+@pytest.mark.parametrize("window,sinks", [(5, 0), (6, 3), (1, 1), (20, 2)])
+def test_ring_decode_equals_window_attention(window, sinks):
+    """One token at a time into a `RingKVCache`: Dense(causal=False) over its filled slots is the
+    SlidingWindow row of the full sequence (float64 oracle), and memory stays sinks + window."""
+    b, hq, hkv, d, s = 2, 4, 2, 16, 40
+    pat = sa.SlidingWindow(window, sinks=sinks)
+    q, k, v = randn(b, hq, s, d), randn(b, hkv, s, d), randn(b, hkv, s, d)
+    ring = RingKVCache(b, hkv, d, window=window, sinks=sinks)
+    before = ring.nbytes()
+    ring.append(k[:, :, :7], v[:, :, :7])  # a prefill chunk first
+    for t in range(7, s):
+        ring.append(k[:, :, t:t + 1], v[:, :, t:t + 1])
+        out = sa.attention_with_cache(q[:, :, t:t + 1], ring, sa.Dense(causal=False))
+        ref = oracle.oracle_attention(q[:, :, t:t + 1], k[:, :, :t + 1], v[:, :, :t + 1], pat)
+        oracle.assert_close_contract(out, ref, dtype=torch.float32, device="cpu", what=f"token {t}")
+        ko, _ = ring.ordered()
+        kept = list(range(min(sinks, t + 1))) + list(range(max(sinks, t + 1 - window), t + 1))
+        assert torch.equal(ko, k[:, :, kept])
+    assert ring.nbytes() == before == 2 * b * hkv * (sinks + window) * d * 4 + 2 * b * 4
