@@ -7,3 +7,7 @@ register(ReferenceChunked())
 register(TorchSDPA())
 register(ReferenceLinear(), op="linear_attention")
 register(ReferenceLinearRecurrent(), op="linear_attention")
+
+from .window_linear_step import ReferenceWindowLinearStep  # noqa: E402
+
+register(ReferenceWindowLinearStep(), op="window_linear_step")

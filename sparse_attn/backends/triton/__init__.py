@@ -8,3 +8,6 @@ from ...scheduler.registry import register  # noqa: E402
 from .decode import TritonSplitKVDecode  # noqa: E402
 
 register(TritonSplitKVDecode())
+
+from . import linear_step  # noqa: E402,F401  (triton.linear_step for linear_attention decode)
+from . import window_linear_step  # noqa: E402,F401  (triton.window_linear_step)
