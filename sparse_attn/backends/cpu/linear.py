@@ -145,6 +145,8 @@ class CpuLinearChunked(Kernel):
         flops = 2.0 * tokens * ((c / 2 + 8) * (p.head_dim + p.v_head_dim) + 2 * p.head_dim * p.v_head_dim)
         elem = torch.finfo(p.dtype).bits // 8
         nbytes = elem * tokens * (2 * p.head_dim + p.v_head_dim) + 4 * tokens * p.v_head_dim
+        # the float32 state: an initial state read, the final state written (what bounds a few-token call)
+        nbytes += 8.0 * p.batch * p.q_heads * p.head_dim * p.v_head_dim
         if p.requires_grad:
             # the backward: 5 state products (the state rebuilt, dO S^T; K R, R V^T, Q^T dO) against
             # the forward's 2, and 6 intra-chunk ones (dA twice, dA K, A^T, A^T dO on the triangle, Q^T dA
