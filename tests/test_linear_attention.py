@@ -376,8 +376,10 @@ def test_cpu_linear_matrix(case):
     decay = None if decay is None else decay.detach()
     s0 = randn(b, h, d, dv) if case["state"] == "init" else None
     p = plan_linear(q, k, v, decay=decay, initial_state=s0)
-    assert p.kernel.name == "cpu.linear_chunked", p.explain()
-    o, st = sa.linear_attention(q, k, v, decay=decay, initial_state=s0, return_state=True, backend="cpu")
+    # a few tokens may go to the decode step (tests/test_linear_step.py); the chunked kernel itself runs below
+    chosen = ("cpu.linear_chunked",) if s > CpuLinearStep.max_tokens else ("cpu.linear_chunked", "cpu.linear_step")
+    assert p.kernel.name in chosen, p.explain()
+    o, st = CpuLinearChunked().run(q, k, v, p.problem, decay=decay, initial_state=s0)
     g = h // hkv
     k64, v64 = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
     ref, ref_st = oracle.oracle_linear_attention(q, k64, v64, decay=decay, initial_state=s0)

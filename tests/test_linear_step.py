@@ -179,3 +179,13 @@ def test_default_decode_loop_matches_prefill(dtype):
     ref, _ = oracle.oracle_linear_attention(q, k, v, decay=decay)
     base = oracle.masked_linear_attention_in_dtype(q, k, v, decay=decay.to(dtype))
     oracle.assert_close_contract(torch.cat(outs, 2), ref, dtype=dtype, device="cpu", lowp_baseline=base)
+
+
+@needs_cpu_step
+def test_step_with_no_token_passes_the_state_through():
+    """S = 0 (an empty sequence of a varlen batch) returns the initial state (or zeros), never garbage."""
+    s0 = randn(1, 2, 16, 8)
+    o, st = linear_step_cpu(randn(1, 2, 0, 16), randn(1, 2, 0, 16), randn(1, 2, 0, 8), scale=0.25, initial_state=s0)
+    assert o.shape == (1, 2, 0, 8) and torch.equal(st, s0)
+    _, st0 = linear_step_cpu(randn(1, 2, 0, 16), randn(1, 2, 0, 16), randn(1, 2, 0, 8), scale=0.25)
+    assert torch.equal(st0, torch.zeros(1, 2, 16, 8))

@@ -35,6 +35,12 @@ def linear_step_cpu(q, k, v, *, decay=None, scale: float, initial_state=None, st
             s_in = s_in.to(torch.float32).contiguous()
     if state_out is None:
         state_out = torch.empty(b, h, d, dv, dtype=torch.float32)
+    if s == 0:  # no token: the state passes through unchanged
+        if s_in is None:
+            state_out.zero_()
+        elif s_in.data_ptr() != state_out.data_ptr():
+            state_out.copy_(s_in)
+        return q.new_zeros(b, h, 0, dv), state_out
     g = None
     if decay is not None:
         g = decay.detach().to(torch.float32)
