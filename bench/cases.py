@@ -18,7 +18,11 @@ import torch
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 SHORT = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}
-KINDS = ("prefill", "decode", "train", "linear-prefill", "linear-decode")
+KINDS = ("prefill", "decode", "train", "linear-prefill", "linear-decode", "linear-step", "window-step")
+#: one decode step against constant-size state (Sq = 1): the linear-attention step at issue 15's shape
+#: (B = 1, H = 32, D = Dv = 128, float32 state) and the WindowLinear step over its fixed storage
+STEP_KINDS = ("linear-step", "window-step")
+LINEAR_STEP_HEADS = (32, 32)
 
 B, D, BLOCK = 1, 128, 64
 K = 1024
@@ -143,7 +147,7 @@ def sweep(device: torch.device, quick: bool, dtypes) -> list[Case]:
     cases: dict[str, Case] = {}
 
     def add(kind, fam, param, s, dt, sweep_name, heads=(hq, hkv)):
-        sq = 1 if kind in ("decode", "linear-decode") else s
+        sq = 1 if kind in ("decode", "linear-decode") + STEP_KINDS else s
         c = Case(kind, fam, param, B, heads[0], heads[1], sq, s, D, dt, (sweep_name,))
         old = cases.get(c.name)
         if old is None:
@@ -170,5 +174,7 @@ def sweep(device: torch.device, quick: bool, dtypes) -> list[Case]:
         add("linear-prefill", "linear", None, s, ldt, "length", heads=size.get("linear_heads", (hq, hkv)))
     for s in size["linear_decode"]:
         add("linear-decode", "linear", None, s, ldt, "length")
+    add("linear-step", "linear", None, 1, ldt, "length", heads=LINEAR_STEP_HEADS)
+    add("window-step", "windowlinear", dflt["window"], 4 * dflt["window"], ldt, "length")
     order = {k: i for i, k in enumerate(KINDS)}
     return sorted(cases.values(), key=lambda c: (order[c.kind], c.Sk, c.dtype != dtypes[0]))

@@ -10,6 +10,7 @@ time, so kernels added later show up by themselves.
 from __future__ import annotations
 
 import importlib
+import itertools
 import time
 import warnings
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ class Inputs:
     gate: torch.Tensor | None = None       # WindowLinear gate logits (Hq,)
     decay: torch.Tensor | None = None      # linear attention per-head log-decays (Hq,)
     state: torch.Tensor | None = None      # linear decode: state after Sk - 1 tokens (B, Hq, D, D)
+    states: list | None = None             # linear-step: equal copies of `state`, stepped in turn (one per layer)
     grad: torch.Tensor | None = None       # training: gradient of the output
     host_pattern: object = None            # the pattern with its BlockSparse layout on the CPU (work counts)
 
@@ -44,6 +46,7 @@ class Built:
     kernel: str
     fn: Callable
     prep_s: float = 0.0   # host-side preparation done once (e.g. FlexAttention's block mask)
+    check: Callable | None = None  # stateful `fn` (a decode step): gives the output to check against the reference
 
 
 class Impl:
@@ -96,6 +99,8 @@ class SparseAttn(Impl):
         case = x.case
         if not case.softmax:
             return self._build_linear(x)
+        if case.kind == "window-step":
+            return self._build_window_step(x)
         try:
             p = sa.plan(x.q, x.k, x.v, x.pattern, gate=x.gate, backend=self.backend)
         except ValueError as e:
@@ -111,7 +116,27 @@ class SparseAttn(Impl):
             q, k, v, st = x.q, x.k[:, :, -1:], x.v[:, :, -1:], x.state
             return Built(kernel, lambda: sa.linear_attention(q, k, v, decay=decay, initial_state=st,
                                                              return_state=True, backend=backend)[0])
+        if x.case.kind == "linear-step":  # the same step on each layer's state in turn (equal states: same output)
+            q, k, v, layers = x.q, x.k[:, :, -1:], x.v[:, :, -1:], itertools.cycle(x.states)
+            return Built(kernel, lambda: sa.linear_attention(q, k, v, decay=decay, initial_state=next(layers),
+                                                             return_state=True, backend=backend)[0])
         return Built(kernel, _wrap(lambda a, b, c: sa.linear_attention(a, b, c, decay=decay, backend=backend), x))
+
+
+    def _build_window_step(self, x: Inputs) -> Built:
+        """A WindowLinear decoder after a prefill of the first Sk - 1 tokens, stepped with the last one
+        (every timed call is one more step: the storage has a fixed size, so each costs the same)."""
+        from sparse_attn.api.window_linear import WindowLinearDecoder
+        kp, vp, kn, vn, q = x.k[:, :, :-1], x.v[:, :, :-1], x.k[:, :, -1:], x.v[:, :, -1:], x.q
+
+        def fresh():
+            return WindowLinearDecoder.from_prefill(kp, vp, x.pattern, gate=x.gate, backend=self.backend)
+        dec = fresh()
+        try:
+            p = dec.plan_step(q, kn, vn)
+        except ValueError as e:
+            raise Unsupported(_short_reasons(e, self.backend)) from None
+        return Built(p.kernel.name, lambda: dec.step(q, kn, vn), check=lambda: fresh().step(q, kn, vn))
 
 
 def linear_kernel_name(x: Inputs, backend: str | None) -> str:
@@ -121,7 +146,7 @@ def linear_kernel_name(x: Inputs, backend: str | None) -> str:
     from sparse_attn.scheduler.plan import choose
     from sparse_attn.scheduler.problem import Problem
     b, h, s, d = x.q.shape
-    sq = 1 if x.case.kind == "linear-decode" else s
+    sq = 1 if x.case.kind in ("linear-decode", "linear-step") else s
     try:
         problem = Problem(batch=b, q_heads=h, kv_heads=x.k.shape[1], sq=sq, sk=sq, head_dim=d,
                           v_head_dim=x.v.shape[3], dtype=x.q.dtype, device=device_info(x.q.device),
@@ -198,6 +223,8 @@ class Sdpa(Impl):
     def build(self, x: Inputs) -> Built:
         from torch.nn.attention import sdpa_kernel
         case = x.case
+        if case.kind in ("linear-step", "window-step"):
+            raise Unsupported("a decode step against constant-size state has no SDPA counterpart")
         why = probe_sdpa(self.backend, x.device, case.dtype)
         if why:
             raise Unsupported(f"not available on {x.device.type}/{str(case.dtype).removeprefix('torch.')}: {why}")
@@ -263,6 +290,8 @@ class Flex(Impl):
         case = x.case
         if not case.softmax:
             raise Unsupported("linear attention is not a softmax mask")
+        if case.kind == "window-step":
+            raise Unsupported("a decode step against constant-size state has no FlexAttention counterpart")
         if x.pattern is None:
             raise Unsupported("no pattern")
         mask_mod, per_head = _flex_mask_mod(x)
@@ -351,7 +380,7 @@ class Fla(Impl):
             raise Unsupported("fla is benchmarked on linear attention only")
         ops = importlib.import_module("fla.ops.simple_gla")
         b, h, s, d = x.q.shape
-        if case.kind == "linear-decode":
+        if case.kind in ("linear-decode", "linear-step"):
             q, k, v = (t[:, :, -1:].transpose(1, 2).contiguous() for t in (x.q, x.k, x.v))
             g = x.decay.to(torch.float32).expand(b, 1, h).contiguous()
             st = x.state.to(torch.float32)

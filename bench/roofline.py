@@ -92,7 +92,7 @@ def work_of(case, what, roofline: dict) -> dict:
     qo_bytes = 2 * bh * case.Sq * case.D * elt
     if what is LINEAR:  # recurrent form: k v^T update and q^T S read, per token and head
         flop = 4.0 * case.D * case.D * case.Sq * bh
-        state = 2 * bh * case.D * case.D * 4 if case.kind == "linear-decode" else 0  # float32 state in and out
+        state = 2 * bh * case.D * case.D * 4 if case.kind in ("linear-decode", "linear-step") else 0  # float32 state in and out
         byte = qo_bytes + 2 * case.B * case.Hkv * case.Sq * case.D * elt + state
     else:
         pairs = bh * (what.visited_pairs(case.Sq, case.Sk) if what is not None else causal_pairs(case.Sq, case.Sk))
@@ -104,6 +104,8 @@ def work_of(case, what, roofline: dict) -> dict:
         else:
             kv = 2 * case.B * case.Hkv * case.Sk * case.D * elt
         byte = qo_bytes + kv
+        if case.kind == "window-step":  # the linear memory M, float32, read and written once per kv head
+            byte += 2 * case.B * case.Hkv * case.D * case.D * 4
         if case.kind == "train":  # backward ~2.5x the forward's products; reads q k v o do, writes dq dk dv
             flop *= 3.5
             byte *= 2.5

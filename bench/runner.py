@@ -17,6 +17,9 @@ from .roofline import LINEAR, work_of
 from .timing import measure, synchronize
 
 ERROR_ROWS = 32
+#: a linear-step call steps one of up to STEP_LAYERS equal states in turn (the layers of a model at one
+#: token), STEP_POOL_BYTES of them in all: more than a CPU's L3 or a GPU's L2, so the state comes from memory
+STEP_LAYERS, STEP_POOL_BYTES = 64, 256 << 20
 TOLERANCE = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3}  # float32: 1e-5 on CPU, 1e-3 on GPU (tf32)
 
 
@@ -44,8 +47,11 @@ def make_inputs(case: Case, device) -> Inputs:
         x.gate = torch.randn(case.Hq, generator=g).to(device)
     if not case.softmax:
         x.decay = retnet_decay(case.Hq, device).to(torch.float32)
-    if case.kind == "linear-decode":
+    if case.kind in ("linear-decode", "linear-step"):
         x.state = (0.05 * torch.randn(case.B, case.Hq, case.D, case.D, generator=g)).to(device)
+    if case.kind == "linear-step":  # one state per layer of a deep model: together they do not fit a cache
+        n = max(2, min(STEP_LAYERS, STEP_POOL_BYTES // max(x.state.numel() * 4, 1)))
+        x.states = [x.state.clone() for _ in range(n)]
     if case.kind == "train":
         for t in (x.q, x.k, x.v):
             t.requires_grad_()
@@ -70,7 +76,7 @@ class References:
         x, case = self.x, self.x.case
         n = min(ERROR_ROWS, case.Sq)
         q64, k64, v64 = (t.detach().to("cpu", torch.float64) for t in (x.q, x.k, x.v))
-        if case.kind == "linear-decode" and target == "pattern":
+        if case.kind in ("linear-decode", "linear-step") and target == "pattern":
             return sa.linear_attention(q64, k64[:, :, -1:], v64[:, :, -1:], decay=x.decay.to("cpu", torch.float64),
                                        initial_state=x.state.to("cpu", torch.float64), backend="reference")
         if not case.softmax and target == "pattern":  # rows depend on the whole prefix through the state
@@ -232,6 +238,8 @@ def _run_impl(case, impl, row, x, refs, device, roofline, calib, budget_s, timin
     if impl.compiles and warm:
         calib.compile_s[impl.name] = max(calib.compile_s.get(impl.name, 0.0), first_s)
     t, out = measure(built.fn, device, budget_s=timing_budget_s, warmup=max(warm - 1, 0))
+    if built.check is not None:  # a stateful call (a decode step) moved on: check a fresh one instead
+        out = built.check()
     if not warm:
         first_s = t.times_ms[0] * 1e-3
     if device.type == "cuda":

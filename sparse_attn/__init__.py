@@ -6,8 +6,9 @@ never in meaning. `plan(...).explain()` shows which kernel runs a call and why.
 from .api import SparseAttention, attention, attention_varlen, linear_attention, plan, select_blocks
 from .api.cache import attention_with_cache, plan_with_cache
 from .api.hybrid import HybridCache, HybridStack, hybrid_layers
-from .api.linear import plan_linear
+from .api.linear import linear_decode_step, plan_linear
 from .api.model_cache import ModelCache
+from .api.window_linear import WindowLinearDecoder
 from .cache import KVCache, PagedKVCache
 from .layout import BlockLayout, build_layout
 from .patterns import BlockSparse, Dense, Pattern, SlidingWindow, TopK, WindowLinear
@@ -17,7 +18,8 @@ __version__ = "0.1.0"
 __all__ = ["attention", "attention_varlen", "linear_attention", "plan", "select_blocks", "SparseAttention",
            "Dense", "SlidingWindow", "BlockSparse", "TopK", "WindowLinear", "Pattern", "BlockLayout",
            "build_layout", "KVCache", "PagedKVCache", "attention_with_cache", "plan_with_cache", "plan_linear",
-           "hybrid_layers", "HybridStack", "HybridCache", "ModelCache", "__version__"]
+           "hybrid_layers", "HybridStack", "HybridCache", "ModelCache", "linear_decode_step", "WindowLinearDecoder",
+           "__version__"]
 
 
 def __getattr__(name):

@@ -180,10 +180,13 @@ def test_default_scale_and_return_types(backend):
 # ----------------------------------------------------------------------------------------------
 from sparse_attn.api.linear import plan_linear  # noqa: E402
 from sparse_attn.backends.cpu.linear import CpuLinearChunked  # noqa: E402
+from sparse_attn.backends.cpu.linear_step import CpuLinearStep  # noqa: E402
 
 #: why the C++ kernel cannot run here (None: it builds); it then serves inference prefill
 CPU_LINEAR_MISSING = CpuLinearChunked().unavailable()
 PREFILL_KERNEL = "reference.linear_chunked" if CPU_LINEAR_MISSING else "cpu.linear_chunked"
+#: the one-token (decode) kernel: the native step where its extension builds (tests/test_linear_step.py)
+DECODE_KERNEL = "reference.linear_recurrent" if CpuLinearStep().unavailable() else "cpu.linear_step"
 needs_cpu_linear = pytest.mark.skipif(CPU_LINEAR_MISSING is not None, reason=f"cpu_linear: {CPU_LINEAR_MISSING}")
 
 
@@ -197,7 +200,7 @@ def test_decode_step_uses_recurrent_kernel(decay_kind):
     s0 = randn(b, h, d, dv)
     one = decay if decay is None or decay.dim() == 1 else decay[:, :, :1]
     p = plan_linear(q[:, :, :1], k[:, :, :1], v[:, :, :1], decay=one, initial_state=s0)
-    assert p.kernel.name == "reference.linear_recurrent", p.explain()
+    assert p.kernel.name == DECODE_KERNEL, p.explain()
     assert "reference.linear_chunked" in p.explain() and p.problem.phase == "decode"
     assert plan_linear(q, k, v, decay=decay).kernel.name == PREFILL_KERNEL
     whole, whole_state = sa.linear_attention(q, k, v, decay=decay, initial_state=s0, return_state=True)
@@ -223,7 +226,7 @@ def test_one_token_training_step_goes_to_the_cpu_kernel():
     p = plan_linear(q, k, v)
     assert p.problem.phase == "training" and p.kernel.name == "cpu.linear_chunked", p.explain()
     with torch.no_grad():
-        assert plan_linear(q, k, v).kernel.name == "reference.linear_recurrent"
+        assert plan_linear(q, k, v).kernel.name == DECODE_KERNEL
     check_against_oracle(lambda q, k, v: sa.linear_attention(q, k, v),
                          lambda q, k, v: oracle.oracle_linear_attention(q, k, v)[0], None,
                          dict(q=q, k=k, v=v), dtype=torch.float32)
@@ -373,8 +376,10 @@ def test_cpu_linear_matrix(case):
     decay = None if decay is None else decay.detach()
     s0 = randn(b, h, d, dv) if case["state"] == "init" else None
     p = plan_linear(q, k, v, decay=decay, initial_state=s0)
-    assert p.kernel.name == "cpu.linear_chunked", p.explain()
-    o, st = sa.linear_attention(q, k, v, decay=decay, initial_state=s0, return_state=True, backend="cpu")
+    # a few tokens may go to the decode step (tests/test_linear_step.py); the chunked kernel itself runs below
+    chosen = ("cpu.linear_chunked",) if s > CpuLinearStep.max_tokens else ("cpu.linear_chunked", "cpu.linear_step")
+    assert p.kernel.name in chosen, p.explain()
+    o, st = CpuLinearChunked().run(q, k, v, p.problem, decay=decay, initial_state=s0)
     g = h // hkv
     k64, v64 = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
     ref, ref_st = oracle.oracle_linear_attention(q, k64, v64, decay=decay, initial_state=s0)
@@ -449,7 +454,7 @@ def test_cpu_linear_varlen(decay_kind):
 
     def chunked_kernel_runs(i, args):
         qi, ki, vi, di, si = args
-        if qi.shape[2] > 1:  # a one-token sequence is a decode step: the recurrent kernel
+        if qi.shape[2] > CpuLinearStep.max_tokens:  # a few tokens are a decode step (tests/test_linear_step.py)
             assert plan_linear(qi, ki, vi, decay=di, initial_state=si).kernel.name == "cpu.linear_chunked"
 
     check_varlen(o, st, q, k, v, decay, s0, lens, chunked_kernel_runs)
@@ -471,4 +476,4 @@ def test_cpu_linear_scheduler_and_training():
                          lambda q, k, v, decay: oracle.oracle_linear_attention(q, k, v, decay=decay)[0], None,
                          dict(q=q, k=k, v=v, decay=decay), dtype=torch.float32)
     q1 = q.detach()[:, :, :1]
-    assert plan_linear(q1, q1, q1).kernel.name == "reference.linear_recurrent"  # decode stays recurrent
+    assert plan_linear(q1, q1, q1).kernel.name == DECODE_KERNEL  # decode: the step kernel

@@ -34,6 +34,13 @@ EXTENSIONS = {
         "ldflags": ["-fopenmp"],
         "jit_cflags": ["-march=native"],
     },
+    "cpu_step": {  # decode steps against constant-size state: linear attention and WindowLinear
+        "sources": ["cpu/linear_step.cpp", "cpu/window_linear_step.cpp", "cpu/step_binding.cpp"],
+        "headers": ["cpu/vec.h", "cpu/scalar.h", "cpu/step_common.h", "cpu/target_check.h"],
+        "cflags": ["-fopenmp"],
+        "ldflags": ["-fopenmp"],
+        "jit_cflags": ["-march=native"],
+    },
     "cuda": {
         "sources": ["cuda/paged_decode.cu", "cuda/paged_decode_binding.cpp"],
         "headers": ["cuda/paged_decode.cuh"],

@@ -64,11 +64,16 @@ def _problem(q, k, v, decay, initial_state, scale, requires_grad):
                    requires_grad=bool(requires_grad))
 
 
-def _run_kernel(kernel, q, k, v, problem, decay, initial_state):
+def _run_kernel(kernel, q, k, v, problem, decay, initial_state, state_out=None):
     g = problem.group
     if g > 1 and not getattr(kernel, "native_gqa", False):  # kernels that read shared kv heads in place say so
         k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
-    return kernel.run(q, k, v, problem, decay=decay, initial_state=initial_state)
+    if state_out is None:
+        return kernel.run(q, k, v, problem, decay=decay, initial_state=initial_state)
+    if getattr(kernel, "writes_state_out", False):  # the step kernels write the new state where asked
+        return kernel.run(q, k, v, problem, decay=decay, initial_state=initial_state, state_out=state_out)
+    o, state = kernel.run(q, k, v, problem, decay=decay, initial_state=initial_state)
+    return o, state_out.copy_(state)
 
 
 def plan_linear(q, k, v, *, decay=None, scale=None, initial_state=None, backend=None,
@@ -168,3 +173,34 @@ def linear_attention(q, k, v, *, decay=None, scale=None, initial_state=None, ret
     p = choose(problem, backend=backend, op="linear_attention")
     o, state = _run_kernel(p.kernel, q, k, v, problem, decay, initial_state)
     return (o, state) if return_state else o
+
+
+def linear_decode_step(q, k, v, state, *, decay=None, scale=None, backend=None):
+    """One decode step (or a few tokens) of `linear_attention` that updates `state` in place.
+
+    Same meaning as `linear_attention(q, k, v, decay=decay, initial_state=state, return_state=True)`,
+    but the new state is written into `state` itself (a native step kernel reads and writes it once,
+    with no new allocation; a kernel that cannot write in place has its result copied in). The
+    scheduler plans it like `linear_attention` (`plan_linear(q, k, v, ..., initial_state=state)`).
+    Inference only: inputs that require grad raise.
+
+    Args:
+        q: `(B, H, S, D)` (S = 1 for decode); k: `(B, Hkv, S, D)`; v: `(B, Hkv, S, Dv)`.
+        state: contiguous float32 `(B, H, D, Dv)`, the state before these tokens; updated in place.
+        decay: None, `(H,)` or `(B, H, S)` log-decays; scale: default `D ** -0.5`.
+    Returns:
+        o `(B, H, S, Dv)` in q's dtype.
+    """
+    check_backend(backend)
+    if not isinstance(state, torch.Tensor):
+        raise TypeError(f"state must be a torch.Tensor, got {type(state).__name__}")
+    if state.dtype != torch.float32 or not state.is_contiguous():
+        raise ValueError(f"state must be a contiguous float32 tensor (it is updated in place), got {state.dtype}"
+                         f"{'' if state.is_contiguous() else ', not contiguous'}")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, decay, state)):
+        raise ValueError("linear_decode_step updates state in place and has no backward: call it under "
+                         "torch.no_grad() with inputs that do not require grad (linear_attention differentiates)")
+    problem = _problem(q, k, v, decay, state, scale, False)
+    p = choose(problem, backend=backend, op="linear_attention")
+    o, _ = _run_kernel(p.kernel, q, k, v, problem, decay, state, state_out=state)
+    return o

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backends.reference.window_linear import WindowLinearDecoder
+from .window_linear import WindowLinearDecoder
 from ..cache import KVCache, PagedKVCache, RingKVCache
 from ..cache.base import storage_bytes
 from ..patterns import Dense, Pattern, SlidingWindow, WindowLinear

@@ -6,3 +6,5 @@ register(CpuBlockSparse())
 
 from . import decode  # noqa: F401,E402  (registers its own kernels)
 from . import linear  # noqa: F401,E402  (registers cpu.linear_chunked for linear_attention)
+from . import linear_step  # noqa: F401,E402  (cpu.linear_step for linear_attention decode)
+from . import window_linear_step  # noqa: F401,E402  (cpu.window_linear_step)

@@ -10,7 +10,8 @@ Backward (`supports_backward = True`): `_CpuLinear`, an autograd.Function over t
 `linear_bwd` (two sweeps per head: forward in time for dq, reverse for dk, dv and the initial
 state's gradient; d(decay) per token or per head; GQA's dk, dv summed over the group without
 atomics; the gradient of the returned final state is honoured). csrc/cpu/linear_bwd.cpp's
-comment has the formulas. Decode (one token) stays with `reference.linear_recurrent`.
+comment has the formulas. Decode (a few tokens against a state) is `cpu.linear_step`
+(backends/cpu/linear_step.py), chosen by the costs.
 """
 from __future__ import annotations
 
@@ -114,7 +115,7 @@ class CpuLinearChunked(Kernel):
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
     patterns = (LinearAttention,)
     supports_backward = True
-    #: decode (one token, no gradients): reference.linear_recurrent; one token with gradients: here
+    #: decode (one token, no gradients): the step kernels (cpu.linear_step); one token with gradients: here
     phases = ("prefill", "chunked-prefill", "training")
     #: takes k, v with their own Hkv heads (`linear_attention` expands them for other kernels): at
     #: B = 1, H = 32, Hkv = 8, S = 32K the expansion alone cost 0.66 s of a 2.0 s call
@@ -144,6 +145,8 @@ class CpuLinearChunked(Kernel):
         flops = 2.0 * tokens * ((c / 2 + 8) * (p.head_dim + p.v_head_dim) + 2 * p.head_dim * p.v_head_dim)
         elem = torch.finfo(p.dtype).bits // 8
         nbytes = elem * tokens * (2 * p.head_dim + p.v_head_dim) + 4 * tokens * p.v_head_dim
+        # the float32 state: an initial state read, the final state written (what bounds a few-token call)
+        nbytes += 8.0 * p.batch * p.q_heads * p.head_dim * p.v_head_dim
         if p.requires_grad:
             # the backward: 5 state products (the state rebuilt, dO S^T; K R, R V^T, Q^T dO) against
             # the forward's 2, and 6 intra-chunk ones (dA twice, dA K, A^T, A^T dO on the triangle, Q^T dA

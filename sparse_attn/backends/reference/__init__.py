@@ -10,3 +10,7 @@ register(TorchSDPA())
 register(ReferenceLinear(), op="linear_attention")
 register(ReferenceLinearRecurrent(), op="linear_attention")
 register(ReferenceCacheChunked(), op=CACHE_OP)
+
+from .window_linear_step import ReferenceWindowLinearStep  # noqa: E402
+
+register(ReferenceWindowLinearStep(), op="window_linear_step")

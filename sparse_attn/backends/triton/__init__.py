@@ -10,3 +10,6 @@ from .decode import TritonCacheDecode, TritonSplitKVDecode  # noqa: E402
 
 register(TritonSplitKVDecode())
 register(TritonCacheDecode(), op=CACHE_OP)
+
+from . import linear_step  # noqa: E402,F401  (triton.linear_step for linear_attention decode)
+from . import window_linear_step  # noqa: E402,F401  (triton.window_linear_step)
