@@ -7,3 +7,8 @@ register(ReferenceChunked())
 register(TorchSDPA())
 register(ReferenceLinear(), op="linear_attention")
 register(ReferenceLinearRecurrent(), op="linear_attention")
+
+from .delta import ReferenceDeltaChunked, ReferenceDeltaRecurrent  # noqa: E402
+
+register(ReferenceDeltaChunked(), op="delta_rule")
+register(ReferenceDeltaRecurrent(), op="delta_rule")
