@@ -6,3 +6,8 @@ register(CpuBlockSparse())
 
 from . import decode  # noqa: F401,E402  (registers its own kernels)
 from . import linear  # noqa: F401,E402  (registers cpu.linear_chunked for linear_attention)
+
+from .delta import CpuDeltaChunked, CpuDeltaStep  # noqa: E402
+
+register(CpuDeltaChunked(), op="delta_rule")
+register(CpuDeltaStep(), op="delta_rule")
