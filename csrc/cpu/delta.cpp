@@ -31,117 +31,18 @@
 #include <vector>
 
 #include "cpu/huge_pages.h"
-#include "cpu/linear_common.h"
+#include "cpu/delta_common.h"
 #include "cpu/vec.h"
 
 namespace sparse_attn_cpu {
 namespace {
 
-using linear_detail::chunk_decays;
-using linear_detail::kLog2e;
-using linear_detail::transpose_rows;
-
-constexpr float kGFloor = -1000.f;
-constexpr float kL2Eps = 1e-6f;
-
-struct DeltaParams {
-  int64_t B, Hk, Hv, S, D, Dv, C;
-  int dtype;                      // 0 float32, 1 bfloat16, 2 float16 (q, k, v)
-  const void *q, *k, *v;
-  int64_t qs[3], ks[3], vs[3];    // strides of batch, head, token (the last dim is contiguous)
-  const float* beta;              // (B, Hv, S)
-  int64_t bs[3];
-  const float* g;                 // (B, Hv, S) or (B, Hv, S, D) log-decays, or nullptr
-  int64_t gs[3];
-  bool per_channel;               // g has a last dim of D (contiguous)
-  float* state;                   // (B, Hv, D, Dv) contiguous: the initial state in, the final out
-  float* out;                     // (B, Hv, S, Dv) contiguous
-  float scale;
-  bool l2;                        // qk_l2norm
-};
-
-// dst[0:n] = float(src[0:n]), then divided by (its norm + eps) if l2
-template <int DT>
-inline void load_qk(float* dst, const typename Elem<DT>::T* src, int64_t n, bool l2) {
-  load_row<DT>(dst, src, n, 1, 1.f);
-  if (!l2) return;
-  float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-  for (int64_t i = 0; i < n; ++i) ss += dst[i] * dst[i];
-  const float inv = 1.f / (std::sqrt(ss) + kL2Eps);
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) dst[i] *= inv;
-}
-
-// ------------------------------------------------------------------------------ chunked forward
-struct Scratch {
-  int64_t C, Cp, D, Dvp, Xw;
-  std::vector<float> q, k, kt, kw, a, p, t, x, r, o, tmp, zeros, ones, gl, ro, ed, ew, rs;
-  std::vector<double> bc;
-  std::vector<const float*> qrow, krow, prow, trow, ktrow, kwrow, wrow, xrow_c;
-  std::vector<float*> arow, prow_w, xrow, orow, strow;
-
-  Scratch(int64_t C_, int64_t D_, int64_t Dv_) : C(C_), Cp(round_up(C_, kVec)), D(D_), Dvp(round_up(Dv_, kVec)) {
-    const int64_t Dp = round_up(D, kVec);
-    Xw = Dvp + Dp;
-    q.assign(C * D, 0.f);
-    k.assign(C * D, 0.f);
-    kt.assign(D * Cp, 0.f);
-    kw.assign(D * Cp, 0.f);
-    a.assign(C * Cp, 0.f);
-    p.assign(C * Cp, 0.f);
-    t.assign(C * Cp, 0.f);
-    x.assign(C * Xw, 0.f);
-    r.assign(C * Xw, 0.f);
-    o.assign(C * Dvp, 0.f);
-    tmp.assign(Cp, 0.f);
-    zeros.assign(Cp, 0.f);
-    ones.assign(std::max(C, D), 1.f);
-    gl.assign(C, 0.f);
-    ro.assign(C, 0.f);
-    ed.assign(C, 0.f);
-    ew.assign(C, 0.f);
-    rs.assign(D, 0.f);
-    bc.assign(C, 0.0);
-    for (int64_t i = 0; i < C; ++i) {
-      qrow.push_back(q.data() + i * D);
-      krow.push_back(k.data() + i * D);
-      arow.push_back(a.data() + i * Cp);
-      prow.push_back(p.data() + i * Cp);
-      prow_w.push_back(p.data() + i * Cp);
-      trow.push_back(t.data() + i * Cp);
-      xrow.push_back(x.data() + i * Xw);
-      xrow_c.push_back(x.data() + i * Xw);
-      wrow.push_back(x.data() + i * Xw + Dvp);  // -W, the solved keys
-      orow.push_back(o.data() + i * Dvp);
-    }
-    for (int64_t d = 0; d < D; ++d) {
-      ktrow.push_back(kt.data() + d * Cp);
-      kwrow.push_back(kw.data() + d * Cp);
-    }
-  }
-};
-
-// rows r0.. of C = A B^T over the lower triangle: the micro-kernel's B is kt (D x Cp)
-inline void lower_products(int64_t cl, int64_t D, int64_t Cp, const float* const* rows, const float* kt,
-                           float* const* dst) {
-  for (int64_t r0 = 0; r0 < cl; r0 += kMR) {
-    const int64_t mr = std::min<int64_t>(kMR, cl - r0);
-    const int64_t n = std::min(Cp, round_up(r0 + mr, kVec));
-    gemm_rows<false>(mr, n, D, rows + r0, kt, Cp, dst + r0, nullptr);
-  }
-}
+using namespace delta_detail;
 
 template <int DT>
 void chunked_unit(const DeltaParams& P, int64_t bh, Scratch& sc) {
-  using In = typename Elem<DT>::T;
-  const int64_t b = bh / P.Hv, h = bh % P.Hv, hk = h / (P.Hv / P.Hk);
-  const int64_t D = P.D, Dv = P.Dv, Cp = sc.Cp, Dvp = sc.Dvp, Xw = sc.Xw;
-  const In* qb = static_cast<const In*>(P.q) + b * P.qs[0] + hk * P.qs[1];
-  const In* kb = static_cast<const In*>(P.k) + b * P.ks[0] + hk * P.ks[1];
-  const In* vb = static_cast<const In*>(P.v) + b * P.vs[0] + h * P.vs[1];
-  const float* betab = P.beta + b * P.bs[0] + h * P.bs[1];
-  const float* gb = P.g == nullptr ? nullptr : P.g + b * P.gs[0] + h * P.gs[1];
+  const Unit<DT> u(P, bh);
+  const int64_t D = P.D, Dv = P.Dv, Dvp = sc.Dvp, Xw = sc.Xw, Cp = sc.Cp;
   float* ob = P.out + bh * P.S * Dv;
   float* sp = P.state + bh * D * Dv;
   // the state, padded to Dvp columns (a copy in scratch: stays in L2 across chunks)
@@ -151,82 +52,9 @@ void chunked_unit(const DeltaParams& P, int64_t bh, Scratch& sc) {
     strow[d] = st.data() + d * Dvp;
     std::copy_n(sp + d * Dv, Dv, strow[d]);
   }
-
   for (int64_t c0 = 0; c0 < P.S; c0 += P.C) {
     const int64_t cl = std::min(P.C, P.S - c0);
-    for (int64_t t = 0; t < cl; ++t) {
-      load_qk<DT>(sc.q.data() + t * D, qb + (c0 + t) * P.qs[2], D, P.l2);
-      load_qk<DT>(sc.k.data() + t * D, kb + (c0 + t) * P.ks[2], D, P.l2);
-    }
-    transpose_rows(sc.krow.data(), cl, D, sc.kt.data(), Cp);
-    if (cl < Cp)
-      for (int64_t d = 0; d < D; ++d) std::fill(sc.kt.data() + d * Cp + cl, sc.kt.data() + (d + 1) * Cp, 0.f);
-
-    // decays: bc_t (cumulative, double), ed_t = exp(bc_t), ro_t = scale ed_t, ew_t = exp(sum over (t, last])
-    float elast = 1.f;
-    if (gb != nullptr) {
-      for (int64_t t = 0; t < cl; ++t) sc.gl[t] = std::max(gb[(c0 + t) * P.gs[2]], kGFloor);
-      elast = chunk_decays(sc.gl.data(), 1, cl, 1.f, sc.bc.data(), sc.ed.data(), sc.ew.data());
-      for (int64_t t = 0; t < cl; ++t) sc.ro[t] = P.scale * sc.ed[t];
-    } else {
-      std::fill_n(sc.ed.begin(), cl, 1.f);
-      std::fill_n(sc.ew.begin(), cl, 1.f);
-      std::fill_n(sc.ro.begin(), cl, P.scale);
-    }
-
-    // A = K K^T and P = Q K^T on the lower triangle; then the decay weights, beta and scale
-    lower_products(cl, D, Cp, sc.krow.data(), sc.kt.data(), sc.arow.data());
-    lower_products(cl, D, Cp, sc.qrow.data(), sc.kt.data(), sc.prow_w.data());
-    for (int64_t t = 0; t < cl; ++t) {
-      float* ar = sc.a.data() + t * Cp;
-      float* pr = sc.p.data() + t * Cp;
-      const float bt = betab[(c0 + t) * P.bs[2]];
-      if (gb != nullptr && t > 0) {
-        float* e = sc.tmp.data();
-        const double b_t = sc.bc[t];
-        for (int64_t s = 0; s < t; ++s) e[s] = static_cast<float>((b_t - sc.bc[s]) * kLog2e);
-        const int64_t tv = round_up(t, kVec);
-        for (int64_t s = t; s < tv; ++s) e[s] = -200.f;
-        exp2_sub_cols(e, sc.zeros.data(), tv);
-        for (int64_t s = 0; s < t; ++s) {
-          ar[s] *= bt * e[s];
-          pr[s] *= P.scale * e[s];
-        }
-      } else {
-        for (int64_t s = 0; s < t; ++s) {
-          ar[s] *= bt;
-          pr[s] *= P.scale;
-        }
-      }
-      pr[t] *= P.scale;
-      std::fill(pr + t + 1, pr + Cp, 0.f);
-      // the right-hand sides: [beta v_t, -beta exp(b_t) k_t], zero-padded
-      float* rr = sc.r.data() + t * Xw;
-      load_row<DT>(rr, vb + (c0 + t) * P.vs[2], Dv, 1, bt);
-      std::fill(rr + Dv, rr + Dvp, 0.f);
-      const float kmul = -bt * sc.ed[t];
-      const float* kr = sc.k.data() + t * D;
-      for (int64_t d = 0; d < D; ++d) rr[Dvp + d] = kr[d] * kmul;
-      std::fill(rr + Dvp + D, rr + Xw, 0.f);
-    }
-    // T = (I + A)^{-1} by forward substitution: T_t = e_t - sum_{r<t} A_tr T_r (T_r is zero past r)
-    for (int64_t t = 0; t < cl; ++t) {
-      float* tr = sc.t.data() + t * Cp;
-      std::fill(tr, tr + Cp, 0.f);
-      const float* ar = sc.a.data() + t * Cp;
-      for (int64_t r = 0; r < t; ++r) {
-        const float c = ar[r];
-        const float* trr = sc.t.data() + r * Cp;
-#pragma omp simd
-        for (int64_t s = 0; s <= r; ++s) tr[s] -= c * trr[s];
-      }
-      tr[t] = 1.f;
-    }
-    // X = T R (lower triangular: row tile r0 reads rows < r0 + mr of R)
-    for (int64_t r0 = 0; r0 < cl; r0 += kMR) {
-      const int64_t mr = std::min<int64_t>(kMR, cl - r0);
-      gemm_rows<false>(mr, Xw, r0 + mr, sc.trow.data() + r0, sc.r.data(), Xw, sc.xrow.data() + r0, nullptr);
-    }
+    const float elast = prepare_chunk<DT>(P, u, c0, cl, sc);
     // U = Wv - W S_prev, in place of Wv
     gemm_rows<true>(cl, Dvp, D, sc.wrow.data(), st.data(), Dvp, sc.xrow.data(), sc.ones.data());
     // O = scale exp(b) Q S_prev + P U
@@ -319,12 +147,11 @@ void step_all(const DeltaParams& P) {
 }  // namespace
 }  // namespace sparse_attn_cpu
 
-namespace {
+using sparse_attn_cpu::delta_detail::DeltaParams;
 
-using sparse_attn_cpu::DeltaParams;
-
-// Validates and fills the parameters; returns (out, state) to be written.
-std::tuple<torch::Tensor, torch::Tensor> setup(DeltaParams& P, const torch::Tensor& q, const torch::Tensor& k,
+// Validates and fills the parameters (shared with delta_bwd.cpp); returns (out, state) to be
+// written, state a copy of initial_state (or zeros).
+std::tuple<torch::Tensor, torch::Tensor> delta_setup(DeltaParams& P, const torch::Tensor& q, const torch::Tensor& k,
                                                const torch::Tensor& v, const torch::Tensor& beta,
                                                const c10::optional<torch::Tensor>& decay,
                                                const c10::optional<torch::Tensor>& initial_state, double scale,
@@ -375,7 +202,6 @@ std::tuple<torch::Tensor, torch::Tensor> setup(DeltaParams& P, const torch::Tens
   return {out, state};
 }
 
-}  // namespace
 
 // q, k `(B, Hk, S, D)`, v `(B, Hv, S, Dv)` one dtype of float32 / bfloat16 / float16 (last dim
 // contiguous); beta float32 `(B, Hv, S)`; decay float32 `(B, Hv, S)` or None; initial_state
@@ -385,9 +211,10 @@ std::tuple<torch::Tensor, torch::Tensor> delta_fwd(torch::Tensor q, torch::Tenso
                                                    c10::optional<torch::Tensor> initial_state, double scale,
                                                    bool qk_l2norm, int64_t chunk) {
   using namespace sparse_attn_cpu;
+  using namespace sparse_attn_cpu::delta_detail;
   TORCH_CHECK(chunk > 0, "delta_fwd: chunk must be positive");
   DeltaParams P;
-  auto [out, state] = setup(P, q, k, v, beta, decay, initial_state, scale, qk_l2norm, "delta_fwd");
+  auto [out, state] = delta_setup(P, q, k, v, beta, decay, initial_state, scale, qk_l2norm, "delta_fwd");
   TORCH_CHECK(!P.per_channel, "delta_fwd: the chunked kernel takes scalar decays (B, Hv, S) only");
   P.C = chunk;
   if (P.B == 0 || P.Hv == 0 || P.S == 0 || P.D == 0 || P.Dv == 0) {
@@ -406,8 +233,9 @@ std::tuple<torch::Tensor, torch::Tensor> delta_step(torch::Tensor q, torch::Tens
                                                     c10::optional<torch::Tensor> initial_state, double scale,
                                                     bool qk_l2norm) {
   using namespace sparse_attn_cpu;
+  using namespace sparse_attn_cpu::delta_detail;
   DeltaParams P;
-  auto [out, state] = setup(P, q, k, v, beta, decay, initial_state, scale, qk_l2norm, "delta_step");
+  auto [out, state] = delta_setup(P, q, k, v, beta, decay, initial_state, scale, qk_l2norm, "delta_step");
   if (P.B == 0 || P.Hv == 0 || P.S == 0 || P.D == 0 || P.Dv == 0) {
     out.zero_();
     return {out, state};
@@ -418,6 +246,12 @@ std::tuple<torch::Tensor, torch::Tensor> delta_step(torch::Tensor q, torch::Tens
   return {out, state};
 }
 
+// delta_bwd.cpp
+std::vector<torch::Tensor> delta_bwd(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor beta,
+                                     c10::optional<torch::Tensor> decay, c10::optional<torch::Tensor> initial_state,
+                                     torch::Tensor dout, c10::optional<torch::Tensor> dstate, double scale,
+                                     int64_t chunk);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sparse_attn CPU delta rule: chunked forward and the step-by-step form";
   m.def("delta_fwd", &delta_fwd, "chunked delta rule forward -> (o float32, final state float32)", py::arg("q"),
@@ -426,4 +260,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("delta_step", &delta_step, "step-by-step delta rule (decode) -> (o float32, final state float32)",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("beta"), py::arg("decay"), py::arg("initial_state"),
         py::arg("scale"), py::arg("qk_l2norm"));
+  m.def("delta_bwd", &delta_bwd,
+        "chunked delta rule backward -> float32 (dq, dk per value head, dv, dbeta, dg or empty, d(initial state))",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("beta"), py::arg("decay"), py::arg("initial_state"),
+        py::arg("dout"), py::arg("dstate"), py::arg("scale"), py::arg("chunk"));
 }

@@ -32,8 +32,8 @@ EXTENSIONS = {
         "jit_cflags": ["-march=native"],
     },
     "cpu_delta": {
-        "sources": ["cpu/delta.cpp"],
-        "headers": ["cpu/vec.h", "cpu/scalar.h", "cpu/huge_pages.h", "cpu/linear_common.h"],
+        "sources": ["cpu/delta.cpp", "cpu/delta_bwd.cpp"],
+        "headers": ["cpu/vec.h", "cpu/scalar.h", "cpu/huge_pages.h", "cpu/linear_common.h", "cpu/delta_common.h"],
         "cflags": ["-fopenmp"],
         "ldflags": ["-fopenmp"],
         "jit_cflags": ["-march=native"],
