@@ -95,7 +95,8 @@ def delta_rule_cpu(q, k, v, beta, *, decay=None, scale: float, initial_state=Non
 
 
 class CpuDeltaChunked(RecurrenceKernel):
-    """The chunked forward in C++ (WY / UT transform per chunk, the state across chunks)."""
+    """The chunked form in C++ (WY / UT transform per chunk, the state across chunks): forward, and
+    backward through `_CpuDelta` (scalar decays; KDA's per-channel decays go to the reference)."""
 
     name = "cpu.delta_chunked"
     backend = "cpu"
