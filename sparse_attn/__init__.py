@@ -5,6 +5,7 @@ never in meaning. `plan(...).explain()` shows which kernel runs a call and why.
 """
 from .api import SparseAttention, attention, attention_varlen, linear_attention, plan, select_blocks
 from .api.cache import attention_with_cache, plan_with_cache
+from .api.delta import delta_rule, delta_rule_varlen, plan_delta_rule
 from .api.hybrid import HybridCache, HybridStack, hybrid_layers
 from .api.linear import linear_decode_step, plan_linear
 from .api.model_cache import ModelCache
@@ -19,7 +20,7 @@ __all__ = ["attention", "attention_varlen", "linear_attention", "plan", "select_
            "Dense", "SlidingWindow", "BlockSparse", "TopK", "WindowLinear", "Pattern", "BlockLayout",
            "build_layout", "KVCache", "PagedKVCache", "attention_with_cache", "plan_with_cache", "plan_linear",
            "hybrid_layers", "HybridStack", "HybridCache", "ModelCache", "linear_decode_step", "WindowLinearDecoder",
-           "__version__"]
+           "delta_rule", "delta_rule_varlen", "plan_delta_rule", "__version__"]
 
 
 def __getattr__(name):

@@ -41,6 +41,14 @@ EXTENSIONS = {
         "ldflags": ["-fopenmp"],
         "jit_cflags": ["-march=native"],
     },
+    "cpu_delta": {
+        "sources": ["cpu/delta.cpp", "cpu/delta_bwd.cpp"],
+        "headers": ["cpu/vec.h", "cpu/scalar.h", "cpu/huge_pages.h", "cpu/linear_common.h", "cpu/delta_common.h",
+                    "cpu/target_check.h"],
+        "cflags": ["-fopenmp"],
+        "ldflags": ["-fopenmp"],
+        "jit_cflags": ["-march=native"],
+    },
     "cuda": {
         "sources": ["cuda/paged_decode.cu", "cuda/paged_decode_binding.cpp"],
         "headers": ["cuda/paged_decode.cuh"],

@@ -29,6 +29,7 @@ from torch import nn
 
 from ..patterns import Dense, Pattern, WindowLinear
 from .functional import attention
+from .delta import delta_rule
 from .linear import linear_attention
 from .model_cache import ModelCache
 
@@ -48,6 +49,9 @@ class HybridAttentionLayer(nn.Module):
     def __init__(self, hidden: int, num_heads: int, *, kind: str, num_kv_heads: int | None = None,
                  head_dim: int | None = None, softmax_pattern: Pattern = Dense(), decay: str | None = "per-head",
                  backend: str | None = None):
+        """`kind` "linear" (`linear_attention`), "delta" (`delta_rule`, Gated DeltaNet style: q/k
+        with `num_kv_heads` heads, v with `num_heads`, beta = sigmoid of a projection, per-token
+        decays -softplus of a projection, qk_l2norm) or "softmax"."""
         super().__init__()
         _check_int("hidden", hidden)
         _check_int("num_heads", num_heads)
@@ -57,8 +61,8 @@ class HybridAttentionLayer(nn.Module):
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         head_dim = hidden // num_heads if head_dim is None else head_dim
         _check_int("head_dim", head_dim)
-        if kind not in ("linear", "softmax"):
-            raise ValueError(f"kind must be 'linear' or 'softmax', got {kind!r}")
+        if kind not in ("linear", "softmax", "delta"):
+            raise ValueError(f"kind must be 'linear', 'delta' or 'softmax', got {kind!r}")
         if decay not in (None, "per-head", "per-token"):
             raise ValueError(f"decay must be None, 'per-head' or 'per-token', got {decay!r}")
         if kind == "softmax" and not isinstance(softmax_pattern, Pattern):
@@ -67,9 +71,11 @@ class HybridAttentionLayer(nn.Module):
         self.pattern = softmax_pattern if kind == "softmax" else None
         self.decay_kind = decay if kind == "linear" else None
         self.backend = backend
-        self.q_proj = nn.Linear(hidden, num_heads * head_dim, bias=False)
+        delta = kind == "delta"
+        self.q_proj = nn.Linear(hidden, (num_kv_heads if delta else num_heads) * head_dim, bias=False)
         self.k_proj = nn.Linear(hidden, num_kv_heads * head_dim, bias=False)
-        self.v_proj = nn.Linear(hidden, num_kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, (num_heads if delta else num_kv_heads) * head_dim, bias=False)
+        self.register_module("b_proj", nn.Linear(hidden, num_heads, bias=True) if delta else None)
         self.o_proj = nn.Linear(num_heads * head_dim, hidden, bias=False)
         self.register_parameter("decay_logit", None)
         self.register_module("g_proj", None)
@@ -77,7 +83,7 @@ class HybridAttentionLayer(nn.Module):
         if self.decay_kind == "per-head":  # log-decay = -softplus(logit): decays 0.999 .. 0.9 over heads
             target = torch.linspace(math.log(-math.log(0.999)), math.log(-math.log(0.9)), num_heads).exp()
             self.decay_logit = nn.Parameter(torch.log(torch.expm1(target)))
-        elif self.decay_kind == "per-token":
+        elif self.decay_kind == "per-token" or delta:
             self.g_proj = nn.Linear(hidden, num_heads, bias=True)
         if isinstance(self.pattern, WindowLinear):
             self.gate = nn.Parameter(torch.zeros(num_heads))
@@ -90,10 +96,18 @@ class HybridAttentionLayer(nn.Module):
         """x `(B, S, hidden)` -> `(B, S, hidden)`. With `cache`, continues from (and updates) entry
         `layer_idx`: the same result as running the whole sequence at once."""
         b, s, _ = x.shape
-        q = self._heads(self.q_proj(x), self.h)
+        delta = self.kind == "delta"
+        q = self._heads(self.q_proj(x), self.hkv if delta else self.h)
         k = self._heads(self.k_proj(x), self.hkv)
-        v = self._heads(self.v_proj(x), self.hkv)
-        if self.kind == "linear":
+        v = self._heads(self.v_proj(x), self.h if delta else self.hkv)
+        if delta:  # Gated DeltaNet: sigmoid write strength, per-token log-decays, normalised q/k
+            beta = torch.sigmoid(self.b_proj(x)).transpose(1, 2).to(q.dtype)
+            decay = -F.softplus(self.g_proj(x)).transpose(1, 2).to(q.dtype)
+            if cache is not None:
+                o = cache.delta(layer_idx, q, k, v, beta, decay=decay, qk_l2norm=True, backend=self.backend)
+            else:
+                o = delta_rule(q, k, v, beta, decay=decay, qk_l2norm=True, backend=self.backend)
+        elif self.kind == "linear":
             if self.decay_kind == "per-head":
                 decay = -F.softplus(self.decay_logit).to(q.dtype)
             elif self.decay_kind == "per-token":
@@ -111,7 +125,8 @@ class HybridAttentionLayer(nn.Module):
         return x + self.o_proj(o.transpose(1, 2).reshape(b, s, self.h * self.d))
 
     def extra_repr(self):
-        what = f"pattern={self.pattern!r}" if self.kind == "softmax" else f"decay={self.decay_kind!r}"
+        what = (f"pattern={self.pattern!r}" if self.kind == "softmax" else
+                "Gated DeltaNet" if self.kind == "delta" else f"decay={self.decay_kind!r}")
         return f"kind={self.kind!r}, heads={self.h}, kv_heads={self.hkv}, head_dim={self.d}, {what}"
 
 
@@ -147,13 +162,18 @@ class HybridStack(nn.ModuleList):
 
 def hybrid_layers(n_layers: int, *, hidden: int, num_heads: int, num_kv_heads: int | None = None,
                   head_dim: int | None = None, ratio: str = "3:1", softmax_pattern: Pattern = Dense(),
-                  decay: str | None = "per-head", backend: str | None = None) -> HybridStack:
+                  decay: str | None = "per-head", backend: str | None = None,
+                  linear_kind: str = "linear") -> HybridStack:
     """A stack of `n_layers` token mixers: per period of `L + S` layers (`ratio="L:S"`), `L`
     linear-attention layers then `S` softmax layers of `softmax_pattern` ("3:1": layers 3, 7, ...
-    are softmax; "0:1": all softmax; "1:0": all linear)."""
+    are softmax; "0:1": all softmax; "1:0": all linear). `linear_kind="delta"` makes the linear
+    layers delta-rule layers (Qwen3-Next's Gated DeltaNet: `delta_rule` with sigmoid beta,
+    per-token decays and qk_l2norm; `decay` is then not used)."""
     _check_int("n_layers", n_layers)
+    if linear_kind not in ("linear", "delta"):
+        raise ValueError(f"linear_kind must be 'linear' or 'delta', got {linear_kind!r}")
     a, b = parse_ratio(ratio)
-    kinds = ["linear" if i % (a + b) < a else "softmax" for i in range(n_layers)]
+    kinds = [linear_kind if i % (a + b) < a else "softmax" for i in range(n_layers)]
     return HybridStack([HybridAttentionLayer(hidden, num_heads, kind=kd, num_kv_heads=num_kv_heads,
                                              head_dim=head_dim, softmax_pattern=softmax_pattern, decay=decay,
                                              backend=backend) for kd in kinds])

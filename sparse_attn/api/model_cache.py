@@ -27,6 +27,7 @@ from ..cache.base import storage_bytes
 from ..patterns import Dense, Pattern, SlidingWindow, WindowLinear
 from .cache import attention_with_cache
 from .functional import attention
+from .delta import delta_rule
 from .linear import linear_attention
 
 #: tokens a growing contiguous cache holds at first (it doubles when full)
@@ -124,11 +125,20 @@ class ModelCache:
     # -------------------------------------------------------------------------- linear layers
     def linear(self, i: int, q, k, v, *, decay=None, scale=None, backend=None) -> torch.Tensor:
         """Layer `i`'s `linear_attention` continued from its state, which is updated in place."""
+        o, new = linear_attention(q, k, v, decay=decay, scale=scale, initial_state=self.entries[i],
+                                  return_state=True, backend=backend)
+        return self._keep_state(i, o, new)
+
+    def delta(self, i: int, q, k, v, beta, *, decay=None, scale=None, qk_l2norm=False, backend=None) -> torch.Tensor:
+        """Layer `i`'s `delta_rule` continued from its `(B, Hv, D, Dv)` state, updated in place."""
+        o, new = delta_rule(q, k, v, beta, decay=decay, scale=scale, initial_state=self.entries[i],
+                            return_state=True, qk_l2norm=qk_l2norm, backend=backend)
+        return self._keep_state(i, o, new)
+
+    def _keep_state(self, i: int, o: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         state = self.entries[i]
-        o, new = linear_attention(q, k, v, decay=decay, scale=scale, initial_state=state, return_state=True,
-                                  backend=backend)
         if state is None:
-            self.entries[i] = new.clone()  # owns exactly its (B, H, D, Dv) storage
+            self.entries[i] = new.clone()  # owns exactly its storage
         else:
             state.copy_(new)
         return o

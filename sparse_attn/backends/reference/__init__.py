@@ -14,3 +14,8 @@ register(ReferenceCacheChunked(), op=CACHE_OP)
 from .window_linear_step import ReferenceWindowLinearStep  # noqa: E402
 
 register(ReferenceWindowLinearStep(), op="window_linear_step")
+
+from .delta import ReferenceDeltaChunked, ReferenceDeltaRecurrent  # noqa: E402
+
+register(ReferenceDeltaChunked(), op="delta_rule")
+register(ReferenceDeltaRecurrent(), op="delta_rule")
