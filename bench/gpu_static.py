@@ -352,10 +352,27 @@ def occupancy(arch: int, regs: int, smem: int, num_warps: int) -> int:
     return int(max(0, min(by_regs, by_smem, by_warps, MAX_CTAS_PER_SM)))
 
 
-#: spills the check reports but does not fail on, each with its reason: (family, kernel, arch,
-#: head dim) -> why. Every entry is printed on every run; a spill not listed here fails, and so
-#: does an entry whose kernel no longer spills (the list only shrinks).
-KNOWN_SPILLS: dict = {}
+#: spills the check reports but does not fail on, each with its reason: (family, kernel, dtype,
+#: arch, head dim) -> why. Every entry that still spills is printed (KNOWN) on every run, one that no
+#: longer spills is printed as removable (entries hold for both Triton versions CI runs, which
+#: do not always agree); a spill not listed here fails.
+_LIN = ("float32 (D, Dv-tile) states and float32 chunk tiles at D=128: 8 warps and smaller tiles cut the "
+        "spill (2026-12-02: from 104-2344 bytes), a restructure (state split over D, or in shared memory) is left "
+        "for a session with a GPU to time it")
+KNOWN_SPILLS: dict = {
+    ("block_sparse_bwd", "_dkdv_kernel", "fp32", 80, 128):
+        "float32 training on sm_80 at D=128: 16-24 bytes at 128 registers (ptxas's choice) with quartered rows",
+    ("block_sparse_bwd", "_dkdv_kernel", "fp32", 90, 128): "Triton 3.6.0 only: 8 bytes at 128 registers",
+    ("block_sparse_bwd", "_dkdv_kernel", "bf16", 80, 128):
+        "Triton 3.6.0 only (TopK's token part: 88 bytes at 255 registers; Triton 3.9: no spill)",
+    ("block_sparse_fwd", "_fwd_tile_kernel", "bf16", 80, 128):
+        "Triton 3.6.0 only: 16 bytes at 255 registers (Triton 3.9: no spill) with 8 warps x 128 rows",
+    **{("linear_chunked", k, "bf16", a, 128): _LIN for k in ("linear_fwd_kernel", "linear_bwd_dq_kernel",
+                                                             "linear_bwd_dkv_kernel") for a in (80, 90)},
+    **{("window_linear", k, "bf16", a, 128): _LIN for k in ("window_linear_fwd_kernel",
+                                                            "window_linear_bwd_dq_kernel",
+                                                            "window_linear_bwd_dkdv_kernel") for a in (80, 90)},
+}
 
 
 def _status(row) -> str:
@@ -365,11 +382,13 @@ def _status(row) -> str:
         return "smem_over_limit"
     if row["spill_bytes"] and row["head_dim"] <= SPILL_FREE_HEAD_DIM:
         return "known_spill" if _known(row) else "spill"
-    return "stale_known_spill" if _known(row) else "ok"
+    return "ok"
 
 
 def _known(row):
-    return KNOWN_SPILLS.get((row["family"], row["spec"].split()[0], row["arch"], row["head_dim"]))
+    words = row["spec"].split()
+    dtype = next((w for w in words if w in DTYPES), None)
+    return KNOWN_SPILLS.get((row["family"], words[0], dtype, row["arch"], row["head_dim"]))
 
 
 # ----------------------------------------------------------------------------------------- CUDA (nvcc)
@@ -514,7 +533,8 @@ def page(reports, title="Static GPU check (bench/gpu_static.py)") -> str:
             counts[r["status"]] = counts.get(r["status"], 0) + 1
         la = rep.get("load_average")
         out += [f"## Triton {rep['triton']}", "",
-                f"- date: {rep.get('date', '?')}; command: `{rep.get('command', '?')}`",
+                f"- date: {rep.get('date', '?')}; command: `{rep.get('command', '?')}`"
+                + (f"; report: `{rep['source']}`" if rep.get("source") else ""),
                 f"- architectures: {', '.join(f'sm_{a}' for a in rep['archs'])}; sample: {rep.get('sample')}; "
                 f"{rep['compiles']} Triton compiles in {rep['seconds']} s on {rep.get('cpus', '?')} CPUs"
                 + (f" (load average {la[0]:.1f} / {la[1]:.1f} / {la[2]:.1f}: a shared machine)" if la else ""),
@@ -542,7 +562,12 @@ def main(argv=None):
         reps = []
         for path in a.page[1:]:
             with open(path) as f:
-                reps.append(json.load(f))
+                rep = json.load(f)
+            for r in rep["kernels"]:  # the pass / fail rules (and KNOWN_SPILLS) of this checkout
+                if "error" in r:
+                    r["status"] = _status(r)
+            rep["source"] = path
+            reps.append(rep)
         with open(a.page[0], "w") as f:
             f.write(page(reps) + "\n")
         return 0
@@ -562,6 +587,9 @@ def main(argv=None):
         if r["status"] == "known_spill":
             print(f"KNOWN {r['family']} [{r['spec']}] sm_{r['arch']} D={r['head_dim']}: spill={r['spill_bytes']} "
                   f"regs={r['regs']} ({_known(r)})")
+        elif r["status"] == "ok" and r.get("regs") is not None and _known(r):
+            print(f"NOTE {r['family']} [{r['spec']}] sm_{r['arch']} D={r['head_dim']}: listed in KNOWN_SPILLS "
+                  f"but does not spill with triton {rep['triton']}")
     failed = [r for r in rep["kernels"] if r["status"] not in ("ok", "known_spill")]
     for r in failed:
         print(f"FAIL {r['family']} [{r['spec']}] sm_{r['arch']} D={r['head_dim']}: {r['status']} "

@@ -75,6 +75,16 @@ def test_ptxas_parser_and_rules():
     assert gs._status(dict(rows[1], error="CompilationError")) == "compile_error"
 
 
+def test_known_spills_are_reported_not_failed(monkeypatch):
+    row = dict(family="topk_select", spec="_topk_select_kernel topk=64 bf16", arch=90, head_dim=128,
+               error=None, smem_bytes=1000, spill_bytes=64)
+    assert gs._status(row) == "spill"
+    monkeypatch.setitem(gs.KNOWN_SPILLS, ("topk_select", "_topk_select_kernel", "bf16", 90, 128), "why")
+    assert gs._status(row) == "known_spill"
+    assert gs._status(dict(row, spill_bytes=0)) == "ok"
+    assert gs._status(dict(row, arch=80)) == "spill"
+
+
 def test_occupancy():
     # registers are allocated per warp in units of 256: 255 registers x 4 warps -> 2 CTAs of 65536
     assert gs.occupancy(90, 255, 0, 4) == 2
