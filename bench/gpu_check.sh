@@ -4,6 +4,8 @@
 #   run(command="bash bench/gpu_check.sh tests")           # GPU tests (triton, cuda), then the rest
 #   run(command="bash bench/gpu_check.sh bench --quick")   # quick bench sweep + markdown report
 #   run(command="bash bench/gpu_check.sh all --quick")     # both (may not fit one 10-minute call)
+#   run(command="bash bench/gpu_check.sh static")          # bench/gpu_static.py with the machine's Triton
+#                                                          # (~1 min on 16 cores; CI runs it without a GPU)
 # Each device call is limited to 10 minutes: run `tests` and `bench` as separate calls.
 # Not yet run on a GPU (written 2026-11-23 in tasks without one): check its output the first time.
 set -uo pipefail
@@ -29,10 +31,16 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
   python3 -m pytest -q -ra -x tests --deselect tests/test_bench_smoke.py 2>&1 | tail -40 > "$OUT/tests_all.txt"
   [ "${PIPESTATUS[0]}" -ne 0 ] && tests_rc=1
 fi
+static_rc=0
+if [ "$what" = static ]; then
+  python3 -m bench.gpu_static --jobs "$(nproc)" --json "$OUT/gpu_static.json" --markdown "$OUT/gpu_static.md" \
+    2>&1 | tail -40 | tee "$OUT/gpu_static.txt"
+  static_rc=${PIPESTATUS[0]}
+fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   python3 -m bench --out "$OUT/bench.json" "$@" 2>"$OUT/bench_progress.txt" | tee "$OUT/bench.txt"
   bench_rc=${PIPESTATUS[0]}
   python3 -m bench.report "$OUT/bench.json" --out "$OUT/perf.md" 2>&1 | tail -3
 fi
-echo "tests rc=$tests_rc bench rc=$bench_rc"
-[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+echo "tests rc=$tests_rc bench rc=$bench_rc static rc=$static_rc"
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$static_rc" -eq 0 ]

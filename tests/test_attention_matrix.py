@@ -21,7 +21,7 @@ AXES = {
     "gqa": [1, 2, 4, 8],
     "sk": [37, 50, 71],
     "sq": [1, 5, "Sk"],
-    "d": [64, 80, 128],
+    "d": [32, 64, 80, 128],
 }
 
 EXTRA = [  # the important combinations, and Dv != D / explicit scale in a few

@@ -6,7 +6,7 @@ compared with the float64 oracle (tests/oracle.py) with the contract's bounds:
 
 * every pattern, forward and backward (dq, dk, dv), through `attention(..., backend="triton")`:
   lengths that are not multiples of any tile, Sq < Sk (chunked prefill, decode Sq=1), GQA 1/2/3/4/8,
-  head dims 64/80/96/128/192, float32 / float16 / bfloat16;
+  head dims 32/48/64/80/96/128/192/200/256, float32 / float16 / bfloat16;
 * as a layout consumer: built layouts with tiles that are not powers of two (query sub-tiles, key
   blocks walked in several chunks), strided inputs, forward and backward against `to_dense()`;
 * BlockSparse rows with no visible key: zeros and finite (zero) gradients;
@@ -75,6 +75,10 @@ CASES = [  # kind, B, Hq, Hkv, Sq, Sk, D, dtype
     ("topk_wide", 1, 2, 1, 19, 45, 128, BF16),        # 8-token blocks (padded tiles)
     ("dense_causal", 1, 3, 1, 20, 27, 192, F32),      # G=3 (not a power of two), D=192
     ("topk", 1, 4, 2, 30, 61, 64, F32),               # chunked prefill with selection
+    ("dense_causal", 1, 4, 2, 30, 45, 32, BF16),      # head dims at the ends of 32..256 and between
+    ("window_sinks", 1, 2, 1, 25, 41, 48, F32),
+    ("topk", 1, 4, 1, 21, 50, 200, F16),
+    ("blocksparse", 1, 2, 2, 19, 35, 256, F32),
 ]
 
 
@@ -271,7 +275,7 @@ def test_scheduler():
         if DEV == "cpu":  # the interpreter is never the automatic choice
             assert plan.kernel.name != KERNEL and cand.cost > 1000
         assert sa.plan(q, k, v, pattern, backend="triton").kernel.name == KERNEL
-    small = sa.plan(q[..., :32], k[..., :32], v[..., :32], sa.Dense(), backend=None)
+    small = sa.plan(q[..., :24], k[..., :24], v[..., :24], sa.Dense(), backend=None)
     cand = next(c for c in small.candidates if c.kernel.name == KERNEL)
     assert any("head dims" in r for r in cand.reasons)
     if DEV == "cuda":  # sparser patterns cost less on the GPU

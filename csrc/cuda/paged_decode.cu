@@ -40,8 +40,24 @@ __device__ __forceinline__ float warp_sum(float x) {
 // One CTA: split `blockIdx.x` of the visited key blocks of (sequence, kv head) `blockIdx.y`, for
 // query rows [blockIdx.z * R, +R) of the group (row r -> head g = r / Sq, token t = r % Sq).
 // NC: 32-element chunks along D and Dv held per lane (D, Dv <= 32 * NC).
+//
+// Occupancy (CTAs per SM) the launch bounds ask for, per NC, read from `ptxas -v` / the cubin by
+// `python -m bench.gpu_static` (docs/perf/2026-12-02-gpu-static.md): uncapped, NC=2 used 153-160
+// registers (3 CTAs / SM), NC=4 184-197 (2), NC=8 251-255 (2). Capped at 4 CTAs NC=2 takes 96-111
+// registers with no spill (4 CTAs: 16 warps / SM); NC=4 fits 3 CTAs on sm_90 (153 registers, no
+// spill) but spills 56 bytes on sm_80 at that cap, so sm_80 keeps 2; NC=8 (D 129..256) cannot go
+// below 2 CTAs (sm_90 spills 24 bytes even uncapped).
+template <int NC>
+struct MinCtasPerSm {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  static constexpr int value = NC <= 2 ? 4 : NC <= 4 ? 3 : 1;
+#else
+  static constexpr int value = NC <= 2 ? 4 : 1;
+#endif
+};
+
 template <typename T, int NC>
-__global__ void __launch_bounds__(kThreads) split_kernel(const PagedDecodeParams p) {
+__global__ void __launch_bounds__(kThreads, MinCtasPerSm<NC>::value) split_kernel(const PagedDecodeParams p) {
   constexpr int R = kRowsPerCta;
   const int split = blockIdx.x;
   const int b = blockIdx.y / p.kv_heads;

@@ -73,7 +73,8 @@ class TritonBlockSparse(TritonKernelMixin, FlashKernel):
     backend = "triton"
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
     patterns = (Dense, SlidingWindow, BlockSparse, TopK)
-    head_dims = (64, 256)
+    #: FlashAttention's range; every multiple of 8 compiles for sm_80 / sm_90 (bench/gpu_static.py)
+    head_dims = (32, 256)
     supports_backward = True
     #: fraction of the tensor-core peak reached over the visited pairs (not measured yet: the
     #: usual Triton flash-attention-2 forward reaches 0.35-0.45 of an H100's / A100's bf16 peak)
@@ -103,7 +104,7 @@ class TritonBlockSparse(TritonKernelMixin, FlashKernel):
         elem = torch.finfo(p.dtype).bits // 8
         per_pair = 2.0 * (p.head_dim + p.v_head_dim)
         factor = 3.5 if p.requires_grad else 1.0  # backward ~2.5x the forward
-        cfg = tile_config(p.device.type, p.device.generation, p.head_dim)
+        cfg = tile_config(p.device.type, p.device.generation, p.head_dim, torch.finfo(p.dtype).bits // 8)
         select = token_s = 0.0
         if isinstance(pat, TopK):
             forced = TopK(0, block_size=pat.block_size, sink_blocks=pat.sink_blocks, local_blocks=pat.local_blocks)
@@ -140,7 +141,7 @@ class TritonBlockSparse(TritonKernelMixin, FlashKernel):
     def _cfg(self, q):
         from ...scheduler.device import device_info
         info = device_info(q.device)
-        return tile_config(info.type, info.generation, max(q.shape[-1], 16))
+        return tile_config(info.type, info.generation, max(q.shape[-1], 16), q.element_size())
 
     def prepare(self, q, k, p):
         return triton_layout(q.detach(), k.detach(), p.pattern, self._cfg(q))

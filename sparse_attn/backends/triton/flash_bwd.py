@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from .flash_fwd import LOG2E, _mm, _pow2, upcast, _token_rule, layout_lists, tile_geometry
+from .tiles import backward_config
 
 
 @triton.jit
@@ -259,7 +260,9 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_OUT,
 
 
 def flash_backward(q, k, v, out, lse, dout, layout, *, scale: float, cfg):
-    """(dq, dk, dv) in the inputs' dtypes over the forward's `layout`."""
+    """(dq, dk, dv) in the inputs' dtypes over the forward's `layout`; `cfg` is the forward's tile
+    config (its `bwd` tiles are used here: a query tile of the layout may be walked in sub-tiles)."""
+    cfg = backward_config(cfg)
     b, hq, sq, d = q.shape
     hkv, sk, dv_ = k.shape[1], k.shape[2], v.shape[3]
     if q.numel() == 0 or k.numel() == 0 or sq == 0:

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .runtime import on_gpu
+
 LOG2E = 1.4426950408889634
 
 
@@ -195,7 +197,7 @@ def _fwd_token_kernel(Q, K, V, O, LSE, O_IN, TI,
 
 def upcast(q: torch.Tensor) -> bool:
     """Widen bfloat16 matrix products to float32: only under the interpreter (CPU tensors)."""
-    return q.dtype == torch.bfloat16 and q.device.type != "cuda"
+    return q.dtype == torch.bfloat16 and not on_gpu(q)
 
 
 def _pow2(x: int, lo: int = 16) -> int:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ...patterns.linear import LinearAttention
 from ...scheduler.kernel import Kernel, roofline_seconds
 from ...scheduler.registry import register
-from .runtime import TritonKernelMixin
+from .runtime import TritonKernelMixin, on_gpu
 
 try:
     import triton
@@ -32,8 +32,10 @@ except Exception as exc:  # no Triton, or one too old for these kernels
 def _meta(q, d, dv):
     bd = max(16, triton.next_power_of_2(d))
     bv = max(16, min(64, triton.next_power_of_2(dv)))
-    if q.device.type == "cuda":
-        c = 64 if bd <= 64 else 32
+    if on_gpu(q):
+        c = 64 if bd <= 64 else 16
+        if bd > 64:  # 64-column Dv tiles and 32-token chunks spilled at D=128 (bench/gpu_static.py)
+            bv = min(bv, 32)
         # tf32 products only for bfloat16 inputs (exact in tf32; the float32 intermediates' tf32
         # rounding, ~5e-4, is far inside bfloat16's bound); float32 and float16 inputs keep
         # float32-exact products: d(decay) under strong decay is a small difference of such products
@@ -41,6 +43,12 @@ def _meta(q, d, dv):
     else:  # the interpreter: small chunks keep the tests' odd lengths multi-chunk
         c, prec = 32, "ieee"
     return c, bd, bv, prec
+
+
+def _warps(bd: int) -> int:
+    """8 warps above D=64: with 4, the float32 (D, 64) state and the chunk's float32 q / k / v
+    spilled 104-1080 bytes per thread at D=128 (bench/gpu_static.py, sm_80 and sm_90)."""
+    return 8 if bd > 64 else 4
 
 
 def _chunk_cumsum(g, c):
@@ -65,7 +73,7 @@ class _TritonLinear(torch.autograd.Function):
         nv = triton.cdiv(dv, bv)
         _k.linear_fwd_kernel[(b * h, nv)](
             q, k, v, bc if bc is not None else q, s0c if s0c is not None else sf, o, sf, scale, s, d, dv,
-            HAS_G=bc is not None, HAS_S0=s0c is not None, C=c, BD=bd, BV=bv, PREC=prec)
+            HAS_G=bc is not None, HAS_S0=s0c is not None, C=c, BD=bd, BV=bv, PREC=prec, num_warps=_warps(bd))
         ctx.save_for_backward(q, k, v, bc, s0c, sf)
         ctx.scale = scale
         ctx.s0_dtype = None if s0 is None else s0.dtype
@@ -92,10 +100,10 @@ class _TritonLinear(torch.autograd.Function):
         bcp = bc if has_g else q
         _k.linear_bwd_dq_kernel[(nbh, nv)](
             q, k, v, bcp, s0c if s0c is not None else ds0, do, dq_p, dbq, ctx.scale, s, d, dv, nbh,
-            HAS_G=has_g, HAS_S0=s0c is not None, C=c, BD=bd, BV=bv, PREC=prec)
+            HAS_G=has_g, HAS_S0=s0c is not None, C=c, BD=bd, BV=bv, PREC=prec, num_warps=_warps(bd))
         _k.linear_bwd_dkv_kernel[(nbh, nv)](
             q, k, v, bcp, do, dsfc if dsfc is not None else ds0, dk_p, dv_, dbk, ds0, ctx.scale, s, d, dv, nbh,
-            HAS_G=has_g, HAS_DSF=dsfc is not None, C=c, BD=bd, BV=bv, PREC=prec)
+            HAS_G=has_g, HAS_DSF=dsfc is not None, C=c, BD=bd, BV=bv, PREC=prec, num_warps=_warps(bd))
         dq = dq_p.sum(0).to(q.dtype)
         dk = dk_p.sum(0).to(k.dtype)
         dg = None

@@ -32,7 +32,7 @@ import torch
 from ...patterns import WindowLinear
 from ...scheduler.kernel import Kernel, roofline_seconds
 from ...scheduler.registry import register
-from .runtime import TritonKernelMixin
+from .runtime import TritonKernelMixin, on_gpu
 
 try:
     import triton
@@ -172,10 +172,14 @@ if triton is not None:
         vis = vis & kmask[None, :] & rmask[:, None]
         p = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        # one return of one type per specialisation: compiled Triton rejects two returns of
+        # different shapes even behind a constexpr `if` (the interpreter accepts them)
         if DELTA:
-            return da + tl.sum(p * dp, axis=1)
-        ds = gw * p * (dp - da[:, None])
-        return dq + tl.dot(ds, k, input_precision=PREC)
+            res = da + tl.sum(p * dp, axis=1)
+        else:
+            ds = gw * p * (dp - da[:, None])
+            res = dq + tl.dot(ds, k, input_precision=PREC)
+        return res
 
     @triton.jit
     def window_linear_bwd_dq_kernel(Q, K, V, GATE, DO, LSE, DEN, DA, DL, DQ, scale, SQ, SK, D, DV, HQ, G, WINDOW,
@@ -355,6 +359,32 @@ if triton is not None:
                      mask=kmask[:, None] & vmask[None, :])
 
 
+def _chunk(q, bd: int) -> int:
+    """Query / key tile of the forward: 64 on GPUs up to D=64, 16 above (32 spilled at D=128,
+    gpu_static); 32 in the interpreter (keeps the tests' odd lengths multi-tile)."""
+    if not on_gpu(q):
+        return 32
+    return 64 if bd <= 64 else 16
+
+
+def _bv(q, bd: int, dv: int) -> int:
+    """Dv columns per forward program: 32 on GPUs above D=64 (64 spilled at D=128, gpu_static)."""
+    bv = max(16, min(64, triton.next_power_of_2(dv)))
+    return min(bv, 32) if on_gpu(q) and bd > 64 else bv
+
+
+def _warps(bd: int, bdv: int) -> int:
+    """8 warps above D=64: with 4 the forward spilled 728-848 bytes per thread at D=128
+    (bench/gpu_static.py, sm_80 and sm_90): its float32 (D, Dv-tile) state and q / k / v tiles."""
+    return 8 if max(bd, bdv) > 64 else 4
+
+
+def _bwd_warps(bd: int, bdv: int) -> int:
+    """The backward kernels hold whole float32 (D, Dv) states: 8 warps above D=64 (with 4 they
+    spilled 1-2 KB per thread at D=128, bench/gpu_static.py on sm_80 and sm_90)."""
+    return 8 if max(bd, bdv) > 64 else 4
+
+
 def _prec(dtype) -> str:
     # bfloat16 values are exact in TF32; float16 / float32 keep IEEE float32 products
     return "tf32" if dtype == torch.bfloat16 else "ieee"
@@ -369,12 +399,12 @@ def triton_window_linear(q, k, v, pattern: WindowLinear, *, scale: float, gate: 
     if out.numel() == 0:
         return out
     bd = max(16, triton.next_power_of_2(d))
-    bv = max(16, min(64, triton.next_power_of_2(dv)))
-    c = 32 if q.device.type != "cuda" or bd > 64 else 64
+    bv = _bv(q, bd, dv)
+    c = _chunk(q, bd)
     window_linear_fwd_kernel[(b * hq, triton.cdiv(dv, bv))](
         q.contiguous(), k.contiguous(), v.contiguous(), gate.contiguous(), out, out, out, out, out, float(scale),
         sq, sk, d, dv, hq, hq // hkv, pattern.window, pattern.sinks, C=c, BD=bd, BV=bv, PREC=_prec(q.dtype),
-        PREP=False)
+        PREP=False, num_warps=_warps(bd, bd))
     return out
 
 
@@ -389,23 +419,24 @@ def triton_window_linear_backward(q, k, v, gate, dout, pattern: WindowLinear, *,
     if b == 0 or hq == 0 or sq == 0 or sk == 0:
         return dq, dk, dvv, torch.zeros_like(gate)
     bd = max(16, triton.next_power_of_2(d))
-    bv = max(16, min(64, triton.next_power_of_2(dv)))
+    bv = _bv(q, bd, dv)
     nv = triton.cdiv(dv, bv)
-    c = 32 if q.device.type != "cuda" or bd > 64 else 64
+    c = _chunk(q, bd)
     prec = _prec(q.dtype)
     f32 = dict(dtype=torch.float32, device=q.device)
     lse, den, da = (torch.empty(b * hq, sq, **f32) for _ in range(3))
     dl_parts = torch.empty(nv, b * hq, sq, **f32)
     args = (sq, sk, d, dv, hq, hq // hkv, pattern.window, pattern.sinks)
     window_linear_fwd_kernel[(b * hq, nv)](q, k, v, gate, dout, dout, lse, den, dl_parts, float(scale), *args,
-                                           C=c, BD=bd, BV=bv, PREC=prec, PREP=True)
+                                           C=c, BD=bd, BV=bv, PREC=prec, PREP=True,
+                                           num_warps=_warps(bd, bd))
     dl = dl_parts.sum(0)  # dO . L per row (a fixed order: deterministic)
     bdv = max(16, triton.next_power_of_2(dv))
-    cb = 32 if q.device.type != "cuda" or max(bd, bdv) <= 64 else 16  # the (D, Dv) state lives in registers
+    cb = 32 if not on_gpu(q) or max(bd, bdv) <= 64 else 16  # the (D, Dv) state lives in registers
     window_linear_bwd_dq_kernel[(b * hq,)](q, k, v, gate, dout, lse, den, da, dl, dq, float(scale), *args,
-                                           C=cb, BD=bd, BDV=bdv, PREC=prec)
+                                           C=cb, BD=bd, BDV=bdv, PREC=prec, num_warps=_bwd_warps(bd, bdv))
     window_linear_bwd_dkdv_kernel[(b * hkv,)](q, k, v, gate, dout, lse, den, da, dl, dk, dvv, float(scale), *args,
-                                              C=cb, BD=bd, BDV=bdv, PREC=prec)
+                                              C=cb, BD=bd, BDV=bdv, PREC=prec, num_warps=_bwd_warps(bd, bdv))
     s = torch.sigmoid(gate.float())
     dgate = s * (1.0 - s) * (da - dl).view(b, hq, sq).sum(dim=(0, 2))
     return dq, dk, dvv, dgate.to(gate.dtype)
