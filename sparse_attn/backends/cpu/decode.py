@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..._build import load_extension, unavailable_reason
-from ...layout.topk_selection import group_mean_queries, topk_token_index_pooled
+from ...layout.topk_selection import group_mean_queries, rank_scores, topk_token_index_pooled
 from ...patterns import BlockSparse, Dense, SlidingWindow, TopK
 from ...scheduler.kernel import roofline_seconds
 from ...scheduler.registry import register
@@ -109,7 +109,7 @@ def cache_token_index(q: torch.Tensor, cache, pattern: TopK) -> torch.Tensor:
         pb = (qpos // bs)[:, None, :, None]  # (B, 1, Sq, 1)
         blocks = torch.arange(nb, device=q.device)
         cand = (blocks >= pattern.sink_blocks) & (blocks <= pb - pattern.local_blocks)  # (B, 1, Sq, nb)
-        scores = torch.matmul(qbar, kbar.transpose(-1, -2)).masked_fill(~cand, float("-inf"))
+        scores = rank_scores(torch.matmul(qbar, kbar.transpose(-1, -2))).masked_fill(~cand, float("-inf"))
         val, idx = torch.topk(scores, width, dim=-1)
         key = torch.where(torch.isneginf(val), torch.full_like(idx, nb), idx)
         idx = torch.sort(key, dim=-1).values
