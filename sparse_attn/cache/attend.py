@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..layout.topk_selection import rank_scores
 from ..patterns import BlockSparse, Dense, SlidingWindow, TopK
 from ..scheduler.problem import check_scale
 from .base import CacheBase
@@ -40,6 +41,7 @@ def _check(q, cache, pattern):
     if short:
         raise ValueError(f"sequences {short} hold fewer tokens than q has rows ({q.shape[2]}): append the "
                          f"queries' own keys to the cache first (lengths {cache.host_lengths})")
+    cache.check_reach(pattern, q.shape[2])  # never read what release_outside / free gave back
     if isinstance(pattern, (TopK,)) and pattern.block_size != cache.pool_block_size:
         raise ValueError(f"TopK.block_size ({pattern.block_size}) must equal the cache's pool_block_size "
                          f"({cache.pool_block_size})")
@@ -66,7 +68,7 @@ def _topk_selected(q, cache, pattern, qpos, nb):
     width = min(pattern.topk, nb)
     if width == 0:
         return forced.expand(b, hkv, sq, nb)
-    scores = torch.matmul(qbar, kbar.transpose(-1, -2)).masked_fill(~cand, float("-inf"))
+    scores = rank_scores(torch.matmul(qbar, kbar.transpose(-1, -2))).masked_fill(~cand, float("-inf"))
     val, idx = torch.topk(scores, width, dim=-1)
     chosen = torch.zeros(b, hkv, sq, nb + 1, dtype=torch.bool, device=q.device)
     chosen.scatter_(-1, torch.where(torch.isneginf(val), torch.full_like(idx, nb), idx), True)
@@ -197,6 +199,8 @@ def attention_with_cache(q: torch.Tensor, cache: CacheBase, pattern=Dense(), *, 
     "cpu" forces one. `cache_backend(...)` says which and why.
     """
     _check(q, cache, pattern)
+    # integers beyond the longest sequence mean what its length means; TopK keeps the pooling block
+    pattern = pattern.clamped(cache.max_length, keep_block_size=True)
     b, hq, sq, d = q.shape
     hkv, dv = cache.kv_heads, cache.v_head_dim
     g = hq // hkv
@@ -237,7 +241,8 @@ def attention_with_cache(q: torch.Tensor, cache: CacheBase, pattern=Dense(), *, 
         kpos = torch.arange(c0, c1, device=dev)
         vis = _visible(pattern, qpos, kpos, lengths, selected, b_idx)[:, :, None]  # (B, 1|Hkv, 1, Sq, n)
         s = torch.matmul(qa, kc.to(acc)[:, :, None].transpose(-1, -2)) * sc
-        s = s.masked_fill(~vis, float("-inf"))
+        # a non-finite score (infinite or NaN q / k) is NaN, never a masked -inf (contract, "Bad input")
+        s = torch.where(torch.isfinite(s), s, torch.full_like(s, float("nan"))).masked_fill(~vis, float("-inf"))
         m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
         m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
         p = torch.exp(s - m_safe)
@@ -245,5 +250,6 @@ def attention_with_cache(q: torch.Tensor, cache: CacheBase, pattern=Dense(), *, 
         l = l * alpha + p.sum(dim=-1, keepdim=True)
         o = o * alpha + torch.matmul(p, vc.to(acc)[:, :, None])
         m = m_new
-    out = torch.where(l > 0, o / torch.where(l > 0, l, torch.ones_like(l)), torch.zeros_like(o))
+    # rows that saw no key output 0; a NaN `l` (a non-finite input the row sees) stays NaN
+    out = torch.where(l == 0, torch.zeros_like(o), o / torch.where(l == 0, torch.ones_like(l), l))
     return out.view(b, hq, sq, dv).to(q.dtype)
