@@ -77,11 +77,12 @@ _RESET_LOG_DECAY_DEFAULT = -24.0
 
 
 def reset_floor(decay, dtype):
-    """`decay` with every log-decay below the reset floor raised to it (contract: a log-decay of
-    `-inf` is a full reset, never NaN); None stays None. NaN stays NaN."""
+    """`decay` with every `-inf` log-decay replaced by the reset floor (contract: a log-decay of `-inf`
+    is a full reset, never NaN); finite decays, and their gradients, are untouched. None stays None."""
     if decay is None:
         return None
-    return torch.clamp(decay, min=_RESET_LOG_DECAY.get(dtype, _RESET_LOG_DECAY_DEFAULT))
+    floor = _RESET_LOG_DECAY.get(dtype, _RESET_LOG_DECAY_DEFAULT)
+    return torch.where(torch.isneginf(decay), torch.full_like(decay, floor), decay)
 
 
 def _run_kernel(kernel, q, k, v, problem, decay, initial_state):
