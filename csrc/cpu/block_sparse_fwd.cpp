@@ -52,6 +52,39 @@ struct Params {
   int64_t lb, lh, wf, wp, topk;  // layout broadcast extents (1 or B / Hkv), list widths, topk
 };
 
+// Non-finite inputs (contract, "Bad input"): a score that is not finite (an infinite or NaN query
+// or key, or a float32 overflow) becomes NaN before the token rule, so a -inf computed from an
+// infinity is never taken for a masked pair; the row maximum propagates NaN (std::max and a
+// compare-select would drop it), and a row whose sum is NaN outputs NaN (lse NaN), never 0.
+inline void nonfinite_to_nan(float* s, int64_t n) {
+#ifdef SPARSE_ATTN_VECTOR_TYPES
+  for (int64_t i = 0; i < n; i += kVec) {
+    const vfloat v = vload(s + i);
+    vstore(s + i, v + (v - v));  // x - x is 0 for finite x, NaN for +-inf and NaN
+  }
+#else
+  for (int64_t i = 0; i < n; ++i) s[i] += s[i] - s[i];
+#endif
+}
+
+inline float row_max_nan(const float* x, int64_t n) {
+  float m = kNegInf;
+  bool nan = false;
+#ifdef SPARSE_ATTN_VECTOR_TYPES
+  vfloat acc = vsplat(kNegInf);
+  vint seen_nan{};
+  for (int64_t i = 0; i < n; i += kVec) {
+    const vfloat v = vload(x + i);
+    acc = v > acc ? v : acc;
+    seen_nan |= (v != v);
+  }
+  for (int i = 0; i < kVec; ++i) m = std::max(m, acc[i]), nan = nan || seen_nan[i] != 0;
+#else
+  for (int64_t i = 0; i < n; ++i) m = std::max(m, x[i]), nan = nan || x[i] != x[i];
+#endif
+  return nan ? std::numeric_limits<float>::quiet_NaN() : m;
+}
+
 #ifdef SPARSE_ATTN_BF16_DOT
 constexpr bool kHaveBf16Dot = true;
 #else
@@ -154,12 +187,13 @@ class TaskRunner {
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t g = 0; g < G; ++g) {
         const int64_t row = r * G + g;
-        const float inv = S.l[row] > 0.f ? 1.f / S.l[row] : 0.f;
+        const bool seen = S.l[row] > 0.f || S.l[row] != S.l[row];  // NaN: a non-finite input it sees
+        const float inv = seen ? 1.f / S.l[row] : 0.f;
         const float* src = S.o.data() + row * P.Dv_pad;
         const int64_t orow = ((b * P.Hq + h * G + g) * P.sq) + t_lo + r;
         OutT* dst = O + orow * P.Dv;
         for (int64_t t = 0; t < P.Dv; ++t) dst[t] = static_cast<OutT>(src[t] * inv);
-        L[orow] = S.l[row] > 0.f ? kLn2 * (S.m[row] + std::log2(S.l[row])) : std::numeric_limits<float>::infinity();
+        L[orow] = seen ? kLn2 * (S.m[row] + std::log2(S.l[row])) : std::numeric_limits<float>::infinity();
       }
   }
 
@@ -240,10 +274,13 @@ class TaskRunner {
       for (int64_t i = 0; i < rows; ++i) {
         float* s = sp[i];
         const int64_t st = rid[c0 + i];
+        nonfinite_to_nan(s, kbp);
         for (int64_t c = nk; c < kbp; ++c) s[c] = kNegInf;
         if (masked) mask_row(s, p_lo_ + st / P.G, j0, nk);
-        const float m_old = S.m[st];
-        const float m_new = std::max(m_old, row_max(s, kbp));
+        const float m_old = S.m[st], m_blk = row_max_nan(s, kbp);
+        // NaN wins both ways: a NaN row stays NaN through every later block
+        const float m_new = m_old != m_old || m_blk != m_blk ? std::numeric_limits<float>::quiet_NaN()
+                                                              : std::max(m_old, m_blk);
         if (m_new == kNegInf) {  // nothing visible yet for this row
           corr[i] = 1.f;
           std::fill_n(s, kbp, 0.f);

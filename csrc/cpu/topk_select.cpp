@@ -126,6 +126,10 @@ void run_task(const SelectParams& P, const typename Elem<DT>::T* Q, int64_t b, i
     if (cnt <= P.topk) {
       for (int64_t e = 0; e < cnt; ++e) o[e] = static_cast<int32_t>(P.sinks + e);
     } else {
+      // a NaN score (a NaN query or key) ranks first, as torch.topk ranks it: the row then sees the
+      // NaN and comes out NaN (contract, "Bad input"), instead of dropping it silently
+      for (int64_t c = P.sinks; c <= hi; ++c)
+        if (cp[r][c] != cp[r][c]) cp[r][c] = std::numeric_limits<float>::infinity();
       top_w(cp[r], P.sinks, hi, P.topk, val.data(), o);
     }
   }

@@ -22,7 +22,7 @@ class CachePlan(Plan):
     kind, pattern); the cache may have grown since (every size is read from the view at run)."""
 
     def run(self, q, cache):
-        problem, view = make_cache_problem(q, cache, self.problem.pattern, scale=self.problem.scale)
+        problem, view = make_cache_problem(q, cache, self.problem.asked_pattern, scale=self.problem.scale)
         if not self.problem.same_call(problem):
             raise ValueError(f"this plan was made for {self.problem.describe()}; it cannot run "
                              f"{problem.describe()}: plan the new call (plan_with_cache)")

@@ -44,7 +44,7 @@ def attention(q, k, v, pattern: Pattern = Dense(), *, scale=None, gate=None, bac
     if torch.compiler.is_compiling():
         return attention_op(q, k, v, pattern, scale=scale, gate=gate, backend=backend)
     p = plan(q, k, v, pattern, scale=scale, gate=gate, backend=backend)
-    return p.run(q, k, v, gate=gate)
+    return p.kernel.run(q, k, v, p.problem, gate=gate)  # the plan's own inputs: no need to re-check them
 
 
 def _check_cu(name, cu, total: int, device) -> None:
@@ -106,6 +106,7 @@ def select_blocks(q, k, pattern: TopK) -> torch.Tensor:
         raise TypeError(f"select_blocks needs a TopK pattern, got {type(pattern).__name__}")
     check_qkv(q, k, k, names=("q", "k", "k"))
     validate(q, k, k, pattern)  # same checks as attention(), traceable by torch.compile
+    pattern = pattern.clamped(k.shape[2])  # same selection; no allocation by topk's face value
     if torch.compiler.is_compiling():
         return select_blocks_op(q.detach(), k.detach(), encode_pattern(pattern)[1])
     with torch.no_grad():

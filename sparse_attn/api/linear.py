@@ -48,6 +48,11 @@ class LinearPlan(Plan):
     def run(self, q, k, v, *, decay=None, initial_state=None, return_state=False, gate=None):
         if gate is not None:
             raise ValueError("gate is not an argument of linear_attention")
+        check = _problem(q, k, v, decay, initial_state, self.problem.scale, self.problem.requires_grad)
+        if check.pattern != self.problem.pattern:
+            raise ValueError(f"decay is {check.pattern.describe()} but this plan was made for "
+                             f"{self.problem.pattern.describe()}; make a new plan")
+        self.problem.check_inputs(q, k, v)
         o, state = _run_kernel(self.kernel, q, k, v, self.problem, decay, initial_state)
         return (o, state) if return_state else o
 
@@ -61,10 +66,31 @@ def _problem(q, k, v, decay, initial_state, scale, requires_grad):
             t is not None and t.requires_grad for t in (q, k, v, decay, initial_state))
     return Problem(batch=b, q_heads=h, kv_heads=k.shape[1], sq=s, sk=s, head_dim=d, v_head_dim=v.shape[3],
                    dtype=q.dtype, device=device_info(q.device), pattern=LinearAttention(kind), scale=sc,
-                   requires_grad=bool(requires_grad))
+                   requires_grad=bool(requires_grad), torch_device=q.device)
+
+
+#: log-decays at or below these are a full reset (`exp(g)` < 1e-10 of float32 / 1e-86 of float64
+#: accumulation): `-inf` (a zero gate) would make the chunked forms' `exp(G_t - G_s)` NaN
+#: (`-inf - -inf`). Kept small so the in-chunk cumulative sums after a reset keep their precision.
+_RESET_LOG_DECAY = {torch.float64: -200.0}
+_RESET_LOG_DECAY_DEFAULT = -24.0
+
+
+def reset_floor(decay, dtype):
+    """`decay` with every `-inf` log-decay replaced by the reset floor (contract: a log-decay of `-inf`
+    is a full reset, never NaN); finite decays, and their gradients, are untouched. None stays None."""
+    if decay is None:
+        return None
+    floor = _RESET_LOG_DECAY.get(dtype, _RESET_LOG_DECAY_DEFAULT)
+    return torch.where(torch.isneginf(decay), torch.full_like(decay, floor), decay)
 
 
 def _run_kernel(kernel, q, k, v, problem, decay, initial_state, state_out=None):
+    decay = reset_floor(decay, q.dtype)
+    if problem.q_heads == 0:  # zero heads: empty output and state (no kernel is written for H = 0)
+        b, _, s, d = q.shape
+        sdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        return q.new_zeros(b, 0, s, v.shape[3]), q.new_zeros(b, 0, d, v.shape[3], dtype=sdt)
     g = problem.group
     if g > 1 and not getattr(kernel, "native_gqa", False):  # kernels that read shared kv heads in place say so
         k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)

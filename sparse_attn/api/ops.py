@@ -230,7 +230,7 @@ def attention_op(q, k, v, pattern: Pattern = Dense(), *, scale=None, gate=None, 
     """`sparse_attn.attention` through the custom ops (what a `torch.compile`d call runs): same
     arguments, same result, same kernel choice."""
     sc = validate(q, k, v, pattern, scale=scale, gate=gate, backend=backend)
-    kind, params, layout = encode_pattern(pattern)
+    kind, params, layout = encode_pattern(pattern.clamped(k.shape[2]))  # op ints are int64: never a face value
     requires_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, gate))
     out, _ = attention_fwd(q, k, v, layout, gate, kind, params, sc, backend or "", requires_grad)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import torch
 
+from ..scheduler.device import check_device
 from ..scheduler.problem import FLOAT_DTYPES
 from .view import KVView
+from .released import check_reach
 
 
 def check_positive_int(name: str, value, minimum: int = 1) -> int:
@@ -33,11 +35,13 @@ class CacheBase:
         if dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype}")
         self.dtype = dtype
-        self.device = torch.device(device)
+        self.device = check_device(device)
         self.pool_block_size = check_positive_int("pool_block_size", pool_block_size)
         self.max_len = max_len
         self.lengths = torch.zeros(batch, dtype=torch.int32, device=self.device)
         self.host_lengths = [0] * batch
+        #: per sequence, the key positions given back to a pool, as disjoint spans (released.py)
+        self.released: list[list[tuple[int, int]]] = [[] for _ in range(batch)]
         nb = -(-max_len // self.pool_block_size)
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         # running sums of the keys of each block; block `nb` is a trash slot for padding rows
@@ -64,6 +68,9 @@ class CacheBase:
             if isinstance(num_new, torch.Tensor):
                 raise TypeError("num_new must be a list of host ints (one per sequence), not a tensor: the cache "
                                 "allocates on the host and must not read the device")
+            if not isinstance(num_new, (list, tuple)):
+                raise TypeError(f"num_new must be None or a list of {self.batch} ints (one per sequence), "
+                                f"got {type(num_new).__name__} {num_new!r}")
             counts = list(num_new)
             if len(counts) != self.batch or any(isinstance(c, bool) or not isinstance(c, int) for c in counts):
                 raise TypeError(f"num_new must be a list of {self.batch} ints, got {num_new!r}")
@@ -94,6 +101,12 @@ class CacheBase:
         self.lengths.copy_(torch.tensor(new, dtype=torch.int32), non_blocking=True)
 
     # ------------------------------------------------------------------------------------ reads
+    def check_reach(self, pattern, sq: int) -> None:
+        """Raise `ValueError` (naming the pattern and the released range) if the last `sq` queries
+        of some sequence may, under `pattern`, read keys this cache released. Host integers only."""
+        if any(self.released):
+            check_reach(pattern, self.released, self.host_lengths, sq)
+
     @property
     def max_length(self) -> int:
         """Longest sequence now (host value)."""

@@ -12,6 +12,7 @@ import torch
 from ..patterns import SlidingWindow
 from . import huge_pages
 from .base import CacheBase, check_positive_int
+from .released import add_span
 
 
 class PagedKVCache(CacheBase):
@@ -90,6 +91,7 @@ class PagedKVCache(CacheBase):
         for b, n in enumerate(self.host_lengths):
             # the earliest future query sits at position n - 1 (its key may already be appended)
             dead_below = n - pattern.window  # keys j < n - window are invisible from p >= n - 1
+            self.released[b] = add_span(self.released[b], first_free * ps, max(first_free, dead_below // ps) * ps)
             for slot in range(first_free, max(first_free, dead_below // ps)):
                 if self._host_table[b][slot] != self.num_pages:
                     self._free.append(self._host_table[b][slot])
@@ -110,6 +112,7 @@ class PagedKVCache(CacheBase):
                 self._host_table[b][slot] = self.num_pages
         self.page_table.copy_(torch.tensor(self._host_table, dtype=torch.int32), non_blocking=True)
         self._block_sums[b].zero_()
+        self.released[b] = []  # nothing of it is left to reach: it restarts empty at position 0
         self.host_lengths[b] = 0
         self.lengths.copy_(torch.tensor(self.host_lengths, dtype=torch.int32), non_blocking=True)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..patterns import BlockSparse, Dense, SlidingWindow, TopK, WindowLinear
+from ..scheduler.device import check_device
 from .block_layout import BlockLayout, compact
 
 
@@ -49,6 +50,8 @@ def build_layout(pattern, *, batch: int, kv_heads: int, sq: int, sk: int, q_bloc
     """
     if isinstance(pattern, WindowLinear):
         pattern = pattern.softmax_part
+    if q_block is None and k_block is None:
+        pattern = pattern.clamped(sk)  # no tile or list sized by a parameter's face value
     blocked = isinstance(pattern, (BlockSparse, TopK))
     default = pattern.block_size if blocked else 64
     q_block = q_block or default
@@ -56,7 +59,7 @@ def build_layout(pattern, *, batch: int, kv_heads: int, sq: int, sk: int, q_bloc
     if blocked and (q_block != pattern.block_size or k_block != pattern.block_size):
         raise ValueError(f"{type(pattern).__name__} layouts use q_block = k_block = block_size "
                          f"({pattern.block_size}), got q_block={q_block}, k_block={k_block}")
-    device = torch.device(device) if device is not None else (
+    device = check_device(device) if device is not None else (
         pattern.layout.device if isinstance(pattern, BlockSparse) else torch.device("cpu"))
 
     plo, phi = _tile_bounds(sq, sk, q_block, device)

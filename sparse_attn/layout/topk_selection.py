@@ -52,6 +52,16 @@ def group_mean_queries(q: torch.Tensor, kv_heads: int, dtype: torch.dtype) -> to
     return q.to(dtype).view(b, kv_heads, hq // kv_heads, sq, d).mean(dim=2)
 
 
+def rank_scores(scores: torch.Tensor) -> torch.Tensor:
+    """Block scores as the selection ranks them: NaN first (as `torch.topk`; the row then sees the
+    NaN key and comes out NaN, never finite and wrong), a `-inf` score last among the candidates but
+    above the non-candidates (which the caller sets to `-inf`), so it is still taken when at most
+    `topk` candidates exist."""
+    low = torch.finfo(scores.dtype).min
+    return torch.where(torch.isnan(scores), torch.full_like(scores, float("inf")),
+                       torch.where(torch.isneginf(scores), torch.full_like(scores, low), scores))
+
+
 def topk_token_index(q: torch.Tensor, k: torch.Tensor, pattern: TopK) -> torch.Tensor:
     """Per-token selected blocks beyond the forced ones: int32 `(B, Hkv, Sq, topk)`, ascending, -1 padded."""
     b, hq, sq, d = q.shape
@@ -60,7 +70,7 @@ def topk_token_index(q: torch.Tensor, k: torch.Tensor, pattern: TopK) -> torch.T
     nb = -(-sk // bs)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     width = min(pattern.topk, nb)
-    if width == 0 or sq == 0 or b == 0:
+    if width == 0 or sq == 0 or b == 0 or hkv == 0:
         return torch.full((b, hkv, sq, pattern.topk), -1, dtype=torch.int32, device=q.device)
     return topk_token_index_pooled(q, pooled_keys(k, bs, acc), sk, pattern)
 
@@ -78,7 +88,7 @@ def topk_token_index_pooled(q: torch.Tensor, kbar: torch.Tensor, qpos, pattern: 
     acc = kbar.dtype
     width = min(pattern.topk, nb)
     out = torch.full((b, hkv, sq, pattern.topk), -1, dtype=torch.int32, device=q.device)
-    if width == 0 or sq == 0 or b == 0:
+    if width == 0 or sq == 0 or b == 0 or hkv == 0:
         return out
     if not isinstance(qpos, torch.Tensor):
         qpos = torch.arange(qpos - sq, qpos, device=q.device)[None]
@@ -90,7 +100,7 @@ def topk_token_index_pooled(q: torch.Tensor, kbar: torch.Tensor, qpos, pattern: 
         pb = (qpos[:, r0:r1] // bs)[:, None, :, None]  # (B or 1, 1, r, 1)
         # candidates: not a sink, strictly before the local blocks
         cand = (blocks >= pattern.sink_blocks) & (blocks <= pb - pattern.local_blocks)
-        scores = torch.matmul(qbar[:, :, r0:r1], kbar.transpose(-1, -2))  # (B, Hkv, r, N)
+        scores = rank_scores(torch.matmul(qbar[:, :, r0:r1], kbar.transpose(-1, -2)))  # (B, Hkv, r, N)
         scores = scores.masked_fill(~cand, float("-inf"))
         val, idx = torch.topk(scores, width, dim=-1)
         idx = torch.where(torch.isinf(val) & (val < 0), torch.full_like(idx, -1), idx).to(torch.int32)

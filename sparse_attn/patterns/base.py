@@ -44,6 +44,13 @@ class Pattern:
         """Estimate of the number of visible (query, key) pairs, per (batch, head); host-only."""
         raise NotImplementedError
 
+    def clamped(self, sk: int, *, keep_block_size: bool = False) -> "Pattern":
+        """The same pattern for keys `[0, sk)` with every integer parameter clamped to what the
+        sequence can mean (contract: `SlidingWindow(2**62)` is dense causal, `TopK(topk=2**31)`
+        selects every causal block), so kernels never allocate by, nor pass to C++, a parameter's
+        face value. `keep_block_size`: leave `block_size` as is (a cache pools keys by it)."""
+        return self
+
     def describe(self) -> str:
         return repr(self)
 

@@ -31,6 +31,11 @@ class BlockSparse(Pattern):
                 f"got shape {tuple(self.layout.shape)}")
         _check_int("BlockSparse.block_size", self.block_size, minimum=1)
 
+    def clamped(self, sk, *, keep_block_size=False):
+        # a block of sk keys holds them all: the layout keeps its (1 x 1) shape
+        bs = self.block_size if keep_block_size else min(self.block_size, max(sk, 1))
+        return self if bs == self.block_size else BlockSparse(self.layout, block_size=bs)
+
     def token_mask(self, qpos, kpos, **ctx):
         bs = self.block_size
         blk = self.layout.index_select(2, qpos // bs).index_select(3, kpos // bs)

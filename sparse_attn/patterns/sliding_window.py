@@ -23,6 +23,12 @@ class SlidingWindow(Pattern):
         _check_int("SlidingWindow.window", self.window, minimum=1)
         _check_int("SlidingWindow.sinks", self.sinks, minimum=0)
 
+    def clamped(self, sk, *, keep_block_size=False):
+        # a window of sk keys already sees every causal key (p - j <= sk - 1); sinks past sk are keys
+        # that do not exist
+        w, s = min(self.window, max(sk, 1)), min(self.sinks, max(sk, 0))
+        return self if (w, s) == (self.window, self.sinks) else SlidingWindow(w, s)
+
     def key_range(self, p_lo, p_hi, sk):
         return max(0, p_lo - self.window + 1), min(sk, p_hi)
 

@@ -30,6 +30,15 @@ class TopK(Pattern):
         _check_int("TopK.sink_blocks", self.sink_blocks, minimum=0)
         _check_int("TopK.local_blocks", self.local_blocks, minimum=1)
 
+    def clamped(self, sk, *, keep_block_size=False):
+        # one block of sk keys holds them all; counts of blocks beyond ceil(sk / bs) select them all
+        bs = self.block_size if keep_block_size else min(self.block_size, max(sk, 1))
+        nb = -(-max(sk, 0) // bs)
+        new = (bs, min(self.topk, nb), min(self.sink_blocks, nb), min(self.local_blocks, max(nb, 1)))
+        if new == (self.block_size, self.topk, self.sink_blocks, self.local_blocks):
+            return self
+        return TopK(new[1], block_size=new[0], sink_blocks=new[2], local_blocks=new[3])
+
     @property
     def blocks_per_query(self) -> int:
         """Most key blocks any query visits."""

@@ -23,6 +23,10 @@ class WindowLinear(Pattern):
         _check_int("WindowLinear.window", self.window, minimum=1)
         _check_int("WindowLinear.sinks", self.sinks, minimum=0)
 
+    def clamped(self, sk, *, keep_block_size=False):
+        w, s = min(self.window, max(sk, 1)), min(self.sinks, max(sk, 0))
+        return self if (w, s) == (self.window, self.sinks) else WindowLinear(w, s)
+
     @property
     def softmax_part(self) -> SlidingWindow:
         return SlidingWindow(self.window, self.sinks)

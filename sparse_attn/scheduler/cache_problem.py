@@ -28,6 +28,9 @@ class CacheProblem(Problem):
     cache_kind: str = "contiguous"
     page_size: int = 0
     cache_text: str = ""
+    #: the pattern as the caller gave it; `pattern` is it clamped to the cache's current length
+    #: (what kernels read), which changes as the cache grows, so a plan compares and reruns this one
+    asked_pattern: object = None
 
     @property
     def phase(self) -> str:
@@ -43,7 +46,8 @@ class CacheProblem(Problem):
         """True when `other` is this call again, the cache possibly longer (what a plan may run)."""
         fields = ("batch", "q_heads", "kv_heads", "sq", "head_dim", "v_head_dim", "dtype", "device", "scale",
                   "requires_grad", "cache_kind", "page_size")
-        return all(getattr(self, f) == getattr(other, f) for f in fields) and self.pattern == other.pattern
+        same = all(getattr(self, f) == getattr(other, f) for f in fields)
+        return same and self.asked_pattern == other.asked_pattern
 
 
 def validate_cache_call(q, cache, pattern, *, scale=None):
@@ -72,6 +76,9 @@ def validate_cache_call(q, cache, pattern, *, scale=None):
     if short:
         raise ValueError(f"sequences {short} hold fewer tokens than q has rows ({q.shape[2]}): append the "
                          f"queries' own keys to the cache first (lengths {list(view.host_lengths)})")
+    check_reach = getattr(cache, "check_reach", None)  # never read what release_outside / free gave back
+    if check_reach is not None:
+        check_reach(pattern, q.shape[2])
     pool = pattern.pool_block()
     if pool is not None and pool != view.pool_block_size:
         raise ValueError(f"{type(pattern).__name__}.block_size ({pool}) must equal the cache's pool_block_size "
@@ -89,9 +96,12 @@ def validate_cache_call(q, cache, pattern, *, scale=None):
 def make_cache_problem(q, cache, pattern, *, scale=None):
     """Validate a call over a cache and describe it: `(CacheProblem, view)`."""
     view, sc = validate_cache_call(q, cache, pattern, scale=scale)
+    # integers beyond the longest sequence mean what its length means; TopK keeps the pooling block
+    asked, pattern = pattern, pattern.clamped(view.max_length, keep_block_size=True)
     b, hq, sq, d = q.shape
     problem = CacheProblem(batch=b, q_heads=hq, kv_heads=view.kv_heads, sq=sq, sk=view.max_length, head_dim=d,
                            v_head_dim=view.v_head_dim, dtype=q.dtype, device=device_info(q.device), pattern=pattern,
                            scale=sc, requires_grad=bool(torch.is_grad_enabled() and q.requires_grad),
-                           cache_kind=view.kind, page_size=view.page_size, cache_text=view.describe())
+                           cache_kind=view.kind, page_size=view.page_size, cache_text=view.describe(),
+                           torch_device=q.device, asked_pattern=asked)
     return problem, view

@@ -120,6 +120,21 @@ def _npu_info(index: int) -> DeviceInfo:
                       peak_tflops_fp32=75.0, bandwidth_gbs=1600.0)
 
 
+def check_device(device, name: str = "device") -> torch.device:
+    """`device` as a `torch.device`, or `ValueError` naming `name` if it names no device this process
+    can allocate on (a bogus string, "cuda" on a CPU build, an index past the device count)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must name a torch device such as 'cpu' or 'cuda:0', got {device!r} ({exc})") from None
+    try:
+        torch.empty(0, device=dev)  # the one portable availability check (no data moves)
+    except Exception as exc:  # AssertionError (no CUDA build), RuntimeError (bad index), ...
+        raise ValueError(f"{name}={device!r} names no available device in this process "
+                         f"({type(exc).__name__}: {exc})") from None
+    return dev
+
+
 @functools.lru_cache(maxsize=None)
 def _info(dev_type: str, index: int) -> DeviceInfo:
     if dev_type == "cpu":

@@ -28,6 +28,8 @@ class Plan:
     notes: list[str] = field(default_factory=list)
 
     def run(self, q, k, v, *, gate=None):
+        """Run the chosen kernel on `q, k, v`: the problem the plan was made for (`ValueError` otherwise)."""
+        self.problem.check_inputs(q, k, v, gate=gate)
         return self.kernel.run(q, k, v, self.problem, gate=gate)
 
     def explain(self) -> str:

@@ -35,10 +35,12 @@ class Problem:
     scale: float
     requires_grad: bool
     varlen: bool = False
+    #: the torch device of the inputs (None: not recorded); a plan refuses inputs on another one
+    torch_device: torch.device | None = None
 
     @property
     def group(self) -> int:
-        return self.q_heads // self.kv_heads
+        return max(1, self.q_heads // self.kv_heads) if self.kv_heads else 1  # zero heads: an empty problem
 
     @property
     def phase(self) -> str:
@@ -60,6 +62,29 @@ class Problem:
         """Forward FLOPs over the visited pairs (two matrix products); backward is ~2.5x."""
         f = 2.0 * (self.head_dim + self.v_head_dim) * self.visited_pairs()
         return f * 3.5 if self.requires_grad else f
+
+    def check_inputs(self, q, k, v, *, gate=None) -> None:
+        """Raise `ValueError` unless `q`, `k`, `v` (and `gate`) are the problem this describes: a plan
+        runs only the call it was made for (its kernel choice and scale depend on it)."""
+        check_qkv(q, k, v)
+        got = dict(B=q.shape[0], Hq=q.shape[1], Hkv=k.shape[1], Sq=q.shape[2], Sk=k.shape[2], D=q.shape[3],
+                   Dv=v.shape[3])
+        want = dict(B=self.batch, Hq=self.q_heads, Hkv=self.kv_heads, Sq=self.sq, Sk=self.sk, D=self.head_dim,
+                    Dv=self.v_head_dim)
+        if got != want:
+            diff = ", ".join(f"{n}={got[n]} (planned {want[n]})" for n in want if got[n] != want[n])
+            raise ValueError(f"q, k, v do not match the problem this plan was made for: {diff}; make a new plan")
+        if q.dtype != self.dtype:
+            raise ValueError(f"q, k, v have dtype {q.dtype} but this plan was made for {self.dtype}; make a new plan")
+        if (self.torch_device is not None and q.device != self.torch_device) or q.device.type != self.device.type:
+            raise ValueError(f"q, k, v are on {q.device} but this plan was made for "
+                             f"{self.torch_device or self.device.type}; make a new plan")
+        if (gate is not None) != isinstance(self.pattern, WindowLinear):
+            raise ValueError("gate must be given exactly when the plan's pattern is WindowLinear")
+        if not self.requires_grad and torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in (q, k, v, gate)):
+            raise ValueError("the inputs require grad but this plan was made for inference (requires_grad=False); "
+                             "make the plan with requires_grad=True")
 
     def describe(self) -> str:
         return (f"B={self.batch} Hq={self.q_heads} Hkv={self.kv_heads} Sq={self.sq} Sk={self.sk} "
@@ -158,5 +183,8 @@ def make_problem(q, k, v, pattern, *, scale=None, gate=None, requires_grad=None)
     if requires_grad is None:
         requires_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (q, k, v, gate))
+    # integers beyond the sequence mean what the sequence's length means (contract): kernels never
+    # see (nor allocate by) a parameter's face value
     return Problem(batch=b, q_heads=hq, kv_heads=hkv, sq=sq, sk=sk, head_dim=d, v_head_dim=dv, dtype=q.dtype,
-                   device=device_info(q.device), pattern=pattern, scale=scale, requires_grad=bool(requires_grad))
+                   device=device_info(q.device), pattern=pattern.clamped(sk), scale=scale,
+                   requires_grad=bool(requires_grad), torch_device=q.device)

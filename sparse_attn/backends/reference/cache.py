@@ -80,7 +80,8 @@ def cache_attention(q: torch.Tensor, view, pattern, *, scale: float) -> torch.Te
         kpos = torch.arange(c0, c1, device=dev)
         vis = _visible(rule, qpos, kpos, view.lengths, rows, key_block)[:, :, None]  # (B, 1|Hkv, 1, Sq, n)
         s = torch.matmul(qa, kc.to(acc)[:, :, None].transpose(-1, -2)) * scale
-        s = s.masked_fill(~vis, float("-inf"))
+        # a non-finite score (infinite or NaN q / k) is NaN, never a masked -inf (contract, "Bad input")
+        s = torch.where(torch.isfinite(s), s, torch.full_like(s, float("nan"))).masked_fill(~vis, float("-inf"))
         m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
         m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
         p = torch.exp(s - m_safe)
@@ -88,7 +89,8 @@ def cache_attention(q: torch.Tensor, view, pattern, *, scale: float) -> torch.Te
         l = l * alpha + p.sum(dim=-1, keepdim=True)
         o = o * alpha + torch.matmul(p, vc.to(acc)[:, :, None])
         m = m_new
-    out = torch.where(l > 0, o / torch.where(l > 0, l, torch.ones_like(l)), torch.zeros_like(o))
+    # rows that saw no key output 0; a NaN `l` (a non-finite input the row sees) stays NaN
+    out = torch.where(l == 0, torch.zeros_like(o), o / torch.where(l == 0, torch.ones_like(l), l))
     return out.view(b, hq, sq, dv).to(q.dtype)
 
 

@@ -139,8 +139,25 @@ class TorchSDPA(Kernel):
 
     def run(self, q, k, v, p, *, gate=None):
         causal = p.pattern.causal and p.sq > 1
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=p.scale,
-                                              enable_gqa=p.q_heads != p.kv_heads)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=p.scale,
+                                             enable_gqa=p.q_heads != p.kv_heads)
+        return _nan_rows_seeing_nonfinite(out, q, k, v, causal=p.pattern.causal)
+
+
+def _nan_rows_seeing_nonfinite(out, q, k, v, *, causal: bool):
+    """SDPA drops a key whose score is -inf (an infinite q or k), so a row that sees a non-finite
+    input could come out finite and wrong; the contract wants it NaN. One O(S x D) pass flags the
+    rows (own query non-finite, or a non-finite key / value at or before them) and sets them NaN."""
+    q_bad = ~torch.isfinite(q).all(dim=-1)  # (B, Hq, Sq)
+    kv_bad = ~(torch.isfinite(k).all(dim=-1) & torch.isfinite(v).all(dim=-1))  # (B, Hkv, Sk)
+    sq, sk = q.shape[2], k.shape[2]
+    if causal:  # any bad key at j <= p, p = Sk - Sq + t
+        seen = torch.cummax(kv_bad.to(torch.uint8), dim=-1).values.bool()[..., sk - sq:] if sk else kv_bad
+    else:
+        seen = kv_bad.any(dim=-1, keepdim=True).expand(*kv_bad.shape[:2], sq)
+    g = q.shape[1] // k.shape[1] if k.shape[1] else 1
+    bad = q_bad | seen.repeat_interleave(g, dim=1)
+    return torch.where(bad[..., None], torch.full_like(out, float("nan")), out)
 
 
 class ReferenceLinear(Kernel):

@@ -30,6 +30,13 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def nonfinite_to_nan(s: torch.Tensor) -> torch.Tensor:
+    """Scores before masking: a non-finite score (from an infinite or NaN query or key) becomes NaN,
+    so a score of -inf computed from an infinity is never mistaken for a masked pair, and the row
+    that sees it comes out NaN (contract, "Bad input": never finite and wrong)."""
+    return torch.where(torch.isfinite(s), s, torch.full_like(s, float("nan")))
+
+
 def chunk_rows(pattern, *, batch_heads: int, sq: int, sk: int) -> int:
     """Rows per chunk so that one chunk's score matrix stays near `_CHUNK_ELEMS`."""
     lo, hi = pattern.key_range(sk - 1, sk, sk)  # the keys a late query reaches through its range
@@ -85,6 +92,8 @@ class _Chunk:
 
 def _chunks(pattern, q_shape, sk, device, token_index):
     b, hkv, g, sq, _ = q_shape
+    if sk == 0:  # no key at all (Dense(causal=False) allows Sq > Sk = 0): every row outputs 0
+        return
     nb = -(-sk // pattern.block_size) if isinstance(pattern, TopK) else 0
     rows = chunk_rows(pattern, batch_heads=b * hkv * g, sq=sq, sk=sk)
     for r0 in range(0, sq, rows):
@@ -105,13 +114,15 @@ def softmax_forward(q, k, v, pattern, *, scale: float, token_index=None):
     out = torch.zeros(b, hkv, g, sq, dv, dtype=acc, device=q.device)
     lse = torch.full((b, hkv, g, sq), float("inf"), dtype=acc, device=q.device)
     for c in _chunks(pattern, qa.shape, sk, q.device, token_index):
-        s = torch.matmul(qa[:, :, :, c.r0:c.r1], c.take(ka).transpose(-1, -2)) * scale
+        s = nonfinite_to_nan(torch.matmul(qa[:, :, :, c.r0:c.r1], c.take(ka).transpose(-1, -2)) * scale)
         s = s.masked_fill(~c.mask, float("-inf"))
         m = s.amax(dim=-1, keepdim=True)
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         p = torch.exp(s - m)
         denom = p.sum(dim=-1, keepdim=True)
-        seen = denom > 0  # rows with no visible key output 0 (contract)
+        # rows with no visible key output 0 (contract); a NaN denominator (a non-finite input the
+        # row sees) stays NaN in the output and the lse, never 0
+        seen = (denom > 0) | torch.isnan(denom)
         out[:, :, :, c.r0:c.r1] = torch.matmul(p, c.take(va)) / torch.where(seen, denom, torch.ones_like(denom))
         lse[:, :, :, c.r0:c.r1] = torch.where(seen, m + torch.log(denom), torch.full_like(m, float("inf")))[..., 0]
     return out.view(b, hq, sq, dv), lse.view(b, hq, sq)
@@ -134,7 +145,7 @@ def softmax_backward(q, k, v, lse, dout, pattern, *, scale: float, token_index=N
     for c in _chunks(pattern, qa.shape, sk, q.device, token_index):
         qc, doc = qa[:, :, :, c.r0:c.r1], do[:, :, :, c.r0:c.r1]
         kc, vc = c.take(ka), c.take(va)
-        s = torch.matmul(qc, kc.transpose(-1, -2)) * scale
+        s = nonfinite_to_nan(torch.matmul(qc, kc.transpose(-1, -2)) * scale)
         s = s.masked_fill(~c.mask, float("-inf"))
         p = torch.exp(s - lse[:, :, :, c.r0:c.r1, None])  # 0 where masked or the row saw nothing
         c.add_to(dvv, torch.matmul(p.transpose(-1, -2), doc).sum(dim=2))

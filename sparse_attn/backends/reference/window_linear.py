@@ -12,13 +12,20 @@ import torch
 import torch.nn.functional as F
 
 from ...patterns import WindowLinear
-from .softmax import acc_dtype, softmax_attention
+from .softmax import acc_dtype, nonfinite_to_nan, softmax_attention
 
 _LINEAR_CHUNK = 128
 
 
 def phi(x: torch.Tensor) -> torch.Tensor:
     return F.elu(x) + 1.0
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """`num / den`, 0 where `den == 0` (no evicted key: phi > 0 makes `den` positive otherwise). A NaN
+    `den` (a NaN key in the memory) gives NaN: the memory is never silently dropped (contract)."""
+    empty = den == 0
+    return torch.where(empty, torch.zeros_like(num), num / torch.where(empty, torch.ones_like(den), den))
 
 
 def evicted_linear(q, k, v, *, window: int, sinks: int) -> torch.Tensor:
@@ -45,16 +52,16 @@ def evicted_linear(q, k, v, *, window: int, sinks: int) -> torch.Tensor:
         if e_new > e:
             kpos = torch.arange(e, e_new, device=q.device)
             qpos = torch.arange(a, bnd, device=q.device)
-            vis = (kpos[None, :] <= qpos[:, None] - window).to(acc)  # (r, n)
-            w = torch.matmul(qc, fk[:, :, None, e:e_new].transpose(-1, -2)) * vis
+            vis = kpos[None, :] <= qpos[:, None] - window  # (r, n)
+            # masked_fill, not a product with the mask: an infinite / NaN key must not reach (as
+            # inf * 0 = NaN) the rows that do not see it yet
+            w = torch.matmul(qc, fk[:, :, None, e:e_new].transpose(-1, -2)).masked_fill(~vis, 0.0)
             num = num + torch.matmul(w, va[:, :, None, e:e_new])
             den = den + w.sum(dim=-1)
             m = m + torch.matmul(fk[:, :, e:e_new].transpose(-1, -2), va[:, :, e:e_new])
             z = z + fk[:, :, e:e_new].sum(dim=2)
             e = e_new
-        den = den[..., None]
-        safe = torch.where(den > 0, den, torch.ones_like(den))
-        outs.append(torch.where(den > 0, num / safe, torch.zeros_like(num)))
+        outs.append(_ratio(num, den[..., None]))
     out = torch.cat(outs, dim=3) if outs else fq.new_zeros(b, hkv, g, 0, dv)
     return out.reshape(b, hq, sq, dv)
 
@@ -102,12 +109,12 @@ def window_linear_decode(q, k_seen, v_seen, memory, *, gate, scale: float | None
         m = m + torch.matmul(fk.transpose(-1, -2), evict_v.to(acc))
         z = z + fk.sum(dim=2)
     qa = q.to(acc).view(b, hkv, g, sq, d)
-    s = torch.matmul(qa, k_seen.to(acc)[:, :, None].transpose(-1, -2)) * scale  # (B, Hkv, G, 1, n)
+    s = nonfinite_to_nan(torch.matmul(qa, k_seen.to(acc)[:, :, None].transpose(-1, -2)) * scale)  # (B, Hkv, G, 1, n)
     a = torch.matmul(torch.softmax(s, dim=-1), v_seen.to(acc)[:, :, None])
     fq = phi(qa)
     num = torch.matmul(fq, m[:, :, None])
     den = torch.matmul(fq, z[:, :, None, :, None])  # (B, Hkv, G, 1, 1)
-    lin = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))
+    lin = _ratio(num, den)
     w = torch.sigmoid(gate.to(acc)).view(1, hkv, g, 1, 1)
     o = (w * a + (1.0 - w) * lin).reshape(b, hq, sq, dv)
     return o.to(q.dtype), (m, z)

@@ -84,6 +84,7 @@ if triton is not None:
             k = tl.load(K + page[:, None] * s_kp + h * s_kh + off[:, None] * s_kt + dd[None, :],
                         mask=jvalid[:, None] & (dd[None, :] < D), other=0.0).to(tl.float32)
             s = tl.dot(q, tl.trans(k)) * scale  # (R, N)
+            s = tl.where((s - s) == 0.0, s, float("nan"))  # non-finite q / k: NaN, not a masked -inf
             vis = rvalid[:, None] & jvalid[None, :]
             if CAUSAL:
                 vis = vis & (j[None, :] <= qpos[:, None])
@@ -102,7 +103,7 @@ if triton is not None:
                          mask=jvalid[:, None] & (dv[None, :] < DV), other=0.0).to(tl.float32)
             acc = acc * alpha[:, None] + tl.dot(p, vt)
             m = m_new
-        seen = lsum > 0
+        seen = (lsum > 0) | (lsum != lsum)  # a NaN sum (non-finite input seen) stays NaN, never 0
         out = acc / tl.where(seen, lsum, 1.0)[:, None]
         prow = (b * HQ + h * group + g) * SQ + t
         slot = prow * NSPLITS + split
@@ -143,7 +144,7 @@ def run_decode(a: DecodeArgs) -> tuple[torch.Tensor, torch.Tensor]:
     mx_safe = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
     w = torch.exp(plse - mx_safe)  # 0 for empty splits
     wsum = w.sum(dim=-1, keepdim=True)
-    seen = wsum > 0
+    seen = (wsum > 0) | torch.isnan(wsum)
     out = (w[..., None] * part).sum(dim=-2) / torch.where(seen, wsum, torch.ones_like(wsum))
     lse = torch.where(seen, mx_safe + torch.log(torch.where(seen, wsum, torch.ones_like(wsum))),
                       torch.full_like(wsum, float("inf")))[..., 0]

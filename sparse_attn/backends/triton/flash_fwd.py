@@ -59,6 +59,8 @@ def _attend_block(acc, m_i, l_i, q, pos, K, V, n, kb, Sk, qk_scale, window, sink
         kt = tl.load(K + j[None, :] * stride_ks + offs_d[:, None] * stride_kd,
                      mask=jv[None, :] & (offs_d[:, None] < D), other=0.0)
         s = _mm(q, kt, UPCAST) * qk_scale
+        # a non-finite score (infinite / NaN q or k) is NaN, never a -inf taken for a masked pair
+        s = tl.where((s - s) == 0.0, s, float("nan"))
         ok = jv[None, :] & (pos[:, None] > -(1 << 30))
         if MASKED:
             ok = ok & _token_rule(pos, j, CAUSAL, HAS_WINDOW, window, sinks)
@@ -77,9 +79,10 @@ def _attend_block(acc, m_i, l_i, q, pos, K, V, n, kb, Sk, qk_scale, window, sink
 
 @triton.jit
 def _finish(acc, m_i, l_i, O, LSE, o_off, lse_off, row_ok, DV, stride_od, BLOCK_DV: tl.constexpr):
-    """out = acc / l (0 where no key), lse natural log (+inf where no key)."""
+    """out = acc / l (0 where no key), lse natural log (+inf where no key); a NaN `l` (the row saw a
+    non-finite score: GPU max drops NaN, but the sum keeps it) gives NaN, never 0."""
     offs_dv = tl.arange(0, BLOCK_DV)
-    seen = l_i > 0.0
+    seen = (l_i > 0.0) | (l_i != l_i)
     l_safe = tl.where(seen, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(seen, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("inf"))
@@ -177,7 +180,7 @@ def _fwd_token_kernel(Q, K, V, O, LSE, O_IN, TI,
     lse_off = (b * Hkv * G + h) * Sq + i
     lse_in = tl.load(LSE + lse_off, mask=row_ok, other=float("inf"))
     o_off = b * stride_ob + h * stride_oh + i * stride_os  # O_IN is contiguous like O
-    seen = lse_in < float("inf")
+    seen = (lse_in < float("inf")) | (lse_in != lse_in)  # NaN: keep the tile part's NaN
     acc = tl.load(O_IN + (b * Hkv * G + h)[:, None] * Sq * DV + i * DV + offs_dv[None, :],
                   mask=(row_ok & seen)[:, None] & (offs_dv[None, :] < DV), other=0.0)
     m_i = tl.where(seen, lse_in * 1.4426950408889634, float("-inf"))
@@ -248,7 +251,7 @@ def merge_splits(o_part: torch.Tensor, lse_part: torch.Tensor):
     m_safe = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
     w = torch.exp(lg - m_safe)  # (S, B, H, Sq); 0 for empty splits
     total = w.sum(dim=0)
-    seen = total > 0
+    seen = (total > 0) | torch.isnan(total)  # NaN: a split saw a non-finite input; it stays NaN
     out = (w[..., None] * o_part).sum(dim=0) / torch.where(seen, total, torch.ones_like(total))[..., None]
     lse = torch.where(seen, m_safe + torch.log(torch.where(seen, total, torch.ones_like(total))),
                       torch.full_like(total, float("inf")))

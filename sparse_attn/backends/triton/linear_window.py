@@ -60,6 +60,7 @@ if triton is not None:
         k = tl.load(K + kj[:, None] * D + offs_d[None, :], mask=kmask[:, None] & dmask[None, :], other=0.0)
         v = tl.load(V + kj[:, None] * DV + offs_v[None, :], mask=kmask[:, None] & vmask[None, :], other=0.0)
         s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=PREC) * scale
+        s = tl.where((s - s) == 0.0, s, float("nan"))  # non-finite q / k: NaN, never a masked -inf
         vis = (kj[None, :] <= pos[:, None]) & ((pos[:, None] - kj[None, :] < WINDOW) | (kj[None, :] < SINKS))
         vis = vis & kmask[None, :] & rmask[:, None]
         s = tl.where(vis, s, float("-inf"))
@@ -123,7 +124,7 @@ if triton is not None:
             for j0 in range(lo, p_hi + 1, C):  # the window
                 m_i, l_i, acc = _softmax_tile(q, Kb, Vb, j0, pos, rmask, offs_c, offs_d, dmask, offs_v, vmask,
                                               m_i, l_i, acc, scale, SK, D, DV, WINDOW, SINKS, SK, PREC)
-            a = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+            a = acc / tl.where(l_i != 0, l_i, 1.0)[:, None]  # NaN l (non-finite input seen) stays NaN
             # linear memory: the stored (M, z), then the keys that leave the window inside this tile
             fq = tl.where(dmask[None, :], _phi(q), 0.0)
             num = tl.dot(fq, mem, input_precision=PREC)
@@ -140,13 +141,14 @@ if triton is not None:
             den += tl.sum(w, axis=1)
             mem += tl.dot(tl.trans(fk), v, input_precision=PREC)
             z += tl.sum(fk, axis=0)
-            lin = tl.where(den[:, None] > 0, num / tl.where(den > 0, den, 1.0)[:, None], 0.0)
+            # den == 0 only with no evicted key (phi > 0); a NaN den (NaN key in the memory) stays NaN
+            lin = tl.where(den[:, None] == 0, 0.0, num / tl.where(den == 0, 1.0, den)[:, None])
             if PREP:
                 do = tl.load(DO + pid * SQ * DV + rows[:, None] * DV + offs_v[None, :],
                              mask=rmask[:, None] & vmask[None, :], other=0.0).to(tl.float32)
                 part = (iv * tl.num_programs(0) + pid) * SQ + rows
                 tl.store(DL + part, tl.sum(do * lin, axis=1), mask=rmask)
-                lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("inf"))
+                lse = tl.where(l_i != 0, m_i + tl.log(tl.where(l_i != 0, l_i, 1.0)), float("inf"))
                 first = rmask & ((rows * 0 + iv) == 0)  # Dv tile 0 writes the per-row values
                 tl.store(LSE + pid * SQ + rows, lse, mask=first)
                 tl.store(DEN + pid * SQ + rows, den, mask=first)
@@ -244,7 +246,7 @@ if triton is not None:
             dq = dq * scale
             # linear part: d phi(q_t) = M_t g_num_t + g_den_t z_t, M_t = stored state + keys leaving here
             fq = tl.where(dmask[None, :], _phi(q), 0.0)
-            inv = tl.where(den > 0, 1.0 / tl.where(den > 0, den, 1.0), 0.0)
+            inv = tl.where(den != 0, 1.0 / tl.where(den != 0, den, 1.0), 0.0)
             gnum = ((1.0 - gw) * inv)[:, None] * do
             gden = -(1.0 - gw) * dl * inv
             gfq = tl.dot(gnum, tl.trans(mem), input_precision=PREC) + gden[:, None] * z[None, :]
@@ -342,7 +344,7 @@ if triton is not None:
                 dl = tl.load(DL + qh * SQ + rows, mask=rvalid, other=0.0)
                 den = tl.load(DEN + qh * SQ + rows, mask=rvalid, other=0.0)
                 fq = tl.where(rvalid[:, None] & dmask[None, :], _phi(q), 0.0)
-                inv = tl.where(den > 0, 1.0 / tl.where(den > 0, den, 1.0), 0.0)
+                inv = tl.where(den != 0, 1.0 / tl.where(den != 0, den, 1.0), 0.0)
                 gnum = ((1.0 - gw) * inv)[:, None] * do
                 gden = -(1.0 - gw) * dl * inv
                 wm = (prow[:, None] >= kj[None, :] + WINDOW) & rvalid[:, None] & lin[None, :]

@@ -41,6 +41,8 @@ def _topk_select_kernel(QBAR, KBAR, OUT, Hkv, Sq, Sk, NB, D, bs, sink_blocks, lo
         kbar_t = tl.load(KBAR + (bh * NB + n[None, :]) * D + offs_d[:, None],
                          mask=(n[None, :] < NB) & (offs_d[:, None] < D), other=0.0)
         s = tl.dot(qbar, kbar_t, input_precision="ieee")
+        # NaN ranks first (as torch.topk), a -inf candidate last but still above the non-candidates
+        s = tl.where(s != s, float("inf"), tl.where(s == float("-inf"), -3.4028234663852886e38, s))
         s = tl.where(n[None, :] <= last[:, None], s, float("-inf"))
         new_v = tl.full([BLOCK_M, KP], float("-inf"), dtype=tl.float32)
         new_i = tl.full([BLOCK_M, KP], -1, dtype=tl.int32)
