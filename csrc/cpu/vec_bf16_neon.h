@@ -59,19 +59,35 @@ inline void micro_bf16(int64_t KP, const uint32_t* const* a, const uint32_t* b, 
       vst1q_f32(c[r] + c_off + 4 * j, Accumulate ? acc[r][j] : vmulq_n_f32(acc[r][j], out_mul));
 }
 
-// C (rows x N floats, N a multiple of 16; rows by pointer) = [rescale *] C + A . B over KP pairs of
-// the inner dimension (A: bf16 rows read as words, B: pair-packed, ldb words per pair); a
-// non-accumulating product is multiplied by out_mul. Same contract as the AVX-512 gemm_bf16.
+// C (rows x N floats; rows by pointer) = [rescale *] C + A . B over KP pairs of the inner dimension
+// (A: bf16 rows read as words, B: pair-packed, ldb words per pair); a non-accumulating product is
+// multiplied by out_mul. The AVX-512 gemm_bf16's contract, with N a multiple of 4:
+template <int MR, bool Accumulate>
+inline void micro_bf16_cols(int nv, int64_t KP, const uint32_t* const* a, const uint32_t* b, int64_t ldb,
+                            float* const* c, int64_t c_off, const float* rescale, float out_mul) {
+  switch (nv) {
+    case 4: micro_bf16<MR, 4, Accumulate>(KP, a, b, ldb, c, c_off, rescale, out_mul); break;
+    case 3: micro_bf16<MR, 3, Accumulate>(KP, a, b, ldb, c, c_off, rescale, out_mul); break;
+    case 2: micro_bf16<MR, 2, Accumulate>(KP, a, b, ldb, c, c_off, rescale, out_mul); break;
+    default: micro_bf16<MR, 1, Accumulate>(KP, a, b, ldb, c, c_off, rescale, out_mul); break;
+  }
+}
+
+// N a multiple of 4 (vec.h's kVec here: the kernels pad their column counts to it), not of 16 as on
+// x86, where kVec is 16 on every target that has the bf16 path: the last micro tile takes the
+// 1-3 vectors that remain.
 template <bool Accumulate>
 inline void gemm_bf16(int64_t rows, int64_t N, int64_t KP, const uint32_t* const* a, const uint32_t* b, int64_t ldb,
                       float* const* c, const float* rescale, float out_mul = 1.f) {
   for (int64_t r = 0; r < rows; r += kMRb) {
     const int64_t mr = std::min<int64_t>(kMRb, rows - r);
     const float* sc = rescale == nullptr ? nullptr : rescale + r;
-    for (int64_t c0 = 0; c0 < N; c0 += 4 * kNVb)
+    for (int64_t c0 = 0; c0 < N; c0 += 4 * kNVb) {
+      const int nv = static_cast<int>(std::min<int64_t>(kNVb, (N - c0) / 4));
       with_rows(mr, [&](auto m) {
-        micro_bf16<decltype(m)::value, kNVb, Accumulate>(KP, a + r, b + c0, ldb, c + r, c0, sc, out_mul);
+        micro_bf16_cols<decltype(m)::value, Accumulate>(nv, KP, a + r, b + c0, ldb, c + r, c0, sc, out_mul);
       });
+    }
   }
 }
 
@@ -87,12 +103,13 @@ inline void transpose4x4_u32(uint32x4_t r[4]) {
 
 // Pair-pack a block of rows for a product with its transpose (S = Q . K^T, ...): kp[w * ld + c] =
 // word w (elements 2w, 2w + 1; a missing odd element is 0) of row c, for c < nk, w < ceil(D / 2);
-// rows nk .. round_up(nk, 16) get zeros (the AVX-512 version's contract). Contiguous rows of even
-// D: 4 x 4 word tiles transposed in registers; otherwise element by element.
+// rows nk .. round_up(nk, 4) get zeros (x86 pads to 16, its vector width; here the callers' leading
+// dimension `ld` is only a multiple of vec.h's kVec = 4, so 16 could run past it). Contiguous rows
+// of even D: 4 x 4 word tiles transposed in registers; otherwise element by element.
 template <typename RowFn>
 inline void pack_k_pairs_rows(uint32_t* kp, int64_t ld, RowFn row, int64_t col_stride, int64_t nk, int64_t D) {
   const int64_t Dw = (D + 1) / 2;
-  const int64_t padded = round_up(nk, 16);
+  const int64_t padded = round_up(nk, 4);
   if (col_stride != 1 || D % 2 != 0) {
     for (int64_t c = 0; c < padded; ++c)
       for (int64_t w = 0; w < Dw; ++w) {
@@ -141,11 +158,18 @@ inline void copy_words(uint32_t* dst, const uint16_t* src, int64_t n, int64_t st
     dst[w] = uint32_t(src[2 * w * stride]) | (2 * w + 1 < n ? uint32_t(src[(2 * w + 1) * stride]) << 16 : 0u);
 }
 
-// dst[0 : n/2] words = bf16(src[0 : n]) pairs, rounded to nearest even (`bfcvtn`); n a multiple of 16
+// dst[0 : n/2] words = bf16(src[0 : n]) pairs, rounded to nearest even (`bfcvtn`); n even (the
+// callers' counts are multiples of kVec = 4)
 inline void floats_to_bf16_pairs(uint32_t* dst, const float* src, int64_t n) {
-  for (int64_t i = 0; i < n; i += 8) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
     const bfloat16x8_t h = vcvtq_high_bf16_f32(vcvtq_low_bf16_f32(vld1q_f32(src + i)), vld1q_f32(src + i + 4));
     vst1q_u32(dst + i / 2, vreinterpretq_u32_bf16(h));
+  }
+  for (; i + 4 <= n; i += 4) vst1_u32(dst + i / 2, vreinterpret_u32_bf16(vcvt_bf16_f32(vld1q_f32(src + i))));
+  for (; i + 2 <= n; i += 2) {
+    const float32x4_t x = {src[i], src[i + 1], 0.f, 0.f};
+    dst[i / 2] = vget_lane_u32(vreinterpret_u32_bf16(vcvt_bf16_f32(x)), 0);
   }
 }
 

@@ -126,14 +126,19 @@ void test_transpose_and_rows() {
 void test_bf16_products() {
   for (int D : {32, 64, 80, 128, 33})
     for (int nk : {1, 7, 16, 29}) {
-      const int rows = 7, ld = int(round_up(nk, 16)), Dw = (D + 1) / 2;
+      // the kernels' leading dimensions are multiples of kVec (16 with AVX-512, 4 on Arm), not of 16
+      const int rows = 7, ld = int(round_up(nk, kVec)), Dw = (D + 1) / 2;
       std::vector<uint16_t> q(rows * 2 * Dw, 0), k(nk * D);
       for (int r = 0; r < rows; ++r)
         for (int d = 0; d < D; ++d) q[r * 2 * Dw + d] = to_bf16(uniform());
       for (auto& v : k) v = to_bf16(uniform());
-      std::vector<uint32_t> kp(Dw * ld, 0xffffffffu);
+      constexpr uint32_t kGuard = 0x7fc0dead;  // words past the packed block must stay untouched
+      std::vector<uint32_t> kp(Dw * ld + 64, kGuard);
       pack_k_pairs(kp.data(), ld, k.data(), D, 1, nk, D);
-      std::vector<float> s(rows * ld);
+      bool guard_ok = true;
+      for (int i = Dw * ld; i < Dw * ld + 64; ++i) guard_ok &= kp[i] == kGuard;
+      check(guard_ok, "pack_k_pairs stays inside its ld x ceil(D/2) words");
+      std::vector<float> s(rows * ld + 64, -7.f);
       std::vector<const uint32_t*> qp(rows);
       std::vector<float*> sp(rows);
       for (int r = 0; r < rows; ++r)
@@ -151,13 +156,18 @@ void test_bf16_products() {
         }
       const double e = rel_err(got, want);
       check(e < 1e-5, "pack_k_pairs + gemm_bf16 (S = Q . K^T)", e);
+      bool tail_ok = true;
+      for (int i = rows * ld; i < rows * ld + 64; ++i) tail_ok &= s[i] == -7.f;
+      check(tail_ok, "gemm_bf16 writes only its N columns");
     }
-  std::vector<float> f(32);
+  const int nf = 3 * kVec;  // a multiple of the vector width, not of 16 on Arm
+  std::vector<float> f(nf);
   for (auto& v : f) v = uniform() * 100.f;
-  std::vector<uint32_t> w(16);
-  floats_to_bf16_pairs(w.data(), f.data(), 32);
+  std::vector<uint32_t> w(nf / 2 + 8, 0x7fc0dead);
+  floats_to_bf16_pairs(w.data(), f.data(), nf);
   bool ok = true;
-  for (int i = 0; i < 32; ++i) ok &= uint16_t(w[i / 2] >> (16 * (i % 2))) == to_bf16(f[i]);
+  for (int i = 0; i < nf; ++i) ok &= uint16_t(w[i / 2] >> (16 * (i % 2))) == to_bf16(f[i]);
+  for (int i = nf / 2; i < nf / 2 + 8; ++i) ok &= w[i] == 0x7fc0dead;
   check(ok, "floats_to_bf16_pairs (round to nearest even)");
   std::vector<uint16_t> r0(45), r1(45);
   for (auto& v : r0) v = to_bf16(uniform());
