@@ -571,11 +571,13 @@ def main(argv=None):
         with open(a.page[0], "w") as f:
             f.write(page(reps) + "\n")
         return 0
-    os.environ.pop("TRITON_INTERPRET", None)  # read when the kernels are defined: before any import
     archs = tuple(int(x) for x in a.arch.split(","))
     bad = [x for x in archs if x not in SMEM_LIMIT]
     if bad:
         ap.error(f"--arch: unsupported {bad} (choose from {sorted(SMEM_LIMIT)})")
+    # read when the kernels are defined: before any import (only once the arguments are valid, so a
+    # refused call leaves the caller's environment, e.g. a test process's interpreter flag, alone)
+    os.environ.pop("TRITON_INTERPRET", None)
     rep = run(archs, sample=a.sample, jobs=a.jobs, families=a.family, cuda=not a.no_cuda)
     if a.json:
         with open(a.json, "w") as f:
