@@ -12,6 +12,7 @@
 #     so a subprocess of the emulated python could not start another one otherwise), and ROOT/xbin/g++,
 #     the cross compiler with the sysroot's headers, as the JIT builds' compiler.
 # usage: .ci/arm_env.sh ROOT [TORCH_VERSION]     (root for apt; writes nothing outside ROOT but apt state)
+#        ARM_ENV_MINIMAL=1 .ci/arm_env.sh ROOT    the cross compiler and qemu only (the harness's needs)
 # ROOT/.ready marks a finished build; a second call returns at once. About 1.7 GB.
 set -euo pipefail
 ROOT=$(realpath -m "$1")
@@ -48,6 +49,9 @@ if [ ! -x xbin/qemu-aarch64 ]; then
   dpkg-deb --fsys-tarfile debs/qemu-user.deb | tar -x -O ./usr/bin/qemu-aarch64 > xbin/qemu-aarch64
   chmod +x xbin/qemu-aarch64
 fi
+
+# ARM_ENV_MINIMAL=1: the cross compiler and qemu only, all the torch-free harness needs (no stamp)
+[ "${ARM_ENV_MINIMAL:-0}" = 1 ] && exit 0
 
 echo "arm_env: arm64 python3.11 sysroot" >&2
 if [ ! -x sysroot/usr/bin/python3.11 ]; then
