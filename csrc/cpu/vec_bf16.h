@@ -25,6 +25,7 @@ namespace sparse_attn_cpu {
 // 6 x 4 tile: 24 accumulators + 4 B vectors + 1 broadcast of the 32 zmm registers
 constexpr int kMRb = 6;
 constexpr int kNVb = 4;
+constexpr int kLanesBf16 = 16;  // floats per accumulator vector
 
 inline __m512bh as_bh(__m512i x) { return (__m512bh)x; }
 
@@ -64,36 +65,6 @@ inline void micro_bf16(int64_t KP, const uint32_t* const* a, const uint32_t* b, 
       _mm512_storeu_ps(c[r] + c_off + 16 * j, Accumulate ? acc[r][j] : _mm512_mul_ps(acc[r][j], mul));
 }
 
-template <int MR, bool Accumulate>
-inline void micro_bf16_cols(int nv, int64_t KP, const uint32_t* const* a, const uint32_t* b, int64_t ldb,
-                            float* const* c, int64_t c_off, const float* rescale, float out_mul) {
-  switch (nv) {
-    case 4: micro_bf16<MR, 4, Accumulate>(KP, a, b, ldb, c, c_off, rescale, out_mul); break;
-    case 3: micro_bf16<MR, 3, Accumulate>(KP, a, b, ldb, c, c_off, rescale, out_mul); break;
-    case 2: micro_bf16<MR, 2, Accumulate>(KP, a, b, ldb, c, c_off, rescale, out_mul); break;
-    default: micro_bf16<MR, 1, Accumulate>(KP, a, b, ldb, c, c_off, rescale, out_mul); break;
-  }
-}
-
-// C (rows x N floats, N a multiple of 16; rows by pointer) = [rescale *] C + A . B over KP pairs
-// of the inner dimension (A: bf16 rows read as words, B: pair-packed, ldb words per pair);
-// a non-accumulating product is multiplied by out_mul.
-template <bool Accumulate>
-inline void gemm_bf16(int64_t rows, int64_t N, int64_t KP, const uint32_t* const* a, const uint32_t* b, int64_t ldb,
-                      float* const* c, const float* rescale, float out_mul = 1.f) {
-  for (int64_t r = 0; r < rows; r += kMRb) {
-    const int64_t mr = std::min<int64_t>(kMRb, rows - r);
-    const float* sc = rescale == nullptr ? nullptr : rescale + r;
-    for (int64_t c0 = 0; c0 < N; c0 += 16 * kNVb) {
-      const int nv = static_cast<int>(std::min<int64_t>(kNVb, (N - c0) / 16));
-      const uint32_t* bb = b + c0;
-      with_rows(mr, [&](auto m) {
-        micro_bf16_cols<decltype(m)::value, Accumulate>(nv, KP, a + r, bb, ldb, c + r, c0, sc, out_mul);
-      });
-    }
-  }
-}
-
 // Pair-pack a block of rows for a product with its transpose (S = Q . K^T, dP = dO . V^T, ...):
 // kp[w * ld + c] = word w (elements 2w, 2w + 1; a missing odd element is 0) of row c, for rows
 // c < nk and w < ceil(D / 2); rows nk .. round_up(nk, 16) get zeros. `row(c)` is where row c
@@ -125,22 +96,6 @@ inline void pack_k_pairs_rows(uint32_t* kp, int64_t ld, RowFn row, int64_t col_s
       for (int64_t j = 0; j < wn; ++j) _mm512_storeu_si512(kp + (w0 + j) * ld + c0, r[j]);
     }
   }
-}
-
-// pack_k_pairs_rows for rows `row_stride` elements apart from k
-inline void pack_k_pairs(uint32_t* kp, int64_t ld, const uint16_t* k, int64_t row_stride, int64_t col_stride,
-                         int64_t nk, int64_t D) {
-  pack_k_pairs_rows(kp, ld, [=](int64_t c) { return k + c * row_stride; }, col_stride, nk, D);
-}
-
-// One bf16 row (n elements, `stride` apart) as ceil(n / 2) words, a missing odd element 0.
-inline void copy_words(uint32_t* dst, const uint16_t* src, int64_t n, int64_t stride) {
-  if (stride == 1 && n % 2 == 0) {
-    std::memcpy(dst, src, n * sizeof(uint16_t));
-    return;
-  }
-  for (int64_t w = 0; w < (n + 1) / 2; ++w)
-    dst[w] = uint32_t(src[2 * w * stride]) | (2 * w + 1 < n ? uint32_t(src[(2 * w + 1) * stride]) << 16 : 0u);
 }
 
 // dst[0 : n/2] words = bf16(src[0 : n]) pairs, round to nearest even; n a multiple of 16
@@ -180,3 +135,55 @@ inline void interleave_bf16_rows(uint32_t* dst, const uint16_t* r0, const uint16
     !defined(SPARSE_ATTN_NO_BF16_DOT)
 #include "cpu/vec_bf16_neon.h"  // the same interface with Arm's bfdot
 #endif
+
+#ifdef SPARSE_ATTN_BF16_DOT
+// What the two instruction sets share, over their micro_bf16 (kLanesBf16 floats per vector).
+namespace sparse_attn_cpu {
+
+template <int MR, bool Accumulate>
+inline void micro_bf16_cols(int nv, int64_t KP, const uint32_t* const* a, const uint32_t* b, int64_t ldb,
+                            float* const* c, int64_t c_off, const float* rescale, float out_mul) {
+  switch (nv) {
+    case 4: micro_bf16<MR, 4, Accumulate>(KP, a, b, ldb, c, c_off, rescale, out_mul); break;
+    case 3: micro_bf16<MR, 3, Accumulate>(KP, a, b, ldb, c, c_off, rescale, out_mul); break;
+    case 2: micro_bf16<MR, 2, Accumulate>(KP, a, b, ldb, c, c_off, rescale, out_mul); break;
+    default: micro_bf16<MR, 1, Accumulate>(KP, a, b, ldb, c, c_off, rescale, out_mul); break;
+  }
+}
+
+// C (rows x N floats, N a multiple of kLanesBf16; rows by pointer) = [rescale *] C + A . B over KP
+// pairs of the inner dimension (A: bf16 rows read as words, B: pair-packed, ldb words per pair); a
+// non-accumulating product is multiplied by out_mul.
+template <bool Accumulate>
+inline void gemm_bf16(int64_t rows, int64_t N, int64_t KP, const uint32_t* const* a, const uint32_t* b, int64_t ldb,
+                      float* const* c, const float* rescale, float out_mul = 1.f) {
+  for (int64_t r = 0; r < rows; r += kMRb) {
+    const int64_t mr = std::min<int64_t>(kMRb, rows - r);
+    const float* sc = rescale == nullptr ? nullptr : rescale + r;
+    for (int64_t c0 = 0; c0 < N; c0 += kLanesBf16 * kNVb) {
+      const int nv = static_cast<int>(std::min<int64_t>(kNVb, (N - c0) / kLanesBf16));
+      with_rows(mr, [&](auto m) {
+        micro_bf16_cols<decltype(m)::value, Accumulate>(nv, KP, a + r, b + c0, ldb, c + r, c0, sc, out_mul);
+      });
+    }
+  }
+}
+
+// pack_k_pairs_rows for rows `row_stride` elements apart from k
+inline void pack_k_pairs(uint32_t* kp, int64_t ld, const uint16_t* k, int64_t row_stride, int64_t col_stride,
+                         int64_t nk, int64_t D) {
+  pack_k_pairs_rows(kp, ld, [=](int64_t c) { return k + c * row_stride; }, col_stride, nk, D);
+}
+
+// One bf16 row (n elements, `stride` apart) as ceil(n / 2) words, a missing odd element 0.
+inline void copy_words(uint32_t* dst, const uint16_t* src, int64_t n, int64_t stride) {
+  if (stride == 1 && n % 2 == 0) {
+    std::memcpy(dst, src, n * sizeof(uint16_t));
+    return;
+  }
+  for (int64_t w = 0; w < (n + 1) / 2; ++w)
+    dst[w] = uint32_t(src[2 * w * stride]) | (2 * w + 1 < n ? uint32_t(src[(2 * w + 1) * stride]) << 16 : 0u);
+}
+
+}  // namespace sparse_attn_cpu
+#endif  // SPARSE_ATTN_BF16_DOT

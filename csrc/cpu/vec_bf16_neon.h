@@ -22,7 +22,10 @@
 namespace sparse_attn_cpu {
 
 constexpr int kMRb = 6;  // rows of a micro tile
-constexpr int kNVb = 4;  // float32x4 vectors per row: 16 columns, the unit of gemm_bf16's N
+constexpr int kNVb = 4;  // float32x4 vectors per row: 16 columns
+// floats per accumulator vector: gemm_bf16's N need only be a multiple of 4 here (the kernels pad
+// their column counts to vec.h's kVec, 4 on Arm, not 16 as on every x86 target with bf16)
+constexpr int kLanesBf16 = 4;
 
 inline bfloat16x8_t words_as_bf16(uint32x4_t x) { return vreinterpretq_bf16_u32(x); }
 
@@ -59,37 +62,7 @@ inline void micro_bf16(int64_t KP, const uint32_t* const* a, const uint32_t* b, 
       vst1q_f32(c[r] + c_off + 4 * j, Accumulate ? acc[r][j] : vmulq_n_f32(acc[r][j], out_mul));
 }
 
-// C (rows x N floats; rows by pointer) = [rescale *] C + A . B over KP pairs of the inner dimension
-// (A: bf16 rows read as words, B: pair-packed, ldb words per pair); a non-accumulating product is
-// multiplied by out_mul. The AVX-512 gemm_bf16's contract, with N a multiple of 4:
-template <int MR, bool Accumulate>
-inline void micro_bf16_cols(int nv, int64_t KP, const uint32_t* const* a, const uint32_t* b, int64_t ldb,
-                            float* const* c, int64_t c_off, const float* rescale, float out_mul) {
-  switch (nv) {
-    case 4: micro_bf16<MR, 4, Accumulate>(KP, a, b, ldb, c, c_off, rescale, out_mul); break;
-    case 3: micro_bf16<MR, 3, Accumulate>(KP, a, b, ldb, c, c_off, rescale, out_mul); break;
-    case 2: micro_bf16<MR, 2, Accumulate>(KP, a, b, ldb, c, c_off, rescale, out_mul); break;
-    default: micro_bf16<MR, 1, Accumulate>(KP, a, b, ldb, c, c_off, rescale, out_mul); break;
-  }
-}
-
-// N a multiple of 4 (vec.h's kVec here: the kernels pad their column counts to it), not of 16 as on
-// x86, where kVec is 16 on every target that has the bf16 path: the last micro tile takes the
-// 1-3 vectors that remain.
-template <bool Accumulate>
-inline void gemm_bf16(int64_t rows, int64_t N, int64_t KP, const uint32_t* const* a, const uint32_t* b, int64_t ldb,
-                      float* const* c, const float* rescale, float out_mul = 1.f) {
-  for (int64_t r = 0; r < rows; r += kMRb) {
-    const int64_t mr = std::min<int64_t>(kMRb, rows - r);
-    const float* sc = rescale == nullptr ? nullptr : rescale + r;
-    for (int64_t c0 = 0; c0 < N; c0 += 4 * kNVb) {
-      const int nv = static_cast<int>(std::min<int64_t>(kNVb, (N - c0) / 4));
-      with_rows(mr, [&](auto m) {
-        micro_bf16_cols<decltype(m)::value, Accumulate>(nv, KP, a + r, b + c0, ldb, c + r, c0, sc, out_mul);
-      });
-    }
-  }
-}
+// (gemm_bf16, pack_k_pairs and copy_words, shared with x86, are at the end of vec_bf16.h.)
 
 // In-place transpose of a 4 x 4 block of 32-bit words.
 inline void transpose4x4_u32(uint32x4_t r[4]) {
@@ -140,22 +113,6 @@ inline void pack_k_pairs_rows(uint32_t* kp, int64_t ld, RowFn row, int64_t col_s
         kp[w0 * ld + c0 + i] = word;
       }
   }
-}
-
-// pack_k_pairs_rows for rows `row_stride` elements apart from k
-inline void pack_k_pairs(uint32_t* kp, int64_t ld, const uint16_t* k, int64_t row_stride, int64_t col_stride,
-                         int64_t nk, int64_t D) {
-  pack_k_pairs_rows(kp, ld, [=](int64_t c) { return k + c * row_stride; }, col_stride, nk, D);
-}
-
-// One bf16 row (n elements, `stride` apart) as ceil(n / 2) words, a missing odd element 0.
-inline void copy_words(uint32_t* dst, const uint16_t* src, int64_t n, int64_t stride) {
-  if (stride == 1 && n % 2 == 0) {
-    std::memcpy(dst, src, n * sizeof(uint16_t));
-    return;
-  }
-  for (int64_t w = 0; w < (n + 1) / 2; ++w)
-    dst[w] = uint32_t(src[2 * w * stride]) | (2 * w + 1 < n ? uint32_t(src[(2 * w + 1) * stride]) << 16 : 0u);
 }
 
 // dst[0 : n/2] words = bf16(src[0 : n]) pairs, rounded to nearest even (`bfcvtn`); n even (the
