@@ -229,7 +229,8 @@ def linear_launches(sample: str):
             o, st = triton_linear_attention(q, k, v, decay=dec, scale=0.1, initial_state=s0)
             (o.float().sum() + (st.sum() if s0 is not None else 0)).backward()
         for fn, a, kw in _record(go):
-            out.append(Launch("linear_chunked", f"{fn.__name__} {flags} {dname}", d, fn, a, kw, (80, 90)))
+            part = {(True, False): " dv", (False, True): " dk"}.get((kw.get("DO_DV"), kw.get("DO_DK")), "")
+            out.append(Launch("linear_chunked", f"{fn.__name__}{part} {flags} {dname}", d, fn, a, kw, (80, 90)))
     return out
 
 

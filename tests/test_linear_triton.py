@@ -132,3 +132,30 @@ def test_triton_scheduler_choice_and_refusals():
         sa.linear_attention(q.double(), k.double(), v.double(), backend="triton")
     e = sa.linear_attention(q[:, :, :0], k[:, :, :0], v[:, :, :0], backend="triton", return_state=True)
     assert e[0].shape == (1, 2, 0, 16) and (e[1] == 0).all()
+
+
+def test_triton_two_pass_reverse_sweep_equals_one_pass(monkeypatch):
+    """On the GPU at D > 64 the reverse sweep runs twice (dv + d(initial state), then dk + its decay
+    part: one program holding both spilled on sm_80); the same split, forced here, gives the gradients
+    of the one-pass sweep exactly (the passes compute the same float32 sums in the same order)."""
+    from sparse_attn.backends.triton import linear as tlin
+    b, h, s, d, dv = 1, 2, 45, 32, 24
+    base = [randn(b, h, s, d), randn(b, h, s, d), randn(b, h, s, dv)]
+    decay = (-torch.rand(b, h, s)).to(DEV)
+    s0 = randn(b, h, d, dv).to(DEV)
+    dout, dst = randn(b, h, s, dv).to(DEV), randn(b, h, d, dv).to(DEV)
+
+    def grads():
+        x = [t.to(DEV).detach().requires_grad_() for t in base] + [decay.detach().requires_grad_(),
+                                                                   s0.detach().requires_grad_()]
+        o, st = sa.linear_attention(*x[:3], decay=x[3], initial_state=x[4], return_state=True, backend="triton")
+        torch.autograd.backward([o, st], [dout, dst])
+        return [t.grad.cpu() for t in x]
+
+    one = grads()
+    calls = []
+    monkeypatch.setattr(tlin, "_dkv_passes", lambda q, bd: calls.append(bd) or ((True, False), (False, True)))
+    two = grads()
+    assert calls, "the launcher did not ask _dkv_passes"
+    for name, a, c in zip(("dq", "dk", "dv", "d(decay)", "d(initial_state)"), one, two):
+        assert torch.equal(a, c), name

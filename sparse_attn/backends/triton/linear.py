@@ -29,13 +29,13 @@ except Exception as exc:  # no Triton, or one too old for these kernels
     _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
 
-def _meta(q, d, dv):
+def _meta(q, d, dv, backward=False):
     bd = max(16, triton.next_power_of_2(d))
     bv = max(16, min(64, triton.next_power_of_2(dv)))
     if on_gpu(q):
         c = 64 if bd <= 64 else 16
         if bd > 64:  # 64-column Dv tiles and 32-token chunks spilled at D=128 (bench/gpu_static.py)
-            bv = min(bv, 32)
+            bv = min(bv, 16 if backward else 32)
         # tf32 products only for bfloat16 inputs (exact in tf32; the float32 intermediates' tf32
         # rounding, ~5e-4, is far inside bfloat16's bound); float32 and float16 inputs keep
         # float32-exact products: d(decay) under strong decay is a small difference of such products
@@ -45,10 +45,24 @@ def _meta(q, d, dv):
     return c, bd, bv, prec
 
 
+#: one software-pipeline stage: prefetching the next chunk's float32 tiles cost registers and
+#: shared memory, and spilled at D=128 (bench/gpu_static.py)
+_STAGES = 1
+
+
 def _warps(bd: int) -> int:
     """8 warps above D=64: with 4, the float32 (D, 64) state and the chunk's float32 q / k / v
     spilled 104-1080 bytes per thread at D=128 (bench/gpu_static.py, sm_80 and sm_90)."""
     return 8 if bd > 64 else 4
+
+
+def _dkv_passes(q, bd: int):
+    """(DO_DV, DO_DK) per launch of the reverse sweep: one pass, or two (dv, then dk) on the GPU at
+    D > 64, where one program holding both spilled on sm_80 (bench/gpu_static.py). The second pass
+    re-reads the chunk and recomputes the running state gradient: more work, never timed on a GPU."""
+    if bd > 64 and on_gpu(q):
+        return ((True, False), (False, True))
+    return ((True, True),)
 
 
 def _chunk_cumsum(g, c):
@@ -73,7 +87,8 @@ class _TritonLinear(torch.autograd.Function):
         nv = triton.cdiv(dv, bv)
         _k.linear_fwd_kernel[(b * h, nv)](
             q, k, v, bc if bc is not None else q, s0c if s0c is not None else sf, o, sf, scale, s, d, dv,
-            HAS_G=bc is not None, HAS_S0=s0c is not None, C=c, BD=bd, BV=bv, PREC=prec, num_warps=_warps(bd))
+            HAS_G=bc is not None, HAS_S0=s0c is not None, C=c, BD=bd, BV=bv, PREC=prec, num_warps=_warps(bd),
+            num_stages=_STAGES)
         ctx.save_for_backward(q, k, v, bc, s0c, sf)
         ctx.scale = scale
         ctx.s0_dtype = None if s0 is None else s0.dtype
@@ -84,7 +99,7 @@ class _TritonLinear(torch.autograd.Function):
         q, k, v, bc, s0c, sf = ctx.saved_tensors
         b, h, s, d = q.shape
         dv = v.shape[-1]
-        c, bd, bv, prec = _meta(q, d, dv)
+        c, bd, bv, prec = _meta(q, d, dv, backward=True)
         nv = triton.cdiv(dv, bv)
         nbh = b * h
         dev = q.device
@@ -100,10 +115,13 @@ class _TritonLinear(torch.autograd.Function):
         bcp = bc if has_g else q
         _k.linear_bwd_dq_kernel[(nbh, nv)](
             q, k, v, bcp, s0c if s0c is not None else ds0, do, dq_p, dbq, ctx.scale, s, d, dv, nbh,
-            HAS_G=has_g, HAS_S0=s0c is not None, C=c, BD=bd, BV=bv, PREC=prec, num_warps=_warps(bd))
-        _k.linear_bwd_dkv_kernel[(nbh, nv)](
-            q, k, v, bcp, do, dsfc if dsfc is not None else ds0, dk_p, dv_, dbk, ds0, ctx.scale, s, d, dv, nbh,
-            HAS_G=has_g, HAS_DSF=dsfc is not None, C=c, BD=bd, BV=bv, PREC=prec, num_warps=_warps(bd))
+            HAS_G=has_g, HAS_S0=s0c is not None, C=c, BD=bd, BV=bv, PREC=prec, num_warps=_warps(bd),
+            num_stages=_STAGES)
+        for do_dv, do_dk in _dkv_passes(q, bd):
+            _k.linear_bwd_dkv_kernel[(nbh, nv)](
+                q, k, v, bcp, do, dsfc if dsfc is not None else ds0, dk_p, dv_, dbk, ds0, ctx.scale, s, d, dv,
+                nbh, HAS_G=has_g, HAS_DSF=dsfc is not None, C=c, BD=bd, BV=bv, PREC=prec, DO_DV=do_dv,
+                DO_DK=do_dk, num_warps=_warps(bd), num_stages=_STAGES)
         dq = dq_p.sum(0).to(q.dtype)
         dk = dk_p.sum(0).to(k.dtype)
         dg = None
