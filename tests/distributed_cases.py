@@ -23,6 +23,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(__file__))
 
 import oracle  # noqa: E402
+from delta_oracle import oracle_delta_rule  # noqa: E402
 
 #: full lengths per world size: none divides by 2 * world, so zigzag and contiguous shards are uneven
 LENGTHS = {2: 77, 3: 61, 4: 53}
@@ -113,6 +114,43 @@ def linear_cases(sa, cp, g, world):
     return res
 
 
+def delta_cases(sa, cp, g, world):
+    """cp_delta_rule against the float64 step oracle on the full sequence: every decay kind (none,
+    Gated DeltaNet's per-token, KDA's per-channel), GQA (Hv = 2 Hk), both layouts, an initial state,
+    forward, final state and the gradients of q, k, v, beta, decay and the initial state."""
+    s, res = LENGTHS[world], {}
+    for layout in ("contiguous", "zigzag"):
+        for kind in ("none", "per-token", "per-channel"):
+            _seed(f"delta-{world}-{layout}-{kind}")
+            b, hk, hv, d, dv = 1, 1, 2, 8, 6
+            q, k = torch.randn(b, hk, s, d), torch.randn(b, hk, s, d)
+            v, beta = torch.randn(b, hv, s, dv), torch.rand(b, hv, s)
+            decay = {"none": None, "per-token": -torch.rand(b, hv, s), "per-channel": -torch.rand(b, hv, s, d)}[kind]
+            s0 = torch.randn(b, hv, d, dv) if kind != "none" else None
+            do, ds = torch.randn(b, hv, s, dv), torch.randn(b, hv, d, dv)
+            full = [x.to(torch.float64).requires_grad_() for x in (q, k, v, beta)]
+            fdec = None if decay is None else decay.to(torch.float64).requires_grad_()
+            fs0 = None if s0 is None else s0.to(torch.float64).requires_grad_()
+            ref, ref_state = oracle_delta_rule(*full, decay=fdec, initial_state=fs0, qk_l2norm=True)
+            ((ref * do.double()).sum() + (ref_state * ds.double()).sum()).backward()
+            loc = [cp.shard(x, g, layout=layout).requires_grad_() for x in (q, k, v, beta)]
+            ldec = None if decay is None else cp.shard(decay, g, layout=layout).requires_grad_()
+            ls0 = None if s0 is None else s0.clone().requires_grad_()
+            out, state = cp.cp_delta_rule(*loc, decay=ldec, group=g, layout=layout, initial_state=ls0,
+                                          return_state=True, qk_l2norm=True, backend="reference")
+            ((out * cp.shard(do, g, layout=layout)).sum() + (state * ds).sum() / world).backward()
+            errs = [oracle.rel_err(out, cp.shard(ref, g, layout=layout)), oracle.rel_err(state, ref_state)]
+            errs += [oracle.rel_err(x.grad, cp.shard(r.grad, g, layout=layout)) for x, r in zip(loc, full)]
+            if ldec is not None:
+                errs.append(oracle.rel_err(ldec.grad, cp.shard(fdec.grad, g, layout=layout)))
+            if ls0 is not None:  # replicated input: each rank holds its share of the gradient
+                g0 = ls0.grad.clone()
+                dist.all_reduce(g0, group=g)
+                errs.append(oracle.rel_err(g0, fs0.grad))
+            res[f"delta-{kind}-{layout}"] = errs
+    return res
+
+
 def cache_cases(sa, cp, g, world):
     res = {}
     _seed(f"cache-{world}")
@@ -178,7 +216,7 @@ def run_rank(rank, world, init, out_dir, worlds=(4, 3, 2)):
         if rank >= w:
             continue
         results = {}
-        for fn in (attention_cases, linear_cases, cache_cases, traffic_cases):
+        for fn in (attention_cases, linear_cases, delta_cases, cache_cases, traffic_cases):
             try:
                 results.update(fn(sa, cp, g, w))
             except Exception:  # reported per group of cases; the test names the failing group

@@ -1,7 +1,7 @@
 """Context parallelism (sparse_attn.distributed) against the float64 oracle on the full sequence:
 gloo process groups of 2, 3 and 4 ranks on CPU (torch.multiprocessing), every softmax pattern,
 both layouts, forward and gradients, lengths that do not divide by the world size; linear
-attention's state scan; the sharded decode cache; and the bytes each pattern sends.
+attention's and the delta rule's state scans; the sharded decode cache; and the bytes each pattern sends.
 
 One spawn of 4 processes serves every world size (a subgroup per size runs every case:
 tests/distributed_cases.py); the tests below
@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import distributed_cases as cases
+from delta_oracle import delta_bound
 
 BOUND = 1e-5
 WORLDS = (2, 3, 4)
@@ -89,6 +90,15 @@ def test_cp_attention_ranks_without_tokens(layout, tmp_path_factory):
 def test_cp_linear_attention_matches_oracle(world, kind, layout, tmp_path_factory):
     for rank, errs in enumerate(_case(world, f"linear-{kind}-{layout}", tmp_path_factory)):
         assert max(errs) <= BOUND, f"rank {rank} (out, state, dq, dk, dv[, ddecay, ds0]) errors {errs}"
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("kind", ["none", "per-token", "per-channel"])
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_cp_delta_rule_matches_oracle(world, kind, layout, tmp_path_factory):
+    bound = delta_bound(torch.float32)  # the contract's delta-rule float32 bound (1e-4: triangular solves)
+    for rank, errs in enumerate(_case(world, f"delta-{kind}-{layout}", tmp_path_factory)):
+        assert max(errs) <= bound, f"rank {rank} (out, state, dq, dk, dv, dbeta[, ddecay][, ds0]) errors {errs}"
 
 
 @pytest.mark.parametrize("world", WORLDS)

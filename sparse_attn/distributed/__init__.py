@@ -5,15 +5,17 @@
 * `cp_attention`, `cp_plan` — softmax patterns, sparse-aware fetching, forward and backward
   (attention.py, fetch_plan.py, segment.py, transport.py);
 * `cp_linear_attention` — linear attention with a scan of states over the ranks (linear.py);
+* `cp_delta_rule` — the delta rule (DeltaNet, Gated DeltaNet, KDA), a scan of affine state maps (delta.py);
 * `ShardedKVCache` — decode over a context stored across ranks (cache.py);
 * `count_bytes` — what this process sent, for measurements and tests.
 
-`cp_delta_rule` does not exist yet: see linear.py. Launching, memory and traffic: docs/distributed.md.
+Launching, memory and traffic: docs/distributed.md.
 """
 from .attention import cp_attention, cp_plan
 from .cache import ShardedKVCache
+from .delta import cp_delta_rule
 from .linear import cp_linear_attention
 from .sharding import shard, unshard
 from .transport import count_bytes
 
-__all__ = ["shard", "unshard", "cp_attention", "cp_plan", "cp_linear_attention", "ShardedKVCache", "count_bytes"]
+__all__ = ["shard", "unshard", "cp_attention", "cp_plan", "cp_linear_attention", "cp_delta_rule", "ShardedKVCache", "count_bytes"]

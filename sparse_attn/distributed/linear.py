@@ -9,9 +9,7 @@ where `G_t` is the cumulative log-decay from the chunk's start to `t`: one matri
 corrects it. The backward is autograd through these steps; the all-gather's backward all-reduces
 the state gradients and hands each rank those of its own chunks.
 
-`cp_delta_rule` is not here: the delta rule (another engineer's issue) is linear in its state too,
-but its chunk transition is a `D x D` matrix rather than a scalar decay, so the scan passes
-`(A, B)` pairs; it belongs beside that op once it exists.
+`cp_delta_rule` (delta.py) scans `(M, B)` pairs instead: its chunk transition is a `D x D` matrix.
 """
 from __future__ import annotations
 
