@@ -31,6 +31,9 @@ def parse_args(argv=None):
                       help="the whole sweep with every implementation (hours on a 2-core CPU: bound it with "
                            "--filter and --budget)")
     mode.add_argument("--quick", action="store_true", help="small sweep, float32 on CPU (under 4 minutes on a 2-core CPU)")
+    mode.add_argument("--headline", action="store_true",
+                      help="the issues' GPU targets against their baselines (bench/suite.py headline_impls; "
+                           "what bench/gpu_check.sh runs); on a CPU the same kinds at smaller lengths")
     p.add_argument("--out", default="bench/results/latest.json",
                    help="JSON output path; the CSV and the plots go beside it (<stem>.csv, <stem>-plots/)")
     p.add_argument("--device", default=None, help="cpu, cuda, npu, ... (default: detected)")
@@ -86,9 +89,9 @@ def main(argv=None) -> int:
     # quick on CPU: float32 only (CPUs without bf16 instructions run bf16 matmuls 10-50x slower)
     # --filter / --impl pick from the whole sweep and every implementation (docs/perf pages' commands
     # name cases and kernels the default suite leaves out)
-    default_suite = not (args.full or args.quick or args.filter or args.impl)
+    default_suite = not (args.full or args.quick or args.headline or args.filter or args.impl)
     spec = args.dtype or (("float32" if device.type == "cpu" else "bfloat16") if args.quick else
-                          suite.default_dtype(device) if default_suite else "bfloat16,float32")
+                          suite.default_dtype(device) if default_suite or args.headline else "bfloat16,float32")
     try:
         dtypes = [DTYPES[d.strip()] for d in spec.split(",")]
     except KeyError as e:
@@ -98,16 +101,18 @@ def main(argv=None) -> int:
     timing_budget = args.timing if args.timing is not None else (0.3 if args.quick else 1.0 if default_suite else 3.0)
     if not timing_budget > 0:
         sys.exit(f"--timing: expected a positive number of seconds, got {args.timing}")
-    cases = sweep(device, args.quick, dtypes)
+    cases = suite.headline_cases(device, dtypes[0]) if args.headline else sweep(device, args.quick, dtypes)
     impls, external = all_impls(device)
     left_cases, left_impls = [], []
+    if args.headline:
+        impls = [i for i in impls if i.name in suite.headline_impls(device)]
     if default_suite:
         cases, left_cases = suite.pick_cases(cases, device)
         impls, left_impls = suite.pick_impls(impls, device)
     cases = [c for c in cases if _match(c.name, args.filter)]
     impls = [i for i in impls if _match(i.name, args.impl)]
     # long generation (bench/longgen.py): a short run in the default suite, issue 15's 32K + 2K with --full
-    lg = None if args.quick else ((8192, 512) if default_suite and device.type == "cpu" else (32768, 2048))
+    lg = None if args.quick or args.headline else ((8192, 512) if default_suite and device.type == "cpu" else (32768, 2048))
     if lg and not (_match(f"longgen/S{lg[0]}+{lg[1]}", args.filter) and _match("sparse_attn", args.impl)):
         lg = None
     left = suite.left_out_summary(left_cases, left_impls)
@@ -129,7 +134,8 @@ def main(argv=None) -> int:
 
     log = Progress(0).message
     env = environment(device)
-    env.update(suite="default" if default_suite else "quick" if args.quick else "full", left_out=left,
+    name = "default" if default_suite else "quick" if args.quick else "headline" if args.headline else "full"
+    env.update(suite=name, left_out=left,
                quick=args.quick, budget_s=budget, timing_s=timing_budget, dtypes=[str(d).removeprefix("torch.") for d in dtypes],
                implementations=[i.name for i in impls], external_libraries=external,
                sdpa_backends={n: next((w for w in ws if w), None) if all(ws) else "ok" for n, ws in sdpa_status.items()})

@@ -79,7 +79,8 @@ class Case:
 
     @property
     def name(self) -> str:
-        return f"{self.kind}/{self.label}/{SHORT[self.dtype]}/S{self.Sk}"
+        batch = "" if self.B == B else f"/B{self.B}"  # the sweeps use B = 1; --headline's decode B = 8
+        return f"{self.kind}/{self.label}/{SHORT[self.dtype]}/S{self.Sk}{batch}"
 
     @property
     def softmax(self) -> bool:

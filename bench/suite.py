@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import re
 
+from .cases import Case
+
+K = 1024
+
 # case names: kind/label/dtype/S<len> (bench/cases.py); one regular expression per picked group
 DEFAULT_CASES = {
     "cpu": [r"^prefill/[^/]+/[^/]+/S4096$", r"^decode/[^/]+/[^/]+/S32768$",
@@ -72,3 +76,31 @@ def left_out_summary(cases, impls) -> list[str]:
     if impls:
         lines.append(f"  implementations: {', '.join(i.name for i in impls)}")
     return lines
+
+
+#: `python -m bench --headline`: the GPU targets the issues state (dense causal 16K forward against
+#: SDPA flash; TopK(16) at 128K forward and forward + backward; SlidingWindow(4096) at 128K against
+#: its ideal; dense and TopK decode at 128K with batch 8 against the memory bandwidth; chunked linear
+#: attention against fla), each against the baselines of the same run (`headline_impls`, FlexAttention
+#: on the same masks). On a CPU the same kinds at lengths that finish in a few minutes on 2 cores,
+#: so the part of `bench/gpu_check.sh` that is not GPU time is known.
+def headline_impls(device) -> tuple:
+    if device.type == "cpu":  # FlexAttention on a CPU compiles for minutes: left to --full
+        return ("sparse_attn", "sdpa.flash")
+    return ("sparse_attn", "sdpa.flash", "sdpa.cudnn", "flex", "fla")
+
+
+def headline_cases(device, dtype) -> list:
+    def case(kind, fam, param, s, *, b=1, heads=(32, 8)):
+        sq = 1 if kind in ("decode", "linear-decode") else s
+        return Case(kind, fam, param, b, heads[0], heads[1], sq, s, 128, dtype, ("headline",))
+
+    if device.type == "cpu":
+        return [case("prefill", "dense", None, 4 * K), case("prefill", "topk", 16, 16 * K),
+                case("train", "topk", 16, 4 * K), case("prefill", "window", 4096, 16 * K),
+                case("decode", "dense", None, 32 * K, b=8), case("decode", "topk", 16, 32 * K, b=8),
+                case("linear-prefill", "linear", None, 16 * K, heads=(8, 8))]
+    return [case("prefill", "dense", None, 16 * K), case("prefill", "topk", 16, 128 * K),
+            case("train", "topk", 16, 128 * K), case("prefill", "window", 4096, 128 * K),
+            case("decode", "dense", None, 128 * K, b=8), case("decode", "topk", 16, 128 * K, b=8),
+            case("linear-prefill", "linear", None, 128 * K, heads=(8, 8))]
