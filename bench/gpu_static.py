@@ -250,7 +250,7 @@ def window_linear_launches(sample: str):
             triton_window_linear(q, k, v, pat, scale=0.1, gate=gate)
             triton_window_linear_backward(q, k, v, gate, torch.empty_like(q), pat, scale=0.1)
         for fn, a, kw in _record(go):
-            mode = " prep" if kw.get("PREP") else ""
+            mode = " prep" if kw.get("PREP") else {1: " softmax", 2: " linear"}.get(kw.get("PART"), "")
             out.append(Launch("window_linear", f"{fn.__name__}{mode} {dname} G=2", d, fn, a, kw, (80, 90)))
     return out
 
@@ -357,9 +357,6 @@ def occupancy(arch: int, regs: int, smem: int, num_warps: int) -> int:
 #: arch, head dim) -> why. Every entry that still spills is printed (KNOWN) on every run, one that no
 #: longer spills is printed as removable (entries hold for both Triton versions CI runs, which
 #: do not always agree); a spill not listed here fails.
-_LIN = ("float32 (D, Dv-tile) states and float32 chunk tiles at D=128: 8 warps and smaller tiles cut the "
-        "spill (2026-12-02: from 104-2344 bytes), a restructure (state split over D, or in shared memory) is left "
-        "for a session with a GPU to time it")
 KNOWN_SPILLS: dict = {
     ("block_sparse_bwd", "_dkdv_kernel", "fp32", 80, 128):
         "float32 training on sm_80 at D=128: 16-24 bytes at 128 registers (ptxas's choice) with quartered rows",
@@ -368,11 +365,6 @@ KNOWN_SPILLS: dict = {
         "Triton 3.6.0 only (TopK's token part: 88 bytes at 255 registers; Triton 3.9: no spill)",
     ("block_sparse_fwd", "_fwd_tile_kernel", "bf16", 80, 128):
         "Triton 3.6.0 only: 16 bytes at 255 registers (Triton 3.9: no spill) with 8 warps x 128 rows",
-    **{("linear_chunked", k, "bf16", a, 128): _LIN for k in ("linear_fwd_kernel", "linear_bwd_dq_kernel",
-                                                             "linear_bwd_dkv_kernel") for a in (80, 90)},
-    **{("window_linear", k, "bf16", a, 128): _LIN for k in ("window_linear_fwd_kernel",
-                                                            "window_linear_bwd_dq_kernel",
-                                                            "window_linear_bwd_dkdv_kernel") for a in (80, 90)},
 }
 
 

@@ -113,3 +113,22 @@ def test_gate_gradient_of_a_training_loss(dtype):
     oracle.oracle_attention(*ins[:3], pattern, gate=ins[3]).square().sum().backward()
     for name, x, r in zip(("dq", "dk", "dv", "dgate"), (q, k, v, gate), ins):
         oracle.assert_close_contract(x.grad, r.grad, dtype=dtype, device=DEV, what=name)
+
+
+@pytest.mark.parametrize("gate_value", [None, -40.0], ids=["mixed", "linear-only"])
+def test_split_backward_against_oracle(monkeypatch, gate_value):
+    """On the GPU above D=64 the backward runs the softmax part alone, then the linear part per Dv
+    tile with partial dq / dk sums (`_linear_tile`); the same split, forced here with 16-column tiles
+    over Dv = 40 (three tiles, the last partial), meets the oracle, the linear part alone included."""
+    from sparse_attn.backends.triton import linear_window as tw
+    asked = []
+    monkeypatch.setattr(tw, "_linear_tile", lambda q, bd, bdv: asked.append(bdv) or 16)
+    pattern = sa.WindowLinear(9, sinks=2)
+    q, k, v, gate = _inputs(1, 4, 2, 41, 70, 32, 40, torch.float32)
+    if gate_value is not None:
+        gate = torch.full((4,), gate_value, device=DEV)
+    check_against_oracle(
+        lambda q, k, v: sa.attention(q, k, v, pattern, gate=gate, backend="triton"),
+        lambda q, k, v: oracle.oracle_attention(q, k, v, pattern, gate=gate.detach().double()),
+        None, dict(q=q, k=k, v=v), dtype=torch.float32, device=DEV)
+    assert asked, "the backward did not ask _linear_tile"

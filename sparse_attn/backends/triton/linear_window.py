@@ -186,16 +186,19 @@ if triton is not None:
     @triton.jit
     def window_linear_bwd_dq_kernel(Q, K, V, GATE, DO, LSE, DEN, DA, DL, DQ, scale, SQ, SK, D, DV, HQ, G, WINDOW,
                                     SINKS, C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-                                    PREC: tl.constexpr):
+                                    PREC: tl.constexpr, PART: tl.constexpr):
         """One program per (batch * query head): dq of the softmax part over the sink and window key
-        tiles, plus the linear part from the running `(M, z)` (all of Dv in registers)."""
+        tiles, plus the linear part from the running `(M, z)` (all of Dv in registers).
+        `PART`: 0 both (grid (B * Hq, 1)); 1 the softmax part only, to a float32 DQ; 2 the linear part
+        only, one program per (batch * query head, Dv tile of BDV columns), each writing its partial dq
+        to slot `program_id(1)` of DQ (`_linear_tile`: where one program holding both spilled)."""
         pid = tl.program_id(0)
         b = pid // HQ
         hq = pid % HQ
         kvh = b * (HQ // G) + hq // G
         offs_c = tl.arange(0, C)
         offs_d = tl.arange(0, BD)
-        offs_v = tl.arange(0, BDV)
+        offs_v = tl.program_id(1) * BDV + tl.arange(0, BDV)  # PART 2: one Dv tile per program
         dmask = offs_d < D
         vmask = offs_v < DV
         Kb = K + kvh * SK * D
@@ -205,6 +208,8 @@ if triton is not None:
         mem = tl.zeros([BD, BDV], dtype=tl.float32)
         z = tl.zeros([BD], dtype=tl.float32)
         e0 = tl.maximum(SINKS, off - WINDOW + 1)
+        if PART == 1:
+            e0 = SINKS  # no linear part: no state to build
         for j0 in range(SINKS, e0, C):
             kj = j0 + offs_c
             km = kj < e0
@@ -228,58 +233,83 @@ if triton is not None:
             p_hi = tl.minimum(off + t0 + C, SK) - 1
             lo = tl.maximum(0, p_lo - WINDOW + 1)
             sink_end = tl.minimum(SINKS, lo)
-            dq = tl.zeros([C, BD], dtype=tl.float32)
-            da = tl.zeros([C], dtype=tl.float32)
-            for j0 in range(0, sink_end, C):  # pass 1: da = dO . A
-                da = _dq_softmax_tile(q, do, lse, da, dq, Kb, Vb, j0, pos, rmask, offs_c, offs_d, dmask, offs_v,
-                                      vmask, scale, gw, SK, D, DV, WINDOW, SINKS, sink_end, PREC, True)
-            for j0 in range(lo, p_hi + 1, C):
-                da = _dq_softmax_tile(q, do, lse, da, dq, Kb, Vb, j0, pos, rmask, offs_c, offs_d, dmask, offs_v,
-                                      vmask, scale, gw, SK, D, DV, WINDOW, SINKS, SK, PREC, True)
-            tl.store(DA + pid * SQ + rows, da, mask=rmask)  # for the dk/dv pass and d(gate)
-            for j0 in range(0, sink_end, C):  # pass 2: dS = s P (dp - da), dq = scale dS k
-                dq = _dq_softmax_tile(q, do, lse, da, dq, Kb, Vb, j0, pos, rmask, offs_c, offs_d, dmask, offs_v,
-                                      vmask, scale, gw, SK, D, DV, WINDOW, SINKS, sink_end, PREC, False)
-            for j0 in range(lo, p_hi + 1, C):
-                dq = _dq_softmax_tile(q, do, lse, da, dq, Kb, Vb, j0, pos, rmask, offs_c, offs_d, dmask, offs_v,
-                                      vmask, scale, gw, SK, D, DV, WINDOW, SINKS, SK, PREC, False)
-            dq = dq * scale
-            # linear part: d phi(q_t) = M_t g_num_t + g_den_t z_t, M_t = stored state + keys leaving here
-            fq = tl.where(dmask[None, :], _phi(q), 0.0)
-            inv = tl.where(den != 0, 1.0 / tl.where(den != 0, den, 1.0), 0.0)
-            gnum = ((1.0 - gw) * inv)[:, None] * do
-            gden = -(1.0 - gw) * dl * inv
-            gfq = tl.dot(gnum, tl.trans(mem), input_precision=PREC) + gden[:, None] * z[None, :]
-            kj = p_lo - WINDOW + 1 + offs_c
-            kv = (kj >= SINKS) & (kj >= 0) & (kj < SK)
-            k = tl.load(Kb + kj[:, None] * D + offs_d[None, :], mask=kv[:, None] & dmask[None, :], other=0.0)
-            v = tl.load(Vb + kj[:, None] * DV + offs_v[None, :], mask=kv[:, None] & vmask[None, :],
-                        other=0.0).to(tl.float32)
-            fk = tl.where(kv[:, None] & dmask[None, :], _phi(k.to(tl.float32)), 0.0)
-            wmask = (kj[None, :] <= pos[:, None] - WINDOW) & kv[None, :]
-            gw_tj = tl.where(wmask, tl.dot(gnum, tl.trans(v), input_precision=PREC) + gden[:, None], 0.0)
-            gfq += tl.dot(gw_tj, fk, input_precision=PREC)
-            mem += tl.dot(tl.trans(fk), v, input_precision=PREC)
-            z += tl.sum(fk, axis=0)
-            dq += _dphi(q) * gfq
-            tl.store(DQ + pid * SQ * D + rows[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty),
-                     mask=rmask[:, None] & dmask[None, :])
+            # PART 2 writes its Dv tile's partial dq to its own slot
+            dq_ptr = DQ + (tl.program_id(1) * tl.num_programs(0) + pid) * SQ * D + rows[:, None] * D + offs_d[None, :]
+            if PART == 2:  # a partial sum over this Dv tile, summed by the launcher
+                dq = tl.zeros([C, BD], dtype=tl.float32)
+            else:
+                dq = tl.zeros([C, BD], dtype=tl.float32)
+                da = tl.zeros([C], dtype=tl.float32)
+                for j0 in range(0, sink_end, C):  # pass 1: da = dO . A
+                    da = _dq_softmax_tile(q, do, lse, da, dq, Kb, Vb, j0, pos, rmask, offs_c, offs_d, dmask,
+                                          offs_v, vmask, scale, gw, SK, D, DV, WINDOW, SINKS, sink_end, PREC, True)
+                for j0 in range(lo, p_hi + 1, C):
+                    da = _dq_softmax_tile(q, do, lse, da, dq, Kb, Vb, j0, pos, rmask, offs_c, offs_d, dmask,
+                                          offs_v, vmask, scale, gw, SK, D, DV, WINDOW, SINKS, SK, PREC, True)
+                tl.store(DA + pid * SQ + rows, da, mask=rmask)  # for the dk/dv pass and d(gate)
+                for j0 in range(0, sink_end, C):  # pass 2: dS = s P (dp - da), dq = scale dS k
+                    dq = _dq_softmax_tile(q, do, lse, da, dq, Kb, Vb, j0, pos, rmask, offs_c, offs_d, dmask,
+                                          offs_v, vmask, scale, gw, SK, D, DV, WINDOW, SINKS, sink_end, PREC, False)
+                for j0 in range(lo, p_hi + 1, C):
+                    dq = _dq_softmax_tile(q, do, lse, da, dq, Kb, Vb, j0, pos, rmask, offs_c, offs_d, dmask,
+                                          offs_v, vmask, scale, gw, SK, D, DV, WINDOW, SINKS, SK, PREC, False)
+                dq = dq * scale
+            if PART != 1:
+                dq = _dq_linear(q, do, dl, den, mem, z, dq, Kb, Vb, p_lo, pos, offs_c, offs_d, dmask, offs_v,
+                                vmask, gw, tl.program_id(1) == 0, SK, D, DV, WINDOW, SINKS, PREC)
+                mem, z = _dq_linear_state(mem, z, Kb, Vb, p_lo, offs_c, offs_d, dmask, offs_v, vmask, SK, D, DV,
+                                          WINDOW, SINKS, PREC)
+            tl.store(dq_ptr, dq.to(DQ.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+
+    @triton.jit
+    def _dq_linear(q, do, dl, den, mem, z, dq, Kb, Vb, p_lo, pos, offs_c, offs_d, dmask, offs_v, vmask, gw, first,
+                   SK, D, DV, WINDOW, SINKS, PREC: tl.constexpr):
+        """dq += the linear part: d phi(q_t) = M_t g_num_t + g_den_t z_t, M_t = the state (keys evicted
+        before this tile) + the keys leaving the window inside it. Over one Dv tile (`offs_v`, `mem`'s
+        columns) every term is a partial sum over Dv except the g_den ones: only the `first` tile adds them."""
+        inv = tl.where(den != 0, 1.0 / tl.where(den != 0, den, 1.0), 0.0)
+        gnum = ((1.0 - gw) * inv)[:, None] * do
+        gden = tl.where(first, -(1.0 - gw) * dl * inv, 0.0)
+        gfq = tl.dot(gnum, tl.trans(mem), input_precision=PREC) + gden[:, None] * z[None, :]
+        kj = p_lo - WINDOW + 1 + offs_c
+        kv = (kj >= SINKS) & (kj >= 0) & (kj < SK)
+        k = tl.load(Kb + kj[:, None] * D + offs_d[None, :], mask=kv[:, None] & dmask[None, :], other=0.0)
+        v = tl.load(Vb + kj[:, None] * DV + offs_v[None, :], mask=kv[:, None] & vmask[None, :],
+                    other=0.0).to(tl.float32)
+        fk = tl.where(kv[:, None] & dmask[None, :], _phi(k.to(tl.float32)), 0.0)
+        wmask = (kj[None, :] <= pos[:, None] - WINDOW) & kv[None, :]
+        gw_tj = tl.where(wmask, tl.dot(gnum, tl.trans(v), input_precision=PREC) + gden[:, None], 0.0)
+        gfq += tl.dot(gw_tj, fk, input_precision=PREC)
+        return dq + _dphi(q) * gfq
+
+    @triton.jit
+    def _dq_linear_state(mem, z, Kb, Vb, p_lo, offs_c, offs_d, dmask, offs_v, vmask, SK, D, DV, WINDOW, SINKS,
+                         PREC: tl.constexpr):
+        """(M, z) after the keys that leave the window in this query tile."""
+        kj = p_lo - WINDOW + 1 + offs_c
+        kv = (kj >= SINKS) & (kj >= 0) & (kj < SK)
+        k = tl.load(Kb + kj[:, None] * D + offs_d[None, :], mask=kv[:, None] & dmask[None, :], other=0.0)
+        v = tl.load(Vb + kj[:, None] * DV + offs_v[None, :], mask=kv[:, None] & vmask[None, :],
+                    other=0.0).to(tl.float32)
+        fk = tl.where(kv[:, None] & dmask[None, :], _phi(k.to(tl.float32)), 0.0)
+        return mem + tl.dot(tl.trans(fk), v, input_precision=PREC), z + tl.sum(fk, axis=0)
 
     @triton.jit
     def window_linear_bwd_dkdv_kernel(Q, K, V, GATE, DO, LSE, DEN, DA, DL, DK, DVO, scale, SQ, SK, D, DV, HQ, G,
                                       WINDOW, SINKS, C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-                                      PREC: tl.constexpr):
+                                      PREC: tl.constexpr, PART: tl.constexpr):
         """One program per (batch * kv head), key tiles from the last: the softmax part over the
         queries that see the tile (every later query for a tile with sinks), and the linear part
         from the reverse state `(R, r)` over the queries at `p >= j + window`, both summed over
-        the group's query heads."""
+        the group's query heads. `PART` as in the dq kernel (1: float32 DK / DVO; 2: per Dv tile,
+        partial dk to its slot of DK, the tile's columns of DVO added to)."""
         pid = tl.program_id(0)
         hkv_all = HQ // G
         b = pid // hkv_all
         hkv = pid % hkv_all
         offs_c = tl.arange(0, C)
         offs_d = tl.arange(0, BD)
-        offs_v = tl.arange(0, BDV)
+        offs_v = tl.program_id(1) * BDV + tl.arange(0, BDV)  # PART 2: one Dv tile per program
         dmask = offs_d < D
         vmask = offs_v < DV
         Kb = K + pid * SK * D
@@ -296,12 +326,16 @@ if triton is not None:
                         other=0.0).to(tl.float32)
             v = tl.load(Vb + kj[:, None] * DV + offs_v[None, :], mask=kmask[:, None] & vmask[None, :],
                         other=0.0).to(tl.float32)
+            dk_ptr = DK + (tl.program_id(1) * tl.num_programs(0) + pid) * SK * D + kj[:, None] * D + offs_d[None, :]
+            dv_ptr = DVO + pid * SK * DV + kj[:, None] * DV + offs_v[None, :]
             dk = tl.zeros([C, BD], dtype=tl.float32)
             dv = tl.zeros([C, BDV], dtype=tl.float32)
             # softmax part: query positions [j0, j1 - 2 + window], or all after j0 if the tile has sinks
             j1 = tl.minimum(j0 + C, SK)
             row_lo = tl.maximum(0, j0 - off)
             row_hi = tl.where(j0 < SINKS, SQ, tl.minimum(SQ, j1 + WINDOW - 1 - off))
+            if PART == 2:
+                row_hi = row_lo  # the softmax part came from the first launch
             for hh in range(0, G):
                 qh = b * HQ + hkv * G + hh
                 gw = 1.0 / (1.0 + tl.exp(-tl.load(GATE + hkv * G + hh).to(tl.float32)))
@@ -325,40 +359,52 @@ if triton is not None:
                     ds = gw * p * (dp - da[:, None])
                     dk += tl.dot(tl.trans(ds), q, input_precision=PREC)
             dk = dk * scale
-            # linear part: the state holds the queries at p >= j0 + C + window (they see every key
-            # of the tile evicted); the C queries p = j0 + window + c see a prefix of it
-            lin = kmask & (kj >= SINKS)
-            fk = tl.where(lin[:, None] & dmask[None, :], _phi(k), 0.0)
-            dv += tl.dot(fk, rst, input_precision=PREC)
-            gfk = tl.dot(v, tl.trans(rst), input_precision=PREC) + r[None, :]
-            prow = j0 + WINDOW + offs_c
-            rows = prow - off
-            rvalid = (rows >= 0) & (rows < SQ)
-            for hh in range(0, G):
-                qh = b * HQ + hkv * G + hh
-                gw = 1.0 / (1.0 + tl.exp(-tl.load(GATE + hkv * G + hh).to(tl.float32)))
-                q = tl.load(Q + qh * SQ * D + rows[:, None] * D + offs_d[None, :],
-                            mask=rvalid[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-                do = tl.load(DO + qh * SQ * DV + rows[:, None] * DV + offs_v[None, :],
-                             mask=rvalid[:, None] & vmask[None, :], other=0.0).to(tl.float32)
-                dl = tl.load(DL + qh * SQ + rows, mask=rvalid, other=0.0)
-                den = tl.load(DEN + qh * SQ + rows, mask=rvalid, other=0.0)
-                fq = tl.where(rvalid[:, None] & dmask[None, :], _phi(q), 0.0)
-                inv = tl.where(den != 0, 1.0 / tl.where(den != 0, den, 1.0), 0.0)
-                gnum = ((1.0 - gw) * inv)[:, None] * do
-                gden = -(1.0 - gw) * dl * inv
-                wm = (prow[:, None] >= kj[None, :] + WINDOW) & rvalid[:, None] & lin[None, :]
-                w = tl.where(wm, tl.dot(fq, tl.trans(fk), input_precision=PREC), 0.0)
-                dv += tl.dot(tl.trans(w), gnum, input_precision=PREC)
-                gm = tl.where(wm, tl.dot(gnum, tl.trans(v), input_precision=PREC) + gden[:, None], 0.0)
-                gfk += tl.dot(tl.trans(gm), fq, input_precision=PREC)
-                rst += tl.dot(tl.trans(fq), gnum, input_precision=PREC)
-                r += tl.sum(gden[:, None] * fq, axis=0)
-            dk += tl.where(lin[:, None], _dphi(k) * gfk, 0.0)
-            tl.store(DK + pid * SK * D + kj[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty),
-                     mask=kmask[:, None] & dmask[None, :])
-            tl.store(DVO + pid * SK * DV + kj[:, None] * DV + offs_v[None, :], dv.to(DVO.dtype.element_ty),
-                     mask=kmask[:, None] & vmask[None, :])
+            if PART == 2:  # dk: a partial sum over this Dv tile (its own slot); dv: this tile's columns
+                dv = tl.load(dv_ptr, mask=kmask[:, None] & vmask[None, :], other=0.0)
+            if PART != 1:
+                dk, dv, rst, r = _dkdv_linear(Q, DO, DEN, DL, GATE, k, v, dk, dv, rst, r, kj, kmask, j0, off, b, hkv,
+                                              offs_c, offs_d, dmask, offs_v, vmask, tl.program_id(1) == 0, SQ, D, DV,
+                                              HQ, G, WINDOW, SINKS, PREC)
+            tl.store(dk_ptr, dk.to(DK.dtype.element_ty), mask=kmask[:, None] & dmask[None, :])
+            tl.store(dv_ptr, dv.to(DVO.dtype.element_ty), mask=kmask[:, None] & vmask[None, :])
+
+    @triton.jit
+    def _dkdv_linear(Q, DO, DEN, DL, GATE, k, v, dk, dv, rst, r, kj, kmask, j0, off, b, hkv, offs_c, offs_d, dmask,
+                     offs_v, vmask, first, SQ, D, DV, HQ, G, WINDOW, SINKS, PREC: tl.constexpr):
+        """The linear part of one key tile: (dk, dv) plus what the reverse state `(R, r)` gives, and
+        `(R, r)` after the tile's queries. Over one Dv tile (`offs_v`, `R`'s columns) dv is exact and dk a
+        partial sum; the g_den terms (`r`) belong to the `first` tile only."""
+        # linear part: the state holds the queries at p >= j0 + C + window (they see every key
+        # of the tile evicted); the C queries p = j0 + window + c see a prefix of it
+        lin = kmask & (kj >= SINKS)
+        fk = tl.where(lin[:, None] & dmask[None, :], _phi(k), 0.0)
+        dv += tl.dot(fk, rst, input_precision=PREC)
+        gfk = tl.dot(v, tl.trans(rst), input_precision=PREC) + tl.where(first, r, 0.0)[None, :]
+        prow = j0 + WINDOW + offs_c
+        rows = prow - off
+        rvalid = (rows >= 0) & (rows < SQ)
+        for hh in range(0, G):
+            qh = b * HQ + hkv * G + hh
+            gw = 1.0 / (1.0 + tl.exp(-tl.load(GATE + hkv * G + hh).to(tl.float32)))
+            q = tl.load(Q + qh * SQ * D + rows[:, None] * D + offs_d[None, :],
+                        mask=rvalid[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+            do = tl.load(DO + qh * SQ * DV + rows[:, None] * DV + offs_v[None, :],
+                         mask=rvalid[:, None] & vmask[None, :], other=0.0).to(tl.float32)
+            dl = tl.load(DL + qh * SQ + rows, mask=rvalid, other=0.0)
+            den = tl.load(DEN + qh * SQ + rows, mask=rvalid, other=0.0)
+            fq = tl.where(rvalid[:, None] & dmask[None, :], _phi(q), 0.0)
+            inv = tl.where(den != 0, 1.0 / tl.where(den != 0, den, 1.0), 0.0)
+            gnum = ((1.0 - gw) * inv)[:, None] * do
+            gden = tl.where(first, -(1.0 - gw) * dl * inv, 0.0)
+            wm = (prow[:, None] >= kj[None, :] + WINDOW) & rvalid[:, None] & lin[None, :]
+            w = tl.where(wm, tl.dot(fq, tl.trans(fk), input_precision=PREC), 0.0)
+            dv += tl.dot(tl.trans(w), gnum, input_precision=PREC)
+            gm = tl.where(wm, tl.dot(gnum, tl.trans(v), input_precision=PREC) + gden[:, None], 0.0)
+            gfk += tl.dot(tl.trans(gm), fq, input_precision=PREC)
+            rst += tl.dot(tl.trans(fq), gnum, input_precision=PREC)
+            r += tl.sum(gden[:, None] * fq, axis=0)
+        dk += tl.where(lin[:, None], _dphi(k) * gfk, 0.0)
+        return dk, dv, rst, r
 
 
 def _chunk(q, bd: int) -> int:
@@ -385,6 +431,15 @@ def _bwd_warps(bd: int, bdv: int) -> int:
     """The backward kernels hold whole float32 (D, Dv) states: 8 warps above D=64 (with 4 they
     spilled 1-2 KB per thread at D=128, bench/gpu_static.py on sm_80 and sm_90)."""
     return 8 if max(bd, bdv) > 64 else 4
+
+
+def _linear_tile(q, bd: int, bdv: int):
+    """Dv columns per program of the backward's linear part, or None for one launch of each kernel
+    holding the softmax part and the whole float32 (D, Dv) state. On the GPU above D=64 that
+    spilled 360-664 bytes at D=128 (bench/gpu_static.py), so the softmax part runs alone and the
+    linear part per 32-column Dv tile (partial dq / dk summed here): more launches and re-reads,
+    never timed on a GPU."""
+    return min(32, bdv) if on_gpu(q) and max(bd, bdv) > 64 else None
 
 
 def _prec(dtype) -> str:
@@ -435,10 +490,28 @@ def triton_window_linear_backward(q, k, v, gate, dout, pattern: WindowLinear, *,
     dl = dl_parts.sum(0)  # dO . L per row (a fixed order: deterministic)
     bdv = max(16, triton.next_power_of_2(dv))
     cb = 32 if not on_gpu(q) or max(bd, bdv) <= 64 else 16  # the (D, Dv) state lives in registers
-    window_linear_bwd_dq_kernel[(b * hq,)](q, k, v, gate, dout, lse, den, da, dl, dq, float(scale), *args,
-                                           C=cb, BD=bd, BDV=bdv, PREC=prec, num_warps=_bwd_warps(bd, bdv))
-    window_linear_bwd_dkdv_kernel[(b * hkv,)](q, k, v, gate, dout, lse, den, da, dl, dk, dvv, float(scale), *args,
-                                              C=cb, BD=bd, BDV=bdv, PREC=prec, num_warps=_bwd_warps(bd, bdv))
+    warps = _bwd_warps(bd, bdv)
+    ltile = _linear_tile(q, bd, bdv)
+    if ltile is None:  # one launch each: softmax and linear parts together, all of Dv in one program
+        window_linear_bwd_dq_kernel[(b * hq, 1)](q, k, v, gate, dout, lse, den, da, dl, dq, float(scale), *args,
+                                                 C=cb, BD=bd, BDV=bdv, PREC=prec, PART=0, num_warps=warps)
+        window_linear_bwd_dkdv_kernel[(b * hkv, 1)](q, k, v, gate, dout, lse, den, da, dl, dk, dvv, float(scale),
+                                                    *args, C=cb, BD=bd, BDV=bdv, PREC=prec, PART=0, num_warps=warps)
+    else:  # the softmax part over all of Dv (4 warps: no state, and 8 spilled 8 bytes on sm_90), then
+        # the linear part per Dv tile (float32 partial sums)
+        nt = triton.cdiv(dv, ltile)
+        dq_s, dk_s, dv_ = torch.empty(q.shape, **f32), torch.empty(k.shape, **f32), torch.empty(v.shape, **f32)
+        dq_p, dk_p = torch.empty((nt,) + tuple(q.shape), **f32), torch.empty((nt,) + tuple(k.shape), **f32)
+        window_linear_bwd_dq_kernel[(b * hq, 1)](q, k, v, gate, dout, lse, den, da, dl, dq_s, float(scale), *args,
+                                                 C=cb, BD=bd, BDV=bdv, PREC=prec, PART=1, num_warps=4)
+        window_linear_bwd_dq_kernel[(b * hq, nt)](q, k, v, gate, dout, lse, den, da, dl, dq_p, float(scale), *args,
+                                                  C=cb, BD=bd, BDV=ltile, PREC=prec, PART=2, num_warps=warps)
+        window_linear_bwd_dkdv_kernel[(b * hkv, 1)](q, k, v, gate, dout, lse, den, da, dl, dk_s, dv_, float(scale),
+                                                    *args, C=cb, BD=bd, BDV=bdv, PREC=prec, PART=1, num_warps=4)
+        window_linear_bwd_dkdv_kernel[(b * hkv, nt)](q, k, v, gate, dout, lse, den, da, dl, dk_p, dv_, float(scale),
+                                                     *args, C=cb, BD=bd, BDV=ltile, PREC=prec, PART=2,
+                                                     num_warps=warps)
+        dq, dk, dvv = (dq_s + dq_p.sum(0)).to(q.dtype), (dk_s + dk_p.sum(0)).to(k.dtype), dv_.to(v.dtype)
     s = torch.sigmoid(gate.float())
     dgate = s * (1.0 - s) * (da - dl).view(b, hq, sq).sum(dim=(0, 2))
     return dq, dk, dvv, dgate.to(gate.dtype)
