@@ -365,6 +365,9 @@ KNOWN_SPILLS: dict = {
         "Triton 3.6.0 only (TopK's token part: 88 bytes at 255 registers; Triton 3.9: no spill)",
     ("block_sparse_fwd", "_fwd_tile_kernel", "bf16", 80, 128):
         "Triton 3.6.0 only: 16 bytes at 255 registers (Triton 3.9: no spill) with 8 warps x 128 rows",
+    ("window_linear", "window_linear_bwd_dkdv_kernel", "bf16", 80, 128):
+        "Triton 3.6.0 only: the linear part per 16-column Dv tile, 272 bytes at 255 registers (Triton 3.9: no "
+        "spill; 3.6 spilled with 32-column tiles and 3 stages too)",
 }
 
 

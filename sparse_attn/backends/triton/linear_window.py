@@ -418,7 +418,7 @@ def _chunk(q, bd: int) -> int:
 def _bv(q, bd: int, dv: int) -> int:
     """Dv columns per forward program: 32 on GPUs above D=64 (64 spilled at D=128, gpu_static)."""
     bv = max(16, min(64, triton.next_power_of_2(dv)))
-    return min(bv, 32) if on_gpu(q) and bd > 64 else bv
+    return min(bv, 16) if on_gpu(q) and bd > 64 else bv
 
 
 def _warps(bd: int, bdv: int) -> int:
@@ -439,7 +439,7 @@ def _linear_tile(q, bd: int, bdv: int):
     spilled 360-664 bytes at D=128 (bench/gpu_static.py), so the softmax part runs alone and the
     linear part per 32-column Dv tile (partial dq / dk summed here): more launches and re-reads,
     never timed on a GPU."""
-    return min(32, bdv) if on_gpu(q) and max(bd, bdv) > 64 else None
+    return min(16, bdv) if on_gpu(q) and max(bd, bdv) > 64 else None
 
 
 def _prec(dtype) -> str:
@@ -510,7 +510,7 @@ def triton_window_linear_backward(q, k, v, gate, dout, pattern: WindowLinear, *,
                                                     *args, C=cb, BD=bd, BDV=bdv, PREC=prec, PART=1, num_warps=4)
         window_linear_bwd_dkdv_kernel[(b * hkv, nt)](q, k, v, gate, dout, lse, den, da, dl, dk_p, dv_, float(scale),
                                                      *args, C=cb, BD=bd, BDV=ltile, PREC=prec, PART=2,
-                                                     num_warps=warps)
+                                                     num_warps=warps, num_stages=1)
         dq, dk, dvv = (dq_s + dq_p.sum(0)).to(q.dtype), (dk_s + dk_p.sum(0)).to(k.dtype), dv_.to(v.dtype)
     s = torch.sigmoid(gate.float())
     dgate = s * (1.0 - s) * (da - dl).view(b, hq, sq).sum(dim=(0, 2))
