@@ -175,3 +175,22 @@ def test_transformers_registration_accepts_it():
     from sparse_attn.integrations.transformers import register_transformers
 
     assert register_transformers("sparse_attn_infllmv2_test", sa.InfLLMv2()) == "sparse_attn_infllmv2_test"
+
+
+def test_custom_op_encoding_round_trips():
+    """torch.compile passes patterns to the custom ops as ints: InfLLMv2's strings travel as indices."""
+    from sparse_attn.api.ops import decode_pattern, encode_pattern
+
+    for p in list(CONFIGS.values()) + [sa.InfLLMv2(), sa.InfLLMv2(variant="minicpm4", normalizer="coarse")]:
+        assert decode_pattern(*encode_pattern(p)) == p
+
+
+def test_huge_parameters_mean_the_sequence():
+    """Contract: integers beyond the sequence behave as its length would; nothing sized by them."""
+    q, k, v = make_qkv(1, 4, 2, 30, 90, 32)
+    every = sa.InfLLMv2(topk=2**40, block_size=16, kernel_size=8, kernel_stride=4, dense_len=-1)
+    torch.testing.assert_close(sa.attention(q, k, v, every, backend="reference"),
+                               sa.attention(q, k, v, sa.Dense(), backend="reference"))
+    assert isinstance(sa.InfLLMv2(dense_len=2**62).clamped(90), sa.Dense)
+    sel = sa.select_blocks(q, k, sa.InfLLMv2(local_blocks=2**50, block_size=16, kernel_stride=4, dense_len=-1))
+    assert sel.all(dim=-1)[..., -1].all()  # the window covers every causal block
