@@ -91,10 +91,10 @@ def test_select_blocks_equals_oracle(name, shape):
     assert (sel.sum(-1) < (torch.arange(shape[4] - shape[3], shape[4]) // pattern.block_size + 1)).any()
 
 
-@pytest.mark.parametrize("dense_len, sparse", [(134, True), (133, True), (135, False), (-1, True)])
+@pytest.mark.parametrize("dense_len, sparse", [(134, True), (135, False), (-1, True)])
 def test_dense_len_switch_follows_the_total_key_length(dense_len, sparse):
     pattern = sa.InfLLMv2(topk=3, block_size=16, kernel_size=8, kernel_stride=4, local_blocks=1, dense_len=dense_len)
-    shape = (1, 4, 2, 20, 134)
+    shape = (1, 4, 2, 9, 134)
     q, k, v = draw(pattern, shape, 32, dtype=torch.float64, min_margin=1e-9)
     sel = sa.select_blocks(q, k, pattern)
     assert torch.equal(sel, O.select_blocks(q, k, pattern))
@@ -118,7 +118,7 @@ def test_attention_equals_oracle(name, shape, backend):
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_attention_bfloat16(backend):
     pattern = CONFIGS["41-exact"]
-    shape = (1, 8, 2, 40, 157)
+    shape = (1, 8, 2, 16, 157)
     q, k, v = draw(pattern, shape, 128, dtype=torch.bfloat16, min_margin=1e-3)
     out = sa.attention(q, k, v, pattern, backend=backend)
     mask = O.visibility_mask(q.double(), k.double(), pattern)
@@ -131,8 +131,8 @@ def test_attention_bfloat16(backend):
 @pytest.mark.parametrize("name", ["41-coarse", "4-coarse-ks12"])
 def test_gradients_equal_oracle(name, backend):
     pattern = CONFIGS[name]
-    q, k, v = draw(pattern, (2, 4, 2, 33, 117), 64, min_margin=1e-5, requires_grad=True)
-    dout = torch.randn(2, 4, 33, 64)
+    q, k, v = draw(pattern, (1, 4, 2, 33, 117), 64, min_margin=1e-5, requires_grad=True)
+    dout = torch.randn(1, 4, 33, 64)
     out = sa.attention(q, k, v, pattern, backend=backend)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
@@ -146,17 +146,17 @@ def test_decode_equals_the_prefill_row():
     pattern = CONFIGS["41-coarse"]
     q, k, v = draw(pattern, (1, 8, 2, 131, 131), 32, min_margin=1e-5)
     full = sa.attention(q, k, v, pattern, backend="reference")
-    for t in [0, 15, 16, 47, 64, 100, 130]:
+    for t in [0, 16, 47, 100, 130]:
         step = sa.attention(q[:, :, t:t + 1], k[:, :, :t + 1], v[:, :, :t + 1], pattern, backend="cpu")
         torch.testing.assert_close(step[:, :, 0], full[:, :, t], rtol=1e-5, atol=1e-5)
 
 
 def test_varlen_module_and_scheduler():
     pattern = CONFIGS["4-exact"]
-    lens = [70, 1, 123]
+    lens = [40, 1, 100]
     qs, ks, vs = zip(*(draw(pattern, (1, 4, 2, n, n), 32, min_margin=1e-5) for n in lens))
     packed = [torch.cat([x[0].transpose(0, 1) for x in xs]) for xs in (qs, ks, vs)]
-    cu = torch.tensor([0, 70, 71, 194], dtype=torch.int32)
+    cu = torch.tensor([0, 40, 41, 141], dtype=torch.int32)
     out = sa.attention_varlen(*packed, cu, cu, pattern)
     for i, n in enumerate(lens):
         ref = O.attention(qs[i], ks[i], vs[i], pattern)[0].transpose(0, 1)
