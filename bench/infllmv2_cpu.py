@@ -20,8 +20,9 @@ import sparse_attn as sa
 from sparse_attn.layout.infllmv2_selection import infllmv2_token_index
 
 
-def _time(fn, repeat: int) -> float:
-    fn()  # warm-up (builds, caches)
+def _time(fn, repeat: int, warmup: bool) -> float:
+    if warmup:
+        fn()  # builds, caches
     best = float("inf")
     for _ in range(repeat):
         t = time.perf_counter()
@@ -35,29 +36,36 @@ def main():
     ap.add_argument("--seq", type=int, default=16384)
     ap.add_argument("--decode", type=int, default=0)
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--no-warmup", action="store_true", help="time the first call (a loaded machine)")
     a = ap.parse_args()
     torch.manual_seed(0)
     pat = sa.InfLLMv2()
     rows = []
+    if a.no_warmup:  # the extension loads outside the timed calls
+        from sparse_attn.backends.cpu.kernels import _ext
+        _ext()
     b, hq, hkv, d, dt = 1, 32, 2, 128, torch.bfloat16
     if a.seq:
         s = a.seq
         q, k, v = (torch.randn(b, h, s, d).to(dt) for h in (hq, hkv, hkv))
         with torch.no_grad():
-            t_sel = _time(lambda: infllmv2_token_index(q, k, pat.clamped(s)), a.repeat)
-            t_all = _time(lambda: sa.attention(q, k, v, pat, backend="cpu"), a.repeat)
+            t_sel = _time(lambda: infllmv2_token_index(q, k, pat.clamped(s)), a.repeat, not a.no_warmup)
+            t_all = _time(lambda: sa.attention(q, k, v, pat, backend="cpu"), a.repeat, not a.no_warmup)
             t_sdpa = _time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
                            a.repeat)
         rows.append((f"prefill S={s}", t_sel, t_all, t_sdpa))
+        print(rows[-1], flush=True)
     if a.decode:
         s = a.decode
         q = torch.randn(b, hq, 1, d).to(dt)
         k, v = (torch.randn(b, hkv, s, d).to(dt) for _ in range(2))
         with torch.no_grad():
-            t_sel = _time(lambda: infllmv2_token_index(q, k, pat.clamped(s)), max(a.repeat, 3))
-            t_all = _time(lambda: sa.attention(q, k, v, pat, backend="cpu"), max(a.repeat, 3))
-            t_sdpa = _time(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), max(a.repeat, 3))
+            t_sel = _time(lambda: infllmv2_token_index(q, k, pat.clamped(s)), max(a.repeat, 3), not a.no_warmup)
+            t_all = _time(lambda: sa.attention(q, k, v, pat, backend="cpu"), max(a.repeat, 3), not a.no_warmup)
+            t_sdpa = _time(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), max(a.repeat, 3),
+                           not a.no_warmup)
         rows.append((f"decode Sk={s}", t_sel, t_all, t_sdpa))
+        print(rows[-1], flush=True)
     print(f"load average {os.getloadavg()}, threads {torch.get_num_threads()}")
     print("| case | selection s | InfLLMv2 cpu (sel. incl.) s | SDPA dense causal s | speed-up |")
     print("|---|---|---|---|---|")

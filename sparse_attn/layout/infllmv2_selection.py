@@ -20,11 +20,23 @@ _SCORE_CHUNK_ELEMS = 1 << 22
 
 
 def compressed_keys(k: torch.Tensor, size: int, stride: int, dtype: torch.dtype) -> torch.Tensor:
-    """`kc[j] = mean(k[j*stride : j*stride + size])` for every complete window: `(B, Hkv, N, D)` in `dtype`."""
+    """`kc[j] = mean(k[j*stride : j*stride + size])` for every complete window: `(B, Hkv, N, D)` in `dtype`.
+
+    When `size` is a multiple of `stride` (the models: 32 / 16, and the coarse 128 / 64) K is read once,
+    as contiguous `stride`-row sums, and each window adds `size / stride` of them; else a strided
+    reduction per window (reads each key `size / stride` times)."""
     b, h, sk, d = k.shape
     n = (sk - size) // stride + 1 if sk >= size else 0
     if n == 0:
         return k.new_zeros(b, h, 0, d, dtype=dtype)
+    if size % stride == 0:
+        m = size // stride
+        chunks = n + m - 1  # stride-row chunks the windows cover
+        sums = k[:, :, :chunks * stride].unflatten(2, (chunks, stride)).sum(dim=3, dtype=dtype)
+        out = sums[:, :, :n].clone()
+        for i in range(1, m):
+            out += sums[:, :, i:i + n]
+        return out.div_(size)
     windows = k.unfold(2, size, stride)  # (B, H, N, D, size), a view
     return windows.sum(dim=-1, dtype=dtype).div_(size)
 
