@@ -12,12 +12,12 @@ from .api.model_cache import ModelCache
 from .api.window_linear import WindowLinearDecoder
 from .cache import KVCache, PagedKVCache
 from .layout import BlockLayout, build_layout
-from .patterns import BlockSparse, Dense, Pattern, SlidingWindow, TopK, WindowLinear
+from .patterns import BlockSparse, Dense, InfLLMv2, Pattern, SlidingWindow, TopK, WindowLinear
 
 __version__ = "0.1.0"
 
 __all__ = ["attention", "attention_varlen", "linear_attention", "plan", "select_blocks", "SparseAttention",
-           "Dense", "SlidingWindow", "BlockSparse", "TopK", "WindowLinear", "Pattern", "BlockLayout",
+           "Dense", "SlidingWindow", "BlockSparse", "TopK", "WindowLinear", "InfLLMv2", "Pattern", "BlockLayout",
            "build_layout", "KVCache", "PagedKVCache", "attention_with_cache", "plan_with_cache", "plan_linear",
            "hybrid_layers", "HybridStack", "HybridCache", "ModelCache", "linear_decode_step", "WindowLinearDecoder",
            "delta_rule", "delta_rule_varlen", "plan_delta_rule", "__version__"]

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import torch
 
+from ..layout.infllmv2_selection import infllmv2_select_mask
 from ..layout.topk_selection import select_blocks_mask
-from ..patterns import BlockSparse, Dense, Pattern, TopK
+from ..patterns import BlockSparse, Dense, InfLLMv2, Pattern, TopK
 from ..scheduler.plan import Plan, choose
 from ..scheduler.problem import check_backend, check_qkv, make_problem
 from .ops import attention_op, encode_pattern, select_blocks_op, validate
@@ -99,12 +100,17 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, pattern: Pattern = Den
     return torch.cat(outs, dim=0)
 
 
-def select_blocks(q, k, pattern: TopK) -> torch.Tensor:
-    """The TopK selection as bool `(B, Hkv, Sq, ceil(Sk/bs))`: forced (sink, local) and selected
-    blocks. Computed in float32 (float64 for float64 inputs); not differentiable."""
-    if not isinstance(pattern, TopK):
-        raise TypeError(f"select_blocks needs a TopK pattern, got {type(pattern).__name__}")
+def select_blocks(q, k, pattern: TopK | InfLLMv2) -> torch.Tensor:
+    """The TopK or InfLLMv2 selection as bool `(B, Hkv, Sq, ceil(Sk/bs))`: forced (sink / init,
+    local) and selected blocks (InfLLMv2 below `dense_len`: every causal block). Computed in float32
+    (float64 for float64 inputs); not differentiable."""
+    if not isinstance(pattern, (TopK, InfLLMv2)):
+        raise TypeError(f"select_blocks needs a TopK or InfLLMv2 pattern, got {type(pattern).__name__}")
     check_qkv(q, k, k, names=("q", "k", "k"))
+    if isinstance(pattern, InfLLMv2):
+        validate(q, k, k, pattern)  # the same checks as attention()
+        with torch.no_grad():
+            return infllmv2_select_mask(q.detach(), k.detach(), pattern.clamped(k.shape[2], keep_block_size=True))
     validate(q, k, k, pattern)  # same checks as attention(), traceable by torch.compile
     pattern = pattern.clamped(k.shape[2])  # same selection; no allocation by topk's face value
     if torch.compiler.is_compiling():

@@ -42,11 +42,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..patterns import BlockSparse, Dense, Pattern, SlidingWindow, TopK, WindowLinear
+from ..patterns import BlockSparse, Dense, InfLLMv2, Pattern, SlidingWindow, TopK, WindowLinear
+from ..patterns.infllmv2 import NORMALIZERS, VARIANTS
 from ..scheduler.problem import check_backend, check_pattern, check_qkv, check_scale
 
 _KINDS = {"dense": Dense, "window": SlidingWindow, "block_sparse": BlockSparse, "topk": TopK,
-          "window_linear": WindowLinear}
+          "window_linear": WindowLinear, "infllmv2": InfLLMv2}
 
 
 # --------------------------------------------------------------------------------------------
@@ -64,6 +65,10 @@ def encode_pattern(pattern: Pattern) -> tuple[str, list[int], Optional[Tensor]]:
         return "topk", [pattern.topk, pattern.block_size, pattern.sink_blocks, pattern.local_blocks], None
     if isinstance(pattern, WindowLinear):
         return "window_linear", [pattern.window, pattern.sinks], None
+    if isinstance(pattern, InfLLMv2):  # the two strings as their index in the tuples of allowed values
+        return "infllmv2", [pattern.topk, pattern.block_size, pattern.kernel_size, pattern.kernel_stride,
+                            pattern.init_blocks, pattern.local_blocks, pattern.dense_len,
+                            NORMALIZERS.index(pattern.normalizer), VARIANTS.index(pattern.variant)], None
     raise TypeError(f"pattern must be one of Dense, SlidingWindow, BlockSparse, TopK, WindowLinear; "
                     f"got {type(pattern).__name__}")
 
@@ -77,6 +82,9 @@ def decode_pattern(kind: str, params: list[int], layout: Optional[Tensor]) -> Pa
         if layout is None:
             raise ValueError("pattern kind 'block_sparse' needs its layout tensor")
         return BlockSparse(layout, block_size=params[0])
+    if kind == "infllmv2":
+        *ints, norm, variant = params
+        return InfLLMv2(*ints, normalizer=NORMALIZERS[norm], variant=VARIANTS[variant])
     return _KINDS[kind](*params)
 
 

@@ -13,8 +13,9 @@ import torch
 
 from ..._build import load_extension, unavailable_reason
 from ...layout import build_layout
+from ...layout.infllmv2_selection import infllmv2_token_index
 from ...layout.topk_selection import pooled_keys
-from ...patterns import BlockSparse, Dense, SlidingWindow, TopK
+from ...patterns import BlockSparse, Dense, InfLLMv2, SlidingWindow, TopK
 from ...scheduler.kernel import roofline_seconds
 from ..flash import FlashKernel
 
@@ -47,12 +48,18 @@ def cpu_layout(q, k, pattern, *, q_block: int | None = None, k_block: int | None
     """The BlockLayout the C++ kernel runs for `pattern` (with TopK's per-token selection)."""
     b, hq, sq, _ = q.shape
     hkv, sk = k.shape[1], k.shape[2]
-    if not isinstance(pattern, (BlockSparse, TopK)):
+    if not isinstance(pattern, (BlockSparse, TopK, InfLLMv2)):
         q_block = q_block or dense_q_block(hq // max(hkv, 1))
         k_block = k_block or K_BLOCK
     if isinstance(pattern, BlockSparse):  # data: not cached
         return build_layout(pattern, batch=b, kv_heads=hkv, sq=sq, sk=sk, q_block=q_block, k_block=k_block,
                             device=q.device)
+    if isinstance(pattern, InfLLMv2):  # its forced blocks are its TopK view's; the selection is its own
+        lay = _static_layout(pattern.attention_view(), sq, sk, q_block, k_block)
+        if sq > 0 and b > 0:
+            with torch.no_grad():
+                lay = dataclasses.replace(lay, token_index=infllmv2_select(q, k, pattern))
+        return lay
     lay = _static_layout(pattern, sq, sk, q_block, k_block)
     if isinstance(pattern, TopK) and sq > 0 and b > 0:
         with torch.no_grad():
@@ -75,6 +82,11 @@ def topk_select(q, k, pattern: TopK, kbar=None):
     kbar_t = kbar.new_zeros(b, hkv, d, -(-nb // w) * w)
     kbar_t[..., :nb] = kbar.transpose(-1, -2)
     return _ext().topk_select(q, kbar_t, hkv, sk, nb, bs, pattern.topk, pattern.sink_blocks, pattern.local_blocks)
+
+
+def infllmv2_select(q, k, pattern: InfLLMv2):
+    """InfLLMv2's per-token picks (int32 `(B, Hkv, Sq, topk)`, ascending, -1 padded)."""
+    return infllmv2_token_index(q, k, pattern)
 
 
 def block_sparse_forward(q, k, v, pattern, *, scale: float, q_block: int | None = None, k_block: int | None = None):
@@ -135,7 +147,7 @@ class CpuBlockSparse(FlashKernel):
     backend = "cpu"
     devices = ("cpu",)
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
-    patterns = (Dense, SlidingWindow, BlockSparse, TopK)
+    patterns = (Dense, SlidingWindow, BlockSparse, TopK, InfLLMv2)
     head_dims = (1, 256)
     supports_backward = True
     #: fraction of the device's float32 peak reached over the visited pairs: 170-185 GFLOP/s of
@@ -174,6 +186,9 @@ class CpuBlockSparse(FlashKernel):
     #: 0.25 s on 2 threads = 0.7 of the float32 peak (the PyTorch selection it replaced: 14 s).
     #: Pooling reads K once in its dtype (memory term, at the nominal bandwidth).
     select_efficiency = 0.6
+    #: InfLLMv2's selection (PyTorch, layout/infllmv2_selection.py): float32 matrix products plus an
+    #: exp per kernel score; not measured yet, assumed as the reference path's 0.25
+    infllmv2_select_efficiency = 0.25
     #: decode and short rows: every visited K/V block is converted to float32 scratch; measured
     #: ~12-14 GB/s of those float32 bytes (dense decode, 16K keys) = 0.35 of the 35 GB/s nominal
     memory_efficiency = 0.35
@@ -203,6 +218,12 @@ class CpuBlockSparse(FlashKernel):
         elem = torch.finfo(p.dtype).bits // 8
         g = p.group if p.kv_heads else 1
         select = 0.0
+        if isinstance(pat, InfLLMv2):
+            # every head's q . kc over the fine and coarse kernels (1.25 Sk / stride), then the view
+            kernels = 1.25 * p.sk / pat.kernel_stride
+            select = roofline_seconds(p, flops=2.0 * p.head_dim * p.sq * kernels * p.batch * p.q_heads,
+                                      efficiency=self.infllmv2_select_efficiency, **fp32) + self.topk_overhead_s
+            pat = pat.attention_view()
         if isinstance(pat, TopK):
             # forced (sink + local) blocks run as tiles, the top-k blocks token by token
             forced = TopK(0, block_size=pat.block_size, sink_blocks=pat.sink_blocks, local_blocks=pat.local_blocks)
@@ -214,7 +235,7 @@ class CpuBlockSparse(FlashKernel):
                 roofline_seconds(p, flops=2.0 * p.head_dim * p.sq * -(-p.sk // pat.block_size) * p.batch * p.kv_heads,
                                  efficiency=self.select_efficiency, **fp32),
                 roofline_seconds(p, flops=0.0, bytes_moved=elem * p.batch * p.kv_heads * p.sk * p.head_dim,
-                                 efficiency=1.0)) + self.topk_overhead_s
+                                 efficiency=1.0)) + self.topk_overhead_s if not select else select
         else:
             tile_pairs, token_pairs = p.visited_pairs(), 0.0
             q_block = pat.block_size if isinstance(pat, BlockSparse) else dense_q_block(g)

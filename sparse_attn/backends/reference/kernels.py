@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...patterns import SOFTMAX_PATTERNS, BlockSparse, Dense, TopK, WindowLinear
+from ...patterns import SOFTMAX_PATTERNS, BlockSparse, Dense, InfLLMv2, TopK, WindowLinear
 from ...patterns.linear import LinearAttention
 from ...scheduler.kernel import Kernel, roofline_seconds
 from ...scheduler.problem import Problem
@@ -26,6 +26,11 @@ def _pairs_touched(p: Problem) -> float:
     return Dense(causal=pat.causal).visited_pairs(p.sq, p.sk)
 
 
+def _attended(pattern):
+    """The pattern the attention runs once the selection is made (InfLLMv2: its TopK view)."""
+    return pattern.attention_view() if isinstance(pattern, InfLLMv2) else pattern
+
+
 class ReferenceChunked(FlashKernel):
     """Every softmax pattern and WindowLinear, chunked over queries, checkpointed for autograd.
 
@@ -35,7 +40,7 @@ class ReferenceChunked(FlashKernel):
 
     name = "reference.chunked"
     backend = "reference"
-    patterns = SOFTMAX_PATTERNS + (WindowLinear,)
+    patterns = SOFTMAX_PATTERNS + (WindowLinear, InfLLMv2)
     supports_backward = True
 
     def cost(self, p):
@@ -43,6 +48,9 @@ class ReferenceChunked(FlashKernel):
         flops = 2.0 * (p.head_dim + p.v_head_dim) * pairs * (4.5 if p.requires_grad else 1.0)
         if isinstance(p.pattern, TopK):  # selection: q . kbar over every block
             flops += 2.0 * p.head_dim * p.sq * -(-p.sk // p.pattern.block_size) * p.batch * p.kv_heads
+        if isinstance(p.pattern, InfLLMv2):  # selection: every head's q . kc over the fine and coarse kernels
+            kernels = 1.25 * p.sk / p.pattern.kernel_stride
+            flops += 2.0 * p.head_dim * p.sq * kernels * p.batch * p.q_heads
         if isinstance(p.pattern, WindowLinear):  # the linear memory
             flops += 4.0 * p.head_dim * p.v_head_dim * (p.sq + p.sk) * p.batch * p.q_heads
         elem = torch.finfo(p.dtype).bits // 8
@@ -64,7 +72,7 @@ class ReferenceChunked(FlashKernel):
             copies = acc_elem * p.batch * p.q_heads * (_pairs_touched(p) / rows) * per_head
             if acc_elem != elem:
                 copies += acc_elem * p.batch * p.kv_heads * p.sk * per_head
-            if isinstance(p.pattern, TopK):
+            if isinstance(p.pattern, (TopK, InfLLMv2)):
                 copies += elem * p.batch * p.kv_heads * p.sk * p.head_dim
             t = max(t, copies / (p.device.bandwidth_gbs * 1e9 * 0.06) + overhead)
         return t
@@ -73,11 +81,11 @@ class ReferenceChunked(FlashKernel):
         return topk_index_for(q, k, p.pattern)
 
     def forward(self, q, k, v, p, layout):
-        out, lse = softmax_forward(q, k, v, p.pattern, scale=p.scale, token_index=layout)
+        out, lse = softmax_forward(q, k, v, _attended(p.pattern), scale=p.scale, token_index=layout)
         return out.to(q.dtype), lse
 
     def backward(self, q, k, v, out, lse, dout, p, layout):
-        return softmax_backward(q, k, v, lse, dout, p.pattern, scale=p.scale, token_index=layout)
+        return softmax_backward(q, k, v, lse, dout, _attended(p.pattern), scale=p.scale, token_index=layout)
 
     def run(self, q, k, v, p, *, gate=None):
         if isinstance(p.pattern, WindowLinear):
@@ -95,7 +103,7 @@ class TorchSDPA(Kernel):
 
     name = "reference.sdpa"
     backend = "reference"
-    patterns = SOFTMAX_PATTERNS
+    patterns = SOFTMAX_PATTERNS + (InfLLMv2,)
     supports_backward = True
 
     def extra_reasons(self, p):

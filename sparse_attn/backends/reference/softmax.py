@@ -18,7 +18,8 @@ import torch
 
 from ...layout.block_layout import index_to_bool
 from ...layout.topk_selection import topk_token_index
-from ...patterns import TopK
+from ...layout.infllmv2_selection import infllmv2_token_index
+from ...patterns import InfLLMv2, TopK
 
 #: elements of one chunk's score matrix (B * Hq * rows * keys); 4M floats = 16 MiB
 _CHUNK_ELEMS = 1 << 22
@@ -159,7 +160,10 @@ def softmax_backward(q, k, v, lse, dout, pattern, *, scale: float, token_index=N
 
 
 def topk_index_for(q, k, pattern):
-    """TopK's per-token selection (no autograd), or None for the other patterns."""
+    """TopK's (or InfLLMv2's) per-token selection (no autograd), or None for the other patterns."""
+    if isinstance(pattern, InfLLMv2):
+        with torch.no_grad():
+            return infllmv2_token_index(q.detach(), k.detach(), pattern)
     if not isinstance(pattern, TopK):
         return None
     with torch.no_grad():
@@ -186,5 +190,7 @@ def softmax_attention(q, k, v, pattern, *, scale: float, token_index=None, out_d
     in `out_dtype` (default q's dtype). Differentiable in q, k, v (the TopK selection is not)."""
     if token_index is None:
         token_index = topk_index_for(q, k, pattern)
+    if isinstance(pattern, InfLLMv2):  # selection made: the attention is its TopK view's
+        pattern = pattern.attention_view()
     out = _SoftmaxAttention.apply(q, k, v, pattern, float(scale), token_index)
     return out.to(out_dtype or q.dtype)

@@ -1,0 +1,77 @@
+"""InfLLMv2 on the CPU at MiniCPM4-8B's attention shape (B=1, Hq=32, Hkv=2, D=128, bf16), against SDPA.
+
+    python -m bench.infllmv2_cpu --seq 16384 [--decode 131072] [--repeat 1]
+
+Rows: the selection alone (reference PyTorch path, layout/infllmv2_selection.py), the whole call
+(`attention(..., InfLLMv2(), backend="cpu")`, selection included) and SDPA dense causal on the same
+inputs; decode: one query row over `--decode` keys (full K/V tensors, not a cache), InfLLMv2 vs
+SDPA over the same keys. Random inputs. Prints a markdown table with the load average.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+import sparse_attn as sa
+from sparse_attn.layout.infllmv2_selection import infllmv2_token_index
+
+
+def _time(fn, repeat: int, warmup: bool) -> float:
+    if warmup:
+        fn()  # builds, caches
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seq", type=int, default=16384)
+    ap.add_argument("--decode", type=int, default=0)
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--no-warmup", action="store_true", help="time the first call (a loaded machine)")
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    pat = sa.InfLLMv2()
+    rows = []
+    if a.no_warmup:  # the extension loads outside the timed calls
+        from sparse_attn.backends.cpu.kernels import _ext
+        _ext()
+    b, hq, hkv, d, dt = 1, 32, 2, 128, torch.bfloat16
+    if a.seq:
+        s = a.seq
+        q, k, v = (torch.randn(b, h, s, d).to(dt) for h in (hq, hkv, hkv))
+        with torch.no_grad():
+            t_sel = _time(lambda: infllmv2_token_index(q, k, pat.clamped(s)), a.repeat, not a.no_warmup)
+            t_all = _time(lambda: sa.attention(q, k, v, pat, backend="cpu"), a.repeat, not a.no_warmup)
+            t_sdpa = _time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+                           a.repeat)
+        rows.append((f"prefill S={s}", t_sel, t_all, t_sdpa))
+        print(rows[-1], flush=True)
+    if a.decode:
+        s = a.decode
+        q = torch.randn(b, hq, 1, d).to(dt)
+        k, v = (torch.randn(b, hkv, s, d).to(dt) for _ in range(2))
+        with torch.no_grad():
+            t_sel = _time(lambda: infllmv2_token_index(q, k, pat.clamped(s)), max(a.repeat, 3), not a.no_warmup)
+            t_all = _time(lambda: sa.attention(q, k, v, pat, backend="cpu"), max(a.repeat, 3), not a.no_warmup)
+            t_sdpa = _time(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), max(a.repeat, 3),
+                           not a.no_warmup)
+        rows.append((f"decode Sk={s}", t_sel, t_all, t_sdpa))
+        print(rows[-1], flush=True)
+    print(f"load average {os.getloadavg()}, threads {torch.get_num_threads()}")
+    print("| case | selection s | InfLLMv2 cpu (sel. incl.) s | SDPA dense causal s | speed-up |")
+    print("|---|---|---|---|---|")
+    for name, ts, ta, td in rows:
+        print(f"| {name} | {ts:.3f} | {ta:.3f} | {td:.3f} | {td / ta:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""InfLLM-V2 block selection in plain PyTorch (the portable path; csrc/cpu/infllmv2_select.cpp is the CPU one).
+
+Follows the contract's "InfLLMv2 semantics" steps 2-5, a chunk of query rows at a time: the
+compressed keys (means of `kernel_size` windows at `kernel_stride`, and 4x both for the coarse
+normaliser) are built once per call (`Sk / stride` rows, never `Sk` x anything); per chunk the
+coarse logsumexp of each (row, head), then the fine kernel scores, summed over the GQA group, pooled
+onto blocks and ranked. The largest intermediate is `B x Hq x rows x Sk/stride` (about
+`_SCORE_CHUNK_ELEMS`), never `Sq x Sk` nor `Sq x Sk/stride`. Float32 arithmetic (float64 for
+float64 inputs); the selection gets no gradient.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..patterns.infllmv2 import InfLLMv2
+from .block_layout import index_to_bool
+
+#: kernel scores of one chunk (B * Hq * rows * kernels)
+_SCORE_CHUNK_ELEMS = 1 << 22
+
+
+def compressed_keys(k: torch.Tensor, size: int, stride: int, dtype: torch.dtype) -> torch.Tensor:
+    """`kc[j] = mean(k[j*stride : j*stride + size])` for every complete window: `(B, Hkv, N, D)` in `dtype`.
+
+    When `size` is a multiple of `stride` (the models: 32 / 16, and the coarse 128 / 64) K is read once,
+    as contiguous `stride`-row sums, and each window adds `size / stride` of them; else a strided
+    reduction per window (reads each key `size / stride` times)."""
+    b, h, sk, d = k.shape
+    n = (sk - size) // stride + 1 if sk >= size else 0
+    if n == 0:
+        return k.new_zeros(b, h, 0, d, dtype=dtype)
+    if size % stride == 0:
+        m = size // stride
+        chunks = n + m - 1  # stride-row chunks the windows cover
+        sums = k[:, :, :chunks * stride].unflatten(2, (chunks, stride)).sum(dim=3, dtype=dtype)
+        out = sums[:, :, :n].clone()
+        for i in range(1, m):
+            out += sums[:, :, i:i + n]
+        return out.div_(size)
+    windows = k.unfold(2, size, stride)  # (B, H, N, D, size), a view
+    return windows.sum(dim=-1, dtype=dtype).div_(size)
+
+
+def kernel_ends(n: int, size: int, stride: int, device) -> torch.Tensor:
+    """Last key position of each of `n` kernels: kernel `j` is visible to `p` iff `end[j] <= p`."""
+    return torch.arange(n, device=device) * stride + (size - 1)
+
+
+def pool_to_blocks(s: torch.Tensor, ratio: int, num_blocks: int) -> torch.Tensor:
+    """Step 4: `score[b] = max s[j]` over the kernels `j in [ratio*b - 1, ratio*b + ratio)` that
+    exist (those that overlap block `b` at `kernel_size = 2 * stride`); `s >= 0`, so a missing
+    kernel is padded with 0. `s` `(..., N)` -> `(..., num_blocks)`."""
+    padded = s.new_zeros(*s.shape[:-1], ratio * num_blocks + 1)
+    n = min(s.shape[-1], ratio * num_blocks)
+    padded[..., 1:1 + n] = s[..., :n]
+    return padded.unfold(-1, ratio + 1, ratio).amax(dim=-1)
+
+
+def _rank(scores: torch.Tensor) -> torch.Tensor:
+    """NaN ranks first (as TopK's selection: the row then sees the NaN and comes out NaN)."""
+    return torch.where(torch.isnan(scores), torch.full_like(scores, float("inf")), scores)
+
+
+def group_kernel_scores(qg, kc, kc2, pos, pattern: InfLLMv2, scale: float) -> torch.Tensor:
+    """Step 3 for a chunk: `S[j] = sum_h exp(scale q_h . kc[j] - LSE_h)` on visible kernels.
+
+    `qg` `(B, Hkv, G, r, D)`, `kc` `(B, Hkv, N, D)`, `kc2` `(B, Hkv, N2, D)` (coarse; unused for
+    "exact"), `pos` `(B or 1, r)` absolute positions. Returns `(B, Hkv, r, N)`."""
+    ks, st = pattern.kernel_size, pattern.kernel_stride
+    vis = (kernel_ends(kc.shape[2], ks, st, kc.device) <= pos[..., None])[:, None, None]  # (B', 1, 1, r, N)
+    fine = torch.matmul(qg, kc[:, :, None].transpose(-1, -2)).mul_(scale)  # (B, Hkv, G, r, N)
+    if pattern.normalizer == "coarse":
+        vis2 = (kernel_ends(kc2.shape[2], 4 * ks, 4 * st, kc.device) <= pos[..., None])[:, None, None]
+        coarse = torch.matmul(qg, kc2[:, :, None].transpose(-1, -2)).mul_(scale)
+        lse = torch.logsumexp(coarse.masked_fill(~vis2, float("-inf")), dim=-1)
+    else:
+        lse = torch.logsumexp(fine.masked_fill(~vis, float("-inf")), dim=-1)
+    # no visible normalising kernel: every score is 0 (exp(x - inf))
+    lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
+    p = torch.exp(fine.sub_(lse[..., None])).masked_fill_(~vis, 0.0)
+    return p.sum(dim=2)
+
+
+def infllmv2_token_index(q: torch.Tensor, k: torch.Tensor, pattern: InfLLMv2, *, qpos=None,
+                         kc=None, kc2=None) -> torch.Tensor:
+    """Per-token blocks picked by the scores (forced ones not included): int32 `(B, Hkv, Sq, topk)`,
+    ascending, -1 padded. For a sparse call (the caller applies the `dense_len` switch).
+
+    `qpos`: absolute positions `(B or 1, Sq)` (default: rows end-aligned to `Sk`); `kc` / `kc2`:
+    the compressed keys when the caller keeps them (a cache), in float32 (float64 for float64 q)."""
+    b, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    bs = pattern.block_size
+    ks, st = pattern.kernel_size, pattern.kernel_stride
+    if kc is None:
+        kc = compressed_keys(k, ks, st, acc)
+    if kc2 is None and pattern.normalizer == "coarse":
+        kc2 = compressed_keys(k, 4 * ks, 4 * st, acc)
+    nb = -(-sk // bs)
+    width = min(pattern.topk, nb)
+    out = torch.full((b, hkv, sq, pattern.topk), -1, dtype=torch.int32, device=q.device)
+    if width == 0 or sq == 0 or b == 0 or hkv == 0:
+        return out
+    aligned = qpos is None  # rows end-aligned to Sk: a chunk's reach is known on the host
+    if aligned:
+        qpos = torch.arange(sk - sq, sk, device=q.device)[None]
+    g = hq // hkv
+    scale = d ** -0.5  # the selection's scale is the contract's, whatever the attention's
+    slots = torch.arange(width, device=q.device)
+    n = max(kc.shape[2], 1) + (kc2.shape[2] if kc2 is not None else 0)
+    rows = max(1, min(256, _SCORE_CHUNK_ELEMS // max(1, b * hq * n)))
+    for r0 in range(0, sq, rows):
+        r1 = min(sq, r0 + rows)
+        pos = qpos[:, r0:r1]
+        qg = q[:, :, r0:r1].to(acc).view(b, hkv, g, r1 - r0, d)
+        n1, n2, nbc = kc.shape[2], (kc2.shape[2] if kc2 is not None else 0), nb
+        if aligned:  # only what the chunk's last row can see (causal: ~half the work of prefill)
+            last = sk - sq + r1 - 1
+            n1 = min(n1, max(0, (last - ks + 1) // st + 1))
+            n2 = min(n2, max(0, (last - 4 * ks + 1) // (4 * st) + 1))
+            nbc = last // bs + 1
+        s = group_kernel_scores(qg, kc[:, :, :n1], None if kc2 is None else kc2[:, :, :n2], pos, pattern, scale)
+        score = _rank(pool_to_blocks(s, pattern.pool_ratio, nbc))  # (B, Hkv, r, nbc)
+        blocks = torch.arange(nbc, device=q.device)
+        qb = (pos // bs)[:, None, :, None]  # (B', 1, r, 1)
+        cand = (blocks >= pattern.forced_init) & (blocks <= qb - pattern.window_blocks)
+        score = score.masked_fill(~cand, float("-inf"))
+        # highest first, ties to the lower block index (stable sort)
+        val, idx = torch.sort(score, dim=-1, descending=True, stable=True)
+        w = min(width, nbc)
+        val, idx = val[..., :w], idx[..., :w]
+        keep = (slots[:w] < pattern.extra_blocks(qb)) & ~torch.isneginf(val)
+        idx = torch.where(keep, idx, torch.full_like(idx, nb))
+        idx = torch.sort(idx, dim=-1).values
+        out[:, :, r0:r1, :w] = torch.where(idx == nb, torch.full_like(idx, -1), idx).to(torch.int32)
+    return out
+
+
+def infllmv2_select_mask(q: torch.Tensor, k: torch.Tensor, pattern: InfLLMv2) -> torch.Tensor:
+    """The whole selection (forced and picked, or every causal block when the call is dense) as
+    bool `(B, Hkv, Sq, ceil(Sk/bs))`, for inspection (`select_blocks`)."""
+    b, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    bs = pattern.block_size
+    nb = -(-sk // bs)
+    pos = torch.arange(sk - sq, sk, device=q.device)[None]
+    if pattern.is_dense_causal_for(sq, sk):
+        blocks = torch.arange(nb, device=q.device)
+        return (blocks <= (pos // bs)[..., None])[:, None].expand(b, hkv, sq, nb).contiguous()
+    sel = index_to_bool(infllmv2_token_index(q, k, pattern), nb)
+    return pattern.candidate_blocks(pos, nb, bs, selected=sel).expand(b, hkv, sq, nb).contiguous()
