@@ -1,0 +1,106 @@
+// Quantized K/V rows (contract, "Quantized KV caches"; sparse_attn/cache/quant.py): int8 and
+// float8 e4m3 codes with one float32 scale per row (token x kv head).
+//
+// * Element tags 3 (int8) and 4 (fp8 e4m3fn, raw bytes) for vec.h's Elem / v8::convert, so the
+//   decode kernel's float32 products (decode_f32.h) read codes as they read bf16: 8 at a time,
+//   converted in registers. The row's scale is applied outside the products (to the scores for K,
+//   to the probabilities for V: decode_quant.h), so the products see the codes only.
+//   Why float products and not AVX2 integer dot products (vpmaddubsw / vpdpbusd): those need q
+//   in integers too, and rounding q adds an error the contract does not allow (a kernel matches
+//   the float64 evaluation over the dequantized K/V within the float32 bound).
+// * quantize_row: one row, the contract's definition (round-half-even of x / s, clamped; fp8 by
+//   c10's conversion, the bits torch's `.to(torch.float8_e4m3fn)` gives).
+#pragma once
+
+#include <c10/util/Float8_e4m3fn.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "cpu/vec.h"
+
+namespace sparse_attn_cpu {
+
+constexpr int kInt8 = 3, kFp8 = 4;  // Elem tags beside 0 float32, 1 bfloat16, 2 float16
+
+// e4m3fn bits -> float: the 7 magnitude bits placed at the top of a float's exponent/mantissa
+// (exponent field e, mantissa m << 20) and scaled by 2^(127 - 7): 2^(e-7) (1 + m/8) for e >= 1, and
+// the subnormals m 2^-9 exact through the float denormals. The NaN codes (0x7f / 0xff) read as
+// 480: a cache stores NaN only where x / s is NaN, and then s is NaN as well.
+inline float fp8_bits_to_float(uint8_t b) {
+  const float mag = bits_to_float(uint32_t(b & 0x7f) << 20) * 0x1p120f;
+  return (b & 0x80) ? -mag : mag;
+}
+
+template <>
+struct Elem<kInt8> {
+  using T = int8_t;
+  static float get(const T* p, int64_t i) { return static_cast<float>(p[i]); }
+};
+template <>
+struct Elem<kFp8> {
+  using T = uint8_t;
+  static float get(const T* p, int64_t i) { return fp8_bits_to_float(p[i]); }
+};
+
+namespace v8 {
+template <>
+inline f8 convert<kInt8>(const int8_t* p) {
+#if defined(__AVX2__) && defined(SPARSE_ATTN_VECTOR_TYPES)
+  return (f8)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+#else
+  float t[8];
+  for (int i = 0; i < 8; ++i) t[i] = static_cast<float>(p[i]);
+  return load(t);
+#endif
+}
+template <>
+inline f8 convert<kFp8>(const uint8_t* p) {
+#if defined(__AVX2__) && defined(SPARSE_ATTN_VECTOR_TYPES)
+  const __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  const __m256i mag = _mm256_slli_epi32(_mm256_and_si256(w, _mm256_set1_epi32(0x7f)), 20);
+  const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(w, _mm256_set1_epi32(0x80)), 24);
+  return (f8)_mm256_mul_ps(_mm256_castsi256_ps(_mm256_or_si256(mag, sign)), _mm256_set1_ps(0x1p120f));
+#else
+  float t[8];
+  for (int i = 0; i < 8; ++i) t[i] = fp8_bits_to_float(p[i]);
+  return load(t);
+#endif
+}
+}  // namespace v8
+
+// One row of n values x (dtype DT) -> codes (int8, or e4m3fn bits with fp8) and its scale
+// s = max|x| / qmax (1 for an all-zero row; NaN where the row holds a NaN, as torch's amax gives,
+// and then every code 0). `tmp`: n floats of scratch.
+template <int DT>
+inline float quantize_row(const typename Elem<DT>::T* x, int64_t n, bool fp8, void* codes, float* tmp) {
+  float amax = 0.f;
+  bool nan = false;
+  for (int64_t i = 0; i < n; ++i) {
+    const float a = Elem<DT>::get(x, i);
+    tmp[i] = a;
+    nan |= a != a;
+    amax = std::max(amax, std::fabs(a));
+  }
+  const float qmax = fp8 ? 448.f : 127.f;
+  const float s = nan ? std::numeric_limits<float>::quiet_NaN() : amax == 0.f ? 1.f : amax / qmax;
+  if (fp8) {
+    uint8_t* c = static_cast<uint8_t*>(codes);
+    for (int64_t i = 0; i < n; ++i) {
+      const float y = std::min(qmax, std::max(-qmax, tmp[i] / s));  // NaN stays NaN
+      c[i] = c10::Float8_e4m3fn(y).x;
+    }
+  } else {
+    int8_t* c = static_cast<int8_t*>(codes);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const float y = std::nearbyint(tmp[i] / s);  // round half to even, as torch.round
+      c[i] = static_cast<int8_t>(y == y ? std::min(qmax, std::max(-qmax, y)) : 0.f);
+    }
+  }
+  return s;
+}
+
+}  // namespace sparse_attn_cpu
