@@ -42,8 +42,8 @@ def _codes_equal(a, b):
 
 def _dequantized(c: KVCache, n: int):
     """The contiguous cache's rows [0, n) dequantized exactly (float64): what attention means."""
-    return (dequantize(c.k[:, :, :n], c.k_scale[:, :, :n], torch.float64),
-            dequantize(c.v[:, :, :n], c.v_scale[:, :, :n], torch.float64))
+    return (dequantize(c.k[:, :, :n], c.k_scale[:, :, :n], torch.float64).cpu(),
+            dequantize(c.v[:, :, :n], c.v_scale[:, :, :n], torch.float64).cpu())
 
 
 def _poison_scales(caches):
@@ -60,7 +60,7 @@ def _poison_scales(caches):
                 c.v_scale[i, :, n:] = float("nan")
 
 
-def _build(pat, kv_dtype, b, hq, hkv, d, lengths, max_len, dtype, sqs, steps):
+def _build(pat, kv_dtype, b, hq, hkv, d, lengths, max_len, dtype, sqs, steps, device="cpu"):
     """Caches (contiguous, paged 8, paged 24) filled by ragged appends, the dequantized keys and
     values (float64) and queries, redrawn until TopK's choice is clear over the dequantized keys."""
     pool = getattr(pat, "block_size", BS)
@@ -68,10 +68,10 @@ def _build(pat, kv_dtype, b, hq, hkv, d, lengths, max_len, dtype, sqs, steps):
         full_k = randn(b, hkv, max(lengths), d, dtype=dtype)
         full_v = randn(b, hkv, max(lengths), d, dtype=dtype)
         q = randn(b, hq, max(sqs), d, dtype=dtype)
-        caches = [KVCache(b, hkv, d, max_len, dtype=dtype, pool_block_size=pool, kv_dtype=kv_dtype),
-                  _paged_q(b, hkv, d, max_len, dtype, pool, 8, 1, kv_dtype),
-                  _paged_q(b, hkv, d, max_len, dtype, pool, 24, 2, kv_dtype)]
-        _fill(caches, full_k, full_v, lengths, steps=steps)
+        caches = [KVCache(b, hkv, d, max_len, dtype=dtype, pool_block_size=pool, kv_dtype=kv_dtype, device=device),
+                  _paged_q(b, hkv, d, max_len, dtype, pool, 8, 1, kv_dtype, device),
+                  _paged_q(b, hkv, d, max_len, dtype, pool, 24, 2, kv_dtype, device)]
+        _fill(caches, full_k.to(device), full_v.to(device), lengths, steps=steps)
         dk, dv = _dequantized(caches[0], max(lengths))
         if not isinstance(pat, sa.TopK) or all(
                 topk_margin(q[i:i + 1, :, -sq:].double(), dk[i:i + 1, :, :n], pat) > 1e-3
@@ -80,20 +80,21 @@ def _build(pat, kv_dtype, b, hq, hkv, d, lengths, max_len, dtype, sqs, steps):
     raise AssertionError("no TopK draw with a clear selection margin")
 
 
-def _paged_q(b, hkv, d, max_len, dtype, pool, page_size, seed, kv_dtype):
-    c = _paged(b, hkv, d, max_len, dtype, pool, page_size, seed)  # pages in random order
+def _paged_q(b, hkv, d, max_len, dtype, pool, page_size, seed, kv_dtype, device="cpu"):
+    c = _paged(b, hkv, d, max_len, dtype, pool, page_size, seed)  # its free list: pages in random order
     q = PagedKVCache(b, hkv, d, num_pages=c.num_pages, page_size=page_size, max_len=max_len, dtype=dtype,
-                     pool_block_size=pool, kv_dtype=kv_dtype)
+                     pool_block_size=pool, kv_dtype=kv_dtype, device=device)
     q._free = c._free
     return q
 
 
-def _check_rows(out, q, dk, dv, lengths, pat, what):
-    """Each sequence against the float64 evaluation over its dequantized rows (float32 bound)."""
+def _check_rows(out, q, dk, dv, lengths, pat, what, device="cpu"):
+    """Each sequence against the float64 evaluation over its dequantized rows (the float32 bound
+    of the device that computed `out`)."""
     for i, n in enumerate(lengths):
         ref = oracle.oracle_attention(q[i:i + 1].double(), dk[i:i + 1, :, :n], dv[i:i + 1, :, :n],
                                       _row_pattern(pat, i, n))
-        oracle.assert_close_contract(out[i:i + 1].float(), ref, dtype=torch.float32, device="cpu",
+        oracle.assert_close_contract(out[i:i + 1].float(), ref, dtype=torch.float32, device=device,
                                      what=f"{what} seq {i} (length {n})")
 
 
@@ -247,3 +248,29 @@ def test_plan_names_quantized_storage():
 
     assert any("does not read int8 storage" in r for r in PlainOnly().not_supported_reasons(plan.problem))
     assert not any("storage" in r for r in type(plan.kernel)().not_supported_reasons(plan.problem))
+
+
+@needs_jit
+def test_every_fp8_code_decodes():
+    """Keys and values that hold every finite e4m3fn code (subnormals included) decode to torch's
+    float8_e4m3fn values in the kernels, with and without flush-to-zero of float32 denormals."""
+    codes = torch.tensor([i for i in range(256) if i & 0x7F != 0x7F], dtype=torch.uint8)  # 254 finite codes
+    d, n = 64, 8
+    rows = torch.cat([codes, codes.flip(0), codes])[:n * d].view(n, d)
+    c = KVCache(1, 1, d, n, kv_dtype="fp8_e4m3")
+    c.append(randn(1, 1, n, d), randn(1, 1, n, d))
+    c.k[0, 0, :n] = rows.view(torch.float8_e4m3fn)
+    c.v[0, 0, :n] = rows.roll(1, 0).view(torch.float8_e4m3fn)
+    c.k_scale[:] = 1e-2
+    c.v_scale[:] = 0.5
+    dk, dv = _dequantized(c, n)
+    q = randn(1, 2, 1, d)
+    ref = oracle.oracle_attention(q.double(), dk, dv, sa.Dense())
+    for flush in (False, True):
+        torch.set_flush_denormal(flush)
+        try:
+            for backend in ("cpu", "reference"):
+                out = attention_with_cache(q, c, sa.Dense(), backend=backend)
+                oracle.assert_close_contract(out, ref, dtype=torch.float32, device="cpu", what=f"{backend} {flush}")
+        finally:
+            torch.set_flush_denormal(False)

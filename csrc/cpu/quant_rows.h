@@ -25,12 +25,13 @@ namespace sparse_attn_cpu {
 
 constexpr int kInt8 = 3, kFp8 = 4;  // Elem tags beside 0 float32, 1 bfloat16, 2 float16
 
-// e4m3fn bits -> float: the 7 magnitude bits placed at the top of a float's exponent/mantissa
-// (exponent field e, mantissa m << 20) and scaled by 2^(127 - 7): 2^(e-7) (1 + m/8) for e >= 1, and
-// the subnormals m 2^-9 exact through the float denormals. The NaN codes (0x7f / 0xff) read as
-// 480: a cache stores NaN only where x / s is NaN, and then s is NaN as well.
+// e4m3fn bits -> float: exponent field e > 0 rebiased (7 -> 127: + 120 << 23) under the mantissa
+// m << 20, giving 2^(e-7) (1 + m/8); e = 0 (subnormals) m * 2^-9. No float32 denormal is made or
+// read on the way, so flush-to-zero / denormals-are-zero modes (torch.set_flush_denormal) change
+// nothing. The NaN codes (0x7f / 0xff) read as 480: a cache stores NaN only where x / s is NaN,
+// and then s is NaN as well.
 inline float fp8_bits_to_float(uint8_t b) {
-  const float mag = bits_to_float(uint32_t(b & 0x7f) << 20) * 0x1p120f;
+  const float mag = (b & 0x78) ? bits_to_float((uint32_t(b & 0x7f) << 20) + (120u << 23)) : float(b & 7) * 0x1p-9f;
   return (b & 0x80) ? -mag : mag;
 }
 
@@ -61,8 +62,13 @@ inline f8 convert<kFp8>(const uint8_t* p) {
 #if defined(__AVX2__) && defined(SPARSE_ATTN_VECTOR_TYPES)
   const __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
   const __m256i mag = _mm256_slli_epi32(_mm256_and_si256(w, _mm256_set1_epi32(0x7f)), 20);
+  const __m256 normal = _mm256_castsi256_ps(_mm256_add_epi32(mag, _mm256_set1_epi32(120 << 23)));
+  const __m256 sub = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(w, _mm256_set1_epi32(7))),
+                                   _mm256_set1_ps(0x1p-9f));
+  const __m256i is_sub = _mm256_cmpeq_epi32(_mm256_and_si256(w, _mm256_set1_epi32(0x78)), _mm256_setzero_si256());
+  const __m256 mag_f = _mm256_blendv_ps(normal, sub, _mm256_castsi256_ps(is_sub));
   const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(w, _mm256_set1_epi32(0x80)), 24);
-  return (f8)_mm256_mul_ps(_mm256_castsi256_ps(_mm256_or_si256(mag, sign)), _mm256_set1_ps(0x1p120f));
+  return (f8)_mm256_or_ps(mag_f, _mm256_castsi256_ps(sign));
 #else
   float t[8];
   for (int i = 0; i < 8; ++i) t[i] = fp8_bits_to_float(p[i]);
