@@ -151,11 +151,11 @@ def test_all_zero_rows_and_block_sums():
 
 # --------------------------------------------------------------------------------------- attention
 @needs_jit
-@pytest.mark.parametrize("gqa", [1, 4])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("kv_dtype", QUANT)
-def test_quantized_caches_match_oracle(kv_dtype, kind, gqa):
+def test_quantized_caches_match_oracle(kv_dtype, kind):
     b, hkv = 3, 2
+    gqa = (1, 4)[(KINDS.index(kind) + QUANT.index(kv_dtype)) % 2]  # each pattern with GQA 1 and 4 across the kinds
     hq = hkv * gqa
     d = DIMS[(KINDS.index(kind) + gqa + QUANT.index(kv_dtype)) % 3]
     lengths, max_len, sqs = [37, 90, 53], 100, (1, 3, 16)
