@@ -59,7 +59,15 @@ inline f8 convert<kInt8>(const int8_t* p) {
 }
 template <>
 inline f8 convert<kFp8>(const uint8_t* p) {
-#if defined(__AVX2__) && defined(SPARSE_ATTN_VECTOR_TYPES)
+#if defined(__F16C__) && defined(__AVX2__) && defined(SPARSE_ATTN_VECTOR_TYPES)
+  // e4m3fn -> fp16 by a shift (exponent field e and mantissa m land in fp16's fields: 2^(e-15)
+  // (1 + m/8), subnormals m/8 2^-14 as fp16 subnormals, which vcvtph2ps converts exactly whatever
+  // MXCSR's DAZ says), then x 2^8 (exact, normal floats): 8 instructions per 8 values
+  const __m128i w = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  const __m128i h = _mm_or_si128(_mm_and_si128(_mm_slli_epi16(w, 7), _mm_set1_epi16(0x3f80)),
+                                 _mm_and_si128(_mm_slli_epi16(w, 8), _mm_set1_epi16(int16_t(0x8000))));
+  return (f8)_mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(256.f));
+#elif defined(__AVX2__) && defined(SPARSE_ATTN_VECTOR_TYPES)
   const __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
   const __m256i mag = _mm256_slli_epi32(_mm256_and_si256(w, _mm256_set1_epi32(0x7f)), 20);
   const __m256 normal = _mm256_castsi256_ps(_mm256_add_epi32(mag, _mm256_set1_epi32(120 << 23)));
