@@ -117,7 +117,8 @@ FULL_DIMS = tuple(range(32, 257, 8))
 SAMPLE_CI = {
     "block_sparse": [(64, "bf16", "window"), (128, "bf16", "window"), (256, "bf16", "window"),
                      (128, "fp32", "window"), (128, "bf16", "topk64")],
-    "splitkv_decode": [(128, "bf16", "topk_sq4"), (256, "bf16", "topk_sq4"), (32, "fp32", "dense")],
+    "splitkv_decode": [(128, "bf16", "topk_sq4"), (256, "bf16", "topk_sq4"), (32, "fp32", "dense"),
+                       (128, "bf16", "int8_dense"), (128, "bf16", "fp8_topk_sq4")],
     "linear_chunked": [(128, "bf16", "decay+state")],
     "window_linear": [(128, "bf16", "sinks")],
     "topk_select": [(128, "bf16", "topk64")],
@@ -140,7 +141,7 @@ SAMPLE_WIDE = {
 #: what `--sample full` crosses with FULL_DIMS x DTYPES (head dims above a kernel's limit are left out)
 VARIANTS = {
     "block_sparse": ("dense_causal", "window", "block_sparse64", "topk64", "dense_causal_split"),
-    "splitkv_decode": ("dense", "window", "block_sparse", "topk_sq4"),
+    "splitkv_decode": ("dense", "window", "block_sparse", "topk_sq4", "int8_dense", "fp8_topk_sq4"),
     "linear_chunked": ("plain", "decay+state"),
     "window_linear": ("sinks",),
     "topk_select": ("topk16", "topk64"),
@@ -204,12 +205,24 @@ def decode_launches(sample: str):
     pats = {"dense": (Dense(), 1), "window": (SlidingWindow(256, sinks=4), 1),
             "block_sparse": (BlockSparse(torch.tril(torch.ones(1, 1, 8, 8, dtype=torch.bool)), 64), 1),
             "topk_sq4": (TopK(2, block_size=64), 4)}
+    # a quantized cache's codes and row scales (cache/quant.py; the kernel's QUANT flag)
+    quant = {"int8_dense": ("int8", "dense"), "fp8_topk_sq4": ("fp8_e4m3", "topk_sq4")}
     out = []
     for d, dname, pname in cases("splitkv_decode", sample):
         dtype = _torch_dtype(dname)
-        pat, sq = pats[pname]
+        kv_dtype, base = quant.get(pname, (None, pname))
+        pat, sq = pats[base]
         q, k, v = _rand(2, 8, sq, d, dtype=dtype), _rand(2, 2, 512, d, dtype=dtype), _rand(2, 2, 512, d, dtype=dtype)
-        for fn, a, kw in _record(lambda: run_decode(tensor_decode_args(q, k, v, pat, scale=0.1, units=132))):
+
+        def args(q=q, k=k, v=v, pat=pat, kv_dtype=kv_dtype):
+            a = tensor_decode_args(q, k, v, pat, scale=0.1, units=132)
+            if kv_dtype is None:
+                return a
+            from sparse_attn.cache.quant import quantize_rows_torch
+            (kq, ks), (vq, vs) = quantize_rows_torch(k, kv_dtype), quantize_rows_torch(v, kv_dtype)
+            return a._replace(k=kq, v=vq, quant=kv_dtype, k_scale=ks, v_scale=vs)
+
+        for fn, a, kw in _record(lambda: run_decode(args())):
             out.append(Launch("splitkv_decode", f"{fn.__name__} {pname} {dname} G=4", d, fn, a, kw, (80, 90)))
     return out
 
@@ -411,6 +424,7 @@ def parse_ptxas(text: str, arch: int):
             name = cur["name"]
             kind = "split_kernel" if "split_kernel" in name else "merge_kernel"
             dt = "bf16" if "bfloat16" in name else "fp16" if "half" in name else "fp32"
+            dt += " int8 cache" if "Int8Code" in name else " fp8 cache" if "Fp8Code" in name else ""
             nc = re.search(r"Li(\d+)E", name)
             rows.append(dict(family="cuda_paged_decode", spec=f"{kind} {dt}" + (f" NC={nc.group(1)}" if nc else ""),
                              arch=arch, head_dim=32 * int(nc.group(1)) if nc else 0, regs=int(m.group(1)),

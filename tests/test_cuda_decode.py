@@ -26,9 +26,15 @@ KINDS = ["dense_causal", "dense_full", "window", "window_sinks", "blocksparse", 
 HAS_CUDA = torch.cuda.is_available() and torch.version.cuda is not None
 
 
-def emulate(q, k, v, table, lengths, count, index, row_mask, key_block, causal, window, sinks, scale, splits):
-    """float64 evaluation of what paged_decode.cuh specifies for these arguments."""
+def emulate(q, k, v, table, lengths, count, index, row_mask, key_block, causal, window, sinks, scale, splits,
+            quant=None, k_scale=None, v_scale=None):
+    """float64 evaluation of what paged_decode.cuh specifies for these arguments (a quantized
+    cache's rows: code * its row's scale)."""
     assert splits >= 1
+    if quant is not None:
+        assert k.dtype == {"int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn}[quant] and v.dtype == k.dtype
+        k = k.double() * k_scale.double()[..., None]
+        v = v.double() * v_scale.double()[..., None]
     b, hq, sq, d = q.shape
     hkv, page = k.shape[1], k.shape[2]
     g = hq // hkv
@@ -86,6 +92,25 @@ def test_cache_arguments_match_oracle(kind, cache_kind):
         out = emulate(*args)
         for i, n in enumerate(lengths):
             ref = oracle.oracle_attention(q[i:i + 1, :, -sq:], full_k[i:i + 1, :, :n], full_v[i:i + 1, :, :n],
+                                          _row_pattern(pat, i, n))
+            torch.testing.assert_close(out[i:i + 1], ref, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("kv_dtype", ["int8", "fp8_e4m3"])
+@pytest.mark.parametrize("kind", ["dense_causal", "window_sinks", "topk"])
+def test_quantized_cache_arguments_match_oracle(kind, kv_dtype):
+    """The kernel's arguments over a quantized paged cache (codes, row scales) give the float64
+    evaluation over the dequantized rows (tests/test_quant_cache.py builds the caches)."""
+    from test_quant_cache import _build
+    b, hkv, d, lengths = 3, 2, 16, [37, 81, 64]
+    pat = make_pattern(kind, b=b, hkv=hkv, sk=96, bs=16)
+    caches, dk, dv, q = _build(pat, kv_dtype, b, 4, hkv, d, lengths, 96, torch.float32, (1, 3), steps=[30, 1, 50])
+    for sq in (1, 3):
+        args = cache_decode_args(q[:, :, -sq:], caches[1].kv_view(), pat, scale=d ** -0.5, units=132)
+        assert args.quant == kv_dtype and args.k_scale is not None
+        out = emulate(*args)
+        for i, n in enumerate(lengths):
+            ref = oracle.oracle_attention(q[i:i + 1, :, -sq:].double(), dk[i:i + 1, :, :n], dv[i:i + 1, :, :n],
                                           _row_pattern(pat, i, n))
             torch.testing.assert_close(out[i:i + 1], ref, rtol=1e-9, atol=1e-12)
 
@@ -161,3 +186,21 @@ def test_caches_on_gpu_match_reference(kind):
         got = attention_with_cache(q, c, pat, backend="cuda")
         want = attention_with_cache(q, c, pat, backend="reference")
         oracle.assert_close_contract(got.cpu(), want.double().cpu(), dtype=torch.bfloat16, device="cuda")
+
+
+@gpu
+@pytest.mark.parametrize("kv_dtype", ["int8", "fp8_e4m3"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_quantized_cache_kernel_on_gpu(kind, kv_dtype):
+    """The kernel over quantized contiguous and paged caches on the GPU against the float64
+    evaluation over the dequantized rows."""
+    from test_quant_cache import _build, _check_rows
+    b, hkv, d, lengths = 3, 2, 128, [37, 81, 64]
+    pat = make_pattern(kind, b=b, hkv=hkv, sk=96, bs=16)
+    caches, dk, dv, q = _build(pat, kv_dtype, b, 8, hkv, d, lengths, 96, torch.float32, (1, 3), steps=[30, 1, 50],
+                               device="cuda")
+    gpat = sa.BlockSparse(pat.layout.cuda(), block_size=pat.block_size) if isinstance(pat, sa.BlockSparse) else pat
+    for c in caches:
+        for sq in (1, 3):
+            out = attention_with_cache(q[:, :, -sq:].cuda(), c, gpat, backend="cuda").cpu()
+            _check_rows(out, q[:, :, -sq:], dk, dv, lengths, pat, f"cuda {kv_dtype} {kind} Sq={sq}", device="cuda")

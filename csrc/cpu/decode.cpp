@@ -32,6 +32,8 @@
 //   decode_f32.h      float32 products on vec.h's 8-float vectors (v8)
 //   decode_bf16.h     bfloat16 products straight from the rows, and the paced prefetch (AVX-512 BF16)
 //   decode_softmax.h  the online softmax, the split merge, the non-finite rule
+//   quant_rows.h, decode_quant.h  int8 / fp8 codes read as floats, their row scales applied
+//                     to the scores (K) and the probabilities (V): a quantized cache
 //   decode.cpp        this file: one split's loop over its segments, the threads
 //   decode_binding.cpp  the Python binding (one DecodeArgs struct), its checks, pool_keys
 #include <ATen/Parallel.h>
@@ -48,8 +50,10 @@
 #include "cpu/decode_bf16.h"  // SPARSE_ATTN_BF16_DOT: bfloat16 products with vdpbf16ps, from the rows
 #include "cpu/decode_f32.h"
 #include "cpu/decode_plan.h"
+#include "cpu/decode_quant.h"
 #include "cpu/decode_rows.h"
 #include "cpu/decode_softmax.h"
+#include "cpu/quant_rows.h"
 #include "cpu/vec_bf16.h"     // ... and packed
 
 namespace sparse_attn_decode {
@@ -112,6 +116,7 @@ struct DotScratch {
 
 struct Scratch {
   std::vector<float> q, o, s, m, l, corr;
+  std::vector<float> ks, vs;  // a quantized cache: the segment's K / V row scales (decode_quant.h)
   std::vector<const float*> qp;
   std::vector<float*> sp, op;
   std::vector<int32_t> rid;
@@ -130,18 +135,22 @@ struct Scratch {
     m.assign(P.R, kNegInf);
     l.assign(P.R, 0.f);
     corr.assign(P.R, 1.f);
+    if (P.ksc) ks.assign(kSeg, 1.f), vs.assign(kSeg, 1.f);
     qp.resize(P.R), sp.resize(P.R), op.resize(P.R), rid.resize(P.R);
   }
 };
 
-template <int DT>
+// QT: q's element tag; DT: K/V's (QT, or sparse_attn_cpu::kInt8 / kFp8 codes of a quantized cache)
+template <int QT, int DT>
 class Split {
   using In = typename Elem<DT>::T;
+  using QIn = typename Elem<QT>::T;
 
  public:
-  static constexpr bool kDot = DT == 1 && kHaveBf16Dot;
+  static constexpr bool kDot = QT == 1 && DT == 1 && kHaveBf16Dot;
+  static constexpr bool kQuant = DT == sparse_attn_cpu::kInt8 || DT == sparse_attn_cpu::kFp8;
 
-  Split(const Params& P, const In* Q, const In* K, const In* V) : P(P), Q(Q), K(K), V(V) {}
+  Split(const Params& P, const QIn* Q, const In* K, const In* V) : P(P), Q(Q), K(K), V(V) {}
 
   // rows r = t * G + g (token-major); writes the split's unnormalised out (R x Dv), max, sum
   void run(Scratch& S, int64_t b, int64_t h, const Seg* segs, int64_t nseg, float* po, float* pm, float* pl) {
@@ -152,7 +161,7 @@ class Split {
       if (!(need >> t & 1u)) continue;
       for (int64_t g = 0; g < G; ++g) {
         const int64_t row = t * G + g;
-        const In* src = Q + b * P.qst[0] + (h * G + g) * P.qst[1] + t * P.qst[2];
+        const QIn* src = Q + b * P.qst[0] + (h * G + g) * P.qst[1] + t * P.qst[2];
 #ifdef SPARSE_ATTN_BF16_DOT
         if constexpr (kDot) {
           copy_words(S.w.qw.data() + row * S.w.Dw, reinterpret_cast<const uint16_t*>(src), P.D, P.qst[3]);
@@ -160,7 +169,7 @@ class Split {
         }
 #endif
         float* dst = S.q.data() + row * P.Dpad;
-        for (int64_t d = 0; d < P.D; ++d) dst[d] = Elem<DT>::get(src, d * P.qst[3]) * P.qmul;
+        for (int64_t d = 0; d < P.D; ++d) dst[d] = Elem<QT>::get(src, d * P.qst[3]) * P.qmul;
       }
     }
     std::fill(S.o.begin(), S.o.end(), 0.f);
@@ -203,6 +212,7 @@ class Split {
           }
         }
         const Seg* nx = e + 1 < nseg ? &segs[e + 1] : nullptr;
+        if constexpr (kQuant) load_scales(P, segs[e], b, h, S.ks.data(), S.vs.data());
         segment(S, segs[e], StridedRows<In>{kb + segs[e].j0 * P.kst[2], P.kst[2]},
                 StridedRows<In>{vb + segs[e].j0 * P.vst[2], P.vst[2]}, skb,
                 StridedRows<In>{kb + (nx ? nx->j0 : 0) * P.kst[2], P.kst[2]},
@@ -215,6 +225,7 @@ class Split {
     for (int64_t e = 0; e < nseg; ++e) {
       if (e + 1 < nseg) locate_rows(P, K, V, segs[e + 1], b, h, kr_[(e + 1) & 1], vr_[(e + 1) & 1]);
       if (e + 2 < nseg) touch_pages(P, K, V, segs[e + 2], b, h);  // pages two segments ahead
+      if constexpr (kQuant) load_scales(P, segs[e], b, h, S.ks.data(), S.vs.data());
       segment(S, segs[e], TableRows<In>{kr_[e & 1]}, TableRows<In>{vr_[e & 1]}, skb, TableRows<In>{kr_[(e + 1) & 1]},
               TableRows<In>{vr_[(e + 1) & 1]}, e + 1 < nseg ? segs[e + 1].nk : 0);
     }
@@ -295,6 +306,7 @@ class Split {
         default: qk_rows<DT, 1>(nk, P.D, S.qp.data() + r, kr, S.sp.data() + r); break;
       }
     }
+    if constexpr (kQuant) scale_rows(S.sp.data(), cnt, nk, S.ks.data());  // q . k = s_k (q . code)
     // token rule, online softmax (base 2), per sub-segment (decode_softmax.h); corr[u * cnt + i]:
     // sub-segment u's rescaling of row i's accumulators
     if (static_cast<int64_t>(S.corr.size()) < nsub * cnt) S.corr.resize(nsub * cnt);
@@ -329,6 +341,7 @@ class Split {
       return;
     }
 #endif
+    if constexpr (kQuant) scale_rows(S.sp.data(), cnt, nk, S.vs.data());  // p v = (p s_v) code
     for (int64_t r = 0; r < cnt; r += kRT) {
       const float* const* p = const_cast<const float* const*>(S.sp.data() + r);
       switch (std::min<int64_t>(kRT, cnt - r)) {
@@ -341,14 +354,16 @@ class Split {
   }
 
   const Params& P;
-  const In *Q, *K, *V;
+  const QIn* Q;
+  const In *K, *V;
   const In* kr_[2][kSeg];  // paged: K / V row addresses of the current and the next segment
   const In* vr_[2][kSeg];
 };
 
-template <int DT, typename OutT>
+template <int QT, int DT, typename OutT>
 void run_all(const Params& P, const void* q, const void* k, const void* v, OutT* out, float* lse) {
   using In = typename Elem<DT>::T;
+  using QIn = typename Elem<QT>::T;
   const int64_t BH = P.B * P.Hkv, R = P.R, Dv = P.Dv;
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
 
@@ -381,9 +396,9 @@ void run_all(const Params& P, const void* q, const void* k, const void* v, OutT*
   std::atomic<int64_t> next{0};
   auto work = [&](int64_t begin, int64_t end) {
     if (begin >= end) return;
-    Scratch S(P, Split<DT>::kDot);
+    Scratch S(P, Split<QT, DT>::kDot);
     std::vector<float> acc, w;
-    Split<DT> split(P, static_cast<const In*>(q), static_cast<const In*>(k), static_cast<const In*>(v));
+    Split<QT, DT> split(P, static_cast<const QIn*>(q), static_cast<const In*>(k), static_cast<const In*>(v));
     for (;;) {
       const int64_t u = next.fetch_add(1);
       if (u >= units) break;
@@ -407,13 +422,30 @@ void run_all(const Params& P, const void* q, const void* k, const void* v, OutT*
 
 }  // namespace
 
-void run_decode(const Params& P, int dtype, const void* q, const void* k, const void* v, void* out, float* lse) {
-  if (dtype == 0) {
-    run_all<0, float>(P, q, k, v, static_cast<float*>(out), lse);
-  } else if (dtype == 1) {
-    run_all<1, c10::BFloat16>(P, q, k, v, static_cast<c10::BFloat16*>(out), lse);
+namespace {
+// q's dtype QT (out in it), K/V's: the same, or int8 / fp8 codes
+template <int QT, typename OutT>
+void run_kv(const Params& P, int kv_dtype, const void* q, const void* k, const void* v, void* out, float* lse) {
+  using sparse_attn_cpu::kFp8;
+  using sparse_attn_cpu::kInt8;
+  if (kv_dtype == kInt8) {
+    run_all<QT, kInt8, OutT>(P, q, k, v, static_cast<OutT*>(out), lse);
+  } else if (kv_dtype == kFp8) {
+    run_all<QT, kFp8, OutT>(P, q, k, v, static_cast<OutT*>(out), lse);
   } else {
-    run_all<2, c10::Half>(P, q, k, v, static_cast<c10::Half*>(out), lse);
+    run_all<QT, QT, OutT>(P, q, k, v, static_cast<OutT*>(out), lse);
+  }
+}
+}  // namespace
+
+void run_decode(const Params& P, int dtype, int kv_dtype, const void* q, const void* k, const void* v, void* out,
+                float* lse) {
+  if (dtype == 0) {
+    run_kv<0, float>(P, kv_dtype, q, k, v, out, lse);
+  } else if (dtype == 1) {
+    run_kv<1, c10::BFloat16>(P, kv_dtype, q, k, v, out, lse);
+  } else {
+    run_kv<2, c10::Half>(P, kv_dtype, q, k, v, out, lse);
   }
 }
 

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "cpu/decode_plan.h"
+#include "cpu/quant_rows.h"
 #include "cpu/target_check.h"
 #include "cpu/vec.h"
 
@@ -36,6 +37,9 @@ namespace v8 = sparse_attn_cpu::v8;
 //   end-aligned to it (absent: every sequence holds S keys); `page_table` (int32 (B, W), needs
 //   lengths): k, v are pages (P, Hkv, page_size, D|Dv) and key j of sequence b is row
 //   j % page_size of page page_table[b, j / page_size].
+// * a quantized cache: k, v hold int8 or float8_e4m3fn codes (q stays float32 / bf16 / fp16) and
+//   `k_scale`, `v_scale` (float32 (pages or B, Hkv, rows), unit stride along the rows) their row
+//   scales: key j's row is k_scale[.., j] * k[.., j, :] (sparse_attn/cache/quant.py).
 struct DecodeArgs {
   torch::Tensor q, k, v;
   bool causal = true;
@@ -46,6 +50,7 @@ struct DecodeArgs {
   int64_t sink_blocks = 0, local_blocks = 1;
   c10::optional<torch::Tensor> lengths, page_table;
   int64_t page_size = 0;
+  c10::optional<torch::Tensor> k_scale, v_scale;
 };
 
 std::string describe(const DecodeArgs& a) {
@@ -59,7 +64,7 @@ std::string describe(const DecodeArgs& a) {
     << ", window=" << a.window << ", sinks=" << a.sinks << ", scale=" << a.scale << ", block=" << a.block
     << ", layout=" << shape(a.layout) << ", token_index=" << shape(a.token_index) << ", sink_blocks=" << a.sink_blocks
     << ", local_blocks=" << a.local_blocks << ", lengths=" << shape(a.lengths) << ", page_table=" << shape(a.page_table)
-    << ", page_size=" << a.page_size << ")";
+    << ", page_size=" << a.page_size << ", k_scale=" << shape(a.k_scale) << ", v_scale=" << shape(a.v_scale) << ")";
   return s.str();
 }
 
@@ -76,7 +81,18 @@ std::tuple<torch::Tensor, torch::Tensor> decode_fwd(const DecodeArgs& a) {
   const auto dt = q.scalar_type();
   TORCH_CHECK(dt == torch::kFloat32 || dt == torch::kBFloat16 || dt == torch::kFloat16,
               "decode_fwd: dtype must be float32, bfloat16 or float16, got ", dt);
-  TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt, "decode_fwd: q, k, v must share one dtype");
+  const bool quant = a.k_scale.has_value() && a.k_scale->defined();
+  TORCH_CHECK(quant == (a.v_scale.has_value() && a.v_scale->defined()), "decode_fwd: set both k_scale and v_scale, or neither");
+  const auto kdt = k.scalar_type();
+  int kv_tag = dt == torch::kFloat32 ? 0 : dt == torch::kBFloat16 ? 1 : 2;
+  if (quant) {
+    TORCH_CHECK((kdt == torch::kInt8 || kdt == torch::kFloat8_e4m3fn) && v.scalar_type() == kdt,
+                "decode_fwd: with scales, k and v must both be int8 or both float8_e4m3fn, got ", kdt, " and ",
+                v.scalar_type());
+    kv_tag = kdt == torch::kInt8 ? sparse_attn_cpu::kInt8 : sparse_attn_cpu::kFp8;
+  } else {
+    TORCH_CHECK(kdt == dt && v.scalar_type() == dt, "decode_fwd: q, k, v must share one dtype");
+  }
   const bool paged = a.page_table.has_value() && a.page_table->defined();
   const bool ragged = a.lengths.has_value() && a.lengths->defined();
   TORCH_CHECK(!paged || ragged, "decode_fwd: a page_table needs lengths");
@@ -145,6 +161,20 @@ std::tuple<torch::Tensor, torch::Tensor> decode_fwd(const DecodeArgs& a) {
   P.table = paged ? table.data_ptr<int32_t>() : nullptr;
   P.tst0 = paged ? table.stride(0) : 0, P.tst1 = paged ? table.stride(1) : 0;
   P.page_size = paged ? page_size : 0;
+  P.ksc = P.vsc = nullptr;
+  if (quant) {
+    const torch::Tensor &ks = *a.k_scale, &vs = *a.v_scale;
+    for (const torch::Tensor* t : {&ks, &vs})
+      TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->device().is_cpu() && t->dim() == 3 &&
+                      t->size(0) == k.size(0) && t->size(1) == Hkv && t->size(2) == rows &&
+                      (rows <= 1 || t->stride(2) == 1),
+                  "decode_fwd: k_scale / v_scale must be float32 (", k.size(0), ", ", Hkv, ", ", rows,
+                  ") with unit stride along the rows, got ", t->scalar_type(), " ", t->sizes());
+    TORCH_CHECK(ks.stride(0) == vs.stride(0) && ks.stride(1) == vs.stride(1),
+                "decode_fwd: k_scale and v_scale must share their strides");
+    P.ksc = ks.data_ptr<float>(), P.vsc = vs.data_ptr<float>();
+    P.sst[0] = ks.stride(0), P.sst[1] = ks.stride(1);
+  }
   torch::Tensor lay, ti;
   const int64_t nb = (sk + P.unit - 1) / P.unit;
   if (mode == 1) {
@@ -165,7 +195,7 @@ std::tuple<torch::Tensor, torch::Tensor> decode_fwd(const DecodeArgs& a) {
   }
 
   const void *qd = q.data_ptr(), *kd = k.data_ptr(), *vd = v.data_ptr();
-  run_decode(P, dt == torch::kFloat32 ? 0 : dt == torch::kBFloat16 ? 1 : 2, qd, kd, vd, out.data_ptr(),
+  run_decode(P, dt == torch::kFloat32 ? 0 : dt == torch::kBFloat16 ? 1 : 2, kv_tag, qd, kd, vd, out.data_ptr(),
              lse.data_ptr<float>());
   return {out, lse};
 }
@@ -218,6 +248,43 @@ torch::Tensor pool_keys(torch::Tensor k, int64_t block) {
   return out;
 }
 
+// A quantized cache's append: x (..., D) float32 / bfloat16 / float16 on the CPU -> (codes (..., D)
+// int8, or float8_e4m3fn with fp8, scales float32 (...)): each row in one pass (quant_rows.h),
+// parallel over rows. The contract's definition; sparse_attn/cache/quant.py holds it in PyTorch.
+std::tuple<torch::Tensor, torch::Tensor> quantize_rows(torch::Tensor x, bool fp8) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() >= 1, "quantize_rows: x must be a CPU tensor with a last (row) dim");
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == torch::kFloat32 || dt == torch::kBFloat16 || dt == torch::kFloat16,
+              "quantize_rows: dtype must be float32, bfloat16 or float16, got ", dt);
+  x = x.contiguous();
+  const int64_t D = x.size(-1), n = D ? x.numel() / D : 0;
+  auto codes = torch::empty(x.sizes(), x.options().dtype(fp8 ? torch::kFloat8_e4m3fn : torch::kInt8));
+  auto sizes = x.sizes().vec();
+  sizes.pop_back();
+  auto scales = torch::empty(sizes, x.options().dtype(torch::kFloat32));
+  if (n == 0) return {codes, scales.fill_(1.f)};
+  float* s = scales.data_ptr<float>();
+  auto* c = static_cast<uint8_t*>(codes.data_ptr());
+  auto run = [&](auto tag) {
+    constexpr int DT = decltype(tag)::value;
+    using In = typename sparse_attn_cpu::Elem<DT>::T;
+    const In* src = static_cast<const In*>(x.data_ptr());
+    at::parallel_for(0, n, std::max<int64_t>(1, 32768 / std::max<int64_t>(D, 1)), [&](int64_t lo, int64_t hi) {
+      std::vector<float> tmp(D);
+      for (int64_t r = lo; r < hi; ++r)
+        s[r] = sparse_attn_cpu::quantize_row<DT>(src + r * D, D, fp8, c + r * D, tmp.data());
+    });
+  };
+  if (dt == torch::kFloat32) {
+    run(std::integral_constant<int, 0>{});
+  } else if (dt == torch::kBFloat16) {
+    run(std::integral_constant<int, 1>{});
+  } else {
+    run(std::integral_constant<int, 2>{});
+  }
+  return {codes, scales};
+}
+
 }  // namespace
 }  // namespace sparse_attn_decode
 
@@ -243,8 +310,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readwrite("lengths", &DecodeArgs::lengths)
       .def_readwrite("page_table", &DecodeArgs::page_table)
       .def_readwrite("page_size", &DecodeArgs::page_size)
+      .def_readwrite("k_scale", &DecodeArgs::k_scale)
+      .def_readwrite("v_scale", &DecodeArgs::v_scale)
       .def("__repr__", &describe);
   m.def("decode_fwd", &decode_fwd, "split-KV attention forward for Sq <= 16 query rows -> (out, lse)", py::arg("args"));
   m.def("pool_keys", &pool_keys, "mean key of each block, float32 (B, H, ceil(Sk / block), D)", py::arg("k"),
         py::arg("block"));
+  m.def("quantize_rows", &quantize_rows, "rows -> (int8 or fp8 codes, float32 scale per row)", py::arg("x"),
+        py::arg("fp8"));
 }

@@ -62,13 +62,20 @@ struct Params {
   const int32_t* lens;
   const int32_t* table;
   int64_t tst0, tst1, page_size;
+  // a quantized cache (k, v hold int8 / fp8 codes): the float32 row scales, laid out as the rows
+  // without the head dim (sst: strides of dims 0 and 1; unit stride along the keys); else nullptr
+  const float* ksc;
+  const float* vsc;
+  int64_t sst[2];
 
   int64_t len(int64_t b) const { return lens ? lens[b] : sk; }
 };
 
-// The kernel (decode.cpp): out (B, Hq, Sq, Dv) in the inputs' dtype (0 float32, 1 bfloat16,
-// 2 float16; both 16-bit types as raw bits), lse float32 (B, Hq, Sq)
-void run_decode(const Params& P, int dtype, const void* q, const void* k, const void* v, void* out, float* lse);
+// The kernel (decode.cpp): out (B, Hq, Sq, Dv) in q's dtype `dtype` (0 float32, 1 bfloat16,
+// 2 float16; both 16-bit types as raw bits), lse float32 (B, Hq, Sq); K/V in `kv_dtype`: the same
+// as q's, or 3 int8 / 4 fp8 e4m3 codes with P.ksc / P.vsc (quant_rows.h, decode_quant.h)
+void run_decode(const Params& P, int dtype, int kv_dtype, const void* q, const void* k, const void* v, void* out,
+                float* lse);
 // whether this build multiplies bfloat16 with vdpbf16ps (AVX-512 BF16)
 bool bf16_dot_enabled();
 

@@ -22,6 +22,35 @@ __device__ __forceinline__ float to_f32<__half>(__half x) { return __half2float(
 template <>
 __device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
 
+// a quantized cache's codes (the scales are applied by the caller): int8 as an integer, fp8 e4m3fn
+// from its bits (exponent rebiased 7 -> 127; subnormals m * 2^-9 exactly, no float32 denormal made)
+struct Int8Code {
+  int8_t x;
+};
+struct Fp8Code {
+  uint8_t x;
+};
+template <>
+__device__ __forceinline__ float to_f32<Int8Code>(Int8Code c) { return static_cast<float>(c.x); }
+template <>
+__device__ __forceinline__ float to_f32<Fp8Code>(Fp8Code c) {
+  const unsigned w = c.x;
+  const float mag = (w & 0x78u) ? __uint_as_float(((w & 0x7fu) << 20) + (120u << 23)) : static_cast<float>(w & 7u) * 0.001953125f;
+  return (w & 0x80u) ? -mag : mag;
+}
+template <typename KV>
+struct IsCode {
+  static constexpr bool value = false;
+};
+template <>
+struct IsCode<Int8Code> {
+  static constexpr bool value = true;
+};
+template <>
+struct IsCode<Fp8Code> {
+  static constexpr bool value = true;
+};
+
 template <typename T>
 __device__ __forceinline__ T from_f32(float x);
 template <>
@@ -39,7 +68,8 @@ __device__ __forceinline__ float warp_sum(float x) {
 
 // One CTA: split `blockIdx.x` of the visited key blocks of (sequence, kv head) `blockIdx.y`, for
 // query rows [blockIdx.z * R, +R) of the group (row r -> head g = r / Sq, token t = r % Sq).
-// NC: 32-element chunks along D and Dv held per lane (D, Dv <= 32 * NC).
+// NC: 32-element chunks along D and Dv held per lane (D, Dv <= 32 * NC). KV: the K/V element
+// (T, or a quantized cache's Int8Code / Fp8Code: each row dequantized in registers as it is loaded).
 //
 // Occupancy (CTAs per SM) the launch bounds ask for, per NC, read from `ptxas -v` / the cubin by
 // `python -m bench.gpu_static` (docs/perf/2026-12-02-gpu-static.md): uncapped, NC=2 used 153-160
@@ -56,7 +86,7 @@ struct MinCtasPerSm {
 #endif
 };
 
-template <typename T, int NC>
+template <typename T, typename KV, int NC>
 __global__ void __launch_bounds__(kThreads, MinCtasPerSm<NC>::value) split_kernel(const PagedDecodeParams p) {
   constexpr int R = kRowsPerCta;
   const int split = blockIdx.x;
@@ -70,8 +100,8 @@ __global__ void __launch_bounds__(kThreads, MinCtasPerSm<NC>::value) split_kerne
   const int len = p.lengths[b];
 
   const T* qptr = static_cast<const T*>(p.q);
-  const T* kptr = static_cast<const T*>(p.k);
-  const T* vptr = static_cast<const T*>(p.v);
+  const KV* kptr = static_cast<const KV*>(p.k);
+  const KV* vptr = static_cast<const KV*>(p.v);
 
   float q[R][NC];
   int qpos[R];
@@ -115,12 +145,14 @@ __global__ void __launch_bounds__(kThreads, MinCtasPerSm<NC>::value) split_kerne
     for (int j = j0 + warp; j < j1; j += kWarps) {
       const int64_t page = p.page_table[static_cast<int64_t>(b) * p.table_width + j / p.page_size];
       const int off = j % p.page_size;
-      const T* kr = kptr + page * p.k_page_stride + hkv * p.k_head_stride + off * p.k_tok_stride;
+      const KV* kr = kptr + page * p.k_page_stride + hkv * p.k_head_stride + off * p.k_tok_stride;
+      const int64_t srow = page * p.scale_page_stride + hkv * p.scale_head_stride + off;
+      const float ks = IsCode<KV>::value ? p.k_scale[srow] : 1.f;
       float kv[NC];
 #pragma unroll
       for (int c = 0; c < NC; ++c) {
         const int d = lane + 32 * c;
-        kv[c] = d < p.head_dim ? to_f32<T>(kr[d]) : 0.f;
+        kv[c] = d < p.head_dim ? to_f32<KV>(kr[d]) * ks : 0.f;  // the dequantized row
       }
       float s[R];
       bool vis[R];
@@ -142,12 +174,13 @@ __global__ void __launch_bounds__(kThreads, MinCtasPerSm<NC>::value) split_kerne
         any = any || ok;
       }
       if (!any) continue;
-      const T* vr = vptr + page * p.v_page_stride + hkv * p.v_head_stride + off * p.v_tok_stride;
+      const KV* vr = vptr + page * p.v_page_stride + hkv * p.v_head_stride + off * p.v_tok_stride;
+      const float vs = IsCode<KV>::value ? p.v_scale[srow] : 1.f;
       float vv[NC];
 #pragma unroll
       for (int c = 0; c < NC; ++c) {
         const int d = lane + 32 * c;
-        vv[c] = d < p.v_head_dim ? to_f32<T>(vr[d]) : 0.f;
+        vv[c] = d < p.v_head_dim ? to_f32<KV>(vr[d]) * vs : 0.f;
       }
 #pragma unroll
       for (int r = 0; r < R; ++r) {
@@ -223,23 +256,33 @@ __global__ void __launch_bounds__(kThreads) merge_kernel(const PagedDecodeParams
   if (threadIdx.x == 0) p.lse[row] = wsum > 0.f ? mx + logf(wsum) : INFINITY;
 }
 
-template <typename T, int NC>
+template <typename T, typename KV, int NC>
 cudaError_t launch_typed(const PagedDecodeParams& p, cudaStream_t stream) {
   const int group = p.q_heads / p.kv_heads;
   const dim3 grid(p.num_splits, p.batch * p.kv_heads, (group * p.sq + kRowsPerCta - 1) / kRowsPerCta);
-  split_kernel<T, NC><<<grid, kThreads, 0, stream>>>(p);
+  split_kernel<T, KV, NC><<<grid, kThreads, 0, stream>>>(p);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   merge_kernel<T><<<p.batch * p.q_heads * p.sq, kThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
-template <typename T>
+template <typename T, typename KV>
 cudaError_t launch_dims(const PagedDecodeParams& p, cudaStream_t stream) {
   const int d = p.head_dim > p.v_head_dim ? p.head_dim : p.v_head_dim;
-  if (d <= 64) return launch_typed<T, 2>(p, stream);
-  if (d <= 128) return launch_typed<T, 4>(p, stream);
-  if (d <= 256) return launch_typed<T, 8>(p, stream);
+  if (d <= 64) return launch_typed<T, KV, 2>(p, stream);
+  if (d <= 128) return launch_typed<T, KV, 4>(p, stream);
+  if (d <= 256) return launch_typed<T, KV, 8>(p, stream);
+  return cudaErrorInvalidValue;
+}
+
+template <typename T>
+cudaError_t launch_kv(const PagedDecodeParams& p, cudaStream_t stream) {
+  switch (static_cast<KvQuant>(p.kv_quant)) {
+    case KvQuant::kNone: return launch_dims<T, T>(p, stream);
+    case KvQuant::kInt8: return launch_dims<T, Int8Code>(p, stream);
+    case KvQuant::kFp8E4M3: return launch_dims<T, Fp8Code>(p, stream);
+  }
   return cudaErrorInvalidValue;
 }
 
@@ -249,9 +292,9 @@ cudaError_t launch_paged_decode(const PagedDecodeParams& p, DType dtype, cudaStr
   if (p.batch == 0 || p.q_heads == 0 || p.sq == 0) return cudaSuccess;
   if (p.num_splits < 1 || p.kv_heads < 1 || p.q_heads % p.kv_heads != 0) return cudaErrorInvalidValue;
   switch (dtype) {
-    case DType::kFloat32: return launch_dims<float>(p, stream);
-    case DType::kFloat16: return launch_dims<__half>(p, stream);
-    case DType::kBFloat16: return launch_dims<__nv_bfloat16>(p, stream);
+    case DType::kFloat32: return launch_kv<float>(p, stream);
+    case DType::kFloat16: return launch_kv<__half>(p, stream);
+    case DType::kBFloat16: return launch_kv<__nv_bfloat16>(p, stream);
   }
   return cudaErrorInvalidValue;
 }

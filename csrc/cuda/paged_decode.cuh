@@ -22,6 +22,9 @@
 namespace sparse_attn_cuda {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+// K/V storage: the queries' dtype, or a quantized cache's int8 / fp8 e4m3fn codes with one float32
+// scale per row (sparse_attn/cache/quant.py): row values are code * scale
+enum class KvQuant : int { kNone = 0, kInt8 = 1, kFp8E4M3 = 2 };
 
 struct PagedDecodeParams {
   const void* q;  // (B, Hq, Sq, D), contiguous
@@ -29,6 +32,12 @@ struct PagedDecodeParams {
   const void* v;
   int64_t k_page_stride, k_head_stride, k_tok_stride;
   int64_t v_page_stride, v_head_stride, v_tok_stride;
+  // quantized K/V (kv_quant != kNone): row scales (pages, Hkv, page_size) float32, laid out as the
+  // rows without the head dim (unit stride along the tokens), the same strides for K and V
+  int kv_quant;
+  const float* k_scale;
+  const float* v_scale;
+  int64_t scale_page_stride, scale_head_stride;
   const int32_t* page_table;  // (B, table_width)
   const int32_t* lengths;     // (B,) tokens held by each sequence; query row t sits at lengths[b] - Sq + t
   // visited key blocks of key_block tokens per (b, kv head): ascending, -1 padded; block_count
@@ -51,7 +60,8 @@ struct PagedDecodeParams {
   float* lse;       // (B, Hq, Sq), +inf for a row that saw no key
 };
 
-// Returns cudaSuccess or the launch error. `dtype` is the dtype of q, k, v and out.
+// Returns cudaSuccess or the launch error. `dtype` is the dtype of q and out (and of k, v unless
+// p.kv_quant says they hold codes).
 cudaError_t launch_paged_decode(const PagedDecodeParams& p, DType dtype, cudaStream_t stream);
 
 // Query rows one CTA serves at most (G * Sq rows are split into groups of this many).

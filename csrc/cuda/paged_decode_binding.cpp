@@ -32,13 +32,31 @@ std::vector<at::Tensor> paged_decode(const at::Tensor& q, const at::Tensor& k_pa
                                      const c10::optional<at::Tensor>& block_count,
                                      const c10::optional<at::Tensor>& block_index,
                                      const c10::optional<at::Tensor>& row_block_mask, int64_t key_block,
-                                     bool causal, int64_t window, int64_t sinks, double scale, int64_t num_splits) {
+                                     bool causal, int64_t window, int64_t sinks, double scale, int64_t num_splits,
+                                     const c10::optional<std::string>& quant,
+                                     const c10::optional<at::Tensor>& k_scale,
+                                     const c10::optional<at::Tensor>& v_scale) {
   TORCH_CHECK(q.is_cuda() && k_pages.is_cuda() && v_pages.is_cuda(), "paged_decode: CUDA tensors expected");
   TORCH_CHECK(q.dim() == 4 && q.is_contiguous(), "paged_decode: q must be contiguous (B, Hq, Sq, D)");
   TORCH_CHECK(k_pages.dim() == 4 && v_pages.dim() == 4, "paged_decode: pages must be (P, Hkv, page, D)");
   TORCH_CHECK(k_pages.stride(3) == 1 && v_pages.stride(3) == 1, "paged_decode: head dim must have unit stride");
-  TORCH_CHECK(k_pages.scalar_type() == q.scalar_type() && v_pages.scalar_type() == q.scalar_type(),
-              "paged_decode: q, k, v must share a dtype");
+  int kv_quant = 0;  // sparse_attn_cuda::KvQuant
+  if (quant.has_value()) {
+    TORCH_CHECK(*quant == "int8" || *quant == "fp8_e4m3", "paged_decode: quant must be int8 or fp8_e4m3, got ", *quant);
+    const auto code = *quant == "int8" ? at::kChar : at::kFloat8_e4m3fn;
+    TORCH_CHECK(k_pages.scalar_type() == code && v_pages.scalar_type() == code, "paged_decode: ", *quant,
+                " pages expected, got ", k_pages.scalar_type());
+    TORCH_CHECK(k_scale.has_value() && v_scale.has_value(), "paged_decode: a quantized cache needs k_scale, v_scale");
+    for (const at::Tensor* t : {&*k_scale, &*v_scale})
+      TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_cuda() && t->dim() == 3 && t->size(0) == k_pages.size(0) &&
+                      t->size(1) == k_pages.size(1) && t->size(2) == k_pages.size(2) && t->stride(2) == 1,
+                  "paged_decode: k_scale / v_scale must be float32 (P, Hkv, page) with unit stride along the page");
+    TORCH_CHECK(k_scale->strides() == v_scale->strides(), "paged_decode: k_scale and v_scale must share strides");
+    kv_quant = *quant == "int8" ? 1 : 2;
+  } else {
+    TORCH_CHECK(k_pages.scalar_type() == q.scalar_type() && v_pages.scalar_type() == q.scalar_type(),
+                "paged_decode: q, k, v must share a dtype");
+  }
   TORCH_CHECK(page_table.scalar_type() == at::kInt && page_table.is_contiguous(), "paged_decode: page_table int32");
   TORCH_CHECK(lengths.scalar_type() == at::kInt && lengths.is_contiguous(), "paged_decode: lengths int32");
   TORCH_CHECK(q.size(3) <= sparse_attn_cuda::kMaxHeadDim && v_pages.size(3) <= sparse_attn_cuda::kMaxHeadDim,
@@ -61,6 +79,13 @@ std::vector<at::Tensor> paged_decode(const at::Tensor& q, const at::Tensor& k_pa
   p.v_page_stride = v_pages.stride(0);
   p.v_head_stride = v_pages.stride(1);
   p.v_tok_stride = v_pages.stride(2);
+  p.kv_quant = kv_quant;
+  if (kv_quant) {
+    p.k_scale = k_scale->data_ptr<float>();
+    p.v_scale = v_scale->data_ptr<float>();
+    p.scale_page_stride = k_scale->stride(0);
+    p.scale_head_stride = k_scale->stride(1);
+  }
   p.page_table = page_table.data_ptr<int32_t>();
   p.lengths = lengths.data_ptr<int32_t>();
   p.block_count = opt_i32(block_count);

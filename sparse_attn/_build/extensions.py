@@ -22,7 +22,7 @@ EXTENSIONS = {
         "sources": ["cpu/decode.cpp", "cpu/decode_binding.cpp"],
         "headers": ["cpu/scalar.h", "cpu/vec.h", "cpu/vec_bf16.h", "cpu/decode_bf16.h", "cpu/decode_plan.h",
                     "cpu/decode_rows.h", "cpu/decode_f32.h", "cpu/decode_softmax.h", "cpu/target_check.h",
-                    "cpu/vec_bf16_neon.h", "cpu/decode_bf16_neon.h"],
+                    "cpu/vec_bf16_neon.h", "cpu/decode_bf16_neon.h", "cpu/quant_rows.h", "cpu/decode_quant.h"],
         "cflags": ["-fopenmp"],
         "ldflags": ["-fopenmp"],
         "jit_cflags": ["-march=native"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..patterns import BlockSparse, Dense, SlidingWindow, TopK
+from ..scheduler.cache_problem import kv_elem_bytes
 from ..scheduler.kernel import roofline_seconds
 from .flash import FlashKernel
 
@@ -14,7 +15,7 @@ MAX_SQ = 16
 
 def decode_cost(kernel, p) -> float:
     """Roofline of a split-KV decode: the visited K/V bytes once per GQA group, plus TopK selection."""
-    elem = torch.finfo(p.dtype).bits // 8
+    elem = kv_elem_bytes(p)  # a quantized cache: 1 byte + the row's scale
     keys = p.pattern.visited_pairs(1, p.sk) if p.sq == 1 else min(p.sk, p.pattern.visited_pairs(p.sq, p.sk))
     nbytes = elem * p.batch * p.kv_heads * keys * (p.head_dim + p.v_head_dim)
     flops = 2.0 * (p.head_dim + p.v_head_dim) * p.visited_pairs()

@@ -13,6 +13,7 @@ import torch
 from ..scheduler.device import check_device
 from ..scheduler.problem import FLOAT_DTYPES
 from .view import KVView
+from .quant import check_kv_dtype, dequantize, quantize_rows, storage_dtype
 from .released import check_reach
 
 
@@ -25,9 +26,10 @@ def check_positive_int(name: str, value, minimum: int = 1) -> int:
 
 
 class CacheBase:
-    """Shared state: shapes, dtype, device, lengths, pooled-key sums."""
+    """Shared state: shapes, dtype, device, lengths, pooled-key sums, the storage's quantization."""
 
-    def __init__(self, batch, kv_heads, head_dim, *, v_head_dim, dtype, device, pool_block_size, max_len):
+    def __init__(self, batch, kv_heads, head_dim, *, v_head_dim, dtype, device, pool_block_size, max_len,
+                 kv_dtype=None):
         self.batch = check_positive_int("batch", batch)
         self.kv_heads = check_positive_int("kv_heads", kv_heads)
         self.head_dim = check_positive_int("head_dim", head_dim)
@@ -35,6 +37,9 @@ class CacheBase:
         if dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype}")
         self.dtype = dtype
+        #: None (rows stored in `dtype`) or "int8" / "fp8_e4m3" (quant.py: codes + a float32 scale per
+        #: token and kv head); `dtype` stays the dtype of the rows appended and of the queries
+        self.kv_dtype = check_kv_dtype(kv_dtype)
         self.device = check_device(device)
         self.pool_block_size = check_positive_int("pool_block_size", pool_block_size)
         self.max_len = max_len
@@ -96,6 +101,19 @@ class CacheBase:
         h_idx = torch.arange(self.kv_heads, device=self.device)[None, :, None]
         self._block_sums.index_put_((b_idx, h_idx, blk[:, None, :]), k.to(self._block_sums.dtype), accumulate=True)
 
+    def _storage_dtype(self) -> torch.dtype:
+        return self.dtype if self.kv_dtype is None else storage_dtype(self.kv_dtype)
+
+    def _encode(self, k, v):
+        """What an append stores: `(k, v, k_scale, v_scale, keys for the block sums)`; the scales
+        are None and the rows unchanged for an unquantized cache. Quantized, the block sums take
+        the dequantized keys (TopK selects over what attention reads)."""
+        if self.kv_dtype is None:
+            return k, v, None, None, k
+        kq, ks = quantize_rows(k, self.kv_dtype)
+        vq, vs = quantize_rows(v, self.kv_dtype)
+        return kq, vq, ks, vs, dequantize(kq, ks, self._block_sums.dtype)
+
     def _commit_lengths(self, new):
         self.host_lengths = new
         self.lengths.copy_(torch.tensor(new, dtype=torch.int32), non_blocking=True)
@@ -119,14 +137,20 @@ class CacheBase:
     def kv_view(self) -> KVView:
         """The read view kernels consume (host work only: no copy, no device read)."""
         kind, k, v, table, page_size = self._storage()
+        ks, vs = self._scales()
         return KVView(kind=kind, k=k, v=v, page_table=table, page_size=page_size, lengths=self.lengths,
                       host_lengths=tuple(self.host_lengths), block_sums=self._block_sums,
-                      pool_block_size=self.pool_block_size, max_len=self.max_len)
+                      pool_block_size=self.pool_block_size, max_len=self.max_len, quant=self.kv_dtype,
+                      k_scale=ks, v_scale=vs, value_dtype=self.dtype)
+
+    def _scales(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The float32 row scales `(pages, Hkv, page_size)` of K and V (None, None unquantized)."""
+        return None, None
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor the cache holds (what `nbytes()` counts)."""
         _, k, v, table, _ = self._storage()
-        return [k, v, table, self.lengths, self._block_sums]
+        return [k, v, table, self.lengths, self._block_sums, *(s for s in self._scales() if s is not None)]
 
     def nbytes(self) -> int:
         """Bytes of storage the cache holds (each storage once)."""
@@ -138,8 +162,9 @@ class CacheBase:
         return self.kv_view().pooled_keys(num_blocks)
 
     def gather(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values at positions `[lo, hi)` of every sequence, `(B, Hkv, hi - lo, D|Dv)`.
-        Rows at or past a sequence's length hold stale data: callers mask them by `lengths`."""
+        """Keys and values at positions `[lo, hi)` of every sequence, `(B, Hkv, hi - lo, D|Dv)`
+        (dequantized to float32 for a quantized cache). Rows at or past a sequence's length hold
+        stale data: callers mask them by `lengths`."""
         return self.kv_view().gather(lo, hi)
 
 

@@ -23,7 +23,8 @@ class PagedKVCache(CacheBase):
         num_pages: pages in the shared pool.
         page_size: tokens per page.
         max_len: tokens each sequence may hold (page-table width = ceil(max_len / page_size)).
-        dtype, device, pool_block_size: as in :class:`~sparse_attn.cache.KVCache`.
+        dtype, device, pool_block_size, kv_dtype: as in :class:`~sparse_attn.cache.KVCache`
+            (quantized: `k_scale` / `v_scale` `(num_pages + 1, Hkv, page_size)` float32 beside the pages).
 
     `k_pages`/`v_pages` are `(num_pages + 1, Hkv, page_size, D)`; `page_table` is int32
     `(B, ceil(max_len / page_size))`. `release_outside(SlidingWindow(...))` returns the pages that no
@@ -32,18 +33,23 @@ class PagedKVCache(CacheBase):
 
     def __init__(self, batch: int, kv_heads: int, head_dim: int, *, num_pages: int, page_size: int = 64,
                  max_len: int, v_head_dim: int | None = None, dtype: torch.dtype = torch.float32, device="cpu",
-                 pool_block_size: int = 64):
+                 pool_block_size: int = 64, kv_dtype=None):
         check_positive_int("num_pages", num_pages)
         check_positive_int("page_size", page_size)
         check_positive_int("max_len", max_len)
         super().__init__(batch, kv_heads, head_dim, v_head_dim=v_head_dim, dtype=dtype, device=device,
-                         pool_block_size=pool_block_size, max_len=max_len)
+                         pool_block_size=pool_block_size, max_len=max_len, kv_dtype=kv_dtype)
         self.num_pages, self.page_size = num_pages, page_size
         # (on Linux CPUs in transparent huge pages: huge_pages.py)
-        self.k_pages = huge_pages.zeros(num_pages + 1, kv_heads, page_size, self.head_dim, dtype=dtype,
+        sdt = self._storage_dtype()
+        self.k_pages = huge_pages.zeros(num_pages + 1, kv_heads, page_size, self.head_dim, dtype=sdt,
                                         device=self.device)
-        self.v_pages = huge_pages.zeros(num_pages + 1, kv_heads, page_size, self.v_head_dim, dtype=dtype,
+        self.v_pages = huge_pages.zeros(num_pages + 1, kv_heads, page_size, self.v_head_dim, dtype=sdt,
                                         device=self.device)
+        self.k_scale = self.v_scale = None
+        if self.kv_dtype is not None:  # one float32 scale per row, beside the pages
+            self.k_scale = torch.ones(num_pages + 1, kv_heads, page_size, device=self.device)
+            self.v_scale = torch.ones(num_pages + 1, kv_heads, page_size, device=self.device)
         width = -(-max_len // page_size)
         self._host_table = [[num_pages] * width for _ in range(batch)]
         self.page_table = torch.full((batch, width), num_pages, dtype=torch.int32, device=self.device)
@@ -75,9 +81,13 @@ class PagedKVCache(CacheBase):
         page = torch.gather(self.page_table.long(), 1, slot)
         page = torch.where(valid, page, torch.full_like(page, self.num_pages))
         off = pos % ps
+        k, v, ks, vs, keys = self._encode(k, v)
         self.k_pages[page, :, off] = k.permute(0, 2, 1, 3)  # (B, T) index dims first, then Hkv, D
         self.v_pages[page, :, off] = v.permute(0, 2, 1, 3)
-        self._add_block_sums(k, pos, valid)
+        if ks is not None:
+            self.k_scale[page, :, off] = ks.permute(0, 2, 1)
+            self.v_scale[page, :, off] = vs.permute(0, 2, 1)
+        self._add_block_sums(keys, pos, valid)
         self._commit_lengths(new)
 
     # ---------------------------------------------------------------------------------- release
@@ -120,7 +130,11 @@ class PagedKVCache(CacheBase):
     def _storage(self):
         return "paged", self.k_pages, self.v_pages, self.page_table, self.page_size
 
+    def _scales(self):
+        return self.k_scale, self.v_scale
+
     def __repr__(self):
         return (f"PagedKVCache(batch={self.batch}, kv_heads={self.kv_heads}, head_dim={self.head_dim}, "
                 f"pages={self.num_pages}x{self.page_size} ({self.free_pages} free), max_len={self.max_len}, "
-                f"lengths={self.host_lengths}, dtype={self.dtype}, device={self.device})")
+                f"lengths={self.host_lengths}, dtype={self.dtype}, "
+                f"{f'kv_dtype={self.kv_dtype}, ' if self.kv_dtype else ''}device={self.device})")

@@ -7,9 +7,10 @@ of `k` / `v` `(pages, Hkv, page_size, D)`. A contiguous cache is one page of `ma
 sequence (`page_table[b] = [b]`), so a kernel that follows the table serves both; a kernel that has
 a faster path for one layout asks `kind`.
 
-Fields to come, with defaults so that today's kernels stay valid: a quantization kind and the
-per-row scales (issue 21: a kernel that reads only plain storage declares it), and the ranges
-a cache released (issue 20).
+A quantized cache (`kv_dtype="int8" | "fp8_e4m3"`, cache/quant.py) says so in `quant` and hands
+its float32 row scales `k_scale` / `v_scale` `(pages, Hkv, page_size)`, laid out as the pages; `k` /
+`v` then hold the codes, and `dtype` is still the dtype of the queries and of the rows appended. A
+kernel declares the storage it reads (`Kernel.kv_dtypes`); `gather` dequantizes.
 """
 from __future__ import annotations
 
@@ -36,6 +37,10 @@ class KVView:
             storage keeps none.
         pool_block_size: the block of `block_sums` (None with them).
         max_len: tokens a sequence may hold.
+        quant: None, or "int8" / "fp8_e4m3": `k` / `v` hold codes, a row's values are its codes
+            times its scale.
+        k_scale, v_scale: float32 `(pages, Hkv, page_size)` row scales (None unquantized).
+        value_dtype: dtype of the rows appended and of the queries (None: `k`'s).
     """
 
     kind: str
@@ -48,10 +53,16 @@ class KVView:
     block_sums: torch.Tensor | None
     pool_block_size: int | None
     max_len: int
+    quant: str | None = None
+    k_scale: torch.Tensor | None = None
+    v_scale: torch.Tensor | None = None
+    value_dtype: torch.dtype | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if (self.quant is None) != (self.k_scale is None) or (self.k_scale is None) != (self.v_scale is None):
+            raise ValueError("a quantized view needs k_scale and v_scale, an unquantized one neither")
 
     @property
     def batch(self) -> int:
@@ -71,7 +82,8 @@ class KVView:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.k.dtype
+        """The dtype of the queries and of the rows appended (not the storage's when quantized)."""
+        return self.value_dtype if self.value_dtype is not None else self.k.dtype
 
     @property
     def device(self) -> torch.device:
@@ -94,20 +106,33 @@ class KVView:
         return sums / torch.clamp(count, min=1)[:, None, :, None].to(sums.dtype)
 
     def gather(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values at positions `[lo, hi)` of every sequence, `(B, Hkv, hi - lo, D|Dv)`.
-        Rows at or past a sequence's length hold stale data: callers mask them by `lengths`."""
+        """Keys and values at positions `[lo, hi)` of every sequence, `(B, Hkv, hi - lo, D|Dv)`;
+        a quantized cache's rows dequantized (float32; float64 for a float64 cache). Rows at or
+        past a sequence's length hold stale data: callers mask them by `lengths`."""
         if self.kind == "contiguous":  # page b is sequence b: a slice, no copy
-            return self.k[:, :, lo:hi], self.v[:, :, lo:hi]
+            k, v = self.k[:, :, lo:hi], self.v[:, :, lo:hi]
+            if self.quant is None:
+                return k, v
+            return self._dequant(k, self.k_scale[:, :, lo:hi]), self._dequant(v, self.v_scale[:, :, lo:hi])
         pos = torch.arange(lo, hi, device=self.device)
         slot = torch.clamp(pos // self.page_size, max=self.page_table.shape[1] - 1)
         page = self.page_table.long()[:, slot]  # (B, n)
         off = (pos % self.page_size)[None, :].expand_as(page)
         k = self.k[page, :, off].permute(0, 2, 1, 3)  # (B, n, Hkv, D) -> (B, Hkv, n, D)
         v = self.v[page, :, off].permute(0, 2, 1, 3)
-        return k, v
+        if self.quant is None:
+            return k, v
+        ks = self.k_scale[page, :, off].permute(0, 2, 1)  # (B, n, Hkv) -> (B, Hkv, n)
+        vs = self.v_scale[page, :, off].permute(0, 2, 1)
+        return self._dequant(k, ks), self._dequant(v, vs)
+
+    def _dequant(self, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        dt = torch.float64 if self.dtype == torch.float64 else torch.float32
+        return codes.to(dt) * scale.to(dt)[..., None]
 
     def describe(self) -> str:
         lens = self.host_lengths
         span = f"{min(lens)}..{max(lens)}" if lens and min(lens) != max(lens) else str(max(lens, default=0))
         pages = f", page_size={self.page_size}" if self.kind == "paged" else ""
-        return f"{self.kind} cache (lengths {span}{pages})"
+        quant = f"{self.quant} " if self.quant else ""
+        return f"{quant}{self.kind} cache (lengths {span}{pages})"

@@ -41,6 +41,9 @@ class DecodeArgs(NamedTuple):
     sinks: int
     scale: float
     splits: int
+    quant: str | None = None  # None, or "int8" / "fp8_e4m3": k, v hold codes (cache/quant.py)
+    k_scale: torch.Tensor | None = None  # float32 (pages, Hkv, page_size) row scales of a quantized cache
+    v_scale: torch.Tensor | None = None
 
 
 def key_block_of(pattern) -> int:
@@ -125,4 +128,4 @@ def cache_decode_args(q, view, pattern, *, scale: float, units: int) -> DecodeAr
     count, index, row_mask = block_lists(rows, sq)
     splits = num_splits(units, b, view.kv_heads, -(-(hq // view.kv_heads) * sq // 8), nb)
     return DecodeArgs(q.contiguous(), view.k, view.v, view.page_table, view.lengths, count, index, row_mask,
-                      key_block, *_rule_args(pattern), float(scale), splits)
+                      key_block, *_rule_args(pattern), float(scale), splits, view.quant, view.k_scale, view.v_scale)

@@ -26,6 +26,8 @@ class CacheProblem(Problem):
     rows are end-aligned to its own length."""
 
     cache_kind: str = "contiguous"
+    #: the storage's quantization: None, "int8" or "fp8_e4m3" (a kernel declares `kv_dtypes`)
+    kv_dtype: str | None = None
     page_size: int = 0
     cache_text: str = ""
     #: the pattern as the caller gave it; `pattern` is it clamped to the cache's current length
@@ -45,7 +47,7 @@ class CacheProblem(Problem):
     def same_call(self, other: "CacheProblem") -> bool:
         """True when `other` is this call again, the cache possibly longer (what a plan may run)."""
         fields = ("batch", "q_heads", "kv_heads", "sq", "head_dim", "v_head_dim", "dtype", "device", "scale",
-                  "requires_grad", "cache_kind", "page_size")
+                  "requires_grad", "cache_kind", "kv_dtype", "page_size")
         same = all(getattr(self, f) == getattr(other, f) for f in fields)
         return same and self.asked_pattern == other.asked_pattern
 
@@ -102,6 +104,14 @@ def make_cache_problem(q, cache, pattern, *, scale=None):
     problem = CacheProblem(batch=b, q_heads=hq, kv_heads=view.kv_heads, sq=sq, sk=view.max_length, head_dim=d,
                            v_head_dim=view.v_head_dim, dtype=q.dtype, device=device_info(q.device), pattern=pattern,
                            scale=sc, requires_grad=bool(torch.is_grad_enabled() and q.requires_grad),
-                           cache_kind=view.kind, page_size=view.page_size, cache_text=view.describe(),
+                           cache_kind=view.kind, kv_dtype=view.quant, page_size=view.page_size, cache_text=view.describe(),
                            torch_device=q.device, asked_pattern=asked)
     return problem, view
+
+
+def kv_elem_bytes(p) -> float:
+    """Bytes per K/V element a decode kernel reads for `p`: the dtype's size, or for a quantized
+    cache one byte plus the row's float32 scale spread over the row."""
+    if getattr(p, "kv_dtype", None) is None:
+        return torch.finfo(p.dtype).bits / 8
+    return 1.0 + 4.0 / max(1, p.head_dim)

@@ -25,6 +25,8 @@ class Kernel:
     phases: tuple[str, ...] = ("prefill", "chunked-prefill", "decode", "training")
     #: cache layouts (`KVView.kind`) a kernel of the "attention_with_cache" op reads
     cache_kinds: tuple[str, ...] = ()
+    #: cache storage it reads: None (rows in the queries' dtype) and/or quantized "int8" / "fp8_e4m3"
+    kv_dtypes: tuple = (None,)
 
     def unavailable(self) -> str | None:
         """Why this kernel cannot run in this process at all (missing package, failed build)."""
@@ -54,6 +56,9 @@ class Kernel:
         kind = getattr(p, "cache_kind", None)  # a CacheProblem
         if kind is not None and kind not in self.cache_kinds:
             why.append(f"does not read a {kind} cache")
+        quant = getattr(p, "kv_dtype", None)
+        if kind is not None and quant not in self.kv_dtypes:
+            why.append(f"does not read {quant or 'unquantized'} storage (reads {self.kv_dtypes})")
         return why + self.extra_reasons(p)
 
     def cost(self, p: Problem) -> float:

@@ -23,7 +23,7 @@ import torch
 from ..._build import load_extension, unavailable_reason
 from ...layout.topk_selection import topk_index_over_cache, topk_token_index_pooled
 from ...patterns import BlockSparse, Dense, SlidingWindow, TopK
-from ...scheduler.cache_problem import CACHE_OP
+from ...scheduler.cache_problem import CACHE_OP, kv_elem_bytes
 from ...scheduler.kernel import roofline_seconds
 from ...scheduler.registry import register
 from ..flash import FlashKernel
@@ -50,10 +50,12 @@ def decode_prepare(q: torch.Tensor, k: torch.Tensor, pattern):
     return None
 
 
-def _decode_fwd(q, k, v, pattern, *, scale: float, token_index, lengths=None, page_table=None, page_size=0):
+def _decode_fwd(q, k, v, pattern, *, scale: float, token_index, lengths=None, page_table=None, page_size=0,
+                k_scale=None, v_scale=None):
     """The one call of the extension: `decode_fwd(DecodeArgs)` -> `(out, lse)`
     (csrc/cpu/decode_binding.cpp says what each field means). `lengths` / `page_table`: a cache's
-    (rows end-aligned to each sequence's length; K/V as pages), else None."""
+    (rows end-aligned to each sequence's length; K/V as pages), else None. `k_scale` / `v_scale`:
+    a quantized cache's row scales (k, v then hold its int8 / fp8 codes)."""
     ext = _ext()
     args = ext.DecodeArgs()
     args.q, args.k, args.v, args.scale = q, k, v, float(scale)
@@ -67,6 +69,7 @@ def _decode_fwd(q, k, v, pattern, *, scale: float, token_index, lengths=None, pa
         args.block, args.token_index = pattern.block_size, token_index
         args.sink_blocks, args.local_blocks = pattern.sink_blocks, pattern.local_blocks
     args.lengths, args.page_table, args.page_size = lengths, page_table, page_size
+    args.k_scale, args.v_scale = k_scale, v_scale
     return ext.decode_fwd(args)
 
 
@@ -101,7 +104,7 @@ def decode_over_cache(q: torch.Tensor, view, pattern, *, scale: float) -> torch.
     else:
         table, page_size = view.page_table, view.page_size
     return _decode_fwd(q, view.k, view.v, pattern, scale=scale, token_index=token_index, lengths=view.lengths,
-                       page_table=table, page_size=page_size)[0]
+                       page_table=table, page_size=page_size, k_scale=view.k_scale, v_scale=view.v_scale)[0]
 
 
 def _keys_read(p) -> float:
@@ -158,7 +161,7 @@ class CpuDecode(FlashKernel):
         return why
 
     def cost(self, p):
-        elem = torch.finfo(p.dtype).bits // 8
+        elem = kv_elem_bytes(p)  # a quantized cache: 1 byte + the row's scale
         nbytes = elem * p.batch * p.kv_heads * _keys_read(p) * (p.head_dim + p.v_head_dim)
         flops = 2.0 * (p.head_dim + p.v_head_dim) * p.visited_pairs()
         t = roofline_seconds(p, flops=0.0, bytes_moved=nbytes, efficiency=self.memory_efficiency)
@@ -186,9 +189,12 @@ class CpuDecode(FlashKernel):
 
 class CpuCacheDecode(CpuDecode):
     """`cpu.decode` over a cache (the "attention_with_cache" op): the same kernel and cost, K/V
-    read in place from contiguous or paged storage, TopK selected from the cache's block means."""
+    read in place from contiguous or paged storage, TopK selected from the cache's block means.
+    Quantized storage (int8 / fp8 codes + row scales) is read as it sits and dequantized in
+    registers (csrc/cpu/decode_quant.h)."""
 
     cache_kinds = ("contiguous", "paged")
+    kv_dtypes = (None, "int8", "fp8_e4m3")
 
     def _pool_bytes(self, p, nb):
         return (8 if p.dtype == torch.float64 else 4) * p.batch * p.kv_heads * nb * p.head_dim

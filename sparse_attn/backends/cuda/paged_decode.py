@@ -52,6 +52,8 @@ class CudaCacheDecode(CudaSplitKVDecode):
     """`cuda.splitkv_decode` over a contiguous or paged cache (the "attention_with_cache" op)."""
 
     cache_kinds = ("contiguous", "paged")
+    #: int8 / fp8 codes dequantized in registers as each row is loaded (csrc/cuda/paged_decode.cu)
+    kv_dtypes = (None, "int8", "fp8_e4m3")
 
     def run_cache(self, q, view, p):
         out, _ = _ext().paged_decode(*cache_decode_args(q, view, p.pattern, scale=p.scale, units=p.device.units))

@@ -7,7 +7,8 @@ with an online softmax, so memory is `B x Hq x Sq x chunk`, never `Sq x Sk`; the
 each (query, key) pair is computed on the device from the lengths, the pattern's token rule and
 the key blocks each row visits (`layout/decode_blocks.visited_rows`: TopK selects from the
 cache's block means, O(blocks)). No host read of device data. Any device, any float dtype
-(float64 included), differentiable in q through plain autograd.
+(float64 included), differentiable in q through plain autograd. A quantized cache's chunks come
+dequantized from the view (float32), so chunked prefill over one works like decode.
 """
 from __future__ import annotations
 
@@ -105,6 +106,8 @@ class ReferenceCacheChunked(Kernel):
     patterns = SOFTMAX_PATTERNS
     supports_backward = True
     cache_kinds = ("contiguous", "paged")
+    #: a quantized cache is dequantized chunk by chunk (`KVView.gather`)
+    kv_dtypes = (None, "int8", "fp8_e4m3")
 
     def cost(self, p):
         lo, hi = p.pattern.key_range(p.sk - p.sq, p.sk, p.sk)

@@ -10,6 +10,11 @@ tensor cores): decode is bound by reading K/V, not by arithmetic, and Triton's i
 not compute bfloat16 dot products correctly (seen with Triton 3.9: garbage results).
 Runs on CUDA tensors, and on CPU tensors in Triton's interpreter (`TRITON_INTERPRET=1`), which
 is how CI tests it.
+
+A quantized cache (int8 / fp8_e4m3 codes + a float32 scale per row, cache/quant.py) is read as it
+sits: `_load_codes` turns a tile of codes into float32 in registers (fp8 from its bits, so the
+interpreter and every GPU read it alike), the K scales multiply the scores and the V scales the
+probabilities (after the softmax's sums), so the products see the codes only.
 """
 from __future__ import annotations
 
@@ -36,15 +41,34 @@ def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, 1 << max(0, (int(n) - 1).bit_length()))
 
 
+#: QUANT of the kernel: 0 rows in the queries' dtype, 1 int8 codes, 2 fp8 e4m3fn codes (as bytes)
+_QUANT = {None: 0, "int8": 1, "fp8_e4m3": 2}
+
+
 if triton is not None:
 
     @triton.jit
-    def _split_kernel(Q, K, V, PT, LEN, CNT, IDX, RMASK, PO, PL,
-                      s_qb, s_qh, s_qs, s_kp, s_kh, s_kt, s_vp, s_vh, s_vt, s_pt, s_idx, s_rm,
+    def _load_codes(ptr, mask, QUANT: tl.constexpr):
+        """A tile of K or V as float32: plain rows converted, int8 codes as integers, fp8 e4m3fn
+        codes decoded from their bits (exponent rebiased 7 -> 127; subnormals m * 2^-9 exactly,
+        with no float32 denormal in between, so a flush-to-zero GPU decodes them too)."""
+        if QUANT == 2:
+            w = tl.load(ptr, mask=mask, other=0).to(tl.int32) & 0xFF
+            e = (w >> 3) & 0xF
+            m = w & 0x7
+            normal = ((e + 120) << 23) | (m << 20)
+            mag = tl.where(e == 0, m.to(tl.float32) * 0.001953125, normal.to(tl.float32, bitcast=True))
+            return tl.where((w & 0x80) != 0, -mag, mag)
+        else:
+            return tl.load(ptr, mask=mask, other=0).to(tl.float32)
+
+    @triton.jit
+    def _split_kernel(Q, K, V, PT, LEN, CNT, IDX, RMASK, PO, PL, KS, VS,
+                      s_qb, s_qh, s_qs, s_kp, s_kh, s_kt, s_vp, s_vh, s_vt, s_pt, s_idx, s_rm, s_sp, s_sh,
                       HQ, HKV, SQ, D, DV, PAGE, KEYB, NSPLITS, WINDOW, SINKS, scale,
                       HAS_LIST: tl.constexpr, HAS_RMASK: tl.constexpr, CAUSAL: tl.constexpr,
                       HAS_WINDOW: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+                      BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, QUANT: tl.constexpr):
         split = tl.program_id(0)
         bh = tl.program_id(1)
         rg = tl.program_id(2)
@@ -81,9 +105,11 @@ if triton is not None:
             jvalid = (nn < KEYB) & (j < length)
             page = tl.load(PT + b * s_pt + j // PAGE, mask=jvalid, other=0)
             off = j % PAGE
-            k = tl.load(K + page[:, None] * s_kp + h * s_kh + off[:, None] * s_kt + dd[None, :],
-                        mask=jvalid[:, None] & (dd[None, :] < D), other=0.0).to(tl.float32)
+            k = _load_codes(K + page[:, None] * s_kp + h * s_kh + off[:, None] * s_kt + dd[None, :],
+                            jvalid[:, None] & (dd[None, :] < D), QUANT)
             s = tl.dot(q, tl.trans(k)) * scale  # (R, N)
+            if QUANT != 0:  # q . (s_k code) = s_k (q . code)
+                s = s * tl.load(KS + page * s_sp + h * s_sh + off, mask=jvalid, other=0.0)[None, :]
             s = tl.where((s - s) == 0.0, s, float("nan"))  # non-finite q / k: NaN, not a masked -inf
             vis = rvalid[:, None] & jvalid[None, :]
             if CAUSAL:
@@ -99,8 +125,10 @@ if triton is not None:
             alpha = tl.exp(m - m_safe)  # 0 while m is -inf
             p = tl.exp(s - m_safe[:, None])  # 0 on hidden pairs
             lsum = lsum * alpha + tl.sum(p, 1)
-            vt = tl.load(V + page[:, None] * s_vp + h * s_vh + off[:, None] * s_vt + dv[None, :],
-                         mask=jvalid[:, None] & (dv[None, :] < DV), other=0.0).to(tl.float32)
+            vt = _load_codes(V + page[:, None] * s_vp + h * s_vh + off[:, None] * s_vt + dv[None, :],
+                             jvalid[:, None] & (dv[None, :] < DV), QUANT)
+            if QUANT != 0:  # p (s_v code) = (p s_v) code, after the sums took p
+                p = p * tl.load(VS + page * s_sp + h * s_sh + off, mask=jvalid, other=0.0)[None, :]
             acc = acc * alpha[:, None] + tl.dot(p, vt)
             m = m_new
         seen = (lsum > 0) | (lsum != lsum)  # a NaN sum (non-finite input seen) stays NaN, never 0
@@ -130,15 +158,24 @@ def run_decode(a: DecodeArgs) -> tuple[torch.Tensor, torch.Tensor]:
     cnt = a.count if a.count is not None else dummy
     idx = a.index if a.index is not None else dummy
     rm = a.row_mask if a.row_mask is not None else dummy
+    quant = _QUANT[a.quant]
+    k, v = a.k, a.v
+    if quant == 2:  # fp8 codes as bytes: decoded from their bits (_load_codes)
+        k, v = k.view(torch.uint8), v.view(torch.uint8)
+    ks = a.k_scale if quant else dummy
+    vs = a.v_scale if quant else dummy
+    if quant and (ks.stride(2) != 1 or ks.stride() != vs.stride()):
+        raise ValueError("k_scale / v_scale must share strides, unit stride along the rows")
     _split_kernel[grid](
-        q, a.k, a.v, a.page_table, a.lengths, cnt, idx, rm, part, plse,
-        q.stride(0), q.stride(1), q.stride(2), a.k.stride(0), a.k.stride(1), a.k.stride(2),
-        a.v.stride(0), a.v.stride(1), a.v.stride(2), a.page_table.stride(0),
+        q, k, v, a.page_table, a.lengths, cnt, idx, rm, part, plse, ks, vs,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), a.page_table.stride(0),
         a.index.stride(1) if a.index is not None else 0, a.row_mask.stride(2) if a.row_mask is not None else 0,
-        hq, hkv, sq, d, dv_, a.k.shape[2], a.key_block, splits, a.window, a.sinks, a.scale,
+        ks.stride(0) if quant else 0, ks.stride(1) if quant else 0,
+        hq, hkv, sq, d, dv_, k.shape[2], a.key_block, splits, a.window, a.sinks, a.scale,
         HAS_LIST=a.count is not None, HAS_RMASK=a.row_mask is not None, CAUSAL=a.causal,
         HAS_WINDOW=a.window > 0, BLOCK_R=block_r, BLOCK_N=_pow2(a.key_block), BLOCK_D=_pow2(d),
-        BLOCK_DV=_pow2(dv_))
+        BLOCK_DV=_pow2(dv_), QUANT=quant)
     # merge the splits by log-sum-exp
     mx = plse.amax(dim=-1, keepdim=True)
     mx_safe = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
@@ -189,6 +226,7 @@ class TritonCacheDecode(TritonSplitKVDecode):
     """`triton.splitkv_decode` over a contiguous or paged cache (the "attention_with_cache" op)."""
 
     cache_kinds = ("contiguous", "paged")
+    kv_dtypes = (None, "int8", "fp8_e4m3")
 
     def run_cache(self, q, view, p):
         return decode_over_cache(q, view, p.pattern, scale=p.scale)
