@@ -12,7 +12,7 @@ import torch
 import sparse_attn as sa
 from conftest import DTYPE_IDS, TRITON_DEVICE
 from delta_oracle import oracle_delta_rule
-from test_delta_rule import check, make_inputs
+from test_delta_rule import check, make_inputs, run_and_compare
 
 DEV = TRITON_DEVICE
 
@@ -31,26 +31,37 @@ def _compare(ins, *, dtype, qk_l2norm=False, scale=None, backend="triton", bound
     return o, st
 
 
-# (dtype, decay, (Hk, Hv), S, (D, Dv), initial state, qk_l2norm)
+# (dtype, decay, (Hk, Hv), S, (D, Dv), initial state, qk_l2norm, gradients)
 CASES = [
-    (torch.float32, "none", (2, 2), 37, (16, 24), False, False),
-    (torch.float32, "per-token", (1, 4), 50, (32, 16), True, True),
-    (torch.float32, "per-channel", (2, 4), 33, (20, 12), True, False),   # D, Dv not powers of two
-    (torch.float32, "per-token", (2, 2), 1, (16, 16), True, False),      # one token, chunked form
-    (torch.bfloat16, "per-channel", (1, 2), 40, (16, 16), False, True),
-    (torch.float16, "per-token", (2, 4), 29, (16, 80), True, True),      # Dv over two 64-column tiles
+    (torch.float32, "none", (2, 2), 37, (16, 24), False, False, True),
+    (torch.float32, "per-token", (1, 4), 50, (32, 16), True, True, False),
+    (torch.float32, "per-token", (1, 2), 21, (16, 8), True, True, True),
+    (torch.float32, "per-channel", (2, 4), 33, (20, 12), True, False, False),   # D, Dv not powers of two
+    (torch.float32, "per-channel", (1, 2), 19, (16, 8), True, False, True),
+    (torch.float32, "per-token", (2, 2), 1, (16, 16), True, False, False),      # one token, chunked form
+    (torch.bfloat16, "per-channel", (1, 2), 40, (16, 16), False, True, True),
+    (torch.float16, "per-token", (2, 4), 29, (16, 80), True, True, False),      # Dv over two 64-column tiles
 ]
 
 
 def cid(c):
-    dtype, kind, (hk, hv), s, (d, dv), s0, l2 = c
-    return f"{DTYPE_IDS[dtype]}-{kind}-hk{hk}hv{hv}-s{s}-d{d}dv{dv}{'-s0' if s0 else ''}{'-l2' if l2 else ''}"
+    dtype, kind, (hk, hv), s, (d, dv), s0, l2, grad = c
+    return (f"{DTYPE_IDS[dtype]}-{kind}-hk{hk}hv{hv}-s{s}-d{d}dv{dv}{'-s0' if s0 else ''}{'-l2' if l2 else ''}"
+            f"{'-grad' if grad else ''}")
 
 
 @pytest.mark.parametrize("case", CASES, ids=[cid(c) for c in CASES])
 def test_triton_delta_chunked(case):
-    dtype, kind, (hk, hv), s, (d, dv), s0, l2 = case
+    """The chunked kernel (forward; with gradients, the backward of every input through the output
+    and the returned state) against the oracle."""
+    dtype, kind, (hk, hv), s, (d, dv), s0, l2, grad = case
     ins = make_inputs(1, hk, hv, s, d, dv, dtype=dtype, decay=kind, state=s0, unit_keys=not l2)
+    if grad:
+        ins = {n: None if x is None else x.to(DEV).requires_grad_() for n, x in ins.items()}
+        p = sa.plan_delta_rule(**ins, qk_l2norm=l2, backend="triton")
+        assert p.kernel.name == "triton.delta_chunked", p.explain()
+        run_and_compare(ins, dtype=dtype, backend="triton", qk_l2norm=l2)
+        return
     p = sa.plan_delta_rule(**_on(ins), qk_l2norm=l2, backend="triton")
     assert p.kernel.name == ("triton.delta_step" if s <= 16 else "triton.delta_chunked"), p.explain()
     from sparse_attn.backends.triton.delta import triton_delta_chunked
@@ -118,12 +129,10 @@ def test_triton_delta_varlen_equals_per_sequence():
 
 
 def test_triton_delta_declarations():
-    """Forward only, D <= 128: with gradients or a larger head dim the plan says why not."""
-    ins = make_inputs(1, 1, 2, 40, 16, 16, decay="per-token", grad=True)
-    text = sa.plan_delta_rule(**_on(ins)).explain()
-    assert "triton.delta_chunked" in text and "no backward pass" in text
-    with pytest.raises(Exception, match="no backward"):
-        sa.plan_delta_rule(**_on(ins), backend="triton")
+    """The decode step has no backward and the kernels stop at D = 128: the plan says why not."""
+    ins = make_inputs(1, 1, 2, 5, 16, 16, decay="per-token", grad=True)
+    text = sa.plan_delta_rule(**_on(ins), backend="triton").explain()
+    assert "chosen: triton.delta_chunked" in text and "no backward pass" in text, text
     big = make_inputs(1, 1, 1, 20, 160, 16)
     text = sa.plan_delta_rule(**_on(big)).explain()
-    assert "head dims 160/16 outside [1, 128]" in text
+    assert "head dims 160/16 outside [1, 128]" in text, text

@@ -2,8 +2,8 @@
 chunked forward for prefill; `triton.delta_step`, the decode step). The kernels and their math are
 in delta_kernels.py.
 
-Inference only: neither declares a backward, so with inputs that require grad the scheduler
-explains why and picks a kernel that has one (the C++ or the reference chunked form).
+The chunked kernel has a backward (delta_bwd.py); the decode step does not, so with inputs that
+require grad the scheduler explains why and picks a chunked kernel.
 
 `qk_l2norm` is applied here before the launch (one PyTorch op per tensor); decays are clamped at
 -1000 (`exp` is 0 in float32 either way: a `-inf` reset stays NaN-free) and cumulated inside each
@@ -31,8 +31,12 @@ except Exception as exc:  # no Triton, or one too old for these kernels
     _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
 _DECAY = {"none": 0, "per-token": 1, "per-channel": 2}
+#: tokens per chunk, on the GPU and in the interpreter (the backward recomputes at the same size)
+CHUNK = 16
 #: the largest head dims a program's float32 state slice and chunk tiles fit in registers
 MAX_HEAD_DIM = 128
+#: the backward's reverse walk spills above this on sm_80 / sm_90 (delta_bwd.py `_bwd_launch`)
+MAX_BWD_HEAD_DIM = 64
 
 
 def _meta(q, d, dv, kind):
@@ -40,7 +44,7 @@ def _meta(q, d, dv, kind):
     bd = max(16, triton.next_power_of_2(d))
     bdv = max(16, triton.next_power_of_2(dv))
     if not on_gpu(q):  # the interpreter: 16-token chunks keep the tests' odd lengths multi-chunk
-        return 16, bd, bdv, min(64, bdv), 16 if kind == 2 else bd, "ieee", 4, 4, None
+        return CHUNK, bd, bdv, min(64, bdv), 16 if kind == 2 else bd, "ieee", 4, 4, None
     # tf32 products only for bfloat16 inputs (exact in tf32; the rounding of the float32
     # intermediates, ~5e-4, is far inside bfloat16's bound); float32 / float16 inputs keep
     # float32-exact (FMA) products, whose operands take more registers: narrower Dv tiles.
@@ -52,7 +56,7 @@ def _meta(q, d, dv, kind):
     bv = 32 if bf16 and kind != 2 else 16
     bk = 16 if kind == 2 else min(32, bd)
     w = 8 if bd > 64 else 4
-    return 16, bd, bdv, bv, bk, prec, w, w, 1
+    return CHUNK, bd, bdv, bv, bk, prec, w, w, 1
 
 
 def _chunk_cumsum(g, c):
@@ -90,10 +94,12 @@ def _empty_result(q, v, initial_state):
     return v.new_zeros(b, hv, s, dv), st
 
 
-def triton_delta_chunked(q, k, v, beta, *, decay=None, scale: float, initial_state=None, qk_l2norm=False):
+def triton_delta_chunked(q, k, v, beta, *, decay=None, scale: float, initial_state=None, qk_l2norm=False,
+                         states=None):
     """The chunked forward. q, k `(B, Hk, S, D)`; v `(B, Hv, S, Dv)`; beta `(B, Hv, S)`; decay None,
     `(B, Hv, S)` or `(B, Hv, S, D)`; initial_state `(B, Hv, D, Dv)`. Returns `(o (B, Hv, S, Dv) in
-    v.dtype, final state (B, Hv, D, Dv) float32)`; no autograd."""
+    v.dtype, final state (B, Hv, D, Dv) float32)`; no autograd. `states`: a float32 buffer
+    `(B * Hv, ceil(S / C), D, Dv)` that receives the state entering each chunk (the backward's)."""
     b, hk, s, d = q.shape
     hv, dv = v.shape[1], v.shape[3]
     if s == 0 or b * hv == 0:
@@ -113,10 +119,28 @@ def triton_delta_chunked(q, k, v, beta, *, decay=None, scale: float, initial_sta
         q, k, v, beta, bc if bc is not None else dummy, w, wv, p, s, d, dv, hv, hk, hv // hk,
         DECAY=kind, C=c, BD=bd, BDV=bdv, BK=bk, PREC=prec, num_warps=wp)
     _k.delta_scan_kernel[(bh, triton.cdiv(dv, bv))](
-        q, k, bc if bc is not None else dummy, w, wv, p, s0 if s0 is not None else sf, o, sf, float(scale),
-        s, d, dv, hv, hk, hv // hk, DECAY=kind, HAS_S0=s0 is not None, C=c, BD=bd, BV=bv, PREC=prec,
+        q, k, bc if bc is not None else dummy, w, wv, p, s0 if s0 is not None else sf, o, sf,
+        states if states is not None else sf, float(scale),
+        s, d, dv, hv, hk, hv // hk, DECAY=kind, HAS_S0=s0 is not None, STORE_H=states is not None, C=c, BD=bd, BV=bv, PREC=prec,
         num_warps=ws, **({} if ns is None else {"num_stages": ns}))
     return o, sf
+
+
+def triton_delta_rule(q, k, v, beta, *, decay=None, scale: float, initial_state=None, qk_l2norm=False):
+    """`triton_delta_chunked` with autograd (delta_bwd.py): gradients of q, k, v, beta, decay and
+    initial_state through the output and the returned state; qk_l2norm is differentiated by
+    PyTorch around the kernel. Without gradients it is the plain forward."""
+    needs = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, beta, decay, initial_state))
+    if not needs:
+        return triton_delta_chunked(q, k, v, beta, decay=decay, scale=scale, initial_state=initial_state,
+                                    qk_l2norm=qk_l2norm)
+    from .delta_bwd import TritonDeltaFunction
+    qf, kf = q.to(torch.float32), k.to(torch.float32)
+    if qk_l2norm:
+        qf, kf = l2norm(qf), l2norm(kf)
+    o, st = TritonDeltaFunction.apply(qf.contiguous(), kf.contiguous(), v, beta, decay, initial_state, float(scale))
+    return o.to(v.dtype), st
 
 
 def triton_delta_step(q, k, v, beta, *, decay=None, scale: float, initial_state=None, qk_l2norm=False):
@@ -145,7 +169,6 @@ class _TritonDelta(TritonKernelMixin, RecurrenceKernel):
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
     patterns = (DeltaRule,)
     head_dims = (1, MAX_HEAD_DIM)
-    supports_backward = False
 
     def import_error(self):
         return _IMPORT_ERROR
@@ -156,18 +179,26 @@ class _TritonDelta(TritonKernelMixin, RecurrenceKernel):
 
 
 class TritonDeltaChunked(_TritonDelta):
-    """`triton_delta_chunked`: the UT transform of every chunk in parallel, then one program per
-    (value head, Dv tile) carrying the state across chunks; every decay kind; forward only."""
+    """`triton_delta_rule`: the UT transform of every chunk in parallel, then one program per
+    (value head, Dv tile) carrying the state across chunks; every decay kind; backward through
+    delta_bwd.py (the reverse walk in Triton, the chain through the chunk terms in PyTorch)."""
 
     name = "triton.delta_chunked"
     form = "chunked"
+    supports_backward = True
+
+    def more_reasons(self, p):
+        if p.requires_grad and max(p.head_dim, p.v_head_dim) > MAX_BWD_HEAD_DIM and p.device.type == "cuda":
+            return [f"backward at head dims above {MAX_BWD_HEAD_DIM} not offered: its reverse walk spills "
+                    "registers on sm_80 / sm_90 (bench/gpu_static.py)"]
+        return []
     chunk = 16
     efficiency = 0.3
     overhead_s = 20e-6  # two launches and the decays' cumulative sum
 
     def forward(self, q, k, v, beta, p, *, decay, initial_state):
-        return triton_delta_chunked(q, k, v, beta, decay=decay, scale=p.scale, initial_state=initial_state,
-                                    qk_l2norm=p.pattern.qk_l2norm)
+        return triton_delta_rule(q, k, v, beta, decay=decay, scale=p.scale, initial_state=initial_state,
+                                 qk_l2norm=p.pattern.qk_l2norm)
 
 
 class TritonDeltaStep(_TritonDelta):

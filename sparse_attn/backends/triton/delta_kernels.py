@@ -112,10 +112,11 @@ def delta_prep_kernel(Q, K, V, BETA, BC, W, WV, P, S, D, DV, HV, HK, GRP,
 
 
 @triton.jit
-def delta_scan_kernel(Q, K, BC, W, WV, P, S0, O, SF, scale, S, D, DV, HV, HK, GRP,
-                      DECAY: tl.constexpr, HAS_S0: tl.constexpr, C: tl.constexpr, BD: tl.constexpr,
-                      BV: tl.constexpr, PREC: tl.constexpr):
-    """Per (value head, Dv tile): the chunks in order, `U = W_v - W S`, `O`, then the next state."""
+def delta_scan_kernel(Q, K, BC, W, WV, P, S0, O, SF, H, scale, S, D, DV, HV, HK, GRP,
+                      DECAY: tl.constexpr, HAS_S0: tl.constexpr, STORE_H: tl.constexpr, C: tl.constexpr,
+                      BD: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """Per (value head, Dv tile): the chunks in order, `U = W_v - W S`, `O`, then the next state.
+    STORE_H (the backward's recomputation): also the state entering each chunk, H (BH, n, D, Dv)."""
     bh = tl.program_id(0)
     iv = tl.program_id(1)
     b = bh // HV
@@ -132,7 +133,10 @@ def delta_scan_kernel(Q, K, BC, W, WV, P, S0, O, SF, scale, S, D, DV, HV, HK, GR
         state = tl.load(S0 + sptr, mask=smask, other=0.0)
     else:
         state = tl.zeros([BD, BV], dtype=tl.float32)
+    nc = tl.cdiv(S, C)
     for c0 in range(0, S, C):
+        if STORE_H:
+            tl.store(H + (bh * nc + c0 // C) * D * DV + offs_d[:, None] * DV + offs_v[None, :], state, mask=smask)
         rows = c0 + offs_c
         rmask = rows < S
         m_d = rmask[:, None] & dmask[None, :]
@@ -200,3 +204,64 @@ def delta_step_kernel(Q, K, V, BETA, G, S_IN, S_OUT, O, scale, S, D, DV, HV, HK,
         o = tl.sum(q[:, None] * state, axis=0) * scale
         tl.store(O + (bh * S + t) * DV + offs_v, o.to(O.dtype.element_ty), mask=vmask)
     tl.store(S_OUT + sptr, state, mask=smask)
+
+
+@triton.jit
+def delta_bwd_scan_kernel(QD, KE, W, WV, P, CD, H, DO, DSF, DW, DQD, DKE, DWV, DP, DCD, DS0, scale, S, D, DV, NBH,
+                          DECAY: tl.constexpr, HAS_DSF: tl.constexpr, C: tl.constexpr, BD: tl.constexpr,
+                          BV: tl.constexpr, PREC: tl.constexpr):
+    """The backward's sequential part, per (value head, Dv tile), chunks in reverse (S a multiple of
+    C). Inputs are the chunk terms (float32, per value head): QD = exp(b) * Q, KE = exp(b_last - b)
+    * K, W, WV, P (BH, S, C), CD the chunk decays exp(b_last) (BH, n[, D]), H the entering states.
+    With R the gradient of the state leaving a chunk:
+        dU = scale P^T dO + KE R,   dW_v = dU,   dW = -dU S_0^T,   dP = scale dO U^T,
+        dQD = scale dO S_0^T,   dKE = U R^T,   dCD = sum S_0 * R,
+        R_prev = CD R + scale QD^T dO - W^T dU     (= d(initial state) after the first chunk).
+    Terms summed over Dv (dW, dQD, dKE, dP, dCD) are written per tile (leading axis), summed by
+    the launcher."""
+    bh = tl.program_id(0)
+    iv = tl.program_id(1)
+    offs_c = tl.arange(0, C)
+    offs_d = tl.arange(0, BD)
+    offs_v = iv * BV + tl.arange(0, BV)
+    dmask = offs_d < D
+    vmask = offs_v < DV
+    smask = dmask[:, None] & vmask[None, :]
+    sptr = bh * D * DV + offs_d[:, None] * DV + offs_v[None, :]
+    if HAS_DSF:
+        r = tl.load(DSF + sptr, mask=smask, other=0.0)
+    else:
+        r = tl.zeros([BD, BV], dtype=tl.float32)
+    part = iv * NBH + bh
+    nc = S // C
+    for i in range(0, nc):
+        ic = nc - 1 - i
+        rows = ic * C + offs_c
+        m_d = dmask[None, :]
+        m_v = vmask[None, :]
+        qd = tl.load(QD + bh * S * D + rows[:, None] * D + offs_d[None, :], mask=m_d, other=0.0)
+        ke = tl.load(KE + bh * S * D + rows[:, None] * D + offs_d[None, :], mask=m_d, other=0.0)
+        w = tl.load(W + bh * S * D + rows[:, None] * D + offs_d[None, :], mask=m_d, other=0.0)
+        wv = tl.load(WV + bh * S * DV + rows[:, None] * DV + offs_v[None, :], mask=m_v, other=0.0)
+        p = tl.load(P + bh * S * C + rows[:, None] * C + offs_c[None, :])
+        do = tl.load(DO + bh * S * DV + rows[:, None] * DV + offs_v[None, :], mask=m_v, other=0.0)
+        s0 = tl.load(H + (bh * nc + ic) * D * DV + offs_d[:, None] * DV + offs_v[None, :], mask=smask, other=0.0)
+        u = wv - tl.dot(w, s0, input_precision=PREC)
+        du = scale * tl.dot(tl.trans(p), do, input_precision=PREC) + tl.dot(ke, r, input_precision=PREC)
+        tl.store(DWV + bh * S * DV + rows[:, None] * DV + offs_v[None, :], du, mask=m_v)
+        pd = part * S * D + rows[:, None] * D + offs_d[None, :]
+        tl.store(DW + pd, -tl.dot(du, tl.trans(s0), input_precision=PREC), mask=m_d)
+        tl.store(DQD + pd, scale * tl.dot(do, tl.trans(s0), input_precision=PREC), mask=m_d)
+        tl.store(DKE + pd, tl.dot(u, tl.trans(r), input_precision=PREC), mask=m_d)
+        tl.store(DP + part * S * C + rows[:, None] * C + offs_c[None, :],
+                 scale * tl.dot(do, tl.trans(u), input_precision=PREC))
+        if DECAY == 1:
+            tl.store(DCD + part * nc + ic, tl.sum(tl.sum(s0 * r, axis=1), axis=0))
+            cd = tl.load(CD + bh * nc + ic)
+            r = r * cd
+        if DECAY == 2:
+            tl.store(DCD + (part * nc + ic) * D + offs_d, tl.sum(s0 * r, axis=1), mask=dmask)
+            cd = tl.load(CD + (bh * nc + ic) * D + offs_d, mask=dmask, other=0.0)
+            r = r * cd[:, None]
+        r = r + scale * tl.dot(tl.trans(qd), do, input_precision=PREC) - tl.dot(tl.trans(w), du, input_precision=PREC)
+    tl.store(DS0 + sptr, r, mask=smask)
