@@ -18,11 +18,14 @@ import torch
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 SHORT = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}
-KINDS = ("prefill", "decode", "train", "linear-prefill", "linear-decode", "linear-step", "window-step")
+KINDS = ("prefill", "decode", "train", "linear-prefill", "linear-decode", "linear-step", "window-step",
+         "delta-prefill", "delta-train")
 #: one decode step against constant-size state (Sq = 1): the linear-attention step at issue 15's shape
 #: (B = 1, H = 32, D = Dv = 128, float32 state) and the WindowLinear step over its fixed storage
 STEP_KINDS = ("linear-step", "window-step")
 LINEAR_STEP_HEADS = (32, 32)
+#: delta-rule rows (Gated DeltaNet inputs) at issue 17's shape: B = 1, H = 16 q/k and value heads, D = Dv = 128
+DELTA_HEADS = (16, 16)
 
 B, D, BLOCK = 1, 128, 64
 K = 1024
@@ -34,6 +37,7 @@ SIZES = {
         heads=(4, 1), prefill=(1 * K, 4 * K), decode=(4 * K, 32 * K), train=(1 * K,),
         sparsity_len=2 * K, topk=(4, 32), window=(128, 512), density=(0.05, 0.2),
         linear_prefill=(4 * K,), linear_decode=(4 * K, 32 * K, 128 * K),
+        delta_prefill=(4 * K,), delta_train=(1 * K,),
         default=dict(topk=16, window=256, density=0.10)),
     ("cpu", False): dict(
         heads=(32, 8), prefill=tuple(2**i * K for i in range(0, 8)), decode=tuple(2**i * K for i in range(2, 8)),
@@ -42,17 +46,20 @@ SIZES = {
         linear_prefill=(4 * K, 16 * K, 32 * K), linear_decode=(4 * K, 32 * K, 128 * K),
         # linear-prefill rows in issue 6's shape (float32, B=1, H=8, D=128; its target is S=16384)
         linear_heads=(8, 8),
+        delta_prefill=(4 * K, 16 * K), delta_train=(2 * K, 16 * K),
         default=dict(topk=16, window=1024, density=0.10)),
     ("accel", True): dict(
         heads=(32, 8), prefill=(16 * K, 64 * K), decode=(64 * K, 1024 * K), train=(16 * K,),
         sparsity_len=32 * K, topk=(8, 32, 128), window=(1024, 8192), density=(0.05, 0.2),
         linear_prefill=(64 * K,), linear_decode=(4 * K, 32 * K, 128 * K),
+        delta_prefill=(16 * K,), delta_train=(16 * K,),
         default=dict(topk=16, window=4096, density=0.10)),
     ("accel", False): dict(
         heads=(32, 8), prefill=tuple(4**i * 4 * K for i in range(0, 5)),  # 4K .. 1M
         decode=tuple(4**i * 4 * K for i in range(0, 5)), train=(4 * K, 16 * K, 64 * K),
         sparsity_len=64 * K, topk=(4, 8, 16, 32, 64, 128), window=(512, 1024, 4096, 8192, 16384),
         density=(0.025, 0.05, 0.1, 0.2, 0.4), linear_prefill=(16 * K, 128 * K), linear_decode=(4 * K, 32 * K, 128 * K),
+        delta_prefill=(16 * K, 128 * K), delta_train=(16 * K, 64 * K),
         default=dict(topk=16, window=4096, density=0.10)),
 }
 
@@ -60,7 +67,7 @@ SIZES = {
 @dataclass(frozen=True)
 class Case:
     kind: str      # one of KINDS
-    family: str    # "dense" | "window" | "topk" | "blocksparse" | "windowlinear" | "linear"
+    family: str    # "dense" | "window" | "topk" | "blocksparse" | "windowlinear" | "linear" | "delta"
     param: float | None  # window, topk or density (None for dense / linear)
     B: int
     Hq: int
@@ -84,7 +91,7 @@ class Case:
 
     @property
     def softmax(self) -> bool:
-        return not self.kind.startswith("linear")
+        return not self.kind.startswith(("linear", "delta"))
 
     def make_pattern(self, device):
         """The sparse_attn pattern of this case on `device` (None for linear attention)."""
@@ -177,5 +184,8 @@ def sweep(device: torch.device, quick: bool, dtypes) -> list[Case]:
         add("linear-decode", "linear", None, s, ldt, "length")
     add("linear-step", "linear", None, 1, ldt, "length", heads=LINEAR_STEP_HEADS)
     add("window-step", "windowlinear", dflt["window"], 4 * dflt["window"], ldt, "length")
+    for kind in ("delta-prefill", "delta-train"):
+        for s in size.get(kind.replace("-", "_"), ()):
+            add(kind, "delta", None, s, ldt, "length", heads=DELTA_HEADS)
     order = {k: i for i, k in enumerate(KINDS)}
     return sorted(cases.values(), key=lambda c: (order[c.kind], c.Sk, c.dtype != dtypes[0]))

@@ -122,6 +122,8 @@ SAMPLE_CI = {
     "linear_chunked": [(128, "bf16", "decay+state")],
     "window_linear": [(128, "bf16", "sinks")],
     "topk_select": [(128, "bf16", "topk64")],
+    "delta_rule": [(128, "bf16", "per-token"), (128, "bf16", "per-channel"), (64, "fp32", "none"),
+                   (64, "bf16", "per-channel")],
 }
 #: `--sample wide`: the CI sample plus the other BLOCK_D values, an unaligned head dim (200: its
 #: strides are not 16-divisible), float16, float32 at 256, each remaining pattern variant
@@ -137,6 +139,8 @@ SAMPLE_WIDE = {
         (64, "bf16", "decay+state"), (128, "fp32", "decay+state"), (128, "bf16", "plain"), (32, "fp16", "plain")],
     "window_linear": SAMPLE_CI["window_linear"] + [(64, "bf16", "sinks"), (128, "fp32", "sinks"), (32, "bf16", "sinks")],
     "topk_select": SAMPLE_CI["topk_select"] + [(128, "bf16", "topk16"), (256, "bf16", "topk64"), (32, "bf16", "topk16")],
+    "delta_rule": SAMPLE_CI["delta_rule"] + [(128, "fp32", "per-token"), (128, "fp32", "per-channel"),
+                                             (64, "bf16", "per-token"), (32, "fp16", "none")],
 }
 #: what `--sample full` crosses with FULL_DIMS x DTYPES (head dims above a kernel's limit are left out)
 VARIANTS = {
@@ -145,8 +149,9 @@ VARIANTS = {
     "linear_chunked": ("plain", "decay+state"),
     "window_linear": ("sinks",),
     "topk_select": ("topk16", "topk64"),
+    "delta_rule": ("none", "per-token", "per-channel"),
 }
-MAX_HEAD_DIM = {"linear_chunked": 128, "window_linear": 128}
+MAX_HEAD_DIM = {"linear_chunked": 128, "window_linear": 128, "delta_rule": 128}
 
 
 def cases(family: str, sample: str):
@@ -283,10 +288,38 @@ def topk_launches(sample: str):
 
 
 
+def delta_launches(sample: str):
+    """The delta rule's chunked forward (prep + scan), its backward (the states' recomputation and
+    the reverse walk; head dims <= 64, where the kernel offers it) and its decode step, GQA-style
+    value heads."""
+    import torch
+    from sparse_attn.backends.triton.delta import MAX_BWD_HEAD_DIM, triton_delta_rule, triton_delta_step
+
+    out = []
+    for d, dname, kind in cases("delta_rule", sample):
+        dtype = _torch_dtype(dname)
+        q, k = _rand(1, 2, 100, d, dtype=dtype).requires_grad_(), _rand(1, 2, 100, d, dtype=dtype).requires_grad_()
+        v, beta = _rand(1, 4, 100, d, dtype=dtype).requires_grad_(), torch.rand(1, 4, 100).requires_grad_()
+        dec = {"none": None, "per-token": -torch.rand(1, 4, 100), "per-channel": -torch.rand(1, 4, 100, d)}[kind]
+        s0 = torch.zeros(1, 4, d, d, requires_grad=True)
+
+        def go():
+            with torch.no_grad():
+                triton_delta_rule(q, k, v, beta, decay=dec, scale=0.1, initial_state=s0)
+                triton_delta_step(q[:, :, :1], k[:, :, :1], v[:, :, :1], beta[:, :, :1],
+                                  decay=None if dec is None else dec[:, :, :1], scale=0.1, initial_state=s0)
+            if d <= MAX_BWD_HEAD_DIM:  # above it the kernel declares no backward (it spilled)
+                o, st = triton_delta_rule(q, k, v, beta, decay=dec, scale=0.1, initial_state=s0)
+                (o.float().sum() + st.sum()).backward()
+        for fn, a, kw in _record(go):
+            mode = " (bwd)" if kw.get("STORE_H") else ""
+            out.append(Launch("delta_rule", f"{fn.__name__}{mode} {kind} {dname} G=2", d, fn, a, kw, (80, 90)))
+    return out
+
 
 FAMILIES = {"block_sparse": attention_launches, "splitkv_decode": decode_launches,
             "linear_chunked": linear_launches, "window_linear": window_linear_launches,
-            "topk_select": topk_launches}
+            "topk_select": topk_launches, "delta_rule": delta_launches}
 
 
 # ----------------------------------------------------------------------------------------- compile

@@ -34,7 +34,8 @@ class Inputs:
     k: torch.Tensor        # (B, Hkv, Sk, D)
     v: torch.Tensor
     gate: torch.Tensor | None = None       # WindowLinear gate logits (Hq,)
-    decay: torch.Tensor | None = None      # linear attention per-head log-decays (Hq,)
+    decay: torch.Tensor | None = None      # linear attention per-head log-decays (Hq,); delta rule (B, Hq, S)
+    beta: torch.Tensor | None = None       # delta rule write strengths (B, Hq, S)
     state: torch.Tensor | None = None      # linear decode: state after Sk - 1 tokens (B, Hq, D, D)
     states: list | None = None             # linear-step: equal copies of `state`, stepped in turn (one per layer)
     grad: torch.Tensor | None = None       # training: gradient of the output
@@ -66,8 +67,9 @@ class Impl:
 def _train_step(f, x: Inputs):
     """Forward + backward of `f(q, k, v)`; returns the detached forward output."""
     def step():
-        for t in (x.q, x.k, x.v):
-            t.grad = None
+        for t in (x.q, x.k, x.v, x.beta, x.decay):
+            if t is not None:
+                t.grad = None
         out = f(x.q, x.k, x.v)
         out.backward(x.grad)
         return out.detach()
@@ -75,7 +77,7 @@ def _train_step(f, x: Inputs):
 
 
 def _wrap(f, x: Inputs):
-    if x.case.kind == "train":
+    if x.case.kind in ("train", "delta-train"):
         return _train_step(f, x)
     return lambda: f(x.q, x.k, x.v)
 
@@ -97,6 +99,8 @@ class SparseAttn(Impl):
     def build(self, x: Inputs) -> Built:
         import sparse_attn as sa
         case = x.case
+        if case.family == "delta":
+            return self._build_delta(x)
         if not case.softmax:
             return self._build_linear(x)
         if case.kind == "window-step":
@@ -122,6 +126,18 @@ class SparseAttn(Impl):
                                                              return_state=True, backend=backend)[0])
         return Built(kernel, _wrap(lambda a, b, c: sa.linear_attention(a, b, c, decay=decay, backend=backend), x))
 
+
+    def _build_delta(self, x: Inputs) -> Built:
+        """`delta_rule` on Gated DeltaNet inputs (qk_l2norm), forward or forward + backward."""
+        import sparse_attn as sa
+        beta, g, backend = x.beta, x.decay, self.backend
+        try:
+            p = sa.plan_delta_rule(x.q, x.k, x.v, beta, decay=g, qk_l2norm=True, backend=backend,
+                                   requires_grad=x.case.kind == "delta-train")
+        except ValueError as e:
+            raise Unsupported(_short_reasons(e, backend)) from None
+        return Built(p.kernel.name, _wrap(lambda a, b, c: sa.delta_rule(a, b, c, beta, decay=g, qk_l2norm=True,
+                                                                         backend=backend), x))
 
     def _build_window_step(self, x: Inputs) -> Built:
         """A WindowLinear decoder after a prefill of the first Sk - 1 tokens, stepped with the last one
@@ -163,7 +179,7 @@ def sparse_attn_impls() -> list[Impl]:
     """The scheduler's choice, then each backend that has a registered kernel (read at run time)."""
     from sparse_attn.scheduler.registry import kernels
     backends = []
-    for op in ("attention", "linear_attention"):
+    for op in ("attention", "linear_attention", "delta_rule"):
         for kern in kernels(op):
             if kern.backend not in backends:
                 backends.append(kern.backend)
@@ -378,6 +394,12 @@ class Fla(Impl):
         case = x.case
         if case.softmax:
             raise Unsupported("fla is benchmarked on linear attention only")
+        if case.family == "delta":  # chunk_gated_delta_rule, (B, S, H, D) layout
+            gdr = importlib.import_module("fla.ops.gated_delta_rule").chunk_gated_delta_rule
+            beta, g = x.beta, x.decay
+            return Built("chunk_gated_delta_rule", _wrap(lambda a, b, c: gdr(
+                q=a.transpose(1, 2), k=b.transpose(1, 2), v=c.transpose(1, 2), g=g.transpose(1, 2),
+                beta=beta.transpose(1, 2), use_qk_l2norm_in_kernel=True)[0].transpose(1, 2), x))
         ops = importlib.import_module("fla.ops.simple_gla")
         b, h, s, d = x.q.shape
         if case.kind in ("linear-decode", "linear-step"):
@@ -390,6 +412,27 @@ class Fla(Impl):
         q, k, v = (t.transpose(1, 2).contiguous() for t in (x.q, x.k, x.v))
         g = x.decay.to(torch.float32).expand(b, s, h).contiguous()
         return Built("chunk_simple_gla", lambda: ops.chunk_simple_gla(q, k, v, g)[0].transpose(1, 2))
+
+
+class HfDeltaFallback(Impl):
+    """transformers' PyTorch Gated DeltaNet (`torch_chunk_gated_delta_rule` of Qwen3-Next): what a
+    user of that model runs without fla (on every CPU); delta-rule rows only."""
+    name, group = "transformers", "external"
+
+    def build(self, x: Inputs) -> Built:
+        if x.case.family != "delta":
+            raise Unsupported("transformers' fallback is benchmarked on the delta rule only")
+        try:
+            from transformers.models.qwen3_next.modeling_qwen3_next import torch_chunk_gated_delta_rule
+        except Exception as e:
+            raise Unsupported(f"transformers' Qwen3-Next is not importable: {type(e).__name__}: {e}") from None
+        beta, g = x.beta, x.decay
+
+        def f(a, b, c):  # its layout is (B, S, H, D)
+            o, _ = torch_chunk_gated_delta_rule(a.transpose(1, 2), b.transpose(1, 2), c.transpose(1, 2),
+                                                g.transpose(1, 2), beta.transpose(1, 2), use_qk_l2norm_in_kernel=True)
+            return o.transpose(1, 2)
+        return Built("torch_chunk_gated_delta_rule", _wrap(f, x))
 
 
 def external_impls() -> tuple[list[Impl], dict]:
@@ -405,4 +448,4 @@ def external_impls() -> tuple[list[Impl], dict]:
 
 def all_impls(device: torch.device) -> tuple[list[Impl], dict]:
     ext, seen = external_impls()
-    return sparse_attn_impls() + sdpa_impls() + [Flex()] + ext, seen
+    return sparse_attn_impls() + sdpa_impls() + [Flex(), HfDeltaFallback()] + ext, seen

@@ -20,7 +20,9 @@ from .plots import footer, make_plots
 KIND_TITLES = {"prefill": "Prefill (Sq = Sk)", "decode": "Decode (Sq = 1)", "train": "Training (forward + backward)",
                "linear-prefill": "Linear attention, prefill", "linear-decode": "Linear attention, decode (one token)",
                "linear-step": "Linear attention, decode step over each layer's state in turn (state bytes per step)",
-               "window-step": "WindowLinear, decode step against its fixed-size storage"}
+               "window-step": "WindowLinear, decode step against its fixed-size storage",
+               "delta-prefill": "Delta rule (Gated DeltaNet), prefill",
+               "delta-train": "Delta rule (Gated DeltaNet), forward + backward"}
 
 
 def device_slug(env: dict) -> str:

@@ -90,7 +90,14 @@ def work_of(case, what, roofline: dict) -> dict:
     elt = torch.empty((), dtype=case.dtype).element_size()
     bh = case.B * case.Hq
     qo_bytes = 2 * bh * case.Sq * case.D * elt
-    if what is LINEAR:  # recurrent form: k v^T update and q^T S read, per token and head
+    if what is LINEAR and case.family == "delta":  # the chunked form's FLOPs at C = 64 (patterns/delta.py)
+        c = min(64, case.Sq)
+        flop = 2.0 * (3 * case.D * case.D + c / 2 * 5 * case.D + c * c / 6) * case.Sq * bh
+        byte = qo_bytes + 2 * case.B * case.Hkv * case.Sq * case.D * elt + 8.0 * bh * case.Sq
+        if case.kind == "delta-train":  # the backward recomputes the chunk terms, then ~2x the products
+            flop *= 3.0
+            byte *= 2.5
+    elif what is LINEAR:  # recurrent form: k v^T update and q^T S read, per token and head
         flop = 4.0 * case.D * case.D * case.Sq * bh
         state = 2 * bh * case.D * case.D * 4 if case.kind in ("linear-decode", "linear-step") else 0  # float32 state in and out
         byte = qo_bytes + 2 * case.B * case.Hkv * case.Sq * case.D * elt + state

@@ -45,15 +45,18 @@ def make_inputs(case: Case, device) -> Inputs:
     x = Inputs(case, device, case.make_pattern(device), q, k, v)
     if case.family == "windowlinear":
         x.gate = torch.randn(case.Hq, generator=g).to(device)
-    if not case.softmax:
+    if case.family == "delta":  # Gated DeltaNet's (Qwen3-Next): beta = sigmoid, g = -softplus, qk_l2norm
+        x.beta = torch.sigmoid(torch.randn(case.B, case.Hq, case.Sq, generator=g)).to(device)
+        x.decay = (-0.5 * torch.nn.functional.softplus(torch.randn(case.B, case.Hq, case.Sq, generator=g))).to(device)
+    elif not case.softmax:
         x.decay = retnet_decay(case.Hq, device).to(torch.float32)
     if case.kind in ("linear-decode", "linear-step"):
         x.state = (0.05 * torch.randn(case.B, case.Hq, case.D, case.D, generator=g)).to(device)
     if case.kind == "linear-step":  # one state per layer of a deep model: together they do not fit a cache
         n = max(2, min(STEP_LAYERS, STEP_POOL_BYTES // max(x.state.numel() * 4, 1)))
         x.states = [x.state.clone() for _ in range(n)]
-    if case.kind == "train":
-        for t in (x.q, x.k, x.v):
+    if case.kind in ("train", "delta-train"):
+        for t in (x.q, x.k, x.v) + ((x.beta, x.decay) if case.family == "delta" else ()):
             t.requires_grad_()
         x.grad = torch.randn(q.shape, generator=g).to(device, case.dtype)
     return x
@@ -76,6 +79,11 @@ class References:
         x, case = self.x, self.x.case
         n = min(ERROR_ROWS, case.Sq)
         q64, k64, v64 = (t.detach().to("cpu", torch.float64) for t in (x.q, x.k, x.v))
+        if case.family == "delta" and target == "pattern":  # the chunked reference in float64
+            with torch.no_grad():
+                return sa.delta_rule(q64, k64, v64, x.beta.detach().to("cpu", torch.float64),
+                                     decay=x.decay.detach().to("cpu", torch.float64), qk_l2norm=True,
+                                     backend="reference")[:, :, -n:]
         if case.kind in ("linear-decode", "linear-step") and target == "pattern":
             return sa.linear_attention(q64, k64[:, :, -1:], v64[:, :, -1:], decay=x.decay.to("cpu", torch.float64),
                                        initial_state=x.state.to("cpu", torch.float64), backend="reference")

@@ -18,14 +18,17 @@ K = 1024
 DEFAULT_CASES = {
     "cpu": [r"^prefill/[^/]+/[^/]+/S4096$", r"^decode/[^/]+/[^/]+/S32768$",
             r"^train/(dense|window\d+|topk\d+)/[^/]+/S1024$",
-            r"^linear-prefill/linear/[^/]+/S16384$", r"^linear-decode/linear/[^/]+/S32768$"],
+            r"^linear-prefill/linear/[^/]+/S16384$", r"^linear-decode/linear/[^/]+/S32768$",
+            r"^delta-prefill/delta/[^/]+/S16384$", r"^delta-train/delta/[^/]+/S2048$"],
     "accel": [r"^prefill/[^/]+/[^/]+/S65536$", r"^decode/[^/]+/[^/]+/S262144$", r"^train/[^/]+/[^/]+/S16384$",
-              r"^linear-prefill/linear/[^/]+/S131072$", r"^linear-decode/linear/[^/]+/S32768$"],
+              r"^linear-prefill/linear/[^/]+/S131072$", r"^linear-decode/linear/[^/]+/S32768$",
+              r"^delta-prefill/delta/[^/]+/S16384$", r"^delta-train/delta/[^/]+/S16384$"],
 }
 # implementation names (bench/impls.py); the SDPA backends a device cannot run drop out by themselves
 DEFAULT_IMPLS = {
-    "cpu": ("sparse_attn", "sdpa.flash"),
-    "accel": ("sparse_attn", "sdpa.flash", "sdpa.efficient", "sdpa.cudnn", "flex", "flash_attn", "flashinfer", "fla"),
+    "cpu": ("sparse_attn", "sdpa.flash", "transformers"),
+    "accel": ("sparse_attn", "sdpa.flash", "sdpa.efficient", "sdpa.cudnn", "flex", "flash_attn", "flashinfer", "fla",
+              "transformers"),
 }
 
 

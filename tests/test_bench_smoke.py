@@ -70,7 +70,7 @@ def test_default_suite_is_a_slice_of_the_sweep_and_says_what_it_left_out():
     cases = sweep(cpu, False, [torch.float32])
     keep, left = suite.pick_cases(cases, cpu)
     kinds = {c.kind for c in keep}
-    assert kinds == {"prefill", "decode", "train", "linear-prefill", "linear-decode"}
+    assert kinds == {"prefill", "decode", "train", "linear-prefill", "linear-decode", "delta-prefill", "delta-train"}
     assert all("length" in c.sweeps for c in keep) and len(keep) + len(left) == len(cases)
     assert {c.family for c in keep if c.kind == "prefill"} == {"dense", "window", "topk", "blocksparse", "windowlinear"}
     lines = suite.left_out_summary(left, [])

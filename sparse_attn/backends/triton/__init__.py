@@ -13,3 +13,4 @@ register(TritonCacheDecode(), op=CACHE_OP)
 
 from . import linear_step  # noqa: E402,F401  (triton.linear_step for linear_attention decode)
 from . import window_linear_step  # noqa: E402,F401  (triton.window_linear_step)
+from . import delta  # noqa: E402,F401  (triton.delta_chunked, triton.delta_step for delta_rule)
