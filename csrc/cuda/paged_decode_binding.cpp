@@ -32,7 +32,8 @@ std::vector<at::Tensor> paged_decode(const at::Tensor& q, const at::Tensor& k_pa
                                      const c10::optional<at::Tensor>& block_count,
                                      const c10::optional<at::Tensor>& block_index,
                                      const c10::optional<at::Tensor>& row_block_mask, int64_t key_block,
-                                     bool causal, int64_t window, int64_t sinks, double scale, int64_t num_splits) {
+                                     bool causal, int64_t window, int64_t sinks, double scale, int64_t num_splits,
+                                     double softcap) {
   TORCH_CHECK(q.is_cuda() && k_pages.is_cuda() && v_pages.is_cuda(), "paged_decode: CUDA tensors expected");
   TORCH_CHECK(q.dim() == 4 && q.is_contiguous(), "paged_decode: q must be contiguous (B, Hq, Sq, D)");
   TORCH_CHECK(k_pages.dim() == 4 && v_pages.dim() == 4, "paged_decode: pages must be (P, Hkv, page, D)");
@@ -85,6 +86,8 @@ std::vector<at::Tensor> paged_decode(const at::Tensor& q, const at::Tensor& k_pa
   p.window = static_cast<int>(window);
   p.sinks = static_cast<int>(sinks);
   p.scale = static_cast<float>(scale);
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, "paged_decode: softcap must be finite and >= 0 (0: off)");
+  p.softcap = static_cast<float>(softcap);
   p.num_splits = static_cast<int>(num_splits);
   p.part_out = part_out.data_ptr<float>();
   p.part_lse = part_lse.data_ptr<float>();

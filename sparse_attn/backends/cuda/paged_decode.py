@@ -44,7 +44,7 @@ class CudaSplitKVDecode(SplitKVDecodeKernel):
         return cuda_unavailable()
 
     def forward(self, q, k, v, p, layout):
-        args = tensor_decode_args(q, k, v, p.pattern, scale=p.scale, units=p.device.units)
+        args = tensor_decode_args(q, k, v, p.pattern, scale=p.scale, units=p.device.units, softcap=p.softcap)
         return tuple(_ext().paged_decode(*args))
 
 
@@ -53,6 +53,6 @@ class CudaCacheDecode(CudaSplitKVDecode):
 
     cache_kinds = ("contiguous", "paged")
 
-    def run_cache(self, q, view, p):
-        out, _ = _ext().paged_decode(*cache_decode_args(q, view, p.pattern, scale=p.scale, units=p.device.units))
-        return out
+    def forward_cache(self, q, view, p):
+        args = cache_decode_args(q, view, p.pattern, scale=p.scale, units=p.device.units, softcap=p.softcap)
+        return tuple(_ext().paged_decode(*args))
