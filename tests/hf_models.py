@@ -15,8 +15,6 @@ WINDOW = 24
 SOFTMAX_FAMILIES = ["llama", "mistral", "qwen2", "gemma3", "gemma2", "gpt_oss", "kimi_linear", "qwen3_next",
                     "minimax"]
 LINEAR_FAMILIES = ["qwen3_next", "kimi_linear", "minimax"]
-#: the `sparse_attn.attention` option each family needs (None: none beyond the basics)
-NEEDS = {"gemma2": "softcap", "gpt_oss": "sink_logits"}
 
 
 def config(family: str):

@@ -1,5 +1,6 @@
 """Real model families through the registered attention (sparse_attn/integrations/transformers):
-each layer runs what it was trained with (its own sliding window, scaling, softcap, sinks, Dv != D)
+each layer runs what it was trained with (its own sliding window, scaling, softcap (Gemma 2), learned
+sinks (GPT-OSS), Dv != D (Kimi Linear's MLA))
 unless the user maps its layer type; the model's own eager attention is the reference.
 
 transformers is a test dependency (.ci/run installs it); the importorskip only matters outside CI.
@@ -16,7 +17,6 @@ from transformers import AttentionInterface  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
 
 from sparse_attn.integrations.transformers import register_transformers  # noqa: E402
-from sparse_attn.integrations.transformers.attention import _attention_options  # noqa: E402
 
 F32 = dict(dtype=torch.float32, device="cpu")
 BS = 8
@@ -24,22 +24,10 @@ COVER = sa.TopK(64, block_size=BS)  # covers every block of these lengths: dense
 SPARSE = sa.TopK(1, block_size=BS)
 
 
-def _lacks(family):
-    need = hf_models.NEEDS.get(family)
-    return need if need is not None and need not in _attention_options() else None
-
-
 def _run(model, impl, ids, **kw):
     model.set_attn_implementation(impl)
     with torch.no_grad():
         return model(ids, **kw).logits
-
-
-def _refused(family, fn):
-    need = _lacks(family)
-    msg = {"softcap": "softcap needs", "sink_logits": "sinks need"}[need]
-    with pytest.raises(ValueError, match=msg):
-        fn()
 
 
 @pytest.mark.parametrize("family", hf_models.SOFTMAX_FAMILIES)
@@ -50,8 +38,6 @@ def test_dense_covering_equals_eager(family):
     name = register_transformers(f"sa_test_cover_{family}", COVER)
     model = hf_models.build(family, seed=1)
     ids = torch.randint(3, 128, (2, 45))
-    if _lacks(family):
-        return _refused(family, lambda: _run(model, name, ids))
     ref = _run(model, "eager", ids)
     oracle.assert_close_contract(_run(model, name, ids), ref, **F32, what=f"{family} logits")
     prompt = ids[:1, :30]
@@ -97,8 +83,6 @@ def test_sparse_full_layers_local_layers_keep_window(family):
     """With a sparse TopK registered: every full-attention layer equals sparse_attn's TopK applied by
     hand to its q, k, v (and the float64 oracle where it has the options), every sliding layer equals
     SlidingWindow(its window); both differ from dense attention (the choice matters here)."""
-    if _lacks(family):
-        pytest.skip(f"{family} needs attention(..., {_lacks(family)}=): refused, see test_dense_covering_equals_eager")
     name, calls = _record(register_transformers(f"sa_test_sparse_{family}", SPARSE))
     model = hf_models.build(family, seed=2)
     ids = torch.randint(3, 128, (1, 45))
@@ -110,9 +94,9 @@ def test_sparse_full_layers_local_layers_keep_window(family):
         pattern = SPARSE if kind == "full_attention" else sa.SlidingWindow(hf_models.WINDOW)
         assert q.shape[-1] == (24 if family == "kimi_linear" else 16) and v.shape[-1] == 16  # MLA: Dv != D
         torch.testing.assert_close(out, _by_hand(q, k, v, pattern, kwargs), rtol=1e-5, atol=1e-6)
-        if "softcap" not in kwargs and "s_aux" not in kwargs:
-            exact = oracle.oracle_attention(q, k, v, pattern, scale=kwargs["scaling"]).transpose(1, 2)
-            oracle.assert_close_contract(out, exact.float(), **F32, what=f"{family} layer {module.layer_idx}")
+        exact = oracle.oracle_attention(q, k, v, pattern, scale=kwargs["scaling"], softcap=kwargs.get("softcap"),
+                                        sink_logits=kwargs.get("s_aux")).transpose(1, 2)
+        oracle.assert_close_contract(out, exact.float(), **F32, what=f"{family} layer {module.layer_idx}")
         assert oracle.rel_err(out, _by_hand(q, k, v, sa.Dense(), kwargs)) > 1e-3, f"{kind} is dense here"
 
 

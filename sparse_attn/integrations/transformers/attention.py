@@ -7,8 +7,6 @@ them in transformers 5.x.
 """
 from __future__ import annotations
 
-import inspect
-
 import torch
 
 from ...api.functional import attention
@@ -17,10 +15,6 @@ from ...patterns import BlockSparse, Dense, Pattern, SlidingWindow, WindowLinear
 GATE_NAME = "sparse_attn_gate"
 LAYER_TYPES = ("full_attention", "sliding_attention")
 _MISSING = object()
-
-
-def _attention_options() -> frozenset:
-    return frozenset(inspect.signature(attention).parameters)
 
 
 def check_patterns(pattern_or_map) -> dict:
@@ -109,23 +103,6 @@ def _left_pads(mask: torch.Tensor, sk: int) -> list[int]:
     return pads.tolist()
 
 
-def _extra_options(module, softcap, sinks) -> dict:
-    """`softcap` / `sink_logits` for `attention`, refused clearly where this build lacks them."""
-    opts = {}
-    have = _attention_options()
-    if softcap is not None:
-        if "softcap" not in have:
-            raise ValueError(f"{type(module).__name__} soft-caps its scores (softcap={softcap}): softcap needs "
-                             f"sparse_attn.attention(..., softcap=), which this build lacks")
-        opts["softcap"] = float(softcap)
-    if sinks is not None:
-        if "sink_logits" not in have:
-            raise ValueError(f"{type(module).__name__} has learned sinks (s_aux): sinks need "
-                             f"sparse_attn.attention(..., sink_logits=), which this build lacks")
-        opts["sink_logits"] = sinks
-    return opts
-
-
 def attention_forward(mapping: dict, backend, module, query, key, value, attention_mask,
                       dropout: float = 0.0, scaling=None, is_causal=None, softcap=None, s_aux=None, sinks=None,
                       **kwargs):
@@ -139,10 +116,12 @@ def attention_forward(mapping: dict, backend, module, query, key, value, attenti
         raise ValueError("sparse_attn's transformers integration runs causal (decoder) self-attention only; "
                          f"{type(module).__name__} is not causal")
     pattern = layer_pattern(mapping, module, kwargs)
+    opts = {}
+    if softcap is not None:
+        opts["softcap"] = float(softcap)
     sink = s_aux if s_aux is not None else sinks
-    opts = _extra_options(module, softcap, sink)
-    if "sink_logits" in opts:
-        opts["sink_logits"] = opts["sink_logits"].to(device=query.device)
+    if sink is not None:
+        opts["sink_logits"] = sink.to(device=query.device)
     if isinstance(pattern, WindowLinear):
         gate = getattr(module, GATE_NAME, None)
         if gate is None:
