@@ -116,9 +116,9 @@ FULL_DIMS = tuple(range(32, 257, 8))
 #: block lists and per-row masks, linear its decay and initial state).
 SAMPLE_CI = {
     "block_sparse": [(64, "bf16", "window"), (128, "bf16", "window"), (256, "bf16", "window"),
-                     (128, "fp32", "window"), (128, "bf16", "topk64")],
+                     (128, "fp32", "window"), (128, "bf16", "topk64"), (128, "bf16", "topk64_softcap")],
     "splitkv_decode": [(128, "bf16", "topk_sq4"), (256, "bf16", "topk_sq4"), (32, "fp32", "dense"),
-                       (128, "bf16", "int8_dense"), (128, "bf16", "fp8_topk_sq4")],
+                       (128, "bf16", "window_softcap"), (128, "bf16", "int8_dense"), (128, "bf16", "fp8_topk_sq4")],
     "linear_chunked": [(128, "bf16", "decay+state")],
     "window_linear": [(128, "bf16", "sinks")],
     "topk_select": [(128, "bf16", "topk64")],
@@ -131,7 +131,7 @@ SAMPLE_WIDE = {
     "block_sparse": SAMPLE_CI["block_sparse"] + [
         (32, "bf16", "window"), (200, "bf16", "window"), (256, "fp32", "window"), (128, "fp16", "dense_causal"),
         (128, "bf16", "block_sparse64"), (256, "bf16", "topk64"), (64, "bf16", "topk64"),
-        (128, "bf16", "dense_causal_split")],
+        (128, "bf16", "dense_causal_split"), (256, "bf16", "window_softcap")],
     "splitkv_decode": SAMPLE_CI["splitkv_decode"] + [
         (64, "bf16", "topk_sq4"), (128, "fp32", "topk_sq4"), (128, "bf16", "dense"), (32, "bf16", "window"),
         (128, "bf16", "block_sparse")],
@@ -144,8 +144,9 @@ SAMPLE_WIDE = {
 }
 #: what `--sample full` crosses with FULL_DIMS x DTYPES (head dims above a kernel's limit are left out)
 VARIANTS = {
-    "block_sparse": ("dense_causal", "window", "block_sparse64", "topk64", "dense_causal_split"),
-    "splitkv_decode": ("dense", "window", "block_sparse", "topk_sq4", "int8_dense", "fp8_topk_sq4"),
+    "block_sparse": ("dense_causal", "window", "block_sparse64", "topk64", "dense_causal_split", "window_softcap",
+                     "topk64_softcap"),
+    "splitkv_decode": ("dense", "window", "block_sparse", "topk_sq4", "window_softcap", "int8_dense", "fp8_topk_sq4"),
     "linear_chunked": ("plain", "decay+state"),
     "window_linear": ("sinks",),
     "topk_select": ("topk16", "topk64"),
@@ -176,7 +177,7 @@ def attention_launches(sample: str):
     from sparse_attn.backends.triton.tiles import tile_config
     from sparse_attn.patterns import BlockSparse, Dense, SlidingWindow, TopK
 
-    # name -> (pattern, Hq, Hkv, split-K factor)
+    # name -> (pattern, Hq, Hkv, split-K factor); "_softcap": the same with softcap=50 (Gemma 2)
     pats = {"dense_causal": (Dense(causal=True), 8, 2, 1), "dense_causal_split": (Dense(causal=True), 8, 2, 4),
             "window": (SlidingWindow(256, sinks=16), 8, 2, 1),
             "block_sparse64": (BlockSparse(torch.tril(torch.ones(1, 1, 4, 4, dtype=torch.bool)), 64), 2, 2, 1),
@@ -184,19 +185,22 @@ def attention_launches(sample: str):
     out = []
     for d, dname, pname in cases("block_sparse", sample):
         dtype = _torch_dtype(dname)
-        pat, hq, hkv, sp = pats[pname]
+        cap = 50.0 if pname.endswith("_softcap") else None
+        pat, hq, hkv, sp = pats[pname.removesuffix("_softcap")]
         sq = sk = 256
         q, k, v = _rand(1, hq, sq, d, dtype=dtype), _rand(1, hkv, sk, d, dtype=dtype), _rand(1, hkv, sk, d, dtype=dtype)
         for arch, gen in ((80, "sm80"), (90, "sm90")):
             cfg = tile_config("cuda", gen, d, torch.empty((), dtype=dtype).element_size())
             lay = triton_layout(q, k, pat, cfg)
             tag = f"{pname} {dname} G={hq // hkv}"
-            for fn, a, kw in _record(lambda: flash_fwd.flash_forward(q, k, v, lay, scale=0.1, cfg=cfg, splits=sp)):
+            for fn, a, kw in _record(lambda: flash_fwd.flash_forward(q, k, v, lay, scale=0.1, cfg=cfg, splits=sp,
+                                                                     softcap=cap)):
                 out.append(Launch("block_sparse_fwd", f"{fn.__name__} {tag}", d, fn, a, kw, (arch,)))
             if sp > 1:
                 continue  # split-K is a forward-only choice
             o, lse = torch.empty_like(q), torch.zeros(1, hq, sq)
-            for fn, a, kw in _record(lambda: flash_bwd.flash_backward(q, k, v, o, lse, o, lay, scale=0.1, cfg=cfg)):
+            for fn, a, kw in _record(lambda: flash_bwd.flash_backward(q, k, v, o, lse, o, lay, scale=0.1, cfg=cfg,
+                                                                      softcap=cap)):
                 out.append(Launch("block_sparse_bwd", f"{fn.__name__} {tag}", d, fn, a, kw, (arch,)))
     return out
 
@@ -215,12 +219,13 @@ def decode_launches(sample: str):
     out = []
     for d, dname, pname in cases("splitkv_decode", sample):
         dtype = _torch_dtype(dname)
-        kv_dtype, base = quant.get(pname, (None, pname))
+        cap = 50.0 if pname.endswith("_softcap") else None
+        kv_dtype, base = quant.get(pname, (None, pname.removesuffix("_softcap")))
         pat, sq = pats[base]
         q, k, v = _rand(2, 8, sq, d, dtype=dtype), _rand(2, 2, 512, d, dtype=dtype), _rand(2, 2, 512, d, dtype=dtype)
 
-        def args(q=q, k=k, v=v, pat=pat, kv_dtype=kv_dtype):
-            a = tensor_decode_args(q, k, v, pat, scale=0.1, units=132)
+        def args(q=q, k=k, v=v, pat=pat, kv_dtype=kv_dtype, cap=cap):
+            a = tensor_decode_args(q, k, v, pat, scale=0.1, units=132, softcap=cap)
             if kv_dtype is None:
                 return a
             from sparse_attn.cache.quant import quantize_rows_torch

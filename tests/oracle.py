@@ -119,15 +119,24 @@ def visibility_mask(q: torch.Tensor, k: torch.Tensor, pattern) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # softmax attention
 # ----------------------------------------------------------------------------------------------
-def _masked_softmax_attention(q, k, v, mask, scale):
-    """softmax(scale q k^T, masked) v in the dtype of q; rows with no visible key give 0."""
+def _masked_softmax_attention(q, k, v, mask, scale, sink_logits=None, softcap=None):
+    """softmax(scale q k^T, masked) v in the dtype of q; rows with no visible key give 0.
+
+    `softcap`: scores become `softcap * tanh(s / softcap)`; `sink_logits` `(Hq,)`: one more logit per
+    row in the softmax denominator, with no value (its column is dropped after the softmax)."""
     hq = q.shape[1]
     k, v = _expand_kv(k, hq), _expand_kv(v, hq)
     s = (q @ k.transpose(-1, -2)) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
     has_key = mask.any(dim=-1, keepdim=True)
     s = s.masked_fill(~mask, -math.inf)
     s = torch.where(has_key, s, torch.zeros_like(s))               # keep empty rows finite
-    p = torch.softmax(s, dim=-1) * mask * has_key
+    if sink_logits is not None:
+        sink = sink_logits.to(s.dtype).reshape(1, hq, 1, 1).expand(*s.shape[:3], 1)
+        p = torch.softmax(torch.cat([s, sink], dim=-1), dim=-1)[..., :-1] * mask * has_key
+    else:
+        p = torch.softmax(s, dim=-1) * mask * has_key
     return p @ v
 
 
@@ -142,11 +151,11 @@ def _linear_memory(q, k, v, mask):
     return torch.where(has_key, num / torch.where(has_key, den, torch.ones_like(den)), torch.zeros_like(num))
 
 
-def _attention(q, k, v, pattern, scale, gate, mask):
+def _attention(q, k, v, pattern, scale, gate, mask, sink_logits=None, softcap=None):
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if _kind(pattern) != "WindowLinear":
-        return _masked_softmax_attention(q, k, v, mask, scale)
+        return _masked_softmax_attention(q, k, v, mask, scale, sink_logits, softcap)
     if gate is None:
         raise ValueError("oracle: WindowLinear needs gate")
     a = _masked_softmax_attention(q, k, v, mask, scale)
@@ -159,15 +168,17 @@ def _attention(q, k, v, pattern, scale, gate, mask):
     return sg * a + (1 - sg) * lin
 
 
-def oracle_attention(q, k, v, pattern, *, scale=None, gate=None):
-    """float64 `attention(q, k, v, pattern, scale=, gate=)`: q (B,Hq,Sq,D), k (B,Hkv,Sk,D), v (B,Hkv,Sk,Dv)."""
+def oracle_attention(q, k, v, pattern, *, scale=None, gate=None, sink_logits=None, softcap=None):
+    """float64 `attention(q, k, v, pattern, scale=, gate=, sink_logits=, softcap=)`: q (B,Hq,Sq,D),
+    k (B,Hkv,Sk,D), v (B,Hkv,Sk,Dv), sink_logits (Hq,)."""
     q64, k64, v64 = q.to(F64), k.to(F64), v.to(F64)
     g64 = None if gate is None else gate.to(F64)
+    s64 = None if sink_logits is None else sink_logits.to(F64)
     mask = visibility_mask(q64, k64, pattern)
-    return _attention(q64, k64, v64, pattern, scale, g64, mask)
+    return _attention(q64, k64, v64, pattern, scale, g64, mask, s64, softcap)
 
 
-def masked_attention_in_dtype(q, k, v, pattern, *, scale=None, gate=None):
+def masked_attention_in_dtype(q, k, v, pattern, *, scale=None, gate=None, sink_logits=None, softcap=None):
     """The plain masked evaluation in the inputs' own dtype (no upcast): the low-precision baseline.
 
     The visibility mask (for TopK: the selection) is the float64 oracle's, so the baseline measures
@@ -175,7 +186,7 @@ def masked_attention_in_dtype(q, k, v, pattern, *, scale=None, gate=None):
     """
     with torch.no_grad():
         mask = visibility_mask(q.detach().to(F64), k.detach().to(F64), pattern)
-    return _attention(q, k, v, pattern, scale, gate, mask)
+    return _attention(q, k, v, pattern, scale, gate, mask, sink_logits, softcap)
 
 
 # ----------------------------------------------------------------------------------------------

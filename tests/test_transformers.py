@@ -1,4 +1,4 @@
-"""The transformers integration (sparse_attn/integrations/transformers.py) on a tiny random Llama.
+"""The transformers integration (sparse_attn/integrations/transformers/) on a tiny random Llama.
 
 transformers is a test dependency: .ci/run installs it, so the importorskip below only matters
 outside CI.

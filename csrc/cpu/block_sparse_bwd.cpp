@@ -17,6 +17,8 @@
 //   P = exp2(Qs . K^T - lse2)     (Qs = q * scale * log2 e, lse2 = lse * log2 e)
 //   dP = dO . V^T,   dS = P * (dP - delta),   delta = rowsum(dO * O)
 //   dQ = scale * dS . K,   dK = scale * dS^T . Q,   dV = P^T . dO
+// With soft-capping (softcap.h) the scores are capped before the exp2 and dS is taken back
+// through the cap: dS *= 1 - tanh^2 (the derivative of c tanh(s / c)).
 // As in the forward, the G query heads of a GQA group are the rows of one matrix (token-major),
 // so each K/V block is converted once for the group, and a key block's dk/dv sum over the group.
 // float32 accumulation; gradients written in the inputs' dtype. Scratch per thread: a query
@@ -36,6 +38,7 @@
 
 #include "cpu/huge_pages.h"
 #include "cpu/layout_check.h"
+#include "cpu/softcap.h"
 #include "cpu/token_blocks.h"
 #include "cpu/vec.h"
 #include "cpu/vec_bf16.h"
@@ -54,6 +57,7 @@ struct BwdParams {
   bool causal;
   int64_t window, sinks;
   float qmul, scale;
+  float cap;  // softcap * log2(e), 0: no soft-capping
   int64_t qst[4], kst[4], vst[4], dost[4];
   const float *lse, *delta;  // (B, Hq, Sq) contiguous; lse in natural-log units
   // forward lists (per query tile) and their transpose (per key block)
@@ -100,7 +104,7 @@ struct DqDotScratch {
 };
 
 struct DqScratch {
-  std::vector<float> q, dO, dq, s, dp, kt, vt, kr, lse2, delta, ones;
+  std::vector<float> q, dO, dq, s, dp, kt, vt, kr, lse2, delta, ones, dcap;
   std::vector<const float *> qp, dop, qp2, dop2;
   std::vector<float *> dqp, dqp2, sp, dpp;
   std::vector<int32_t> rid, rid2;
@@ -119,6 +123,7 @@ struct DqScratch {
     vt.assign(std::max<int64_t>(P.Dv, 1) * P.kb_pad, 0.f);
     kr.assign(P.kb_pad * P.D_pad, 0.f);  // padding rows and columns stay 0
     lse2.assign(R, 0.f), delta.assign(R, 0.f), ones.assign(std::max(R, P.kb_pad), 1.f);
+    dcap.assign(P.cap > 0.f ? P.kb_pad : 0, 0.f);
     qp.resize(R), dop.resize(R), qp2.resize(R), dop2.resize(R), dqp.resize(R), dqp2.resize(R);
     rid.resize(R), rid2.resize(R);
     sp.resize(RC), dpp.resize(RC);
@@ -262,6 +267,7 @@ class DqRunner {
         float* s = S.sp[r];
         float* dp = S.dpp[r];
         const int64_t st = rid[c0 + r];
+        if (P.cap > 0.f) softcap_row_grad(s, S.dcap.data(), kbp, P.cap);
         for (int64_t c = nk; c < kbp; ++c) s[c] = kNegInf;
         if (masked) {
           const int64_t p = p_lo_ + st / P.G;
@@ -272,6 +278,11 @@ class DqRunner {
         const float dl = S.delta[st];
 #pragma omp simd
         for (int64_t c = 0; c < kbp; ++c) s[c] = s[c] * (dp[c] - dl);  // s = dS
+        if (P.cap > 0.f) {
+          const float* dc = S.dcap.data();
+#pragma omp simd
+          for (int64_t c = 0; c < kbp; ++c) s[c] *= dc[c];
+        }
       }
 #ifdef SPARSE_ATTN_BF16_DOT
       if constexpr (kDot) {
@@ -319,7 +330,7 @@ struct DkvDotScratch {
 };
 
 struct DkvScratch {
-  std::vector<float> qt, dot, qr, dor, st, dpt, kr, vr, dk, dv, lse2, delta, ones;
+  std::vector<float> qt, dot, qr, dor, st, dpt, kr, vr, dk, dv, lse2, delta, ones, dcap;
   std::vector<const float *> krp, vrp;
   std::vector<float *> stp, dptp, dkp, dvp;
   std::vector<int64_t> cols;  // (token, head) of each column, as t * G + g
@@ -337,6 +348,7 @@ struct DkvScratch {
     st.assign(kbp * kCols, 0.f), dpt.assign(kbp * kCols, 0.f);
     kr.assign(kbp * P.D_pad, 0.f), vr.assign(kbp * Dv1, 0.f);  // kr: D_pad wide (B of dS . K), padding 0
     dk.assign(kbp * P.D_pad, 0.f), dv.assign(kbp * P.Dv_pad, 0.f);
+    dcap.assign(P.cap > 0.f ? kCols : 0, 0.f);
     lse2.assign(kCols, kInf), delta.assign(kCols, 0.f), ones.assign(std::max(kbp, kCols), 1.f);
     krp.resize(kbp), vrp.resize(kbp), stp.resize(kbp), dptp.resize(kbp), dkp.resize(kbp), dvp.resize(kbp);
     for (int64_t r = 0; r < kbp; ++r) {
@@ -475,6 +487,7 @@ class DkvRunner {
     for (int64_t r = 0; r < nk_; ++r) {
       float* s = S.stp[r];
       float* dp = S.dptp[r];
+      if (P.cap > 0.f) softcap_row_grad(s, S.dcap.data(), Cp, P.cap);
       if (masked) {
         const int64_t j = j0_ + r;
         for (int64_t c = 0; c < C; ++c)
@@ -484,6 +497,11 @@ class DkvRunner {
       const float* dl = S.delta.data();
 #pragma omp simd
       for (int64_t c = 0; c < Cp; ++c) dp[c] = s[c] * (dp[c] - dl[c]);  // dp = dS^T
+      if (P.cap > 0.f) {
+        const float* dc = S.dcap.data();
+#pragma omp simd
+        for (int64_t c = 0; c < Cp; ++c) dp[c] *= dc[c];
+      }
     }
   }
 
@@ -653,7 +671,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> block_sparse_bwd(
     torch::Tensor t_full_count, torch::Tensor t_full_index, torch::Tensor t_partial_count,
     torch::Tensor t_partial_index, c10::optional<torch::Tensor> token_index, c10::optional<torch::Tensor> block_tokens,
     c10::optional<torch::Tensor> block_token_offsets, int64_t sq, int64_t sk, int64_t q_block, int64_t k_block,
-    bool causal, int64_t window, int64_t sink_tokens, double scale, int64_t mode) {
+    bool causal, int64_t window, int64_t sink_tokens, double scale, int64_t mode, double softcap) {
   using namespace sparse_attn_cpu;
   const char* who = "block_sparse_bwd";
   TORCH_CHECK(mode >= 0 && mode <= 2, who, ": mode must be 0 (auto), 1 (two-pass) or 2 (fused), got ", mode);
@@ -667,6 +685,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> block_sparse_bwd(
   TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt && dout.scalar_type() == dt && out.scalar_type() == dt,
               who, ": q, k, v, out, dout must share one dtype");
   TORCH_CHECK(q_block > 0 && k_block > 0, who, ": q_block and k_block must be positive");
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, who, ": softcap must be finite and >= 0 (0: off)");
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(3), Hkv = k.size(1), Dv = v.size(3);
   TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == Hkv && k.size(3) == D, who, ": q, k, v shapes disagree");
   TORCH_CHECK(q.size(2) == sq && k.size(2) == sk && v.size(2) == sk, who, ": lengths disagree with sq/sk");
@@ -751,6 +770,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> block_sparse_bwd(
   P.causal = causal, P.window = window, P.sinks = sink_tokens;
   P.scale = static_cast<float>(scale);
   P.qmul = static_cast<float>(scale) * kLog2eB;
+  P.cap = static_cast<float>(softcap) * kLog2eB;
   for (int d = 0; d < 4; ++d)
     P.qst[d] = q.stride(d), P.kst[d] = k.stride(d), P.vst[d] = v.stride(d), P.dost[d] = dout.stride(d);
   P.lse = lsec.data_ptr<float>(), P.delta = delta.data_ptr<float>();

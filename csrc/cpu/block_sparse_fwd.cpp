@@ -11,7 +11,7 @@
 // each selected block is converted once per tile and multiplied with the rows of all the tokens of
 // the tile that selected it (a key-block-centric pass restricted to one tile; the online-softmax
 // state of a row is shared by every pass, so no partial results are stored). Rows that see no key
-// output 0. Scratch per thread: R x (D + Dv) for the tile's Q and O, 192 x kb scores, one K/V
+// output 0. Soft-capping (softcap.h) caps each score before the token rule. Scratch per thread: R x (D + Dv) for the tile's Q and O, 192 x kb scores, one K/V
 // block; nothing of size Sq x Sk is allocated.
 //
 // Tasks are handed out dynamically (an atomic counter, heaviest causal tiles first) to the
@@ -29,6 +29,7 @@
 #include "cpu/target_check.h"
 #include "cpu/huge_pages.h"
 #include "cpu/layout_check.h"
+#include "cpu/softcap.h"
 #include "cpu/token_blocks.h"
 #include "cpu/vec.h"
 #include "cpu/vec_bf16.h"
@@ -47,6 +48,7 @@ struct Params {
   bool causal;
   int64_t window, sinks;  // window < 0: no window
   float qmul;             // scale * log2(e)
+  float cap;              // softcap * log2(e) (softcap.h), 0: no soft-capping
   int64_t qst[4], kst[4], vst[4];
   const int32_t *fc, *fi, *pc, *pi, *ti;
   int64_t lb, lh, wf, wp, topk;  // layout broadcast extents (1 or B / Hkv), list widths, topk
@@ -275,6 +277,7 @@ class TaskRunner {
         float* s = sp[i];
         const int64_t st = rid[c0 + i];
         nonfinite_to_nan(s, kbp);
+        if (P.cap > 0.f) softcap_row(s, kbp, P.cap);  // before the padding and the token rule's -inf
         for (int64_t c = nk; c < kbp; ++c) s[c] = kNegInf;
         if (masked) mask_row(s, p_lo_ + st / P.G, j0, nk);
         const float m_old = S.m[st], m_blk = row_max_nan(s, kbp);
@@ -348,7 +351,8 @@ void run_all(const Params& P, const void* q, const void* k, const void* v, OutT*
 std::tuple<torch::Tensor, torch::Tensor> block_sparse_fwd(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor full_count,
                                torch::Tensor full_index, torch::Tensor partial_count, torch::Tensor partial_index,
                                c10::optional<torch::Tensor> token_index, int64_t sq, int64_t sk, int64_t q_block,
-                               int64_t k_block, bool causal, int64_t window, int64_t sink_tokens, double scale) {
+                               int64_t k_block, bool causal, int64_t window, int64_t sink_tokens, double scale,
+                               double softcap) {
   using namespace sparse_attn_cpu;
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "block_sparse_fwd: q, k, v must be 4-D (B, H, S, D)");
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "block_sparse_fwd: CPU tensors only");
@@ -357,6 +361,7 @@ std::tuple<torch::Tensor, torch::Tensor> block_sparse_fwd(torch::Tensor q, torch
               "block_sparse_fwd: dtype must be float32, bfloat16 or float16, got ", dt);
   TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt, "block_sparse_fwd: q, k, v must share one dtype");
   TORCH_CHECK(q_block > 0 && k_block > 0, "block_sparse_fwd: q_block and k_block must be positive");
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, "block_sparse_fwd: softcap must be finite and >= 0 (0: off)");
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(3), Hkv = k.size(1), Dv = v.size(3);
   TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == Hkv && k.size(3) == D,
               "block_sparse_fwd: q, k, v shapes disagree");
@@ -401,6 +406,7 @@ std::tuple<torch::Tensor, torch::Tensor> block_sparse_fwd(torch::Tensor q, torch
   P.M = M, P.nb = nb, P.off = off, P.tile0 = tile0;
   P.causal = causal, P.window = window, P.sinks = sink_tokens;
   P.qmul = static_cast<float>(scale) * kLog2e;
+  P.cap = static_cast<float>(softcap) * kLog2e;
   for (int d = 0; d < 4; ++d) P.qst[d] = q.stride(d), P.kst[d] = k.stride(d), P.vst[d] = v.stride(d);
   P.fc = fc.data_ptr<int32_t>(), P.fi = fi.data_ptr<int32_t>(), P.pc = pc.data_ptr<int32_t>(),
   P.pi = pi.data_ptr<int32_t>();
@@ -427,7 +433,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> block_sparse_bwd(
     torch::Tensor t_full_count, torch::Tensor t_full_index, torch::Tensor t_partial_count,
     torch::Tensor t_partial_index, c10::optional<torch::Tensor> token_index, c10::optional<torch::Tensor> block_tokens,
     c10::optional<torch::Tensor> block_token_offsets, int64_t sq, int64_t sk, int64_t q_block, int64_t k_block,
-    bool causal, int64_t window, int64_t sink_tokens, double scale, int64_t mode);
+    bool causal, int64_t window, int64_t sink_tokens, double scale, int64_t mode, double softcap);
 
 // topk_select.cpp
 torch::Tensor topk_select(torch::Tensor q, torch::Tensor kbar_t, int64_t kv_heads, int64_t sk, int64_t nb,
@@ -442,7 +448,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("full_count"), py::arg("full_index"),
         py::arg("partial_count"), py::arg("partial_index"), py::arg("token_index"), py::arg("sq"), py::arg("sk"),
         py::arg("q_block"), py::arg("k_block"), py::arg("causal"), py::arg("window"), py::arg("sink_tokens"),
-        py::arg("scale"));
+        py::arg("scale"), py::arg("softcap") = 0.0);
   m.def("block_sparse_bwd", &block_sparse_bwd,
         "block-sparse flash attention backward over a BlockLayout and its transpose -> (dq, dk, dv)", py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dout"), py::arg("full_count"),
@@ -450,7 +456,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("t_full_index"), py::arg("t_partial_count"), py::arg("t_partial_index"), py::arg("token_index"),
         py::arg("block_tokens"), py::arg("block_token_offsets"), py::arg("sq"), py::arg("sk"), py::arg("q_block"),
         py::arg("k_block"), py::arg("causal"), py::arg("window"), py::arg("sink_tokens"), py::arg("scale"),
-        py::arg("mode"));
+        py::arg("mode"), py::arg("softcap") = 0.0);
   m.def("topk_select", &topk_select,
         "TopK per-token block selection from transposed pooled keys -> int32 (B, Hkv, Sq, topk), ascending, -1 padded",
         py::arg("q"), py::arg("kbar_t"), py::arg("kv_heads"), py::arg("sk"), py::arg("nb"), py::arg("block_size"),

@@ -29,7 +29,8 @@ namespace v8 = sparse_attn_cpu::v8;
 // * q (B, Hq, Sq, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv): one dtype (float32, bfloat16 or
 //   float16), the head dims contiguous; Sq <= 16.
 // * the token rule: causal, window (< 0: none) and sinks (the first keys, always visible with a
-//   window); scale multiplies q . k.
+//   window); scale multiplies q . k; softcap > 0 caps the scores: softcap * tanh(s / softcap)
+//   (0: off).
 // * a block filter of `block` keys per block, at most one: `layout` (BlockSparse: bool (1 or B,
 //   1 or Hkv, >= nb, >= nb), indexed by absolute positions) or `token_index` (TopK: int32
 //   (B, Hkv, Sq, topk), ascending, -1 padded, plus sink_blocks / local_blocks forced blocks).
@@ -45,6 +46,7 @@ struct DecodeArgs {
   bool causal = true;
   int64_t window = -1, sinks = 0;
   double scale = std::nan("");
+  double softcap = 0.0;
   int64_t block = 0;
   c10::optional<torch::Tensor> layout, token_index;
   int64_t sink_blocks = 0, local_blocks = 1;
@@ -61,7 +63,7 @@ std::string describe(const DecodeArgs& a) {
   };
   std::ostringstream s;
   s << "DecodeArgs(q=" << shape(a.q) << ", k=" << shape(a.k) << ", v=" << shape(a.v) << ", causal=" << a.causal
-    << ", window=" << a.window << ", sinks=" << a.sinks << ", scale=" << a.scale << ", block=" << a.block
+    << ", window=" << a.window << ", sinks=" << a.sinks << ", scale=" << a.scale << ", softcap=" << a.softcap << ", block=" << a.block
     << ", layout=" << shape(a.layout) << ", token_index=" << shape(a.token_index) << ", sink_blocks=" << a.sink_blocks
     << ", local_blocks=" << a.local_blocks << ", lengths=" << shape(a.lengths) << ", page_table=" << shape(a.page_table)
     << ", page_size=" << a.page_size << ", k_scale=" << shape(a.k_scale) << ", v_scale=" << shape(a.v_scale) << ")";
@@ -72,6 +74,8 @@ std::string describe(const DecodeArgs& a) {
 std::tuple<torch::Tensor, torch::Tensor> decode_fwd(const DecodeArgs& a) {
   TORCH_CHECK(a.q.defined() && a.k.defined() && a.v.defined(), "decode_fwd: DecodeArgs needs q, k and v");
   TORCH_CHECK(std::isfinite(a.scale), "decode_fwd: scale must be a finite number, got ", a.scale);
+  TORCH_CHECK(std::isfinite(a.softcap) && a.softcap >= 0, "decode_fwd: softcap must be finite and >= 0 (0: off), got ",
+              a.softcap);
   const torch::Tensor &q = a.q, &k = a.k, &v = a.v;
   const bool causal = a.causal;
   const int64_t window = a.window, sinks = a.sinks, block = a.block, page_size = a.page_size;
@@ -156,6 +160,7 @@ std::tuple<torch::Tensor, torch::Tensor> decode_fwd(const DecodeArgs& a) {
   for (int d = 0; d < 3; ++d) P.kst[d] = k.stride(d), P.vst[d] = v.stride(d);
   P.causal = causal, P.window = window, P.sinks = std::max<int64_t>(0, sinks);
   P.qmul = static_cast<float>(scale) * kLog2e;
+  P.cap = static_cast<float>(a.softcap) * kLog2e;
   P.mode = mode, P.unit = mode == 0 ? kSeg : block;
   P.lens = ragged ? lens.data_ptr<int32_t>() : nullptr;
   P.table = paged ? table.data_ptr<int32_t>() : nullptr;
@@ -302,6 +307,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readwrite("window", &DecodeArgs::window)
       .def_readwrite("sinks", &DecodeArgs::sinks)
       .def_readwrite("scale", &DecodeArgs::scale)
+      .def_readwrite("softcap", &DecodeArgs::softcap)
       .def_readwrite("block", &DecodeArgs::block)
       .def_readwrite("layout", &DecodeArgs::layout)
       .def_readwrite("token_index", &DecodeArgs::token_index)

@@ -50,6 +50,7 @@ struct Params {
   bool causal;
   int64_t window, sinks;  // window < 0: none
   float qmul;             // scale * log2(e)
+  float cap;              // softcap * log2(e) (softcap.h), 0: no soft-capping
   int mode;               // 0: no block filter, 1: BlockSparse layout, 2: TopK
   int64_t unit;           // block size of the filter (mode 0: kSeg)
   const bool* lay;

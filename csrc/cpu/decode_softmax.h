@@ -1,5 +1,6 @@
 // The decode kernel's softmax: online (base 2: q is pre-scaled by scale * log2 e) across the
-// segments of a split, then the splits merged by log-sum-exp. float32 throughout.
+// segments of a split, then the splits merged by log-sum-exp. float32 throughout. Soft-capping
+// (softcap.h) caps a row's raw scores before its token rule.
 //
 // Non-finite inputs (the contract's "Bad input"): a row whose float64 evaluation involves a NaN
 // or an infinity comes out NaN, never finite and wrong.
@@ -27,6 +28,7 @@
 #include <vector>
 
 #include "cpu/decode_plan.h"
+#include "cpu/softcap.h"
 #include "cpu/vec.h"
 
 namespace sparse_attn_decode {
@@ -64,6 +66,7 @@ inline void online_softmax(const Params& P, int64_t skb, int64_t j0, int64_t nk,
     // a non-finite score among the keys the row sees (the window's and the sinks' keys here)
     const bool bad = any_nonfinite(sp[i], std::max(j0, rr.lo) - j0, std::min(j0 + nk, rr.hi) - j0) ||
                      any_nonfinite(sp[i], 0, std::min(j0 + nk, rr.s) - j0);
+    if (P.cap > 0.f) sparse_attn_cpu::softcap_row(sp[i], nk8, P.cap);  // before the padding and the rule's -inf
     for (int64_t u = 0; u < nsub; ++u) {  // padding and the token rule
       const int64_t sj0 = subs[u].j0, snk = subs[u].nk, snk8 = (snk + 7) / 8 * 8;
       float* s = sp[i] + (sj0 - j0);

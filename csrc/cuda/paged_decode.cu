@@ -163,6 +163,7 @@ __global__ void __launch_bounds__(kThreads, MinCtasPerSm<NC>::value) split_kerne
 #pragma unroll
         for (int c = 0; c < NC; ++c) dot += q[r][c] * kv[c];
         s[r] = warp_sum(dot);  // every lane holds the row's score: the branches below are uniform
+        if (p.softcap > 0.f) s[r] = p.softcap * tanhf(s[r] / p.softcap);
         bool ok = qpos[r] >= 0;
         if (p.causal) ok = ok && j <= qpos[r];
         if (p.window > 0) ok = ok && (qpos[r] - j < p.window || j < p.sinks);

@@ -53,6 +53,7 @@ struct PagedDecodeParams {
   int window;   // > 0: also p - j < window or j < sinks
   int sinks;
   float scale;
+  float softcap;  // > 0: scores become softcap * tanh(s / softcap) before the token rule; 0: off
   int num_splits;
   float* part_out;  // (B, Hq, Sq, num_splits, Dv) normalised partial outputs
   float* part_lse;  // (B, Hq, Sq, num_splits), -inf for a split that saw nothing

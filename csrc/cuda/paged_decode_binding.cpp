@@ -33,7 +33,7 @@ std::vector<at::Tensor> paged_decode(const at::Tensor& q, const at::Tensor& k_pa
                                      const c10::optional<at::Tensor>& block_index,
                                      const c10::optional<at::Tensor>& row_block_mask, int64_t key_block,
                                      bool causal, int64_t window, int64_t sinks, double scale, int64_t num_splits,
-                                     const c10::optional<std::string>& quant,
+                                     double softcap, const c10::optional<std::string>& quant,
                                      const c10::optional<at::Tensor>& k_scale,
                                      const c10::optional<at::Tensor>& v_scale) {
   TORCH_CHECK(q.is_cuda() && k_pages.is_cuda() && v_pages.is_cuda(), "paged_decode: CUDA tensors expected");
@@ -110,6 +110,8 @@ std::vector<at::Tensor> paged_decode(const at::Tensor& q, const at::Tensor& k_pa
   p.window = static_cast<int>(window);
   p.sinks = static_cast<int>(sinks);
   p.scale = static_cast<float>(scale);
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, "paged_decode: softcap must be finite and >= 0 (0: off)");
+  p.softcap = static_cast<float>(softcap);
   p.num_splits = static_cast<int>(num_splits);
   p.part_out = part_out.data_ptr<float>();
   p.part_lse = part_lse.data_ptr<float>();

@@ -12,7 +12,7 @@ EXTENSIONS = {
     "cpu": {
         "sources": ["cpu/block_sparse_fwd.cpp", "cpu/block_sparse_bwd.cpp", "cpu/topk_select.cpp"],
         "headers": ["cpu/vec.h", "cpu/vec_bf16.h", "cpu/scalar.h", "cpu/layout_check.h", "cpu/token_blocks.h",
-                    "cpu/huge_pages.h", "cpu/target_check.h", "cpu/vec_bf16_neon.h"],
+                    "cpu/huge_pages.h", "cpu/target_check.h", "cpu/vec_bf16_neon.h", "cpu/softcap.h"],
         "cflags": ["-fopenmp"],
         "ldflags": ["-fopenmp"],
         # only in JIT builds, which run where they are built
@@ -22,7 +22,8 @@ EXTENSIONS = {
         "sources": ["cpu/decode.cpp", "cpu/decode_binding.cpp"],
         "headers": ["cpu/scalar.h", "cpu/vec.h", "cpu/vec_bf16.h", "cpu/decode_bf16.h", "cpu/decode_plan.h",
                     "cpu/decode_rows.h", "cpu/decode_f32.h", "cpu/decode_softmax.h", "cpu/target_check.h",
-                    "cpu/vec_bf16_neon.h", "cpu/decode_bf16_neon.h", "cpu/quant_rows.h", "cpu/decode_quant.h"],
+                    "cpu/vec_bf16_neon.h", "cpu/decode_bf16_neon.h", "cpu/quant_rows.h", "cpu/decode_quant.h",
+                    "cpu/softcap.h"],
         "cflags": ["-fopenmp"],
         "ldflags": ["-fopenmp"],
         "jit_cflags": ["-march=native"],

@@ -8,24 +8,29 @@ import torch
 from ..layout.infllmv2_selection import infllmv2_select_mask
 from ..layout.topk_selection import select_blocks_mask
 from ..patterns import BlockSparse, Dense, InfLLMv2, Pattern, TopK
+from ..scheduler.kernel import with_sinks
 from ..scheduler.plan import Plan, choose
-from ..scheduler.problem import check_backend, check_qkv, make_problem
+from ..scheduler.problem import check_backend, check_qkv, check_softmax_options, make_problem
 from .ops import attention_op, encode_pattern, select_blocks_op, validate
 
 
-def plan(q, k, v, pattern: Pattern = Dense(), *, scale=None, gate=None, backend=None, requires_grad=None) -> Plan:
+def plan(q, k, v, pattern: Pattern = Dense(), *, scale=None, gate=None, backend=None, requires_grad=None,
+         sink_logits=None, softcap=None) -> Plan:
     """The scheduler's decision for `attention(q, k, v, pattern, ...)`, without running it.
 
     Returns a :class:`~sparse_attn.scheduler.Plan`: `.kernel` is the chosen kernel, `.run(q, k, v)`
-    runs it, and `.explain()` lists every candidate with its estimated cost or its reasons not to
-    run. `requires_grad` defaults to whether autograd would track the call.
+    runs it (`.run(q, k, v, sink_logits=...)` when planned with sinks), and `.explain()` lists every
+    candidate with its estimated cost or its reasons not to run. `requires_grad` defaults to whether
+    autograd would track the call.
     """
     check_backend(backend)
-    problem = make_problem(q, k, v, pattern, scale=scale, gate=gate, requires_grad=requires_grad)
+    problem = make_problem(q, k, v, pattern, scale=scale, gate=gate, requires_grad=requires_grad,
+                           sink_logits=sink_logits, softcap=softcap)
     return choose(problem, backend=backend)
 
 
-def attention(q, k, v, pattern: Pattern = Dense(), *, scale=None, gate=None, backend=None) -> torch.Tensor:
+def attention(q, k, v, pattern: Pattern = Dense(), *, scale=None, gate=None, backend=None, sink_logits=None,
+              softcap=None) -> torch.Tensor:
     """Attention of `pattern` (contract) in SDPA layout.
 
     Args:
@@ -36,16 +41,22 @@ def attention(q, k, v, pattern: Pattern = Dense(), *, scale=None, gate=None, bac
         scale: softmax scale, default `D ** -0.5`.
         gate: `(Hq,)` gate logits, required by (and only by) `WindowLinear`.
         backend: None (scheduler's choice) or "reference" | "triton" | "cpu" | "cuda" | "npu".
+        sink_logits: `(Hq,)` floating tensor of learned per-head sink logits (GPT-OSS): each joins its
+            head's softmax denominator and contributes no value. Softmax patterns only.
+        softcap: float > 0: scores become `softcap * tanh(s / softcap)` before the softmax (Gemma 2).
+            Softmax patterns only.
     Returns:
-        `(B, Hq, Sq, Dv)` in q's dtype. Differentiable in q, k, v (and gate).
+        `(B, Hq, Sq, Dv)` in q's dtype. Differentiable in q, k, v (and gate, sink_logits).
 
     Under `torch.compile` the call goes through the `sparse_attn::attention_fwd/bwd` custom ops
     (api/ops.py): no graph break, the same kernel choice, made when the compiled graph runs.
     """
     if torch.compiler.is_compiling():
-        return attention_op(q, k, v, pattern, scale=scale, gate=gate, backend=backend)
-    p = plan(q, k, v, pattern, scale=scale, gate=gate, backend=backend)
-    return p.kernel.run(q, k, v, p.problem, gate=gate)  # the plan's own inputs: no need to re-check them
+        return attention_op(q, k, v, pattern, scale=scale, gate=gate, backend=backend, sink_logits=sink_logits,
+                            softcap=softcap)
+    p = plan(q, k, v, pattern, scale=scale, gate=gate, backend=backend, sink_logits=sink_logits, softcap=softcap)
+    # the plan's own inputs: no need to re-check them
+    return p.kernel.run(q, k, v, p.problem, gate=gate, **with_sinks(sink_logits))
 
 
 def _check_cu(name, cu, total: int, device) -> None:
@@ -58,11 +69,13 @@ def _check_cu(name, cu, total: int, device) -> None:
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, pattern: Pattern = Dense(), *, max_seqlen_q=None,
-                     max_seqlen_k=None, scale=None, gate=None, backend=None) -> torch.Tensor:
+                     max_seqlen_k=None, scale=None, gate=None, backend=None, sink_logits=None,
+                     softcap=None) -> torch.Tensor:
     """Attention over packed sequences, FlashAttention varlen layout.
 
     q `(Tq, Hq, D)`, k `(Tk, Hkv, D)`, v `(Tk, Hkv, Dv)`; `cu_seqlens_q/k` int32 `(nseq + 1,)`
-    offsets. Each sequence obeys the contract on its own (end-aligned queries). For `BlockSparse`
+    offsets. Each sequence obeys the contract on its own (end-aligned queries); `sink_logits` `(Hq,)`
+    and `softcap` apply to every sequence as in :func:`attention`. For `BlockSparse`
     the layout's batch axis is `nseq` or 1 and sequence `i` reads its top-left
     `ceil(Sk_i/bs) x ceil(Sk_i/bs)` corner. Returns `(Tq, Hq, Dv)`.
 
@@ -70,6 +83,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, pattern: Pattern = Den
     """
     check_backend(backend)
     check_qkv(q, k, v, ndim=3)
+    check_softmax_options(pattern, sink_logits, softcap, q_heads=q.shape[1], device=q.device)
     _check_cu("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
     _check_cu("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
@@ -94,7 +108,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, pattern: Pattern = Den
                                  f">= {nb}), got {tuple(lay.shape)}")
             row = lay[i:i + 1] if lay.shape[0] > 1 else lay
             pat = BlockSparse(row[:, :, :nb, :nb], block_size=pattern.block_size)
-        outs.append(attention(qi, ki, vi, pat, scale=scale, gate=gate, backend=backend)[0].transpose(0, 1))
+        outs.append(attention(qi, ki, vi, pat, scale=scale, gate=gate, backend=backend, sink_logits=sink_logits,
+                              softcap=softcap)[0].transpose(0, 1))
     if not outs:
         return q.new_zeros(0, q.shape[1], v.shape[2])
     return torch.cat(outs, dim=0)

@@ -2,10 +2,10 @@
 
 Two ops, registered with `torch.library.custom_op` under the `sparse_attn` namespace:
 
-* ``sparse_attn::attention_fwd(q, k, v, layout, gate, kind, params, scale, backend, requires_grad)
-  -> (out, lse)``
-* ``sparse_attn::attention_bwd(q, k, v, out, lse, dout, layout, gate, kind, params, scale, backend)
-  -> (dq, dk, dv, dgate)``
+* ``sparse_attn::attention_fwd(q, k, v, layout, gate, kind, params, scale, backend, requires_grad,
+  sink_logits, softcap) -> (out, lse)``
+* ``sparse_attn::attention_bwd(q, k, v, out, lse, dout, layout, gate, kind, params, scale, backend,
+  sink_logits, softcap) -> (dq, dk, dv, dgate, dsink)``
 
 A pattern (a frozen dataclass) is passed as a kind string plus a list of ints; `BlockSparse`'s
 layout and `WindowLinear`'s gate are optional tensor arguments. The fake (meta) implementations
@@ -44,7 +44,8 @@ from torch import Tensor
 
 from ..patterns import BlockSparse, Dense, InfLLMv2, Pattern, SlidingWindow, TopK, WindowLinear
 from ..patterns.infllmv2 import NORMALIZERS, VARIANTS
-from ..scheduler.problem import check_backend, check_pattern, check_qkv, check_scale
+from ..scheduler.kernel import with_sinks
+from ..scheduler.problem import check_backend, check_pattern, check_qkv, check_scale, check_softmax_options
 
 _KINDS = {"dense": Dense, "window": SlidingWindow, "block_sparse": BlockSparse, "topk": TopK,
           "window_linear": WindowLinear, "infllmv2": InfLLMv2}
@@ -92,12 +93,13 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _plan(q, k, v, kind, params, layout, gate, scale, backend, requires_grad):
+def _plan(q, k, v, kind, params, layout, gate, scale, backend, requires_grad, sink_logits=None, softcap=None):
     from ..scheduler.plan import choose
     from ..scheduler.problem import make_problem
 
     pattern = decode_pattern(kind, params, layout)
-    problem = make_problem(q, k, v, pattern, scale=scale, gate=gate, requires_grad=requires_grad)
+    problem = make_problem(q, k, v, pattern, scale=scale, gate=gate, requires_grad=requires_grad,
+                           sink_logits=sink_logits, softcap=softcap)
     return problem, choose(problem, backend=backend or None).kernel
 
 
@@ -134,21 +136,23 @@ def _autograd_enabled():
 # --------------------------------------------------------------------------------------------
 @torch.library.custom_op("sparse_attn::attention_fwd", mutates_args=())
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, layout: Optional[Tensor], gate: Optional[Tensor], kind: str,
-                  params: list[int], scale: float, backend: str, requires_grad: bool) -> tuple[Tensor, Tensor]:
+                  params: list[int], scale: float, backend: str, requires_grad: bool,
+                  sink_logits: Optional[Tensor] = None, softcap: Optional[float] = None) -> tuple[Tensor, Tensor]:
     """`(out (B, Hq, Sq, Dv) q.dtype, lse (B, Hq, Sq) float32/float64)`; `backend` "" = scheduler's choice."""
-    problem, kern = _plan(q, k, v, kind, params, layout, gate, scale, backend, requires_grad)
+    problem, kern = _plan(q, k, v, kind, params, layout, gate, scale, backend, requires_grad, sink_logits, softcap)
     if _is_flash(kern, problem.pattern):
         lay = kern.prepare(q, k, problem)
-        out, lse = kern.forward(q, k, v, problem, lay)
+        out, lse = kern.forward_sinks(q, k, v, problem, lay, sink_logits)
     else:
         with torch.no_grad():
-            out = kern.run(q, k, v, problem, gate=gate)
+            out = kern.run(q, k, v, problem, gate=gate, **with_sinks(sink_logits))
         lse = torch.zeros(q.shape[:3], dtype=_lse_dtype(q.dtype), device=q.device)  # not computed
     return _fresh(out.to(q.dtype), q, k, v), _fresh(lse.to(_lse_dtype(q.dtype)))
 
 
 @attention_fwd.register_fake
-def _attention_fwd_fake(q, k, v, layout, gate, kind, params, scale, backend, requires_grad):
+def _attention_fwd_fake(q, k, v, layout, gate, kind, params, scale, backend, requires_grad, sink_logits=None,
+                        softcap=None):
     b, hq, sq, _ = q.shape
     return (q.new_empty((b, hq, sq, v.shape[3])),
             q.new_empty((b, hq, sq), dtype=_lse_dtype(q.dtype)))
@@ -157,13 +161,14 @@ def _attention_fwd_fake(q, k, v, layout, gate, kind, params, scale, backend, req
 @torch.library.custom_op("sparse_attn::attention_bwd", mutates_args=())
 def attention_bwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor, layout: Optional[Tensor],
                   gate: Optional[Tensor], kind: str, params: list[int], scale: float,
-                  backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """`(dq, dk, dv, dgate)`; `dgate` is empty `(0,)` when there is no gate."""
-    problem, kern = _plan(q, k, v, kind, params, layout, gate, scale, backend, True)
-    dgate = None
+                  backend: str, sink_logits: Optional[Tensor] = None,
+                  softcap: Optional[float] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """`(dq, dk, dv, dgate, dsink)`; `dgate` / `dsink` are empty `(0,)` when there is no gate / sink."""
+    problem, kern = _plan(q, k, v, kind, params, layout, gate, scale, backend, True, sink_logits, softcap)
+    dgate = dsink = None
     if _is_flash(kern, problem.pattern):
         lay = kern.prepare(q, k, problem)
-        dq, dk, dv = kern.backward(q, k, v, out, lse, dout.contiguous(), problem, lay)
+        dq, dk, dv, dsink = kern.backward_sinks(q, k, v, out, lse, dout.contiguous(), problem, lay, sink_logits)
     else:
         with _autograd_enabled():
             inputs = [x.detach().requires_grad_() for x in (q, k, v)]
@@ -177,29 +182,36 @@ def attention_bwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dou
             dgate = grads[3]
     if dgate is None:
         dgate = q.new_empty((0,)) if gate is None else torch.zeros_like(gate)
-    ins = (q, k, v, out, lse, dout, gate)
+    if dsink is None:
+        dsink = q.new_empty((0,)) if sink_logits is None else torch.zeros_like(sink_logits)
+    ins = (q, k, v, out, lse, dout, gate, sink_logits)
     return (_fresh(dq.to(q.dtype), *ins), _fresh(dk.to(k.dtype), *ins), _fresh(dv.to(v.dtype), *ins),
-            _fresh(dgate, *ins))
+            _fresh(dgate, *ins), _fresh(dsink, *ins))
 
 
 @attention_bwd.register_fake
-def _attention_bwd_fake(q, k, v, out, lse, dout, layout, gate, kind, params, scale, backend):
+def _attention_bwd_fake(q, k, v, out, lse, dout, layout, gate, kind, params, scale, backend, sink_logits=None,
+                        softcap=None):
     dgate = q.new_empty((0,)) if gate is None else gate.new_empty(gate.shape)
-    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dgate)
+    dsink = q.new_empty((0,)) if sink_logits is None else sink_logits.new_empty(sink_logits.shape)
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dgate, dsink)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, layout, gate, kind, params, scale, backend, _ = inputs
+    q, k, v, layout, gate, kind, params, scale, backend, _, sink_logits, softcap = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, layout, gate)
+    ctx.save_for_backward(q, k, v, out, lse, layout, gate, sink_logits)
     ctx.args = (kind, params, scale, backend)
+    ctx.softcap = softcap
 
 
 def _backward(ctx, dout, dlse):
     # `lse` is an auxiliary output (the public op returns `out` only): its gradient is ignored
-    q, k, v, out, lse, layout, gate = ctx.saved_tensors
-    dq, dk, dv, dgate = attention_bwd(q, k, v, out, lse, dout, layout, gate, *ctx.args)
-    return dq, dk, dv, None, (dgate if gate is not None else None), None, None, None, None, None
+    q, k, v, out, lse, layout, gate, sink_logits = ctx.saved_tensors
+    dq, dk, dv, dgate, dsink = attention_bwd(q, k, v, out, lse, dout, layout, gate, *ctx.args, sink_logits,
+                                             ctx.softcap)
+    return (dq, dk, dv, None, (dgate if gate is not None else None), None, None, None, None, None,
+            (dsink if sink_logits is not None else None), None)
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -223,7 +235,7 @@ def _select_blocks_fake(q, k, params):
 # --------------------------------------------------------------------------------------------
 # the public entry of the op path
 # --------------------------------------------------------------------------------------------
-def validate(q, k, v, pattern, *, scale=None, gate=None, backend=None) -> float:
+def validate(q, k, v, pattern, *, scale=None, gate=None, backend=None, sink_logits=None, softcap=None) -> float:
     """The checks of `make_problem` that need no device query: safe to trace with dynamo.
     Returns the resolved scale."""
     check_backend(backend)
@@ -231,15 +243,19 @@ def validate(q, k, v, pattern, *, scale=None, gate=None, backend=None) -> float:
     b, hq, sq, d = q.shape
     check_pattern(pattern, q_heads=hq, kv_heads=k.shape[1], batch=b, sq=sq, sk=k.shape[2], gate=gate,
                   device=q.device)
+    check_softmax_options(pattern, sink_logits, softcap, q_heads=hq, device=q.device)
     return check_scale(scale, d)
 
 
-def attention_op(q, k, v, pattern: Pattern = Dense(), *, scale=None, gate=None, backend=None) -> Tensor:
+def attention_op(q, k, v, pattern: Pattern = Dense(), *, scale=None, gate=None, backend=None, sink_logits=None,
+                 softcap=None) -> Tensor:
     """`sparse_attn.attention` through the custom ops (what a `torch.compile`d call runs): same
     arguments, same result, same kernel choice."""
-    sc = validate(q, k, v, pattern, scale=scale, gate=gate, backend=backend)
+    sc = validate(q, k, v, pattern, scale=scale, gate=gate, backend=backend, sink_logits=sink_logits,
+                  softcap=softcap)
     kind, params, layout = encode_pattern(pattern.clamped(k.shape[2]))  # op ints are int64: never a face value
     requires_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, gate))
-    out, _ = attention_fwd(q, k, v, layout, gate, kind, params, sc, backend or "", requires_grad)
+        t is not None and t.requires_grad for t in (q, k, v, gate, sink_logits))
+    cap = None if softcap is None else float(softcap)
+    out, _ = attention_fwd(q, k, v, layout, gate, kind, params, sc, backend or "", requires_grad, sink_logits, cap)
     return out

@@ -31,13 +31,15 @@ def decode_cost(kernel, p) -> float:
 
 class SplitKVDecodeKernel(FlashKernel):
     """Base of the split-KV decode kernels: Sq <= 16 rows per sequence, Dense / SlidingWindow /
-    BlockSparse / TopK, fp16 / bf16 / fp32, D <= 256; forward only (decode is inference).
+    BlockSparse / TopK, fp16 / bf16 / fp32, D <= 256, softcap (in the kernel) and learned sinks
+    (FlashKernel, on (out, lse)); forward only (decode is inference).
     Subclasses set `memory_efficiency`, `overhead_s` and implement `forward`."""
 
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
     patterns = (Dense, SlidingWindow, BlockSparse, TopK)
     head_dims = (1, 256)
     supports_backward = False
+    supports_softcap = True
     phases = ("decode", "chunked-prefill")
     memory_efficiency = 0.5
     overhead_s = 30e-6

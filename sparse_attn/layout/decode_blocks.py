@@ -41,6 +41,7 @@ class DecodeArgs(NamedTuple):
     sinks: int
     scale: float
     splits: int
+    softcap: float = 0.0  # > 0: scores capped to softcap * tanh(s / softcap); 0: off
     quant: str | None = None  # None, or "int8" / "fp8_e4m3": k, v hold codes (cache/quant.py)
     k_scale: torch.Tensor | None = None  # float32 (pages, Hkv, page_size) row scales of a quantized cache
     v_scale: torch.Tensor | None = None
@@ -99,7 +100,7 @@ def block_lists(rows: torch.Tensor | None, sq: int):
     return count.contiguous(), index.contiguous(), row_mask
 
 
-def tensor_decode_args(q, k, v, pattern, *, scale: float, units: int) -> DecodeArgs:
+def tensor_decode_args(q, k, v, pattern, *, scale: float, units: int, softcap=None) -> DecodeArgs:
     """Arguments for `attention(q, k, v)` decode: every sequence is Sk long, one page each."""
     b, hq, sq, _ = q.shape
     hkv, sk = k.shape[1], k.shape[2]
@@ -113,10 +114,10 @@ def tensor_decode_args(q, k, v, pattern, *, scale: float, units: int) -> DecodeA
     page_table = torch.arange(b, dtype=torch.int32, device=q.device)[:, None]
     lengths = torch.full((b,), sk, dtype=torch.int32, device=q.device)
     return DecodeArgs(q.contiguous(), k, v, page_table, lengths, count, index, row_mask, key_block,
-                      *_rule_args(pattern), float(scale), splits)
+                      *_rule_args(pattern), float(scale), splits, float(softcap or 0.0))
 
 
-def cache_decode_args(q, view, pattern, *, scale: float, units: int) -> DecodeArgs:
+def cache_decode_args(q, view, pattern, *, scale: float, units: int, softcap=None) -> DecodeArgs:
     """Arguments for attention over a cache's read view (`cache.kv_view()`): its pages and page
     table (a contiguous cache is one page of `max_len + 1` rows per sequence), its lengths."""
     b, hq, sq, _ = q.shape
@@ -128,4 +129,5 @@ def cache_decode_args(q, view, pattern, *, scale: float, units: int) -> DecodeAr
     count, index, row_mask = block_lists(rows, sq)
     splits = num_splits(units, b, view.kv_heads, -(-(hq // view.kv_heads) * sq // 8), nb)
     return DecodeArgs(q.contiguous(), view.k, view.v, view.page_table, view.lengths, count, index, row_mask,
-                      key_block, *_rule_args(pattern), float(scale), splits, view.quant, view.k_scale, view.v_scale)
+                      key_block, *_rule_args(pattern), float(scale), splits, float(softcap or 0.0), view.quant,
+                      view.k_scale, view.v_scale)

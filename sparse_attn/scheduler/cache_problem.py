@@ -14,7 +14,7 @@ import torch
 
 from ..patterns import SOFTMAX_PATTERNS, BlockSparse
 from .device import device_info
-from .problem import CHUNKED, DECODE, TRAINING, Problem, check_scale
+from .problem import CHUNKED, DECODE, TRAINING, Problem, check_scale, check_softmax_options
 
 #: the scheduler's op name of attention over a cache
 CACHE_OP = "attention_with_cache"
@@ -47,7 +47,7 @@ class CacheProblem(Problem):
     def same_call(self, other: "CacheProblem") -> bool:
         """True when `other` is this call again, the cache possibly longer (what a plan may run)."""
         fields = ("batch", "q_heads", "kv_heads", "sq", "head_dim", "v_head_dim", "dtype", "device", "scale",
-                  "requires_grad", "cache_kind", "kv_dtype", "page_size")
+                  "requires_grad", "cache_kind", "kv_dtype", "page_size", "softcap", "sinks")
         same = all(getattr(self, f) == getattr(other, f) for f in fields)
         return same and self.asked_pattern == other.asked_pattern
 
@@ -95,17 +95,20 @@ def validate_cache_call(q, cache, pattern, *, scale=None):
     return view, check_scale(scale, q.shape[3])
 
 
-def make_cache_problem(q, cache, pattern, *, scale=None):
+def make_cache_problem(q, cache, pattern, *, scale=None, sink_logits=None, softcap=None):
     """Validate a call over a cache and describe it: `(CacheProblem, view)`."""
     view, sc = validate_cache_call(q, cache, pattern, scale=scale)
+    softcap = check_softmax_options(pattern, sink_logits, softcap, q_heads=q.shape[1], device=q.device)
     # integers beyond the longest sequence mean what its length means; TopK keeps the pooling block
     asked, pattern = pattern, pattern.clamped(view.max_length, keep_block_size=True)
     b, hq, sq, d = q.shape
     problem = CacheProblem(batch=b, q_heads=hq, kv_heads=view.kv_heads, sq=sq, sk=view.max_length, head_dim=d,
                            v_head_dim=view.v_head_dim, dtype=q.dtype, device=device_info(q.device), pattern=pattern,
-                           scale=sc, requires_grad=bool(torch.is_grad_enabled() and q.requires_grad),
-                           cache_kind=view.kind, kv_dtype=view.quant, page_size=view.page_size, cache_text=view.describe(),
-                           torch_device=q.device, asked_pattern=asked)
+                           scale=sc, requires_grad=bool(torch.is_grad_enabled() and any(
+                               t is not None and t.requires_grad for t in (q, sink_logits))),
+                           cache_kind=view.kind, kv_dtype=view.quant, page_size=view.page_size,
+                           cache_text=view.describe(), torch_device=q.device, asked_pattern=asked, softcap=softcap,
+                           sinks=sink_logits is not None)
     return problem, view
 
 

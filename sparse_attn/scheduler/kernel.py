@@ -27,6 +27,10 @@ class Kernel:
     cache_kinds: tuple[str, ...] = ()
     #: cache storage it reads: None (rows in the queries' dtype) and/or quantized "int8" / "fp8_e4m3"
     kv_dtypes: tuple = (None,)
+    #: the softmax options (contract, "Learned sinks and logit soft-capping"): a kernel that does
+    #: not compute one declares it here, and the scheduler never gives it a call that asks for it
+    supports_sinks: bool = False
+    supports_softcap: bool = False
 
     def unavailable(self) -> str | None:
         """Why this kernel cannot run in this process at all (missing package, failed build)."""
@@ -53,6 +57,10 @@ class Kernel:
             why.append("no backward pass (inputs require grad)")
         if p.phase not in self.phases:
             why.append(f"not meant for phase {p.phase}")
+        if getattr(p, "sinks", False) and not self.supports_sinks:
+            why.append("learned sinks (sink_logits) not implemented")
+        if getattr(p, "softcap", None) is not None and not self.supports_softcap:
+            why.append("softcap not implemented")
         kind = getattr(p, "cache_kind", None)  # a CacheProblem
         if kind is not None and kind not in self.cache_kinds:
             why.append(f"does not read a {kind} cache")
@@ -65,16 +73,24 @@ class Kernel:
         """Estimated seconds: a roofline over the FLOPs and bytes this kernel really touches."""
         raise NotImplementedError
 
-    def run(self, q, k, v, p: Problem, *, gate=None) -> torch.Tensor:
+    def run(self, q, k, v, p: Problem, *, gate=None, sink_logits=None) -> torch.Tensor:
+        """`sink_logits` is passed only to kernels that declare `supports_sinks` (`with_sinks`), so a
+        kernel written before the option keeps its `run(q, k, v, p, *, gate=None)`."""
         raise NotImplementedError
 
-    def run_cache(self, q, view, p: Problem) -> torch.Tensor:
+    def run_cache(self, q, view, p: Problem, *, sink_logits=None) -> torch.Tensor:
         """Attention of `q` `(B, Hq, Sq, D)` over a cache's read view (`KVView`): the
-        "attention_with_cache" op. Returns `(B, Hq, Sq, Dv)` in q's dtype."""
+        "attention_with_cache" op. Returns `(B, Hq, Sq, Dv)` in q's dtype. `sink_logits` `(Hq,)`
+        is given only to kernels that declare `supports_sinks` (and only when `p.sinks`)."""
         raise NotImplementedError(f"{self.name} does not read caches")
 
     def __repr__(self):
         return f"<kernel {self.name} ({self.backend})>"
+
+
+def with_sinks(sink_logits) -> dict:
+    """The keyword arguments that carry `sink_logits` to `Kernel.run` / `run_cache`: none without sinks."""
+    return {} if sink_logits is None else {"sink_logits": sink_logits}
 
 
 def roofline_seconds(p: Problem, *, flops: float, bytes_moved: float, efficiency: float,

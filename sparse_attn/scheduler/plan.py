@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .kernel import Kernel
+from .kernel import Kernel, with_sinks
 from .problem import Problem
 from .registry import kernels
 
@@ -27,10 +27,10 @@ class Plan:
     backend_request: str | None = None
     notes: list[str] = field(default_factory=list)
 
-    def run(self, q, k, v, *, gate=None):
+    def run(self, q, k, v, *, gate=None, sink_logits=None):
         """Run the chosen kernel on `q, k, v`: the problem the plan was made for (`ValueError` otherwise)."""
-        self.problem.check_inputs(q, k, v, gate=gate)
-        return self.kernel.run(q, k, v, self.problem, gate=gate)
+        self.problem.check_inputs(q, k, v, gate=gate, sink_logits=sink_logits)
+        return self.kernel.run(q, k, v, self.problem, gate=gate, **with_sinks(sink_logits))
 
     def explain(self) -> str:
         lines = [f"problem: {self.problem.describe()}",

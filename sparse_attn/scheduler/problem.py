@@ -37,6 +37,10 @@ class Problem:
     varlen: bool = False
     #: the torch device of the inputs (None: not recorded); a plan refuses inputs on another one
     torch_device: torch.device | None = None
+    #: logit soft-capping: scores become `softcap * tanh(s / softcap)` (None: off)
+    softcap: float | None = None
+    #: whether a `(Hq,)` tensor of learned sink logits joins each row's softmax denominator
+    sinks: bool = False
 
     @property
     def group(self) -> int:
@@ -63,7 +67,7 @@ class Problem:
         f = 2.0 * (self.head_dim + self.v_head_dim) * self.visited_pairs()
         return f * 3.5 if self.requires_grad else f
 
-    def check_inputs(self, q, k, v, *, gate=None) -> None:
+    def check_inputs(self, q, k, v, *, gate=None, sink_logits=None) -> None:
         """Raise `ValueError` unless `q`, `k`, `v` (and `gate`) are the problem this describes: a plan
         runs only the call it was made for (its kernel choice and scale depend on it)."""
         check_qkv(q, k, v)
@@ -81,15 +85,20 @@ class Problem:
                              f"{self.torch_device or self.device.type}; make a new plan")
         if (gate is not None) != isinstance(self.pattern, WindowLinear):
             raise ValueError("gate must be given exactly when the plan's pattern is WindowLinear")
+        if (sink_logits is not None) != self.sinks:
+            raise ValueError("sink_logits must be given exactly when the plan was made with sink_logits")
+        if sink_logits is not None:
+            check_sinks(sink_logits, q_heads=self.q_heads, device=q.device)
         if not self.requires_grad and torch.is_grad_enabled() and any(
-                t is not None and t.requires_grad for t in (q, k, v, gate)):
+                t is not None and t.requires_grad for t in (q, k, v, gate, sink_logits)):
             raise ValueError("the inputs require grad but this plan was made for inference (requires_grad=False); "
                              "make the plan with requires_grad=True")
 
     def describe(self) -> str:
+        extra = (", learned sinks" if self.sinks else "") + (f", softcap={self.softcap:g}" if self.softcap else "")
         return (f"B={self.batch} Hq={self.q_heads} Hkv={self.kv_heads} Sq={self.sq} Sk={self.sk} "
                 f"D={self.head_dim} Dv={self.v_head_dim} {str(self.dtype).replace('torch.', '')} "
-                f"on {self.device.name}, {self.phase}, {self.pattern.describe()}")
+                f"on {self.device.name}, {self.phase}, {self.pattern.describe()}{extra}")
 
 
 def _need_tensor(name, x):
@@ -110,6 +119,42 @@ def check_scale(scale, head_dim: int) -> float:
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
     return float(scale)
+
+
+def check_softcap(softcap) -> float | None:
+    """`softcap`: None, or a finite float > 0 (returned as a float)."""
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"softcap must be a float > 0 or None, got {type(softcap).__name__}")
+    if not math.isfinite(softcap) or softcap <= 0:
+        raise ValueError(f"softcap must be a finite float > 0, got {softcap}")
+    return float(softcap)
+
+
+def check_sinks(sink_logits, *, q_heads: int, device) -> None:
+    """`sink_logits`: None, or a floating-point `(Hq,)` tensor on q's device."""
+    if sink_logits is None:
+        return
+    _need_tensor("sink_logits", sink_logits)
+    if not sink_logits.is_floating_point():
+        raise TypeError(f"sink_logits must be a floating-point tensor, got {sink_logits.dtype}")
+    if tuple(sink_logits.shape) != (q_heads,):
+        raise ValueError(f"sink_logits must have shape (Hq,) = ({q_heads},), got {tuple(sink_logits.shape)}")
+    if sink_logits.device != device:
+        raise ValueError(f"sink_logits is on {sink_logits.device} but q is on {device}")
+
+
+def check_softmax_options(pattern, sink_logits, softcap, *, q_heads: int, device) -> float | None:
+    """The two options of softmax patterns (contract, "Learned sinks and logit soft-capping").
+    Returns the validated softcap."""
+    cap = check_softcap(softcap)
+    check_sinks(sink_logits, q_heads=q_heads, device=device)
+    if isinstance(pattern, WindowLinear) and (cap is not None or sink_logits is not None):
+        what = "sink_logits" if sink_logits is not None else "softcap"
+        raise ValueError(f"{what} applies to the softmax patterns (Dense, SlidingWindow, BlockSparse, TopK), "
+                         f"not to WindowLinear")
+    return cap
 
 
 def check_qkv(q, k, v, *, ndim: int = 4, names=("q", "k", "v")) -> None:
@@ -173,18 +218,21 @@ def check_pattern(pattern, *, q_heads, kv_heads, batch, sq, sk, gate, device) ->
             raise ValueError(f"gate is on {gate.device} but q is on {device}")
 
 
-def make_problem(q, k, v, pattern, *, scale=None, gate=None, requires_grad=None) -> Problem:
+def make_problem(q, k, v, pattern, *, scale=None, gate=None, requires_grad=None, sink_logits=None,
+                 softcap=None) -> Problem:
     """Validate an `attention(q, k, v, pattern, ...)` call and describe it."""
     check_qkv(q, k, v)
     b, hq, sq, d = q.shape
     hkv, sk, dv = k.shape[1], k.shape[2], v.shape[3]
     check_pattern(pattern, q_heads=hq, kv_heads=hkv, batch=b, sq=sq, sk=sk, gate=gate, device=q.device)
     scale = check_scale(scale, d)
+    softcap = check_softmax_options(pattern, sink_logits, softcap, q_heads=hq, device=q.device)
     if requires_grad is None:
         requires_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (q, k, v, gate))
+            t is not None and t.requires_grad for t in (q, k, v, gate, sink_logits))
     # integers beyond the sequence mean what the sequence's length means (contract): kernels never
     # see (nor allocate by) a parameter's face value
     return Problem(batch=b, q_heads=hq, kv_heads=hkv, sq=sq, sk=sk, head_dim=d, v_head_dim=dv, dtype=q.dtype,
                    device=device_info(q.device), pattern=pattern.clamped(sk), scale=scale,
-                   requires_grad=bool(requires_grad), torch_device=q.device)
+                   requires_grad=bool(requires_grad), torch_device=q.device, softcap=softcap,
+                   sinks=sink_logits is not None)

@@ -51,7 +51,7 @@ def decode_prepare(q: torch.Tensor, k: torch.Tensor, pattern):
 
 
 def _decode_fwd(q, k, v, pattern, *, scale: float, token_index, lengths=None, page_table=None, page_size=0,
-                k_scale=None, v_scale=None):
+                softcap=None, k_scale=None, v_scale=None):
     """The one call of the extension: `decode_fwd(DecodeArgs)` -> `(out, lse)`
     (csrc/cpu/decode_binding.cpp says what each field means). `lengths` / `page_table`: a cache's
     (rows end-aligned to each sequence's length; K/V as pages), else None. `k_scale` / `v_scale`:
@@ -59,6 +59,7 @@ def _decode_fwd(q, k, v, pattern, *, scale: float, token_index, lengths=None, pa
     ext = _ext()
     args = ext.DecodeArgs()
     args.q, args.k, args.v, args.scale = q, k, v, float(scale)
+    args.softcap = float(softcap or 0.0)
     causal, window, sinks = pattern.token_rule()
     args.causal, args.window, args.sinks = causal, window if window else -1, sinks if window else 0
     if isinstance(pattern, BlockSparse):  # the C++ kernel reads the user's layout in place
@@ -73,7 +74,7 @@ def _decode_fwd(q, k, v, pattern, *, scale: float, token_index, lengths=None, pa
     return ext.decode_fwd(args)
 
 
-def decode_forward(q, k, v, pattern, *, scale: float, token_index: torch.Tensor | None = None):
+def decode_forward(q, k, v, pattern, *, scale: float, token_index: torch.Tensor | None = None, softcap=None):
     """The split-KV kernel for `Sq <= 16` query rows: returns `(out (B, Hq, Sq, Dv) in q's dtype,
     lse float32 (B, Hq, Sq))`, lse = +inf (and out = 0) for rows that see no key. `token_index`
     (TopK only) defaults to the contract's selection. Raises `ExtensionBuildError` if the
@@ -88,14 +89,15 @@ def decode_forward(q, k, v, pattern, *, scale: float, token_index: torch.Tensor 
         v = v.contiguous()
     if token_index is None and pattern.pool_block() is not None:
         token_index = decode_prepare(q, k, pattern)
-    return _decode_fwd(q, k, v, pattern, scale=scale, token_index=token_index)
+    return _decode_fwd(q, k, v, pattern, scale=scale, token_index=token_index, softcap=softcap)
 
 
-def decode_over_cache(q: torch.Tensor, view, pattern, *, scale: float) -> torch.Tensor:
+def decode_over_cache(q: torch.Tensor, view, pattern, *, scale: float, softcap=None):
     """Attention over a CPU cache's read view (`KVView`) with the split-KV kernel: each sequence's
     rows end-aligned to its own length (`view.lengths`), K/V read in place (a contiguous cache as
     strided rows, a paged one through its page table), TopK selected from the cache's block means
-    (`layout.topk_selection.topk_index_over_cache`). Returns `(B, Hq, Sq, Dv)` in q's dtype."""
+    (`layout.topk_selection.topk_index_over_cache`). Returns `(out (B, Hq, Sq, Dv) in q's dtype,
+    lse float32 (B, Hq, Sq))`."""
     if q.shape[2] > MAX_ROWS:
         raise ValueError(f"q has {q.shape[2]} query rows; the decode kernel serves at most {MAX_ROWS}")
     token_index = topk_index_over_cache(q, view, pattern) if pattern.pool_block() is not None else None
@@ -104,7 +106,8 @@ def decode_over_cache(q: torch.Tensor, view, pattern, *, scale: float) -> torch.
     else:
         table, page_size = view.page_table, view.page_size
     return _decode_fwd(q, view.k, view.v, pattern, scale=scale, token_index=token_index, lengths=view.lengths,
-                       page_table=table, page_size=page_size, k_scale=view.k_scale, v_scale=view.v_scale)[0]
+                       page_table=table, page_size=page_size, softcap=softcap, k_scale=view.k_scale,
+                       v_scale=view.v_scale)
 
 
 def _keys_read(p) -> float:
@@ -130,6 +133,7 @@ class CpuDecode(FlashKernel):
     patterns = (Dense, SlidingWindow, BlockSparse, TopK)
     head_dims = (1, 512)
     supports_backward = False
+    supports_softcap = True
     phases = ("decode", "chunked-prefill")
     #: fraction of the device's nominal bandwidth at which the visited K/V bytes are read:
     #: measured 2-3x cpu.block_sparse's decode speed for bfloat16 and ~1.5x for float32 (which
@@ -184,7 +188,7 @@ class CpuDecode(FlashKernel):
         return decode_prepare(q, k, p.pattern)
 
     def forward(self, q, k, v, p, layout):
-        return decode_forward(q, k, v, p.pattern, scale=p.scale, token_index=layout)
+        return decode_forward(q, k, v, p.pattern, scale=p.scale, token_index=layout, softcap=p.softcap)
 
 
 class CpuCacheDecode(CpuDecode):
@@ -199,8 +203,8 @@ class CpuCacheDecode(CpuDecode):
     def _pool_bytes(self, p, nb):
         return (8 if p.dtype == torch.float64 else 4) * p.batch * p.kv_heads * nb * p.head_dim
 
-    def run_cache(self, q, view, p):
-        return decode_over_cache(q, view, p.pattern, scale=p.scale)
+    def forward_cache(self, q, view, p):
+        return decode_over_cache(q, view, p.pattern, scale=p.scale, softcap=p.softcap)
 
 
 register(CpuDecode())

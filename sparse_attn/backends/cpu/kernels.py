@@ -102,17 +102,18 @@ def _rule(lay):
             lay.sink_tokens)
 
 
-def block_sparse_forward_layout(q, k, v, lay, *, scale: float, return_lse: bool = False):
+def block_sparse_forward_layout(q, k, v, lay, *, scale: float, return_lse: bool = False, softcap=None):
     """The C++ kernel on an explicit :class:`~sparse_attn.layout.BlockLayout` (any layout: the
     kernel visits exactly the blocks it lists, with its token rule on the partial ones).
-    Returns `out`, or `(out, lse)` with `lse` float32 `(B, Hq, Sq)` (+inf: no visible key)."""
+    Returns `out`, or `(out, lse)` with `lse` float32 `(B, Hq, Sq)` (+inf: no visible key).
+    `softcap` (float > 0 or None) caps the scores (contract)."""
     out, lse = _ext().block_sparse_fwd(
         q, k, v, lay.full_count, lay.full_index, lay.partial_count, lay.partial_index, lay.token_index,
-        *_rule(lay), float(scale))
+        *_rule(lay), float(scale), float(softcap or 0.0))
     return (out, lse) if return_lse else out
 
 
-def block_sparse_backward_layout(q, k, v, out, lse, dout, lay, *, scale: float, mode: int = 0):
+def block_sparse_backward_layout(q, k, v, out, lse, dout, lay, *, scale: float, mode: int = 0, softcap=None):
     """The C++ backward over `lay` (the forward's layout). Returns (dq, dk, dv) in the inputs' dtypes.
 
     Two schedules (csrc/cpu/block_sparse_bwd.cpp), chosen by `mode`: 0 (auto: fused when the
@@ -129,7 +130,7 @@ def block_sparse_backward_layout(q, k, v, out, lse, dout, lay, *, scale: float, 
     ti = lay.token_index
     return _ext().block_sparse_bwd(
         q, k, v, out, lse, dout, lay.full_count, lay.full_index, lay.partial_count, lay.partial_index,
-        tfc, tfi, tpc, tpi, ti, tokens, offsets, *_rule(lay), float(scale), mode)
+        tfc, tfi, tpc, tpi, ti, tokens, offsets, *_rule(lay), float(scale), mode, float(softcap or 0.0))
 
 
 class CpuBlockSparse(FlashKernel):
@@ -150,6 +151,7 @@ class CpuBlockSparse(FlashKernel):
     patterns = (Dense, SlidingWindow, BlockSparse, TopK, InfLLMv2)
     head_dims = (1, 256)
     supports_backward = True
+    supports_softcap = True
     #: fraction of the device's float32 peak reached over the visited pairs: 170-185 GFLOP/s of
     #: the nominal 192 (2 cores x 96) for dense causal, 130-140 for SlidingWindow(256) (whose
     #: partial blocks also compute masked pairs), 135-150 for 10%-dense BlockSparse; B=1 Hq=8
@@ -261,7 +263,7 @@ class CpuBlockSparse(FlashKernel):
         return cpu_layout(q.detach(), k.detach(), p.pattern)
 
     def forward(self, q, k, v, p, layout):
-        return block_sparse_forward_layout(q, k, v, layout, scale=p.scale, return_lse=True)
+        return block_sparse_forward_layout(q, k, v, layout, scale=p.scale, return_lse=True, softcap=p.softcap)
 
     def backward(self, q, k, v, out, lse, dout, p, layout):
-        return block_sparse_backward_layout(q, k, v, out, lse, dout, layout, scale=p.scale)
+        return block_sparse_backward_layout(q, k, v, out, lse, dout, layout, scale=p.scale, softcap=p.softcap)

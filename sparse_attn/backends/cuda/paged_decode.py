@@ -44,7 +44,7 @@ class CudaSplitKVDecode(SplitKVDecodeKernel):
         return cuda_unavailable()
 
     def forward(self, q, k, v, p, layout):
-        args = tensor_decode_args(q, k, v, p.pattern, scale=p.scale, units=p.device.units)
+        args = tensor_decode_args(q, k, v, p.pattern, scale=p.scale, units=p.device.units, softcap=p.softcap)
         return tuple(_ext().paged_decode(*args))
 
 
@@ -55,6 +55,6 @@ class CudaCacheDecode(CudaSplitKVDecode):
     #: int8 / fp8 codes dequantized in registers as each row is loaded (csrc/cuda/paged_decode.cu)
     kv_dtypes = (None, "int8", "fp8_e4m3")
 
-    def run_cache(self, q, view, p):
-        out, _ = _ext().paged_decode(*cache_decode_args(q, view, p.pattern, scale=p.scale, units=p.device.units))
-        return out
+    def forward_cache(self, q, view, p):
+        args = cache_decode_args(q, view, p.pattern, scale=p.scale, units=p.device.units, softcap=p.softcap)
+        return tuple(_ext().paged_decode(*args))

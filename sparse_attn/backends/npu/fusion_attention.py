@@ -113,5 +113,5 @@ class NpuFusionAttention(Kernel):
         nbytes = elem * p.batch * p.kv_heads * p.sk * (p.head_dim + p.v_head_dim)
         return roofline_seconds(p, flops=flops, bytes_moved=nbytes, efficiency=self.efficiency, overhead_s=30e-6)
 
-    def run(self, q, k, v, p, *, gate=None):
+    def run(self, q, k, v, p, *, gate=None, sink_logits=None):
         return npu_fusion_attention(q, k, v, p.pattern, scale=p.scale)[0]

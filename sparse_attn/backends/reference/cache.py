@@ -18,7 +18,7 @@ from ...layout.decode_blocks import KEY_BLOCK, visited_rows
 from ...layout.topk_selection import query_positions, topk_index_over_cache
 from ...patterns import SOFTMAX_PATTERNS
 from ...scheduler.kernel import Kernel, roofline_seconds
-from .softmax import acc_dtype
+from .softmax import acc_dtype, cap_scores
 
 #: elements of one chunk's score matrix
 _CHUNK_ELEMS = 1 << 22
@@ -55,8 +55,10 @@ def _visible(rule, qpos, kpos, lengths, rows, key_block):
     return ok
 
 
-def cache_attention(q: torch.Tensor, view, pattern, *, scale: float) -> torch.Tensor:
-    """`(B, Hq, Sq, Dv)` in q's dtype; rows with no visible key give zeros."""
+def cache_attention(q: torch.Tensor, view, pattern, *, scale: float, softcap=None, sink_logits=None) -> torch.Tensor:
+    """`(B, Hq, Sq, Dv)` in q's dtype; rows with no visible key give zeros. `softcap` (float) caps
+    the scores, `sink_logits` `(Hq,)` joins each row's denominator (contract); both differentiable
+    through plain autograd, like q."""
     b, hq, sq, d = q.shape
     hkv, dv = view.kv_heads, view.v_head_dim
     g = hq // hkv
@@ -82,7 +84,8 @@ def cache_attention(q: torch.Tensor, view, pattern, *, scale: float) -> torch.Te
         vis = _visible(rule, qpos, kpos, view.lengths, rows, key_block)[:, :, None]  # (B, 1|Hkv, 1, Sq, n)
         s = torch.matmul(qa, kc.to(acc)[:, :, None].transpose(-1, -2)) * scale
         # a non-finite score (infinite or NaN q / k) is NaN, never a masked -inf (contract, "Bad input")
-        s = torch.where(torch.isfinite(s), s, torch.full_like(s, float("nan"))).masked_fill(~vis, float("-inf"))
+        s = torch.where(torch.isfinite(s), s, torch.full_like(s, float("nan")))
+        s = cap_scores(s, softcap).masked_fill(~vis, float("-inf"))
         m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
         m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
         p = torch.exp(s - m_safe)
@@ -91,6 +94,12 @@ def cache_attention(q: torch.Tensor, view, pattern, *, scale: float) -> torch.Te
         o = o * alpha + torch.matmul(p, vc.to(acc)[:, :, None])
         m = m_new
     # rows that saw no key output 0; a NaN `l` (a non-finite input the row sees) stays NaN
+    if sink_logits is not None:  # o / (l + e^{c - m}), rescaled to max(m, c) so nothing overflows
+        c = sink_logits.to(acc).view(1, hkv, g, 1, 1)
+        m_f = torch.where(torch.isfinite(m), m, c)
+        top = torch.maximum(m_f, c)
+        a = torch.exp(m_f - top)
+        o, l = o * a, torch.where(l == 0, l, l * a + torch.exp(c - top))
     out = torch.where(l == 0, torch.zeros_like(o), o / torch.where(l == 0, torch.ones_like(l), l))
     return out.view(b, hq, sq, dv).to(q.dtype)
 
@@ -105,6 +114,8 @@ class ReferenceCacheChunked(Kernel):
     backend = "reference"
     patterns = SOFTMAX_PATTERNS
     supports_backward = True
+    supports_sinks = True
+    supports_softcap = True
     cache_kinds = ("contiguous", "paged")
     #: a quantized cache is dequantized chunk by chunk (`KVView.gather`)
     kv_dtypes = (None, "int8", "fp8_e4m3")
@@ -120,5 +131,5 @@ class ReferenceCacheChunked(Kernel):
         return roofline_seconds(p, flops=flops, bytes_moved=nbytes, efficiency=0.06,
                                 overhead_s=chunks * _CHUNK_OVERHEAD_S + _SETUP_S, compute_dtype=acc_dtype(p.dtype))
 
-    def run_cache(self, q, view, p):
-        return cache_attention(q, view, p.pattern, scale=p.scale)
+    def run_cache(self, q, view, p, *, sink_logits=None):
+        return cache_attention(q, view, p.pattern, scale=p.scale, softcap=p.softcap, sink_logits=sink_logits)

@@ -10,6 +10,7 @@ from ...scheduler.kernel import Kernel, roofline_seconds
 from ...scheduler.problem import Problem
 from .linear import linear_attention_chunked
 from ..flash import FlashKernel
+from ..sinks import apply_sinks
 from .softmax import acc_dtype, chunk_rows, softmax_backward, softmax_forward, topk_index_for
 from .window_linear import window_linear_attention
 
@@ -42,6 +43,7 @@ class ReferenceChunked(FlashKernel):
     backend = "reference"
     patterns = SOFTMAX_PATTERNS + (WindowLinear, InfLLMv2)
     supports_backward = True
+    supports_softcap = True
 
     def cost(self, p):
         pairs = _pairs_touched(p) * p.batch * p.q_heads
@@ -81,16 +83,26 @@ class ReferenceChunked(FlashKernel):
         return topk_index_for(q, k, p.pattern)
 
     def forward(self, q, k, v, p, layout):
-        out, lse = softmax_forward(q, k, v, _attended(p.pattern), scale=p.scale, token_index=layout)
+        out, lse = softmax_forward(q, k, v, _attended(p.pattern), scale=p.scale, token_index=layout,
+                                   softcap=p.softcap)
+        return out.to(q.dtype), lse
+
+    def forward_sinks(self, q, k, v, p, layout, sink_logits=None):
+        # the sinks' rescaling on the float32 output, before the one rounding to q's dtype
+        out, lse = softmax_forward(q, k, v, _attended(p.pattern), scale=p.scale, token_index=layout,
+                                   softcap=p.softcap)
+        if sink_logits is not None:
+            out, lse = apply_sinks(out, lse, sink_logits)
         return out.to(q.dtype), lse
 
     def backward(self, q, k, v, out, lse, dout, p, layout):
-        return softmax_backward(q, k, v, lse, dout, _attended(p.pattern), scale=p.scale, token_index=layout)
+        return softmax_backward(q, k, v, lse, dout, _attended(p.pattern), scale=p.scale, token_index=layout,
+                                softcap=p.softcap)
 
-    def run(self, q, k, v, p, *, gate=None):
+    def run(self, q, k, v, p, *, gate=None, sink_logits=None):
         if isinstance(p.pattern, WindowLinear):
             return window_linear_attention(q, k, v, p.pattern, scale=p.scale, gate=gate)
-        return super().run(q, k, v, p)
+        return super().run(q, k, v, p, sink_logits=sink_logits)
 
 
 class TorchSDPA(Kernel):
@@ -145,7 +157,7 @@ class TorchSDPA(Kernel):
             return max(compute, nbytes / (p.device.bandwidth_gbs * 1e9 * read)) + 20e-6
         return roofline_seconds(p, flops=flops, bytes_moved=nbytes, efficiency=0.5, overhead_s=20e-6)
 
-    def run(self, q, k, v, p, *, gate=None):
+    def run(self, q, k, v, p, *, gate=None, sink_logits=None):  # no sinks, no softcap: declared
         causal = p.pattern.causal and p.sq > 1
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=p.scale,
                                              enable_gqa=p.q_heads != p.kv_heads)

@@ -38,6 +38,12 @@ def nonfinite_to_nan(s: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(s), s, torch.full_like(s, float("nan")))
 
 
+def cap_scores(s: torch.Tensor, softcap) -> torch.Tensor:
+    """Logit soft-capping (contract): `softcap * tanh(s / softcap)`; identity for None. A NaN score
+    stays NaN (the caller turned non-finite scores into NaN before)."""
+    return s if softcap is None else torch.tanh(s / softcap) * softcap
+
+
 def chunk_rows(pattern, *, batch_heads: int, sq: int, sk: int) -> int:
     """Rows per chunk so that one chunk's score matrix stays near `_CHUNK_ELEMS`."""
     lo, hi = pattern.key_range(sk - 1, sk, sk)  # the keys a late query reaches through its range
@@ -101,11 +107,12 @@ def _chunks(pattern, q_shape, sk, device, token_index):
         yield _Chunk(pattern, r0, min(sq, r0 + rows), sq, sk, device, token_index, nb)
 
 
-def softmax_forward(q, k, v, pattern, *, scale: float, token_index=None):
+def softmax_forward(q, k, v, pattern, *, scale: float, token_index=None, softcap=None):
     """Forward of the reference softmax attention: `(out (B, Hq, Sq, Dv), lse (B, Hq, Sq))`, both in
     the accumulation dtype (float32; float64 for float64 inputs). `lse` is the natural-log
-    log-sum-exp of each row's scaled visible scores, `+inf` for a row that sees no key (its output
-    is 0). `token_index`: TopK's per-token selection (`topk_token_index`), None otherwise."""
+    log-sum-exp of each row's scaled (and soft-capped) visible scores, `+inf` for a row that sees
+    no key (its output is 0). `token_index`: TopK's per-token selection (`topk_token_index`), None
+    otherwise. Learned sinks are applied by the caller on `(out, lse)` (backends/sinks.py)."""
     b, hq, sq, d = q.shape
     hkv, sk, dv = k.shape[1], k.shape[2], v.shape[3]
     g = hq // hkv if hkv else 1
@@ -116,7 +123,7 @@ def softmax_forward(q, k, v, pattern, *, scale: float, token_index=None):
     lse = torch.full((b, hkv, g, sq), float("inf"), dtype=acc, device=q.device)
     for c in _chunks(pattern, qa.shape, sk, q.device, token_index):
         s = nonfinite_to_nan(torch.matmul(qa[:, :, :, c.r0:c.r1], c.take(ka).transpose(-1, -2)) * scale)
-        s = s.masked_fill(~c.mask, float("-inf"))
+        s = cap_scores(s, softcap).masked_fill(~c.mask, float("-inf"))
         m = s.amax(dim=-1, keepdim=True)
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         p = torch.exp(s - m)
@@ -129,9 +136,10 @@ def softmax_forward(q, k, v, pattern, *, scale: float, token_index=None):
     return out.view(b, hq, sq, dv), lse.view(b, hq, sq)
 
 
-def softmax_backward(q, k, v, lse, dout, pattern, *, scale: float, token_index=None):
+def softmax_backward(q, k, v, lse, dout, pattern, *, scale: float, token_index=None, softcap=None):
     """The flash backward of :func:`softmax_forward` from the saved `lse` alone (the output is not
-    needed: rowsum(P * dP) replaces dO . O). Returns `(dq, dk, dv)` in the inputs' dtypes."""
+    needed: rowsum(P * dP) replaces dO . O). Returns `(dq, dk, dv)` in the inputs' dtypes.
+    With `softcap`, the score gradient passes through the cap: `ds = ds_capped * (1 - tanh^2)`."""
     b, hq, sq, d = q.shape
     hkv, sk, dv = k.shape[1], k.shape[2], v.shape[3]
     g = hq // hkv if hkv else 1
@@ -147,6 +155,9 @@ def softmax_backward(q, k, v, lse, dout, pattern, *, scale: float, token_index=N
         qc, doc = qa[:, :, :, c.r0:c.r1], do[:, :, :, c.r0:c.r1]
         kc, vc = c.take(ka), c.take(va)
         s = nonfinite_to_nan(torch.matmul(qc, kc.transpose(-1, -2)) * scale)
+        if softcap is not None:
+            t = torch.tanh(s / softcap)
+            s = t * softcap
         s = s.masked_fill(~c.mask, float("-inf"))
         p = torch.exp(s - lse[:, :, :, c.r0:c.r1, None])  # 0 where masked or the row saw nothing
         c.add_to(dvv, torch.matmul(p.transpose(-1, -2), doc).sum(dim=2))
@@ -154,6 +165,8 @@ def softmax_backward(q, k, v, lse, dout, pattern, *, scale: float, token_index=N
         # rowsum(P * dP) equals dO . O, but computed from the same P and dP it cancels exactly
         # where it should (a row with one visible key has ds = 0, not float32 residue)
         ds = p * (dp - (p * dp).sum(dim=-1, keepdim=True))
+        if softcap is not None:
+            ds = ds * (1 - t * t)
         dq[:, :, :, c.r0:c.r1] = torch.matmul(ds, kc) * scale
         c.add_to(dk, torch.matmul(ds.transpose(-1, -2), qc).sum(dim=2) * scale)
     return dq.view(q.shape).to(q.dtype), dk.to(k.dtype), dvv.to(v.dtype)
@@ -172,25 +185,27 @@ def topk_index_for(q, k, pattern):
 
 class _SoftmaxAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, pattern, scale, token_index):
-        out, lse = softmax_forward(q, k, v, pattern, scale=scale, token_index=token_index)
+    def forward(ctx, q, k, v, pattern, scale, token_index, softcap):
+        out, lse = softmax_forward(q, k, v, pattern, scale=scale, token_index=token_index, softcap=softcap)
         ctx.save_for_backward(q, k, v, lse, token_index)
-        ctx.pattern, ctx.scale = pattern, scale
+        ctx.pattern, ctx.scale, ctx.softcap = pattern, scale, softcap
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, lse, token_index = ctx.saved_tensors
-        dq, dk, dv = softmax_backward(q, k, v, lse, dout, ctx.pattern, scale=ctx.scale, token_index=token_index)
-        return dq, dk, dv, None, None, None
+        dq, dk, dv = softmax_backward(q, k, v, lse, dout, ctx.pattern, scale=ctx.scale, token_index=token_index,
+                                      softcap=ctx.softcap)
+        return dq, dk, dv, None, None, None, None
 
 
-def softmax_attention(q, k, v, pattern, *, scale: float, token_index=None, out_dtype=None) -> torch.Tensor:
+def softmax_attention(q, k, v, pattern, *, scale: float, token_index=None, out_dtype=None,
+                      softcap=None) -> torch.Tensor:
     """Reference attention for Dense, SlidingWindow, BlockSparse and TopK; returns `(B, Hq, Sq, Dv)`
     in `out_dtype` (default q's dtype). Differentiable in q, k, v (the TopK selection is not)."""
     if token_index is None:
         token_index = topk_index_for(q, k, pattern)
     if isinstance(pattern, InfLLMv2):  # selection made: the attention is its TopK view's
         pattern = pattern.attention_view()
-    out = _SoftmaxAttention.apply(q, k, v, pattern, float(scale), token_index)
+    out = _SoftmaxAttention.apply(q, k, v, pattern, float(scale), token_index, softcap)
     return out.to(out_dtype or q.dtype)

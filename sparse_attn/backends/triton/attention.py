@@ -76,6 +76,7 @@ class TritonBlockSparse(TritonKernelMixin, FlashKernel):
     #: FlashAttention's range; every multiple of 8 compiles for sm_80 / sm_90 (bench/gpu_static.py)
     head_dims = (32, 256)
     supports_backward = True
+    supports_softcap = True
     #: fraction of the tensor-core peak reached over the visited pairs (not measured yet: the
     #: usual Triton flash-attention-2 forward reaches 0.35-0.45 of an H100's / A100's bf16 peak)
     efficiency = 0.35
@@ -148,11 +149,12 @@ class TritonBlockSparse(TritonKernelMixin, FlashKernel):
 
     def forward(self, q, k, v, p, layout):
         fwd, _ = _triton_modules()
-        return fwd.flash_forward(q, k, v, layout, scale=p.scale, cfg=self._cfg(q))
+        return fwd.flash_forward(q, k, v, layout, scale=p.scale, cfg=self._cfg(q), softcap=p.softcap)
 
     def backward(self, q, k, v, out, lse, dout, p, layout):
         _, bwd = _triton_modules()
-        return bwd.flash_backward(q, k, v, out, lse, dout, layout, scale=p.scale, cfg=self._cfg(q))
+        return bwd.flash_backward(q, k, v, out, lse, dout, layout, scale=p.scale, cfg=self._cfg(q),
+                                  softcap=p.softcap)
 
 
 register(TritonBlockSparse())

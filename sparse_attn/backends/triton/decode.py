@@ -65,10 +65,11 @@ if triton is not None:
     @triton.jit
     def _split_kernel(Q, K, V, PT, LEN, CNT, IDX, RMASK, PO, PL, KS, VS,
                       s_qb, s_qh, s_qs, s_kp, s_kh, s_kt, s_vp, s_vh, s_vt, s_pt, s_idx, s_rm, s_sp, s_sh,
-                      HQ, HKV, SQ, D, DV, PAGE, KEYB, NSPLITS, WINDOW, SINKS, scale,
+                      HQ, HKV, SQ, D, DV, PAGE, KEYB, NSPLITS, WINDOW, SINKS, scale, cap,
                       HAS_LIST: tl.constexpr, HAS_RMASK: tl.constexpr, CAUSAL: tl.constexpr,
                       HAS_WINDOW: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, QUANT: tl.constexpr):
+                      BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, QUANT: tl.constexpr,
+                      SOFTCAP: tl.constexpr):
         split = tl.program_id(0)
         bh = tl.program_id(1)
         rg = tl.program_id(2)
@@ -111,6 +112,10 @@ if triton is not None:
             if QUANT != 0:  # q . (s_k code) = s_k (q . code)
                 s = s * tl.load(KS + page * s_sp + h * s_sh + off, mask=jvalid, other=0.0)[None, :]
             s = tl.where((s - s) == 0.0, s, float("nan"))  # non-finite q / k: NaN, not a masked -inf
+            if SOFTCAP:  # cap * tanh(s / cap), natural-log units here
+                e = tl.exp(-2.0 * (tl.abs(s) / cap))
+                tc = (1.0 - e) / (1.0 + e)
+                s = cap * tl.where(s < 0, -tc, tc)
             vis = rvalid[:, None] & jvalid[None, :]
             if CAUSAL:
                 vis = vis & (j[None, :] <= qpos[:, None])
@@ -173,9 +178,10 @@ def run_decode(a: DecodeArgs) -> tuple[torch.Tensor, torch.Tensor]:
         a.index.stride(1) if a.index is not None else 0, a.row_mask.stride(2) if a.row_mask is not None else 0,
         ks.stride(0) if quant else 0, ks.stride(1) if quant else 0,
         hq, hkv, sq, d, dv_, k.shape[2], a.key_block, splits, a.window, a.sinks, a.scale,
+        a.softcap if a.softcap > 0 else 1.0,
         HAS_LIST=a.count is not None, HAS_RMASK=a.row_mask is not None, CAUSAL=a.causal,
         HAS_WINDOW=a.window > 0, BLOCK_R=block_r, BLOCK_N=_pow2(a.key_block), BLOCK_D=_pow2(d),
-        BLOCK_DV=_pow2(dv_), QUANT=quant)
+        BLOCK_DV=_pow2(dv_), QUANT=quant, SOFTCAP=a.softcap > 0)
     # merge the splits by log-sum-exp
     mx = plse.amax(dim=-1, keepdim=True)
     mx_safe = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
@@ -194,9 +200,9 @@ def _units(device: torch.device) -> int:
     return 4  # the interpreter: a few splits, so the merge is exercised
 
 
-def decode_over_cache(q, view, pattern, *, scale: float) -> torch.Tensor:
-    """Attention over a cache's read view (`KVView`): `(B, Hq, Sq, Dv)` in q's dtype."""
-    return run_decode(cache_decode_args(q, view, pattern, scale=scale, units=_units(q.device)))[0]
+def decode_over_cache(q, view, pattern, *, scale: float, softcap=None):
+    """Attention over a cache's read view (`KVView`): `(out (B, Hq, Sq, Dv) in q's dtype, lse float32)`."""
+    return run_decode(cache_decode_args(q, view, pattern, scale=scale, units=_units(q.device), softcap=softcap))
 
 
 class TritonSplitKVDecode(TritonKernelMixin, SplitKVDecodeKernel):
@@ -219,7 +225,8 @@ class TritonSplitKVDecode(TritonKernelMixin, SplitKVDecodeKernel):
         return t
 
     def forward(self, q, k, v, p, layout):
-        return run_decode(tensor_decode_args(q, k, v, p.pattern, scale=p.scale, units=_units(q.device)))
+        return run_decode(tensor_decode_args(q, k, v, p.pattern, scale=p.scale, units=_units(q.device),
+                                             softcap=p.softcap))
 
 
 class TritonCacheDecode(TritonSplitKVDecode):
@@ -228,5 +235,5 @@ class TritonCacheDecode(TritonSplitKVDecode):
     cache_kinds = ("contiguous", "paged")
     kv_dtypes = (None, "int8", "fp8_e4m3")
 
-    def run_cache(self, q, view, p):
-        return decode_over_cache(q, view, p.pattern, scale=p.scale)
+    def forward_cache(self, q, view, p):
+        return decode_over_cache(q, view, p.pattern, scale=p.scale, softcap=p.softcap)

@@ -1,7 +1,8 @@
 """Backward Triton kernels of block-sparse flash attention over a :class:`BlockLayout`.
 
 With `P = exp(s - lse)` recomputed from the saved log-sum-exp and `delta = rowsum(dO * O)`:
-`dV = P^T dO`, `dS = P * (dO V^T - delta)`, `dQ = scale dS K`, `dK = scale dS^T Q`.
+`dV = P^T dO`, `dS = P * (dO V^T - delta)`, `dQ = scale dS K`, `dK = scale dS^T Q`. With `SOFTCAP` the
+scores are capped as in the forward (`cap * tanh(s / cap)`) and `dS` is multiplied by `1 - tanh^2`.
 
 * `_dq_tile_kernel`: the forward's tile grid and lists (rows = heads of a GQA group x positions);
 * `_dq_token_kernel` (TopK): one program per (token, kv head) over that token's `token_index` row,
@@ -17,15 +18,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash_fwd import LOG2E, _mm, _pow2, upcast, _token_rule, layout_lists, tile_geometry
+from .flash_fwd import LOG2E, _mm, _pow2, upcast, _tanh_cap, _token_rule, layout_lists, tile_geometry
 from .tiles import backward_config
 
 
 @triton.jit
-def _dq_block(dq, q, do, lse2, delta, pos, K, V, n, kb, Sk, qk_scale, window, sinks,
+def _dq_block(dq, q, do, lse2, delta, pos, K, V, n, kb, Sk, qk_scale, cap, window, sinks,
               stride_ks, stride_kd, stride_vs, stride_vd, D, DV,
               MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, UPCAST: tl.constexpr):
+              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, UPCAST: tl.constexpr,
+              SOFTCAP: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     j_end = tl.minimum((n + 1) * kb, Sk)
@@ -37,21 +39,30 @@ def _dq_block(dq, q, do, lse2, delta, pos, K, V, n, kb, Sk, qk_scale, window, si
         vt = tl.load(V + j[None, :] * stride_vs + offs_dv[:, None] * stride_vd,
                      mask=jv[None, :] & (offs_dv[:, None] < DV), other=0.0)
         s = _mm(q, tl.trans(k), UPCAST) * qk_scale
+        if SOFTCAP:
+            tc = _tanh_cap(s, cap)
+            s = cap * tc
         ok = jv[None, :] & (pos[:, None] > -(1 << 30))
         if MASKED:
             ok = ok & _token_rule(pos, j, CAUSAL, HAS_WINDOW, window, sinks)
         p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
         dp = _mm(do, vt, UPCAST)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - tc * tc)
         dq += _mm(ds.to(k.dtype), k, UPCAST)
     return dq
 
 
 @triton.jit
-def _dkdv_rows(dk, dv, k, v, q, do, lse2, delta, pos, j, jv, qk_scale, window, sinks,
-               MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr):
+def _dkdv_rows(dk, dv, k, v, q, do, lse2, delta, pos, j, jv, qk_scale, cap, window, sinks,
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr,
+               SOFTCAP: tl.constexpr):
     """dk, dv (BLOCK_N, *) += the contributions of the rows (q, do, lse2, delta at positions pos)."""
     s = _mm(q, tl.trans(k), UPCAST) * qk_scale  # (ROWS, BLOCK_N)
+    if SOFTCAP:
+        tc = _tanh_cap(s, cap)
+        s = cap * tc
     ok = jv[None, :] & (pos[:, None] > -(1 << 30))
     if MASKED:
         ok = ok & _token_rule(pos, j, CAUSAL, HAS_WINDOW, window, sinks)
@@ -59,6 +70,8 @@ def _dkdv_rows(dk, dv, k, v, q, do, lse2, delta, pos, j, jv, qk_scale, window, s
     dv += _mm(tl.trans(p.to(do.dtype)), do, UPCAST)
     dp = _mm(do, tl.trans(v), UPCAST)
     ds = p * (dp - delta[:, None])
+    if SOFTCAP:
+        ds = ds * (1.0 - tc * tc)
     dk += _mm(tl.trans(ds.to(q.dtype)), q, UPCAST)
     return dk, dv
 
@@ -90,10 +103,11 @@ def _dq_tile_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                     stride_gb, stride_gh, stride_gs, stride_gd,
                     s_fcb, s_fch, s_fib, s_fih, s_fim, s_pcb, s_pch, s_pib, s_pih, s_pim,
                     Hkv, G, Sq, Sk, D, DV, qb, kb, q_tile_offset, n_sub, n_hc,
-                    scale, qk_scale, window, sinks,
+                    scale, qk_scale, cap, window, sinks,
                     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                     BLOCK_M: tl.constexpr, HPB: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, UPCAST: tl.constexpr):
+                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, UPCAST: tl.constexpr,
+                    SOFTCAP: tl.constexpr):
     pid_t = tl.program_id(0)
     pid_h = tl.program_id(1)
     tile = pid_t // n_sub
@@ -121,16 +135,16 @@ def _dq_tile_kernel(Q, K, V, DO, LSE, DELTA, DQ,
     f_off = b * s_fib + hkv * s_fih + tile * s_fim
     for c in range(0, n_full):
         n = tl.load(FI + f_off + c)
-        dq = _dq_block(dq, q, do, lse2, delta, pos, Kb, Vb, n, kb, Sk, qk_scale, window, sinks,
+        dq = _dq_block(dq, q, do, lse2, delta, pos, Kb, Vb, n, kb, Sk, qk_scale, cap, window, sinks,
                        stride_ks, stride_kd, stride_vs, stride_vd, D, DV,
-                       False, CAUSAL, HAS_WINDOW, BLOCK_N, BLOCK_D, BLOCK_DV, UPCAST)
+                       False, CAUSAL, HAS_WINDOW, BLOCK_N, BLOCK_D, BLOCK_DV, UPCAST, SOFTCAP)
     n_part = tl.load(PC + b * s_pcb + hkv * s_pch + tile)
     p_off = b * s_pib + hkv * s_pih + tile * s_pim
     for c in range(0, n_part):
         n = tl.load(PI + p_off + c)
-        dq = _dq_block(dq, q, do, lse2, delta, pos, Kb, Vb, n, kb, Sk, qk_scale, window, sinks,
+        dq = _dq_block(dq, q, do, lse2, delta, pos, Kb, Vb, n, kb, Sk, qk_scale, cap, window, sinks,
                        stride_ks, stride_kd, stride_vs, stride_vd, D, DV,
-                       True, CAUSAL, HAS_WINDOW, BLOCK_N, BLOCK_D, BLOCK_DV, UPCAST)
+                       True, CAUSAL, HAS_WINDOW, BLOCK_N, BLOCK_D, BLOCK_DV, UPCAST, SOFTCAP)
     offs_d = tl.arange(0, BLOCK_D)
     tl.store(DQ + b * stride_gb + h[:, None] * stride_gh + i[:, None] * stride_gs + offs_d[None, :] * stride_gd,
              dq * scale, mask=row_ok[:, None] & (offs_d[None, :] < D))
@@ -143,9 +157,9 @@ def _dq_token_kernel(Q, K, V, DO, LSE, DELTA, DQ, TI,
                      stride_vb, stride_vh, stride_vs, stride_vd,
                      stride_ob, stride_oh, stride_os, stride_od,
                      stride_gb, stride_gh, stride_gs, stride_gd,
-                     Hkv, G, Sq, Sk, D, DV, kb, TOPK, scale, qk_scale,
+                     Hkv, G, Sq, Sk, D, DV, kb, TOPK, scale, qk_scale, cap,
                      GR: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, UPCAST: tl.constexpr):
+                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, UPCAST: tl.constexpr, SOFTCAP: tl.constexpr):
     i = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // Hkv).to(tl.int64)  # 64-bit offsets: B * H * S * D may exceed 2^31
@@ -165,9 +179,9 @@ def _dq_token_kernel(Q, K, V, DO, LSE, DELTA, DQ, TI,
     for c in range(0, TOPK):
         n = tl.load(TI + ti_off + c)
         if n >= 0:
-            dq = _dq_block(dq, q, do, lse2, delta, pos, Kb, Vb, n, kb, Sk, qk_scale, 0, 0,
+            dq = _dq_block(dq, q, do, lse2, delta, pos, Kb, Vb, n, kb, Sk, qk_scale, cap, 0, 0,
                            stride_ks, stride_kd, stride_vs, stride_vd, D, DV,
-                           False, False, False, BLOCK_N, BLOCK_D, BLOCK_DV, UPCAST)
+                           False, False, False, BLOCK_N, BLOCK_D, BLOCK_DV, UPCAST, SOFTCAP)
     offs_d = tl.arange(0, BLOCK_D)
     ptr = DQ + b * stride_gb + h[:, None] * stride_gh + i * stride_gs + offs_d[None, :] * stride_gd
     msk = row_ok[:, None] & (offs_d[None, :] < D)
@@ -184,11 +198,11 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_OUT,
                  s_fcb, s_fch, s_fib, s_fih, s_fim, s_pcb, s_pch, s_pib, s_pih, s_pim,
                  s_tb, s_th, s_ob, s_oh,
                  Hkv, G, Sq, Sk, D, DV, qb, kb, q_tile_offset, n_sub, n_hc, n_subk,
-                 scale, qk_scale, window, sinks,
+                 scale, qk_scale, cap, window, sinks,
                  CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_TOKENS: tl.constexpr,
                  BLOCK_M: tl.constexpr, HPB: tl.constexpr, BLOCK_N: tl.constexpr,
                  TQ: tl.constexpr, GP: tl.constexpr,
-                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, UPCAST: tl.constexpr):
+                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, UPCAST: tl.constexpr, SOFTCAP: tl.constexpr):
     pid_k = tl.program_id(0)
     bh = tl.program_id(1)
     n = pid_k // n_subk
@@ -231,8 +245,8 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_OUT,
                                                     stride_ob, stride_oh, stride_os, stride_od,
                                                     BLOCK_D, BLOCK_DV)
                     pos = tl.where(row_ok, pos, -(1 << 30))
-                    dk, dv = _dkdv_rows(dk, dv, k, v, q, do, lse2, delta, pos, j, jv, qk_scale, window, sinks,
-                                        kind == 1, CAUSAL, HAS_WINDOW, UPCAST)
+                    dk, dv = _dkdv_rows(dk, dv, k, v, q, do, lse2, delta, pos, j, jv, qk_scale, cap, window,
+                                        sinks, kind == 1, CAUSAL, HAS_WINDOW, UPCAST, SOFTCAP)
     if HAS_TOKENS:
         # TopK: the tokens that selected block n (always full for them), TQ tokens x GP heads a time
         RT: tl.constexpr = TQ * GP
@@ -249,8 +263,8 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_OUT,
                                             stride_qb, stride_qh, stride_qs, stride_qd,
                                             stride_ob, stride_oh, stride_os, stride_od, BLOCK_D, BLOCK_DV)
             pos = tl.where(row_ok, Sk - Sq + i, -(1 << 30))
-            dk, dv = _dkdv_rows(dk, dv, k, v, q, do, lse2, delta, pos, j, jv, qk_scale, 0, 0,
-                                False, False, False, UPCAST)
+            dk, dv = _dkdv_rows(dk, dv, k, v, q, do, lse2, delta, pos, j, jv, qk_scale, cap, 0, 0,
+                                False, False, False, UPCAST, SOFTCAP)
     # DK / DV_OUT are contiguous (B, Hkv, Sk, *)
     base = (b * Hkv + hkv) * Sk
     tl.store(DK + (base + j[:, None]) * D + offs_d[None, :], dk * scale,
@@ -259,9 +273,10 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_OUT,
              mask=jv[:, None] & (offs_dv[None, :] < DV))
 
 
-def flash_backward(q, k, v, out, lse, dout, layout, *, scale: float, cfg):
+def flash_backward(q, k, v, out, lse, dout, layout, *, scale: float, cfg, softcap=None):
     """(dq, dk, dv) in the inputs' dtypes over the forward's `layout`; `cfg` is the forward's tile
-    config (its `bwd` tiles are used here: a query tile of the layout may be walked in sub-tiles)."""
+    config (its `bwd` tiles are used here: a query tile of the layout may be walked in sub-tiles).
+    `softcap`: the forward's (float > 0 or None)."""
     cfg = backward_config(cfg)
     b, hq, sq, d = q.shape
     hkv, sk, dv_ = k.shape[1], k.shape[2], v.shape[3]
@@ -278,8 +293,9 @@ def flash_backward(q, k, v, out, lse, dout, layout, *, scale: float, cfg):
     block_d, block_dv = _pow2(d), _pow2(dv_)
     block_m, hpb, block_n, n_sub, n_hc = tile_geometry(layout, g, cfg)
     window = layout.window if layout.window is not None else 0
+    cap = float(softcap) * LOG2E if softcap else 1.0  # base-2 units; unused without SOFTCAP
     consts = dict(CAUSAL=layout.causal, HAS_WINDOW=layout.window is not None, BLOCK_M=block_m, HPB=hpb,
-                  BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv, UPCAST=upcast(q),
+                  BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv, UPCAST=upcast(q), SOFTCAP=bool(softcap),
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     fc, fi, pc, pi = layout_lists(layout.full_count, layout.full_index, layout.partial_count,
@@ -289,7 +305,7 @@ def flash_backward(q, k, v, out, lse, dout, layout, *, scale: float, cfg):
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
         *fc.stride()[:2], *fi.stride()[:3], *pc.stride()[:2], *pi.stride()[:3],
         hkv, g, sq, sk, d, dv_, layout.q_block, layout.k_block, layout.q_tile_offset, n_sub, n_hc,
-        scale, scale * LOG2E, window, layout.sink_tokens, **consts)
+        scale, scale * LOG2E, cap, window, layout.sink_tokens, **consts)
 
     gp = triton.next_power_of_2(g)
     if has_tokens:
@@ -297,9 +313,9 @@ def flash_backward(q, k, v, out, lse, dout, layout, *, scale: float, cfg):
         _dq_token_kernel[(sq, b * hkv)](
             q, k, v, dout, lse, delta, dq, ti,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
-            hkv, g, sq, sk, d, dv_, layout.k_block, ti.shape[-1], scale, scale * LOG2E,
-            GR=_pow2(g), BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv, UPCAST=upcast(q), num_warps=4,
-            num_stages=cfg.num_stages)
+            hkv, g, sq, sk, d, dv_, layout.k_block, ti.shape[-1], scale, scale * LOG2E, cap,
+            GR=_pow2(g), BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv, UPCAST=upcast(q),
+            SOFTCAP=bool(softcap), num_warps=4, num_stages=cfg.num_stages)
         tokens, offsets = layout.transpose_tokens()
     else:
         tokens = torch.zeros(1, 1, 1, dtype=torch.int32, device=q.device)
@@ -316,6 +332,6 @@ def flash_backward(q, k, v, out, lse, dout, layout, *, scale: float, cfg):
         tokens.stride(0) if has_tokens else 0, tokens.stride(1) if has_tokens else 0,
         offsets.stride(0) if has_tokens else 0, offsets.stride(1) if has_tokens else 0,
         hkv, g, sq, sk, d, dv_, layout.q_block, layout.k_block, layout.q_tile_offset, n_sub, n_hc, n_subk,
-        scale, scale * LOG2E, window, layout.sink_tokens,
+        scale, scale * LOG2E, cap, window, layout.sink_tokens,
         HAS_TOKENS=has_tokens, TQ=tq, GP=gp, **consts)
     return dq.to(q.dtype), dk, dvv

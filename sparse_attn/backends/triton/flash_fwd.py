@@ -11,7 +11,8 @@ Two kernels, both float32 online softmax in the log2 domain:
   `token_index` row. It starts from the tile kernel's float32 output and log-sum-exp of the same
   rows, so the two parts are merged by the online softmax itself (no separate merge pass).
 
-Rows that see no key output 0 and `lse = +inf` (contract).
+Rows that see no key output 0 and `lse = +inf` (contract). `SOFTCAP` (constexpr) caps each score
+before the token rule: `cap * tanh(s / cap)`, with `cap` in the scores' base-2 units (softcap * log2 e).
 """
 from __future__ import annotations
 
@@ -34,6 +35,15 @@ def _mm(a, b, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _tanh_cap(s, cap):
+    """tanh(s / cap), `s` and `cap` in the same (base-2) units: (1 - e) / (1 + e) with e = e^{-2|s|/cap}
+    (no overflow at any score; a NaN score stays NaN)."""
+    e = tl.exp2(-2.8853900817779268 * (tl.abs(s) / cap))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(s < 0, -t, t)
+
+
+@triton.jit
 def _token_rule(pos, j, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, window, sinks):
     """Visible (row, key) pairs of a partial block: `pos` (ROWS,) and `j` (BLOCK_N,) absolute."""
     ok = j[None, :] >= 0
@@ -45,10 +55,11 @@ def _token_rule(pos, j, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, window, 
 
 
 @triton.jit
-def _attend_block(acc, m_i, l_i, q, pos, K, V, n, kb, Sk, qk_scale, window, sinks,
+def _attend_block(acc, m_i, l_i, q, pos, K, V, n, kb, Sk, qk_scale, cap, window, sinks,
                   stride_ks, stride_kd, stride_vs, stride_vd, D, DV,
                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, UPCAST: tl.constexpr):
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, UPCAST: tl.constexpr,
+                  SOFTCAP: tl.constexpr):
     """Online-softmax update of (acc, m, l) with key block `n`, walked `BLOCK_N` keys at a time."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -61,6 +72,8 @@ def _attend_block(acc, m_i, l_i, q, pos, K, V, n, kb, Sk, qk_scale, window, sink
         s = _mm(q, kt, UPCAST) * qk_scale
         # a non-finite score (infinite / NaN q or k) is NaN, never a -inf taken for a masked pair
         s = tl.where((s - s) == 0.0, s, float("nan"))
+        if SOFTCAP:
+            s = cap * _tanh_cap(s, cap)
         ok = jv[None, :] & (pos[:, None] > -(1 << 30))
         if MASKED:
             ok = ok & _token_rule(pos, j, CAUSAL, HAS_WINDOW, window, sinks)
@@ -100,10 +113,11 @@ def _fwd_tile_kernel(Q, K, V, O, LSE,
                      stride_ob, stride_oh, stride_os, stride_od,
                      s_fcb, s_fch, s_fib, s_fih, s_fim, s_pcb, s_pch, s_pib, s_pih, s_pim,
                      Hkv, G, Sq, Sk, D, DV, qb, kb, q_tile_offset, n_sub, n_hc,
-                     n_split, split_o, split_lse, qk_scale, window, sinks,
+                     n_split, split_o, split_lse, qk_scale, cap, window, sinks,
                      CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                      BLOCK_M: tl.constexpr, HPB: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, UPCAST: tl.constexpr):
+                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, UPCAST: tl.constexpr,
+                     SOFTCAP: tl.constexpr):
     pid_t = tl.program_id(0)
     pid_h = tl.program_id(1)
     split = pid_t % n_split  # split-K: this program's share of the tile's block lists
@@ -139,17 +153,17 @@ def _fwd_tile_kernel(Q, K, V, O, LSE,
     per = tl.cdiv(n_full, n_split)
     for c in range(split * per, tl.minimum(split * per + per, n_full)):
         n = tl.load(FI + f_off + c)
-        acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, pos, Kb, Vb, n, kb, Sk, qk_scale, window, sinks,
+        acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, pos, Kb, Vb, n, kb, Sk, qk_scale, cap, window, sinks,
                                       stride_ks, stride_kd, stride_vs, stride_vd, D, DV,
-                                      False, CAUSAL, HAS_WINDOW, BLOCK_N, BLOCK_D, BLOCK_DV, UPCAST)
+                                      False, CAUSAL, HAS_WINDOW, BLOCK_N, BLOCK_D, BLOCK_DV, UPCAST, SOFTCAP)
     n_part = tl.load(PC + b * s_pcb + hkv * s_pch + tile)
     p_off = b * s_pib + hkv * s_pih + tile * s_pim
     per = tl.cdiv(n_part, n_split)
     for c in range(split * per, tl.minimum(split * per + per, n_part)):
         n = tl.load(PI + p_off + c)
-        acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, pos, Kb, Vb, n, kb, Sk, qk_scale, window, sinks,
+        acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, pos, Kb, Vb, n, kb, Sk, qk_scale, cap, window, sinks,
                                       stride_ks, stride_kd, stride_vs, stride_vd, D, DV,
-                                      True, CAUSAL, HAS_WINDOW, BLOCK_N, BLOCK_D, BLOCK_DV, UPCAST)
+                                      True, CAUSAL, HAS_WINDOW, BLOCK_N, BLOCK_D, BLOCK_DV, UPCAST, SOFTCAP)
     o_off = b * stride_ob + h * stride_oh + i * stride_os
     lse_off = (b * Hkv * G + h) * Sq + i
     _finish(acc, m_i, l_i, O + split * split_o, LSE + split * split_lse, o_off, lse_off, row_ok, DV,
@@ -162,9 +176,9 @@ def _fwd_token_kernel(Q, K, V, O, LSE, O_IN, TI,
                       stride_kb, stride_kh, stride_ks, stride_kd,
                       stride_vb, stride_vh, stride_vs, stride_vd,
                       stride_ob, stride_oh, stride_os, stride_od,
-                      Hkv, G, Sq, Sk, D, DV, kb, TOPK, qk_scale,
+                      Hkv, G, Sq, Sk, D, DV, kb, TOPK, qk_scale, cap,
                       GR: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, UPCAST: tl.constexpr):
+                      BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, UPCAST: tl.constexpr, SOFTCAP: tl.constexpr):
     i = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // Hkv).to(tl.int64)  # 64-bit offsets: B * H * S * D may exceed 2^31
@@ -192,9 +206,9 @@ def _fwd_token_kernel(Q, K, V, O, LSE, O_IN, TI,
     for c in range(0, TOPK):
         n = tl.load(TI + ti_off + c)
         if n >= 0:
-            acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, pos, Kb, Vb, n, kb, Sk, qk_scale, 0, 0,
+            acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, pos, Kb, Vb, n, kb, Sk, qk_scale, cap, 0, 0,
                                           stride_ks, stride_kd, stride_vs, stride_vd, D, DV,
-                                          False, False, False, BLOCK_N, BLOCK_D, BLOCK_DV, UPCAST)
+                                          False, False, False, BLOCK_N, BLOCK_D, BLOCK_DV, UPCAST, SOFTCAP)
     _finish(acc, m_i, l_i, O, LSE, o_off, lse_off, row_ok, DV, stride_od, BLOCK_DV)
 
 
@@ -258,9 +272,10 @@ def merge_splits(o_part: torch.Tensor, lse_part: torch.Tensor):
     return out, lse
 
 
-def flash_forward(q, k, v, layout, *, scale: float, cfg, splits: int | None = None):
+def flash_forward(q, k, v, layout, *, scale: float, cfg, splits: int | None = None, softcap=None):
     """(out `(B, Hq, Sq, Dv)` in q's dtype, lse float32 `(B, Hq, Sq)`) over `layout`.
-    `splits`: split-K factor of the tile part (None: `auto_splits`, 1 on CPU)."""
+    `splits`: split-K factor of the tile part (None: `auto_splits`, 1 on CPU); `softcap`: float > 0
+    or None (contract)."""
     b, hq, sq, d = q.shape
     hkv, sk, dv = k.shape[1], k.shape[2], v.shape[3]
     out = torch.empty(b, hq, sq, dv, dtype=q.dtype, device=q.device)
@@ -278,6 +293,7 @@ def flash_forward(q, k, v, layout, *, scale: float, cfg, splits: int | None = No
     fc, fi, pc, pi = layout_lists(layout.full_count, layout.full_index, layout.partial_count,
                                   layout.partial_index, b, hkv)
     window = layout.window if layout.window is not None else 0
+    cap = float(softcap) * LOG2E if softcap else 1.0  # base-2 units; unused without SOFTCAP
     programs = layout.num_q_tiles * n_sub * b * hkv * n_hc
     n_split = auto_splits(layout, programs, q.device) if splits is None else max(1, int(splits))
     if n_split > 1:  # each split writes a float32 partial result, merged by log-sum-exp below
@@ -291,10 +307,10 @@ def flash_forward(q, k, v, layout, *, scale: float, cfg, splits: int | None = No
         *q.stride(), *k.stride(), *v.stride(), *o_dst.stride()[1:],
         *fc.stride()[:2], *fi.stride()[:3], *pc.stride()[:2], *pi.stride()[:3],
         hkv, g, sq, sk, d, dv, layout.q_block, layout.k_block, layout.q_tile_offset, n_sub, n_hc,
-        n_split, o_dst.stride(0), lse_dst.stride(0), scale * LOG2E, window, layout.sink_tokens,
+        n_split, o_dst.stride(0), lse_dst.stride(0), scale * LOG2E, cap, window, layout.sink_tokens,
         CAUSAL=layout.causal, HAS_WINDOW=layout.window is not None,
         BLOCK_M=block_m, HPB=hpb, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv, UPCAST=upcast(q),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        SOFTCAP=bool(softcap), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if n_split > 1:
         o_m, lse_m = merge_splits(o_dst, lse_dst)
         lse.copy_(lse_m)
@@ -304,7 +320,8 @@ def flash_forward(q, k, v, layout, *, scale: float, cfg, splits: int | None = No
         _fwd_token_kernel[(sq, b * hkv)](
             q, k, v, out, lse, o_tile, ti,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            hkv, g, sq, sk, d, dv, layout.k_block, ti.shape[-1], scale * LOG2E,
+            hkv, g, sq, sk, d, dv, layout.k_block, ti.shape[-1], scale * LOG2E, cap,
             GR=_pow2(g), BLOCK_N=min(_pow2(layout.k_block), max(16, cfg.block_n)),
-            BLOCK_D=block_d, BLOCK_DV=block_dv, UPCAST=upcast(q), num_warps=4, num_stages=cfg.num_stages)
+            BLOCK_D=block_d, BLOCK_DV=block_dv, UPCAST=upcast(q), SOFTCAP=bool(softcap), num_warps=4,
+            num_stages=cfg.num_stages)
     return out, lse

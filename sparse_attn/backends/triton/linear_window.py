@@ -573,7 +573,7 @@ class TritonWindowLinear(TritonKernelMixin, Kernel):
         dkdv = roofline_seconds(p, flops=3.0 * flops, bytes_moved=2 * nbytes, efficiency=eff_kv, overhead_s=15e-6)
         return 2 * fwd + dq + dkdv
 
-    def run(self, q, k, v, p, *, gate=None):
+    def run(self, q, k, v, p, *, gate=None, sink_logits=None):
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, gate)):
             return _WindowLinearFn.apply(q, k, v, gate, p.pattern, p.scale)
         return triton_window_linear(q, k, v, p.pattern, scale=p.scale, gate=gate)
