@@ -27,7 +27,7 @@ HAS_CUDA = torch.cuda.is_available() and torch.version.cuda is not None
 
 
 def emulate(q, k, v, table, lengths, count, index, row_mask, key_block, causal, window, sinks, scale, splits,
-            quant=None, k_scale=None, v_scale=None):
+            softcap=0.0, quant=None, k_scale=None, v_scale=None):
     """float64 evaluation of what paged_decode.cuh specifies for these arguments (a quantized
     cache's rows: code * its row's scale)."""
     assert splits >= 1
@@ -65,6 +65,8 @@ def emulate(q, k, v, table, lengths, count, index, row_mask, key_block, causal, 
                     ok = ok & ((p - j < window) | (j < sinks))
                 for gi in range(g):
                     s = (kk[h] @ q[bi, h * g + gi, t].double()) * scale
+                    if softcap > 0:
+                        s = softcap * torch.tanh(s / softcap)
                     s = s.masked_fill(~ok, float("-inf"))
                     if ok.any():
                         out[bi, h * g + gi, t] = torch.softmax(s, 0) @ vv[h]
@@ -123,6 +125,17 @@ def test_tensor_arguments_match_oracle(kind, sq):
     q, k, v = make_qkv_for(pat, b, hq, hkv, sq, sk, d)
     args = tensor_decode_args(q, k, v, pat, scale=d ** -0.5, units=132)
     torch.testing.assert_close(emulate(*args), oracle.oracle_attention(q, k, v, pat), rtol=1e-9, atol=1e-12)
+
+
+def test_softcap_argument_matches_oracle():
+    """The kernel's arguments carry the softcap (paged_decode.cuh: s -> softcap * tanh(s / softcap))."""
+    b, hq, hkv, sk, d = 1, 4, 2, 45, 16
+    pat = make_pattern("window_sinks", b=b, hkv=hkv, sk=sk, bs=16)
+    q, k, v = make_qkv_for(pat, b, hq, hkv, 3, sk, d)
+    args = tensor_decode_args(q, k, v, pat, scale=d ** -0.5, units=132, softcap=1.5)
+    assert args.softcap == 1.5
+    torch.testing.assert_close(emulate(*args), oracle.oracle_attention(q, k, v, pat, softcap=1.5), rtol=1e-9,
+                               atol=1e-12)
 
 
 def test_scheduler_reports_why_not_here():

@@ -46,10 +46,10 @@ def _dq_block(dq, q, do, lse2, delta, pos, K, V, n, kb, Sk, qk_scale, cap, windo
         if MASKED:
             ok = ok & _token_rule(pos, j, CAUSAL, HAS_WINDOW, window, sinks)
         p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
+        if SOFTCAP:  # the cap's derivative folded into p now: tc is dead before the dP product
+            p = p * (1.0 - tc * tc)
         dp = _mm(do, vt, UPCAST)
         ds = p * (dp - delta[:, None])
-        if SOFTCAP:
-            ds = ds * (1.0 - tc * tc)
         dq += _mm(ds.to(k.dtype), k, UPCAST)
     return dq
 
@@ -68,10 +68,10 @@ def _dkdv_rows(dk, dv, k, v, q, do, lse2, delta, pos, j, jv, qk_scale, cap, wind
         ok = ok & _token_rule(pos, j, CAUSAL, HAS_WINDOW, window, sinks)
     p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
     dv += _mm(tl.trans(p.to(do.dtype)), do, UPCAST)
+    if SOFTCAP:  # the cap's derivative folded into p once dV has it: tc is dead before the dP product
+        p = p * (1.0 - tc * tc)
     dp = _mm(do, tl.trans(v), UPCAST)
     ds = p * (dp - delta[:, None])
-    if SOFTCAP:
-        ds = ds * (1.0 - tc * tc)
     dk += _mm(tl.trans(ds.to(q.dtype)), q, UPCAST)
     return dk, dv
 
