@@ -413,7 +413,8 @@ KNOWN_SPILLS: dict = {
         "float32 training on sm_80 at D=128: 16-24 bytes at 128 registers (ptxas's choice) with quartered rows",
     ("block_sparse_bwd", "_dkdv_kernel", "fp32", 90, 128): "Triton 3.6.0 only: 8 bytes at 128 registers",
     ("block_sparse_bwd", "_dkdv_kernel", "bf16", 80, 128):
-        "Triton 3.6.0 only (TopK's token part: 88 bytes at 255 registers; Triton 3.9: no spill)",
+        "Triton 3.6.0: TopK's token part, 88 bytes at 255 registers; Triton 3.9: the softcap variant, 16 bytes "
+        "at 255 registers (the tanh derivative's tile: to be restructured with a GPU to time it)",
     ("block_sparse_fwd", "_fwd_tile_kernel", "bf16", 80, 128):
         "Triton 3.6.0 only: 16 bytes at 255 registers (Triton 3.9: no spill) with 8 warps x 128 rows",
     ("window_linear", "window_linear_bwd_dkdv_kernel", "bf16", 80, 128):

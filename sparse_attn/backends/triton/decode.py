@@ -181,7 +181,10 @@ def run_decode(a: DecodeArgs) -> tuple[torch.Tensor, torch.Tensor]:
         a.softcap if a.softcap > 0 else 1.0,
         HAS_LIST=a.count is not None, HAS_RMASK=a.row_mask is not None, CAUSAL=a.causal,
         HAS_WINDOW=a.window > 0, BLOCK_R=block_r, BLOCK_N=_pow2(a.key_block), BLOCK_D=_pow2(d),
-        BLOCK_DV=_pow2(dv_), QUANT=quant, SOFTCAP=a.softcap > 0)
+        BLOCK_DV=_pow2(dv_), QUANT=quant, SOFTCAP=a.softcap > 0,
+        # fp8's bit decoding holds integer tiles beside the float ones: with 4 warps it spilled 8 bytes at
+        # D=128 with Triton 3.6 (bench/gpu_static.py, sm_80 and sm_90)
+        num_warps=8 if quant == 2 and _pow2(d) > 64 else 4)
     # merge the splits by log-sum-exp
     mx = plse.amax(dim=-1, keepdim=True)
     mx_safe = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
