@@ -35,6 +35,10 @@ def pattern_set(block: int = 64, window: int = 512) -> dict:
     return {"dense": sa.Dense(),
             "topk4": sa.TopK(4, block_size=block), "topk16": sa.TopK(16, block_size=block),
             "topk64": sa.TopK(64, block_size=block),
+            # InfLLMv2's selection at topk16's budget (MiniCPM4's kernels scaled to the block: size bs/2,
+            # stride bs/4; 2 local blocks; always sparse, where MiniCPM4's dense_len would keep 2K-8K dense)
+            "infllmv2-16": sa.InfLLMv2(topk=16, block_size=block, kernel_size=block // 2, kernel_stride=block // 4,
+                                       local_blocks=2, dense_len=-1),
             f"window{window}": sa.SlidingWindow(window),
             f"windowlinear{window}": sa.WindowLinear(window),
             "hybrid(L0 linear)": ("hybrid", 1)}

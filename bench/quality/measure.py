@@ -35,7 +35,7 @@ def visible_keys(pattern, q, k, rows: torch.Tensor) -> torch.Tensor | None:
         near = rows[:, None] - j[None, :] < pattern.window
         sinks = j[None, :] < pattern.sinks
         return (causal & (near | sinks)).expand(h, -1, -1)
-    if isinstance(pattern, sa.TopK):
+    if isinstance(pattern, (sa.TopK, sa.InfLLMv2)):
         sel = sa.select_blocks(q, k, pattern)[0]  # (Hkv, S, nb): the selection of every row at once
         blocks = sel[:, rows]  # (Hkv, R, nb)
         per_key = blocks[..., j // pattern.block_size]  # (Hkv, R, S)
