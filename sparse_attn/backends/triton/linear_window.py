@@ -255,44 +255,40 @@ if triton is not None:
                                           offs_v, vmask, scale, gw, SK, D, DV, WINDOW, SINKS, SK, PREC, False)
                 dq = dq * scale
             if PART != 1:
-                dq = _dq_linear(q, do, dl, den, mem, z, dq, Kb, Vb, p_lo, pos, offs_c, offs_d, dmask, offs_v,
-                                vmask, gw, tl.program_id(1) == 0, SK, D, DV, WINDOW, SINKS, PREC)
-                mem, z = _dq_linear_state(mem, z, Kb, Vb, p_lo, offs_c, offs_d, dmask, offs_v, vmask, SK, D, DV,
-                                          WINDOW, SINKS, PREC)
+                kj, kv, v, fk = _leaving_keys(Kb, Vb, p_lo, offs_c, offs_d, dmask, offs_v, vmask, SK, D, DV, WINDOW,
+                                              SINKS)
+                dq = _dq_linear(q, do, dl, den, mem, z, dq, kj, kv, v, fk, pos, gw, tl.program_id(1) == 0, WINDOW,
+                                PREC)
+                mem += tl.dot(tl.trans(fk), v, input_precision=PREC)
+                z += tl.sum(fk, axis=0)
             tl.store(dq_ptr, dq.to(DQ.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
 
     @triton.jit
-    def _dq_linear(q, do, dl, den, mem, z, dq, Kb, Vb, p_lo, pos, offs_c, offs_d, dmask, offs_v, vmask, gw, first,
-                   SK, D, DV, WINDOW, SINKS, PREC: tl.constexpr):
+    def _leaving_keys(Kb, Vb, p_lo, offs_c, offs_d, dmask, offs_v, vmask, SK, D, DV, WINDOW, SINKS):
+        """The keys that leave the window inside the query tile starting at `p_lo`: their positions,
+        validity, float32 values (this program's Dv columns) and phi(k), zero where invalid."""
+        kj = p_lo - WINDOW + 1 + offs_c
+        kv = (kj >= SINKS) & (kj >= 0) & (kj < SK)
+        k = tl.load(Kb + kj[:, None] * D + offs_d[None, :], mask=kv[:, None] & dmask[None, :], other=0.0)
+        v = tl.load(Vb + kj[:, None] * DV + offs_v[None, :], mask=kv[:, None] & vmask[None, :],
+                    other=0.0).to(tl.float32)
+        fk = tl.where(kv[:, None] & dmask[None, :], _phi(k.to(tl.float32)), 0.0)
+        return kj, kv, v, fk
+
+    @triton.jit
+    def _dq_linear(q, do, dl, den, mem, z, dq, kj, kv, v, fk, pos, gw, first, WINDOW, PREC: tl.constexpr):
         """dq += the linear part: d phi(q_t) = M_t g_num_t + g_den_t z_t, M_t = the state (keys evicted
-        before this tile) + the keys leaving the window inside it. Over one Dv tile (`offs_v`, `mem`'s
-        columns) every term is a partial sum over Dv except the g_den ones: only the `first` tile adds them."""
+        before this tile) + the keys leaving the window inside it (`_leaving_keys`). Over one Dv tile
+        (`mem`'s and `v`'s columns) every term is a partial sum over Dv except the g_den ones: only the
+        `first` tile adds them."""
         inv = tl.where(den != 0, 1.0 / tl.where(den != 0, den, 1.0), 0.0)
         gnum = ((1.0 - gw) * inv)[:, None] * do
         gden = tl.where(first, -(1.0 - gw) * dl * inv, 0.0)
         gfq = tl.dot(gnum, tl.trans(mem), input_precision=PREC) + gden[:, None] * z[None, :]
-        kj = p_lo - WINDOW + 1 + offs_c
-        kv = (kj >= SINKS) & (kj >= 0) & (kj < SK)
-        k = tl.load(Kb + kj[:, None] * D + offs_d[None, :], mask=kv[:, None] & dmask[None, :], other=0.0)
-        v = tl.load(Vb + kj[:, None] * DV + offs_v[None, :], mask=kv[:, None] & vmask[None, :],
-                    other=0.0).to(tl.float32)
-        fk = tl.where(kv[:, None] & dmask[None, :], _phi(k.to(tl.float32)), 0.0)
         wmask = (kj[None, :] <= pos[:, None] - WINDOW) & kv[None, :]
         gw_tj = tl.where(wmask, tl.dot(gnum, tl.trans(v), input_precision=PREC) + gden[:, None], 0.0)
         gfq += tl.dot(gw_tj, fk, input_precision=PREC)
         return dq + _dphi(q) * gfq
-
-    @triton.jit
-    def _dq_linear_state(mem, z, Kb, Vb, p_lo, offs_c, offs_d, dmask, offs_v, vmask, SK, D, DV, WINDOW, SINKS,
-                         PREC: tl.constexpr):
-        """(M, z) after the keys that leave the window in this query tile."""
-        kj = p_lo - WINDOW + 1 + offs_c
-        kv = (kj >= SINKS) & (kj >= 0) & (kj < SK)
-        k = tl.load(Kb + kj[:, None] * D + offs_d[None, :], mask=kv[:, None] & dmask[None, :], other=0.0)
-        v = tl.load(Vb + kj[:, None] * DV + offs_v[None, :], mask=kv[:, None] & vmask[None, :],
-                    other=0.0).to(tl.float32)
-        fk = tl.where(kv[:, None] & dmask[None, :], _phi(k.to(tl.float32)), 0.0)
-        return mem + tl.dot(tl.trans(fk), v, input_precision=PREC), z + tl.sum(fk, axis=0)
 
     @triton.jit
     def window_linear_bwd_dkdv_kernel(Q, K, V, GATE, DO, LSE, DEN, DA, DL, DK, DVO, scale, SQ, SK, D, DV, HQ, G,
