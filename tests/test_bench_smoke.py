@@ -104,11 +104,11 @@ def test_long_generation_rows(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     rows = {(r["case"].split("/")[1], r["impl"]): r for r in json.loads(out.read_text())["rows"]}
     for key in (("dense", "sdpa (torch.cat + F.sdpa)"), ("dense", "sparse_attn"), ("window1024", "sparse_attn"),
-                ("topk16", "sparse_attn"), ("linear", "sparse_attn")):
+                ("topk16", "sparse_attn"), ("windowlinear1024", "sparse_attn"), ("linear", "sparse_attn")):
         r = rows[key]
         assert r["status"] == "ok" and r["tokens_per_s"] > 0 and r["cache_bytes"] > 0, r
     assert 0.0 <= rows[("topk16", "sparse_attn")]["selection_share"] <= 1.0
     # what each holds: the float32 (Hq, D, D) state; K and V of the 264 tokens
     assert rows[("linear", "sparse_attn")]["cache_bytes"] == 8 * 128 * 128 * 4
     assert rows[("dense", "sdpa (torch.cat + F.sdpa)")]["cache_bytes"] == 2 * 2 * 264 * 128 * 4
-    assert "windowlinear1024" in {k[0] for k in rows}  # a row, supported or with its reason
+    assert "ModelCache" in rows[("windowlinear1024", "sparse_attn")]["pattern"]  # its decode path
