@@ -171,6 +171,17 @@ def cache_cases(sa, cp, g, world):
             ref = oracle.oracle_attention(q.double(), k[:, :, :t + 1].double(), v[:, :, :t + 1].double(), pattern)
             errs.append(oracle.rel_err(out, ref))
         res[f"cache-{name}"] = errs
+    # an int8 cache: each rank quantizes the rows it owns; against the oracle over the dequantized rows
+    from sparse_attn.cache.quant import dequantize, quantize_rows_torch
+    dk, dv = (dequantize(*quantize_rows_torch(x, "int8"), torch.float64) for x in (k, v))
+    cache = cp.ShardedKVCache(b, hkv, d, max_len, group=g, pool_block_size=BS, kv_dtype="int8")
+    cache.append(k[:, :, :prefill], v[:, :, :prefill])
+    errs = []
+    for t in range(prefill, prefill + 3):
+        cache.append(k[:, :, t:t + 1], v[:, :, t:t + 1])
+        ref = oracle.oracle_attention(qs[:, :, t:t + 1].double(), dk[:, :, :t + 1], dv[:, :, :t + 1], sa.Dense())
+        errs.append(oracle.rel_err(sa.attention_with_cache(qs[:, :, t:t + 1], cache, sa.Dense()), ref))
+    res["cache-int8_dense"] = errs
     # block-sparse decode of two rows at once (Sq = 2), layout sliced to the current length
     cache = cp.ShardedKVCache(b, hkv, d, max_len, group=g, pool_block_size=BS)
     cache.append(k[:, :, :50], v[:, :, :50])

@@ -102,7 +102,7 @@ def test_cp_delta_rule_matches_oracle(world, kind, layout, tmp_path_factory):
 
 
 @pytest.mark.parametrize("world", WORLDS)
-@pytest.mark.parametrize("pattern", ["dense", "window_sinks", "topk", "block_sparse"])
+@pytest.mark.parametrize("pattern", ["dense", "window_sinks", "topk", "block_sparse", "int8_dense"])
 def test_sharded_cache_decode(world, pattern, tmp_path_factory):
     for rank, errs in enumerate(_case(world, f"cache-{pattern}", tmp_path_factory)):
         assert max(errs) <= BOUND, f"rank {rank}: {errs}"

@@ -96,3 +96,30 @@ def test_paged_model_cache_equals_full_forward(pattern):
              sa.WindowLinear: "WindowLinearDecoder"}
     assert type(cache.entries[1]).__name__ == kinds[type(pattern)]
     oracle.assert_close_contract(torch.cat(pieces, 1), full, dtype=torch.float32, device="cpu", what="paged")
+
+
+@pytest.mark.parametrize("kv_dtype", ["int8", "fp8_e4m3"])
+@pytest.mark.parametrize("pattern,page_size", [(sa.Dense(), None), (sa.TopK(1, block_size=16), 16),
+                                               (sa.SlidingWindow(12, sinks=1), None)],
+                         ids=["dense", "topk-paged", "window-ring"])
+def test_quantized_model_cache(pattern, page_size, kv_dtype):
+    """`ModelCache(kv_dtype=)`: every softmax layer's K/V stored as codes + row scales (a ring too);
+    after the prefill, each chunk and step equals the float64 evaluation over the dequantized rows
+    (quantize_rows_torch: the contract's definition), GQA 2, odd lengths."""
+    from sparse_attn.cache.quant import dequantize, quantize_rows_torch
+    b, hq, hkv, d, n = 2, 4, 2, 24, 53
+    q, k, v = randn(b, hq, n, d), randn(b, hkv, n, d), randn(b, hkv, n, d)
+    cache = sa.ModelCache(1, max_len=64 if page_size else None, page_size=page_size, kv_dtype=kv_dtype)
+    cache.attend(0, q[:, :, :20], k[:, :, :20], v[:, :, :20], pattern)
+    entry = cache.entries[0]
+    assert entry.kv_dtype == kv_dtype and entry.kv_view().quant == kv_dtype and f"kv_dtype={kv_dtype}" in repr(entry)
+    dk, dv = (dequantize(*quantize_rows_torch(x, kv_dtype), torch.float64) for x in (k, v))
+    t = 20
+    for c in [3, 1, 1, 7] + [1] * 21:
+        out = cache.attend(0, q[:, :, t:t + c], k[:, :, t:t + c], v[:, :, t:t + c], pattern)
+        ref = oracle.oracle_attention(q[:, :, t:t + c].double(), dk[:, :, :t + c], dv[:, :, :t + c], pattern)
+        oracle.assert_close_contract(out, ref, dtype=torch.float32, device="cpu", what=f"{kv_dtype} step at {t}")
+        t += c
+    assert t == n
+    with pytest.raises(ValueError, match="kv_dtype"):
+        sa.ModelCache(1, kv_dtype="int4")

@@ -24,6 +24,7 @@ import torch
 from .window_linear import WindowLinearDecoder
 from ..cache import KVCache, PagedKVCache, RingKVCache
 from ..cache.base import storage_bytes
+from ..cache.quant import check_kv_dtype, dequantize, quantize_rows
 from ..patterns import Dense, Pattern, SlidingWindow, WindowLinear
 from .cache import attention_with_cache
 from .functional import attention
@@ -50,9 +51,12 @@ class ModelCache:
         n_layers: number of layers.
         max_len: tokens a softmax layer's cache holds (None: contiguous caches that grow).
         page_size: give softmax layers a `PagedKVCache` of this page size (needs `max_len`).
+        kv_dtype: None, "int8" or "fp8_e4m3": the K/V of every softmax layer (`KVCache`,
+            `PagedKVCache`, `RingKVCache`) stored quantized (cache/quant.py); WindowLinear's window
+            and the linear layers' states stay in their dtype (they are small and constant).
     """
 
-    def __init__(self, n_layers: int, *, max_len: int | None = None, page_size: int | None = None):
+    def __init__(self, n_layers: int, *, max_len: int | None = None, page_size: int | None = None, kv_dtype=None):
         if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 0:
             raise ValueError(f"n_layers must be an int >= 0, got {n_layers!r}")
         for name, x in (("max_len", max_len), ("page_size", page_size)):
@@ -60,6 +64,7 @@ class ModelCache:
                 raise ValueError(f"{name} must be None or an int >= 1, got {x!r}")
         if page_size is not None and max_len is None:
             raise ValueError("page_size needs max_len (a paged cache's page table is sized by it)")
+        self.kv_dtype = check_kv_dtype(kv_dtype)
         self.entries: list = [None] * n_layers
         self.length = 0
         self.max_len, self.page_size = max_len, page_size
@@ -98,7 +103,7 @@ class ModelCache:
 
     def _new_kv(self, k, v, pattern):
         b, hkv, t, d = k.shape
-        like = dict(v_head_dim=v.shape[3], dtype=k.dtype, device=k.device)
+        like = dict(v_head_dim=v.shape[3], dtype=k.dtype, device=k.device, kv_dtype=self.kv_dtype)
         if isinstance(pattern, SlidingWindow):
             return RingKVCache(b, hkv, d, window=pattern.window, sinks=pattern.sinks, **like)
         pool = pattern.pool_block() or 64
@@ -118,7 +123,10 @@ class ModelCache:
         # a chunk: the kept keys in order, then the chunk; the window rule is relative to the end
         # and the sinks are the first kept keys, so this sees what the full sequence would
         ko, vo = ring.ordered()
-        o = attention(q, torch.cat([ko, k], 2), torch.cat([vo, v], 2), pattern, scale=scale, backend=backend)
+        kc, vc = k, v
+        if ring.kv_dtype is not None:  # the chunk's own keys as the ring stores them (the rows decode reads)
+            kc, vc = (dequantize(*quantize_rows(x, ring.kv_dtype)).to(x.dtype) for x in (k, v))
+        o = attention(q, torch.cat([ko, kc], 2), torch.cat([vo, vc], 2), pattern, scale=scale, backend=backend)
         ring.append(k, v)
         return o
 

@@ -8,6 +8,10 @@ filled slots, and the view is a contiguous cache of that length. Memory is `sink
 of K/V at any context length; nothing is reallocated per token. The sequences of the batch advance
 together (a model's decode loop); chunks of several tokens read `ordered()`, the kept keys in
 position order, and apply the window rule relative to the end.
+
+With `kv_dtype="int8" | "fp8_e4m3"` the slots hold codes and one float32 scale per row
+(`k_scale` / `v_scale` `(B, Hkv, sinks + window)`), quantized on append as `KVCache` does
+(cache/quant.py): the view says so and the decode kernels read the codes; `ordered()` dequantizes.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import torch
 
 from . import huge_pages
 from .base import check_positive_int, storage_bytes
+from .quant import check_kv_dtype, dequantize, quantize_rows, storage_dtype
 from .view import KVView
 
 
@@ -27,7 +32,7 @@ class RingKVCache:
     """
 
     def __init__(self, batch: int, kv_heads: int, head_dim: int, *, window: int, sinks: int = 0,
-                 v_head_dim: int | None = None, dtype: torch.dtype = torch.float32, device="cpu"):
+                 v_head_dim: int | None = None, dtype: torch.dtype = torch.float32, device="cpu", kv_dtype=None):
         for name, x, lo in (("batch", batch, 1), ("kv_heads", kv_heads, 1), ("head_dim", head_dim, 1),
                             ("window", window, 1), ("sinks", sinks, 0)):
             check_positive_int(name, x, minimum=lo)
@@ -35,8 +40,15 @@ class RingKVCache:
         self.window, self.sinks = window, sinks
         self.capacity = sinks + window
         self.device = torch.device(device)
-        self.k = huge_pages.zeros(batch, kv_heads, self.capacity, head_dim, dtype=dtype, device=self.device)
-        self.v = huge_pages.zeros(batch, kv_heads, self.capacity, dv, dtype=dtype, device=self.device)
+        self.kv_dtype = check_kv_dtype(kv_dtype)
+        self.dtype = dtype
+        sdt = dtype if kv_dtype is None else storage_dtype(kv_dtype)
+        self.k = huge_pages.zeros(batch, kv_heads, self.capacity, head_dim, dtype=sdt, device=self.device)
+        self.v = huge_pages.zeros(batch, kv_heads, self.capacity, dv, dtype=sdt, device=self.device)
+        self.k_scale = self.v_scale = None
+        if kv_dtype is not None:
+            self.k_scale = torch.ones(batch, kv_heads, self.capacity, dtype=torch.float32, device=self.device)
+            self.v_scale = torch.ones(batch, kv_heads, self.capacity, dtype=torch.float32, device=self.device)
         self.lengths = torch.zeros(batch, dtype=torch.int32, device=self.device)  # filled slots
         self._page_table = torch.arange(batch, dtype=torch.int32, device=self.device)[:, None]
         self.length = 0  # tokens appended (host)
@@ -55,10 +67,13 @@ class RingKVCache:
             if x.dim() != 4 or x.shape[:2] != like.shape[:2] or x.shape[3] != like.shape[3]:
                 raise ValueError(f"{name} must have shape ({like.shape[0]}, {like.shape[1]}, T, {like.shape[3]}), "
                                  f"got {tuple(x.shape)}")
-            if x.dtype != like.dtype or x.device != like.device:
-                raise TypeError(f"{name} must be {like.dtype} on {like.device}, got {x.dtype} on {x.device}")
+            if x.dtype != self.dtype or x.device != like.device:
+                raise TypeError(f"{name} must be {self.dtype} on {like.device}, got {x.dtype} on {x.device}")
         if k.shape[2] != v.shape[2]:
             raise ValueError(f"k and v must append the same number of tokens, got {k.shape[2]} and {v.shape[2]}")
+        ks = vs = None
+        if self.kv_dtype is not None:  # one pass over the new rows; only the kept ones are copied
+            (k, ks), (v, vs) = quantize_rows(k, self.kv_dtype), quantize_rows(v, self.kv_dtype)
         n0, n1 = self.length, self.length + k.shape[2]
         keep = list(range(n0, min(n1, self.sinks))) + list(range(max(n0, self.sinks, n1 - self.window), n1))
         # runs of consecutive slots (at most three: sinks, ring, ring after wrapping): slice copies
@@ -70,6 +85,9 @@ class RingKVCache:
             s0, t0 = self._slot(keep[i]), keep[i] - n0
             self.k[:, :, s0:s0 + j - i].copy_(k[:, :, t0:t0 + j - i])
             self.v[:, :, s0:s0 + j - i].copy_(v[:, :, t0:t0 + j - i])
+            if ks is not None:
+                self.k_scale[:, :, s0:s0 + j - i].copy_(ks[:, :, t0:t0 + j - i])
+                self.v_scale[:, :, s0:s0 + j - i].copy_(vs[:, :, t0:t0 + j - i])
             i = j
         before = self.filled()
         self.length = n1
@@ -81,7 +99,8 @@ class RingKVCache:
         n = self.filled()
         return KVView(kind="contiguous", k=self.k, v=self.v, page_table=self._page_table, page_size=self.capacity,
                       lengths=self.lengths, host_lengths=(n,) * self.k.shape[0], block_sums=None,
-                      pool_block_size=None, max_len=self.capacity)
+                      pool_block_size=None, max_len=self.capacity, quant=self.kv_dtype, k_scale=self.k_scale,
+                      v_scale=self.v_scale, value_dtype=self.dtype)
 
     def ordered(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The kept keys and values in position order `(B, Hkv, n, D|Dv)`: the sinks, then the last
@@ -89,17 +108,23 @@ class RingKVCache:
         ns = min(self.sinks, self.length)
         rest = range(max(self.sinks, self.length - self.window), self.length)
         idx = torch.tensor(list(range(ns)) + [self._slot(p) for p in rest], dtype=torch.long, device=self.device)
-        return self.k.index_select(2, idx), self.v.index_select(2, idx)
+        k, v = self.k.index_select(2, idx), self.v.index_select(2, idx)
+        if self.kv_dtype is None:
+            return k, v
+        return (dequantize(k, self.k_scale.index_select(2, idx)).to(self.dtype),
+                dequantize(v, self.v_scale.index_select(2, idx)).to(self.dtype))
 
     def cached_tokens(self) -> int:
         return self.filled()
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.k, self.v, self.lengths, self._page_table]
+        scales = [] if self.kv_dtype is None else [self.k_scale, self.v_scale]
+        return [self.k, self.v, *scales, self.lengths, self._page_table]
 
     def nbytes(self) -> int:
         return storage_bytes(self.tensors())
 
     def __repr__(self):
         return (f"RingKVCache(batch={self.k.shape[0]}, kv_heads={self.k.shape[1]}, head_dim={self.k.shape[3]}, "
-                f"window={self.window}, sinks={self.sinks}, length={self.length}, dtype={self.k.dtype})")
+                f"window={self.window}, sinks={self.sinks}, length={self.length}, dtype={self.dtype}"
+                + (f", kv_dtype={self.kv_dtype})" if self.kv_dtype else ")"))

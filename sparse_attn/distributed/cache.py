@@ -27,13 +27,14 @@ from .transport import all_gather_padded
 
 class ShardedKVCache:
     """Each rank's part of a `(B, Hkv, max_len, D)` context (all sequences of the batch share one
-    length here: appends are not ragged). Same constructor arguments as `KVCache`, plus `group`."""
+    length here: appends are not ragged). Same constructor arguments as `KVCache` (`kv_dtype`
+    included: each rank quantizes the rows it owns), plus `group`."""
 
     is_sharded = True
 
     def __init__(self, batch: int, kv_heads: int, head_dim: int, max_len: int, *, group=None,
                  v_head_dim: int | None = None, dtype: torch.dtype = torch.float32, device="cpu",
-                 pool_block_size: int = 64):
+                 pool_block_size: int = 64, kv_dtype=None):
         check_positive_int("max_len", max_len)
         check_positive_int("pool_block_size", pool_block_size)
         self.group = group
@@ -43,7 +44,7 @@ class ShardedKVCache:
         self.max_len = max_len
         self.start = self.rank * self.span
         self.local = KVCache(batch, kv_heads, head_dim, self.span, v_head_dim=v_head_dim, dtype=dtype,
-                             device=device, pool_block_size=bs)
+                             device=device, pool_block_size=bs, kv_dtype=kv_dtype)
         self.length = 0
 
     batch = property(lambda self: self.local.batch)
@@ -51,6 +52,7 @@ class ShardedKVCache:
     head_dim = property(lambda self: self.local.head_dim)
     v_head_dim = property(lambda self: self.local.v_head_dim)
     dtype = property(lambda self: self.local.dtype)
+    kv_dtype = property(lambda self: self.local.kv_dtype)
     device = property(lambda self: self.local.device)
 
     @property
@@ -131,7 +133,7 @@ class ShardedKVCache:
         qpos0 = self.length - sq
         token_index = self._select(q, pattern, qpos0) if isinstance(pattern, TopK) else None
         lo, hi = self.local_range
-        kk, vv = self.local.gather(0, hi - lo)
+        kk, vv = (x.to(self.dtype) for x in self.local.gather(0, hi - lo))  # a quantized cache's: dequantized
         out, lse = segment_forward(q, [(qpos0, self.length)], kk, vv, KeySet([(lo, hi)] if hi > lo else []),
                                    pattern, total=self.length, scale=sc, token_index=token_index)
         pack = torch.cat([out, lse[..., None]], dim=-1)
