@@ -183,6 +183,9 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, pattern: Pattern = Den
     p, packed = plan_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, pattern, max_seqlen_q=max_seqlen_q,
                             max_seqlen_k=max_seqlen_k, scale=scale, gate=gate, backend=backend,
                             sink_logits=sink_logits, softcap=softcap)
+    if packed and cq is not None and not getattr(p.kernel, "varlen_sq_above_sk", True) and any(
+            b - a > d - c for a, b, c, d in zip(cq, cq[1:], ck, ck[1:])):
+        packed = False  # this kernel's packed call needs Sq_i <= Sk_i (a non-causal pattern allows more)
     if packed:
         return p.kernel.run_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, p.problem, **with_sinks(sink_logits))
     if cq is None:

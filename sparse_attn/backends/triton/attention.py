@@ -187,7 +187,8 @@ class TritonBlockSparse(TritonKernelMixin, VarlenFlash, FlashKernel):
     def backward_varlen(self, q, k, v, out, lse, dout, cu_q, cu_k, p, layout):
         return _triton_varlen().flash_backward_varlen(q, k, v, out, lse, dout, cu_q, cu_k, layout, scale=p.scale,
                                                       cfg=self._cfg(q), max_seqlen_q=p.sq, max_seqlen_k=p.sk,
-                                                      softcap=p.softcap)
+                                                      softcap=p.softcap,
+                                                      all_tiles=isinstance(p.pattern, Dense) and not p.pattern.causal)
 
 
 register(TritonBlockSparse())

@@ -60,9 +60,11 @@ def item_bound(total: int, nseq: int, block: int, max_len: int | None) -> int:
 
 
 @triton.jit
-def _seq_rows(SEQ, IDX, CUQ, CUK, item, sub, hc, Hkv, G, qb, HPB: tl.constexpr, BLOCK_M: tl.constexpr):
-    """A work item's rows: (seq (clamped), tile, row0 of the sequence in the packed q, key0, Sk,
-    g, i, pos, row_ok). Row r is head `hc * HPB + r // BLOCK_M` at tile row `sub * BLOCK_M + r % BLOCK_M`."""
+def _seq_rows(SEQ, IDX, CUQ, CUK, item, sub, hc, G, qb, HPB: tl.constexpr, BLOCK_M: tl.constexpr):
+    """A work item's rows: (seq (clamped), layout tile, live, q0, k0 (int64 scalars: the sequence's
+    first packed row / key), Sk, g, i (row within the sequence), pos, row_ok). Row r is head
+    `hc * HPB + r // BLOCK_M` at tile row `sub * BLOCK_M + r % BLOCK_M`. Offsets inside a sequence
+    stay int32; only the scalar bases are 64-bit (as the batched kernels' `b`)."""
     seq_raw = tl.load(SEQ + item)
     live = seq_raw >= 0
     seq = tl.maximum(seq_raw, 0)
@@ -71,15 +73,15 @@ def _seq_rows(SEQ, IDX, CUQ, CUK, item, sub, hc, Hkv, G, qb, HPB: tl.constexpr, 
     sq = tl.load(CUQ + seq + 1) - q0
     k0 = tl.load(CUK + seq)
     sk = tl.load(CUK + seq + 1) - k0
+    sk = tl.where(live, sk, 0)  # a spare item (tile 0) has no row: pos >= 0 = sk
     ROWS: tl.constexpr = HPB * BLOCK_M
     r = tl.arange(0, ROWS)
     g = hc * HPB + r // BLOCK_M
     t = sub * BLOCK_M + r % BLOCK_M
     pos = tile * qb + t
-    sk = tl.where(live, sk, 0)  # a spare item (tile 0) has no row: pos >= 0 = sk
     row_ok = (g < G) & (t < qb) & (pos >= sk - sq) & (pos < sk)
-    i = q0 + pos - (sk - sq)  # row in the packed q
-    return seq, tl.maximum(tile, 0), live, k0.to(tl.int64), sk, g, i, pos, row_ok
+    i = pos - (sk - sq)
+    return seq, tl.maximum(tile, 0), live, q0.to(tl.int64), k0.to(tl.int64), sk, g, i, pos, row_ok
 
 
 @triton.jit
@@ -97,12 +99,11 @@ def _fwd_varlen_kernel(Q, K, V, O, LSE, SEQ, IDX, CUQ, CUK,
     pid_h = tl.program_id(1)
     hc = pid_h % n_hc
     hkv = pid_h // n_hc
-    seq, tile, live, k0, Sk, g, i, pos, row_ok = _seq_rows(SEQ, IDX, CUQ, CUK, pid_t // n_sub, pid_t % n_sub, hc,
-                                                           Hkv, G, qb, HPB, BLOCK_M)
+    seq, tile, live, q0, k0, Sk, g, i, pos, row_ok = _seq_rows(SEQ, IDX, CUQ, CUK, pid_t // n_sub, pid_t % n_sub,
+                                                               hc, G, qb, HPB, BLOCK_M)
     h = hkv * G + g
-    i64 = i.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
-    q = tl.load(Q + h[:, None] * stride_qh + i64[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+    q = tl.load(Q + q0 * stride_qs + h[:, None] * stride_qh + i[:, None] * stride_qs + offs_d[None, :] * stride_qd,
                 mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
     pos = tl.where(row_ok, pos, -(1 << 30))
     Kb = K + hkv * stride_kh + k0 * stride_ks
@@ -125,7 +126,8 @@ def _fwd_varlen_kernel(Q, K, V, O, LSE, SEQ, IDX, CUQ, CUK,
         acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, pos, Kb, Vb, n, kb, Sk, qk_scale, cap, window, sinks,
                                       stride_ks, stride_kd, stride_vs, stride_vd, D, DV,
                                       True, CAUSAL, HAS_WINDOW, BLOCK_N, BLOCK_D, BLOCK_DV, UPCAST, SOFTCAP)
-    _finish(acc, m_i, l_i, O, LSE, h * stride_oh + i64 * stride_os, h * Tq + i64, row_ok, DV, stride_od, BLOCK_DV)
+    _finish(acc, m_i, l_i, O + q0 * stride_os, LSE + q0, h * stride_oh + i * stride_os, h * Tq + i, row_ok, DV,
+            stride_od, BLOCK_DV)
 
 
 @triton.jit
@@ -144,12 +146,12 @@ def _dq_varlen_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ, IDX, CUQ, CUK,
     pid_h = tl.program_id(1)
     hc = pid_h % n_hc
     hkv = pid_h // n_hc
-    seq, tile, live, k0, Sk, g, i, pos, row_ok = _seq_rows(SEQ, IDX, CUQ, CUK, pid_t // n_sub, pid_t % n_sub, hc,
-                                                           Hkv, G, qb, HPB, BLOCK_M)
+    seq, tile, live, q0, k0, Sk, g, i, pos, row_ok = _seq_rows(SEQ, IDX, CUQ, CUK, pid_t // n_sub, pid_t % n_sub,
+                                                               hc, G, qb, HPB, BLOCK_M)
     h = hkv * G + g
-    i64 = i.to(tl.int64)
-    # (b = 0, packed rows i, lse / delta as (Hq, Tq))
-    q, do, lse2, delta = _load_rows(Q, DO, LSE, DELTA, 0, h, i64, row_ok, Hkv * G, Tq, D, DV,
+    # (b = 0, the sequence's rows i from its base, lse / delta as (Hq, Tq))
+    q, do, lse2, delta = _load_rows(Q + q0 * stride_qs, DO + q0 * stride_os, LSE + q0, DELTA + q0, 0, h, i, row_ok,
+                                    Hkv * G, Tq, D, DV,
                                     0, stride_qh, stride_qs, stride_qd, 0, stride_oh, stride_os, stride_od,
                                     BLOCK_D, BLOCK_DV)
     pos = tl.where(row_ok, pos, -(1 << 30))
@@ -172,7 +174,7 @@ def _dq_varlen_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ, IDX, CUQ, CUK,
                        stride_ks, stride_kd, stride_vs, stride_vd, D, DV,
                        True, CAUSAL, HAS_WINDOW, BLOCK_N, BLOCK_D, BLOCK_DV, UPCAST, SOFTCAP)
     offs_d = tl.arange(0, BLOCK_D)
-    tl.store(DQ + h[:, None] * stride_gh + i64[:, None] * stride_gs + offs_d[None, :] * stride_gd,
+    tl.store(DQ + q0 * stride_gs + h[:, None] * stride_gh + i[:, None] * stride_gs + offs_d[None, :] * stride_gd,
              dq * scale, mask=row_ok[:, None] & (offs_d[None, :] < D))
 
 
@@ -183,7 +185,7 @@ def _dkdv_varlen_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, SEQ, IDX, CUQ, CUK,
                         stride_vh, stride_vs, stride_vd, stride_oh, stride_os, stride_od,
                         s_fcb, s_fch, s_fib, s_fih, s_fim, s_pcb, s_pch, s_pib, s_pih, s_pim,
                         Hkv, G, Tq, Tk, D, DV, qb, kb, n_sub, n_hc, n_subk, scale, qk_scale, cap, window, sinks,
-                        CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                        CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, ALL_TILES: tl.constexpr,
                         BLOCK_M: tl.constexpr, HPB: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, UPCAST: tl.constexpr,
                         SOFTCAP: tl.constexpr):
@@ -191,63 +193,86 @@ def _dkdv_varlen_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, SEQ, IDX, CUQ, CUK,
     hkv = tl.program_id(1)
     item = pid_k // n_subk
     ksub = pid_k % n_subk
-    seq = tl.load(SEQ + item)
-    live = seq >= 0
-    seq = tl.maximum(seq, 0)
+    seq_raw = tl.load(SEQ + item)
+    live = seq_raw >= 0
+    seq = tl.maximum(seq_raw, 0)
     n = tl.load(IDX + item)
     q0 = tl.load(CUQ + seq)
     Sq = tl.load(CUQ + seq + 1) - q0
     k0 = tl.load(CUK + seq)
-    Sk = tl.load(CUK + seq + 1) - k0
+    Sk = tl.where(live, tl.load(CUK + seq + 1) - k0, 0)
+    q0 = q0.to(tl.int64)
+    k0 = k0.to(tl.int64)
     j = n * kb + ksub * BLOCK_N + tl.arange(0, BLOCK_N)
-    jv = (j < (n + 1) * kb) & (j < tl.where(live, Sk, 0))
-    jrow = (k0 + j).to(tl.int64)  # row in the packed k / v
+    jv = (j < (n + 1) * kb) & (j < Sk)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k = tl.load(K + hkv * stride_kh + jrow[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+    k = tl.load(K + k0 * stride_ks + hkv * stride_kh + j[:, None] * stride_ks + offs_d[None, :] * stride_kd,
                 mask=jv[:, None] & (offs_d[None, :] < D), other=0.0)
-    v = tl.load(V + hkv * stride_vh + jrow[:, None] * stride_vs + offs_dv[None, :] * stride_vd,
+    v = tl.load(V + k0 * stride_vs + hkv * stride_vh + j[:, None] * stride_vs + offs_dv[None, :] * stride_vd,
                 mask=jv[:, None] & (offs_dv[None, :] < DV), other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-    # the tiles of this sequence: the layout's lists are for all sequences' positions
+    # this sequence's query tiles (absolute; negative ones only for a non-causal Sq > Sk)
     t_lo = tl.where(Sk - Sq >= 0, (Sk - Sq) // qb, -((Sq - Sk + qb - 1) // qb))
     t_hi = tl.where(Sq > 0, (Sk + qb - 1) // qb, t_lo)
+    Qs = Q + q0 * stride_qs
+    DOs = DO + q0 * stride_os
     ROWS: tl.constexpr = HPB * BLOCK_M
     r = tl.arange(0, ROWS)
-    for kind in tl.static_range(2):  # 0: full query tiles (no mask), 1: partial ones
-        if kind == 0:
-            cnt = tl.load(TFC + seq * s_fcb + hkv * s_fch + n)
-            L = TFI + seq * s_fib + hkv * s_fih + n * s_fim
-        else:
-            cnt = tl.load(TPC + seq * s_pcb + hkv * s_pch + n)
-            L = TPI + seq * s_pib + hkv * s_pih + n * s_pim
-        cnt = tl.where(live, cnt, 0)
-        for c in range(0, cnt):
-            tile = tl.load(L + c)
-            # tile 0 of the layout also stands for the negative tiles of a non-causal Sq > Sk
-            if (tile < t_hi) & ((tile >= t_lo) | (tile == 0)):
-                lo = tl.where(tile == 0, t_lo, tile)
-                hi = tl.where(tile == 0, tl.minimum(t_hi, 1), tile + 1)
-                for tt in range(lo, hi):
-                    for sub in range(0, n_sub):
-                        for hc in range(0, n_hc):
-                            g = hc * HPB + r // BLOCK_M
-                            t = sub * BLOCK_M + r % BLOCK_M
-                            pos = tt * qb + t
-                            row_ok = (g < G) & (t < qb) & (pos >= Sk - Sq) & (pos < Sk)
-                            i = (q0 + pos - (Sk - Sq)).to(tl.int64)
-                            h = hkv * G + g
-                            q, do, lse2, delta = _load_rows(Q, DO, LSE, DELTA, 0, h, i, row_ok, Hkv * G, Tq, D, DV,
-                                                            0, stride_qh, stride_qs, stride_qd,
-                                                            0, stride_oh, stride_os, stride_od, BLOCK_D, BLOCK_DV)
-                            pos = tl.where(row_ok, pos, -(1 << 30))
-                            dk, dv = _dkdv_rows(dk, dv, k, v, q, do, lse2, delta, pos, j, jv, qk_scale, cap,
-                                                window, sinks, kind == 1, CAUSAL, HAS_WINDOW, UPCAST, SOFTCAP)
+    if ALL_TILES:
+        # Dense without a causal rule: every tile of the sequence sees every key (no lists)
+        for tile in range(t_lo, t_hi):
+            dk, dv = _dkdv_tile(dk, dv, k, v, Qs, DOs, LSE + q0, DELTA + q0, tile, j, jv, r, hkv, G, Tq, Sq, Sk, D, DV,
+                                qb, n_sub, n_hc, qk_scale, cap, window, sinks,
+                                stride_qh, stride_qs, stride_qd, stride_oh, stride_os, stride_od,
+                                False, CAUSAL, HAS_WINDOW, BLOCK_M, HPB, BLOCK_D, BLOCK_DV, UPCAST, SOFTCAP)
+    else:
+        for kind in tl.static_range(2):  # 0: full query tiles (no mask), 1: partial ones
+            if kind == 0:
+                cnt = tl.load(TFC + seq * s_fcb + hkv * s_fch + n)
+                L = TFI + seq * s_fib + hkv * s_fih + n * s_fim
+            else:
+                cnt = tl.load(TPC + seq * s_pcb + hkv * s_pch + n)
+                L = TPI + seq * s_pib + hkv * s_pih + n * s_pim
+            cnt = tl.where(live, cnt, 0)
+            for c in range(0, cnt):
+                tile = tl.load(L + c)
+                if (tile >= t_lo) & (tile < t_hi):  # the layout lists the tiles of every sequence
+                    dk, dv = _dkdv_tile(dk, dv, k, v, Qs, DOs, LSE + q0, DELTA + q0, tile, j, jv, r, hkv, G, Tq, Sq,
+                                        Sk, D, DV, qb, n_sub, n_hc, qk_scale, cap, window, sinks,
+                                        stride_qh, stride_qs, stride_qd, stride_oh, stride_os, stride_od,
+                                        kind == 1, CAUSAL, HAS_WINDOW, BLOCK_M, HPB, BLOCK_D, BLOCK_DV, UPCAST,
+                                        SOFTCAP)
     # DK / DV_OUT are contiguous (Hkv, Tk, *)
-    base = hkv * Tk + jrow
-    tl.store(DK + base[:, None] * D + offs_d[None, :], dk * scale, mask=jv[:, None] & (offs_d[None, :] < D))
-    tl.store(DV_OUT + base[:, None] * DV + offs_dv[None, :], dv, mask=jv[:, None] & (offs_dv[None, :] < DV))
+    base = (hkv * Tk + k0).to(tl.int64)
+    tl.store(DK + base * D + j[:, None] * D + offs_d[None, :], dk * scale, mask=jv[:, None] & (offs_d[None, :] < D))
+    tl.store(DV_OUT + base * DV + j[:, None] * DV + offs_dv[None, :], dv,
+             mask=jv[:, None] & (offs_dv[None, :] < DV))
+
+
+@triton.jit
+def _dkdv_tile(dk, dv, k, v, Qs, DOs, LSEs, DELTAs, tile, j, jv, r, hkv, G, Tq, Sq, Sk, D, DV, qb, n_sub, n_hc,
+               qk_scale, cap, window, sinks, stride_qh, stride_qs, stride_qd, stride_oh, stride_os, stride_od,
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr,
+               HPB: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, UPCAST: tl.constexpr,
+               SOFTCAP: tl.constexpr):
+    """dk, dv += the rows of query tile `tile` (all its sub-tiles and head chunks) of one sequence."""
+    for sub in range(0, n_sub):
+        for hc in range(0, n_hc):
+            g = hc * HPB + r // BLOCK_M
+            t = sub * BLOCK_M + r % BLOCK_M
+            pos = tile * qb + t
+            row_ok = (g < G) & (t < qb) & (pos >= Sk - Sq) & (pos < Sk)
+            i = pos - (Sk - Sq)
+            h = hkv * G + g
+            q, do, lse2, delta = _load_rows(Qs, DOs, LSEs, DELTAs, 0, h, i, row_ok, 0, Tq, D, DV,
+                                            0, stride_qh, stride_qs, stride_qd, 0, stride_oh, stride_os, stride_od,
+                                            BLOCK_D, BLOCK_DV)
+            pos = tl.where(row_ok, pos, -(1 << 30))
+            dk, dv = _dkdv_rows(dk, dv, k, v, q, do, lse2, delta, pos, j, jv, qk_scale, cap, window, sinks,
+                                MASKED, CAUSAL, HAS_WINDOW, UPCAST, SOFTCAP)
+    return dk, dv
 
 
 def _heads_first(x):
@@ -285,8 +310,10 @@ def flash_forward_varlen(q, k, v, cu_q, cu_k, layout, *, scale: float, cfg, max_
 
 
 def flash_backward_varlen(q, k, v, out, lse, dout, cu_q, cu_k, layout, *, scale: float, cfg, max_seqlen_q=None,
-                          max_seqlen_k=None, softcap=None):
-    """(dq, dk, dv) in the packed layouts and the inputs' dtypes; one launch for dq, one for dk/dv."""
+                          max_seqlen_k=None, softcap=None, all_tiles: bool = False):
+    """(dq, dk, dv) in the packed layouts and the inputs' dtypes; one launch for dq, one for dk/dv.
+    `all_tiles`: the pattern is Dense without a causal rule (dk/dv walk every tile of a sequence,
+    negative ones too when Sq_i > Sk_i, without the lists)."""
     cfg = backward_config(cfg)
     tq, hq, d = q.shape
     tk, hkv, dv_ = k.shape[0], k.shape[1], v.shape[2]
@@ -325,5 +352,5 @@ def flash_backward_varlen(q, k, v, out, lse, dout, cu_q, cu_k, layout, *, scale:
         *qh.stride(), *kh.stride(), *vh.stride(), *doh.stride(),
         *tfc.stride()[:2], *tfi.stride()[:3], *tpc.stride()[:2], *tpi.stride()[:3],
         hkv, g, tq, tk, d, dv_, layout.q_block, layout.k_block, n_sub, n_hc, n_subk, scale, scale * LOG2E, cap,
-        window, layout.sink_tokens, **consts)
+        window, layout.sink_tokens, ALL_TILES=all_tiles, **consts)
     return dq, dk.transpose(0, 1), dvv.transpose(0, 1)
