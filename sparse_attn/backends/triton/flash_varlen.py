@@ -20,6 +20,8 @@ TopK is not served: its per-token selection is per sequence (the scheduler gets 
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import triton
 import triton.language as tl
@@ -347,6 +349,12 @@ def flash_backward_varlen(q, k, v, out, lse, dout, cu_q, cu_k, layout, *, scale:
                             keys=True)
     tfc, tfi, tpc, tpi = layout_lists(*layout.transpose(), nseq, hkv)
     n_subk = -(-layout.k_block // block_n)
+    # dk/dv: half the backward's rows (and 4 warps for float32): the per-sequence bounds kept
+    # across its loops spilled at 255 (bf16, sm_80) / 128 (fp32, sm_90) registers with the
+    # batched kernel's tiles (bench/gpu_static.py, D=128)
+    kcfg = replace(cfg, rows=max(16, cfg.rows // 2), num_warps=4 if q.element_size() == 4 else cfg.num_warps)
+    block_m, hpb, _, n_sub, n_hc = tile_geometry(layout, g, kcfg)
+    consts.update(BLOCK_M=block_m, HPB=hpb, num_warps=kcfg.num_warps)
     _dkdv_varlen_kernel[(kseq.numel() * n_subk, hkv)](
         q, k, v, dout, lse, delta, dk, dvv, kseq, kblk, cu_q, cu_k, tfc, tfi, tpc, tpi,
         *qh.stride(), *kh.stride(), *vh.stride(), *doh.stride(),
