@@ -120,11 +120,11 @@ SAMPLE_CI = {
                      (128, "bf16", "varlen_window")],
     "splitkv_decode": [(128, "bf16", "topk_sq4"), (256, "bf16", "topk_sq4"), (32, "fp32", "dense"),
                        (128, "bf16", "window_softcap"), (128, "bf16", "int8_dense"), (128, "bf16", "fp8_topk_sq4")],
-    "linear_chunked": [(128, "bf16", "decay+state")],
-    "window_linear": [(128, "bf16", "sinks")],
+    "linear_chunked": [(128, "bf16", "decay+state"), (256, "bf16", "decay+state")],
+    "window_linear": [(128, "bf16", "sinks"), (256, "bf16", "sinks")],
     "topk_select": [(128, "bf16", "topk64")],
     "delta_rule": [(128, "bf16", "per-token"), (128, "bf16", "per-channel"), (64, "fp32", "none"),
-                   (64, "bf16", "per-channel")],
+                   (64, "bf16", "per-channel"), (256, "bf16", "per-channel")],
 }
 #: `--sample wide`: the CI sample plus the other BLOCK_D values, an unaligned head dim (200: its
 #: strides are not 16-divisible), float16, float32 at 256, each remaining pattern variant
@@ -138,11 +138,13 @@ SAMPLE_WIDE = {
         (64, "bf16", "topk_sq4"), (128, "fp32", "topk_sq4"), (128, "bf16", "dense"), (32, "bf16", "window"),
         (128, "bf16", "block_sparse")],
     "linear_chunked": SAMPLE_CI["linear_chunked"] + [
-        (64, "bf16", "decay+state"), (128, "fp32", "decay+state"), (128, "bf16", "plain"), (32, "fp16", "plain")],
-    "window_linear": SAMPLE_CI["window_linear"] + [(64, "bf16", "sinks"), (128, "fp32", "sinks"), (32, "bf16", "sinks")],
+        (64, "bf16", "decay+state"), (128, "fp32", "decay+state"), (128, "bf16", "plain"), (32, "fp16", "plain"),
+        (200, "bf16", "decay+state"), (72, "fp32", "plain")],
+    "window_linear": SAMPLE_CI["window_linear"] + [(64, "bf16", "sinks"), (128, "fp32", "sinks"), (32, "bf16", "sinks"),
+                                                   (40, "bf16", "sinks"), (200, "fp32", "sinks")],
     "topk_select": SAMPLE_CI["topk_select"] + [(128, "bf16", "topk16"), (256, "bf16", "topk64"), (32, "bf16", "topk16")],
     "delta_rule": SAMPLE_CI["delta_rule"] + [(128, "fp32", "per-token"), (128, "fp32", "per-channel"),
-                                             (64, "bf16", "per-token"), (32, "fp16", "none")],
+                                             (64, "bf16", "per-token"), (32, "fp16", "none"), (72, "bf16", "per-token")],
 }
 #: what `--sample full` crosses with FULL_DIMS x DTYPES (head dims above a kernel's limit are left out)
 VARIANTS = {
@@ -154,7 +156,7 @@ VARIANTS = {
     "topk_select": ("topk16", "topk64"),
     "delta_rule": ("none", "per-token", "per-channel"),
 }
-MAX_HEAD_DIM = {"linear_chunked": 128, "window_linear": 128, "delta_rule": 128}
+MAX_HEAD_DIM: dict = {}  # every family serves head dims 32..256
 
 
 def cases(family: str, sample: str):
@@ -448,6 +450,12 @@ KNOWN_SPILLS: dict = {
         "at 255 registers (the tanh derivative's tile: to be restructured with a GPU to time it)",
     ("block_sparse_fwd", "_fwd_tile_kernel", "bf16", 80, 128):
         "Triton 3.6.0 only: 16 bytes at 255 registers (Triton 3.9: no spill) with 8 warps x 128 rows",
+    ("block_sparse_fwd", "_fwd_varlen_kernel", "bf16", 80, 128):
+        "Triton 3.6.0 only: 16 bytes at 255 registers (Triton 3.9: none), the batched _fwd_tile_kernel's spill "
+        "(same tiles, 8 warps x 128 rows)",
+    ("block_sparse_bwd", "_dkdv_varlen_kernel", "fp32", 80, 128):
+        "Triton 3.6.0 only: 16 bytes at 168 registers with 4 warps and 1 stage (2 stages: 56 bytes; Triton 3.9: "
+        "none with 2 stages, 16 bytes with 1)",
     ("window_linear", "window_linear_bwd_dkdv_kernel", "bf16", 80, 128):
         "Triton 3.6.0 only: the linear part per 16-column Dv tile, 272 bytes at 255 registers (Triton 3.9: no "
         "spill; 3.6 spilled with 32-column tiles and 3 stages too)",

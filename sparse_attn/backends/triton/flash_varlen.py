@@ -30,6 +30,9 @@ from .flash_bwd import _dkdv_rows, _dq_block, _load_rows
 from .flash_fwd import LOG2E, _attend_block, _finish, _pow2, layout_lists, tile_geometry, upcast
 from .tiles import backward_config
 
+#: Triton before 3.9 (the H200 machine's 3.6): its register allocation differs (see the dk/dv launch)
+_OLD_TRITON = tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 9)
+
 
 def work_items(cu_q: torch.Tensor, cu_k: torch.Tensor, block: int, bound: int, *, keys: bool = False):
     """(seq, index) int32 `(bound,)` on the device: the query tiles (or with `keys` the key blocks)
@@ -351,10 +354,13 @@ def flash_backward_varlen(q, k, v, out, lse, dout, cu_q, cu_k, layout, *, scale:
     n_subk = -(-layout.k_block // block_n)
     # dk/dv: half the backward's rows (and 4 warps for float32): the per-sequence bounds kept
     # across its loops spilled at 255 (bf16, sm_80) / 128 (fp32, sm_90) registers with the
-    # batched kernel's tiles (bench/gpu_static.py, D=128)
-    kcfg = replace(cfg, rows=max(16, cfg.rows // 2), num_warps=4 if q.element_size() == 4 else cfg.num_warps)
+    # batched kernel's tiles (bench/gpu_static.py, D=128). float32 stages: Triton 3.9 spills with
+    # 1 stage (8-16 bytes), Triton 3.6 with 2 (48-56 bytes), so the stage count follows the version
+    f32 = q.element_size() == 4
+    kcfg = replace(cfg, rows=max(16, cfg.rows // 2), num_warps=4 if f32 else cfg.num_warps,
+                   num_stages=1 if f32 and _OLD_TRITON else cfg.num_stages)
     block_m, hpb, _, n_sub, n_hc = tile_geometry(layout, g, kcfg)
-    consts.update(BLOCK_M=block_m, HPB=hpb, num_warps=kcfg.num_warps)
+    consts.update(BLOCK_M=block_m, HPB=hpb, num_warps=kcfg.num_warps, num_stages=kcfg.num_stages)
     _dkdv_varlen_kernel[(kseq.numel() * n_subk, hkv)](
         q, k, v, dout, lse, delta, dk, dvv, kseq, kblk, cu_q, cu_k, tfc, tfi, tpc, tpi,
         *qh.stride(), *kh.stride(), *vh.stride(), *doh.stride(),
