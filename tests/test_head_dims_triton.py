@@ -1,5 +1,5 @@
 """Head dims 32..256 (multiples of 8, FlashAttention's range) on every Triton family, at a few odd
-ones (40, 72, 200, 256) and D != Dv, against the float64 oracles, in Triton's interpreter:
+ones (40, 72, 200, 256; two per family) and D != Dv, against the float64 oracles, in Triton's interpreter:
 block-sparse attention forward + backward, split-KV decode, the TopK selection, chunked linear
 attention forward + backward, WindowLinear forward + backward, the delta rule forward."""
 import pytest
@@ -12,7 +12,7 @@ from delta_oracle import oracle_delta_rule
 
 pytest.importorskip("triton")
 
-DIMS = [40, 72, 200, 256]
+# each family at two of the odd head dims 40, 72, 200, 256 (together: all four per kind of kernel)
 
 
 def _grads_close(out, ref, ins, ins64, what):
@@ -21,7 +21,7 @@ def _grads_close(out, ref, ins, ins64, what):
         oracle.assert_close_contract(g, gr, dtype=torch.float32, device="cpu", what=f"{what} d{name}")
 
 
-@pytest.mark.parametrize("d", DIMS)
+@pytest.mark.parametrize("d", [40, 256])
 def test_block_sparse_fwd_bwd(d):
     q, k, v = randn(1, 2, 19, d, requires_grad=True), randn(1, 1, 37, d, requires_grad=True), \
         randn(1, 1, 37, d + 8 if d < 256 else d, requires_grad=True)
@@ -34,7 +34,7 @@ def test_block_sparse_fwd_bwd(d):
     _grads_close(out, ref, (q, k, v), ins64, f"D={d}")
 
 
-@pytest.mark.parametrize("d", DIMS)
+@pytest.mark.parametrize("d", [72, 200])
 def test_decode_and_topk_selection(d):
     q, k, v = randn(1, 4, 1, d), randn(1, 2, 90, d), randn(1, 2, 90, d)
     pat = sa.TopK(2, block_size=16, sink_blocks=1, local_blocks=1)
