@@ -116,14 +116,15 @@ FULL_DIMS = tuple(range(32, 257, 8))
 #: block lists and per-row masks, linear its decay and initial state).
 SAMPLE_CI = {
     "block_sparse": [(64, "bf16", "window"), (128, "bf16", "window"), (256, "bf16", "window"),
-                     (128, "fp32", "window"), (128, "bf16", "topk64"), (128, "bf16", "topk64_softcap")],
+                     (128, "fp32", "window"), (128, "bf16", "topk64"), (128, "bf16", "topk64_softcap"),
+                     (128, "bf16", "varlen_window")],
     "splitkv_decode": [(128, "bf16", "topk_sq4"), (256, "bf16", "topk_sq4"), (32, "fp32", "dense"),
                        (128, "bf16", "window_softcap"), (128, "bf16", "int8_dense"), (128, "bf16", "fp8_topk_sq4")],
-    "linear_chunked": [(128, "bf16", "decay+state")],
-    "window_linear": [(128, "bf16", "sinks")],
+    "linear_chunked": [(128, "bf16", "decay+state"), (256, "bf16", "decay+state")],
+    "window_linear": [(128, "bf16", "sinks"), (256, "bf16", "sinks")],
     "topk_select": [(128, "bf16", "topk64")],
     "delta_rule": [(128, "bf16", "per-token"), (128, "bf16", "per-channel"), (64, "fp32", "none"),
-                   (64, "bf16", "per-channel")],
+                   (64, "bf16", "per-channel"), (256, "bf16", "per-channel")],
 }
 #: `--sample wide`: the CI sample plus the other BLOCK_D values, an unaligned head dim (200: its
 #: strides are not 16-divisible), float16, float32 at 256, each remaining pattern variant
@@ -131,28 +132,31 @@ SAMPLE_WIDE = {
     "block_sparse": SAMPLE_CI["block_sparse"] + [
         (32, "bf16", "window"), (200, "bf16", "window"), (256, "fp32", "window"), (128, "fp16", "dense_causal"),
         (128, "bf16", "block_sparse64"), (256, "bf16", "topk64"), (64, "bf16", "topk64"),
-        (128, "bf16", "dense_causal_split"), (256, "bf16", "window_softcap")],
+        (128, "bf16", "dense_causal_split"), (256, "bf16", "window_softcap"), (64, "bf16", "varlen_dense_causal"),
+        (256, "bf16", "varlen_window"), (128, "fp32", "varlen_block_sparse64")],
     "splitkv_decode": SAMPLE_CI["splitkv_decode"] + [
         (64, "bf16", "topk_sq4"), (128, "fp32", "topk_sq4"), (128, "bf16", "dense"), (32, "bf16", "window"),
         (128, "bf16", "block_sparse")],
     "linear_chunked": SAMPLE_CI["linear_chunked"] + [
-        (64, "bf16", "decay+state"), (128, "fp32", "decay+state"), (128, "bf16", "plain"), (32, "fp16", "plain")],
-    "window_linear": SAMPLE_CI["window_linear"] + [(64, "bf16", "sinks"), (128, "fp32", "sinks"), (32, "bf16", "sinks")],
+        (64, "bf16", "decay+state"), (128, "fp32", "decay+state"), (128, "bf16", "plain"), (32, "fp16", "plain"),
+        (200, "bf16", "decay+state"), (72, "fp32", "plain")],
+    "window_linear": SAMPLE_CI["window_linear"] + [(64, "bf16", "sinks"), (128, "fp32", "sinks"), (32, "bf16", "sinks"),
+                                                   (40, "bf16", "sinks"), (200, "fp32", "sinks")],
     "topk_select": SAMPLE_CI["topk_select"] + [(128, "bf16", "topk16"), (256, "bf16", "topk64"), (32, "bf16", "topk16")],
     "delta_rule": SAMPLE_CI["delta_rule"] + [(128, "fp32", "per-token"), (128, "fp32", "per-channel"),
-                                             (64, "bf16", "per-token"), (32, "fp16", "none")],
+                                             (64, "bf16", "per-token"), (32, "fp16", "none"), (72, "bf16", "per-token")],
 }
 #: what `--sample full` crosses with FULL_DIMS x DTYPES (head dims above a kernel's limit are left out)
 VARIANTS = {
     "block_sparse": ("dense_causal", "window", "block_sparse64", "topk64", "dense_causal_split", "window_softcap",
-                     "topk64_softcap"),
+                     "topk64_softcap", "varlen_dense_causal", "varlen_window", "varlen_block_sparse64"),
     "splitkv_decode": ("dense", "window", "block_sparse", "topk_sq4", "window_softcap", "int8_dense", "fp8_topk_sq4"),
     "linear_chunked": ("plain", "decay+state"),
     "window_linear": ("sinks",),
     "topk_select": ("topk16", "topk64"),
     "delta_rule": ("none", "per-token", "per-channel"),
 }
-MAX_HEAD_DIM = {"linear_chunked": 128, "window_linear": 128, "delta_rule": 128}
+MAX_HEAD_DIM: dict = {}  # every family serves head dims 32..256
 
 
 def cases(family: str, sample: str):
@@ -185,6 +189,9 @@ def attention_launches(sample: str):
     out = []
     for d, dname, pname in cases("block_sparse", sample):
         dtype = _torch_dtype(dname)
+        if pname.startswith("varlen_"):
+            out += _varlen_launches(d, dtype, dname, pats[pname.removeprefix("varlen_")])
+            continue
         cap = 50.0 if pname.endswith("_softcap") else None
         pat, hq, hkv, sp = pats[pname.removesuffix("_softcap")]
         sq = sk = 256
@@ -202,6 +209,32 @@ def attention_launches(sample: str):
             for fn, a, kw in _record(lambda: flash_bwd.flash_backward(q, k, v, o, lse, o, lay, scale=0.1, cfg=cfg,
                                                                       softcap=cap)):
                 out.append(Launch("block_sparse_bwd", f"{fn.__name__} {tag}", d, fn, a, kw, (arch,)))
+    return out
+
+
+def _varlen_launches(d, dtype, dname, pat_spec):
+    """The packed varlen kernels (flash_varlen.py) of one pattern: 3 sequences packed."""
+    import torch
+    from sparse_attn.backends.triton import flash_varlen
+    from sparse_attn.backends.triton.attention import varlen_layout
+    from sparse_attn.backends.triton.tiles import tile_config
+
+    pat, hq, hkv, _ = pat_spec
+    lens = [100, 256, 37]
+    cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+    t = sum(lens)
+    q, k, v = _rand(t, hq, d, dtype=dtype), _rand(t, hkv, d, dtype=dtype), _rand(t, hkv, d, dtype=dtype)
+    out = []
+    for arch, gen in ((80, "sm80"), (90, "sm90")):
+        cfg = tile_config("cuda", gen, d, torch.empty((), dtype=dtype).element_size())
+        lay = varlen_layout(pat, nseq=len(lens), kv_heads=hkv, sk=256, group=hq // hkv, cfg=cfg, device=q.device)
+        tag = f"varlen {type(pat).__name__} {dname} G={hq // hkv}"
+        for fn, a, kw in _record(lambda: flash_varlen.flash_forward_varlen(q, k, v, cu, cu, lay, scale=0.1, cfg=cfg)):
+            out.append(Launch("block_sparse_fwd", f"{fn.__name__} {tag}", d, fn, a, kw, (arch,)))
+        o, lse = torch.empty_like(q), torch.zeros(hq, t)
+        for fn, a, kw in _record(lambda: flash_varlen.flash_backward_varlen(q, k, v, o, lse, o, cu, cu, lay, scale=0.1,
+                                                                            cfg=cfg)):
+            out.append(Launch("block_sparse_bwd", f"{fn.__name__} {tag}", d, fn, a, kw, (arch,)))
     return out
 
 
@@ -417,6 +450,12 @@ KNOWN_SPILLS: dict = {
         "at 255 registers (the tanh derivative's tile: to be restructured with a GPU to time it)",
     ("block_sparse_fwd", "_fwd_tile_kernel", "bf16", 80, 128):
         "Triton 3.6.0 only: 16 bytes at 255 registers (Triton 3.9: no spill) with 8 warps x 128 rows",
+    ("block_sparse_fwd", "_fwd_varlen_kernel", "bf16", 80, 128):
+        "Triton 3.6.0 only: 16 bytes at 255 registers (Triton 3.9: none), the batched _fwd_tile_kernel's spill "
+        "(same tiles, 8 warps x 128 rows)",
+    ("block_sparse_bwd", "_dkdv_varlen_kernel", "fp32", 80, 128):
+        "Triton 3.6.0 only: 16 bytes at 168 registers with 4 warps and 1 stage (2 stages: 56 bytes; Triton 3.9: "
+        "none with 2 stages, 16 bytes with 1)",
     ("window_linear", "window_linear_bwd_dkdv_kernel", "bf16", 80, 128):
         "Triton 3.6.0 only: the linear part per 16-column Dv tile, 272 bytes at 255 registers (Triton 3.9: no "
         "spill; 3.6 spilled with 32-column tiles and 3 stages too)",

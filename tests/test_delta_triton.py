@@ -129,10 +129,10 @@ def test_triton_delta_varlen_equals_per_sequence():
 
 
 def test_triton_delta_declarations():
-    """The decode step has no backward and the kernels stop at D = 128: the plan says why not."""
+    """The decode step has no backward and the kernels stop at D = 256: the plan says why not."""
     ins = make_inputs(1, 1, 2, 5, 16, 16, decay="per-token", grad=True)
     text = sa.plan_delta_rule(**_on(ins), backend="triton").explain()
     assert "chosen: triton.delta_chunked" in text and "no backward pass" in text, text
-    big = make_inputs(1, 1, 1, 20, 160, 16)
+    big = make_inputs(1, 1, 1, 20, 264, 16)
     text = sa.plan_delta_rule(**_on(big)).explain()
-    assert "head dims 160/16 outside [1, 128]" in text, text
+    assert "head dims 264/16 outside [1, 256]" in text, text

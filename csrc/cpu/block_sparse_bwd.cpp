@@ -28,6 +28,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -248,7 +249,8 @@ class DqRunner {
   void block(DqScratch& S, int64_t b, int64_t h, int64_t n, int64_t cnt, const float* const* qp,
              const float* const* dop, const uint32_t* const* qwp, const uint32_t* const* dowp, float* const* dqp,
              const int32_t* rid, bool masked) {
-    if (cnt == 0) return;
+    // a layout shared by packed sequences lists blocks past a shorter sequence's end: nothing there
+    if (cnt == 0 || n * P.k_block >= P.sk) return;
     load_block(S, b, h, n);
     const int64_t j0 = n * P.k_block, nk = std::min(P.k_block, P.sk - j0), kbp = P.kb_pad;
     for (int64_t c0 = 0; c0 < cnt; c0 += kRows) {
@@ -662,8 +664,191 @@ void run_bwd(const BwdParams& P, const void* q, const void* k, const void* v, co
 
 torch::Tensor as_lists(const torch::Tensor& x) { return x.to(torch::kInt32).contiguous(); }
 
+// Packed varlen: PS[s] is sequence s's BwdParams (its lengths, layout rows, lse / delta blocks);
+// its rows sit at qoff[s] / koff[s] of the packed q, dO / k, v; dq, dk, dv are written as per-sequence
+// (H, S_s, *) blocks at H * offset. Tasks over all sequences at once: fused (sequence, kv head), or
+// the two passes' (sequence, kv head, query tile) and (sequence, kv head, key block).
+template <int DT>
+void run_bwd_varlen(const BwdParams& P0, const std::vector<BwdParams>& PS, const std::vector<int64_t>& qoff,
+                    const std::vector<int64_t>& koff, const void* q, const void* k, const void* v, const void* dout,
+                    void* dq, void* dk, void* dv, int64_t mode) {
+  using In = typename Elem<DT>::T;
+  using Out = OutOf<DT>;
+  const In *Q = static_cast<const In*>(q), *K = static_cast<const In*>(k), *V = static_cast<const In*>(v),
+           *dO = static_cast<const In*>(dout);
+  Out *dQ = static_cast<Out*>(dq), *dK = static_cast<Out*>(dk), *dV = static_cast<Out*>(dv);
+  const int64_t nseq = static_cast<int64_t>(PS.size()), Hkv = P0.Hkv;
+  auto dkv = [&](int64_t s) {
+    const BwdParams& P = PS[s];
+    return DkvRunner<DT>(P, Q + qoff[s] * P.qst[2], K + koff[s] * P.kst[2], V + koff[s] * P.vst[2],
+                         dO + qoff[s] * P.dost[2], dK + P.Hkv * koff[s] * P.D, dV + P.Hkv * koff[s] * P.Dv);
+  };
+  std::vector<std::array<int64_t, 3>> tasks;
+  const bool fused = mode == 2 || (mode == 0 && fused_pays(nseq * Hkv, at::get_num_threads()));
+  if (fused) {  // one task per (sequence, kv head): dk, dv and dq; longest sequences first
+    for (int64_t s = 0; s < nseq; ++s)
+      for (int64_t h = 0; h < Hkv; ++h) tasks.push_back({s, h, 0});
+    std::stable_sort(tasks.begin(), tasks.end(), [&](const auto& a, const auto& b) { return PS[a[0]].sk > PS[b[0]].sk; });
+    dynamic_tasks(static_cast<int64_t>(tasks.size()), [&] { return DkvScratch(P0, DkvRunner<DT>::kDot, true); },
+                  [&](auto& S, int64_t t) {
+                    const int64_t s = tasks[t][0];
+                    dkv(s).run_fused(S, 0, tasks[t][1], dQ + PS[s].Hq * qoff[s] * PS[s].D);
+                  });
+    return;
+  }
+  for (int64_t s = 0; s < nseq; ++s) {
+    const BwdParams& P = PS[s];
+    if (P.sq == 0) continue;
+    for (int64_t i = (P.sk + P.q_block - 1) / P.q_block - 1; i >= P.off / P.q_block; --i)
+      for (int64_t h = 0; h < Hkv; ++h) tasks.push_back({s, h, i});
+  }
+  std::stable_sort(tasks.begin(), tasks.end(), [](const auto& a, const auto& b) { return a[2] > b[2]; });
+  dynamic_tasks(static_cast<int64_t>(tasks.size()), [&] { return DqScratch(P0, DqRunner<DT>::kDot); },
+                [&](auto& S, int64_t t) {
+                  const auto& w = tasks[t];
+                  const BwdParams& P = PS[w[0]];
+                  DqRunner<DT> r(P, Q + qoff[w[0]] * P.qst[2], K + koff[w[0]] * P.kst[2], V + koff[w[0]] * P.vst[2],
+                                 dO + qoff[w[0]] * P.dost[2], dQ + P.Hq * qoff[w[0]] * P.D);
+                  r.run(S, 0, w[1], w[2]);
+                });
+  tasks.clear();
+  for (int64_t s = 0; s < nseq; ++s)  // every key block: one with no query still writes its zeros
+    for (int64_t n = 0; n < (PS[s].sk + P0.k_block - 1) / P0.k_block; ++n)
+      for (int64_t h = 0; h < Hkv; ++h) tasks.push_back({s, h, n});
+  std::stable_sort(tasks.begin(), tasks.end(), [](const auto& a, const auto& b) { return a[2] < b[2]; });
+  dynamic_tasks(static_cast<int64_t>(tasks.size()), [&] { return DkvScratch(P0, DkvRunner<DT>::kDot, false); },
+                [&](auto& S, int64_t t) { dkv(tasks[t][0]).run(S, 0, tasks[t][1], tasks[t][2]); });
+}
+
 }  // namespace
 }  // namespace sparse_attn_cpu
+
+// Packed varlen backward (see block_sparse_fwd_varlen): out, dout (Tq, Hq, Dv), lse float32 (Hq, Tq);
+// the forward's shared layout and its transpose. Returns packed (dq, dk, dv).
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> block_sparse_bwd_varlen(
+    torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor out, torch::Tensor lse, torch::Tensor dout,
+    torch::Tensor cu_seqlens_q, torch::Tensor cu_seqlens_k, torch::Tensor full_count, torch::Tensor full_index,
+    torch::Tensor partial_count, torch::Tensor partial_index, torch::Tensor t_full_count, torch::Tensor t_full_index,
+    torch::Tensor t_partial_count, torch::Tensor t_partial_index, int64_t L, int64_t q_block, int64_t k_block,
+    bool causal, int64_t window, int64_t sink_tokens, double scale, int64_t mode, double softcap) {
+  using namespace sparse_attn_cpu;
+  const char* who = "block_sparse_bwd_varlen";
+  TORCH_CHECK(mode >= 0 && mode <= 2, who, ": mode must be 0 (auto), 1 (two-pass) or 2 (fused), got ", mode);
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3 && out.dim() == 3 && dout.dim() == 3, who,
+              ": q, k, v, out, dout must be 3-D (T, H, D)");
+  for (const auto* t : {&q, &k, &v, &out, &lse, &dout, &cu_seqlens_q, &cu_seqlens_k})
+    TORCH_CHECK(t->device().is_cpu(), who, ": CPU tensors only");
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(dt == torch::kFloat32 || dt == torch::kBFloat16 || dt == torch::kFloat16, who,
+              ": dtype must be float32, bfloat16 or float16, got ", dt);
+  TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt && dout.scalar_type() == dt && out.scalar_type() == dt,
+              who, ": q, k, v, out, dout must share one dtype");
+  TORCH_CHECK(q_block > 0 && k_block > 0 && L >= 0, who, ": q_block, k_block must be positive and L >= 0");
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, who, ": softcap must be finite and >= 0 (0: off)");
+  const int64_t Tq = q.size(0), Hq = q.size(1), D = q.size(2), Tk = k.size(0), Hkv = k.size(1), Dv = v.size(2);
+  TORCH_CHECK(v.size(0) == Tk && v.size(1) == Hkv && k.size(2) == D, who, ": q, k, v shapes disagree");
+  TORCH_CHECK(out.sizes() == torch::IntArrayRef({Tq, Hq, Dv}) && dout.sizes() == out.sizes(), who,
+              ": out and dout must be (Tq, Hq, Dv)");
+  TORCH_CHECK(lse.scalar_type() == torch::kFloat32 && lse.sizes() == torch::IntArrayRef({Hq, Tq}), who,
+              ": lse must be float32 (Hq, Tq)");
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, who, ": Hq must be a multiple of Hkv");
+  auto cq = cu_seqlens_q.to(torch::kInt64).contiguous(), ck = cu_seqlens_k.to(torch::kInt64).contiguous();
+  TORCH_CHECK(cq.dim() == 1 && cq.sizes() == ck.sizes() && cq.numel() >= 1, who, ": cu_seqlens must be (nseq + 1,)");
+  const int64_t nseq = cq.numel() - 1, M = (L + q_block - 1) / q_block, nb = (L + k_block - 1) / k_block;
+  const int64_t *cqp = cq.data_ptr<int64_t>(), *ckp = ck.data_ptr<int64_t>();
+  TORCH_CHECK(cqp[0] == 0 && ckp[0] == 0 && cqp[nseq] == Tq && ckp[nseq] == Tk, who,
+              ": cu_seqlens must run from 0 to the packed lengths");
+
+  auto fc = as_lists(full_count), fi = as_lists(full_index), pc = as_lists(partial_count),
+       pi = as_lists(partial_index);
+  auto tfc = as_lists(t_full_count), tfi = as_lists(t_full_index), tpc = as_lists(t_partial_count),
+       tpi = as_lists(t_partial_index);
+  TORCH_CHECK(fc.dim() == 3 && (fc.size(0) == 1 || fc.size(0) == nseq) && (fc.size(1) == 1 || fc.size(1) == Hkv) &&
+                  fc.size(2) == M && fc.sizes() == pc.sizes(),
+              who, ": counts must be (1 or nseq, 1 or Hkv, ", M, " query tiles), got ", fc.sizes());
+  TORCH_CHECK(fi.dim() == 4 && fi.sizes().slice(0, 3) == fc.sizes() && pi.dim() == 4 &&
+                  pi.sizes().slice(0, 3) == pc.sizes(), who, ": index lists must be (counts' shape, width)");
+  for (const auto* t : {&tfc, &tpc})
+    TORCH_CHECK(t->dim() == 3 && t->size(0) == fc.size(0) && t->size(1) == fc.size(1) && t->size(2) == nb, who,
+                ": transposed counts must be (", fc.size(0), ", ", fc.size(1), ", ", nb, " key blocks), got ", t->sizes());
+  TORCH_CHECK(tfi.dim() == 4 && tfi.sizes().slice(0, 3) == tfc.sizes() && tpi.dim() == 4 &&
+                  tpi.sizes().slice(0, 3) == tpc.sizes(), who, ": transposed index lists must be (counts' shape, width)");
+  check_lists(fc, fi, nb, who, "full");
+  check_lists(pc, pi, nb, who, "partial");
+  check_lists(tfc, tfi, M, who, "t_full");
+  check_lists(tpc, tpi, M, who, "t_partial");
+
+  // per-sequence (Hq, Sq_s) blocks of lse and delta = rowsum(dO * O), float32
+  auto delta_p = (dout.to(torch::kFloat32) * out.to(torch::kFloat32)).sum(-1);  // (Tq, Hq)
+  auto lse_blk = torch::empty({Hq * Tq}, lse.options()), delta_blk = torch::empty({Hq * Tq}, lse.options());
+  for (int64_t s = 0; s < nseq; ++s) {
+    const int64_t q0 = cqp[s], sq = cqp[s + 1] - q0;
+    if (sq <= 0) continue;
+    lse_blk.narrow(0, Hq * q0, Hq * sq).view({Hq, sq}).copy_(lse.narrow(1, q0, sq));
+    delta_blk.narrow(0, Hq * q0, Hq * sq).view({Hq, sq}).copy_(delta_p.narrow(0, q0, sq).t());
+  }
+
+  BwdParams P0{};
+  P0.B = 1, P0.Hq = Hq, P0.Hkv = Hkv, P0.G = Hq / Hkv, P0.sq = 0, P0.sk = 0, P0.D = D, P0.Dv = Dv;
+  P0.D_pad = round_up(std::max<int64_t>(D, 1), kVec), P0.Dv_pad = round_up(std::max<int64_t>(Dv, 1), kVec);
+  P0.q_block = q_block, P0.k_block = k_block, P0.kb_pad = round_up(k_block, kVec);
+  P0.M = M, P0.nb = nb, P0.off = 0, P0.tile0 = 0;  // tiles are absolute: the layout's rows
+  P0.causal = causal, P0.window = window, P0.sinks = sink_tokens;
+  P0.scale = static_cast<float>(scale);
+  P0.qmul = static_cast<float>(scale) * kLog2eB;
+  P0.cap = static_cast<float>(softcap) * kLog2eB;
+  for (auto [dst, t] : {std::make_pair(P0.qst, &q), std::make_pair(P0.kst, &k), std::make_pair(P0.vst, &v),
+                        std::make_pair(P0.dost, &dout)})
+    dst[0] = 0, dst[1] = t->stride(1), dst[2] = t->stride(0), dst[3] = t->stride(2);
+  P0.lb = 1, P0.lh = fc.size(1), P0.wf = fi.size(3), P0.wp = pi.size(3), P0.twf = tfi.size(3), P0.twp = tpi.size(3);
+  P0.ti = nullptr, P0.topk = 0, P0.tok = nullptr, P0.tok_off = nullptr, P0.tok_w = 0;
+
+  std::vector<BwdParams> PS(nseq, P0);
+  std::vector<int64_t> qoff(nseq), koff(nseq);
+  const int64_t per = fc.size(0) == 1 ? 0 : 1;  // a per-sequence layout: its own rows
+  int64_t max_sq = 0;
+  for (int64_t s = 0; s < nseq; ++s) {
+    const int64_t sq = cqp[s + 1] - cqp[s], sk = ckp[s + 1] - ckp[s];
+    TORCH_CHECK(sq >= 0 && sk >= 0, who, ": cu_seqlens must be non-decreasing");
+    TORCH_CHECK(sq <= sk, who, ": needs Sq_i <= Sk_i, got ", sq, " > ", sk, " for sequence ", s);
+    TORCH_CHECK(sk <= L, who, ": sequence ", s, " has ", sk, " keys, more than the layout's L = ", L);
+    BwdParams& P = PS[s];
+    P.sq = sq, P.sk = sk, P.off = sk - sq;
+    const int64_t r = s * per * P0.lh;  // first (sequence, head) row of this sequence's lists
+    P.fc = fc.data_ptr<int32_t>() + r * M, P.pc = pc.data_ptr<int32_t>() + r * M;
+    P.fi = fi.data_ptr<int32_t>() + r * M * P0.wf, P.pi = pi.data_ptr<int32_t>() + r * M * P0.wp;
+    P.tfc = tfc.data_ptr<int32_t>() + r * nb, P.tpc = tpc.data_ptr<int32_t>() + r * nb;
+    P.tfi = tfi.data_ptr<int32_t>() + r * nb * P0.twf, P.tpi = tpi.data_ptr<int32_t>() + r * nb * P0.twp;
+    P.lse = lse_blk.data_ptr<float>() + Hq * cqp[s], P.delta = delta_blk.data_ptr<float>() + Hq * cqp[s];
+    qoff[s] = cqp[s], koff[s] = ckp[s];
+    max_sq = std::max(max_sq, sq);
+  }
+  P0.sq = max_sq;  // sizes the fused schedule's per-thread dq accumulator
+
+  auto dq_blk = torch::zeros({Hq * Tq * D}, q.options());
+  auto dk_blk = torch::zeros({Hkv * Tk * D}, k.options()), dv_blk = torch::zeros({Hkv * Tk * Dv}, v.options());
+  if (nseq > 0 && Tq > 0 && Tk > 0) {
+    const void *qd = q.data_ptr(), *kd = k.data_ptr(), *vd = v.data_ptr(), *dod = dout.data_ptr();
+    if (dt == torch::kFloat32) {
+      run_bwd_varlen<0>(P0, PS, qoff, koff, qd, kd, vd, dod, dq_blk.data_ptr(), dk_blk.data_ptr(), dv_blk.data_ptr(), mode);
+    } else if (dt == torch::kBFloat16) {
+      run_bwd_varlen<1>(P0, PS, qoff, koff, qd, kd, vd, dod, dq_blk.data_ptr(), dk_blk.data_ptr(), dv_blk.data_ptr(), mode);
+    } else {
+      run_bwd_varlen<2>(P0, PS, qoff, koff, qd, kd, vd, dod, dq_blk.data_ptr(), dk_blk.data_ptr(), dv_blk.data_ptr(), mode);
+    }
+  }
+  auto dq = torch::empty({Tq, Hq, D}, q.options());
+  auto dk = torch::empty({Tk, Hkv, D}, k.options()), dv = torch::empty({Tk, Hkv, Dv}, v.options());
+  for (int64_t s = 0; s < nseq; ++s) {
+    const int64_t q0 = cqp[s], sq = cqp[s + 1] - q0, k0 = ckp[s], sk = ckp[s + 1] - k0;
+    if (sq > 0) dq.narrow(0, q0, sq).copy_(dq_blk.narrow(0, Hq * q0 * D, Hq * sq * D).view({Hq, sq, D}).transpose(0, 1));
+    if (sk > 0) {
+      dk.narrow(0, k0, sk).copy_(dk_blk.narrow(0, Hkv * k0 * D, Hkv * sk * D).view({Hkv, sk, D}).transpose(0, 1));
+      dv.narrow(0, k0, sk).copy_(dv_blk.narrow(0, Hkv * k0 * Dv, Hkv * sk * Dv).view({Hkv, sk, Dv}).transpose(0, 1));
+    }
+  }
+  return {dq, dk, dv};
+}
 
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> block_sparse_bwd(
     torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor out, torch::Tensor lse, torch::Tensor dout,

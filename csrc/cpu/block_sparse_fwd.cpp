@@ -21,6 +21,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -261,7 +262,8 @@ class TaskRunner {
   // kRowChunk rows at a time
   void attend(Scratch& S, int64_t b, int64_t h, int64_t n, int64_t cnt, const float* const* qp,
               const uint32_t* const* qwp, float* const* op, const int32_t* rid, bool masked) {
-    if (cnt == 0) return;
+    // a layout shared by packed sequences lists blocks past a shorter sequence's end: nothing there
+    if (cnt == 0 || n * P.k_block >= P.sk) return;
     load_block(S, b, h, n);
     const int64_t j0 = n * P.k_block, nk = std::min(P.k_block, P.sk - j0), kbp = P.kb_pad;
     float* const* sp = S.sp.data();
@@ -341,6 +343,31 @@ void run_all(const Params& P, const void* q, const void* k, const void* v, OutT*
       // heaviest first: causal tiles grow with their index
       const int64_t i = P.M - 1 - t / BH, bh = t % BH;
       runner.run(S, bh / P.Hkv, bh % P.Hkv, i);
+    }
+  });
+}
+
+// Packed varlen: `tasks` are (sequence, kv head, absolute query tile); PS[s] is sequence s's
+// Params (its lengths, its layout rows) and its rows sit at the offsets `qoff` / `koff` of the packed
+// q / k, v; out and lse are written per sequence as (Hq, Sq_s, *) blocks at Hq * qoff[s].
+template <int DT, typename OutT>
+void run_varlen(const Params& P0, const std::vector<Params>& PS, const std::vector<int64_t>& qoff,
+                const std::vector<int64_t>& koff, const std::vector<std::array<int64_t, 3>>& tasks, const void* q,
+                const void* k, const void* v, OutT* out, float* lse) {
+  using In = typename Elem<DT>::T;
+  const In *Q = static_cast<const In*>(q), *K = static_cast<const In*>(k), *V = static_cast<const In*>(v);
+  const int64_t total = static_cast<int64_t>(tasks.size());
+  std::atomic<int64_t> next{0};
+  const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total));
+  at::parallel_for(0, nthreads, 1, [&](int64_t begin, int64_t end) {
+    if (begin >= end) return;
+    Scratch S(P0, TaskRunner<DT, OutT>::kDot);
+    for (int64_t t; (t = next.fetch_add(1)) < total;) {
+      const auto& w = tasks[t];
+      const Params& P = PS[w[0]];
+      TaskRunner<DT, OutT> runner(P, Q + qoff[w[0]] * P.qst[2], K + koff[w[0]] * P.kst[2], V + koff[w[0]] * P.vst[2],
+                                  out + P.Hq * qoff[w[0]] * P.Dv, lse + P.Hq * qoff[w[0]]);
+      runner.run(S, 0, w[1], w[2]);
     }
   });
 }
@@ -426,6 +453,116 @@ std::tuple<torch::Tensor, torch::Tensor> block_sparse_fwd(torch::Tensor q, torch
   return {out, lse};
 }
 
+// Packed varlen forward: q (Tq, Hq, D), k (Tk, Hkv, D), v (Tk, Hkv, Dv), cu_seqlens_q/k int32
+// (nseq + 1,) on the CPU, and ONE layout for all sequences, built for an L x L problem (L >= every
+// Sk_i; its lists cut at absolute positions, batch 1 or nseq). One parallel pass over the
+// (sequence, kv head, query tile) tasks of every sequence. Returns (out (Tq, Hq, Dv), lse float32
+// (Hq, Tq)). Needs Sq_i <= Sk_i (a query tile at a negative position has no layout row).
+std::tuple<torch::Tensor, torch::Tensor> block_sparse_fwd_varlen(
+    torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor cu_seqlens_q, torch::Tensor cu_seqlens_k,
+    torch::Tensor full_count, torch::Tensor full_index, torch::Tensor partial_count, torch::Tensor partial_index,
+    int64_t L, int64_t q_block, int64_t k_block, bool causal, int64_t window, int64_t sink_tokens, double scale,
+    double softcap) {
+  using namespace sparse_attn_cpu;
+  const char* who = "block_sparse_fwd_varlen";
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, who, ": q, k, v must be 3-D (T, H, D)");
+  for (const auto* t : {&q, &k, &v, &cu_seqlens_q, &cu_seqlens_k}) TORCH_CHECK(t->device().is_cpu(), who, ": CPU tensors only");
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(dt == torch::kFloat32 || dt == torch::kBFloat16 || dt == torch::kFloat16, who,
+              ": dtype must be float32, bfloat16 or float16, got ", dt);
+  TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt, who, ": q, k, v must share one dtype");
+  TORCH_CHECK(q_block > 0 && k_block > 0 && L >= 0, who, ": q_block, k_block must be positive and L >= 0");
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, who, ": softcap must be finite and >= 0 (0: off)");
+  const int64_t Tq = q.size(0), Hq = q.size(1), D = q.size(2), Tk = k.size(0), Hkv = k.size(1), Dv = v.size(2);
+  TORCH_CHECK(v.size(0) == Tk && v.size(1) == Hkv && k.size(2) == D, who, ": q, k, v shapes disagree");
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, who, ": Hq must be a multiple of Hkv");
+  auto cq = cu_seqlens_q.to(torch::kInt64).contiguous(), ck = cu_seqlens_k.to(torch::kInt64).contiguous();
+  TORCH_CHECK(cq.dim() == 1 && cq.sizes() == ck.sizes() && cq.numel() >= 1, who, ": cu_seqlens must be (nseq + 1,)");
+  const int64_t nseq = cq.numel() - 1, M = (L + q_block - 1) / q_block, nb = (L + k_block - 1) / k_block;
+  const int64_t *cqp = cq.data_ptr<int64_t>(), *ckp = ck.data_ptr<int64_t>();
+  TORCH_CHECK(cqp[0] == 0 && ckp[0] == 0 && cqp[nseq] == Tq && ckp[nseq] == Tk, who,
+              ": cu_seqlens must run from 0 to the packed lengths");
+  auto out_blk = torch::empty({Hq * Tq * Dv}, q.options());
+  auto lse_blk = torch::full({Hq * Tq}, std::numeric_limits<float>::infinity(), q.options().dtype(torch::kFloat32));
+
+  auto fc = full_count.to(torch::kInt32).contiguous(), fi = full_index.to(torch::kInt32).contiguous();
+  auto pc = partial_count.to(torch::kInt32).contiguous(), pi = partial_index.to(torch::kInt32).contiguous();
+  TORCH_CHECK(fc.dim() == 3 && (fc.size(0) == 1 || fc.size(0) == nseq) && (fc.size(1) == 1 || fc.size(1) == Hkv) &&
+                  fc.size(2) == M && fc.sizes() == pc.sizes(),
+              who, ": counts must be (1 or nseq, 1 or Hkv, ", M, " query tiles), got ", fc.sizes());
+  TORCH_CHECK(fi.dim() == 4 && fi.sizes().slice(0, 3) == fc.sizes() && pi.dim() == 4 &&
+                  pi.sizes().slice(0, 3) == pc.sizes(), who, ": index lists must be (counts' shape, width)");
+  check_lists(fc, fi, nb, who, "full");
+  check_lists(pc, pi, nb, who, "partial");
+
+  Params P0{};
+  P0.B = 1, P0.Hq = Hq, P0.Hkv = Hkv, P0.G = Hq / Hkv, P0.sq = 0, P0.sk = 0, P0.D = D, P0.Dv = Dv;
+  P0.Dv_pad = round_up(std::max<int64_t>(Dv, 1), kVec);
+  P0.q_block = q_block, P0.k_block = k_block, P0.kb_pad = round_up(k_block, kVec);
+  P0.M = M, P0.nb = nb, P0.off = 0, P0.tile0 = 0;  // tiles are absolute: the layout's rows
+  P0.causal = causal, P0.window = window, P0.sinks = sink_tokens;
+  P0.qmul = static_cast<float>(scale) * kLog2e;
+  P0.cap = static_cast<float>(softcap) * kLog2e;
+  // the packed (T, H, D) tensors read as batch-1 (1, H, T, D) views; each sequence moves the base
+  P0.qst[0] = 0, P0.qst[1] = q.stride(1), P0.qst[2] = q.stride(0), P0.qst[3] = q.stride(2);
+  P0.kst[0] = 0, P0.kst[1] = k.stride(1), P0.kst[2] = k.stride(0), P0.kst[3] = k.stride(2);
+  P0.vst[0] = 0, P0.vst[1] = v.stride(1), P0.vst[2] = v.stride(0), P0.vst[3] = v.stride(2);
+  P0.lb = 1, P0.lh = fc.size(1), P0.wf = fi.size(3), P0.wp = pi.size(3);
+  P0.ti = nullptr, P0.topk = 0;
+
+  std::vector<Params> PS(nseq, P0);
+  std::vector<int64_t> qoff(nseq), koff(nseq);
+  std::vector<std::array<int64_t, 3>> tasks;
+  const int64_t lstride = fc.size(0) == 1 ? 0 : P0.lh * M;  // a per-sequence layout: its own rows
+  for (int64_t s = 0; s < nseq; ++s) {
+    const int64_t sq = cqp[s + 1] - cqp[s], sk = ckp[s + 1] - ckp[s];
+    TORCH_CHECK(sq >= 0 && sk >= 0, who, ": cu_seqlens must be non-decreasing");
+    TORCH_CHECK(sq <= sk, who, ": needs Sq_i <= Sk_i, got ", sq, " > ", sk, " for sequence ", s);
+    TORCH_CHECK(sk <= L, who, ": sequence ", s, " has ", sk, " keys, more than the layout's L = ", L);
+    Params& P = PS[s];
+    P.sq = sq, P.sk = sk, P.off = sk - sq;
+    P.fc = fc.data_ptr<int32_t>() + s * lstride, P.pc = pc.data_ptr<int32_t>() + s * lstride;
+    P.fi = fi.data_ptr<int32_t>() + s * lstride * P0.wf, P.pi = pi.data_ptr<int32_t>() + s * lstride * P0.wp;
+    qoff[s] = cqp[s], koff[s] = ckp[s];
+    if (sq == 0) continue;
+    for (int64_t i = (sk + q_block - 1) / q_block - 1; i >= P.off / q_block; --i)  // heaviest (causal) first
+      for (int64_t h = 0; h < Hkv; ++h) tasks.push_back({s, h, i});
+  }
+  // heaviest first over all sequences: later tiles of a causal layout visit more blocks
+  std::stable_sort(tasks.begin(), tasks.end(), [](const auto& a, const auto& b) { return a[2] > b[2]; });
+
+  if (!tasks.empty()) {
+    const void *qd = q.data_ptr(), *kd = k.data_ptr(), *vd = v.data_ptr();
+    if (dt == torch::kFloat32) {
+      run_varlen<0, float>(P0, PS, qoff, koff, tasks, qd, kd, vd, out_blk.data_ptr<float>(), lse_blk.data_ptr<float>());
+    } else if (dt == torch::kBFloat16) {
+      run_varlen<1, at::BFloat16>(P0, PS, qoff, koff, tasks, qd, kd, vd, out_blk.data_ptr<at::BFloat16>(),
+                                  lse_blk.data_ptr<float>());
+    } else {
+      run_varlen<2, at::Half>(P0, PS, qoff, koff, tasks, qd, kd, vd, out_blk.data_ptr<at::Half>(),
+                              lse_blk.data_ptr<float>());
+    }
+  }
+  // the per-sequence (Hq, Sq_s, *) blocks back to the packed layouts
+  auto out = torch::empty({Tq, Hq, Dv}, q.options());
+  auto lse = torch::empty({Hq, Tq}, q.options().dtype(torch::kFloat32));
+  for (int64_t s = 0; s < nseq; ++s) {
+    const int64_t q0 = cqp[s], sq = cqp[s + 1] - q0;
+    if (sq == 0) continue;
+    out.narrow(0, q0, sq).copy_(out_blk.narrow(0, Hq * q0 * Dv, Hq * sq * Dv).view({Hq, sq, Dv}).transpose(0, 1));
+    lse.narrow(1, q0, sq).copy_(lse_blk.narrow(0, Hq * q0, Hq * sq).view({Hq, sq}));
+  }
+  return {out, lse};
+}
+
+// block_sparse_bwd.cpp
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> block_sparse_bwd_varlen(
+    torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor out, torch::Tensor lse, torch::Tensor dout,
+    torch::Tensor cu_seqlens_q, torch::Tensor cu_seqlens_k, torch::Tensor full_count, torch::Tensor full_index,
+    torch::Tensor partial_count, torch::Tensor partial_index, torch::Tensor t_full_count, torch::Tensor t_full_index,
+    torch::Tensor t_partial_count, torch::Tensor t_partial_index, int64_t L, int64_t q_block, int64_t k_block,
+    bool causal, int64_t window, int64_t sink_tokens, double scale, int64_t mode, double softcap);
+
 // block_sparse_bwd.cpp
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> block_sparse_bwd(
     torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor out, torch::Tensor lse, torch::Tensor dout,
@@ -457,6 +594,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("block_tokens"), py::arg("block_token_offsets"), py::arg("sq"), py::arg("sk"), py::arg("q_block"),
         py::arg("k_block"), py::arg("causal"), py::arg("window"), py::arg("sink_tokens"), py::arg("scale"),
         py::arg("mode"), py::arg("softcap") = 0.0);
+  m.def("block_sparse_fwd_varlen", &block_sparse_fwd_varlen,
+        "packed varlen block-sparse forward over one shared layout -> (out (Tq, Hq, Dv), lse (Hq, Tq))", py::arg("q"),
+        py::arg("k"), py::arg("v"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("full_count"),
+        py::arg("full_index"), py::arg("partial_count"), py::arg("partial_index"), py::arg("L"), py::arg("q_block"),
+        py::arg("k_block"), py::arg("causal"), py::arg("window"), py::arg("sink_tokens"), py::arg("scale"),
+        py::arg("softcap") = 0.0);
+  m.def("block_sparse_bwd_varlen", &block_sparse_bwd_varlen,
+        "packed varlen block-sparse backward over one shared layout and its transpose -> (dq, dk, dv) packed",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dout"),
+        py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("full_count"), py::arg("full_index"),
+        py::arg("partial_count"), py::arg("partial_index"), py::arg("t_full_count"), py::arg("t_full_index"),
+        py::arg("t_partial_count"), py::arg("t_partial_index"), py::arg("L"), py::arg("q_block"), py::arg("k_block"),
+        py::arg("causal"), py::arg("window"), py::arg("sink_tokens"), py::arg("scale"), py::arg("mode"),
+        py::arg("softcap") = 0.0);
   m.def("topk_select", &topk_select,
         "TopK per-token block selection from transposed pooled keys -> int32 (B, Hkv, Sq, topk), ascending, -1 padded",
         py::arg("q"), py::arg("kbar_t"), py::arg("kv_heads"), py::arg("sk"), py::arg("nb"), py::arg("block_size"),

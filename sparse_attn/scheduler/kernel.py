@@ -31,6 +31,8 @@ class Kernel:
     #: not compute one declares it here, and the scheduler never gives it a call that asks for it
     supports_sinks: bool = False
     supports_softcap: bool = False
+    #: runs a packed varlen call (`attention_varlen`) over all sequences at once (backends/flash_varlen.py)
+    supports_varlen: bool = False
 
     def unavailable(self) -> str | None:
         """Why this kernel cannot run in this process at all (missing package, failed build)."""
@@ -61,6 +63,8 @@ class Kernel:
             why.append("learned sinks (sink_logits) not implemented")
         if getattr(p, "softcap", None) is not None and not self.supports_softcap:
             why.append("softcap not implemented")
+        if getattr(p, "varlen", False) and not self.supports_varlen:
+            why.append("packed varlen not implemented (attention_varlen calls it once per sequence)")
         kind = getattr(p, "cache_kind", None)  # a CacheProblem
         if kind is not None and kind not in self.cache_kinds:
             why.append(f"does not read a {kind} cache")

@@ -18,6 +18,7 @@ from ...layout.topk_selection import pooled_keys
 from ...patterns import BlockSparse, Dense, InfLLMv2, SlidingWindow, TopK
 from ...scheduler.kernel import roofline_seconds
 from ..flash import FlashKernel
+from ..flash_varlen import VarlenFlash
 
 #: key block of Dense / SlidingWindow layouts (BlockSparse / TopK use their block_size)
 K_BLOCK = 64
@@ -133,7 +134,17 @@ def block_sparse_backward_layout(q, k, v, out, lse, dout, lay, *, scale: float, 
         tfc, tfi, tpc, tpi, ti, tokens, offsets, *_rule(lay), float(scale), mode, float(softcap or 0.0))
 
 
-class CpuBlockSparse(FlashKernel):
+def cpu_varlen_layout(pattern, *, nseq: int, kv_heads: int, group: int, sk: int):
+    """The one layout of a packed varlen call (`sk x sk`, `sk >= max Sk_i`, absolute tiles from
+    0): a BlockSparse layout's top-left corners (batch nseq or 1), else the cached static one."""
+    if isinstance(pattern, BlockSparse):
+        nb = -(-sk // pattern.block_size)
+        return build_layout(BlockSparse(pattern.layout[:, :, :nb, :nb], block_size=pattern.block_size),
+                            batch=nseq, kv_heads=kv_heads, sq=sk, sk=sk, device="cpu")
+    return _static_layout(pattern, sk, sk, dense_q_block(group), K_BLOCK)
+
+
+class CpuBlockSparse(VarlenFlash, FlashKernel):
     """Flash attention over the layout's visited blocks only, parallel over (batch, kv head,
     query tile) with dynamic scheduling, the G query heads of a GQA group sharing each K/V block
     (converted to float32 once per tile, or, for bfloat16 on AVX-512 BF16, pair-packed for
@@ -267,3 +278,29 @@ class CpuBlockSparse(FlashKernel):
 
     def backward(self, q, k, v, out, lse, dout, p, layout):
         return block_sparse_backward_layout(q, k, v, out, lse, dout, layout, scale=p.scale, softcap=p.softcap)
+
+    # packed varlen (backends/flash_varlen.py): one C++ call over all sequences, threads over
+    # (sequence, kv head, query tile) tasks; needs Sq_i <= Sk_i (attention_varlen checks it)
+    varlen_sq_above_sk = False
+
+    def extra_reasons(self, p):
+        if p.varlen and isinstance(p.pattern, (TopK, InfLLMv2)):
+            return ["packed varlen: the per-token selection is per sequence (not implemented packed)"]
+        return []
+
+    def prepare_varlen(self, q, k, p):
+        return cpu_varlen_layout(p.pattern, nseq=p.batch, kv_heads=k.shape[1], group=p.group, sk=p.sk)
+
+    def forward_varlen(self, q, k, v, cu_q, cu_k, p, layout):
+        return _ext().block_sparse_fwd_varlen(
+            q, k, v, cu_q, cu_k, layout.full_count, layout.full_index, layout.partial_count, layout.partial_index,
+            layout.sk, layout.q_block, layout.k_block, layout.causal, -1 if layout.window is None else layout.window,
+            layout.sink_tokens, float(p.scale), float(p.softcap or 0.0))
+
+    def backward_varlen(self, q, k, v, out, lse, dout, cu_q, cu_k, p, layout, mode: int = 0):
+        tfc, tfi, tpc, tpi = layout.transpose()
+        return _ext().block_sparse_bwd_varlen(
+            q, k, v, out, lse, dout, cu_q, cu_k, layout.full_count, layout.full_index, layout.partial_count,
+            layout.partial_index, tfc, tfi, tpc, tpi, layout.sk, layout.q_block, layout.k_block, layout.causal,
+            -1 if layout.window is None else layout.window, layout.sink_tokens, float(p.scale), mode,
+            float(p.softcap or 0.0))

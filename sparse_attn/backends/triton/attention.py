@@ -19,6 +19,7 @@ from ...patterns import BlockSparse, Dense, SlidingWindow, TopK
 from ...scheduler.kernel import roofline_seconds
 from ...scheduler.registry import register
 from ..flash import FlashKernel
+from ..flash_varlen import VarlenFlash
 from .runtime import TritonKernelMixin
 from .tiles import dense_q_block, tile_config
 
@@ -28,6 +29,12 @@ def _triton_modules():
     """(flash_fwd, flash_bwd), imported on first use; raises ImportError with the reason."""
     from . import flash_bwd, flash_fwd  # noqa: F401  (imports triton)
     return flash_fwd, flash_bwd
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_varlen():
+    from . import flash_varlen  # noqa: F401  (imports triton)
+    return flash_varlen
 
 
 def _triton_select():
@@ -61,7 +68,18 @@ def triton_layout(q, k, pattern, cfg):
     return _static_layout(pattern, sq, sk, dense_q_block(cfg, hq // max(hkv, 1)), cfg.k_block, q.device)
 
 
-class TritonBlockSparse(TritonKernelMixin, FlashKernel):
+def varlen_layout(pattern, *, nseq: int, kv_heads: int, sk: int, group: int, cfg, device):
+    """The one layout of a packed varlen call: built for `sk x sk` (`sk >= max Sk_i`, absolute
+    tiles from 0), batch `nseq` for a per-sequence BlockSparse layout (its top-left corners)."""
+    if isinstance(pattern, BlockSparse):
+        nb = -(-sk // pattern.block_size)
+        lay = pattern.layout[:, :, :nb, :nb]
+        return build_layout(BlockSparse(lay, block_size=pattern.block_size), batch=nseq, kv_heads=kv_heads,
+                            sq=sk, sk=sk, device=device)
+    return _static_layout(pattern, sk, sk, dense_q_block(cfg, group), cfg.k_block, device)
+
+
+class TritonBlockSparse(TritonKernelMixin, VarlenFlash, FlashKernel):
     """Flash attention over the layout's visited blocks: one program per (query sub-tile, batch,
     kv head, chunk of its GQA heads) so each K/V chunk is loaded once for the heads it holds; TopK's
     per-token blocks in a second, group-centric kernel (one program per token and kv head, the
@@ -90,13 +108,14 @@ class TritonBlockSparse(TritonKernelMixin, FlashKernel):
     def import_error(self):
         try:
             _triton_modules()
+            _triton_varlen()
         except Exception as e:  # ImportError, or a Triton that fails while compiling the module
             return f"{type(e).__name__}: {e}"
         return None
 
     def extra_reasons(self, p):
-        if p.varlen:
-            return ["varlen inputs not supported"]
+        if p.varlen and isinstance(p.pattern, TopK):
+            return ["packed varlen: TopK's per-token selection is per sequence (not implemented packed)"]
         return []
 
     def cost(self, p):
@@ -155,6 +174,21 @@ class TritonBlockSparse(TritonKernelMixin, FlashKernel):
         _, bwd = _triton_modules()
         return bwd.flash_backward(q, k, v, out, lse, dout, layout, scale=p.scale, cfg=self._cfg(q),
                                   softcap=p.softcap)
+
+    # packed varlen (backends/flash_varlen.py): q (Tq, Hq, D), k / v (Tk, Hkv, *), one launch per kernel
+    def prepare_varlen(self, q, k, p):
+        return varlen_layout(p.pattern, nseq=p.batch, kv_heads=k.shape[1], sk=p.sk, group=p.group,
+                             cfg=self._cfg(q), device=q.device)
+
+    def forward_varlen(self, q, k, v, cu_q, cu_k, p, layout):
+        return _triton_varlen().flash_forward_varlen(q, k, v, cu_q, cu_k, layout, scale=p.scale, cfg=self._cfg(q),
+                                                     max_seqlen_q=p.sq, softcap=p.softcap)
+
+    def backward_varlen(self, q, k, v, out, lse, dout, cu_q, cu_k, p, layout):
+        return _triton_varlen().flash_backward_varlen(q, k, v, out, lse, dout, cu_q, cu_k, layout, scale=p.scale,
+                                                      cfg=self._cfg(q), max_seqlen_q=p.sq, max_seqlen_k=p.sk,
+                                                      softcap=p.softcap,
+                                                      all_tiles=isinstance(p.pattern, Dense) and not p.pattern.causal)
 
 
 register(TritonBlockSparse())

@@ -33,8 +33,9 @@ except Exception as exc:  # no Triton, or one too old for these kernels
 _DECAY = {"none": 0, "per-token": 1, "per-channel": 2}
 #: tokens per chunk, on the GPU and in the interpreter (the backward recomputes at the same size)
 CHUNK = 16
-#: the largest head dims a program's float32 state slice and chunk tiles fit in registers
-MAX_HEAD_DIM = 128
+#: the largest head dims served (FlashAttention's range); above 128 the float32 state slice and
+#: chunk tiles no longer fit in registers (a spill, allowed there by bench/gpu_static.py)
+MAX_HEAD_DIM = 256
 #: the backward's reverse walk spills above this on sm_80 / sm_90 (delta_bwd.py `_bwd_launch`)
 MAX_BWD_HEAD_DIM = 64
 
