@@ -255,7 +255,7 @@ class Split {
                const Seg* subs = nullptr, int64_t nsub = 0) {
     const int64_t G = P.G, nk = sg.nk, j0 = sg.j0;
     if (nsub == 0) subs = &sg, nsub = 1;
-    if (!kDot || (P.table && !S.w.direct)) prefetch_rows<In>(vr, nk, P.Dv);  // the V rows are read after the scores: ask for them now
+    if (kDot && P.table && !S.w.direct) prefetch_rows<In>(vr, nk, P.Dv);  // the V rows are read after the scores: ask for them now
     int64_t cnt = 0;
     for (int64_t t = 0; t < P.sq; ++t) {
       if (!(sg.rows >> t & 1u)) continue;
@@ -298,12 +298,31 @@ class Split {
       }
     } else
 #endif
-    for (int64_t r = 0; r < cnt; r += kRT) {
-      switch (std::min<int64_t>(kRT, cnt - r)) {
-        case 4: qk_rows<DT, 4>(nk, P.D, S.qp.data() + r, kr, S.sp.data() + r); break;
-        case 3: qk_rows<DT, 3>(nk, P.D, S.qp.data() + r, kr, S.sp.data() + r); break;
-        case 2: qk_rows<DT, 2>(nk, P.D, S.qp.data() + r, kr, S.sp.data() + r); break;
-        default: qk_rows<DT, 1>(nk, P.D, S.qp.data() + r, kr, S.sp.data() + r); break;
+    {
+      // float32 products: while the first row group's scores run, the segment's V rows (read by
+      // P . V right after) and the next segment's K rows are asked for into L2, a row of each per
+      // key, so the requests go out at the pace of the products (one burst of the whole segment's
+      // V at the start was mostly dropped: ~12% of the segment's time sat on those prefetches)
+      const int64_t kb = P.D * int64_t(sizeof(In)), vb = P.Dv * int64_t(sizeof(In));
+      auto ahead = [&](int64_t j, int n) __attribute__((always_inline)) {
+        for (int i = 0; i < n; ++i) {
+          prefetch_l2(vr[j + i], vb);
+          if (j + i < next_nk) prefetch_l2(nkr[j + i], kb);
+        }
+      };
+      auto none = [](int64_t, int) {};
+      for (int64_t r = 0; r < cnt; r += kRT) {
+        const bool first = r == 0;
+        switch (std::min<int64_t>(kRT, cnt - r)) {
+          case 4: first ? qk_rows<DT, 4>(nk, P.D, S.qp.data() + r, kr, S.sp.data() + r, ahead)
+                        : qk_rows<DT, 4>(nk, P.D, S.qp.data() + r, kr, S.sp.data() + r, none); break;
+          case 3: first ? qk_rows<DT, 3>(nk, P.D, S.qp.data() + r, kr, S.sp.data() + r, ahead)
+                        : qk_rows<DT, 3>(nk, P.D, S.qp.data() + r, kr, S.sp.data() + r, none); break;
+          case 2: first ? qk_rows<DT, 2>(nk, P.D, S.qp.data() + r, kr, S.sp.data() + r, ahead)
+                        : qk_rows<DT, 2>(nk, P.D, S.qp.data() + r, kr, S.sp.data() + r, none); break;
+          default: first ? qk_rows<DT, 1>(nk, P.D, S.qp.data() + r, kr, S.sp.data() + r, ahead)
+                         : qk_rows<DT, 1>(nk, P.D, S.qp.data() + r, kr, S.sp.data() + r, none); break;
+        }
       }
     }
     if constexpr (kQuant) scale_rows(S.sp.data(), cnt, nk, S.ks.data());  // q . k = s_k (q . code)

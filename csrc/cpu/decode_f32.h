@@ -50,13 +50,20 @@ inline void qk_tile(int64_t D, const float* const* q, Rows kr, float* const* s, 
     for (int jj = 0; jj < KT; ++jj) s[r][j0 + jj] = out[r * KT + jj];
 }
 
-// s[r][0 : nk) = q_r . k_j, r < RT
-template <int DT, int RT, typename Rows>
-inline void qk_rows(int64_t nk, int64_t D, const float* const* q, Rows kr, float* const* s) {
+// s[r][0 : nk) = q_r . k_j, r < RT; ahead(j, n) is called before keys [j, j + n) (the caller's
+// paced prefetch)
+template <int DT, int RT, typename Rows, typename Ahead>
+inline void qk_rows(int64_t nk, int64_t D, const float* const* q, Rows kr, float* const* s, Ahead&& ahead) {
   constexpr int KT = RT == 1 ? 8 : (RT == 2 ? 4 : 2);
   int64_t j = 0;
-  for (; j + KT <= nk; j += KT) qk_tile<DT, RT, KT>(D, q, kr + j, s, j);
-  for (; j < nk; ++j) qk_tile<DT, RT, 1>(D, q, kr + j, s, j);
+  for (; j + KT <= nk; j += KT) {
+    ahead(j, KT);
+    qk_tile<DT, RT, KT>(D, q, kr + j, s, j);
+  }
+  for (; j < nk; ++j) {
+    ahead(j, 1);
+    qk_tile<DT, RT, 1>(D, q, kr + j, s, j);
+  }
 }
 
 // o_r = corr_r * o_r + sum_j p_r[j] v_j, r < RT; 16 (then 8, then 1) output columns at a time;

@@ -59,6 +59,12 @@ inline void touch_pages(const Params& P, const T* K, const T* V, const Seg& sg, 
   }
 }
 
+// every cache line of `bytes` bytes at p, into L2 (locality 2: prefetcht1 on x86, pldl2keep on Arm)
+template <typename T>
+inline void prefetch_l2(const T* p, int64_t bytes) {
+  for (int64_t c = 0; c < bytes; c += 64) __builtin_prefetch(reinterpret_cast<const char*>(p) + c, 0, 2);
+}
+
 // every cache line of rows [0, nk) of `n` elements of T
 template <typename T, int Locality = 3, typename Rows>
 inline void prefetch_rows(Rows r, int64_t nk, int64_t n) {
