@@ -9,7 +9,7 @@
 * `gather_keys` (what a prefill chunk attends to) equals the sequence's rows;
 * `SPARSE_ATTN_VLLM_PATTERN`'s grammar, the per-layer rule (a sliding layer keeps its window), and
   `ValueError`s naming the variable for bad values and for `infllmv2`.
-The end-to-end tests with vLLM itself are in tests/vllm/ (their own venv).
+The end-to-end tests with vLLM itself are in tests/vllm_serving/ (their own venv).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Greedy generation of the tiny model in a fresh process (one backend per process: vLLM's
 plugins load once per process). Prints one JSON line: `{"tokens": [[...], ...], ...}`.
 
-    SPARSE_ATTN_VLLM_PATTERN=dense python tests/vllm/generate.py MODEL_DIR --prompt-len 300
+    SPARSE_ATTN_VLLM_PATTERN=dense python tests/vllm_serving/generate.py MODEL_DIR --prompt-len 300
 """
 from __future__ import annotations
 
