@@ -6,9 +6,9 @@ this module imports vLLM at its top, the rest of the package does not.
 Per step, vLLM first calls `do_kv_cache_update` (the new tokens' K/V into its pages, and for TopK
 the page sums beside them), then `forward` over the whole batch:
 
-* requests with one new token (decode) go together through `attention_with_cache` on a
-  `PagesCache` -- the scheduler picks sparse_attn's split-KV decode, which reads vLLM's pages
-  through the block table in place;
+* requests with one new token (decode) go together through `attention_with_cache`'s plan
+  (`plan_with_cache`, kept per batch size) on a `PagesCache` -- the scheduler picks sparse_attn's
+  split-KV decode, which reads vLLM's pages through the block table in place;
 * every other request (prefill, a chunk of a chunked prefill, a prefix-cache hit) runs
   `sparse_attn.attention` on its new queries against its keys, gathered from the pages (a pure
   prefill takes the new keys directly); queries are end-aligned to the keys, as the contract says.
@@ -29,7 +29,7 @@ from vllm.v1.attention.backend import (AttentionBackend, AttentionImpl, Attentio
                                        CommonAttentionMetadata, MultipleOf)
 from vllm.v1.kv_cache_interface import KVCacheLayout
 
-from ...api.cache import attention_with_cache
+from ...api.cache import plan_with_cache
 from ...api.functional import attention
 from ...patterns import SlidingWindow, TopK
 from .pages import PagesCache, gather_keys, split_pages, write_pages
@@ -157,6 +157,7 @@ class SparseAttnImpl(AttentionImpl[SparseAttnMetadata]):
             raise ValueError(f"kv_sharing_target_layer_name={kv_sharing_target_layer_name!r}: TopK keeps block "
                              f"sums per layer; a layer reading another layer's KV cache cannot run TopK")
         self._page_sums = None  # TopK: float32 (num_pages, Hkv, D), allocated with the first write
+        self._plans = {}  # decode batch size -> CachePlan
 
     # ------------------------------------------------------------------------------- cache write
     def _sums_for(self, kv_cache: torch.Tensor):
@@ -233,5 +234,18 @@ class SparseAttnImpl(AttentionImpl[SparseAttnMetadata]):
             table, lens = m.block_table[sel], m.seq_lens[sel]
         cache = PagesCache(kv_cache, table, lens, [m.seq_lens_host[i] for i in idx], page_sums=self._page_sums)
         q = query[rows][:, :, None]  # (n, Hq, 1, D)
-        out = attention_with_cache(q, cache, self.pattern, **opts)
-        output[rows] = out[:, :, 0]
+        output[rows] = self._planned(q, cache, opts)[:, :, 0]
+
+    def _planned(self, q, cache, opts):
+        """`attention_with_cache` through a plan kept per decode batch size: the scheduler's choice
+        (~150 us of host work per call) is made once, not per layer and step. A plan that no longer
+        fits the call (`CachePlan.run` raises `ValueError`) is made again; a second failure raises."""
+        plan = self._plans.get(q.shape[0])
+        sinks = opts.get("sink_logits")
+        if plan is not None:
+            try:
+                return plan.run(q, cache, sink_logits=sinks)
+            except ValueError:
+                pass
+        plan = self._plans[q.shape[0]] = plan_with_cache(q, cache, self.pattern, **opts)
+        return plan.run(q, cache, sink_logits=sinks)
