@@ -142,14 +142,14 @@ def main():
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
     llm = LLM(model={model!r}, max_model_len={max_len}, enforce_eager=True, dtype="float32", seed=0,
-              gpu_memory_utilization=0.3, enable_prefix_caching=False)
+              gpu_memory_utilization=0.3, enable_prefix_caching=False, disable_log_stats=False)
     p = [TokensPrompt(prompt_token_ids=prompts({n}, 1)[0])]
-    t0 = time.perf_counter(); llm.generate(p, SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
-    t1 = time.perf_counter(); o = llm.generate(p, SamplingParams(temperature=0, max_tokens={new_tokens + 1},
-                                                             ignore_eos=True), use_tqdm=False)
-    t2 = time.perf_counter()
-    print(json.dumps({{"prefill_s": t1 - t0, "decode_tok_s": {new_tokens} / max(1e-9, (t2 - t1) - (t1 - t0)),
-                      "tokens": list(o[0].outputs[0].token_ids)}}))
+    o = llm.generate(p, SamplingParams(temperature=0, max_tokens={new_tokens + 1}, ignore_eos=True),
+                     use_tqdm=False)[0]
+    m = o.metrics  # engine-core timestamps: scheduled -> first token (prefill), first -> last (decode)
+    print(json.dumps({{"prefill_s": m.first_token_ts - m.scheduled_ts,
+                      "decode_tok_s": (m.num_generation_tokens - 1) / (m.last_token_ts - m.first_token_ts),
+                      "tokens": list(o.outputs[0].token_ids)}}))
 if __name__ == "__main__":
     main()
 """
@@ -173,7 +173,10 @@ def e2e_bench(args):
         res = {p: [] for p in args.patterns}
         for _ in range(args.rounds):
             for p in args.patterns:
-                res[p].append(_one_run(model, p, n, args.new_tokens, n + args.new_tokens + 64))
+                r = _one_run(model, p, n, args.new_tokens, n + args.new_tokens + 64)
+                res[p].append(r)
+                print(f"# run n={n} {p}: prefill {r['prefill_s']:.2f} s, decode {r['decode_tok_s']:.2f} tok/s, "
+                      f"load {_load()}", flush=True)
         for p, runs in res.items():
             row = {"n": n, "backend": p, "load": _load(),
                    "prefill_s": statistics.median(r["prefill_s"] for r in runs),
