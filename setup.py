@@ -68,6 +68,8 @@ setup(
     # torch is required but deliberately not pinned: install the build you want (CPU or CUDA) first.
     install_requires=["torch>=2.5", "numpy"],
     extras_require={"triton": ["triton>=3.0"], "build": ["ninja", "pybind11"], "test": ["pytest"]},
+    # vLLM calls it in each of its processes; it acts only when SPARSE_ATTN_VLLM_PATTERN is set
+    entry_points={"vllm.general_plugins": ["sparse_attn = sparse_attn.integrations.vllm:register"]},
     ext_modules=mods,
     cmdclass={"build_py": BuildPyWithSources, **cmds},
 )

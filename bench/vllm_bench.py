@@ -1,0 +1,216 @@
+"""vLLM with sparse_attn vs vLLM's own CPU backend: decode kernel GB/s and tiny-model tokens/s.
+
+Run from vLLM's venv (docs/integrations.md), with sparse_attn importable:
+
+    python bench/vllm_bench.py kernel --lengths 32768 131072 --rounds 3
+    python bench/vllm_bench.py e2e --lengths 32768 --rounds 2 --new-tokens 32
+
+`kernel`: one decode step over a paged KV cache in vLLM's CPU layout (the tensor both backends
+read, `(pages, Hkv, page_size, 2 * D)`), vLLM's `cpu_attention_with_kv_cache` vs sparse_attn's
+split-KV decode over the same pages (`PagesCache` -> `attention_with_cache`), Dense and TopK; K+V
+bytes read per second, and a same-run `copy_` of K+V as the machine's bandwidth at that moment.
+Runs alternate (A, B, A, B ...) so load from other jobs falls on both; medians are printed.
+
+`e2e`: the tiny random Llama (tests/vllm_serving/tiny_model.py) served by `LLM(...)` in a fresh process per
+run, vLLM's own backend and sparse_attn (dense, topk), alternating; prefill seconds (time to the
+first token) and decode tokens/s (tokens after the first / their seconds). Prints `uptime`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load():
+    return os.popen("uptime").read().strip().split("load average:")[-1].strip()
+
+
+# ------------------------------------------------------------------------------------------ kernel
+def _kernel_case(n: int, *, hq: int, hkv: int, d: int, page: int, dtype, batch: int = 1):
+    """Two caches holding the same tokens, each written by its backend's own writer (vLLM's CPU
+    writer may pack rows its own way): `(kv_vllm, kv_ours, page_sums, block_table, q, seq_lens)`."""
+    import torch
+    from vllm import _custom_ops as ops
+
+    from sparse_attn.integrations.vllm.pages import split_pages, write_pages
+    pages = batch * -(-n // page) + 1
+    table = (torch.randperm(pages - 1)[: batch * -(-n // page)].view(batch, -1) + 1).to(torch.int32)
+    pos = torch.arange(n)
+    slots = torch.cat([table[b, pos // page].long() * page + pos % page for b in range(batch)])
+    k = torch.randn(batch * n, hkv, d).to(dtype)
+    v = torch.randn(batch * n, hkv, d).to(dtype)
+    kv_vllm = torch.zeros(pages, hkv, page, 2 * d, dtype=dtype)
+    kvp, vvp = split_pages(kv_vllm)
+    ops.cpu_attn_reshape_and_cache(k, v, kvp, vvp, slots, "vec")
+    kv_ours = torch.zeros_like(kv_vllm)
+    sums = torch.zeros(pages, hkv, d)
+    write_pages(kv_ours, k, v, slots, sums)
+    q = torch.randn(batch, hq, d).to(dtype)
+    lens = torch.full((batch,), n, dtype=torch.int32)
+    return kv_vllm, kv_ours, sums, table, q, lens
+
+
+def _time(fn, reps: int) -> float:
+    fn()  # warm
+    best = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best.append(time.perf_counter() - t)
+    return statistics.median(best)
+
+
+def kernel_bench(args):
+    import torch
+    from vllm import _custom_ops as ops
+
+    import sparse_attn as sa
+    from sparse_attn.integrations.vllm.pages import PagesCache, split_pages
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    rows = []
+    for n in args.lengths:
+        kv_vllm, kv, sums, table, q, lens = _kernel_case(n, hq=args.hq, hkv=args.hkv, d=args.d, page=args.page,
+                                                         dtype=dtype)
+        kp, vp = split_pages(kv_vllm)
+        qsl = torch.arange(q.shape[0] + 1, dtype=torch.int32)
+        out = torch.empty_like(q)
+        scale = args.d ** -0.5
+        meta = ops.cpu_attn_get_scheduler_metadata(num_reqs=q.shape[0], num_heads=args.hq, num_kv_heads=args.hkv,
+                                                   head_dim=args.d, seq_lens=lens, dtype=dtype, query_start_loc=qsl,
+                                                   causal=True, sliding_window_size=-1, isa="vec",
+                                                   enable_kv_split=True)
+
+        def vllm_own():
+            ops.cpu_attention_with_kv_cache(query=q, key_cache=kp, value_cache=vp, output=out, query_start_loc=qsl,
+                                            seq_lens=lens, scale=scale, causal=True, alibi_slopes=None,
+                                            sliding_window=-1, block_table=table, softcap=0.0,
+                                            scheduler_metadata=meta, s_aux=None)
+
+        cache = PagesCache(kv, table, lens, lens.tolist(), page_sums=sums)
+        q4 = q[:, :, None]
+        dense, topk = sa.Dense(), sa.TopK(topk=args.topk, block_size=args.page)
+
+        plans = {p: sa.plan_with_cache(q4, cache, p, scale=scale) for p in (dense, topk)}  # as the backend does
+
+        def ours_dense():
+            plans[dense].run(q4, cache)
+
+        def ours_topk():
+            plans[topk].run(q4, cache)
+
+        kv_bytes = 2 * n * args.hkv * args.d * q.shape[0] * kv.element_size()
+        dst = torch.empty_like(kv)
+
+        def copy():
+            dst.copy_(kv)
+
+        # same inputs both ways: vLLM's output must match ours (a wrong kernel is not a fast one)
+        vllm_own()
+        ref = sa.attention_with_cache(q4, cache, dense, scale=scale)[:, :, 0]
+        err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+        times = {k: [] for k in ("copy", "vllm", "ours_dense", "ours_topk")}
+        order = [("copy", copy), ("vllm", vllm_own), ("ours_dense", ours_dense), ("ours_topk", ours_topk)]
+        for r in range(args.rounds):  # the order flips every round: neither side always runs after the other
+            for k, fn in (order if r % 2 == 0 else order[::-1]):
+                times[k].append(_time(fn, args.reps))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        row = {"n": n, "dtype": args.dtype, "load": _load(), "rel_err_vs_vllm": err,
+               **{f"{k}_ms": 1e3 * t for k, t in med.items()},
+               **{f"{k}_GBps": kv_bytes / t / 1e9 for k, t in med.items() if k != "ours_topk"},
+               "dense_speedup": med["vllm"] / med["ours_dense"], "topk_speedup": med["vllm"] / med["ours_topk"]}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------- e2e
+def _one_run(model, pattern, n, new_tokens, max_len):
+    code = f"""
+import json, os, sys, time
+sys.path.insert(0, {os.path.join(ROOT, 'tests', 'vllm_serving')!r})
+from generate import prompts
+def main():
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+    llm = LLM(model={model!r}, max_model_len={max_len}, enforce_eager=True, dtype="float32", seed=0,
+              gpu_memory_utilization=0.3, enable_prefix_caching=False, disable_log_stats=False)
+    p = [TokensPrompt(prompt_token_ids=prompts({n}, 1)[0])]
+    o = llm.generate(p, SamplingParams(temperature=0, max_tokens={new_tokens + 1}, ignore_eos=True),
+                     use_tqdm=False)[0]
+    m = o.metrics  # engine-core timestamps: scheduled -> first token (prefill), first -> last (decode)
+    print(json.dumps({{"prefill_s": m.first_token_ts - m.scheduled_ts,
+                      "decode_tok_s": (m.num_generation_tokens - 1) / (m.last_token_ts - m.first_token_ts),
+                      "tokens": list(o.outputs[0].token_ids)}}))
+if __name__ == "__main__":
+    main()
+"""
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    env.pop("SPARSE_ATTN_VLLM_PATTERN", None)
+    if pattern != "vllm":
+        env["SPARSE_ATTN_VLLM_PATTERN"] = pattern
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=3600)
+    if r.returncode:
+        raise RuntimeError(f"{pattern} at {n}: {r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def e2e_bench(args):
+    sys.path.insert(0, os.path.join(ROOT, "tests", "vllm_serving"))
+    from tiny_model import make_tiny_llama
+    model = args.model or make_tiny_llama(tempfile.mkdtemp(prefix="tiny_llama_"))
+    rows = []
+    for n in args.lengths:
+        res = {p: [] for p in args.patterns}
+        for _ in range(args.rounds):
+            for p in args.patterns:
+                r = _one_run(model, p, n, args.new_tokens, n + args.new_tokens + 64)
+                res[p].append(r)
+                print(f"# run n={n} {p}: prefill {r['prefill_s']:.2f} s, decode {r['decode_tok_s']:.2f} tok/s, "
+                      f"load {_load()}", flush=True)
+        for p, runs in res.items():
+            row = {"n": n, "backend": p, "load": _load(),
+                   "prefill_s": statistics.median(r["prefill_s"] for r in runs),
+                   "decode_tok_s": statistics.median(r["decode_tok_s"] for r in runs),
+                   "runs": [[round(r["prefill_s"], 2), round(r["decode_tok_s"], 2)] for r in runs],
+                   "same_tokens_as_vllm": runs[-1]["tokens"] == res.get("vllm", runs)[-1]["tokens"]}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="what", required=True)
+    k = sub.add_parser("kernel")
+    k.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
+    k.add_argument("--hq", type=int, default=32)
+    k.add_argument("--hkv", type=int, default=8)
+    k.add_argument("--d", type=int, default=128)
+    k.add_argument("--page", type=int, default=64)
+    k.add_argument("--topk", type=int, default=16)
+    k.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    k.add_argument("--rounds", type=int, default=3)
+    k.add_argument("--reps", type=int, default=3)
+    e = sub.add_parser("e2e")
+    e.add_argument("--model", default=None)
+    e.add_argument("--lengths", type=int, nargs="+", default=[32768])
+    e.add_argument("--patterns", nargs="+", default=["vllm", "dense", "topk:16"])
+    e.add_argument("--new-tokens", type=int, default=32)
+    e.add_argument("--rounds", type=int, default=2)
+    a = ap.parse_args()
+    print(f"# {a.what}: load average {_load()}", flush=True)
+    (kernel_bench if a.what == "kernel" else e2e_bench)(a)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""sparse_attn as a vLLM (0.32) attention backend: backend class, metadata builder, impl.
+
+Imported by vLLM only (through `register()`, which points `AttentionBackendEnum.CPU_ATTN` here):
+this module imports vLLM at its top, the rest of the package does not.
+
+Per step, vLLM first calls `do_kv_cache_update` (the new tokens' K/V into its pages, and for TopK
+the page sums beside them), then `forward` over the whole batch:
+
+* requests with one new token (decode) go together through `attention_with_cache`'s plan
+  (`plan_with_cache`, kept per batch size) on a `PagesCache` -- the scheduler picks sparse_attn's
+  split-KV decode, which reads vLLM's pages through the block table in place;
+* every other request (prefill, a chunk of a chunked prefill, a prefix-cache hit) runs
+  `sparse_attn.attention` on its new queries against its keys, gathered from the pages (a pure
+  prefill takes the new keys directly); queries are end-aligned to the keys, as the contract says.
+
+What the backend cannot honour raises `ValueError` naming the option when the layer is built
+(engine start): ALiBi, a quantized KV cache (`kv_cache_dtype`), encoder / cross attention,
+fused output quantization, KV sharing under TopK, an unknown or unsupported pattern.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from vllm.v1.attention.backend import (AttentionBackend, AttentionImpl, AttentionMetadataBuilder, AttentionType,
+                                       CommonAttentionMetadata, MultipleOf)
+from vllm.v1.kv_cache_interface import KVCacheLayout
+
+from ...api.cache import plan_with_cache
+from ...api.functional import attention
+from ...patterns import SlidingWindow, TopK
+from .pages import PagesCache, gather_keys, split_pages, write_pages
+from .patterns import ENV, layer_pattern, page_size_for, parse_pattern
+
+#: vLLM looks the name up in `AttentionBackendEnum`: the member this backend stands in for
+NAME = "CPU_ATTN"
+
+
+def configured_pattern():
+    """The pattern `SPARSE_ATTN_VLLM_PATTERN` asks for (`dense` when unset: the backend was chosen
+    some other way)."""
+    return parse_pattern(os.environ.get(ENV, "dense"))
+
+
+class SparseAttnBackend(AttentionBackend):
+    """vLLM attention backend whose kernels are sparse_attn's (CPU)."""
+
+    forward_includes_kv_cache_update: bool = False
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
+    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto"]
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list:
+        size = page_size_for(configured_pattern())
+        return [size] if size is not None else [MultipleOf(16)]
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return []  # any head size (the decode kernel serves D <= 512; prefill kernels more)
+
+    @classmethod
+    def supported_kv_cache_layouts(cls):
+        return (KVCacheLayout.LBHNC,)  # one (page, kv head): its K rows, then its V rows
+
+    @staticmethod
+    def get_name() -> str:
+        return NAME
+
+    @classmethod
+    def supports_sliding_window(cls) -> bool:
+        return True
+
+    @classmethod
+    def supports_sink(cls) -> bool:
+        return True
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+    @staticmethod
+    def get_impl_cls():
+        return SparseAttnImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return SparseAttnMetadataBuilder
+
+
+@dataclass
+class SparseAttnMetadata:
+    """One step's batch. Host lists are read once here, not per layer."""
+
+    num_actual_tokens: int
+    query_start_loc: list[int]  # host, (num_reqs + 1,)
+    seq_lens: torch.Tensor  # int32 (num_reqs,)
+    seq_lens_host: list[int]
+    block_table: torch.Tensor  # int32 (num_reqs, W)
+    slot_mapping: torch.Tensor
+    decode_idx: list[int]  # requests with one new token
+    prefill_idx: list[int]  # the others
+    causal: bool = True
+
+
+class SparseAttnMetadataBuilder(AttentionMetadataBuilder[SparseAttnMetadata]):
+    reorder_batch_threshold: int | None = 1  # vLLM puts the one-token requests first
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self._init_reorder_batch_threshold(1)
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> SparseAttnMetadata:
+        m = common_attn_metadata
+        qsl = m.query_start_loc_cpu[:m.num_reqs + 1].tolist()
+        seq_lens = m.seq_lens[:m.num_reqs]
+        host = seq_lens.tolist() if seq_lens.device.type == "cpu" else seq_lens.cpu().tolist()
+        qlen = [b - a for a, b in zip(qsl[:-1], qsl[1:])]
+        decode = [i for i, n in enumerate(qlen) if n == 1]
+        prefill = [i for i, n in enumerate(qlen) if n > 1]
+        table = m.block_table_tensor[:m.num_reqs]
+        return SparseAttnMetadata(num_actual_tokens=m.num_actual_tokens, query_start_loc=qsl,
+                                  seq_lens=seq_lens.to(torch.int32), seq_lens_host=host,
+                                  block_table=table if table.dtype == torch.int32 else table.to(torch.int32),
+                                  slot_mapping=m.slot_mapping, decode_idx=decode, prefill_idx=prefill,
+                                  causal=m.causal if isinstance(m.causal, bool) else None)
+
+
+class SparseAttnImpl(AttentionImpl[SparseAttnMetadata]):
+    """One decoder layer's attention on sparse_attn's kernels (pattern: `layer_pattern`)."""
+
+    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int | None = None,
+                 alibi_slopes=None, sliding_window: int | None = None, kv_cache_dtype: str = "auto",
+                 logits_soft_cap: float | None = None, attn_type: str = AttentionType.DECODER,
+                 kv_sharing_target_layer_name: str | None = None, sinks: torch.Tensor | None = None) -> None:
+        if alibi_slopes is not None:
+            raise ValueError("alibi_slopes: the sparse_attn vLLM backend does not implement ALiBi")
+        if kv_cache_dtype not in ("auto", None):
+            raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r}: the sparse_attn vLLM backend serves an "
+                             f"unquantized KV cache only (kv_cache_dtype='auto')")
+        if attn_type != AttentionType.DECODER:
+            raise ValueError(f"attn_type={attn_type!r}: the sparse_attn vLLM backend serves decoder "
+                             f"self-attention only")
+        self.num_heads, self.head_size, self.scale = num_heads, head_size, float(scale)
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.sliding_window = sliding_window
+        self.kv_cache_dtype = kv_cache_dtype
+        self.softcap = float(logits_soft_cap) if logits_soft_cap else None
+        self.sinks = sinks
+        self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
+        self.pattern = layer_pattern(configured_pattern(), sliding_window)
+        self.is_topk = isinstance(self.pattern, TopK)
+        if self.is_topk and kv_sharing_target_layer_name is not None:
+            raise ValueError(f"kv_sharing_target_layer_name={kv_sharing_target_layer_name!r}: TopK keeps block "
+                             f"sums per layer; a layer reading another layer's KV cache cannot run TopK")
+        self._page_sums = None  # TopK: float32 (num_pages, Hkv, D), allocated with the first write
+        self._plans = {}  # decode batch size -> CachePlan
+
+    # ------------------------------------------------------------------------------- cache write
+    def _sums_for(self, kv_cache: torch.Tensor):
+        if not self.is_topk:
+            return None
+        pages, heads, page_size, _ = kv_cache.shape
+        if page_size != self.pattern.block_size:
+            raise ValueError(f"vLLM's page size ({page_size}) differs from TopK's block_size "
+                             f"({self.pattern.block_size}); set {ENV}=topk:N:{page_size} or --block-size")
+        if self._page_sums is None or self._page_sums.shape[0] != pages:
+            self._page_sums = torch.zeros(pages, heads, self.head_size, dtype=torch.float32, device=kv_cache.device)
+        return self._page_sums
+
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
+        write_pages(kv_cache, key, value, slot_mapping, self._sums_for(kv_cache))
+
+    # ----------------------------------------------------------------------------------- forward
+    def _opts(self, device):
+        opts = {"scale": self.scale}
+        if self.softcap is not None:
+            opts["softcap"] = self.softcap
+        if self.sinks is not None:
+            opts["sink_logits"] = self.sinks.to(device=device, dtype=torch.float32)
+        return opts
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
+                output_block_scale=None):
+        """`query` `(T, Hq, D)`, `key` / `value` `(T, Hkv, D)` (already in the pages), `kv_cache`
+        `(num_pages, Hkv, page_size, 2 * D)`; writes `output` `(T, Hq, D)` and returns it."""
+        if output_scale is not None or output_block_scale is not None:
+            raise ValueError("output_scale: the sparse_attn vLLM backend has no fused output quantization")
+        if attn_metadata is None:  # profiling run
+            return output
+        m = attn_metadata
+        if m.causal is not True:
+            raise ValueError("causal: the sparse_attn vLLM backend serves causal attention only")
+        opts = self._opts(query.device)
+        qsl = m.query_start_loc
+        if m.decode_idx:
+            self._decode(query, kv_cache, m, output, opts)
+        k_pages, v_pages = split_pages(kv_cache)
+        for i in m.prefill_idx:
+            a, b, total = qsl[i], qsl[i + 1], m.seq_lens_host[i]
+            q = query[a:b].transpose(0, 1)[None]  # (1, Hq, T, D)
+            lo = self._first_key(total, b - a)
+            if total == b - a and key is not None:  # nothing cached before: the new keys themselves
+                k = key[a:b].transpose(0, 1)[None]
+                v = value[a:b].transpose(0, 1)[None]
+            else:
+                k = gather_keys(k_pages, m.block_table[i], lo, total)
+                v = gather_keys(v_pages, m.block_table[i], lo, total)
+            out = attention(q, k, v, self.pattern, **opts)
+            output[a:b] = out[0].transpose(0, 1)
+        return output
+
+    def _first_key(self, total: int, new: int) -> int:
+        """First key a chunk of `new` queries ending at `total` can see: a window without sinks
+        never looks further back than `window - 1` keys (end alignment keeps the meaning)."""
+        p = self.pattern
+        if isinstance(p, SlidingWindow) and p.sinks == 0:
+            return max(0, total - new - p.window + 1)
+        return 0
+
+    def _decode(self, query, kv_cache, m, output, opts):
+        idx = m.decode_idx
+        qsl = m.query_start_loc
+        n = len(idx)
+        if idx == list(range(n)):  # vLLM's reordered batch: the decodes come first
+            rows = slice(qsl[0], qsl[n])
+            table, lens = m.block_table[:n], m.seq_lens[:n]
+        else:
+            rows = torch.tensor([qsl[i] for i in idx], dtype=torch.long, device=query.device)
+            sel = torch.tensor(idx, dtype=torch.long, device=query.device)
+            table, lens = m.block_table[sel], m.seq_lens[sel]
+        cache = PagesCache(kv_cache, table, lens, [m.seq_lens_host[i] for i in idx], page_sums=self._page_sums)
+        q = query[rows][:, :, None]  # (n, Hq, 1, D)
+        output[rows] = self._planned(q, cache, opts)[:, :, 0]
+
+    def _planned(self, q, cache, opts):
+        """`attention_with_cache` through a plan kept per decode batch size: the scheduler's choice
+        (~150 us of host work per call) is made once, not per layer and step. A plan that no longer
+        fits the call (`CachePlan.run` raises `ValueError`) is made again; a second failure raises."""
+        plan = self._plans.get(q.shape[0])
+        sinks = opts.get("sink_logits")
+        if plan is not None:
+            try:
+                return plan.run(q, cache, sink_logits=sinks)
+            except ValueError:
+                pass
+        plan = self._plans[q.shape[0]] = plan_with_cache(q, cache, self.pattern, **opts)
+        return plan.run(q, cache, sink_logits=sinks)

@@ -1,0 +1,90 @@
+"""vLLM's paged KV cache read in place: the page layout, the writes, the block sums, the `KVView`.
+
+vLLM hands each attention layer one tensor `(num_pages, Hkv, page_size, 2 * D)` (its `LBHNC`
+layout). We read it as vLLM's own CPU backend does: the `2 * page_size * D` values of one
+(page, kv head) are the page's K rows followed by its V rows, so `k_pages` / `v_pages` are views
+`(num_pages, Hkv, page_size, D)` whose rows of one (page, head) are contiguous. That is exactly a
+`KVView` of kind "paged" (cache/view.py): sparse_attn's split-KV decode reads it through vLLM's
+block table with no per-step copy.
+
+TopK selects blocks from the mean key of each block. vLLM's pages are the blocks (the TopK block
+size is the page size), and a page keeps its tokens for its whole life (prefix caching shares full
+pages, a recomputed sequence is rewritten from its first row), so one float32 sum per (page, kv
+head) is kept beside the pages: a write at row 0 of a page starts its sum afresh, every written
+row adds to it. No vLLM import here: the layout is testable without vLLM.
+"""
+from __future__ import annotations
+
+import torch
+
+from ...cache.view import KVView
+
+
+def split_pages(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(num_pages, Hkv, page_size, 2 * D)` -> K and V views `(num_pages, Hkv, page_size, D)` (no copy)."""
+    if kv_cache.dim() != 4 or kv_cache.shape[3] % 2:
+        raise ValueError(f"kv_cache must have shape (num_pages, Hkv, page_size, 2 * head_dim), got "
+                         f"{tuple(kv_cache.shape)}")
+    pages, heads, page_size, two_d = kv_cache.shape
+    both = kv_cache.view(pages, heads, 2 * page_size, two_d // 2)
+    return both[:, :, :page_size], both[:, :, page_size:]
+
+
+def write_pages(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor,
+                page_sums: torch.Tensor | None = None) -> None:
+    """Store the new tokens' `key` / `value` `(T, Hkv, D)` at their slots (`slot_mapping` `(>= T,)`:
+    `page * page_size + row`, negative for padding tokens, which are skipped). `page_sums`
+    `(num_pages, Hkv, D)` float32, when given, is kept equal to the sum of each page's rows."""
+    k_pages, v_pages = split_pages(kv_cache)
+    page_size = k_pages.shape[2]
+    t = key.shape[0]
+    slots = slot_mapping[:t].long()
+    keep = slots >= 0
+    if not bool(keep.all()):
+        slots, key, value = slots[keep], key[keep], value[keep]
+    page, row = slots // page_size, slots % page_size
+    k_pages[page, :, row] = key.to(k_pages.dtype)  # advanced indices first: (T, Hkv, D)
+    v_pages[page, :, row] = value.to(v_pages.dtype)
+    if page_sums is not None and page.numel():
+        page_sums[page[row == 0]] = 0  # a page written from its first row holds a new block
+        page_sums.index_add_(0, page, key.to(page_sums.dtype))
+
+
+def gather_keys(pages: torch.Tensor, table_row: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Rows `[lo, hi)` of one sequence, `(1, Hkv, hi - lo, D)`, from `pages` `(num_pages, Hkv,
+    page_size, D)` through its block-table row (a copy: what a prefill chunk attends to)."""
+    ps = pages.shape[2]
+    first, last = lo // ps, -(-hi // ps)
+    rows = pages[table_row[first:last].long()]  # (n, Hkv, ps, D)
+    n, heads, _, d = rows.shape
+    rows = rows.permute(1, 0, 2, 3).reshape(heads, n * ps, d)
+    return rows[None, :, lo - first * ps:hi - first * ps]
+
+
+class PagesCache:
+    """The few requests of a batch that decode, as a cache `attention_with_cache` reads: vLLM's
+    pages, the requests' block-table rows and lengths (`kv_view()`, no copy of K/V).
+
+    Args:
+        kv_cache: the layer's `(num_pages, Hkv, page_size, 2 * D)` tensor.
+        block_table: int32 `(B, W)`; seq_lens: int32 `(B,)`; host_lengths: the same as host ints.
+        page_sums: `(num_pages, Hkv, D)` float32 sums of each page's keys (TopK), else None.
+        value_dtype: dtype of the queries.
+    """
+
+    def __init__(self, kv_cache, block_table, seq_lens, host_lengths, *, page_sums=None):
+        self.k_pages, self.v_pages = split_pages(kv_cache)
+        self.block_table = block_table if block_table.dtype == torch.int32 else block_table.to(torch.int32)
+        self.seq_lens = seq_lens if seq_lens.dtype == torch.int32 else seq_lens.to(torch.int32)
+        self.host_lengths = tuple(int(n) for n in host_lengths)
+        self.page_sums = page_sums
+
+    def kv_view(self) -> KVView:
+        page_size = self.k_pages.shape[2]
+        sums = None
+        if self.page_sums is not None:  # (B, W, Hkv, D) -> (B, Hkv, W, D): blocks are pages
+            sums = self.page_sums[self.block_table.long()].permute(0, 2, 1, 3)
+        return KVView(kind="paged", k=self.k_pages, v=self.v_pages, page_table=self.block_table, page_size=page_size,
+                      lengths=self.seq_lens, host_lengths=self.host_lengths, block_sums=sums,
+                      pool_block_size=page_size if sums is not None else None,
+                      max_len=self.block_table.shape[1] * page_size, value_dtype=self.k_pages.dtype)
