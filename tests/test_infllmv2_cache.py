@@ -172,3 +172,17 @@ def test_plan_explains_the_choice_and_ring_cache_refuses():
     ring.append(torch.randn(1, 2, 10, 32), torch.randn(1, 2, 10, 32))
     with pytest.raises(TypeError, match="compressed keys"):
         sa.attention_with_cache(torch.randn(1, 8, 1, 32), ring, pattern)
+
+
+@pytest.mark.parametrize("page_size", [None, 16])
+def test_model_cache_prefill_then_decode_equals_the_full_forward(page_size):
+    """`ModelCache` (what the transformers registration decodes with): a prompt through `attention`,
+    then steps through the cache (growing, or paged); the window sums are made from the prompt's keys."""
+    pattern = CONFIGS["41-coarse"]
+    q, k, v = drawn(pattern, (2, 4, 2, 107, 107), 32)
+    full = sa.attention(q, k, v, pattern, backend="reference")
+    mc = sa.ModelCache(1, max_len=None if page_size is None else 128, page_size=page_size)
+    out = [mc.attend(0, q[:, :, :70], k[:, :, :70], v[:, :, :70], pattern)]
+    for t in range(70, 107):
+        out.append(mc.attend(0, q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], pattern))
+    torch.testing.assert_close(torch.cat(out, dim=2), full, rtol=1e-5, atol=1e-5)
