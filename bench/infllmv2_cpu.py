@@ -1,11 +1,14 @@
 """InfLLMv2 on the CPU at MiniCPM4-8B's attention shape (B=1, Hq=32, Hkv=2, D=128, bf16), against SDPA.
 
-    python -m bench.infllmv2_cpu --seq 16384 [--decode 131072] [--repeat 1]
+    python -m bench.infllmv2_cpu --seq 16384 [--decode 131072] [--cache-decode 131072] [--repeat 1]
 
-Rows: the selection alone (reference PyTorch path, layout/infllmv2_selection.py), the whole call
-(`attention(..., InfLLMv2(), backend="cpu")`, selection included) and SDPA dense causal on the same
-inputs; decode: one query row over `--decode` keys (full K/V tensors, not a cache), InfLLMv2 vs
-SDPA over the same keys. Random inputs. Prints a markdown table with the load average.
+Rows: the selection alone (the C++ kernel csrc/cpu/infllmv2_select.cpp that `cpu` runs, and the
+PyTorch path layout/infllmv2_selection.py), the whole call (`attention(..., InfLLMv2(),
+backend="cpu")`, selection included) and SDPA dense causal on the same inputs; decode: one query
+row over `--decode` keys (full K/V tensors, not a cache), InfLLMv2 vs SDPA over the same keys;
+cache decode: one step of `attention_with_cache` over a `PagedKVCache` holding `--cache-decode`
+keys (selection from the cache's window sums) vs SDPA over the same keys. Random inputs. Prints a
+markdown table with the load average.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import sparse_attn as sa
+from sparse_attn.backends.cpu.infllmv2 import infllmv2_select_cpu
 from sparse_attn.layout.infllmv2_selection import infllmv2_token_index
 
 
@@ -35,7 +39,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seq", type=int, default=16384)
     ap.add_argument("--decode", type=int, default=0)
+    ap.add_argument("--cache-decode", type=int, default=0)
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--skip-torch-select", action="store_true", help="do not time the PyTorch selection (slow)")
     ap.add_argument("--no-warmup", action="store_true", help="time the first call (a loaded machine)")
     a = ap.parse_args()
     torch.manual_seed(0)
@@ -49,11 +55,18 @@ def main():
         s = a.seq
         q, k, v = (torch.randn(b, h, s, d).to(dt) for h in (hq, hkv, hkv))
         with torch.no_grad():
-            t_sel = _time(lambda: infllmv2_token_index(q, k, pat.clamped(s)), a.repeat, not a.no_warmup)
+            t_cpp = _time(lambda: infllmv2_select_cpu(q, k, pat.clamped(s)), a.repeat, not a.no_warmup)
+            print(f"prefill S={s}: C++ selection {t_cpp:.3f} s", flush=True)
+            t_sel = float("nan")
+            if not a.skip_torch_select:
+                t_sel = _time(lambda: infllmv2_token_index(q, k, pat.clamped(s)), a.repeat, False)
+            print(f"prefill S={s}: PyTorch selection {t_sel:.3f} s", flush=True)
             t_all = _time(lambda: sa.attention(q, k, v, pat, backend="cpu"), a.repeat, not a.no_warmup)
+            print(f"prefill S={s}: InfLLMv2 cpu {t_all:.3f} s", flush=True)
             t_sdpa = _time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
-                           a.repeat)
-        rows.append((f"prefill S={s}", t_sel, t_all, t_sdpa))
+                           a.repeat, False)
+            print(f"prefill S={s}: SDPA dense causal {t_sdpa:.3f} s", flush=True)
+        rows.append((f"prefill S={s} (C++ selection; PyTorch's: {t_sel:.3f} s)", t_cpp, t_all, t_sdpa))
         print(rows[-1], flush=True)
     if a.decode:
         s = a.decode
@@ -66,8 +79,31 @@ def main():
                            not a.no_warmup)
         rows.append((f"decode Sk={s}", t_sel, t_all, t_sdpa))
         print(rows[-1], flush=True)
+    if a.cache_decode:
+        s = a.cache_decode
+        cache = sa.PagedKVCache(b, hkv, d, num_pages=-(-s // 64) + 1, page_size=64, max_len=s + 1, dtype=dt)
+        for c0 in range(0, s, 8192):  # filled in chunks (the window sums are kept from the first call)
+            n = min(8192, s - c0)
+            cache.append(*(torch.randn(b, hkv, n, d).to(dt) for _ in range(2)))
+        q = torch.randn(b, hq, 1, d).to(dt)
+        k, v = cache.gather(0, s)
+        with torch.no_grad():
+            sa.attention_with_cache(q, cache, pat)  # makes the window sums (once per cache)
+            plan = sa.plan_with_cache(q, cache, pat)
+            print(plan.explain(), flush=True)
+            from sparse_attn.layout.infllmv2_selection import infllmv2_index_over_cache
+            view = cache.kv_view()
+            t_sel = _time(lambda: infllmv2_index_over_cache(q, view, plan.problem.pattern), max(a.repeat, 5), True)
+            t_all = _time(lambda: sa.attention_with_cache(q, cache, pat), max(a.repeat, 5), True)
+            t_sdpa = _time(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), max(a.repeat, 5), True)
+            t_dense = _time(lambda: sa.attention_with_cache(q, cache, sa.Dense()), max(a.repeat, 5), True)
+        print(f"Dense attention_with_cache over the same cache ({sa.plan_with_cache(q, cache).kernel.name}): "
+              f"{t_dense:.4f} s = {t_dense / t_all:.2f}x InfLLMv2's step", flush=True)
+        rows.append((f"decode Sk={s}, PagedKVCache ({plan.kernel.name}; Dense over the cache: {t_dense:.4f} s)",
+                     t_sel, t_all, t_sdpa))
+        print(rows[-1], flush=True)
     print(f"load average {os.getloadavg()}, threads {torch.get_num_threads()}")
-    print("| case | selection s | InfLLMv2 cpu (sel. incl.) s | SDPA dense causal s | speed-up |")
+    print("| case | selection s | InfLLMv2 cpu (sel. incl.) s | SDPA s (causal; decode: same keys) | speed-up |")
     print("|---|---|---|---|---|")
     for name, ts, ta, td in rows:
         print(f"| {name} | {ts:.3f} | {ta:.3f} | {td:.3f} | {td / ta:.2f}x |")

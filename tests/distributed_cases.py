@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+import infllmv2_oracle  # noqa: E402
 import oracle  # noqa: E402
 from delta_oracle import oracle_delta_rule  # noqa: E402
 
@@ -42,10 +43,30 @@ def _patterns(sa, s, hkv):
             "dense_noncausal": sa.Dense(causal=False)}
 
 
+def _infllmv2_patterns(sa):
+    """InfLLMv2 at small sizes: MiniCPM4.1's rule (coarse normaliser), MiniCPM4's (exact, kernel
+    size not a multiple of the stride: chunks of gcd = 2 keys), and one below dense_len (Dense)."""
+    return {"infllmv2": sa.InfLLMv2(topk=4, block_size=8, kernel_size=4, kernel_stride=2, init_blocks=1,
+                                    local_blocks=1, dense_len=-1),
+            "infllmv2_exact": sa.InfLLMv2(topk=3, block_size=8, kernel_size=6, kernel_stride=4, init_blocks=1,
+                                          local_blocks=2, dense_len=-1, variant="minicpm4"),
+            "infllmv2_dense": sa.InfLLMv2(topk=2, block_size=8, kernel_size=4, kernel_stride=2, dense_len=1000)}
+
+
+def _infllmv2_inputs(pattern, s, name):
+    """Inputs (same on every rank) whose InfLLMv2 selection is not decided by rounding."""
+    for i in range(40):
+        _seed(f"{name}-{i}")
+        q, k, v = torch.randn(1, 4, s, 16), torch.randn(1, 2, s, 16), torch.randn(1, 2, s, 12)
+        if infllmv2_oracle.margin(q, k, pattern) > 1e-5:
+            return q, k, v
+    raise RuntimeError("no well-separated InfLLMv2 input")
+
+
 def _attention_case(sa, cp, g, pattern, q, k, v, layout, transport=None):
     do = torch.randn(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
     full = [x.to(torch.float64).requires_grad_() for x in (q, k, v)]
-    ref = oracle.oracle_attention(*full, pattern)
+    ref = (infllmv2_oracle.attention if isinstance(pattern, sa.InfLLMv2) else oracle.oracle_attention)(*full, pattern)
     ref.backward(do.to(torch.float64))
     loc = [cp.shard(x, g, layout=layout).requires_grad_() for x in (q, k, v)]
     out = cp.cp_attention(*loc, pattern, group=g, layout=layout, transport=transport)
@@ -63,6 +84,9 @@ def attention_cases(sa, cp, g, world):
         q, k, v = torch.randn(1, 4, s, 16), torch.randn(1, 2, s, 16), torch.randn(1, 2, s, 12)
         for pname, pattern in _patterns(sa, s, 2).items():
             res[f"attn-{pname}-{layout}"] = _attention_case(sa, cp, g, pattern, q, k, v, layout)
+        for pname, pattern in _infllmv2_patterns(sa).items():
+            qi, ki, vi = _infllmv2_inputs(pattern, s, f"{world}-{layout}-{pname}")
+            res[f"attn-{pname}-{layout}"] = _attention_case(sa, cp, g, pattern, qi, ki, vi, layout)
     if world == 2:  # both transports forced, MQA (Hkv = 1), a length below 2 * world * BS
         _seed("transports")
         q, k, v = torch.randn(2, 4, 21, 8), torch.randn(2, 1, 21, 8), torch.randn(2, 1, 21, 8)
@@ -203,13 +227,19 @@ def traffic_cases(sa, cp, g, world):
     k[:, :, 2 * 16:3 * 16] += hot
     k[:, :, 5 * 16:6 * 16] += hot
     q += hot / 3
-    pats = {"dense": sa.Dense(), "window": sa.SlidingWindow(32), "topk": sa.TopK(2, block_size=16)}
+    pats = {"dense": sa.Dense(), "window": sa.SlidingWindow(32), "topk": sa.TopK(2, block_size=16),
+            # the models' kernel = 2 strides; chunk sums of 8 keys (the models: 16)
+            "infllmv2": sa.InfLLMv2(topk=4, block_size=16, kernel_size=16, kernel_stride=8, init_blocks=1,
+                                    local_blocks=1, dense_len=-1)}
     for layout in ("zigzag", "contiguous"):
         for name, pattern in pats.items():
             loc = [cp.shard(x, g, layout=layout) for x in (q, k, v)]
             with cp.count_bytes() as c:
                 out = cp.cp_attention(*loc, pattern, group=g, layout=layout, transport="ring")
-            ref = oracle.oracle_attention(q.double(), k.double(), v.double(), pattern)
+            if isinstance(pattern, sa.InfLLMv2):  # the single-process InfLLMv2 (its oracle is slow at 512)
+                ref = sa.attention(q.double(), k.double(), v.double(), pattern, backend="reference")
+            else:
+                ref = oracle.oracle_attention(q.double(), k.double(), v.double(), pattern)
             res[f"traffic-{name}-{layout}"] = {"kv": c.sent.get("kv", 0), "stats": c.sent.get("stats", 0),
                                                 "err": oracle.rel_err(out, cp.shard(ref, g, layout=layout)),
                                                 "rounds": cp.cp_plan(*loc, pattern, group=g, layout=layout).rounds()}

@@ -59,7 +59,8 @@ def _case(world, name, tmp_path_factory):
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in this torch")
 
-ATTN = [f"attn-{p}-{lay}" for p in ("dense", "window", "window_sinks", "block_sparse", "topk", "dense_noncausal")
+ATTN = [f"attn-{p}-{lay}" for p in ("dense", "window", "window_sinks", "block_sparse", "topk", "dense_noncausal",
+                                    "infllmv2", "infllmv2_exact", "infllmv2_dense")
         for lay in ("zigzag", "contiguous")]
 
 
@@ -111,7 +112,7 @@ def test_sharded_cache_decode(world, pattern, tmp_path_factory):
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
 def test_sparse_patterns_send_far_less(world, layout, tmp_path_factory):
-    got = {p: _case(world, f"traffic-{p}-{layout}", tmp_path_factory) for p in ("dense", "window", "topk")}
+    got = {p: _case(world, f"traffic-{p}-{layout}", tmp_path_factory) for p in ("dense", "window", "topk", "infllmv2")}
     for p, ranks in got.items():
         for rank, r in enumerate(ranks):
             assert r["err"] <= BOUND, f"{p} rank {rank}: error {r['err']}"
@@ -119,6 +120,7 @@ def test_sparse_patterns_send_far_less(world, layout, tmp_path_factory):
     assert total["dense"] > 0
     assert total["window"] <= 0.25 * total["dense"], total
     assert total["topk"] <= 0.5 * total["dense"], total
+    assert total["infllmv2"] <= 0.5 * total["dense"], total  # chunk sums + the picked blocks, never all of K
     # a window only talks to its neighbours: contiguous rank r to r + 1 (round 1); zigzag also round -1
     rounds = got["window"][0]["rounds"]
     assert rounds == ([1] if layout == "contiguous" else sorted({1, world - 1})), rounds

@@ -28,6 +28,13 @@ EXTENSIONS = {
         "ldflags": ["-fopenmp"],
         "jit_cflags": ["-march=native"],
     },
+    "cpu_infllmv2": {  # InfLLMv2's block selection (the attention is the "cpu" extension's)
+        "sources": ["cpu/infllmv2_select.cpp"],
+        "headers": ["cpu/vec.h", "cpu/scalar.h", "cpu/target_check.h"],
+        "cflags": ["-fopenmp"],
+        "ldflags": ["-fopenmp"],
+        "jit_cflags": ["-march=native"],
+    },
     "cpu_linear": {
         "sources": ["cpu/linear.cpp", "cpu/linear_bwd.cpp"],
         "headers": ["cpu/vec.h", "cpu/scalar.h", "cpu/huge_pages.h", "cpu/linear_common.h", "cpu/target_check.h"],

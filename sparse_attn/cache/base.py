@@ -12,6 +12,7 @@ import torch
 
 from ..scheduler.device import check_device
 from ..scheduler.problem import FLOAT_DTYPES
+from .compressed import CompressedKeySums
 from .view import KVView
 from .quant import check_kv_dtype, dequantize, quantize_rows, storage_dtype
 from .released import check_reach
@@ -51,6 +52,8 @@ class CacheBase:
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         # running sums of the keys of each block; block `nb` is a trash slot for padding rows
         self._block_sums = torch.zeros(batch, kv_heads, nb + 1, head_dim, dtype=acc, device=self.device)
+        #: InfLLMv2's compressed keys, as running window sums, made when a pattern first asks (compressed.py)
+        self._compressed = CompressedKeySums(batch, kv_heads, head_dim, max_len, acc, self.device)
 
     # ---------------------------------------------------------------------------------- appends
     def _check_append(self, k, v, num_new):
@@ -100,6 +103,7 @@ class CacheBase:
         b_idx = torch.arange(self.batch, device=self.device)[:, None, None]
         h_idx = torch.arange(self.kv_heads, device=self.device)[None, :, None]
         self._block_sums.index_put_((b_idx, h_idx, blk[:, None, :]), k.to(self._block_sums.dtype), accumulate=True)
+        self._compressed.add(k, pos, valid)
 
     def _storage_dtype(self) -> torch.dtype:
         return self.dtype if self.kv_dtype is None else storage_dtype(self.kv_dtype)
@@ -141,7 +145,7 @@ class CacheBase:
         return KVView(kind=kind, k=k, v=v, page_table=table, page_size=page_size, lengths=self.lengths,
                       host_lengths=tuple(self.host_lengths), block_sums=self._block_sums,
                       pool_block_size=self.pool_block_size, max_len=self.max_len, quant=self.kv_dtype,
-                      k_scale=ks, v_scale=vs, value_dtype=self.dtype)
+                      k_scale=ks, v_scale=vs, value_dtype=self.dtype, compressed=self._compressed)
 
     def _scales(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The float32 row scales `(pages, Hkv, page_size)` of K and V (None, None unquantized)."""
@@ -150,7 +154,8 @@ class CacheBase:
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor the cache holds (what `nbytes()` counts)."""
         _, k, v, table, _ = self._storage()
-        return [k, v, table, self.lengths, self._block_sums, *(s for s in self._scales() if s is not None)]
+        return [k, v, table, self.lengths, self._block_sums, *(s for s in self._scales() if s is not None),
+                *self._compressed.tensors()]
 
     def nbytes(self) -> int:
         """Bytes of storage the cache holds (each storage once)."""

@@ -69,6 +69,7 @@ class KVCache(CacheBase):
         used = self._block_sums.shape[2] - 1  # without the trash slot
         sums[:, :, :used] = self._block_sums[:, :, :used]
         self.k, self.v, self._block_sums, self.max_len = k, v, sums, max_len
+        self._compressed.grow(max_len)
 
     def _alloc(self, max_len: int):
         """Zeroed K, V storage of `max_len + 1` rows per sequence, and the row scales (None unquantized)."""

@@ -122,6 +122,7 @@ class PagedKVCache(CacheBase):
                 self._host_table[b][slot] = self.num_pages
         self.page_table.copy_(torch.tensor(self._host_table, dtype=torch.int32), non_blocking=True)
         self._block_sums[b].zero_()
+        self._compressed.clear(b)
         self.released[b] = []  # nothing of it is left to reach: it restarts empty at position 0
         self.host_lengths[b] = 0
         self.lengths.copy_(torch.tensor(self.host_lengths, dtype=torch.int32), non_blocking=True)

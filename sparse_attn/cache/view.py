@@ -41,6 +41,8 @@ class KVView:
             times its scale.
         k_scale, v_scale: float32 `(pages, Hkv, page_size)` row scales (None unquantized).
         value_dtype: dtype of the rows appended and of the queries (None: `k`'s).
+        compressed: the cache's running window sums of its keys (`cache/compressed.py`: InfLLMv2's
+            compressed keys), or None when the storage keeps none.
     """
 
     kind: str
@@ -57,6 +59,7 @@ class KVView:
     k_scale: torch.Tensor | None = None
     v_scale: torch.Tensor | None = None
     value_dtype: torch.dtype | None = None
+    compressed: object | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -104,6 +107,15 @@ class KVView:
         count = torch.clamp(self.lengths.long()[:, None] - start[None, :], min=0, max=bs)  # (B, N)
         sums = self.block_sums[:, :, :num_blocks]
         return sums / torch.clamp(count, min=1)[:, None, :, None].to(sums.dtype)
+
+    def window_sums(self, size: int, stride: int) -> torch.Tensor:
+        """Running sums of the keys of every `size`-token window at `stride`, `(B, Hkv, W + 1, D)`
+        (window `j` starts at `j * stride`; float32, float64 for a float64 cache; the last slot is
+        trash): kept by the cache from the first call that asks (cache/compressed.py). A window
+        holds the keys present now; only complete ones mean a compressed key."""
+        if self.compressed is None:
+            raise ValueError("this cache keeps no compressed keys (InfLLMv2 needs a KVCache or PagedKVCache)")
+        return self.compressed.sums(size, stride, self)
 
     def gather(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values at positions `[lo, hi)` of every sequence, `(B, Hkv, hi - lo, D|Dv)`;

@@ -11,15 +11,26 @@ keys, which adds them to its own.
 TopK: the per-block key sums are all-reduced first (`B * Hkv * ceil(S/bs) * D` numbers), each rank
 selects per token for its own queries, the ranks all-gather one bool per key block saying which
 blocks they selected, and the plan fetches only those.
+
+InfLLMv2: the same, with the sums of the keys of every `c`-token chunk (`c = gcd(kernel_size,
+kernel_stride)`: 16 for the models; each rank all-gathers its own chunks' sums, so a rank receives
+`(world - 1) / world` of `B * Hkv * ceil(S/c) * D` float32 numbers: 1/8 of a bf16 K's bytes) in
+place of the block sums: every window of the fine and coarse compressed keys is a run of
+whole chunks, so each rank rebuilds all of `kc` / `kc2` and selects for its own rows; then the
+attention is the pattern's TopK view with that selection. The `dense_len` switch follows the full
+length (a call below it is Dense on every rank).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
 from ..backends.reference.softmax import acc_dtype
 from ..layout.block_layout import index_to_bool
+from ..layout.infllmv2_selection import num_windows, token_index_from_compressed
 from ..layout.topk_selection import topk_token_index_pooled
-from ..patterns import SOFTMAX_PATTERNS, Pattern, TopK, WindowLinear
+from ..patterns import SOFTMAX_PATTERNS, InfLLMv2, Pattern, TopK, WindowLinear
 from ..scheduler.problem import check_pattern, check_qkv, check_scale
 from .fetch_plan import FetchPlan, build_plan
 from .segment import KeySet, merge, segment_backward, segment_forward
@@ -168,6 +179,54 @@ def _topk_selection(q, k, pattern: TopK, *, mine, total, group):
     return token_index, picked
 
 
+def _windows(chunks: torch.Tensor, c: int, size: int, stride: int, n: int) -> torch.Tensor:
+    """Mean keys of windows `j < n` of `size` at `stride` from chunk sums `(B, Hkv, NC, D)` of `c` keys."""
+    m, step = size // c, stride // c
+    if n == 0:
+        return chunks[:, :, :0]
+    return chunks[:, :, :(n - 1) * step + m].unfold(2, m, step).sum(dim=-1) / size
+
+
+def _chunk_ids(ranges, c: int, device) -> torch.Tensor:
+    """Ids of the `c`-key chunks that hold a position of `ranges` (ascending, unique)."""
+    return torch.unique(positions(ranges, device) // c)
+
+
+def _infllmv2_selection(q, k, pattern: InfLLMv2, *, ranks, rank, total, group):
+    """InfLLMv2's per-token picks of this rank's queries from the compressed keys of the whole
+    sequence, and the bool per key block of what they selected. `ranks`: every rank's position
+    ranges. Communicates the chunk sums: each rank all-gathers the sums of the chunks its keys
+    fall in (a chunk cut by a shard boundary comes as two partial sums, added)."""
+    b, hkv, _, d = k.shape
+    ks, st, bs = pattern.kernel_size, pattern.kernel_stride, pattern.block_size
+    c = math.gcd(ks, st)
+    acc = acc_dtype(q.dtype)
+    mine = ranks[rank]
+    ids = [_chunk_ids(r, c, k.device) for r in ranks]
+    local = torch.zeros(b, hkv, len(ids[rank]), d, dtype=acc, device=k.device)
+    if k.shape[2]:  # chunk id -> its slot among this rank's chunks
+        local.index_add_(2, torch.searchsorted(ids[rank], positions(mine, k.device) // c), k.detach().to(acc))
+    parts = all_gather_padded(local, [len(x) for x in ids], group, dim=2, kind="stats")
+    chunks = torch.zeros(b, hkv, -(-total // c), d, dtype=acc, device=k.device)
+    for x, part in zip(ids, parts):
+        chunks.index_add_(2, x, part)
+    kc = _windows(chunks, c, ks, st, num_windows(total, ks, st))
+    kc2 = None
+    if pattern.normalizer == "coarse":
+        kc2 = _windows(chunks, c, 4 * ks, 4 * st, num_windows(total, 4 * ks, 4 * st))
+    nb = -(-total // bs)
+    parts, row = [], 0
+    for a, e in mine:  # rows a .. e-1 are end-aligned to e keys: what they may see
+        n1, n2 = num_windows(e, ks, st), num_windows(e, 4 * ks, 4 * st)
+        parts.append(token_index_from_compressed(q[:, :, row:row + e - a].detach(), kc[:, :, :n1],
+                                                 None if kc2 is None else kc2[:, :, :n2], None, e, pattern))
+        row += e - a
+    token_index = torch.cat(parts, dim=2) if parts else torch.full((b, hkv, 0, pattern.topk), -1, dtype=torch.int32,
+                                                                    device=q.device)
+    picked = index_to_bool(token_index, nb).flatten(0, 2).any(dim=0).to(torch.uint8)
+    return token_index, picked
+
+
 def _all_need(picked, world, group):
     parts = all_gather_padded(picked[None], [1] * world, group, dim=0, kind="stats")
     return [p[0].bool().tolist() for p in parts]
@@ -181,8 +240,9 @@ def _check(q, k, v, pattern, gate, backend, transport):
     if isinstance(pattern, WindowLinear):
         raise ValueError("cp_attention does not run WindowLinear: its linear memory of the evicted keys is not "
                          "sharded yet; run SlidingWindow with cp_attention and the memory with cp_linear_attention")
-    if not isinstance(pattern, SOFTMAX_PATTERNS):
-        raise TypeError(f"pattern must be one of Dense, SlidingWindow, BlockSparse, TopK; got {type(pattern).__name__}")
+    if not isinstance(pattern, SOFTMAX_PATTERNS + (InfLLMv2,)):
+        raise TypeError(f"pattern must be one of Dense, SlidingWindow, BlockSparse, TopK, InfLLMv2; got "
+                        f"{type(pattern).__name__}")
     if gate is not None:
         raise ValueError(f"gate is only used by WindowLinear, not by {type(pattern).__name__}")
     if backend not in (None, "reference"):
@@ -206,7 +266,15 @@ def _prepare(q, k, v, pattern, group, layout, scale, transport):
                   gate=None, device=q.device)
     sc = check_scale(scale, q.shape[3])
     token_index, need = None, None
-    if isinstance(pattern, TopK):
+    if isinstance(pattern, InfLLMv2):
+        pattern = pattern.clamped(total)  # Dense below dense_len (the full length decides)
+    if isinstance(pattern, InfLLMv2):
+        token_index, picked = _infllmv2_selection(
+            q, k, pattern, ranks=[rank_ranges(total, world, r, layout) for r in range(world)], rank=rank,
+            total=total, group=group)
+        need = _all_need(picked, world, group)
+        pattern = pattern.attention_view()  # the attention of the picks: TopK's, with this index
+    elif isinstance(pattern, TopK):
         token_index, picked = _topk_selection(q, k, pattern, mine=rank_ranges(total, world, rank, layout),
                                               total=total, group=group)
         need = _all_need(picked, world, group)
@@ -232,7 +300,7 @@ def cp_attention(q, k, v, pattern, *, group=None, layout="zigzag", scale=None, g
     Args:
         q: this rank's shard `(B, Hq, S_local, D)` of the full queries (`shard(q_full, layout=...)`).
         k, v: this rank's shards `(B, Hkv, S_local, D)`, `(B, Hkv, S_local, Dv)`; `Hq % Hkv == 0`.
-        pattern: Dense, SlidingWindow, BlockSparse (layout over the FULL sequence) or TopK.
+        pattern: Dense, SlidingWindow, BlockSparse (layout over the FULL sequence), TopK or InfLLMv2.
         group: the process group (default: the world).
         layout: "zigzag" (causal work balanced) or "contiguous": how the shards were cut.
         scale: softmax scale, default `D ** -0.5`.

@@ -18,7 +18,9 @@ from typing import NamedTuple
 
 import torch
 
+from ..patterns import InfLLMv2
 from .block_layout import compact, index_to_bool
+from .infllmv2_selection import infllmv2_index_over_cache
 from .topk_selection import query_positions, topk_index_over_cache, topk_token_index
 
 #: key block of Dense / SlidingWindow lists (BlockSparse and TopK use their block_size)
@@ -45,6 +47,18 @@ class DecodeArgs(NamedTuple):
     quant: str | None = None  # None, or "int8" / "fp8_e4m3": k, v hold codes (cache/quant.py)
     k_scale: torch.Tensor | None = None  # float32 (pages, Hkv, page_size) row scales of a quantized cache
     v_scale: torch.Tensor | None = None
+
+
+def selection_over_cache(q: torch.Tensor, view, pattern):
+    """`(attention pattern, per-token index or None)` of a call over a cache's read view: TopK
+    selects from the cache's block means, InfLLMv2 from its window sums (both O(blocks) per step),
+    and InfLLMv2's attention is then its TopK view's (forced blocks + the index). The other
+    patterns select nothing. The one place a decode kernel gets a cache's selection from."""
+    if isinstance(pattern, InfLLMv2):
+        return pattern.attention_view(), infllmv2_index_over_cache(q, view, pattern)
+    if pattern.pool_block() is not None:
+        return pattern, topk_index_over_cache(q, view, pattern)
+    return pattern, None
 
 
 def key_block_of(pattern) -> int:

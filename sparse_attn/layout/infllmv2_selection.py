@@ -14,6 +14,7 @@ import torch
 
 from ..patterns.infllmv2 import InfLLMv2
 from .block_layout import index_to_bool
+from .topk_selection import query_positions
 
 #: kernel scores of one chunk (B * Hq * rows * kernels)
 _SCORE_CHUNK_ELEMS = 1 << 22
@@ -41,6 +42,11 @@ def compressed_keys(k: torch.Tensor, size: int, stride: int, dtype: torch.dtype)
     return windows.sum(dim=-1, dtype=dtype).div_(size)
 
 
+def num_windows(length: int, size: int, stride: int) -> int:
+    """Complete `size`-token windows at `stride` in `length` keys."""
+    return (length - size) // stride + 1 if length >= size else 0
+
+
 def kernel_ends(n: int, size: int, stride: int, device) -> torch.Tensor:
     """Last key position of each of `n` kernels: kernel `j` is visible to `p` iff `end[j] <= p`."""
     return torch.arange(n, device=device) * stride + (size - 1)
@@ -61,42 +67,72 @@ def _rank(scores: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(scores), torch.full_like(scores, float("inf")), scores)
 
 
-def group_kernel_scores(qg, kc, kc2, pos, pattern: InfLLMv2, scale: float) -> torch.Tensor:
+def _group_matmul(qg: torch.Tensor, kc: torch.Tensor) -> torch.Tensor:
+    """`qg` `(B, Hkv, G, r, D)` times `kc` `(B, Hkv, N, D)` transposed -> `(B, Hkv, G, r, N)`, the
+    group's rows stacked into one product per kv head (a broadcast over G would copy kc G times)."""
+    b, hkv, g, r, d = qg.shape
+    return torch.matmul(qg.reshape(b, hkv, g * r, d), kc.transpose(-1, -2)).view(b, hkv, g, r, -1)
+
+
+def group_kernel_scores(qg, kc, kc2, pos, pattern: InfLLMv2, scale: float, *, kc_scale: float = 1.0,
+                        kc2_scale: float = 1.0, min_pos: int | None = None) -> torch.Tensor:
     """Step 3 for a chunk: `S[j] = sum_h exp(scale q_h . kc[j] - LSE_h)` on visible kernels.
 
     `qg` `(B, Hkv, G, r, D)`, `kc` `(B, Hkv, N, D)`, `kc2` `(B, Hkv, N2, D)` (coarse; unused for
-    "exact"), `pos` `(B or 1, r)` absolute positions. Returns `(B, Hkv, r, N)`."""
+    "exact"), `pos` `(B or 1, r)` absolute positions. The compressed keys are `kc * kc_scale` and
+    `kc2 * kc2_scale` (a cache keeps window sums: the scale `1 / size` joins the query's instead of
+    copying them). `min_pos`: the lowest position of `pos` when the caller knows it on the host
+    (then kernels every row sees need no mask: a decode step's). Returns `(B, Hkv, r, N)`."""
     ks, st = pattern.kernel_size, pattern.kernel_stride
-    vis = (kernel_ends(kc.shape[2], ks, st, kc.device) <= pos[..., None])[:, None, None]  # (B', 1, 1, r, N)
-    fine = torch.matmul(qg, kc[:, :, None].transpose(-1, -2)).mul_(scale)  # (B, Hkv, G, r, N)
+
+    def mask_of(n, size, stride):  # None: every row sees every kernel
+        if min_pos is not None and (n == 0 or (n - 1) * stride + size - 1 <= min_pos):
+            return None
+        return (kernel_ends(n, size, stride, kc.device) <= pos[..., None])[:, None, None]  # (B', 1, 1, r, N)
+
+    vis = mask_of(kc.shape[2], ks, st)
+    fine = _group_matmul(qg * (scale * kc_scale), kc)  # (B, Hkv, G, r, N)
     if pattern.normalizer == "coarse":
-        vis2 = (kernel_ends(kc2.shape[2], 4 * ks, 4 * st, kc.device) <= pos[..., None])[:, None, None]
-        coarse = torch.matmul(qg, kc2[:, :, None].transpose(-1, -2)).mul_(scale)
-        lse = torch.logsumexp(coarse.masked_fill(~vis2, float("-inf")), dim=-1)
+        vis2 = mask_of(kc2.shape[2], 4 * ks, 4 * st)
+        coarse = _group_matmul(qg * (scale * kc2_scale), kc2)
+        lse = torch.logsumexp(coarse if vis2 is None else coarse.masked_fill_(~vis2, float("-inf")), dim=-1)
     else:
-        lse = torch.logsumexp(fine.masked_fill(~vis, float("-inf")), dim=-1)
+        lse = torch.logsumexp(fine if vis is None else fine.masked_fill(~vis, float("-inf")), dim=-1)
     # no visible normalising kernel: every score is 0 (exp(x - inf))
     lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
-    p = torch.exp(fine.sub_(lse[..., None])).masked_fill_(~vis, 0.0)
+    p = fine.sub_(lse[..., None]).exp_()
+    if vis is not None:
+        p.masked_fill_(~vis, 0.0)
     return p.sum(dim=2)
 
 
-def infllmv2_token_index(q: torch.Tensor, k: torch.Tensor, pattern: InfLLMv2, *, qpos=None,
-                         kc=None, kc2=None) -> torch.Tensor:
+def infllmv2_token_index(q: torch.Tensor, k: torch.Tensor, pattern: InfLLMv2) -> torch.Tensor:
     """Per-token blocks picked by the scores (forced ones not included): int32 `(B, Hkv, Sq, topk)`,
-    ascending, -1 padded. For a sparse call (the caller applies the `dense_len` switch).
+    ascending, -1 padded; rows end-aligned to `Sk`. For a sparse call (the caller applies the
+    `dense_len` switch)."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    ks, st = pattern.kernel_size, pattern.kernel_stride
+    kc = compressed_keys(k, ks, st, acc)
+    kc2 = compressed_keys(k, 4 * ks, 4 * st, acc) if pattern.normalizer == "coarse" else None
+    return token_index_from_compressed(q, kc, kc2, None, k.shape[2], pattern)
 
-    `qpos`: absolute positions `(B or 1, Sq)` (default: rows end-aligned to `Sk`); `kc` / `kc2`:
-    the compressed keys when the caller keeps them (a cache), in float32 (float64 for float64 q)."""
+
+def token_index_from_compressed(q: torch.Tensor, kc: torch.Tensor, kc2: torch.Tensor | None, qpos,
+                                sk: int, pattern: InfLLMv2, *, kc_scale: float = 1.0,
+                                kc2_scale: float = 1.0, min_pos: int | None = None) -> torch.Tensor:
+    """Steps 3-5 from compressed keys: int32 `(B, Hkv, Sq, topk)` picks, ascending, -1 padded.
+
+    `kc` `(B, Hkv, N, D)` / `kc2` (None for "exact") in float32 (float64 for float64 q), times
+    `kc_scale` / `kc2_scale` (see `group_kernel_scores`); every window the rows may see must be
+    among them (more are fine: visibility is by position). `qpos`: absolute positions
+    `(B or 1, Sq)`, or None for rows end-aligned to `sk` (then a chunk scores only the kernels and
+    blocks its last row can see: causal prefill does about half the work). `min_pos`: the lowest
+    row position when known on the host (see `group_kernel_scores`)."""
     b, hq, sq, d = q.shape
-    hkv, sk = k.shape[1], k.shape[2]
+    hkv = kc.shape[1]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     bs = pattern.block_size
     ks, st = pattern.kernel_size, pattern.kernel_stride
-    if kc is None:
-        kc = compressed_keys(k, ks, st, acc)
-    if kc2 is None and pattern.normalizer == "coarse":
-        kc2 = compressed_keys(k, 4 * ks, 4 * st, acc)
     nb = -(-sk // bs)
     width = min(pattern.topk, nb)
     out = torch.full((b, hkv, sq, pattern.topk), -1, dtype=torch.int32, device=q.device)
@@ -120,7 +156,9 @@ def infllmv2_token_index(q: torch.Tensor, k: torch.Tensor, pattern: InfLLMv2, *,
             n1 = min(n1, max(0, (last - ks + 1) // st + 1))
             n2 = min(n2, max(0, (last - 4 * ks + 1) // (4 * st) + 1))
             nbc = last // bs + 1
-        s = group_kernel_scores(qg, kc[:, :, :n1], None if kc2 is None else kc2[:, :, :n2], pos, pattern, scale)
+        s = group_kernel_scores(qg, kc[:, :, :n1], None if kc2 is None else kc2[:, :, :n2], pos, pattern, scale,
+                                kc_scale=kc_scale, kc2_scale=kc2_scale,
+                                min_pos=(sk - sq + r0) if aligned else min_pos)
         score = _rank(pool_to_blocks(s, pattern.pool_ratio, nbc))  # (B, Hkv, r, nbc)
         blocks = torch.arange(nbc, device=q.device)
         qb = (pos // bs)[:, None, :, None]  # (B', 1, r, 1)
@@ -150,3 +188,40 @@ def infllmv2_select_mask(q: torch.Tensor, k: torch.Tensor, pattern: InfLLMv2) ->
         return (blocks <= (pos // bs)[..., None])[:, None].expand(b, hkv, sq, nb).contiguous()
     sel = index_to_bool(infllmv2_token_index(q, k, pattern), nb)
     return pattern.candidate_blocks(pos, nb, bs, selected=sel).expand(b, hkv, sq, nb).contiguous()
+
+
+def infllmv2_index_over_cache(q: torch.Tensor, view, pattern: InfLLMv2) -> torch.Tensor:
+    """InfLLMv2's per-token picks over a KV cache's read view (`KVView`), each sequence's rows
+    end-aligned to its own length: int32 `(B, Hkv, Sq, W)`, ascending, -1 padded, the blocks
+    beyond the forced ones (`pattern.attention_view()`'s sink and local blocks).
+
+    Read from the window sums the cache keeps (`KVView.window_sums`: O(blocks) per step, K is not
+    read). The `dense_len` switch follows each sequence's own length (its total keys): a sequence
+    below it lists every causal block that is not forced (then `W = max(topk, blocks)`), so the
+    attention is dense causal for its rows. For a pattern that is sparse for the longest sequence."""
+    b, hq, sq, d = q.shape
+    sk = view.max_length
+    ks, st = pattern.kernel_size, pattern.kernel_stride
+    with torch.no_grad():
+        q = q.detach()
+        qpos = query_positions(view.lengths, sq)
+        kc = view.window_sums(ks, st)[:, :, :num_windows(sk, ks, st)]
+        kc2 = None
+        if pattern.normalizer == "coarse":
+            kc2 = view.window_sums(4 * ks, 4 * st)[:, :, :num_windows(sk, 4 * ks, 4 * st)]
+        out = token_index_from_compressed(q, kc, kc2, qpos, sk, pattern, kc_scale=1.0 / ks, kc2_scale=0.25 / ks,
+                                          min_pos=min(view.host_lengths) - sq)
+        dense = [i for i, n in enumerate(view.host_lengths) if not pattern.is_sparse_call(n)]
+        if not dense:
+            return out
+        nb = -(-sk // pattern.block_size)
+        width = max(out.shape[-1], nb)
+        wide = torch.full((b, out.shape[1], sq, width), -1, dtype=torch.int32, device=q.device)
+        wide[..., :out.shape[-1]] = out
+        # every block of [forced_init, qb - window] (the causal blocks the forced ones leave out)
+        blocks = pattern.forced_init + torch.arange(width, device=q.device)
+        qb = (qpos // pattern.block_size)[:, None, :, None]
+        every = torch.where(blocks <= qb - pattern.window_blocks, blocks, torch.full_like(blocks, -1))
+        rows = torch.tensor(dense, device=q.device)
+        wide[rows] = every[rows].expand(len(dense), out.shape[1], sq, width).to(torch.int32)
+        return wide

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..patterns import SOFTMAX_PATTERNS, BlockSparse
+from ..patterns import SOFTMAX_PATTERNS, BlockSparse, InfLLMv2
 from .device import device_info
 from .problem import CHUNKED, DECODE, TRAINING, Problem, check_scale, check_softmax_options
 
@@ -62,10 +62,13 @@ def validate_cache_call(q, cache, pattern, *, scale=None):
                         f"{type(cache).__name__}")
     if not isinstance(q, torch.Tensor):
         raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
-    if not isinstance(pattern, SOFTMAX_PATTERNS):
-        raise TypeError(f"pattern must be one of {[p.__name__ for p in SOFTMAX_PATTERNS]} for attention over a "
-                        f"cache, got {type(pattern).__name__}")
+    if not isinstance(pattern, SOFTMAX_PATTERNS + (InfLLMv2,)):
+        raise TypeError(f"pattern must be one of {[p.__name__ for p in SOFTMAX_PATTERNS + (InfLLMv2,)]} for "
+                        f"attention over a cache, got {type(pattern).__name__}")
     view = view_of()
+    if isinstance(pattern, InfLLMv2) and getattr(view, "compressed", None) is None:
+        raise TypeError(f"InfLLMv2 over a cache needs its compressed keys, which {type(cache).__name__} does not "
+                        f"keep: use a KVCache or PagedKVCache")
     if q.dim() != 4 or q.shape[0] != view.batch or q.shape[3] != view.head_dim:
         raise ValueError(f"q must have shape (B={view.batch}, Hq, Sq, D={view.head_dim}), got {tuple(q.shape)}")
     if q.shape[1] % view.kv_heads:
@@ -99,8 +102,10 @@ def make_cache_problem(q, cache, pattern, *, scale=None, sink_logits=None, softc
     """Validate a call over a cache and describe it: `(CacheProblem, view)`."""
     view, sc = validate_cache_call(q, cache, pattern, scale=scale)
     softcap = check_softmax_options(pattern, sink_logits, softcap, q_heads=q.shape[1], device=q.device)
-    # integers beyond the longest sequence mean what its length means; TopK keeps the pooling block
-    asked, pattern = pattern, pattern.clamped(view.max_length, keep_block_size=True)
+    # integers beyond the longest sequence mean what its length means; TopK keeps the pooling block;
+    # InfLLMv2 is Dense when even the longest sequence is below dense_len (each shorter one is too)
+    asked = pattern
+    pattern = pattern.clamped(view.max_length, keep_block_size=not isinstance(pattern, InfLLMv2))
     b, hq, sq, d = q.shape
     problem = CacheProblem(batch=b, q_heads=hq, kv_heads=view.kv_heads, sq=sq, sk=view.max_length, head_dim=d,
                            v_head_dim=view.v_head_dim, dtype=q.dtype, device=device_info(q.device), pattern=pattern,

@@ -18,11 +18,14 @@ Inference only (`supports_backward = False`); phases decode and chunked-prefill.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ..._build import load_extension, unavailable_reason
-from ...layout.topk_selection import topk_index_over_cache, topk_token_index_pooled
-from ...patterns import BlockSparse, Dense, SlidingWindow, TopK
+from ...layout.decode_blocks import selection_over_cache
+from ...layout.topk_selection import topk_token_index_pooled
+from ...patterns import BlockSparse, Dense, InfLLMv2, SlidingWindow, TopK
 from ...scheduler.cache_problem import CACHE_OP, kv_elem_bytes
 from ...scheduler.kernel import roofline_seconds
 from ...scheduler.registry import register
@@ -96,11 +99,12 @@ def decode_over_cache(q: torch.Tensor, view, pattern, *, scale: float, softcap=N
     """Attention over a CPU cache's read view (`KVView`) with the split-KV kernel: each sequence's
     rows end-aligned to its own length (`view.lengths`), K/V read in place (a contiguous cache as
     strided rows, a paged one through its page table), TopK selected from the cache's block means
-    (`layout.topk_selection.topk_index_over_cache`). Returns `(out (B, Hq, Sq, Dv) in q's dtype,
-    lse float32 (B, Hq, Sq))`."""
+    (`layout.topk_selection.topk_index_over_cache`), InfLLMv2 from its window sums (then run as its
+    TopK view: `layout.decode_blocks.selection_over_cache`). Returns `(out (B, Hq, Sq, Dv) in q's
+    dtype, lse float32 (B, Hq, Sq))`."""
     if q.shape[2] > MAX_ROWS:
         raise ValueError(f"q has {q.shape[2]} query rows; the decode kernel serves at most {MAX_ROWS}")
-    token_index = topk_index_over_cache(q, view, pattern) if pattern.pool_block() is not None else None
+    pattern, token_index = selection_over_cache(q, view, pattern)
     if view.kind == "contiguous":  # sequence b is k[b]: strided rows, read in runs
         table, page_size = None, 0
     else:
@@ -171,14 +175,17 @@ class CpuDecode(FlashKernel):
         t = roofline_seconds(p, flops=0.0, bytes_moved=nbytes, efficiency=self.memory_efficiency)
         t = max(t, roofline_seconds(p, flops=flops, bytes_moved=0.0, efficiency=self.compute_efficiency,
                                     compute_dtype=torch.float32))
-        if p.pattern.pool_block() is not None:  # TopK's selection
-            nb = -(-p.sk // p.pattern.block_size)
-            scores = 2.0 * p.head_dim * p.sq * nb * p.batch * p.kv_heads
-            pool = self._pool_bytes(p, nb)
-            t += max(roofline_seconds(p, flops=scores, bytes_moved=0.0, efficiency=self.select_efficiency,
-                                      compute_dtype=torch.float32),
-                     roofline_seconds(p, flops=0.0, bytes_moved=pool, efficiency=1.0)) + self.select_overhead_s
-        return t + self.overhead_s
+        return t + self._topk_select_cost(p) + self.overhead_s
+
+    def _topk_select_cost(self, p) -> float:
+        if p.pattern.pool_block() is None:
+            return 0.0
+        nb = -(-p.sk // p.pattern.block_size)
+        scores = 2.0 * p.head_dim * p.sq * nb * p.batch * p.kv_heads
+        pool = self._pool_bytes(p, nb)
+        return max(roofline_seconds(p, flops=scores, bytes_moved=0.0, efficiency=self.select_efficiency,
+                                    compute_dtype=torch.float32),
+                   roofline_seconds(p, flops=0.0, bytes_moved=pool, efficiency=1.0)) + self.select_overhead_s
 
     def _pool_bytes(self, p, nb: int) -> float:
         """Bytes the selection reads to pool the keys: all of K, in its dtype."""
@@ -193,12 +200,29 @@ class CpuDecode(FlashKernel):
 
 class CpuCacheDecode(CpuDecode):
     """`cpu.decode` over a cache (the "attention_with_cache" op): the same kernel and cost, K/V
-    read in place from contiguous or paged storage, TopK selected from the cache's block means.
+    read in place from contiguous or paged storage, TopK selected from the cache's block means,
+    InfLLMv2 from its window sums (the compressed keys; PyTorch scoring, then TopK's path).
     Quantized storage (int8 / fp8 codes + row scales) is read as it sits and dequantized in
     registers (csrc/cpu/decode_quant.h)."""
 
+    patterns = CpuDecode.patterns + (InfLLMv2,)
     cache_kinds = ("contiguous", "paged")
     kv_dtypes = (None, "int8", "fp8_e4m3")
+
+    def cost(self, p):
+        if not isinstance(p.pattern, InfLLMv2):
+            return super().cost(p)
+        # the attention as its TopK view's (no pooling), plus the scoring of every visible
+        # compressed key by every query head (fine and coarse) with an exp each
+        pat = p.pattern
+        t = super().cost(dataclasses.replace(p, pattern=pat.attention_view()))
+        t -= self._topk_select_cost(dataclasses.replace(p, pattern=pat.attention_view()))
+        windows = p.sk / pat.kernel_stride * (1.25 if pat.normalizer == "coarse" else 1.0)
+        flops = (2.0 * p.head_dim + 20.0) * p.sq * windows * p.batch * p.q_heads
+        wbytes = (8 if p.dtype == torch.float64 else 4) * p.batch * p.kv_heads * windows * p.head_dim
+        return t + max(roofline_seconds(p, flops=flops, bytes_moved=0.0, efficiency=self.select_efficiency,
+                                        compute_dtype=torch.float32),
+                       roofline_seconds(p, flops=0.0, bytes_moved=wbytes, efficiency=1.0)) + self.select_overhead_s
 
     def _pool_bytes(self, p, nb):
         return (8 if p.dtype == torch.float64 else 4) * p.batch * p.kv_heads * nb * p.head_dim

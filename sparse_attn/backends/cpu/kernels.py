@@ -14,6 +14,8 @@ import torch
 from ..._build import load_extension, unavailable_reason
 from ...layout import build_layout
 from ...layout.infllmv2_selection import infllmv2_token_index
+from .infllmv2 import infllmv2_select_cpu
+from .infllmv2 import unavailable as infllmv2_unavailable
 from ...layout.topk_selection import pooled_keys
 from ...patterns import BlockSparse, Dense, InfLLMv2, SlidingWindow, TopK
 from ...scheduler.kernel import roofline_seconds
@@ -86,8 +88,12 @@ def topk_select(q, k, pattern: TopK, kbar=None):
 
 
 def infllmv2_select(q, k, pattern: InfLLMv2):
-    """InfLLMv2's per-token picks (int32 `(B, Hkv, Sq, topk)`, ascending, -1 padded)."""
-    return infllmv2_token_index(q, k, pattern)
+    """InfLLMv2's per-token picks (int32 `(B, Hkv, Sq, topk)`, ascending, -1 padded): the C++
+    selection (backends/cpu/infllmv2.py) for float32 / bfloat16 / float16, the PyTorch one for
+    float64 (the kernel scores in float32; float64 inputs keep the reference's float64 selection)."""
+    if q.dtype == torch.float64:
+        return infllmv2_token_index(q, k, pattern)
+    return infllmv2_select_cpu(q, k, pattern)
 
 
 def block_sparse_forward(q, k, v, pattern, *, scale: float, q_block: int | None = None, k_block: int | None = None):
@@ -199,9 +205,9 @@ class CpuBlockSparse(VarlenFlash, FlashKernel):
     #: 0.25 s on 2 threads = 0.7 of the float32 peak (the PyTorch selection it replaced: 14 s).
     #: Pooling reads K once in its dtype (memory term, at the nominal bandwidth).
     select_efficiency = 0.6
-    #: InfLLMv2's selection (PyTorch, layout/infllmv2_selection.py): float32 matrix products plus an
-    #: exp per kernel score; not measured yet, assumed as the reference path's 0.25
-    infllmv2_select_efficiency = 0.25
+    #: InfLLMv2's selection (C++, csrc/cpu/infllmv2_select.cpp): the float32 micro-kernel over the
+    #: fine and coarse kernels each row can see, an exp2 per fine score (docs/infllmv2.md measures it)
+    infllmv2_select_efficiency = 0.4
     #: decode and short rows: every visited K/V block is converted to float32 scratch; measured
     #: ~12-14 GB/s of those float32 bytes (dense decode, 16K keys) = 0.35 of the 35 GB/s nominal
     memory_efficiency = 0.35
@@ -213,6 +219,14 @@ class CpuBlockSparse(VarlenFlash, FlashKernel):
 
     def unavailable(self):
         return unavailable_reason(_ext)
+
+    def extra_reasons(self, p):
+        why = super().extra_reasons(p)
+        if isinstance(p.pattern, InfLLMv2):  # its selection is a second extension
+            missing = infllmv2_unavailable()
+            if missing:
+                why.append(f"InfLLMv2's C++ selection (cpu_infllmv2) is unavailable: {missing}")
+        return why
 
     def bf16_dot(self) -> bool:
         """Whether the loaded build multiplies bfloat16 with vdpbf16ps (else it converts to float32)."""

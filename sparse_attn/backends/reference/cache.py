@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from ...layout.decode_blocks import KEY_BLOCK, visited_rows
-from ...layout.topk_selection import query_positions, topk_index_over_cache
-from ...patterns import SOFTMAX_PATTERNS
+from ...layout.decode_blocks import KEY_BLOCK, selection_over_cache, visited_rows
+from ...layout.topk_selection import query_positions
+from ...patterns import SOFTMAX_PATTERNS, InfLLMv2
 from ...scheduler.kernel import Kernel, roofline_seconds
 from .softmax import acc_dtype, cap_scores
 
@@ -69,7 +69,7 @@ def cache_attention(q: torch.Tensor, view, pattern, *, scale: float, softcap=Non
     sk = view.max_length
     qpos = query_positions(view.lengths, sq)  # (B, Sq)
     key_block = pattern.key_block(KEY_BLOCK)
-    index = topk_index_over_cache(q, view, pattern) if pattern.pool_block() is not None else None
+    pattern, index = selection_over_cache(q, view, pattern)
     rows = visited_rows(pattern, qpos, -(-sk // key_block), key_block, batch=b, kv_heads=hkv, index=index)
     rule = pattern.token_rule()
     qa = q.to(acc).view(b, hkv, g, sq, d)
@@ -112,7 +112,7 @@ class ReferenceCacheChunked(Kernel):
 
     name = "reference.cache_chunked"
     backend = "reference"
-    patterns = SOFTMAX_PATTERNS
+    patterns = SOFTMAX_PATTERNS + (InfLLMv2,)
     supports_backward = True
     supports_sinks = True
     supports_softcap = True

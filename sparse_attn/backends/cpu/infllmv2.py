@@ -1,0 +1,48 @@
+"""InfLLMv2's block selection by the C++ kernel (csrc/cpu/infllmv2_select.cpp, extension
+"cpu_infllmv2"): what `cpu.block_sparse` runs for an InfLLMv2 pattern before its attention.
+
+The compressed keys (fine, and coarse for `normalizer="coarse"`) are built in PyTorch in one pass
+over K (`layout.infllmv2_selection.compressed_keys`: float32 stride-row sums), transposed to
+`(B, Hkv, D, kernels padded to the vector width)` for the kernel's micro-kernel; the scores, the
+group sum, the pooling and the top-k run in C++ chunk by chunk of query rows, with all threads.
+Same result as `layout.infllmv2_selection.infllmv2_token_index` (the PyTorch path) up to the
+float32 rounding of the scores (tests/test_infllmv2_cpu_select.py)."""
+from __future__ import annotations
+
+import torch
+
+from ..._build import load_extension, unavailable_reason
+from ...layout.infllmv2_selection import compressed_keys
+from ...patterns import InfLLMv2
+
+
+def _ext():
+    return load_extension("cpu_infllmv2")
+
+
+def unavailable() -> str | None:
+    """Why the C++ selection cannot run here (None when it can)."""
+    return unavailable_reason(_ext)
+
+
+def _transposed(kc: torch.Tensor, width: int) -> torch.Tensor:
+    b, h, n, d = kc.shape
+    out = kc.new_zeros(b, h, d, max(width, -(-n // width) * width))
+    out[..., :n] = kc.transpose(-1, -2)
+    return out
+
+
+def infllmv2_select_cpu(q: torch.Tensor, k: torch.Tensor, pattern: InfLLMv2) -> torch.Tensor:
+    """Per-token picks beyond the forced blocks: int32 `(B, Hkv, Sq, topk)`, ascending, -1 padded,
+    rows end-aligned to `Sk` (a sparse call: the caller applies the `dense_len` switch). `q` float32,
+    bfloat16 or float16 on the CPU."""
+    ks, st = pattern.kernel_size, pattern.kernel_stride
+    with torch.no_grad():
+        w = _ext().vector_width
+        kc = compressed_keys(k.detach(), ks, st, torch.float32)
+        coarse = pattern.normalizer == "coarse"
+        kc2 = compressed_keys(k.detach(), 4 * ks, 4 * st, torch.float32) if coarse else kc[:, :, :0]
+        return _ext().infllmv2_select(q.detach(), _transposed(kc, w), _transposed(kc2, w), k.shape[1], k.shape[2],
+                                      kc.shape[2], kc2.shape[2], ks, st, pattern.block_size, pattern.topk,
+                                      pattern.forced_init, pattern.window_blocks, pattern.variant == "minicpm4.1",
+                                      coarse)
