@@ -91,14 +91,23 @@ inline void top_w(const float* s, int64_t lo, int64_t hi, int64_t w, float* val,
   std::sort(idx, idx + w);
 }
 
+// last candidate block of the token at position `pos` (floor division: a negative position, a
+// cache row before its sequence's first key, has none)
+inline int64_t last_candidate(const SelectParams& P, int64_t nb, int64_t pos) {
+  return pos < 0 ? -1 : std::min(nb - 1, pos / P.bs - P.locals);
+}
+
+// rows [t0, t0 + kRows) of (b, h): kbt the (D, nb_pad) transposed pooled keys, sk / nb the keys and
+// blocks the rows end-align to (P.sk / P.nb for prefill, a cache sequence's own length for decode)
 template <int DT>
 void run_task(const SelectParams& P, const typename Elem<DT>::T* Q, int64_t b, int64_t h, int64_t t0,
-              std::vector<float>& qbar, std::vector<float>& s, std::vector<float>& val, std::vector<int32_t>& idx) {
-  const int64_t t1 = std::min(P.sq, t0 + kRows), rows = t1 - t0, off = P.sk - P.sq;
+              const float* kbt, int64_t nb_pad, int64_t sk, int64_t nb, std::vector<float>& qbar,
+              std::vector<float>& s, std::vector<float>& val, std::vector<int32_t>& idx) {
+  const int64_t t1 = std::min(P.sq, t0 + kRows), rows = t1 - t0, off = sk - P.sq;
   int32_t* out = P.out + ((b * P.Hkv + h) * P.sq + t0) * P.topk;
   std::fill_n(out, rows * P.topk, -1);
   // candidate columns of the chunk's last token: [sinks, hi_max]
-  const int64_t hi_max = std::min(P.nb - 1, (off + t1 - 1) / P.bs - P.locals);
+  const int64_t hi_max = last_candidate(P, nb, off + t1 - 1);
   if (hi_max < P.sinks || P.topk == 0) return;
   const int64_t ncols = round_up(hi_max + 1, kVec);
   // qbar rows: the mean of the group's heads
@@ -114,12 +123,11 @@ void run_task(const SelectParams& P, const typename Elem<DT>::T* Q, int64_t b, i
     }
     for (int64_t d = 0; d < P.D; ++d) dst[d] *= inv_g;
     ap[r] = dst;
-    cp[r] = s.data() + r * P.nb_pad;
+    cp[r] = s.data() + r * nb_pad;
   }
-  gemm_rows<false>(rows, ncols, P.D, ap.data(), P.kbt + (b * P.Hkv + h) * P.D * P.nb_pad, P.nb_pad, cp.data(),
-                   nullptr);
+  gemm_rows<false>(rows, ncols, P.D, ap.data(), kbt, nb_pad, cp.data(), nullptr);
   for (int64_t r = 0; r < rows; ++r) {
-    const int64_t hi = std::min(P.nb - 1, (off + t0 + r) / P.bs - P.locals);
+    const int64_t hi = last_candidate(P, nb, off + t0 + r);
     const int64_t cnt = hi - P.sinks + 1;
     if (cnt <= 0) continue;
     int32_t* o = out + r * P.topk;
@@ -176,12 +184,94 @@ torch::Tensor topk_select(torch::Tensor q, torch::Tensor kbar_t, int64_t kv_head
       if (i >= total) break;
       const int64_t t = (chunks - 1 - i / (B * kv_heads)) + (i % (B * kv_heads)) * chunks;
       const int64_t c = t % chunks, bh = t / chunks, b = bh / kv_heads, h = bh % kv_heads;
+      const float* kbt = P.kbt + (b * P.Hkv + h) * P.D * P.nb_pad;
       if (dt == torch::kFloat32)
-        run_task<0>(P, static_cast<const float*>(qd), b, h, c * kRows, qbar, s, val, idx);
+        run_task<0>(P, static_cast<const float*>(qd), b, h, c * kRows, kbt, P.nb_pad, P.sk, P.nb, qbar, s, val, idx);
       else if (dt == torch::kBFloat16)
-        run_task<1>(P, static_cast<const uint16_t*>(qd), b, h, c * kRows, qbar, s, val, idx);
+        run_task<1>(P, static_cast<const uint16_t*>(qd), b, h, c * kRows, kbt, P.nb_pad, P.sk, P.nb, qbar, s, val,
+                    idx);
       else
-        run_task<2>(P, static_cast<const uint16_t*>(qd), b, h, c * kRows, qbar, s, val, idx);
+        run_task<2>(P, static_cast<const uint16_t*>(qd), b, h, c * kRows, kbt, P.nb_pad, P.sk, P.nb, qbar, s, val,
+                    idx);
+    }
+  });
+  return out;
+}
+
+// TopK's selection over a KV cache (decode: each sequence's rows end-aligned to its own length),
+// from the running block sums the cache keeps (B, Hkv, >= nb + 1, D) float32: a block's mean is its
+// sum over its keys present (the division PyTorch's KVView.pooled_keys does), transposed per
+// (sequence, kv head) into a scratch (D, nb_pad) and scored as prefill's selection scores pooled keys.
+// O(blocks) per step: K is not read. Same result as layout.topk_selection.topk_index_over_cache.
+torch::Tensor topk_select_sums(torch::Tensor q, torch::Tensor sums, std::vector<int64_t> lengths, int64_t block_size,
+                               int64_t topk, int64_t sink_blocks, int64_t local_blocks) {
+  using namespace sparse_attn_cpu;
+  TORCH_CHECK(q.dim() == 4 && q.device().is_cpu(), "topk_select_sums: q must be a 4-D CPU tensor (B, Hq, Sq, D)");
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(dt == torch::kFloat32 || dt == torch::kBFloat16 || dt == torch::kFloat16,
+              "topk_select_sums: q must be float32, bfloat16 or float16, got ", dt);
+  const int64_t B = q.size(0), Hq = q.size(1), sq = q.size(2), D = q.size(3);
+  TORCH_CHECK(sums.scalar_type() == torch::kFloat32 && sums.dim() == 4 && sums.size(0) == B && sums.size(3) == D &&
+                  sums.stride(3) == 1,
+              "topk_select_sums: sums must be float32 (B, Hkv, blocks, D) with unit stride on D, got ", sums.sizes());
+  const int64_t Hkv = sums.size(1);
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "topk_select_sums: Hq must be a multiple of the sums' kv heads");
+  TORCH_CHECK(static_cast<int64_t>(lengths.size()) == B, "topk_select_sums: one length per sequence");
+  TORCH_CHECK(block_size > 0 && topk >= 0 && sink_blocks >= 0 && local_blocks >= 0, "topk_select_sums: bad TopK");
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(lengths[b] >= 0 && (lengths[b] + block_size - 1) / block_size <= sums.size(2),
+                "topk_select_sums: length ", lengths[b], " needs more blocks than the sums hold");
+  auto out = torch::full({B, Hkv, sq, topk}, -1, q.options().dtype(torch::kInt32));
+  if (B == 0 || sq == 0 || topk == 0) return out;
+  SelectParams P{};
+  P.B = B, P.Hq = Hq, P.Hkv = Hkv, P.G = Hq / Hkv, P.sq = sq, P.D = D, P.bs = block_size, P.topk = topk;
+  P.sinks = sink_blocks, P.locals = local_blocks;
+  for (int d = 0; d < 4; ++d) P.qst[d] = q.stride(d);
+  P.out = out.data_ptr<int32_t>();
+  const float* S = sums.data_ptr<float>();
+  const int64_t sst0 = sums.stride(0), sst1 = sums.stride(1), sst2 = sums.stride(2);
+  const int64_t chunks = (sq + kRows - 1) / kRows, total = B * Hkv * chunks;
+  const void* qd = q.data_ptr();
+  std::atomic<int64_t> next{0};
+  const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total));
+  at::parallel_for(0, nthreads, 1, [&](int64_t begin, int64_t end) {
+    if (begin >= end) return;
+    std::vector<float> qbar(kRows * std::max<int64_t>(D, 1)), s, val(std::max<int64_t>(topk, 1)), kbt;
+    std::vector<int32_t> idx(std::max<int64_t>(topk, 1));
+    for (;;) {
+      const int64_t i = next.fetch_add(1);
+      if (i >= total) break;
+      const int64_t c = i % chunks, bh = i / chunks, b = bh / Hkv, h = bh % Hkv;
+      const int64_t sk = lengths[b], nb = (sk + block_size - 1) / block_size;
+      const int64_t last = std::min(sq, (c + 1) * kRows) - 1;  // the chunk's last row sees the most blocks
+      const int64_t hi_max = last_candidate(P, nb, sk - sq + last);
+      const int64_t nb_pad = round_up(std::max<int64_t>(hi_max + 1, 1), kVec);
+      kbt.assign(D * nb_pad, 0.f);
+      // the transpose 16 blocks at a time, so each d writes one 64-byte line (a block at a time wrote
+      // D lines per block, and the stores to a 2-column-stride buffer beyond L1 were 90% of the call)
+      for (int64_t n0 = 0; n0 <= hi_max; n0 += 16) {  // complete blocks (candidates lie below the row's own)
+        const int64_t m = std::min<int64_t>(16, hi_max + 1 - n0);
+        const float* src[16];
+        float cnt[16];
+        for (int64_t j = 0; j < m; ++j) {
+          const int64_t n = n0 + j;
+          src[j] = S + b * sst0 + h * sst1 + n * sst2;
+          cnt[j] = static_cast<float>(std::max<int64_t>(1, std::min(block_size, sk - n * block_size)));
+        }
+        for (int64_t d = 0; d < D; ++d) {
+          float* dst = kbt.data() + d * nb_pad + n0;
+          for (int64_t j = 0; j < m; ++j) dst[j] = src[j][d] / cnt[j];
+        }
+      }
+      s.resize(kRows * nb_pad);
+      if (dt == torch::kFloat32)
+        run_task<0>(P, static_cast<const float*>(qd), b, h, c * kRows, kbt.data(), nb_pad, sk, nb, qbar, s, val, idx);
+      else if (dt == torch::kBFloat16)
+        run_task<1>(P, static_cast<const uint16_t*>(qd), b, h, c * kRows, kbt.data(), nb_pad, sk, nb, qbar, s, val,
+                    idx);
+      else
+        run_task<2>(P, static_cast<const uint16_t*>(qd), b, h, c * kRows, kbt.data(), nb_pad, sk, nb, qbar, s, val,
+                    idx);
     }
   });
   return out;

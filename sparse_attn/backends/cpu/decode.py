@@ -95,6 +95,13 @@ def decode_forward(q, k, v, pattern, *, scale: float, token_index: torch.Tensor 
     return _decode_fwd(q, k, v, pattern, scale=scale, token_index=token_index, softcap=softcap)
 
 
+def _native_topk(view, pattern) -> bool:
+    """TopK over a cache whose block sums are float32 (a float64 cache's stay on the PyTorch path of
+    layout.topk_selection, which is the definition the C++ selection is tested against)."""
+    return (isinstance(pattern, TopK) and view.block_sums is not None and view.block_sums.dtype == torch.float32
+            and view.pool_block_size == pattern.block_size)
+
+
 def decode_over_cache(q: torch.Tensor, view, pattern, *, scale: float, softcap=None):
     """Attention over a CPU cache's read view (`KVView`) with the split-KV kernel: each sequence's
     rows end-aligned to its own length (`view.lengths`), K/V read in place (a contiguous cache as
@@ -104,7 +111,12 @@ def decode_over_cache(q: torch.Tensor, view, pattern, *, scale: float, softcap=N
     dtype, lse float32 (B, Hq, Sq))`."""
     if q.shape[2] > MAX_ROWS:
         raise ValueError(f"q has {q.shape[2]} query rows; the decode kernel serves at most {MAX_ROWS}")
-    pattern, token_index = selection_over_cache(q, view, pattern)
+    if _native_topk(view, pattern):  # TopK from the float32 block sums, in C++ (one call, O(blocks))
+        token_index = _ext().topk_select_sums(q.detach(), view.block_sums, list(view.host_lengths),
+                                              pattern.block_size, pattern.topk, pattern.sink_blocks,
+                                              pattern.local_blocks)
+    else:
+        pattern, token_index = selection_over_cache(q, view, pattern)
     if view.kind == "contiguous":  # sequence b is k[b]: strided rows, read in runs
         table, page_size = None, 0
     else:
