@@ -143,6 +143,18 @@ void run_task(const SelectParams& P, const typename Elem<DT>::T* Q, int64_t b, i
   }
 }
 
+// run_task for q's dtype (float32, bfloat16 or float16)
+inline void run_task_any(at::ScalarType dt, const SelectParams& P, const void* Q, int64_t b, int64_t h, int64_t t0,
+                         const float* kbt, int64_t nb_pad, int64_t sk, int64_t nb, std::vector<float>& qbar,
+                         std::vector<float>& s, std::vector<float>& val, std::vector<int32_t>& idx) {
+  if (dt == torch::kFloat32)
+    run_task<0>(P, static_cast<const float*>(Q), b, h, t0, kbt, nb_pad, sk, nb, qbar, s, val, idx);
+  else if (dt == torch::kBFloat16)
+    run_task<1>(P, static_cast<const uint16_t*>(Q), b, h, t0, kbt, nb_pad, sk, nb, qbar, s, val, idx);
+  else
+    run_task<2>(P, static_cast<const uint16_t*>(Q), b, h, t0, kbt, nb_pad, sk, nb, qbar, s, val, idx);
+}
+
 }  // namespace
 }  // namespace sparse_attn_cpu
 
@@ -184,15 +196,8 @@ torch::Tensor topk_select(torch::Tensor q, torch::Tensor kbar_t, int64_t kv_head
       if (i >= total) break;
       const int64_t t = (chunks - 1 - i / (B * kv_heads)) + (i % (B * kv_heads)) * chunks;
       const int64_t c = t % chunks, bh = t / chunks, b = bh / kv_heads, h = bh % kv_heads;
-      const float* kbt = P.kbt + (b * P.Hkv + h) * P.D * P.nb_pad;
-      if (dt == torch::kFloat32)
-        run_task<0>(P, static_cast<const float*>(qd), b, h, c * kRows, kbt, P.nb_pad, P.sk, P.nb, qbar, s, val, idx);
-      else if (dt == torch::kBFloat16)
-        run_task<1>(P, static_cast<const uint16_t*>(qd), b, h, c * kRows, kbt, P.nb_pad, P.sk, P.nb, qbar, s, val,
-                    idx);
-      else
-        run_task<2>(P, static_cast<const uint16_t*>(qd), b, h, c * kRows, kbt, P.nb_pad, P.sk, P.nb, qbar, s, val,
-                    idx);
+      run_task_any(dt, P, qd, b, h, c * kRows, P.kbt + (b * P.Hkv + h) * P.D * P.nb_pad, P.nb_pad, P.sk, P.nb, qbar,
+                   s, val, idx);
     }
   });
   return out;
@@ -264,14 +269,7 @@ torch::Tensor topk_select_sums(torch::Tensor q, torch::Tensor sums, std::vector<
         }
       }
       s.resize(kRows * nb_pad);
-      if (dt == torch::kFloat32)
-        run_task<0>(P, static_cast<const float*>(qd), b, h, c * kRows, kbt.data(), nb_pad, sk, nb, qbar, s, val, idx);
-      else if (dt == torch::kBFloat16)
-        run_task<1>(P, static_cast<const uint16_t*>(qd), b, h, c * kRows, kbt.data(), nb_pad, sk, nb, qbar, s, val,
-                    idx);
-      else
-        run_task<2>(P, static_cast<const uint16_t*>(qd), b, h, c * kRows, kbt.data(), nb_pad, sk, nb, qbar, s, val,
-                    idx);
+      run_task_any(dt, P, qd, b, h, c * kRows, kbt.data(), nb_pad, sk, nb, qbar, s, val, idx);
     }
   });
   return out;
