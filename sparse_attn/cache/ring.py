@@ -71,9 +71,6 @@ class RingKVCache:
                 raise TypeError(f"{name} must be {self.dtype} on {like.device}, got {x.dtype} on {x.device}")
         if k.shape[2] != v.shape[2]:
             raise ValueError(f"k and v must append the same number of tokens, got {k.shape[2]} and {v.shape[2]}")
-        ks = vs = None
-        if self.kv_dtype is not None:  # one pass over the new rows; only the kept ones are copied
-            (k, ks), (v, vs) = quantize_rows(k, self.kv_dtype), quantize_rows(v, self.kv_dtype)
         n0, n1 = self.length, self.length + k.shape[2]
         keep = list(range(n0, min(n1, self.sinks))) + list(range(max(n0, self.sinks, n1 - self.window), n1))
         # runs of consecutive slots (at most three: sinks, ring, ring after wrapping): slice copies
@@ -83,11 +80,13 @@ class RingKVCache:
             while j < len(keep) and self._slot(keep[j]) == self._slot(keep[j - 1]) + 1:
                 j += 1
             s0, t0 = self._slot(keep[i]), keep[i] - n0
-            self.k[:, :, s0:s0 + j - i].copy_(k[:, :, t0:t0 + j - i])
-            self.v[:, :, s0:s0 + j - i].copy_(v[:, :, t0:t0 + j - i])
-            if ks is not None:
-                self.k_scale[:, :, s0:s0 + j - i].copy_(ks[:, :, t0:t0 + j - i])
-                self.v_scale[:, :, s0:s0 + j - i].copy_(vs[:, :, t0:t0 + j - i])
+            kr, vr = k[:, :, t0:t0 + j - i], v[:, :, t0:t0 + j - i]
+            if self.kv_dtype is not None:  # only the rows that stay visible are quantized
+                (kr, ks), (vr, vs) = quantize_rows(kr, self.kv_dtype), quantize_rows(vr, self.kv_dtype)
+                self.k_scale[:, :, s0:s0 + j - i].copy_(ks)
+                self.v_scale[:, :, s0:s0 + j - i].copy_(vs)
+            self.k[:, :, s0:s0 + j - i].copy_(kr)
+            self.v[:, :, s0:s0 + j - i].copy_(vr)
             i = j
         before = self.filled()
         self.length = n1
