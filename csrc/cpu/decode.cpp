@@ -30,7 +30,9 @@
 //   decode_plan.h     the problem (Params), segments, runs, splits: integer work
 //   decode_rows.h     where key j's K/V rows are: a strided tensor or a paged cache's pages
 //   decode_f32.h      float32 products on vec.h's 8-float vectors (v8)
-//   decode_bf16.h     bfloat16 products straight from the rows, and the paced prefetch (AVX-512 BF16)
+//   decode_direct.h   what the direct products share: rows per pass, head dims, the paced prefetch
+//   decode_bf16.h     bfloat16 products straight from the rows (AVX-512 BF16)
+//   decode_int8.h     int8 codes x int16 q / P with integer dot products (AVX-512 VNNI)
 //   decode_softmax.h  the online softmax, the split merge, the non-finite rule
 //   quant_rows.h, decode_quant.h  int8 / fp8 codes read as floats, their row scales applied
 //                     to the scores (K) and the probabilities (V): a quantized cache
@@ -49,6 +51,7 @@
 
 #include "cpu/decode_bf16.h"  // SPARSE_ATTN_BF16_DOT: bfloat16 products with vdpbf16ps, from the rows
 #include "cpu/decode_f32.h"
+#include "cpu/decode_int8.h"  // SPARSE_ATTN_INT8_DOT: int8 codes x int16 q / P with vpdpwssd
 #include "cpu/decode_plan.h"
 #include "cpu/decode_quant.h"
 #include "cpu/decode_rows.h"
@@ -79,6 +82,11 @@ using sparse_attn_cpu::with_direct_rows;
 constexpr bool kHaveBf16Dot = true;
 #else
 constexpr bool kHaveBf16Dot = false;
+#endif
+#ifdef SPARSE_ATTN_INT8_DOT
+constexpr bool kHaveInt8Dot = true;
+#else
+constexpr bool kHaveInt8Dot = false;
 #endif
 
 constexpr int64_t kPrefetchAhead = 2;  // the packed bf16 path's software prefetch, in segments
@@ -114,9 +122,32 @@ struct DotScratch {
   }
 };
 
+// int8 products (decode_int8.h): q rows as int16 codes with a multiplier per row, the segment's
+// probabilities as int16 pairs with a multiplier per row
+struct Int8Scratch {
+  bool on = false;  // D and Dv in {32, 64, 128, 256}
+  std::vector<int16_t> q, p;
+  std::vector<float> qmul, rq, rp;  // qmul per row id; rq / rp per row of a segment
+  std::vector<const int16_t*> qp;
+  std::vector<const uint32_t*> pp;
+  static bool direct_path(const Params& P) {
+    return sparse_attn_cpu::direct_head_dim(P.D) && sparse_attn_cpu::direct_head_dim(P.Dv);
+  }
+  // `run`: keys per segment or run at most (the stride of the P rows)
+  void init(const Params& P, int64_t run) {
+    on = direct_path(P);
+    if (!on) return;
+    q.assign(P.R * P.D, 0), p.assign(P.R * run, 0);
+    qmul.assign(P.R, 0.f), rq.assign(P.R, 0.f), rp.assign(P.R * (run / 16 + 1), 0.f);  // segments >= 16 keys
+    qp.resize(P.R), pp.resize(P.R);
+    for (int64_t i = 0; i < P.R; ++i) pp[i] = reinterpret_cast<const uint32_t*>(p.data() + i * run);
+  }
+};
+
 struct Scratch {
   std::vector<float> q, o, s, m, l, corr;
   std::vector<float> ks, vs;  // a quantized cache: the segment's K / V row scales (decode_quant.h)
+  Int8Scratch i8;
   std::vector<const float*> qp;
   std::vector<float*> sp, op;
   std::vector<int32_t> rid;
@@ -126,16 +157,18 @@ struct Scratch {
   int64_t run = kSeg;
   std::vector<Seg> runs;  // a split's segments merged into runs (run > kSeg)
   std::vector<int64_t> run_first, pair_end;  // runs[e]'s first segment; per sub-segment, its end key pair
-  Scratch(const Params& P, bool bf16_dot) {
-    if (bf16_dot && DotScratch::direct_path(P) && !P.table) run = long_run_keys(P.R);
+  Scratch(const Params& P, bool bf16_dot, bool int8_dot) {
+    const bool direct = (bf16_dot && DotScratch::direct_path(P)) || (int8_dot && Int8Scratch::direct_path(P));
+    if (direct && !P.table) run = long_run_keys(P.R);
     if (bf16_dot) w.init(P, run);
+    if (int8_dot) i8.init(P, run);
     q.assign(P.R * P.Dpad, 0.f);
     o.assign(P.R * std::max<int64_t>(P.Dv, 1), 0.f);
     s.assign(P.R * run, 0.f);
     m.assign(P.R, kNegInf);
     l.assign(P.R, 0.f);
     corr.assign(P.R, 1.f);
-    if (P.ksc) ks.assign(kSeg, 1.f), vs.assign(kSeg, 1.f);
+    if (P.ksc) ks.assign(run + 16, 1.f), vs.assign(run + 16, 1.f);
     qp.resize(P.R), sp.resize(P.R), op.resize(P.R), rid.resize(P.R);
   }
 };
@@ -149,6 +182,8 @@ class Split {
  public:
   static constexpr bool kDot = QT == 1 && DT == 1 && kHaveBf16Dot;
   static constexpr bool kQuant = DT == sparse_attn_cpu::kInt8 || DT == sparse_attn_cpu::kFp8;
+  // int8 codes with bf16 / fp16 queries: integer products where D and Dv allow (Int8Scratch::on)
+  static constexpr bool kInt8Dot = DT == sparse_attn_cpu::kInt8 && (QT == 1 || QT == 2) && kHaveInt8Dot;
 
   Split(const Params& P, const QIn* Q, const In* K, const In* V) : P(P), Q(Q), K(K), V(V) {}
 
@@ -169,6 +204,11 @@ class Split {
         }
 #endif
         float* dst = S.q.data() + row * P.Dpad;
+        if (kInt8Dot && S.i8.on) {  // int16 codes; the row's multiplier carries scale * log2 e
+          for (int64_t d = 0; d < P.D; ++d) dst[d] = Elem<QT>::get(src, d * P.qst[3]);
+          S.i8.qmul[row] = sparse_attn_cpu::quantize_q16(dst, P.D, S.i8.q.data() + row * P.D) * P.qmul;
+          continue;
+        }
         for (int64_t d = 0; d < P.D; ++d) dst[d] = Elem<QT>::get(src, d * P.qst[3]) * P.qmul;
       }
     }
@@ -180,7 +220,7 @@ class Split {
     if (!P.table) {
       const In* kb = K + b * P.kst[0] + h * P.kst[1];
       const In* vb = V + b * P.vst[0] + h * P.vst[1];
-      if (S.run > kSeg) {  // direct bf16 path: runs of consecutive segments (kRunKeys)
+      if (S.run > kSeg) {  // direct bf16 / int8 paths: runs of consecutive segments (kRunKeys)
         merge_runs(segs, nseg, S.run, S.runs, S.run_first);
         const int64_t nrun = static_cast<int64_t>(S.runs.size());
         for (int64_t e = 0; e < nrun; ++e) {
@@ -194,6 +234,7 @@ class Split {
           const StridedRows<In> ck{kb + cur.j0 * P.kst[2], P.kst[2]}, cv{vb + cur.j0 * P.vst[2], P.vst[2]};
           const StridedRows<In> nk{kb + (nx ? nx->j0 : 0) * P.kst[2], P.kst[2]};
           const StridedRows<In> nv{vb + (nx ? nx->j0 : 0) * P.vst[2], P.vst[2]};
+          if constexpr (kQuant) load_scales(P, cur, b, h, S.ks.data(), S.vs.data());
           if (ahead > 0) {
             segment(S, cur, ck, cv, skb, nk, nv, ahead, subs, nsub);
           } else {
@@ -269,7 +310,14 @@ class Split {
           S.w.qwp[cnt] = S.w.qw.data() + row * S.w.Dw;
           S.w.obp[cnt] = S.w.ob.data() + row * S.w.Dvp;
         }
+        if constexpr (kInt8Dot) {
+          S.i8.qp[cnt] = S.i8.q.data() + row * P.D;
+          S.i8.rq[cnt] = S.i8.qmul[row];
+        }
       }
+    }
+    if constexpr (kInt8Dot) {
+      if (S.i8.on) return segment_int8<Rows, Paced>(S, sg, kr, vr, skb, nkr, nvr, next_nk, cnt, subs, nsub);
     }
 #ifdef SPARSE_ATTN_BF16_DOT
     // direct path: q . K^T in passes of kDirectRows rows, P . V in passes of `rows` rows x `cols`
@@ -372,6 +420,61 @@ class Split {
     }
   }
 
+  // segment() for int8 codes with integer products (decode_int8.h), rows already listed (cnt):
+  // scores, the K scales, the softmax (per sub-segment of a run), the V scales folded into P, P as
+  // int16 per sub-segment, P . V; the next segment's K and V go to L2 at the products' pace (Pacer)
+  template <typename Rows, bool Paced>
+  void segment_int8(Scratch& S, const Seg& sg, Rows kr, Rows vr, int64_t skb, Rows nkr, Rows nvr, int64_t next_nk,
+                    int64_t cnt, const Seg* subs, int64_t nsub) {
+#ifdef SPARSE_ATTN_INT8_DOT
+    using namespace sparse_attn_cpu;
+    static_assert(kSeg <= 256, "int8 P . V sums are exact in int32 for sub-segments of at most 256 keys");
+    const int64_t nk = sg.nk;
+    // whole V rows per P . V pass (2 rows x 128 columns at Dv = 128): passes of 4 rows x 64 columns,
+    // half rows, measured 0.9x (the bf16 path's finding, decode_bf16.h, holds here too)
+    const int64_t cols = std::min<int64_t>(P.Dv, kPvCols), rows = pv_rows_per_pass(cols);
+    Pacer<Rows> pace{nkr, nvr, next_nk, P.D, P.Dv,
+                     (nk + 15) / 16 * 8 * ((cnt + kDirectRows - 1) / kDirectRows) +
+                         (nk + 1) / 2 * ((cnt + rows - 1) / rows) * ((P.Dv + cols - 1) / cols)};
+    auto step = [&]() __attribute__((always_inline)) {
+      if constexpr (Paced) pace.step();
+    };
+    for (int64_t r = 0; r < cnt; r += kDirectRows)
+      with_direct_rows(std::min<int64_t>(kDirectRows, cnt - r), [&](auto rg) {
+        with_chunks(P.D, [&](auto dc) {
+          qk_int8<decltype(rg)::value, decltype(dc)::value>(nk, S.i8.qp.data() + r, kr, S.sp.data() + r,
+                                                              S.i8.rq.data() + r, step);
+        });
+      });
+    scale_rows(S.sp.data(), cnt, nk, S.ks.data());  // q . k = s_k (q . code)
+    if (static_cast<int64_t>(S.corr.size()) < nsub * cnt) S.corr.resize(nsub * cnt);
+    online_softmax(P, skb, sg.j0, nk, subs, nsub, cnt, S.rid.data(), S.sp.data(), S.m.data(), S.l.data(),
+                   S.corr.data());
+    // p v = (p s_v) code: P times the V scales, as int16 per row and sub-segment (u's multiplier at
+    // rp[u * cnt + i]); sub-segments but the last are multiples of 16 keys, so pairs do not straddle
+    S.pair_end.resize(nsub);
+    for (int64_t u = 0; u < nsub; ++u) {
+      const int64_t a = subs[u].j0 - sg.j0, n = subs[u].nk;
+      S.pair_end[u] = (a + n + 1) / 2;
+      for (int64_t i = 0; i < cnt; ++i)
+        S.i8.rp[u * cnt + i] = quantize_p16(S.sp[i] + a, S.vs.data() + a, n, S.i8.p.data() + i * S.run + a);
+    }
+    for (int64_t r = 0; r < cnt; r += rows)
+      for (int64_t d0 = 0; d0 < P.Dv; d0 += cols)
+        with_direct_rows(std::min<int64_t>(rows, cnt - r), [&](auto rg) {
+          with_chunks(cols, [&](auto nc) {
+            constexpr int RG = std::remove_reference_t<decltype(rg)>::value, NC = decltype(nc)::value;
+            if constexpr (RG * NC <= kPvAccVectors / 2)  // pv_rows_per_pass never asks for more
+              pv_int8<RG, NC>(nk, S.i8.pp.data() + r, vr, d0, S.op.data() + r, S.corr.data() + r,
+                              S.i8.rp.data() + r, step, nsub, S.pair_end.data(), cnt);
+          });
+        });
+#else
+    (void)S, (void)sg, (void)kr, (void)vr, (void)skb, (void)nkr, (void)nvr, (void)next_nk, (void)cnt, (void)subs,
+        (void)nsub;
+#endif
+  }
+
   const Params& P;
   const QIn* Q;
   const In *K, *V;
@@ -415,7 +518,7 @@ void run_all(const Params& P, const void* q, const void* k, const void* v, OutT*
   std::atomic<int64_t> next{0};
   auto work = [&](int64_t begin, int64_t end) {
     if (begin >= end) return;
-    Scratch S(P, Split<QT, DT>::kDot);
+    Scratch S(P, Split<QT, DT>::kDot, Split<QT, DT>::kInt8Dot);
     std::vector<float> acc, w;
     Split<QT, DT> split(P, static_cast<const QIn*>(q), static_cast<const In*>(k), static_cast<const In*>(v));
     for (;;) {
@@ -469,5 +572,6 @@ void run_decode(const Params& P, int dtype, int kv_dtype, const void* q, const v
 }
 
 bool bf16_dot_enabled() { return kHaveBf16Dot; }
+bool int8_dot_enabled() { return kHaveInt8Dot; }
 
 }  // namespace sparse_attn_decode

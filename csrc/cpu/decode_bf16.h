@@ -18,63 +18,22 @@
 //            alternating calls in one process: 17.9 -> 21.4 GB/s median (paired ratio 1.20); one
 //            thread 9.7 -> 10.5.
 // Both loops take a hook called once per key pair, which the caller uses to prefetch the next
-// segment's rows into L2 at an even pace (Pacer below). Measured on one Zen 4 core, Sk =
+// segment's rows into L2 at an even pace (Pacer, decode_direct.h). Measured on one Zen 4 core, Sk =
 // 131072, D = 128: 9.9 GB/s without, 13.3 GB/s with a prefetch in the first passes only (the
 // hardware prefetchers alone do not keep the K and V streams ahead of the products).
 // Requires D and Dv multiples of 32 (one 64-byte vector per 32 elements); callers use the packed
 // path otherwise.
 #pragma once
 
+#include "cpu/decode_direct.h"  // kDirectRows, the dispatchers, Pacer
 #include "cpu/vec_bf16.h"
 
 #ifdef SPARSE_ATTN_BF16_DOT
-namespace sparse_attn_cpu {
-
-constexpr int kDirectRows = 4;  // query rows per pass (accumulators: 4 rows x 4 vectors)
-constexpr int kPvAccVectors = 16;  // P . V accumulators per pass: RG rows x 2 NC vectors
-constexpr int64_t kPvCols = 128;   // P . V columns per pass, at most
-
-// query rows per P . V pass of `cols` columns (kPvAccVectors accumulators, at most kDirectRows rows)
-inline int64_t pv_rows_per_pass(int64_t cols) {
-  return std::min<int64_t>(kDirectRows, kPvAccVectors * 16 / cols);
-}
-
-// dispatch a compile-time row count 1..kDirectRows
-template <typename F>
-inline void with_direct_rows(int64_t rg, F&& f) {
-  switch (rg) {
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    default: f(std::integral_constant<int, 1>{}); break;
-  }
-}
-
-// head dims the direct path serves: 32 * DC elements, DC in {1, 2, 4, 8}
-inline bool direct_head_dim(int64_t d) { return d == 32 || d == 64 || d == 128 || d == 256; }
-
-template <typename F>
-inline void with_chunks(int64_t d, F&& f) {
-  switch (d / 32) {
-    case 8: f(std::integral_constant<int, 8>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    default: f(std::integral_constant<int, 1>{}); break;
-  }
-}
-
-}  // namespace sparse_attn_cpu
 
 #if defined(__aarch64__)
-#include "cpu/decode_bf16_neon.h"  // the same three functions with Arm's bfdot
+#include "cpu/decode_bf16_neon.h"  // the same two functions with Arm's bfdot
 #else
 namespace sparse_attn_cpu {
-
-// every cache line of `bytes` bytes at p, into L2 (prefetcht1; into L1, t0, was no faster than
-// none: one core's L1 misses in flight cap it near 10 GB/s)
-inline void prefetch_line_run(const void* p, int64_t bytes) {
-  for (int64_t c = 0; c < bytes; c += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + c, _MM_HINT_T1);
-}
 
 // s[r][0 : round_up(nk, 16)) = out_mul * (q_r . k_j), r < RG. q rows as bf16 words (DC * 16 words
 // each); krow(j) is key j's row (bf16, contiguous, DC * 32 elements). Keys past nk repeat key
@@ -185,31 +144,4 @@ inline void pv_direct(int64_t nk, const uint32_t* const* p, Rows vrow, const uin
 }  // namespace sparse_attn_cpu
 #endif  // x86 / Arm
 
-namespace sparse_attn_cpu {
-
-// The paced prefetch of the next segment where the hardware prefetchers cannot guess it (a run
-// that does not continue the current one, or the pages of a paged cache): its K rows, then its V
-// rows, into L2 (prefetcht1; `prfm pldl2keep` on Arm), spread evenly over the `calls` steps of this
-// segment (one per key pair of each q . K^T and P . V pass), so that the requests also go out while the softmax and
-// the P . V passes that read V back from cache run, instead of in bursts (a burst of prefetches
-// is mostly dropped). Measured with 128-key segments (Sk = 131072, G = 4, D = 128, bf16, medians
-// of 30-80 alternating calls in one process): 1.02-1.05x the previous unpaced prefetch;
-// prefetcht0 or prefetchnta in place of prefetcht1 0.8x; two segments ahead no better than one.
-// step() is forced inline: as a call, it made the compiler spill the 16 P . V accumulators around
-// every key pair, which cost little from DRAM but up to 1.2x on data in cache (TopK(16) decode
-// at 128K keys: 1.38-1.93x with the inline hook and long runs together).
-template <typename Rows>
-struct Pacer {
-  Rows k, v;
-  int64_t nk, kbytes, vbytes, calls, call = 0, done = 0;
-  __attribute__((always_inline)) inline void step() {
-    const int64_t want = ++call * 2 * nk / std::max<int64_t>(calls, 1);
-    for (; done < want && done < 2 * nk; ++done) {
-      if (done < nk) prefetch_line_run(k[done], kbytes);
-      else prefetch_line_run(v[done - nk], vbytes);
-    }
-  }
-};
-
-}  // namespace sparse_attn_cpu
 #endif  // SPARSE_ATTN_BF16_DOT

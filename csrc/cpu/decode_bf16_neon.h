@@ -16,14 +16,10 @@
 
 #include <arm_neon.h>
 
-#include "cpu/vec_bf16.h"  // included by decode_bf16.h, after its shared constants and dispatchers
+#include "cpu/decode_direct.h"  // the shared constants, dispatchers and prefetch (prefetch_line_run)
+#include "cpu/vec_bf16.h"
 
 namespace sparse_attn_cpu {
-
-// every cache line of `bytes` bytes at p, into L2 (`prfm pldl2keep`)
-inline void prefetch_line_run(const void* p, int64_t bytes) {
-  for (int64_t c = 0; c < bytes; c += 64) __builtin_prefetch(reinterpret_cast<const char*>(p) + c, 0, 2);
-}
 
 inline bfloat16x8_t load_bf16x8(const uint16_t* p) { return vreinterpretq_bf16_u16(vld1q_u16(p)); }
 

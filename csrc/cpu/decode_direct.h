@@ -1,0 +1,80 @@
+// The shapes shared by the decode kernel's "direct" products (decode_bf16.h: bfloat16 rows;
+// decode_int8.h: int8 codes), which multiply straight from the K/V rows as they sit in the cache,
+// with no packing: how many query rows a pass keeps in registers, which head dims they serve, the
+// compile-time dispatchers, and the paced prefetch of the next segment (Pacer). Architecture-free:
+// the products themselves are in the per-ISA headers.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+namespace sparse_attn_cpu {
+
+constexpr int kDirectRows = 4;     // query rows per q . K^T pass (accumulators: 4 rows x 4 vectors)
+constexpr int kPvAccVectors = 16;  // P . V accumulators per pass: RG rows x 2 NC 64-byte vectors
+constexpr int64_t kPvCols = 128;   // P . V columns per pass, at most
+
+// query rows per P . V pass of `cols` columns (kPvAccVectors accumulators, at most kDirectRows rows)
+inline int64_t pv_rows_per_pass(int64_t cols) {
+  return std::min<int64_t>(kDirectRows, kPvAccVectors * 16 / cols);
+}
+
+// dispatch a compile-time row count 1..kDirectRows
+template <typename F>
+inline void with_direct_rows(int64_t rg, F&& f) {
+  switch (rg) {
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    default: f(std::integral_constant<int, 1>{}); break;
+  }
+}
+
+// head dims the direct paths serve: 32 * DC elements, DC in {1, 2, 4, 8}
+inline bool direct_head_dim(int64_t d) { return d == 32 || d == 64 || d == 128 || d == 256; }
+
+template <typename F>
+inline void with_chunks(int64_t d, F&& f) {
+  switch (d / 32) {
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    default: f(std::integral_constant<int, 1>{}); break;
+  }
+}
+
+// every cache line of `bytes` bytes at p, into L2 (prefetcht1 on x86, `prfm pldl2keep` on Arm; into
+// L1, t0, was no faster than none: one core's L1 misses in flight cap it near 10 GB/s)
+inline void prefetch_line_run(const void* p, int64_t bytes) {
+  for (int64_t c = 0; c < bytes; c += 64) __builtin_prefetch(reinterpret_cast<const char*>(p) + c, 0, 2);
+}
+
+// The paced prefetch of the next segment where the hardware prefetchers cannot guess it (a run
+// that does not continue the current one, or the pages of a paged cache): its K rows, then its V
+// rows, into L2, spread evenly over the `calls` steps of this segment (one per key pair of each
+// q . K^T and P . V pass), so that the requests also go out while the softmax and the P . V passes
+// that read V back from cache run, instead of in bursts (a burst of prefetches is mostly dropped).
+// Measured with 128-key segments (Sk = 131072, G = 4, D = 128, bf16, medians of 30-80 alternating
+// calls in one process): 1.02-1.05x the previous unpaced prefetch; prefetcht0 or prefetchnta in
+// place of prefetcht1 0.8x; two segments ahead no better than one.
+// step() is forced inline: as a call, it made the compiler spill the 16 P . V accumulators around
+// every key pair, which cost little from DRAM but up to 1.2x on data in cache (TopK(16) decode
+// at 128K keys: 1.38-1.93x with the inline hook and long runs together).
+// After c steps, floor(c * 2 nk / calls) rows have been asked for, counted without a division
+// (a 64-bit idiv per key pair of every pass, as first written, sat in the products' loops).
+template <typename Rows>
+struct Pacer {
+  Rows k, v;
+  int64_t nk, kbytes, vbytes, calls, credit = 0, done = 0;
+  __attribute__((always_inline)) inline void step() {
+    credit += 2 * nk;
+    for (; credit >= calls && done < 2 * nk; ++done) {
+      credit -= std::max<int64_t>(calls, 1);
+      if (done < nk) prefetch_line_run(k[done], kbytes);
+      else prefetch_line_run(v[done - nk], vbytes);
+    }
+  }
+};
+
+}  // namespace sparse_attn_cpu
