@@ -33,6 +33,7 @@
 //   decode_direct.h   what the direct products share: rows per pass, head dims, the paced prefetch
 //   decode_bf16.h     bfloat16 products straight from the rows (AVX-512 BF16)
 //   decode_int8.h     int8 codes x int16 q / P with integer dot products (AVX-512 VNNI)
+//   decode_fp8.h      fp8 codes turned into bf16 words for decode_bf16.h's products (AVX-512 BF16)
 //   decode_softmax.h  the online softmax, the split merge, the non-finite rule
 //   quant_rows.h, decode_quant.h  int8 / fp8 codes read as floats, their row scales applied
 //                     to the scores (K) and the probabilities (V): a quantized cache
@@ -51,6 +52,7 @@
 
 #include "cpu/decode_bf16.h"  // SPARSE_ATTN_BF16_DOT: bfloat16 products with vdpbf16ps, from the rows
 #include "cpu/decode_f32.h"
+#include "cpu/decode_fp8.h"   // SPARSE_ATTN_FP8_DOT: fp8 codes as bf16 words, the bf16 products
 #include "cpu/decode_int8.h"  // SPARSE_ATTN_INT8_DOT: int8 codes x int16 q / P with vpdpwssd
 #include "cpu/decode_plan.h"
 #include "cpu/decode_quant.h"
@@ -82,6 +84,11 @@ using sparse_attn_cpu::with_direct_rows;
 constexpr bool kHaveBf16Dot = true;
 #else
 constexpr bool kHaveBf16Dot = false;
+#endif
+#ifdef SPARSE_ATTN_FP8_DOT
+constexpr bool kHaveFp8Dot = true;
+#else
+constexpr bool kHaveFp8Dot = false;
 #endif
 #ifdef SPARSE_ATTN_INT8_DOT
 constexpr bool kHaveInt8Dot = true;
@@ -184,6 +191,11 @@ class Split {
   static constexpr bool kQuant = DT == sparse_attn_cpu::kInt8 || DT == sparse_attn_cpu::kFp8;
   // int8 codes with bf16 / fp16 queries: integer products where D and Dv allow (Int8Scratch::on)
   static constexpr bool kInt8Dot = DT == sparse_attn_cpu::kInt8 && (QT == 1 || QT == 2) && kHaveInt8Dot;
+  // fp8 codes with bf16 queries: the bf16 products on codes turned into bf16 words (decode_fp8.h),
+  // where D and Dv allow (DotScratch::direct)
+  static constexpr bool kFp8Dot = DT == sparse_attn_cpu::kFp8 && QT == 1 && kHaveFp8Dot;
+  // the bf16 products' scratch (q as bf16 words, P as bf16 pairs) is needed
+  static constexpr bool kBf16Words = kDot || kFp8Dot;
 
   Split(const Params& P, const QIn* Q, const In* K, const In* V) : P(P), Q(Q), K(K), V(V) {}
 
@@ -198,7 +210,7 @@ class Split {
         const int64_t row = t * G + g;
         const QIn* src = Q + b * P.qst[0] + (h * G + g) * P.qst[1] + t * P.qst[2];
 #ifdef SPARSE_ATTN_BF16_DOT
-        if constexpr (kDot) {
+        if (kDot || (kFp8Dot && S.w.direct)) {
           copy_words(S.w.qw.data() + row * S.w.Dw, reinterpret_cast<const uint16_t*>(src), P.D, P.qst[3]);
           continue;
         }
@@ -306,7 +318,7 @@ class Split {
         S.op[cnt] = S.o.data() + row * P.Dv;
         S.sp[cnt] = S.s.data() + cnt * S.run;
         S.rid[cnt] = static_cast<int32_t>(row);
-        if constexpr (kDot) {
+        if constexpr (kBf16Words) {
           S.w.qwp[cnt] = S.w.qw.data() + row * S.w.Dw;
           S.w.obp[cnt] = S.w.ob.data() + row * S.w.Dvp;
         }
@@ -318,6 +330,9 @@ class Split {
     }
     if constexpr (kInt8Dot) {
       if (S.i8.on) return segment_int8<Rows, Paced>(S, sg, kr, vr, skb, nkr, nvr, next_nk, cnt, subs, nsub);
+    }
+    if constexpr (kFp8Dot) {
+      if (S.w.direct) return segment_fp8<Rows, Paced>(S, sg, kr, vr, skb, nkr, nvr, next_nk, cnt, subs, nsub);
     }
 #ifdef SPARSE_ATTN_BF16_DOT
     // direct path: q . K^T in passes of kDirectRows rows, P . V in passes of `rows` rows x `cols`
@@ -475,6 +490,58 @@ class Split {
 #endif
   }
 
+  // segment() for fp8 codes with the bf16 products (decode_fp8.h), rows already listed (cnt): the
+  // codes become bf16 words in registers; scores, the K scales, the softmax (per sub-segment of a
+  // run), P times the V scales rounded to bf16 pairs, P . V; the next segment's K and V go to L2 at
+  // the products' pace (Pacer)
+  template <typename Rows, bool Paced>
+  void segment_fp8(Scratch& S, const Seg& sg, Rows kr, Rows vr, int64_t skb, Rows nkr, Rows nvr, int64_t next_nk,
+                   int64_t cnt, const Seg* subs, int64_t nsub) {
+#ifdef SPARSE_ATTN_FP8_DOT
+    using namespace sparse_attn_cpu;
+    const int64_t nk = sg.nk;
+    const Fp8Words words;
+    const int64_t cols = std::min<int64_t>(P.Dv, kPvCols), rows = pv_rows_per_pass(cols);
+    Pacer<Rows> pace{nkr, nvr, next_nk, P.D, P.Dv,
+                     (nk + 15) / 16 * 8 * ((cnt + kDirectRows - 1) / kDirectRows) +
+                         (nk + 1) / 2 * ((cnt + rows - 1) / rows) * ((P.Dv + cols - 1) / cols)};
+    auto step = [&]() __attribute__((always_inline)) {
+      if constexpr (Paced) pace.step();
+    };
+    for (int64_t r = 0; r < cnt; r += kDirectRows)
+      with_direct_rows(std::min<int64_t>(kDirectRows, cnt - r), [&](auto rg) {
+        with_chunks(P.D, [&](auto dc) {
+          qk_direct<decltype(rg)::value, decltype(dc)::value>(
+              nk, S.w.qwp.data() + r, [&](int64_t j) { return reinterpret_cast<const uint8_t*>(kr[j]); },
+              S.sp.data() + r, P.qmul, step, words);
+        });
+      });
+    scale_rows(S.sp.data(), cnt, nk, S.ks.data());  // q . k = s_k (q . code)
+    if (static_cast<int64_t>(S.corr.size()) < nsub * cnt) S.corr.resize(nsub * cnt);
+    online_softmax(P, skb, sg.j0, nk, subs, nsub, cnt, S.rid.data(), S.sp.data(), S.m.data(), S.l.data(),
+                   S.corr.data());
+    scale_rows(S.sp.data(), cnt, nk, S.vs.data());  // p v = (p s_v) code
+    S.pair_end.resize(nsub);
+    for (int64_t u = 0; u < nsub; ++u) S.pair_end[u] = (subs[u].j0 - sg.j0 + subs[u].nk + 1) / 2;
+    for (int64_t i = 0; i < cnt; ++i) floats_to_bf16_pairs(S.w.pw.data() + i * S.run / 2, S.sp[i], round_up(nk, 16));
+    const uint8_t* zero = reinterpret_cast<const uint8_t*>(S.w.zero.data());  // Dv zero codes (at least)
+    for (int64_t r = 0; r < cnt; r += rows)
+      for (int64_t d0 = 0; d0 < P.Dv; d0 += cols)
+        with_direct_rows(std::min<int64_t>(rows, cnt - r), [&](auto rg) {
+          with_chunks(cols, [&](auto nc) {
+            constexpr int RG = std::remove_reference_t<decltype(rg)>::value, NC = decltype(nc)::value;
+            if constexpr (RG * NC <= kPvAccVectors / 2)  // pv_rows_per_pass never asks for more
+              pv_direct<RG, NC>(
+                  nk, S.w.pwp.data() + r, [&](int64_t j) { return reinterpret_cast<const uint8_t*>(vr[j]); }, zero,
+                  d0, S.op.data() + r, S.corr.data() + r, step, nsub, S.pair_end.data(), cnt, words);
+          });
+        });
+#else
+    (void)S, (void)sg, (void)kr, (void)vr, (void)skb, (void)nkr, (void)nvr, (void)next_nk, (void)cnt, (void)subs,
+        (void)nsub;
+#endif
+  }
+
   const Params& P;
   const QIn* Q;
   const In *K, *V;
@@ -518,7 +585,7 @@ void run_all(const Params& P, const void* q, const void* k, const void* v, OutT*
   std::atomic<int64_t> next{0};
   auto work = [&](int64_t begin, int64_t end) {
     if (begin >= end) return;
-    Scratch S(P, Split<QT, DT>::kDot, Split<QT, DT>::kInt8Dot);
+    Scratch S(P, Split<QT, DT>::kBf16Words, Split<QT, DT>::kInt8Dot);
     std::vector<float> acc, w;
     Split<QT, DT> split(P, static_cast<const QIn*>(q), static_cast<const In*>(k), static_cast<const In*>(v));
     for (;;) {
@@ -573,5 +640,6 @@ void run_decode(const Params& P, int dtype, int kv_dtype, const void* q, const v
 
 bool bf16_dot_enabled() { return kHaveBf16Dot; }
 bool int8_dot_enabled() { return kHaveInt8Dot; }
+bool fp8_dot_enabled() { return kHaveFp8Dot; }
 
 }  // namespace sparse_attn_decode

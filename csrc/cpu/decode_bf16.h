@@ -35,12 +35,18 @@
 #else
 namespace sparse_attn_cpu {
 
+// The 32 bf16 words of a row's chunk as the products read them: a bf16 row as it is. (Another
+// storage passes its own: decode_fp8.h's converts fp8 codes in registers.)
+struct Bf16Words {
+  __attribute__((always_inline)) __m512i operator()(const uint16_t* p) const { return _mm512_loadu_si512(p); }
+};
+
 // s[r][0 : round_up(nk, 16)) = out_mul * (q_r . k_j), r < RG. q rows as bf16 words (DC * 16 words
-// each); krow(j) is key j's row (bf16, contiguous, DC * 32 elements). Keys past nk repeat key
-// nk - 1 (finite scores the caller masks). `ahead()` is called once per key pair.
-template <int RG, int DC, typename Rows, typename Ahead>
+// each); krow(j) is key j's row (DC * 32 elements, read 32 at a time by `words`). Keys past nk
+// repeat key nk - 1 (finite scores the caller masks). `ahead()` is called once per key pair.
+template <int RG, int DC, typename Rows, typename Ahead, typename Words = Bf16Words>
 inline void qk_direct(int64_t nk, const uint32_t* const* q, Rows krow, float* const* s, float out_mul,
-                      Ahead&& ahead) {
+                      Ahead&& ahead, Words words = {}) {
   __m512bh qv[RG][DC];
 #pragma GCC unroll 4
   for (int r = 0; r < RG; ++r)
@@ -54,14 +60,14 @@ inline void qk_direct(int64_t nk, const uint32_t* const* q, Rows krow, float* co
     for (int m = 0; m < 8; ++m) {
       const int64_t ja = std::min(j0 + 2 * m, nk - 1), jb = std::min(j0 + 2 * m + 1, nk - 1);
       ahead();
-      const auto* ka = reinterpret_cast<const uint32_t*>(krow(ja));
-      const auto* kb = reinterpret_cast<const uint32_t*>(krow(jb));
+      const auto* ka = krow(ja);
+      const auto* kb = krow(jb);
       __m512 a[RG], b[RG];
 #pragma GCC unroll 4
       for (int r = 0; r < RG; ++r) a[r] = _mm512_setzero_ps(), b[r] = _mm512_setzero_ps();
 #pragma GCC unroll 8
       for (int c = 0; c < DC; ++c) {
-        const __m512bh x = as_bh(_mm512_loadu_si512(ka + 16 * c)), y = as_bh(_mm512_loadu_si512(kb + 16 * c));
+        const __m512bh x = as_bh(words(ka + 32 * c)), y = as_bh(words(kb + 32 * c));
 #pragma GCC unroll 4
         for (int r = 0; r < RG; ++r) a[r] = _mm512_dpbf16_ps(a[r], qv[r][c], x), b[r] = _mm512_dpbf16_ps(b[r], qv[r][c], y);
       }
@@ -91,14 +97,15 @@ inline void qk_direct(int64_t nk, const uint32_t* const* q, Rows krow, float* co
 
 // o_r[d0 : d0 + 32 NC) = corr_r * o_r + sum_i (p_r,2i p_r,2i+1) . (v_2i, v_2i+1)[d0 : d0 + 32 NC),
 // r < RG, over the np = ceil(nk / 2) key pairs; p rows as bf16 pairs (word i = keys 2i, 2i + 1);
-// vrow(j) key j's V row (bf16, contiguous); an odd nk's missing key reads `zero` (Dv zeros).
+// vrow(j) key j's V row (contiguous, read 32 elements at a time by `words`); an odd nk's missing
+// key reads `zero` (Dv zeros of the row's element type).
 // `ahead()` is called once per key pair. With nsub > 1 the keys are nsub sub-segments, u ending at
 // key pair pair_end[u] (the last at np), and the accumulators are rescaled by corr[u * corr_stride
 // + r] in registers as sub-segment u starts: the same float operations as one call per sub-segment.
-template <int RG, int NC, typename Rows, typename Ahead>
-inline void pv_direct(int64_t nk, const uint32_t* const* p, Rows vrow, const uint16_t* zero, int64_t d0,
+template <int RG, int NC, typename Rows, typename E, typename Ahead, typename Words = Bf16Words>
+inline void pv_direct(int64_t nk, const uint32_t* const* p, Rows vrow, const E* zero, int64_t d0,
                       float* const* o, const float* corr, Ahead&& ahead, int64_t nsub = 1,
-                      const int64_t* pair_end = nullptr, int64_t corr_stride = 0) {
+                      const int64_t* pair_end = nullptr, int64_t corr_stride = 0, Words words = {}) {
   const __m512i lo_idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
                                           37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
   const __m512i hi_idx = _mm512_add_epi16(lo_idx, _mm512_set1_epi16(16));
@@ -119,14 +126,14 @@ inline void pv_direct(int64_t nk, const uint32_t* const* p, Rows vrow, const uin
     }
     for (const int64_t end = u + 1 < nsub ? pair_end[u] : np; i < end; ++i) {
       ahead();
-      const uint16_t* va = vrow(2 * i) + d0;
-      const uint16_t* vb = (2 * i + 1 < nk ? vrow(2 * i + 1) : zero) + d0;
+      const E* va = vrow(2 * i) + d0;
+      const E* vb = (2 * i + 1 < nk ? vrow(2 * i + 1) : zero) + d0;
       __m512bh pv[RG];
 #pragma GCC unroll 4
       for (int r = 0; r < RG; ++r) pv[r] = as_bh(_mm512_set1_epi32(static_cast<int>(p[r][i])));
 #pragma GCC unroll 4
       for (int c = 0; c < NC; ++c) {
-        const __m512i x = _mm512_loadu_si512(va + 32 * c), y = _mm512_loadu_si512(vb + 32 * c);
+        const __m512i x = words(va + 32 * c), y = words(vb + 32 * c);
         const __m512bh lo = as_bh(_mm512_permutex2var_epi16(x, lo_idx, y)), hi = as_bh(_mm512_permutex2var_epi16(x, hi_idx, y));
 #pragma GCC unroll 4
         for (int r = 0; r < RG; ++r)

@@ -303,6 +303,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sparse_attn CPU split-KV decode kernel";
   m.attr("bf16_dot") = bf16_dot_enabled();  // bfloat16 products with vdpbf16ps
   m.attr("int8_dot") = int8_dot_enabled();  // int8 codes x int16 q / P with vpdpwssd (decode_int8.h)
+  m.attr("fp8_dot") = fp8_dot_enabled();  // fp8 codes as bf16 words, the bf16 products (decode_fp8.h)
   py::class_<DecodeArgs>(m, "DecodeArgs", "decode_fwd's arguments, by name (see csrc/cpu/decode_binding.cpp)")
       .def(py::init<>())
       .def_readwrite("q", &DecodeArgs::q)

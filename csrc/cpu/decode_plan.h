@@ -80,6 +80,7 @@ void run_decode(const Params& P, int dtype, int kv_dtype, const void* q, const v
 // whether this build multiplies bfloat16 with vdpbf16ps (AVX-512 BF16)
 bool bf16_dot_enabled();
 bool int8_dot_enabled();  // decode_int8.h's integer products built in
+bool fp8_dot_enabled();   // decode_fp8.h's path built in
 
 // keys [lo, hi) and the sinks [0, s) visible to token row t by the token rule
 struct RowRange {
