@@ -6,6 +6,10 @@
 * decode over those pages (`PagesCache` -> `attention_with_cache`, the CPU split-KV kernel reading
   vLLM's block table in place) equals the float64 oracle on each sequence's keys for Dense and
   SlidingWindow (sinks too), and TopK equals the oracle where its selection is not a near tie;
+* TopK's C++ selection reads the page sums through vLLM's block table where they lie
+  (`topk_select_sums(..., page_table)`, no per-step gather): its indices equal, exactly, the
+  PyTorch definition (`topk_index_over_cache`) and the selection from the sums gathered per
+  sequence, with shared pages, stale table entries past a length, Sq 1-16, GQA, NaN keys;
 * `gather_keys` (what a prefill chunk attends to) equals the sequence's rows;
 * `SPARSE_ATTN_VLLM_PATTERN`'s grammar, the per-layer rule (a sliding layer keeps its window), and
   `ValueError`s naming the variable for bad values and for `infllmv2`.
@@ -23,7 +27,9 @@ import oracle
 import sparse_attn as sa
 from conftest import topk_margin
 from sparse_attn.integrations.vllm import parse_pattern, register
+from sparse_attn.cache.view import KVView
 from sparse_attn.integrations.vllm.pages import PagesCache, gather_keys, split_pages, write_pages
+from sparse_attn.layout.topk_selection import topk_index_over_cache
 from sparse_attn.integrations.vllm.patterns import ENV, layer_pattern
 
 needs_jit = pytest.mark.skipif(os.environ.get("SPARSE_ATTN_DISABLE_JIT") == "1",
@@ -107,6 +113,81 @@ def test_decode_over_vllm_pages(kind, dtype):
     for b in range(len(lengths)):
         ref = oracle.oracle_attention(q[b:b + 1].double(), ks[b].double(), vs[b].double(), pattern)
         oracle.assert_close_contract(out[b:b + 1], ref, dtype=dtype, device="cpu", what=f"{kind} sequence {b}")
+
+
+def _gathered_view(view: KVView) -> KVView:
+    """The same view with its page sums copied per sequence `(B, Hkv, W + 1, D)` (what the plugin
+    did every step before the selection read the pages through the table)."""
+    sums = view.block_sums[view.page_table.long()].permute(0, 2, 1, 3)
+    sums = torch.cat([sums, torch.zeros_like(sums[:, :, :1])], 2).contiguous()
+    return KVView(kind="paged", k=view.k, v=view.v, page_table=view.page_table, page_size=view.page_size,
+                  lengths=view.lengths, host_lengths=view.host_lengths, block_sums=sums,
+                  pool_block_size=view.pool_block_size, max_len=view.max_len)
+
+
+@needs_jit
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("sq,hq,hkv,ps,topk,sinks,locals_", [(1, 8, 2, 16, 4, 1, 1), (5, 4, 4, 8, 3, 0, 2),
+                                                             (16, 6, 3, 16, 40, 2, 1), (1, 4, 2, 16, 2, 1, 3)])
+def test_topk_selection_reads_page_sums_in_place(dtype, sq, hq, hkv, ps, topk, sinks, locals_):
+    from sparse_attn.backends.cpu.decode import _ext
+    d = 24
+    lengths = [301, 3, 129, 64]  # the second: shorter than Sq for Sq > 3 (rows before the first key)
+    kv, table, sums, ks, _ = _fill(lengths, hkv=hkv, d=d, page_size=ps, num_pages=80, seed=sq + ps, dtype=dtype)
+    # a prefix shared by two sequences (prefix caching: the same pages in both tables), and stale page
+    # ids past each length (vLLM leaves old entries in a table row): neither may change the selection
+    nshared = -(-lengths[3] // ps) - 1
+    table[3, :nshared] = table[0, :nshared]
+    table = torch.cat([table, torch.randint(0, 80, (len(lengths), 3), dtype=torch.int32)], 1)
+    for b, n in enumerate(lengths):
+        table[b, -(-n // ps):] = torch.randint(0, 80, (table.shape[1] - -(-n // ps),), dtype=torch.int32)
+    q = torch.randn(len(lengths), hq, sq, d).to(dtype)
+    view = PagesCache(kv, table, torch.tensor(lengths, dtype=torch.int32), lengths, page_sums=sums).kv_view()
+    assert view.sums_by_page and view.block_sums.data_ptr() == sums.data_ptr()  # the pages' own sums, no copy
+    pat = sa.TopK(topk, block_size=ps, sink_blocks=sinks, local_blocks=locals_)
+    got = _ext().topk_select_sums(q, sums, lengths, ps, topk, sinks, locals_, table)
+    want = topk_index_over_cache(q, view, pat)  # the PyTorch definition, through the table
+    assert got.dtype == torch.int32 and got.shape == want.shape == (len(lengths), hkv, sq, topk)
+    assert torch.equal(got, want)
+    gathered = _gathered_view(view)
+    assert torch.equal(want, topk_index_over_cache(q, gathered, pat))
+    assert torch.equal(got, _ext().topk_select_sums(q, gathered.block_sums, lengths, ps, topk, sinks, locals_))
+    assert (got[0] >= 0).any()  # something was selected
+
+
+@needs_jit
+def test_topk_page_sums_nan_and_bad_table():
+    from sparse_attn.backends.cpu.decode import _ext
+    ps = 16
+    lengths = [200]
+    kv, table, sums, ks, _ = _fill(lengths, hkv=1, d=8, page_size=ps, num_pages=20, seed=3)
+    sums[table[0, 2]] = float("nan")  # block 2: a NaN key ranks first, as torch.topk ranks it
+    q = torch.randn(1, 2, 1, 8)
+    view = PagesCache(kv, table, torch.tensor(lengths, dtype=torch.int32), lengths, page_sums=sums).kv_view()
+    got = _ext().topk_select_sums(q, sums, lengths, ps, 2, 1, 1, table)
+    assert 2 in got[0, 0, 0].tolist()
+    assert torch.equal(got, topk_index_over_cache(q, view, sa.TopK(2, block_size=ps)))
+    bad = table.clone()
+    bad[0, 5] = 20  # not a page of the sums
+    with pytest.raises(RuntimeError, match="is not a page"):
+        _ext().topk_select_sums(q, sums, lengths, ps, 2, 1, 1, bad)
+    with pytest.raises(RuntimeError, match="needs more blocks than the page table"):
+        _ext().topk_select_sums(q, sums, [10 ** 4], ps, 2, 1, 1, table)
+    with pytest.raises(RuntimeError, match="page_table must be int32"):
+        _ext().topk_select_sums(q, sums, lengths, ps, 2, 1, 1, table.long())
+    with pytest.raises(RuntimeError, match="page sums must be float32"):
+        _ext().topk_select_sums(q, sums.double(), lengths, ps, 2, 1, 1, table)
+
+
+def test_sums_by_page_view_checks():
+    kv = torch.zeros(4, 1, 16, 16)
+    k, v = split_pages(kv)
+    common = dict(kind="paged", k=k, v=v, page_table=torch.zeros(1, 2, dtype=torch.int32), lengths=torch.tensor([3]),
+                  host_lengths=(3,), max_len=32, sums_by_page=True)
+    with pytest.raises(ValueError, match="sums_by_page"):  # blocks must be pages
+        KVView(page_size=16, block_sums=torch.zeros(4, 1, 8), pool_block_size=8, **common)
+    with pytest.raises(ValueError, match="sums_by_page"):
+        KVView(page_size=16, block_sums=None, pool_block_size=None, **common)
 
 
 @pytest.mark.parametrize("spec,want", [

@@ -52,13 +52,14 @@ def write_pages(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
 
 def gather_keys(pages: torch.Tensor, table_row: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     """Rows `[lo, hi)` of one sequence, `(1, Hkv, hi - lo, D)`, from `pages` `(num_pages, Hkv,
-    page_size, D)` through its block-table row (a copy: what a prefill chunk attends to)."""
+    page_size, D)` through its block-table row: what a later chunk of a chunked prefill attends to.
+    One pass: the pages are indexed on a head-major view, so the gather writes `(Hkv, pages, rows,
+    D)` directly (indexing the pages first and then permuting copied every row twice)."""
     ps = pages.shape[2]
     first, last = lo // ps, -(-hi // ps)
-    rows = pages[table_row[first:last].long()]  # (n, Hkv, ps, D)
-    n, heads, _, d = rows.shape
-    rows = rows.permute(1, 0, 2, 3).reshape(heads, n * ps, d)
-    return rows[None, :, lo - first * ps:hi - first * ps]
+    rows = pages.permute(1, 0, 2, 3)[:, table_row[first:last].long()]  # (Hkv, n, ps, D), contiguous
+    heads, n, _, d = rows.shape
+    return rows.reshape(heads, n * ps, d)[None, :, lo - first * ps:hi - first * ps]
 
 
 class PagesCache:
@@ -81,10 +82,8 @@ class PagesCache:
 
     def kv_view(self) -> KVView:
         page_size = self.k_pages.shape[2]
-        sums = None
-        if self.page_sums is not None:  # (B, W, Hkv, D) -> (B, Hkv, W, D): blocks are pages
-            sums = self.page_sums[self.block_table.long()].permute(0, 2, 1, 3)
+        sums = self.page_sums  # (pages, Hkv, D): read through the block table, as the keys are
         return KVView(kind="paged", k=self.k_pages, v=self.v_pages, page_table=self.block_table, page_size=page_size,
                       lengths=self.seq_lens, host_lengths=self.host_lengths, block_sums=sums,
-                      pool_block_size=page_size if sums is not None else None,
+                      pool_block_size=page_size if sums is not None else None, sums_by_page=sums is not None,
                       max_len=self.block_table.shape[1] * page_size, value_dtype=self.k_pages.dtype)
