@@ -3,12 +3,15 @@
 Run from vLLM's venv (docs/integrations.md), with sparse_attn importable:
 
     python bench/vllm_bench.py kernel --lengths 32768 131072 --rounds 3
+    python bench/vllm_bench.py kernel --lengths 131072 --threads 1 --clock thread   # a loaded machine
     python bench/vllm_bench.py e2e --lengths 32768 --rounds 2 --new-tokens 32
 
 `kernel`: one decode step over a paged KV cache in vLLM's CPU layout (the tensor both backends
 read, `(pages, Hkv, page_size, 2 * D)`), vLLM's `cpu_attention_with_kv_cache` vs sparse_attn's
 split-KV decode over the same pages (`PagesCache` -> `attention_with_cache`), Dense and TopK; K+V
 bytes read per second, and a same-run `copy_` of K+V as the machine's bandwidth at that moment.
+`ours_topk_gathered` is TopK as the plugin ran it before its selection read the page sums through
+the block table: the sums gathered per step into `(B, Hkv, W, D)` first.
 Runs alternate (A, B, A, B ...) so load from other jobs falls on both; medians are printed.
 
 `e2e`: the tiny random Llama (tests/vllm_serving/tiny_model.py) served by `LLM(...)` in a fresh process per
@@ -58,14 +61,30 @@ def _kernel_case(n: int, *, hq: int, hkv: int, d: int, page: int, dtype, batch: 
     return kv_vllm, kv_ours, sums, table, q, lens
 
 
-def _time(fn, reps: int) -> float:
+def _time(fn, reps: int, clock=time.perf_counter) -> float:
     fn()  # warm
     best = []
     for _ in range(reps):
-        t = time.perf_counter()
+        t = clock()
         fn()
-        best.append(time.perf_counter() - t)
+        best.append(clock() - t)
     return statistics.median(best)
+
+
+def _gathered_sums_cache():
+    import dataclasses
+
+    from sparse_attn.integrations.vllm.pages import PagesCache
+
+    class GatheredSums(PagesCache):
+        """The view the plugin gave before: page sums copied per step to `(B, Hkv, W + 1, D)`."""
+
+        def kv_view(self):
+            view = super().kv_view()
+            sums = self.page_sums[self.block_table.long()].permute(0, 2, 1, 3)
+            return dataclasses.replace(view, block_sums=sums, sums_by_page=False)
+
+    return GatheredSums
 
 
 def kernel_bench(args):
@@ -75,7 +94,13 @@ def kernel_bench(args):
     import sparse_attn as sa
     from sparse_attn.integrations.vllm.pages import PagesCache, split_pages
 
+    gathered_sums_cache = _gathered_sums_cache()
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.clock == "thread" and torch.get_num_threads() != 1:
+        raise ValueError("--clock thread counts the calling thread only: use it with --threads 1")
+    clock = time.thread_time if args.clock == "thread" else time.perf_counter
     rows = []
     for n in args.lengths:
         kv_vllm, kv, sums, table, q, lens = _kernel_case(n, hq=args.hq, hkv=args.hkv, d=args.d, page=args.page,
@@ -96,6 +121,7 @@ def kernel_bench(args):
                                             scheduler_metadata=meta, s_aux=None)
 
         cache = PagesCache(kv, table, lens, lens.tolist(), page_sums=sums)
+        gathered = gathered_sums_cache(kv, table, lens, lens.tolist(), page_sums=sums)
         q4 = q[:, :, None]
         dense, topk = sa.Dense(), sa.TopK(topk=args.topk, block_size=args.page)
 
@@ -107,6 +133,9 @@ def kernel_bench(args):
         def ours_topk():
             plans[topk].run(q4, cache)
 
+        def ours_topk_gathered():
+            plans[topk].run(q4, gathered)
+
         kv_bytes = 2 * n * args.hkv * args.d * q.shape[0] * kv.element_size()
         dst = torch.empty_like(kv)
 
@@ -117,15 +146,18 @@ def kernel_bench(args):
         vllm_own()
         ref = sa.attention_with_cache(q4, cache, dense, scale=scale)[:, :, 0]
         err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-        times = {k: [] for k in ("copy", "vllm", "ours_dense", "ours_topk")}
-        order = [("copy", copy), ("vllm", vllm_own), ("ours_dense", ours_dense), ("ours_topk", ours_topk)]
+        assert torch.equal(plans[topk].run(q4, cache), plans[topk].run(q4, gathered))
+        times = {k: [] for k in ("copy", "vllm", "ours_dense", "ours_topk", "ours_topk_gathered")}
+        order = [("copy", copy), ("vllm", vllm_own), ("ours_dense", ours_dense), ("ours_topk", ours_topk),
+                 ("ours_topk_gathered", ours_topk_gathered)]
         for r in range(args.rounds):  # the order flips every round: neither side always runs after the other
             for k, fn in (order if r % 2 == 0 else order[::-1]):
-                times[k].append(_time(fn, args.reps))
+                times[k].append(_time(fn, args.reps, clock))
         med = {k: statistics.median(v) for k, v in times.items()}
-        row = {"n": n, "dtype": args.dtype, "load": _load(), "rel_err_vs_vllm": err,
+        row = {"n": n, "dtype": args.dtype, "threads": torch.get_num_threads(), "clock": args.clock, "load": _load(),
+               "rel_err_vs_vllm": err,
                **{f"{k}_ms": 1e3 * t for k, t in med.items()},
-               **{f"{k}_GBps": kv_bytes / t / 1e9 for k, t in med.items() if k != "ours_topk"},
+               **{f"{k}_GBps": kv_bytes / t / 1e9 for k, t in med.items() if not k.startswith("ours_topk")},
                "dense_speedup": med["vllm"] / med["ours_dense"], "topk_speedup": med["vllm"] / med["ours_topk"]}
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -201,6 +233,10 @@ def main():
     k.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     k.add_argument("--rounds", type=int, default=3)
     k.add_argument("--reps", type=int, default=3)
+    k.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    k.add_argument("--clock", default="wall", choices=["wall", "thread"],
+                   help="thread: CPU time of the calling thread (with --threads 1: the whole kernel's time, "
+                        "not the time slices other jobs take on a loaded machine)")
     e = sub.add_parser("e2e")
     e.add_argument("--model", default=None)
     e.add_argument("--lengths", type=int, nargs="+", default=[32768])

@@ -10,8 +10,11 @@ the page sums beside them), then `forward` over the whole batch:
   (`plan_with_cache`, kept per batch size) on a `PagesCache` -- the scheduler picks sparse_attn's
   split-KV decode, which reads vLLM's pages through the block table in place;
 * every other request (prefill, a chunk of a chunked prefill, a prefix-cache hit) runs
-  `sparse_attn.attention` on its new queries against its keys, gathered from the pages (a pure
-  prefill takes the new keys directly); queries are end-aligned to the keys, as the contract says.
+  `sparse_attn.attention` on its new queries against its keys, end-aligned as the contract says.
+  A request with no earlier keys (a whole prompt, the first chunk of a chunked one) attends to its
+  new K/V as vLLM hands them, no copy; a later chunk or a prefix-cache hit reads its visible keys
+  from the pages in one gather (`pages.gather_keys`: from the window's start only, for a window
+  without sinks). `STATS` counts both, for tests and benchmarks.
 
 What the backend cannot honour raises `ValueError` naming the option when the layer is built
 (engine start): ALiBi, a quantized KV cache (`kv_cache_dtype`), encoder / cross attention,
@@ -37,6 +40,11 @@ from .patterns import ENV, layer_pattern, page_size_for, parse_pattern
 
 #: vLLM looks the name up in `AttentionBackendEnum`: the member this backend stands in for
 NAME = "CPU_ATTN"
+
+
+#: what `forward` did in this process: prefill requests served from their new K/V directly, those
+#: whose keys were gathered from the pages, the key rows gathered (K and V each), decode calls
+STATS = {"prefill_direct": 0, "prefill_gathered": 0, "rows_gathered": 0, "decode_calls": 0}
 
 
 def configured_pattern():
@@ -206,9 +214,12 @@ class SparseAttnImpl(AttentionImpl[SparseAttnMetadata]):
             if total == b - a and key is not None:  # nothing cached before: the new keys themselves
                 k = key[a:b].transpose(0, 1)[None]
                 v = value[a:b].transpose(0, 1)[None]
+                STATS["prefill_direct"] += 1
             else:
                 k = gather_keys(k_pages, m.block_table[i], lo, total)
                 v = gather_keys(v_pages, m.block_table[i], lo, total)
+                STATS["prefill_gathered"] += 1
+                STATS["rows_gathered"] += total - lo
             out = attention(q, k, v, self.pattern, **opts)
             output[a:b] = out[0].transpose(0, 1)
         return output
@@ -233,6 +244,7 @@ class SparseAttnImpl(AttentionImpl[SparseAttnMetadata]):
             sel = torch.tensor(idx, dtype=torch.long, device=query.device)
             table, lens = m.block_table[sel], m.seq_lens[sel]
         cache = PagesCache(kv_cache, table, lens, [m.seq_lens_host[i] for i in idx], page_sums=self._page_sums)
+        STATS["decode_calls"] += 1
         q = query[rows][:, :, None]  # (n, Hq, 1, D)
         output[rows] = self._planned(q, cache, opts)[:, :, 0]
 
