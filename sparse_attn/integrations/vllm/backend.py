@@ -23,6 +23,7 @@ fused output quantization, KV sharing under TopK, an unknown or unsupported patt
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -43,8 +44,10 @@ NAME = "CPU_ATTN"
 
 
 #: what `forward` did in this process: prefill requests served from their new K/V directly, those
-#: whose keys were gathered from the pages, the key rows gathered (K and V each), decode calls
-STATS = {"prefill_direct": 0, "prefill_gathered": 0, "rows_gathered": 0, "decode_calls": 0}
+#: whose keys were gathered from the pages, the key rows gathered (K and V each), decode calls, and
+#: the wall seconds spent in the decode and prefill parts of `forward` (all layers)
+STATS = {"prefill_direct": 0, "prefill_gathered": 0, "rows_gathered": 0, "decode_calls": 0, "decode_s": 0.0,
+         "prefill_s": 0.0}
 
 
 def configured_pattern():
@@ -204,8 +207,11 @@ class SparseAttnImpl(AttentionImpl[SparseAttnMetadata]):
             raise ValueError("causal: the sparse_attn vLLM backend serves causal attention only")
         opts = self._opts(query.device)
         qsl = m.query_start_loc
+        t0 = time.perf_counter()
         if m.decode_idx:
             self._decode(query, kv_cache, m, output, opts)
+        t1 = time.perf_counter()
+        STATS["decode_s"] += t1 - t0
         k_pages, v_pages = split_pages(kv_cache)
         for i in m.prefill_idx:
             a, b, total = qsl[i], qsl[i + 1], m.seq_lens_host[i]
@@ -222,6 +228,7 @@ class SparseAttnImpl(AttentionImpl[SparseAttnMetadata]):
                 STATS["rows_gathered"] += total - lo
             out = attention(q, k, v, self.pattern, **opts)
             output[a:b] = out[0].transpose(0, 1)
+        STATS["prefill_s"] += time.perf_counter() - t1
         return output
 
     def _first_key(self, total: int, new: int) -> int:
