@@ -11,8 +11,10 @@
   PyTorch definition (`topk_index_over_cache`) and the selection from the sums gathered per
   sequence, with shared pages, stale table entries past a length, Sq 1-16, GQA, NaN keys;
 * `gather_keys` (what a prefill chunk attends to) equals the sequence's rows;
-* `SPARSE_ATTN_VLLM_PATTERN`'s grammar, the per-layer rule (a sliding layer keeps its window), and
-  `ValueError`s naming the variable for bad values and for `infllmv2`.
+* InfLLMv2's windows made from the chunk sums kept beside the pages (`PagedWindowSums`) equal the
+  sums of each sequence's keys, and decode over the pages equals the float64 evaluation;
+* `SPARSE_ATTN_VLLM_PATTERN`'s grammar (`infllmv2:field=value,...` too), the per-layer rule (a
+  sliding layer keeps its window), and `ValueError`s naming the variable for bad values.
 The end-to-end tests with vLLM itself are in tests/vllm_serving/ (their own venv).
 """
 from __future__ import annotations
@@ -23,12 +25,14 @@ import random
 import pytest
 import torch
 
+import infllmv2_oracle as O
 import oracle
 import sparse_attn as sa
 from conftest import topk_margin
+from test_infllmv2 import CONFIGS
 from sparse_attn.integrations.vllm import parse_pattern, register
 from sparse_attn.cache.view import KVView
-from sparse_attn.integrations.vllm.pages import PagesCache, gather_keys, split_pages, write_pages
+from sparse_attn.integrations.vllm.pages import PagesCache, gather_keys, split_pages, window_chunk, write_pages
 from sparse_attn.layout.topk_selection import topk_index_over_cache
 from sparse_attn.integrations.vllm.patterns import ENV, layer_pattern
 
@@ -36,7 +40,7 @@ needs_jit = pytest.mark.skipif(os.environ.get("SPARSE_ATTN_DISABLE_JIT") == "1",
                                reason="SPARSE_ATTN_DISABLE_JIT=1: the C++ decode kernel is not built")
 
 
-def _fill(lengths, *, hkv, d, page_size, num_pages, seed, dtype=torch.float32, chunks=3):
+def _fill(lengths, *, hkv, d, page_size, num_pages, seed, dtype=torch.float32, chunks=3, chunk_sums=None):
     """vLLM-style pages holding `lengths` tokens per sequence, written in `chunks` steps with
     random page ids and padding slots; returns (kv_cache, block_table, page_sums, K, V) where K/V
     are the per-sequence keys/values `(1, Hkv, n, D)`."""
@@ -67,7 +71,7 @@ def _fill(lengths, *, hkv, d, page_size, num_pages, seed, dtype=torch.float32, c
         keys.append(torch.randn(pad, hkv, d, generator=g).to(dtype))
         vals.append(torch.randn(pad, hkv, d, generator=g).to(dtype))
         slots.append(torch.full((pad,), -1))
-        write_pages(kv, torch.cat(keys), torch.cat(vals), torch.cat(slots), sums)
+        write_pages(kv, torch.cat(keys), torch.cat(vals), torch.cat(slots), sums, chunk_sums)
     return kv, table, sums, ks, vs
 
 
@@ -192,20 +196,64 @@ def test_sums_by_page_view_checks():
 
 @pytest.mark.parametrize("spec,want", [
     ("dense", sa.Dense()), ("topk:16", sa.TopK(topk=16, block_size=64)), ("TopK:8:32", sa.TopK(topk=8, block_size=32)),
-    ("window:4096", sa.SlidingWindow(4096)), ("window:512:4", sa.SlidingWindow(512, sinks=4))])
+    ("window:4096", sa.SlidingWindow(4096)), ("window:512:4", sa.SlidingWindow(512, sinks=4)),
+    ("infllmv2", sa.InfLLMv2()), ("infllmv2:", sa.InfLLMv2()),
+    ("infllmv2:topk=4,block_size=16,kernel_size=8,kernel_stride=4,dense_len=-1,variant=minicpm4",
+     sa.InfLLMv2(topk=4, block_size=16, kernel_size=8, kernel_stride=4, dense_len=-1, variant="minicpm4"))])
 def test_parse_pattern(spec, want):
     assert parse_pattern(spec) == want
 
 
-@pytest.mark.parametrize("spec", ["", "sparse", "topk", "topk:x", "topk:4:0", "window:0", "window:8:-1", "dense:3"])
+@pytest.mark.parametrize("spec", ["", "sparse", "topk", "topk:x", "topk:4:0", "window:0", "window:8:-1", "dense:3",
+                                  "infllmv2:foo=1", "infllmv2:topk", "infllmv2:topk=x", "infllmv2:block_size=0",
+                                  "infllmv2:normalizer=max", "infllmv2:topk=4:1"])
 def test_parse_pattern_bad(spec):
     with pytest.raises(ValueError, match=ENV):
         parse_pattern(spec)
 
 
-def test_infllmv2_refused():
-    with pytest.raises(ValueError, match="infllmv2"):
-        parse_pattern("infllmv2")
+@pytest.mark.parametrize("name", ["41-coarse", "4-exact", "4-coarse-ks12"])
+def test_infllmv2_window_sums_from_page_chunks(name):
+    """The window sums made from the chunk sums kept beside the pages equal the sums of each
+    sequence's own keys, window by window (every complete window; fine and coarse)."""
+    pattern = CONFIGS[name]
+    ps, lengths = 16, [150, 33, 97]
+    c = window_chunk(pattern.kernel_size, pattern.kernel_stride, ps)
+    chunk_sums = torch.full((40, ps // c, 2, 8), 7.0)  # stale sums of pages used before
+    kv, table, _, ks, _ = _fill(lengths, hkv=2, d=8, page_size=ps, num_pages=40, seed=5, chunk_sums=chunk_sums)
+    view = PagesCache(kv, table, torch.tensor(lengths, dtype=torch.int32), lengths,
+                      chunk_sums=chunk_sums).kv_view()
+    for size, stride in ((pattern.kernel_size, pattern.kernel_stride),
+                         (4 * pattern.kernel_size, 4 * pattern.kernel_stride)):
+        got = view.window_sums(size, stride)
+        assert got.shape == (3, 2, -(-view.max_len // stride) + 1, 8)
+        for b, n in enumerate(lengths):
+            want = O.compressed_keys(ks[b].double(), size, stride)[0] * size  # (Hkv, complete windows, D)
+            torch.testing.assert_close(got[b, :, :want.shape[1]].double(), want, rtol=1e-5, atol=1e-5)
+
+
+@needs_jit
+@pytest.mark.parametrize("name", ["41-coarse", "4-exact", "4-coarse-ks12"])
+def test_infllmv2_decode_over_vllm_pages(name):
+    """Decode over vLLM's pages with InfLLMv2 (selected from the page chunks' window sums) equals the
+    float64 evaluation on each sequence's own keys (inputs drawn away from near ties)."""
+    pattern = CONFIGS[name]
+    ps, hq, hkv, d, lengths = 16, 4, 2, 32, [187, 150]
+    c = window_chunk(pattern.kernel_size, pattern.kernel_stride, ps)
+    for seed in range(30):
+        chunk_sums = torch.zeros(40, ps // c, hkv, d)
+        kv, table, _, ks, vs = _fill(lengths, hkv=hkv, d=d, page_size=ps, num_pages=40, seed=seed,
+                                     chunk_sums=chunk_sums)
+        q = torch.randn(len(lengths), hq, 1, d)
+        if all(O.margin(q[b:b + 1], ks[b], pattern) > 1e-5 for b in range(len(lengths))):
+            break
+    cache = PagesCache(kv, table, torch.tensor(lengths, dtype=torch.int32), lengths, chunk_sums=chunk_sums)
+    plan = sa.plan_with_cache(q, cache, pattern)
+    assert plan.kernel.name == "cpu.decode", plan.explain()
+    out = sa.attention_with_cache(q, cache, pattern)
+    for b in range(len(lengths)):
+        ref = O.attention(q[b:b + 1].double(), ks[b].double(), vs[b].double(), pattern)
+        oracle.assert_close_contract(out[b:b + 1], ref, dtype=q.dtype, device="cpu", what=f"{name} sequence {b}")
 
 
 def test_layer_rule():

@@ -12,9 +12,10 @@ vLLM loads its plugins once per process), greedy, float32:
   prompts and with chunked prefill (chunks of 64 tokens: a first chunk attends to its new K/V
   directly, later ones to keys gathered from vLLM's pages; decodes and prefills share steps); whole
   prompts gather nothing; the Mistral's layers keep their own window;
-* `topk:2:16` and `window:48:4` generate the same tokens as the transformers model with sparse_attn's
-  attention registered by hand (`register_transformers`) with the same pattern;
-* a pattern vLLM cannot run (`infllmv2`, nonsense) stops the engine with a `ValueError` naming it.
+* `topk:2:16`, `window:48:4` and a small InfLLMv2 (`infllmv2:topk=2,block_size=16,...`: its windows
+  from the chunk sums kept beside vLLM's pages) generate the same tokens as the transformers model
+  with sparse_attn's attention registered by hand (`register_transformers`) with the same pattern;
+* a malformed pattern stops the engine with a `ValueError` naming it.
 """
 from __future__ import annotations
 
@@ -115,13 +116,16 @@ def _by_hand(model, pattern):
     return outs
 
 
-@pytest.mark.parametrize("spec", ["topk:2:16", "window:48:4"])
+INFLLMV2 = "infllmv2:topk=2,block_size=16,kernel_size=8,kernel_stride=4,local_blocks=1,dense_len=0"
+
+
+@pytest.mark.parametrize("spec", ["topk:2:16", "window:48:4", INFLLMV2])
 def test_sparse_equals_sparse_attn_by_hand(llama, spec):
     from sparse_attn.integrations.vllm import parse_pattern
     assert _ok(llama, spec, "--chunk", "64") == _by_hand(llama, parse_pattern(spec))
 
 
-@pytest.mark.parametrize("spec,words", [("infllmv2", "infllmv2"), ("topk:x", "SPARSE_ATTN_VLLM_PATTERN")])
+@pytest.mark.parametrize("spec,words", [("infllmv2:foo=1", "foo"), ("topk:x", "SPARSE_ATTN_VLLM_PATTERN")])
 def test_refused_at_engine_start(llama, spec, words):
     tokens, err = _generate(llama, spec)
     assert tokens is None and "ValueError" in err and words in err, err[-2000:]

@@ -18,7 +18,7 @@ the page sums beside them), then `forward` over the whole batch:
 
 What the backend cannot honour raises `ValueError` naming the option when the layer is built
 (engine start): ALiBi, a quantized KV cache (`kv_cache_dtype`), encoder / cross attention,
-fused output quantization, KV sharing under TopK, an unknown or unsupported pattern.
+fused output quantization, KV sharing under TopK or InfLLMv2, an unknown pattern.
 """
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ from vllm.v1.kv_cache_interface import KVCacheLayout
 
 from ...api.cache import plan_with_cache
 from ...api.functional import attention
-from ...patterns import SlidingWindow, TopK
-from .pages import PagesCache, gather_keys, split_pages, write_pages
+from ...patterns import InfLLMv2, SlidingWindow, TopK
+from .pages import PagesCache, gather_keys, split_pages, window_chunk, write_pages
 from .patterns import ENV, layer_pattern, page_size_for, parse_pattern
 
 #: vLLM looks the name up in `AttentionBackendEnum`: the member this backend stands in for
@@ -164,10 +164,13 @@ class SparseAttnImpl(AttentionImpl[SparseAttnMetadata]):
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self.pattern = layer_pattern(configured_pattern(), sliding_window)
         self.is_topk = isinstance(self.pattern, TopK)
-        if self.is_topk and kv_sharing_target_layer_name is not None:
-            raise ValueError(f"kv_sharing_target_layer_name={kv_sharing_target_layer_name!r}: TopK keeps block "
-                             f"sums per layer; a layer reading another layer's KV cache cannot run TopK")
+        self.is_infllmv2 = isinstance(self.pattern, InfLLMv2)
+        if (self.is_topk or self.is_infllmv2) and kv_sharing_target_layer_name is not None:
+            raise ValueError(f"kv_sharing_target_layer_name={kv_sharing_target_layer_name!r}: "
+                             f"{type(self.pattern).__name__} keeps key sums per layer; a layer reading another "
+                             f"layer's KV cache cannot run it")
         self._page_sums = None  # TopK: float32 (num_pages, Hkv, D), allocated with the first write
+        self._chunk_sums = None  # InfLLMv2: float32 (num_pages, page_size // c, Hkv, D), likewise
         self._plans = {}  # decode batch size -> CachePlan
 
     # ------------------------------------------------------------------------------- cache write
@@ -182,8 +185,18 @@ class SparseAttnImpl(AttentionImpl[SparseAttnMetadata]):
             self._page_sums = torch.zeros(pages, heads, self.head_size, dtype=torch.float32, device=kv_cache.device)
         return self._page_sums
 
+    def _chunks_for(self, kv_cache: torch.Tensor):
+        if not self.is_infllmv2:
+            return None
+        pages, heads, page_size, _ = kv_cache.shape
+        c = window_chunk(self.pattern.kernel_size, self.pattern.kernel_stride, page_size)
+        if self._chunk_sums is None or self._chunk_sums.shape[0] != pages:
+            self._chunk_sums = torch.zeros(pages, page_size // c, heads, self.head_size, dtype=torch.float32,
+                                           device=kv_cache.device)
+        return self._chunk_sums
+
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
-        write_pages(kv_cache, key, value, slot_mapping, self._sums_for(kv_cache))
+        write_pages(kv_cache, key, value, slot_mapping, self._sums_for(kv_cache), self._chunks_for(kv_cache))
 
     # ----------------------------------------------------------------------------------- forward
     def _opts(self, device):
@@ -250,7 +263,8 @@ class SparseAttnImpl(AttentionImpl[SparseAttnMetadata]):
             rows = torch.tensor([qsl[i] for i in idx], dtype=torch.long, device=query.device)
             sel = torch.tensor(idx, dtype=torch.long, device=query.device)
             table, lens = m.block_table[sel], m.seq_lens[sel]
-        cache = PagesCache(kv_cache, table, lens, [m.seq_lens_host[i] for i in idx], page_sums=self._page_sums)
+        cache = PagesCache(kv_cache, table, lens, [m.seq_lens_host[i] for i in idx], page_sums=self._page_sums,
+                           chunk_sums=self._chunk_sums)
         STATS["decode_calls"] += 1
         q = query[rows][:, :, None]  # (n, Hq, 1, D)
         output[rows] = self._planned(q, cache, opts)[:, :, 0]
