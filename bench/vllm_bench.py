@@ -3,13 +3,20 @@
 Run from vLLM's venv (docs/integrations.md), with sparse_attn importable:
 
     python bench/vllm_bench.py kernel --lengths 32768 131072 --rounds 3
+    python bench/vllm_bench.py kernel --lengths 131072 --threads 1 --clock thread   # a loaded machine
+    python bench/vllm_bench.py chunk --lengths 4096 32768 --threads 1 --clock thread
     python bench/vllm_bench.py e2e --lengths 32768 --rounds 2 --new-tokens 32
 
 `kernel`: one decode step over a paged KV cache in vLLM's CPU layout (the tensor both backends
 read, `(pages, Hkv, page_size, 2 * D)`), vLLM's `cpu_attention_with_kv_cache` vs sparse_attn's
 split-KV decode over the same pages (`PagesCache` -> `attention_with_cache`), Dense and TopK; K+V
 bytes read per second, and a same-run `copy_` of K+V as the machine's bandwidth at that moment.
+`ours_topk_gathered` is TopK as the plugin ran it before its selection read the page sums through
+the block table: the sums gathered per step into `(B, Hkv, W, D)` first.
 Runs alternate (A, B, A, B ...) so load from other jobs falls on both; medians are printed.
+
+`chunk`: one prefill chunk (4096 queries, vLLM's CPU token budget per step, float32 tiny-model
+shape) ending at n keys: vLLM's kernel vs the plugin's path (gather from the pages, `attention`).
 
 `e2e`: the tiny random Llama (tests/vllm_serving/tiny_model.py) served by `LLM(...)` in a fresh process per
 run, vLLM's own backend and sparse_attn (dense, topk), alternating; prefill seconds (time to the
@@ -58,14 +65,30 @@ def _kernel_case(n: int, *, hq: int, hkv: int, d: int, page: int, dtype, batch: 
     return kv_vllm, kv_ours, sums, table, q, lens
 
 
-def _time(fn, reps: int) -> float:
+def _time(fn, reps: int, clock=time.perf_counter) -> float:
     fn()  # warm
     best = []
     for _ in range(reps):
-        t = time.perf_counter()
+        t = clock()
         fn()
-        best.append(time.perf_counter() - t)
+        best.append(clock() - t)
     return statistics.median(best)
+
+
+def _gathered_sums_cache():
+    import dataclasses
+
+    from sparse_attn.integrations.vllm.pages import PagesCache
+
+    class GatheredSums(PagesCache):
+        """The view the plugin gave before: page sums copied per step to `(B, Hkv, W + 1, D)`."""
+
+        def kv_view(self):
+            view = super().kv_view()
+            sums = self.page_sums[self.block_table.long()].permute(0, 2, 1, 3)
+            return dataclasses.replace(view, block_sums=sums, sums_by_page=False)
+
+    return GatheredSums
 
 
 def kernel_bench(args):
@@ -75,7 +98,13 @@ def kernel_bench(args):
     import sparse_attn as sa
     from sparse_attn.integrations.vllm.pages import PagesCache, split_pages
 
+    gathered_sums_cache = _gathered_sums_cache()
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.clock == "thread" and torch.get_num_threads() != 1:
+        raise ValueError("--clock thread counts the calling thread only: use it with --threads 1")
+    clock = time.thread_time if args.clock == "thread" else time.perf_counter
     rows = []
     for n in args.lengths:
         kv_vllm, kv, sums, table, q, lens = _kernel_case(n, hq=args.hq, hkv=args.hkv, d=args.d, page=args.page,
@@ -96,6 +125,7 @@ def kernel_bench(args):
                                             scheduler_metadata=meta, s_aux=None)
 
         cache = PagesCache(kv, table, lens, lens.tolist(), page_sums=sums)
+        gathered = gathered_sums_cache(kv, table, lens, lens.tolist(), page_sums=sums)
         q4 = q[:, :, None]
         dense, topk = sa.Dense(), sa.TopK(topk=args.topk, block_size=args.page)
 
@@ -107,6 +137,9 @@ def kernel_bench(args):
         def ours_topk():
             plans[topk].run(q4, cache)
 
+        def ours_topk_gathered():
+            plans[topk].run(q4, gathered)
+
         kv_bytes = 2 * n * args.hkv * args.d * q.shape[0] * kv.element_size()
         dst = torch.empty_like(kv)
 
@@ -117,19 +150,92 @@ def kernel_bench(args):
         vllm_own()
         ref = sa.attention_with_cache(q4, cache, dense, scale=scale)[:, :, 0]
         err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-        times = {k: [] for k in ("copy", "vllm", "ours_dense", "ours_topk")}
-        order = [("copy", copy), ("vllm", vllm_own), ("ours_dense", ours_dense), ("ours_topk", ours_topk)]
+        assert torch.equal(plans[topk].run(q4, cache), plans[topk].run(q4, gathered))
+        times = {k: [] for k in ("copy", "vllm", "ours_dense", "ours_topk", "ours_topk_gathered")}
+        order = [("copy", copy), ("vllm", vllm_own), ("ours_dense", ours_dense), ("ours_topk", ours_topk),
+                 ("ours_topk_gathered", ours_topk_gathered)]
         for r in range(args.rounds):  # the order flips every round: neither side always runs after the other
             for k, fn in (order if r % 2 == 0 else order[::-1]):
-                times[k].append(_time(fn, args.reps))
+                times[k].append(_time(fn, args.reps, clock))
         med = {k: statistics.median(v) for k, v in times.items()}
-        row = {"n": n, "dtype": args.dtype, "load": _load(), "rel_err_vs_vllm": err,
+        row = {"n": n, "dtype": args.dtype, "threads": torch.get_num_threads(), "clock": args.clock, "load": _load(),
+               "rel_err_vs_vllm": err,
                **{f"{k}_ms": 1e3 * t for k, t in med.items()},
-               **{f"{k}_GBps": kv_bytes / t / 1e9 for k, t in med.items() if k != "ours_topk"},
+               **{f"{k}_GBps": kv_bytes / t / 1e9 for k, t in med.items() if not k.startswith("ours_topk")},
                "dense_speedup": med["vllm"] / med["ours_dense"], "topk_speedup": med["vllm"] / med["ours_topk"]}
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
+
+
+# ------------------------------------------------------------------------------------------- chunk
+def chunk_bench(args):
+    """One prefill chunk of `--chunk` queries ending at `n` keys, over one sequence's pages: vLLM's
+    `cpu_attention_with_kv_cache` vs the plugin's path (keys from the pages with `gather_keys`, then
+    `sparse_attn.attention`; the gather timed alone too). n == chunk is a first chunk: the plugin
+    then reads the new K/V directly."""
+    import torch
+    from vllm import _custom_ops as ops
+
+    import sparse_attn as sa
+    from sparse_attn.integrations.vllm.pages import gather_keys, split_pages
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.clock == "thread" and torch.get_num_threads() != 1:
+        raise ValueError("--clock thread counts the calling thread only: use it with --threads 1")
+    clock = time.thread_time if args.clock == "thread" else time.perf_counter
+    for n in args.lengths:
+        c = min(args.chunk, n)
+        kv_vllm, kv, sums, table, _, lens = _kernel_case(n, hq=args.hq, hkv=args.hkv, d=args.d, page=args.page,
+                                                         dtype=dtype)
+        kp, vp = split_pages(kv_vllm)
+        ok, ov = split_pages(kv)
+        q = torch.randn(c, args.hq, args.d).to(dtype)
+        qsl = torch.tensor([0, c], dtype=torch.int32)
+        out = torch.empty_like(q)
+        scale = args.d ** -0.5
+        meta = ops.cpu_attn_get_scheduler_metadata(num_reqs=1, num_heads=args.hq, num_kv_heads=args.hkv,
+                                                   head_dim=args.d, seq_lens=lens, dtype=dtype, query_start_loc=qsl,
+                                                   causal=True, sliding_window_size=-1, isa="vec",
+                                                   enable_kv_split=True)
+
+        def vllm_own():
+            ops.cpu_attention_with_kv_cache(query=q, key_cache=kp, value_cache=vp, output=out, query_start_loc=qsl,
+                                            seq_lens=lens, scale=scale, causal=True, alibi_slopes=None,
+                                            sliding_window=-1, block_table=table, softcap=0.0,
+                                            scheduler_metadata=meta, s_aux=None)
+
+        q4 = q.transpose(0, 1)[None]
+        new_k = gather_keys(ok, table[0], n - c, n).clone()  # as vLLM hands a first chunk's K/V: new rows only
+        new_v = gather_keys(ov, table[0], n - c, n).clone()
+
+        def gather():
+            return gather_keys(ok, table[0], 0, n), gather_keys(ov, table[0], 0, n)
+
+        def ours(pattern):
+            def run():
+                k, v = (new_k, new_v) if n == c else gather()
+                sa.attention(q4, k, v, pattern, scale=scale)
+            return run
+
+        vllm_own()
+        ref = sa.attention(q4, *gather(), sa.Dense(), scale=scale)[0].transpose(0, 1)
+        err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+        fns = [("vllm", vllm_own), ("ours_dense", ours(sa.Dense())),
+               ("ours_topk", ours(sa.TopK(topk=args.topk, block_size=args.page)))]
+        if n > c:
+            fns.append(("gather_kv", gather))
+        times = {k: [] for k, _ in fns}
+        for r in range(args.rounds):
+            for k, fn in (fns if r % 2 == 0 else fns[::-1]):
+                times[k].append(_time(fn, args.reps, clock))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        row = {"n": n, "chunk": c, "dtype": args.dtype, "threads": torch.get_num_threads(), "clock": args.clock,
+               "load": _load(), "rel_err_vs_vllm": err, **{f"{k}_ms": 1e3 * t for k, t in med.items()},
+               "dense_speedup": med["vllm"] / med["ours_dense"], "topk_speedup": med["vllm"] / med["ours_topk"]}
+        print(json.dumps(row), flush=True)
 
 
 # --------------------------------------------------------------------------------------------- e2e
@@ -147,9 +253,14 @@ def main():
     o = llm.generate(p, SamplingParams(temperature=0, max_tokens={new_tokens + 1}, ignore_eos=True),
                      use_tqdm=False)[0]
     m = o.metrics  # engine-core timestamps: scheduled -> first token (prefill), first -> last (decode)
+    stats = None
+    if os.environ.get("SPARSE_ATTN_VLLM_PATTERN"):  # the plugin's own seconds (attention, all layers)
+        from sparse_attn.integrations.vllm.backend import STATS
+        stats = dict(STATS)
     print(json.dumps({{"prefill_s": m.first_token_ts - m.scheduled_ts,
                       "decode_tok_s": (m.num_generation_tokens - 1) / (m.last_token_ts - m.first_token_ts),
-                      "tokens": list(o.outputs[0].token_ids)}}))
+                      "decode_s": m.last_token_ts - m.first_token_ts,
+                      "tokens": list(o.outputs[0].token_ids), "stats": stats}}))
 if __name__ == "__main__":
     main()
 """
@@ -175,8 +286,12 @@ def e2e_bench(args):
             for p in args.patterns:
                 r = _one_run(model, p, n, args.new_tokens, n + args.new_tokens + 64)
                 res[p].append(r)
-                print(f"# run n={n} {p}: prefill {r['prefill_s']:.2f} s, decode {r['decode_tok_s']:.2f} tok/s, "
-                      f"load {_load()}", flush=True)
+                st = r.get("stats") or {}
+                inside = (f", in the plugin: decode {st['decode_s']:.2f} s ({st['decode_calls']} calls), prefill "
+                          f"{st['prefill_s']:.2f} s ({st['prefill_direct']} direct, {st['prefill_gathered']} "
+                          f"gathered)" if st else "")
+                print(f"# run n={n} {p}: prefill {r['prefill_s']:.2f} s, decode {r['decode_tok_s']:.2f} tok/s "
+                      f"({r['decode_s']:.2f} s){inside}, load {_load()}", flush=True)
         for p, runs in res.items():
             row = {"n": n, "backend": p, "load": _load(),
                    "prefill_s": statistics.median(r["prefill_s"] for r in runs),
@@ -201,6 +316,23 @@ def main():
     k.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     k.add_argument("--rounds", type=int, default=3)
     k.add_argument("--reps", type=int, default=3)
+    k.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    k.add_argument("--clock", default="wall", choices=["wall", "thread"],
+                   help="thread: CPU time of the calling thread (with --threads 1: the whole kernel's time, "
+                        "not the time slices other jobs take on a loaded machine)")
+    ch = sub.add_parser("chunk")
+    ch.add_argument("--lengths", type=int, nargs="+", default=[4096, 32768])
+    ch.add_argument("--chunk", type=int, default=4096, help="queries of the chunk (vLLM's CPU default budget)")
+    ch.add_argument("--hq", type=int, default=4)
+    ch.add_argument("--hkv", type=int, default=2)
+    ch.add_argument("--d", type=int, default=64)
+    ch.add_argument("--page", type=int, default=64)
+    ch.add_argument("--topk", type=int, default=16)
+    ch.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ch.add_argument("--rounds", type=int, default=2)
+    ch.add_argument("--reps", type=int, default=1)
+    ch.add_argument("--threads", type=int, default=0)
+    ch.add_argument("--clock", default="wall", choices=["wall", "thread"])
     e = sub.add_parser("e2e")
     e.add_argument("--model", default=None)
     e.add_argument("--lengths", type=int, nargs="+", default=[32768])
@@ -209,7 +341,7 @@ def main():
     e.add_argument("--rounds", type=int, default=2)
     a = ap.parse_args()
     print(f"# {a.what}: load average {_load()}", flush=True)
-    (kernel_bench if a.what == "kernel" else e2e_bench)(a)
+    {"kernel": kernel_bench, "chunk": chunk_bench, "e2e": e2e_bench}[a.what](a)
 
 
 if __name__ == "__main__":

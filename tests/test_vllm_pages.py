@@ -6,9 +6,15 @@
 * decode over those pages (`PagesCache` -> `attention_with_cache`, the CPU split-KV kernel reading
   vLLM's block table in place) equals the float64 oracle on each sequence's keys for Dense and
   SlidingWindow (sinks too), and TopK equals the oracle where its selection is not a near tie;
+* TopK's C++ selection reads the page sums through vLLM's block table where they lie
+  (`topk_select_sums(..., page_table)`, no per-step gather): its indices equal, exactly, the
+  PyTorch definition (`topk_index_over_cache`) and the selection from the sums gathered per
+  sequence, with shared pages, stale table entries past a length, Sq 1-16, GQA, NaN keys;
 * `gather_keys` (what a prefill chunk attends to) equals the sequence's rows;
-* `SPARSE_ATTN_VLLM_PATTERN`'s grammar, the per-layer rule (a sliding layer keeps its window), and
-  `ValueError`s naming the variable for bad values and for `infllmv2`.
+* InfLLMv2's windows made from the chunk sums kept beside the pages (`PagedWindowSums`) equal the
+  sums of each sequence's keys, and decode over the pages equals the float64 evaluation;
+* `SPARSE_ATTN_VLLM_PATTERN`'s grammar (`infllmv2:field=value,...` too), the per-layer rule (a
+  sliding layer keeps its window), and `ValueError`s naming the variable for bad values.
 The end-to-end tests with vLLM itself are in tests/vllm_serving/ (their own venv).
 """
 from __future__ import annotations
@@ -19,18 +25,22 @@ import random
 import pytest
 import torch
 
+import infllmv2_oracle as O
 import oracle
 import sparse_attn as sa
 from conftest import topk_margin
+from test_infllmv2 import CONFIGS
 from sparse_attn.integrations.vllm import parse_pattern, register
-from sparse_attn.integrations.vllm.pages import PagesCache, gather_keys, split_pages, write_pages
+from sparse_attn.cache.view import KVView
+from sparse_attn.integrations.vllm.pages import PagesCache, gather_keys, split_pages, window_chunk, write_pages
+from sparse_attn.layout.topk_selection import topk_index_over_cache
 from sparse_attn.integrations.vllm.patterns import ENV, layer_pattern
 
 needs_jit = pytest.mark.skipif(os.environ.get("SPARSE_ATTN_DISABLE_JIT") == "1",
                                reason="SPARSE_ATTN_DISABLE_JIT=1: the C++ decode kernel is not built")
 
 
-def _fill(lengths, *, hkv, d, page_size, num_pages, seed, dtype=torch.float32, chunks=3):
+def _fill(lengths, *, hkv, d, page_size, num_pages, seed, dtype=torch.float32, chunks=3, chunk_sums=None):
     """vLLM-style pages holding `lengths` tokens per sequence, written in `chunks` steps with
     random page ids and padding slots; returns (kv_cache, block_table, page_sums, K, V) where K/V
     are the per-sequence keys/values `(1, Hkv, n, D)`."""
@@ -61,7 +71,7 @@ def _fill(lengths, *, hkv, d, page_size, num_pages, seed, dtype=torch.float32, c
         keys.append(torch.randn(pad, hkv, d, generator=g).to(dtype))
         vals.append(torch.randn(pad, hkv, d, generator=g).to(dtype))
         slots.append(torch.full((pad,), -1))
-        write_pages(kv, torch.cat(keys), torch.cat(vals), torch.cat(slots), sums)
+        write_pages(kv, torch.cat(keys), torch.cat(vals), torch.cat(slots), sums, chunk_sums)
     return kv, table, sums, ks, vs
 
 
@@ -109,22 +119,141 @@ def test_decode_over_vllm_pages(kind, dtype):
         oracle.assert_close_contract(out[b:b + 1], ref, dtype=dtype, device="cpu", what=f"{kind} sequence {b}")
 
 
+def _gathered_view(view: KVView) -> KVView:
+    """The same view with its page sums copied per sequence `(B, Hkv, W + 1, D)` (what the plugin
+    did every step before the selection read the pages through the table)."""
+    sums = view.block_sums[view.page_table.long()].permute(0, 2, 1, 3)
+    sums = torch.cat([sums, torch.zeros_like(sums[:, :, :1])], 2).contiguous()
+    return KVView(kind="paged", k=view.k, v=view.v, page_table=view.page_table, page_size=view.page_size,
+                  lengths=view.lengths, host_lengths=view.host_lengths, block_sums=sums,
+                  pool_block_size=view.pool_block_size, max_len=view.max_len)
+
+
+@needs_jit
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("sq,hq,hkv,ps,topk,sinks,locals_", [(1, 8, 2, 16, 4, 1, 1), (5, 4, 4, 8, 3, 0, 2),
+                                                             (16, 6, 3, 16, 40, 2, 1), (1, 4, 2, 16, 2, 1, 3)])
+def test_topk_selection_reads_page_sums_in_place(dtype, sq, hq, hkv, ps, topk, sinks, locals_):
+    from sparse_attn.backends.cpu.decode import _ext
+    d = 24
+    lengths = [301, 3, 129, 64]  # the second: shorter than Sq for Sq > 3 (rows before the first key)
+    kv, table, sums, ks, _ = _fill(lengths, hkv=hkv, d=d, page_size=ps, num_pages=80, seed=sq + ps, dtype=dtype)
+    # a prefix shared by two sequences (prefix caching: the same pages in both tables), and stale page
+    # ids past each length (vLLM leaves old entries in a table row): neither may change the selection
+    nshared = -(-lengths[3] // ps) - 1
+    table[3, :nshared] = table[0, :nshared]
+    table = torch.cat([table, torch.randint(0, 80, (len(lengths), 3), dtype=torch.int32)], 1)
+    for b, n in enumerate(lengths):
+        table[b, -(-n // ps):] = torch.randint(0, 80, (table.shape[1] - -(-n // ps),), dtype=torch.int32)
+    q = torch.randn(len(lengths), hq, sq, d).to(dtype)
+    view = PagesCache(kv, table, torch.tensor(lengths, dtype=torch.int32), lengths, page_sums=sums).kv_view()
+    assert view.sums_by_page and view.block_sums.data_ptr() == sums.data_ptr()  # the pages' own sums, no copy
+    pat = sa.TopK(topk, block_size=ps, sink_blocks=sinks, local_blocks=locals_)
+    got = _ext().topk_select_sums(q, sums, lengths, ps, topk, sinks, locals_, table)
+    want = topk_index_over_cache(q, view, pat)  # the PyTorch definition, through the table
+    assert got.dtype == torch.int32 and got.shape == want.shape == (len(lengths), hkv, sq, topk)
+    assert torch.equal(got, want)
+    gathered = _gathered_view(view)
+    assert torch.equal(want, topk_index_over_cache(q, gathered, pat))
+    assert torch.equal(got, _ext().topk_select_sums(q, gathered.block_sums, lengths, ps, topk, sinks, locals_))
+    assert (got[0] >= 0).any()  # something was selected
+
+
+@needs_jit
+def test_topk_page_sums_nan_and_bad_table():
+    from sparse_attn.backends.cpu.decode import _ext
+    ps = 16
+    lengths = [200]
+    kv, table, sums, ks, _ = _fill(lengths, hkv=1, d=8, page_size=ps, num_pages=20, seed=3)
+    sums[table[0, 2]] = float("nan")  # block 2: a NaN key ranks first, as torch.topk ranks it
+    q = torch.randn(1, 2, 1, 8)
+    view = PagesCache(kv, table, torch.tensor(lengths, dtype=torch.int32), lengths, page_sums=sums).kv_view()
+    got = _ext().topk_select_sums(q, sums, lengths, ps, 2, 1, 1, table)
+    assert 2 in got[0, 0, 0].tolist()
+    assert torch.equal(got, topk_index_over_cache(q, view, sa.TopK(2, block_size=ps)))
+    bad = table.clone()
+    bad[0, 5] = 20  # not a page of the sums
+    with pytest.raises(RuntimeError, match="is not a page"):
+        _ext().topk_select_sums(q, sums, lengths, ps, 2, 1, 1, bad)
+    with pytest.raises(RuntimeError, match="needs more blocks than the page table"):
+        _ext().topk_select_sums(q, sums, [10 ** 4], ps, 2, 1, 1, table)
+    with pytest.raises(RuntimeError, match="page_table must be int32"):
+        _ext().topk_select_sums(q, sums, lengths, ps, 2, 1, 1, table.long())
+    with pytest.raises(RuntimeError, match="page sums must be float32"):
+        _ext().topk_select_sums(q, sums.double(), lengths, ps, 2, 1, 1, table)
+
+
+def test_sums_by_page_view_checks():
+    kv = torch.zeros(4, 1, 16, 16)
+    k, v = split_pages(kv)
+    common = dict(kind="paged", k=k, v=v, page_table=torch.zeros(1, 2, dtype=torch.int32), lengths=torch.tensor([3]),
+                  host_lengths=(3,), max_len=32, sums_by_page=True)
+    with pytest.raises(ValueError, match="sums_by_page"):  # blocks must be pages
+        KVView(page_size=16, block_sums=torch.zeros(4, 1, 8), pool_block_size=8, **common)
+    with pytest.raises(ValueError, match="sums_by_page"):
+        KVView(page_size=16, block_sums=None, pool_block_size=None, **common)
+
+
 @pytest.mark.parametrize("spec,want", [
     ("dense", sa.Dense()), ("topk:16", sa.TopK(topk=16, block_size=64)), ("TopK:8:32", sa.TopK(topk=8, block_size=32)),
-    ("window:4096", sa.SlidingWindow(4096)), ("window:512:4", sa.SlidingWindow(512, sinks=4))])
+    ("window:4096", sa.SlidingWindow(4096)), ("window:512:4", sa.SlidingWindow(512, sinks=4)),
+    ("infllmv2", sa.InfLLMv2()), ("infllmv2:", sa.InfLLMv2()),
+    ("infllmv2:topk=4,block_size=16,kernel_size=8,kernel_stride=4,dense_len=-1,variant=minicpm4",
+     sa.InfLLMv2(topk=4, block_size=16, kernel_size=8, kernel_stride=4, dense_len=-1, variant="minicpm4"))])
 def test_parse_pattern(spec, want):
     assert parse_pattern(spec) == want
 
 
-@pytest.mark.parametrize("spec", ["", "sparse", "topk", "topk:x", "topk:4:0", "window:0", "window:8:-1", "dense:3"])
+@pytest.mark.parametrize("spec", ["", "sparse", "topk", "topk:x", "topk:4:0", "window:0", "window:8:-1", "dense:3",
+                                  "infllmv2:foo=1", "infllmv2:topk", "infllmv2:topk=x", "infllmv2:block_size=0",
+                                  "infllmv2:normalizer=max", "infllmv2:topk=4:1"])
 def test_parse_pattern_bad(spec):
     with pytest.raises(ValueError, match=ENV):
         parse_pattern(spec)
 
 
-def test_infllmv2_refused():
-    with pytest.raises(ValueError, match="infllmv2"):
-        parse_pattern("infllmv2")
+@pytest.mark.parametrize("name", ["41-coarse", "4-exact", "4-coarse-ks12"])
+def test_infllmv2_window_sums_from_page_chunks(name):
+    """The window sums made from the chunk sums kept beside the pages equal the sums of each
+    sequence's own keys, window by window (every complete window; fine and coarse)."""
+    pattern = CONFIGS[name]
+    ps, lengths = 16, [150, 33, 97]
+    c = window_chunk(pattern.kernel_size, pattern.kernel_stride, ps)
+    chunk_sums = torch.full((40, ps // c, 2, 8), 7.0)  # stale sums of pages used before
+    kv, table, _, ks, _ = _fill(lengths, hkv=2, d=8, page_size=ps, num_pages=40, seed=5, chunk_sums=chunk_sums)
+    view = PagesCache(kv, table, torch.tensor(lengths, dtype=torch.int32), lengths,
+                      chunk_sums=chunk_sums).kv_view()
+    for size, stride in ((pattern.kernel_size, pattern.kernel_stride),
+                         (4 * pattern.kernel_size, 4 * pattern.kernel_stride)):
+        got = view.window_sums(size, stride)
+        assert got.shape == (3, 2, -(-view.max_len // stride) + 1, 8)
+        for b, n in enumerate(lengths):
+            want = O.compressed_keys(ks[b].double(), size, stride)[0] * size  # (Hkv, complete windows, D)
+            torch.testing.assert_close(got[b, :, :want.shape[1]].double(), want, rtol=1e-5, atol=1e-5)
+
+
+@needs_jit
+@pytest.mark.parametrize("name", ["41-coarse", "4-exact", "4-coarse-ks12"])
+def test_infllmv2_decode_over_vllm_pages(name):
+    """Decode over vLLM's pages with InfLLMv2 (selected from the page chunks' window sums) equals the
+    float64 evaluation on each sequence's own keys (inputs drawn away from near ties)."""
+    pattern = CONFIGS[name]
+    ps, hq, hkv, d, lengths = 16, 4, 2, 32, [187, 150]
+    c = window_chunk(pattern.kernel_size, pattern.kernel_stride, ps)
+    for seed in range(30):
+        chunk_sums = torch.zeros(40, ps // c, hkv, d)
+        kv, table, _, ks, vs = _fill(lengths, hkv=hkv, d=d, page_size=ps, num_pages=40, seed=seed,
+                                     chunk_sums=chunk_sums)
+        q = torch.randn(len(lengths), hq, 1, d)
+        if all(O.margin(q[b:b + 1], ks[b], pattern) > 1e-5 for b in range(len(lengths))):
+            break
+    cache = PagesCache(kv, table, torch.tensor(lengths, dtype=torch.int32), lengths, chunk_sums=chunk_sums)
+    plan = sa.plan_with_cache(q, cache, pattern)
+    assert plan.kernel.name == "cpu.decode", plan.explain()
+    out = sa.attention_with_cache(q, cache, pattern)
+    for b in range(len(lengths)):
+        ref = O.attention(q[b:b + 1].double(), ks[b].double(), vs[b].double(), pattern)
+        oracle.assert_close_contract(out[b:b + 1], ref, dtype=q.dtype, device="cpu", what=f"{name} sequence {b}")
 
 
 def test_layer_rule():

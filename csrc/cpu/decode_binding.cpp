@@ -293,9 +293,11 @@ std::tuple<torch::Tensor, torch::Tensor> quantize_rows(torch::Tensor x, bool fp8
 }  // namespace
 }  // namespace sparse_attn_decode
 
-// csrc/cpu/topk_select.cpp: TopK's selection over a cache's block sums
+// csrc/cpu/topk_select.cpp: TopK's selection over a cache's block sums (per sequence, or per page
+// through a page table)
 torch::Tensor topk_select_sums(torch::Tensor q, torch::Tensor sums, std::vector<int64_t> lengths, int64_t block_size,
-                               int64_t topk, int64_t sink_blocks, int64_t local_blocks);
+                               int64_t topk, int64_t sink_blocks, int64_t local_blocks,
+                               c10::optional<torch::Tensor> page_table);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   SPARSE_ATTN_CHECK_TARGET();  // refuse to load on a CPU without this build's features
@@ -329,9 +331,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pool_keys", &pool_keys, "mean key of each block, float32 (B, H, ceil(Sk / block), D)", py::arg("k"),
         py::arg("block"));
   m.def("topk_select_sums", &topk_select_sums,
-        "TopK's selection over a cache: int32 (B, Hkv, Sq, topk) from float32 block sums, rows end-aligned "
-        "to each sequence's length", py::arg("q"), py::arg("sums"), py::arg("lengths"), py::arg("block_size"),
-        py::arg("topk"), py::arg("sink_blocks"), py::arg("local_blocks"));
+        "TopK's selection over a cache: int32 (B, Hkv, Sq, topk) from float32 block sums (B, Hkv, blocks, D), "
+        "or per-page sums (pages, Hkv, D) read through page_table (B, W), rows end-aligned to each "
+        "sequence's length", py::arg("q"), py::arg("sums"), py::arg("lengths"), py::arg("block_size"),
+        py::arg("topk"), py::arg("sink_blocks"), py::arg("local_blocks"), py::arg("page_table") = py::none());
   m.def("quantize_rows", &quantize_rows, "rows -> (int8 or fp8 codes, float32 scale per row)", py::arg("x"),
         py::arg("fp8"));
 }

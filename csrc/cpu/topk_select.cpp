@@ -204,28 +204,60 @@ torch::Tensor topk_select(torch::Tensor q, torch::Tensor kbar_t, int64_t kv_head
 }
 
 // TopK's selection over a KV cache (decode: each sequence's rows end-aligned to its own length),
-// from the running block sums the cache keeps (B, Hkv, >= nb + 1, D) float32: a block's mean is its
-// sum over its keys present (the division PyTorch's KVView.pooled_keys does), transposed per
-// (sequence, kv head) into a scratch (D, nb_pad) and scored as prefill's selection scores pooled keys.
-// O(blocks) per step: K is not read. Same result as layout.topk_selection.topk_index_over_cache.
+// from the running block sums the cache keeps, read where they lie: float32 (B, Hkv, >= nb + 1, D)
+// (block n of sequence b at sums[b, :, n]), or, with `page_table` (int32 (B, W)), float32
+// (pages, Hkv, D) with one sum per page (a block is a page: vLLM's pages, integrations/vllm), block
+// n of sequence b at sums[page_table[b, n]]. A block's mean is its sum over its keys present (the
+// division PyTorch's KVView.pooled_keys does), transposed per (sequence, kv head) into a scratch
+// (D, nb_pad) and scored as prefill's selection scores pooled keys. O(blocks) per step: K is not
+// read and the sums are not gathered. Same result as layout.topk_selection.topk_index_over_cache.
 torch::Tensor topk_select_sums(torch::Tensor q, torch::Tensor sums, std::vector<int64_t> lengths, int64_t block_size,
-                               int64_t topk, int64_t sink_blocks, int64_t local_blocks) {
+                               int64_t topk, int64_t sink_blocks, int64_t local_blocks,
+                               c10::optional<torch::Tensor> page_table) {
   using namespace sparse_attn_cpu;
   TORCH_CHECK(q.dim() == 4 && q.device().is_cpu(), "topk_select_sums: q must be a 4-D CPU tensor (B, Hq, Sq, D)");
   const auto dt = q.scalar_type();
   TORCH_CHECK(dt == torch::kFloat32 || dt == torch::kBFloat16 || dt == torch::kFloat16,
               "topk_select_sums: q must be float32, bfloat16 or float16, got ", dt);
   const int64_t B = q.size(0), Hq = q.size(1), sq = q.size(2), D = q.size(3);
-  TORCH_CHECK(sums.scalar_type() == torch::kFloat32 && sums.dim() == 4 && sums.size(0) == B && sums.size(3) == D &&
-                  sums.stride(3) == 1,
-              "topk_select_sums: sums must be float32 (B, Hkv, blocks, D) with unit stride on D, got ", sums.sizes());
+  const bool paged = page_table.has_value();
+  int64_t capacity = 0;  // blocks a sequence can hold
+  if (paged) {
+    const auto& t = *page_table;
+    TORCH_CHECK(sums.scalar_type() == torch::kFloat32 && sums.dim() == 3 && sums.size(2) == D && sums.stride(2) == 1,
+                "topk_select_sums: page sums must be float32 (pages, Hkv, D) with unit stride on D, got ",
+                sums.sizes());
+    TORCH_CHECK(t.scalar_type() == torch::kInt32 && t.dim() == 2 && t.size(0) == B && t.device().is_cpu() &&
+                    (t.size(1) <= 1 || t.stride(1) == 1),
+                "topk_select_sums: page_table must be int32 (B, W) on the CPU with unit stride on W, got ",
+                t.sizes());
+    capacity = t.size(1);
+  } else {
+    TORCH_CHECK(sums.scalar_type() == torch::kFloat32 && sums.dim() == 4 && sums.size(0) == B &&
+                    sums.size(3) == D && sums.stride(3) == 1,
+                "topk_select_sums: sums must be float32 (B, Hkv, blocks, D) with unit stride on D, got ",
+                sums.sizes());
+    capacity = sums.size(2);
+  }
   const int64_t Hkv = sums.size(1);
   TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "topk_select_sums: Hq must be a multiple of the sums' kv heads");
   TORCH_CHECK(static_cast<int64_t>(lengths.size()) == B, "topk_select_sums: one length per sequence");
   TORCH_CHECK(block_size > 0 && topk >= 0 && sink_blocks >= 0 && local_blocks >= 0, "topk_select_sums: bad TopK");
   for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK(lengths[b] >= 0 && (lengths[b] + block_size - 1) / block_size <= sums.size(2),
-                "topk_select_sums: length ", lengths[b], " needs more blocks than the sums hold");
+    TORCH_CHECK(lengths[b] >= 0 && (lengths[b] + block_size - 1) / block_size <= capacity,
+                "topk_select_sums: length ", lengths[b], " needs more blocks than the ",
+                paged ? "page table" : "sums", " hold");
+  const int32_t* table = nullptr;
+  int64_t tst0 = 0;
+  if (paged) {  // every page a selection may read exists (an id out of range would read past the sums)
+    table = page_table->data_ptr<int32_t>();
+    tst0 = page_table->stride(0);
+    const int64_t pages = sums.size(0);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t n = 0, nb = (lengths[b] + block_size - 1) / block_size; n < nb; ++n)
+        TORCH_CHECK(table[b * tst0 + n] >= 0 && table[b * tst0 + n] < pages, "topk_select_sums: page_table[", b,
+                    ", ", n, "] = ", table[b * tst0 + n], " is not a page of the sums (", pages, " pages)");
+  }
   auto out = torch::full({B, Hkv, sq, topk}, -1, q.options().dtype(torch::kInt32));
   if (B == 0 || sq == 0 || topk == 0) return out;
   SelectParams P{};
@@ -234,7 +266,12 @@ torch::Tensor topk_select_sums(torch::Tensor q, torch::Tensor sums, std::vector<
   for (int d = 0; d < 4; ++d) P.qst[d] = q.stride(d);
   P.out = out.data_ptr<int32_t>();
   const float* S = sums.data_ptr<float>();
-  const int64_t sst0 = sums.stride(0), sst1 = sums.stride(1), sst2 = sums.stride(2);
+  // where block n of (b, h) lies: a page's row, or the sequence's own block slot
+  const int64_t sst0 = sums.stride(0), sst1 = sums.stride(1), sst2 = paged ? 0 : sums.stride(2);
+  auto block_sum = [&](int64_t b, int64_t h, int64_t n) -> const float* {
+    if (paged) return S + static_cast<int64_t>(table[b * tst0 + n]) * sst0 + h * sst1;
+    return S + b * sst0 + h * sst1 + n * sst2;
+  };
   const int64_t chunks = (sq + kRows - 1) / kRows, total = B * Hkv * chunks;
   const void* qd = q.data_ptr();
   std::atomic<int64_t> next{0};
@@ -260,7 +297,7 @@ torch::Tensor topk_select_sums(torch::Tensor q, torch::Tensor sums, std::vector<
         float cnt[16];
         for (int64_t j = 0; j < m; ++j) {
           const int64_t n = n0 + j;
-          src[j] = S + b * sst0 + h * sst1 + n * sst2;
+          src[j] = block_sum(b, h, n);
           cnt[j] = static_cast<float>(std::max<int64_t>(1, std::min(block_size, sk - n * block_size)));
         }
         for (int64_t d = 0; d < D; ++d) {

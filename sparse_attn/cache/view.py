@@ -43,6 +43,10 @@ class KVView:
         value_dtype: dtype of the rows appended and of the queries (None: `k`'s).
         compressed: the cache's running window sums of its keys (`cache/compressed.py`: InfLLMv2's
             compressed keys), or None when the storage keeps none.
+        sums_by_page: `block_sums` is `(pages, Hkv, D)`, one sum per page of `k` (a block is a page:
+            `pool_block_size == page_size`), block `n` of sequence `b` at `block_sums[page_table[b,
+            n]]` -- sums kept beside pages that sequences share or reuse (vLLM's, integrations/vllm),
+            read through the table like the keys, never gathered per step.
     """
 
     kind: str
@@ -60,10 +64,15 @@ class KVView:
     v_scale: torch.Tensor | None = None
     value_dtype: torch.dtype | None = None
     compressed: object | None = None
+    sums_by_page: bool = False
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if self.sums_by_page and (self.kind != "paged" or self.block_sums is None or self.block_sums.dim() != 3
+                                  or self.pool_block_size != self.page_size):
+            raise ValueError("sums_by_page needs a paged view whose block_sums are (pages, Hkv, D) and whose "
+                             "pool_block_size is its page_size")
         if (self.quant is None) != (self.k_scale is None) or (self.k_scale is None) != (self.v_scale is None):
             raise ValueError("a quantized view needs k_scale and v_scale, an unquantized one neither")
 
@@ -105,7 +114,12 @@ class KVView:
         bs = self.pool_block_size
         start = torch.arange(num_blocks, device=self.device) * bs
         count = torch.clamp(self.lengths.long()[:, None] - start[None, :], min=0, max=bs)  # (B, N)
-        sums = self.block_sums[:, :, :num_blocks]
+        if self.sums_by_page:  # each block's page, through the table (a table entry past a length may be stale)
+            slot = torch.clamp(torch.arange(num_blocks, device=self.device), max=self.page_table.shape[1] - 1)
+            sums = self.block_sums[self.page_table.long()[:, slot]].permute(0, 2, 1, 3)  # (B, Hkv, N, D)
+            sums = sums * (count > 0)[:, None, :, None].to(sums.dtype)
+        else:
+            sums = self.block_sums[:, :, :num_blocks]
         return sums / torch.clamp(count, min=1)[:, None, :, None].to(sums.dtype)
 
     def window_sums(self, size: int, stride: int) -> torch.Tensor:

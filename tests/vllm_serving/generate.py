@@ -48,8 +48,13 @@ def main():
     outs = llm.generate(ps, sp, use_tqdm=False)
     t2 = time.perf_counter()
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
+    path = AttentionBackendEnum.CPU_ATTN.get_path()
+    stats = None
+    if path.startswith("sparse_attn"):  # what the plugin's forward did (direct / gathered prefills)
+        from sparse_attn.integrations.vllm.backend import STATS
+        stats = dict(STATS)
     print(json.dumps({"tokens": [list(o.outputs[0].token_ids) for o in outs], "init_s": t1 - t0,
-                      "generate_s": t2 - t1, "backend": AttentionBackendEnum.CPU_ATTN.get_path()}))
+                      "generate_s": t2 - t1, "backend": path, "stats": stats}))
 
 
 if __name__ == "__main__":

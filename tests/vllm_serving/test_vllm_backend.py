@@ -9,11 +9,13 @@ saved with a tokenizer trained here; each engine runs in its own process (tests/
 vLLM loads its plugins once per process), greedy, float32:
 
 * `SPARSE_ATTN_VLLM_PATTERN=dense` generates the same tokens as vLLM's own CPU backend, with whole
-  prompts and with chunked prefill (chunks of 64 tokens: prefill chunks attend to keys gathered from
-  vLLM's pages, decodes and prefills share steps); the Mistral's layers keep their own window;
-* `topk:2:16` and `window:48:4` generate the same tokens as the transformers model with sparse_attn's
-  attention registered by hand (`register_transformers`) with the same pattern;
-* a pattern vLLM cannot run (`infllmv2`, nonsense) stops the engine with a `ValueError` naming it.
+  prompts and with chunked prefill (chunks of 64 tokens: a first chunk attends to its new K/V
+  directly, later ones to keys gathered from vLLM's pages; decodes and prefills share steps); whole
+  prompts gather nothing; the Mistral's layers keep their own window;
+* `topk:2:16`, `window:48:4` and a small InfLLMv2 (`infllmv2:topk=2,block_size=16,...`: its windows
+  from the chunk sums kept beside vLLM's pages) generate the same tokens as the transformers model
+  with sparse_attn's attention registered by hand (`register_transformers`) with the same pattern;
+* a malformed pattern stops the engine with a `ValueError` naming it.
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ def mistral(tmp_path_factory):
     return make_tiny_llama(str(tmp_path_factory.mktemp("mistral")), sliding_window=48)
 
 
-def _generate(model, pattern, *extra):
+def _generate(model, pattern, *extra, stats=None):
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
     env.pop("SPARSE_ATTN_VLLM_PATTERN", None)
     if pattern is not None:
@@ -59,11 +61,13 @@ def _generate(model, pattern, *extra):
     out = json.loads(r.stdout.strip().splitlines()[-1])
     want = "sparse_attn" if pattern is not None else "vllm."
     assert out["backend"].startswith(want), out["backend"]
+    if stats is not None:
+        stats.update(out["stats"] or {})
     return out["tokens"], ""
 
 
-def _ok(model, pattern, *extra):
-    tokens, err = _generate(model, pattern, *extra)
+def _ok(model, pattern, *extra, stats=None):
+    tokens, err = _generate(model, pattern, *extra, stats=stats)
     assert tokens is not None, err
     return tokens
 
@@ -74,11 +78,20 @@ def own_tokens(llama):
 
 
 def test_dense_equals_vllm_own(llama, own_tokens):
-    assert _ok(llama, "dense") == own_tokens
+    stats = {}
+    assert _ok(llama, "dense", stats=stats) == own_tokens
+    # whole prompts: every prefill attended to its new K/V as vLLM handed them, nothing gathered
+    assert stats["prefill_direct"] >= NUM_PROMPTS and stats["prefill_gathered"] == 0, stats
 
 
 def test_dense_chunked_prefill_equals_vllm_own(llama, own_tokens):
-    assert _ok(llama, "dense", "--chunk", "64") == own_tokens
+    stats = {}
+    assert _ok(llama, "dense", "--chunk", "64", stats=stats) == own_tokens
+    # a first chunk (no earlier keys) directly, later chunks from the pages: 2 layers x 2 prompts
+    # of 200 tokens in chunks of at most 64 (decodes of the first prompt share the budget)
+    layers = 2
+    assert stats["prefill_direct"] >= NUM_PROMPTS * layers, stats
+    assert stats["prefill_gathered"] >= NUM_PROMPTS * layers * (-(-PROMPT_LEN // 64) - 1), stats
 
 
 def test_sliding_layers_keep_their_window(mistral):
@@ -103,13 +116,16 @@ def _by_hand(model, pattern):
     return outs
 
 
-@pytest.mark.parametrize("spec", ["topk:2:16", "window:48:4"])
+INFLLMV2 = "infllmv2:topk=2,block_size=16,kernel_size=8,kernel_stride=4,local_blocks=1,dense_len=0"
+
+
+@pytest.mark.parametrize("spec", ["topk:2:16", "window:48:4", INFLLMV2])
 def test_sparse_equals_sparse_attn_by_hand(llama, spec):
     from sparse_attn.integrations.vllm import parse_pattern
     assert _ok(llama, spec, "--chunk", "64") == _by_hand(llama, parse_pattern(spec))
 
 
-@pytest.mark.parametrize("spec,words", [("infllmv2", "infllmv2"), ("topk:x", "SPARSE_ATTN_VLLM_PATTERN")])
+@pytest.mark.parametrize("spec,words", [("infllmv2:foo=1", "foo"), ("topk:x", "SPARSE_ATTN_VLLM_PATTERN")])
 def test_refused_at_engine_start(llama, spec, words):
     tokens, err = _generate(llama, spec)
     assert tokens is None and "ValueError" in err and words in err, err[-2000:]

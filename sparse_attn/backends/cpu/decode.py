@@ -114,7 +114,8 @@ def decode_over_cache(q: torch.Tensor, view, pattern, *, scale: float, softcap=N
     if _native_topk(view, pattern):  # TopK from the float32 block sums, in C++ (one call, O(blocks))
         token_index = _ext().topk_select_sums(q.detach(), view.block_sums, list(view.host_lengths),
                                               pattern.block_size, pattern.topk, pattern.sink_blocks,
-                                              pattern.local_blocks)
+                                              pattern.local_blocks,
+                                              view.page_table if view.sums_by_page else None)
     else:
         pattern, token_index = selection_over_cache(q, view, pattern)
     if view.kind == "contiguous":  # sequence b is k[b]: strided rows, read in runs

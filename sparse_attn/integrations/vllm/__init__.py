@@ -4,7 +4,7 @@
     SPARSE_ATTN_VLLM_PATTERN=topk:16 python -c "from vllm import LLM; ..."
 
 sparse_attn's `setup.py` declares a `vllm.general_plugins` entry point, `register`: vLLM calls it
-in every process it starts. With `SPARSE_ATTN_VLLM_PATTERN` set (`dense`, `topk:N[:BS]`,
+in every process it starts. With `SPARSE_ATTN_VLLM_PATTERN` set (`dense`, `topk:N[:BS]`, `infllmv2[:...]`,
 `window:W[:S]`; `patterns.py`), it points `AttentionBackendEnum.CPU_ATTN` -- the backend vLLM's
 CPU platform always picks -- at `backend.SparseAttnBackend`; unset, vLLM runs its own backend.
 

@@ -10,16 +10,20 @@ the page sums beside them), then `forward` over the whole batch:
   (`plan_with_cache`, kept per batch size) on a `PagesCache` -- the scheduler picks sparse_attn's
   split-KV decode, which reads vLLM's pages through the block table in place;
 * every other request (prefill, a chunk of a chunked prefill, a prefix-cache hit) runs
-  `sparse_attn.attention` on its new queries against its keys, gathered from the pages (a pure
-  prefill takes the new keys directly); queries are end-aligned to the keys, as the contract says.
+  `sparse_attn.attention` on its new queries against its keys, end-aligned as the contract says.
+  A request with no earlier keys (a whole prompt, the first chunk of a chunked one) attends to its
+  new K/V as vLLM hands them, no copy; a later chunk or a prefix-cache hit reads its visible keys
+  from the pages in one gather (`pages.gather_keys`: from the window's start only, for a window
+  without sinks). `STATS` counts both, for tests and benchmarks.
 
 What the backend cannot honour raises `ValueError` naming the option when the layer is built
 (engine start): ALiBi, a quantized KV cache (`kv_cache_dtype`), encoder / cross attention,
-fused output quantization, KV sharing under TopK, an unknown or unsupported pattern.
+fused output quantization, KV sharing under TopK or InfLLMv2, an unknown pattern.
 """
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -31,12 +35,19 @@ from vllm.v1.kv_cache_interface import KVCacheLayout
 
 from ...api.cache import plan_with_cache
 from ...api.functional import attention
-from ...patterns import SlidingWindow, TopK
-from .pages import PagesCache, gather_keys, split_pages, write_pages
+from ...patterns import InfLLMv2, SlidingWindow, TopK
+from .pages import PagesCache, gather_keys, split_pages, window_chunk, write_pages
 from .patterns import ENV, layer_pattern, page_size_for, parse_pattern
 
 #: vLLM looks the name up in `AttentionBackendEnum`: the member this backend stands in for
 NAME = "CPU_ATTN"
+
+
+#: what `forward` did in this process: prefill requests served from their new K/V directly, those
+#: whose keys were gathered from the pages, the key rows gathered (K and V each), decode calls, and
+#: the wall seconds spent in the decode and prefill parts of `forward` (all layers)
+STATS = {"prefill_direct": 0, "prefill_gathered": 0, "rows_gathered": 0, "decode_calls": 0, "decode_s": 0.0,
+         "prefill_s": 0.0}
 
 
 def configured_pattern():
@@ -153,10 +164,13 @@ class SparseAttnImpl(AttentionImpl[SparseAttnMetadata]):
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self.pattern = layer_pattern(configured_pattern(), sliding_window)
         self.is_topk = isinstance(self.pattern, TopK)
-        if self.is_topk and kv_sharing_target_layer_name is not None:
-            raise ValueError(f"kv_sharing_target_layer_name={kv_sharing_target_layer_name!r}: TopK keeps block "
-                             f"sums per layer; a layer reading another layer's KV cache cannot run TopK")
+        self.is_infllmv2 = isinstance(self.pattern, InfLLMv2)
+        if (self.is_topk or self.is_infllmv2) and kv_sharing_target_layer_name is not None:
+            raise ValueError(f"kv_sharing_target_layer_name={kv_sharing_target_layer_name!r}: "
+                             f"{type(self.pattern).__name__} keeps key sums per layer; a layer reading another "
+                             f"layer's KV cache cannot run it")
         self._page_sums = None  # TopK: float32 (num_pages, Hkv, D), allocated with the first write
+        self._chunk_sums = None  # InfLLMv2: float32 (num_pages, page_size // c, Hkv, D), likewise
         self._plans = {}  # decode batch size -> CachePlan
 
     # ------------------------------------------------------------------------------- cache write
@@ -171,8 +185,18 @@ class SparseAttnImpl(AttentionImpl[SparseAttnMetadata]):
             self._page_sums = torch.zeros(pages, heads, self.head_size, dtype=torch.float32, device=kv_cache.device)
         return self._page_sums
 
+    def _chunks_for(self, kv_cache: torch.Tensor):
+        if not self.is_infllmv2:
+            return None
+        pages, heads, page_size, _ = kv_cache.shape
+        c = window_chunk(self.pattern.kernel_size, self.pattern.kernel_stride, page_size)
+        if self._chunk_sums is None or self._chunk_sums.shape[0] != pages:
+            self._chunk_sums = torch.zeros(pages, page_size // c, heads, self.head_size, dtype=torch.float32,
+                                           device=kv_cache.device)
+        return self._chunk_sums
+
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
-        write_pages(kv_cache, key, value, slot_mapping, self._sums_for(kv_cache))
+        write_pages(kv_cache, key, value, slot_mapping, self._sums_for(kv_cache), self._chunks_for(kv_cache))
 
     # ----------------------------------------------------------------------------------- forward
     def _opts(self, device):
@@ -196,8 +220,11 @@ class SparseAttnImpl(AttentionImpl[SparseAttnMetadata]):
             raise ValueError("causal: the sparse_attn vLLM backend serves causal attention only")
         opts = self._opts(query.device)
         qsl = m.query_start_loc
+        t0 = time.perf_counter()
         if m.decode_idx:
             self._decode(query, kv_cache, m, output, opts)
+        t1 = time.perf_counter()
+        STATS["decode_s"] += t1 - t0
         k_pages, v_pages = split_pages(kv_cache)
         for i in m.prefill_idx:
             a, b, total = qsl[i], qsl[i + 1], m.seq_lens_host[i]
@@ -206,11 +233,15 @@ class SparseAttnImpl(AttentionImpl[SparseAttnMetadata]):
             if total == b - a and key is not None:  # nothing cached before: the new keys themselves
                 k = key[a:b].transpose(0, 1)[None]
                 v = value[a:b].transpose(0, 1)[None]
+                STATS["prefill_direct"] += 1
             else:
                 k = gather_keys(k_pages, m.block_table[i], lo, total)
                 v = gather_keys(v_pages, m.block_table[i], lo, total)
+                STATS["prefill_gathered"] += 1
+                STATS["rows_gathered"] += total - lo
             out = attention(q, k, v, self.pattern, **opts)
             output[a:b] = out[0].transpose(0, 1)
+        STATS["prefill_s"] += time.perf_counter() - t1
         return output
 
     def _first_key(self, total: int, new: int) -> int:
@@ -232,7 +263,9 @@ class SparseAttnImpl(AttentionImpl[SparseAttnMetadata]):
             rows = torch.tensor([qsl[i] for i in idx], dtype=torch.long, device=query.device)
             sel = torch.tensor(idx, dtype=torch.long, device=query.device)
             table, lens = m.block_table[sel], m.seq_lens[sel]
-        cache = PagesCache(kv_cache, table, lens, [m.seq_lens_host[i] for i in idx], page_sums=self._page_sums)
+        cache = PagesCache(kv_cache, table, lens, [m.seq_lens_host[i] for i in idx], page_sums=self._page_sums,
+                           chunk_sums=self._chunk_sums)
+        STATS["decode_calls"] += 1
         q = query[rows][:, :, None]  # (n, Hq, 1, D)
         output[rows] = self._planned(q, cache, opts)[:, :, 0]
 

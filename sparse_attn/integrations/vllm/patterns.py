@@ -6,7 +6,10 @@ The variable's grammar (no vLLM import here):
 * `topk:N` or `topk:N:BS` -- `TopK(topk=N, block_size=BS)` (BS defaults to 64); the block size is
   vLLM's page size (the plugin asks vLLM for pages of BS tokens), so block sums live beside pages;
 * `window:W` or `window:W:S` -- `SlidingWindow(W, sinks=S)` (StreamingLLM);
-* `infllmv2` -- refused: sparse_attn's decode over a cache does not serve InfLLMv2 yet.
+* `infllmv2` or `infllmv2:field=value,...` -- `InfLLMv2()` with those fields replaced (integers,
+  and `normalizer` / `variant` strings), e.g. `infllmv2:topk=64,dense_len=0`; vLLM's pages keep
+  the sums of runs of `gcd(kernel_size, kernel_stride, page_size)` rows, InfLLMv2's windows are
+  made of them (pages.PagedWindowSums).
 
 The chosen pattern replaces the full-attention layers only; a layer with its own sliding window
 (Mistral, Gemma, GPT-OSS ...) runs `SlidingWindow(its window)`, as in the contract's transformers
@@ -14,7 +17,9 @@ rules. Learned sinks, soft-capping and the model's scale are passed through as w
 """
 from __future__ import annotations
 
-from ...patterns import Dense, Pattern, SlidingWindow, TopK
+import dataclasses
+
+from ...patterns import Dense, InfLLMv2, Pattern, SlidingWindow, TopK
 
 ENV = "SPARSE_ATTN_VLLM_PATTERN"
 DEFAULT_TOPK_BLOCK = 64
@@ -44,11 +49,25 @@ def parse_pattern(spec: str) -> Pattern:
     if kind == "window" and len(args) in (1, 2):
         sinks = _int(spec, args[1], "sinks", 0) if len(args) == 2 else 0
         return SlidingWindow(_int(spec, args[0], "the window", 1), sinks=sinks)
-    if kind == "infllmv2":
-        raise ValueError(f"{ENV}=infllmv2 is not supported yet: sparse_attn's decode over a paged cache does not "
-                         f"serve InfLLMv2 (use dense, topk:N, or window:W)")
-    raise ValueError(f"{ENV}={spec!r} is not a pattern: use dense, topk:N[:block_size], window:W[:sinks] "
-                     f"(infllmv2 is not supported yet)")
+    if kind == "infllmv2" and len(args) <= 1:
+        return _infllmv2(spec, args[0] if args else "")
+    raise ValueError(f"{ENV}={spec!r} is not a pattern: use dense, topk:N[:block_size], window:W[:sinks], "
+                     f"infllmv2[:field=value,...]")
+
+
+def _infllmv2(spec: str, text: str) -> InfLLMv2:
+    fields = {f.name: f for f in dataclasses.fields(InfLLMv2)}
+    kw = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        name, eq, value = item.partition("=")
+        if not eq or name not in fields:
+            raise ValueError(f"{ENV}={spec!r}: {item!r} is not field=value with a field of InfLLMv2 "
+                             f"({', '.join(fields)})")
+        kw[name] = value if name in ("normalizer", "variant") else _int(spec, value, name, -1)
+    try:
+        return InfLLMv2(**kw)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{ENV}={spec!r}: {e}") from None
 
 
 def layer_pattern(pattern: Pattern, sliding_window: int | None) -> Pattern:
