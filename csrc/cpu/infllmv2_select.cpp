@@ -22,6 +22,7 @@
 #include <limits>
 #include <vector>
 
+#include "cpu/infllmv2_rows.h"
 #include "cpu/target_check.h"
 #include "cpu/vec.h"
 
@@ -29,13 +30,16 @@ namespace sparse_attn_cpu {
 namespace {
 
 constexpr int64_t kRows = 32;
-constexpr float kLog2e = 1.4426950408889634f;
+using infllmv2::add_exp2;
+using infllmv2::kLog2e;
+using infllmv2::lse2;
+using infllmv2::visible;
 
 struct Params {
   int64_t B, Hq, Hkv, G, sq, sk, D;
   int64_t n1, n1_pad, n2, n2_pad;  // fine / coarse kernels (coarse: 0 for "exact")
-  int64_t ks, st, bs, ratio, nb, topk, forced_init, window, variant41;
-  bool coarse;
+  int64_t nb;
+  infllmv2::Rule rule;
   float qmul;  // scale * log2(e)
   int64_t qst[4];
   const float* kct;   // (B, Hkv, D, n1_pad)
@@ -43,72 +47,21 @@ struct Params {
   int32_t* out;       // (B, Hkv, Sq, topk)
 };
 
-// kernels of size `size`, stride `stride` visible from position p: end = j*stride + size - 1 <= p
-inline int64_t visible(int64_t p, int64_t size, int64_t stride, int64_t n) {
-  return p < size - 1 ? 0 : std::min(n, (p - size + 1) / stride + 1);
-}
-
-// blocks the scores pick for a row of query block qb, beyond the forced ones
-inline int64_t extra_blocks(const Params& P, int64_t qb) {
-  const int64_t before = std::max<int64_t>(0, qb - P.window + 1);
-  const int64_t init_counted = std::min(before, P.forced_init);
-  if (P.variant41) return std::max<int64_t>(0, P.topk - init_counted - std::min(qb + 1, P.window));
-  return P.topk - init_counted;
-}
-
-// log2-sum-exp2 of x[0:n] (n > 0)
-inline float lse2(const float* x, int64_t n) {
-  float m = x[0];
-  for (int64_t j = 1; j < n; ++j) m = std::max(m, x[j]);
-  if (!std::isfinite(m)) return m;  // NaN / inf propagate as the PyTorch logsumexp does
-  float s = 0.f;
-  for (int64_t j = 0; j < n; ++j) s += exp2_scalar(x[j] - m);
-  return m + std::log2(s);
-}
-
-// s[0:n] += 2^(f[0:n] - c)
-inline void add_exp2(float* s, const float* f, int64_t n, float c) {
-  int64_t j = 0;
-#ifdef SPARSE_ATTN_VECTOR_TYPES
-  const vfloat vc = vsplat(c);
-  for (; j + kVec <= n; j += kVec) vstore(s + j, vload(s + j) + vexp2(vload(f + j) - vc));
-#endif
-  for (; j < n; ++j) s[j] += exp2_scalar(f[j] - c);
-}
-
-// the `w` best of score[lo..hi] (w < hi - lo + 1) -> idx, ascending; ties keep the lower index
-void top_w(const float* score, int64_t lo, int64_t hi, int64_t w, float* val, int32_t* idx) {
-  for (int64_t e = 0; e < w; ++e) val[e] = score[lo + e], idx[e] = static_cast<int32_t>(lo + e);
-  auto argmin = [&]() {
-    int64_t a = 0;
-    for (int64_t e = 1; e < w; ++e)
-      if (val[e] < val[a] || (val[e] == val[a] && idx[e] > idx[a])) a = e;
-    return a;
-  };
-  int64_t amin = argmin();
-  for (int64_t n = lo + w; n <= hi; ++n) {
-    if (score[n] > val[amin]) {
-      val[amin] = score[n], idx[amin] = static_cast<int32_t>(n);
-      amin = argmin();
-    }
-  }
-  std::sort(idx, idx + w);
-}
-
 template <int DT>
 void run_task(const Params& P, const typename Elem<DT>::T* Q, int64_t b, int64_t h, int64_t t0, std::vector<float>& qa,
               std::vector<float>& f, std::vector<float>& c, std::vector<float>& s, std::vector<float>& score,
               std::vector<float>& val) {
   const int64_t t1 = std::min(P.sq, t0 + kRows), rows = t1 - t0, off = P.sk - P.sq;
-  int32_t* out = P.out + ((b * P.Hkv + h) * P.sq + t0) * P.topk;
-  std::fill_n(out, rows * P.topk, -1);
+  const infllmv2::Rule& R = P.rule;
+  int32_t* out = P.out + ((b * P.Hkv + h) * P.sq + t0) * R.topk;
+  std::fill_n(out, rows * R.topk, -1);
   const int64_t last = off + t1 - 1;
-  const int64_t n1 = visible(last, P.ks, P.st, P.n1), n1c = round_up(std::max<int64_t>(n1, 1), kVec);
-  const int64_t n2 = P.coarse ? visible(last, 4 * P.ks, 4 * P.st, P.n2) : 0;
+  const int64_t n1 = visible(last, R.ks, R.st, P.n1), n1c = round_up(std::max<int64_t>(n1, 1), kVec);
+  const int64_t n2 = R.coarse ? visible(last, 4 * R.ks, 4 * R.st, P.n2) : 0;
   const int64_t n2c = round_up(std::max<int64_t>(n2, 1), kVec);
   // nothing to pick in any row of the chunk (the last row has the most candidates); rows that see
   // no kernel still pick (all scores 0: the lowest candidates, as ties go)
-  if (last / P.bs - P.window < P.forced_init) return;
+  if (last / R.bs - R.window < R.forced_init) return;
   std::fill_n(s.data(), rows * n1c, 0.f);
   std::vector<const float*> ap(rows);
   std::vector<float*> fp(rows), cp(rows);
@@ -118,20 +71,20 @@ void run_task(const Params& P, const typename Elem<DT>::T* Q, int64_t b, int64_t
     cp[r] = c.data() + r * n2c;
   }
   const float* kct = P.kct + (b * P.Hkv + h) * P.D * P.n1_pad;
-  const float* kc2t = P.coarse ? P.kc2t + (b * P.Hkv + h) * P.D * P.n2_pad : nullptr;
+  const float* kc2t = R.coarse ? P.kc2t + (b * P.Hkv + h) * P.D * P.n2_pad : nullptr;
   for (int64_t g = 0; g < P.G; ++g) {
     for (int64_t r = 0; r < rows; ++r)
       load_row<DT>(qa.data() + r * P.D, Q + b * P.qst[0] + (h * P.G + g) * P.qst[1] + (t0 + r) * P.qst[2], P.D,
                    P.qst[3], P.qmul);
     gemm_rows<false>(rows, n1c, P.D, ap.data(), kct, P.n1_pad, fp.data(), nullptr);
-    if (P.coarse && n2 > 0) gemm_rows<false>(rows, n2c, P.D, ap.data(), kc2t, P.n2_pad, cp.data(), nullptr);
+    if (R.coarse && n2 > 0) gemm_rows<false>(rows, n2c, P.D, ap.data(), kc2t, P.n2_pad, cp.data(), nullptr);
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t p = off + t0 + r;
-      const int64_t v1 = visible(p, P.ks, P.st, n1);
+      const int64_t v1 = visible(p, R.ks, R.st, n1);
       if (v1 == 0) continue;
       float norm;
-      if (P.coarse) {
-        const int64_t v2 = visible(p, 4 * P.ks, 4 * P.st, n2);
+      if (R.coarse) {
+        const int64_t v2 = visible(p, 4 * R.ks, 4 * R.st, n2);
         if (v2 == 0) continue;  // no coarse kernel visible: 0 scores
         norm = lse2(cp[r], v2);
       } else {
@@ -141,24 +94,9 @@ void run_task(const Params& P, const typename Elem<DT>::T* Q, int64_t b, int64_t
     }
   }
   for (int64_t r = 0; r < rows; ++r) {
-    const int64_t p = off + t0 + r, qb = p / P.bs;
-    const int64_t lo = P.forced_init, hi = std::min(P.nb - 1, qb - P.window);
-    const int64_t cnt = hi - lo + 1, want = std::min(extra_blocks(P, qb), P.topk);
-    if (cnt <= 0 || want <= 0) continue;
-    int32_t* o = out + r * P.topk;
-    if (cnt <= want) {
-      for (int64_t e = 0; e < cnt; ++e) o[e] = static_cast<int32_t>(lo + e);
-      continue;
-    }
-    const float* sr = s.data() + r * n1c;
-    const int64_t v1 = visible(p, P.ks, P.st, n1);
-    for (int64_t blk = lo; blk <= hi; ++blk) {  // kernels [ratio*blk - 1, ratio*blk + ratio) that exist
-      const int64_t j0 = std::max<int64_t>(0, P.ratio * blk - 1), j1 = std::min(v1, P.ratio * blk + P.ratio);
-      float m = 0.f;  // scores are >= 0: a block without a visible kernel scores 0
-      for (int64_t j = j0; j < j1; ++j) m = (sr[j] > m || sr[j] != sr[j]) ? sr[j] : m;
-      score[blk] = m != m ? std::numeric_limits<float>::infinity() : m;
-    }
-    top_w(score.data(), lo, hi, want, val.data(), o);
+    const int64_t p = off + t0 + r;
+    infllmv2::pick_row(R, p, P.nb, s.data() + r * n1c, visible(p, R.ks, R.st, n1), score.data(), val.data(),
+                       out + r * R.topk);
   }
 }
 
@@ -191,9 +129,9 @@ torch::Tensor infllmv2_select(torch::Tensor q, torch::Tensor kc_t, torch::Tensor
   Params P{};
   P.B = B, P.Hq = Hq, P.Hkv = kv_heads, P.G = Hq / kv_heads, P.sq = sq, P.sk = sk, P.D = D;
   P.n1 = n1, P.n1_pad = kc_t.size(3), P.n2 = coarse ? n2 : 0, P.n2_pad = coarse ? kc2_t.size(3) : 0;
-  P.ks = kernel_size, P.st = kernel_stride, P.bs = block_size, P.ratio = block_size / kernel_stride;
-  P.nb = (sk + block_size - 1) / block_size, P.topk = topk, P.forced_init = forced_init, P.window = window_blocks;
-  P.variant41 = variant41, P.coarse = coarse;
+  P.rule = infllmv2::Rule{kernel_size, kernel_stride, block_size, block_size / kernel_stride, topk, forced_init,
+                          window_blocks, variant41, coarse};
+  P.nb = (sk + block_size - 1) / block_size;
   P.qmul = static_cast<float>(std::pow(static_cast<double>(D), -0.5)) * kLog2e;  // the contract's scale
   for (int d = 0; d < 4; ++d) P.qst[d] = q.stride(d);
   P.kct = kc_t.data_ptr<float>();
@@ -225,6 +163,12 @@ torch::Tensor infllmv2_select(torch::Tensor q, torch::Tensor kc_t, torch::Tensor
   return out;
 }
 
+// infllmv2_decode.cpp
+torch::Tensor infllmv2_select_sums(torch::Tensor q, torch::Tensor fine, torch::Tensor coarse,
+                                   std::vector<int64_t> lengths, int64_t kernel_size, int64_t kernel_stride,
+                                   int64_t block_size, int64_t topk, int64_t forced_init, int64_t window_blocks,
+                                   bool variant41, bool use_coarse);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("vector_width") = sparse_attn_cpu::kVec;
   m.def("infllmv2_select", &infllmv2_select,
@@ -232,4 +176,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q"), py::arg("kc_t"), py::arg("kc2_t"), py::arg("kv_heads"), py::arg("sk"), py::arg("n1"),
         py::arg("n2"), py::arg("kernel_size"), py::arg("kernel_stride"), py::arg("block_size"), py::arg("topk"),
         py::arg("forced_init"), py::arg("window_blocks"), py::arg("variant41"), py::arg("coarse"));
+  m.def("infllmv2_select_sums", &infllmv2_select_sums,
+        "InfLLMv2 per-token picks over a cache's window sums (rows end-aligned to each sequence's length) -> int32 "
+        "(B, Hkv, Sq, topk), ascending, -1 padded",
+        py::arg("q"), py::arg("fine"), py::arg("coarse"), py::arg("lengths"), py::arg("kernel_size"),
+        py::arg("kernel_stride"), py::arg("block_size"), py::arg("topk"), py::arg("forced_init"),
+        py::arg("window_blocks"), py::arg("variant41"), py::arg("use_coarse"));
 }

@@ -6,7 +6,11 @@ over K (`layout.infllmv2_selection.compressed_keys`: float32 stride-row sums), t
 `(B, Hkv, D, kernels padded to the vector width)` for the kernel's micro-kernel; the scores, the
 group sum, the pooling and the top-k run in C++ chunk by chunk of query rows, with all threads.
 Same result as `layout.infllmv2_selection.infllmv2_token_index` (the PyTorch path) up to the
-float32 rounding of the scores (tests/test_infllmv2_cpu_select.py)."""
+float32 rounding of the scores (tests/test_infllmv2_cpu_select.py).
+
+A decode step over a cache (`infllmv2_picks_over_cache_cpu`, csrc/cpu/infllmv2_decode.cpp) reads
+the cache's float32 window sums where they are (row-major, no copy) and returns the same picks as
+`layout.infllmv2_selection.infllmv2_picks_over_cache` (tests/test_infllmv2_cache_select.py)."""
 from __future__ import annotations
 
 import torch
@@ -46,3 +50,22 @@ def infllmv2_select_cpu(q: torch.Tensor, k: torch.Tensor, pattern: InfLLMv2) -> 
                                       kc.shape[2], kc2.shape[2], ks, st, pattern.block_size, pattern.topk,
                                       pattern.forced_init, pattern.window_blocks, pattern.variant == "minicpm4.1",
                                       coarse)
+
+
+def native_over_cache(view) -> bool:
+    """Whether the C++ decode selection reads this cache's window sums (float32; a float64 cache's
+    stay on the PyTorch path, the definition the C++ one is tested against)."""
+    return view.compressed is not None and view.compressed.dtype == torch.float32 and view.device.type == "cpu"
+
+
+def infllmv2_picks_over_cache_cpu(q: torch.Tensor, view, pattern: InfLLMv2) -> torch.Tensor:
+    """Per-token picks over a cache's read view (`KVView`) from its window sums, each sequence's
+    rows end-aligned to its own length: int32 `(B, Hkv, Sq, topk)`, ascending, -1 padded (the
+    `picks` of `layout.infllmv2_selection.infllmv2_index_over_cache`, which applies `dense_len`)."""
+    ks, st = pattern.kernel_size, pattern.kernel_stride
+    coarse = pattern.normalizer == "coarse"
+    fine = view.window_sums(ks, st)
+    kc2 = view.window_sums(4 * ks, 4 * st) if coarse else fine[:, :, :0]
+    return _ext().infllmv2_select_sums(q.detach(), fine, kc2, list(view.host_lengths), ks, st, pattern.block_size,
+                                       pattern.topk, pattern.forced_init, pattern.window_blocks,
+                                       pattern.variant == "minicpm4.1", coarse)
