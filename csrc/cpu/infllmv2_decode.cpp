@@ -51,7 +51,8 @@ struct SumParams {
 };
 
 struct SumScratch {
-  std::vector<float> q1, q2, kt, f, s, score, val, m, l;
+  std::vector<float> q1, q2, kt, f, s, score, m, l;
+  std::vector<int32_t> ids;
   std::vector<uint8_t> flag;  // per row: 1 a NaN was seen, 2 a +inf
   std::vector<const float*> a1, a2;
   std::vector<float*> fp;
@@ -126,14 +127,15 @@ void run_sums_task(const SumParams& P, const typename Elem<DT>::T* Q, int64_t b,
       S.m[r] = mn;
     }
   }
-  // lse per row: NaN if a visible score is NaN, +inf if one is +inf; a row that sees no
-  // normalising window (or only -inf scores) gets 0 scores (+inf), as the PyTorch path
+  // lse per row: NaN if a visible score is NaN, +inf if one is +inf (then 2^(F - lse) is ~0, or
+  // NaN for F = +inf, as the prefill selection); a head that sees no normalising window (or only
+  // -inf scores) adds nothing (0 scores, as the PyTorch path)
   std::vector<float>& lse = S.m;
   for (int64_t r = 0; r < rows; ++r) {
     if (S.flag[r] & 1) lse[r] = std::numeric_limits<float>::quiet_NaN();
     else if (S.flag[r] & 2) lse[r] = std::numeric_limits<float>::infinity();
     else if (S.l[r] > 0.f) lse[r] = S.m[r] + std::log2(S.l[r]);
-    else lse[r] = std::numeric_limits<float>::infinity();
+    else lse[r] = kNegInf;  // adds nothing
   }
 
   // 2. the group sums of the fine scores, per token
@@ -143,14 +145,14 @@ void run_sums_task(const SumParams& P, const typename Elem<DT>::T* Q, int64_t b,
     scores(fine, P.fst[2], P.slots1, S.a1.data(), j0, nw);
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t v = std::min(nw, visible(pos(r), R.ks, R.st, n1) - j0);
-      if (v <= 0 || lse[r] == std::numeric_limits<float>::infinity()) continue;  // 0 scores
+      if (v <= 0 || lse[r] == kNegInf) continue;
       infllmv2::add_exp2(S.s.data() + (r % sq) * n1c + j0, S.fp[r], v, lse[r]);
     }
   }
   for (int64_t t = 0; t < sq; ++t) {
     const int64_t p = len - sq + t;
     if (p < 0) continue;  // a row before the sequence's start sees nothing
-    infllmv2::pick_row(R, p, P.nb, S.s.data() + t * n1c, visible(p, R.ks, R.st, n1), S.score.data(), S.val.data(),
+    infllmv2::pick_row(R, p, P.nb, S.s.data() + t * n1c, visible(p, R.ks, R.st, n1), S.score.data(), S.ids.data(),
                        out + t * R.topk);
   }
 }
@@ -227,7 +229,7 @@ torch::Tensor infllmv2_select_sums(torch::Tensor q, torch::Tensor fine, torch::T
     SumScratch S;
     S.q1.assign(rows * D, 0.f), S.q2.assign(use_coarse ? rows * D : 0, 0.f);
     S.kt.assign(D * kChunk, 0.f), S.f.assign(rows * kChunk, 0.f), S.s.assign(sq * n1c, 0.f);
-    S.score.assign(std::max<int64_t>(P.nb, 1), 0.f), S.val.assign(std::max<int64_t>(topk, 1), 0.f);
+    S.score.assign(std::max<int64_t>(P.nb, 1), 0.f), S.ids.assign(std::max<int64_t>(P.nb, 1), 0);
     S.m.assign(rows, 0.f), S.l.assign(rows, 0.f), S.flag.assign(rows, 0);
     S.a1.resize(rows), S.a2.resize(rows), S.fp.resize(rows);
     for (int64_t r = 0; r < rows; ++r) {
