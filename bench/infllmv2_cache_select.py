@@ -3,12 +3,12 @@
 (layout/infllmv2_selection.infllmv2_picks_over_cache), at MiniCPM4-8B's shape (B=1, Hq=32, Hkv=2,
 D=128, bf16, `InfLLMv2()` defaults), and the whole `attention_with_cache` step.
 
-    python -m bench.infllmv2_cache_select --lengths 32768 131072 [--repeat 9] [--rows 1]
+    python -m bench.infllmv2_cache_select --lengths 32768 131072 [--repeat 9] [--rows 1] [--threads N]
 
 A `PagedKVCache` (page 64) of random keys per length; the window sums made before timing. The
 variants alternate within each repetition; per variant the median wall time and the median CPU
-time of the process (all threads: less sensitive to the other jobs on a shared machine). Prints
-a markdown table with the load average.
+time of the process (all threads: less sensitive to the other jobs on a shared machine; with
+`--threads 1` it is the work itself). Prints a markdown table with the load average.
 """
 from __future__ import annotations
 
@@ -29,7 +29,10 @@ def main():
     ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     ap.add_argument("--repeat", type=int, default=9)
     ap.add_argument("--rows", type=int, default=1, help="query rows per step (Sq)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: the default)")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     b, hq, hkv, d, dt = 1, 32, 2, 128, torch.bfloat16
     pat = sa.InfLLMv2()

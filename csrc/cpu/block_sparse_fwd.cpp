@@ -117,8 +117,9 @@ inline float row_max_finite_or_nan(const float* x, int64_t n) {
 }
 
 // p = 2^(x + (x - x) - m) (the probabilities of a row read by row_max_finite_or_nan), stored back
-// into x; returns their sum, in exp2_sub_sum's order (same bits as nonfinite_to_nan then
-// exp2_sub_sum). n a multiple of kVec.
+// into x; returns their sum, in exp2_sub_sum's order (the arithmetic of nonfinite_to_nan then
+// exp2_sub_sum; the compiler's FMA contraction of the inlined polynomial may differ by an ulp).
+// n a multiple of kVec.
 inline float exp2_sub_sum_finite(float* x, int64_t n, float m) {
 #ifdef SPARSE_ATTN_VECTOR_TYPES
   vfloat acc{};
@@ -343,7 +344,7 @@ class TaskRunner {
     float* corr = S.corr.data();
     // a block every row sees whole (no padding, no token rule, no soft-capping: full blocks and
     // TopK's per-token blocks): the row's softmax in two reads of its scores, the bf16
-    // probabilities written directly (same bits as the general path below)
+    // probabilities written directly (the general path's arithmetic, below)
     const bool plain = !masked && nk == kbp && !(P.cap > 0.f);
     for (int64_t c0 = 0; c0 < cnt; c0 += kRowChunk) {
       const int64_t rows = std::min(kRowChunk, cnt - c0);

@@ -64,7 +64,8 @@ inline void transpose_chunk(float* kt, const float* sums, int64_t ld, int64_t j0
                             int64_t D) {
   int64_t c = 0;
   if (D % 16 == 0)
-    for (; c + 16 <= nw && j0 + c + 16 <= slots; c += 16) transpose_f32(kt + c, kChunk, sums + (j0 + c) * ld, ld, 16, D);
+    for (; c + 16 <= nw && j0 + c + 16 <= slots; c += 16)
+      transpose_f32(kt + c, kChunk, sums + (j0 + c) * ld, ld, 16, D);
   for (; c < nw; ++c) {
     const float* src = sums + (j0 + c) * ld;
     for (int64_t d = 0; d < D; ++d) kt[d * kChunk + c] = src[d];

@@ -228,6 +228,10 @@ class CpuCacheDecode(CpuDecode):
     patterns = CpuDecode.patterns + (InfLLMv2,)
     cache_kinds = ("contiguous", "paged")
     kv_dtypes = (None, "int8", "fp8_e4m3")
+    #: InfLLMv2's C++ selection over the window sums (csrc/cpu/infllmv2_decode.cpp): measured
+    #: 0.66 ms / 2.5 ms on one thread for 32K / 128K keys (B=1 Hq=32 Hkv=2 D=128, one row:
+    #: ~34 GFLOP/s counted, ~0.3 of a core's float32 peak; 2026-12-02, 2-core Zen 4 EPYC, shared)
+    infllmv2_select_efficiency = 0.3
 
     def cost(self, p):
         if not isinstance(p.pattern, InfLLMv2):
@@ -240,7 +244,7 @@ class CpuCacheDecode(CpuDecode):
         windows = p.sk / pat.kernel_stride * (1.25 if pat.normalizer == "coarse" else 1.0)
         flops = (2.0 * p.head_dim + 20.0) * p.sq * windows * p.batch * p.q_heads
         wbytes = (8 if p.dtype == torch.float64 else 4) * p.batch * p.kv_heads * windows * p.head_dim
-        return t + max(roofline_seconds(p, flops=flops, bytes_moved=0.0, efficiency=self.select_efficiency,
+        return t + max(roofline_seconds(p, flops=flops, bytes_moved=0.0, efficiency=self.infllmv2_select_efficiency,
                                         compute_dtype=torch.float32),
                        roofline_seconds(p, flops=0.0, bytes_moved=wbytes, efficiency=1.0)) + self.select_overhead_s
 
