@@ -94,7 +94,7 @@ def main():
             elif not a.skip_sdpa:
                 t_sdpa = _time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
                                a.repeat, False)
-            how = f"extrapolated from {a.sdpa_rows} rows" if a.sdpa_rows else "measured"
+            how = "not run" if a.skip_sdpa else f"extrapolated from {a.sdpa_rows} rows" if a.sdpa_rows else "measured"
             print(f"prefill S={s}: SDPA dense causal {_fmt(t_sdpa)} s ({how})", flush=True)
         rows.append((f"prefill S={s} (C++ selection; PyTorch's: {t_sel[0]:.3f} s; SDPA {how})", t_cpp, t_all, t_sdpa))
         print(rows[-1], flush=True)
