@@ -88,6 +88,80 @@ inline float row_max_nan(const float* x, int64_t n) {
   return nan ? std::numeric_limits<float>::quiet_NaN() : m;
 }
 
+// The fused form of nonfinite_to_nan + row_max_nan for a row with no padding, no token rule and
+// no soft-capping (full blocks, TopK's per-token blocks): reads x once, writes nothing; the max of
+// x + (x - x), i.e. NaN if any x is not finite. n a multiple of kVec.
+inline float row_max_finite_or_nan(const float* x, int64_t n) {
+#ifdef SPARSE_ATTN_VECTOR_TYPES
+  vfloat acc = vsplat(kNegInf);
+  vint seen_nan{};
+  for (int64_t i = 0; i < n; i += kVec) {
+    const vfloat v = vload(x + i);
+    const vfloat w = v + (v - v);
+    acc = w > acc ? w : acc;
+    seen_nan |= (w != w);
+  }
+  float m = kNegInf;
+  bool nan = false;
+  for (int i = 0; i < kVec; ++i) m = std::max(m, acc[i]), nan = nan || seen_nan[i] != 0;
+  return nan ? std::numeric_limits<float>::quiet_NaN() : m;
+#else
+  float m = kNegInf;
+  bool nan = false;
+  for (int64_t i = 0; i < n; ++i) {
+    const float w = x[i] + (x[i] - x[i]);
+    m = std::max(m, w), nan = nan || w != w;
+  }
+  return nan ? std::numeric_limits<float>::quiet_NaN() : m;
+#endif
+}
+
+// p = 2^(x + (x - x) - m) (the probabilities of a row read by row_max_finite_or_nan), stored back
+// into x; returns their sum, in exp2_sub_sum's order (the arithmetic of nonfinite_to_nan then
+// exp2_sub_sum; the compiler's FMA contraction of the inlined polynomial may differ by an ulp).
+// n a multiple of kVec.
+inline float exp2_sub_sum_finite(float* x, int64_t n, float m) {
+#ifdef SPARSE_ATTN_VECTOR_TYPES
+  vfloat acc{};
+  const vfloat vm = vsplat(m);
+  for (int64_t i = 0; i < n; i += kVec) {
+    const vfloat v = vload(x + i);
+    const vfloat p = vexp2((v + (v - v)) - vm);
+    vstore(x + i, p);
+    acc += p;
+  }
+  float s = 0.f;
+  for (int i = 0; i < kVec; ++i) s += acc[i];
+  return s;
+#else
+  float s = 0.f;
+  for (int64_t i = 0; i < n; ++i) s += (x[i] = exp2_scalar((x[i] + (x[i] - x[i])) - m));
+  return s;
+#endif
+}
+
+#if defined(SPARSE_ATTN_BF16_DOT) && defined(__AVX512BF16__)
+#define SPARSE_ATTN_FUSED_BF16_STORE 1
+// exp2_sub_sum_finite writing the probabilities as bf16 pairs (floats_to_bf16_pairs' rounding)
+// to pw instead of back into x: one pass for what was four. n a multiple of 16. (AVX-512 BF16;
+// elsewhere the plain path converts the stored floats afterwards.)
+inline float exp2_sub_sum_finite_bf16(const float* x, int64_t n, float m, uint32_t* pw) {
+  vfloat acc{};
+  const vfloat vm = vsplat(m);
+  for (int64_t i = 0; i < n; i += kVec) {
+    const vfloat v = vload(x + i);
+    const vfloat p = vexp2((v + (v - v)) - vm);
+    acc += p;
+    __m512 pv;
+    std::memcpy(&pv, &p, sizeof(pv));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(pw + i / 2), (__m256i)_mm512_cvtneps_pbh(pv));
+  }
+  float s = 0.f;
+  for (int i = 0; i < kVec; ++i) s += acc[i];
+  return s;
+}
+#endif
+
 #ifdef SPARSE_ATTN_BF16_DOT
 constexpr bool kHaveBf16Dot = true;
 #else
@@ -268,6 +342,10 @@ class TaskRunner {
     const int64_t j0 = n * P.k_block, nk = std::min(P.k_block, P.sk - j0), kbp = P.kb_pad;
     float* const* sp = S.sp.data();
     float* corr = S.corr.data();
+    // a block every row sees whole (no padding, no token rule, no soft-capping: full blocks and
+    // TopK's per-token blocks): the row's softmax in two reads of its scores, the bf16
+    // probabilities written directly (the general path's arithmetic, below)
+    const bool plain = !masked && nk == kbp && !(P.cap > 0.f);
     for (int64_t c0 = 0; c0 < cnt; c0 += kRowChunk) {
       const int64_t rows = std::min(kRowChunk, cnt - c0);
 #ifdef SPARSE_ATTN_BF16_DOT
@@ -278,26 +356,44 @@ class TaskRunner {
       for (int64_t i = 0; i < rows; ++i) {
         float* s = sp[i];
         const int64_t st = rid[c0 + i];
-        nonfinite_to_nan(s, kbp);
-        if (P.cap > 0.f) softcap_row(s, kbp, P.cap);  // before the padding and the token rule's -inf
-        for (int64_t c = nk; c < kbp; ++c) s[c] = kNegInf;
-        if (masked) mask_row(s, p_lo_ + st / P.G, j0, nk);
-        const float m_old = S.m[st], m_blk = row_max_nan(s, kbp);
+        float m_blk;
+        if (plain) {
+          m_blk = row_max_finite_or_nan(s, kbp);
+        } else {
+          nonfinite_to_nan(s, kbp);
+          if (P.cap > 0.f) softcap_row(s, kbp, P.cap);  // before the padding and the token rule's -inf
+          for (int64_t c = nk; c < kbp; ++c) s[c] = kNegInf;
+          if (masked) mask_row(s, p_lo_ + st / P.G, j0, nk);
+          m_blk = row_max_nan(s, kbp);
+        }
+        const float m_old = S.m[st];
         // NaN wins both ways: a NaN row stays NaN through every later block
         const float m_new = m_old != m_old || m_blk != m_blk ? std::numeric_limits<float>::quiet_NaN()
                                                               : std::max(m_old, m_blk);
-        if (m_new == kNegInf) {  // nothing visible yet for this row
+        if (m_new == kNegInf) {  // nothing visible yet for this row (never on the plain path)
           corr[i] = 1.f;
           std::fill_n(s, kbp, 0.f);
+#ifdef SPARSE_ATTN_FUSED_BF16_STORE
+          if (kDot && plain) std::fill_n(S.pw.data() + i * kbp / 2, kbp / 2, 0u);
+#endif
           continue;
         }
         corr[i] = exp2_scalar(m_old - m_new);  // 0 on the row's first visible block
-        S.l[st] = S.l[st] * corr[i] + exp2_sub_sum(s, kbp, m_new);
+        float sum;
+#ifdef SPARSE_ATTN_FUSED_BF16_STORE
+        if (kDot && plain) sum = exp2_sub_sum_finite_bf16(s, kbp, m_new, S.pw.data() + i * kbp / 2);
+        else
+#endif
+          sum = plain ? exp2_sub_sum_finite(s, kbp, m_new) : exp2_sub_sum(s, kbp, m_new);
+        S.l[st] = S.l[st] * corr[i] + sum;
         S.m[st] = m_new;
       }
 #ifdef SPARSE_ATTN_BF16_DOT
       if constexpr (kDot) {
-        for (int64_t i = 0; i < rows; ++i) floats_to_bf16_pairs(S.pw.data() + i * kbp / 2, sp[i], kbp);
+#ifdef SPARSE_ATTN_FUSED_BF16_STORE
+        if (!plain)
+#endif
+          for (int64_t i = 0; i < rows; ++i) floats_to_bf16_pairs(S.pw.data() + i * kbp / 2, sp[i], kbp);
         gemm_bf16<true>(rows, P.Dv_pad, (nk + 1) / 2, S.pwp.data(), S.vp.data(), P.Dv_pad, op + c0, corr);
         continue;
       }

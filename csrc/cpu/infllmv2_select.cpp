@@ -4,8 +4,10 @@
 // Per (batch, kv head, chunk of kRows query rows), for each of the G query heads of the group:
 //   F = q_h . kc^T over the fine kernels the chunk's last row can see (vec.h's float32 micro-kernel,
 //       q pre-multiplied by scale * log2(e), so every exp is an exp2);
-//   per row: LSE_h over its visible coarse kernels (q_h . kc2^T the same way; "coarse") or over its
-//       visible fine ones ("exact"); S[j] += 2^(F[j] - LSE_h) on its visible fine kernels.
+//   per row: LSE_h over its visible coarse kernels (q_h . kc2^T the same way, or, when kernel_size
+//       is a multiple a of the stride (the models), the mean of the fine scores F[4c + a m], m < 4,
+//       whose windows tile coarse window c: no second product; "coarse") or over its visible fine
+//       ones ("exact"); S[j] += 2^(F[j] - LSE_h) on its visible fine kernels.
 // Then per row: block score = max of S over kernels [r*b - 1, r*b + r) (r = bs / stride), the
 // candidates [forced_init, qb - window_blocks], and the best `extra(qb)` of them by a running top-w
 // (ties to the lower block index; a NaN score ranks first, as the PyTorch selection). Scratch per
@@ -22,20 +24,25 @@
 #include <limits>
 #include <vector>
 
+#include "cpu/infllmv2_rows.h"
 #include "cpu/target_check.h"
 #include "cpu/vec.h"
 
 namespace sparse_attn_cpu {
 namespace {
 
-constexpr int64_t kRows = 32;
-constexpr float kLog2e = 1.4426950408889634f;
+constexpr int64_t kRows = 48;
+using infllmv2::add_exp2;
+using infllmv2::kLog2e;
+using infllmv2::lse2;
+using infllmv2::visible;
 
 struct Params {
   int64_t B, Hq, Hkv, G, sq, sk, D;
   int64_t n1, n1_pad, n2, n2_pad;  // fine / coarse kernels (coarse: 0 for "exact")
-  int64_t ks, st, bs, ratio, nb, topk, forced_init, window, variant41;
-  bool coarse;
+  int64_t nb;
+  int64_t from_fine;  // > 0: coarse scores from the fine ones (kernel_size = from_fine * stride)
+  infllmv2::Rule rule;
   float qmul;  // scale * log2(e)
   int64_t qst[4];
   const float* kct;   // (B, Hkv, D, n1_pad)
@@ -43,72 +50,21 @@ struct Params {
   int32_t* out;       // (B, Hkv, Sq, topk)
 };
 
-// kernels of size `size`, stride `stride` visible from position p: end = j*stride + size - 1 <= p
-inline int64_t visible(int64_t p, int64_t size, int64_t stride, int64_t n) {
-  return p < size - 1 ? 0 : std::min(n, (p - size + 1) / stride + 1);
-}
-
-// blocks the scores pick for a row of query block qb, beyond the forced ones
-inline int64_t extra_blocks(const Params& P, int64_t qb) {
-  const int64_t before = std::max<int64_t>(0, qb - P.window + 1);
-  const int64_t init_counted = std::min(before, P.forced_init);
-  if (P.variant41) return std::max<int64_t>(0, P.topk - init_counted - std::min(qb + 1, P.window));
-  return P.topk - init_counted;
-}
-
-// log2-sum-exp2 of x[0:n] (n > 0)
-inline float lse2(const float* x, int64_t n) {
-  float m = x[0];
-  for (int64_t j = 1; j < n; ++j) m = std::max(m, x[j]);
-  if (!std::isfinite(m)) return m;  // NaN / inf propagate as the PyTorch logsumexp does
-  float s = 0.f;
-  for (int64_t j = 0; j < n; ++j) s += exp2_scalar(x[j] - m);
-  return m + std::log2(s);
-}
-
-// s[0:n] += 2^(f[0:n] - c)
-inline void add_exp2(float* s, const float* f, int64_t n, float c) {
-  int64_t j = 0;
-#ifdef SPARSE_ATTN_VECTOR_TYPES
-  const vfloat vc = vsplat(c);
-  for (; j + kVec <= n; j += kVec) vstore(s + j, vload(s + j) + vexp2(vload(f + j) - vc));
-#endif
-  for (; j < n; ++j) s[j] += exp2_scalar(f[j] - c);
-}
-
-// the `w` best of score[lo..hi] (w < hi - lo + 1) -> idx, ascending; ties keep the lower index
-void top_w(const float* score, int64_t lo, int64_t hi, int64_t w, float* val, int32_t* idx) {
-  for (int64_t e = 0; e < w; ++e) val[e] = score[lo + e], idx[e] = static_cast<int32_t>(lo + e);
-  auto argmin = [&]() {
-    int64_t a = 0;
-    for (int64_t e = 1; e < w; ++e)
-      if (val[e] < val[a] || (val[e] == val[a] && idx[e] > idx[a])) a = e;
-    return a;
-  };
-  int64_t amin = argmin();
-  for (int64_t n = lo + w; n <= hi; ++n) {
-    if (score[n] > val[amin]) {
-      val[amin] = score[n], idx[amin] = static_cast<int32_t>(n);
-      amin = argmin();
-    }
-  }
-  std::sort(idx, idx + w);
-}
-
 template <int DT>
 void run_task(const Params& P, const typename Elem<DT>::T* Q, int64_t b, int64_t h, int64_t t0, std::vector<float>& qa,
               std::vector<float>& f, std::vector<float>& c, std::vector<float>& s, std::vector<float>& score,
-              std::vector<float>& val) {
+              std::vector<int32_t>& ids) {
   const int64_t t1 = std::min(P.sq, t0 + kRows), rows = t1 - t0, off = P.sk - P.sq;
-  int32_t* out = P.out + ((b * P.Hkv + h) * P.sq + t0) * P.topk;
-  std::fill_n(out, rows * P.topk, -1);
+  const infllmv2::Rule& R = P.rule;
+  int32_t* out = P.out + ((b * P.Hkv + h) * P.sq + t0) * R.topk;
+  std::fill_n(out, rows * R.topk, -1);
   const int64_t last = off + t1 - 1;
-  const int64_t n1 = visible(last, P.ks, P.st, P.n1), n1c = round_up(std::max<int64_t>(n1, 1), kVec);
-  const int64_t n2 = P.coarse ? visible(last, 4 * P.ks, 4 * P.st, P.n2) : 0;
+  const int64_t n1 = visible(last, R.ks, R.st, P.n1), n1c = round_up(std::max<int64_t>(n1, 1), kVec);
+  const int64_t n2 = R.coarse ? visible(last, 4 * R.ks, 4 * R.st, P.n2) : 0;
   const int64_t n2c = round_up(std::max<int64_t>(n2, 1), kVec);
   // nothing to pick in any row of the chunk (the last row has the most candidates); rows that see
   // no kernel still pick (all scores 0: the lowest candidates, as ties go)
-  if (last / P.bs - P.window < P.forced_init) return;
+  if (last / R.bs - R.window < R.forced_init) return;
   std::fill_n(s.data(), rows * n1c, 0.f);
   std::vector<const float*> ap(rows);
   std::vector<float*> fp(rows), cp(rows);
@@ -118,47 +74,45 @@ void run_task(const Params& P, const typename Elem<DT>::T* Q, int64_t b, int64_t
     cp[r] = c.data() + r * n2c;
   }
   const float* kct = P.kct + (b * P.Hkv + h) * P.D * P.n1_pad;
-  const float* kc2t = P.coarse ? P.kc2t + (b * P.Hkv + h) * P.D * P.n2_pad : nullptr;
+  const float* kc2t = P.kc2t != nullptr ? P.kc2t + (b * P.Hkv + h) * P.D * P.n2_pad : nullptr;
   for (int64_t g = 0; g < P.G; ++g) {
     for (int64_t r = 0; r < rows; ++r)
       load_row<DT>(qa.data() + r * P.D, Q + b * P.qst[0] + (h * P.G + g) * P.qst[1] + (t0 + r) * P.qst[2], P.D,
                    P.qst[3], P.qmul);
     gemm_rows<false>(rows, n1c, P.D, ap.data(), kct, P.n1_pad, fp.data(), nullptr);
-    if (P.coarse && n2 > 0) gemm_rows<false>(rows, n2c, P.D, ap.data(), kc2t, P.n2_pad, cp.data(), nullptr);
+    if (R.coarse && n2 > 0 && P.from_fine > 0) {
+      // coarse window c (4 ks keys from 4 st c) is the mean of the fine windows 4c + a m, m < 4
+      // (a = ks / st): its score is the mean of theirs, no second product over the keys
+      const int64_t a = P.from_fine;
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* fr = fp[r];
+        float* cr = cp[r];
+        for (int64_t j = 0; j < n2; ++j)
+          cr[j] = 0.25f * (((fr[4 * j] + fr[4 * j + a]) + fr[4 * j + 2 * a]) + fr[4 * j + 3 * a]);
+      }
+    } else if (R.coarse && n2 > 0) {
+      gemm_rows<false>(rows, n2c, P.D, ap.data(), kc2t, P.n2_pad, cp.data(), nullptr);
+    }
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t p = off + t0 + r;
-      const int64_t v1 = visible(p, P.ks, P.st, n1);
+      const int64_t v1 = visible(p, R.ks, R.st, n1);
       if (v1 == 0) continue;
       float norm;
-      if (P.coarse) {
-        const int64_t v2 = visible(p, 4 * P.ks, 4 * P.st, n2);
+      if (R.coarse) {
+        const int64_t v2 = visible(p, 4 * R.ks, 4 * R.st, n2);
         if (v2 == 0) continue;  // no coarse kernel visible: 0 scores
         norm = lse2(cp[r], v2);
       } else {
         norm = lse2(fp[r], v1);
       }
+      if (norm == kNegInf) continue;  // only -inf normalising scores: 0 scores, as the PyTorch path
       add_exp2(s.data() + r * n1c, fp[r], v1, norm);
     }
   }
   for (int64_t r = 0; r < rows; ++r) {
-    const int64_t p = off + t0 + r, qb = p / P.bs;
-    const int64_t lo = P.forced_init, hi = std::min(P.nb - 1, qb - P.window);
-    const int64_t cnt = hi - lo + 1, want = std::min(extra_blocks(P, qb), P.topk);
-    if (cnt <= 0 || want <= 0) continue;
-    int32_t* o = out + r * P.topk;
-    if (cnt <= want) {
-      for (int64_t e = 0; e < cnt; ++e) o[e] = static_cast<int32_t>(lo + e);
-      continue;
-    }
-    const float* sr = s.data() + r * n1c;
-    const int64_t v1 = visible(p, P.ks, P.st, n1);
-    for (int64_t blk = lo; blk <= hi; ++blk) {  // kernels [ratio*blk - 1, ratio*blk + ratio) that exist
-      const int64_t j0 = std::max<int64_t>(0, P.ratio * blk - 1), j1 = std::min(v1, P.ratio * blk + P.ratio);
-      float m = 0.f;  // scores are >= 0: a block without a visible kernel scores 0
-      for (int64_t j = j0; j < j1; ++j) m = (sr[j] > m || sr[j] != sr[j]) ? sr[j] : m;
-      score[blk] = m != m ? std::numeric_limits<float>::infinity() : m;
-    }
-    top_w(score.data(), lo, hi, want, val.data(), o);
+    const int64_t p = off + t0 + r;
+    infllmv2::pick_row(R, p, P.nb, s.data() + r * n1c, visible(p, R.ks, R.st, n1), score.data(), ids.data(),
+                       out + r * R.topk);
   }
 }
 
@@ -167,7 +121,8 @@ void run_task(const Params& P, const typename Elem<DT>::T* Q, int64_t b, int64_t
 
 torch::Tensor infllmv2_select(torch::Tensor q, torch::Tensor kc_t, torch::Tensor kc2_t, int64_t kv_heads, int64_t sk,
                               int64_t n1, int64_t n2, int64_t kernel_size, int64_t kernel_stride, int64_t block_size,
-                              int64_t topk, int64_t forced_init, int64_t window_blocks, bool variant41, bool coarse) {
+                              int64_t topk, int64_t forced_init, int64_t window_blocks, bool variant41, bool coarse,
+                              bool coarse_from_fine) {
   using namespace sparse_attn_cpu;
   TORCH_CHECK(q.dim() == 4 && q.device().is_cpu(), "infllmv2_select: q must be a 4-D CPU tensor (B, Hq, Sq, D)");
   const auto dt = q.scalar_type();
@@ -185,19 +140,27 @@ torch::Tensor infllmv2_select(torch::Tensor q, torch::Tensor kc_t, torch::Tensor
                 kVec, "), got ", t.sizes());
   };
   check_t(kc_t, std::max<int64_t>(n1, 1), "kc_t");
-  if (coarse) check_t(kc2_t, std::max<int64_t>(n2, 1), "kc2_t");
+  TORCH_CHECK(!coarse_from_fine || (coarse && kernel_size % kernel_stride == 0),
+              "infllmv2_select: coarse_from_fine needs the coarse normaliser and kernel_size a multiple of the stride");
+  if (coarse && !coarse_from_fine) check_t(kc2_t, std::max<int64_t>(n2, 1), "kc2_t");
+  // every coarse window a row sees is the mean of fine ones it sees too (their ends coincide)
+  if (coarse_from_fine)
+    TORCH_CHECK(n2 <= 0 || 4 * (n2 - 1) + 3 * (kernel_size / kernel_stride) < n1, "infllmv2_select: n2 = ", n2,
+                " coarse windows need more than the n1 = ", n1, " fine ones");
   auto out = torch::full({B, kv_heads, sq, topk}, -1, q.options().dtype(torch::kInt32));
   if (B == 0 || sq == 0 || topk == 0) return out;
   Params P{};
   P.B = B, P.Hq = Hq, P.Hkv = kv_heads, P.G = Hq / kv_heads, P.sq = sq, P.sk = sk, P.D = D;
-  P.n1 = n1, P.n1_pad = kc_t.size(3), P.n2 = coarse ? n2 : 0, P.n2_pad = coarse ? kc2_t.size(3) : 0;
-  P.ks = kernel_size, P.st = kernel_stride, P.bs = block_size, P.ratio = block_size / kernel_stride;
-  P.nb = (sk + block_size - 1) / block_size, P.topk = topk, P.forced_init = forced_init, P.window = window_blocks;
-  P.variant41 = variant41, P.coarse = coarse;
+  P.n1 = n1, P.n1_pad = kc_t.size(3), P.n2 = coarse ? n2 : 0;
+  P.n2_pad = coarse && !coarse_from_fine ? kc2_t.size(3) : 0;
+  P.from_fine = coarse_from_fine ? kernel_size / kernel_stride : 0;
+  P.rule = infllmv2::Rule{kernel_size, kernel_stride, block_size, block_size / kernel_stride, topk, forced_init,
+                          window_blocks, variant41, coarse};
+  P.nb = (sk + block_size - 1) / block_size;
   P.qmul = static_cast<float>(std::pow(static_cast<double>(D), -0.5)) * kLog2e;  // the contract's scale
   for (int d = 0; d < 4; ++d) P.qst[d] = q.stride(d);
   P.kct = kc_t.data_ptr<float>();
-  P.kc2t = coarse ? kc2_t.data_ptr<float>() : nullptr;
+  P.kc2t = coarse && !coarse_from_fine ? kc2_t.data_ptr<float>() : nullptr;
   P.out = out.data_ptr<int32_t>();
   const int64_t chunks = (sq + kRows - 1) / kRows, total = B * kv_heads * chunks;
   const void* qd = q.data_ptr();
@@ -207,7 +170,8 @@ torch::Tensor infllmv2_select(torch::Tensor q, torch::Tensor kc_t, torch::Tensor
   at::parallel_for(0, nthreads, 1, [&](int64_t begin, int64_t end) {
     if (begin >= end) return;
     std::vector<float> qa(kRows * std::max<int64_t>(D, 1)), f(kRows * n1c), c(kRows * n2c), s(kRows * n1c),
-        score(std::max<int64_t>(P.nb, 1)), val(std::max<int64_t>(topk, 1));
+        score(std::max<int64_t>(P.nb, 1));
+    std::vector<int32_t> ids(std::max<int64_t>(P.nb, 1));
     for (;;) {
       const int64_t i = next.fetch_add(1);
       if (i >= total) break;
@@ -215,15 +179,21 @@ torch::Tensor infllmv2_select(torch::Tensor q, torch::Tensor kc_t, torch::Tensor
       const int64_t t = (chunks - 1 - i / (B * kv_heads)) + (i % (B * kv_heads)) * chunks;
       const int64_t ch = t % chunks, bh = t / chunks, b = bh / kv_heads, h = bh % kv_heads;
       if (dt == torch::kFloat32)
-        run_task<0>(P, static_cast<const float*>(qd), b, h, ch * kRows, qa, f, c, s, score, val);
+        run_task<0>(P, static_cast<const float*>(qd), b, h, ch * kRows, qa, f, c, s, score, ids);
       else if (dt == torch::kBFloat16)
-        run_task<1>(P, static_cast<const uint16_t*>(qd), b, h, ch * kRows, qa, f, c, s, score, val);
+        run_task<1>(P, static_cast<const uint16_t*>(qd), b, h, ch * kRows, qa, f, c, s, score, ids);
       else
-        run_task<2>(P, static_cast<const uint16_t*>(qd), b, h, ch * kRows, qa, f, c, s, score, val);
+        run_task<2>(P, static_cast<const uint16_t*>(qd), b, h, ch * kRows, qa, f, c, s, score, ids);
     }
   });
   return out;
 }
+
+// infllmv2_decode.cpp
+torch::Tensor infllmv2_select_sums(torch::Tensor q, torch::Tensor fine, torch::Tensor coarse,
+                                   std::vector<int64_t> lengths, int64_t kernel_size, int64_t kernel_stride,
+                                   int64_t block_size, int64_t topk, int64_t forced_init, int64_t window_blocks,
+                                   bool variant41, bool use_coarse);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("vector_width") = sparse_attn_cpu::kVec;
@@ -231,5 +201,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "InfLLMv2 per-token picks int32 (B, Hkv, Sq, topk), ascending, -1 padded, rows end-aligned to Sk",
         py::arg("q"), py::arg("kc_t"), py::arg("kc2_t"), py::arg("kv_heads"), py::arg("sk"), py::arg("n1"),
         py::arg("n2"), py::arg("kernel_size"), py::arg("kernel_stride"), py::arg("block_size"), py::arg("topk"),
-        py::arg("forced_init"), py::arg("window_blocks"), py::arg("variant41"), py::arg("coarse"));
+        py::arg("forced_init"), py::arg("window_blocks"), py::arg("variant41"), py::arg("coarse"),
+        py::arg("coarse_from_fine") = false);
+  m.def("infllmv2_select_sums", &infllmv2_select_sums,
+        "InfLLMv2 per-token picks over a cache's window sums (rows end-aligned to each sequence's length) -> int32 "
+        "(B, Hkv, Sq, topk), ascending, -1 padded",
+        py::arg("q"), py::arg("fine"), py::arg("coarse"), py::arg("lengths"), py::arg("kernel_size"),
+        py::arg("kernel_stride"), py::arg("block_size"), py::arg("topk"), py::arg("forced_init"),
+        py::arg("window_blocks"), py::arg("variant41"), py::arg("use_coarse"));
 }

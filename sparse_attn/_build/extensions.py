@@ -31,8 +31,9 @@ EXTENSIONS = {
         "jit_cflags": ["-march=native"],
     },
     "cpu_infllmv2": {  # InfLLMv2's block selection (the attention is the "cpu" extension's)
-        "sources": ["cpu/infllmv2_select.cpp"],
-        "headers": ["cpu/vec.h", "cpu/scalar.h", "cpu/target_check.h"],
+        # infllmv2_decode.cpp: the selection of a few rows over a cache's window sums
+        "sources": ["cpu/infllmv2_select.cpp", "cpu/infllmv2_decode.cpp"],
+        "headers": ["cpu/vec.h", "cpu/scalar.h", "cpu/target_check.h", "cpu/infllmv2_rows.h"],
         "cflags": ["-fopenmp"],
         "ldflags": ["-fopenmp"],
         "jit_cflags": ["-march=native"],

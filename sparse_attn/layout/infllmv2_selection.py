@@ -190,30 +190,42 @@ def infllmv2_select_mask(q: torch.Tensor, k: torch.Tensor, pattern: InfLLMv2) ->
     return pattern.candidate_blocks(pos, nb, bs, selected=sel).expand(b, hkv, sq, nb).contiguous()
 
 
-def infllmv2_index_over_cache(q: torch.Tensor, view, pattern: InfLLMv2) -> torch.Tensor:
+def infllmv2_picks_over_cache(q: torch.Tensor, view, pattern: InfLLMv2) -> torch.Tensor:
+    """The picks of steps 3-5 over a cache's window sums, in PyTorch (any device): int32
+    `(B, Hkv, Sq, topk)`, ascending, -1 padded, each sequence's rows end-aligned to its own length.
+    The definition `csrc/cpu/infllmv2_decode.cpp` (the CPU decode's) is tested against."""
+    sq = q.shape[2]
+    sk = view.max_length
+    ks, st = pattern.kernel_size, pattern.kernel_stride
+    qpos = query_positions(view.lengths, sq)
+    kc = view.window_sums(ks, st)[:, :, :num_windows(sk, ks, st)]
+    kc2 = None
+    if pattern.normalizer == "coarse":
+        kc2 = view.window_sums(4 * ks, 4 * st)[:, :, :num_windows(sk, 4 * ks, 4 * st)]
+    return token_index_from_compressed(q, kc, kc2, qpos, sk, pattern, kc_scale=1.0 / ks, kc2_scale=0.25 / ks,
+                                       min_pos=min(view.host_lengths) - sq)
+
+
+def infllmv2_index_over_cache(q: torch.Tensor, view, pattern: InfLLMv2, *, picks=None) -> torch.Tensor:
     """InfLLMv2's per-token picks over a KV cache's read view (`KVView`), each sequence's rows
     end-aligned to its own length: int32 `(B, Hkv, Sq, W)`, ascending, -1 padded, the blocks
     beyond the forced ones (`pattern.attention_view()`'s sink and local blocks).
 
     Read from the window sums the cache keeps (`KVView.window_sums`: O(blocks) per step, K is not
-    read). The `dense_len` switch follows each sequence's own length (its total keys): a sequence
-    below it lists every causal block that is not forced (then `W = max(topk, blocks)`), so the
-    attention is dense causal for its rows. For a pattern that is sparse for the longest sequence."""
+    read), by `picks(q, view, pattern)` (default `infllmv2_picks_over_cache`, PyTorch; the CPU
+    decode passes its C++ one). The `dense_len` switch follows each sequence's own length (its
+    total keys): a sequence below it lists every causal block that is not forced (then
+    `W = max(topk, blocks)`), so the attention is dense causal for its rows. For a pattern that is
+    sparse for the longest sequence."""
     b, hq, sq, d = q.shape
     sk = view.max_length
-    ks, st = pattern.kernel_size, pattern.kernel_stride
     with torch.no_grad():
         q = q.detach()
-        qpos = query_positions(view.lengths, sq)
-        kc = view.window_sums(ks, st)[:, :, :num_windows(sk, ks, st)]
-        kc2 = None
-        if pattern.normalizer == "coarse":
-            kc2 = view.window_sums(4 * ks, 4 * st)[:, :, :num_windows(sk, 4 * ks, 4 * st)]
-        out = token_index_from_compressed(q, kc, kc2, qpos, sk, pattern, kc_scale=1.0 / ks, kc2_scale=0.25 / ks,
-                                          min_pos=min(view.host_lengths) - sq)
+        out = (picks or infllmv2_picks_over_cache)(q, view, pattern)
         dense = [i for i, n in enumerate(view.host_lengths) if not pattern.is_sparse_call(n)]
         if not dense:
             return out
+        qpos = query_positions(view.lengths, sq)
         nb = -(-sk // pattern.block_size)
         width = max(out.shape[-1], nb)
         wide = torch.full((b, out.shape[1], sq, width), -1, dtype=torch.int32, device=q.device)

@@ -1,18 +1,24 @@
 """InfLLMv2's block selection by the C++ kernel (csrc/cpu/infllmv2_select.cpp, extension
 "cpu_infllmv2"): what `cpu.block_sparse` runs for an InfLLMv2 pattern before its attention.
 
-The compressed keys (fine, and coarse for `normalizer="coarse"`) are built in PyTorch in one pass
-over K (`layout.infllmv2_selection.compressed_keys`: float32 stride-row sums), transposed to
+The compressed keys (fine, and coarse for `normalizer="coarse"` unless `kernel_size` is a multiple
+of the stride: then a coarse window's score is the mean of the scores of the 4 fine windows that
+tile it, computed in C++) are built in PyTorch in one pass over K
+(`layout.infllmv2_selection.compressed_keys`: float32 stride-row sums), transposed to
 `(B, Hkv, D, kernels padded to the vector width)` for the kernel's micro-kernel; the scores, the
 group sum, the pooling and the top-k run in C++ chunk by chunk of query rows, with all threads.
 Same result as `layout.infllmv2_selection.infllmv2_token_index` (the PyTorch path) up to the
-float32 rounding of the scores (tests/test_infllmv2_cpu_select.py)."""
+float32 rounding of the scores (tests/test_infllmv2_cpu_select.py).
+
+A decode step over a cache (`infllmv2_picks_over_cache_cpu`, csrc/cpu/infllmv2_decode.cpp) reads
+the cache's float32 window sums where they are (row-major, no copy) and returns the same picks as
+`layout.infllmv2_selection.infllmv2_picks_over_cache` (tests/test_infllmv2_cache_select.py)."""
 from __future__ import annotations
 
 import torch
 
 from ..._build import load_extension, unavailable_reason
-from ...layout.infllmv2_selection import compressed_keys
+from ...layout.infllmv2_selection import compressed_keys, num_windows
 from ...patterns import InfLLMv2
 
 
@@ -41,8 +47,30 @@ def infllmv2_select_cpu(q: torch.Tensor, k: torch.Tensor, pattern: InfLLMv2) -> 
         w = _ext().vector_width
         kc = compressed_keys(k.detach(), ks, st, torch.float32)
         coarse = pattern.normalizer == "coarse"
-        kc2 = compressed_keys(k.detach(), 4 * ks, 4 * st, torch.float32) if coarse else kc[:, :, :0]
+        # kernel_size a multiple of the stride (the models): the coarse scores are means of fine ones
+        from_fine = coarse and ks % st == 0
+        n2 = num_windows(k.shape[2], 4 * ks, 4 * st) if coarse else 0
+        kc2 = compressed_keys(k.detach(), 4 * ks, 4 * st, torch.float32) if coarse and not from_fine else kc[:, :, :0]
         return _ext().infllmv2_select(q.detach(), _transposed(kc, w), _transposed(kc2, w), k.shape[1], k.shape[2],
-                                      kc.shape[2], kc2.shape[2], ks, st, pattern.block_size, pattern.topk,
+                                      kc.shape[2], n2, ks, st, pattern.block_size, pattern.topk,
                                       pattern.forced_init, pattern.window_blocks, pattern.variant == "minicpm4.1",
-                                      coarse)
+                                      coarse, from_fine)
+
+
+def native_over_cache(view) -> bool:
+    """Whether the C++ decode selection reads this cache's window sums (float32; a float64 cache's
+    stay on the PyTorch path, the definition the C++ one is tested against)."""
+    return view.compressed is not None and view.compressed.dtype == torch.float32 and view.device.type == "cpu"
+
+
+def infllmv2_picks_over_cache_cpu(q: torch.Tensor, view, pattern: InfLLMv2) -> torch.Tensor:
+    """Per-token picks over a cache's read view (`KVView`) from its window sums, each sequence's
+    rows end-aligned to its own length: int32 `(B, Hkv, Sq, topk)`, ascending, -1 padded (the
+    `picks` of `layout.infllmv2_selection.infllmv2_index_over_cache`, which applies `dense_len`)."""
+    ks, st = pattern.kernel_size, pattern.kernel_stride
+    coarse = pattern.normalizer == "coarse"
+    fine = view.window_sums(ks, st)
+    kc2 = view.window_sums(4 * ks, 4 * st) if coarse else fine[:, :, :0]
+    return _ext().infllmv2_select_sums(q.detach(), fine, kc2, list(view.host_lengths), ks, st, pattern.block_size,
+                                       pattern.topk, pattern.forced_init, pattern.window_blocks,
+                                       pattern.variant == "minicpm4.1", coarse)
