@@ -91,6 +91,12 @@ class PagedWindowSums:
         self.chunk = page_size // chunk_sums.shape[1]
         self._chunks = None
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The sums' dtype (float32): the C++ decode selection reads float32 sums
+        (`backends/cpu/infllmv2.native_over_cache`)."""
+        return self.chunk_sums.dtype
+
     def chunks(self) -> torch.Tensor:
         """Each sequence's chunk sums in order, `(B, Hkv, W * page_size / c, D)` (one gather)."""
         if self._chunks is None:
