@@ -329,10 +329,10 @@ class Split {
       }
     }
     if constexpr (kInt8Dot) {
-      if (S.i8.on) return segment_int8<Rows, Paced>(S, sg, kr, vr, skb, nkr, nvr, next_nk, cnt, subs, nsub);
+      if (S.i8.on) return segment_codes<Rows, Paced>(S, sg, kr, vr, skb, nkr, nvr, next_nk, cnt, subs, nsub);
     }
     if constexpr (kFp8Dot) {
-      if (S.w.direct) return segment_fp8<Rows, Paced>(S, sg, kr, vr, skb, nkr, nvr, next_nk, cnt, subs, nsub);
+      if (S.w.direct) return segment_codes<Rows, Paced>(S, sg, kr, vr, skb, nkr, nvr, next_nk, cnt, subs, nsub);
     }
 #ifdef SPARSE_ATTN_BF16_DOT
     // direct path: q . K^T in passes of kDirectRows rows, P . V in passes of `rows` rows x `cols`
@@ -435,18 +435,18 @@ class Split {
     }
   }
 
-  // segment() for int8 codes with integer products (decode_int8.h), rows already listed (cnt):
-  // scores, the K scales, the softmax (per sub-segment of a run), the V scales folded into P, P as
-  // int16 per sub-segment, P . V; the next segment's K and V go to L2 at the products' pace (Pacer)
+  // segment() for a quantized cache's codes multiplied straight from the rows, rows already listed
+  // (cnt): int8 with integer products (decode_int8.h: q and P as int16), fp8 with the bf16 products
+  // on codes turned into bf16 words (decode_fp8.h: q as bf16 words, P as bf16 pairs). Scores, the K
+  // scales, the softmax (per sub-segment of a run), P times the V scales, P . V; the next segment's
+  // K and V go to L2 at the products' pace (Pacer).
   template <typename Rows, bool Paced>
-  void segment_int8(Scratch& S, const Seg& sg, Rows kr, Rows vr, int64_t skb, Rows nkr, Rows nvr, int64_t next_nk,
-                    int64_t cnt, const Seg* subs, int64_t nsub) {
-#ifdef SPARSE_ATTN_INT8_DOT
+  void segment_codes(Scratch& S, const Seg& sg, Rows kr, Rows vr, int64_t skb, Rows nkr, Rows nvr, int64_t next_nk,
+                     int64_t cnt, const Seg* subs, int64_t nsub) {
+#if defined(SPARSE_ATTN_INT8_DOT) || defined(SPARSE_ATTN_FP8_DOT)
     using namespace sparse_attn_cpu;
     static_assert(kSeg <= 256, "int8 P . V sums are exact in int32 for sub-segments of at most 256 keys");
     const int64_t nk = sg.nk;
-    // whole V rows per P . V pass (2 rows x 128 columns at Dv = 128): passes of 4 rows x 64 columns,
-    // half rows, measured 0.9x (the bf16 path's finding, decode_bf16.h, holds here too)
     const int64_t cols = std::min<int64_t>(P.Dv, kPvCols), rows = pv_rows_per_pass(cols);
     Pacer<Rows> pace{nkr, nvr, next_nk, P.D, P.Dv,
                      (nk + 15) / 16 * 8 * ((cnt + kDirectRows - 1) / kDirectRows) +
@@ -454,86 +454,64 @@ class Split {
     auto step = [&]() __attribute__((always_inline)) {
       if constexpr (Paced) pace.step();
     };
+#ifdef SPARSE_ATTN_FP8_DOT
+    const Fp8Words words;
+    auto codes = [](Rows r) { return [r](int64_t j) { return reinterpret_cast<const uint8_t*>(r[j]); }; };
+#endif
     for (int64_t r = 0; r < cnt; r += kDirectRows)
       with_direct_rows(std::min<int64_t>(kDirectRows, cnt - r), [&](auto rg) {
         with_chunks(P.D, [&](auto dc) {
-          qk_int8<decltype(rg)::value, decltype(dc)::value>(nk, S.i8.qp.data() + r, kr, S.sp.data() + r,
-                                                              S.i8.rq.data() + r, step);
+          constexpr int RG = std::remove_reference_t<decltype(rg)>::value, DC = decltype(dc)::value;
+#ifdef SPARSE_ATTN_INT8_DOT
+          if constexpr (kInt8Dot)
+            qk_int8<RG, DC>(nk, S.i8.qp.data() + r, kr, S.sp.data() + r, S.i8.rq.data() + r, step);
+#endif
+#ifdef SPARSE_ATTN_FP8_DOT
+          if constexpr (kFp8Dot)
+            qk_direct<RG, DC>(nk, S.w.qwp.data() + r, codes(kr), S.sp.data() + r, P.qmul, step, words);
+#endif
         });
       });
     scale_rows(S.sp.data(), cnt, nk, S.ks.data());  // q . k = s_k (q . code)
     if (static_cast<int64_t>(S.corr.size()) < nsub * cnt) S.corr.resize(nsub * cnt);
     online_softmax(P, skb, sg.j0, nk, subs, nsub, cnt, S.rid.data(), S.sp.data(), S.m.data(), S.l.data(),
                    S.corr.data());
-    // p v = (p s_v) code: P times the V scales, as int16 per row and sub-segment (u's multiplier at
-    // rp[u * cnt + i]); sub-segments but the last are multiples of 16 keys, so pairs do not straddle
+    // p v = (p s_v) code: P times the V scales, per row and sub-segment (sub-segments but the last are
+    // multiples of 16 keys, so key pairs do not straddle them): int8 as int16 (u's multiplier at
+    // rp[u * cnt + i]), fp8 rounded to bf16 pairs
     S.pair_end.resize(nsub);
     for (int64_t u = 0; u < nsub; ++u) {
       const int64_t a = subs[u].j0 - sg.j0, n = subs[u].nk;
       S.pair_end[u] = (a + n + 1) / 2;
-      for (int64_t i = 0; i < cnt; ++i)
-        S.i8.rp[u * cnt + i] = quantize_p16(S.sp[i] + a, S.vs.data() + a, n, S.i8.p.data() + i * S.run + a);
-    }
-    for (int64_t r = 0; r < cnt; r += rows)
-      for (int64_t d0 = 0; d0 < P.Dv; d0 += cols)
-        with_direct_rows(std::min<int64_t>(rows, cnt - r), [&](auto rg) {
-          with_chunks(cols, [&](auto nc) {
-            constexpr int RG = std::remove_reference_t<decltype(rg)>::value, NC = decltype(nc)::value;
-            if constexpr (RG * NC <= kPvAccVectors / 2)  // pv_rows_per_pass never asks for more
-              pv_int8<RG, NC>(nk, S.i8.pp.data() + r, vr, d0, S.op.data() + r, S.corr.data() + r,
-                              S.i8.rp.data() + r, step, nsub, S.pair_end.data(), cnt);
-          });
-        });
-#else
-    (void)S, (void)sg, (void)kr, (void)vr, (void)skb, (void)nkr, (void)nvr, (void)next_nk, (void)cnt, (void)subs,
-        (void)nsub;
+#ifdef SPARSE_ATTN_INT8_DOT
+      if constexpr (kInt8Dot)
+        for (int64_t i = 0; i < cnt; ++i)
+          S.i8.rp[u * cnt + i] = quantize_p16(S.sp[i] + a, S.vs.data() + a, n, S.i8.p.data() + i * S.run + a);
 #endif
-  }
-
-  // segment() for fp8 codes with the bf16 products (decode_fp8.h), rows already listed (cnt): the
-  // codes become bf16 words in registers; scores, the K scales, the softmax (per sub-segment of a
-  // run), P times the V scales rounded to bf16 pairs, P . V; the next segment's K and V go to L2 at
-  // the products' pace (Pacer)
-  template <typename Rows, bool Paced>
-  void segment_fp8(Scratch& S, const Seg& sg, Rows kr, Rows vr, int64_t skb, Rows nkr, Rows nvr, int64_t next_nk,
-                   int64_t cnt, const Seg* subs, int64_t nsub) {
+    }
 #ifdef SPARSE_ATTN_FP8_DOT
-    using namespace sparse_attn_cpu;
-    const int64_t nk = sg.nk;
-    const Fp8Words words;
-    const int64_t cols = std::min<int64_t>(P.Dv, kPvCols), rows = pv_rows_per_pass(cols);
-    Pacer<Rows> pace{nkr, nvr, next_nk, P.D, P.Dv,
-                     (nk + 15) / 16 * 8 * ((cnt + kDirectRows - 1) / kDirectRows) +
-                         (nk + 1) / 2 * ((cnt + rows - 1) / rows) * ((P.Dv + cols - 1) / cols)};
-    auto step = [&]() __attribute__((always_inline)) {
-      if constexpr (Paced) pace.step();
-    };
-    for (int64_t r = 0; r < cnt; r += kDirectRows)
-      with_direct_rows(std::min<int64_t>(kDirectRows, cnt - r), [&](auto rg) {
-        with_chunks(P.D, [&](auto dc) {
-          qk_direct<decltype(rg)::value, decltype(dc)::value>(
-              nk, S.w.qwp.data() + r, [&](int64_t j) { return reinterpret_cast<const uint8_t*>(kr[j]); },
-              S.sp.data() + r, P.qmul, step, words);
-        });
-      });
-    scale_rows(S.sp.data(), cnt, nk, S.ks.data());  // q . k = s_k (q . code)
-    if (static_cast<int64_t>(S.corr.size()) < nsub * cnt) S.corr.resize(nsub * cnt);
-    online_softmax(P, skb, sg.j0, nk, subs, nsub, cnt, S.rid.data(), S.sp.data(), S.m.data(), S.l.data(),
-                   S.corr.data());
-    scale_rows(S.sp.data(), cnt, nk, S.vs.data());  // p v = (p s_v) code
-    S.pair_end.resize(nsub);
-    for (int64_t u = 0; u < nsub; ++u) S.pair_end[u] = (subs[u].j0 - sg.j0 + subs[u].nk + 1) / 2;
-    for (int64_t i = 0; i < cnt; ++i) floats_to_bf16_pairs(S.w.pw.data() + i * S.run / 2, S.sp[i], round_up(nk, 16));
-    const uint8_t* zero = reinterpret_cast<const uint8_t*>(S.w.zero.data());  // Dv zero codes (at least)
+    if constexpr (kFp8Dot) {
+      scale_rows(S.sp.data(), cnt, nk, S.vs.data());
+      for (int64_t i = 0; i < cnt; ++i) floats_to_bf16_pairs(S.w.pw.data() + i * S.run / 2, S.sp[i], round_up(nk, 16));
+    }
+#endif
     for (int64_t r = 0; r < cnt; r += rows)
       for (int64_t d0 = 0; d0 < P.Dv; d0 += cols)
         with_direct_rows(std::min<int64_t>(rows, cnt - r), [&](auto rg) {
           with_chunks(cols, [&](auto nc) {
             constexpr int RG = std::remove_reference_t<decltype(rg)>::value, NC = decltype(nc)::value;
-            if constexpr (RG * NC <= kPvAccVectors / 2)  // pv_rows_per_pass never asks for more
-              pv_direct<RG, NC>(
-                  nk, S.w.pwp.data() + r, [&](int64_t j) { return reinterpret_cast<const uint8_t*>(vr[j]); }, zero,
-                  d0, S.op.data() + r, S.corr.data() + r, step, nsub, S.pair_end.data(), cnt, words);
+            if constexpr (RG * NC <= kPvAccVectors / 2) {  // pv_rows_per_pass never asks for more
+#ifdef SPARSE_ATTN_INT8_DOT
+              if constexpr (kInt8Dot)
+                pv_int8<RG, NC>(nk, S.i8.pp.data() + r, vr, d0, S.op.data() + r, S.corr.data() + r,
+                                S.i8.rp.data() + r, step, nsub, S.pair_end.data(), cnt);
+#endif
+#ifdef SPARSE_ATTN_FP8_DOT
+              if constexpr (kFp8Dot)  // an odd nk's missing key reads Dv zero codes
+                pv_direct<RG, NC>(nk, S.w.pwp.data() + r, codes(vr), reinterpret_cast<const uint8_t*>(S.w.zero.data()),
+                                  d0, S.op.data() + r, S.corr.data() + r, step, nsub, S.pair_end.data(), cnt, words);
+#endif
+            }
           });
         });
 #else
