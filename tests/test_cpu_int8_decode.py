@@ -119,7 +119,7 @@ def _arm_build_has_dotprod() -> bool | None:
     base, *ext = march[0].split("+")
     version = base.removeprefix("armv").removesuffix("-a")
     minor = int(version.split(".")[1]) if version.startswith("8.") and version[2:].isdigit() else 0
-    return "dotprod" in ext or minor >= 4 or version.startswith("9")  # mandatory from Armv8.4-A
+    return "nodotprod" not in ext and ("dotprod" in ext or minor >= 4 or version.startswith("9"))  # Armv8.4-A on
 
 
 def test_int8_dot_is_built_where_the_cpu_has_it():
