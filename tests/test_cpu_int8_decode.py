@@ -1,6 +1,7 @@
 """`cpu.decode` over an int8 KV cache with bf16 / fp16 queries: the integer-product path
-(csrc/cpu/decode_int8.h: q and P rounded to int16, vpdpwssd on AVX-512 VNNI; where the build has no
-such path the float path runs and the same checks hold).
+(csrc/cpu/decode_int8.h: q and P rounded to int16, vpdpwssd on AVX-512 VNNI; decode_int8_neon.h:
+sdot / smlal on Arm with the dot-product extension; where the build has no such path the float path
+runs and the same checks hold).
 
 The contract's bf16 bound (1.6e-2) would let a dropped key or a misplaced column through at long
 lengths, so these checks are tighter, and sized from what the path rounds: q and P to 16 bits
@@ -108,11 +109,35 @@ def _lse_base2() -> bool:
     return _BASE2
 
 
+def _arm_build_has_dotprod() -> bool | None:
+    """Whether the aarch64 JIT build targets the dot-product extension (sparse_attn/_build/target.py:
+    the CPU's features, or SPARSE_ATTN_CPU_TARGET), or None where its flags do not say (-mcpu=...)."""
+    from sparse_attn._build.target import target_flags
+    march = [f.split("=", 1)[1] for f in target_flags() if f.startswith("-march=")]
+    if len(march) != 1 or any(f.startswith("-mcpu") for f in target_flags()):
+        return None
+    base, *ext = march[0].split("+")
+    version = base.removeprefix("armv").removesuffix("-a")
+    minor = int(version.split(".")[1]) if version.startswith("8.") and version[2:].isdigit() else 0
+    return "nodotprod" not in ext and ("dotprod" in ext or minor >= 4 or version.startswith("9"))  # Armv8.4-A on
+
+
 def test_int8_dot_is_built_where_the_cpu_has_it():
     """The integer path is compiled in on x86 CPUs with AVX-512 VNNI and BW (the JIT builds with
-    -march=native); a build that silently lost it would pass every other test on the float path."""
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    want = " avx512_vnni" in flags and " avx512bw" in flags and os.uname().machine == "x86_64"
+    -march=native), and on aarch64 where the build targets the dot-product extension (`sdot`: the
+    NEON baseline armv8.2-a+fp16+dotprod, which the JIT picks for a CPU with asimddp and asimdhp); a
+    build that silently lost it would pass every other test on the float path."""
+    machine = os.uname().machine
+    if machine in ("aarch64", "arm64"):
+        want = _arm_build_has_dotprod()
+        if want is None:
+            pytest.skip("SPARSE_ATTN_CPU_TARGET names no -march: the build's extensions are not known here")
+        if not os.environ.get("SPARSE_ATTN_CPU_TARGET", "").strip():  # chosen from the CPU: asimddp <=> dotprod
+            from sparse_attn._build.target import _features
+            assert want == ({"asimddp", "asimdhp"} <= _features())
+    else:
+        flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+        want = " avx512_vnni" in flags and " avx512bw" in flags and machine == "x86_64"
     assert bool(_ext().int8_dot) == want
 
 

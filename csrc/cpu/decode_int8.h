@@ -201,3 +201,7 @@ inline float quantize_p16(const float* p, const float* sv, int64_t n, int16_t* c
 #endif  // SPARSE_ATTN_INT8_DOT
 
 }  // namespace sparse_attn_cpu
+
+#if defined(__aarch64__)
+#include "cpu/decode_int8_neon.h"  // SPARSE_ATTN_INT8_DOT on Arm: the same functions with `sdot` (dotprod)
+#endif

@@ -1,4 +1,5 @@
-// Torch-free check of the CPU kernels' vector layer (csrc/cpu/vec.h, vec_bf16.h, decode_bf16.h)
+// Torch-free check of the CPU kernels' vector layer (csrc/cpu/vec.h, vec_bf16.h, decode_bf16.h,
+// decode_int8.h)
 // against plain scalar loops, for whatever instruction set it is compiled for: x86 (AVX2, AVX-512,
 // AVX-512 BF16) natively, aarch64 (NEON, BF16) under qemu-user. It builds in seconds with no
 // torch, so CI runs it for every ISA level (tests/test_vec_harness.py natively, .ci/arm under
@@ -7,10 +8,12 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <vector>
 
 #include "cpu/decode_bf16.h"
+#include "cpu/decode_int8.h"
 #include "cpu/target_check.h"
 #include "cpu/vec.h"
 #include "cpu/vec_bf16.h"
@@ -246,6 +249,99 @@ void test_direct() {
 }
 #endif
 
+#ifdef SPARSE_ATTN_INT8_DOT
+// decode_int8.h's integer products (vpdpwssd / Arm sdot + smlal): the int32 sums are exact, so the
+// results must be the integer products times the multipliers up to float32 rounding; q at the int16
+// extremes (the Arm split into two int8 halves), codes at +-127, two P . V sub-segments
+struct Int8Rows {  // the kernels' row access (decode_rows.h's StridedRows)
+  const int8_t* base;
+  int64_t stride;
+  const int8_t* operator[](int64_t j) const { return base + j * stride; }
+};
+
+template <int RG, int DC>
+void test_int8_once(int nk) {
+  constexpr int D = 32 * DC;
+  const int ld = int(round_up(nk, 16));
+  auto code = [] { return int8_t(std::uniform_int_distribution<int>(-127, 127)(rng)); };
+  std::vector<int16_t> q(RG * D);
+  std::vector<int8_t> k(nk * D), v(nk * D);
+  for (int i = 0; i < RG * D; ++i)
+    q[i] = int16_t(i % 7 == 0 ? 32767 : i % 7 == 1 ? -32767 : std::uniform_int_distribution<int>(-32767, 32767)(rng));
+  for (int i = 0; i < nk * D; ++i) k[i] = i % 5 == 0 ? int8_t(127) : i % 5 == 1 ? int8_t(-127) : code();
+  for (auto& x : v) x = code();
+  std::vector<float> s(RG * ld), mul(RG);
+  const int16_t* qp[RG];
+  float* sp[RG];
+  for (int r = 0; r < RG; ++r) qp[r] = &q[r * D], sp[r] = &s[r * ld], mul[r] = 1e-6f * float(r + 1);
+  int calls = 0;
+  qk_int8<RG, DC>(nk, qp, Int8Rows{k.data(), D}, sp, mul.data(), [&] { ++calls; });
+  std::vector<float> got;
+  std::vector<double> want;
+  for (int r = 0; r < RG; ++r)
+    for (int j = 0; j < ld; ++j) {
+      const int jr = std::min(j, nk - 1);
+      int64_t w = 0;
+      for (int d = 0; d < D; ++d) w += int64_t(q[r * D + d]) * k[jr * D + d];
+      want.push_back(double(mul[r]) * double(w));
+      got.push_back(s[r * ld + j]);
+    }
+  double e = rel_err(got, want);
+  check(e < 1e-6 && calls == ld / 2, "qk_int8", e);
+  // P as int16 pairs (an odd nk's pad word 0), two sub-segments with their own corr and mul
+  const int np = (nk + 1) / 2;
+  std::vector<int16_t> p(RG * 2 * np, 0);
+  for (int r = 0; r < RG; ++r)
+    for (int j = 0; j < nk; ++j) p[r * 2 * np + j] = int16_t(j % 3 == 0 ? 32767 : std::uniform_int_distribution<int>(0, 32767)(rng));
+  std::vector<float> o(RG * D), corr(2 * RG), pm(2 * RG);
+  for (auto& x : o) x = uniform();
+  for (auto& x : corr) x = std::fabs(uniform());
+  for (auto& x : pm) x = 1e-7f * (1.f + std::fabs(uniform()));
+  const int64_t pair_end[1] = {np / 2};
+  std::vector<double> wo(RG * D);
+  for (int r = 0; r < RG; ++r)
+    for (int d = 0; d < D; ++d) {
+      double acc = o[r * D + d];
+      for (int u = 0; u < 2; ++u) {  // sub-segment u: keys [lo, hi), o = corr o + mul sum
+        const int lo = u == 0 ? 0 : int(2 * pair_end[0]), hi = u == 0 ? int(2 * pair_end[0]) : nk;
+        int64_t sum = 0;
+        for (int j = lo; j < hi; ++j) sum += int64_t(p[r * 2 * np + j]) * v[j * D + d];
+        acc = acc * corr[u * RG + r] + double(pm[u * RG + r]) * double(sum);
+      }
+      wo[r * D + d] = acc;
+    }
+  const uint32_t* pp[RG];
+  float* op[RG];
+  for (int r = 0; r < RG; ++r) pp[r] = reinterpret_cast<const uint32_t*>(&p[r * 2 * np]), op[r] = &o[r * D];
+  calls = 0;
+  pv_int8<RG, DC>(nk, pp, Int8Rows{v.data(), D}, 0, op, corr.data(), pm.data(), [&] { ++calls; }, 2,
+                  pair_end, RG);
+  e = rel_err(o, wo);
+  check(e < 1e-6 && calls == np, "pv_int8 (two sub-segments)", e);
+  // quantize_p16 == quantize_p16_scalar but for the fused rounding (codes within 1)
+  std::vector<float> pf(nk), sv(nk);
+  for (int j = 0; j < nk; ++j) pf[j] = std::fabs(uniform()), sv[j] = 0.01f * (1.f + std::fabs(uniform()));
+  std::vector<int16_t> c1(nk + 1, -1), c2(nk + 1, -1);
+  const float s1 = quantize_p16(pf.data(), sv.data(), nk, c1.data());
+  const float s2 = quantize_p16_scalar(pf.data(), sv.data(), nk, c2.data());
+  bool ok = s1 == s2 && (nk % 2 == 0 || c1[nk] == 0);
+  for (int j = 0; j < nk; ++j) ok &= std::abs(c1[j] - c2[j]) <= 1 && c1[j] >= 0;
+  pf[nk / 2] = std::numeric_limits<float>::infinity();
+  ok &= std::isnan(quantize_p16(pf.data(), sv.data(), nk, c1.data()));
+  check(ok, "quantize_p16");
+}
+
+void test_int8() {
+  for (int nk : {1, 5, 16, 33, 70}) {
+    test_int8_once<1, 1>(nk);
+    test_int8_once<4, 1>(nk);
+    test_int8_once<2, 2>(nk);
+    test_int8_once<3, 4>(nk);
+    test_int8_once<4, 8>(nk);
+  }
+}
+#endif
+
 }  // namespace
 
 int main() {
@@ -263,7 +359,12 @@ int main() {
 #else
   const char* bf16 = "no bf16 dot products";
 #endif
-  std::printf("vector layer: %s, %d floats per vector, %s\n", isa, kVec, bf16);
+#ifdef SPARSE_ATTN_INT8_DOT
+  const char* int8 = "int8 dot products";
+#else
+  const char* int8 = "no int8 dot products";
+#endif
+  std::printf("vector layer: %s, %d floats per vector, %s, %s\n", isa, kVec, bf16, int8);
   // the extensions' import-time check: a build for features this CPU lacks must be refused
   const std::string missing = missing_target_features();
   if (!missing.empty()) {
@@ -276,6 +377,9 @@ int main() {
 #ifdef SPARSE_ATTN_BF16_DOT
   test_bf16_products();
   test_direct();
+#endif
+#ifdef SPARSE_ATTN_INT8_DOT
+  test_int8();
 #endif
   std::printf("%d passed, %d failed\n", passed, failed);
   return failed ? 1 : 0;
