@@ -22,7 +22,7 @@
 // room for a 16-bit q). A non-finite q row or p' (a NaN / infinite scale) makes its multiplier
 // NaN, so the row comes out NaN as on the float path.
 // Requires D and Dv in {32, 64, 128, 256} (decode_direct.h's chunks); callers use the float path
-// otherwise. On Arm, decode_int8_neon.h (when it exists) gives the same functions.
+// otherwise. On Arm, decode_int8_neon.h gives the same functions with `sdot` / `smlal` (dotprod).
 #pragma once
 
 #include <cmath>
