@@ -116,33 +116,9 @@ inline float row_max_finite_or_nan(const float* x, int64_t n) {
 #endif
 }
 
-// p = 2^(x + (x - x) - m) (the probabilities of a row read by row_max_finite_or_nan), stored back
-// into x; returns their sum, in exp2_sub_sum's order (the arithmetic of nonfinite_to_nan then
-// exp2_sub_sum; the compiler's FMA contraction of the inlined polynomial may differ by an ulp).
-// n a multiple of kVec.
-inline float exp2_sub_sum_finite(float* x, int64_t n, float m) {
-#ifdef SPARSE_ATTN_VECTOR_TYPES
-  vfloat acc{};
-  const vfloat vm = vsplat(m);
-  for (int64_t i = 0; i < n; i += kVec) {
-    const vfloat v = vload(x + i);
-    const vfloat p = vexp2((v + (v - v)) - vm);
-    vstore(x + i, p);
-    acc += p;
-  }
-  float s = 0.f;
-  for (int i = 0; i < kVec; ++i) s += acc[i];
-  return s;
-#else
-  float s = 0.f;
-  for (int64_t i = 0; i < n; ++i) s += (x[i] = exp2_scalar((x[i] + (x[i] - x[i])) - m));
-  return s;
-#endif
-}
-
 #if defined(SPARSE_ATTN_BF16_DOT) && defined(__AVX512BF16__)
 #define SPARSE_ATTN_FUSED_BF16_STORE 1
-// exp2_sub_sum_finite writing the probabilities as bf16 pairs (floats_to_bf16_pairs' rounding)
+// exp2_sub_sum<true> (vec.h) writing the probabilities as bf16 pairs (floats_to_bf16_pairs' rounding)
 // to pw instead of back into x: one pass for what was four. n a multiple of 16. (AVX-512 BF16;
 // elsewhere the plain path converts the stored floats afterwards.)
 inline float exp2_sub_sum_finite_bf16(const float* x, int64_t n, float m, uint32_t* pw) {
@@ -384,7 +360,7 @@ class TaskRunner {
         if (kDot && plain) sum = exp2_sub_sum_finite_bf16(s, kbp, m_new, S.pw.data() + i * kbp / 2);
         else
 #endif
-          sum = plain ? exp2_sub_sum_finite(s, kbp, m_new) : exp2_sub_sum(s, kbp, m_new);
+          sum = plain ? exp2_sub_sum<true>(s, kbp, m_new) : exp2_sub_sum(s, kbp, m_new);
         S.l[st] = S.l[st] * corr[i] + sum;
         S.m[st] = m_new;
       }

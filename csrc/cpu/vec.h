@@ -99,13 +99,18 @@ inline vfloat vexp2(vfloat x) {
 }
 #endif
 
-// y[i] = 2^(x[i] - m), returns the sum; n a multiple of kVec.
+// y[i] = 2^(x[i] - m), returns the sum; n a multiple of kVec. kNonfiniteNan: 2^(x + (x - x) - m),
+// so an infinite x gives NaN as a NaN does (the probabilities of a row whose max was read by
+// block_sparse_fwd.cpp's row_max_finite_or_nan, in one pass instead of a nonfinite_to_nan pass first).
+template <bool kNonfiniteNan = false>
 inline float exp2_sub_sum(float* x, int64_t n, float m) {
 #ifdef SPARSE_ATTN_VECTOR_TYPES
   vfloat acc{};
   const vfloat vm = vsplat(m);
   for (int64_t i = 0; i < n; i += kVec) {
-    const vfloat p = vexp2(vload(x + i) - vm);
+    vfloat v = vload(x + i);
+    if constexpr (kNonfiniteNan) v = v + (v - v);
+    const vfloat p = vexp2(v - vm);
     vstore(x + i, p);
     acc += p;
   }
@@ -114,7 +119,7 @@ inline float exp2_sub_sum(float* x, int64_t n, float m) {
   return s;
 #else
   float s = 0.f;
-  for (int64_t i = 0; i < n; ++i) s += (x[i] = exp2_scalar(x[i] - m));
+  for (int64_t i = 0; i < n; ++i) s += (x[i] = exp2_scalar((kNonfiniteNan ? x[i] + (x[i] - x[i]) : x[i]) - m));
   return s;
 #endif
 }
