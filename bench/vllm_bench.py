@@ -41,6 +41,21 @@ def _load():
 
 
 # ------------------------------------------------------------------------------------------ kernel
+def _vllm_call(ops, q, kp, vp, out, qsl, lens, table, scale, args, dtype):
+    """vLLM's own CPU attention over its pages, as a no-argument call (its scheduler metadata made
+    once): the baseline of `kernel` and `chunk`."""
+    meta = ops.cpu_attn_get_scheduler_metadata(num_reqs=qsl.numel() - 1, num_heads=args.hq, num_kv_heads=args.hkv,
+                                               head_dim=args.d, seq_lens=lens, dtype=dtype, query_start_loc=qsl,
+                                               causal=True, sliding_window_size=-1, isa="vec", enable_kv_split=True)
+
+    def call():
+        ops.cpu_attention_with_kv_cache(query=q, key_cache=kp, value_cache=vp, output=out, query_start_loc=qsl,
+                                        seq_lens=lens, scale=scale, causal=True, alibi_slopes=None,
+                                        sliding_window=-1, block_table=table, softcap=0.0, scheduler_metadata=meta,
+                                        s_aux=None)
+    return call
+
+
 def _kernel_case(n: int, *, hq: int, hkv: int, d: int, page: int, dtype, batch: int = 1):
     """Two caches holding the same tokens, each written by its backend's own writer (vLLM's CPU
     writer may pack rows its own way): `(kv_vllm, kv_ours, page_sums, block_table, q, seq_lens)`."""
@@ -113,16 +128,7 @@ def kernel_bench(args):
         qsl = torch.arange(q.shape[0] + 1, dtype=torch.int32)
         out = torch.empty_like(q)
         scale = args.d ** -0.5
-        meta = ops.cpu_attn_get_scheduler_metadata(num_reqs=q.shape[0], num_heads=args.hq, num_kv_heads=args.hkv,
-                                                   head_dim=args.d, seq_lens=lens, dtype=dtype, query_start_loc=qsl,
-                                                   causal=True, sliding_window_size=-1, isa="vec",
-                                                   enable_kv_split=True)
-
-        def vllm_own():
-            ops.cpu_attention_with_kv_cache(query=q, key_cache=kp, value_cache=vp, output=out, query_start_loc=qsl,
-                                            seq_lens=lens, scale=scale, causal=True, alibi_slopes=None,
-                                            sliding_window=-1, block_table=table, softcap=0.0,
-                                            scheduler_metadata=meta, s_aux=None)
+        vllm_own = _vllm_call(ops, q, kp, vp, out, qsl, lens, table, scale, args, dtype)
 
         cache = PagesCache(kv, table, lens, lens.tolist(), page_sums=sums)
         gathered = gathered_sums_cache(kv, table, lens, lens.tolist(), page_sums=sums)
@@ -196,16 +202,7 @@ def chunk_bench(args):
         qsl = torch.tensor([0, c], dtype=torch.int32)
         out = torch.empty_like(q)
         scale = args.d ** -0.5
-        meta = ops.cpu_attn_get_scheduler_metadata(num_reqs=1, num_heads=args.hq, num_kv_heads=args.hkv,
-                                                   head_dim=args.d, seq_lens=lens, dtype=dtype, query_start_loc=qsl,
-                                                   causal=True, sliding_window_size=-1, isa="vec",
-                                                   enable_kv_split=True)
-
-        def vllm_own():
-            ops.cpu_attention_with_kv_cache(query=q, key_cache=kp, value_cache=vp, output=out, query_start_loc=qsl,
-                                            seq_lens=lens, scale=scale, causal=True, alibi_slopes=None,
-                                            sliding_window=-1, block_table=table, softcap=0.0,
-                                            scheduler_metadata=meta, s_aux=None)
+        vllm_own = _vllm_call(ops, q, kp, vp, out, qsl, lens, table, scale, args, dtype)
 
         q4 = q.transpose(0, 1)[None]
         new_k = gather_keys(ok, table[0], n - c, n).clone()  # as vLLM hands a first chunk's K/V: new rows only
