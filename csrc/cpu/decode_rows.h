@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "cpu/decode_plan.h"
+#include "cpu/prefetch.h"
 
 namespace sparse_attn_decode {
 
@@ -54,15 +55,15 @@ inline void touch_pages(const Params& P, const T* K, const T* V, const Seg& sg, 
   const int32_t* row = P.table + b * P.tst0;
   for (int64_t j = 0; j < sg.nk; j += step) {
     const int64_t a = sg.j0 + j, page = row[(a / P.page_size) * P.tst1], off = a % P.page_size;
-    __builtin_prefetch(K + page * P.kst[0] + h * P.kst[1] + off * P.kst[2], 0, 2);
-    __builtin_prefetch(V + page * P.vst[0] + h * P.vst[1] + off * P.vst[2], 0, 2);
+    sparse_attn_cpu::prefetch_line<2>(K + page * P.kst[0] + h * P.kst[1] + off * P.kst[2]);
+    sparse_attn_cpu::prefetch_line<2>(V + page * P.vst[0] + h * P.vst[1] + off * P.vst[2]);
   }
 }
 
 // every cache line of `bytes` bytes at p, into L2 (locality 2: prefetcht1 on x86, pldl2keep on Arm)
 template <typename T>
 inline void prefetch_l2(const T* p, int64_t bytes) {
-  for (int64_t c = 0; c < bytes; c += 64) __builtin_prefetch(reinterpret_cast<const char*>(p) + c, 0, 2);
+  sparse_attn_cpu::prefetch_lines<2>(p, bytes);
 }
 
 // every cache line of rows [0, nk) of `n` elements of T
@@ -70,7 +71,7 @@ template <typename T, int Locality = 3, typename Rows>
 inline void prefetch_rows(Rows r, int64_t nk, int64_t n) {
   for (int64_t j = 0; j < nk; ++j)
     for (int64_t c = 0; c < n * (int64_t)sizeof(T); c += 64)
-      __builtin_prefetch(reinterpret_cast<const char*>(r[j]) + c, 0, Locality);
+      sparse_attn_cpu::prefetch_line<Locality>(reinterpret_cast<const char*>(r[j]) + c);
 }
 
 }  // namespace sparse_attn_decode

@@ -40,6 +40,7 @@
 #include "cpu/target_check.h"
 #include "cpu/huge_pages.h"
 #include "cpu/linear_common.h"
+#include "cpu/prefetch.h"
 #include "cpu/vec.h"
 
 namespace sparse_attn_cpu {
@@ -104,7 +105,7 @@ template <typename T>
 inline void prefetch_rows(const T* base, int64_t stride, int64_t n, int64_t len) {
   for (int64_t t = 0; t < n; ++t) {
     const char* r = reinterpret_cast<const char*>(base + t * stride);
-    for (int64_t off = 0; off < len * int64_t(sizeof(T)); off += 64) __builtin_prefetch(r + off, 0, 2);
+    sparse_attn_cpu::prefetch_lines<2>(r, len * int64_t(sizeof(T)));
   }
 }
 
