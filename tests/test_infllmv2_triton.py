@@ -15,8 +15,7 @@ import oracle
 import sparse_attn as sa
 from conftest import TRITON_DEVICE as DEV
 from sparse_attn.layout.infllmv2_selection import infllmv2_picks_over_cache, infllmv2_token_index
-from test_infllmv2 import CONFIGS, SHAPES, draw
-from test_infllmv2_cpu_select import full_selection
+from test_infllmv2 import CONFIGS, SHAPES, check_selection, draw, full_selection
 
 triton = pytest.importorskip("triton")
 from sparse_attn.backends.triton.infllmv2_select import (  # noqa: E402
@@ -35,14 +34,7 @@ def dev(*xs):
 # ------------------------------------------------------------------------------------ selection
 @pytest.mark.parametrize("i, name", list(enumerate(CONFIGS)), ids=list(CONFIGS))
 def test_selection_equals_pytorch_and_oracle(i, name):
-    pattern = CONFIGS[name]
-    shape = SHAPES[i % len(SHAPES)]
-    q, k, _ = draw(pattern, shape, 32, min_margin=1e-5)
-    p = pattern.clamped(shape[4])
-    got = infllmv2_token_index_triton(*dev(q, k), p).cpu()
-    assert torch.equal(got, infllmv2_token_index(q, k, p))
-    sel = full_selection(got, p, shape[3], shape[4]).expand(shape[0], shape[2], -1, -1)
-    assert torch.equal(sel, O.select_blocks(q, k, pattern))
+    check_selection(infllmv2_token_index_triton, i, name, device=DEV)
 
 
 @pytest.mark.parametrize("hq, hkv", [(1, 1), (4, 2), (8, 2), (8, 1), (16, 1)], ids=lambda x: str(x))

@@ -36,30 +36,36 @@ from .runtime import on_gpu
 
 
 @triton.jit
-def _visible_count(last, N, size, stride):
-    """Kernels `j < N` whose window ends at or before position `last` (a scalar)."""
-    return tl.minimum(N, tl.where(last >= size - 1, (last - size + 1) // stride + 1, 0))
+def _tile_rows(LEN, HKV, SQ, N, size, stride, BLOCK_M: tl.constexpr):
+    """This program's (batch, kv head, query rows, their validity and positions) and how many of
+    the `N` kernels (windows of `size` at `stride`) the tile's last row can see."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    t = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    length = tl.load(LEN + bh // HKV)
+    last = length - SQ + tl.minimum(pid_m * BLOCK_M + BLOCK_M, SQ) - 1
+    n_hi = tl.minimum(N, tl.where(last >= size - 1, (last - size + 1) // stride + 1, 0))
+    return bh // HKV, bh % HKV, t, t < SQ, length - SQ + t, n_hi
+
+
+@triton.jit
+def _head_rows(Q, b, hq, t, row_ok, s_qb, s_qh, s_qs, D, qscale, BLOCK_D: tl.constexpr):
+    """Query rows `t` of head `hq` as float32 `(BLOCK_M, BLOCK_D)`, times `qscale`."""
+    dd = tl.arange(0, BLOCK_D)
+    return tl.load(Q + b.to(tl.int64) * s_qb + hq * s_qh + t[:, None].to(tl.int64) * s_qs + dd[None, :],
+                   mask=row_ok[:, None] & (dd[None, :] < D), other=0.0).to(tl.float32) * qscale
 
 
 @triton.jit
 def _lse_kernel(Q, KC, LEN, LSE, s_qb, s_qh, s_qs, s_cb, s_ch, s_cn, HQ, HKV, SQ, D, N, size, stride, qscale,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // HKV
-    h = bh % HKV
+    b, h, t, row_ok, pos, n_hi = _tile_rows(LEN, HKV, SQ, N, size, stride, BLOCK_M)
     group = HQ // HKV
-    t = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = t < SQ
-    length = tl.load(LEN + b)
-    pos = length - SQ + t
-    n_hi = _visible_count(length - SQ + tl.minimum(pid_m * BLOCK_M + BLOCK_M, SQ) - 1, N, size, stride)
     dd = tl.arange(0, BLOCK_D)
     nn = tl.arange(0, BLOCK_N)
     for g in range(0, group):
         hq = h * group + g
-        q = tl.load(Q + b.to(tl.int64) * s_qb + hq * s_qh + t[:, None].to(tl.int64) * s_qs + dd[None, :],
-                    mask=row_ok[:, None] & (dd[None, :] < D), other=0.0).to(tl.float32) * qscale
+        q = _head_rows(Q, b, hq, t, row_ok, s_qb, s_qh, s_qs, D, qscale, BLOCK_D)
         m = tl.full([BLOCK_M], float("-inf"), tl.float32)
         acc = tl.zeros([BLOCK_M], tl.float32)
         has_nan = tl.zeros([BLOCK_M], tl.int32)  # logsumexp is NaN with a NaN score, else +inf with a +inf one
@@ -88,15 +94,8 @@ def _select_kernel(Q, KC, LEN, LSE, OUT, s_qb, s_qh, s_qs, s_cb, s_ch, s_cn, HQ,
                    ratio, bs, forced_init, window_blocks, topk, qscale, TOPK_OUT,
                    IS41: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, KW: tl.constexpr,
                    BLOCK_D: tl.constexpr, KP: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // HKV
-    h = bh % HKV
+    b, h, t, row_ok, pos, n_hi = _tile_rows(LEN, HKV, SQ, N, size, stride, BLOCK_M)
     group = HQ // HKV
-    t = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = t < SQ
-    length = tl.load(LEN + b)
-    pos = length - SQ + t
     qb = pos // bs
     last_cand = tl.where(row_ok, qb - window_blocks, -1)  # candidates: forced_init <= blk <= last_cand
     # picks per row (InfLLMv2.extra_blocks): topk minus the forced blocks it counts
@@ -110,7 +109,6 @@ def _select_kernel(Q, KC, LEN, LSE, OUT, s_qb, s_qh, s_qs, s_cb, s_ch, s_cn, HQ,
     BIG: tl.constexpr = 1 << 30
     run_v = tl.full([BLOCK_M, KP], float("-inf"), tl.float32)  # empty slots: the worst
     run_i = tl.full([BLOCK_M, KP], BIG, tl.int32)
-    n_hi = _visible_count(length - SQ + tl.minimum(pid_m * BLOCK_M + BLOCK_M, SQ) - 1, N, size, stride)
     dd = tl.arange(0, BLOCK_D)
     il = tl.arange(0, KW)  # kernel of the chunk: j = ratio * c0 + il, il < ratio * BLOCK_B
     bl = tl.arange(0, BLOCK_B)
@@ -126,8 +124,7 @@ def _select_kernel(Q, KC, LEN, LSE, OUT, s_qb, s_qh, s_qs, s_cb, s_ch, s_cn, HQ,
         ssum = tl.zeros([BLOCK_M, KW], tl.float32)
         for g in range(0, group):
             hq = h * group + g
-            q = tl.load(Q + b.to(tl.int64) * s_qb + hq * s_qh + t[:, None].to(tl.int64) * s_qs + dd[None, :],
-                        mask=row_ok[:, None] & (dd[None, :] < D), other=0.0).to(tl.float32) * qscale
+            q = _head_rows(Q, b, hq, t, row_ok, s_qb, s_qh, s_qs, D, qscale, BLOCK_D)
             lse = tl.load(LSE + (b * HQ + hq).to(tl.int64) * SQ + t, mask=row_ok, other=float("inf"))
             s = tl.dot(q, kc, input_precision="ieee")
             ssum += tl.exp(s - lse[:, None])
@@ -152,7 +149,7 @@ def _select_kernel(Q, KC, LEN, LSE, OUT, s_qb, s_qh, s_qs, s_cb, s_ch, s_cn, HQ,
             run_v = tl.where(rep, v[:, None], run_v)
             run_i = tl.where(rep, iu, run_i)
     picked = active & (run_v > float("-inf"))
-    tl.store(OUT + (bh.to(tl.int64) * SQ + t[:, None]) * TOPK_OUT + slot[None, :], tl.where(picked, run_i, -1),
+    tl.store(OUT + ((b * HKV + h).to(tl.int64) * SQ + t[:, None]) * TOPK_OUT + slot[None, :], tl.where(picked, run_i, -1),
              mask=row_ok[:, None] & (slot[None, :] < TOPK_OUT))
 
 
