@@ -491,6 +491,9 @@ KNOWN_SPILLS: dict = {
     ("block_sparse_bwd", "_dkdv_varlen_kernel", "fp32", 80, 128):
         "Triton 3.6.0 only: 16 bytes at 168 registers with 4 warps and 1 stage (2 stages: 56 bytes; Triton 3.9: "
         "none with 2 stages, 16 bytes with 1)",
+    ("infllmv2_select", "_select_kernel", "fp32", 80, 64):
+        "Triton 3.9 only (wide sample): 8 bytes at 128 registers (ptxas's choice); 8 warps, 2 stages, 16 "
+        "kernels per step or maxnreg=255 each moved 8-40 bytes of spill to other rows instead",
     ("window_linear", "window_linear_bwd_dkdv_kernel", "bf16", 80, 128):
         "Triton 3.6.0 only: the linear part per 16-column Dv tile, 272 bytes at 255 registers (Triton 3.9: no "
         "spill; 3.6 spilled with 32-column tiles and 3 stages too)",

@@ -192,7 +192,7 @@ def picks_from_compressed(q: torch.Tensor, kc: torch.Tensor, kc2: torch.Tensor |
     lse = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device)
     _lse_kernel[grid](q, norm, lengths, lse, q.stride(0), q.stride(1), q.stride(2), norm.stride(0), norm.stride(1),
                       norm.stride(2), hq, hkv, sq, d, n_norm, nsize, nstride, float(scale * nscale),
-                      BLOCK_M=block_m, BLOCK_N=64, BLOCK_D=block_d, num_warps=4)
+                      BLOCK_M=block_m, BLOCK_N=64 if block_d <= 128 else 32, BLOCK_D=block_d, num_warps=4)
     ratio = pattern.pool_ratio
     block_b = _pow2(-(-32 // ratio), 4)  # at least 32 kernels per chunk: the product's N
     _select_kernel[grid](q, kc, lengths, lse, out, q.stride(0), q.stride(1), q.stride(2), kc.stride(0),
