@@ -26,7 +26,8 @@ from ...layout.decode_blocks import DecodeArgs, cache_decode_args, tensor_decode
 from ...patterns import InfLLMv2
 from ...scheduler.kernel import roofline_seconds
 from .runtime import TritonKernelMixin, interpreting  # noqa: F401  (interpreting: part of this module's API)
-from ..decode import MAX_SQ, SplitKVDecodeKernel, topk_select_cost as _topk_select_cost  # noqa: F401  (MAX_SQ: part of this module's API)
+from ..decode import MAX_SQ, SplitKVDecodeKernel  # noqa: F401  (MAX_SQ: part of this module's API)
+from ..decode import topk_select_cost as _topk_select_cost
 
 try:  # Triton is optional: without it the kernel registers and says why it cannot run
     import triton

@@ -149,7 +149,8 @@ def _select_kernel(Q, KC, LEN, LSE, OUT, s_qb, s_qh, s_qs, s_cb, s_ch, s_cn, HQ,
             run_v = tl.where(rep, v[:, None], run_v)
             run_i = tl.where(rep, iu, run_i)
     picked = active & (run_v > float("-inf"))
-    tl.store(OUT + ((b * HKV + h).to(tl.int64) * SQ + t[:, None]) * TOPK_OUT + slot[None, :], tl.where(picked, run_i, -1),
+    row = (b * HKV + h).to(tl.int64) * SQ + t
+    tl.store(OUT + row[:, None] * TOPK_OUT + slot[None, :], tl.where(picked, run_i, -1),
              mask=row_ok[:, None] & (slot[None, :] < TOPK_OUT))
 
 
