@@ -3,7 +3,7 @@
     python -m bench.gpu_static [--arch 80,90] [--json PATH] [--sample ci|wide|full] [--jobs N]
 
 Triton kernels: each launcher (`flash_forward`, `flash_backward`, `run_decode`, the linear and
-window-linear Functions, `topk_token_index_triton`) runs on small CPU tensors inside
+window-linear Functions, `topk_token_index_triton`, the InfLLMv2 selection) runs on small CPU tensors inside
 `runtime.gpu_launch_choices()` with `JITFunction.run` replaced by a recorder, so the exact
 arguments, constexprs, `num_warps` and `num_stages` a GPU launch would get are captured and
 nothing runs. Each capture is bound and specialised as Triton's own launch does it (ints equal to
@@ -123,6 +123,7 @@ SAMPLE_CI = {
     "linear_chunked": [(128, "bf16", "decay+state"), (256, "bf16", "decay+state")],
     "window_linear": [(128, "bf16", "sinks"), (256, "bf16", "sinks")],
     "topk_select": [(128, "bf16", "topk64")],
+    "infllmv2_select": [(128, "bf16", "minicpm4.1"), (128, "bf16", "minicpm4_cache")],
     "delta_rule": [(128, "bf16", "per-token"), (128, "bf16", "per-channel"), (64, "fp32", "none"),
                    (64, "bf16", "per-channel"), (256, "bf16", "per-channel")],
 }
@@ -143,6 +144,8 @@ SAMPLE_WIDE = {
     "window_linear": SAMPLE_CI["window_linear"] + [(64, "bf16", "sinks"), (128, "fp32", "sinks"), (32, "bf16", "sinks"),
                                                    (40, "bf16", "sinks"), (200, "fp32", "sinks")],
     "topk_select": SAMPLE_CI["topk_select"] + [(128, "bf16", "topk16"), (256, "bf16", "topk64"), (32, "bf16", "topk16")],
+    "infllmv2_select": SAMPLE_CI["infllmv2_select"] + [(64, "fp32", "minicpm4.1"), (256, "bf16", "minicpm4.1"),
+                                                       (128, "fp16", "minicpm4.1_cache")],
     "delta_rule": SAMPLE_CI["delta_rule"] + [(128, "fp32", "per-token"), (128, "fp32", "per-channel"),
                                              (64, "bf16", "per-token"), (32, "fp16", "none"), (72, "bf16", "per-token")],
 }
@@ -154,6 +157,7 @@ VARIANTS = {
     "linear_chunked": ("plain", "decay+state"),
     "window_linear": ("sinks",),
     "topk_select": ("topk16", "topk64"),
+    "infllmv2_select": ("minicpm4.1", "minicpm4", "minicpm4.1_cache", "minicpm4_cache"),
     "delta_rule": ("none", "per-token", "per-channel"),
 }
 MAX_HEAD_DIM: dict = {}  # every family serves head dims 32..256
@@ -325,6 +329,37 @@ def topk_launches(sample: str):
     return out
 
 
+def infllmv2_launches(sample: str):
+    """InfLLMv2's selection (infllmv2_select.py): the log-sum-exp pass and the scoring / top-k pass,
+    MiniCPM4.1's defaults (coarse normaliser, 96 blocks) and MiniCPM4's (exact, 64), in prefill
+    and over a cache's window sums (a decode step's rows, each sequence at its own length;
+    `splitkv_decode` compiles the attention that follows)."""
+    import torch
+    from sparse_attn.backends.triton.infllmv2_select import infllmv2_token_index_triton, picks_from_compressed
+    from sparse_attn.patterns import InfLLMv2
+
+    out = []
+    for d, dname, variant in cases("infllmv2_select", sample):
+        dtype = _torch_dtype(dname)
+        pat = InfLLMv2(variant=variant.removesuffix("_cache"), dense_len=-1)
+        k = _rand(1, 2, 8192, d, dtype=dtype)
+        if variant.endswith("_cache"):  # window sums (B, Hkv, windows + 1, D) float32, 2 rows per sequence
+            q = _rand(2, 32, 2, d, dtype=dtype)
+            kc, kc2 = torch.randn(2, 2, 513, d), torch.randn(2, 2, 129, d)
+            lengths = torch.tensor([8192, 5000], dtype=torch.int32)
+
+            def go(q=q, kc=kc, kc2=kc2, lengths=lengths, pat=pat):
+                picks_from_compressed(q, kc, kc2 if pat.normalizer == "coarse" else None, lengths, 8192, pat,
+                                      kc_scale=1 / 32, kc2_scale=1 / 128)
+        else:
+            q = _rand(1, 32, 300, d, dtype=dtype)
+
+            def go(q=q, k=k, pat=pat):
+                infllmv2_token_index_triton(q, k, pat)
+        for fn, a, kw in _record(go):
+            out.append(Launch("infllmv2_select", f"{fn.__name__} {variant} {dname} G=16", d, fn, a, kw, (80, 90)))
+    return out
+
 
 def delta_launches(sample: str):
     """The delta rule's chunked forward (prep + scan), its backward (the states' recomputation and
@@ -357,7 +392,7 @@ def delta_launches(sample: str):
 
 FAMILIES = {"block_sparse": attention_launches, "splitkv_decode": decode_launches,
             "linear_chunked": linear_launches, "window_linear": window_linear_launches,
-            "topk_select": topk_launches, "delta_rule": delta_launches}
+            "topk_select": topk_launches, "infllmv2_select": infllmv2_launches, "delta_rule": delta_launches}
 
 
 # ----------------------------------------------------------------------------------------- compile
@@ -456,6 +491,9 @@ KNOWN_SPILLS: dict = {
     ("block_sparse_bwd", "_dkdv_varlen_kernel", "fp32", 80, 128):
         "Triton 3.6.0 only: 16 bytes at 168 registers with 4 warps and 1 stage (2 stages: 56 bytes; Triton 3.9: "
         "none with 2 stages, 16 bytes with 1)",
+    ("infllmv2_select", "_select_kernel", "fp32", 80, 64):
+        "Triton 3.9 only (wide sample): 8 bytes at 128 registers (ptxas's choice); 8 warps, 2 stages, 16 "
+        "kernels per step or maxnreg=255 each moved 8-40 bytes of spill to other rows instead",
     ("window_linear", "window_linear_bwd_dkdv_kernel", "bf16", 80, 128):
         "Triton 3.6.0 only: the linear part per 16-column Dv tile, 272 bytes at 255 registers (Triton 3.9: no "
         "spill; 3.6 spilled with 32-column tiles and 3 stages too)",

@@ -213,6 +213,23 @@ def cache_cases(sa, cp, g, world):
     pat = sa.BlockSparse(lay[:, :, :n, :n], block_size=BS)
     ref = oracle.oracle_attention(qs[:, :, 48:50].double(), k[:, :, :50].double(), v[:, :, :50].double(), pat)
     res["cache-block_sparse"] = [oracle.rel_err(cache.attend(qs[:, :, 48:50], pat), ref)]
+    # InfLLMv2: the chunk sums kept per rank; a 3-key chunk straddles the shard boundaries (spans of 16)
+    pats = dict(_infllmv2_patterns(sa))
+    pats["infllmv2_c3"] = sa.InfLLMv2(topk=3, block_size=9, kernel_size=6, kernel_stride=3, local_blocks=1,
+                                      dense_len=-1)
+    for name, pattern in pats.items():
+        q, k, v = _infllmv2_inputs(pattern, 46, f"cache-{name}")
+        cache = cp.ShardedKVCache(1, 2, 16, 46, group=g, pool_block_size=BS, v_head_dim=12)
+        cache.append(k[:, :, :40], v[:, :, :40])
+        errs = []
+        for t in (40, 41, 43):  # steps of one row, then one of two rows (Sq = 2)
+            rows = 2 if t == 43 else 1
+            cache.append(k[:, :, cache.length:t + 1], v[:, :, cache.length:t + 1])
+            out = sa.attention_with_cache(q[:, :, t + 1 - rows:t + 1], cache, pattern)
+            ref = infllmv2_oracle.attention(q[:, :, t + 1 - rows:t + 1].double(), k[:, :, :t + 1].double(),
+                                            v[:, :, :t + 1].double(), pattern)
+            errs.append(oracle.rel_err(out, ref))
+        res[f"cache-{name}"] = errs
     return res
 
 

@@ -103,7 +103,8 @@ def test_cp_delta_rule_matches_oracle(world, kind, layout, tmp_path_factory):
 
 
 @pytest.mark.parametrize("world", WORLDS)
-@pytest.mark.parametrize("pattern", ["dense", "window_sinks", "topk", "block_sparse", "int8_dense"])
+@pytest.mark.parametrize("pattern", ["dense", "window_sinks", "topk", "block_sparse", "int8_dense", "infllmv2",
+                                     "infllmv2_exact", "infllmv2_dense", "infllmv2_c3"])
 def test_sharded_cache_decode(world, pattern, tmp_path_factory):
     for rank, errs in enumerate(_case(world, f"cache-{pattern}", tmp_path_factory)):
         assert max(errs) <= BOUND, f"rank {rank}: {errs}"

@@ -51,6 +51,29 @@ def draw(pattern, shape, d, *, dtype=torch.float32, min_margin=1e-5, requires_gr
     raise RuntimeError("could not draw a well-separated InfLLMv2 input")
 
 
+def full_selection(index, pattern, sq, sk):
+    """Forced blocks plus the picks, bool `(B, Hkv, Sq, nb)`, as select_blocks returns them."""
+    from sparse_attn.layout.block_layout import index_to_bool
+    nb = -(-sk // pattern.block_size)
+    pos = torch.arange(sk - sq, sk)[None]
+    return pattern.candidate_blocks(pos, nb, pattern.block_size, selected=index_to_bool(index, nb))
+
+
+def check_selection(select, i, name, *, device="cpu"):
+    """A fast selection `select(q, k, pattern)` (picks, int32 `(B, Hkv, Sq, topk)`) on config `name`
+    and the `i`-th shape (cycled): index for index the PyTorch selection's, and with the forced blocks
+    the float64 oracle's."""
+    from sparse_attn.layout.infllmv2_selection import infllmv2_token_index
+    pattern = CONFIGS[name]
+    shape = SHAPES[i % len(SHAPES)]
+    q, k, _ = draw(pattern, shape, 32, min_margin=1e-5)
+    p = pattern.clamped(shape[4])
+    got = select(q.to(device), k.to(device), p).cpu()
+    assert torch.equal(got, infllmv2_token_index(q, k, p))
+    sel = full_selection(got, p, shape[3], shape[4]).expand(shape[0], shape[2], -1, -1)
+    assert torch.equal(sel, O.select_blocks(q, k, pattern))
+
+
 # ------------------------------------------------------------------------------------ the pattern
 def test_defaults_follow_the_variant():
     p = sa.InfLLMv2()

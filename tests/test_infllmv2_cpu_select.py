@@ -7,30 +7,15 @@ import torch
 import infllmv2_oracle as O
 import sparse_attn as sa
 from sparse_attn.backends.cpu.infllmv2 import infllmv2_select_cpu, unavailable
-from sparse_attn.layout.block_layout import index_to_bool
 from sparse_attn.layout.infllmv2_selection import infllmv2_token_index
-from test_infllmv2 import CONFIGS, SHAPES, draw
+from test_infllmv2 import CONFIGS, check_selection, draw, full_selection
 
 pytestmark = pytest.mark.skipif(unavailable() is not None, reason=f"cpu_infllmv2: {unavailable()}")
 
 
-def full_selection(index, pattern, sq, sk):
-    """Forced blocks plus the picks, bool `(B, Hkv, Sq, nb)`, as select_blocks returns them."""
-    nb = -(-sk // pattern.block_size)
-    pos = torch.arange(sk - sq, sk)[None]
-    return pattern.candidate_blocks(pos, nb, pattern.block_size, selected=index_to_bool(index, nb))
-
-
 @pytest.mark.parametrize("i, name", list(enumerate(CONFIGS)), ids=list(CONFIGS))
 def test_cpp_selection_equals_oracle_and_pytorch(i, name):
-    pattern = CONFIGS[name]
-    shape = SHAPES[i % len(SHAPES)]
-    q, k, _ = draw(pattern, shape, 32, min_margin=1e-5)
-    p = pattern.clamped(shape[4])
-    got = infllmv2_select_cpu(q, k, p)
-    assert torch.equal(got, infllmv2_token_index(q, k, p))
-    sel = full_selection(got, p, shape[3], shape[4]).expand(shape[0], shape[2], -1, -1)
-    assert torch.equal(sel, O.select_blocks(q, k, pattern))
+    check_selection(infllmv2_select_cpu, i, name)
 
 
 def test_cpp_selection_gqa16_bfloat16_and_the_scheduler_uses_it():

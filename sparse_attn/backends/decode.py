@@ -21,12 +21,17 @@ def decode_cost(kernel, p) -> float:
     flops = 2.0 * (p.head_dim + p.v_head_dim) * p.visited_pairs()
     t = roofline_seconds(p, flops=flops, bytes_moved=nbytes, efficiency=kernel.memory_efficiency,
                          overhead_s=kernel.overhead_s)
-    if isinstance(p.pattern, TopK):  # selection (PyTorch): q . kbar over every block
-        nb = -(-p.sk // p.pattern.block_size)
-        t += roofline_seconds(p, flops=2.0 * p.head_dim * p.sq * nb * p.batch * p.kv_heads,
-                              bytes_moved=elem * p.batch * p.kv_heads * p.sk * p.head_dim, efficiency=0.3,
-                              overhead_s=30e-6)
-    return t
+    return t + topk_select_cost(p)
+
+
+def topk_select_cost(p) -> float:
+    """TopK's selection (PyTorch): q . kbar over every block, K pooled; 0 for other patterns."""
+    if not isinstance(p.pattern, TopK):
+        return 0.0
+    nb = -(-p.sk // p.pattern.block_size)
+    return roofline_seconds(p, flops=2.0 * p.head_dim * p.sq * nb * p.batch * p.kv_heads,
+                            bytes_moved=kv_elem_bytes(p) * p.batch * p.kv_heads * p.sk * p.head_dim, efficiency=0.3,
+                            overhead_s=30e-6)
 
 
 class SplitKVDecodeKernel(FlashKernel):

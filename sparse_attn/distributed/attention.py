@@ -179,7 +179,7 @@ def _topk_selection(q, k, pattern: TopK, *, mine, total, group):
     return token_index, picked
 
 
-def _windows(chunks: torch.Tensor, c: int, size: int, stride: int, n: int) -> torch.Tensor:
+def windows_from_chunks(chunks: torch.Tensor, c: int, size: int, stride: int, n: int) -> torch.Tensor:
     """Mean keys of windows `j < n` of `size` at `stride` from chunk sums `(B, Hkv, NC, D)` of `c` keys."""
     m, step = size // c, stride // c
     if n == 0:
@@ -210,10 +210,10 @@ def _infllmv2_selection(q, k, pattern: InfLLMv2, *, ranks, rank, total, group):
     chunks = torch.zeros(b, hkv, -(-total // c), d, dtype=acc, device=k.device)
     for x, part in zip(ids, parts):
         chunks.index_add_(2, x, part)
-    kc = _windows(chunks, c, ks, st, num_windows(total, ks, st))
+    kc = windows_from_chunks(chunks, c, ks, st, num_windows(total, ks, st))
     kc2 = None
     if pattern.normalizer == "coarse":
-        kc2 = _windows(chunks, c, 4 * ks, 4 * st, num_windows(total, 4 * ks, 4 * st))
+        kc2 = windows_from_chunks(chunks, c, 4 * ks, 4 * st, num_windows(total, 4 * ks, 4 * st))
     nb = -(-total // bs)
     parts, row = [], 0
     for a, e in mine:  # rows a .. e-1 are end-aligned to e keys: what they may see

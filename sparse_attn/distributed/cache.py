@@ -9,19 +9,26 @@ keeps only the positions it owns. A decode step (`attention_with_cache(q, cache,
 at their absolute positions, then one all-gather of each rank's `(out, lse)` and a log-sum-exp merge
 (what an all-reduce of `(max, sum, out)` computes, in one collective). TopK first all-gathers the
 scores of each rank's blocks (`Sq x blocks` numbers, not keys) and selects globally, so the
-selection is the single-process one.
+selection is the single-process one. InfLLMv2 likewise: each rank keeps running sums of its keys
+per `c`-key chunk (`c = gcd(kernel_size, kernel_stride)`, made on first use, then kept by every
+append), the ranks all-gather them (`ceil(length / c)` rows of `D` numbers per kv head, never
+keys), and every rank rebuilds the compressed keys and selects as a single process would.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
 from ..cache.base import check_positive_int
 from ..cache.contiguous import KVCache
+from ..layout.infllmv2_selection import num_windows, token_index_from_compressed
 from ..layout.topk_selection import group_mean_queries
-from ..patterns import SOFTMAX_PATTERNS, TopK
+from ..patterns import SOFTMAX_PATTERNS, InfLLMv2, TopK
 from ..scheduler.problem import check_pattern, check_scale
 from .segment import KeySet, segment_forward
 from .sharding import group_info, intersect
+from .attention import windows_from_chunks
 from .transport import all_gather_padded
 
 
@@ -46,6 +53,7 @@ class ShardedKVCache:
         self.local = KVCache(batch, kv_heads, head_dim, self.span, v_head_dim=v_head_dim, dtype=dtype,
                              device=device, pool_block_size=bs, kv_dtype=kv_dtype)
         self.length = 0
+        self._chunks: dict[int, torch.Tensor] = {}  # c -> running sums of this rank's keys per c-key chunk
 
     batch = property(lambda self: self.local.batch)
     kv_heads = property(lambda self: self.local.kv_heads)
@@ -79,7 +87,47 @@ class ShardedKVCache:
         if own:
             a, b = own[0]
             self.local.append(k[:, :, a - lo:b - lo], v[:, :, a - lo:b - lo])
+            for c, sums in self._chunks.items():
+                self._add_chunks(sums, c, a - self.start, b - self.start)
         self.length = hi
+
+    def _add_chunks(self, sums: torch.Tensor, c: int, lo: int, hi: int) -> None:
+        """Add the keys of local rows `[lo, hi)` (dequantized for a quantized cache) to their chunks."""
+        keys, _ = self.local.gather(lo, hi)
+        idx = (self.start + torch.arange(lo, hi, device=sums.device)) // c - self.start // c
+        sums.index_add_(2, idx, keys.to(sums.dtype))
+
+    def _chunk_sums(self, c: int) -> torch.Tensor:
+        """This rank's running key sums per `c`-key chunk `(B, Hkv, n, D)` (chunk `start // c + i` at
+        `i`; float32, float64 for a float64 cache): made from the held keys the first time `c` is
+        asked for (O(local keys), once), then kept by `append` (O(1) per token)."""
+        if c not in self._chunks:
+            acc = torch.float64 if self.dtype == torch.float64 else torch.float32
+            n = -(-(self.start + self.span) // c) - self.start // c
+            sums = torch.zeros(self.batch, self.kv_heads, n, self.head_dim, dtype=acc, device=self.device)
+            if self.local.max_length:
+                self._add_chunks(sums, c, 0, self.local.max_length)
+            self._chunks[c] = sums
+        return self._chunks[c]
+
+    def _select_infllmv2(self, q, pattern: InfLLMv2) -> torch.Tensor:
+        """InfLLMv2's picks for the step's rows (end-aligned to the context) from the compressed keys of
+        the whole context, rebuilt on every rank from the all-gathered chunk sums (a chunk cut by a
+        shard boundary arrives as two partial sums, added)."""
+        ks, st = pattern.kernel_size, pattern.kernel_stride
+        c = math.gcd(ks, st)
+        spans = [(r * self.span, min((r + 1) * self.span, self.length)) for r in range(self.world)]
+        sizes = [-(-hi // c) - lo // c if hi > lo else 0 for lo, hi in spans]
+        mine = self._chunk_sums(c)
+        parts = all_gather_padded(mine[:, :, :sizes[self.rank]], sizes, self.group, dim=2, kind="stats")
+        chunks = mine.new_zeros(self.batch, self.kv_heads, -(-self.length // c), self.head_dim)
+        for (lo, _), part in zip(spans, parts):
+            chunks[:, :, lo // c:lo // c + part.shape[2]] += part
+        kc = windows_from_chunks(chunks, c, ks, st, num_windows(self.length, ks, st))
+        kc2 = None
+        if pattern.normalizer == "coarse":
+            kc2 = windows_from_chunks(chunks, c, 4 * ks, 4 * st, num_windows(self.length, 4 * ks, 4 * st))
+        return token_index_from_compressed(q.detach(), kc, kc2, None, self.length, pattern)
 
     def _select(self, q, pattern: TopK, qpos0: int):
         """TopK's per-token selection over the global blocks from the all-gathered block scores."""
@@ -113,8 +161,8 @@ class ShardedKVCache:
         from ..patterns import Dense
 
         pattern = Dense() if pattern is None else pattern
-        if not isinstance(pattern, SOFTMAX_PATTERNS):
-            raise TypeError(f"pattern must be one of Dense, SlidingWindow, BlockSparse, TopK; got "
+        if not isinstance(pattern, SOFTMAX_PATTERNS + (InfLLMv2,)):
+            raise TypeError(f"pattern must be one of Dense, SlidingWindow, BlockSparse, TopK, InfLLMv2; got "
                             f"{type(pattern).__name__}")
         if not isinstance(q, torch.Tensor) or q.dim() != 4 or q.shape[0] != self.batch \
                 or q.shape[3] != self.head_dim or q.shape[1] % self.kv_heads:
@@ -131,7 +179,13 @@ class ShardedKVCache:
                       device=q.device)
         sc = check_scale(scale, d)
         qpos0 = self.length - sq
-        token_index = self._select(q, pattern, qpos0) if isinstance(pattern, TopK) else None
+        if isinstance(pattern, InfLLMv2):  # Dense below dense_len (the whole context's length)
+            pattern = pattern.clamped(self.length)
+        token_index = None
+        if isinstance(pattern, InfLLMv2):  # then its TopK view with the picks
+            token_index, pattern = self._select_infllmv2(q, pattern), pattern.attention_view()
+        elif isinstance(pattern, TopK):
+            token_index = self._select(q, pattern, qpos0)
         lo, hi = self.local_range
         kk, vv = (x.to(self.dtype) for x in self.local.gather(0, hi - lo))  # a quantized cache's: dequantized
         out, lse = segment_forward(q, [(qpos0, self.length)], kk, vv, KeySet([(lo, hi)] if hi > lo else []),

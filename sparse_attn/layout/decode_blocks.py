@@ -49,13 +49,15 @@ class DecodeArgs(NamedTuple):
     v_scale: torch.Tensor | None = None
 
 
-def selection_over_cache(q: torch.Tensor, view, pattern):
+def selection_over_cache(q: torch.Tensor, view, pattern, *, infllmv2_picks=None):
     """`(attention pattern, per-token index or None)` of a call over a cache's read view: TopK
     selects from the cache's block means, InfLLMv2 from its window sums (both O(blocks) per step),
     and InfLLMv2's attention is then its TopK view's (forced blocks + the index). The other
-    patterns select nothing. The one place a decode kernel gets a cache's selection from."""
+    patterns select nothing. The one place a decode kernel gets a cache's selection from.
+    `infllmv2_picks`: the kernel's own scoring of the window sums (`picks` of
+    `infllmv2_index_over_cache`; default the PyTorch one)."""
     if isinstance(pattern, InfLLMv2):
-        return pattern.attention_view(), infllmv2_index_over_cache(q, view, pattern)
+        return pattern.attention_view(), infllmv2_index_over_cache(q, view, pattern, picks=infllmv2_picks)
     if pattern.pool_block() is not None:
         return pattern, topk_index_over_cache(q, view, pattern)
     return pattern, None
@@ -131,14 +133,16 @@ def tensor_decode_args(q, k, v, pattern, *, scale: float, units: int, softcap=No
                       *_rule_args(pattern), float(scale), splits, float(softcap or 0.0))
 
 
-def cache_decode_args(q, view, pattern, *, scale: float, units: int, softcap=None) -> DecodeArgs:
+def cache_decode_args(q, view, pattern, *, scale: float, units: int, softcap=None,
+                      infllmv2_picks=None) -> DecodeArgs:
     """Arguments for attention over a cache's read view (`cache.kv_view()`): its pages and page
-    table (a contiguous cache is one page of `max_len + 1` rows per sequence), its lengths."""
+    table (a contiguous cache is one page of `max_len + 1` rows per sequence), its lengths; the
+    selection of TopK / InfLLMv2 by `selection_over_cache` (`infllmv2_picks`: see there)."""
     b, hq, sq, _ = q.shape
+    pattern, index = selection_over_cache(q, view, pattern, infllmv2_picks=infllmv2_picks)
     key_block = key_block_of(pattern)
     nb = -(-view.max_length // key_block)
     qpos = query_positions(view.lengths, sq)
-    index = topk_index_over_cache(q, view, pattern) if pattern.pool_block() is not None else None
     rows = visited_rows(pattern, qpos, nb, key_block, batch=b, kv_heads=view.kv_heads, index=index)
     count, index, row_mask = block_lists(rows, sq)
     splits = num_splits(units, b, view.kv_heads, -(-(hq // view.kv_heads) * sq // 8), nb)

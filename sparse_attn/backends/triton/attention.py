@@ -1,7 +1,8 @@
 """Block-sparse flash attention (forward and backward) in Triton over the shared BlockLayout.
 
-`TritonBlockSparse` serves Dense, SlidingWindow, BlockSparse and TopK on CUDA GPUs, and on CPU
-tensors when Triton's interpreter is on (`TRITON_INTERPRET=1`, how the tests run without a GPU).
+`TritonBlockSparse` serves Dense, SlidingWindow, BlockSparse, TopK and InfLLMv2 (its selection in
+`infllmv2_select.py`, then its TopK view) on CUDA GPUs, and on CPU tensors when Triton's
+interpreter is on (`TRITON_INTERPRET=1`, how the tests run without a GPU).
 The kernels live in `flash_fwd.py` / `flash_bwd.py`, the tile table in `tiles.py`; design notes
 in docs/backends/triton.md. Nothing here imports Triton at module import: a missing or broken
 Triton makes `unavailable()` say why, and the kernel is never chosen.
@@ -15,7 +16,7 @@ import torch
 
 from ...layout import build_layout
 from ...layout.topk_selection import topk_token_index
-from ...patterns import BlockSparse, Dense, SlidingWindow, TopK
+from ...patterns import BlockSparse, Dense, InfLLMv2, SlidingWindow, TopK
 from ...scheduler.kernel import roofline_seconds
 from ...scheduler.registry import register
 from ..flash import FlashKernel
@@ -42,6 +43,11 @@ def _triton_select():
     return topk_token_index_triton
 
 
+def _triton_infllmv2_select():
+    from .infllmv2_select import infllmv2_token_index_triton
+    return infllmv2_token_index_triton
+
+
 @functools.lru_cache(maxsize=16)  # Dense / SlidingWindow / TopK-forced layouts: host integers only
 def _static_layout(pattern, sq: int, sk: int, q_block: int | None, k_block: int | None, device: torch.device):
     return build_layout(pattern, batch=1, kv_heads=1, sq=sq, sk=sk, q_block=q_block, k_block=k_block,
@@ -50,12 +56,21 @@ def _static_layout(pattern, sq: int, sk: int, q_block: int | None, k_block: int 
 
 def triton_layout(q, k, pattern, cfg):
     """The BlockLayout the Triton kernels run: the pattern's blocks for BlockSparse / TopK (with
-    TopK's per-token selection, computed without grad and without host synchronisation), the
+    TopK's per-token selection, computed without grad and without host synchronisation), InfLLMv2's
+    TopK view with its own selection (for a sparse call: the plan's pattern is Dense otherwise), the
     generation's tile for Dense / SlidingWindow."""
     b, hq, sq, _ = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     if isinstance(pattern, BlockSparse):
         return build_layout(pattern, batch=b, kv_heads=hkv, sq=sq, sk=sk, device=q.device)
+    if isinstance(pattern, InfLLMv2):
+        lay = _static_layout(pattern.attention_view(), sq, sk, None, None, q.device)
+        if sq > 0 and b > 0:
+            # the Triton selection on the GPU and in the interpreter alike (small test sizes run it
+            # in well under a second there)
+            with torch.no_grad():
+                lay = dataclasses.replace(lay, token_index=_triton_infllmv2_select()(q.detach(), k.detach(), pattern))
+        return lay
     if isinstance(pattern, TopK):
         lay = _static_layout(pattern, sq, sk, None, None, q.device)
         if sq > 0 and b > 0 and pattern.topk > 0:
@@ -90,7 +105,7 @@ class TritonBlockSparse(TritonKernelMixin, VarlenFlash, FlashKernel):
     name = "triton.block_sparse"
     backend = "triton"
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
-    patterns = (Dense, SlidingWindow, BlockSparse, TopK)
+    patterns = (Dense, SlidingWindow, BlockSparse, TopK, InfLLMv2)
     #: FlashAttention's range; every multiple of 8 compiles for sm_80 / sm_90 (bench/gpu_static.py)
     head_dims = (32, 256)
     supports_backward = True
@@ -114,8 +129,8 @@ class TritonBlockSparse(TritonKernelMixin, VarlenFlash, FlashKernel):
         return None
 
     def extra_reasons(self, p):
-        if p.varlen and isinstance(p.pattern, TopK):
-            return ["packed varlen: TopK's per-token selection is per sequence (not implemented packed)"]
+        if p.varlen and isinstance(p.pattern, (TopK, InfLLMv2)):
+            return ["packed varlen: the per-token selection is per sequence (not implemented packed)"]
         return []
 
     def cost(self, p):
@@ -126,6 +141,9 @@ class TritonBlockSparse(TritonKernelMixin, VarlenFlash, FlashKernel):
         factor = 3.5 if p.requires_grad else 1.0  # backward ~2.5x the forward
         cfg = tile_config(p.device.type, p.device.generation, p.head_dim, torch.finfo(p.dtype).bits // 8)
         select = token_s = 0.0
+        if isinstance(pat, InfLLMv2):
+            select = self.infllmv2_select_cost(p)
+            pat = pat.attention_view()
         if isinstance(pat, TopK):
             forced = TopK(0, block_size=pat.block_size, sink_blocks=pat.sink_blocks, local_blocks=pat.local_blocks)
             tile_pairs = forced.visited_pairs(p.sq, p.sk) * p.batch * p.q_heads
@@ -138,7 +156,7 @@ class TritonBlockSparse(TritonKernelMixin, VarlenFlash, FlashKernel):
             # the selection: pooling in PyTorch, then the Triton scorer (float32 IEEE products plus
             # `topk` merge rounds of ~10 operations per score)
             scores = float(p.sq * -(-p.sk // pat.block_size) * p.batch * p.kv_heads)
-            select = roofline_seconds(p, flops=scores * (2.0 * p.head_dim + 10.0 * pat.topk),
+            select = select or roofline_seconds(p, flops=scores * (2.0 * p.head_dim + 10.0 * pat.topk),
                                       bytes_moved=(elem + 4.0) * p.batch * p.kv_heads * (p.sk + p.sq) * p.head_dim,
                                       efficiency=0.3, compute_dtype=torch.float32) + 50e-6
         else:
@@ -157,6 +175,23 @@ class TritonBlockSparse(TritonKernelMixin, VarlenFlash, FlashKernel):
         if p.device.type != "cuda":  # the interpreter: correct, but never the automatic choice
             total += self.interpreter_penalty_s
         return total
+
+    def infllmv2_select_cost(self, p) -> float:
+        """InfLLMv2's selection (infllmv2_select.py): every head's q . kc over the fine kernels a
+        row can see (twice for "exact": its log-sum-exp pass is over them too; the coarse pass adds
+        1/4), float32 IEEE products plus an exp per score, and per (row, kv head) a running top-k of
+        ~8 operations per slot per block; K read once to compress it."""
+        pat = p.pattern
+        elem = torch.finfo(p.dtype).bits // 8
+        seen = min(p.sq, p.sk) / 2 + (p.sk - p.sq) if p.sq <= p.sk else p.sk  # mean keys a row can see
+        kernels = max(1.0, seen / pat.kernel_stride) * (1.25 if pat.normalizer == "coarse" else 2.0)
+        blocks = max(1.0, seen / pat.block_size)
+        rows = p.sq * p.batch
+        flops = (2.0 * p.head_dim + 4.0) * kernels * rows * p.q_heads + 8.0 * blocks * rows * p.kv_heads * min(
+            pat.topk, blocks)
+        nbytes = elem * p.batch * p.kv_heads * p.sk * p.head_dim + 4.0 * rows * p.q_heads * p.head_dim
+        return roofline_seconds(p, flops=flops, bytes_moved=nbytes, efficiency=0.3, compute_dtype=torch.float32) \
+            + 2 * self.overhead_s
 
     def _cfg(self, q):
         from ...scheduler.device import device_info

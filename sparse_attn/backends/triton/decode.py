@@ -18,12 +18,16 @@ probabilities (after the softmax's sums), so the products see the codes only.
 """
 from __future__ import annotations
 
+import dataclasses
 
 import torch
 
 from ...layout.decode_blocks import DecodeArgs, cache_decode_args, tensor_decode_args
+from ...patterns import InfLLMv2
+from ...scheduler.kernel import roofline_seconds
 from .runtime import TritonKernelMixin, interpreting  # noqa: F401  (interpreting: part of this module's API)
 from ..decode import MAX_SQ, SplitKVDecodeKernel  # noqa: F401  (MAX_SQ: part of this module's API)
+from ..decode import topk_select_cost as _topk_select_cost
 
 try:  # Triton is optional: without it the kernel registers and says why it cannot run
     import triton
@@ -203,9 +207,16 @@ def _units(device: torch.device) -> int:
     return 4  # the interpreter: a few splits, so the merge is exercised
 
 
+def _infllmv2_picks(q, view, pattern):
+    from .infllmv2_select import infllmv2_picks_over_cache_triton  # imports triton
+    return infllmv2_picks_over_cache_triton(q, view, pattern)
+
+
 def decode_over_cache(q, view, pattern, *, scale: float, softcap=None):
-    """Attention over a cache's read view (`KVView`): `(out (B, Hq, Sq, Dv) in q's dtype, lse float32)`."""
-    return run_decode(cache_decode_args(q, view, pattern, scale=scale, units=_units(q.device), softcap=softcap))
+    """Attention over a cache's read view (`KVView`): `(out (B, Hq, Sq, Dv) in q's dtype, lse float32)`.
+    InfLLMv2 selects with the Triton kernels of `infllmv2_select.py` over the cache's window sums."""
+    return run_decode(cache_decode_args(q, view, pattern, scale=scale, units=_units(q.device), softcap=softcap,
+                                        infllmv2_picks=_infllmv2_picks))
 
 
 class TritonSplitKVDecode(TritonKernelMixin, SplitKVDecodeKernel):
@@ -233,10 +244,26 @@ class TritonSplitKVDecode(TritonKernelMixin, SplitKVDecodeKernel):
 
 
 class TritonCacheDecode(TritonSplitKVDecode):
-    """`triton.splitkv_decode` over a contiguous or paged cache (the "attention_with_cache" op)."""
+    """`triton.splitkv_decode` over a contiguous or paged cache (the "attention_with_cache" op);
+    also InfLLMv2, selected by the Triton kernels of `infllmv2_select.py` from the cache's window
+    sums (O(blocks) per step), then run as its TopK view."""
 
+    patterns = TritonSplitKVDecode.patterns + (InfLLMv2,)
     cache_kinds = ("contiguous", "paged")
     kv_dtypes = (None, "int8", "fp8_e4m3")
+
+    def cost(self, p):
+        if not isinstance(p.pattern, InfLLMv2):
+            return super().cost(p)
+        # the attention as its TopK view's (that view selects nothing itself here), plus the scoring
+        # of every visible window sum by every query head (the log-sum-exp pass, then the fine one)
+        pat = p.pattern
+        view = dataclasses.replace(p, pattern=pat.attention_view())
+        t = super().cost(view) - _topk_select_cost(view)
+        windows = p.sk / pat.kernel_stride * (1.25 if pat.normalizer == "coarse" else 2.0)
+        flops = (2.0 * p.head_dim + 4.0) * p.sq * windows * p.batch * p.q_heads
+        return t + roofline_seconds(p, flops=flops, bytes_moved=4.0 * p.batch * p.kv_heads * windows * p.head_dim,
+                                    efficiency=0.3, compute_dtype=torch.float32, overhead_s=2 * self.overhead_s)
 
     def forward_cache(self, q, view, p):
         return decode_over_cache(q, view, p.pattern, scale=p.scale, softcap=p.softcap)
