@@ -30,7 +30,8 @@ constexpr int64_t kSeg = 128;
 // it, while the softmax and the accumulators' rescaling still go segment by segment, so the
 // result is bit-identical to the segments one by one (and to a paged cache, which keeps 128-key
 // segments and the paced prefetch: with 2048-key runs it measured 0.79-0.97x under every prefetch
-// scheme tried, as a run and its prefetched successor overflow L2). A run's continuation is not
+// scheme tried, as a run and its prefetched successor overflow L2; re-measured once the pacer's
+// prefetches were really compiled in (prefetch.h), runs of 256-1024 keys 0.89-0.95x). A run's continuation is not
 // prefetched by software: the hardware prefetchers follow a long run of demand misses, while one
 // core's software prefetches top out near 15 GB/s (probably its L1 miss buffers), where the
 // hardware prefetchers reach ~29. Measured in docs/kernel_guide.md section 8 ("Long runs"):
