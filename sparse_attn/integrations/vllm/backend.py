@@ -36,7 +36,7 @@ from vllm.v1.kv_cache_interface import KVCacheLayout
 from ...api.cache import plan_with_cache
 from ...api.functional import attention
 from ...patterns import InfLLMv2, SlidingWindow, TopK
-from .pages import PagesCache, gather_keys, split_pages, window_chunk, write_pages
+from .pages import PagesCache, PageWindows, gather_keys, split_pages, write_pages
 from .patterns import ENV, layer_pattern, page_size_for, parse_pattern
 
 #: vLLM looks the name up in `AttentionBackendEnum`: the member this backend stands in for
@@ -170,7 +170,7 @@ class SparseAttnImpl(AttentionImpl[SparseAttnMetadata]):
                              f"{type(self.pattern).__name__} keeps key sums per layer; a layer reading another "
                              f"layer's KV cache cannot run it")
         self._page_sums = None  # TopK: float32 (num_pages, Hkv, D), allocated with the first write
-        self._chunk_sums = None  # InfLLMv2: float32 (num_pages, page_size // c, Hkv, D), likewise
+        self._windows = None  # InfLLMv2: its window sums beside the pages (PageWindows), likewise
         self._plans = {}  # decode batch size -> CachePlan
 
     # ------------------------------------------------------------------------------- cache write
@@ -185,18 +185,20 @@ class SparseAttnImpl(AttentionImpl[SparseAttnMetadata]):
             self._page_sums = torch.zeros(pages, heads, self.head_size, dtype=torch.float32, device=kv_cache.device)
         return self._page_sums
 
-    def _chunks_for(self, kv_cache: torch.Tensor):
+    def _windows_for(self, kv_cache: torch.Tensor):
         if not self.is_infllmv2:
             return None
         pages, heads, page_size, _ = kv_cache.shape
-        c = window_chunk(self.pattern.kernel_size, self.pattern.kernel_stride, page_size)
-        if self._chunk_sums is None or self._chunk_sums.shape[0] != pages:
-            self._chunk_sums = torch.zeros(pages, page_size // c, heads, self.head_size, dtype=torch.float32,
-                                           device=kv_cache.device)
-        return self._chunk_sums
+        if self._windows is None or self._windows.num_pages != pages:
+            p = self.pattern
+            sizes = [(p.kernel_size, p.kernel_stride)]
+            if p.normalizer == "coarse":
+                sizes.append((4 * p.kernel_size, 4 * p.kernel_stride))
+            self._windows = PageWindows(pages, page_size, heads, self.head_size, sizes, device=kv_cache.device)
+        return self._windows
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
-        write_pages(kv_cache, key, value, slot_mapping, self._sums_for(kv_cache), self._chunks_for(kv_cache))
+        write_pages(kv_cache, key, value, slot_mapping, self._sums_for(kv_cache), self._windows_for(kv_cache))
 
     # ----------------------------------------------------------------------------------- forward
     def _opts(self, device):
@@ -221,6 +223,9 @@ class SparseAttnImpl(AttentionImpl[SparseAttnMetadata]):
         opts = self._opts(query.device)
         qsl = m.query_start_loc
         t0 = time.perf_counter()
+        if self._windows is not None:  # InfLLMv2: the windows this step's rows complete (needs the table)
+            self._windows.complete(m.block_table, [(i, n - (qsl[i + 1] - qsl[i]), n)
+                                                   for i, n in enumerate(m.seq_lens_host)])
         if m.decode_idx:
             self._decode(query, kv_cache, m, output, opts)
         t1 = time.perf_counter()
@@ -264,7 +269,7 @@ class SparseAttnImpl(AttentionImpl[SparseAttnMetadata]):
             sel = torch.tensor(idx, dtype=torch.long, device=query.device)
             table, lens = m.block_table[sel], m.seq_lens[sel]
         cache = PagesCache(kv_cache, table, lens, [m.seq_lens_host[i] for i in idx], page_sums=self._page_sums,
-                           chunk_sums=self._chunk_sums)
+                           windows=self._windows)
         STATS["decode_calls"] += 1
         q = query[rows][:, :, None]  # (n, Hq, 1, D)
         output[rows] = self._planned(q, cache, opts)[:, :, 0]
