@@ -172,6 +172,8 @@ class SparseAttnImpl(AttentionImpl[SparseAttnMetadata]):
         self._page_sums = None  # TopK: float32 (num_pages, Hkv, D), allocated with the first write
         self._windows = None  # InfLLMv2: its window sums beside the pages (PageWindows), likewise
         self._plans = {}  # decode batch size -> CachePlan
+        self._opts_for = (None, None)  # (key, opts): `_opts`, made again only when the sinks change
+        self._split = (None, None)  # (kv_cache, its K and V page views): `split_pages` once per cache tensor
 
     # ------------------------------------------------------------------------------- cache write
     def _sums_for(self, kv_cache: torch.Tensor):
@@ -202,12 +204,24 @@ class SparseAttnImpl(AttentionImpl[SparseAttnMetadata]):
 
     # ----------------------------------------------------------------------------------- forward
     def _opts(self, device):
-        opts = {"scale": self.scale}
-        if self.softcap is not None:
-            opts["softcap"] = self.softcap
-        if self.sinks is not None:
-            opts["sink_logits"] = self.sinks.to(device=device, dtype=torch.float32)
-        return opts
+        """The keyword options of every call: made once, and again only if the sinks are replaced or
+        written in place (weights are loaded into them after the layer is built)."""
+        s = self.sinks
+        key = (device, None if s is None else (s.data_ptr(), s._version))
+        if self._opts_for[0] != key:
+            opts = {"scale": self.scale}
+            if self.softcap is not None:
+                opts["softcap"] = self.softcap
+            if s is not None:
+                opts["sink_logits"] = s.to(device=device, dtype=torch.float32)
+            self._opts_for = (key, opts)
+        return self._opts_for[1]
+
+    def _pages(self, kv_cache):
+        """`split_pages(kv_cache)`, kept per cache tensor (vLLM hands each layer the same one)."""
+        if self._split[0] is not kv_cache:
+            self._split = (kv_cache, split_pages(kv_cache))
+        return self._split[1]
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
@@ -230,7 +244,9 @@ class SparseAttnImpl(AttentionImpl[SparseAttnMetadata]):
             self._decode(query, kv_cache, m, output, opts)
         t1 = time.perf_counter()
         STATS["decode_s"] += t1 - t0
-        k_pages, v_pages = split_pages(kv_cache)
+        if not m.prefill_idx:
+            return output
+        k_pages, v_pages = self._pages(kv_cache)
         for i in m.prefill_idx:
             a, b, total = qsl[i], qsl[i + 1], m.seq_lens_host[i]
             q = query[a:b].transpose(0, 1)[None]  # (1, Hq, T, D)
@@ -263,13 +279,15 @@ class SparseAttnImpl(AttentionImpl[SparseAttnMetadata]):
         n = len(idx)
         if idx == list(range(n)):  # vLLM's reordered batch: the decodes come first
             rows = slice(qsl[0], qsl[n])
-            table, lens = m.block_table[:n], m.seq_lens[:n]
+            table, lens = m.block_table, m.seq_lens
+            if n < len(qsl) - 1:  # prefills follow
+                table, lens = table[:n], lens[:n]
         else:
             rows = torch.tensor([qsl[i] for i in idx], dtype=torch.long, device=query.device)
             sel = torch.tensor(idx, dtype=torch.long, device=query.device)
             table, lens = m.block_table[sel], m.seq_lens[sel]
         cache = PagesCache(kv_cache, table, lens, [m.seq_lens_host[i] for i in idx], page_sums=self._page_sums,
-                           windows=self._windows)
+                           windows=self._windows, pages=self._pages(kv_cache))
         STATS["decode_calls"] += 1
         q = query[rows][:, :, None]  # (n, Hq, 1, D)
         output[rows] = self._planned(q, cache, opts)[:, :, 0]

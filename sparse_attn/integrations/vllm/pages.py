@@ -185,10 +185,11 @@ class PagesCache:
         block_table: int32 `(B, W)`; seq_lens: int32 `(B,)`; host_lengths: the same as host ints.
         page_sums: `(num_pages, Hkv, D)` float32 sums of each page's keys (TopK), else None.
         windows: InfLLMv2's window sums kept beside the pages (`PageWindows`), else None.
+        pages: `split_pages(kv_cache)` when the caller keeps it (the backend: once per cache tensor).
     """
 
-    def __init__(self, kv_cache, block_table, seq_lens, host_lengths, *, page_sums=None, windows=None):
-        self.k_pages, self.v_pages = split_pages(kv_cache)
+    def __init__(self, kv_cache, block_table, seq_lens, host_lengths, *, page_sums=None, windows=None, pages=None):
+        self.k_pages, self.v_pages = pages if pages is not None else split_pages(kv_cache)
         self.block_table = block_table if block_table.dtype == torch.int32 else block_table.to(torch.int32)
         self.seq_lens = seq_lens if seq_lens.dtype == torch.int32 else seq_lens.to(torch.int32)
         self.host_lengths = tuple(int(n) for n in host_lengths)
