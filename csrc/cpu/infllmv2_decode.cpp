@@ -55,42 +55,56 @@ struct SumParams {
   int64_t tst0, tst1, page_size;
 };
 
-// the sums row of window j (of `size` keys at `stride`) of sequence b, kv head h
-inline const float* window_row(const SumParams& P, const float* base, const int64_t* st, int64_t b, int64_t h,
-                               int64_t j, int64_t size, int64_t stride) {
-  if (!P.table) return base + b * st[0] + h * st[1] + j * st[2];
-  const int64_t e = j * stride + size - 1;
-  const int64_t page = P.table[b * P.tst0 + e / P.page_size * P.tst1];
-  return base + page * st[0] + h * st[1] + e % P.page_size / stride * st[2];
-}
-
 struct SumScratch {
   std::vector<float> q1, q2, kt, stage, f, s, score, m, l;
   std::vector<int32_t> ids;
   std::vector<uint8_t> flag;  // per row: 1 a NaN was seen, 2 a +inf
-  std::vector<const float*> a1, a2;
+  std::vector<const float*> a1, a2, rows;  // rows: the sums rows of one chunk of windows
   std::vector<float*> fp;
 };
 
-// kt (D x kChunk) = the rows of windows [j0, j0 + nw) (`row(j)`) transposed; the fast 16 x 16 path
-// only where it reads inside the tensor (whole groups of 16 windows, D a multiple of 16). Rows `ld`
-// apart (sums per sequence) are transposed where they lie; paged rows (ld = 0) are first copied
-// to `stage` (16 x D), as consecutive windows may lie in different pages.
-template <class Row>
-inline void transpose_chunk(float* kt, float* stage, const Row& row, int64_t ld, int64_t j0, int64_t nw,
+// The sums rows of windows [j0, j0 + nw) (of `size` keys at `stride`) of sequence b, kv head h,
+// into rows[0, nw): per sequence, st[2] apart; paged, walked along the windows' last rows, one
+// division per page crossed (not per window)
+inline void window_rows(const SumParams& P, const float* base, const int64_t* st, int64_t b, int64_t h, int64_t j0,
+                        int64_t nw, int64_t size, int64_t stride, const float** rows) {
+  if (!P.table) {
+    const float* r = base + b * st[0] + h * st[1] + j0 * st[2];
+    for (int64_t i = 0; i < nw; ++i) rows[i] = r + i * st[2];
+    return;
+  }
+  const int64_t ps = P.page_size;
+  const int32_t* trow = P.table + b * P.tst0;
+  int64_t e = j0 * stride + size - 1, pg = e / ps, off = e - pg * ps, slot = off / stride;
+  const float* page = base + trow[pg * P.tst1] * st[0] + h * st[1];
+  for (int64_t i = 0; i < nw; ++i) {
+    rows[i] = page + slot * st[2];
+    off += stride, ++slot;
+    if (off >= ps && i + 1 < nw) {  // the next window ends in a later page
+      pg += off / ps, off %= ps, slot = off / stride;
+      page = base + trow[pg * P.tst1] * st[0] + h * st[1];
+    }
+  }
+}
+
+// kt (D x kChunk) = the rows of windows [j0, j0 + nw) transposed; the fast 16 x 16 path only where it
+// reads inside the tensor (whole groups of 16 windows, D a multiple of 16). Rows `ld` apart (sums per
+// sequence) are transposed where they lie; paged rows (ld = 0) are first copied to `stage`
+// (16 x D), as consecutive windows may lie in different pages.
+inline void transpose_chunk(float* kt, float* stage, const float* const* rows, int64_t ld, int64_t j0, int64_t nw,
                             int64_t slots, int64_t D) {
   int64_t c = 0;
   if (D % 16 == 0)
     for (; c + 16 <= nw && j0 + c + 16 <= slots; c += 16) {
       if (ld) {
-        transpose_f32(kt + c, kChunk, row(j0 + c), ld, 16, D);
+        transpose_f32(kt + c, kChunk, rows[c], ld, 16, D);
         continue;
       }
-      for (int64_t i = 0; i < 16; ++i) std::memcpy(stage + i * D, row(j0 + c + i), D * sizeof(float));
+      for (int64_t i = 0; i < 16; ++i) std::memcpy(stage + i * D, rows[c + i], D * sizeof(float));
       transpose_f32(kt + c, kChunk, stage, D, 16, D);
     }
   for (; c < nw; ++c) {
-    const float* src = row(j0 + c);
+    const float* src = rows[c];
     for (int64_t d = 0; d < D; ++d) kt[d * kChunk + c] = src[d];
   }
 }
@@ -115,28 +129,28 @@ void run_sums_task(const SumParams& P, const typename Elem<DT>::T* Q, int64_t b,
       if (R.coarse) load_row<DT>(S.q2.data() + r * D, src, D, P.qst[3], P.qmul2);
     }
   auto pos = [&](int64_t r) { return len - sq + r % sq; };
-  // F (rows x kChunk) = a . sums[j0, j0 + nw)^T
-  auto scores = [&](const auto& row, int64_t ld, int64_t slots, const float* const* a, int64_t j0, int64_t nw) {
-    transpose_chunk(S.kt.data(), S.stage.data(), row, ld, j0, nw, slots, D);
+  // F (rows x kChunk) = a . sums[j0, j0 + nw)^T, the fine or the coarse windows
+  const int64_t fld = P.table ? 0 : P.fst[2], cld = P.table ? 0 : P.cst[2];
+  auto scores = [&](bool use_coarse, const float* const* a, int64_t j0, int64_t nw) {
+    const float** rp = S.rows.data();
+    if (use_coarse)
+      window_rows(P, P.coarse, P.cst, b, h, j0, nw, 4 * R.ks, 4 * R.st, rp);
+    else
+      window_rows(P, P.fine, P.fst, b, h, j0, nw, R.ks, R.st, rp);
+    transpose_chunk(S.kt.data(), S.stage.data(), rp, use_coarse ? cld : fld, j0, nw,
+                    use_coarse ? P.slots2 : P.slots1, D);
     gemm_rows<false>(rows, round_up(nw, kVec), D, a, S.kt.data(), kChunk, S.fp.data(), nullptr);
   };
-  auto fine = [&](int64_t j) { return window_row(P, P.fine, P.fst, b, h, j, R.ks, R.st); };
-  auto coarse_row = [&](int64_t j) { return window_row(P, P.coarse, P.cst, b, h, j, 4 * R.ks, 4 * R.st); };
-  const int64_t fld = P.table ? 0 : P.fst[2], cld = P.table ? 0 : P.cst[2];
 
   // 1. the normaliser of every row: running log-sum-exp (base 2) over its visible windows
   std::fill_n(S.m.begin(), rows, kNegInf);
   std::fill_n(S.l.begin(), rows, 0.f);
   std::fill_n(S.flag.begin(), rows, uint8_t(0));
   const bool coarse = R.coarse;
-  const int64_t nslots = coarse ? P.slots2 : P.slots1;
   const int64_t nsize = coarse ? 4 * R.ks : R.ks, nstride = coarse ? 4 * R.st : R.st, nn = coarse ? n2 : n1;
   for (int64_t j0 = 0; j0 < nn; j0 += kChunk) {
     const int64_t nw = std::min(kChunk, nn - j0);
-    if (coarse)
-      scores(coarse_row, cld, nslots, S.a2.data(), j0, nw);
-    else
-      scores(fine, fld, nslots, S.a1.data(), j0, nw);
+    scores(coarse, coarse ? S.a2.data() : S.a1.data(), j0, nw);
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t v = std::min(nw, visible(pos(r), nsize, nstride, nn) - j0);
       if (v <= 0) continue;
@@ -170,7 +184,7 @@ void run_sums_task(const SumParams& P, const typename Elem<DT>::T* Q, int64_t b,
   std::fill_n(S.s.begin(), sq * n1c, 0.f);
   for (int64_t j0 = 0; j0 < n1; j0 += kChunk) {
     const int64_t nw = std::min(kChunk, n1 - j0);
-    scores(fine, fld, P.slots1, S.a1.data(), j0, nw);
+    scores(false, S.a1.data(), j0, nw);
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t v = std::min(nw, visible(pos(r), R.ks, R.st, n1) - j0);
       if (v <= 0 || lse[r] == kNegInf) continue;
@@ -236,7 +250,7 @@ void run_select(SumParams& P, const torch::Tensor& q, const std::vector<int64_t>
     SumScratch S;
     S.q1.assign(rows * D, 0.f), S.q2.assign(use_coarse ? rows * D : 0, 0.f);
     S.kt.assign(D * kChunk, 0.f), S.f.assign(rows * kChunk, 0.f), S.s.assign(sq * n1c, 0.f);
-    S.stage.assign(P.table ? 16 * D : 0, 0.f);
+    S.stage.assign(P.table ? 16 * D : 0, 0.f), S.rows.resize(kChunk);
     S.score.assign(std::max<int64_t>(P.nb, 1), 0.f), S.ids.assign(std::max<int64_t>(P.nb, 1), 0);
     S.m.assign(rows, 0.f), S.l.assign(rows, 0.f), S.flag.assign(rows, 0);
     S.a1.resize(rows), S.a2.resize(rows), S.fp.resize(rows);
