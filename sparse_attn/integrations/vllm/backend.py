@@ -4,7 +4,9 @@ Imported by vLLM only (through `register()`, which points `AttentionBackendEnum.
 this module imports vLLM at its top, the rest of the package does not.
 
 Per step, vLLM first calls `do_kv_cache_update` (the new tokens' K/V into its pages, and for TopK
-the page sums beside them), then `forward` over the whole batch:
+the page sums beside them; for InfLLMv2 the chunk sums), then `forward` over the whole batch, which
+first completes InfLLMv2's windows whose last row the step wrote (`PageWindows.complete`: it needs
+the block table, which `do_kv_cache_update` is not given), then:
 
 * requests with one new token (decode) go together through `attention_with_cache`'s plan
   (`plan_with_cache`, kept per batch size) on a `PagesCache` -- the scheduler picks sparse_attn's
