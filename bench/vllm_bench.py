@@ -375,17 +375,22 @@ def e2e_bench(args):
     return rows
 
 
+def _shape_args(p, *, hq: int, hkv: int, d: int, dtype: str):
+    """The cache's shape and dtype, one mode's defaults."""
+    p.add_argument("--hq", type=int, default=hq)
+    p.add_argument("--hkv", type=int, default=hkv)
+    p.add_argument("--d", type=int, default=d)
+    p.add_argument("--page", type=int, default=64)
+    p.add_argument("--dtype", default=dtype, choices=["float32", "bfloat16"])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="what", required=True)
     k = sub.add_parser("kernel")
     k.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
-    k.add_argument("--hq", type=int, default=32)
-    k.add_argument("--hkv", type=int, default=8)
-    k.add_argument("--d", type=int, default=128)
-    k.add_argument("--page", type=int, default=64)
+    _shape_args(k, hq=32, hkv=8, d=128, dtype="bfloat16")
     k.add_argument("--topk", type=int, default=16)
-    k.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     k.add_argument("--rounds", type=int, default=3)
     k.add_argument("--reps", type=int, default=3)
     k.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -394,22 +399,14 @@ def main():
                         "not the time slices other jobs take on a loaded machine)")
     f = sub.add_parser("forward")
     f.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
-    f.add_argument("--hq", type=int, default=4)
-    f.add_argument("--hkv", type=int, default=2)
-    f.add_argument("--d", type=int, default=64)
-    f.add_argument("--page", type=int, default=64)
-    f.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    _shape_args(f, hq=4, hkv=2, d=64, dtype="float32")
     f.add_argument("--rounds", type=int, default=8)
     f.add_argument("--reps", type=int, default=200)
     ch = sub.add_parser("chunk")
     ch.add_argument("--lengths", type=int, nargs="+", default=[4096, 32768])
     ch.add_argument("--chunk", type=int, default=4096, help="queries of the chunk (vLLM's CPU default budget)")
-    ch.add_argument("--hq", type=int, default=4)
-    ch.add_argument("--hkv", type=int, default=2)
-    ch.add_argument("--d", type=int, default=64)
-    ch.add_argument("--page", type=int, default=64)
+    _shape_args(ch, hq=4, hkv=2, d=64, dtype="float32")
     ch.add_argument("--topk", type=int, default=16)
-    ch.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ch.add_argument("--rounds", type=int, default=2)
     ch.add_argument("--reps", type=int, default=1)
     ch.add_argument("--threads", type=int, default=0)
