@@ -361,7 +361,7 @@ def e2e_bench(args):
                 st = r.get("stats") or {}
                 inside = (f", in the plugin: decode {st['decode_s']:.2f} s ({st['decode_calls']} calls), prefill "
                           f"{st['prefill_s']:.2f} s ({st['prefill_direct']} direct, {st['prefill_gathered']} "
-                          f"gathered)" if st else "")
+                          f"gathered), InfLLMv2 windows {st.get('windows_s', 0.0):.2f} s" if st else "")
                 print(f"# run n={n} {p}: prefill {r['prefill_s']:.2f} s, decode {r['decode_tok_s']:.2f} tok/s "
                       f"({r['decode_s']:.2f} s){inside}, load {_load()}", flush=True)
         for p, runs in res.items():

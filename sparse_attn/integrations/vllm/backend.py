@@ -47,9 +47,10 @@ NAME = "CPU_ATTN"
 
 #: what `forward` did in this process: prefill requests served from their new K/V directly, those
 #: whose keys were gathered from the pages, the key rows gathered (K and V each), decode calls, and
-#: the wall seconds spent in the decode and prefill parts of `forward` (all layers)
+#: the wall seconds spent in the decode and prefill parts of `forward` (all layers), and in completing
+#: InfLLMv2's window sums (`PageWindows.complete`, every step that writes rows)
 STATS = {"prefill_direct": 0, "prefill_gathered": 0, "rows_gathered": 0, "decode_calls": 0, "decode_s": 0.0,
-         "prefill_s": 0.0}
+         "prefill_s": 0.0, "windows_s": 0.0}
 
 
 def configured_pattern():
@@ -238,10 +239,12 @@ class SparseAttnImpl(AttentionImpl[SparseAttnMetadata]):
             raise ValueError("causal: the sparse_attn vLLM backend serves causal attention only")
         opts = self._opts(query.device)
         qsl = m.query_start_loc
-        t0 = time.perf_counter()
         if self._windows is not None:  # InfLLMv2: the windows this step's rows complete (needs the table)
+            tw = time.perf_counter()
             self._windows.complete(m.block_table, [(i, n - (qsl[i + 1] - qsl[i]), n)
                                                    for i, n in enumerate(m.seq_lens_host)])
+            STATS["windows_s"] += time.perf_counter() - tw
+        t0 = time.perf_counter()
         if m.decode_idx:
             self._decode(query, kv_cache, m, output, opts)
         t1 = time.perf_counter()
