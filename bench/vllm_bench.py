@@ -4,6 +4,7 @@ Run from vLLM's venv (docs/integrations.md), with sparse_attn importable:
 
     python bench/vllm_bench.py kernel --lengths 32768 131072 --rounds 3
     python bench/vllm_bench.py kernel --lengths 131072 --threads 1 --clock thread   # a loaded machine
+    python bench/vllm_bench.py forward --lengths 1024 4096 16384     # one layer's decode forward, glue included
     python bench/vllm_bench.py chunk --lengths 4096 32768 --threads 1 --clock thread
     python bench/vllm_bench.py e2e --lengths 32768 --rounds 2 --new-tokens 32
 
@@ -14,6 +15,9 @@ bytes read per second, and a same-run `copy_` of K+V as the machine's bandwidth 
 `ours_topk_gathered` is TopK as the plugin ran it before its selection read the page sums through
 the block table: the sums gathered per step into `(B, Hkv, W, D)` first.
 Runs alternate (A, B, A, B ...) so load from other jobs falls on both; medians are printed.
+
+`forward`: one layer's decode `forward` with its glue (the plugin's impl vs the body of vLLM's),
+one thread, CPU time, the GC heap frozen as vLLM's engine does; and our kernel's binding alone.
 
 `chunk`: one prefill chunk (4096 queries, vLLM's CPU token budget per step, float32 tiny-model
 shape) ending at n keys: vLLM's kernel vs the plugin's path (gather from the pages, `attention`).
@@ -174,6 +178,77 @@ def kernel_bench(args):
     return rows
 
 
+# ----------------------------------------------------------------------------------------- forward
+def forward_bench(args):
+    """One layer's decode `forward` as the engine calls it, glue included: the plugin's
+    `SparseAttnImpl.forward` (metadata -> `PagesCache` -> plan -> kernel -> output) vs vLLM's
+    `CPUAttentionBackendImpl.forward` body (a view and a chunk of the cache, then its op with the
+    scheduler metadata made once), and our kernel's binding alone (`decode_fwd`). Short contexts,
+    where the per-call costs show. The GC heap is frozen first, as vLLM's engine core does after
+    its start (`freeze_gc_heap`): else collections over vLLM's millions of objects land on whoever
+    allocates. Per call: the best of `--rounds` batches of `--reps` calls, alternating."""
+    import gc
+
+    import torch
+    from vllm import _custom_ops as ops
+
+    from sparse_attn.backends.cpu.decode import _ext
+    from sparse_attn.integrations.vllm.backend import SparseAttnImpl, SparseAttnMetadata
+    from sparse_attn.integrations.vllm.pages import PagesCache, split_pages
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    torch.set_num_threads(1)
+    for n in args.lengths:
+        kv_vllm, kv, _, table, q, lens = _kernel_case(n, hq=args.hq, hkv=args.hkv, d=args.d, page=args.page,
+                                                      dtype=dtype)
+        kp, vp = split_pages(kv_vllm)
+        qsl = torch.arange(2, dtype=torch.int32)
+        out = torch.empty_like(q)
+        scale = args.d ** -0.5
+        vllm_op = _vllm_call(ops, q, kp, vp, out, qsl, lens, table, scale, args, dtype)
+
+        def vllm_forward():
+            pages, heads, page, _ = kv_vllm.size()
+            kv_vllm.view((pages, heads, page * 2, -1)).chunk(2, dim=2)
+            vllm_op()
+
+        impl = SparseAttnImpl(args.hq, args.d, scale, args.hkv)
+        meta = SparseAttnMetadata(num_actual_tokens=1, query_start_loc=[0, 1], seq_lens=lens,
+                                  seq_lens_host=lens.tolist(), block_table=table,
+                                  slot_mapping=torch.zeros(1, dtype=torch.long), decode_idx=[0], prefill_idx=[])
+        output = torch.empty_like(q)
+
+        def ours_forward():
+            impl.forward(None, q, q[:, :args.hkv], q[:, :args.hkv], kv, meta, output)
+
+        view = PagesCache(kv, table, lens, [n]).kv_view()
+        dargs = _ext().DecodeArgs()
+        dargs.q, dargs.k, dargs.v, dargs.scale = q[:, :, None], view.k, view.v, scale
+        dargs.lengths, dargs.page_table, dargs.page_size = view.lengths, view.page_table, view.page_size
+
+        def kernel_alone():
+            _ext().decode_fwd(dargs)
+
+        vllm_forward()
+        ours_forward()
+        err = ((output.float() - out.float()).norm() / out.float().norm()).item()
+        gc.collect()
+        gc.freeze()
+        fns = [("vllm_forward", vllm_forward), ("ours_forward", ours_forward), ("kernel_alone", kernel_alone)]
+        best = {k: float("inf") for k, _ in fns}
+        for r in range(args.rounds):
+            for k, fn in (fns if r % 2 == 0 else fns[::-1]):
+                t = time.thread_time()
+                for _ in range(args.reps):
+                    fn()
+                best[k] = min(best[k], (time.thread_time() - t) / args.reps)
+        gc.unfreeze()
+        row = {"n": n, "dtype": args.dtype, "hq": args.hq, "hkv": args.hkv, "d": args.d, "load": _load(),
+               "rel_err_vs_vllm": err, **{f"{k}_us": round(1e6 * t, 1) for k, t in best.items()},
+               "speedup": best["vllm_forward"] / best["ours_forward"]}
+        print(json.dumps(row), flush=True)
+
+
 # ------------------------------------------------------------------------------------------- chunk
 def chunk_bench(args):
     """One prefill chunk of `--chunk` queries ending at `n` keys, over one sequence's pages: vLLM's
@@ -286,7 +361,7 @@ def e2e_bench(args):
                 st = r.get("stats") or {}
                 inside = (f", in the plugin: decode {st['decode_s']:.2f} s ({st['decode_calls']} calls), prefill "
                           f"{st['prefill_s']:.2f} s ({st['prefill_direct']} direct, {st['prefill_gathered']} "
-                          f"gathered)" if st else "")
+                          f"gathered), InfLLMv2 windows {st.get('windows_s', 0.0):.2f} s" if st else "")
                 print(f"# run n={n} {p}: prefill {r['prefill_s']:.2f} s, decode {r['decode_tok_s']:.2f} tok/s "
                       f"({r['decode_s']:.2f} s){inside}, load {_load()}", flush=True)
         for p, runs in res.items():
@@ -300,32 +375,38 @@ def e2e_bench(args):
     return rows
 
 
+def _shape_args(p, *, hq: int, hkv: int, d: int, dtype: str):
+    """The cache's shape and dtype, one mode's defaults."""
+    p.add_argument("--hq", type=int, default=hq)
+    p.add_argument("--hkv", type=int, default=hkv)
+    p.add_argument("--d", type=int, default=d)
+    p.add_argument("--page", type=int, default=64)
+    p.add_argument("--dtype", default=dtype, choices=["float32", "bfloat16"])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="what", required=True)
     k = sub.add_parser("kernel")
     k.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
-    k.add_argument("--hq", type=int, default=32)
-    k.add_argument("--hkv", type=int, default=8)
-    k.add_argument("--d", type=int, default=128)
-    k.add_argument("--page", type=int, default=64)
+    _shape_args(k, hq=32, hkv=8, d=128, dtype="bfloat16")
     k.add_argument("--topk", type=int, default=16)
-    k.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     k.add_argument("--rounds", type=int, default=3)
     k.add_argument("--reps", type=int, default=3)
     k.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     k.add_argument("--clock", default="wall", choices=["wall", "thread"],
                    help="thread: CPU time of the calling thread (with --threads 1: the whole kernel's time, "
                         "not the time slices other jobs take on a loaded machine)")
+    f = sub.add_parser("forward")
+    f.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
+    _shape_args(f, hq=4, hkv=2, d=64, dtype="float32")
+    f.add_argument("--rounds", type=int, default=8)
+    f.add_argument("--reps", type=int, default=200)
     ch = sub.add_parser("chunk")
     ch.add_argument("--lengths", type=int, nargs="+", default=[4096, 32768])
     ch.add_argument("--chunk", type=int, default=4096, help="queries of the chunk (vLLM's CPU default budget)")
-    ch.add_argument("--hq", type=int, default=4)
-    ch.add_argument("--hkv", type=int, default=2)
-    ch.add_argument("--d", type=int, default=64)
-    ch.add_argument("--page", type=int, default=64)
+    _shape_args(ch, hq=4, hkv=2, d=64, dtype="float32")
     ch.add_argument("--topk", type=int, default=16)
-    ch.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ch.add_argument("--rounds", type=int, default=2)
     ch.add_argument("--reps", type=int, default=1)
     ch.add_argument("--threads", type=int, default=0)
@@ -338,7 +419,7 @@ def main():
     e.add_argument("--rounds", type=int, default=2)
     a = ap.parse_args()
     print(f"# {a.what}: load average {_load()}", flush=True)
-    {"kernel": kernel_bench, "chunk": chunk_bench, "e2e": e2e_bench}[a.what](a)
+    {"kernel": kernel_bench, "forward": forward_bench, "chunk": chunk_bench, "e2e": e2e_bench}[a.what](a)
 
 
 if __name__ == "__main__":

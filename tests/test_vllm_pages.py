@@ -11,8 +11,11 @@
   PyTorch definition (`topk_index_over_cache`) and the selection from the sums gathered per
   sequence, with shared pages, stale table entries past a length, Sq 1-16, GQA, NaN keys;
 * `gather_keys` (what a prefill chunk attends to) equals the sequence's rows;
-* InfLLMv2's windows made from the chunk sums kept beside the pages (`PagedWindowSums`) equal the
-  sums of each sequence's keys, and decode over the pages equals the float64 evaluation;
+* InfLLMv2's window sums kept beside the pages (`PageWindows`: each window in the page of its last
+  row, completed from the chunk sums as its last row is written) equal the sums of each sequence's
+  keys, with stale pages, prefix-shared pages and a reused page; the C++ selection reading them
+  through the block table (`infllmv2_select_pages`) gives exactly the picks of the PyTorch
+  selection over each sequence's gathered sums; decode over the pages equals the float64 evaluation;
 * `SPARSE_ATTN_VLLM_PATTERN`'s grammar (`infllmv2:field=value,...` too), the per-layer rule (a
   sliding layer keeps its window), and `ValueError`s naming the variable for bad values.
 The end-to-end tests with vLLM itself are in tests/vllm_serving/ (their own venv).
@@ -32,7 +35,7 @@ from conftest import topk_margin
 from test_infllmv2 import CONFIGS
 from sparse_attn.integrations.vllm import parse_pattern, register
 from sparse_attn.cache.view import KVView
-from sparse_attn.integrations.vllm.pages import PagesCache, gather_keys, split_pages, window_chunk, write_pages
+from sparse_attn.integrations.vllm.pages import PagesCache, PageWindows, gather_keys, split_pages, write_pages
 from sparse_attn.layout.topk_selection import topk_index_over_cache
 from sparse_attn.integrations.vllm.patterns import ENV, layer_pattern
 
@@ -40,10 +43,11 @@ needs_jit = pytest.mark.skipif(os.environ.get("SPARSE_ATTN_DISABLE_JIT") == "1",
                                reason="SPARSE_ATTN_DISABLE_JIT=1: the C++ decode kernel is not built")
 
 
-def _fill(lengths, *, hkv, d, page_size, num_pages, seed, dtype=torch.float32, chunks=3, chunk_sums=None):
+def _fill(lengths, *, hkv, d, page_size, num_pages, seed, dtype=torch.float32, chunks=3, windows=None):
     """vLLM-style pages holding `lengths` tokens per sequence, written in `chunks` steps with
-    random page ids and padding slots; returns (kv_cache, block_table, page_sums, K, V) where K/V
-    are the per-sequence keys/values `(1, Hkv, n, D)`."""
+    random page ids and padding slots (`windows`, a `PageWindows`, completed after each step as the
+    backend's `forward` does); returns (kv_cache, block_table, page_sums, K, V) where K/V are the
+    per-sequence keys/values `(1, Hkv, n, D)`."""
     g = torch.Generator().manual_seed(seed)
     kv = torch.full((num_pages, hkv, page_size, 2 * d), float("nan"), dtype=dtype)  # never-written rows: NaN
     sums = torch.full((num_pages, hkv, d), 7.0)  # stale sums of a page used before
@@ -58,11 +62,12 @@ def _fill(lengths, *, hkv, d, page_size, num_pages, seed, dtype=torch.float32, c
     vs = [torch.randn(1, hkv, n, d, generator=g).to(dtype) for n in lengths]
     cuts = [sorted({0, n, *[int(x) for x in torch.randint(0, n + 1, (chunks - 1,), generator=g)]}) for n in lengths]
     for step in range(chunks):
-        keys, vals, slots = [], [], []
+        keys, vals, slots, spans = [], [], [], []
         for b, n in enumerate(lengths):
             if step + 1 >= len(cuts[b]):
                 continue
             lo, hi = cuts[b][step], cuts[b][step + 1]
+            spans.append((b, lo, hi))
             pos = torch.arange(lo, hi)
             slots.append(table[b, pos // page_size].long() * page_size + pos % page_size)
             keys.append(ks[b][0, :, lo:hi].transpose(0, 1))
@@ -71,7 +76,9 @@ def _fill(lengths, *, hkv, d, page_size, num_pages, seed, dtype=torch.float32, c
         keys.append(torch.randn(pad, hkv, d, generator=g).to(dtype))
         vals.append(torch.randn(pad, hkv, d, generator=g).to(dtype))
         slots.append(torch.full((pad,), -1))
-        write_pages(kv, torch.cat(keys), torch.cat(vals), torch.cat(slots), sums, chunk_sums)
+        write_pages(kv, torch.cat(keys), torch.cat(vals), torch.cat(slots), sums, windows)
+        if windows is not None:
+            windows.complete(table, spans)
     return kv, table, sums, ks, vs
 
 
@@ -212,42 +219,122 @@ def test_parse_pattern_bad(spec):
         parse_pattern(spec)
 
 
-@pytest.mark.parametrize("name", ["41-coarse", "4-exact", "4-coarse-ks12"])
-def test_infllmv2_window_sums_from_page_chunks(name):
-    """The window sums made from the chunk sums kept beside the pages equal the sums of each
-    sequence's own keys, window by window (every complete window; fine and coarse)."""
-    pattern = CONFIGS[name]
-    ps, lengths = 16, [150, 33, 97]
-    c = window_chunk(pattern.kernel_size, pattern.kernel_stride, ps)
-    chunk_sums = torch.full((40, ps // c, 2, 8), 7.0)  # stale sums of pages used before
-    kv, table, _, ks, _ = _fill(lengths, hkv=2, d=8, page_size=ps, num_pages=40, seed=5, chunk_sums=chunk_sums)
-    view = PagesCache(kv, table, torch.tensor(lengths, dtype=torch.int32), lengths,
-                      chunk_sums=chunk_sums).kv_view()
+def _windows(pattern, num_pages, ps, hkv, d, stale=None):
+    sizes = [(pattern.kernel_size, pattern.kernel_stride)]
+    if pattern.normalizer == "coarse":
+        sizes.append((4 * pattern.kernel_size, 4 * pattern.kernel_stride))
+    w = PageWindows(num_pages, ps, hkv, d, sizes)
+    if stale is not None:  # what pages used before left behind
+        w.chunks.fill_(stale)
+        for t in w.sums.values():
+            t.fill_(stale)
+    return w
+
+
+def _check_window_sums(view, pattern, ks, lengths):
     for size, stride in ((pattern.kernel_size, pattern.kernel_stride),
-                         (4 * pattern.kernel_size, 4 * pattern.kernel_stride)):
+                         (4 * pattern.kernel_size, 4 * pattern.kernel_stride))[:1 + (pattern.normalizer == "coarse")]:
         got = view.window_sums(size, stride)
-        assert got.shape == (3, 2, -(-view.max_len // stride) + 1, 8)
+        assert got.shape == (len(lengths), ks[0].shape[1], -(-view.max_len // stride) + 1, ks[0].shape[3])
         for b, n in enumerate(lengths):
             want = O.compressed_keys(ks[b].double(), size, stride)[0] * size  # (Hkv, complete windows, D)
+            assert want.shape[1] > 0 or (size > pattern.kernel_size and n < size)  # not an empty check
             torch.testing.assert_close(got[b, :, :want.shape[1]].double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["41-coarse", "4-exact", "4-coarse-ks12"])
+@pytest.mark.parametrize("ps", [16, 32])
+def test_infllmv2_window_sums_kept_by_page(name, ps):
+    """The window sums kept beside the pages (each window in the page of its last row, completed from
+    the chunk sums as its last row is written, in 3 steps of random lengths) equal the sums of each
+    sequence's own keys, window by window (every complete window; fine and coarse), over stale pages."""
+    pattern = CONFIGS[name]
+    lengths = [150, 33, 97]
+    w = _windows(pattern, 40, ps, 2, 8, stale=7.0)
+    kv, table, _, ks, _ = _fill(lengths, hkv=2, d=8, page_size=ps, num_pages=40, seed=5, windows=w)
+    view = PagesCache(kv, table, torch.tensor(lengths, dtype=torch.int32), lengths, windows=w).kv_view()
+    _check_window_sums(view, pattern, ks, lengths)
+
+
+@pytest.mark.parametrize("name", ["41-coarse", "4-coarse-ks12"])
+def test_infllmv2_window_sums_shared_and_reused_pages(name):
+    """Prefix caching: sequence 1 starts with sequence 0's first two (full) pages and writes only
+    from there; sequence 2 reuses, from its first row, a page sequence 0 held. Every sequence's
+    window sums stay its own keys' (a window ending in a shared page is the same for both)."""
+    pattern = CONFIGS[name]
+    ps, hkv, d = 16, 2, 8
+    g = torch.Generator().manual_seed(3)
+    kv = torch.zeros(12, hkv, ps, 2 * d)
+    w = _windows(pattern, 12, ps, hkv, d, stale=-3.0)
+    table = torch.tensor([[5, 2, 7, 9], [5, 2, 1, 4], [7, 0, 0, 0]], dtype=torch.int32)
+    k0 = torch.randn(1, hkv, 61, d, generator=g)
+    k1 = torch.cat([k0[:, :, :32], torch.randn(1, hkv, 30, d, generator=g)], 2)
+    k2 = torch.randn(1, hkv, 13, d, generator=g)
+
+    def write(b, k, lo, hi):
+        pos = torch.arange(lo, hi)
+        slots = table[b, pos // ps].long() * ps + pos % ps
+        rows = k[0, :, lo:hi].transpose(0, 1)
+        write_pages(kv, rows, rows, slots, None, w)
+        w.complete(table, [(b, lo, hi)])
+
+    write(0, k0, 0, 61)
+    write(1, k1, 32, 50)  # the first 32 keys are a prefix-cache hit: pages 5 and 2, not written again
+    write(1, k1, 50, 62)
+    view = PagesCache(kv, table[:2], torch.tensor([61, 62], dtype=torch.int32), [61, 62], windows=w).kv_view()
+    _check_window_sums(view, pattern, [k0, k1], [61, 62])
+    write(2, k2, 0, 13)  # page 7 (sequence 0's third page) reused from its first row
+    view = PagesCache(kv, table[2:], torch.tensor([13], dtype=torch.int32), [13], windows=w).kv_view()
+    _check_window_sums(view, pattern, [k2], [13])
+
+
+@needs_jit
+@pytest.mark.parametrize("name", ["41-coarse", "41-exact", "4-exact", "4-coarse-ks12"])
+@pytest.mark.parametrize("sq,hq", [(1, 4), (3, 8)])
+def test_infllmv2_select_pages_equals_gathered(name, sq, hq):
+    """The C++ selection reading the per-page sums through the block table gives exactly the picks
+    of the PyTorch selection over the same sums gathered per sequence (B 3, odd lengths, stale table
+    entries past each length)."""
+    from sparse_attn.backends.cpu.infllmv2 import infllmv2_picks_over_cache_cpu
+    from sparse_attn.layout.infllmv2_selection import infllmv2_picks_over_cache
+    pattern = CONFIGS[name]
+    ps, hkv, d, lengths = 16, 2, 32, [187, 150, 64]
+    w = _windows(pattern, 40, ps, hkv, d, stale=5.0)
+    kv, table, _, _, _ = _fill(lengths, hkv=hkv, d=d, page_size=ps, num_pages=40, seed=11, windows=w)
+    table[2, 4:] = 39  # a stale entry past the third sequence's length
+    q = torch.randn(len(lengths), hq, sq, d)
+    view = PagesCache(kv, table, torch.tensor(lengths, dtype=torch.int32), lengths, windows=w).kv_view()
+    got = infllmv2_picks_over_cache_cpu(q, view, pattern)
+    want = infllmv2_picks_over_cache(q, view, pattern)
+    assert torch.equal(got, want)
+
+
+@needs_jit
+def test_infllmv2_select_pages_bad_table():
+    from sparse_attn.backends.cpu.infllmv2 import infllmv2_picks_over_cache_cpu
+    pattern = CONFIGS["41-coarse"]
+    w = _windows(pattern, 8, 16, 2, 32)
+    kv = torch.zeros(8, 2, 16, 64)
+    table = torch.tensor([[1, 2, 8]], dtype=torch.int32)  # page 8 is outside the pool of 8
+    view = PagesCache(kv, table, torch.tensor([40], dtype=torch.int32), [40], windows=w).kv_view()
+    with pytest.raises(RuntimeError, match="page_table"):
+        infllmv2_picks_over_cache_cpu(torch.randn(1, 4, 1, 32), view, pattern)
 
 
 @needs_jit
 @pytest.mark.parametrize("name", ["41-coarse", "4-exact", "4-coarse-ks12"])
 def test_infllmv2_decode_over_vllm_pages(name):
-    """Decode over vLLM's pages with InfLLMv2 (selected from the page chunks' window sums) equals the
+    """Decode over vLLM's pages with InfLLMv2 (selected from the window sums kept by page) equals the
     float64 evaluation on each sequence's own keys (inputs drawn away from near ties)."""
     pattern = CONFIGS[name]
     ps, hq, hkv, d, lengths = 16, 4, 2, 32, [187, 150]
-    c = window_chunk(pattern.kernel_size, pattern.kernel_stride, ps)
     for seed in range(30):
-        chunk_sums = torch.zeros(40, ps // c, hkv, d)
-        kv, table, _, ks, vs = _fill(lengths, hkv=hkv, d=d, page_size=ps, num_pages=40, seed=seed,
-                                     chunk_sums=chunk_sums)
+        w = _windows(pattern, 40, ps, hkv, d)
+        kv, table, _, ks, vs = _fill(lengths, hkv=hkv, d=d, page_size=ps, num_pages=40, seed=seed, windows=w)
         q = torch.randn(len(lengths), hq, 1, d)
         if all(O.margin(q[b:b + 1], ks[b], pattern) > 1e-5 for b in range(len(lengths))):
             break
-    cache = PagesCache(kv, table, torch.tensor(lengths, dtype=torch.int32), lengths, chunk_sums=chunk_sums)
+    cache = PagesCache(kv, table, torch.tensor(lengths, dtype=torch.int32), lengths, windows=w)
     plan = sa.plan_with_cache(q, cache, pattern)
     assert plan.kernel.name == "cpu.decode", plan.explain()
     out = sa.attention_with_cache(q, cache, pattern)

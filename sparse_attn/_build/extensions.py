@@ -38,6 +38,13 @@ EXTENSIONS = {
         "ldflags": ["-fopenmp"],
         "jit_cflags": ["-march=native"],
     },
+    "cpu_infllmv2_pages": {  # InfLLMv2's decode selection over window sums kept per page (vLLM's pages)
+        "sources": ["cpu/infllmv2_decode.cpp", "cpu/infllmv2_pages_binding.cpp"],
+        "headers": ["cpu/vec.h", "cpu/scalar.h", "cpu/target_check.h", "cpu/infllmv2_rows.h"],
+        "cflags": ["-fopenmp"],
+        "ldflags": ["-fopenmp"],
+        "jit_cflags": ["-march=native"],
+    },
     "cpu_linear": {
         "sources": ["cpu/linear.cpp", "cpu/linear_bwd.cpp"],
         "headers": ["cpu/vec.h", "cpu/scalar.h", "cpu/huge_pages.h", "cpu/linear_common.h", "cpu/target_check.h"],

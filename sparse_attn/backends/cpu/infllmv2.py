@@ -12,7 +12,9 @@ float32 rounding of the scores (tests/test_infllmv2_cpu_select.py).
 
 A decode step over a cache (`infllmv2_picks_over_cache_cpu`, csrc/cpu/infllmv2_decode.cpp) reads
 the cache's float32 window sums where they are (row-major, no copy) and returns the same picks as
-`layout.infllmv2_selection.infllmv2_picks_over_cache` (tests/test_infllmv2_cache_select.py)."""
+`layout.infllmv2_selection.infllmv2_picks_over_cache` (tests/test_infllmv2_cache_select.py); sums
+kept per page beside vLLM's pages are read through the page table (extension
+"cpu_infllmv2_pages", the same C++ file, tests/test_vllm_pages.py)."""
 from __future__ import annotations
 
 import torch
@@ -57,10 +59,23 @@ def infllmv2_select_cpu(q: torch.Tensor, k: torch.Tensor, pattern: InfLLMv2) -> 
                                       coarse, from_fine)
 
 
+def _pages_ext():
+    return load_extension("cpu_infllmv2_pages")
+
+
+def _by_page(view):
+    """The per-page window sums reader of a view whose sums are kept per page (vLLM's pages:
+    `integrations/vllm/pages.PagedWindowSums`), else None."""
+    return getattr(view.compressed, "by_page", None)
+
+
 def native_over_cache(view) -> bool:
     """Whether the C++ decode selection reads this cache's window sums (float32; a float64 cache's
-    stay on the PyTorch path, the definition the C++ one is tested against)."""
-    return view.compressed is not None and view.compressed.dtype == torch.float32 and view.device.type == "cpu"
+    stay on the PyTorch path, the definition the C++ one is tested against). Sums kept per page
+    need the extension that reads them through the page table ("cpu_infllmv2_pages")."""
+    if view.compressed is None or view.compressed.dtype != torch.float32 or view.device.type != "cpu":
+        return False
+    return _by_page(view) is None or unavailable_reason(_pages_ext) is None
 
 
 def infllmv2_picks_over_cache_cpu(q: torch.Tensor, view, pattern: InfLLMv2) -> torch.Tensor:
@@ -69,6 +84,15 @@ def infllmv2_picks_over_cache_cpu(q: torch.Tensor, view, pattern: InfLLMv2) -> t
     `picks` of `layout.infllmv2_selection.infllmv2_index_over_cache`, which applies `dense_len`)."""
     ks, st = pattern.kernel_size, pattern.kernel_stride
     coarse = pattern.normalizer == "coarse"
+    by_page = _by_page(view)
+    if by_page is not None:  # per-page sums, read through the page table where they lie
+        fine = by_page(ks, st)
+        kc2 = by_page(4 * ks, 4 * st) if coarse else fine
+        c = view.compressed
+        return _pages_ext().infllmv2_select_pages(q.detach(), fine, kc2, c.page_table, c.page_size,
+                                                  list(view.host_lengths), ks, st, pattern.block_size, pattern.topk,
+                                                  pattern.forced_init, pattern.window_blocks,
+                                                  pattern.variant == "minicpm4.1", coarse)
     fine = view.window_sums(ks, st)
     kc2 = view.window_sums(4 * ks, 4 * st) if coarse else fine[:, :, :0]
     return _ext().infllmv2_select_sums(q.detach(), fine, kc2, list(view.host_lengths), ks, st, pattern.block_size,

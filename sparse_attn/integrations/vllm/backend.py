@@ -4,7 +4,9 @@ Imported by vLLM only (through `register()`, which points `AttentionBackendEnum.
 this module imports vLLM at its top, the rest of the package does not.
 
 Per step, vLLM first calls `do_kv_cache_update` (the new tokens' K/V into its pages, and for TopK
-the page sums beside them), then `forward` over the whole batch:
+the page sums beside them; for InfLLMv2 the chunk sums), then `forward` over the whole batch, which
+first completes InfLLMv2's windows whose last row the step wrote (`PageWindows.complete`: it needs
+the block table, which `do_kv_cache_update` is not given), then:
 
 * requests with one new token (decode) go together through `attention_with_cache`'s plan
   (`plan_with_cache`, kept per batch size) on a `PagesCache` -- the scheduler picks sparse_attn's
@@ -36,7 +38,7 @@ from vllm.v1.kv_cache_interface import KVCacheLayout
 from ...api.cache import plan_with_cache
 from ...api.functional import attention
 from ...patterns import InfLLMv2, SlidingWindow, TopK
-from .pages import PagesCache, gather_keys, split_pages, window_chunk, write_pages
+from .pages import PagesCache, PageWindows, gather_keys, split_pages, write_pages
 from .patterns import ENV, layer_pattern, page_size_for, parse_pattern
 
 #: vLLM looks the name up in `AttentionBackendEnum`: the member this backend stands in for
@@ -45,9 +47,10 @@ NAME = "CPU_ATTN"
 
 #: what `forward` did in this process: prefill requests served from their new K/V directly, those
 #: whose keys were gathered from the pages, the key rows gathered (K and V each), decode calls, and
-#: the wall seconds spent in the decode and prefill parts of `forward` (all layers)
+#: the wall seconds spent in the decode and prefill parts of `forward` (all layers), and in completing
+#: InfLLMv2's window sums (`PageWindows.complete`, every step that writes rows)
 STATS = {"prefill_direct": 0, "prefill_gathered": 0, "rows_gathered": 0, "decode_calls": 0, "decode_s": 0.0,
-         "prefill_s": 0.0}
+         "prefill_s": 0.0, "windows_s": 0.0}
 
 
 def configured_pattern():
@@ -170,8 +173,10 @@ class SparseAttnImpl(AttentionImpl[SparseAttnMetadata]):
                              f"{type(self.pattern).__name__} keeps key sums per layer; a layer reading another "
                              f"layer's KV cache cannot run it")
         self._page_sums = None  # TopK: float32 (num_pages, Hkv, D), allocated with the first write
-        self._chunk_sums = None  # InfLLMv2: float32 (num_pages, page_size // c, Hkv, D), likewise
+        self._windows = None  # InfLLMv2: its window sums beside the pages (PageWindows), likewise
         self._plans = {}  # decode batch size -> CachePlan
+        self._opts_for = (None, None)  # (key, opts): `_opts`, made again only when the sinks change
+        self._split = (None, None)  # (kv_cache, its K and V page views): `split_pages` once per cache tensor
 
     # ------------------------------------------------------------------------------- cache write
     def _sums_for(self, kv_cache: torch.Tensor):
@@ -185,27 +190,41 @@ class SparseAttnImpl(AttentionImpl[SparseAttnMetadata]):
             self._page_sums = torch.zeros(pages, heads, self.head_size, dtype=torch.float32, device=kv_cache.device)
         return self._page_sums
 
-    def _chunks_for(self, kv_cache: torch.Tensor):
+    def _windows_for(self, kv_cache: torch.Tensor):
         if not self.is_infllmv2:
             return None
         pages, heads, page_size, _ = kv_cache.shape
-        c = window_chunk(self.pattern.kernel_size, self.pattern.kernel_stride, page_size)
-        if self._chunk_sums is None or self._chunk_sums.shape[0] != pages:
-            self._chunk_sums = torch.zeros(pages, page_size // c, heads, self.head_size, dtype=torch.float32,
-                                           device=kv_cache.device)
-        return self._chunk_sums
+        if self._windows is None or self._windows.num_pages != pages:
+            p = self.pattern
+            sizes = [(p.kernel_size, p.kernel_stride)]
+            if p.normalizer == "coarse":
+                sizes.append((4 * p.kernel_size, 4 * p.kernel_stride))
+            self._windows = PageWindows(pages, page_size, heads, self.head_size, sizes, device=kv_cache.device)
+        return self._windows
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
-        write_pages(kv_cache, key, value, slot_mapping, self._sums_for(kv_cache), self._chunks_for(kv_cache))
+        write_pages(kv_cache, key, value, slot_mapping, self._sums_for(kv_cache), self._windows_for(kv_cache))
 
     # ----------------------------------------------------------------------------------- forward
     def _opts(self, device):
-        opts = {"scale": self.scale}
-        if self.softcap is not None:
-            opts["softcap"] = self.softcap
-        if self.sinks is not None:
-            opts["sink_logits"] = self.sinks.to(device=device, dtype=torch.float32)
-        return opts
+        """The keyword options of every call: made once, and again only if the sinks are replaced or
+        written in place (weights are loaded into them after the layer is built)."""
+        s = self.sinks
+        key = (device, None if s is None else (s.data_ptr(), s._version))
+        if self._opts_for[0] != key:
+            opts = {"scale": self.scale}
+            if self.softcap is not None:
+                opts["softcap"] = self.softcap
+            if s is not None:
+                opts["sink_logits"] = s.to(device=device, dtype=torch.float32)
+            self._opts_for = (key, opts)
+        return self._opts_for[1]
+
+    def _pages(self, kv_cache):
+        """`split_pages(kv_cache)`, kept per cache tensor (vLLM hands each layer the same one)."""
+        if self._split[0] is not kv_cache:
+            self._split = (kv_cache, split_pages(kv_cache))
+        return self._split[1]
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
@@ -220,12 +239,19 @@ class SparseAttnImpl(AttentionImpl[SparseAttnMetadata]):
             raise ValueError("causal: the sparse_attn vLLM backend serves causal attention only")
         opts = self._opts(query.device)
         qsl = m.query_start_loc
+        if self._windows is not None:  # InfLLMv2: the windows this step's rows complete (needs the table)
+            tw = time.perf_counter()
+            self._windows.complete(m.block_table, [(i, n - (qsl[i + 1] - qsl[i]), n)
+                                                   for i, n in enumerate(m.seq_lens_host)])
+            STATS["windows_s"] += time.perf_counter() - tw
         t0 = time.perf_counter()
         if m.decode_idx:
             self._decode(query, kv_cache, m, output, opts)
         t1 = time.perf_counter()
         STATS["decode_s"] += t1 - t0
-        k_pages, v_pages = split_pages(kv_cache)
+        if not m.prefill_idx:
+            return output
+        k_pages, v_pages = self._pages(kv_cache)
         for i in m.prefill_idx:
             a, b, total = qsl[i], qsl[i + 1], m.seq_lens_host[i]
             q = query[a:b].transpose(0, 1)[None]  # (1, Hq, T, D)
@@ -258,13 +284,15 @@ class SparseAttnImpl(AttentionImpl[SparseAttnMetadata]):
         n = len(idx)
         if idx == list(range(n)):  # vLLM's reordered batch: the decodes come first
             rows = slice(qsl[0], qsl[n])
-            table, lens = m.block_table[:n], m.seq_lens[:n]
+            table, lens = m.block_table, m.seq_lens
+            if n < len(qsl) - 1:  # prefills follow
+                table, lens = table[:n], lens[:n]
         else:
             rows = torch.tensor([qsl[i] for i in idx], dtype=torch.long, device=query.device)
             sel = torch.tensor(idx, dtype=torch.long, device=query.device)
             table, lens = m.block_table[sel], m.seq_lens[sel]
         cache = PagesCache(kv_cache, table, lens, [m.seq_lens_host[i] for i in idx], page_sums=self._page_sums,
-                           chunk_sums=self._chunk_sums)
+                           windows=self._windows, pages=self._pages(kv_cache))
         STATS["decode_calls"] += 1
         q = query[rows][:, :, None]  # (n, Hq, 1, D)
         output[rows] = self._planned(q, cache, opts)[:, :, 0]

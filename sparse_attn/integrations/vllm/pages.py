@@ -33,12 +33,12 @@ def split_pages(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def write_pages(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor,
-                page_sums: torch.Tensor | None = None, chunk_sums: torch.Tensor | None = None) -> None:
+                page_sums: torch.Tensor | None = None, windows: "PageWindows | None" = None) -> None:
     """Store the new tokens' `key` / `value` `(T, Hkv, D)` at their slots (`slot_mapping` `(>= T,)`:
     `page * page_size + row`, negative for padding tokens, which are skipped). `page_sums`
     `(num_pages, Hkv, D)` float32, when given, is kept equal to the sum of each page's rows;
-    `chunk_sums` `(num_pages, page_size // c, Hkv, D)` float32 to the sums of each run of `c` rows
-    of a page (InfLLMv2's windows are made of them: `PagedWindowSums`)."""
+    `windows` (InfLLMv2) gets the rows' keys into its chunk sums (`PageWindows.add_rows`; its
+    windows are completed by `PageWindows.complete`, which needs the block table)."""
     k_pages, v_pages = split_pages(kv_cache)
     page_size = k_pages.shape[2]
     t = key.shape[0]
@@ -52,11 +52,8 @@ def write_pages(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     if page_sums is not None and page.numel():
         page_sums[page[row == 0]] = 0  # a page written from its first row holds a new block
         page_sums.index_add_(0, page, key.to(page_sums.dtype))
-    if chunk_sums is not None and page.numel():
-        nch = chunk_sums.shape[1]
-        chunk_sums[page[row == 0]] = 0
-        flat = chunk_sums.view(-1, *chunk_sums.shape[2:])  # (pages * nch, Hkv, D)
-        flat.index_add_(0, page * nch + row // (page_size // nch), key.to(chunk_sums.dtype))
+    if windows is not None and page.numel():
+        windows.add_rows(page, row, key)
 
 
 def gather_keys(pages: torch.Tensor, table_row: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
@@ -71,54 +68,111 @@ def gather_keys(pages: torch.Tensor, table_row: torch.Tensor, lo: int, hi: int) 
     return rows.reshape(heads, n * ps, d)[None, :, lo - first * ps:hi - first * ps]
 
 
-def window_chunk(kernel_size: int, kernel_stride: int, page_size: int) -> int:
-    """Rows per kept chunk sum: every InfLLMv2 window (fine, and coarse: 4x both) is a whole number
-    of chunks, and a page a whole number of them."""
-    return math.gcd(kernel_size, kernel_stride, page_size)
+class PageWindows:
+    """InfLLMv2's compressed keys kept beside vLLM's pages, up to date after every step.
+
+    InfLLMv2 scores the mean key of every window of `size` keys at `stride` (fine, and coarse: 4x
+    both); the C++ decode selection reads their sums. vLLM's pages belong to no sequence for good
+    (prefix caching shares full pages, freed pages are reused), so the sums are kept per page:
+
+    * `chunks` `(num_pages, page_size / c, Hkv, D)` float32: the sum of each run of `c = gcd(sizes,
+      strides, page_size)` rows of a page, updated by every write (`add_rows`, from `write_pages`);
+      a write at a page's first row restarts the page's chunks;
+    * per (size, stride), `sums[(size, stride)]` `(num_pages, ceil(page_size / stride), Hkv, D)`
+      float32: window `j` of a sequence (keys `[j * stride, j * stride + size)`) lies in the page
+      of its LAST row `e = j * stride + size - 1`, at slot `(e % page_size) // stride`. It is
+      written once, when the step that writes row `e` completes it (`complete`: the sum of its
+      `size / c` chunks, read through the block table). The page of the last row is the right
+      home: vLLM shares a page only between sequences whose whole prefix up to it is equal, so a
+      shared page's windows are the same for all of them; a reused page is rewritten from its
+      first row, so its windows are written again as they complete.
+
+    A decode step then costs O(1) here (a window completes every `stride` tokens) and the
+    selection reads the sums through the block table (`infllmv2_select_pages`,
+    csrc/cpu/infllmv2_decode.cpp). A slot whose window is not complete holds stale data: only
+    complete windows are read (cache/compressed.py says the same of its own sums)."""
+
+    def __init__(self, num_pages: int, page_size: int, kv_heads: int, head_dim: int, windows, device=None):
+        self.page_size = page_size
+        self.windows = tuple((int(a), int(b)) for a, b in windows)
+        self.chunk = math.gcd(page_size, *[x for w in self.windows for x in w])
+        self.chunks = torch.zeros(num_pages, page_size // self.chunk, kv_heads, head_dim, device=device)
+        self.sums = {w: torch.zeros(num_pages, -(-page_size // w[1]), kv_heads, head_dim, device=device)
+                     for w in self.windows}
+
+    @property
+    def num_pages(self) -> int:
+        return self.chunks.shape[0]
+
+    def add_rows(self, page: torch.Tensor, row: torch.Tensor, key: torch.Tensor) -> None:
+        """Keys `(T, Hkv, D)` just stored at rows `row` of pages `page` (long `(T,)`)."""
+        nch = self.chunks.shape[1]
+        self.chunks[page[row == 0]] = 0  # a page written from its first row holds new chunks
+        flat = self.chunks.view(-1, *self.chunks.shape[2:])  # (pages * nch, Hkv, D)
+        flat.index_add_(0, page * nch + row // self.chunk, key.to(flat.dtype))
+
+    def complete(self, block_table: torch.Tensor, spans) -> None:
+        """Rows `[lo, hi)` of sequence `b` (row `b` of `block_table`) were written this step, for
+        each `(b, lo, hi)` of `spans`: every window whose last row is among them is summed from its
+        chunks and stored. Host arithmetic only where no window completes (most decode steps)."""
+        ps, c = self.page_size, self.chunk
+        flat = self.chunks.view(-1, *self.chunks.shape[2:])
+        for (size, stride), sums in self.sums.items():
+            seqs, starts = [], []
+            for b, lo, hi in spans:
+                j0 = max(0, -((size - 1 - lo) // stride))  # first window ending at or after row lo
+                j1 = (hi - size) // stride  # last window ending before row hi
+                if hi >= size and j1 >= j0:
+                    seqs.append(torch.full((j1 - j0 + 1,), b, dtype=torch.long))
+                    starts.append(torch.arange(j0, j1 + 1) * stride)
+            if not seqs:
+                continue
+            seq, start = torch.cat(seqs), torch.cat(starts)
+            rows = start[:, None] + torch.arange(0, size, c)  # (J, size / c): each chunk's first row
+            chunk_at = block_table[seq[:, None], rows // ps].long() * (ps // c) + rows % ps // c
+            end = start + size - 1
+            dst = block_table[seq, end // ps].long() * sums.shape[1] + end % ps // stride
+            sums.view(-1, *sums.shape[2:])[dst] = flat[chunk_at.to(flat.device)].sum(1)
+
+    def over(self, page_table: torch.Tensor) -> "PagedWindowSums":
+        """The read side for one batch (`KVView.compressed`)."""
+        return PagedWindowSums(self, page_table)
 
 
 class PagedWindowSums:
-    """InfLLMv2's compressed keys over vLLM's pages (the `compressed` of a `KVView`): the running
-    sums of every `size`-token window at `stride` of each sequence, `(B, Hkv, ceil(max_len / stride)
-    + 1, D)` as `cache/compressed.py` keeps them, made at each call from the chunk sums kept beside
-    the pages (`write_pages`): the chunks of each sequence through its block table, window `j` the
-    sum of its `size / c` chunks from row `j * stride`. O(windows) per step (a gather of the chunk
-    sums, then `size / c` adds); K is not read. A window past a sequence's length holds stale
-    chunks of reused pages: only complete windows are read (cache/compressed.py)."""
+    """InfLLMv2's compressed keys of a batch's sequences (the `compressed` of a `KVView`): the
+    per-page window sums of `PageWindows` and the batch's block table. The CPU decode selection
+    reads them in place (`by_page`, `page_table`, `page_size`); `sums` gathers one sequence-major
+    copy `(B, Hkv, ceil(max_len / stride) + 1, D)` as `cache/compressed.py` keeps them (the
+    PyTorch selection's input: float64 is not kept here, so that path serves checks only)."""
 
-    def __init__(self, chunk_sums: torch.Tensor, page_table: torch.Tensor, page_size: int):
-        self.chunk_sums, self.page_table, self.page_size = chunk_sums, page_table, page_size
-        self.chunk = page_size // chunk_sums.shape[1]
-        self._chunks = None
+    def __init__(self, windows: PageWindows, page_table: torch.Tensor):
+        self.windows, self.page_table, self.page_size = windows, page_table, windows.page_size
 
     @property
     def dtype(self) -> torch.dtype:
         """The sums' dtype (float32): the C++ decode selection reads float32 sums
         (`backends/cpu/infllmv2.native_over_cache`)."""
-        return self.chunk_sums.dtype
+        return self.windows.chunks.dtype
 
-    def chunks(self) -> torch.Tensor:
-        """Each sequence's chunk sums in order, `(B, Hkv, W * page_size / c, D)` (one gather)."""
-        if self._chunks is None:
-            rows = self.chunk_sums.permute(0, 2, 1, 3)[self.page_table.long()]  # (B, W, Hkv, nch, D)
-            b, w, h, nch, d = rows.shape
-            self._chunks = rows.permute(0, 2, 1, 3, 4).reshape(b, h, w * nch, d)
-        return self._chunks
+    def by_page(self, size: int, stride: int) -> torch.Tensor:
+        """`(num_pages, slots, Hkv, D)`: window `j` in the page of its last row (`PageWindows`)."""
+        if (size, stride) not in self.windows.sums:
+            raise ValueError(f"windows of {size} keys at stride {stride} are not kept (kept: "
+                             f"{list(self.windows.sums)})")
+        return self.windows.sums[(size, stride)]
 
     def sums(self, size: int, stride: int, view) -> torch.Tensor:
-        c = self.chunk
-        if size % c or stride % c:
-            raise ValueError(f"windows of {size} keys at stride {stride} are not whole chunks of {c} rows")
-        chunks = self.chunks()
-        b, h, total, d = chunks.shape
+        paged = self.by_page(size, stride)
+        ps, slots = self.page_size, paged.shape[1]
+        b, width = self.page_table.shape
         n = -(-view.max_len // stride)
-        r, s = size // c, stride // c
-        need = (n - 1) * s + r
-        if need > total:
-            chunks = torch.cat([chunks, chunks.new_zeros(b, h, need - total, d)], 2)
-        out = chunks.new_zeros(b, h, n + 1, d)
-        for i in range(r):
-            out[:, :, :n] += chunks[:, :, i:i + (n - 1) * s + 1:s]
+        end = torch.arange(n) * stride + size - 1
+        inside = end // ps < width  # a window ending past the table is not complete
+        page = self.page_table[:, (end // ps).clamp(max=width - 1)].long().clamp(0, paged.shape[0] - 1)
+        rows = paged.view(-1, *paged.shape[2:])[page * slots + end % ps // stride]  # (B, n, Hkv, D)
+        out = rows.new_zeros(b, paged.shape[2], n + 1, paged.shape[3])
+        out[:, :, :n] = (rows * inside[None, :, None, None]).permute(0, 2, 1, 3)
         return out
 
 
@@ -130,23 +184,23 @@ class PagesCache:
         kv_cache: the layer's `(num_pages, Hkv, page_size, 2 * D)` tensor.
         block_table: int32 `(B, W)`; seq_lens: int32 `(B,)`; host_lengths: the same as host ints.
         page_sums: `(num_pages, Hkv, D)` float32 sums of each page's keys (TopK), else None.
-        chunk_sums: `(num_pages, page_size // c, Hkv, D)` float32 sums of each run of `c` rows
-            (InfLLMv2's windows: `PagedWindowSums`), else None.
+        windows: InfLLMv2's window sums kept beside the pages (`PageWindows`), else None.
+        pages: `split_pages(kv_cache)` when the caller keeps it (the backend: once per cache tensor).
     """
 
-    def __init__(self, kv_cache, block_table, seq_lens, host_lengths, *, page_sums=None, chunk_sums=None):
-        self.k_pages, self.v_pages = split_pages(kv_cache)
+    def __init__(self, kv_cache, block_table, seq_lens, host_lengths, *, page_sums=None, windows=None, pages=None):
+        self.k_pages, self.v_pages = pages if pages is not None else split_pages(kv_cache)
         self.block_table = block_table if block_table.dtype == torch.int32 else block_table.to(torch.int32)
         self.seq_lens = seq_lens if seq_lens.dtype == torch.int32 else seq_lens.to(torch.int32)
         self.host_lengths = tuple(int(n) for n in host_lengths)
         self.page_sums = page_sums
-        self.chunk_sums = chunk_sums
+        self.windows = windows
 
     def kv_view(self) -> KVView:
         page_size = self.k_pages.shape[2]
         sums = self.page_sums  # (pages, Hkv, D): read through the block table, as the keys are
-        windows = None if self.chunk_sums is None else PagedWindowSums(self.chunk_sums, self.block_table, page_size)
+        compressed = None if self.windows is None else self.windows.over(self.block_table)
         return KVView(kind="paged", k=self.k_pages, v=self.v_pages, page_table=self.block_table, page_size=page_size,
-                      lengths=self.seq_lens, host_lengths=self.host_lengths, block_sums=sums, compressed=windows,
+                      lengths=self.seq_lens, host_lengths=self.host_lengths, block_sums=sums, compressed=compressed,
                       pool_block_size=page_size if sums is not None else None, sums_by_page=sums is not None,
                       max_len=self.block_table.shape[1] * page_size, value_dtype=self.k_pages.dtype)

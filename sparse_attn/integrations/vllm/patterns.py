@@ -7,9 +7,8 @@ The variable's grammar (no vLLM import here):
   vLLM's page size (the plugin asks vLLM for pages of BS tokens), so block sums live beside pages;
 * `window:W` or `window:W:S` -- `SlidingWindow(W, sinks=S)` (StreamingLLM);
 * `infllmv2` or `infllmv2:field=value,...` -- `InfLLMv2()` with those fields replaced (integers,
-  and `normalizer` / `variant` strings), e.g. `infllmv2:topk=64,dense_len=0`; vLLM's pages keep
-  the sums of runs of `gcd(kernel_size, kernel_stride, page_size)` rows, InfLLMv2's windows are
-  made of them (pages.PagedWindowSums).
+  and `normalizer` / `variant` strings), e.g. `infllmv2:topk=64,dense_len=0`; its window sums are
+  kept beside vLLM's pages, each window in the page of its last row (pages.PageWindows).
 
 The chosen pattern replaces the full-attention layers only; a layer with its own sliding window
 (Mistral, Gemma, GPT-OSS ...) runs `SlidingWindow(its window)`, as in the contract's transformers
