@@ -369,8 +369,8 @@ class Split {
       const int64_t kb = P.D * int64_t(sizeof(In)), vb = P.Dv * int64_t(sizeof(In));
       auto ahead = [&](int64_t j, int n) __attribute__((always_inline)) {
         for (int i = 0; i < n; ++i) {
-          prefetch_l2(vr[j + i], vb);
-          if (j + i < next_nk) prefetch_l2(nkr[j + i], kb);
+          sparse_attn_cpu::prefetch_lines<2>(vr[j + i], vb);
+          if (j + i < next_nk) sparse_attn_cpu::prefetch_lines<2>(nkr[j + i], kb);
         }
       };
       auto none = [](int64_t, int) {};

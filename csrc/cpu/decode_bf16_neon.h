@@ -8,7 +8,7 @@
 //           lanes) and multiplied with each row's broadcast (p_2i, p_2i+1) pair.
 // K and V are read once per key for all the rows of the pass, front to back, which is what the
 // hardware prefetchers of Neoverse and Apple cores follow; the caller's paced software prefetch
-// (`prefetch_line_run`, into L2) covers only the jumps, as on x86. Nothing here has been timed on
+// (`prefetch_lines<2>`, into L2) covers only the jumps, as on x86. Nothing here has been timed on
 // Arm hardware (the project has none): the constants are x86's, and the rows-per-pass budget
 // (decode_bf16.h's kPvAccVectors) counts 64-byte vectors, so a pass here keeps 4x fewer floats
 // in registers than its accumulators' count suggests (the compiler keeps the rest in L1).
@@ -16,7 +16,7 @@
 
 #include <arm_neon.h>
 
-#include "cpu/decode_direct.h"  // the shared constants, dispatchers and prefetch (prefetch_line_run)
+#include "cpu/decode_direct.h"  // the shared constants, dispatchers and the paced prefetch (Pacer)
 #include "cpu/vec_bf16.h"
 
 namespace sparse_attn_cpu {

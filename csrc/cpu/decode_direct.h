@@ -46,10 +46,6 @@ inline void with_chunks(int64_t d, F&& f) {
   }
 }
 
-// every cache line of `bytes` bytes at p, into L2 (prefetcht1 on x86, `prfm pldl2keep` on Arm; into
-// L1, t0, was no faster than none: one core's L1 misses in flight cap it near 10 GB/s)
-inline void prefetch_line_run(const void* p, int64_t bytes) { prefetch_lines<2>(p, bytes); }
-
 // The paced prefetch of the next segment where the hardware prefetchers cannot guess it (a run
 // that does not continue the current one, or the pages of a paged cache): its K rows, then its V
 // rows, into L2, spread evenly over the `calls` steps of this segment (one per key pair of each
@@ -73,8 +69,8 @@ struct Pacer {
     credit += 2 * nk;
     for (; credit >= calls && done < 2 * nk; ++done) {
       credit -= std::max<int64_t>(calls, 1);
-      if (done < nk) prefetch_line_run(k[done], kbytes);
-      else prefetch_line_run(v[done - nk], vbytes);
+      if (done < nk) prefetch_lines<2>(k[done], kbytes);
+      else prefetch_lines<2>(v[done - nk], vbytes);
     }
   }
 };

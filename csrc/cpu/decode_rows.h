@@ -60,12 +60,6 @@ inline void touch_pages(const Params& P, const T* K, const T* V, const Seg& sg, 
   }
 }
 
-// every cache line of `bytes` bytes at p, into L2 (locality 2: prefetcht1 on x86, pldl2keep on Arm)
-template <typename T>
-inline void prefetch_l2(const T* p, int64_t bytes) {
-  sparse_attn_cpu::prefetch_lines<2>(p, bytes);
-}
-
 // every cache line of rows [0, nk) of `n` elements of T
 template <typename T, int Locality = 3, typename Rows>
 inline void prefetch_rows(Rows r, int64_t nk, int64_t n) {
