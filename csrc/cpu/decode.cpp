@@ -464,7 +464,7 @@ class Split {
           constexpr int RG = std::remove_reference_t<decltype(rg)>::value, DC = decltype(dc)::value;
 #ifdef SPARSE_ATTN_INT8_DOT
           if constexpr (kInt8Dot)
-            qk_int8<RG, DC>(nk, S.i8.qp.data() + r, kr, S.sp.data() + r, S.i8.rq.data() + r, step);
+            qk_int8<RG, DC>(nk, S.i8.qp.data() + r, kr, S.sp.data() + r, S.i8.rq.data() + r, S.ks.data(), step);
 #endif
 #ifdef SPARSE_ATTN_FP8_DOT
           if constexpr (kFp8Dot)
@@ -472,7 +472,7 @@ class Split {
 #endif
         });
       });
-    scale_rows(S.sp.data(), cnt, nk, S.ks.data());  // q . k = s_k (q . code)
+    if constexpr (!kInt8Dot) scale_rows(S.sp.data(), cnt, nk, S.ks.data());  // q . k = s_k (q . code); int8: in qk_int8
     if (static_cast<int64_t>(S.corr.size()) < nsub * cnt) S.corr.resize(nsub * cnt);
     online_softmax(P, skb, sg.j0, nk, subs, nsub, cnt, S.rid.data(), S.sp.data(), S.m.data(), S.l.data(),
                    S.corr.data());

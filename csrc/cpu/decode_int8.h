@@ -9,7 +9,8 @@
 //            with the row's int16 q, 32 products per instruction, summed exactly in int32
 //            (|q16 . code| <= 32767 * 127 * 256 < 2^31 for head dims up to 256); 16 keys' partial
 //            vectors are reduced by the same 4-level tree as decode_bf16.h, in integers; the score
-//            is then s_q * scale * log2 e * (q16 . code), and the caller applies the key's scale;
+//            is then s_q * scale * log2 e * s_k * (q16 . code), the key's scale s_k applied as
+//            the scores are stored;
 //   P . V:   after the softmax, each row's probabilities times the V rows' scales, p'_j = p_j s_v[j],
 //            are quantized per segment to int16 (p'_max / 32767); per key pair, the two V rows'
 //            codes are byte-interleaved and sign-extended (one vpunpck*bw + one vpmovsxbw per 32
@@ -67,15 +68,16 @@ inline float quantize_p16_scalar(const float* p, const float* sv, int64_t n, int
 
 #ifdef SPARSE_ATTN_INT8_DOT
 
-// acc += pairwise products of a and b's int16 words (vpdpwssd). (Written as inline assembly, to
-// stop GCC 12 copying the P . V accumulators to other registers around each instruction, it was
-// 1.2x slower: the compiler no longer interleaved the loads with the products.)
+// acc += pairwise products of a and b's int16 words (vpdpwssd). (As inline assembly the P . V
+// products ran 2x slower in a stand-alone harness: the compiler no longer scheduled around them.)
 __attribute__((always_inline)) inline void dpwssd(__m512i& acc, __m512i a, __m512i b) { acc = _mm512_dpwssd_epi32(acc, a, b); }
 
-// s[r][0 : round_up(nk, 16)) = mul[r] * (q_r . code_j), r < RG: q rows as int16 (DC * 32 each),
-// k[j] key j's int8 codes (DC * 32). Keys past nk repeat key nk - 1. `ahead()` once per key pair.
+// s[r][0 : round_up(nk, 16)) = mul[r] * ks[j] * (q_r . code_j), r < RG: q rows as int16 (DC * 32
+// each), k[j] key j's int8 codes (DC * 32), ks[j] its scale (the keys' scales applied here, not in
+// a pass of their own). Keys past nk repeat key nk - 1, with scale 0. `ahead()` once per key pair.
 template <int RG, int DC, typename Rows, typename Ahead>
-inline void qk_int8(int64_t nk, const int16_t* const* q, Rows k, float* const* s, const float* mul, Ahead&& ahead) {
+inline void qk_int8(int64_t nk, const int16_t* const* q, Rows k, float* const* s, const float* mul, const float* ks,
+                    Ahead&& ahead) {
   __m512i qv[RG][DC];
 #pragma GCC unroll 4
   for (int r = 0; r < RG; ++r)
@@ -106,6 +108,8 @@ inline void qk_int8(int64_t nk, const int16_t* const* q, Rows k, float* const* s
         _mm512_store_si512(red[r][m], _mm512_add_epi32(_mm512_shuffle_i32x4(a[r], b[r], 0x44),
                                                        _mm512_shuffle_i32x4(a[r], b[r], 0xEE)));
     }
+    const __m512 kscale =
+        _mm512_maskz_loadu_ps(nk - j0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (nk - j0)) - 1), ks + j0);
 #pragma GCC unroll 4
     for (int r = 0; r < RG; ++r) {
       __m512i u[4], v[2];
@@ -120,7 +124,55 @@ inline void qk_int8(int64_t nk, const int16_t* const* q, Rows k, float* const* s
       const __m512i w = _mm512_add_epi32(_mm512_castps_si512(_mm512_shuffle_ps(v0, v1, 0x88)),
                                          _mm512_castps_si512(_mm512_shuffle_ps(v0, v1, 0xDD)));
       _mm512_storeu_ps(s[r] + j0, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_permutexvar_epi32(order, w)),
-                                                _mm512_set1_ps(mul[r])));
+                                                _mm512_mul_ps(_mm512_set1_ps(mul[r]), kscale)));
+    }
+  }
+}
+
+// One sub-segment of pv_int8 below: key pairs [i, end), accumulated in int32 from zero, then
+// o_r = corr_r * o_r + mul_r * sums. A function of its own, not inlined: inlined into the segment
+// loop, GCC 12 kept two of the 16 accumulators on the stack and copied the others between
+// registers at every key pair (a stand-alone loop still copies; 2-core Zen 4, int8 decode at 4096
+// keys, 1 thread: ~4-6% of the whole call faster this way).
+template <int RG, int NC, typename Rows, typename Ahead>
+__attribute__((noinline)) void pv_int8_span(int64_t i, const int64_t end, int64_t nk, const uint32_t* const* p, Rows v,
+                                            int64_t d0, float* const* o, const float* corr, const float* mul,
+                                            Ahead& ahead) {
+  __m512i acc[RG][2 * NC];
+#pragma GCC unroll 4
+  for (int r = 0; r < RG; ++r)
+#pragma GCC unroll 8
+    for (int c = 0; c < 2 * NC; ++c) acc[r][c] = _mm512_setzero_si512();
+  for (; i < end; ++i) {
+    ahead();
+    const int8_t* va = v[2 * i] + d0;
+    const int8_t* vb = v[std::min(2 * i + 1, nk - 1)] + d0;
+    __m512i pv[RG];
+#pragma GCC unroll 4
+    for (int r = 0; r < RG; ++r) pv[r] = _mm512_set1_epi32(static_cast<int>(p[r][i]));
+#pragma GCC unroll 4
+    for (int c = 0; c < NC; ++c) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(va + 32 * c));
+      const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vb + 32 * c));
+      // words (v_2i[d], v_2i+1[d]): lo holds columns 0-7 and 16-23 of the 32, hi 8-15 and 24-31
+      const __m512i lo = _mm512_cvtepi8_epi16(_mm256_unpacklo_epi8(x, y));
+      const __m512i hi = _mm512_cvtepi8_epi16(_mm256_unpackhi_epi8(x, y));
+#pragma GCC unroll 4
+      for (int r = 0; r < RG; ++r) dpwssd(acc[r][2 * c], pv[r], lo), dpwssd(acc[r][2 * c + 1], pv[r], hi);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < RG; ++r) {
+    const __m512 cr = _mm512_set1_ps(corr[r]), mr = _mm512_set1_ps(mul[r]);
+    float* out = o[r] + d0;
+#pragma GCC unroll 4
+    for (int c = 0; c < NC; ++c) {
+      const __m512i lo = acc[r][2 * c], hi = acc[r][2 * c + 1];
+      const __m512 f0 = _mm512_cvtepi32_ps(_mm512_shuffle_i32x4(lo, hi, 0x44));  // columns 0-15
+      const __m512 f1 = _mm512_cvtepi32_ps(_mm512_shuffle_i32x4(lo, hi, 0xEE));  // columns 16-31
+      _mm512_storeu_ps(out + 32 * c, _mm512_fmadd_ps(f0, mr, _mm512_mul_ps(_mm512_loadu_ps(out + 32 * c), cr)));
+      _mm512_storeu_ps(out + 32 * c + 16,
+                       _mm512_fmadd_ps(f1, mr, _mm512_mul_ps(_mm512_loadu_ps(out + 32 * c + 16), cr)));
     }
   }
 }
@@ -136,43 +188,9 @@ inline void pv_int8(int64_t nk, const uint32_t* const* p, Rows v, int64_t d0, fl
                     const float* mul, Ahead&& ahead, int64_t nsub, const int64_t* pair_end, int64_t stride) {
   const int64_t np = (nk + 1) / 2;
   for (int64_t u = 0, i = 0; u < nsub; ++u) {
-    __m512i acc[RG][2 * NC];
-#pragma GCC unroll 4
-    for (int r = 0; r < RG; ++r)
-#pragma GCC unroll 8
-      for (int c = 0; c < 2 * NC; ++c) acc[r][c] = _mm512_setzero_si512();
-    for (const int64_t end = u + 1 < nsub ? pair_end[u] : np; i < end; ++i) {
-      ahead();
-      const int8_t* va = v[2 * i] + d0;
-      const int8_t* vb = v[std::min(2 * i + 1, nk - 1)] + d0;
-      __m512i pv[RG];
-#pragma GCC unroll 4
-      for (int r = 0; r < RG; ++r) pv[r] = _mm512_set1_epi32(static_cast<int>(p[r][i]));
-#pragma GCC unroll 4
-      for (int c = 0; c < NC; ++c) {
-        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(va + 32 * c));
-        const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vb + 32 * c));
-        // words (v_2i[d], v_2i+1[d]): lo holds columns 0-7 and 16-23 of the 32, hi 8-15 and 24-31
-        const __m512i lo = _mm512_cvtepi8_epi16(_mm256_unpacklo_epi8(x, y));
-        const __m512i hi = _mm512_cvtepi8_epi16(_mm256_unpackhi_epi8(x, y));
-#pragma GCC unroll 4
-        for (int r = 0; r < RG; ++r) dpwssd(acc[r][2 * c], pv[r], lo), dpwssd(acc[r][2 * c + 1], pv[r], hi);
-      }
-    }
-#pragma GCC unroll 4
-    for (int r = 0; r < RG; ++r) {
-      const __m512 cr = _mm512_set1_ps(corr[u * stride + r]), mr = _mm512_set1_ps(mul[u * stride + r]);
-      float* out = o[r] + d0;
-#pragma GCC unroll 4
-      for (int c = 0; c < NC; ++c) {
-        const __m512i lo = acc[r][2 * c], hi = acc[r][2 * c + 1];
-        const __m512 f0 = _mm512_cvtepi32_ps(_mm512_shuffle_i32x4(lo, hi, 0x44));  // columns 0-15
-        const __m512 f1 = _mm512_cvtepi32_ps(_mm512_shuffle_i32x4(lo, hi, 0xEE));  // columns 16-31
-        _mm512_storeu_ps(out + 32 * c, _mm512_fmadd_ps(f0, mr, _mm512_mul_ps(_mm512_loadu_ps(out + 32 * c), cr)));
-        _mm512_storeu_ps(out + 32 * c + 16,
-                         _mm512_fmadd_ps(f1, mr, _mm512_mul_ps(_mm512_loadu_ps(out + 32 * c + 16), cr)));
-      }
-    }
+    const int64_t end = u + 1 < nsub ? pair_end[u] : np;
+    pv_int8_span<RG, NC>(i, end, nk, p, v, d0, o, corr + u * stride, mul + u * stride, ahead);
+    i = end;
   }
 }
 

@@ -52,10 +52,12 @@
 
 namespace sparse_attn_cpu {
 
-// s[r][0 : round_up(nk, 16)) = mul[r] * (q_r . code_j), r < RG: q rows as int16 (DC * 32 each),
-// k[j] key j's int8 codes (DC * 32). Keys past nk repeat key nk - 1. `ahead()` once per key pair.
+// s[r][0 : round_up(nk, 16)) = mul[r] * ks[j] * (q_r . code_j), r < RG: q rows as int16 (DC * 32
+// each), k[j] key j's int8 codes (DC * 32), ks[j] its scale (read up to round_up(nk, 16): the
+// caller's scale buffer has the room). Keys past nk repeat key nk - 1. `ahead()` once per key pair.
 template <int RG, int DC, typename Rows, typename Ahead>
-inline void qk_int8(int64_t nk, const int16_t* const* q, Rows k, float* const* s, const float* mul, Ahead&& ahead) {
+inline void qk_int8(int64_t nk, const int16_t* const* q, Rows k, float* const* s, const float* mul, const float* ks,
+                    Ahead&& ahead) {
   constexpr int D = 32 * DC, NV = D / 16;  // 16-code vectors per row
   alignas(16) int8_t qh[RG][D], ql[RG][D];  // q = 256 hi + lo + 128
   for (int r = 0; r < RG; ++r)
@@ -97,7 +99,9 @@ inline void qk_int8(int64_t nk, const int16_t* const* q, Rows k, float* const* s
       }
 #pragma GCC unroll 4
       for (int r = 0; r < RG; ++r)  // lanes: keys 4g .. 4g + 3
-        vst1q_f32(s[r] + j0 + 4 * g, vmulq_n_f32(vcvtq_f32_s32(vpaddq_s32(w[0][r], w[1][r])), mul[r]));
+        vst1q_f32(s[r] + j0 + 4 * g,
+                  vmulq_f32(vmulq_n_f32(vcvtq_f32_s32(vpaddq_s32(w[0][r], w[1][r])), mul[r]),
+                            vld1q_f32(ks + j0 + 4 * g)));
     }
   }
 }

@@ -27,6 +27,10 @@
 #include <limits>
 #include <vector>
 
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
 #include "cpu/decode_plan.h"
 #include "cpu/softcap.h"
 #include "cpu/vec.h"
@@ -51,6 +55,67 @@ inline bool any_nonfinite(const float* s, int64_t a, int64_t z) {
   return t != t;
 }
 
+#if defined(__AVX512F__) && defined(SPARSE_ATTN_VECTOR_TYPES)
+using sparse_attn_cpu::vfloat;
+
+// online_softmax's common case for one row, 16 lanes at a time: no soft-cap, and every key of the
+// run visible to the row (the run lies inside its window). One pass per segment finds the max and
+// probes for a non-finite score at once, a second exponentiates, sums and zeroes the padding; the
+// general path below takes 5-6 passes of 8 lanes (probe twice, pad, max, exp). Returns false,
+// having changed nothing, if a score is not finite (the general path then makes the row NaN).
+// (2-core Zen 4, int8 cache, 4096 keys, Hq 32, Hkv 8, D 128, 1 thread: ~4% of the call.)
+inline bool softmax_row_visible(float* srow, int64_t j0, const Seg* subs, int64_t nsub, int64_t cnt, int64_t i,
+                                float& m, float& l, float* corr) {
+  constexpr int64_t kMaxSubs = 64;
+  if (nsub > kMaxSubs) return false;
+  float mb[kMaxSubs];
+  __m512 probe = _mm512_setzero_ps();
+  const __m512 zero = _mm512_setzero_ps(), ninf = _mm512_set1_ps(kNegInf);
+  for (int64_t u = 0; u < nsub; ++u) {
+    const float* s = srow + (subs[u].j0 - j0);
+    const int64_t n = subs[u].nk;
+    __m512 mx = ninf;
+    for (int64_t j = 0; j < n; j += 16) {
+      const __mmask16 k = n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
+      const __m512 x = _mm512_mask_loadu_ps(ninf, k, s + j);
+      mx = _mm512_max_ps(mx, x);
+      probe = _mm512_mask_fmadd_ps(x, k, zero, probe);  // x * 0: NaN exactly for a NaN or an infinity
+    }
+    mb[u] = _mm512_reduce_max_ps(mx);
+  }
+  const float pr = _mm512_reduce_add_ps(probe);
+  if (pr != pr) return false;
+  for (int64_t u = 0; u < nsub; ++u) {
+    float* s = srow + (subs[u].j0 - j0);
+    const int64_t n = subs[u].nk, n8 = (n + 7) / 8 * 8;
+    const float m_new = std::max(m, mb[u]);
+    float& cr = corr[u * cnt + i];
+    if (m_new == kNegInf) {  // an empty segment before any key
+      cr = 1.f;
+      std::fill_n(s, n8, 0.f);
+      continue;
+    }
+    cr = exp2_scalar(m - m_new);  // 0 on the row's first visible segment (m = -inf)
+    const __m512 vm = _mm512_set1_ps(m_new);
+    v8::f8 acc = v8::zero();  // summed in the general path's order: the same bits whichever path a row takes
+    for (int64_t j = 0; j < n8; j += 16) {  // p = 2^(s - m) for the n keys, 0 for the padding to n8
+      const __mmask16 kv = n - j >= 16 ? __mmask16(0xFFFF) : __mmask16(n > j ? (1u << (n - j)) - 1 : 0u);
+      const __mmask16 kw = n8 - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n8 - j)) - 1);
+      const __m512 x = _mm512_sub_ps(_mm512_maskz_loadu_ps(kv, s + j), vm);
+      const __m512 p = _mm512_maskz_mov_ps(kv, static_cast<__m512>(sparse_attn_cpu::vexp2(static_cast<vfloat>(x))));
+      _mm512_mask_storeu_ps(s + j, kw, p);
+      acc += static_cast<v8::f8>(_mm512_castps512_ps256(p));
+      if (n8 - j > 8) acc += static_cast<v8::f8>(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(p), 1)));
+    }
+    float sum = 0.f;
+    for (int k = 0; k < 8; ++k) sum += v8::lane(acc, k);
+    l = l * cr + sum;
+    m = m_new;
+  }
+  return true;
+}
+#endif
+
 // The online softmax over one segment, or a run of nsub consecutive segments subs[0, nsub) (its
 // keys [j0, j0 + nk)), for the cnt rows that visit it: row i (row id rid[i], token rid[i] / G)
 // has its raw scores q . k_j at sp[i][j - j0], padded with room to a multiple of 8 keys past each
@@ -63,6 +128,11 @@ inline void online_softmax(const Params& P, int64_t skb, int64_t j0, int64_t nk,
   for (int64_t i = 0; i < cnt; ++i) {
     const int64_t row = rid[i], t = row / P.G;
     const RowRange rr = row_range(P, skb, t);
+#if defined(__AVX512F__) && defined(SPARSE_ATTN_VECTOR_TYPES)
+    if (P.cap <= 0.f && j0 >= rr.lo && j0 + nk <= rr.hi &&
+        softmax_row_visible(sp[i], j0, subs, nsub, cnt, i, m[row], l[row], corr))
+      continue;
+#endif
     // a non-finite score among the keys the row sees (the window's and the sinks' keys here)
     const bool bad = any_nonfinite(sp[i], std::max(j0, rr.lo) - j0, std::min(j0 + nk, rr.hi) - j0) ||
                      any_nonfinite(sp[i], 0, std::min(j0 + nk, rr.s) - j0);
