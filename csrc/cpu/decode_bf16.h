@@ -6,7 +6,7 @@
 // Here the rows are used as they sit in the cache:
 //   scores:  per key, vdpbf16ps of the key's row chunks with each query row's chunks, giving 16
 //            partial sums per (row, key); 16 keys' partial vectors are then reduced to one vector
-//            of 16 scores by a 4-level shuffle/add tree (the first level in registers, per key pair);
+//            of 16 scores by score_tree.h's 4-level tree (the first level per key pair);
 //   P . V:   per pair of keys, the two V rows are interleaved in registers (one vpermt2w per 16
 //            words) and multiplied with each row's broadcast (p_2i, p_2i+1) pair into accumulators
 //            that stay in registers across the segment: 16 vectors, so a pass covers 2 rows x 128
@@ -33,6 +33,8 @@
 #if defined(__aarch64__)
 #include "cpu/decode_bf16_neon.h"  // the same two functions with Arm's bfdot
 #else
+#include "cpu/score_tree.h"
+
 namespace sparse_attn_cpu {
 
 // The 32 bf16 words of a row's chunk as the products read them: a bf16 row as it is. (Another
@@ -52,9 +54,7 @@ inline void qk_direct(int64_t nk, const uint32_t* const* q, Rows krow, float* co
   for (int r = 0; r < RG; ++r)
 #pragma GCC unroll 8
     for (int c = 0; c < DC; ++c) qv[r][c] = as_bh(_mm512_loadu_si512(q[r] + 16 * c));
-  alignas(64) float red[RG][8][16];
-  // the tree leaves key b + 4i in lane 4b + i; this puts key L in lane L
-  const __m512i order = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+  __m512 red[RG][8];  // per key pair, its score_pair vector
   const __m512 mul = _mm512_set1_ps(out_mul);
   for (int64_t j0 = 0; j0 < nk; j0 += 16) {
     for (int m = 0; m < 8; ++m) {
@@ -71,27 +71,11 @@ inline void qk_direct(int64_t nk, const uint32_t* const* q, Rows krow, float* co
 #pragma GCC unroll 4
         for (int r = 0; r < RG; ++r) a[r] = _mm512_dpbf16_ps(a[r], qv[r][c], x), b[r] = _mm512_dpbf16_ps(b[r], qv[r][c], y);
       }
-      // level 1: 128-bit blocks 0-1 <- key a's 8 partial sums, blocks 2-3 <- key b's
 #pragma GCC unroll 4
-      for (int r = 0; r < RG; ++r)
-        _mm512_store_ps(red[r][m], _mm512_add_ps(_mm512_shuffle_f32x4(a[r], b[r], 0x44),
-                                                 _mm512_shuffle_f32x4(a[r], b[r], 0xEE)));
+      for (int r = 0; r < RG; ++r) red[r][m] = score_pair(a[r], b[r]);  // score_tree.h
     }
 #pragma GCC unroll 4
-    for (int r = 0; r < RG; ++r) {
-      __m512 u[4], v[2];
-      for (int i = 0; i < 4; ++i) {  // level 2: block b <- key 4i + b (4 partial sums)
-        const __m512 t0 = _mm512_load_ps(red[r][2 * i]), t1 = _mm512_load_ps(red[r][2 * i + 1]);
-        u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(t0, t1, 0x88), _mm512_shuffle_f32x4(t0, t1, 0xDD));
-      }
-      for (int i = 0; i < 2; ++i) {  // level 3: block b <- keys 8i + b, 8i + 4 + b (2 partial sums each)
-        const __m512d x = _mm512_castps_pd(u[2 * i]), y = _mm512_castps_pd(u[2 * i + 1]);
-        v[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
-      }
-      // level 4: lane 4b + i <- key b + 4i
-      const __m512 w = _mm512_add_ps(_mm512_shuffle_ps(v[0], v[1], 0x88), _mm512_shuffle_ps(v[0], v[1], 0xDD));
-      _mm512_storeu_ps(s[r] + j0, _mm512_mul_ps(_mm512_permutexvar_ps(order, w), mul));
-    }
+    for (int r = 0; r < RG; ++r) _mm512_storeu_ps(s[r] + j0, _mm512_mul_ps(score_16(red[r]), mul));
   }
 }
 

@@ -8,7 +8,7 @@
 //            are sign-extended to int16 (one vpmovsxbw per 32) and `vpdpwssd` multiplies them
 //            with the row's int16 q, 32 products per instruction, summed exactly in int32
 //            (|q16 . code| <= 32767 * 127 * 256 < 2^31 for head dims up to 256); 16 keys' partial
-//            vectors are reduced by a 4-level tree (in-block levels first), in integers; the score
+//            vectors are reduced by score_tree.h's tree, in integers; the score
 //            is then s_q * scale * log2 e * s_k * (q16 . code), the key's scale s_k applied as
 //            the scores are stored;
 //   P . V:   after the softmax, each row's probabilities times the V rows' scales, p'_j = p_j s_v[j],
@@ -31,6 +31,7 @@
 #include <limits>
 
 #include "cpu/decode_direct.h"
+#include "cpu/score_tree.h"
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && !defined(SPARSE_ATTN_NO_INT8_DOT)
 #define SPARSE_ATTN_INT8_DOT 1
@@ -83,10 +84,7 @@ inline void qk_int8(int64_t nk, const int16_t* const* q, Rows k, float* const* s
   for (int r = 0; r < RG; ++r)
 #pragma GCC unroll 8
     for (int c = 0; c < DC; ++c) qv[r][c] = _mm512_loadu_si512(q[r] + 32 * c);
-  // 16 keys' 16-lane partial sums are reduced by a 4-level tree whose first two levels stay inside
-  // 128-bit blocks (unpack + add: the cross-block shuffles of decode_bf16.h's tree there made q . K^T
-  // ~9% slower in a stand-alone harness, 1 thread, Zen 4) and whose last two leave the keys in order
-  alignas(64) int32_t red[RG][8][16];
+  __m512i red[RG][8];  // per key pair, its score_pair vector
   for (int64_t j0 = 0; j0 < nk; j0 += 16) {
     for (int m = 0; m < 8; ++m) {
       const int64_t ja = std::min(j0 + 2 * m, nk - 1), jb = std::min(j0 + 2 * m + 1, nk - 1);
@@ -103,30 +101,15 @@ inline void qk_int8(int64_t nk, const int16_t* const* q, Rows k, float* const* s
 #pragma GCC unroll 4
         for (int r = 0; r < RG; ++r) dpwssd(a[r], qv[r][c], x), dpwssd(b[r], qv[r][c], y);
       }
-      // level 1, inside each 128-bit block: dwords (a, b, a, b), each the sum of two of key a's or
-      // key b's four partial sums there
 #pragma GCC unroll 4
-      for (int r = 0; r < RG; ++r)
-        _mm512_store_si512(red[r][m],
-                           _mm512_add_epi32(_mm512_unpacklo_epi32(a[r], b[r]), _mm512_unpackhi_epi32(a[r], b[r])));
+      for (int r = 0; r < RG; ++r) red[r][m] = score_pair(a[r], b[r]);  // score_tree.h
     }
     const __m512 kscale =
         _mm512_maskz_loadu_ps(nk - j0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (nk - j0)) - 1), ks + j0);
 #pragma GCC unroll 4
-    for (int r = 0; r < RG; ++r) {
-      __m512i g[4];
-      for (int i = 0; i < 4; ++i) {  // level 2, inside each block: keys 4i .. 4i + 3, the block's share of each
-        const __m512i t0 = _mm512_load_si512(red[r][2 * i]), t1 = _mm512_load_si512(red[r][2 * i + 1]);
-        g[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(t0, t1), _mm512_unpackhi_epi64(t0, t1));
-      }
-      // levels 3 and 4, across blocks: block i <- keys 4i .. 4i + 3, whole sums, in order
-      const __m512i h01 =
-          _mm512_add_epi32(_mm512_shuffle_i32x4(g[0], g[1], 0x88), _mm512_shuffle_i32x4(g[0], g[1], 0xDD));
-      const __m512i h23 =
-          _mm512_add_epi32(_mm512_shuffle_i32x4(g[2], g[3], 0x88), _mm512_shuffle_i32x4(g[2], g[3], 0xDD));
-      const __m512i w = _mm512_add_epi32(_mm512_shuffle_i32x4(h01, h23, 0x88), _mm512_shuffle_i32x4(h01, h23, 0xDD));
-      _mm512_storeu_ps(s[r] + j0, _mm512_mul_ps(_mm512_cvtepi32_ps(w), _mm512_mul_ps(_mm512_set1_ps(mul[r]), kscale)));
-    }
+    for (int r = 0; r < RG; ++r)
+      _mm512_storeu_ps(s[r] + j0, _mm512_mul_ps(_mm512_cvtepi32_ps(score_16(red[r])),
+                                                _mm512_mul_ps(_mm512_set1_ps(mul[r]), kscale)));
   }
 }
 
