@@ -10,7 +10,10 @@ the block table, which `do_kv_cache_update` is not given), then:
 
 * requests with one new token (decode) go together through `attention_with_cache`'s plan
   (`plan_with_cache`, kept per batch size) on a `PagesCache` -- the scheduler picks sparse_attn's
-  split-KV decode, which reads vLLM's pages through the block table in place;
+  split-KV decode, which reads vLLM's pages through the block table in place; from the second
+  step on, where the plan has one (Dense / SlidingWindow without sinks), its lighter re-run
+  (`CachePlan.prepared`): the kernel's binding called with the step's lengths, table and vLLM's
+  query rows, writing vLLM's output rows in place;
 * every other request (prefill, a chunk of a chunked prefill, a prefix-cache hit) runs
   `sparse_attn.attention` on its new queries against its keys, end-aligned as the contract says.
   A request with no earlier keys (a whole prompt, the first chunk of a chunked one) attends to its
