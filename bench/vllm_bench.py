@@ -217,9 +217,10 @@ def forward_bench(args):
                                   seq_lens_host=lens.tolist(), block_table=table,
                                   slot_mapping=torch.zeros(1, dtype=torch.long), decode_idx=[0], prefill_idx=[])
         output = torch.empty_like(q)
+        new_kv = q[:, :args.hkv]  # the step's K/V as vLLM hands them (already in the pages)
 
         def ours_forward():
-            impl.forward(None, q, q[:, :args.hkv], q[:, :args.hkv], kv, meta, output)
+            impl.forward(None, q, new_kv, new_kv, kv, meta, output)
 
         view = PagesCache(kv, table, lens, [n]).kv_view()
         dargs = _ext().DecodeArgs()

@@ -357,3 +357,53 @@ def test_register_is_inert_without_the_variable(monkeypatch):
     monkeypatch.setenv(ENV, "nonsense")
     with pytest.raises(ValueError, match=ENV):
         register()
+
+
+@needs_jit
+@pytest.mark.parametrize("kind", ["dense", "window", "window_sinks"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepared_decode_equals_the_plan(kind, dtype):
+    """`CachePlan.prepared` (the vLLM backend's decode step): the binding's call with the step's
+    tensors only, q and out as (B, Hq, D) token rows, written in place -- the same bits as the
+    plan's `run`, also after the cache grew (new lengths, a new table) and for 4-D q / out."""
+    hq, hkv, d, ps = 4, 2, 64, 16
+    pattern = {"dense": sa.Dense(), "window": sa.SlidingWindow(40), "window_sinks": sa.SlidingWindow(24, sinks=5)}[kind]
+    kv, table, _, _, _ = _fill([150, 33, 97], hkv=hkv, d=d, page_size=ps, num_pages=40, seed=3, dtype=dtype)
+    q = torch.randn(3, hq, 1, d).to(dtype)
+    plan = sa.plan_with_cache(q, PagesCache(kv, table, torch.tensor([150, 33, 97], dtype=torch.int32),
+                                            [150, 33, 97]), pattern)
+    for lengths, tab in [([150, 33, 97], table), ([90, 140, 20], table[[2, 0, 1]])]:  # rows written only
+        cache = PagesCache(kv, tab, torch.tensor(lengths, dtype=torch.int32), lengths)
+        fast = plan.prepared(cache)
+        assert fast is not None
+        want = plan.run(q, cache)
+        rows = torch.full((5, hq, d), 9.0, dtype=dtype)  # vLLM's output: the batch's tokens, decodes first
+        fast.run(q[:, :, 0], cache.seq_lens, cache.block_table, rows[:3])
+        assert torch.equal(rows[:3], want[:, :, 0]) and bool((rows[3:] == 9).all())
+        out4 = torch.empty_like(want)
+        fast.run(q, cache.seq_lens, cache.block_table, out4)
+        assert torch.equal(out4, want)
+
+
+@needs_jit
+def test_prepared_decode_where_it_does_not_apply_and_bad_outputs():
+    """No prepared call where a step needs more than the binding (TopK's selection, learned
+    sinks); the binding refuses an output of the wrong dtype, shape or layout, or one over q."""
+    hq, hkv, d, ps = 4, 2, 32, 16
+    kv, table, sums, _, _ = _fill([40, 21], hkv=hkv, d=d, page_size=ps, num_pages=10, seed=4)
+    lens = torch.tensor([40, 21], dtype=torch.int32)
+    q = torch.randn(2, hq, 1, d)
+    topk = PagesCache(kv, table, lens, [40, 21], page_sums=sums)
+    assert sa.plan_with_cache(q, topk, sa.TopK(topk=1, block_size=ps)).prepared(topk) is None
+    cache = PagesCache(kv, table, lens, [40, 21])
+    sinks = torch.zeros(hq)
+    assert sa.plan_with_cache(q, cache, sa.Dense(), sink_logits=sinks).prepared(cache) is None
+    fast = sa.plan_with_cache(q, cache, sa.Dense()).prepared(cache)
+    for out, what in [(torch.empty(2, hq, d, dtype=torch.float64), "out must be"),
+                      (torch.empty(2, hq + 1, d), "out must be"),
+                      (torch.empty(2, d, hq).transpose(1, 2), "out must be")]:
+        with pytest.raises(RuntimeError, match=what):
+            fast.run(q[:, :, 0], lens, table, out)
+    buf = torch.randn(3 * hq * d)  # q and out one sequence apart in one buffer
+    with pytest.raises(RuntimeError, match="overlap"):
+        fast.run(buf[:2 * hq * d].view(2, hq, d), lens, table, buf[hq * d:].view(2, hq, d))

@@ -374,7 +374,15 @@ class Split {
         }
       };
       auto none = [](int64_t, int) {};
-      for (int64_t r = 0; r < cnt; r += kRT) {
+      // few rows of a small head: q held in registers over the segment (decode_f32.h), when every
+      // row group fits (G = 1-2 rows per kv head at D 32-64 with Sq = 1)
+      const bool held = qk_held(cnt, P.D);
+      if (held) {
+        with_held(cnt, P.D, [&](auto rt, auto nq) {
+          qk_rows_held<DT, decltype(rt)::value, decltype(nq)::value>(nk, S.qp.data(), kr, S.sp.data(), ahead);
+        });
+      }
+      for (int64_t r = 0; r < cnt && !held; r += kRT) {
         const bool first = r == 0;
         switch (std::min<int64_t>(kRT, cnt - r)) {
           case 4: first ? qk_rows<DT, 4>(nk, P.D, S.qp.data() + r, kr, S.sp.data() + r, ahead)

@@ -41,6 +41,10 @@ namespace v8 = sparse_attn_cpu::v8;
 // * a quantized cache: k, v hold int8 or float8_e4m3fn codes (q stays float32 / bf16 / fp16) and
 //   `k_scale`, `v_scale` (float32 (pages or B, Hkv, rows), unit stride along the rows) their row
 //   scales: key j's row is k_scale[.., j] * k[.., j, :] (sparse_attn/cache/quant.py).
+// * where the result goes, optional: `out` (B, Hq, Sq, Dv) in q's dtype, contiguous, not
+//   overlapping q; absent, decode_fwd allocates it (a serving loop hands its own output rows).
+//   A q of shape (B, Hq, D) is one row per sequence (Sq = 1), and `out` may then be (B, Hq, Dv);
+//   the results returned are 4-D views.
 struct DecodeArgs {
   torch::Tensor q, k, v;
   bool causal = true;
@@ -53,6 +57,7 @@ struct DecodeArgs {
   c10::optional<torch::Tensor> lengths, page_table;
   int64_t page_size = 0;
   c10::optional<torch::Tensor> k_scale, v_scale;
+  c10::optional<torch::Tensor> out;
 };
 
 std::string describe(const DecodeArgs& a) {
@@ -66,7 +71,7 @@ std::string describe(const DecodeArgs& a) {
     << ", window=" << a.window << ", sinks=" << a.sinks << ", scale=" << a.scale << ", softcap=" << a.softcap << ", block=" << a.block
     << ", layout=" << shape(a.layout) << ", token_index=" << shape(a.token_index) << ", sink_blocks=" << a.sink_blocks
     << ", local_blocks=" << a.local_blocks << ", lengths=" << shape(a.lengths) << ", page_table=" << shape(a.page_table)
-    << ", page_size=" << a.page_size << ", k_scale=" << shape(a.k_scale) << ", v_scale=" << shape(a.v_scale) << ")";
+    << ", page_size=" << a.page_size << ", k_scale=" << shape(a.k_scale) << ", v_scale=" << shape(a.v_scale) << ", out=" << shape(a.out) << ")";
   return s.str();
 }
 
@@ -76,11 +81,15 @@ std::tuple<torch::Tensor, torch::Tensor> decode_fwd(const DecodeArgs& a) {
   TORCH_CHECK(std::isfinite(a.scale), "decode_fwd: scale must be a finite number, got ", a.scale);
   TORCH_CHECK(std::isfinite(a.softcap) && a.softcap >= 0, "decode_fwd: softcap must be finite and >= 0 (0: off), got ",
               a.softcap);
-  const torch::Tensor &q = a.q, &k = a.k, &v = a.v;
+  // one query row per sequence may come as (B, Hq, D) (out then (B, Hq, Dv)): a serving loop's
+  // token rows as they lie, no view made per step in Python
+  const bool rows3 = a.q.dim() == 3;
+  const torch::Tensor q = rows3 ? a.q.unsqueeze(2) : a.q;
+  const torch::Tensor &k = a.k, &v = a.v;
   const bool causal = a.causal;
   const int64_t window = a.window, sinks = a.sinks, block = a.block, page_size = a.page_size;
   const double scale = a.scale;
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "decode_fwd: q, k, v must be 4-D (B, H, S, D)");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "decode_fwd: q, k, v must be 4-D (B, H, S, D) (q may be (B, Hq, D): one row)");
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "decode_fwd: CPU tensors only");
   const auto dt = q.scalar_type();
   TORCH_CHECK(dt == torch::kFloat32 || dt == torch::kBFloat16 || dt == torch::kFloat16,
@@ -146,7 +155,28 @@ std::tuple<torch::Tensor, torch::Tensor> decode_fwd(const DecodeArgs& a) {
   } else {
     TORCH_CHECK(!causal || sq <= sk, "decode_fwd: a causal rule needs Sq <= Sk");
   }
-  auto out = torch::empty({B, Hq, sq, Dv}, q.options());
+  // the caller's result tensor (checked: the kernel writes it as contiguous rows), else a new one
+  torch::Tensor out;
+  if (a.out.has_value() && a.out->defined()) {
+    out = rows3 && a.out->dim() == 3 ? a.out->unsqueeze(2) : *a.out;
+    TORCH_CHECK(out.scalar_type() == dt && out.device().is_cpu() && out.sizes() == torch::IntArrayRef({B, Hq, sq, Dv}) &&
+                    out.is_contiguous(),
+                "decode_fwd: out must be a contiguous CPU ", dt, " (", B, ", ", Hq, ", ", sq, ", ", Dv, ") tensor, got ",
+                out.scalar_type(), " ", out.sizes());
+    // q's rows are read while other heads' results are written: they must not share memory
+    auto span = [](const torch::Tensor& t) {
+      const char* p = static_cast<const char*>(t.data_ptr());
+      int64_t last = 0;
+      for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+      return std::make_pair(p, p + (last + 1) * t.element_size());
+    };
+    if (out.numel() > 0 && q.numel() > 0) {
+      const auto o = span(out), i = span(q);
+      TORCH_CHECK(o.second <= i.first || i.second <= o.first, "decode_fwd: out must not overlap q");
+    }
+  } else {
+    out = torch::empty({B, Hq, sq, Dv}, q.options());
+  }
   auto lse = torch::empty({B, Hq, sq}, q.options().dtype(torch::kFloat32));
   if (B == 0 || Hq == 0 || sq == 0) return {out, lse};
   TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "decode_fwd: Hq must be a multiple of Hkv");
@@ -326,6 +356,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readwrite("page_size", &DecodeArgs::page_size)
       .def_readwrite("k_scale", &DecodeArgs::k_scale)
       .def_readwrite("v_scale", &DecodeArgs::v_scale)
+      .def_readwrite("out", &DecodeArgs::out)
       .def("__repr__", &describe);
   m.def("decode_fwd", &decode_fwd, "split-KV attention forward for Sq <= 16 query rows -> (out, lse)", py::arg("args"));
   m.def("pool_keys", &pool_keys, "mean key of each block, float32 (B, H, ceil(Sk / block), D)", py::arg("k"),

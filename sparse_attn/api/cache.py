@@ -30,6 +30,17 @@ class CachePlan(Plan):
                              f"{problem.describe()}: plan the new call (plan_with_cache)")
         return _run(self.kernel, q, view, problem, sink_logits)
 
+    def prepared(self, cache):
+        """A lighter re-run of this plan for a loop that decodes over the same storage every step:
+        an object whose `run(q, lengths, page_table, out)` calls the chosen kernel with only the
+        step's tensors (checked by the kernel's binding: shapes, dtypes, lengths, page ids),
+        writing `out` in place; None when the chosen kernel has none for this call (see
+        `CpuCacheDecode.prepared`). The plan's choice stands (`explain()`); what the full
+        validation of `run` checks once -- q's heads, head dim, dtype, the pattern and options --
+        the caller keeps the same (the vLLM backend: one per layer, batch size and cache tensor)."""
+        make = getattr(self.kernel, "prepared", None)
+        return None if make is None else make(self.problem, cache.kv_view())
+
 
 def _run(kernel, q, view, problem, sink_logits=None):
     if problem.is_empty:

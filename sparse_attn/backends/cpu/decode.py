@@ -134,6 +134,33 @@ def decode_over_cache(q: torch.Tensor, view, pattern, *, scale: float, softcap=N
                        v_scale=view.v_scale)
 
 
+class PreparedDecode:
+    """The split-KV kernel over one paged cache's storage with every argument that cannot change
+    between decode steps filled in once (the pattern's token rule, scale, softcap, the K/V pages):
+    `run(q, lengths, page_table, out)` sets the step's four tensors and calls the binding, which
+    checks them (shapes, dtypes, lengths within the table, page ids within the pool, `out`
+    contiguous and apart from q) and writes the result into `out`: no Python validation, no view,
+    no allocation per step. q `(B, Hq, Sq, D)` or `(B, Hq, D)` (one row per sequence), `out` the
+    same rank with Dv. Made by `CpuCacheDecode.prepared` for what needs nothing computed per step
+    (Dense, SlidingWindow; no sinks, no quantized storage); a serving loop's fast path
+    (integrations/vllm), not a public entry point: `attention_with_cache` / `CachePlan.run` keep
+    the full validation. Holds the last step's tensors until the next."""
+
+    def __init__(self, pattern, *, scale: float, softcap, k: torch.Tensor, v: torch.Tensor, page_size: int):
+        ext = _ext()
+        args = ext.DecodeArgs()
+        args.k, args.v, args.scale, args.softcap, args.page_size = k, v, float(scale), float(softcap or 0.0), page_size
+        causal, window, sinks = pattern.token_rule()
+        args.causal, args.window, args.sinks = causal, window if window else -1, sinks if window else 0
+        self._args, self._call = args, ext.decode_fwd
+        self.k, self.v = k, v
+
+    def run(self, q: torch.Tensor, lengths: torch.Tensor, page_table: torch.Tensor, out: torch.Tensor) -> None:
+        a = self._args
+        a.q, a.lengths, a.page_table, a.out = q, lengths, page_table, out
+        self._call(a)
+
+
 def _keys_read(p) -> float:
     """Keys of one (batch, kv head) the kernel reads: the union over the Sq rows of their visited
     keys (TopK: the rows' selections are assumed disjoint, the worst case on random inputs)."""
@@ -262,6 +289,16 @@ class CpuCacheDecode(CpuDecode):
 
     def forward_cache(self, q, view, p):
         return decode_over_cache(q, view, p.pattern, scale=p.scale, softcap=p.softcap)
+
+    def prepared(self, p, view):
+        """A `PreparedDecode` for the problem `p` over a paged view's storage, or None where a step
+        needs more than the binding's call (a selection: TopK, InfLLMv2, BlockSparse's layout;
+        learned sinks, applied on (out, lse) after it; quantized storage). `p.asked_pattern`: the
+        token rule as asked, not clamped to the cache's length at planning (the cache grows)."""
+        pat = p.asked_pattern if p.asked_pattern is not None else p.pattern
+        if not isinstance(pat, (Dense, SlidingWindow)) or p.sinks or view.kind != "paged" or view.quant is not None:
+            return None
+        return PreparedDecode(pat, scale=p.scale, softcap=p.softcap, k=view.k, v=view.v, page_size=view.page_size)
 
 
 register(CpuDecode())

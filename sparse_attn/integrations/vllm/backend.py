@@ -10,7 +10,10 @@ the block table, which `do_kv_cache_update` is not given), then:
 
 * requests with one new token (decode) go together through `attention_with_cache`'s plan
   (`plan_with_cache`, kept per batch size) on a `PagesCache` -- the scheduler picks sparse_attn's
-  split-KV decode, which reads vLLM's pages through the block table in place;
+  split-KV decode, which reads vLLM's pages through the block table in place; from the second
+  step on, where the plan has one (Dense / SlidingWindow without sinks), its lighter re-run
+  (`CachePlan.prepared`): the kernel's binding called with the step's lengths, table and vLLM's
+  query rows, writing vLLM's output rows in place;
 * every other request (prefill, a chunk of a chunked prefill, a prefix-cache hit) runs
   `sparse_attn.attention` on its new queries against its keys, end-aligned as the contract says.
   A request with no earlier keys (a whole prompt, the first chunk of a chunked one) attends to its
@@ -175,6 +178,7 @@ class SparseAttnImpl(AttentionImpl[SparseAttnMetadata]):
         self._page_sums = None  # TopK: float32 (num_pages, Hkv, D), allocated with the first write
         self._windows = None  # InfLLMv2: its window sums beside the pages (PageWindows), likewise
         self._plans = {}  # decode batch size -> CachePlan
+        self._fast = {}  # decode batch size -> its plan's lighter re-run (`CachePlan.prepared`), or None
         self._opts_for = (None, None)  # (key, opts): `_opts`, made again only when the sinks change
         self._split = (None, None)  # (kv_cache, its K and V page views): `split_pages` once per cache tensor
 
@@ -287,6 +291,15 @@ class SparseAttnImpl(AttentionImpl[SparseAttnMetadata]):
             table, lens = m.block_table, m.seq_lens
             if n < len(qsl) - 1:  # prefills follow
                 table, lens = table[:n], lens[:n]
+            fast = self._fast.get(n)
+            if fast is not None and fast.k is self._pages(kv_cache)[0] and output.is_contiguous():
+                # the kernel writes vLLM's output rows in place; (n, Hq, D) rows are one query each
+                STATS["decode_calls"] += 1
+                if query.shape[0] == n:
+                    fast.run(query, lens, table, output)
+                else:
+                    fast.run(query[:n], lens, table, output[:n])
+                return
         else:
             rows = torch.tensor([qsl[i] for i in idx], dtype=torch.long, device=query.device)
             sel = torch.tensor(idx, dtype=torch.long, device=query.device)
@@ -309,4 +322,8 @@ class SparseAttnImpl(AttentionImpl[SparseAttnMetadata]):
             except ValueError:
                 pass
         plan = self._plans[q.shape[0]] = plan_with_cache(q, cache, self.pattern, **opts)
-        return plan.run(q, cache, sink_logits=sinks)
+        out = plan.run(q, cache, sink_logits=sinks)
+        # later steps of this batch size: the plan's lighter re-run, where its kernel has one
+        # (Dense / SlidingWindow on cpu.decode: the binding's call with the step's tensors only)
+        self._fast[q.shape[0]] = plan.prepared(cache)
+        return out

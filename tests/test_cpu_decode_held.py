@@ -1,0 +1,70 @@
+"""The float path of the CPU decode kernel for few rows of a small head (csrc/cpu/decode_f32.h:
+`qk_rows_held`, q held in registers over a segment, and `pv_stripe`, P . V over 32- or 64-column
+stripes), as the tiny models served through vLLM run it: G = 1-2 rows per kv head (or Sq = 2 with
+G = 1) at D 32 / 64 / 128, float32 and float16 K/V, contiguous and paged, lengths that are not
+multiples of the 4- and 8-key tiles, several splits, Dv != D (stripes plus the 16-column tail).
+Against the float64 reference with the contract's bounds; paged equals contiguous bit for bit.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import oracle
+import sparse_attn as sa
+from conftest import make_qkv_for
+
+if os.environ.get("SPARSE_ATTN_DISABLE_JIT") == "1":
+    pytestmark = pytest.mark.skip(reason="SPARSE_ATTN_DISABLE_JIT=1: the C++ extension is not built")
+
+
+def _decode():
+    from sparse_attn.backends.cpu import decode
+    return decode
+
+
+def _paged(k, v, page):
+    """The same keys as pages in shuffled order: (pages (P, Hkv, page, D), table (B, W))."""
+    b, hkv, n, _ = k.shape
+    w = -(-n // page)
+    order = torch.randperm(b * w).view(b, w).to(torch.int32)
+    kp = torch.zeros(b * w, hkv, page, k.shape[3], dtype=k.dtype)
+    vp = torch.zeros(b * w, hkv, page, v.shape[3], dtype=v.dtype)
+    for i in range(b):
+        for s in range(w):
+            a, z = s * page, min(n, (s + 1) * page)
+            kp[order[i, s], :, :z - a] = k[i, :, a:z]
+            vp[order[i, s], :, :z - a] = v[i, :, a:z]
+    return kp, vp, order
+
+
+@pytest.mark.parametrize("d, dv, g, sq", [(64, 64, 2, 1), (64, 64, 1, 1), (32, 32, 2, 1), (128, 128, 1, 1),
+                                          (64, 96, 2, 1), (32, 40, 1, 2), (128, 64, 1, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("pattern", [sa.Dense(), sa.SlidingWindow(700, sinks=3)], ids=["dense", "window"])
+def test_small_heads_against_float64(d, dv, g, sq, dtype, pattern):
+    b, hkv, sk = 2, 2, 1531  # 1531: not a multiple of 4, 8, 16 or a page; 12 segments, several splits
+    q, k, v = make_qkv_for(pattern, b, g * hkv, hkv, sq, sk, d, dv, dtype=dtype)
+    out, _ = _decode().decode_forward(q, k, v, pattern, scale=d ** -0.5)
+    ref = sa.attention(q.double(), k.double(), v.double(), pattern, scale=d ** -0.5, backend="reference")
+    base = oracle.masked_attention_in_dtype(q, k, v, pattern, scale=d ** -0.5) if dtype in oracle.LOW_PRECISION \
+        else None
+    oracle.assert_close_contract(out, ref, dtype=dtype, device="cpu", lowp_baseline=base)
+    # the same keys as shuffled pages of 64 (the paged rows: TableRows) give the same bits
+    kp, vp, table = _paged(k, v, 64)
+    lens = torch.full((b,), sk, dtype=torch.int32)
+    paged, _ = _decode()._decode_fwd(q, kp, vp, pattern, scale=d ** -0.5, token_index=None, lengths=lens,
+                                     page_table=table, page_size=64)
+    assert torch.equal(paged, out)
+
+
+@pytest.mark.parametrize("sk", [1, 3, 5, 8, 13])
+def test_short_tails(sk):
+    """Fewer keys than one 4- or 8-key tile: only the single-key tail tiles run."""
+    for g in (1, 2):
+        q, k, v = make_qkv_for(sa.Dense(), 1, 2 * g, 2, 1, sk, 64, dtype=torch.float32)
+        out, _ = _decode().decode_forward(q, k, v, sa.Dense(), scale=0.125)
+        ref = sa.attention(q.double(), k.double(), v.double(), sa.Dense(), scale=0.125, backend="reference")
+        oracle.assert_close_contract(out, ref, dtype=torch.float32, device="cpu")
