@@ -274,16 +274,17 @@ void test_int8_once(int nk) {
   const int16_t* qp[RG];
   float* sp[RG];
   for (int r = 0; r < RG; ++r) qp[r] = &q[r * D], sp[r] = &s[r * ld], mul[r] = 1e-6f * float(r + 1);
+  std::vector<float> ks(ld);  // the keys' scales, applied as the scores are stored
+  for (auto& x : ks) x = 1.f + 0.5f * uniform();
   int calls = 0;
-  qk_int8<RG, DC>(nk, qp, Int8Rows{k.data(), D}, sp, mul.data(), [&] { ++calls; });
+  qk_int8<RG, DC>(nk, qp, Int8Rows{k.data(), D}, sp, mul.data(), ks.data(), [&] { ++calls; });
   std::vector<float> got;
   std::vector<double> want;
   for (int r = 0; r < RG; ++r)
-    for (int j = 0; j < ld; ++j) {
-      const int jr = std::min(j, nk - 1);
+    for (int j = 0; j < nk; ++j) {  // keys past nk: finite scores the caller masks
       int64_t w = 0;
-      for (int d = 0; d < D; ++d) w += int64_t(q[r * D + d]) * k[jr * D + d];
-      want.push_back(double(mul[r]) * double(w));
+      for (int d = 0; d < D; ++d) w += int64_t(q[r * D + d]) * k[j * D + d];
+      want.push_back(double(mul[r]) * double(ks[j]) * double(w));
       got.push_back(s[r * ld + j]);
     }
   double e = rel_err(got, want);
