@@ -113,6 +113,10 @@ def load_extension(name: str, *, verbose: bool | None = None):
                 msg = (f"C++ extension '{name}' failed to build ({type(e).__name__}): " + " | ".join(errs)
                        + " -- set SPARSE_ATTN_VERBOSE_BUILD=1 for the full compiler output")
                 _FAILED[name] = msg
+                # said once per process: the scheduler then plans without the kernels that need it,
+                # which can be many times slower, and explain() is the only other place it shows
+                print(f"[sparse_attn] {msg}; kernels that need it are skipped (a plan's explain() shows "
+                      "what runs instead)", file=sys.stderr)
                 raise ExtensionBuildError(msg) from e
         _LOADED[name] = mod
         return mod
