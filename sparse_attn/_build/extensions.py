@@ -25,7 +25,7 @@ EXTENSIONS = {
                     "cpu/decode_int8.h", "cpu/decode_int8_neon.h", "cpu/decode_fp8.h", "cpu/decode_plan.h",
                     "cpu/decode_rows.h", "cpu/decode_f32.h", "cpu/decode_softmax.h", "cpu/target_check.h",
                     "cpu/vec_bf16_neon.h", "cpu/decode_bf16_neon.h", "cpu/quant_rows.h", "cpu/decode_quant.h",
-                    "cpu/softcap.h"],
+                    "cpu/softcap.h", "cpu/prefetch.h", "cpu/score_tree.h"],
         "cflags": ["-fopenmp"],
         "ldflags": ["-fopenmp"],
         "jit_cflags": ["-march=native"],
@@ -47,7 +47,8 @@ EXTENSIONS = {
     },
     "cpu_linear": {
         "sources": ["cpu/linear.cpp", "cpu/linear_bwd.cpp"],
-        "headers": ["cpu/vec.h", "cpu/scalar.h", "cpu/huge_pages.h", "cpu/linear_common.h", "cpu/target_check.h"],
+        "headers": ["cpu/vec.h", "cpu/scalar.h", "cpu/huge_pages.h", "cpu/linear_common.h", "cpu/target_check.h",
+                    "cpu/prefetch.h"],
         "cflags": ["-fopenmp"],
         "ldflags": ["-fopenmp"],
         "jit_cflags": ["-march=native"],
