@@ -18,39 +18,41 @@
 
 namespace sparse_attn_cpu {
 
-__attribute__((always_inline)) inline __m512i score_pair(__m512i a, __m512i b) {
-  return _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+namespace tree {
+// the shuffles move 32-bit lanes and are the same for both types: done on the bits as int32
+inline __m512i bits(__m512i x) { return x; }
+inline __m512i bits(__m512 x) { return _mm512_castps_si512(x); }
+template <typename V>
+inline V as(__m512i x) {
+  if constexpr (std::is_same_v<V, __m512>) return _mm512_castsi512_ps(x);
+  else return x;
 }
-__attribute__((always_inline)) inline __m512 score_pair(__m512 a, __m512 b) {
-  return _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+inline __m512i add(__m512i x, __m512i y) { return _mm512_add_epi32(x, y); }
+inline __m512 add(__m512 x, __m512 y) { return _mm512_add_ps(x, y); }
+// x's lanes picked by `lo` plus y's by `hi` (two shuffles of the pair, added)
+template <typename V, typename Lo, typename Hi>
+__attribute__((always_inline)) inline V fold(V x, V y, Lo lo, Hi hi) {
+  return add(as<V>(lo(bits(x), bits(y))), as<V>(hi(bits(x), bits(y))));
+}
+}  // namespace tree
+
+template <typename V>
+__attribute__((always_inline)) inline V score_pair(V a, V b) {
+  return tree::fold(a, b, [](__m512i x, __m512i y) { return _mm512_unpacklo_epi32(x, y); },
+                    [](__m512i x, __m512i y) { return _mm512_unpackhi_epi32(x, y); });
 }
 
-namespace detail {
-template <typename V, typename Add, typename Lo, typename Hi, typename Shuf>
-__attribute__((always_inline)) inline V score_16(const V* t, Add add, Lo lo64, Hi hi64, Shuf shuf) {
+template <typename V>
+__attribute__((always_inline)) inline V score_16(const V* t) {
+  auto lo64 = [](__m512i x, __m512i y) { return _mm512_unpacklo_epi64(x, y); };
+  auto hi64 = [](__m512i x, __m512i y) { return _mm512_unpackhi_epi64(x, y); };
+  auto even = [](__m512i x, __m512i y) { return _mm512_shuffle_i32x4(x, y, 0x88); };  // blocks 0, 2 of each
+  auto odd = [](__m512i x, __m512i y) { return _mm512_shuffle_i32x4(x, y, 0xDD); };   // blocks 1, 3 of each
   V g[4];
   for (int i = 0; i < 4; ++i)  // level 2, inside each block: keys 4i .. 4i + 3, the block's share of each
-    g[i] = add(lo64(t[2 * i], t[2 * i + 1]), hi64(t[2 * i], t[2 * i + 1]));
+    g[i] = tree::fold(t[2 * i], t[2 * i + 1], lo64, hi64);
   // levels 3 and 4, across blocks: block i <- keys 4i .. 4i + 3, whole sums
-  const V h01 = add(shuf(g[0], g[1], std::integral_constant<int, 0x88>{}), shuf(g[0], g[1], std::integral_constant<int, 0xDD>{}));
-  const V h23 = add(shuf(g[2], g[3], std::integral_constant<int, 0x88>{}), shuf(g[2], g[3], std::integral_constant<int, 0xDD>{}));
-  return add(shuf(h01, h23, std::integral_constant<int, 0x88>{}), shuf(h01, h23, std::integral_constant<int, 0xDD>{}));
-}
-}  // namespace detail
-
-__attribute__((always_inline)) inline __m512i score_16(const __m512i* t) {
-  return detail::score_16(
-      t, [](__m512i x, __m512i y) { return _mm512_add_epi32(x, y); },
-      [](__m512i x, __m512i y) { return _mm512_unpacklo_epi64(x, y); },
-      [](__m512i x, __m512i y) { return _mm512_unpackhi_epi64(x, y); },
-      [](__m512i x, __m512i y, auto imm) { return _mm512_shuffle_i32x4(x, y, decltype(imm)::value); });
-}
-__attribute__((always_inline)) inline __m512 score_16(const __m512* t) {
-  return detail::score_16(
-      t, [](__m512 x, __m512 y) { return _mm512_add_ps(x, y); },
-      [](__m512 x, __m512 y) { return _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(x), _mm512_castps_pd(y))); },
-      [](__m512 x, __m512 y) { return _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(x), _mm512_castps_pd(y))); },
-      [](__m512 x, __m512 y, auto imm) { return _mm512_shuffle_f32x4(x, y, decltype(imm)::value); });
+  return tree::fold(tree::fold(g[0], g[1], even, odd), tree::fold(g[2], g[3], even, odd), even, odd);
 }
 
 }  // namespace sparse_attn_cpu
