@@ -86,6 +86,12 @@ inline void qk_direct(int64_t nk, const uint32_t* const* q, Rows krow, float* co
 // `ahead()` is called once per key pair. With nsub > 1 the keys are nsub sub-segments, u ending at
 // key pair pair_end[u] (the last at np), and the accumulators are rescaled by corr[u * corr_stride
 // + r] in registers as sub-segment u starts: the same float operations as one call per sub-segment.
+// Every loop over the 2 NC accumulators of a row is unrolled completely (`unroll 8`, 2 NC <= 8):
+// with `unroll 4` the loops before and after the key loop stayed loops over acc[r][v] with a
+// variable v, so GCC 12 kept `acc` as an array in memory (no scalar replacement). Without a prefetch
+// hook it still moved the stores out of the key loop; with the Pacer's prefetches in the loop
+// (`asm volatile` with a memory operand, apparently a barrier to that motion) it stored all 16
+// accumulators to the stack after every key pair (docs/caches.md, "Seventh session").
 template <int RG, int NC, typename Rows, typename E, typename Ahead, typename Words = Bf16Words>
 inline void pv_direct(int64_t nk, const uint32_t* const* p, Rows vrow, const E* zero, int64_t d0,
                       float* const* o, const float* corr, Ahead&& ahead, int64_t nsub = 1,
@@ -96,7 +102,7 @@ inline void pv_direct(int64_t nk, const uint32_t* const* p, Rows vrow, const E* 
   __m512 acc[RG][2 * NC];
 #pragma GCC unroll 4
   for (int r = 0; r < RG; ++r)
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int v = 0; v < 2 * NC; ++v) acc[r][v] = _mm512_mul_ps(_mm512_loadu_ps(o[r] + d0 + 16 * v), _mm512_set1_ps(corr[r]));
   const int64_t np = (nk + 1) / 2;
   for (int64_t u = 0, i = 0; u < nsub; ++u) {
@@ -104,7 +110,7 @@ inline void pv_direct(int64_t nk, const uint32_t* const* p, Rows vrow, const E* 
 #pragma GCC unroll 4
       for (int r = 0; r < RG; ++r) {
         const __m512 c = _mm512_set1_ps(corr[u * corr_stride + r]);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int v = 0; v < 2 * NC; ++v) acc[r][v] = _mm512_mul_ps(acc[r][v], c);
       }
     }
@@ -128,7 +134,7 @@ inline void pv_direct(int64_t nk, const uint32_t* const* p, Rows vrow, const E* 
   }
 #pragma GCC unroll 4
   for (int r = 0; r < RG; ++r)
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int v = 0; v < 2 * NC; ++v) _mm512_storeu_ps(o[r] + d0 + 16 * v, acc[r][v]);
 }
 
