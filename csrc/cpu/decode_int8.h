@@ -73,6 +73,23 @@ inline float quantize_p16_scalar(const float* p, const float* sv, int64_t n, int
 // products ran 2x slower in a stand-alone harness: the compiler no longer scheduled around them.)
 __attribute__((always_inline)) inline void dpwssd(__m512i& acc, __m512i a, __m512i b) { acc = _mm512_dpwssd_epi32(acc, a, b); }
 
+// dpwssd for an accumulator held across a loop, as 16 int32 lanes. GCC 12: `__m512i` is a vector
+// of 8 int64, the instruction's builtin takes 16 int32, and a loop-carried `__m512i` accumulator
+// passed through that change of vector mode was not given one register: pv_int8_span's key loop
+// copied every accumulator to another register and back at every key pair (two of the 16 via the
+// stack), 80 instructions against 51 held as 16 int32 lanes. Clang takes the intrinsic.
+#if defined(__clang__)
+using I32Acc = __m512i;
+__attribute__((always_inline)) inline void dpwssd_acc(I32Acc& acc, __m512i a, __m512i b) { acc = _mm512_dpwssd_epi32(acc, a, b); }
+__attribute__((always_inline)) inline __m512i acc_bits(I32Acc acc) { return acc; }
+#else
+using I32Acc = __v16si;
+__attribute__((always_inline)) inline void dpwssd_acc(I32Acc& acc, __m512i a, __m512i b) {
+  acc = __builtin_ia32_vpdpwssd_v16si(acc, (__v16si)a, (__v16si)b);
+}
+__attribute__((always_inline)) inline __m512i acc_bits(I32Acc acc) { return (__m512i)acc; }
+#endif
+
 // s[r][0 : round_up(nk, 16)) = mul[r] * ks[j] * (q_r . code_j), r < RG: q rows as int16 (DC * 32
 // each), k[j] key j's int8 codes (DC * 32), ks[j] its scale (the keys' scales applied here, not in
 // a pass of their own). Keys past nk repeat key nk - 1, with scale 0. `ahead()` once per key pair.
@@ -116,17 +133,18 @@ inline void qk_int8(int64_t nk, const int16_t* const* q, Rows k, float* const* s
 // One sub-segment of pv_int8 below: key pairs [i, end), accumulated in int32 from zero, then
 // o_r = corr_r * o_r + mul_r * sums. A function of its own, not inlined: inlined into the segment
 // loop, GCC 12 kept two of the 16 accumulators on the stack and copied the others between
-// registers at every key pair (a stand-alone loop still copies; 2-core Zen 4, int8 decode at 4096
-// keys, 1 thread: ~4-6% of the whole call faster this way).
+// registers at every key pair (2-core Zen 4, int8 decode at 4096 keys, 1 thread: ~4-6% of the
+// whole call faster this way). The stand-alone loop still copied them, until they became I32Acc
+// (above): now they stay in registers, with or without the Pacer's prefetches in the loop.
 template <int RG, int NC, typename Rows, typename Ahead>
 __attribute__((noinline)) void pv_int8_span(int64_t i, const int64_t end, int64_t nk, const uint32_t* const* p, Rows v,
                                             int64_t d0, float* const* o, const float* corr, const float* mul,
                                             Ahead& ahead) {
-  __m512i acc[RG][2 * NC];
+  I32Acc acc[RG][2 * NC];
 #pragma GCC unroll 4
   for (int r = 0; r < RG; ++r)
 #pragma GCC unroll 8
-    for (int c = 0; c < 2 * NC; ++c) acc[r][c] = _mm512_setzero_si512();
+    for (int c = 0; c < 2 * NC; ++c) acc[r][c] = I32Acc(_mm512_setzero_si512());
   for (; i < end; ++i) {
     ahead();
     const int8_t* va = v[2 * i] + d0;
@@ -142,7 +160,7 @@ __attribute__((noinline)) void pv_int8_span(int64_t i, const int64_t end, int64_
       const __m512i lo = _mm512_cvtepi8_epi16(_mm256_unpacklo_epi8(x, y));
       const __m512i hi = _mm512_cvtepi8_epi16(_mm256_unpackhi_epi8(x, y));
 #pragma GCC unroll 4
-      for (int r = 0; r < RG; ++r) dpwssd(acc[r][2 * c], pv[r], lo), dpwssd(acc[r][2 * c + 1], pv[r], hi);
+      for (int r = 0; r < RG; ++r) dpwssd_acc(acc[r][2 * c], pv[r], lo), dpwssd_acc(acc[r][2 * c + 1], pv[r], hi);
     }
   }
 #pragma GCC unroll 4
@@ -151,7 +169,7 @@ __attribute__((noinline)) void pv_int8_span(int64_t i, const int64_t end, int64_
     float* out = o[r] + d0;
 #pragma GCC unroll 4
     for (int c = 0; c < NC; ++c) {
-      const __m512i lo = acc[r][2 * c], hi = acc[r][2 * c + 1];
+      const __m512i lo = acc_bits(acc[r][2 * c]), hi = acc_bits(acc[r][2 * c + 1]);
       const __m512 f0 = _mm512_cvtepi32_ps(_mm512_shuffle_i32x4(lo, hi, 0x44));  // columns 0-15
       const __m512 f1 = _mm512_cvtepi32_ps(_mm512_shuffle_i32x4(lo, hi, 0xEE));  // columns 16-31
       _mm512_storeu_ps(out + 32 * c, _mm512_fmadd_ps(f0, mr, _mm512_mul_ps(_mm512_loadu_ps(out + 32 * c), cr)));
