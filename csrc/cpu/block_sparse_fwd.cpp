@@ -30,6 +30,7 @@
 #include "cpu/target_check.h"
 #include "cpu/huge_pages.h"
 #include "cpu/layout_check.h"
+#include "cpu/prefetch.h"
 #include "cpu/softcap.h"
 #include "cpu/token_blocks.h"
 #include "cpu/vec.h"
@@ -81,7 +82,7 @@ inline float row_max_nan(const float* x, int64_t n) {
     acc = v > acc ? v : acc;
     seen_nan |= (v != v);
   }
-  for (int i = 0; i < kVec; ++i) m = std::max(m, acc[i]), nan = nan || seen_nan[i] != 0;
+  m = hmax(acc), nan = vany(seen_nan);
 #else
   for (int64_t i = 0; i < n; ++i) m = std::max(m, x[i]), nan = nan || x[i] != x[i];
 #endif
@@ -90,21 +91,28 @@ inline float row_max_nan(const float* x, int64_t n) {
 
 // The fused form of nonfinite_to_nan + row_max_nan for a row with no padding, no token rule and
 // no soft-capping (full blocks, TopK's per-token blocks): reads x once, writes nothing; the max of
-// x + (x - x), i.e. NaN if any x is not finite. n a multiple of kVec.
+// x + (x - x), i.e. NaN if any x is not finite. n a multiple of kVec. Vectorised as a max and a sum
+// per vector (2 operations where the exact form takes 5): a finite sum means every x is finite;
+// otherwise (a non-finite x, or finite scores whose sum overflows) the exact pass decides.
+// Since a finite result means a finite row, the caller's exponentials need no NaN conversion.
 inline float row_max_finite_or_nan(const float* x, int64_t n) {
 #ifdef SPARSE_ATTN_VECTOR_TYPES
-  vfloat acc = vsplat(kNegInf);
+  vfloat acc = vsplat(kNegInf), sum{};
+  for (int64_t i = 0; i < n; i += kVec) {
+    const vfloat v = vload(x + i);
+    acc = vmax(acc, v);
+    sum += v;
+  }
+  if (std::isfinite(hsum(sum))) return hmax(acc);
   vint seen_nan{};
+  acc = vsplat(kNegInf);
   for (int64_t i = 0; i < n; i += kVec) {
     const vfloat v = vload(x + i);
     const vfloat w = v + (v - v);
     acc = w > acc ? w : acc;
     seen_nan |= (w != w);
   }
-  float m = kNegInf;
-  bool nan = false;
-  for (int i = 0; i < kVec; ++i) m = std::max(m, acc[i]), nan = nan || seen_nan[i] != 0;
-  return nan ? std::numeric_limits<float>::quiet_NaN() : m;
+  return vany(seen_nan) ? std::numeric_limits<float>::quiet_NaN() : hmax(acc);
 #else
   float m = kNegInf;
   bool nan = false;
@@ -118,7 +126,7 @@ inline float row_max_finite_or_nan(const float* x, int64_t n) {
 
 #if defined(SPARSE_ATTN_BF16_DOT) && defined(__AVX512BF16__)
 #define SPARSE_ATTN_FUSED_BF16_STORE 1
-// exp2_sub_sum<true> (vec.h) writing the probabilities as bf16 pairs (floats_to_bf16_pairs' rounding)
+// exp2_sub_sum (vec.h) writing the probabilities as bf16 pairs (floats_to_bf16_pairs' rounding)
 // to pw instead of back into x: one pass for what was four. n a multiple of 16. (AVX-512 BF16;
 // elsewhere the plain path converts the stored floats afterwards.)
 inline float exp2_sub_sum_finite_bf16(const float* x, int64_t n, float m, uint32_t* pw) {
@@ -126,7 +134,7 @@ inline float exp2_sub_sum_finite_bf16(const float* x, int64_t n, float m, uint32
   const vfloat vm = vsplat(m);
   for (int64_t i = 0; i < n; i += kVec) {
     const vfloat v = vload(x + i);
-    const vfloat p = vexp2((v + (v - v)) - vm);
+    const vfloat p = vexp2_nonpos(v - vm);
     acc += p;
     __m512 pv;
     std::memcpy(&pv, &p, sizeof(pv));
@@ -228,11 +236,16 @@ class TaskRunner {
 
     const int64_t lrow = ((P.lb == 1 ? 0 : b) * P.lh + (P.lh == 1 ? 0 : h)) * P.M + i;
     const int32_t* full = P.fi + lrow * P.wf;
-    for (int64_t e = 0, n = P.fc[lrow]; e < n; ++e)
-      attend(S, b, h, full[e], R, S.qp.data(), S.qwp.data(), S.op.data(), S.rid.data(), false);
     const int32_t* part = P.pi + lrow * P.wp;
-    for (int64_t e = 0, n = P.pc[lrow]; e < n; ++e)
+    const int64_t nf = P.fc[lrow], np = P.pc[lrow];
+    for (int64_t e = 0; e < nf; ++e) {
+      prefetch_block(b, h, e + 1 < nf ? full[e + 1] : np > 0 ? part[0] : -1);
+      attend(S, b, h, full[e], R, S.qp.data(), S.qwp.data(), S.op.data(), S.rid.data(), false);
+    }
+    for (int64_t e = 0; e < np; ++e) {
+      prefetch_block(b, h, e + 1 < np ? part[e + 1] : -1);
       attend(S, b, h, part[e], R, S.qp.data(), S.qwp.data(), S.op.data(), S.rid.data(), true);
+    }
     if (P.ti != nullptr) per_token_blocks(S, b, h, t_lo, rows);
 
     // out = O / l (0 where no key was visible); lse = ln 2 * (m + log2 l) in natural-log units of
@@ -269,6 +282,23 @@ class TaskRunner {
     });
   }
 
+  // the K and V rows of block n (n < 0: none) into L2 while the current block is computed: the
+  // K transpose otherwise waits on their loads (float32 4096 x 4096, Hq 4, Hkv 2, D 64: 5% of the
+  // kernel's time in transpose_f32, nearly all of it on its row loads). Rows with unit element
+  // stride only (a row is then D contiguous elements).
+  void prefetch_block(int64_t b, int64_t h, int64_t n) const {
+    if (n < 0 || n * P.k_block >= P.sk) return;
+    const int64_t j0 = n * P.k_block, nk = std::min(P.k_block, P.sk - j0);
+    if (P.kst[3] == 1) {
+      const In* kb = K + b * P.kst[0] + h * P.kst[1] + j0 * P.kst[2];
+      for (int64_t c = 0; c < nk; ++c) prefetch_lines(kb + c * P.kst[2], P.D * int64_t(sizeof(In)));
+    }
+    if (P.vst[3] == 1) {
+      const In* vb = V + b * P.vst[0] + h * P.vst[1] + j0 * P.vst[2];
+      for (int64_t c = 0; c < nk; ++c) prefetch_lines(vb + c * P.vst[2], P.Dv * int64_t(sizeof(In)));
+    }
+  }
+
   // K block n -> kt (D x kb_pad, transposed), V block -> v (kb x Dv_pad), float32
   void load_block(Scratch& S, int64_t b, int64_t h, int64_t n) {
     if (loaded_ == n) return;
@@ -282,6 +312,18 @@ class TaskRunner {
     }
     float* kt = S.kt.data();
     const int64_t ld = P.kb_pad, ks2 = P.kst[2], ks3 = P.kst[3];
+    if constexpr (DT == 0) {
+      // float32 rows used in place: K by 16 x 16 register transposes, V not copied at all (the
+      // P . V product reads its nk rows through their stride) when its rows fill whole vectors
+      if (ks3 == 1) transpose_f32(kt, ld, kb, ks2, nk, P.D);
+      if (P.vst[3] == 1 && P.Dv == P.Dv_pad) {
+        vrows_ = vb, vld_ = P.vst[2];
+      } else {
+        for (int64_t c = 0; c < nk; ++c) load_row<DT>(S.v.data() + c * P.Dv_pad, vb + c * P.vst[2], P.Dv, P.vst[3], 1.f);
+        vrows_ = S.v.data(), vld_ = P.Dv_pad;
+      }
+      if (ks3 == 1) return;
+    }
     // transpose in chunks of 16 keys so the reads stay in a few cache lines
     for (int64_t c0 = 0; c0 < nk; c0 += 16) {
       const int64_t c1 = std::min(nk, c0 + 16);
@@ -290,7 +332,10 @@ class TaskRunner {
         for (int64_t c = c0; c < c1; ++c) dst[c] = Elem<DT>::get(kb, c * ks2 + t * ks3);
       }
     }
-    for (int64_t c = 0; c < nk; ++c) load_row<DT>(S.v.data() + c * P.Dv_pad, vb + c * P.vst[2], P.Dv, P.vst[3], 1.f);
+    if constexpr (DT != 0) {
+      for (int64_t c = 0; c < nk; ++c) load_row<DT>(S.v.data() + c * P.Dv_pad, vb + c * P.vst[2], P.Dv, P.vst[3], 1.f);
+      vrows_ = S.v.data(), vld_ = P.Dv_pad;
+    }
   }
 
   // bf16 path: K block -> kp (word p of key c at [p][c]), V block -> vp (rows 2p, 2p + 1
@@ -360,7 +405,8 @@ class TaskRunner {
         if (kDot && plain) sum = exp2_sub_sum_finite_bf16(s, kbp, m_new, S.pw.data() + i * kbp / 2);
         else
 #endif
-          sum = plain ? exp2_sub_sum<true>(s, kbp, m_new) : exp2_sub_sum(s, kbp, m_new);
+          // (plain: m_new is NaN unless every score of the row is finite, row_max_finite_or_nan)
+          sum = exp2_sub_sum(s, kbp, m_new);
         S.l[st] = S.l[st] * corr[i] + sum;
         S.m[st] = m_new;
       }
@@ -374,7 +420,7 @@ class TaskRunner {
         continue;
       }
 #endif
-      gemm_rows<true>(rows, P.Dv_pad, nk, sp, S.v.data(), P.Dv_pad, op + c0, corr);
+      gemm_rows<true>(rows, P.Dv_pad, nk, sp, vrows_, vld_, op + c0, corr);
     }
   }
 
@@ -396,6 +442,8 @@ class TaskRunner {
   OutT* O;
   float* L;
   int64_t p_lo_ = 0, loaded_ = -1;
+  const float* vrows_ = nullptr;  // the loaded V block's rows (float32) and their stride
+  int64_t vld_ = 0;
 };
 
 template <int DT, typename OutT>

@@ -89,8 +89,17 @@ inline vfloat vsplat(float x) { return vfloat{} + x; }
 // 2^x for x <= 0 (the softmax's exponent): exp2_scalar and exp2_poly come from scalar.h.
 #ifdef SPARSE_ATTN_VECTOR_TYPES
 inline vfloat vexp2(vfloat x) {
+#if defined(__AVX512F__)
+  // the clamps below as vmaxps / vminps, the constant first: a NaN x is the second operand, which
+  // both return when a lane is unordered, as the comparisons do (gcc emits compare + blend for those)
+  __m512 xv;
+  std::memcpy(&xv, &x, sizeof(xv));
+  xv = _mm512_min_ps(_mm512_set1_ps(127.0f), _mm512_max_ps(_mm512_set1_ps(-127.0f), xv));
+  std::memcpy(&x, &xv, sizeof(xv));
+#else
   x = x < vsplat(-127.0f) ? vsplat(-127.0f) : x;
   x = x > vsplat(127.0f) ? vsplat(127.0f) : x;
+#endif
   const vfloat t = x + kMagic;
   const vfloat n = t - kMagic;
   const vfloat f = x - n;
@@ -99,27 +108,99 @@ inline vfloat vexp2(vfloat x) {
 }
 #endif
 
-// y[i] = 2^(x[i] - m), returns the sum; n a multiple of kVec. kNonfiniteNan: 2^(x + (x - x) - m),
-// so an infinite x gives NaN as a NaN does (the probabilities of a row whose max was read by
-// block_sparse_fwd.cpp's row_max_finite_or_nan, in one pass instead of a nonfinite_to_nan pass first).
-template <bool kNonfiniteNan = false>
+// 2^x for x <= 0, a small positive x or NaN (a score less its row's maximum; -inf gives 0, NaN NaN)
+// in 10 operations instead of vexp2's 15: with AVX-512, n = round(x) by vrndscaleps and 2^n applied
+// by vscalefps. For x >= -126 the same n, f and polynomial as vexp2, so the same bits; below, where
+// vexp2 flushes to 0 from n = -127, this gives the subnormals down to 2^-149, then 0 (x clamped at
+// -150 so -inf does not make f = -inf - -inf a NaN). Elsewhere vexp2 itself.
+inline vfloat vexp2_nonpos(vfloat x) {
+#if defined(__AVX512F__)
+  __m512 xv;
+  std::memcpy(&xv, &x, sizeof(xv));
+  xv = _mm512_max_ps(_mm512_set1_ps(-150.0f), xv);  // NaN is the second operand: kept
+  const __m512 n = _mm512_roundscale_ps(xv, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  vfloat f;
+  const __m512 fv = _mm512_sub_ps(xv, n);
+  std::memcpy(&f, &fv, sizeof(f));
+  const vfloat p = exp2_poly(f);
+  __m512 pv;
+  std::memcpy(&pv, &p, sizeof(pv));
+  pv = _mm512_scalef_ps(pv, n);
+  vfloat r;
+  std::memcpy(&r, &pv, sizeof(r));
+  return r;
+#else
+  return vexp2(x);
+#endif
+}
+
+// The sum and the max of a vector's lanes. With AVX-512 as trees (4 shuffle + op steps, the order
+// of _mm512_reduce_*: not lane 0, 1, 2, ...); elsewhere lane by lane. hmax: v holds no NaN.
+inline float hsum(vfloat v) {
+#if defined(__AVX512F__)
+  __m512 x;
+  std::memcpy(&x, &v, sizeof(x));
+  return _mm512_reduce_add_ps(x);
+#else
+  float s = 0.f;
+  for (int i = 0; i < kVec; ++i) s += v[i];
+  return s;
+#endif
+}
+inline float hmax(vfloat v) {
+#if defined(__AVX512F__)
+  __m512 x;
+  std::memcpy(&x, &v, sizeof(x));
+  return _mm512_reduce_max_ps(x);
+#else
+  float m = v[0];
+  for (int i = 1; i < kVec; ++i) m = std::max(m, v[i]);
+  return m;
+#endif
+}
+// the lanes' maxima (with AVX-512 vmaxps: a NaN in either lane gives b's lane; elsewhere a
+// comparison, which gives b's lane too; callers that must keep NaN check for it separately)
+inline vfloat vmax(vfloat a, vfloat b) {
+#if defined(__AVX512F__)
+  __m512 x, y;
+  std::memcpy(&x, &a, sizeof(x));
+  std::memcpy(&y, &b, sizeof(y));
+  x = _mm512_max_ps(x, y);
+  std::memcpy(&a, &x, sizeof(x));
+  return a;
+#else
+  return a > b ? a : b;
+#endif
+}
+// whether any lane of a comparison's result is set
+inline bool vany(vint v) {
+#if defined(__AVX512F__)
+  __m512i x;
+  std::memcpy(&x, &v, sizeof(x));
+  return _mm512_test_epi32_mask(x, x) != 0;
+#else
+  for (int i = 0; i < kVec; ++i)
+    if (v[i] != 0) return true;
+  return false;
+#endif
+}
+
+// y[i] = 2^(x[i] - m) for m >= every x[i] (vexp2_nonpos), returns the sum (hsum's order); n a
+// multiple of kVec. A NaN m makes every y NaN.
 inline float exp2_sub_sum(float* x, int64_t n, float m) {
 #ifdef SPARSE_ATTN_VECTOR_TYPES
   vfloat acc{};
   const vfloat vm = vsplat(m);
   for (int64_t i = 0; i < n; i += kVec) {
-    vfloat v = vload(x + i);
-    if constexpr (kNonfiniteNan) v = v + (v - v);
-    const vfloat p = vexp2(v - vm);
+    const vfloat v = vload(x + i);
+    const vfloat p = vexp2_nonpos(v - vm);
     vstore(x + i, p);
     acc += p;
   }
-  float s = 0.f;
-  for (int i = 0; i < kVec; ++i) s += acc[i];
-  return s;
+  return hsum(acc);
 #else
   float s = 0.f;
-  for (int64_t i = 0; i < n; ++i) s += (x[i] = exp2_scalar((kNonfiniteNan ? x[i] + (x[i] - x[i]) : x[i]) - m));
+  for (int64_t i = 0; i < n; ++i) s += (x[i] = exp2_scalar(x[i] - m));
   return s;
 #endif
 }
@@ -270,26 +351,31 @@ inline void transpose16x16_epi32(__m512i r[16]) {
 #endif
 
 // dst[x * ldd + c] = src[c * lds + x] for c < rows, x < cols (32-bit elements). With AVX-512,
-// 16 x 16 tiles in registers: src must then be readable up to round_up(rows, 16) rows and
-// round_up(cols, 16) columns (padding), and only x < cols rows of dst are written.
+// 16 x 16 tiles in registers; a tile's rows past `rows` and columns past `cols` are not read
+// (masked loads), and only x < cols rows and c < rows columns of dst are written.
 inline void transpose_f32(float* dst, int64_t ldd, const float* src, int64_t lds, int64_t rows, int64_t cols) {
 #if defined(__AVX512F__)
-  for (int64_t c0 = 0; c0 < rows; c0 += 16)
+  for (int64_t c0 = 0; c0 < rows; c0 += 16) {
+    const int64_t cn = std::min<int64_t>(16, rows - c0);
+    const __mmask16 cm = __mmask16((1u << cn) - 1);
     for (int64_t x0 = 0; x0 < cols; x0 += 16) {
-      __m512i r[16];
-#pragma GCC unroll 16
-      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(src + (c0 + i) * lds + x0);
-      transpose16x16_epi32(r);
       const int64_t xn = std::min<int64_t>(16, cols - x0);
+      const __mmask16 xm = __mmask16((1u << xn) - 1);
+      __m512i r[16];
+      if (cn == 16 && xn == 16) {
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(src + (c0 + i) * lds + x0);
+      } else {
+        for (int i = 0; i < 16; ++i)
+          r[i] = i < cn ? _mm512_maskz_loadu_epi32(xm, src + (c0 + i) * lds + x0) : _mm512_setzero_si512();
+      }
+      transpose16x16_epi32(r);
       for (int64_t j = 0; j < xn; ++j) {
-        if (c0 + 16 <= rows) {
-          _mm512_storeu_si512(dst + (x0 + j) * ldd + c0, r[j]);
-        } else {
-          const __mmask16 m = __mmask16((1u << (rows - c0)) - 1);
-          _mm512_mask_storeu_epi32(dst + (x0 + j) * ldd + c0, m, r[j]);
-        }
+        if (cn == 16) _mm512_storeu_si512(dst + (x0 + j) * ldd + c0, r[j]);
+        else _mm512_mask_storeu_epi32(dst + (x0 + j) * ldd + c0, cm, r[j]);
       }
     }
+  }
 #else
   for (int64_t c0 = 0; c0 < rows; c0 += 16)  // 16 rows at a time: the reads stay in a few lines
     for (int64_t x = 0; x < cols; ++x)

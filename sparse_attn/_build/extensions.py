@@ -12,7 +12,7 @@ EXTENSIONS = {
     "cpu": {
         "sources": ["cpu/block_sparse_fwd.cpp", "cpu/block_sparse_bwd.cpp", "cpu/topk_select.cpp"],
         "headers": ["cpu/vec.h", "cpu/vec_bf16.h", "cpu/scalar.h", "cpu/layout_check.h", "cpu/token_blocks.h",
-                    "cpu/huge_pages.h", "cpu/target_check.h", "cpu/vec_bf16_neon.h", "cpu/softcap.h"],
+                    "cpu/huge_pages.h", "cpu/target_check.h", "cpu/vec_bf16_neon.h", "cpu/softcap.h", "cpu/prefetch.h"],
         "cflags": ["-fopenmp"],
         "ldflags": ["-fopenmp"],
         # only in JIT builds, which run where they are built
