@@ -312,27 +312,23 @@ class TaskRunner {
     }
     float* kt = S.kt.data();
     const int64_t ld = P.kb_pad, ks2 = P.kst[2], ks3 = P.kst[3];
-    if constexpr (DT == 0) {
-      // float32 rows used in place: K by 16 x 16 register transposes, V not copied at all (the
-      // P . V product reads its nk rows through their stride) when its rows fill whole vectors
-      if (ks3 == 1) transpose_f32(kt, ld, kb, ks2, nk, P.D);
-      if (P.vst[3] == 1 && P.Dv == P.Dv_pad) {
-        vrows_ = vb, vld_ = P.vst[2];
-      } else {
-        for (int64_t c = 0; c < nk; ++c) load_row<DT>(S.v.data() + c * P.Dv_pad, vb + c * P.vst[2], P.Dv, P.vst[3], 1.f);
-        vrows_ = S.v.data(), vld_ = P.Dv_pad;
-      }
-      if (ks3 == 1) return;
-    }
-    // transpose in chunks of 16 keys so the reads stay in a few cache lines
-    for (int64_t c0 = 0; c0 < nk; c0 += 16) {
-      const int64_t c1 = std::min(nk, c0 + 16);
-      for (int64_t t = 0; t < P.D; ++t) {
-        float* dst = kt + t * ld;
-        for (int64_t c = c0; c < c1; ++c) dst[c] = Elem<DT>::get(kb, c * ks2 + t * ks3);
+    if (DT == 0 && ks3 == 1) {
+      // float32 rows of unit stride: 16 x 16 register transposes
+      transpose_f32(kt, ld, reinterpret_cast<const float*>(kb), ks2, nk, P.D);
+    } else {
+      // transpose in chunks of 16 keys so the reads stay in a few cache lines
+      for (int64_t c0 = 0; c0 < nk; c0 += 16) {
+        const int64_t c1 = std::min(nk, c0 + 16);
+        for (int64_t t = 0; t < P.D; ++t) {
+          float* dst = kt + t * ld;
+          for (int64_t c = c0; c < c1; ++c) dst[c] = Elem<DT>::get(kb, c * ks2 + t * ks3);
+        }
       }
     }
-    if constexpr (DT != 0) {
+    if (DT == 0 && P.vst[3] == 1 && P.Dv == P.Dv_pad) {
+      // float32 rows that fill whole vectors: the P . V product reads the nk rows in place
+      vrows_ = reinterpret_cast<const float*>(vb), vld_ = P.vst[2];
+    } else {
       for (int64_t c = 0; c < nk; ++c) load_row<DT>(S.v.data() + c * P.Dv_pad, vb + c * P.vst[2], P.Dv, P.vst[3], 1.f);
       vrows_ = S.v.data(), vld_ = P.Dv_pad;
     }

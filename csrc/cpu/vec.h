@@ -91,11 +91,9 @@ inline vfloat vsplat(float x) { return vfloat{} + x; }
 inline vfloat vexp2(vfloat x) {
 #if defined(__AVX512F__)
   // the clamps below as vmaxps / vminps, the constant first: a NaN x is the second operand, which
-  // both return when a lane is unordered, as the comparisons do (gcc emits compare + blend for those)
-  __m512 xv;
-  std::memcpy(&xv, &x, sizeof(xv));
-  xv = _mm512_min_ps(_mm512_set1_ps(127.0f), _mm512_max_ps(_mm512_set1_ps(-127.0f), xv));
-  std::memcpy(&x, &xv, sizeof(xv));
+  // both return when a lane is unordered, as the comparisons do (gcc emits compare + blend for those).
+  // (vfloat and __m512 are both 16-float GNU vectors here: a cast converts.)
+  x = (vfloat)_mm512_min_ps(_mm512_set1_ps(127.0f), _mm512_max_ps(_mm512_set1_ps(-127.0f), (__m512)x));
 #else
   x = x < vsplat(-127.0f) ? vsplat(-127.0f) : x;
   x = x > vsplat(127.0f) ? vsplat(127.0f) : x;
@@ -115,20 +113,9 @@ inline vfloat vexp2(vfloat x) {
 // -150 so -inf does not make f = -inf - -inf a NaN). Elsewhere vexp2 itself.
 inline vfloat vexp2_nonpos(vfloat x) {
 #if defined(__AVX512F__)
-  __m512 xv;
-  std::memcpy(&xv, &x, sizeof(xv));
-  xv = _mm512_max_ps(_mm512_set1_ps(-150.0f), xv);  // NaN is the second operand: kept
-  const __m512 n = _mm512_roundscale_ps(xv, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  vfloat f;
-  const __m512 fv = _mm512_sub_ps(xv, n);
-  std::memcpy(&f, &fv, sizeof(f));
-  const vfloat p = exp2_poly(f);
-  __m512 pv;
-  std::memcpy(&pv, &p, sizeof(pv));
-  pv = _mm512_scalef_ps(pv, n);
-  vfloat r;
-  std::memcpy(&r, &pv, sizeof(r));
-  return r;
+  x = (vfloat)_mm512_max_ps(_mm512_set1_ps(-150.0f), (__m512)x);  // NaN is the second operand: kept
+  const __m512 n = _mm512_roundscale_ps((__m512)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return (vfloat)_mm512_scalef_ps((__m512)exp2_poly(x - (vfloat)n), n);
 #else
   return vexp2(x);
 #endif
@@ -138,9 +125,7 @@ inline vfloat vexp2_nonpos(vfloat x) {
 // of _mm512_reduce_*: not lane 0, 1, 2, ...); elsewhere lane by lane. hmax: v holds no NaN.
 inline float hsum(vfloat v) {
 #if defined(__AVX512F__)
-  __m512 x;
-  std::memcpy(&x, &v, sizeof(x));
-  return _mm512_reduce_add_ps(x);
+  return _mm512_reduce_add_ps((__m512)v);
 #else
   float s = 0.f;
   for (int i = 0; i < kVec; ++i) s += v[i];
@@ -149,9 +134,7 @@ inline float hsum(vfloat v) {
 }
 inline float hmax(vfloat v) {
 #if defined(__AVX512F__)
-  __m512 x;
-  std::memcpy(&x, &v, sizeof(x));
-  return _mm512_reduce_max_ps(x);
+  return _mm512_reduce_max_ps((__m512)v);
 #else
   float m = v[0];
   for (int i = 1; i < kVec; ++i) m = std::max(m, v[i]);
@@ -162,12 +145,7 @@ inline float hmax(vfloat v) {
 // comparison, which gives b's lane too; callers that must keep NaN check for it separately)
 inline vfloat vmax(vfloat a, vfloat b) {
 #if defined(__AVX512F__)
-  __m512 x, y;
-  std::memcpy(&x, &a, sizeof(x));
-  std::memcpy(&y, &b, sizeof(y));
-  x = _mm512_max_ps(x, y);
-  std::memcpy(&a, &x, sizeof(x));
-  return a;
+  return (vfloat)_mm512_max_ps((__m512)a, (__m512)b);
 #else
   return a > b ? a : b;
 #endif
@@ -175,9 +153,7 @@ inline vfloat vmax(vfloat a, vfloat b) {
 // whether any lane of a comparison's result is set
 inline bool vany(vint v) {
 #if defined(__AVX512F__)
-  __m512i x;
-  std::memcpy(&x, &v, sizeof(x));
-  return _mm512_test_epi32_mask(x, x) != 0;
+  return _mm512_test_epi32_mask((__m512i)v, (__m512i)v) != 0;
 #else
   for (int i = 0; i < kVec; ++i)
     if (v[i] != 0) return true;
