@@ -68,3 +68,34 @@ def test_short_tails(sk):
         out, _ = _decode().decode_forward(q, k, v, sa.Dense(), scale=0.125)
         ref = sa.attention(q.double(), k.double(), v.double(), sa.Dense(), scale=0.125, backend="reference")
         oracle.assert_close_contract(out, ref, dtype=torch.float32, device="cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+def test_prefetch_modes_same_bits(dtype):
+    """The float32 products' prefetches (csrc/cpu/reuse_clock.h: on for a cache not read recently,
+    off for one read again soon after) change where memory is touched, never the arithmetic:
+    prefetch = 0, 1 and -1 (auto, first call and repeated calls) give the same bits, paged and
+    contiguous. Anything else is a ValueError naming the argument."""
+    ext = _decode()._ext()
+    b, g, hkv, sk, d = 2, 2, 2, 1000, 64
+    q, k, v = make_qkv_for(sa.Dense(), b, g * hkv, hkv, 1, sk, d, d, dtype=dtype)
+    kp, vp, table = _paged(k, v, 64)
+
+    def run(prefetch, paged):
+        a = ext.DecodeArgs()
+        a.q, a.scale, a.prefetch = q, d ** -0.5, prefetch
+        if paged:
+            a.k, a.v, a.page_table, a.page_size = kp, vp, table, 64
+            a.lengths = torch.full((b,), sk, dtype=torch.int32)
+        else:
+            a.k, a.v = k, v
+        return ext.decode_fwd(a)[0]
+
+    for paged in (False, True):
+        outs = [run(p, paged) for p in (0, 1, -1, -1, -1)]
+        for o in outs[1:]:
+            assert torch.equal(o, outs[0])
+    ref = sa.attention(q.double(), k.double(), v.double(), sa.Dense(), scale=d ** -0.5, backend="reference")
+    oracle.assert_close_contract(outs[0], ref, dtype=dtype, device="cpu")
+    with pytest.raises(ValueError, match="prefetch"):
+        run(2, False)

@@ -52,6 +52,7 @@
 
 #include "cpu/decode_bf16.h"  // SPARSE_ATTN_BF16_DOT: bfloat16 products with vdpbf16ps, from the rows
 #include "cpu/decode_f32.h"
+#include "cpu/reuse_clock.h"
 #include "cpu/decode_fp8.h"   // SPARSE_ATTN_FP8_DOT: fp8 codes as bf16 words, the bf16 products
 #include "cpu/decode_int8.h"  // SPARSE_ATTN_INT8_DOT: int8 codes x int16 q / P with vpdpwssd
 #include "cpu/decode_plan.h"
@@ -197,7 +198,11 @@ class Split {
   // the bf16 products' scratch (q as bf16 words, P as bf16 pairs) is needed
   static constexpr bool kBf16Words = kDot || kFp8Dot;
 
-  Split(const Params& P, const QIn* Q, const In* K, const In* V) : P(P), Q(Q), K(K), V(V) {}
+  // the float32 products (K/V in float32 / float16, or bfloat16 without vdpbf16ps)
+  static constexpr bool kFloatProducts = !kDot && !kQuant;
+
+  // pf: whether the float32 products prefetch rows ahead of use (reuse_clock.h)
+  Split(const Params& P, const QIn* Q, const In* K, const In* V, bool pf) : P(P), Q(Q), K(K), V(V), pf_(pf) {}
 
   // rows r = t * G + g (token-major); writes the split's unnormalised out (R x Dv), max, sum
   void run(Scratch& S, int64_t b, int64_t h, const Seg* segs, int64_t nseg, float* po, float* pm, float* pl) {
@@ -277,7 +282,7 @@ class Split {
     if (nseg > 0) locate_rows(P, K, V, segs[0], b, h, kr_[0], vr_[0]);
     for (int64_t e = 0; e < nseg; ++e) {
       if (e + 1 < nseg) locate_rows(P, K, V, segs[e + 1], b, h, kr_[(e + 1) & 1], vr_[(e + 1) & 1]);
-      if (e + 2 < nseg) touch_pages(P, K, V, segs[e + 2], b, h);  // pages two segments ahead
+      if (e + 2 < nseg && (pf_ || !kFloatProducts)) touch_pages(P, K, V, segs[e + 2], b, h);  // pages two segments ahead
       if constexpr (kQuant) load_scales(P, segs[e], b, h, S.ks.data(), S.vs.data());
       segment(S, segs[e], TableRows<In>{kr_[e & 1]}, TableRows<In>{vr_[e & 1]}, skb, TableRows<In>{kr_[(e + 1) & 1]},
               TableRows<In>{vr_[(e + 1) & 1]}, e + 1 < nseg ? segs[e + 1].nk : 0);
@@ -379,11 +384,13 @@ class Split {
       const bool held = qk_held(cnt, P.D);
       if (held) {
         with_held(cnt, P.D, [&](auto rt, auto nq) {
-          qk_rows_held<DT, decltype(rt)::value, decltype(nq)::value>(nk, S.qp.data(), kr, S.sp.data(), ahead);
+          constexpr int RT = decltype(rt)::value, NQ = decltype(nq)::value;
+          pf_ ? qk_rows_held<DT, RT, NQ>(nk, S.qp.data(), kr, S.sp.data(), ahead)
+              : qk_rows_held<DT, RT, NQ>(nk, S.qp.data(), kr, S.sp.data(), none);
         });
       }
       for (int64_t r = 0; r < cnt && !held; r += kRT) {
-        const bool first = r == 0;
+        const bool first = r == 0 && pf_;
         switch (std::min<int64_t>(kRT, cnt - r)) {
           case 4: first ? qk_rows<DT, 4>(nk, P.D, S.qp.data() + r, kr, S.sp.data() + r, ahead)
                         : qk_rows<DT, 4>(nk, P.D, S.qp.data() + r, kr, S.sp.data() + r, none); break;
@@ -531,6 +538,7 @@ class Split {
   const Params& P;
   const QIn* Q;
   const In *K, *V;
+  const bool pf_;
   const In* kr_[2][kSeg];  // paged: K / V row addresses of the current and the next segment
   const In* vr_[2][kSeg];
 };
@@ -557,6 +565,17 @@ void run_all(const Params& P, const void* q, const void* k, const void* v, OutT*
     at::parallel_for(0, BH, 1, build);
   }
 
+  // whether the float32 products prefetch rows ahead of use: not where this cache was read so
+  // recently that its rows are probably still in the last-level cache (reuse_clock.h)
+  bool pf = P.prefetch == 1;
+  if (P.prefetch < 0 && Split<QT, DT>::kFloatProducts) {
+    int64_t keys = 0;
+    for (const auto& sv : segs)
+      for (const Seg& sg : sv) keys += sg.nk;
+    const uint64_t bytes = uint64_t(keys) * uint64_t(P.D + P.Dv) * sizeof(In);
+    pf = !reuse_clock().warm(k, bytes, uint64_t(llc_bytes()) / 2);
+  }
+
   // 2. splits: ~4 units of work per thread over all (batch, kv head) (decode_plan.h)
   const SplitPlan plan(segs, nthreads);
   const int64_t units = plan.units;
@@ -573,7 +592,7 @@ void run_all(const Params& P, const void* q, const void* k, const void* v, OutT*
     if (begin >= end) return;
     Scratch S(P, Split<QT, DT>::kBf16Words, Split<QT, DT>::kInt8Dot);
     std::vector<float> acc, w;
-    Split<QT, DT> split(P, static_cast<const QIn*>(q), static_cast<const In*>(k), static_cast<const In*>(v));
+    Split<QT, DT> split(P, static_cast<const QIn*>(q), static_cast<const In*>(k), static_cast<const In*>(v), pf);
     for (;;) {
       const int64_t u = next.fetch_add(1);
       if (u >= units) break;

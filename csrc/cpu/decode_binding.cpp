@@ -58,6 +58,9 @@ struct DecodeArgs {
   int64_t page_size = 0;
   c10::optional<torch::Tensor> k_scale, v_scale;
   c10::optional<torch::Tensor> out;
+  // the float32 products' prefetches of rows ahead of use: -1 when the K/V were probably not read
+  // recently (csrc/cpu/reuse_clock.h), 0 never, 1 always; the same bits either way
+  int64_t prefetch = -1;
 };
 
 std::string describe(const DecodeArgs& a) {
@@ -71,7 +74,8 @@ std::string describe(const DecodeArgs& a) {
     << ", window=" << a.window << ", sinks=" << a.sinks << ", scale=" << a.scale << ", softcap=" << a.softcap << ", block=" << a.block
     << ", layout=" << shape(a.layout) << ", token_index=" << shape(a.token_index) << ", sink_blocks=" << a.sink_blocks
     << ", local_blocks=" << a.local_blocks << ", lengths=" << shape(a.lengths) << ", page_table=" << shape(a.page_table)
-    << ", page_size=" << a.page_size << ", k_scale=" << shape(a.k_scale) << ", v_scale=" << shape(a.v_scale) << ", out=" << shape(a.out) << ")";
+    << ", page_size=" << a.page_size << ", k_scale=" << shape(a.k_scale) << ", v_scale=" << shape(a.v_scale) << ", out=" << shape(a.out)
+    << ", prefetch=" << a.prefetch << ")";
   return s.str();
 }
 
@@ -197,6 +201,9 @@ std::tuple<torch::Tensor, torch::Tensor> decode_fwd(const DecodeArgs& a) {
   P.tst0 = paged ? table.stride(0) : 0, P.tst1 = paged ? table.stride(1) : 0;
   P.page_size = paged ? page_size : 0;
   P.ksc = P.vsc = nullptr;
+  TORCH_CHECK_VALUE(a.prefetch >= -1 && a.prefetch <= 1, "decode_fwd: prefetch must be -1 (auto), 0 or 1, got ",
+                    a.prefetch);
+  P.prefetch = static_cast<int>(a.prefetch);
   if (quant) {
     const torch::Tensor &ks = *a.k_scale, &vs = *a.v_scale;
     for (const torch::Tensor* t : {&ks, &vs})
@@ -357,6 +364,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readwrite("k_scale", &DecodeArgs::k_scale)
       .def_readwrite("v_scale", &DecodeArgs::v_scale)
       .def_readwrite("out", &DecodeArgs::out)
+      .def_readwrite("prefetch", &DecodeArgs::prefetch)
       .def("__repr__", &describe);
   m.def("decode_fwd", &decode_fwd, "split-KV attention forward for Sq <= 16 query rows -> (out, lse)", py::arg("args"));
   m.def("pool_keys", &pool_keys, "mean key of each block, float32 (B, H, ceil(Sk / block), D)", py::arg("k"),

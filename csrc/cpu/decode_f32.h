@@ -13,6 +13,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "cpu/decode_f32_avx512.h"
 #include "cpu/vec.h"
 
 namespace sparse_attn_decode {
@@ -56,6 +57,9 @@ inline void qk_tile(int64_t D, const float* const* q, Rows kr, float* const* s, 
 // paced prefetch)
 template <int DT, int RT, typename Rows, typename Ahead>
 inline void qk_rows(int64_t nk, int64_t D, const float* const* q, Rows kr, float* const* s, Ahead&& ahead) {
+#ifdef SPARSE_ATTN_F32_Z16
+  return qk16::qk_rows<DT, RT>(nk, D, q, kr, s, ahead);  // 16-lane dot products (decode_f32_avx512.h)
+#endif
   constexpr int KT = RT == 1 ? 8 : (RT == 2 ? 4 : 2);
   int64_t j = 0;
   for (; j + KT <= nk; j += KT) {
@@ -101,6 +105,9 @@ inline void with_held(int64_t rt, int64_t d, F&& f) {
 template <int DT, int RT, int NQ, typename Rows, typename Ahead>
 inline void qk_rows_held(int64_t nk, const float* const* q, Rows kr, float* const* s, Ahead&& ahead) {
   static_assert(RT * NQ <= 16, "q rows held in registers");
+#ifdef SPARSE_ATTN_F32_Z16
+  return qk16::qk_rows_held<DT, RT, NQ / 2>(nk, q, kr, s, ahead);  // NQ / 2 16-lane vectors a row
+#endif
   constexpr int KT = RT == 1 ? 8 : (RT == 2 ? 4 : 2);  // as qk_rows: RT x KT <= 8 accumulators
   v8::f8 qv[RT][NQ];
 #pragma GCC unroll 16
@@ -141,6 +148,9 @@ inline void qk_rows_held(int64_t nk, const float* const* q, Rows kr, float* cons
 // not once per 16 columns (pv_rows). The same products in the same order: the same bits.
 template <int DT, int RT, int NV, typename Rows>
 inline void pv_stripe(int64_t nk, int64_t c, const float* const* p, Rows vr, float* const* o, const float* corr) {
+#ifdef SPARSE_ATTN_F32_Z16
+  return qk16::pv_stripe<DT, RT, NV / 2>(nk, c, p, vr, o, corr);  // 16-lane vectors, the same bits
+#endif
   v8::f8 a[RT][NV];
 #pragma GCC unroll 4
   for (int r = 0; r < RT; ++r)

@@ -69,6 +69,8 @@ struct Params {
   const float* ksc;
   const float* vsc;
   int64_t sst[2];
+  // the float32 products' prefetches (reuse_clock.h): -1 as the reuse clock says, 0 never, 1 always
+  int prefetch;
 
   int64_t len(int64_t b) const { return lens ? lens[b] : sk; }
 };
