@@ -6,7 +6,9 @@
 //            segment's keys stream by.
 // Every function takes the rows' addresses as a `Rows` (decode_rows.h: a strided tensor or a
 // paged cache's address table) and does the same arithmetic for both. The bfloat16 products with
-// vdpbf16ps (AVX-512 BF16) are in decode_bf16.h and vec_bf16.h.
+// vdpbf16ps (AVX-512 BF16) are in decode_bf16.h and vec_bf16.h. AVX-512 builds (with BW and VL)
+// run qk_rows, qk_rows_held and pv_stripe on 16-lane vectors instead (decode_f32_avx512.h): the
+// scores' bits then differ from the 8-lane tiles' (within the contract), P . V's do not.
 #pragma once
 
 #include <cstdint>

@@ -393,8 +393,9 @@ inline void load_row(float* dst, const typename Elem<DT>::T* src, int64_t n, int
 // ------------------------------------------------------------------------ fixed 8-float vectors
 // The decode kernel (decode_f32.h, decode_softmax.h) works on exactly 8 floats at a time on every
 // target: its q . k tiles keep 8 accumulators of 8 lanes and reduce them together (hsum), and its
-// results must not depend on the machine's vector width (a paged and a contiguous cache give the
-// same bits; AVX-512 machines keep the arithmetic measured on AVX2). GNU vector types where the
+// results must not depend on how rows are found (a paged and a contiguous cache give the same
+// bits). AVX-512 builds replace the float32 q . K^T and P . V loops by 16-lane ones
+// (decode_f32_avx512.h; the softmax stays here). GNU vector types where the
 // compiler has them (one 256-bit register with AVX, two 128-bit ones without), a plain array
 // elsewhere. Separate names from the native-width `vfloat` above: with AVX the two are one type.
 namespace v8 {

@@ -144,7 +144,8 @@ class PreparedDecode:
     same rank with Dv. Made by `CpuCacheDecode.prepared` for what needs nothing computed per step
     (Dense, SlidingWindow; no sinks, no quantized storage); a serving loop's fast path
     (integrations/vllm), not a public entry point: `attention_with_cache` / `CachePlan.run` keep
-    the full validation. Holds the last step's tensors until the next."""
+    the full validation. Keeps no step's tensors (the binding's `decode_step` takes them as
+    arguments)."""
 
     def __init__(self, pattern, *, scale: float, softcap, k: torch.Tensor, v: torch.Tensor, page_size: int):
         ext = _ext()
@@ -152,13 +153,11 @@ class PreparedDecode:
         args.k, args.v, args.scale, args.softcap, args.page_size = k, v, float(scale), float(softcap or 0.0), page_size
         causal, window, sinks = pattern.token_rule()
         args.causal, args.window, args.sinks = causal, window if window else -1, sinks if window else 0
-        self._args, self._call = args, ext.decode_fwd
+        self._args, self._step = args, ext.decode_step
         self.k, self.v = k, v
 
     def run(self, q: torch.Tensor, lengths: torch.Tensor, page_table: torch.Tensor, out: torch.Tensor) -> None:
-        a = self._args
-        a.q, a.lengths, a.page_table, a.out = q, lengths, page_table, out
-        self._call(a)
+        self._step(self._args, q, lengths, page_table, out)
 
 
 def _keys_read(p) -> float:
