@@ -60,8 +60,8 @@ inline void qk_tile(int64_t D, const float* const* q, Rows kr, float* const* s, 
 template <int DT, int RT, typename Rows, typename Ahead>
 inline void qk_rows(int64_t nk, int64_t D, const float* const* q, Rows kr, float* const* s, Ahead&& ahead) {
 #ifdef SPARSE_ATTN_F32_Z16
-  return qk16::qk_rows<DT, RT>(nk, D, q, kr, s, ahead);  // 16-lane dot products (decode_f32_avx512.h)
-#endif
+  return f32z::qk_rows<DT, RT>(nk, D, q, kr, s, ahead);  // 16-lane dot products (decode_f32_avx512.h)
+#else
   constexpr int KT = RT == 1 ? 8 : (RT == 2 ? 4 : 2);
   int64_t j = 0;
   for (; j + KT <= nk; j += KT) {
@@ -72,6 +72,7 @@ inline void qk_rows(int64_t nk, int64_t D, const float* const* q, Rows kr, float
     ahead(j, 1);
     qk_tile<DT, RT, 1>(D, q, kr + j, s, j);
   }
+#endif
 }
 
 // Few rows of a small head (the tiny-model shape: G = 2 rows per kv head, D = 64): qk_rows reloads
@@ -108,8 +109,8 @@ template <int DT, int RT, int NQ, typename Rows, typename Ahead>
 inline void qk_rows_held(int64_t nk, const float* const* q, Rows kr, float* const* s, Ahead&& ahead) {
   static_assert(RT * NQ <= 16, "q rows held in registers");
 #ifdef SPARSE_ATTN_F32_Z16
-  return qk16::qk_rows_held<DT, RT, NQ / 2>(nk, q, kr, s, ahead);  // NQ / 2 16-lane vectors a row
-#endif
+  return f32z::qk_rows_held<DT, RT, NQ / 2>(nk, q, kr, s, ahead);  // NQ / 2 16-lane vectors a row
+#else
   constexpr int KT = RT == 1 ? 8 : (RT == 2 ? 4 : 2);  // as qk_rows: RT x KT <= 8 accumulators
   v8::f8 qv[RT][NQ];
 #pragma GCC unroll 16
@@ -143,6 +144,7 @@ inline void qk_rows_held(int64_t nk, const float* const* q, Rows kr, float* cons
     ahead(j, 1);
     tile(j, std::integral_constant<int, 1>{});
   }
+#endif
 }
 
 // P . V for few rows over whole 64-column stripes: RT x NV accumulators (NV = 8: 64 columns for
@@ -151,8 +153,8 @@ inline void qk_rows_held(int64_t nk, const float* const* q, Rows kr, float* cons
 template <int DT, int RT, int NV, typename Rows>
 inline void pv_stripe(int64_t nk, int64_t c, const float* const* p, Rows vr, float* const* o, const float* corr) {
 #ifdef SPARSE_ATTN_F32_Z16
-  return qk16::pv_stripe<DT, RT, NV / 2>(nk, c, p, vr, o, corr);  // 16-lane vectors, the same bits
-#endif
+  return f32z::pv_stripe<DT, RT, NV / 2>(nk, c, p, vr, o, corr);  // 16-lane vectors, the same bits
+#else
   v8::f8 a[RT][NV];
 #pragma GCC unroll 4
   for (int r = 0; r < RT; ++r)
@@ -174,6 +176,7 @@ inline void pv_stripe(int64_t nk, int64_t c, const float* const* p, Rows vr, flo
   for (int r = 0; r < RT; ++r)
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) v8::store(o[r] + c + 8 * v, a[r][v]);
+#endif
 }
 
 // o_r = corr_r * o_r + sum_j p_r[j] v_j, r < RT; 16 (then 8, then 1) output columns at a time;

@@ -29,7 +29,7 @@
 #include "cpu/vec.h"
 
 namespace sparse_attn_decode {
-namespace qk16 {
+namespace f32z {
 
 using sparse_attn_cpu::Elem;
 
@@ -180,7 +180,7 @@ inline void pv_stripe(int64_t nk, int64_t c, const float* const* p, Rows vr, flo
     for (int v = 0; v < NV; ++v) _mm512_storeu_ps(o[r] + c + 16 * v, a[r][v]);
 }
 
-}  // namespace qk16
+}  // namespace f32z
 }  // namespace sparse_attn_decode
 
 #endif
