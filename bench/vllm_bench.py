@@ -18,6 +18,8 @@ Runs alternate (A, B, A, B ...) so load from other jobs falls on both; medians a
 
 `forward`: one layer's decode `forward` with its glue (the plugin's impl vs the body of vLLM's),
 one thread, CPU time, the GC heap frozen as vLLM's engine does; and our kernel's binding alone.
+`--layers 1 12` (default): one cache called over and over (it stays in the last-level cache), and
+12 caches called in turn as a model's layers are (each read from DRAM once the 12 exceed it).
 
 `chunk`: one prefill chunk (4096 queries, vLLM's CPU token budget per step, float32 tiny-model
 shape) ending at n keys: vLLM's kernel vs the plugin's path (gather from the pages, `attention`).
@@ -186,7 +188,11 @@ def forward_bench(args):
     scheduler metadata made once), and our kernel's binding alone (`decode_fwd`). Short contexts,
     where the per-call costs show. The GC heap is frozen first, as vLLM's engine core does after
     its start (`freeze_gc_heap`): else collections over vLLM's millions of objects land on whoever
-    allocates. Per call: the best of `--rounds` batches of `--reps` calls, alternating."""
+    allocates. Per call: the best of `--rounds` batches of `--reps` calls, alternating.
+    `--layers L`: L caches (each its own pages, table, query and impl) called in turn, as a
+    model's L layers are within a step: with L = 1 the one cache stays in the last-level cache
+    between calls (a one-layer model), with L x the cache bytes beyond it each call reads its
+    rows from DRAM, as in a real model (whose weights pass through that cache too)."""
     import gc
 
     import torch
@@ -199,27 +205,38 @@ def forward_bench(args):
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     torch.set_num_threads(1)
     for n in args.lengths:
+        for layers in args.layers:
+            _forward_row(args, n, layers, dtype, torch, ops, _ext, SparseAttnImpl, SparseAttnMetadata, PagesCache,
+                         split_pages, gc)
+
+
+def _forward_row(args, n, layers, dtype, torch, ops, _ext, SparseAttnImpl, SparseAttnMetadata, PagesCache,
+                 split_pages, gc):
+    """One `forward` row: `layers` caches of n keys each (their own pages, tables and queries),
+    called in turn as a model's layers are; per call times."""
+    scale = args.d ** -0.5
+    vllm_calls, ours_calls, kernel_calls, errs = [], [], [], []
+    for _ in range(layers):
+        impl = SparseAttnImpl(args.hq, args.d, scale, args.hkv)  # one per layer, as vLLM makes them
         kv_vllm, kv, _, table, q, lens = _kernel_case(n, hq=args.hq, hkv=args.hkv, d=args.d, page=args.page,
                                                       dtype=dtype)
         kp, vp = split_pages(kv_vllm)
         qsl = torch.arange(2, dtype=torch.int32)
         out = torch.empty_like(q)
-        scale = args.d ** -0.5
         vllm_op = _vllm_call(ops, q, kp, vp, out, qsl, lens, table, scale, args, dtype)
 
-        def vllm_forward():
+        def vllm_forward(kv_vllm=kv_vllm, vllm_op=vllm_op):
             pages, heads, page, _ = kv_vllm.size()
             kv_vllm.view((pages, heads, page * 2, -1)).chunk(2, dim=2)
             vllm_op()
 
-        impl = SparseAttnImpl(args.hq, args.d, scale, args.hkv)
         meta = SparseAttnMetadata(num_actual_tokens=1, query_start_loc=[0, 1], seq_lens=lens,
                                   seq_lens_host=lens.tolist(), block_table=table,
                                   slot_mapping=torch.zeros(1, dtype=torch.long), decode_idx=[0], prefill_idx=[])
         output = torch.empty_like(q)
         new_kv = q[:, :args.hkv]  # the step's K/V as vLLM hands them (already in the pages)
 
-        def ours_forward():
+        def ours_forward(impl=impl, q=q, new_kv=new_kv, kv=kv, meta=meta, output=output):
             impl.forward(None, q, new_kv, new_kv, kv, meta, output)
 
         view = PagesCache(kv, table, lens, [n]).kv_view()
@@ -227,27 +244,39 @@ def forward_bench(args):
         dargs.q, dargs.k, dargs.v, dargs.scale = q[:, :, None], view.k, view.v, scale
         dargs.lengths, dargs.page_table, dargs.page_size = view.lengths, view.page_table, view.page_size
 
-        def kernel_alone():
+        def kernel_alone(dargs=dargs):
             _ext().decode_fwd(dargs)
 
         vllm_forward()
         ours_forward()
-        err = ((output.float() - out.float()).norm() / out.float().norm()).item()
-        gc.collect()
-        gc.freeze()
-        fns = [("vllm_forward", vllm_forward), ("ours_forward", ours_forward), ("kernel_alone", kernel_alone)]
-        best = {k: float("inf") for k, _ in fns}
-        for r in range(args.rounds):
-            for k, fn in (fns if r % 2 == 0 else fns[::-1]):
-                t = time.thread_time()
-                for _ in range(args.reps):
-                    fn()
-                best[k] = min(best[k], (time.thread_time() - t) / args.reps)
-        gc.unfreeze()
-        row = {"n": n, "dtype": args.dtype, "hq": args.hq, "hkv": args.hkv, "d": args.d, "load": _load(),
-               "rel_err_vs_vllm": err, **{f"{k}_us": round(1e6 * t, 1) for k, t in best.items()},
-               "speedup": best["vllm_forward"] / best["ours_forward"]}
-        print(json.dumps(row), flush=True)
+        errs.append(((output.float() - out.float()).norm() / out.float().norm()).item())
+        vllm_calls.append(vllm_forward)
+        ours_calls.append(ours_forward)
+        kernel_calls.append(kernel_alone)
+
+    def each(calls):
+        def run():
+            for c in calls:
+                c()
+        return run
+
+    gc.collect()
+    gc.freeze()
+    fns = [("vllm_forward", each(vllm_calls)), ("ours_forward", each(ours_calls)),
+           ("kernel_alone", each(kernel_calls))]
+    best = {k: float("inf") for k, _ in fns}
+    passes = max(1, args.reps // layers)  # about --reps calls a batch, whatever the layer count
+    for r in range(args.rounds):
+        for k, fn in (fns if r % 2 == 0 else fns[::-1]):
+            t = time.thread_time()
+            for _ in range(passes):
+                fn()
+            best[k] = min(best[k], (time.thread_time() - t) / (passes * layers))
+    gc.unfreeze()
+    row = {"n": n, "layers": layers, "dtype": args.dtype, "hq": args.hq, "hkv": args.hkv, "d": args.d,
+           "load": _load(), "rel_err_vs_vllm": max(errs), **{f"{k}_us": round(1e6 * t, 1) for k, t in best.items()},
+           "speedup": best["vllm_forward"] / best["ours_forward"]}
+    print(json.dumps(row), flush=True)
 
 
 # ------------------------------------------------------------------------------------------- chunk
@@ -403,6 +432,8 @@ def main():
     _shape_args(f, hq=4, hkv=2, d=64, dtype="float32")
     f.add_argument("--rounds", type=int, default=8)
     f.add_argument("--reps", type=int, default=200)
+    f.add_argument("--layers", type=int, nargs="+", default=[1, 12],
+                   help="caches called in turn per pass, as a model's layers are (1: one cache, warm in L3)")
     ch = sub.add_parser("chunk")
     ch.add_argument("--lengths", type=int, nargs="+", default=[4096, 32768])
     ch.add_argument("--chunk", type=int, default=4096, help="queries of the chunk (vLLM's CPU default budget)")
