@@ -612,6 +612,7 @@ void run_all(const Params& P, const void* q, const void* k, const void* v, OutT*
   } else {
     at::parallel_for(0, workers, 1, work);
   }
+  if (P.prefetch < 0 && Split<QT, DT>::kFloatProducts) reuse_clock().done(k);
 }
 
 }  // namespace
