@@ -566,14 +566,16 @@ void run_all(const Params& P, const void* q, const void* k, const void* v, OutT*
   }
 
   // whether the float32 products prefetch rows ahead of use: not where this cache was read so
-  // recently that its rows are probably still in the last-level cache (reuse_clock.h)
+  // recently that its rows are probably still in the last-level cache (reuse_clock.h). Every such
+  // call is a read on the clock, whatever its mode (`DecodeArgs.prefetch` overrides the answer only)
   bool pf = P.prefetch == 1;
-  if (P.prefetch < 0 && Split<QT, DT>::kFloatProducts) {
+  if (Split<QT, DT>::kFloatProducts) {
     int64_t keys = 0;
     for (const auto& sv : segs)
       for (const Seg& sg : sv) keys += sg.nk;
     const uint64_t bytes = uint64_t(keys) * uint64_t(P.D + P.Dv) * sizeof(In);
-    pf = !reuse_clock().warm(k, bytes, uint64_t(llc_bytes()) / 2);
+    const bool warm = reuse_clock().warm(k, bytes, uint64_t(llc_bytes()) / 2);
+    if (P.prefetch < 0) pf = !warm;
   }
 
   // 2. splits: ~4 units of work per thread over all (batch, kv head) (decode_plan.h)
@@ -612,7 +614,7 @@ void run_all(const Params& P, const void* q, const void* k, const void* v, OutT*
   } else {
     at::parallel_for(0, workers, 1, work);
   }
-  if (P.prefetch < 0 && Split<QT, DT>::kFloatProducts) reuse_clock().done(k);
+  if (Split<QT, DT>::kFloatProducts) reuse_clock().done(k);
 }
 
 }  // namespace
