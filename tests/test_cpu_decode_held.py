@@ -15,6 +15,7 @@ import torch
 import oracle
 import sparse_attn as sa
 from conftest import make_qkv_for
+from sparse_attn.cache.quant import dequantize
 
 if os.environ.get("SPARSE_ATTN_DISABLE_JIT") == "1":
     pytestmark = pytest.mark.skip(reason="SPARSE_ATTN_DISABLE_JIT=1: the C++ extension is not built")
@@ -70,9 +71,9 @@ def test_short_tails(sk):
         oracle.assert_close_contract(out, ref, dtype=torch.float32, device="cpu")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["f32", "f16", "bf16"])
 def test_prefetch_modes_same_bits(dtype):
-    """The float32 products' prefetches (csrc/cpu/reuse_clock.h: on for a cache not read recently,
+    """The decode products' prefetches (csrc/cpu/reuse_clock.h: on for a cache not read recently,
     off for one read again soon after) change where memory is touched, never the arithmetic:
     prefetch = 0, 1 and -1 (auto, first call and repeated calls) give the same bits, paged and
     contiguous. Anything else is a ValueError naming the argument."""
@@ -99,3 +100,39 @@ def test_prefetch_modes_same_bits(dtype):
     oracle.assert_close_contract(outs[0], ref, dtype=dtype, device="cpu")
     with pytest.raises(ValueError, match="prefetch"):
         run(2, False)
+
+
+@pytest.mark.parametrize("kv_dtype", ["int8", "fp8_e4m3"])
+def test_prefetch_modes_same_bits_quantized(kv_dtype):
+    """A quantized cache's products (int8 / fp8 codes, bf16 queries) prefetch in auto mode always;
+    `prefetch = 0` drops the pacer and the page touch: the same bits, paged and contiguous, and
+    within the contract of the float64 evaluation over the dequantized rows."""
+    ext = _decode()._ext()
+    b, g, hkv, sk, d = 1, 2, 2, 1000, 64
+    q, k, v = make_qkv_for(sa.Dense(), b, g * hkv, hkv, 1, sk, d, d, dtype=torch.bfloat16)
+    caches = [sa.KVCache(b, hkv, d, sk, dtype=torch.bfloat16, kv_dtype=kv_dtype),
+              sa.PagedKVCache(b, hkv, d, num_pages=-(-sk // 64) + 1, page_size=64, max_len=sk,
+                              dtype=torch.bfloat16, kv_dtype=kv_dtype)]
+    outs = []
+    for cache in caches:
+        cache.append(k, v)
+        view = cache.kv_view()
+
+        def run(prefetch):
+            a = ext.DecodeArgs()
+            a.q, a.k, a.v, a.scale, a.prefetch = q, view.k, view.v, d ** -0.5, prefetch
+            a.lengths, a.k_scale, a.v_scale = view.lengths, view.k_scale, view.v_scale
+            if view.kind != "contiguous":
+                a.page_table, a.page_size = view.page_table, view.page_size
+            return ext.decode_fwd(a)[0]
+
+        got = [run(p) for p in (0, 1, -1, -1)]
+        for o in got[1:]:
+            assert torch.equal(o, got[0])
+        outs.append(got[0])
+    assert torch.equal(outs[0], outs[1])
+    c = caches[0]
+    kd = dequantize(c.k[:, :, :sk], c.k_scale[:, :, :sk], torch.float64)
+    vd = dequantize(c.v[:, :, :sk], c.v_scale[:, :, :sk], torch.float64)
+    ref = sa.attention(q.double(), kd, vd, sa.Dense(), scale=d ** -0.5, backend="reference")
+    oracle.assert_close_contract(outs[0], ref, dtype=torch.bfloat16, device="cpu")

@@ -252,7 +252,7 @@ class Split {
           const StridedRows<In> nk{kb + (nx ? nx->j0 : 0) * P.kst[2], P.kst[2]};
           const StridedRows<In> nv{vb + (nx ? nx->j0 : 0) * P.vst[2], P.vst[2]};
           if constexpr (kQuant) load_scales(P, cur, b, h, S.ks.data(), S.vs.data());
-          if (ahead > 0) {
+          if (ahead > 0 && pf_) {
             segment(S, cur, ck, cv, skb, nk, nv, ahead, subs, nsub);
           } else {
             segment<StridedRows<In>, false>(S, cur, ck, cv, skb, nk, nv, 0, subs, nsub);
@@ -262,7 +262,7 @@ class Split {
         return;
       }
       for (int64_t e = 0; e < nseg; ++e) {
-        if (kDot && !S.w.direct) {  // K and V kPrefetchAhead segments ahead, every line: the bf16
+        if (kDot && !S.w.direct && pf_) {  // K and V kPrefetchAhead segments ahead, every line: the bf16
           // products consume a segment faster than the hardware prefetchers fetch 16 rows at once
           for (int64_t f = (e == 0 ? 1 : kPrefetchAhead); f <= kPrefetchAhead && e + f < nseg; ++f) {
             prefetch_rows<In, 1>(StridedRows<In>{kb + segs[e + f].j0 * P.kst[2], P.kst[2]}, segs[e + f].nk, P.D);
@@ -282,10 +282,15 @@ class Split {
     if (nseg > 0) locate_rows(P, K, V, segs[0], b, h, kr_[0], vr_[0]);
     for (int64_t e = 0; e < nseg; ++e) {
       if (e + 1 < nseg) locate_rows(P, K, V, segs[e + 1], b, h, kr_[(e + 1) & 1], vr_[(e + 1) & 1]);
-      if (e + 2 < nseg && (pf_ || !kFloatProducts)) touch_pages(P, K, V, segs[e + 2], b, h);  // pages two segments ahead
+      if (e + 2 < nseg && pf_) touch_pages(P, K, V, segs[e + 2], b, h);  // pages two segments ahead
       if constexpr (kQuant) load_scales(P, segs[e], b, h, S.ks.data(), S.vs.data());
-      segment(S, segs[e], TableRows<In>{kr_[e & 1]}, TableRows<In>{vr_[e & 1]}, skb, TableRows<In>{kr_[(e + 1) & 1]},
-              TableRows<In>{vr_[(e + 1) & 1]}, e + 1 < nseg ? segs[e + 1].nk : 0);
+      if (pf_) {
+        segment(S, segs[e], TableRows<In>{kr_[e & 1]}, TableRows<In>{vr_[e & 1]}, skb, TableRows<In>{kr_[(e + 1) & 1]},
+                TableRows<In>{vr_[(e + 1) & 1]}, e + 1 < nseg ? segs[e + 1].nk : 0);
+      } else {
+        segment<TableRows<In>, false>(S, segs[e], TableRows<In>{kr_[e & 1]}, TableRows<In>{vr_[e & 1]}, skb,
+                                      TableRows<In>{kr_[(e + 1) & 1]}, TableRows<In>{vr_[(e + 1) & 1]}, 0);
+      }
     }
     copy_out(S, po, pm, pl);
   }
@@ -313,7 +318,7 @@ class Split {
                const Seg* subs = nullptr, int64_t nsub = 0) {
     const int64_t G = P.G, nk = sg.nk, j0 = sg.j0;
     if (nsub == 0) subs = &sg, nsub = 1;
-    if (kDot && P.table && !S.w.direct) prefetch_rows<In>(vr, nk, P.Dv);  // the V rows are read after the scores: ask for them now
+    if (kDot && P.table && !S.w.direct && pf_) prefetch_rows<In>(vr, nk, P.Dv);  // the V rows are read after the scores: ask for them now
     int64_t cnt = 0;
     for (int64_t t = 0; t < P.sq; ++t) {
       if (!(sg.rows >> t & 1u)) continue;
@@ -565,16 +570,21 @@ void run_all(const Params& P, const void* q, const void* k, const void* v, OutT*
     at::parallel_for(0, BH, 1, build);
   }
 
-  // whether the float32 products prefetch rows ahead of use: not where this cache was read so
-  // recently that its rows are probably still in the last-level cache (reuse_clock.h). Every such
-  // call is a read on the clock, whatever its mode (`DecodeArgs.prefetch` overrides the answer only)
+  // whether the products prefetch rows ahead of use: not where this cache was read so recently
+  // that its rows are probably still cached (reuse_clock.h). Every call is a read on the clock,
+  // whatever its mode (`DecodeArgs.prefetch` overrides the answer only); quantized caches always
+  // prefetch in auto mode (their products were not measured faster without)
   bool pf = P.prefetch == 1;
-  if (Split<QT, DT>::kFloatProducts) {
+  {
     int64_t keys = 0;
     for (const auto& sv : segs)
       for (const Seg& sg : sv) keys += sg.nk;
     const uint64_t bytes = uint64_t(keys) * uint64_t(P.D + P.Dv) * sizeof(In);
-    const bool warm = reuse_clock().warm(k, bytes, uint64_t(llc_bytes()) / 2);
+    // bf16 / fp16 rows read fast enough that a TLB miss per 4 KB shows: past ~8 MB (2048 pages of
+    // 4 KB: a second-level TLB's reach) their pages need the prefetches' walks even when cached
+    const uint64_t budget = Split<QT, DT>::kFloatProducts ? uint64_t(llc_bytes()) / 2
+                                                          : std::min<uint64_t>(uint64_t(llc_bytes()) / 2, 8u << 20);
+    const bool warm = !Split<QT, DT>::kQuant && reuse_clock().warm(k, bytes, budget);
     if (P.prefetch < 0) pf = !warm;
   }
 
@@ -614,7 +624,7 @@ void run_all(const Params& P, const void* q, const void* k, const void* v, OutT*
   } else {
     at::parallel_for(0, workers, 1, work);
   }
-  if (Split<QT, DT>::kFloatProducts) reuse_clock().done(k);
+  reuse_clock().done(k);
 }
 
 }  // namespace

@@ -1,5 +1,5 @@
-// Whether a decode call's K/V are probably still in the last-level cache: the float32 decode
-// products ask for the rows ahead of use (the next segment's K, this segment's V, the pages two
+// Whether a decode call's K/V are probably still in the last-level cache: the decode products
+// ask for the rows ahead of use (the next segment's K, this segment's V, the pages two
 // segments ahead), which is what a cache read from DRAM needs, and what costs when the rows are in
 // L3 anyway: those prefetches then occupy the core's miss buffers without hiding anything.
 // Measured on one Zen 4 core (32 MB L3), paged float32 cache, Hq 4, Hkv 2, D 64, the kernel alone:
@@ -20,6 +20,13 @@
 // (Hq 4, Hkv 2, D 64) read in turn with 64 MB of other reads between calls: ~12-15% faster per
 // call with the prefetches (median 161-169 against 189-193 us; each call waits on DRAM and TLB
 // walks), which the clock now keeps.
+// The bf16 / fp16 products (pacer, page touch, V rows ahead) follow the same clock with the budget
+// capped at 8 MB: they read fast enough that a page walk per 4 KB shows, and past ~2048 pages (a
+// second-level TLB's reach) a cache judged warm by L3/2 ran 2x slower without the prefetches'
+// walks (`PagedKVCache` bf16, Hq 32, Hkv 8, D 128, 12-16 MB). Within 8 MB, one thread, warm: bf16
+// tiny shape (Hq 4, Hkv 2, D 64) 1024 / 4096 / 16384 keys 19.7 / 73.4 / 298 -> 15.0 / 57.2 / 230 us;
+// Hq 32, Hkv 8, D 128 paged, 1024 / 2048 keys 238 / 470 -> 196 / 379 us. Quantized caches keep
+// their prefetches (no gain measured).
 #pragma once
 
 #include <unistd.h>
