@@ -193,6 +193,18 @@ def forward_bench(args):
     model's L layers are within a step: with L = 1 the one cache stays in the last-level cache
     between calls (a one-layer model), with L x the cache bytes beyond it each call reads its
     rows from DRAM, as in a real model (whose weights pass through that cache too)."""
+    import torch
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    torch.set_num_threads(1)
+    for n in args.lengths:
+        for layers in args.layers:
+            _forward_row(args, n, layers, dtype)
+
+
+def _forward_row(args, n: int, layers: int, dtype):
+    """One `forward` row: `layers` caches of n keys each (their own pages, tables and queries),
+    called in turn as a model's layers are; per call times."""
     import gc
 
     import torch
@@ -202,18 +214,6 @@ def forward_bench(args):
     from sparse_attn.integrations.vllm.backend import SparseAttnImpl, SparseAttnMetadata
     from sparse_attn.integrations.vllm.pages import PagesCache, split_pages
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    torch.set_num_threads(1)
-    for n in args.lengths:
-        for layers in args.layers:
-            _forward_row(args, n, layers, dtype, torch, ops, _ext, SparseAttnImpl, SparseAttnMetadata, PagesCache,
-                         split_pages, gc)
-
-
-def _forward_row(args, n, layers, dtype, torch, ops, _ext, SparseAttnImpl, SparseAttnMetadata, PagesCache,
-                 split_pages, gc):
-    """One `forward` row: `layers` caches of n keys each (their own pages, tables and queries),
-    called in turn as a model's layers are; per call times."""
     scale = args.d ** -0.5
     vllm_calls, ours_calls, kernel_calls, errs = [], [], [], []
     for _ in range(layers):

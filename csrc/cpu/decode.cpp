@@ -572,8 +572,8 @@ void run_all(const Params& P, const void* q, const void* k, const void* v, OutT*
 
   // whether the products prefetch rows ahead of use: not where this cache was read so recently
   // that its rows are probably still cached (reuse_clock.h). Every call is a read on the clock,
-  // whatever its mode (`DecodeArgs.prefetch` overrides the answer only); quantized caches always
-  // prefetch in auto mode (their products were not measured faster without)
+  // whatever its mode (`DecodeArgs.prefetch` overrides the answer only); quantized caches count
+  // on it but always prefetch in auto mode (their products were not measured faster without)
   bool pf = P.prefetch == 1;
   {
     int64_t keys = 0;
@@ -584,7 +584,7 @@ void run_all(const Params& P, const void* q, const void* k, const void* v, OutT*
     // 4 KB: a second-level TLB's reach) their pages need the prefetches' walks even when cached
     const uint64_t budget = Split<QT, DT>::kFloatProducts ? uint64_t(llc_bytes()) / 2
                                                           : std::min<uint64_t>(uint64_t(llc_bytes()) / 2, 8u << 20);
-    const bool warm = !Split<QT, DT>::kQuant && reuse_clock().warm(k, bytes, budget);
+    const bool warm = reuse_clock().warm(k, bytes, budget) && !Split<QT, DT>::kQuant;
     if (P.prefetch < 0) pf = !warm;
   }
 

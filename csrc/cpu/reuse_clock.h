@@ -24,8 +24,8 @@
 // capped at 8 MB: they read fast enough that a page walk per 4 KB shows, and past ~2048 pages (a
 // second-level TLB's reach) a cache judged warm by L3/2 ran 2x slower without the prefetches'
 // walks (`PagedKVCache` bf16, Hq 32, Hkv 8, D 128, 12-16 MB). Within 8 MB, one thread, warm: bf16
-// tiny shape (Hq 4, Hkv 2, D 64) 1024 / 4096 / 16384 keys 19.7 / 73.4 / 298 -> 15.0 / 57.2 / 230 us;
-// Hq 32, Hkv 8, D 128 paged, 1024 / 2048 keys 238 / 470 -> 196 / 379 us. Quantized caches keep
+// tiny shape (Hq 4, Hkv 2, D 64) 1024 / 4096 / 16384 keys 20.4 / 75.3 / 363 -> 15.6 / 57.5 / 239 us;
+// Hq 32, Hkv 8, D 128 paged, 1024 / 2048 keys 238 / 470 -> 196 / 379 us (medians). Quantized caches keep
 // their prefetches (no gain measured).
 #pragma once
 
@@ -61,8 +61,8 @@ inline int64_t llc_bytes() {
 class ReuseClock {
  public:
   // a call that reads `bytes` of the cache whose K starts at `key`: whether that cache was read
-  // less than `budget` bytes ago (then its rows are probably still cached); then advances the clock
-  // and less than budget / kFlushBytesPerNs nanoseconds after that read ended (`done`)
+  // less than `budget` bytes ago, and that read ended (`done`) less than budget / kFlushBytesPerNs
+  // ns ago (then its rows are probably still cached); then advances the clock
   bool warm(const void* key, uint64_t bytes, uint64_t budget) {
     const int64_t t = now_ns();
     std::lock_guard<std::mutex> g(mu_);
