@@ -8,6 +8,7 @@ Against the float64 reference with the contract's bounds; paged equals contiguou
 from __future__ import annotations
 
 import os
+import platform
 
 import pytest
 import torch
@@ -46,7 +47,9 @@ def _paged(k, v, page):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
 @pytest.mark.parametrize("pattern", [sa.Dense(), sa.SlidingWindow(700, sinks=3)], ids=["dense", "window"])
 def test_small_heads_against_float64(d, dv, g, sq, dtype, pattern):
-    b, hkv, sk = 2, 2, 1531  # 1531: not a multiple of 4, 8, 16 or a page; 12 segments, several splits
+    # 1531: not a multiple of 4, 8, 16, a page or a segment; 6 segments of 256 keys where q is held
+    # (12 of 128 elsewhere), several splits
+    b, hkv, sk = 2, 2, 1531
     q, k, v = make_qkv_for(pattern, b, g * hkv, hkv, sq, sk, d, dv, dtype=dtype)
     out, _ = _decode().decode_forward(q, k, v, pattern, scale=d ** -0.5)
     ref = sa.attention(q.double(), k.double(), v.double(), pattern, scale=d ** -0.5, backend="reference")
@@ -59,6 +62,46 @@ def test_small_heads_against_float64(d, dv, g, sq, dtype, pattern):
     paged, _ = _decode()._decode_fwd(q, kp, vp, pattern, scale=d ** -0.5, token_index=None, lengths=lens,
                                      page_table=table, page_size=64)
     assert torch.equal(paged, out)
+
+
+def test_segment_keys_rule():
+    """Segments of 256 keys only for the float32 products with q held in registers (G x Sq <= 2
+    rows of a small head); 128 for every other path, whatever the cache's kind or state."""
+    ext = _decode()._ext()
+    long_f32 = ext.segment_keys("float32", "float32", 2, 64)
+    if ext.bf16_dot and platform.machine() in ("x86_64", "AMD64"):  # AVX-512: q is held (kHeldQVectors)
+        assert long_f32 == 256
+    elif platform.machine() in ("aarch64", "arm64"):  # NEON: 16 registers of 4 floats, q reloaded
+        assert long_f32 == 128
+    assert long_f32 in (128, 256)
+    assert ext.segment_keys("float16", "float16", 1, 128) == long_f32
+    assert ext.segment_keys("float32", "float32", 4, 128) == 128  # G = 4: q reloaded, not held
+    assert ext.segment_keys("float32", "float32", 2, 128) == 128  # 2 x 16 vectors do not fit
+    assert ext.segment_keys("bfloat16", "int8", 2, 64) == 128
+    assert ext.segment_keys("float16", "fp8_e4m3", 1, 64) == 128
+    assert ext.segment_keys("bfloat16", "bfloat16", 2, 64) == (128 if ext.bf16_dot else long_f32)
+    with pytest.raises(ValueError, match="kv_dtype"):
+        ext.segment_keys("float32", "int4", 2, 64)
+    with pytest.raises(ValueError, match="dtype"):
+        ext.segment_keys("int8", "int8", 2, 64)
+
+
+@pytest.mark.parametrize("sk", [255, 256, 257, 1023, 1025])
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_long_segment_edges(sk, paged):
+    """Lengths at the 256-key segments' edges, G = 2 at D 64 in float32 (the held path), a window
+    that starts inside a segment plus sinks, two query rows with their own windows."""
+    for pattern, sq in ((sa.Dense(), 1), (sa.SlidingWindow(300, sinks=5), 2)):
+        q, k, v = make_qkv_for(pattern, 1, 4, 2, sq, sk, 64, dtype=torch.float32)
+        ref = sa.attention(q.double(), k.double(), v.double(), pattern, scale=0.125, backend="reference")
+        if paged:
+            kp, vp, table = _paged(k, v, 64)
+            out, _ = _decode()._decode_fwd(q, kp, vp, pattern, scale=0.125, token_index=None,
+                                           lengths=torch.full((1,), sk, dtype=torch.int32), page_table=table,
+                                           page_size=64)
+        else:
+            out, _ = _decode().decode_forward(q, k, v, pattern, scale=0.125)
+        oracle.assert_close_contract(out, ref, dtype=torch.float32, device="cpu")
 
 
 @pytest.mark.parametrize("sk", [1, 3, 5, 8, 13])

@@ -1,7 +1,8 @@
 // Split-KV ("flash-decoding") attention forward on the CPU for a few query rows (Sq <= 16).
 //
 // Decode is memory-bound: the whole cost is reading the visited K/V once. So:
-// * per (batch, kv head) the visited keys are cut into segments of <= kSeg = 128 keys (the union
+// * per (batch, kv head) the visited keys are cut into segments of <= 128 keys (256 for the
+//   float32 products with q held in registers: segment_keys) (the union
 //   over the Sq rows; each segment carries a bit mask of the rows that visit it), and the list is
 //   split across threads (on the direct bf16 path over a strided tensor, consecutive segments are
 //   then read as runs of up to kRunKeys keys, with the same arithmetic); every split computes a
@@ -160,12 +161,12 @@ struct Scratch {
   std::vector<float*> sp, op;
   std::vector<int32_t> rid;
   DotScratch w;
-  // keys per segment at most: kSeg, or long_run_keys on the direct bf16 path over a strided
+  // keys per segment at most: P.seg, or long_run_keys on the direct bf16 path over a strided
   // tensor, where runs of consecutive segments are read as one (Split::run)
-  int64_t run = kSeg;
-  std::vector<Seg> runs;  // a split's segments merged into runs (run > kSeg)
+  int64_t run;
+  std::vector<Seg> runs;  // a split's segments merged into runs (run > P.seg)
   std::vector<int64_t> run_first, pair_end;  // runs[e]'s first segment; per sub-segment, its end key pair
-  Scratch(const Params& P, bool bf16_dot, bool int8_dot) {
+  Scratch(const Params& P, bool bf16_dot, bool int8_dot) : run(P.seg) {
     const bool direct = (bf16_dot && DotScratch::direct_path(P)) || (int8_dot && Int8Scratch::direct_path(P));
     if (direct && !P.table) run = long_run_keys(P.R);
     if (bf16_dot) w.init(P, run);
@@ -237,7 +238,7 @@ class Split {
     if (!P.table) {
       const In* kb = K + b * P.kst[0] + h * P.kst[1];
       const In* vb = V + b * P.vst[0] + h * P.vst[1];
-      if (S.run > kSeg) {  // direct bf16 / int8 paths: runs of consecutive segments (kRunKeys)
+      if (S.run > P.seg) {  // direct bf16 / int8 paths: runs of consecutive segments (kRunKeys)
         merge_runs(segs, nseg, S.run, S.runs, S.run_first);
         const int64_t nrun = static_cast<int64_t>(S.runs.size());
         for (int64_t e = 0; e < nrun; ++e) {
@@ -544,8 +545,8 @@ class Split {
   const QIn* Q;
   const In *K, *V;
   const bool pf_;
-  const In* kr_[2][kSeg];  // paged: K / V row addresses of the current and the next segment
-  const In* vr_[2][kSeg];
+  const In* kr_[2][kSegMax];  // paged: K / V row addresses of the current and the next segment
+  const In* vr_[2][kSegMax];
 };
 
 template <int QT, int DT, typename OutT>
@@ -589,7 +590,7 @@ void run_all(const Params& P, const void* q, const void* k, const void* v, OutT*
   }
 
   // 2. splits: ~4 units of work per thread over all (batch, kv head) (decode_plan.h)
-  const SplitPlan plan(segs, nthreads);
+  const SplitPlan plan(segs, nthreads, P.seg);
   const int64_t units = plan.units;
   const std::vector<int64_t>& first = plan.first;
   const std::vector<int64_t>& nsplit = plan.nsplit;
@@ -654,6 +655,12 @@ void run_decode(const Params& P, int dtype, int kv_dtype, const void* q, const v
   } else {
     run_kv<2, c10::Half>(P, kv_dtype, q, k, v, out, lse);
   }
+}
+
+int64_t segment_keys(int dtype, int kv_dtype, int64_t R, int64_t D) {
+  // Split<QT, DT>::kFloatProducts: K/V in q's dtype, bfloat16 only without vdpbf16ps
+  const bool float_products = kv_dtype == dtype && !(dtype == 1 && kHaveBf16Dot);
+  return float_products && qk_held(R, D) ? kLongSeg : kSeg;
 }
 
 bool bf16_dot_enabled() { return kHaveBf16Dot; }

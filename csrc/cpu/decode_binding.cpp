@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <sstream>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -195,7 +196,9 @@ std::tuple<torch::Tensor, torch::Tensor> decode_fwd(const DecodeArgs& a) {
   P.causal = causal, P.window = window, P.sinks = std::max<int64_t>(0, sinks);
   P.qmul = static_cast<float>(scale) * kLog2e;
   P.cap = static_cast<float>(a.softcap) * kLog2e;
-  P.mode = mode, P.unit = mode == 0 ? kSeg : block;
+  const int dtag = dt == torch::kFloat32 ? 0 : dt == torch::kBFloat16 ? 1 : 2;
+  P.seg = segment_keys(dtag, kv_tag, P.R, D);
+  P.mode = mode, P.unit = mode == 0 ? P.seg : block;
   P.lens = ragged ? lens.data_ptr<int32_t>() : nullptr;
   P.table = paged ? table.data_ptr<int32_t>() : nullptr;
   P.tst0 = paged ? table.stride(0) : 0, P.tst1 = paged ? table.stride(1) : 0;
@@ -237,8 +240,7 @@ std::tuple<torch::Tensor, torch::Tensor> decode_fwd(const DecodeArgs& a) {
   }
 
   const void *qd = q.data_ptr(), *kd = k.data_ptr(), *vd = v.data_ptr();
-  run_decode(P, dt == torch::kFloat32 ? 0 : dt == torch::kBFloat16 ? 1 : 2, kv_tag, qd, kd, vd, out.data_ptr(),
-             lse.data_ptr<float>());
+  run_decode(P, dtag, kv_tag, qd, kd, vd, out.data_ptr(), lse.data_ptr<float>());
   return {out, lse};
 }
 
@@ -388,6 +390,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "or per-page sums (pages, Hkv, D) read through page_table (B, W), rows end-aligned to each "
         "sequence's length", py::arg("q"), py::arg("sums"), py::arg("lengths"), py::arg("block_size"),
         py::arg("topk"), py::arg("sink_blocks"), py::arg("local_blocks"), py::arg("page_table") = py::none());
+  m.def(
+      "segment_keys",
+      [](const std::string& dtype, const std::string& kv_dtype, int64_t rows, int64_t head_dim) {
+        auto tag = [](const std::string& n, bool kv) -> int {
+          if (n == "float32") return 0;
+          if (n == "bfloat16") return 1;
+          if (n == "float16") return 2;
+          if (kv && n == "int8") return sparse_attn_cpu::kInt8;
+          if (kv && n == "fp8_e4m3") return sparse_attn_cpu::kFp8;
+          TORCH_CHECK_VALUE(false, "segment_keys: ", kv ? "kv_dtype" : "dtype", " must be float32, bfloat16, float16",
+                            kv ? ", int8 or fp8_e4m3" : "", ", got ", n);
+        };
+        TORCH_CHECK_VALUE(rows > 0 && head_dim > 0, "segment_keys: rows and head_dim must be positive");
+        return segment_keys(tag(dtype, false), tag(kv_dtype, true), rows, head_dim);
+      },
+      "keys per segment the kernel cuts for q's dtype, K/V's, rows per kv head (G x Sq) and the head dim",
+      py::arg("dtype"), py::arg("kv_dtype"), py::arg("rows"), py::arg("head_dim"));
   m.def("quantize_rows", &quantize_rows, "rows -> (int8 or fp8 codes, float32 scale per row)", py::arg("x"),
         py::arg("fp8"));
 }

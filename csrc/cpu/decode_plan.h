@@ -6,7 +6,7 @@
 //   rule (causal, window, sinks), the block filter (none, a BlockSparse layout, a TopK selection),
 //   per-sequence lengths and a paged cache's page table.
 // * Segments: per (batch, kv head), the union over the Sq rows of their visited keys, cut into
-//   pieces of at most kSeg keys that never cross a filter block; each carries a bit mask of the
+//   pieces of at most P.seg keys that never cross a filter block; each carries a bit mask of the
 //   rows that visit it. Segments are cut by position, never by page, so a paged cache reads the
 //   same segments as a contiguous one (and gets the same bits).
 // * Runs: consecutive segments (next keys, same rows) read as one (the direct bf16 path over a
@@ -21,10 +21,18 @@
 
 namespace sparse_attn_decode {
 
-// keys per segment (scores scratch: rows x kSeg). 128 rather than 64: the per-segment work (row
-// setup, softmax bookkeeping, the products' prologues) took ~12% less of the bf16 direct path's
-// compute from cache (one Zen 4 core, Hkv=8, D=128, G=4)
+// keys per segment (scores scratch: rows x Params::seg). 128 rather than 64: the per-segment work
+// (row setup, softmax bookkeeping, the products' prologues) took ~12% less of the bf16 direct
+// path's compute from cache (one Zen 4 core, Hkv=8, D=128, G=4)
 constexpr int64_t kSeg = 128;
+// ... and kLongSeg for the float32 products with q held in registers (decode_f32.h's qk_held: one
+// or two rows per kv head of a small head, the tiny-model shape), whose keys cost so little each
+// that the per-segment work and the switches between the K and the V pages showed: 256-key
+// segments took 3-7% less (paged, one Zen 4 core, cache warm in L3: segment_keys in decode.cpp).
+// A shape's segment length never depends on the cache's kind or state: paged and contiguous
+// caches, warm and cold, keep the same bits.
+constexpr int64_t kLongSeg = 256;
+constexpr int64_t kSegMax = kLongSeg;  // the segment scratch's capacity
 // On the direct bf16 path over a strided tensor, consecutive segments (next keys, same rows) are
 // read as one run of up to long_run_keys <= kRunKeys keys: q . K^T over the run, then P . V over
 // it, while the softmax and the accumulators' rescaling still go segment by segment, so the
@@ -38,7 +46,7 @@ constexpr int64_t kSeg = 128;
 // 2048-key runs 1.10-1.13x the paced 128-key segments when the memory runs fast, 1.01-1.04x slow.
 constexpr int64_t kRunKeys = 2048;
 constexpr int64_t kRunScratchFloats = 16384;  // rows x run keys of scores at most (64 KB)
-constexpr int64_t kMinSegs = 4;      // a split reads at least ~512 keys: the merge stays negligible
+constexpr int64_t kMinSplitKeys = 512;  // a split reads at least ~512 keys: the merge stays negligible
 constexpr int64_t kMaxSplits = 256;  // per (batch, kv head)
 
 constexpr float kLog2e = 1.4426950408889634f;
@@ -53,7 +61,8 @@ struct Params {
   float qmul;             // scale * log2(e)
   float cap;              // softcap * log2(e) (softcap.h), 0: no soft-capping
   int mode;               // 0: no block filter, 1: BlockSparse layout, 2: TopK
-  int64_t unit;           // block size of the filter (mode 0: kSeg)
+  int64_t seg;            // keys per segment at most: kSeg or kLongSeg (segment_keys)
+  int64_t unit;           // block size of the filter (mode 0: seg)
   const bool* lay;
   int64_t lst[4], lb, lh;
   const int32_t* ti;
@@ -81,6 +90,9 @@ struct Params {
 void run_decode(const Params& P, int dtype, int kv_dtype, const void* q, const void* k, const void* v, void* out,
                 float* lse);
 // whether this build multiplies bfloat16 with vdpbf16ps (AVX-512 BF16)
+// keys per segment for q's dtype and K/V's (as run_decode's), R rows per kv head of head dim D:
+// kLongSeg where the float32 products hold q in registers, else kSeg
+int64_t segment_keys(int dtype, int kv_dtype, int64_t R, int64_t D);
 bool bf16_dot_enabled();
 bool int8_dot_enabled();  // decode_int8.h's integer products built in
 bool fp8_dot_enabled();   // decode_fp8.h's path built in
@@ -173,8 +185,8 @@ inline void build_segments(const Params& P, int64_t b, int64_t h, std::vector<ui
     if (!mask[n]) continue;
     for (int i = 0; i < niv; ++i) {
       const int64_t a = std::max(n * U, iv[i][0]), z = std::min({skb, (n + 1) * U, iv[i][1]});
-      for (int64_t j = a; j < z; j += kSeg)
-        out.push_back(Seg{j, static_cast<int32_t>(std::min(kSeg, z - j)), mask[n]});
+      for (int64_t j = a; j < z; j += P.seg)
+        out.push_back(Seg{j, static_cast<int32_t>(std::min(P.seg, z - j)), mask[n]});
     }
   }
 }
@@ -208,17 +220,19 @@ inline void merge_runs(const Seg* segs, int64_t nseg, int64_t max_keys, std::vec
 }
 
 // -------------------------------------------------------------------------------------- splits
-// ~4 units of work per thread over all (batch, kv head), each of at least kMinSegs segments;
+// ~4 units of work per thread over all (batch, kv head), each of at least kMinSplitKeys keys
+// (min_segs segments of `seg` keys);
 // unit u is split u - first[bh] of (batch, kv head) bh, which has nsplit[bh] of them
 struct SplitPlan {
   std::vector<int64_t> first, nsplit;
   int64_t units = 0;
 
-  SplitPlan(const std::vector<std::vector<Seg>>& segs, int64_t nthreads) {
+  SplitPlan(const std::vector<std::vector<Seg>>& segs, int64_t nthreads, int64_t seg) {
+    const int64_t min_segs = std::max<int64_t>(1, kMinSplitKeys / seg);
     const int64_t BH = static_cast<int64_t>(segs.size());
     int64_t total = 0;
     for (const auto& s : segs) total += static_cast<int64_t>(s.size());
-    const int64_t per_split = std::max<int64_t>(kMinSegs, (total + 4 * nthreads - 1) / (4 * nthreads));
+    const int64_t per_split = std::max<int64_t>(min_segs, (total + 4 * nthreads - 1) / (4 * nthreads));
     first.assign(BH + 1, 0), nsplit.assign(BH, 1);
     for (int64_t bh = 0; bh < BH; ++bh) {
       const int64_t n = static_cast<int64_t>(segs[bh].size());
