@@ -182,6 +182,12 @@ struct Scratch {
   }
 };
 
+// whether q's dtype QT and K/V's DT (as Split's) run the float32 products: not the bf16 dot
+// products, not a quantized cache's codes (Split::kFloatProducts, segment_keys)
+constexpr bool float_products(int qt, int dt) {
+  return !(qt == 1 && dt == 1 && kHaveBf16Dot) && dt != sparse_attn_cpu::kInt8 && dt != sparse_attn_cpu::kFp8;
+}
+
 // QT: q's element tag; DT: K/V's (QT, or sparse_attn_cpu::kInt8 / kFp8 codes of a quantized cache)
 template <int QT, int DT>
 class Split {
@@ -200,7 +206,8 @@ class Split {
   static constexpr bool kBf16Words = kDot || kFp8Dot;
 
   // the float32 products (K/V in float32 / float16, or bfloat16 without vdpbf16ps)
-  static constexpr bool kFloatProducts = !kDot && !kQuant;
+  static constexpr bool kFloatProducts = float_products(QT, DT);
+  static_assert(kFloatProducts == (!kDot && !kQuant));
 
   // pf: whether the float32 products prefetch rows ahead of use (reuse_clock.h)
   Split(const Params& P, const QIn* Q, const In* K, const In* V, bool pf) : P(P), Q(Q), K(K), V(V), pf_(pf) {}
@@ -658,9 +665,7 @@ void run_decode(const Params& P, int dtype, int kv_dtype, const void* q, const v
 }
 
 int64_t segment_keys(int dtype, int kv_dtype, int64_t R, int64_t D) {
-  // Split<QT, DT>::kFloatProducts: K/V in q's dtype, bfloat16 only without vdpbf16ps
-  const bool float_products = kv_dtype == dtype && !(dtype == 1 && kHaveBf16Dot);
-  return float_products && qk_held(R, D) ? kLongSeg : kSeg;
+  return float_products(dtype, kv_dtype) && qk_held(R, D) ? kLongSeg : kSeg;
 }
 
 bool bf16_dot_enabled() { return kHaveBf16Dot; }
