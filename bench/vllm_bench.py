@@ -47,12 +47,28 @@ def _load():
 
 
 # ------------------------------------------------------------------------------------------ kernel
+def vllm_isa(dtype, page: int, head_dim: int) -> str:
+    """The kernel family vLLM's CPU backend picks for these caches on this machine (its own
+    `_get_attn_isa`): "amx" for bf16 on a CPU with AMX tiles and pages of a multiple of 32,
+    "vec" / "vec16" / "neon" otherwise. The baseline must be what vLLM would run here. Linux lets a
+    process use AMX tiles only after asking for them (`arch_prctl`): in an engine the model's bf16
+    matmuls (oneDNN) have asked by the time attention runs; here `torch.cpu._init_amx()` asks,
+    else vLLM's AMX kernel dies on an illegal instruction."""
+    import torch
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+    isa = _get_attn_isa(dtype, page, head_dim)
+    if isa == "amx" and not torch.cpu._init_amx():
+        raise RuntimeError("vLLM picks its AMX kernel here, but the kernel refused this process AMX tiles")
+    return isa
+
+
 def _vllm_call(ops, q, kp, vp, out, qsl, lens, table, scale, args, dtype):
-    """vLLM's own CPU attention over its pages, as a no-argument call (its scheduler metadata made
-    once): the baseline of `kernel` and `chunk`."""
+    """vLLM's own CPU attention over its pages (written by `_kernel_case` with the same ISA), as a
+    no-argument call (its scheduler metadata made once): the baseline of `kernel` and `chunk`."""
+    isa = vllm_isa(dtype, args.page, args.d)
     meta = ops.cpu_attn_get_scheduler_metadata(num_reqs=qsl.numel() - 1, num_heads=args.hq, num_kv_heads=args.hkv,
                                                head_dim=args.d, seq_lens=lens, dtype=dtype, query_start_loc=qsl,
-                                               causal=True, sliding_window_size=-1, isa="vec", enable_kv_split=True)
+                                               causal=True, sliding_window_size=-1, isa=isa, enable_kv_split=True)
 
     def call():
         ops.cpu_attention_with_kv_cache(query=q, key_cache=kp, value_cache=vp, output=out, query_start_loc=qsl,
@@ -77,7 +93,7 @@ def _kernel_case(n: int, *, hq: int, hkv: int, d: int, page: int, dtype, batch: 
     v = torch.randn(batch * n, hkv, d).to(dtype)
     kv_vllm = torch.zeros(pages, hkv, page, 2 * d, dtype=dtype)
     kvp, vvp = split_pages(kv_vllm)
-    ops.cpu_attn_reshape_and_cache(k, v, kvp, vvp, slots, "vec")
+    ops.cpu_attn_reshape_and_cache(k, v, kvp, vvp, slots, vllm_isa(dtype, page, d))
     kv_ours = torch.zeros_like(kv_vllm)
     sums = torch.zeros(pages, hkv, d)
     write_pages(kv_ours, k, v, slots, sums)
@@ -170,7 +186,7 @@ def kernel_bench(args):
             for k, fn in (order if r % 2 == 0 else order[::-1]):
                 times[k].append(_time(fn, args.reps, clock))
         med = {k: statistics.median(v) for k, v in times.items()}
-        row = {"n": n, "dtype": args.dtype, "threads": torch.get_num_threads(), "clock": args.clock, "load": _load(),
+        row = {"n": n, "dtype": args.dtype, "threads": torch.get_num_threads(), "clock": args.clock, "load": _load(), "vllm_isa": vllm_isa(dtype, args.page, args.d),
                "rel_err_vs_vllm": err,
                **{f"{k}_ms": 1e3 * t for k, t in med.items()},
                **{f"{k}_GBps": kv_bytes / t / 1e9 for k, t in med.items() if not k.startswith("ours_topk")},
@@ -274,7 +290,7 @@ def _forward_row(args, n: int, layers: int, dtype):
             best[k] = min(best[k], (time.thread_time() - t) / (passes * layers))
     gc.unfreeze()
     row = {"n": n, "layers": layers, "dtype": args.dtype, "hq": args.hq, "hkv": args.hkv, "d": args.d,
-           "load": _load(), "rel_err_vs_vllm": max(errs), **{f"{k}_us": round(1e6 * t, 1) for k, t in best.items()},
+           "load": _load(), "vllm_isa": vllm_isa(dtype, args.page, args.d), "rel_err_vs_vllm": max(errs), **{f"{k}_us": round(1e6 * t, 1) for k, t in best.items()},
            "speedup": best["vllm_forward"] / best["ours_forward"]}
     print(json.dumps(row), flush=True)
 
@@ -335,7 +351,7 @@ def chunk_bench(args):
                 times[k].append(_time(fn, args.reps, clock))
         med = {k: statistics.median(v) for k, v in times.items()}
         row = {"n": n, "chunk": c, "dtype": args.dtype, "threads": torch.get_num_threads(), "clock": args.clock,
-               "load": _load(), "rel_err_vs_vllm": err, **{f"{k}_ms": 1e3 * t for k, t in med.items()},
+               "load": _load(), "vllm_isa": vllm_isa(dtype, args.page, args.d), "rel_err_vs_vllm": err, **{f"{k}_ms": 1e3 * t for k, t in med.items()},
                "dense_speedup": med["vllm"] / med["ours_dense"], "topk_speedup": med["vllm"] / med["ours_topk"]}
         print(json.dumps(row), flush=True)
 
