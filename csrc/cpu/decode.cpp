@@ -51,6 +51,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/decode_amx.h"   // SPARSE_ATTN_AMX: the same bfloat16 products on AMX tiles
 #include "cpu/decode_bf16.h"  // SPARSE_ATTN_BF16_DOT: bfloat16 products with vdpbf16ps, from the rows
 #include "cpu/decode_f32.h"
 #include "cpu/reuse_clock.h"
@@ -107,6 +108,10 @@ constexpr int64_t kPrefetchAhead = 2;  // the packed bf16 path's software prefet
 struct DotScratch {
   int64_t Dw = 0, Dvp = 0;
   bool direct = false;  // decode_bf16.h's products (no packing): D and Dv in {32, 64, 128, 256}
+  bool amx = false;     // ... on AMX tiles (decode_amx.h), where built, permitted and switched on
+#ifdef SPARSE_ATTN_AMX
+  sparse_attn_cpu::AmxScratch x;
+#endif
   std::vector<uint16_t> zero;
   std::vector<uint32_t> qw, kp, vp, pw;
   std::vector<float> ob;
@@ -123,6 +128,9 @@ struct DotScratch {
   void init(const Params& P, int64_t run) {
     Dw = (P.D + 1) / 2, Dvp = (P.Dv + 15) / 16 * 16;
     direct = direct_path(P);
+#ifdef SPARSE_ATTN_AMX
+    amx = direct && sparse_attn_cpu::amx_active();
+#endif
     zero.assign(Dvp, 0);
     qw.assign(P.R * Dw, 0u), kp.assign(std::max<int64_t>(Dw, 1) * kSeg, 0u), vp.assign(kSeg / 2 * Dvp, 0u);
     pw.assign(P.R * run / 2, 0u), ob.assign(P.R * Dvp, 0.f);
@@ -352,6 +360,11 @@ class Split {
     if constexpr (kFp8Dot) {
       if (S.w.direct) return segment_codes<Rows, Paced>(S, sg, kr, vr, skb, nkr, nvr, next_nk, cnt, subs, nsub);
     }
+#ifdef SPARSE_ATTN_AMX
+    if constexpr (kDot) {
+      if (S.w.amx) return segment_amx<Rows, Paced>(S, sg, kr, vr, skb, nkr, nvr, next_nk, cnt, subs, nsub);
+    }
+#endif
 #ifdef SPARSE_ATTN_BF16_DOT
     // direct path: q . K^T in passes of kDirectRows rows, P . V in passes of `rows` rows x `cols`
     // columns; every key pair of every pass steps the pacer, which prefetches the next segment
@@ -462,6 +475,55 @@ class Split {
       }
     }
   }
+
+#ifdef SPARSE_ATTN_AMX
+  // segment() on AMX tiles (decode_amx.h), rows already listed (cnt): q . K^T in passes of <= 16
+  // rows, the softmax per sub-segment, P spread to the pair halves, P . V per sub-segment and pass.
+  // The next segment goes to L2 at the products' pace (Pacer).
+  template <typename Rows, bool Paced>
+  void segment_amx(Scratch& S, const Seg& sg, Rows kr, Rows vr, int64_t skb, Rows nkr, Rows nvr, int64_t next_nk,
+                   int64_t cnt, const Seg* subs, int64_t nsub) {
+    using namespace sparse_attn_cpu;
+    const int64_t nk = sg.nk, j0 = sg.j0, passes = (cnt + 15) / 16, nk16 = round_up(nk, 16);
+    Pacer<Rows> pace{nkr, nvr, next_nk, P.D * int64_t(sizeof(In)), P.Dv * int64_t(sizeof(In)), passes * nk16 / 2};
+    auto step = [&]() __attribute__((always_inline)) {
+      if constexpr (Paced) pace.step();
+    };
+    auto words = [](Rows r) { return [r](int64_t j) { return reinterpret_cast<const uint16_t*>(r[j]); }; };
+    AmxScratch& X = S.w.x;
+    uint16_t* rc = X.rc.get(16 * std::max(P.D, P.Dv));
+    float* cb = X.cb.get(16 * 64);
+    uint32_t* qb = X.qb.get(16 * ((P.D + 31) / 32) * 16);
+    for (int64_t r = 0; r < cnt; r += 16) {
+      const int R = static_cast<int>(std::min<int64_t>(16, cnt - r));
+      const TileConfig c = qk_tiles(R);
+      _tile_loadconfig(&c);
+      q_tiles(qb, S.w.qwp.data() + r, R, static_cast<int>(P.D / 32));
+      with_chunks(P.D, [&](auto dc) {
+        qk_amx<decltype(dc)::value>(nk, R, qb, words(kr), S.sp.data() + r, P.qmul, rc, cb, step);
+      });
+    }
+    if (static_cast<int64_t>(S.corr.size()) < nsub * cnt) S.corr.resize(nsub * cnt);
+    online_softmax(P, skb, j0, nk, subs, nsub, cnt, S.rid.data(), S.sp.data(), S.m.data(), S.l.data(), S.corr.data());
+    uint32_t* pe = X.pe.get(cnt * nk16);
+    uint32_t* po = X.po.get(cnt * nk16);
+    for (int64_t u = 0; u < nsub; ++u) {  // zero past each sub-segment's end to its 16-key group's
+      const int64_t a = subs[u].j0 - j0, n = subs[u].nk;
+      for (int64_t i = 0; i < cnt; ++i) spread_p(pe + i * nk16 + a, po + i * nk16 + a, S.sp[i] + a, n);
+    }
+    for (int64_t r = 0; r < cnt; r += 16) {
+      const int R = static_cast<int>(std::min<int64_t>(16, cnt - r));
+      const TileConfig c = pv_tiles(R);
+      _tile_loadconfig(&c);
+      for (int64_t u = 0; u < nsub; ++u) {
+        const int64_t a = subs[u].j0 - j0;  // a multiple of 16
+        pv_amx(subs[u].nk, R, P.Dv, pe + r * nk16 + a, po + r * nk16 + a, nk16 * 4, words(vr + a), rc,
+               S.w.obp.data() + r, S.corr.data() + u * cnt + r, cb);
+      }
+    }
+    _tile_release();
+  }
+#endif
 
   // segment() for a quantized cache's codes multiplied straight from the rows, rows already listed
   // (cnt): int8 with integer products (decode_int8.h: q and P as int16), fp8 with the bf16 products
@@ -669,6 +731,15 @@ int64_t segment_keys(int dtype, int kv_dtype, int64_t R, int64_t D) {
 }
 
 bool bf16_dot_enabled() { return kHaveBf16Dot; }
+#ifdef SPARSE_ATTN_AMX
+bool amx_built() { return true; }
+bool amx_enabled() { return sparse_attn_cpu::amx_active(); }
+void set_amx(bool on) { sparse_attn_cpu::amx_switch().store(on ? 1 : 0); }
+#else
+bool amx_built() { return false; }
+bool amx_enabled() { return false; }
+void set_amx(bool) {}
+#endif
 bool int8_dot_enabled() { return kHaveInt8Dot; }
 bool fp8_dot_enabled() { return kHaveFp8Dot; }
 

@@ -354,6 +354,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace sparse_attn_decode;
   m.doc() = "sparse_attn CPU split-KV decode kernel";
   m.attr("bf16_dot") = bf16_dot_enabled();  // bfloat16 products with vdpbf16ps
+  m.attr("amx_built") = amx_built();         // ... and on AMX tiles (decode_amx.h)
+  m.def("amx_enabled", &amx_enabled, "whether bf16 decode runs on AMX tiles now (built, permitted, switched on)");
+  m.def("set_amx", &set_amx, py::arg("on"),
+        "switch the AMX tiles on or off for bf16 decode (process-wide; SPARSE_ATTN_CPU_AMX=0 starts off)");
   m.attr("int8_dot") = int8_dot_enabled();  // int8 codes x int16 q / P with vpdpwssd (decode_int8.h)
   m.attr("fp8_dot") = fp8_dot_enabled();  // fp8 codes as bf16 words, the bf16 products (decode_fp8.h)
   py::class_<DecodeArgs>(m, "DecodeArgs", "decode_fwd's arguments, by name (see csrc/cpu/decode_binding.cpp)")

@@ -94,6 +94,9 @@ void run_decode(const Params& P, int dtype, int kv_dtype, const void* q, const v
 // kLongSeg where the float32 products hold q in registers, else kSeg
 int64_t segment_keys(int dtype, int kv_dtype, int64_t R, int64_t D);
 bool bf16_dot_enabled();
+bool amx_built();         // decode_amx.h's tiles built in (AMX-TILE, AMX-BF16, Linux)
+bool amx_enabled();       // ... and in use now: built, permitted by the kernel, not switched off
+void set_amx(bool on);    // the run-time switch (SPARSE_ATTN_CPU_AMX=0 starts it off)
 bool int8_dot_enabled();  // decode_int8.h's integer products built in
 bool fp8_dot_enabled();   // decode_fp8.h's path built in
 

@@ -41,6 +41,9 @@ inline std::string missing_target_features() {
 #if defined(__AVX512BF16__)
   need(__builtin_cpu_supports("avx512bf16"), "avx512bf16");
 #endif
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && !defined(SPARSE_ATTN_NO_AMX)
+  need(__builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16"), "amx-tile, amx-bf16");
+#endif
 #elif defined(__aarch64__) && defined(__linux__)
   // HWCAP bits of the Linux arm64 ABI (arch/arm64/include/uapi/asm/hwcap.h), spelled out so the
   // check does not depend on the libc headers' age

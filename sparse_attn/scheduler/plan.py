@@ -68,4 +68,7 @@ def choose(problem: Problem, *, backend: str | None = None, op: str = "attention
         raise ValueError(f"no kernel can run this {op} call with backend={backend!r} "
                          f"({problem.describe()}):\n{listing}")
     best = min(ok, key=lambda c: c.cost)
-    return Plan(problem=problem, candidates=cands, kernel=best.kernel, backend_request=backend)
+    # a kernel with several code paths says which one this problem takes (e.g. cpu.decode's products)
+    note = getattr(best.kernel, "path_note", None)
+    notes = [n for n in [note(problem)] if n] if note is not None else []
+    return Plan(problem=problem, candidates=cands, kernel=best.kernel, backend_request=backend, notes=notes)

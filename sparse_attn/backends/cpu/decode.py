@@ -208,6 +208,22 @@ class CpuDecode(FlashKernel):
     def unavailable(self):
         return unavailable_reason(_ext)
 
+    def path_note(self, p) -> str:
+        """Which products the extension runs for this problem (shown by `explain()`)."""
+        try:
+            ext = _ext()
+        except Exception:  # noqa: BLE001 - unavailable: the scheduler lists the reason instead
+            return ""
+        quant = getattr(p, "kv_dtype", None)
+        if quant is not None:
+            return f"cpu.decode: {quant} codes, dequantized in registers"
+        if p.dtype == torch.bfloat16 and ext.bf16_dot:
+            if ext.amx_enabled():
+                return "cpu.decode: bfloat16 products on AMX tiles (csrc/cpu/decode_amx.h; SPARSE_ATTN_CPU_AMX=0 turns them off)"
+            why = "switched off" if ext.amx_built else "not built for this CPU"
+            return f"cpu.decode: bfloat16 dot products (vdpbf16ps / Arm bfdot; AMX tiles {why})"
+        return f"cpu.decode: float32 products over {str(p.dtype).replace('torch.', '')} K/V"
+
     def extra_reasons(self, p):
         why = []
         if p.sq > MAX_ROWS:

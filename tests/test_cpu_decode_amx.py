@@ -1,0 +1,192 @@
+"""bfloat16 decode on AMX tiles (csrc/cpu/decode_amx.h) and the vdpbf16ps products it replaces
+(decode_bf16.h), each against the float64 evaluation of the contract: GQA, Sq > 1, more than 16
+query rows per kv head (two tile passes), head dims 32-256 with Dv != D, lengths that are not
+multiples of 16 keys, Dense / SlidingWindow with sinks / TopK / BlockSparse, contiguous and paged
+(pages in shuffled order: 16-key groups inside a page are one strided tile load, a window's start
+is not). Paged equals contiguous bit for bit on either path. The run-time switch (`set_amx`,
+SPARSE_ATTN_CPU_AMX=0) and the build rule (tiles exactly where the CPU has them) are checked too.
+On a CPU without AMX the "amx" cases are skipped and the vector path is still checked.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import oracle
+import sparse_attn as sa
+from conftest import make_qkv_for
+
+if os.environ.get("SPARSE_ATTN_DISABLE_JIT") == "1":
+    pytestmark = pytest.mark.skip(reason="SPARSE_ATTN_DISABLE_JIT=1: the C++ extension is not built")
+
+
+def _mod():
+    from sparse_attn.backends.cpu import decode
+    return decode
+
+
+def _flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@pytest.fixture(params=["amx", "vector"])
+def products(request):
+    """Run the case with the tiles on ("amx") or off ("vector"); the switch is restored after."""
+    ext = _mod()._ext()
+    if not ext.bf16_dot:
+        pytest.skip("no AVX-512 BF16 / Arm BF16 products in this build: bfloat16 decodes in float32")
+    if request.param == "amx" and not ext.amx_built:
+        pytest.skip("this CPU / build has no AMX tiles")
+    before = ext.amx_enabled()
+    ext.set_amx(request.param == "amx")
+    if request.param == "amx" and not ext.amx_enabled():
+        ext.set_amx(before)
+        pytest.skip("Linux refused this process AMX tiles (arch_prctl)")
+    yield request.param
+    ext.set_amx(before)
+
+
+def _paged(k, v, page):
+    b, hkv, n, _ = k.shape
+    w = -(-n // page)
+    order = torch.randperm(b * w).view(b, w).to(torch.int32)
+    kp = torch.zeros(b * w, hkv, page, k.shape[3], dtype=k.dtype)
+    vp = torch.zeros(b * w, hkv, page, v.shape[3], dtype=v.dtype)
+    for i in range(b):
+        for s in range(w):
+            a, z = s * page, min(n, (s + 1) * page)
+            kp[order[i, s], :, :z - a] = k[i, :, a:z]
+            vp[order[i, s], :, :z - a] = v[i, :, a:z]
+    return kp, vp, order
+
+
+def _pattern(kind, b, hkv, sk):
+    if kind == "dense":
+        return sa.Dense()
+    if kind == "window":
+        return sa.SlidingWindow(300, sinks=5)
+    if kind == "topk":
+        return sa.TopK(3, block_size=32)
+    nb = -(-sk // 32)
+    lay = torch.rand(b, hkv, nb, nb) < 0.4
+    lay[..., torch.arange(nb), torch.arange(nb)] = True
+    return sa.BlockSparse(lay, block_size=32)
+
+
+CASES = [  # B, Hq, Hkv, Sq, Sk, D, Dv
+    (2, 8, 2, 1, 1531, 128, 128),   # GQA 4, one token: the real-model shape
+    (1, 4, 1, 3, 700, 64, 32),      # Sq 3, Dv 32 (one 32-column chunk)
+    (2, 20, 1, 1, 333, 32, 64),     # 20 rows per kv head: passes of 16 and 4 rows
+    (1, 4, 2, 2, 1050, 256, 256),   # D 256: the q chunks reloaded per key group
+    (1, 2, 2, 1, 17, 64, 64),       # one 16-key group and a tail
+    (1, 8, 8, 1, 2049, 64, 128),    # MHA, Dv != D, runs of segments on a contiguous cache
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("kind", ["dense", "window", "topk", "blocksparse"])
+def test_against_float64(products, case, kind):
+    b, hq, hkv, sq, sk, d, dv = case
+    pattern = _pattern(kind, b, hkv, sk)
+    q, k, v = make_qkv_for(pattern, b, hq, hkv, sq, sk, d, dv, dtype=torch.bfloat16)
+    scale = d ** -0.5
+    out, _ = _mod().decode_forward(q, k, v, pattern, scale=scale)  # TopK: the contract's selection
+    ref = sa.attention(q.double(), k.double(), v.double(), pattern, scale=scale, backend="reference")
+    base = oracle.masked_attention_in_dtype(q, k, v, pattern, scale=scale)
+    oracle.assert_close_contract(out, ref, dtype=torch.bfloat16, device="cpu", lowp_baseline=base)
+    if kind in ("dense", "window"):  # the same keys as shuffled pages of 64: the same bits
+        kp, vp, table = _paged(k, v, 64)
+        lens = torch.full((b,), sk, dtype=torch.int32)
+        paged, _ = _mod()._decode_fwd(q, kp, vp, pattern, scale=scale, token_index=None, lengths=lens,
+                                      page_table=table, page_size=64)
+        assert torch.equal(paged, out)
+
+
+def test_tiles_and_vectors_agree_closely():
+    """Both products over the same inputs: another order of float32 sums, not another result."""
+    ext = _mod()._ext()
+    if not (ext.bf16_dot and ext.amx_built):
+        pytest.skip("needs both the vdpbf16ps products and AMX tiles")
+    before = ext.amx_enabled()
+    q, k, v = (torch.randn(1, h, n, 128).bfloat16() for h, n in ((32, 1), (8, 4096), (8, 4096)))
+    outs = []
+    try:
+        for on in (True, False):
+            ext.set_amx(on)
+            if on and not ext.amx_enabled():
+                pytest.skip("Linux refused this process AMX tiles (arch_prctl)")
+            outs.append(_mod().decode_forward(q, k, v, sa.Dense(), scale=128 ** -0.5))
+    finally:
+        ext.set_amx(before)
+    (o1, l1), (o2, l2) = outs
+    assert not (torch.equal(l1, l2) and torch.equal(o1, o2))  # two different product paths really ran
+    torch.testing.assert_close(l1, l2, rtol=0, atol=1e-4)
+    torch.testing.assert_close(o1.float(), o2.float(), rtol=0, atol=2 ** -7)
+
+
+def test_nonfinite_value_row(products):
+    """A NaN in a visible V row: the rows that see it are NaN, the other kv head's rows finite and
+    right (the tiles multiply P's zero halves with V too, as vdpbf16ps multiplies p = 0)."""
+    q, k, v = make_qkv_for(sa.Dense(), 1, 8, 2, 1, 300, 64, dtype=torch.bfloat16)
+    v[0, 1, 123, 5] = float("nan")
+    out, _ = _mod().decode_forward(q, k, v, sa.Dense(), scale=0.125)
+    assert torch.isnan(out[0, 4:]).all(dim=-1).all()
+    ref = sa.attention(q.double(), k.double(), v.double(), sa.Dense(), scale=0.125, backend="reference")
+    oracle.assert_close_contract(out[:, :4], ref[:, :4], dtype=torch.bfloat16, device="cpu",
+                                 lowp_baseline=oracle.masked_attention_in_dtype(q, k, v, sa.Dense(), scale=0.125)[:, :4])
+
+
+def test_amx_built_follows_the_cpu():
+    """The JIT build (-march=native) has the tiles exactly where the CPU has AMX-TILE and AMX-BF16
+    (with AVX-512 BF16) on Linux x86-64; the switch turns them off and on."""
+    ext = _mod()._ext()
+    flags = _flags()
+    if not flags or ext.__name__.startswith("sparse_attn._ext_") or platform.machine() != "x86_64":
+        pytest.skip("no /proc/cpuinfo, an ahead-of-time build, or not x86-64")
+    assert bool(ext.amx_built) == ({"amx_tile", "amx_bf16", "avx512_bf16", "avx512bw"} <= flags)
+    before = ext.amx_enabled()
+    try:
+        ext.set_amx(False)
+        assert ext.amx_enabled() is False
+        ext.set_amx(True)
+        assert ext.amx_enabled() == bool(ext.amx_built)  # Linux >= 5.16 grants the tiles
+    finally:
+        ext.set_amx(before)
+
+
+def test_environment_switch_starts_off():
+    """SPARSE_ATTN_CPU_AMX=0 in a process's environment: the tiles start off there."""
+    code = ("from sparse_attn.backends.cpu import decode as d; e = d._ext(); "
+            "print(int(e.amx_built), int(e.amx_enabled()))")
+    env = dict(os.environ, SPARSE_ATTN_CPU_AMX="0")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    built, enabled = map(int, res.stdout.split()[-2:])
+    assert enabled == 0
+    env["SPARSE_ATTN_CPU_AMX"] = "1"
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split()[-2:] == [str(built), str(built)]
+
+
+def test_explain_names_the_products(products):
+    """The scheduler's note says which products cpu.decode runs (no silent path)."""
+    q, k, v = (torch.randn(1, h, n, 64).bfloat16() for h, n in ((8, 1), (2, 300), (2, 300)))
+    p = sa.plan(q, k, v, sa.Dense(), backend="cpu")
+    assert p.kernel.name == "cpu.decode"
+    want = "AMX tiles (csrc/cpu/decode_amx.h" if products == "amx" else "bfloat16 dot products"
+    assert want in p.explain()
+    p32 = sa.plan(q.float(), k.float(), v.float(), sa.Dense(), backend="cpu")
+    assert "float32 products over float32 K/V" in p32.explain()
