@@ -195,3 +195,31 @@ def check_against_oracle(run, ref_fn, base_fn, inputs: dict, *, dtype, device="c
         oracle.assert_close_contract(gp, gr, dtype=inputs[n].dtype, device=device,
                                      lowp_baseline=gl, what=f"d{n}")
     return out
+
+
+def cpu_flags() -> set:
+    """The CPU's instruction-set flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def shuffled_pages(k, v, page):
+    """The keys of (B, Hkv, S, D) tensors as pages in shuffled order: (pages K (P, Hkv, page, D),
+    pages V, table (B, W) int32)."""
+    b, hkv, n, _ = k.shape
+    w = -(-n // page)
+    order = torch.randperm(b * w).view(b, w).to(torch.int32)
+    kp = torch.zeros(b * w, hkv, page, k.shape[3], dtype=k.dtype)
+    vp = torch.zeros(b * w, hkv, page, v.shape[3], dtype=v.dtype)
+    for i in range(b):
+        for s in range(w):
+            a, z = s * page, min(n, (s + 1) * page)
+            kp[order[i, s], :, :z - a] = k[i, :, a:z]
+            vp[order[i, s], :, :z - a] = v[i, :, a:z]
+    return kp, vp, order

@@ -19,7 +19,7 @@ import torch
 
 import oracle
 import sparse_attn as sa
-from conftest import make_qkv_for
+from conftest import cpu_flags, make_qkv_for, shuffled_pages
 
 if os.environ.get("SPARSE_ATTN_DISABLE_JIT") == "1":
     pytestmark = pytest.mark.skip(reason="SPARSE_ATTN_DISABLE_JIT=1: the C++ extension is not built")
@@ -28,17 +28,6 @@ if os.environ.get("SPARSE_ATTN_DISABLE_JIT") == "1":
 def _mod():
     from sparse_attn.backends.cpu import decode
     return decode
-
-
-def _flags() -> set:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 @pytest.fixture(params=["amx", "vector"])
@@ -56,20 +45,6 @@ def products(request):
         pytest.skip("Linux refused this process AMX tiles (arch_prctl)")
     yield request.param
     ext.set_amx(before)
-
-
-def _paged(k, v, page):
-    b, hkv, n, _ = k.shape
-    w = -(-n // page)
-    order = torch.randperm(b * w).view(b, w).to(torch.int32)
-    kp = torch.zeros(b * w, hkv, page, k.shape[3], dtype=k.dtype)
-    vp = torch.zeros(b * w, hkv, page, v.shape[3], dtype=v.dtype)
-    for i in range(b):
-        for s in range(w):
-            a, z = s * page, min(n, (s + 1) * page)
-            kp[order[i, s], :, :z - a] = k[i, :, a:z]
-            vp[order[i, s], :, :z - a] = v[i, :, a:z]
-    return kp, vp, order
 
 
 def _pattern(kind, b, hkv, sk):
@@ -107,7 +82,7 @@ def test_against_float64(products, case, kind):
     base = oracle.masked_attention_in_dtype(q, k, v, pattern, scale=scale)
     oracle.assert_close_contract(out, ref, dtype=torch.bfloat16, device="cpu", lowp_baseline=base)
     if kind in ("dense", "window"):  # the same keys as shuffled pages of 64: the same bits
-        kp, vp, table = _paged(k, v, 64)
+        kp, vp, table = shuffled_pages(k, v, 64)
         lens = torch.full((b,), sk, dtype=torch.int32)
         paged, _ = _mod()._decode_fwd(q, kp, vp, pattern, scale=scale, token_index=None, lengths=lens,
                                       page_table=table, page_size=64)
@@ -152,7 +127,7 @@ def test_amx_built_follows_the_cpu():
     """The JIT build (-march=native) has the tiles exactly where the CPU has AMX-TILE and AMX-BF16
     (with AVX-512 BF16) on Linux x86-64; the switch turns them off and on."""
     ext = _mod()._ext()
-    flags = _flags()
+    flags = cpu_flags()
     if not flags or ext.__name__.startswith("sparse_attn._ext_") or platform.machine() != "x86_64":
         pytest.skip("no /proc/cpuinfo, an ahead-of-time build, or not x86-64")
     assert bool(ext.amx_built) == ({"amx_tile", "amx_bf16", "avx512_bf16", "avx512bw"} <= flags)

@@ -15,7 +15,7 @@ import torch
 
 import oracle
 import sparse_attn as sa
-from conftest import make_qkv_for
+from conftest import make_qkv_for, shuffled_pages
 from sparse_attn.cache.quant import dequantize
 
 if os.environ.get("SPARSE_ATTN_DISABLE_JIT") == "1":
@@ -29,17 +29,7 @@ def _decode():
 
 def _paged(k, v, page):
     """The same keys as pages in shuffled order: (pages (P, Hkv, page, D), table (B, W))."""
-    b, hkv, n, _ = k.shape
-    w = -(-n // page)
-    order = torch.randperm(b * w).view(b, w).to(torch.int32)
-    kp = torch.zeros(b * w, hkv, page, k.shape[3], dtype=k.dtype)
-    vp = torch.zeros(b * w, hkv, page, v.shape[3], dtype=v.dtype)
-    for i in range(b):
-        for s in range(w):
-            a, z = s * page, min(n, (s + 1) * page)
-            kp[order[i, s], :, :z - a] = k[i, :, a:z]
-            vp[order[i, s], :, :z - a] = v[i, :, a:z]
-    return kp, vp, order
+    return shuffled_pages(k, v, page)
 
 
 @pytest.mark.parametrize("d, dv, g, sq", [(64, 64, 2, 1), (64, 64, 1, 1), (32, 32, 2, 1), (128, 128, 1, 1),

@@ -552,14 +552,8 @@ def test_jit_cache_key_names_the_cpu(monkeypatch, tmp_path):
 
 
 def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    from conftest import cpu_flags
+    return cpu_flags()
 
 
 def test_bf16_dot_path_follows_the_cpu():
