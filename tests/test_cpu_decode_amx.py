@@ -157,11 +157,20 @@ def test_environment_switch_starts_off():
 
 
 def test_explain_names_the_products(products):
-    """The scheduler's note says which products cpu.decode runs (no silent path)."""
+    """The scheduler's note says which products cpu.decode multiplies with (no silent path), from
+    the kernel's own dispatch rules; it is worked out when explain() is called."""
     q, k, v = (torch.randn(1, h, n, 64).bfloat16() for h, n in ((8, 1), (2, 300), (2, 300)))
     p = sa.plan(q, k, v, sa.Dense(), backend="cpu")
     assert p.kernel.name == "cpu.decode"
-    want = "AMX tiles (csrc/cpu/decode_amx.h" if products == "amx" else "bfloat16 dot products"
-    assert want in p.explain()
-    p32 = sa.plan(q.float(), k.float(), v.float(), sa.Dense(), backend="cpu")
-    assert "float32 products over float32 K/V" in p32.explain()
+    want = "AMX tiles (csrc/cpu/decode_amx.h" if products == "amx" else "bfloat16 dot products from the rows"
+    assert f"note: cpu.decode: " in p.explain() and want in p.explain()
+    ext = _mod()._ext()
+    assert "float32 products" in sa.plan(q.float(), k.float(), v.float(), sa.Dense(), backend="cpu").explain()
+    q80, k80, v80 = (torch.randn(1, h, n, 80).bfloat16() for h, n in ((8, 1), (2, 300), (2, 300)))
+    assert "packed K/V" in sa.plan(q80, k80, v80, sa.Dense(), backend="cpu").explain()
+    assert ext.products("bfloat16", "int8", 4, 64, 64).startswith("int8 codes")
+    assert ext.products("float32", "float32", 1, 64, 64) == "float32 products, q held in registers"
+    with pytest.raises(ValueError, match="kv_dtype"):
+        ext.products("bfloat16", "int4", 4, 64, 64)
+    with pytest.raises(ValueError, match="dtype"):
+        ext.products("int8", "int8", 4, 64, 64)

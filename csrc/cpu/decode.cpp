@@ -48,6 +48,7 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -728,6 +729,29 @@ void run_decode(const Params& P, int dtype, int kv_dtype, const void* q, const v
 
 int64_t segment_keys(int dtype, int kv_dtype, int64_t R, int64_t D) {
   return float_products(dtype, kv_dtype) && qk_held(R, D) ? kLongSeg : kSeg;
+}
+
+// the same rules as Split's dispatch (kInt8Dot / kFp8Dot with Int8Scratch::on / DotScratch::direct,
+// kDot with DotScratch::direct / amx, qk_held on the float32 products), in words
+std::string decode_products(int dtype, int kv_dtype, int64_t R, int64_t D, int64_t Dv) {
+  const bool direct = sparse_attn_cpu::direct_head_dim(D) && sparse_attn_cpu::direct_head_dim(Dv);
+  if (kv_dtype == sparse_attn_cpu::kInt8)
+    return kHaveInt8Dot && (dtype == 1 || dtype == 2) && direct ? "int8 codes x int16 q / P, integer dot products"
+                                                                  : "int8 codes as floats, float32 products";
+  if (kv_dtype == sparse_attn_cpu::kFp8)
+    return kHaveFp8Dot && dtype == 1 && direct ? "fp8 codes as bf16 words, bfloat16 dot products"
+                                               : "fp8 codes as floats, float32 products";
+  if (!float_products(dtype, kv_dtype)) {
+    if (!direct) return "bfloat16 dot products on packed K/V (head dims other than 32 / 64 / 128 / 256)";
+#ifdef SPARSE_ATTN_AMX
+    if (sparse_attn_cpu::amx_active())
+      return "bfloat16 products on AMX tiles (csrc/cpu/decode_amx.h; SPARSE_ATTN_CPU_AMX=0 turns them off)";
+    return "bfloat16 dot products from the rows (AMX tiles switched off or refused)";
+#else
+    return "bfloat16 dot products from the rows";
+#endif
+  }
+  return qk_held(R, D) ? "float32 products, q held in registers" : "float32 products";
 }
 
 bool bf16_dot_enabled() { return kHaveBf16Dot; }

@@ -80,7 +80,7 @@ struct alignas(64) TileConfig {
 // the q chunks (B, 32 dims x r), resident over the segment
 inline TileConfig qk_tiles(int r) {
   TileConfig c;
-  c.set(0, 16, 4 * r), c.set(1, 16, 64), c.set(6, 16, 64), c.set(7, 16, 64);
+  c.set(0, 16, 4 * r), c.set(1, 16, 64);
   for (int t = 2; t < 6; ++t) c.set(t, 16, 4 * r);
   return c;
 }
@@ -167,16 +167,16 @@ inline void qk_amx(int64_t nk, int R, const uint32_t* qb, Rows krow, float* cons
     const char* base = tile_rows(krow, j0, nk, 64 * DC, rc, false, stride);
     _tile_zero(0);
     if constexpr (DC <= 4) {
-      // the chunks go to three A tiles in turn (t1, t6, t7): tiles are not renamed, so loads into
-      // one tile wait for the product that reads its last contents
       _tile_loadd(1, base, stride);
-      if constexpr (DC >= 2) _tile_loadd(6, base + 64, stride);
-      if constexpr (DC >= 4) _tile_loadd(7, base + 128, stride);
       _tile_dpbf16ps(0, 1, 2);
-      if constexpr (DC >= 2) _tile_dpbf16ps(0, 6, 3);
+      if constexpr (DC >= 2) {
+        _tile_loadd(1, base + 64, stride);
+        _tile_dpbf16ps(0, 1, 3);
+      }
       if constexpr (DC >= 4) {
+        _tile_loadd(1, base + 128, stride);
+        _tile_dpbf16ps(0, 1, 4);
         _tile_loadd(1, base + 192, stride);
-        _tile_dpbf16ps(0, 7, 4);
         _tile_dpbf16ps(0, 1, 5);
       }
     } else {  // D = 256: the q chunks reloaded

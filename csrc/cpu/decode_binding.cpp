@@ -349,6 +349,19 @@ torch::Tensor topk_select_sums(torch::Tensor q, torch::Tensor sums, std::vector<
                                int64_t topk, int64_t sink_blocks, int64_t local_blocks,
                                c10::optional<torch::Tensor> page_table);
 
+namespace {
+// a dtype's name as run_decode's tag (q: float32 / bfloat16 / float16; K/V also int8 / fp8_e4m3)
+int dtype_tag(const char* fn, const std::string& n, bool kv) {
+  if (n == "float32") return 0;
+  if (n == "bfloat16") return 1;
+  if (n == "float16") return 2;
+  if (kv && n == "int8") return sparse_attn_cpu::kInt8;
+  if (kv && n == "fp8_e4m3") return sparse_attn_cpu::kFp8;
+  TORCH_CHECK_VALUE(false, fn, ": ", kv ? "kv_dtype" : "dtype", " must be float32, bfloat16, float16",
+                    kv ? ", int8 or fp8_e4m3" : "", ", got ", n);
+}
+}  // namespace
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   SPARSE_ATTN_CHECK_TARGET();  // refuse to load on a CPU without this build's features
   using namespace sparse_attn_decode;
@@ -397,20 +410,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "segment_keys",
       [](const std::string& dtype, const std::string& kv_dtype, int64_t rows, int64_t head_dim) {
-        auto tag = [](const std::string& n, bool kv) -> int {
-          if (n == "float32") return 0;
-          if (n == "bfloat16") return 1;
-          if (n == "float16") return 2;
-          if (kv && n == "int8") return sparse_attn_cpu::kInt8;
-          if (kv && n == "fp8_e4m3") return sparse_attn_cpu::kFp8;
-          TORCH_CHECK_VALUE(false, "segment_keys: ", kv ? "kv_dtype" : "dtype", " must be float32, bfloat16, float16",
-                            kv ? ", int8 or fp8_e4m3" : "", ", got ", n);
-        };
         TORCH_CHECK_VALUE(rows > 0 && head_dim > 0, "segment_keys: rows and head_dim must be positive");
-        return segment_keys(tag(dtype, false), tag(kv_dtype, true), rows, head_dim);
+        return segment_keys(dtype_tag("segment_keys", dtype, false), dtype_tag("segment_keys", kv_dtype, true), rows,
+                            head_dim);
       },
       "keys per segment the kernel cuts for q's dtype, K/V's, rows per kv head (G x Sq) and the head dim",
       py::arg("dtype"), py::arg("kv_dtype"), py::arg("rows"), py::arg("head_dim"));
+  m.def(
+      "products",
+      [](const std::string& dtype, const std::string& kv_dtype, int64_t rows, int64_t head_dim, int64_t v_head_dim) {
+        TORCH_CHECK_VALUE(rows > 0 && head_dim > 0 && v_head_dim > 0, "products: rows and head dims must be positive");
+        return decode_products(dtype_tag("products", dtype, false), dtype_tag("products", kv_dtype, true), rows,
+                               head_dim, v_head_dim);
+      },
+      "which products the kernel multiplies with for q's dtype, K/V's, rows per kv head and the head dims (words)",
+      py::arg("dtype"), py::arg("kv_dtype"), py::arg("rows"), py::arg("head_dim"), py::arg("v_head_dim"));
   m.def("quantize_rows", &quantize_rows, "rows -> (int8 or fp8 codes, float32 scale per row)", py::arg("x"),
         py::arg("fp8"));
 }

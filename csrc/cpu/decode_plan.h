@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 namespace sparse_attn_decode {
@@ -93,6 +94,9 @@ void run_decode(const Params& P, int dtype, int kv_dtype, const void* q, const v
 // keys per segment for q's dtype and K/V's (as run_decode's), R rows per kv head of head dim D:
 // kLongSeg where the float32 products hold q in registers, else kSeg
 int64_t segment_keys(int dtype, int kv_dtype, int64_t R, int64_t D);
+// which products run_decode multiplies with for these dtypes, R rows per kv head, head dims D / Dv
+// (words for explain(); the same rules as the dispatch)
+std::string decode_products(int dtype, int kv_dtype, int64_t R, int64_t D, int64_t Dv);
 bool bf16_dot_enabled();
 bool amx_built();         // decode_amx.h's tiles built in (AMX-TILE, AMX-BF16, Linux)
 bool amx_enabled();       // ... and in use now: built, permitted by the kernel, not switched off

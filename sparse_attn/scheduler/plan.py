@@ -35,7 +35,10 @@ class Plan:
     def explain(self) -> str:
         lines = [f"problem: {self.problem.describe()}",
                  f"request: backend={self.backend_request!r}; chosen: {self.kernel.name}"]
-        lines += [f"note: {n}" for n in self.notes]
+        # a kernel with several code paths says which one this problem takes (cpu.decode's
+        # products); asked here, not at choose(), which runs on every call of the cache ops
+        path = getattr(self.kernel, "path_note", None)
+        lines += [f"note: {n}" for n in self.notes + ([path(self.problem)] if path is not None else []) if n]
         width = max(len(c.kernel.name) for c in self.candidates)
         for c in sorted(self.candidates, key=lambda c: (c.reasons != [], c.cost or 0.0)):
             mark = "*" if c.kernel is self.kernel else (" " if not c.reasons else "x")
@@ -68,7 +71,4 @@ def choose(problem: Problem, *, backend: str | None = None, op: str = "attention
         raise ValueError(f"no kernel can run this {op} call with backend={backend!r} "
                          f"({problem.describe()}):\n{listing}")
     best = min(ok, key=lambda c: c.cost)
-    # a kernel with several code paths says which one this problem takes (e.g. cpu.decode's products)
-    note = getattr(best.kernel, "path_note", None)
-    notes = [n for n in [note(problem)] if n] if note is not None else []
-    return Plan(problem=problem, candidates=cands, kernel=best.kernel, backend_request=backend, notes=notes)
+    return Plan(problem=problem, candidates=cands, kernel=best.kernel, backend_request=backend)

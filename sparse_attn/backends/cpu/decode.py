@@ -209,20 +209,15 @@ class CpuDecode(FlashKernel):
         return unavailable_reason(_ext)
 
     def path_note(self, p) -> str:
-        """Which products the extension runs for this problem (shown by `explain()`)."""
+        """Which products the extension multiplies with for this problem (shown by `explain()`;
+        the words come from the kernel's own dispatch rules, `products` in the binding)."""
         try:
             ext = _ext()
         except Exception:  # noqa: BLE001 - unavailable: the scheduler lists the reason instead
             return ""
-        quant = getattr(p, "kv_dtype", None)
-        if quant is not None:
-            return f"cpu.decode: {quant} codes, dequantized in registers"
-        if p.dtype == torch.bfloat16 and ext.bf16_dot:
-            if ext.amx_enabled():
-                return "cpu.decode: bfloat16 products on AMX tiles (csrc/cpu/decode_amx.h; SPARSE_ATTN_CPU_AMX=0 turns them off)"
-            why = "switched off" if ext.amx_built else "not built for this CPU"
-            return f"cpu.decode: bfloat16 dot products (vdpbf16ps / Arm bfdot; AMX tiles {why})"
-        return f"cpu.decode: float32 products over {str(p.dtype).replace('torch.', '')} K/V"
+        name = str(p.dtype).replace("torch.", "")
+        kv = getattr(p, "kv_dtype", None) or name
+        return f"cpu.decode: {ext.products(name, kv, p.group * max(p.sq, 1), p.head_dim, p.v_head_dim)}"
 
     def extra_reasons(self, p):
         why = []
