@@ -133,7 +133,8 @@ struct DotScratch {
     amx = direct && sparse_attn_cpu::amx_active();
 #endif
     zero.assign(Dvp, 0);
-    qw.assign(P.R * Dw, 0u), kp.assign(std::max<int64_t>(Dw, 1) * kSeg, 0u), vp.assign(kSeg / 2 * Dvp, 0u);
+    qw.assign(P.R * Dw, 0u);
+    if (!direct) kp.assign(std::max<int64_t>(Dw, 1) * kSeg, 0u), vp.assign(kSeg / 2 * Dvp, 0u);  // packed path only
     pw.assign(P.R * run / 2, 0u), ob.assign(P.R * Dvp, 0.f);
     qwp.resize(P.R), pwp.resize(P.R), obp.resize(P.R);
     for (int64_t i = 0; i < P.R; ++i) pwp[i] = pw.data() + i * run / 2;
