@@ -4,8 +4,9 @@ GCC 12 had deleted every prefetch of the paced prefetch (`Pacer::step`, decode_d
 compiled direct products, and nothing failed: the results do not depend on it, only the speed of a
 paged cache does (0.49x -> 0.72x the contiguous cache's at one thread when it came back). This
 test reads the built extension's machine code: the q . K^T products over a paged cache's rows
-(`TableRows`) instantiated with the pacer (`Paced = true`), where its step is inlined, must hold
-prefetch instructions.
+(`TableRows`) instantiated with the pacer (`Fetch::pace`), where its step is inlined, must hold
+prefetch instructions; so must those over a contiguous cache's runs with the stream prefetch
+(`StridedRows`, `Fetch::stream`: csrc/cpu/stream_ahead.h).
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def _prefetches_per_function(so_path: str, objdump: str) -> dict[str, int]:
     return counts
 
 
-def test_paced_prefetch_is_in_the_paged_products():
+def test_paced_and_stream_prefetches_are_in_the_products():
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("reads x86 machine code; the Arm builds are checked by the cross-compile in .ci/arm")
     objdump = shutil.which("objdump")
@@ -45,11 +46,14 @@ def test_paced_prefetch_is_in_the_paged_products():
     if not (ext.bf16_dot or ext.int8_dot):
         pytest.skip("this CPU's build has no direct bf16 / int8 products (no AVX-512 BF16 / VNNI)")
     counts = _prefetches_per_function(ext.__file__, objdump)
-    # the paced instantiations (`segment<TableRows<T>, true>`): a warm cache's calls run the
-    # unpaced ones (`, false>`, csrc/cpu/reuse_clock.h), which hold no prefetch by design
-    paced = re.compile(r"segment(_codes)?<sparse_attn_decode::TableRows<[^<>]*>, true>")
-    paged = {fn: n for fn, n in counts.items()
-             if ("qk_direct<" in fn or "qk_int8<" in fn) and "Split<" in fn and paced.search(fn)}
-    assert paged, "no direct q . K^T product over a paged cache found in the extension's symbols"
-    empty = [fn[:160] for fn, n in paged.items() if n == 0]
-    assert not empty, f"{len(empty)} of {len(paged)} paged q . K^T products hold no prefetch instruction: {empty[:3]}"
+    # the paced instantiations (`segment<TableRows<T>, Fetch::pace>`, demangled as `(...::Fetch)1`)
+    # and the streamed ones (`segment<StridedRows<T>, Fetch::stream>`, `(...::Fetch)2`): a warm
+    # cache's calls run `Fetch::none` (csrc/cpu/reuse_clock.h), which holds no prefetch by design
+    fetch = r", \(sparse_attn_decode::\(anonymous namespace\)::Fetch\){}>"
+    for rows, mode, what in (("TableRows", 1, "paged (pacer)"), ("StridedRows", 2, "contiguous (stream)")):
+        inst = re.compile(r"segment(_codes)?<sparse_attn_decode::" + rows + r"<[^<>]*>" + fetch.format(mode))
+        found = {fn: n for fn, n in counts.items()
+                 if ("qk_direct<" in fn or "qk_int8<" in fn) and "Split<" in fn and inst.search(fn)}
+        assert found, f"no direct q . K^T product over a {what} cache found in the extension's symbols"
+        empty = [fn[:160] for fn, n in found.items() if n == 0]
+        assert not empty, f"{len(empty)} of {len(found)} {what} q . K^T products hold no prefetch: {empty[:3]}"

@@ -56,6 +56,7 @@
 #include "cpu/decode_bf16.h"  // SPARSE_ATTN_BF16_DOT: bfloat16 products with vdpbf16ps, from the rows
 #include "cpu/decode_f32.h"
 #include "cpu/reuse_clock.h"
+#include "cpu/stream_ahead.h"  // a contiguous run's rows asked for ahead of the products
 #include "cpu/decode_fp8.h"   // SPARSE_ATTN_FP8_DOT: fp8 codes as bf16 words, the bf16 products
 #include "cpu/decode_int8.h"  // SPARSE_ATTN_INT8_DOT: int8 codes x int16 q / P with vpdpwssd
 #include "cpu/decode_plan.h"
@@ -101,6 +102,11 @@ constexpr bool kHaveInt8Dot = false;
 #endif
 
 constexpr int64_t kPrefetchAhead = 2;  // the packed bf16 path's software prefetch, in segments
+
+// how the direct products of a segment ask for rows ahead of use (Split::segment's argument):
+// none; the next segment's rows at the products' pace (Pacer: a page table's rows, or a run that
+// does not continue this one); the run's own rows a few KB ahead (Streamer: a contiguous run)
+enum class Fetch { none, pace, stream };
 
 // bf16 dot-product path (bfloat16 on AVX-512 BF16): q rows as bf16 words (unscaled), the segment's
 // K pair-packed (transposed) and V pair-packed (rows interleaved), P as bf16 pairs, and the output
@@ -272,8 +278,10 @@ class Split {
           if constexpr (kQuant) load_scales(P, cur, b, h, S.ks.data(), S.vs.data());
           if (ahead > 0 && pf_) {
             segment(S, cur, ck, cv, skb, nk, nv, ahead, subs, nsub);
+          } else if (pf_ && sparse_attn_cpu::stream_ahead_bytes().load(std::memory_order_relaxed) > 0) {
+            segment<StridedRows<In>, Fetch::stream>(S, cur, ck, cv, skb, nk, nv, 0, subs, nsub);
           } else {
-            segment<StridedRows<In>, false>(S, cur, ck, cv, skb, nk, nv, 0, subs, nsub);
+            segment<StridedRows<In>, Fetch::none>(S, cur, ck, cv, skb, nk, nv, 0, subs, nsub);
           }
         }
         copy_out(S, po, pm, pl);
@@ -306,7 +314,7 @@ class Split {
         segment(S, segs[e], TableRows<In>{kr_[e & 1]}, TableRows<In>{vr_[e & 1]}, skb, TableRows<In>{kr_[(e + 1) & 1]},
                 TableRows<In>{vr_[(e + 1) & 1]}, e + 1 < nseg ? segs[e + 1].nk : 0);
       } else {
-        segment<TableRows<In>, false>(S, segs[e], TableRows<In>{kr_[e & 1]}, TableRows<In>{vr_[e & 1]}, skb,
+        segment<TableRows<In>, Fetch::none>(S, segs[e], TableRows<In>{kr_[e & 1]}, TableRows<In>{vr_[e & 1]}, skb,
                                       TableRows<In>{kr_[(e + 1) & 1]}, TableRows<In>{vr_[(e + 1) & 1]}, 0);
       }
     }
@@ -324,14 +332,28 @@ class Split {
     std::copy(S.l.begin(), S.l.end(), pl);
   }
 
+  // the products' hook, called as they read keys j, j + 1: the pacer's step (Fetch::pace), the
+  // stream's rows ahead in a segment's first pass over them (`lead`: Fetch::stream), nothing
+  template <Fetch F, typename Rows>
+  static auto hook(sparse_attn_cpu::Pacer<Rows>& pace, const sparse_attn_cpu::Streamer<Rows>& ahead, bool lead) {
+    return [&pace, &ahead, lead]([[maybe_unused]] int64_t j) __attribute__((always_inline)) {
+      if constexpr (F == Fetch::pace) pace.step();
+      if constexpr (F == Fetch::stream) {
+        if (lead) ahead(j);
+      }
+    };
+  }
+
   // one segment's keys: kr / vr its K / V rows; nkr / nvr the next segment's (next_nk of them),
   // which the direct bf16 path prefetches into L2 while it works
-  // Paced = false (next_nk must be 0): no prefetch hook at all in the products' loops (a call
+  // F (Fetch): Fetch::pace prefetches the next segment (nkr, nvr: next_nk rows) at the products'
+  // pace; Fetch::stream (strided rows only, next_nk 0) this run's rows ahead of the products;
+  // Fetch::none (next_nk must be 0): no prefetch hook at all in the products' loops (a call
   // there, even one that does nothing, makes the compiler spill the accumulators around it)
   // `subs` (nsub > 0): sg is a run of these consecutive segments, each but the last a multiple of
   // 16 keys; the softmax and the P . V rescaling run per sub-segment, so the result is bit-identical
   // to processing them one by one (only the memory access pattern changes)
-  template <typename Rows, bool Paced = true>
+  template <typename Rows, Fetch F = Fetch::pace>
   void segment(Scratch& S, const Seg& sg, Rows kr, Rows vr, int64_t skb, Rows nkr, Rows nvr, int64_t next_nk,
                const Seg* subs = nullptr, int64_t nsub = 0) {
     const int64_t G = P.G, nk = sg.nk, j0 = sg.j0;
@@ -357,14 +379,14 @@ class Split {
       }
     }
     if constexpr (kInt8Dot) {
-      if (S.i8.on) return segment_codes<Rows, Paced>(S, sg, kr, vr, skb, nkr, nvr, next_nk, cnt, subs, nsub);
+      if (S.i8.on) return segment_codes<Rows, F>(S, sg, kr, vr, skb, nkr, nvr, next_nk, cnt, subs, nsub);
     }
     if constexpr (kFp8Dot) {
-      if (S.w.direct) return segment_codes<Rows, Paced>(S, sg, kr, vr, skb, nkr, nvr, next_nk, cnt, subs, nsub);
+      if (S.w.direct) return segment_codes<Rows, F>(S, sg, kr, vr, skb, nkr, nvr, next_nk, cnt, subs, nsub);
     }
 #ifdef SPARSE_ATTN_AMX
     if constexpr (kDot) {
-      if (S.w.amx) return segment_amx<Rows, Paced>(S, sg, kr, vr, skb, nkr, nvr, next_nk, cnt, subs, nsub);
+      if (S.w.amx) return segment_amx<Rows, F>(S, sg, kr, vr, skb, nkr, nvr, next_nk, cnt, subs, nsub);
     }
 #endif
 #ifdef SPARSE_ATTN_BF16_DOT
@@ -374,6 +396,7 @@ class Split {
     Pacer<Rows> pace{nkr, nvr, next_nk, P.D * int64_t(sizeof(In)), P.Dv * int64_t(sizeof(In)),
                      (nk + 15) / 16 * 8 * ((cnt + kDirectRows - 1) / kDirectRows) +
                          (nk + 1) / 2 * ((cnt + rows - 1) / rows) * ((P.Dv + cols - 1) / cols)};
+    const sparse_attn_cpu::Streamer<Rows> kahead{kr, P.D * int64_t(sizeof(In))}, vahead{vr, P.Dv * int64_t(sizeof(In))};
     if constexpr (kDot) {  // scores: q . K^T over the segment's keys, scaled by scale * log2 e
       if (S.w.direct) {
         for (int64_t r = 0; r < cnt; r += kDirectRows)
@@ -381,9 +404,7 @@ class Split {
             with_chunks(P.D, [&](auto dc) {
               qk_direct<decltype(rg)::value, decltype(dc)::value>(
                   nk, S.w.qwp.data() + r, [&](int64_t j) { return reinterpret_cast<const uint16_t*>(kr[j]); },
-                  S.sp.data() + r, P.qmul, [&]() __attribute__((always_inline)) {
-                    if constexpr (Paced) pace.step();
-                  });
+                  S.sp.data() + r, P.qmul, hook<F>(pace, kahead, r == 0));
             });
           });
       } else {
@@ -452,9 +473,8 @@ class Split {
                 if constexpr (RG * NC <= kPvAccVectors / 2)  // pv_rows_per_pass never asks for more
                   pv_direct<RG, NC>(
                       nk, S.w.pwp.data() + r, [&](int64_t j) { return reinterpret_cast<const uint16_t*>(vr[j]); },
-                      S.w.zero.data(), d0, S.w.obp.data() + r, corr + r, [&]() __attribute__((always_inline)) {
-                        if constexpr (Paced) pace.step();
-                      }, nsub, S.pair_end.data(), cnt);
+                      S.w.zero.data(), d0, S.w.obp.data() + r, corr + r, hook<F>(pace, vahead, r == 0 && d0 == 0),
+                      nsub, S.pair_end.data(), cnt);
               });
             });
         return;
@@ -481,16 +501,14 @@ class Split {
 #ifdef SPARSE_ATTN_AMX
   // segment() on AMX tiles (decode_amx.h), rows already listed (cnt): q . K^T in passes of <= 16
   // rows, the softmax per sub-segment, P spread to the pair halves, P . V per sub-segment and pass.
-  // The next segment goes to L2 at the products' pace (Pacer).
-  template <typename Rows, bool Paced>
+  // The next segment goes to L2 at the products' pace (Pacer), or a run's rows ahead (Streamer).
+  template <typename Rows, Fetch F>
   void segment_amx(Scratch& S, const Seg& sg, Rows kr, Rows vr, int64_t skb, Rows nkr, Rows nvr, int64_t next_nk,
                    int64_t cnt, const Seg* subs, int64_t nsub) {
     using namespace sparse_attn_cpu;
     const int64_t nk = sg.nk, j0 = sg.j0, passes = (cnt + 15) / 16, nk16 = round_up(nk, 16);
     Pacer<Rows> pace{nkr, nvr, next_nk, P.D * int64_t(sizeof(In)), P.Dv * int64_t(sizeof(In)), passes * nk16 / 2};
-    auto step = [&]() __attribute__((always_inline)) {
-      if constexpr (Paced) pace.step();
-    };
+    const Streamer<Rows> kahead{kr, P.D * int64_t(sizeof(In))};
     auto words = [](Rows r) { return [r](int64_t j) { return reinterpret_cast<const uint16_t*>(r[j]); }; };
     AmxScratch& X = S.w.x;
     uint16_t* rc = X.rc.get(16 * std::max(P.D, P.Dv));
@@ -502,7 +520,7 @@ class Split {
       _tile_loadconfig(&c);
       q_tiles(qb, S.w.qwp.data() + r, R, static_cast<int>(P.D / 32));
       with_chunks(P.D, [&](auto dc) {
-        qk_amx<decltype(dc)::value>(nk, R, qb, words(kr), S.sp.data() + r, P.qmul, rc, cb, step);
+        qk_amx<decltype(dc)::value>(nk, R, qb, words(kr), S.sp.data() + r, P.qmul, rc, cb, hook<F>(pace, kahead, r == 0));
       });
     }
     if (static_cast<int64_t>(S.corr.size()) < nsub * cnt) S.corr.resize(nsub * cnt);
@@ -519,8 +537,10 @@ class Split {
       _tile_loadconfig(&c);
       for (int64_t u = 0; u < nsub; ++u) {
         const int64_t a = subs[u].j0 - j0;  // a multiple of 16
+        const Streamer<Rows> vahead{vr + a, P.Dv * int64_t(sizeof(In))};
         pv_amx(subs[u].nk, R, P.Dv, pe + r * nk16 + a, po + r * nk16 + a, nk16 * 4, words(vr + a), rc,
-               S.w.obp.data() + r, S.corr.data() + u * cnt + r, cb);
+               S.w.obp.data() + r, S.corr.data() + u * cnt + r, cb,
+               hook<F == Fetch::stream ? F : Fetch::none>(pace, vahead, r == 0));  // the pacer steps in q . K^T
       }
     }
     _tile_release();
@@ -532,7 +552,7 @@ class Split {
   // on codes turned into bf16 words (decode_fp8.h: q as bf16 words, P as bf16 pairs). Scores, the K
   // scales, the softmax (per sub-segment of a run), P times the V scales, P . V; the next segment's
   // K and V go to L2 at the products' pace (Pacer).
-  template <typename Rows, bool Paced>
+  template <typename Rows, Fetch F>
   void segment_codes(Scratch& S, const Seg& sg, Rows kr, Rows vr, int64_t skb, Rows nkr, Rows nvr, int64_t next_nk,
                      int64_t cnt, const Seg* subs, int64_t nsub) {
 #if defined(SPARSE_ATTN_INT8_DOT) || defined(SPARSE_ATTN_FP8_DOT)
@@ -543,9 +563,7 @@ class Split {
     Pacer<Rows> pace{nkr, nvr, next_nk, P.D, P.Dv,
                      (nk + 15) / 16 * 8 * ((cnt + kDirectRows - 1) / kDirectRows) +
                          (nk + 1) / 2 * ((cnt + rows - 1) / rows) * ((P.Dv + cols - 1) / cols)};
-    auto step = [&]() __attribute__((always_inline)) {
-      if constexpr (Paced) pace.step();
-    };
+    const Streamer<Rows> kahead{kr, P.D}, vahead{vr, P.Dv};  // one byte per code
 #ifdef SPARSE_ATTN_FP8_DOT
     const Fp8Words words;
     auto codes = [](Rows r) { return [r](int64_t j) { return reinterpret_cast<const uint8_t*>(r[j]); }; };
@@ -556,11 +574,13 @@ class Split {
           constexpr int RG = std::remove_reference_t<decltype(rg)>::value, DC = decltype(dc)::value;
 #ifdef SPARSE_ATTN_INT8_DOT
           if constexpr (kInt8Dot)
-            qk_int8<RG, DC>(nk, S.i8.qp.data() + r, kr, S.sp.data() + r, S.i8.rq.data() + r, S.ks.data(), step);
+            qk_int8<RG, DC>(nk, S.i8.qp.data() + r, kr, S.sp.data() + r, S.i8.rq.data() + r, S.ks.data(),
+                            hook<F>(pace, kahead, r == 0));
 #endif
 #ifdef SPARSE_ATTN_FP8_DOT
           if constexpr (kFp8Dot)
-            qk_direct<RG, DC>(nk, S.w.qwp.data() + r, codes(kr), S.sp.data() + r, P.qmul, step, words);
+            qk_direct<RG, DC>(nk, S.w.qwp.data() + r, codes(kr), S.sp.data() + r, P.qmul, hook<F>(pace, kahead, r == 0),
+                              words);
 #endif
         });
       });
@@ -596,12 +616,14 @@ class Split {
 #ifdef SPARSE_ATTN_INT8_DOT
               if constexpr (kInt8Dot)
                 pv_int8<RG, NC>(nk, S.i8.pp.data() + r, vr, d0, S.op.data() + r, S.corr.data() + r,
-                                S.i8.rp.data() + r, step, nsub, S.pair_end.data(), cnt);
+                                S.i8.rp.data() + r, hook<F>(pace, vahead, r == 0 && d0 == 0), nsub, S.pair_end.data(),
+                                cnt);
 #endif
 #ifdef SPARSE_ATTN_FP8_DOT
               if constexpr (kFp8Dot)  // an odd nk's missing key reads Dv zero codes
                 pv_direct<RG, NC>(nk, S.w.pwp.data() + r, codes(vr), reinterpret_cast<const uint8_t*>(S.w.zero.data()),
-                                  d0, S.op.data() + r, S.corr.data() + r, step, nsub, S.pair_end.data(), cnt, words);
+                                  d0, S.op.data() + r, S.corr.data() + r, hook<F>(pace, vahead, r == 0 && d0 == 0), nsub,
+                                  S.pair_end.data(), cnt, words);
 #endif
             }
           });

@@ -146,7 +146,7 @@ __attribute__((always_inline)) inline const char* tile_rows(Rows row, int64_t j0
 
 // s[r][0 : round_up(nk, 16)) = mul * (q_r . k_j), r < R, the q rows in the B layout (q_tiles), the
 // tiles configured by qk_tiles(R); keys past nk repeat key nk - 1 (finite scores the caller masks).
-// krow(j): key j's row of DC * 32 bf16 words. ahead() is called 8 times per 16 keys.
+// krow(j): key j's row of DC * 32 bf16 words. ahead(j) is called for each key pair j, j + 1.
 template <int DC, typename Rows, typename Ahead>
 inline void qk_amx(int64_t nk, int R, const uint32_t* qb, Rows krow, float* const* s, float mul, uint16_t* rc,
                    float* cb, Ahead&& ahead) {
@@ -187,7 +187,7 @@ inline void qk_amx(int64_t nk, int R, const uint32_t* qb, Rows krow, float* cons
         _tile_dpbf16ps(0, 1, 2);
       }
     }
-    for (int m = 0; m < 8; ++m) ahead();
+    for (int m = 0; m < 8; ++m) ahead(j0 + 2 * m);
     _tile_stored(0, cb, 64);
     for (int r = 0; r < R; ++r)
       _mm512_storeu_ps(s[r] + j0, _mm512_mul_ps(_mm512_i32gather_ps(_mm512_add_epi32(idx, _mm512_set1_epi32(r)), cb, 4), vmul));
@@ -211,9 +211,10 @@ inline void spread_p(uint32_t* pe, uint32_t* po, const float* p, int64_t nk) {
 // vrow(j): key j's V row, Dv bf16 words (Dv a multiple of 32), loaded as the B operand as it sits
 // (16 keys x 32 columns: the pair halves are two columns, so P's even / odd spreads give the even
 // / odd columns); a group past n or across pages is copied to rc with zero rows past n. cb: R x 64.
-template <typename Rows>
+// ahead(j) is called for each key pair j, j + 1 in the first 64 columns' pass.
+template <typename Rows, typename Ahead>
 inline void pv_amx(int64_t n, int R, int64_t Dv, const uint32_t* pe, const uint32_t* po, int64_t pstride, Rows vrow,
-                   uint16_t* rc, float* const* o, const float* corr, float* cb) {
+                   uint16_t* rc, float* const* o, const float* corr, float* cb, Ahead&& ahead) {
   const __m512i ilo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
   const __m512i ihi = _mm512_add_epi32(ilo, _mm512_set1_epi32(8));
   for (int64_t c0 = 0; c0 < Dv; c0 += 64) {
@@ -227,6 +228,8 @@ inline void pv_amx(int64_t n, int R, int64_t Dv, const uint32_t* pe, const uint3
     for (int64_t j0 = 0; j0 < n; j0 += 16) {
       int64_t stride;
       const char* base = tile_rows(vrow, j0, n, 2 * Dv, rc, true, stride) + 2 * c0;
+      if (c0 == 0)
+        for (int m = 0; m < 8; ++m) ahead(j0 + 2 * m);
       _tile_loadd(4, pe + j0, pstride);
       _tile_loadd(5, po + j0, pstride);
       _tile_loadd(6, base, stride);

@@ -45,7 +45,7 @@ struct Bf16Words {
 
 // s[r][0 : round_up(nk, 16)) = out_mul * (q_r . k_j), r < RG. q rows as bf16 words (DC * 16 words
 // each); krow(j) is key j's row (DC * 32 elements, read 32 at a time by `words`). Keys past nk
-// repeat key nk - 1 (finite scores the caller masks). `ahead()` is called once per key pair.
+// repeat key nk - 1 (finite scores the caller masks). `ahead(j)` is called once per key pair (j, j + 1).
 template <int RG, int DC, typename Rows, typename Ahead, typename Words = Bf16Words>
 inline void qk_direct(int64_t nk, const uint32_t* const* q, Rows krow, float* const* s, float out_mul,
                       Ahead&& ahead, Words words = {}) {
@@ -59,7 +59,7 @@ inline void qk_direct(int64_t nk, const uint32_t* const* q, Rows krow, float* co
   for (int64_t j0 = 0; j0 < nk; j0 += 16) {
     for (int m = 0; m < 8; ++m) {
       const int64_t ja = std::min(j0 + 2 * m, nk - 1), jb = std::min(j0 + 2 * m + 1, nk - 1);
-      ahead();
+      ahead(j0 + 2 * m);
       const auto* ka = krow(ja);
       const auto* kb = krow(jb);
       __m512 a[RG], b[RG];
@@ -83,7 +83,7 @@ inline void qk_direct(int64_t nk, const uint32_t* const* q, Rows krow, float* co
 // r < RG, over the np = ceil(nk / 2) key pairs; p rows as bf16 pairs (word i = keys 2i, 2i + 1);
 // vrow(j) key j's V row (contiguous, read 32 elements at a time by `words`); an odd nk's missing
 // key reads `zero` (Dv zeros of the row's element type).
-// `ahead()` is called once per key pair. With nsub > 1 the keys are nsub sub-segments, u ending at
+// `ahead(2 i)` is called once per key pair. With nsub > 1 the keys are nsub sub-segments, u ending at
 // key pair pair_end[u] (the last at np), and the accumulators are rescaled by corr[u * corr_stride
 // + r] in registers as sub-segment u starts: the same float operations as one call per sub-segment.
 // Every loop over the 2 NC accumulators of a row is unrolled completely (`unroll 8`, 2 NC <= 8):
@@ -115,7 +115,7 @@ inline void pv_direct(int64_t nk, const uint32_t* const* p, Rows vrow, const E* 
       }
     }
     for (const int64_t end = u + 1 < nsub ? pair_end[u] : np; i < end; ++i) {
-      ahead();
+      ahead(2 * i);
       const E* va = vrow(2 * i) + d0;
       const E* vb = (2 * i + 1 < nk ? vrow(2 * i + 1) : zero) + d0;
       __m512bh pv[RG];

@@ -25,14 +25,14 @@ inline bfloat16x8_t load_bf16x8(const uint16_t* p) { return vreinterpretq_bf16_u
 
 // s[r][0 : round_up(nk, 16)) = out_mul * (q_r . k_j), r < RG. q rows as bf16 words (DC * 16 words
 // each); krow(j) is key j's row (bf16, contiguous, DC * 32 elements). Keys past nk repeat key
-// nk - 1. `ahead()` is called once per key pair (8 times per 16 keys, as the AVX-512 version).
+// nk - 1. `ahead(j)` is called once per key pair j, j + 1 (8 times per 16 keys, as the AVX-512 version).
 template <int RG, int DC, typename Rows, typename Ahead>
 inline void qk_direct(int64_t nk, const uint32_t* const* q, Rows krow, float* const* s, float out_mul,
                       Ahead&& ahead) {
   constexpr int NV = 4 * DC;  // 8-element vectors per row
   for (int64_t j0 = 0; j0 < nk; j0 += 16) {
     for (int m = 0; m < 8; ++m) {
-      ahead();
+      ahead(j0 + 2 * m);
       for (int h = 0; h < 2; ++h) {
         const int64_t j = j0 + 2 * m + h, jr = std::min(j, nk - 1);
         const uint16_t* k = krow(jr);
@@ -55,7 +55,7 @@ inline void qk_direct(int64_t nk, const uint32_t* const* q, Rows krow, float* co
 
 // o_r[d0 : d0 + 32 NC) = corr_r * o_r + sum_i (p_r,2i p_r,2i+1) . (v_2i, v_2i+1)[d0 : d0 + 32 NC),
 // r < RG, over the np = ceil(nk / 2) key pairs; p rows as bf16 pairs (word i = keys 2i, 2i + 1);
-// vrow(j) key j's V row; an odd nk's missing key reads `zero`. `ahead()` once per key pair. With
+// vrow(j) key j's V row; an odd nk's missing key reads `zero`. `ahead(2 i)` once per key pair. With
 // nsub > 1 the keys are nsub sub-segments, u ending at key pair pair_end[u] (the last at np), and
 // the accumulators are rescaled by corr[u * corr_stride + r] as sub-segment u starts.
 template <int RG, int NC, typename Rows, typename Ahead>
@@ -79,7 +79,7 @@ inline void pv_direct(int64_t nk, const uint32_t* const* p, Rows vrow, const uin
       }
     }
     for (const int64_t end = u + 1 < nsub ? pair_end[u] : np; i < end; ++i) {
-      ahead();
+      ahead(2 * i);
       const uint16_t* va = vrow(2 * i) + d0;
       const uint16_t* vb = (2 * i + 1 < nk ? vrow(2 * i + 1) : zero) + d0;
       bfloat16x8_t pv[RG];

@@ -18,6 +18,7 @@
 
 #include "cpu/decode_plan.h"
 #include "cpu/quant_rows.h"
+#include "cpu/stream_ahead.h"
 #include "cpu/target_check.h"
 #include "cpu/vec.h"
 
@@ -371,6 +372,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("amx_enabled", &amx_enabled, "whether bf16 decode runs on AMX tiles now (built, permitted, switched on)");
   m.def("set_amx", &set_amx, py::arg("on"),
         "switch the AMX tiles on or off for bf16 decode (process-wide; SPARSE_ATTN_CPU_AMX=0 starts off)");
+  m.def("stream_ahead", [] { return sparse_attn_cpu::stream_ahead_bytes().load(); },
+        "bytes of a contiguous run's K / V rows asked for ahead of the products (0: off; stream_ahead.h)");
+  m.def("set_stream_ahead", [](int64_t bytes) {
+          TORCH_CHECK_VALUE(bytes >= 0, "set_stream_ahead: bytes must be >= 0, got ", bytes);
+          sparse_attn_cpu::stream_ahead_bytes().store(bytes);
+        }, py::arg("bytes"),
+        "set stream_ahead() for the process (SPARSE_ATTN_CPU_STREAM_AHEAD=<bytes> sets it at start)");
   m.attr("int8_dot") = int8_dot_enabled();  // int8 codes x int16 q / P with vpdpwssd (decode_int8.h)
   m.attr("fp8_dot") = fp8_dot_enabled();  // fp8 codes as bf16 words, the bf16 products (decode_fp8.h)
   py::class_<DecodeArgs>(m, "DecodeArgs", "decode_fwd's arguments, by name (see csrc/cpu/decode_binding.cpp)")

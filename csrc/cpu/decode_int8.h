@@ -92,7 +92,7 @@ __attribute__((always_inline)) inline __m512i acc_bits(I32Acc acc) { return (__m
 
 // s[r][0 : round_up(nk, 16)) = mul[r] * ks[j] * (q_r . code_j), r < RG: q rows as int16 (DC * 32
 // each), k[j] key j's int8 codes (DC * 32), ks[j] its scale (the keys' scales applied here, not in
-// a pass of their own). Keys past nk repeat key nk - 1, with scale 0. `ahead()` once per key pair.
+// a pass of their own). Keys past nk repeat key nk - 1, with scale 0. `ahead(j)` once per key pair j, j + 1.
 template <int RG, int DC, typename Rows, typename Ahead>
 inline void qk_int8(int64_t nk, const int16_t* const* q, Rows k, float* const* s, const float* mul, const float* ks,
                     Ahead&& ahead) {
@@ -105,7 +105,7 @@ inline void qk_int8(int64_t nk, const int16_t* const* q, Rows k, float* const* s
   for (int64_t j0 = 0; j0 < nk; j0 += 16) {
     for (int m = 0; m < 8; ++m) {
       const int64_t ja = std::min(j0 + 2 * m, nk - 1), jb = std::min(j0 + 2 * m + 1, nk - 1);
-      ahead();
+      ahead(j0 + 2 * m);
       const int8_t* ka = k[ja];
       const int8_t* kb = k[jb];
       __m512i a[RG], b[RG];
@@ -146,7 +146,7 @@ __attribute__((noinline)) void pv_int8_span(int64_t i, const int64_t end, int64_
 #pragma GCC unroll 8
     for (int c = 0; c < 2 * NC; ++c) acc[r][c] = I32Acc(_mm512_setzero_si512());
   for (; i < end; ++i) {
-    ahead();
+    ahead(2 * i);
     const int8_t* va = v[2 * i] + d0;
     const int8_t* vb = v[std::min(2 * i + 1, nk - 1)] + d0;
     __m512i pv[RG];
@@ -184,7 +184,7 @@ __attribute__((noinline)) void pv_int8_span(int64_t i, const int64_t end, int64_
 // nk's last pair has p = 0 for the missing key, whose V row is then read as key nk - 1's), v[j]
 // key j's int8 codes. The keys are nsub sub-segments of at most kSeg keys (u ending at key pair
 // pair_end[u], the last at the end), each with its own corr / mul (at u * stride + r): the int32
-// sums are exact within one, and added to the float32 output as it ends. `ahead()` once per pair.
+// sums are exact within one, and added to the float32 output as it ends. `ahead(2 i)` once per pair i.
 template <int RG, int NC, typename Rows, typename Ahead>
 inline void pv_int8(int64_t nk, const uint32_t* const* p, Rows v, int64_t d0, float* const* o, const float* corr,
                     const float* mul, Ahead&& ahead, int64_t nsub, const int64_t* pair_end, int64_t stride) {

@@ -30,7 +30,7 @@
 //            Loop order: per 16-column block, all the sub-segment's keys, so the RG x 4 int32
 //            accumulators stay in registers (RG <= 4: 16 of the 32); the V rows of the sub-segment
 //            (<= 256 keys x Dv bytes) are read from memory by the first block and from L1 by the
-//            others. `ahead()` is called in the first block only (once per key pair, the count the
+//            others. `ahead(2 i)` is called in the first block only (once per key pair, the count the
 //            caller's Pacer expects).
 // With I8MM (`smmla`, 2x8 by 8x2 int8 blocks) two query rows' hi or lo halves could multiply two
 // keys per instruction, 32 products against `sdot`'s 16; not written: the half-split scores already
@@ -54,7 +54,7 @@ namespace sparse_attn_cpu {
 
 // s[r][0 : round_up(nk, 16)) = mul[r] * ks[j] * (q_r . code_j), r < RG: q rows as int16 (DC * 32
 // each), k[j] key j's int8 codes (DC * 32), ks[j] its scale (read up to round_up(nk, 16): the
-// caller's scale buffer has the room). Keys past nk repeat key nk - 1. `ahead()` once per key pair.
+// caller's scale buffer has the room). Keys past nk repeat key nk - 1. `ahead(j)` once per key pair j, j + 1.
 template <int RG, int DC, typename Rows, typename Ahead>
 inline void qk_int8(int64_t nk, const int16_t* const* q, Rows k, float* const* s, const float* mul, const float* ks,
                     Ahead&& ahead) {
@@ -71,7 +71,7 @@ inline void qk_int8(int64_t nk, const int16_t* const* q, Rows k, float* const* s
     for (int g = 0; g < 4; ++g) {  // 4 keys: two pairs
       int32x4_t w[2][RG];          // per pair: (key a's two half sums, key b's two)
       for (int h = 0; h < 2; ++h) {
-        ahead();
+        ahead(j0 + 4 * g + 2 * h);
         const int64_t ja = std::min(j0 + 4 * g + 2 * h, nk - 1), jb = std::min(j0 + 4 * g + 2 * h + 1, nk - 1);
         const int8_t* ka = k[ja];
         const int8_t* kb = k[jb];
@@ -111,7 +111,7 @@ inline void qk_int8(int64_t nk, const int16_t* const* q, Rows k, float* const* s
 // nk's last pair has p = 0 for the missing key, whose V row is then read as key nk - 1's), v[j]
 // key j's int8 codes. The keys are nsub sub-segments of at most kSeg keys (u ending at key pair
 // pair_end[u], the last at the end), each with its own corr / mul (at u * stride + r): the int32
-// sums are exact within one, and added to the float32 output as it ends. `ahead()` once per pair.
+// sums are exact within one, and added to the float32 output as it ends. `ahead(2 i)` once per pair i.
 template <int RG, int NC, typename Rows, typename Ahead>
 inline void pv_int8(int64_t nk, const uint32_t* const* p, Rows v, int64_t d0, float* const* o, const float* corr,
                     const float* mul, Ahead&& ahead, int64_t nsub, const int64_t* pair_end, int64_t stride) {
@@ -125,7 +125,7 @@ inline void pv_int8(int64_t nk, const uint32_t* const* p, Rows v, int64_t d0, fl
       for (int r = 0; r < RG; ++r)
         for (int t = 0; t < 4; ++t) acc[r][t] = vdupq_n_s32(0);
       for (int64_t i = i0; i < end; ++i) {
-        if (cb == 0) ahead();
+        if (cb == 0) ahead(2 * i);
         const int8x16_t x = vld1q_s8(v[2 * i] + col), y = vld1q_s8(v[std::min(2 * i + 1, nk - 1)] + col);
         const int16x8_t xl = vmovl_s8(vget_low_s8(x)), xh = vmovl_high_s8(x);
         const int16x8_t yl = vmovl_s8(vget_low_s8(y)), yh = vmovl_high_s8(y);

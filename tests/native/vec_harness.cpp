@@ -197,7 +197,9 @@ void test_direct_once(int nk) {
   float* sp[RG];
   for (int r = 0; r < RG; ++r) qp[r] = reinterpret_cast<const uint32_t*>(&q[r * D]), sp[r] = &s[r * ld];
   int calls = 0;
-  qk_direct<RG, DC>(nk, qp, [&](int64_t j) { return &k[j * D]; }, sp, 0.5f, [&] { ++calls; });
+  bool in_order = true;  // the hook is told each key pair's first key, in order
+  auto hook = [&](int64_t j) { in_order &= j == 2 * calls, ++calls; };
+  qk_direct<RG, DC>(nk, qp, [&](int64_t j) { return &k[j * D]; }, sp, 0.5f, hook);
   std::vector<float> got;
   std::vector<double> want;
   for (int r = 0; r < RG; ++r)
@@ -209,7 +211,7 @@ void test_direct_once(int nk) {
       got.push_back(s[r * ld + j]);
     }
   double e = rel_err(got, want);
-  check(e < 1e-5 && calls == ld / 2, "qk_direct", e);
+  check(e < 1e-5 && calls == ld / 2 && in_order, "qk_direct", e);
   // P . V in two sub-segments with a rescale between them
   const int np = (nk + 1) / 2;
   std::vector<uint16_t> p(RG * 2 * np, 0);
@@ -232,10 +234,11 @@ void test_direct_once(int nk) {
   const uint32_t* pp[RG];
   float* op[RG];
   for (int r = 0; r < RG; ++r) pp[r] = reinterpret_cast<const uint32_t*>(&p[r * 2 * np]), op[r] = &o[r * D];
-  pv_direct<RG, DC>(nk, pp, [&](int64_t j) { return &v[j * D]; }, zero.data(), 0, op, corr.data(), [] {}, 2,
+  calls = 0;
+  pv_direct<RG, DC>(nk, pp, [&](int64_t j) { return &v[j * D]; }, zero.data(), 0, op, corr.data(), hook, 2,
                     pair_end, RG);
   e = rel_err(o, wo);
-  check(e < 1e-5, "pv_direct (two sub-segments)", e);
+  check(e < 1e-5 && calls == np && in_order, "pv_direct (two sub-segments)", e);
 }
 
 void test_direct() {
@@ -277,7 +280,9 @@ void test_int8_once(int nk) {
   std::vector<float> ks(ld);  // the keys' scales, applied as the scores are stored
   for (auto& x : ks) x = 1.f + 0.5f * uniform();
   int calls = 0;
-  qk_int8<RG, DC>(nk, qp, Int8Rows{k.data(), D}, sp, mul.data(), ks.data(), [&] { ++calls; });
+  bool in_order = true;  // the hook is told each key pair's first key, in order
+  auto hook = [&](int64_t j) { in_order &= j == 2 * calls, ++calls; };
+  qk_int8<RG, DC>(nk, qp, Int8Rows{k.data(), D}, sp, mul.data(), ks.data(), hook);
   std::vector<float> got;
   std::vector<double> want;
   for (int r = 0; r < RG; ++r)
@@ -288,7 +293,7 @@ void test_int8_once(int nk) {
       got.push_back(s[r * ld + j]);
     }
   double e = rel_err(got, want);
-  check(e < 1e-6 && calls == ld / 2, "qk_int8", e);
+  check(e < 1e-6 && calls == ld / 2 && in_order, "qk_int8", e);
   // P as int16 pairs (an odd nk's pad word 0), two sub-segments with their own corr and mul
   const int np = (nk + 1) / 2;
   std::vector<int16_t> p(RG * 2 * np, 0);
@@ -315,10 +320,9 @@ void test_int8_once(int nk) {
   float* op[RG];
   for (int r = 0; r < RG; ++r) pp[r] = reinterpret_cast<const uint32_t*>(&p[r * 2 * np]), op[r] = &o[r * D];
   calls = 0;
-  pv_int8<RG, DC>(nk, pp, Int8Rows{v.data(), D}, 0, op, corr.data(), pm.data(), [&] { ++calls; }, 2,
-                  pair_end, RG);
+  pv_int8<RG, DC>(nk, pp, Int8Rows{v.data(), D}, 0, op, corr.data(), pm.data(), hook, 2, pair_end, RG);
   e = rel_err(o, wo);
-  check(e < 1e-6 && calls == np, "pv_int8 (two sub-segments)", e);
+  check(e < 1e-6 && calls == np && in_order, "pv_int8 (two sub-segments)", e);
   // quantize_p16 == quantize_p16_scalar but for the fused rounding (codes within 1)
   std::vector<float> pf(nk), sv(nk);
   for (int j = 0; j < nk; ++j) pf[j] = std::fabs(uniform()), sv[j] = 0.01f * (1.f + std::fabs(uniform()));

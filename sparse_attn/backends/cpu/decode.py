@@ -57,11 +57,12 @@ def decode_prepare(q: torch.Tensor, k: torch.Tensor, pattern):
 
 
 def _decode_fwd(q, k, v, pattern, *, scale: float, token_index, lengths=None, page_table=None, page_size=0,
-                softcap=None, k_scale=None, v_scale=None):
+                softcap=None, k_scale=None, v_scale=None, prefetch: int = -1):
     """The one call of the extension: `decode_fwd(DecodeArgs)` -> `(out, lse)`
     (csrc/cpu/decode_binding.cpp says what each field means). `lengths` / `page_table`: a cache's
     (rows end-aligned to each sequence's length; K/V as pages), else None. `k_scale` / `v_scale`:
-    a quantized cache's row scales (k, v then hold its int8 / fp8 codes)."""
+    a quantized cache's row scales (k, v then hold its int8 / fp8 codes). `prefetch`: -1 as the
+    reuse clock says, 0 / 1 forced off / on (tests, A/B runs; never the arithmetic)."""
     ext = _ext()
     args = ext.DecodeArgs()
     args.q, args.k, args.v, args.scale = q, k, v, float(scale)
@@ -77,6 +78,7 @@ def _decode_fwd(q, k, v, pattern, *, scale: float, token_index, lengths=None, pa
         args.sink_blocks, args.local_blocks = pattern.sink_blocks, pattern.local_blocks
     args.lengths, args.page_table, args.page_size = lengths, page_table, page_size
     args.k_scale, args.v_scale = k_scale, v_scale
+    args.prefetch = prefetch
     return ext.decode_fwd(args)
 
 

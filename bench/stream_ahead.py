@@ -1,0 +1,101 @@
+"""CPU decode with the stream prefetch on and off (csrc/cpu/stream_ahead.h), in one process.
+
+    python bench/stream_ahead.py                          # 128K keys, bf16 / int8 / fp8, ~2 min
+    python bench/stream_ahead.py --context 16384 --kinds bf16 int8 --threads 1
+    python bench/stream_ahead.py --paged                  # a PagedKVCache, 64-token pages shuffled
+
+Dense decode (B 1, Hq 32, Hkv 8, D 128, one bf16 query row per head) over the same random keys in
+a bf16, int8 or fp8_e4m3 cache, through `attention_with_cache`. Each round times `--reps` calls
+with the stream off (`set_stream_ahead(0)`) and with it at `--ahead` bytes, in alternating order (the
+VM's memory speed drifts: compare only the rows of one run); the table gives the medians, their
+ratio, and whether both settings gave the same bits (they must: only where memory is touched
+changes). `--no-amx` runs bf16 on the vector products instead of AMX tiles.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import sparse_attn as sa  # noqa: E402
+from sparse_attn.backends.cpu import decode as cpu_decode  # noqa: E402
+
+
+def make_cache(k, v, kind, paged, page_size=64):
+    b, hkv, n, d = k.shape
+    kv_dtype = None if kind == "bf16" else kind
+    if paged:
+        c = sa.PagedKVCache(b, hkv, d, num_pages=b * -(-n // page_size) + 1, page_size=page_size, max_len=n,
+                            dtype=k.dtype, kv_dtype=kv_dtype)
+        random.Random(0).shuffle(c._free)  # pages in random order, as in a pool in use
+    else:
+        c = sa.KVCache(b, hkv, d, n, dtype=k.dtype, kv_dtype=kv_dtype)
+    for s in range(0, n, 8192):
+        c.append(k[:, :, s:s + 8192], v[:, :, s:s + 8192])
+    return c
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--context", type=int, default=131072)
+    ap.add_argument("--kinds", nargs="+", default=["bf16", "int8", "fp8_e4m3"], choices=["bf16", "int8", "fp8_e4m3"])
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: as set)")
+    ap.add_argument("--ahead", type=int, default=8192, help="bytes ahead when on (default 8192)")
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--reps", type=int, default=None, help="calls per round and setting (default ~400K keys' worth)")
+    ap.add_argument("--paged", action="store_true")
+    ap.add_argument("--no-amx", action="store_true")
+    args = ap.parse_args(argv)
+    if args.ahead <= 0:
+        ap.error("--ahead must be > 0 (bytes)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ext = cpu_decode._ext()
+    before_ahead, before_amx = ext.stream_ahead(), ext.amx_enabled()
+    ext.set_amx(not args.no_amx)
+    n, reps = args.context, args.reps or max(3, 400000 // args.context)
+    torch.manual_seed(0)
+    k = torch.randn(1, 8, n, 128, dtype=torch.bfloat16)
+    v = torch.randn(1, 8, n, 128, dtype=torch.bfloat16)
+    q = torch.randn(1, 32, 1, 128, dtype=torch.bfloat16)
+    load = os.getloadavg()
+    print(f"# context {n}, {'paged (64, shuffled)' if args.paged else 'contiguous'}, {torch.get_num_threads()} "
+          f"threads, AMX {'on' if ext.amx_enabled() else 'off'}, {args.rounds} rounds x {reps} calls, "
+          f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}", flush=True)
+    print("| cache | off ms | on ms | speed-up (off / on) | same bits |")
+    print("|---|---|---|---|---|")
+    try:
+        for kind in args.kinds:
+            cache = make_cache(k, v, kind, args.paged)
+            call = lambda c=cache: sa.attention_with_cache(q, c, sa.Dense())  # noqa: E731
+            times = {0: [], args.ahead: []}
+            outs = {}
+            for r in range(args.rounds):
+                for ahead in ((0, args.ahead) if r % 2 == 0 else (args.ahead, 0)):
+                    ext.set_stream_ahead(ahead)
+                    outs[ahead] = call()
+                    t0 = time.perf_counter()
+                    for _ in range(reps):
+                        call()
+                    times[ahead].append((time.perf_counter() - t0) / reps * 1e3)
+            off, on = statistics.median(times[0]), statistics.median(times[args.ahead])
+            same = torch.equal(outs[0], outs[args.ahead])
+            print(f"| {kind} | {off:.2f} | {on:.2f} | {off / on:.2f}x | {same} |", flush=True)
+            del cache
+    finally:
+        ext.set_stream_ahead(before_ahead)
+        ext.set_amx(before_amx)
+    load = os.getloadavg()
+    print(f"# load average after: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
