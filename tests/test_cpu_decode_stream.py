@@ -131,11 +131,11 @@ def test_environment_and_default():
 
 
 def test_bench_script_runs(capsys):
-    """bench/stream_ahead.py at a small size: a row per cache, the same bits both ways."""
+    """bench/cpu_decode_ab.py at a small size: a row per cache, the same bits both ways."""
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from bench import stream_ahead
+    from bench import cpu_decode_ab
 
-    assert stream_ahead.main(["--context", "3000", "--kinds", "bf16", "int8", "--rounds", "2", "--reps", "2"]) == 0
+    assert cpu_decode_ab.main(["--context", "3000", "--kinds", "bf16", "int8", "--rounds", "2", "--reps", "2"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| bf16") or
             line.startswith("| int8")]
     assert len(rows) == 2 and all(row.rstrip(" |").endswith("True") for row in rows), rows

@@ -6,7 +6,7 @@
 // prefetches. On a 2-core Sapphire Rapids VM (2026-12-03) they do not keep up once the cache is in
 // DRAM (there one thread's plain read, a sum over 256 MB, streams ~16 GB/s, 27-29 GB/s from L3):
 // with rows asked for ahead, Dense decode at 128K keys (B 1, Hq 32, Hkv 8, D 128, the same process
-// on / off, `python bench/stream_ahead.py`) went, 2 threads, bf16 on AMX tiles 29.8 -> 21.9 ms, bf16
+// on / off, `python bench/cpu_decode_ab.py`) went, 2 threads, bf16 on AMX tiles 29.8 -> 21.9 ms, bf16
 // on vdpbf16ps 30.4 -> 28.0, an int8 cache 17.7 -> 12.8, fp8 33.2 -> 30.2; one thread, bf16 on tiles
 // 64.3 -> 43.0, int8 31.2 -> 26.5; at 16K keys (in L3), one thread, bf16 1.21x, int8 1.03x; at
 // 1K-4K keys 0.97-1.01x. Distances of 32 to 512 int8 keys measured alike (docs/kernel_guide.md 8a).

@@ -1,15 +1,18 @@
-"""CPU decode with the stream prefetch on and off (csrc/cpu/stream_ahead.h), in one process.
+"""CPU decode with one kernel setting off and on, in one process: the stream prefetch
+(csrc/cpu/stream_ahead.h) or the bf16 products' AMX tiles (csrc/cpu/decode_amx.h).
 
-    python bench/stream_ahead.py                          # 128K keys, bf16 / int8 / fp8, ~2 min
-    python bench/stream_ahead.py --context 16384 --kinds bf16 int8 --threads 1
-    python bench/stream_ahead.py --paged                  # a PagedKVCache, 64-token pages shuffled
+    python bench/cpu_decode_ab.py                         # the stream, 128K keys, bf16 / int8 / fp8
+    python bench/cpu_decode_ab.py --context 16384 --kinds bf16 int8 --threads 1
+    python bench/cpu_decode_ab.py --paged                 # a PagedKVCache, 64-token pages shuffled
+    python bench/cpu_decode_ab.py --toggle amx --kinds bf16
 
 Dense decode (B 1, Hq 32, Hkv 8, D 128, one bf16 query row per head) over the same random keys in
 a bf16, int8 or fp8_e4m3 cache, through `attention_with_cache`. Each round times `--reps` calls
-with the stream off (`set_stream_ahead(0)`) and with it at `--ahead` bytes, in alternating order (the
-VM's memory speed drifts: compare only the rows of one run); the table gives the medians, their
-ratio, and whether both settings gave the same bits (they must: only where memory is touched
-changes). `--no-amx` runs bf16 on the vector products instead of AMX tiles.
+with the setting off and on (the stream: `set_stream_ahead(0)` / `--ahead` bytes; the tiles:
+`set_amx(False / True)`), in alternating order (the VM's memory speed drifts: compare only the rows
+of one run); the table gives the medians, their ratio, and whether both gave the same bits (the
+stream must: only where memory is touched changes; the bf16 tiles sum in another order: they need
+not). `--no-amx` runs with the tiles off when toggling the stream.
 """
 from __future__ import annotations
 
@@ -51,23 +54,37 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--reps", type=int, default=None, help="calls per round and setting (default ~400K keys' worth)")
     ap.add_argument("--paged", action="store_true")
-    ap.add_argument("--no-amx", action="store_true")
+    ap.add_argument("--no-amx", action="store_true", help="the tiles off (with --toggle stream)")
+    ap.add_argument("--toggle", choices=["stream", "amx"], default="stream")
     args = ap.parse_args(argv)
     if args.ahead <= 0:
         ap.error("--ahead must be > 0 (bytes)")
+    if args.toggle == "amx" and args.no_amx:
+        ap.error("--no-amx contradicts --toggle amx")
     if args.threads:
         torch.set_num_threads(args.threads)
     ext = cpu_decode._ext()
     before_ahead, before_amx = ext.stream_ahead(), ext.amx_enabled()
     ext.set_amx(not args.no_amx)
+    if args.toggle == "amx" and not ext.amx_enabled():
+        print("# no AMX tiles on this CPU / build (or Linux refused them): nothing to toggle")
+        return 0
+
+    def setting(on: bool):
+        if args.toggle == "stream":
+            ext.set_stream_ahead(args.ahead if on else 0)
+        else:
+            ext.set_amx(on)
     n, reps = args.context, args.reps or max(3, 400000 // args.context)
     torch.manual_seed(0)
     k = torch.randn(1, 8, n, 128, dtype=torch.bfloat16)
     v = torch.randn(1, 8, n, 128, dtype=torch.bfloat16)
     q = torch.randn(1, 32, 1, 128, dtype=torch.bfloat16)
     load = os.getloadavg()
-    print(f"# context {n}, {'paged (64, shuffled)' if args.paged else 'contiguous'}, {torch.get_num_threads()} "
-          f"threads, AMX {'on' if ext.amx_enabled() else 'off'}, {args.rounds} rounds x {reps} calls, "
+    fixed = f"AMX {'on' if ext.amx_enabled() else 'off'}" if args.toggle == "stream" else \
+        f"stream {ext.stream_ahead()} bytes"
+    print(f"# {args.toggle} off / on; context {n}, {'paged (64, shuffled)' if args.paged else 'contiguous'}, "
+          f"{torch.get_num_threads()} threads, {fixed}, {args.rounds} rounds x {reps} calls, "
           f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}", flush=True)
     print("| cache | off ms | on ms | speed-up (off / on) | same bits |")
     print("|---|---|---|---|---|")
@@ -75,18 +92,18 @@ def main(argv=None) -> int:
         for kind in args.kinds:
             cache = make_cache(k, v, kind, args.paged)
             call = lambda c=cache: sa.attention_with_cache(q, c, sa.Dense())  # noqa: E731
-            times = {0: [], args.ahead: []}
+            times = {False: [], True: []}
             outs = {}
             for r in range(args.rounds):
-                for ahead in ((0, args.ahead) if r % 2 == 0 else (args.ahead, 0)):
-                    ext.set_stream_ahead(ahead)
-                    outs[ahead] = call()
+                for on in ((False, True) if r % 2 == 0 else (True, False)):
+                    setting(on)
+                    outs[on] = call()
                     t0 = time.perf_counter()
                     for _ in range(reps):
                         call()
-                    times[ahead].append((time.perf_counter() - t0) / reps * 1e3)
-            off, on = statistics.median(times[0]), statistics.median(times[args.ahead])
-            same = torch.equal(outs[0], outs[args.ahead])
+                    times[on].append((time.perf_counter() - t0) / reps * 1e3)
+            off, on = statistics.median(times[False]), statistics.median(times[True])
+            same = torch.equal(outs[False], outs[True])
             print(f"| {kind} | {off:.2f} | {on:.2f} | {off / on:.2f}x | {same} |", flush=True)
             del cache
     finally:
