@@ -114,17 +114,22 @@ def test_environment_and_default():
     0 elsewhere (measured: decode_plan.h / stream_ahead.h)."""
     code = "from sparse_attn.backends.cpu import decode as d; print(d._ext().stream_ahead())"
 
-    def start(value):
+    def start(value, stderr=None):
         env = dict(os.environ)
         env.pop("SPARSE_ATTN_CPU_STREAM_AHEAD", None)
         if value is not None:
             env["SPARSE_ATTN_CPU_STREAM_AHEAD"] = value
         res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, res.stderr[-2000:]
+        if stderr is not None:
+            stderr.append(res.stderr)
         return int(res.stdout.split()[-1])
 
     assert start("0") == 0
     assert start("12288") == 12288
+    said = []  # not a number: the default, and the variable named on stderr (not silently 0)
+    assert start("8k", said) == start(None)
+    assert "SPARSE_ATTN_CPU_STREAM_AHEAD" in said[0] and "'8k'" in said[0]
     vendor = _cpu_vendor()
     if vendor:  # the default, where this test can tell the CPU's vendor
         assert start(None) == (8192 if vendor == "GenuineIntel" else 0)

@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 
@@ -46,12 +47,21 @@ inline int64_t default_stream_ahead() {
   return 0;
 }
 
-// bytes ahead (0: off): the environment's SPARSE_ATTN_CPU_STREAM_AHEAD if set, else the default;
+// bytes ahead (0: off): the environment's SPARSE_ATTN_CPU_STREAM_AHEAD if set to a whole number >= 0,
+// else the default (a value that is not one is named on stderr, not silently read as 0);
 // set_stream_ahead() changes it for the process (A/B runs, tests)
 inline std::atomic<int64_t>& stream_ahead_bytes() {
   static std::atomic<int64_t> n{[] {
     const char* e = std::getenv("SPARSE_ATTN_CPU_STREAM_AHEAD");
-    return e != nullptr && *e != '\0' ? std::max<int64_t>(0, std::atoll(e)) : default_stream_ahead();
+    if (e == nullptr || *e == '\0') return default_stream_ahead();
+    char* end = nullptr;
+    const long long v = std::strtoll(e, &end, 10);
+    if (*end != '\0' || v < 0) {
+      std::fprintf(stderr, "sparse_attn: SPARSE_ATTN_CPU_STREAM_AHEAD must be a whole number of bytes >= 0, got '%s'; "
+                   "using the default (%lld)\n", e, static_cast<long long>(default_stream_ahead()));
+      return default_stream_ahead();
+    }
+    return static_cast<int64_t>(v);
   }()};
   return n;
 }
