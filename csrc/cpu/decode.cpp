@@ -4,8 +4,9 @@
 // * per (batch, kv head) the visited keys are cut into segments of <= 128 keys (256 for the
 //   float32 products with q held in registers: segment_keys) (the union
 //   over the Sq rows; each segment carries a bit mask of the rows that visit it), and the list is
-//   split across threads (on the direct bf16 path over a strided tensor, consecutive segments are
-//   then read as runs of up to kRunKeys keys, with the same arithmetic); every split computes a
+//   split across threads (on the direct bf16 / int8 / fp8 paths over a strided tensor, and over a
+//   paged cache where the stream prefetch is on, consecutive segments are then read as runs of up
+//   to kRunKeys keys, with the same arithmetic); every split computes a
 //   partial (out, max, sum) for ALL the rows it serves (the G query heads of the group x the Sq
 //   tokens), so each K/V byte is read once, then the splits are merged by log-sum-exp;
 // * K/V are read in their dtype (bf16 / fp16 / fp32) and converted in registers, 8 floats at a
@@ -104,8 +105,9 @@ constexpr bool kHaveInt8Dot = false;
 constexpr int64_t kPrefetchAhead = 2;  // the packed bf16 path's software prefetch, in segments
 
 // how the direct products of a segment ask for rows ahead of use (Split::segment's argument):
-// none; the next segment's rows at the products' pace (Pacer: a page table's rows, or a run that
-// does not continue this one); the run's own rows a few KB ahead (Streamer: a contiguous run)
+// none; the next segment's rows at the products' pace (Pacer: a paged cache's 128-key segments
+// where the stream is off, or a run that does not continue this one); the run's own rows a few KB
+// ahead (Streamer: a contiguous run, or a paged run through its padded row table)
 enum class Fetch { none, pace, stream };
 
 // bf16 dot-product path (bfloat16 on AVX-512 BF16): q rows as bf16 words (unscaled), the segment's
@@ -177,14 +179,16 @@ struct Scratch {
   std::vector<float*> sp, op;
   std::vector<int32_t> rid;
   DotScratch w;
-  // keys per segment at most: P.seg, or long_run_keys on the direct bf16 path over a strided
-  // tensor, where runs of consecutive segments are read as one (Split::run)
+  // keys per segment at most: P.seg, or long_run_keys on the direct paths over a strided tensor
+  // (and a paged cache with the stream on), where runs of consecutive segments are read as one
+  // (Split::run, Split::paged_runs)
   int64_t run;
   std::vector<Seg> runs;  // a split's segments merged into runs (run > P.seg)
   std::vector<int64_t> run_first, pair_end;  // runs[e]'s first segment; per sub-segment, its end key pair
-  Scratch(const Params& P, bool bf16_dot, bool int8_dot) : run(P.seg) {
+  // paged_runs: a paged cache read as runs too (the stream on, K and V sharing pages: Split::paged_runs)
+  Scratch(const Params& P, bool bf16_dot, bool int8_dot, bool paged_runs) : run(P.seg) {
     const bool direct = (bf16_dot && DotScratch::direct_path(P)) || (int8_dot && Int8Scratch::direct_path(P));
-    if (direct && !P.table) run = long_run_keys(P.R);
+    if (direct && (!P.table || paged_runs)) run = long_run_keys(P.R);
     if (bf16_dot) w.init(P, run);
     if (int8_dot) i8.init(P, run);
     q.assign(P.R * P.Dpad, 0.f);
@@ -226,7 +230,9 @@ class Split {
   static_assert(kFloatProducts == (!kDot && !kQuant));
 
   // pf: whether the float32 products prefetch rows ahead of use (reuse_clock.h)
-  Split(const Params& P, const QIn* Q, const In* K, const In* V, bool pf) : P(P), Q(Q), K(K), V(V), pf_(pf) {}
+  // pf: prefetch (the reuse clock's verdict); stream: stream_ahead_bytes() as the call read it
+  Split(const Params& P, const QIn* Q, const In* K, const In* V, bool pf, int64_t stream)
+      : P(P), Q(Q), K(K), V(V), pf_(pf), stream_(stream) {}
 
   // rows r = t * G + g (token-major); writes the split's unnormalised out (R x Dv), max, sum
   void run(Scratch& S, int64_t b, int64_t h, const Seg* segs, int64_t nseg, float* po, float* pm, float* pl) {
@@ -278,7 +284,7 @@ class Split {
           if constexpr (kQuant) load_scales(P, cur, b, h, S.ks.data(), S.vs.data());
           if (ahead > 0 && pf_) {
             segment(S, cur, ck, cv, skb, nk, nv, ahead, subs, nsub);
-          } else if (pf_ && sparse_attn_cpu::stream_ahead_bytes().load(std::memory_order_relaxed) > 0) {
+          } else if (pf_ && stream_ > 0) {
             segment<StridedRows<In>, Fetch::stream>(S, cur, ck, cv, skb, nk, nv, 0, subs, nsub);
           } else {
             segment<StridedRows<In>, Fetch::none>(S, cur, ck, cv, skb, nk, nv, 0, subs, nsub);
@@ -302,6 +308,11 @@ class Split {
                 StridedRows<In>{kb + (nx ? nx->j0 : 0) * P.kst[2], P.kst[2]},
                 StridedRows<In>{vb + (nx ? nx->j0 : 0) * P.vst[2], P.vst[2]}, nx ? nx->nk : 0);
       }
+      copy_out(S, po, pm, pl);
+      return;
+    }
+    if (S.run > P.seg) {  // the direct products with the stream on (Scratch::run)
+      paged_runs(S, b, h, segs, nseg, skb);
       copy_out(S, po, pm, pl);
       return;
     }
@@ -330,6 +341,45 @@ class Split {
     }
     std::copy(S.m.begin(), S.m.end(), pm);
     std::copy(S.l.begin(), S.l.end(), pl);
+  }
+
+  // A paged cache whose pages hold a head's K and V rows together (kv_share_pages: vLLM's layout),
+  // with the stream on, is read as a contiguous one is: runs of consecutive segments (merge_runs),
+  // q . K^T over a run, then P . V over it, the stream ahead (when prefetching at all: pf_). Each
+  // run's K / V row addresses go into one table (locate_rows, across its pages), followed by the
+  // next run's first rows (or the last
+  // row again after the last run), `pad` of them: the Streamer asks for rows up to the run's keys
+  // rounded up to 16 plus its distance + 1, so it reads only the table and walks on across page and
+  // run ends alike. Against 128-key segments with the pacer (Sapphire Rapids VM, Dense, 128K keys,
+  // Hq 32, Hkv 8, D 128, bf16 on tiles, 64-token pages in vLLM's layout in random order, the same
+  // process): 2 threads 29.8 -> 26.1 ms, 1 thread 61.4 -> 58.1 (docs/kernel_guide.md 8a). The
+  // arithmetic is the segments' (bit-identical), as on a contiguous cache.
+  void paged_runs(Scratch& S, int64_t b, int64_t h, const Seg* segs, int64_t nseg, int64_t skb) {
+    merge_runs(segs, nseg, S.run, S.runs, S.run_first);
+    const int64_t nrun = static_cast<int64_t>(S.runs.size());
+    const int64_t pad = sparse_attn_cpu::stream_rows(stream_, std::min(P.D, P.Dv) * int64_t(sizeof(In))) + 16;
+    krun_.resize(S.run + pad), vrun_.resize(S.run + pad);
+    for (int64_t e = 0; e < nrun; ++e) {
+      const Seg& cur = S.runs[e];
+      locate_rows(P, K, V, cur, b, h, krun_.data(), vrun_.data());
+      int64_t n = cur.nk;
+      if (e + 1 < nrun) {
+        Seg nx = S.runs[e + 1];
+        nx.nk = static_cast<decltype(nx.nk)>(std::min<int64_t>(nx.nk, pad));
+        locate_rows(P, K, V, nx, b, h, krun_.data() + n, vrun_.data() + n);
+        n += nx.nk;
+      }
+      for (; n < cur.nk + pad; ++n) krun_[n] = krun_[cur.nk - 1], vrun_[n] = vrun_[cur.nk - 1];
+      const Seg* subs = segs + S.run_first[e];
+      const int64_t nsub = S.run_first[e + 1] - S.run_first[e];
+      if constexpr (kQuant) load_scales(P, cur, b, h, S.ks.data(), S.vs.data());
+      const TableRows<In> kr{krun_.data()}, vr{vrun_.data()};
+      if (pf_) {
+        segment<TableRows<In>, Fetch::stream>(S, cur, kr, vr, skb, kr, vr, 0, subs, nsub);
+      } else {
+        segment<TableRows<In>, Fetch::none>(S, cur, kr, vr, skb, kr, vr, 0, subs, nsub);
+      }
+    }
   }
 
   // the products' hook, called as they read keys j, j + 1: the pacer's step (Fetch::pace), the
@@ -396,7 +446,8 @@ class Split {
     Pacer<Rows> pace{nkr, nvr, next_nk, P.D * int64_t(sizeof(In)), P.Dv * int64_t(sizeof(In)),
                      (nk + 15) / 16 * 8 * ((cnt + kDirectRows - 1) / kDirectRows) +
                          (nk + 1) / 2 * ((cnt + rows - 1) / rows) * ((P.Dv + cols - 1) / cols)};
-    const sparse_attn_cpu::Streamer<Rows> kahead{kr, P.D * int64_t(sizeof(In))}, vahead{vr, P.Dv * int64_t(sizeof(In))};
+    const sparse_attn_cpu::Streamer<Rows> kahead{kr, P.D * int64_t(sizeof(In)), stream_},
+        vahead{vr, P.Dv * int64_t(sizeof(In)), stream_};
     if constexpr (kDot) {  // scores: q . K^T over the segment's keys, scaled by scale * log2 e
       if (S.w.direct) {
         for (int64_t r = 0; r < cnt; r += kDirectRows)
@@ -508,7 +559,7 @@ class Split {
     using namespace sparse_attn_cpu;
     const int64_t nk = sg.nk, j0 = sg.j0, passes = (cnt + 15) / 16, nk16 = round_up(nk, 16);
     Pacer<Rows> pace{nkr, nvr, next_nk, P.D * int64_t(sizeof(In)), P.Dv * int64_t(sizeof(In)), passes * nk16 / 2};
-    const Streamer<Rows> kahead{kr, P.D * int64_t(sizeof(In))};
+    const Streamer<Rows> kahead{kr, P.D * int64_t(sizeof(In)), stream_};
     auto words = [](Rows r) { return [r](int64_t j) { return reinterpret_cast<const uint16_t*>(r[j]); }; };
     AmxScratch& X = S.w.x;
     uint16_t* rc = X.rc.get(16 * std::max(P.D, P.Dv));
@@ -537,7 +588,7 @@ class Split {
       _tile_loadconfig(&c);
       for (int64_t u = 0; u < nsub; ++u) {
         const int64_t a = subs[u].j0 - j0;  // a multiple of 16
-        const Streamer<Rows> vahead{vr + a, P.Dv * int64_t(sizeof(In))};
+        const Streamer<Rows> vahead{vr + a, P.Dv * int64_t(sizeof(In)), stream_};
         pv_amx(subs[u].nk, R, P.Dv, pe + r * nk16 + a, po + r * nk16 + a, nk16 * 4, words(vr + a), rc,
                S.w.obp.data() + r, S.corr.data() + u * cnt + r, cb,
                hook<F == Fetch::stream ? F : Fetch::none>(pace, vahead, r == 0));  // the pacer steps in q . K^T
@@ -563,7 +614,7 @@ class Split {
     Pacer<Rows> pace{nkr, nvr, next_nk, P.D, P.Dv,
                      (nk + 15) / 16 * 8 * ((cnt + kDirectRows - 1) / kDirectRows) +
                          (nk + 1) / 2 * ((cnt + rows - 1) / rows) * ((P.Dv + cols - 1) / cols)};
-    const Streamer<Rows> kahead{kr, P.D}, vahead{vr, P.Dv};  // one byte per code
+    const Streamer<Rows> kahead{kr, P.D, stream_}, vahead{vr, P.Dv, stream_};  // one byte per code
 #ifdef SPARSE_ATTN_FP8_DOT
     const Fp8Words words;
     auto codes = [](Rows r) { return [r](int64_t j) { return reinterpret_cast<const uint8_t*>(r[j]); }; };
@@ -638,6 +689,8 @@ class Split {
   const QIn* Q;
   const In *K, *V;
   const bool pf_;
+  const int64_t stream_;  // bytes the stream runs ahead (stream_ahead.h; 0: off), read once per call
+  std::vector<const In*> krun_, vrun_;  // paged runs: K / V row addresses of a run and `pad` more
   const In* kr_[2][kSegMax];  // paged: K / V row addresses of the current and the next segment
   const In* vr_[2][kSegMax];
 };
@@ -669,6 +722,8 @@ void run_all(const Params& P, const void* q, const void* k, const void* v, OutT*
   // whatever its mode (`DecodeArgs.prefetch` overrides the answer only); quantized caches count
   // on it but always prefetch in auto mode (their products were not measured faster without)
   bool pf = P.prefetch == 1;
+  const int64_t stream = sparse_attn_cpu::stream_ahead_bytes().load(std::memory_order_relaxed);
+  const bool paged_runs = stream > 0 && kv_share_pages(P, static_cast<const In*>(k), static_cast<const In*>(v));
   {
     int64_t keys = 0;
     for (const auto& sv : segs)
@@ -696,9 +751,10 @@ void run_all(const Params& P, const void* q, const void* k, const void* v, OutT*
   std::atomic<int64_t> next{0};
   auto work = [&](int64_t begin, int64_t end) {
     if (begin >= end) return;
-    Scratch S(P, Split<QT, DT>::kBf16Words, Split<QT, DT>::kInt8Dot);
+    Scratch S(P, Split<QT, DT>::kBf16Words, Split<QT, DT>::kInt8Dot, paged_runs);
     std::vector<float> acc, w;
-    Split<QT, DT> split(P, static_cast<const QIn*>(q), static_cast<const In*>(k), static_cast<const In*>(v), pf);
+    Split<QT, DT> split(P, static_cast<const QIn*>(q), static_cast<const In*>(k), static_cast<const In*>(v), pf,
+                        stream);
     for (;;) {
       const int64_t u = next.fetch_add(1);
       if (u >= units) break;

@@ -38,16 +38,18 @@ constexpr int64_t kSegMax = kLongSeg;  // the segment scratch's capacity
 // read as one run of up to long_run_keys <= kRunKeys keys: q . K^T over the run, then P . V over
 // it, while the softmax and the accumulators' rescaling still go segment by segment, so the
 // result is bit-identical to the segments one by one (and to a paged cache, which keeps 128-key
-// segments and the paced prefetch: with 2048-key runs it measured 0.79-0.97x under every prefetch
-// scheme tried, as a run and its prefetched successor overflow L2; re-measured once the pacer's
-// prefetches were really compiled in (prefetch.h), runs of 256-1024 keys 0.89-0.95x). On the Zen 4 a
+// segments and the paced prefetch where the stream below is off: on the Zen 4, with 2048-key runs
+// it measured 0.79-0.97x under every prefetch scheme tried, as a run and its prefetched successor
+// overflow L2; re-measured once the pacer's prefetches were really compiled in (prefetch.h), runs
+// of 256-1024 keys 0.89-0.95x). On the Zen 4 a
 // run's continuation is left to the hardware: its prefetchers follow a long run of demand misses, while one
 // core's software prefetches top out near 15 GB/s (probably its L1 miss buffers), where the
 // hardware prefetchers reach ~29. Measured in docs/kernel_guide.md section 8 ("Long runs"):
 // 2048-key runs 1.10-1.13x the paced 128-key segments when the memory runs fast, 1.01-1.04x slow.
 // That was the Zen 4. On a Sapphire Rapids VM the hardware prefetchers fall behind from DRAM, and a
 // run's own rows asked for a few KB ahead (stream_ahead.h, on by default on Intel CPUs) made dense
-// decode at 128K keys 1.2-1.45x faster.
+// decode at 128K keys 1.2-1.45x faster; with the stream on, a paged cache is read as runs too
+// (decode.cpp's Split::paged_runs: 1.06-1.14x the paced segments there).
 constexpr int64_t kRunKeys = 2048;
 constexpr int64_t kRunScratchFloats = 16384;  // rows x run keys of scores at most (64 KB)
 constexpr int64_t kMinSplitKeys = 512;  // a split reads at least ~512 keys: the merge stays negligible

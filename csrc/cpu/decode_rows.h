@@ -60,6 +60,17 @@ inline void touch_pages(const Params& P, const T* K, const T* V, const Seg& sg, 
   }
 }
 
+// whether a paged cache keeps each page's K and V rows of a head in one block (vLLM's CPU layout,
+// (pages, Hkv, 2 x page_size, D) split in halves: the V rows right after the K rows) rather than in
+// two pools. Split::paged_runs reads the first kind as runs; in two pools the runs measured slower
+// than the paced segments (decode.cpp, docs/kernel_guide.md 8a).
+template <typename T>
+inline bool kv_share_pages(const Params& P, const T* K, const T* V) {
+  if (!P.table || P.kst[0] != P.vst[0] || P.kst[1] != P.vst[1]) return false;
+  const int64_t gap = V - K;  // elements from page 0's K rows to its V rows
+  return gap > 0 && gap < P.kst[1];
+}
+
 // every cache line of rows [0, nk) of `n` elements of T
 template <typename T, int Locality = 3, typename Rows>
 inline void prefetch_rows(Rows r, int64_t nk, int64_t n) {

@@ -66,17 +66,22 @@ inline std::atomic<int64_t>& stream_ahead_bytes() {
   return n;
 }
 
-// rows of a strided run: operator()(j), called as keys j, j + 1 are read, asks for rows j + dist
-// and j + dist + 1 (row addresses past the run's end are computed, never loaded: a prefetch of any
-// address is harmless). Rows must compute an address for any index (StridedRows, not a page table).
+// how many rows of row_bytes each the stream runs ahead, for `ahead` bytes (0: off)
+inline int64_t stream_rows(int64_t ahead, int64_t row_bytes) {
+  return ahead > 0 ? std::max<int64_t>(2, ahead / std::max<int64_t>(row_bytes, 1)) : 0;
+}
+
+// rows of a run: operator()(j), called as keys j, j + 1 are read, asks for rows j + dist and
+// j + dist + 1, dist = stream_rows(ahead, row_bytes) (`ahead`: stream_ahead_bytes() as the call
+// read it once, so every Streamer of one call agrees with the row tables it sized). Row addresses
+// past the run's end are computed, never loaded (a prefetch of any address is harmless), so Rows
+// must give an address for every index up to the run's keys rounded up to 16, plus dist + 1:
+// StridedRows, or a paged run's row table padded with the rows that follow (Split::paged_runs).
 template <typename Rows>
 struct Streamer {
   Rows rows;
   int64_t bytes = 0, dist = 0;
-  Streamer(Rows r, int64_t row_bytes) : rows(r), bytes(row_bytes) {
-    const int64_t ahead = stream_ahead_bytes().load(std::memory_order_relaxed);
-    dist = ahead > 0 ? std::max<int64_t>(2, ahead / std::max<int64_t>(row_bytes, 1)) : 0;
-  }
+  Streamer(Rows r, int64_t row_bytes, int64_t ahead) : rows(r), bytes(row_bytes), dist(stream_rows(ahead, row_bytes)) {}
   __attribute__((always_inline)) inline void operator()(int64_t j) const {
     prefetch_lines<2>(rows[j + dist], bytes);
     prefetch_lines<2>(rows[j + dist + 1], bytes);
