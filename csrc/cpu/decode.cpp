@@ -229,8 +229,8 @@ class Split {
   static constexpr bool kFloatProducts = float_products(QT, DT);
   static_assert(kFloatProducts == (!kDot && !kQuant));
 
-  // pf: whether the float32 products prefetch rows ahead of use (reuse_clock.h)
-  // pf: prefetch (the reuse clock's verdict); stream: stream_ahead_bytes() as the call read it
+  // pf: whether the products prefetch rows ahead of use (the reuse clock's verdict: reuse_clock.h);
+  // stream: stream_ahead_bytes() as the call read it (stream_ahead.h)
   Split(const Params& P, const QIn* Q, const In* K, const In* V, bool pf, int64_t stream)
       : P(P), Q(Q), K(K), V(V), pf_(pf), stream_(stream) {}
 
@@ -311,7 +311,7 @@ class Split {
       copy_out(S, po, pm, pl);
       return;
     }
-    if (S.run > P.seg) {  // the direct products with the stream on (Scratch::run)
+    if (S.run > P.seg) {  // the direct products, the stream on, K and V sharing pages (Scratch::run)
       paged_runs(S, b, h, segs, nseg, skb);
       copy_out(S, po, pm, pl);
       return;
@@ -347,13 +347,14 @@ class Split {
   // with the stream on, is read as a contiguous one is: runs of consecutive segments (merge_runs),
   // q . K^T over a run, then P . V over it, the stream ahead (when prefetching at all: pf_). Each
   // run's K / V row addresses go into one table (locate_rows, across its pages), followed by the
-  // next run's first rows (or the last
-  // row again after the last run), `pad` of them: the Streamer asks for rows up to the run's keys
-  // rounded up to 16 plus its distance + 1, so it reads only the table and walks on across page and
-  // run ends alike. Against 128-key segments with the pacer (Sapphire Rapids VM, Dense, 128K keys,
-  // Hq 32, Hkv 8, D 128, bf16 on tiles, 64-token pages in vLLM's layout in random order, the same
-  // process): 2 threads 29.8 -> 26.1 ms, 1 thread 61.4 -> 58.1 (docs/kernel_guide.md 8a). The
-  // arithmetic is the segments' (bit-identical), as on a contiguous cache.
+  // next run's first rows (or the last row again after the last run), `pad` of them: the Streamer
+  // asks for rows up to the run's keys rounded up to 16 plus its distance + 1, so it reads only the
+  // table and walks on across page and run ends alike. Against 128-key segments with the pacer
+  // (Sapphire Rapids VM, Dense, 128K keys, Hq 32, Hkv 8, D 128, bf16 on tiles, pages in random
+  // order; `python bench/cpu_decode_ab.py --vllm-pages --kinds bf16`): 2 threads 29.6 -> 26.8 ms
+  // (64-token pages), 28.9 -> 25.9 (128-token); 1 thread 1.03x (docs/kernel_guide.md 8a). K and V
+  // in two pools measured 0.90-0.98x as runs, so they keep the segments. The arithmetic is the
+  // segments' (bit-identical), as on a contiguous cache.
   void paged_runs(Scratch& S, int64_t b, int64_t h, const Seg* segs, int64_t nseg, int64_t skb) {
     merge_runs(segs, nseg, S.run, S.runs, S.run_first);
     const int64_t nrun = static_cast<int64_t>(S.runs.size());
