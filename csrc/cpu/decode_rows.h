@@ -67,8 +67,9 @@ inline void touch_pages(const Params& P, const T* K, const T* V, const Seg& sg, 
 template <typename T>
 inline bool kv_share_pages(const Params& P, const T* K, const T* V) {
   if (!P.table || P.kst[0] != P.vst[0] || P.kst[1] != P.vst[1]) return false;
-  const int64_t gap = V - K;  // elements from page 0's K rows to its V rows
-  return gap > 0 && gap < P.kst[1];
+  // bytes from page 0's K rows to its V rows (as integers: the two views may be two allocations)
+  const auto k = reinterpret_cast<std::uintptr_t>(K), v = reinterpret_cast<std::uintptr_t>(V);
+  return v > k && v - k < static_cast<std::uintptr_t>(P.kst[1]) * sizeof(T);
 }
 
 // every cache line of rows [0, nk) of `n` elements of T
