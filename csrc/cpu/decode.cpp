@@ -398,7 +398,8 @@ class Split {
   // one segment's keys: kr / vr its K / V rows; nkr / nvr the next segment's (next_nk of them),
   // which the direct bf16 path prefetches into L2 while it works
   // F (Fetch): Fetch::pace prefetches the next segment (nkr, nvr: next_nk rows) at the products'
-  // pace; Fetch::stream (strided rows only, next_nk 0) this run's rows ahead of the products;
+  // pace; Fetch::stream (strided rows, or a paged run's padded row table; next_nk 0) this run's rows
+  // ahead of the products;
   // Fetch::none (next_nk must be 0): no prefetch hook at all in the products' loops (a call
   // there, even one that does nothing, makes the compiler spill the accumulators around it)
   // `subs` (nsub > 0): sg is a run of these consecutive segments, each but the last a multiple of

@@ -1,5 +1,6 @@
-// Software prefetch along a contiguous run of K / V rows: while the products read keys j, j + 1,
-// ask for the rows `dist` keys further on (into L2), where dist = stream_ahead_bytes() / row bytes.
+// Software prefetch along a run of K / V rows (a contiguous cache's, or a paged run's through its
+// padded row table: decode.cpp's Split::paged_runs): while the products read keys j, j + 1, ask for
+// the rows `dist` keys further on (into L2), where dist = stream_ahead_bytes() / row bytes.
 //
 // decode_plan.h's long runs (up to kRunKeys consecutive keys of a strided cache) were left to the
 // hardware prefetchers: on a 2-core Zen 4 they follow a run by themselves, faster than software
