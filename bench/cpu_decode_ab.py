@@ -11,7 +11,10 @@ Dense decode (B 1, Hq 32, Hkv 8, D 128, one bf16 query row per head) over the sa
 a bf16, int8 or fp8_e4m3 cache, through `attention_with_cache`. Each round times `--reps` calls
 with the setting off and on (the stream: `set_stream_ahead(0)` / `--ahead` bytes; the tiles:
 `set_amx(False / True)`), in alternating order (the VM's memory speed drifts: compare only the rows
-of one run); the table gives the medians, their ratio, and whether both gave the same bits (the
+of one run), each call after reading a buffer twice the last-level cache's size (bench/llc.py: the
+rows come from memory, as in a model's decode step; `--warm` times the calls back to back
+instead, which lets a cache that fits in L3 be read partly from there); the table gives the
+medians, their ratio, and whether both gave the same bits (the
 stream must: only where memory is touched changes; the bf16 tiles sum in another order: they need
 not). `--no-amx` runs with the tiles off when toggling the stream. `--vllm-pages`: the bf16 rows in
 vLLM's CPU layout instead (`(pages, Hkv, page, 2 D)`, a page's K rows then its V rows per kv head,
@@ -32,6 +35,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import sparse_attn as sa  # noqa: E402
+from bench.llc import Evictor  # noqa: E402
 from sparse_attn.backends.cpu import decode as cpu_decode  # noqa: E402
 
 
@@ -77,6 +81,10 @@ def main(argv=None) -> int:
     ap.add_argument("--page-size", type=int, default=64, help="tokens per page (--paged, --vllm-pages)")
     ap.add_argument("--no-amx", action="store_true", help="the tiles off (with --toggle stream)")
     ap.add_argument("--toggle", choices=["stream", "amx"], default="stream")
+    ap.add_argument("--warm", action="store_true",
+                    help="time the calls back to back (default: each after emptying the last-level cache)")
+    ap.add_argument("--evict-mb", type=int, default=None,
+                    help="MiB read before each call (default: twice the last-level cache, bench/llc.py)")
     args = ap.parse_args(argv)
     if args.ahead <= 0:
         ap.error("--ahead must be > 0 (bytes)")
@@ -88,6 +96,8 @@ def main(argv=None) -> int:
         ap.error("--vllm-pages holds bf16 rows only: pass --kinds bf16")
     if args.page_size <= 0 or args.page_size % 16:
         ap.error("--page-size must be a positive multiple of 16")
+    if args.evict_mb is not None and (args.evict_mb <= 0 or args.warm):
+        ap.error("--evict-mb must be > 0 and cannot go with --warm")
     if args.threads:
         torch.set_num_threads(args.threads)
     ext = cpu_decode._ext()
@@ -103,6 +113,7 @@ def main(argv=None) -> int:
         else:
             ext.set_amx(on)
     n, reps = args.context, args.reps or max(3, 400000 // args.context)
+    evictor = None if args.warm else Evictor(args.evict_mb)
     torch.manual_seed(0)
     k = torch.randn(1, 8, n, 128, dtype=torch.bfloat16)
     v = torch.randn(1, 8, n, 128, dtype=torch.bfloat16)
@@ -113,7 +124,8 @@ def main(argv=None) -> int:
     layout = (f"vLLM's pages ({args.page_size}, shuffled)" if args.vllm_pages else
               f"paged ({args.page_size}, shuffled)" if args.paged else "contiguous")
     print(f"# {args.toggle} off / on; context {n}, {layout}, "
-          f"{torch.get_num_threads()} threads, {fixed}, {args.rounds} rounds x {reps} calls, "
+          f"{torch.get_num_threads()} threads, {fixed}, {args.rounds} rounds x {reps} calls "
+          f"({'back to back' if evictor is None else f'each after reading {evictor.mbytes} MiB'}), "
           f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}", flush=True)
     print("| cache | off ms | on ms | speed-up (off / on) | same bits |")
     print("|---|---|---|---|---|")
@@ -127,10 +139,19 @@ def main(argv=None) -> int:
                 for on in ((False, True) if r % 2 == 0 else (True, False)):
                     setting(on)
                     outs[on] = call()
-                    t0 = time.perf_counter()
-                    for _ in range(reps):
-                        call()
-                    times[on].append((time.perf_counter() - t0) / reps * 1e3)
+                    if evictor is None:
+                        t0 = time.perf_counter()
+                        for _ in range(reps):
+                            call()
+                        spent = time.perf_counter() - t0
+                    else:
+                        spent = 0.0
+                        for _ in range(reps):
+                            evictor.evict()
+                            t0 = time.perf_counter()
+                            call()
+                            spent += time.perf_counter() - t0
+                    times[on].append(spent / reps * 1e3)
             off, on = statistics.median(times[False]), statistics.median(times[True])
             same = torch.equal(outs[False], outs[True])
             print(f"| {kind} | {off:.2f} | {on:.2f} | {off / on:.2f}x | {same} |", flush=True)

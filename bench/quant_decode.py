@@ -6,7 +6,9 @@
 One process, the same random bf16 K/V appended to a bf16, an int8 and an fp8_e4m3 cache (contiguous
 for Dense, paged with 64-token pages in random order for TopK(16)), one bf16 query row per head:
 - time: median over `--reps` rounds, each round calling every cache once in turn (a busy
-  neighbour slows all alike); `x bf16` is the median of the per-round ratios bf16 time / this time;
+  neighbour slows all alike), each call after reading a buffer twice the last-level cache's size
+  (bench/llc.py: a 480 MiB L3 holds a whole 128K int8 cache, which a model's decode step never
+  finds there); `x bf16` is the median of the per-round ratios bf16 time / this time;
 - GB/s: K/V bytes the kernel reads (codes + row scales for a quantized cache; the visited keys
   for TopK) over the median time; `of copy` is that over the run's copy rate (a float32 copy_,
   read + write bytes, best of 10: bench/roofline.py);
@@ -29,6 +31,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import sparse_attn as sa  # noqa: E402
+from bench.llc import Evictor  # noqa: E402
 from bench.roofline import copy_bandwidth  # noqa: E402
 from sparse_attn.cache.quant import dequantize  # noqa: E402
 
@@ -55,11 +58,14 @@ def make_caches(k, v, *, paged: bool, page_size: int = 64, seed: int = 0):
     return out
 
 
-def time_rounds(calls: dict, reps: int):
-    """Median seconds per call and median of per-round ratios against the bf16 entry."""
+def time_rounds(calls: dict, reps: int, evictor: Evictor | None = None):
+    """Median seconds per call and median of per-round ratios against the bf16 entry; each call
+    after `evictor.evict()` where given."""
     times = {key: [] for key in calls}
     for _ in range(reps):
         for key, fn in calls.items():
+            if evictor is not None:
+                evictor.evict()
             t0 = time.perf_counter()
             fn()
             times[key].append(time.perf_counter() - t0)
@@ -97,7 +103,12 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--topk", type=int, default=16)
+    ap.add_argument("--evict-mb", type=int, default=None,
+                    help="MiB read before each timed call (default: twice the last-level cache, bench/llc.py)")
     args = ap.parse_args(argv)
+    if args.evict_mb is not None and args.evict_mb <= 0:
+        ap.error("--evict-mb must be > 0")
+    evictor = Evictor(args.evict_mb)
     b, hq, hkv, d, n = args.batch, 32, 8, 128, args.context
     torch.manual_seed(0)
     k = torch.randn(b, hkv, n, d, dtype=torch.bfloat16)
@@ -107,7 +118,8 @@ def main(argv=None) -> int:
     load = os.getloadavg()
     copy = copy_bandwidth(torch.device("cpu"), 256, 1.0)
     print(f"# B={b} Hq={hq} Hkv={hkv} D={d} context={n} bf16 queries, {torch.get_num_threads()} threads, "
-          f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}, copy {copy:.1f} GB/s")
+          f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}, copy {copy:.1f} GB/s, each call after "
+          f"reading {evictor.mbytes} MiB")
     print("| pattern | cache | kernel | ms | x bf16 | GB/s | of copy | rel err | mass diff |")
     print("|---|---|---|---|---|---|---|---|---|")
     dense = make_caches(k, v, paged=False)
@@ -115,7 +127,7 @@ def main(argv=None) -> int:
     calls = {kind: (lambda c=c: sa.attention_with_cache(q, c, pat)) for kind, c in dense.items()}
     for fn in calls.values():
         fn()  # build / warm
-    med, ratio = time_rounds(calls, args.reps)
+    med, ratio = time_rounds(calls, args.reps, evictor)
     outs = {kind: fn() for kind, fn in calls.items()}
     for kind, c in dense.items():
         gbs = kv_bytes(kind, b, hkv, n, d) / med[kind] / 1e9
@@ -129,7 +141,7 @@ def main(argv=None) -> int:
     calls = {kind: (lambda c=c: sa.attention_with_cache(q, c, pat)) for kind, c in paged.items()}
     for fn in calls.values():
         fn()
-    med, ratio = time_rounds(calls, args.reps)
+    med, ratio = time_rounds(calls, args.reps, evictor)
     keys = min(n, (args.topk + pat.sink_blocks + pat.local_blocks) * 64)
     for kind, c in paged.items():
         gbs = kv_bytes(kind, b, hkv, keys, d) / med[kind] / 1e9

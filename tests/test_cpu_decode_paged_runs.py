@@ -120,9 +120,10 @@ def test_bench_script_vllm_pages(capsys):
     from bench import cpu_decode_ab
 
     assert cpu_decode_ab.main(["--vllm-pages", "--kinds", "bf16", "--context", "3000", "--page-size", "32",
-                               "--rounds", "2", "--reps", "2"]) == 0
+                               "--rounds", "2", "--reps", "2", "--warm"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| bf16")]
     assert len(rows) == 1 and rows[0].rstrip(" |").endswith("True"), rows
-    for bad in (["--vllm-pages"], ["--vllm-pages", "--paged", "--kinds", "bf16"], ["--page-size", "40"]):
+    for bad in (["--vllm-pages"], ["--vllm-pages", "--paged", "--kinds", "bf16"], ["--page-size", "40"],
+                ["--warm", "--evict-mb", "8"], ["--evict-mb", "0"]):
         with pytest.raises(SystemExit):
             cpu_decode_ab.main(bad)

@@ -146,7 +146,9 @@ def test_bench_script_runs(capsys):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from bench import cpu_decode_ab
 
-    assert cpu_decode_ab.main(["--context", "3000", "--kinds", "bf16", "int8", "--rounds", "2", "--reps", "2"]) == 0
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| bf16") or
-            line.startswith("| int8")]
+    assert cpu_decode_ab.main(["--context", "3000", "--kinds", "bf16", "int8", "--rounds", "2", "--reps", "2",
+                               "--evict-mb", "16"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "each after reading 16 MiB" in out[0], out[0]
+    rows = [line for line in out if line.startswith("| bf16") or line.startswith("| int8")]
     assert len(rows) == 2 and all(row.rstrip(" |").endswith("True") for row in rows), rows
