@@ -12,6 +12,9 @@ Run from vLLM's venv (docs/integrations.md), with sparse_attn importable:
 read, `(pages, Hkv, page_size, 2 * D)`), vLLM's `cpu_attention_with_kv_cache` vs sparse_attn's
 split-KV decode over the same pages (`PagesCache` -> `attention_with_cache`), Dense and TopK; K+V
 bytes read per second, and a same-run `copy_` of K+V as the machine's bandwidth at that moment.
+Each timed call comes after reading a buffer twice the last-level cache's size (bench/llc.py: a
+480 MiB L3 holds most of a 128K bf16 cache, which a model's decode step never finds there); `--warm`
+times the calls back to back instead.
 `ours_topk_gathered` is TopK as the plugin ran it before its selection read the page sums through
 the block table: the sums gathered per step into `(B, Hkv, W, D)` first.
 Runs alternate (A, B, A, B ...) so load from other jobs falls on both; medians are printed.
@@ -102,10 +105,12 @@ def _kernel_case(n: int, *, hq: int, hkv: int, d: int, page: int, dtype, batch: 
     return kv_vllm, kv_ours, sums, table, q, lens
 
 
-def _time(fn, reps: int, clock=time.perf_counter) -> float:
+def _time(fn, reps: int, clock=time.perf_counter, evictor=None) -> float:
     fn()  # warm
     best = []
     for _ in range(reps):
+        if evictor is not None:
+            evictor.evict()
         t = clock()
         fn()
         best.append(clock() - t)
@@ -142,6 +147,9 @@ def kernel_bench(args):
     if args.clock == "thread" and torch.get_num_threads() != 1:
         raise ValueError("--clock thread counts the calling thread only: use it with --threads 1")
     clock = time.thread_time if args.clock == "thread" else time.perf_counter
+    sys.path.insert(0, ROOT)
+    from bench.llc import Evictor
+    evictor = None if args.warm else Evictor()
     rows = []
     for n in args.lengths:
         kv_vllm, kv, sums, table, q, lens = _kernel_case(n, hq=args.hq, hkv=args.hkv, d=args.d, page=args.page,
@@ -184,9 +192,10 @@ def kernel_bench(args):
                  ("ours_topk_gathered", ours_topk_gathered)]
         for r in range(args.rounds):  # the order flips every round: neither side always runs after the other
             for k, fn in (order if r % 2 == 0 else order[::-1]):
-                times[k].append(_time(fn, args.reps, clock))
+                times[k].append(_time(fn, args.reps, clock, evictor))
         med = {k: statistics.median(v) for k, v in times.items()}
-        row = {"n": n, "dtype": args.dtype, "threads": torch.get_num_threads(), "clock": args.clock, "load": _load(), "vllm_isa": vllm_isa(dtype, args.page, args.d),
+        row = {"n": n, "dtype": args.dtype, "threads": torch.get_num_threads(), "clock": args.clock, "load": _load(),
+               "evict_mb": None if evictor is None else evictor.mbytes, "vllm_isa": vllm_isa(dtype, args.page, args.d),
                "rel_err_vs_vllm": err,
                **{f"{k}_ms": 1e3 * t for k, t in med.items()},
                **{f"{k}_GBps": kv_bytes / t / 1e9 for k, t in med.items() if not k.startswith("ours_topk")},
@@ -348,7 +357,7 @@ def chunk_bench(args):
         times = {k: [] for k, _ in fns}
         for r in range(args.rounds):
             for k, fn in (fns if r % 2 == 0 else fns[::-1]):
-                times[k].append(_time(fn, args.reps, clock))
+                times[k].append(_time(fn, args.reps, clock, evictor))
         med = {k: statistics.median(v) for k, v in times.items()}
         row = {"n": n, "chunk": c, "dtype": args.dtype, "threads": torch.get_num_threads(), "clock": args.clock,
                "load": _load(), "vllm_isa": vllm_isa(dtype, args.page, args.d), "rel_err_vs_vllm": err, **{f"{k}_ms": 1e3 * t for k, t in med.items()},
@@ -443,6 +452,8 @@ def main():
     k.add_argument("--clock", default="wall", choices=["wall", "thread"],
                    help="thread: CPU time of the calling thread (with --threads 1: the whole kernel's time, "
                         "not the time slices other jobs take on a loaded machine)")
+    k.add_argument("--warm", action="store_true",
+                   help="time the calls back to back (default: each after emptying the last-level cache)")
     f = sub.add_parser("forward")
     f.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
     _shape_args(f, hq=4, hkv=2, d=64, dtype="float32")

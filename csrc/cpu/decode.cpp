@@ -6,7 +6,7 @@
 //   over the Sq rows; each segment carries a bit mask of the rows that visit it), and the list is
 //   split across threads (on the direct bf16 / int8 / fp8 paths over a strided tensor, and over a
 //   paged cache where the stream prefetch is on, consecutive segments are then read as runs of up
-//   to kRunKeys keys, with the same arithmetic); every split computes a
+//   to kRunKeys keys, kPagedRunKeys over pages, with the same arithmetic); every split computes a
 //   partial (out, max, sum) for ALL the rows it serves (the G query heads of the group x the Sq
 //   tokens), so each K/V byte is read once, then the splits are merged by log-sum-exp;
 // * K/V are read in their dtype (bf16 / fp16 / fp32) and converted in registers, 8 floats at a
@@ -188,7 +188,8 @@ struct Scratch {
   // paged_runs: a paged cache read as runs too (the stream on, K and V sharing pages: Split::paged_runs)
   Scratch(const Params& P, bool bf16_dot, bool int8_dot, bool paged_runs) : run(P.seg) {
     const bool direct = (bf16_dot && DotScratch::direct_path(P)) || (int8_dot && Int8Scratch::direct_path(P));
-    if (direct && (!P.table || paged_runs)) run = long_run_keys(P.R);
+    if (direct && (!P.table || paged_runs))  // a paged run's row tables want shorter runs (kPagedRunKeys)
+      run = P.table ? std::min(long_run_keys(P.R), kPagedRunKeys) : long_run_keys(P.R);
     if (bf16_dot) w.init(P, run);
     if (int8_dot) i8.init(P, run);
     q.assign(P.R * P.Dpad, 0.f);
@@ -353,8 +354,9 @@ class Split {
   // (Sapphire Rapids VM, Dense, 128K keys, Hq 32, Hkv 8, D 128, bf16 on tiles, pages in random
   // order; `python bench/cpu_decode_ab.py --vllm-pages --kinds bf16`): 2 threads 29.6 -> 26.8 ms
   // (64-token pages), 28.9 -> 25.9 (128-token); 1 thread 1.03x (docs/kernel_guide.md 8a). K and V
-  // in two pools measured 0.90-0.98x as runs, so they keep the segments. The arithmetic is the
-  // segments' (bit-identical), as on a contiguous cache.
+  // in two pools measured 0.90-0.98x as runs (0.97-1.03x as 512-key runs), so they keep the
+  // segments. Runs here are at most kPagedRunKeys (512) keys: 2048-key runs measured 5-8% slower
+  // (decode_plan.h). The arithmetic is the segments' (bit-identical), as on a contiguous cache.
   void paged_runs(Scratch& S, int64_t b, int64_t h, const Seg* segs, int64_t nseg, int64_t skb) {
     merge_runs(segs, nseg, S.run, S.runs, S.run_first);
     const int64_t nrun = static_cast<int64_t>(S.runs.size());

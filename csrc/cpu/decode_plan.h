@@ -51,6 +51,14 @@ constexpr int64_t kSegMax = kLongSeg;  // the segment scratch's capacity
 // decode at 128K keys 1.2-1.45x faster; with the stream on, a paged cache is read as runs too
 // (decode.cpp's Split::paged_runs: 1.06-1.14x the paced segments there).
 constexpr int64_t kRunKeys = 2048;
+// A paged cache's runs (Split::paged_runs) are shorter: their K and V row tables (two pointers per
+// key) come on top of the run's scores and P spreads, ~130 KB at 2048 keys for 4 query rows, three
+// times L1 (probably the cause: a contiguous run, without tables, measured alike at every length). Measured on the Sapphire Rapids VM (vLLM's page layout, 128K keys, bf16
+// on tiles, 2 threads, each call after emptying the 480 MiB L3, one process): runs of 2048 / 1024 /
+// 768 / 512 / 384 / 256 keys 25.0-25.7 / 23.7-24.3 / 24.0 / 23.8-23.9 / 24.1 / 24.9 ms over
+// 64-token pages, 24.5 / 23.7 / 23.6 ms over 128-token pages (contiguous, no tables: 21.7-22.0 ms
+// at 512-2048 alike; an int8 contiguous cache 14.0-14.1 ms alike).
+constexpr int64_t kPagedRunKeys = 512;
 constexpr int64_t kRunScratchFloats = 16384;  // rows x run keys of scores at most (64 KB)
 constexpr int64_t kMinSplitKeys = 512;  // a split reads at least ~512 keys: the merge stays negligible
 constexpr int64_t kMaxSplits = 256;  // per (batch, kv head)
