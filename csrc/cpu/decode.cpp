@@ -575,7 +575,8 @@ class Split {
       _tile_loadconfig(&c);
       q_tiles(qb, S.w.qwp.data() + r, R, static_cast<int>(P.D / 32));
       with_chunks(P.D, [&](auto dc) {
-        qk_amx<decltype(dc)::value>(nk, R, qb, words(kr), S.sp.data() + r, P.qmul, rc, cb, hook<F>(pace, kahead, r == 0));
+        qk_amx<decltype(dc)::value>(nk, R, qb, words(kr), S.sp.data() + r, P.qmul, rc, cb, hook<F>(pace, kahead, r == 0),
+                                    passes == 1);
       });
     }
     if (static_cast<int64_t>(S.corr.size()) < nsub * cnt) S.corr.resize(nsub * cnt);
@@ -595,7 +596,8 @@ class Split {
         const Streamer<Rows> vahead{vr + a, P.Dv * int64_t(sizeof(In)), stream_};
         pv_amx(subs[u].nk, R, P.Dv, pe + r * nk16 + a, po + r * nk16 + a, nk16 * 4, words(vr + a), rc,
                S.w.obp.data() + r, S.corr.data() + u * cnt + r, cb,
-               hook<F == Fetch::stream ? F : Fetch::none>(pace, vahead, r == 0));  // the pacer steps in q . K^T
+               hook<F == Fetch::stream ? F : Fetch::none>(pace, vahead, r == 0),  // the pacer steps in q . K^T
+               passes == 1);
       }
     }
     _tile_release();

@@ -144,12 +144,23 @@ __attribute__((always_inline)) inline const char* tile_rows(Rows row, int64_t j0
   return dst;
 }
 
+// A K / V tile (16 rows at `stride`) into tile 1 / 6 / 7: with the non-temporal hint (tileloaddt1)
+// where the caller reads these rows once (`once`: one pass of <= 16 query rows). Measured (Dense,
+// 128K keys, bf16, 2 threads, each call after emptying the L3, one process, 11-15 rounds): 0.8-1.4%
+// faster contiguous, 1.9-3.1% over vLLM's page layout; with 16K keys in L3, one thread: 0.99-1.01x.
+// The same bits either way (a hint on where the line is kept, nothing else).
+__attribute__((always_inline)) inline void k_tile(const char* base, int64_t stride, bool once) {
+  if (once) _tile_stream_loadd(1, base, stride);
+  else _tile_loadd(1, base, stride);
+}
+
 // s[r][0 : round_up(nk, 16)) = mul * (q_r . k_j), r < R, the q rows in the B layout (q_tiles), the
 // tiles configured by qk_tiles(R); keys past nk repeat key nk - 1 (finite scores the caller masks).
-// krow(j): key j's row of DC * 32 bf16 words. ahead(j) is called for each key pair j, j + 1.
+// krow(j): key j's row of DC * 32 bf16 words. ahead(j) is called for each key pair j, j + 1. once:
+// these K rows are read by this pass only (k_tile's hint).
 template <int DC, typename Rows, typename Ahead>
 inline void qk_amx(int64_t nk, int R, const uint32_t* qb, Rows krow, float* const* s, float mul, uint16_t* rc,
-                   float* cb, Ahead&& ahead) {
+                   float* cb, Ahead&& ahead, bool once) {
   const __m512 vmul = _mm512_set1_ps(mul);
   const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                          _mm512_set1_epi32(16));
@@ -167,22 +178,22 @@ inline void qk_amx(int64_t nk, int R, const uint32_t* qb, Rows krow, float* cons
     const char* base = tile_rows(krow, j0, nk, 64 * DC, rc, false, stride);
     _tile_zero(0);
     if constexpr (DC <= 4) {
-      _tile_loadd(1, base, stride);
+      k_tile(base, stride, once);
       _tile_dpbf16ps(0, 1, 2);
       if constexpr (DC >= 2) {
-        _tile_loadd(1, base + 64, stride);
+        k_tile(base + 64, stride, once);
         _tile_dpbf16ps(0, 1, 3);
       }
       if constexpr (DC >= 4) {
-        _tile_loadd(1, base + 128, stride);
+        k_tile(base + 128, stride, once);
         _tile_dpbf16ps(0, 1, 4);
-        _tile_loadd(1, base + 192, stride);
+        k_tile(base + 192, stride, once);
         _tile_dpbf16ps(0, 1, 5);
       }
     } else {  // D = 256: the q chunks reloaded
 #pragma GCC unroll 8
       for (int c = 0; c < DC; ++c) {
-        _tile_loadd(1, base + 64 * c, stride);
+        k_tile(base + 64 * c, stride, once);
         _tile_loadd(2, qb + 16 * c * R, qs);
         _tile_dpbf16ps(0, 1, 2);
       }
@@ -211,10 +222,11 @@ inline void spread_p(uint32_t* pe, uint32_t* po, const float* p, int64_t nk) {
 // vrow(j): key j's V row, Dv bf16 words (Dv a multiple of 32), loaded as the B operand as it sits
 // (16 keys x 32 columns: the pair halves are two columns, so P's even / odd spreads give the even
 // / odd columns); a group past n or across pages is copied to rc with zero rows past n. cb: R x 64.
-// ahead(j) is called for each key pair j, j + 1 in the first 64 columns' pass.
+// ahead(j) is called for each key pair j, j + 1 in the first 64 columns' pass. once: these V rows
+// are read by this pass only (k_tile's hint).
 template <typename Rows, typename Ahead>
 inline void pv_amx(int64_t n, int R, int64_t Dv, const uint32_t* pe, const uint32_t* po, int64_t pstride, Rows vrow,
-                   uint16_t* rc, float* const* o, const float* corr, float* cb, Ahead&& ahead) {
+                   uint16_t* rc, float* const* o, const float* corr, float* cb, Ahead&& ahead, bool once) {
   const __m512i ilo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
   const __m512i ihi = _mm512_add_epi32(ilo, _mm512_set1_epi32(8));
   for (int64_t c0 = 0; c0 < Dv; c0 += 64) {
@@ -232,11 +244,13 @@ inline void pv_amx(int64_t n, int R, int64_t Dv, const uint32_t* pe, const uint3
         for (int m = 0; m < 8; ++m) ahead(j0 + 2 * m);
       _tile_loadd(4, pe + j0, pstride);
       _tile_loadd(5, po + j0, pstride);
-      _tile_loadd(6, base, stride);
+      if (once) _tile_stream_loadd(6, base, stride);  // k_tile's hint
+      else _tile_loadd(6, base, stride);
       _tile_dpbf16ps(0, 4, 6);
       _tile_dpbf16ps(1, 5, 6);
       if (two) {
-        _tile_loadd(7, base + 64, stride);
+        if (once) _tile_stream_loadd(7, base + 64, stride);
+        else _tile_loadd(7, base + 64, stride);
         _tile_dpbf16ps(2, 4, 7);
         _tile_dpbf16ps(3, 5, 7);
       }
