@@ -357,7 +357,7 @@ def chunk_bench(args):
         times = {k: [] for k, _ in fns}
         for r in range(args.rounds):
             for k, fn in (fns if r % 2 == 0 else fns[::-1]):
-                times[k].append(_time(fn, args.reps, clock, evictor))
+                times[k].append(_time(fn, args.reps, clock))
         med = {k: statistics.median(v) for k, v in times.items()}
         row = {"n": n, "chunk": c, "dtype": args.dtype, "threads": torch.get_num_threads(), "clock": args.clock,
                "load": _load(), "vllm_isa": vllm_isa(dtype, args.page, args.d), "rel_err_vs_vllm": err, **{f"{k}_ms": 1e3 * t for k, t in med.items()},
