@@ -172,6 +172,9 @@ def main(argv=None) -> int:
         for r in case_rows:
             if r.get("status") == "error":
                 log(f"    error in {r['impl']}: {r['error']}")
+        # the rows so far, rewritten after each case: a run stopped by a time limit (bench/gpu_check.sh)
+        # still leaves what it measured (marked partial; the full write below replaces it)
+        write_json(args.out, env, roofline, rows, progress.elapsed(), extra={"partial": f"{i} of {len(cases)} cases"})
 
     lg_rows = []
     if lg:

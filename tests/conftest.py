@@ -32,6 +32,7 @@ BLOCK = 16  # block size of BlockSparse / TopK in the matrix; every length below
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: the larger cases (4K-token linear attention, memory)")
+    config.addinivalue_line("markers", "gpu: runs compiled on a GPU when there is one (bench/gpu_check.sh runs `-m gpu`)")
 
 
 @pytest.fixture(autouse=True)

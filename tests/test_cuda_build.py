@@ -14,6 +14,8 @@ import pytest
 
 from sparse_attn._build.extensions import EXTENSIONS
 
+pytestmark = pytest.mark.gpu  # what `bash bench/gpu_check.sh` runs on a GPU machine (`-m gpu`)
+
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 NVCC = shutil.which("nvcc")
 CU_SOURCES = [s for spec in EXTENSIONS.values() if spec.get("cuda") for s in spec["sources"] if s.endswith(".cu")]

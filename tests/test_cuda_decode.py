@@ -155,7 +155,13 @@ def test_prefill_shapes_refused():
 
 
 # ------------------------------------------------------------------------------------- on a GPU
-gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build of torch")
+_needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build of torch")
+
+
+def gpu(test):
+    """Skipped without a GPU; marked `gpu`, which `bash bench/gpu_check.sh` selects (`-m gpu`): the
+    file's other tests check the kernel's arguments on the CPU and run in CI."""
+    return pytest.mark.gpu(_needs_gpu(test))
 
 
 @gpu

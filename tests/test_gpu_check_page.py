@@ -48,6 +48,13 @@ def test_page_from_a_headline_run(tmp_path):
     assert "NVIDIA H200" in text and "1 failed, 5 passed" in text and "FAILED tests/test_triton_decode.py" in text
     assert "GPU tests: failed (exit 1)" in text and "Headline targets: passed" in text
     assert "`prefill/dense/bf16/S16384`" in text and "1.20x" in text
+    (tmp_path / "headline.json").write_text(json.dumps({"roofline": {"copy_gbps": 4000.0}, "elapsed_s": 50,
+                                                        "rows": [row], "partial": "3 of 7 cases"}))
+    (tmp_path / "install.txt").write_text("ERROR: something pip said\n")
+    (tmp_path / "tests_cmd.txt").write_text("python -m pytest -q -ra -m gpu -n 8 tests/test_cuda_decode.py\n")
+    text = gpu_page.page(str(tmp_path), 0, 124)
+    assert "**Partial**: the run stopped after 3 of 7 cases" in text and "`prefill/dense/bf16/S16384`" in text
+    assert "ERROR: something pip said" in text and "-m gpu -n 8 tests/test_cuda_decode.py" in text
     (tmp_path / "headline.json").unlink()
     (tmp_path / "headline_progress.txt").write_text("[1/7] prefill/dense ...\n")
     text = gpu_page.page(str(tmp_path), 0, 124)

@@ -9,6 +9,8 @@ import sparse_attn as sa
 from conftest import DTYPE_IDS, TRITON_DEVICE, check_against_oracle, randn
 from sparse_attn.api.linear import plan_linear
 
+pytestmark = pytest.mark.gpu  # what `bash bench/gpu_check.sh` runs on a GPU machine (`-m gpu`)
+
 DEV = TRITON_DEVICE
 F32_BOUND_DEVICE = DEV  # float32 on a GPU runs tf32 products: the contract's GPU bound
 

@@ -74,8 +74,9 @@ def test_training_excludes_forward_only_kernels():
     assert p.problem.phase == "training"
     assert p.kernel.supports_backward
     for c in p.candidates:
-        if not c.kernel.supports_backward:  # refused for that, or unavailable here altogether
-            assert any("no backward" in r for r in c.reasons) or c.reasons == [c.kernel.unavailable()], c
+        if not c.kernel.supports_backward:  # refused for that, for its device, or unavailable here altogether
+            assert (any("no backward" in r for r in c.reasons) or c.reasons == [c.kernel.unavailable()]
+                    or c.reasons == [f"device cpu not in {c.kernel.devices}"]), c
 
 
 def test_phase_is_visible():
@@ -129,3 +130,25 @@ def test_error_lists_every_reason_when_nothing_runs(monkeypatch):
         sa.attention(q, k, v, sa.SlidingWindow(16))
     with pytest.raises(ValueError, match="pattern Dense not supported"):
         sa.attention(q, k, v, sa.Dense())
+
+
+def test_kernel_for_another_device_is_refused_before_its_availability_is_asked(monkeypatch):
+    """A CPU kernel asked about a CUDA problem says "device" and never builds its extension to answer
+    (on a GPU machine the CPU builds took the whole budget of the first GPU check)."""
+    import dataclasses
+
+    from sparse_attn.scheduler.problem import Problem
+
+    class _CpuOnly(_Fake):
+        devices = ("cpu",)
+
+        def unavailable(self):
+            raise AssertionError("unavailable() asked for a problem on another device")
+
+    q, k, v = _qkv(64, 64)
+    p = sa.plan(q, k, v, sa.SlidingWindow(16)).problem
+    assert isinstance(p, Problem)
+    gpu = dataclasses.replace(p, device=dataclasses.replace(p.device, type="cuda"))
+    assert _CpuOnly("fake.cpu", 1.0).not_supported_reasons(gpu) == ["device cuda not in ('cpu',)"]
+    with pytest.raises(AssertionError, match="another device"):  # a CPU problem still asks
+        _CpuOnly("fake.cpu", 1.0).not_supported_reasons(p)

@@ -23,6 +23,8 @@ import sparse_attn as sa
 from conftest import TRITON_DEVICE, check_against_oracle, leaf64, make_pattern, make_qkv, make_qkv_for
 from sparse_attn.layout import build_layout
 
+pytestmark = pytest.mark.gpu  # what `bash bench/gpu_check.sh` runs on a GPU machine (`-m gpu`)
+
 KERNEL = "triton.block_sparse"
 DEV = TRITON_DEVICE
 

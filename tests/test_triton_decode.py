@@ -13,6 +13,8 @@ from conftest import TRITON_DEVICE, make_pattern, make_qkv_for, pairwise, randn,
 from sparse_attn.cache import KVCache, PagedKVCache, attention_with_cache
 from test_cache import _fill, _row_pattern
 
+pytestmark = pytest.mark.gpu  # what `bash bench/gpu_check.sh` runs on a GPU machine (`-m gpu`)
+
 DEV = TRITON_DEVICE
 KINDS = ["dense_causal", "dense_full", "window", "window_sinks", "blocksparse", "topk", "topk_wide"]
 CASES = pairwise({

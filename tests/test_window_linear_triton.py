@@ -15,6 +15,8 @@ import oracle
 import sparse_attn as sa
 from conftest import DTYPE_IDS, TRITON_DEVICE, check_against_oracle, randn
 
+pytestmark = pytest.mark.gpu  # what `bash bench/gpu_check.sh` runs on a GPU machine (`-m gpu`)
+
 DEV = TRITON_DEVICE
 KERNEL = "triton.window_linear"
 

@@ -42,12 +42,14 @@ class Kernel:
         return []
 
     def not_supported_reasons(self, p: Problem) -> list[str]:
+        # the device first: a kernel for another device is refused without asking whether it could
+        # run here (a CPU kernel's answer builds its C++ extension: minutes, on a GPU machine, for nothing)
+        if self.devices is not None and p.device.type not in self.devices:
+            return [f"device {p.device.type} not in {self.devices}"]
         why = []
         missing = self.unavailable()
         if missing:
             return [missing]
-        if self.devices is not None and p.device.type not in self.devices:
-            why.append(f"device {p.device.type} not in {self.devices}")
         if p.dtype not in self.dtypes:
             why.append(f"dtype {str(p.dtype).replace('torch.', '')} not supported")
         if not isinstance(p.pattern, self.patterns):
