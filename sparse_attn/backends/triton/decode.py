@@ -5,9 +5,10 @@ csrc/cuda/paged_decode.cuh): one program per (split, sequence x kv head, group o
 loads the group's query rows (the G heads of the GQA group times the Sq rows) once, walks its
 share of the visited key blocks, gathering each block's keys through the page table, with an
 online softmax in float32; the splits' partial results are merged by log-sum-exp in PyTorch.
-Blocks are converted to float32 as they are loaded and both products run in float32 (tf32 on
-tensor cores): decode is bound by reading K/V, not by arithmetic, and Triton's interpreter does
-not compute bfloat16 dot products correctly (seen with Triton 3.9: garbage results).
+Blocks are converted to float32 as they are loaded and both products run in float32 (TF32 on
+tensor cores for bfloat16 inputs, whose values TF32 holds exactly; IEEE float32 otherwise): decode
+is bound by reading K/V, not by arithmetic, and Triton's interpreter does not compute bfloat16 dot
+products correctly (seen with Triton 3.9: garbage results).
 Runs on CUDA tensors, and on CPU tensors in Triton's interpreter (`TRITON_INTERPRET=1`), which
 is how CI tests it.
 
@@ -73,7 +74,7 @@ if triton is not None:
                       HAS_LIST: tl.constexpr, HAS_RMASK: tl.constexpr, CAUSAL: tl.constexpr,
                       HAS_WINDOW: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, QUANT: tl.constexpr,
-                      SOFTCAP: tl.constexpr):
+                      SOFTCAP: tl.constexpr, PREC: tl.constexpr):
         split = tl.program_id(0)
         bh = tl.program_id(1)
         rg = tl.program_id(2)
@@ -112,10 +113,10 @@ if triton is not None:
             off = j % PAGE
             k = _load_codes(K + page[:, None] * s_kp + h * s_kh + off[:, None] * s_kt + dd[None, :],
                             jvalid[:, None] & (dd[None, :] < D), QUANT)
-            s = tl.dot(q, tl.trans(k)) * scale  # (R, N)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale  # (R, N)
             if QUANT != 0:  # q . (s_k code) = s_k (q . code)
                 s = s * tl.load(KS + page * s_sp + h * s_sh + off, mask=jvalid, other=0.0)[None, :]
-            s = tl.where((s - s) == 0.0, s, float("nan"))  # non-finite q / k: NaN, not a masked -inf
+            s = tl.where(tl.abs(s) < float("inf"), s, float("nan"))  # non-finite q / k: NaN, not a masked -inf
             if SOFTCAP:  # cap * tanh(s / cap), natural-log units here
                 e = tl.exp(-2.0 * (tl.abs(s) / cap))
                 tc = (1.0 - e) / (1.0 + e)
@@ -138,7 +139,7 @@ if triton is not None:
                              jvalid[:, None] & (dv[None, :] < DV), QUANT)
             if QUANT != 0:  # p (s_v code) = (p s_v) code, after the sums took p
                 p = p * tl.load(VS + page * s_sp + h * s_sh + off, mask=jvalid, other=0.0)[None, :]
-            acc = acc * alpha[:, None] + tl.dot(p, vt)
+            acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision=PREC)
             m = m_new
         seen = (lsum > 0) | (lsum != lsum)  # a NaN sum (non-finite input seen) stays NaN, never 0
         out = acc / tl.where(seen, lsum, 1.0)[:, None]
@@ -186,6 +187,9 @@ def run_decode(a: DecodeArgs) -> tuple[torch.Tensor, torch.Tensor]:
         HAS_LIST=a.count is not None, HAS_RMASK=a.row_mask is not None, CAUSAL=a.causal,
         HAS_WINDOW=a.window > 0, BLOCK_R=block_r, BLOCK_N=_pow2(a.key_block), BLOCK_D=_pow2(d),
         BLOCK_DV=_pow2(dv_), QUANT=quant, SOFTCAP=a.softcap > 0,
+        # TF32 products are exact for bfloat16 queries and rows (8-bit mantissas; int8 / fp8 codes too);
+        # float16 / float32 keep IEEE float32 (TF32 missed float32's 1e-3 by 1.0-1.3x on the first GPU run)
+        PREC="tf32" if q.dtype == torch.bfloat16 else "ieee",
         # fp8's bit decoding holds integer tiles beside the float ones: with 4 warps it spilled 8 bytes at
         # D=128 with Triton 3.6 (bench/gpu_static.py, sm_80 and sm_90)
         num_warps=8 if quant == 2 and _pow2(d) > 64 else 4)

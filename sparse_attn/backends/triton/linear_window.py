@@ -60,7 +60,7 @@ if triton is not None:
         k = tl.load(K + kj[:, None] * D + offs_d[None, :], mask=kmask[:, None] & dmask[None, :], other=0.0)
         v = tl.load(V + kj[:, None] * DV + offs_v[None, :], mask=kmask[:, None] & vmask[None, :], other=0.0)
         s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=PREC) * scale
-        s = tl.where((s - s) == 0.0, s, float("nan"))  # non-finite q / k: NaN, never a masked -inf
+        s = tl.where(tl.abs(s) < float("inf"), s, float("nan"))  # non-finite q / k: NaN, never a masked -inf
         vis = (kj[None, :] <= pos[:, None]) & ((pos[:, None] - kj[None, :] < WINDOW) | (kj[None, :] < SINKS))
         vis = vis & kmask[None, :] & rmask[:, None]
         s = tl.where(vis, s, float("-inf"))
