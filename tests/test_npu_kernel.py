@@ -85,7 +85,8 @@ def test_reasons():
     q72 = randn(1, 4, 16, 72)
     assert any("multiple of 16" in r for r in kern.extra_reasons(make_problem(q72, q72, q72, sa.Dense())))
     text = sa.plan(q, k, k, sa.Dense()).explain()
-    assert "npu.fusion_attention" in text and "torch_npu is not usable here" in text
+    assert "npu.fusion_attention" in text and "device cpu not in ('npu',)" in text  # CPU inputs: the device
+    assert "torch_npu is not usable here" in kern.unavailable()  # and why it could not run in this process
 
 
 @pytest.mark.skipif("torch_npu" not in sys.modules and not hasattr(torch, "npu"), reason="needs torch_npu and an NPU")

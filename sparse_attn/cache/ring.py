@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from ..scheduler.device import check_device
 from . import huge_pages
 from .base import check_positive_int, storage_bytes
 from .quant import check_kv_dtype, dequantize, quantize_rows, storage_dtype
@@ -39,7 +40,7 @@ class RingKVCache:
         dv = head_dim if v_head_dim is None else check_positive_int("v_head_dim", v_head_dim)
         self.window, self.sinks = window, sinks
         self.capacity = sinks + window
-        self.device = torch.device(device)
+        self.device = check_device(device)
         self.kv_dtype = check_kv_dtype(kv_dtype)
         self.dtype = dtype
         sdt = dtype if kv_dtype is None else storage_dtype(kv_dtype)

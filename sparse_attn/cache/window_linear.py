@@ -20,6 +20,8 @@ from typing import NamedTuple
 
 import torch
 
+from ..scheduler.device import check_device
+
 _MIN_CAPACITY = 16
 
 
@@ -53,7 +55,7 @@ class WindowLinearState:
                  dtype: torch.dtype, device):
         self.window, self.sinks = window, sinks
         self.batch, self.kv_heads, self.head_dim, self.v_head_dim = batch, kv_heads, head_dim, v_head_dim
-        self.dtype, self.device = dtype, torch.device(device)
+        self.dtype, self.device = dtype, check_device(device)
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         self.sink_k, self.sink_v = self._kv(0)
         self.ring_k, self.ring_v = self._kv(0)

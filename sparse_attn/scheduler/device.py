@@ -128,11 +128,14 @@ def check_device(device, name: str = "device") -> torch.device:
     except (RuntimeError, TypeError, ValueError) as exc:
         raise ValueError(f"{name} must name a torch device such as 'cpu' or 'cuda:0', got {device!r} ({exc})") from None
     try:
-        torch.empty(0, device=dev)  # the one portable availability check (no data moves)
+        probe = torch.empty(0, device=dev)  # the one portable availability check (no data moves)
     except Exception as exc:  # AssertionError (no CUDA build), RuntimeError (bad index), ...
         raise ValueError(f"{name}={device!r} names no available device in this process "
                          f"({type(exc).__name__}: {exc})") from None
-    return dev
+    # the device a tensor made there reports: "cuda" becomes "cuda:0" (the current device), so that
+    # a cache made with device="cuda" accepts the rows of tensors made with device="cuda" (torch
+    # compares cuda:0 != cuda as unequal; the first GPU run failed 29 tests on it)
+    return probe.device
 
 
 @functools.lru_cache(maxsize=None)
