@@ -30,10 +30,11 @@ stage "environment"
   "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| triton', triton.__version__)"
   git rev-parse HEAD 2>/dev/null
 } 2>&1 | tee "$OUT/env.txt"
-# no network on the GPU machine: no dependencies, no build isolation (its torch / Triton stay). The
-# first GPU run (2026-12-04) saw this install fail there, so its output is kept (install.txt) and
-# everything below runs from the source tree whatever it did.
-timeout 60 "$PY" -m pip install --no-deps --no-build-isolation --no-index -e . > "$OUT/install.txt" 2>&1 \
+# no network on the GPU machine: no dependencies, no build isolation (its torch / Triton stay), and
+# PEP 517 (without it pip ran the legacy `setup.py develop`, which newer setuptools turns into a
+# pip call of its own with build isolation: offline, that failed on 2026-12-04). Its output is kept
+# (install.txt) and everything below runs from the source tree whatever it did.
+timeout 60 "$PY" -m pip install --no-deps --no-build-isolation --no-index --use-pep517 -e . > "$OUT/install.txt" 2>&1 \
   && echo "pip install -e .: ok" || { echo "pip install -e .: failed (install.txt); running from the source tree"; tail -5 "$OUT/install.txt"; }
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 

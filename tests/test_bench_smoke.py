@@ -48,6 +48,29 @@ def test_call_estimates_never_borrow_across_pattern_families():
     assert c.seconds(("decode", "k", torch.float32, "window"), 3.0) == 3.0 / PRIOR_FRACTION  # other regime
 
 
+def test_a_dense_baseline_is_keyed_as_dense_in_every_case():
+    """SDPA makes the same dense causal call in a TopK case as in a dense one: its estimate must come
+    from dense rates, not from our TopK kernel's (the first GPU run skipped SDPA at 128K as a 68 s
+    call after our TopK kernel had run at 2% of the roofline)."""
+    import types
+
+    import torch
+
+    from bench.runner import Calibration, calibration_key
+
+    topk = types.SimpleNamespace(kind="prefill", dtype=torch.bfloat16, family="topk")
+    sdpa = types.SimpleNamespace(computes="dense", group="sdpa", name="sdpa.flash")
+    ours = types.SimpleNamespace(computes="pattern", group="sparse_attn", name="sparse_attn")
+    assert calibration_key(topk, sdpa, "dense causal") == ("prefill", "sdpa.flash", torch.bfloat16, "dense")
+    assert calibration_key(topk, ours, "triton.block_sparse") == ("prefill", "triton.block_sparse", torch.bfloat16,
+                                                                  "topk")
+    c = Calibration(roofline={})
+    c.update(calibration_key(topk, ours, "triton.block_sparse"), roof_s=1.0, seconds=50.0)  # our slow TopK
+    dense = types.SimpleNamespace(kind="prefill", dtype=torch.bfloat16, family="dense")
+    c.update(calibration_key(dense, sdpa, "dense causal"), roof_s=1.0, seconds=1.5)  # SDPA on the dense case
+    assert c.seconds(calibration_key(topk, sdpa, "dense causal"), 2.0) == 3.0
+
+
 def test_eta_is_there_before_the_first_case_and_follows_the_measured_pace():
     from bench.progress import Progress
 

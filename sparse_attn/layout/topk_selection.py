@@ -34,7 +34,9 @@ def pooled_keys(k: torch.Tensor, block_size: int, dtype: torch.dtype) -> torch.T
     out = torch.empty(b, h, nb, d, dtype=dtype, device=k.device)
     if full > 0:
         kb = k[:, :, :full * block_size].unflatten(2, (full, block_size))  # a view when k's rows are dense
-        step = max(1, _POOL_CHUNK_ELEMS // max(1, b * h * block_size * d))
+        # chunks on a CPU only: on a GPU one reduction reads K at full bandwidth, and 2^18-element
+        # chunks were ~4096 launches at 128K keys x B 8 (TopK decode took 32 ms on an H200, 2026-12-04)
+        step = max(1, _POOL_CHUNK_ELEMS // max(1, b * h * block_size * d)) if k.device.type == "cpu" else full
         for n0 in range(0, full, step):
             n1 = min(full, n0 + step)
             torch.sum(kb[:, :, n0:n1], dim=3, dtype=dtype, out=out[:, :, n0:n1])

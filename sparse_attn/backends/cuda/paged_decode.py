@@ -35,9 +35,12 @@ class CudaSplitKVDecode(SplitKVDecodeKernel):
     name = "cuda.splitkv_decode"
     backend = "cuda"
     devices = ("cuda",)
-    #: fraction of HBM bandwidth on the visited K/V bytes: an estimate until measured on a GPU
-    #: (none was lent when this kernel was written); docs/perf/ holds what was measured
-    memory_efficiency = 0.6
+    #: fraction of HBM bandwidth on the visited K/V bytes, as measured: 268 GB/s of the H200's
+    #: ~4.2 TB/s copy rate, 0.06, on the first GPU run (docs/perf/2026-12-04-h200-gpu-check-2.md:
+    #: decode, Dense, bf16, B 8, Hq 32, Hkv 8, D 128, 128K keys; SDPA read the same bytes at ~1.0).
+    #: One warp per key row, scalar loads and a shuffle reduction per row: latency-bound. With
+    #: this figure the scheduler gives Dense decode to SDPA on a GPU until the kernel is rebuilt.
+    memory_efficiency = 0.06
     overhead_s = 15e-6
 
     def unavailable(self):
