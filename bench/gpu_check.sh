@@ -29,6 +29,10 @@ stage "environment"
   date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | head -3
   "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| triton', triton.__version__)"
   git rev-parse HEAD 2>/dev/null
+  # the device tool copies the working tree but its git metadata lagged the tree on both 2026-12-04
+  # runs: this fingerprint of the sources is what identifies the code (run the same line locally)
+  echo "sources $(find sparse_attn csrc bench tests -type f \( -name '*.py' -o -name '*.h' -o -name '*.cpp' \
+    -o -name '*.cu' -o -name '*.cuh' -o -name '*.sh' \) | LC_ALL=C sort | xargs cat | sha1sum | cut -c1-12)"
 } 2>&1 | tee "$OUT/env.txt"
 # no network on the GPU machine: no dependencies, no build isolation (its torch / Triton stay), and
 # PEP 517 (without it pip ran the legacy `setup.py develop`, which newer setuptools turns into a
