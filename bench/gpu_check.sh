@@ -10,7 +10,7 @@
 #   run(command="bash bench/gpu_check.sh bench --quick")    # the bench sweep (another call)
 # Every stage runs under its own `timeout`, so a hang or a slow stage still leaves the page and the
 # earlier stages' results; the whole check keeps to 9 minutes (GPU_CHECK_TOTAL_S, 540: the build
-# 150 s at most, the tests GPU_CHECK_TESTS_S = 200, the headline what is left, GPU_CHECK_HEADLINE_S). Without a GPU (CI, a laptop) the same script runs the CPU
+# 150 s at most, the tests GPU_CHECK_TESTS_S = 220, the headline what is left, GPU_CHECK_HEADLINE_S). Without a GPU (CI, a laptop) the same script runs the CPU
 # parts, which is how their time is known: `bash bench/gpu_check.sh` here runs the tests that need
 # no GPU of the GPU list and the CPU headline sizes.
 set -uo pipefail
@@ -42,8 +42,11 @@ timeout 60 "$PY" -m pip install --no-deps --no-build-isolation --no-index --use-
   && echo "pip install -e .: ok" || { echo "pip install -e .: failed (install.txt); running from the source tree"; tail -5 "$OUT/install.txt"; }
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
+# the files that hold tests marked gpu (`grep -l "mark.gpu" tests/*.py`; a test checks the list)
 GPU_TESTS=(tests/test_cuda_build.py tests/test_cuda_decode.py tests/test_triton_decode.py
-           tests/test_triton_attention.py tests/test_linear_triton.py tests/test_window_linear_triton.py)
+           tests/test_triton_attention.py tests/test_linear_triton.py tests/test_window_linear_triton.py
+           tests/test_delta_triton.py tests/test_infllmv2_triton.py tests/test_quant_triton_decode.py
+           tests/test_linear_step.py tests/test_window_linear_step.py tests/test_sinks_softcap.py)
 rc=0
 case "$what" in
   --smoke|smoke)
@@ -61,10 +64,10 @@ prepare(torch.device('cuda' if torch.cuda.is_available() else 'cpu'), print)" 2>
     # machine's cores where pytest-xdist is installed: Triton's first compiles are CPU work
     workers=""
     "$PY" -c "import xdist" 2>/dev/null && workers="-n ${GPU_CHECK_WORKERS:-12}"
-    tbudget="${GPU_CHECK_TESTS_S:-200}"
+    tbudget="${GPU_CHECK_TESTS_S:-220}"
     echo "python -m pytest -q -ra -m gpu $workers ${GPU_TESTS[*]}" > "$OUT/tests_cmd.txt"
     stage "GPU tests: $(cat "$OUT/tests_cmd.txt") (budget $tbudget s)"
-    timeout "$tbudget" "$PY" -m pytest -q -ra -p no:cacheprovider -m gpu $workers "${GPU_TESTS[@]}" \
+    timeout "$tbudget" "$PY" -m pytest -q -ra --durations=15 -p no:cacheprovider -m gpu $workers "${GPU_TESTS[@]}" \
       > "$OUT/tests_gpu.txt" 2>&1
     trc=$?
     tail -15 "$OUT/tests_gpu.txt"

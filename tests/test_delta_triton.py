@@ -14,6 +14,8 @@ from conftest import DTYPE_IDS, TRITON_DEVICE
 from delta_oracle import oracle_delta_rule
 from test_delta_rule import check, make_inputs, run_and_compare
 
+pytestmark = pytest.mark.gpu  # what `bash bench/gpu_check.sh` runs on a GPU machine (`-m gpu`)
+
 DEV = TRITON_DEVICE
 
 

@@ -59,3 +59,15 @@ def test_page_from_a_headline_run(tmp_path):
     (tmp_path / "headline_progress.txt").write_text("[1/7] prefill/dense ...\n")
     text = gpu_page.page(str(tmp_path), 0, 124)
     assert "stopped at its time budget" in text and "[1/7] prefill/dense" in text
+
+
+def test_gpu_check_runs_every_file_with_gpu_tests():
+    """bench/gpu_check.sh names the test files it runs with `-m gpu`: every file holding a test
+    marked gpu must be among them (a new Triton test file would otherwise never run compiled)."""
+    import re
+
+    text = (ROOT / "bench" / "gpu_check.sh").read_text()
+    listed = set(re.findall(r"tests/test_\w+\.py", text.split("GPU_TESTS=(", 1)[1].split(")", 1)[0]))
+    marked = {f"tests/{p.name}" for p in (ROOT / "tests").glob("test_*.py")
+              if re.search(r"pytest\.mark\.gpu\b|^def gpu\(", p.read_text(), re.M)}
+    assert marked and marked <= listed, sorted(marked - listed)

@@ -21,6 +21,8 @@ triton = pytest.importorskip("triton")
 from sparse_attn.backends.triton.infllmv2_select import (  # noqa: E402
     infllmv2_picks_over_cache_triton, infllmv2_token_index_triton)
 
+pytestmark = pytest.mark.gpu  # what `bash bench/gpu_check.sh` runs on a GPU machine (`-m gpu`)
+
 
 #: two float32 kernel results compared with each other: the interpreter computes in IEEE float32,
 #: a GPU's products are TF32 (contract: 1e-3 for float32 on GPU)

@@ -91,6 +91,7 @@ TRITON_CASES = [
 ]
 
 
+@pytest.mark.gpu
 @needs_triton
 @pytest.mark.parametrize("decay_kind,dtype,b,h,hkv,d,dv,chunks", TRITON_CASES)
 def test_triton_step_chain_equals_recurrence(decay_kind, dtype, b, h, hkv, d, dv, chunks):

@@ -12,6 +12,8 @@ from sparse_attn.cache import attention_with_cache
 from test_quant_cache import _build, _check_rows
 from test_triton_decode import _to
 
+pytestmark = pytest.mark.gpu  # what `bash bench/gpu_check.sh` runs on a GPU machine (`-m gpu`)
+
 DEV = TRITON_DEVICE
 CASES = [("dense_causal", "int8", 0, 64), ("dense_full", "fp8_e4m3", 1, 80), ("window_sinks", "fp8_e4m3", 2, 64),
          ("window", "int8", 1, 20), ("blocksparse", "int8", 2, 64), ("topk", "fp8_e4m3", 0, 128),

@@ -288,6 +288,7 @@ TRITON_CASES = [  # kind, sinks, softcap, dtype, gqa, sq, sk, d
 ]
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("case", TRITON_CASES, ids=[_cid(c) for c in TRITON_CASES])
 def test_triton_forward_backward(case):
     pytest.importorskip("triton")
@@ -296,6 +297,7 @@ def test_triton_forward_backward(case):
              device=TRITON_DEVICE)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["window_sinks", "topk"])
 def test_triton_decode_equals_prefill_rows(kind):
     pytest.importorskip("triton")

@@ -67,6 +67,7 @@ def test_cpu_step_float16_and_long_run():
     assert m.shape == (2, 2, 64, 64) and z.shape == (2, 2, 64) and dec.cached_tokens() == 27
 
 
+@pytest.mark.gpu
 def test_triton_step_run_equals_prefill_rows():
     """The Triton step (interpreter on CPU-only machines): evictions, sinks, GQA, bf16."""
     decode_run("triton", 4, 2, 4, 2, 14, 3, 32, 16, torch.float32, device=TRITON_DEVICE)
