@@ -46,7 +46,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 GPU_TESTS=(tests/test_cuda_build.py tests/test_cuda_decode.py tests/test_triton_decode.py
            tests/test_triton_attention.py tests/test_linear_triton.py tests/test_window_linear_triton.py
            tests/test_delta_triton.py tests/test_infllmv2_triton.py tests/test_quant_triton_decode.py
-           tests/test_linear_step.py tests/test_window_linear_step.py tests/test_sinks_softcap.py)
+           tests/test_linear_step.py tests/test_window_linear_step.py tests/test_sinks_softcap.py
+           tests/test_head_dims_triton.py tests/test_varlen_triton.py tests/test_edges.py tests/test_window_linear.py)
 rc=0
 case "$what" in
   --smoke|smoke)
@@ -63,7 +64,7 @@ prepare(torch.device('cuda' if torch.cuda.is_available() else 'cpu'), print)" 2>
     # the tests marked gpu (the GPU files' CPU-only argument checks run in CI), spread over the
     # machine's cores where pytest-xdist is installed: Triton's first compiles are CPU work
     workers=""
-    "$PY" -c "import xdist" 2>/dev/null && workers="-n ${GPU_CHECK_WORKERS:-12}"
+    "$PY" -c "import xdist" 2>/dev/null && workers="-n ${GPU_CHECK_WORKERS:-16}"
     tbudget="${GPU_CHECK_TESTS_S:-220}"
     echo "python -m pytest -q -ra -m gpu $workers ${GPU_TESTS[*]}" > "$OUT/tests_cmd.txt"
     stage "GPU tests: $(cat "$OUT/tests_cmd.txt") (budget $tbudget s)"

@@ -93,6 +93,7 @@ def test_nonfinite_prefill(backend, pattern, where, value):
     assert_nonfinite_rule(out, involved, ref)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("pattern", [SlidingWindow(9), TopK(1, block_size=16)], ids=["window", "topk"])
 def test_nonfinite_triton(pattern):
     q, k, v = _qkv(d=64, device=TRITON_DEVICE)  # the Triton kernel's smallest head dim

@@ -1,33 +1,44 @@
 """Packed varlen on the Triton backend: `attention_varlen` runs ONE launch per kernel over all
 sequences (forward, dq, dk/dv), with its work list built on the device, and equals the float64
 oracle run on each sequence alone (odd lengths, Sq_i != Sk_i, GQA, empty sequences, gradients,
-sinks and softcap). Runs in Triton's interpreter (conftest sets TRITON_INTERPRET=1)."""
+sinks and softcap). Runs in Triton's interpreter on a CPU-only machine (conftest sets
+TRITON_INTERPRET=1), compiled on TRITON_DEVICE where there is a GPU (`bash bench/gpu_check.sh`)."""
 import pytest
 import torch
 
 import oracle
 import sparse_attn as sa
-from conftest import leaf64, make_pattern, randn
+from conftest import TRITON_DEVICE, leaf64, make_pattern, randn
 from sparse_attn.api.functional import plan_varlen
 
 pytest.importorskip("triton")
 
 from sparse_attn.backends.triton import flash_varlen  # noqa: E402
 
+pytestmark = pytest.mark.gpu  # what `bash bench/gpu_check.sh` runs on a GPU machine (`-m gpu`)
+DEV = TRITON_DEVICE
+
 # (Sq_i, Sk_i): odd lengths, Sq_i < Sk_i, single-token and tile-crossing sequences
 SEQS = [(5, 37), (33, 33), (1, 40), (19, 26)]
 
 
-def cu(lengths):
-    return torch.tensor([0] + list(lengths), dtype=torch.int64).cumsum(0).to(torch.int32)
+def cu(lengths, device=DEV):
+    return torch.tensor([0] + list(lengths), dtype=torch.int64).cumsum(0).to(torch.int32).to(device)
 
 
-def packed(seqs, hq, hkv, d, dv=None, dtype=torch.float32):
+def packed(seqs, hq, hkv, d, dv=None, dtype=torch.float32, device=DEV):
     tq, tk = sum(s for s, _ in seqs), sum(s for _, s in seqs)
-    q = randn(tq, hq, d, dtype=dtype, requires_grad=True)
-    k = randn(tk, hkv, d, dtype=dtype, requires_grad=True)
-    v = randn(tk, hkv, dv or d, dtype=dtype, requires_grad=True)
+    q = randn(tq, hq, d, dtype=dtype).to(device).requires_grad_()
+    k = randn(tk, hkv, d, dtype=dtype).to(device).requires_grad_()
+    v = randn(tk, hkv, dv or d, dtype=dtype).to(device).requires_grad_()
     return q, k, v
+
+
+def on_dev(pattern):
+    """A pattern whose layout lives on DEV (make_pattern draws BlockSparse layouts on the CPU)."""
+    if isinstance(pattern, sa.BlockSparse):
+        return sa.BlockSparse(pattern.layout.to(DEV), block_size=pattern.block_size)
+    return pattern
 
 
 def seq_pattern(pattern, i, sk):
@@ -92,15 +103,15 @@ def check(pattern, seqs, *, hq=2, hkv=1, d=32, dv=None, with_max=True, grads=Tru
     ins64 = [leaf64(x) for x in (q, k, v)]
     kw64 = {n: (leaf64(t) if isinstance(t, torch.Tensor) else t) for n, t in kw.items()}
     ref = oracle_per_sequence(pattern, *ins64, seqs, **kw64)
-    oracle.assert_close_contract(out, ref, dtype=torch.float32, device="cpu", what="packed varlen vs oracle")
+    oracle.assert_close_contract(out, ref, dtype=torch.float32, device=DEV, what="packed varlen vs oracle")
     if grads:
         for name, g, gr in zip("qkv", got, torch.autograd.grad(ref, ins64, go.double())):
-            oracle.assert_close_contract(g, gr, dtype=torch.float32, device="cpu", what=f"d{name}")
+            oracle.assert_close_contract(g, gr, dtype=torch.float32, device=DEV, what=f"d{name}")
 
 
 @pytest.mark.parametrize("kind", ["dense_causal", "window_sinks", "blocksparse", "blocksparse_bcast"])
 def test_packed_varlen_equals_oracle(kind):
-    pattern = make_pattern(kind, b=len(SEQS), hkv=1, sk=max(s for _, s in SEQS))
+    pattern = on_dev(make_pattern(kind, b=len(SEQS), hkv=1, sk=max(s for _, s in SEQS)))
     check(pattern, SEQS, with_max=kind != "blocksparse")  # without bounds: the packed lengths bound
 
 
@@ -111,7 +122,7 @@ def test_packed_varlen_empty_sequences_and_noncausal_sq_above_sk():
 
 
 def test_packed_varlen_sinks_softcap():
-    sinks = randn(2, requires_grad=False)
+    sinks = randn(2).to(DEV)
     check(sa.SlidingWindow(11), SEQS, sink_logits=sinks, softcap=3.0, grads=False)
 
 
@@ -124,7 +135,7 @@ def test_packed_varlen_bf16_forward():
         q[a:a + sq].transpose(0, 1)[None], k[b:b + sk].transpose(0, 1)[None], v[b:b + sk].transpose(0, 1)[None],
         sa.Dense())[0].transpose(0, 1) for (sq, sk), a, b in zip(seqs, cu(s for s, _ in seqs).tolist(),
                                                                  cu(s for _, s in seqs).tolist())])
-    oracle.assert_close_contract(out, ref, dtype=torch.bfloat16, device="cpu", lowp_baseline=base)
+    oracle.assert_close_contract(out, ref, dtype=torch.bfloat16, device=DEV, lowp_baseline=base)
 
 
 def test_packed_run_reads_no_offsets_on_host(monkeypatch):
@@ -143,7 +154,7 @@ def test_packed_run_reads_no_offsets_on_host(monkeypatch):
     out.sum().backward()
     monkeypatch.undo()
     ref = oracle_per_sequence(sa.SlidingWindow(9), *(x.detach().double() for x in (q, k, v)), SEQS)
-    oracle.assert_close_contract(out, ref, dtype=torch.float32, device="cpu")
+    oracle.assert_close_contract(out, ref, dtype=torch.float32, device=DEV)
 
 
 def test_work_items_on_device():
@@ -165,6 +176,6 @@ def test_topk_is_refused_packed_with_a_reason():
 
 def test_cpu_default_backend_keeps_per_sequence_kernels():
     """On CPU tensors the interpreter is never the automatic choice: the per-sequence plan wins."""
-    q, k, v = packed(SEQS, 4, 2, 32)
-    plan, is_packed = plan_varlen(q, k, v, cu(s for s, _ in SEQS), cu(s for _, s in SEQS), sa.Dense())
+    q, k, v = packed(SEQS, 4, 2, 32, device="cpu")
+    plan, is_packed = plan_varlen(q, k, v, cu((s for s, _ in SEQS), "cpu"), cu((s for _, s in SEQS), "cpu"), sa.Dense())
     assert plan.kernel.backend != "triton"

@@ -169,6 +169,7 @@ TRITON_CONFIGS = [  # (window, sinks, B, Hq, Hkv, Sq, Sk, D)
 ]
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("window,sinks,b,hq,hkv,sq,sk,d", TRITON_CONFIGS)
 def test_triton_fused_forward_against_oracle(window, sinks, b, hq, hkv, sq, sk, d, dtype):
@@ -184,6 +185,7 @@ def test_triton_fused_forward_against_oracle(window, sinks, b, hq, hkv, sq, sk, 
     oracle.assert_close_contract(out.cpu(), ref, dtype=dtype, device=TRITON_DEVICE, lowp_baseline=base)
 
 
+@pytest.mark.gpu
 def test_triton_fused_trains_and_is_not_chosen_on_cpu():
     """backend="triton" serves training calls (the fused backward: tests/test_window_linear_triton.py);
     under the interpreter the scheduler never picks it on its own."""
