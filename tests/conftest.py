@@ -85,6 +85,15 @@ def make_qkv(b, hq, hkv, sq, sk, d, dv=None, *, dtype=torch.float32, requires_gr
             randn(b, hkv, sk, dv, dtype=dtype, requires_grad=requires_grad))
 
 
+def pattern_on(pattern, device):
+    """`pattern` with its BlockSparse layout (the one pattern that holds a tensor) on `device`."""
+    import sparse_attn as sa
+
+    if isinstance(pattern, sa.BlockSparse):
+        return sa.BlockSparse(pattern.layout.to(device), block_size=pattern.block_size)
+    return pattern
+
+
 def random_layout(b, hkv, sk, bs, density=0.5):
     """Random bool block layout `(b, hkv, ceil(Sk/bs), ceil(Sk/bs))`: some query blocks see nothing."""
     nb = math.ceil(sk / bs)

@@ -15,7 +15,7 @@ import torch
 
 import oracle
 import sparse_attn as sa
-from conftest import make_pattern, make_qkv_for, randn, topk_margin
+from conftest import make_pattern, make_qkv_for, pattern_on, randn, topk_margin
 from sparse_attn.backends.cuda.paged_decode import CudaSplitKVDecode
 from sparse_attn.layout.decode_blocks import cache_decode_args, tensor_decode_args
 from sparse_attn.cache import KVCache, PagedKVCache, attention_with_cache
@@ -174,16 +174,11 @@ def test_kernel_matches_oracle_on_gpu(shape, kind, sq, dtype):
     pat = make_pattern(kind, b=b, hkv=hkv, sk=sk, bs=16)
     q, k, v = make_qkv_for(pat, b, hq, hkv, sq, sk, d, dtype=dtype)
     q, k, v = q.cuda(), k.cuda(), v.cuda()
-    if isinstance(pat, sa.BlockSparse):
-        pat = sa.BlockSparse(pat.layout.cuda(), block_size=pat.block_size)
+    pat = pattern_on(pat, "cuda")
     out = sa.attention(q, k, v, pat, backend="cuda")
-    ref = oracle.oracle_attention(q.cpu(), k.cpu(), v.cpu(), _cpu(pat))
-    base = oracle.masked_attention_in_dtype(q.cpu(), k.cpu(), v.cpu(), _cpu(pat))
+    ref = oracle.oracle_attention(q.cpu(), k.cpu(), v.cpu(), pattern_on(pat, "cpu"))
+    base = oracle.masked_attention_in_dtype(q.cpu(), k.cpu(), v.cpu(), pattern_on(pat, "cpu"))
     oracle.assert_close_contract(out.cpu(), ref, dtype=dtype, device="cuda", lowp_baseline=base)
-
-
-def _cpu(pat):
-    return sa.BlockSparse(pat.layout.cpu(), block_size=pat.block_size) if isinstance(pat, sa.BlockSparse) else pat
 
 
 @gpu
@@ -192,8 +187,7 @@ def test_caches_on_gpu_match_reference(kind):
     b, hq, hkv, d = 3, 8, 2, 64
     lengths, max_len = [300, 811, 64], 1024
     pat = make_pattern(kind, b=b, hkv=hkv, sk=max_len, bs=16)
-    if isinstance(pat, sa.BlockSparse):
-        pat = sa.BlockSparse(pat.layout.cuda(), block_size=pat.block_size)
+    pat = pattern_on(pat, "cuda")
     bs = getattr(pat, "block_size", 16)
     full_k, full_v = randn(b, hkv, 811, d, dtype=torch.bfloat16), randn(b, hkv, 811, d, dtype=torch.bfloat16)
     caches = [KVCache(b, hkv, d, max_len, dtype=torch.bfloat16, device="cuda", pool_block_size=bs),
@@ -218,7 +212,7 @@ def test_quantized_cache_kernel_on_gpu(kind, kv_dtype):
     pat = make_pattern(kind, b=b, hkv=hkv, sk=96, bs=16)
     caches, dk, dv, q = _build(pat, kv_dtype, b, 8, hkv, d, lengths, 96, torch.float32, (1, 3), steps=[30, 1, 50],
                                device="cuda")
-    gpat = sa.BlockSparse(pat.layout.cuda(), block_size=pat.block_size) if isinstance(pat, sa.BlockSparse) else pat
+    gpat = pattern_on(pat, "cuda")
     for c in caches:
         for sq in (1, 3):
             out = attention_with_cache(q[:, :, -sq:].cuda(), c, gpat, backend="cuda").cpu()

@@ -7,10 +7,9 @@ import pytest
 import torch
 
 import sparse_attn as sa
-from conftest import TRITON_DEVICE, make_pattern
+from conftest import TRITON_DEVICE, make_pattern, pattern_on
 from sparse_attn.cache import attention_with_cache
 from test_quant_cache import _build, _check_rows
-from test_triton_decode import _to
 
 pytestmark = pytest.mark.gpu  # what `bash bench/gpu_check.sh` runs on a GPU machine (`-m gpu`)
 
@@ -30,7 +29,7 @@ def test_quantized_cache_decode_matches_oracle(kind, kv_dtype, cache, d):
     c = caches[cache]  # contiguous, paged by 8, paged by 24
     for sq in (1, 3):
         qs = q[:, :, -sq:]
-        plan = sa.plan_with_cache(qs.to(DEV), c, _to(pat, DEV), backend="triton")
+        plan = sa.plan_with_cache(qs.to(DEV), c, pattern_on(pat, DEV), backend="triton")
         assert plan.kernel.name == "triton.splitkv_decode", plan.explain()
-        out = attention_with_cache(qs.to(DEV), c, _to(pat, DEV), backend="triton").cpu()
+        out = attention_with_cache(qs.to(DEV), c, pattern_on(pat, DEV), backend="triton").cpu()
         _check_rows(out, qs, dk, dv, lengths, pat, f"triton {kv_dtype} {kind} Sq={sq}", device=DEV)

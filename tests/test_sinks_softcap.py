@@ -10,7 +10,7 @@ import torch
 
 import oracle
 import sparse_attn as sa
-from conftest import TRITON_DEVICE, check_against_oracle, make_pattern, make_qkv_for, randn
+from conftest import TRITON_DEVICE, check_against_oracle, make_pattern, make_qkv_for, pattern_on, randn
 from sparse_attn.backends.reference.softmax import softmax_forward
 from sparse_attn.backends.sinks import apply_sinks, sink_grad
 
@@ -33,8 +33,7 @@ def run_case(kind, backend, *, sinks, softcap, dtype, gqa, sq, sk, d, b=2, devic
         inputs["sink_logits"] = sink_logits_for(hq, dtype)
     if device != "cpu":
         inputs = {n: x.detach().to(device).requires_grad_() for n, x in inputs.items()}
-        if isinstance(pattern, sa.BlockSparse):
-            pattern = sa.BlockSparse(pattern.layout.to(device), block_size=pattern.block_size)
+        pattern = pattern_on(pattern, device)
     opts = dict(softcap=softcap)
     return check_against_oracle(
         lambda **t: sa.attention(t["q"], t["k"], t["v"], pattern, backend=backend, sink_logits=t.get("sink_logits"),

@@ -20,7 +20,7 @@ import torch
 
 import oracle
 import sparse_attn as sa
-from conftest import TRITON_DEVICE, check_against_oracle, leaf64, make_pattern, make_qkv, make_qkv_for
+from conftest import TRITON_DEVICE, check_against_oracle, leaf64, make_pattern, make_qkv, make_qkv_for, pattern_on
 from sparse_attn.layout import build_layout
 
 pytestmark = pytest.mark.gpu  # what `bash bench/gpu_check.sh` runs on a GPU machine (`-m gpu`)
@@ -42,12 +42,6 @@ def _bwd():
 def _cfg():
     from sparse_attn.backends.triton.attention import TritonBlockSparse
     return TritonBlockSparse()._cfg(torch.empty(0, device=DEV))
-
-
-def on_device(pattern):
-    if isinstance(pattern, sa.BlockSparse):
-        return sa.BlockSparse(pattern.layout.to(DEV), block_size=pattern.block_size)
-    return pattern
 
 
 def run_ours(q, k, v, pattern):
@@ -93,7 +87,7 @@ def test_against_oracle(kind, b, hq, hkv, sq, sk, d, dtype):
     pattern = make_pattern(kind, b=b, hkv=hkv, sk=sk)
     q, k, v = make_qkv_for(pattern, b, hq, hkv, sq, sk, d, dtype=dtype)
     q, k, v = to_dev(q, k, v)
-    pattern = on_device(pattern)
+    pattern = pattern_on(pattern, DEV)
     plan = sa.plan(q, k, v, pattern, backend="triton")
     assert plan.kernel.name == KERNEL
 
@@ -113,7 +107,7 @@ def test_rows_without_keys_are_zero_with_finite_grads():
     b, hq, hkv, s, d, bs = 1, 4, 2, 40, 64, 16
     lay = torch.ones(b, hkv, 3, 3, dtype=torch.bool).tril()
     lay[0, 1, 1] = False  # query block 1 of kv head 1 sees nothing
-    pattern = on_device(sa.BlockSparse(lay, block_size=bs))
+    pattern = pattern_on(sa.BlockSparse(lay, block_size=bs), DEV)
     q, k, v = to_dev(*make_qkv(b, hq, hkv, s, s, d))
     out = sa.attention(q, k, v, pattern, backend="triton")
     empty = out[0, 2:4, bs:2 * bs]  # heads 2, 3 read kv head 1
@@ -224,7 +218,7 @@ def test_split_k_forward(kind):
     partial results merged by log-sum-exp; equals the float64 oracle, empty rows stay 0 / +inf."""
     from sparse_attn.backends.triton.attention import triton_layout
     b, hq, hkv, sq, sk, d = 1, 4, 2, 3, 150, 64
-    pattern = on_device(make_pattern(kind, b=b, hkv=hkv, sk=sk))
+    pattern = pattern_on(make_pattern(kind, b=b, hkv=hkv, sk=sk), DEV)
     if kind == "blocksparse":  # the last query block of kv head 1 sees nothing
         lay = pattern.layout.clone()
         lay[:, 1, -1] = False

@@ -9,7 +9,7 @@ import torch
 
 import oracle
 import sparse_attn as sa
-from conftest import TRITON_DEVICE, make_pattern, make_qkv_for, pairwise, randn, topk_margin
+from conftest import TRITON_DEVICE, make_pattern, make_qkv_for, pairwise, pattern_on, randn, topk_margin
 from sparse_attn.cache import KVCache, PagedKVCache, attention_with_cache
 from test_cache import _fill, _row_pattern
 
@@ -26,12 +26,6 @@ CASES = pairwise({
 })
 
 
-def _to(pat, dev):
-    if isinstance(pat, sa.BlockSparse):
-        return sa.BlockSparse(pat.layout.to(dev), block_size=pat.block_size)
-    return pat
-
-
 def _id(c):
     return f"{c['kind']}-{str(c['dtype'])[6:]}-g{c['gqa']}-sq{c['sq']}-d{c['d']}"
 
@@ -43,7 +37,7 @@ def test_decode_matches_oracle(case):
     dtype = case["dtype"]
     pat = make_pattern(case["kind"], b=2, hkv=hkv, sk=sk, bs=16)
     q, k, v = make_qkv_for(pat, 2, hq, hkv, case["sq"], sk, case["d"], dtype=dtype)
-    out = sa.attention(q.to(DEV), k.to(DEV), v.to(DEV), _to(pat, DEV), backend="triton")
+    out = sa.attention(q.to(DEV), k.to(DEV), v.to(DEV), pattern_on(pat, DEV), backend="triton")
     ref = oracle.oracle_attention(q, k, v, pat)
     base = oracle.masked_attention_in_dtype(q, k, v, pat)
     oracle.assert_close_contract(out.cpu(), ref, dtype=dtype, device=DEV, lowp_baseline=base)
@@ -54,10 +48,10 @@ def test_row_without_keys_is_zero():
     lay[0, 0, 4, 0] = True  # only the last query block sees block 0
     pat = sa.BlockSparse(lay, block_size=16)
     q, k, v = randn(1, 2, 2, 64), randn(1, 1, 70, 64), randn(1, 1, 70, 64)
-    out = sa.attention(q.to(DEV), k.to(DEV), v.to(DEV), _to(pat, DEV), backend="triton").cpu()
+    out = sa.attention(q.to(DEV), k.to(DEV), v.to(DEV), pattern_on(pat, DEV), backend="triton").cpu()
     torch.testing.assert_close(out, oracle.oracle_attention(q, k, v, pat).float(), rtol=1e-5, atol=1e-6)
     lay2 = torch.zeros(1, 1, 5, 5, dtype=torch.bool)
-    out2 = sa.attention(q.to(DEV), k.to(DEV), v.to(DEV), _to(sa.BlockSparse(lay2, block_size=16), DEV),
+    out2 = sa.attention(q.to(DEV), k.to(DEV), v.to(DEV), pattern_on(sa.BlockSparse(lay2, block_size=16), DEV),
                         backend="triton").cpu()
     assert torch.equal(out2, torch.zeros_like(out2))
 
@@ -77,8 +71,8 @@ def test_cache_decode_matches_oracle(kind, cache_kind):
     cache = (KVCache(b, hkv, d, max_len, device=DEV, pool_block_size=16) if cache_kind == "contiguous" else
              PagedKVCache(b, hkv, d, num_pages=40, page_size=8, max_len=max_len, device=DEV, pool_block_size=16))
     _fill([cache], full_k.to(DEV), full_v.to(DEV), lengths, steps=[30, 1, 50])
-    assert sa.plan_with_cache(q.to(DEV), cache, _to(pat, DEV), backend="triton").kernel.name == "triton.splitkv_decode"
-    out = attention_with_cache(q.to(DEV), cache, _to(pat, DEV), backend="triton").cpu()
+    assert sa.plan_with_cache(q.to(DEV), cache, pattern_on(pat, DEV), backend="triton").kernel.name == "triton.splitkv_decode"
+    out = attention_with_cache(q.to(DEV), cache, pattern_on(pat, DEV), backend="triton").cpu()
     for i, n in enumerate(lengths):
         ref = oracle.oracle_attention(q[i:i + 1], full_k[i:i + 1, :, :n], full_v[i:i + 1, :, :n],
                                       _row_pattern(pat, i, n))

@@ -8,7 +8,7 @@ import torch
 
 import oracle
 import sparse_attn as sa
-from conftest import TRITON_DEVICE, leaf64, make_pattern, randn
+from conftest import TRITON_DEVICE, leaf64, make_pattern, pattern_on, randn
 from sparse_attn.api.functional import plan_varlen
 
 pytest.importorskip("triton")
@@ -32,13 +32,6 @@ def packed(seqs, hq, hkv, d, dv=None, dtype=torch.float32, device=DEV):
     k = randn(tk, hkv, d, dtype=dtype).to(device).requires_grad_()
     v = randn(tk, hkv, dv or d, dtype=dtype).to(device).requires_grad_()
     return q, k, v
-
-
-def on_dev(pattern):
-    """A pattern whose layout lives on DEV (make_pattern draws BlockSparse layouts on the CPU)."""
-    if isinstance(pattern, sa.BlockSparse):
-        return sa.BlockSparse(pattern.layout.to(DEV), block_size=pattern.block_size)
-    return pattern
 
 
 def seq_pattern(pattern, i, sk):
@@ -111,7 +104,7 @@ def check(pattern, seqs, *, hq=2, hkv=1, d=32, dv=None, with_max=True, grads=Tru
 
 @pytest.mark.parametrize("kind", ["dense_causal", "window_sinks", "blocksparse", "blocksparse_bcast"])
 def test_packed_varlen_equals_oracle(kind):
-    pattern = on_dev(make_pattern(kind, b=len(SEQS), hkv=1, sk=max(s for _, s in SEQS)))
+    pattern = pattern_on(make_pattern(kind, b=len(SEQS), hkv=1, sk=max(s for _, s in SEQS)), DEV)
     check(pattern, SEQS, with_max=kind != "blocksparse")  # without bounds: the packed lengths bound
 
 
