@@ -142,8 +142,10 @@ def test_int8_dot_is_built_where_the_cpu_has_it():
 
 
 @pytest.mark.parametrize("qdtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
-@pytest.mark.parametrize("d,gqa", [(32, 16), (64, 4), (128, 4), (256, 1)])
+@pytest.mark.parametrize("d,gqa", [(32, 16), (64, 4), (128, 4), (128, 3), (256, 1)])
 def test_int8_decode_dense_lengths_dims(qdtype, d, gqa):
+    # 128 / 256 columns with 3+ query rows per kv head take decode_int8.h's one-pass blocked P . V
+    # (3 and 4 rows per group); 32 / 64 columns and fewer rows the passes of pv_int8
     hkv = 2
     for sq in (1, 5, 16):
         lengths = [max(n, sq) for n in LENGTHS]  # causal: a sequence holds at least its query rows

@@ -617,9 +617,13 @@ class Split {
     static_assert(kSeg <= 256, "int8 P . V sums are exact in int32 for sub-segments of at most 256 keys");
     const int64_t nk = sg.nk;
     const int64_t cols = std::min<int64_t>(P.Dv, kPvCols), rows = pv_rows_per_pass(cols);
+    // int8: P . V over up to kDirectRows rows and all columns in one pass over the keys
+    // (decode_int8.h pv_int8_blocked) where passes of `rows` rows would read every V row twice
+    const bool blocked = kInt8Dot && pv_int8_blocks(P.Dv) && cnt > rows;
     Pacer<Rows> pace{nkr, nvr, next_nk, P.D, P.Dv,
                      (nk + 15) / 16 * 8 * ((cnt + kDirectRows - 1) / kDirectRows) +
-                         (nk + 1) / 2 * ((cnt + rows - 1) / rows) * ((P.Dv + cols - 1) / cols)};
+                         (nk + 1) / 2 * (blocked ? (cnt + kDirectRows - 1) / kDirectRows
+                                                 : ((cnt + rows - 1) / rows) * ((P.Dv + cols - 1) / cols))};
     const Streamer<Rows> kahead{kr, P.D, stream_}, vahead{vr, P.Dv, stream_};  // one byte per code
 #ifdef SPARSE_ATTN_FP8_DOT
     const Fp8Words words;
@@ -662,6 +666,23 @@ class Split {
     if constexpr (kFp8Dot) {
       scale_rows(S.sp.data(), cnt, nk, S.vs.data());
       for (int64_t i = 0; i < cnt; ++i) floats_to_bf16_pairs(S.w.pw.data() + i * S.run / 2, S.sp[i], round_up(nk, 16));
+    }
+#endif
+#ifdef SPARSE_ATTN_INT8_PV_BLOCKED
+    if constexpr (kInt8Dot) {
+      if (blocked) {
+        for (int64_t r = 0; r < cnt; r += kDirectRows)
+          with_direct_rows(std::min<int64_t>(kDirectRows, cnt - r), [&](auto rg) {
+            with_chunks(P.Dv, [&](auto nc) {
+              constexpr int RG = std::remove_reference_t<decltype(rg)>::value, NC = decltype(nc)::value;
+              if constexpr (NC % kPvBlockChunks == 0)  // pv_int8_blocks(P.Dv)
+                pv_int8_blocked<RG, NC, kPvBlockChunks>(nk, S.i8.pp.data() + r, vr, S.op.data() + r,
+                                                        S.corr.data() + r, S.i8.rp.data() + r,
+                                                        hook<F>(pace, vahead, r == 0), nsub, S.pair_end.data(), cnt);
+            });
+          });
+        return;
+      }
     }
 #endif
     for (int64_t r = 0; r < cnt; r += rows)

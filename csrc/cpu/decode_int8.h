@@ -130,6 +130,35 @@ inline void qk_int8(int64_t nk, const int16_t* const* q, Rows k, float* const* s
   }
 }
 
+// out[0 : 32) = cr * out + mr * sums: the int32 sums of one chunk's interleaved key pairs, lo holding
+// columns 0-7 and 16-23, hi 8-15 and 24-31 (the order of vpunpck*bw's lanes)
+__attribute__((always_inline)) inline void add_pair_sums(float* out, __m512i lo, __m512i hi, __m512 cr, __m512 mr) {
+  const __m512 f0 = _mm512_cvtepi32_ps(_mm512_shuffle_i32x4(lo, hi, 0x44));  // columns 0-15
+  const __m512 f1 = _mm512_cvtepi32_ps(_mm512_shuffle_i32x4(lo, hi, 0xEE));  // columns 16-31
+  _mm512_storeu_ps(out, _mm512_fmadd_ps(f0, mr, _mm512_mul_ps(_mm512_loadu_ps(out), cr)));
+  _mm512_storeu_ps(out + 16, _mm512_fmadd_ps(f1, mr, _mm512_mul_ps(_mm512_loadu_ps(out + 16), cr)));
+}
+
+// acc[r][0 : 2 NC) += key pair i's products over NC chunks of 32 columns: p[r][i] holds row r's two
+// int16 p' of the pair, va / vb the two keys' V codes from the chunks' first column
+template <int RG, int NC>
+__attribute__((always_inline)) inline void pv_pair(I32Acc (&acc)[RG][2 * NC], const uint32_t* const* p, int64_t i,
+                                                   const int8_t* va, const int8_t* vb) {
+  __m512i pv[RG];
+#pragma GCC unroll 4
+  for (int r = 0; r < RG; ++r) pv[r] = _mm512_set1_epi32(static_cast<int>(p[r][i]));
+#pragma GCC unroll 8
+  for (int c = 0; c < NC; ++c) {
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(va + 32 * c));
+    const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vb + 32 * c));
+    // words (v_2i[d], v_2i+1[d]): lo holds columns 0-7 and 16-23 of the 32, hi 8-15 and 24-31
+    const __m512i lo = _mm512_cvtepi8_epi16(_mm256_unpacklo_epi8(x, y));
+    const __m512i hi = _mm512_cvtepi8_epi16(_mm256_unpackhi_epi8(x, y));
+#pragma GCC unroll 4
+    for (int r = 0; r < RG; ++r) dpwssd_acc(acc[r][2 * c], pv[r], lo), dpwssd_acc(acc[r][2 * c + 1], pv[r], hi);
+  }
+}
+
 // One sub-segment of pv_int8 below: key pairs [i, end), accumulated in int32 from zero, then
 // o_r = corr_r * o_r + mul_r * sums. A function of its own, not inlined: inlined into the segment
 // loop, GCC 12 kept two of the 16 accumulators on the stack and copied the others between
@@ -149,33 +178,77 @@ __attribute__((noinline)) void pv_int8_span(int64_t i, const int64_t end, int64_
     ahead(2 * i);
     const int8_t* va = v[2 * i] + d0;
     const int8_t* vb = v[std::min(2 * i + 1, nk - 1)] + d0;
-    __m512i pv[RG];
+    pv_pair<RG, NC>(acc, p, i, va, vb);
+  }
 #pragma GCC unroll 4
-    for (int r = 0; r < RG; ++r) pv[r] = _mm512_set1_epi32(static_cast<int>(p[r][i]));
+  for (int r = 0; r < RG; ++r) {
+    const __m512 cr = _mm512_set1_ps(corr[r]), mr = _mm512_set1_ps(mul[r]);
 #pragma GCC unroll 4
-    for (int c = 0; c < NC; ++c) {
-      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(va + 32 * c));
-      const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vb + 32 * c));
-      // words (v_2i[d], v_2i+1[d]): lo holds columns 0-7 and 16-23 of the 32, hi 8-15 and 24-31
-      const __m512i lo = _mm512_cvtepi8_epi16(_mm256_unpacklo_epi8(x, y));
-      const __m512i hi = _mm512_cvtepi8_epi16(_mm256_unpackhi_epi8(x, y));
+    for (int c = 0; c < NC; ++c) add_pair_sums(o[r] + d0 + 32 * c, acc_bits(acc[r][2 * c]), acc_bits(acc[r][2 * c + 1]), cr, mr);
+  }
+}
+
+// pv_int8_span for all RG rows and NC chunks in one pass over the keys, where RG x 2 NC accumulators
+// do not fit in registers (4 rows x 128 columns: 32): blocks of kPvBlockPairs key pairs, each read
+// for NCB chunks at a time (RG x 2 NCB accumulators in registers, the others parked in `sums`), so
+// a block's V codes come from memory once and stay in L1 for the other chunks. Against passes of
+// fewer rows over the whole span: every V vector is interleaved and extended once for all RG rows,
+// not once per pass, and the rows stream from memory in one pass (the second pass read them from L2
+// while no request went out). The int32 sums are exact, so the order changes no bit of the result.
+// `ahead(2 i)` once per pair i.
+#define SPARSE_ATTN_INT8_PV_BLOCKED 1
+constexpr int64_t kPvBlockPairs = 16;  // key pairs per block (16 measured better than 32)
+constexpr int kPvBlockChunks = 2;      // 32-column chunks held in registers at a time (NCB)
+
+template <int RG, int NC, int NCB, typename Rows, typename Ahead>
+__attribute__((noinline)) void pv_int8_span_blocked(int64_t i, const int64_t end, int64_t nk, const uint32_t* const* p,
+                                                    Rows v, float* const* o, const float* corr, const float* mul,
+                                                    Ahead& ahead) {
+  static_assert(NC % NCB == 0 && RG * 2 * NCB <= 16, "RG x 2 NCB accumulators in registers");
+  alignas(64) int32_t sums[RG][2 * NC][16];
 #pragma GCC unroll 4
-      for (int r = 0; r < RG; ++r) dpwssd_acc(acc[r][2 * c], pv[r], lo), dpwssd_acc(acc[r][2 * c + 1], pv[r], hi);
+  for (int r = 0; r < RG; ++r)
+#pragma GCC unroll 16
+    for (int c = 0; c < 2 * NC; ++c) _mm512_store_si512(sums[r][c], _mm512_setzero_si512());
+  for (int64_t ib = i; ib < end; ib += kPvBlockPairs) {
+    const int64_t ie = std::min(end, ib + kPvBlockPairs);
+#pragma GCC unroll 1
+    for (int g = 0; g < NC; g += NCB) {
+      I32Acc acc[RG][2 * NCB];
+#pragma GCC unroll 4
+      for (int r = 0; r < RG; ++r)
+#pragma GCC unroll 8
+        for (int c = 0; c < 2 * NCB; ++c) acc[r][c] = I32Acc(_mm512_load_si512(sums[r][2 * g + c]));
+      for (int64_t t = ib; t < ie; ++t) {
+        if (g == 0) ahead(2 * t);
+        const int8_t* va = v[2 * t] + 32 * g;
+        const int8_t* vb = v[std::min(2 * t + 1, nk - 1)] + 32 * g;
+        pv_pair<RG, NCB>(acc, p, t, va, vb);
+      }
+#pragma GCC unroll 4
+      for (int r = 0; r < RG; ++r)
+#pragma GCC unroll 8
+        for (int c = 0; c < 2 * NCB; ++c) _mm512_store_si512(sums[r][2 * g + c], acc_bits(acc[r][c]));
     }
   }
 #pragma GCC unroll 4
   for (int r = 0; r < RG; ++r) {
     const __m512 cr = _mm512_set1_ps(corr[r]), mr = _mm512_set1_ps(mul[r]);
-    float* out = o[r] + d0;
-#pragma GCC unroll 4
-    for (int c = 0; c < NC; ++c) {
-      const __m512i lo = acc_bits(acc[r][2 * c]), hi = acc_bits(acc[r][2 * c + 1]);
-      const __m512 f0 = _mm512_cvtepi32_ps(_mm512_shuffle_i32x4(lo, hi, 0x44));  // columns 0-15
-      const __m512 f1 = _mm512_cvtepi32_ps(_mm512_shuffle_i32x4(lo, hi, 0xEE));  // columns 16-31
-      _mm512_storeu_ps(out + 32 * c, _mm512_fmadd_ps(f0, mr, _mm512_mul_ps(_mm512_loadu_ps(out + 32 * c), cr)));
-      _mm512_storeu_ps(out + 32 * c + 16,
-                       _mm512_fmadd_ps(f1, mr, _mm512_mul_ps(_mm512_loadu_ps(out + 32 * c + 16), cr)));
-    }
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; ++c)
+      add_pair_sums(o[r] + 32 * c, _mm512_load_si512(sums[r][2 * c]), _mm512_load_si512(sums[r][2 * c + 1]), cr, mr);
+  }
+}
+
+// pv_int8 below over all RG rows and NC chunks at once (pv_int8_span_blocked)
+template <int RG, int NC, int NCB, typename Rows, typename Ahead>
+inline void pv_int8_blocked(int64_t nk, const uint32_t* const* p, Rows v, float* const* o, const float* corr,
+                            const float* mul, Ahead&& ahead, int64_t nsub, const int64_t* pair_end, int64_t stride) {
+  const int64_t np = (nk + 1) / 2;
+  for (int64_t u = 0, i = 0; u < nsub; ++u) {
+    const int64_t end = u + 1 < nsub ? pair_end[u] : np;
+    pv_int8_span_blocked<RG, NC, NCB>(i, end, nk, p, v, o, corr + u * stride, mul + u * stride, ahead);
+    i = end;
   }
 }
 
@@ -219,6 +292,17 @@ inline float quantize_p16(const float* p, const float* sv, int64_t n, int16_t* c
 }
 
 #endif  // SPARSE_ATTN_INT8_DOT
+
+// whether pv_int8_blocked serves Dv columns (4 rows x Dv columns need more than the 16 accumulators
+// of one pass: Dv 128 and 256); false where it is not built (Arm keeps its passes)
+inline bool pv_int8_blocks(int64_t dv) {
+#ifdef SPARSE_ATTN_INT8_PV_BLOCKED
+  return dv == 128 || dv == 256;
+#else
+  (void)dv;
+  return false;
+#endif
+}
 
 }  // namespace sparse_attn_cpu
 
