@@ -446,10 +446,18 @@ class Split {
 #ifdef SPARSE_ATTN_BF16_DOT
     // direct path: q . K^T in passes of kDirectRows rows, P . V in passes of `rows` rows x `cols`
     // columns; every key pair of every pass steps the pacer, which prefetches the next segment
+    // (P . V over up to kDirectRows rows and all Dv 128 / 256 columns in one pass, where `rows` rows
+    // per pass would read every V row twice: decode_bf16.h pv_direct_blocked)
     const int64_t cols = std::min<int64_t>(P.Dv, kPvCols), rows = pv_rows_per_pass(cols);
+#ifdef SPARSE_ATTN_PV_DIRECT_BLOCKED
+    const bool blocked = kDot && S.w.direct && (P.Dv == 128 || P.Dv == 256) && cnt > rows;
+#else
+    const bool blocked = false;  // Arm: the passes of decode_bf16_neon.h
+#endif
     Pacer<Rows> pace{nkr, nvr, next_nk, P.D * int64_t(sizeof(In)), P.Dv * int64_t(sizeof(In)),
                      (nk + 15) / 16 * 8 * ((cnt + kDirectRows - 1) / kDirectRows) +
-                         (nk + 1) / 2 * ((cnt + rows - 1) / rows) * ((P.Dv + cols - 1) / cols)};
+                         (nk + 1) / 2 * (blocked ? (cnt + kDirectRows - 1) / kDirectRows
+                                                 : ((cnt + rows - 1) / rows) * ((P.Dv + cols - 1) / cols))};
     const sparse_attn_cpu::Streamer<Rows> kahead{kr, P.D * int64_t(sizeof(In)), stream_},
         vahead{vr, P.Dv * int64_t(sizeof(In)), stream_};
     if constexpr (kDot) {  // scores: q . K^T over the segment's keys, scaled by scale * log2 e
@@ -519,6 +527,22 @@ class Split {
       S.pair_end.resize(nsub);
       for (int64_t u = 0; u < nsub; ++u) S.pair_end[u] = (subs[u].j0 - j0 + subs[u].nk + 1) / 2;
       for (int64_t i = 0; i < cnt; ++i) floats_to_bf16_pairs(S.w.pw.data() + i * S.run / 2, S.sp[i], round_up(nk, 16));
+#ifdef SPARSE_ATTN_PV_DIRECT_BLOCKED
+      if (blocked) {
+        auto vwords = [&](int64_t j) { return reinterpret_cast<const uint16_t*>(vr[j]); };
+        for (int64_t r = 0; r < cnt; r += kDirectRows)
+          with_direct_rows(std::min<int64_t>(kDirectRows, cnt - r), [&](auto rg) {
+            with_chunks(P.Dv, [&](auto nc) {
+              constexpr int RG = std::remove_reference_t<decltype(rg)>::value, NC = decltype(nc)::value;
+              if constexpr (NC % 2 == 0)
+                sparse_attn_cpu::pv_direct_blocked<RG, NC, 2>(
+                    nk, S.w.pwp.data() + r, vwords, S.w.zero.data(), S.w.obp.data() + r, corr + r,
+                    hook<F>(pace, vahead, r == 0), nsub, S.pair_end.data(), cnt, sparse_attn_cpu::Bf16Words{});
+            });
+          });
+        return;
+      }
+#endif
       if (S.w.direct) {  // passes of up to kPvCols columns: whole V rows for Dv <= 128 (decode_bf16.h)
         for (int64_t r = 0; r < cnt; r += rows)
           for (int64_t d0 = 0; d0 < P.Dv; d0 += cols)
@@ -617,9 +641,10 @@ class Split {
     static_assert(kSeg <= 256, "int8 P . V sums are exact in int32 for sub-segments of at most 256 keys");
     const int64_t nk = sg.nk;
     const int64_t cols = std::min<int64_t>(P.Dv, kPvCols), rows = pv_rows_per_pass(cols);
-    // int8: P . V over up to kDirectRows rows and all columns in one pass over the keys
-    // (decode_int8.h pv_int8_blocked) where passes of `rows` rows would read every V row twice
-    const bool blocked = kInt8Dot && pv_int8_blocks(P.Dv) && cnt > rows;
+    // P . V over up to kDirectRows rows and all columns in one pass over the keys where passes of
+    // `rows` rows would read every V row twice (int8: decode_int8.h pv_int8_blocked; fp8:
+    // decode_bf16.h pv_direct_blocked)
+    const bool blocked = ((kInt8Dot && pv_int8_blocks(P.Dv)) || (kFp8Dot && (P.Dv == 128 || P.Dv == 256))) && cnt > rows;
     Pacer<Rows> pace{nkr, nvr, next_nk, P.D, P.Dv,
                      (nk + 15) / 16 * 8 * ((cnt + kDirectRows - 1) / kDirectRows) +
                          (nk + 1) / 2 * (blocked ? (cnt + kDirectRows - 1) / kDirectRows
@@ -668,23 +693,30 @@ class Split {
       for (int64_t i = 0; i < cnt; ++i) floats_to_bf16_pairs(S.w.pw.data() + i * S.run / 2, S.sp[i], round_up(nk, 16));
     }
 #endif
+    if (blocked) {
+      for (int64_t r = 0; r < cnt; r += kDirectRows)
+        with_direct_rows(std::min<int64_t>(kDirectRows, cnt - r), [&](auto rg) {
+          with_chunks(P.Dv, [&](auto nc) {
+            constexpr int RG = std::remove_reference_t<decltype(rg)>::value, NC = decltype(nc)::value;
+            if constexpr (NC % 2 == 0) {  // Dv 128 / 256 (`blocked`): 64 columns at a time
 #ifdef SPARSE_ATTN_INT8_PV_BLOCKED
-    if constexpr (kInt8Dot) {
-      if (blocked) {
-        for (int64_t r = 0; r < cnt; r += kDirectRows)
-          with_direct_rows(std::min<int64_t>(kDirectRows, cnt - r), [&](auto rg) {
-            with_chunks(P.Dv, [&](auto nc) {
-              constexpr int RG = std::remove_reference_t<decltype(rg)>::value, NC = decltype(nc)::value;
-              if constexpr (NC % kPvBlockChunks == 0)  // pv_int8_blocks(P.Dv)
-                pv_int8_blocked<RG, NC, kPvBlockChunks>(nk, S.i8.pp.data() + r, vr, S.op.data() + r,
-                                                        S.corr.data() + r, S.i8.rp.data() + r,
-                                                        hook<F>(pace, vahead, r == 0), nsub, S.pair_end.data(), cnt);
-            });
-          });
-        return;
-      }
-    }
+              if constexpr (kInt8Dot)
+                pv_int8_blocked<RG, NC, 2>(nk, S.i8.pp.data() + r, vr, S.op.data() + r, S.corr.data() + r,
+                                           S.i8.rp.data() + r, hook<F>(pace, vahead, r == 0), nsub, S.pair_end.data(),
+                                           cnt);
 #endif
+#ifdef SPARSE_ATTN_FP8_DOT
+              if constexpr (kFp8Dot)
+                pv_direct_blocked<RG, NC, 2>(nk, S.w.pwp.data() + r, codes(vr),
+                                             reinterpret_cast<const uint8_t*>(S.w.zero.data()), S.op.data() + r,
+                                             S.corr.data() + r, hook<F>(pace, vahead, r == 0), nsub, S.pair_end.data(),
+                                             cnt, words);
+#endif
+            }
+          });
+        });
+      return;
+    }
     for (int64_t r = 0; r < cnt; r += rows)
       for (int64_t d0 = 0; d0 < P.Dv; d0 += cols)
         with_direct_rows(std::min<int64_t>(rows, cnt - r), [&](auto rg) {

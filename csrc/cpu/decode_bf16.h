@@ -79,6 +79,32 @@ inline void qk_direct(int64_t nk, const uint32_t* const* q, Rows krow, float* co
   }
 }
 
+// word indices interleaving two rows' words 0-15 (lo; hi = lo + 16 for words 16-31): (x0, y0, x1, y1, ...)
+__attribute__((always_inline)) inline __m512i pair_lo_idx() {
+  return _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3,
+                          34, 2, 33, 1, 32, 0);
+}
+
+// acc[r][0 : 2 NC) += key pair i's products over NC chunks of 32 columns: p[r][i] row r's bf16 pair,
+// va / vb the two keys' V rows from the chunks' first column (read by `words`)
+template <int RG, int NC, typename E, typename Words>
+__attribute__((always_inline)) inline void pv_pair_bf16(__m512 (&acc)[RG][2 * NC], const uint32_t* const* p, int64_t i,
+                                                        const E* va, const E* vb, __m512i lo_idx, __m512i hi_idx,
+                                                        const Words& words) {
+  __m512bh pv[RG];
+#pragma GCC unroll 4
+  for (int r = 0; r < RG; ++r) pv[r] = as_bh(_mm512_set1_epi32(static_cast<int>(p[r][i])));
+#pragma GCC unroll 8
+  for (int c = 0; c < NC; ++c) {
+    const __m512i x = words(va + 32 * c), y = words(vb + 32 * c);
+    const __m512bh lo = as_bh(_mm512_permutex2var_epi16(x, lo_idx, y)), hi = as_bh(_mm512_permutex2var_epi16(x, hi_idx, y));
+#pragma GCC unroll 4
+    for (int r = 0; r < RG; ++r)
+      acc[r][2 * c] = _mm512_dpbf16_ps(acc[r][2 * c], pv[r], lo),
+      acc[r][2 * c + 1] = _mm512_dpbf16_ps(acc[r][2 * c + 1], pv[r], hi);
+  }
+}
+
 // o_r[d0 : d0 + 32 NC) = corr_r * o_r + sum_i (p_r,2i p_r,2i+1) . (v_2i, v_2i+1)[d0 : d0 + 32 NC),
 // r < RG, over the np = ceil(nk / 2) key pairs; p rows as bf16 pairs (word i = keys 2i, 2i + 1);
 // vrow(j) key j's V row (contiguous, read 32 elements at a time by `words`); an odd nk's missing
@@ -96,9 +122,7 @@ template <int RG, int NC, typename Rows, typename E, typename Ahead, typename Wo
 inline void pv_direct(int64_t nk, const uint32_t* const* p, Rows vrow, const E* zero, int64_t d0,
                       float* const* o, const float* corr, Ahead&& ahead, int64_t nsub = 1,
                       const int64_t* pair_end = nullptr, int64_t corr_stride = 0, Words words = {}) {
-  const __m512i lo_idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
-                                          37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
-  const __m512i hi_idx = _mm512_add_epi16(lo_idx, _mm512_set1_epi16(16));
+  const __m512i lo_idx = pair_lo_idx(), hi_idx = _mm512_add_epi16(lo_idx, _mm512_set1_epi16(16));
   __m512 acc[RG][2 * NC];
 #pragma GCC unroll 4
   for (int r = 0; r < RG; ++r)
@@ -116,26 +140,62 @@ inline void pv_direct(int64_t nk, const uint32_t* const* p, Rows vrow, const E* 
     }
     for (const int64_t end = u + 1 < nsub ? pair_end[u] : np; i < end; ++i) {
       ahead(2 * i);
-      const E* va = vrow(2 * i) + d0;
-      const E* vb = (2 * i + 1 < nk ? vrow(2 * i + 1) : zero) + d0;
-      __m512bh pv[RG];
-#pragma GCC unroll 4
-      for (int r = 0; r < RG; ++r) pv[r] = as_bh(_mm512_set1_epi32(static_cast<int>(p[r][i])));
-#pragma GCC unroll 4
-      for (int c = 0; c < NC; ++c) {
-        const __m512i x = words(va + 32 * c), y = words(vb + 32 * c);
-        const __m512bh lo = as_bh(_mm512_permutex2var_epi16(x, lo_idx, y)), hi = as_bh(_mm512_permutex2var_epi16(x, hi_idx, y));
-#pragma GCC unroll 4
-        for (int r = 0; r < RG; ++r)
-          acc[r][2 * c] = _mm512_dpbf16_ps(acc[r][2 * c], pv[r], lo),
-          acc[r][2 * c + 1] = _mm512_dpbf16_ps(acc[r][2 * c + 1], pv[r], hi);
-      }
+      pv_pair_bf16<RG, NC>(acc, p, i, vrow(2 * i) + d0, (2 * i + 1 < nk ? vrow(2 * i + 1) : zero) + d0, lo_idx, hi_idx,
+                           words);
     }
   }
 #pragma GCC unroll 4
   for (int r = 0; r < RG; ++r)
 #pragma GCC unroll 8
     for (int v = 0; v < 2 * NC; ++v) _mm512_storeu_ps(o[r] + d0 + 16 * v, acc[r][v]);
+}
+
+// pv_direct over all columns [0, Dv = 32 NC) of RG rows in one pass over the keys, where RG x 2 NC
+// accumulators do not fit in registers (4 rows x 128 columns: 32): blocks of kPvBlockPairsBf16 key
+// pairs, each read for NCB chunks at a time, the other chunks' accumulators parked in the output rows
+// themselves (float32, exact). Each accumulator sees the same float operations in the same order as
+// in pv_direct (o * corr, the pairs in order, the rescale as a sub-segment starts), so the bits are
+// the same; but a block's V rows come from memory once for all rows, and each V vector is turned
+// into words and interleaved once, not once per pass of rows (fp8: 7 instructions per 32 codes).
+#define SPARSE_ATTN_PV_DIRECT_BLOCKED 1
+constexpr int64_t kPvBlockPairsBf16 = 16;
+
+template <int RG, int NC, int NCB, typename Rows, typename E, typename Ahead, typename Words = Bf16Words>
+__attribute__((noinline)) void pv_direct_blocked(int64_t nk, const uint32_t* const* p, Rows vrow, const E* zero,
+                                                 float* const* o, const float* corr, Ahead&& ahead, int64_t nsub,
+                                                 const int64_t* pair_end, int64_t corr_stride, Words words) {
+  static_assert(NC % NCB == 0 && RG * 2 * NCB <= 16, "RG x 2 NCB accumulators in registers");
+  const __m512i lo_idx = pair_lo_idx(), hi_idx = _mm512_add_epi16(lo_idx, _mm512_set1_epi16(16));
+  const int64_t np = (nk + 1) / 2;
+  for (int64_t u = 0, i = 0; u < nsub; ++u) {
+#pragma GCC unroll 4
+    for (int r = 0; r < RG; ++r) {  // the rescale as the sub-segment starts (the first: corr[r])
+      const __m512 c = _mm512_set1_ps(corr[u * corr_stride + r]);
+      for (int v = 0; v < 2 * NC; ++v) _mm512_storeu_ps(o[r] + 16 * v, _mm512_mul_ps(_mm512_loadu_ps(o[r] + 16 * v), c));
+    }
+    const int64_t end = u + 1 < nsub ? pair_end[u] : np;
+    for (int64_t ib = i; ib < end; ib += kPvBlockPairsBf16) {
+      const int64_t ie = std::min(end, ib + kPvBlockPairsBf16);
+#pragma GCC unroll 1
+      for (int g = 0; g < NC; g += NCB) {
+        __m512 acc[RG][2 * NCB];
+#pragma GCC unroll 4
+        for (int r = 0; r < RG; ++r)
+#pragma GCC unroll 8
+          for (int v = 0; v < 2 * NCB; ++v) acc[r][v] = _mm512_loadu_ps(o[r] + 32 * g + 16 * v);
+        for (int64_t t = ib; t < ie; ++t) {
+          if (g == 0) ahead(2 * t);
+          pv_pair_bf16<RG, NCB>(acc, p, t, vrow(2 * t) + 32 * g, (2 * t + 1 < nk ? vrow(2 * t + 1) : zero) + 32 * g,
+                                lo_idx, hi_idx, words);
+        }
+#pragma GCC unroll 4
+        for (int r = 0; r < RG; ++r)
+#pragma GCC unroll 8
+          for (int v = 0; v < 2 * NCB; ++v) _mm512_storeu_ps(o[r] + 32 * g + 16 * v, acc[r][v]);
+      }
+    }
+    i = end;
+  }
 }
 
 }  // namespace sparse_attn_cpu

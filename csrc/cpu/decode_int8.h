@@ -198,7 +198,6 @@ __attribute__((noinline)) void pv_int8_span(int64_t i, const int64_t end, int64_
 // `ahead(2 i)` once per pair i.
 #define SPARSE_ATTN_INT8_PV_BLOCKED 1
 constexpr int64_t kPvBlockPairs = 16;  // key pairs per block (16 measured better than 32)
-constexpr int kPvBlockChunks = 2;      // 32-column chunks held in registers at a time (NCB)
 
 template <int RG, int NC, int NCB, typename Rows, typename Ahead>
 __attribute__((noinline)) void pv_int8_span_blocked(int64_t i, const int64_t end, int64_t nk, const uint32_t* const* p,
