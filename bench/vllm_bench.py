@@ -15,6 +15,12 @@ bytes read per second, and a same-run `copy_` of K+V as the machine's bandwidth 
 Each timed call comes after reading a buffer twice the last-level cache's size (bench/llc.py: a
 480 MiB L3 holds most of a 128K bf16 cache, which a model's decode step never finds there); `--warm`
 times the calls back to back instead.
+`ours_dense` is Dense as the plugin runs a decode step (the plan's lighter re-run, `prepared`,
+writing the output rows in place); `ours_dense_plan` the full `CachePlan.run` (Python validation
+and a view per call). Our cache is moved into 2 MB pages first, as the plugin does before its first
+write (backend.py `huge_pages_once`); vLLM's stays in the 4 KB pages `torch.zeros` gave it, as in
+vLLM's engine (`--vllm-huge-pages`: both in 2 MB pages, the kernels alone on equal memory;
+`--no-huge-pages`: both in 4 KB pages). `huge_MiB_*` reports what Linux holds in huge pages.
 `ours_topk_gathered` is TopK as the plugin ran it before its selection read the page sums through
 the block table: the sums gathered per step into `(B, Hkv, W, D)` first.
 Runs alternate (A, B, A, B ...) so load from other jobs falls on both; medians are printed.
@@ -138,6 +144,7 @@ def kernel_bench(args):
     from vllm import _custom_ops as ops
 
     import sparse_attn as sa
+    from sparse_attn.cache import huge_pages
     from sparse_attn.integrations.vllm.pages import PagesCache, split_pages
 
     gathered_sums_cache = _gathered_sums_cache()
@@ -160,6 +167,13 @@ def kernel_bench(args):
         scale = args.d ** -0.5
         vllm_own = _vllm_call(ops, q, kp, vp, out, qsl, lens, table, scale, args, dtype)
 
+        # the plugin moves its cache storage into 2 MB pages before its first write (backend.py
+        # `huge_pages_once`); vLLM's own backend keeps the 4 KB pages of its torch.zeros unless
+        # --vllm-huge-pages (the same memory for both kernels); --no-huge-pages: ours as vLLM allocated it
+        if not args.no_huge_pages:
+            huge_pages.collapse(kv)
+        if args.vllm_huge_pages:
+            huge_pages.collapse(kv_vllm)
         cache = PagesCache(kv, table, lens, lens.tolist(), page_sums=sums)
         gathered = gathered_sums_cache(kv, table, lens, lens.tolist(), page_sums=sums)
         q4 = q[:, :, None]
@@ -167,7 +181,15 @@ def kernel_bench(args):
 
         plans = {p: sa.plan_with_cache(q4, cache, p, scale=scale) for p in (dense, topk)}  # as the backend does
 
+        # Dense decode as the plugin runs it from a batch size's second step on (backend.py `_decode`):
+        # the plan's lighter re-run with vLLM's query rows, writing the output rows in place
+        fast = plans[dense].prepared(cache)
+        out_ours = torch.empty_like(q)
+
         def ours_dense():
+            fast.run(q, lens, table, out_ours)
+
+        def ours_dense_plan():  # the full `CachePlan.run` (its Python validation and view each call)
             plans[dense].run(q4, cache)
 
         def ours_topk():
@@ -185,11 +207,13 @@ def kernel_bench(args):
         # same inputs both ways: vLLM's output must match ours (a wrong kernel is not a fast one)
         vllm_own()
         ref = sa.attention_with_cache(q4, cache, dense, scale=scale)[:, :, 0]
+        ours_dense()
+        assert torch.equal(out_ours, ref)
         err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
         assert torch.equal(plans[topk].run(q4, cache), plans[topk].run(q4, gathered))
-        times = {k: [] for k in ("copy", "vllm", "ours_dense", "ours_topk", "ours_topk_gathered")}
-        order = [("copy", copy), ("vllm", vllm_own), ("ours_dense", ours_dense), ("ours_topk", ours_topk),
-                 ("ours_topk_gathered", ours_topk_gathered)]
+        order = [("copy", copy), ("vllm", vllm_own), ("ours_dense", ours_dense), ("ours_dense_plan", ours_dense_plan),
+                 ("ours_topk", ours_topk), ("ours_topk_gathered", ours_topk_gathered)]
+        times = {k: [] for k, _ in order}
         for r in range(args.rounds):  # the order flips every round: neither side always runs after the other
             for k, fn in (order if r % 2 == 0 else order[::-1]):
                 times[k].append(_time(fn, args.reps, clock, evictor))
@@ -197,8 +221,10 @@ def kernel_bench(args):
         row = {"n": n, "dtype": args.dtype, "threads": torch.get_num_threads(), "clock": args.clock, "load": _load(),
                "evict_mb": None if evictor is None else evictor.mbytes, "vllm_isa": vllm_isa(dtype, args.page, args.d),
                "rel_err_vs_vllm": err,
+               "huge_MiB_ours": (huge_pages.huge_bytes(kv) or 0) >> 20,
+               "huge_MiB_vllm": (huge_pages.huge_bytes(kv_vllm) or 0) >> 20,
                **{f"{k}_ms": 1e3 * t for k, t in med.items()},
-               **{f"{k}_GBps": kv_bytes / t / 1e9 for k, t in med.items() if not k.startswith("ours_topk")},
+               **{f"{k}_GBps": kv_bytes / t / 1e9 for k, t in med.items() if k in ("copy", "vllm", "ours_dense")},
                "dense_speedup": med["vllm"] / med["ours_dense"], "topk_speedup": med["vllm"] / med["ours_topk"]}
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -452,6 +478,10 @@ def main():
     k.add_argument("--clock", default="wall", choices=["wall", "thread"],
                    help="thread: CPU time of the calling thread (with --threads 1: the whole kernel's time, "
                         "not the time slices other jobs take on a loaded machine)")
+    k.add_argument("--no-huge-pages", action="store_true",
+                   help="leave our cache in the 4 KB pages torch.zeros gave it (the plugin moves it to 2 MB pages)")
+    k.add_argument("--vllm-huge-pages", action="store_true",
+                   help="move vLLM's cache to 2 MB pages too: both kernels over the same kind of memory")
     k.add_argument("--warm", action="store_true",
                    help="time the calls back to back (default: each after emptying the last-level cache)")
     f = sub.add_parser("forward")

@@ -219,3 +219,25 @@ def test_cache_storage_advised_as_huge_pages():
         assert huge_pages.advise_huge(big) is True
     c = sa.KVCache(1, 2, 64, 40000, dtype=torch.bfloat16)  # 10 MB of K: advised, still zeros
     assert c.k.shape == (1, 2, 40001, 64) and not c.k.any() and not c.v.any()
+
+
+def test_collapse_keeps_contents_and_reports_huge_pages():
+    """`huge_pages.collapse` moves touched storage (a cache someone else allocated: vLLM's) into
+    2 MB pages: the contents stay, and the bytes it reports are huge pages in /proc/self/smaps."""
+    import sys
+
+    from sparse_attn.cache import huge_pages
+
+    x = torch.randn(3 << 20)  # 12 MB, touched: 4 KB pages unless THP is "always"
+    before = x.clone()
+    view = x[5:1000]  # a view: its whole storage is what gets collapsed
+    done = huge_pages.collapse(view)
+    assert torch.equal(x, before)
+    assert done % (2 << 20) == 0 and done <= x.numel() * 4
+    if sys.platform.startswith("linux"):
+        huge = huge_pages.huge_bytes(x)
+        assert huge is not None and huge >= done
+    else:
+        assert done == 0
+    small = torch.arange(1000.0)
+    assert huge_pages.collapse(small) == 0 and torch.equal(small, torch.arange(1000.0))

@@ -129,3 +129,25 @@ def test_sparse_equals_sparse_attn_by_hand(llama, spec):
 def test_refused_at_engine_start(llama, spec, words):
     tokens, err = _generate(llama, spec)
     assert tokens is None and "ValueError" in err and words in err, err[-2000:]
+
+
+def test_huge_pages_once_per_storage(monkeypatch):
+    """The backend moves a KV cache storage into 2 MB pages once, before its first write, keeping
+    its contents; layers sharing the storage do not repeat it; `SPARSE_ATTN_VLLM_HUGE_PAGES=0`
+    skips it."""
+    import torch
+
+    from sparse_attn.cache import huge_pages
+    from sparse_attn.integrations.vllm import backend
+
+    kv = torch.randn(16, 2, 64, 256)  # 2 MB pages: vLLM's (pages, Hkv, page, 2 D), 8 MB
+    before = kv.clone()
+    done = backend.huge_pages_once(kv)
+    assert torch.equal(kv, before) and done % (2 << 20) == 0
+    if sys.platform.startswith("linux"):
+        assert huge_pages.huge_bytes(kv) >= done
+    assert backend.huge_pages_once(kv[1:]) == 0  # the same storage: once
+    monkeypatch.setenv(backend.HUGE_PAGES_ENV, "0")
+    other = torch.randn(16, 2, 64, 256)
+    had = huge_pages.huge_bytes(other)  # (0 here unless THP is "always")
+    assert backend.huge_pages_once(other) == 0 and huge_pages.huge_bytes(other) == had
