@@ -383,6 +383,19 @@ def test_prepared_decode_equals_the_plan(kind, dtype):
         out4 = torch.empty_like(want)
         fast.run(q, cache.seq_lens, cache.block_table, out4)
         assert torch.equal(out4, want)
+        # the binding reads 3-D rows through their strides, and converts lengths that are not
+        # contiguous int32 (no copy or view on the usual path: csrc/cpu/decode_binding.cpp)
+        wide = torch.randn(3, hq, 2 * d).to(dtype)
+        wide[:, :, d:] = q[:, :, 0]
+        out4.fill_(7)
+        fast.run(wide[:, :, d:], cache.seq_lens.long(), cache.block_table, out4)  # 3-D q, 4-D out
+        assert torch.equal(out4, want)
+        spaced = torch.stack([cache.seq_lens, cache.seq_lens], 1)[:, 0]  # int32, stride 2
+        rows.fill_(9)
+        fast.run(q[:, :, 0], spaced, cache.block_table, rows[:3])
+        assert torch.equal(rows[:3], want[:, :, 0])
+        with pytest.raises(RuntimeError, match="4-D"):
+            fast.run(q[:, :, 0, 0], cache.seq_lens, cache.block_table, rows[:3])
 
 
 @needs_jit

@@ -81,8 +81,12 @@ std::string describe(const DecodeArgs& a) {
   return s.str();
 }
 
-// -> (out (B, Hq, Sq, Dv) in q's dtype, lse float32 (B, Hq, Sq))
-std::tuple<torch::Tensor, torch::Tensor> decode_fwd(const DecodeArgs& a) {
+// -> (out (B, Hq, Sq, Dv) in q's dtype, lse float32 (B, Hq, Sq); with_lse false: lse undefined and
+// not computed). A serving loop's step (decode_step) comes here every layer and token with the
+// code cold (its caches hold the model's weights by then): for it this path makes no ATen call
+// when the tensors are as it hands them (3-D rows read through their own sizes and strides, int32
+// lengths used as they are, no lse), only checks.
+static std::tuple<torch::Tensor, torch::Tensor> decode_impl(const DecodeArgs& a, bool with_lse) {
   TORCH_CHECK(a.q.defined() && a.k.defined() && a.v.defined(), "decode_fwd: DecodeArgs needs q, k and v");
   TORCH_CHECK(std::isfinite(a.scale), "decode_fwd: scale must be a finite number, got ", a.scale);
   TORCH_CHECK(std::isfinite(a.softcap) && a.softcap >= 0, "decode_fwd: softcap must be finite and >= 0 (0: off), got ",
@@ -90,12 +94,20 @@ std::tuple<torch::Tensor, torch::Tensor> decode_fwd(const DecodeArgs& a) {
   // one query row per sequence may come as (B, Hq, D) (out then (B, Hq, Dv)): a serving loop's
   // token rows as they lie, no view made per step in Python
   const bool rows3 = a.q.dim() == 3;
-  const torch::Tensor q = rows3 ? a.q.unsqueeze(2) : a.q;
+  const torch::Tensor& q = a.q;
   const torch::Tensor &k = a.k, &v = a.v;
+  // q as (B, Hq, Sq, D): a (B, Hq, D) tensor's rows are Sq = 1 (its stride there is never used)
+  int64_t qs[4], qt[4];
+  if (rows3) {
+    qs[0] = q.size(0), qs[1] = q.size(1), qs[2] = 1, qs[3] = q.size(2);
+    qt[0] = q.stride(0), qt[1] = q.stride(1), qt[2] = q.size(2) * q.stride(2), qt[3] = q.stride(2);
+  } else if (q.dim() == 4) {
+    for (int d = 0; d < 4; ++d) qs[d] = q.size(d), qt[d] = q.stride(d);
+  }
   const bool causal = a.causal;
   const int64_t window = a.window, sinks = a.sinks, block = a.block, page_size = a.page_size;
   const double scale = a.scale;
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "decode_fwd: q, k, v must be 4-D (B, H, S, D) (q may be (B, Hq, D): one row)");
+  TORCH_CHECK((q.dim() == 4 || rows3) && k.dim() == 4 && v.dim() == 4, "decode_fwd: q, k, v must be 4-D (B, H, S, D) (q may be (B, Hq, D): one row)");
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "decode_fwd: CPU tensors only");
   const auto dt = q.scalar_type();
   TORCH_CHECK(dt == torch::kFloat32 || dt == torch::kBFloat16 || dt == torch::kFloat16,
@@ -115,7 +127,7 @@ std::tuple<torch::Tensor, torch::Tensor> decode_fwd(const DecodeArgs& a) {
   const bool paged = a.page_table.has_value() && a.page_table->defined();
   const bool ragged = a.lengths.has_value() && a.lengths->defined();
   TORCH_CHECK(!paged || ragged, "decode_fwd: a page_table needs lengths");
-  const int64_t B = q.size(0), Hq = q.size(1), sq = q.size(2), D = q.size(3);
+  const int64_t B = qs[0], Hq = qs[1], sq = qs[2], D = qs[3];
   const int64_t Hkv = k.size(1), rows = k.size(2), Dv = v.size(3);
   TORCH_CHECK((paged || k.size(0) == B) && v.size(0) == k.size(0) && v.size(1) == Hkv && v.size(2) == rows &&
                   k.size(3) == D,
@@ -130,7 +142,8 @@ std::tuple<torch::Tensor, torch::Tensor> decode_fwd(const DecodeArgs& a) {
   torch::Tensor lens, table;
   int64_t sk = rows;  // the longest sequence
   if (ragged) {
-    lens = a.lengths->to(torch::kInt32).contiguous();
+    const torch::Tensor& given = *a.lengths;
+    lens = given.scalar_type() == torch::kInt32 && given.is_contiguous() ? given : given.to(torch::kInt32).contiguous();
     TORCH_CHECK(lens.device().is_cpu() && lens.dim() == 1 && lens.size(0) == B,
                 "decode_fwd: lengths must be a CPU int32 (B=", B, ",) tensor, got ", lens.sizes());
     int64_t cap = rows;
@@ -164,9 +177,10 @@ std::tuple<torch::Tensor, torch::Tensor> decode_fwd(const DecodeArgs& a) {
   // the caller's result tensor (checked: the kernel writes it as contiguous rows), else a new one
   torch::Tensor out;
   if (a.out.has_value() && a.out->defined()) {
-    out = rows3 && a.out->dim() == 3 ? a.out->unsqueeze(2) : *a.out;
-    TORCH_CHECK(out.scalar_type() == dt && out.device().is_cpu() && out.sizes() == torch::IntArrayRef({B, Hq, sq, Dv}) &&
-                    out.is_contiguous(),
+    out = *a.out;
+    const bool shape_ok = rows3 && out.dim() == 3 ? out.sizes() == torch::IntArrayRef({B, Hq, Dv})
+                                                  : out.sizes() == torch::IntArrayRef({B, Hq, sq, Dv});
+    TORCH_CHECK(out.scalar_type() == dt && out.device().is_cpu() && shape_ok && out.is_contiguous(),
                 "decode_fwd: out must be a contiguous CPU ", dt, " (", B, ", ", Hq, ", ", sq, ", ", Dv, ") tensor, got ",
                 out.scalar_type(), " ", out.sizes());
     // q's rows are read while other heads' results are written: they must not share memory
@@ -183,7 +197,8 @@ std::tuple<torch::Tensor, torch::Tensor> decode_fwd(const DecodeArgs& a) {
   } else {
     out = torch::empty({B, Hq, sq, Dv}, q.options());
   }
-  auto lse = torch::empty({B, Hq, sq}, q.options().dtype(torch::kFloat32));
+  torch::Tensor lse;
+  if (with_lse) lse = torch::empty({B, Hq, sq}, q.options().dtype(torch::kFloat32));
   if (B == 0 || Hq == 0 || sq == 0) return {out, lse};
   TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "decode_fwd: Hq must be a multiple of Hkv");
   if (rows > 0 && D > 0) TORCH_CHECK(k.stride(3) == 1, "decode_fwd: k must be contiguous in its last dim");
@@ -192,7 +207,7 @@ std::tuple<torch::Tensor, torch::Tensor> decode_fwd(const DecodeArgs& a) {
   Params P{};
   P.B = B, P.Hq = Hq, P.Hkv = Hkv, P.G = Hq / Hkv, P.sq = sq, P.sk = sk, P.D = D, P.Dv = Dv;
   P.Dpad = std::max<int64_t>(8, (D + 7) / 8 * 8), P.R = sq * P.G;
-  for (int d = 0; d < 4; ++d) P.qst[d] = q.stride(d);
+  for (int d = 0; d < 4; ++d) P.qst[d] = qt[d];
   for (int d = 0; d < 3; ++d) P.kst[d] = k.stride(d), P.vst[d] = v.stride(d);
   P.causal = causal, P.window = window, P.sinks = std::max<int64_t>(0, sinks);
   P.qmul = static_cast<float>(scale) * kLog2e;
@@ -241,9 +256,11 @@ std::tuple<torch::Tensor, torch::Tensor> decode_fwd(const DecodeArgs& a) {
   }
 
   const void *qd = q.data_ptr(), *kd = k.data_ptr(), *vd = v.data_ptr();
-  run_decode(P, dtag, kv_tag, qd, kd, vd, out.data_ptr(), lse.data_ptr<float>());
+  run_decode(P, dtag, kv_tag, qd, kd, vd, out.data_ptr(), with_lse ? lse.data_ptr<float>() : nullptr);
   return {out, lse};
 }
+
+std::tuple<torch::Tensor, torch::Tensor> decode_fwd(const DecodeArgs& a) { return decode_impl(a, true); }
 
 // A serving loop's step (sparse_attn/backends/cpu/decode.py PreparedDecode): decode_fwd with the
 // step's four tensors passed as arguments instead of set on `a` one attribute at a time, the
@@ -253,7 +270,7 @@ void decode_step(const DecodeArgs& a, const torch::Tensor& q, const torch::Tenso
                  const torch::Tensor& page_table, const torch::Tensor& out) {
   DecodeArgs s = a;
   s.q = q, s.lengths = lengths, s.page_table = page_table, s.out = out;
-  decode_fwd(s);
+  decode_impl(s, false);
 }
 
 // TopK's pooled keys: mean of each block of `block` keys (the last may be partial), float32

@@ -194,7 +194,8 @@ inline void online_softmax(const Params& P, int64_t skb, int64_t j0, int64_t nk,
 // The ns splits of (batch b, kv head h) merged by log-sum-exp into out (B, Hq, Sq, Dv) and lse
 // (B, Hq, Sq): split i's unnormalised out po[(i * R + row) * Dv ...], max pm[i * R + row] and sum
 // pl[i * R + row]. A row with no visible key gives 0 and lse = +inf; a row that met a non-finite
-// value (a NaN max, or a column of its sum that is not finite) gives NaN and lse = NaN.
+// value (a NaN max, or a column of its sum that is not finite) gives NaN and lse = NaN. lse may be
+// null (a serving step's call: decode_step), then only out is written.
 template <typename OutT>
 void merge(const Params& P, int64_t b, int64_t h, int64_t ns, const float* po, const float* pm, const float* pl,
            OutT* out, float* lse, std::vector<float>& acc, std::vector<float>& w) {
@@ -213,7 +214,7 @@ void merge(const Params& P, int64_t b, int64_t h, int64_t ns, const float* po, c
     }
     if (mx == kNegInf && !bad) {  // no visible key
       for (int64_t c = 0; c < Dv; ++c) dst[c] = static_cast<OutT>(0.f);
-      lse[orow] = std::numeric_limits<float>::infinity();
+      if (lse) lse[orow] = std::numeric_limits<float>::infinity();
       continue;
     }
     float tot = 0.f;
@@ -233,11 +234,11 @@ void merge(const Params& P, int64_t b, int64_t h, int64_t ns, const float* po, c
       }
       const float inv = 1.f / sum;
       for (int64_t c = 0; c < Dv; ++c) acc[c] *= inv, tot += acc[c] * 0.f;
-      lse[orow] = kLn2 * (mx + std::log2(sum));
+      if (lse) lse[orow] = kLn2 * (mx + std::log2(sum));
     }
     if (bad || tot != tot) {
       for (int64_t c = 0; c < Dv; ++c) dst[c] = static_cast<OutT>(kNaN);
-      lse[orow] = kNaN;
+      if (lse) lse[orow] = kNaN;
       continue;
     }
     for (int64_t c = 0; c < Dv; ++c) dst[c] = static_cast<OutT>(acc[c]);
