@@ -17,8 +17,8 @@ Each timed call comes after reading a buffer twice the last-level cache's size (
 times the calls back to back instead.
 `ours_dense` is Dense as the plugin runs a decode step (the plan's lighter re-run, `prepared`,
 writing the output rows in place); `ours_dense_plan` the full `CachePlan.run` (Python validation
-and a view per call). Our cache is moved into 2 MB pages first, as the plugin does before its first
-write (backend.py `huge_pages_once`); vLLM's stays in the 4 KB pages `torch.zeros` gave it, as in
+and a view per call). Our cache is moved into 2 MB pages first, where the plugin's cache is once
+its background move has finished (backend.py `huge_pages_once`); vLLM's stays in the 4 KB pages `torch.zeros` gave it, as in
 vLLM's engine (`--vllm-huge-pages`: both in 2 MB pages, the kernels alone on equal memory;
 `--no-huge-pages`: both in 4 KB pages). `huge_MiB_*` reports what Linux holds in huge pages.
 `ours_topk_gathered` is TopK as the plugin ran it before its selection read the page sums through
@@ -36,6 +36,9 @@ shape) ending at n keys: vLLM's kernel vs the plugin's path (gather from the pag
 `e2e`: the tiny random Llama (tests/vllm_serving/tiny_model.py) served by `LLM(...)` in a fresh process per
 run, vLLM's own backend and sparse_attn (dense, topk), alternating; prefill seconds (time to the
 first token) and decode tokens/s (tokens after the first / their seconds). Prints `uptime`.
+By default it times each engine's first request (the plugin's cache still on its way into 2 MB
+pages, in the background); `--settle` times a later one (a short request first, then the plugin
+waits for that move).
 """
 from __future__ import annotations
 
@@ -167,8 +170,8 @@ def kernel_bench(args):
         scale = args.d ** -0.5
         vllm_own = _vllm_call(ops, q, kp, vp, out, qsl, lens, table, scale, args, dtype)
 
-        # the plugin moves its cache storage into 2 MB pages before its first write (backend.py
-        # `huge_pages_once`); vLLM's own backend keeps the 4 KB pages of its torch.zeros unless
+        # the plugin moves its cache storage into 2 MB pages in the background from its first write
+        # (backend.py `huge_pages_once`): timed here as it is once that has finished; vLLM's own backend keeps the 4 KB pages of its torch.zeros unless
         # --vllm-huge-pages (the same memory for both kernels); --no-huge-pages: ours as vLLM allocated it
         if not args.no_huge_pages:
             huge_pages.collapse(kv)
@@ -392,7 +395,7 @@ def chunk_bench(args):
 
 
 # --------------------------------------------------------------------------------------------- e2e
-def _one_run(model, pattern, n, new_tokens, max_len):
+def _one_run(model, pattern, n, new_tokens, max_len, settle=False):
     code = f"""
 import json, os, sys, time
 sys.path.insert(0, {os.path.join(ROOT, 'tests', 'vllm_serving')!r})
@@ -403,13 +406,25 @@ def main():
     llm = LLM(model={model!r}, max_model_len={max_len}, enforce_eager=True, dtype="float32", seed=0,
               gpu_memory_utilization=0.3, enable_prefix_caching=False, disable_log_stats=False)
     p = [TokensPrompt(prompt_token_ids=prompts({n}, 1)[0])]
+    settled = None
+    if {settle!r}:  # a first short request, then (plugin) wait for the background huge-page move
+        llm.generate([TokensPrompt(prompt_token_ids=prompts(256, 1, seed=1)[0])],
+                     SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)
+        if os.environ.get("SPARSE_ATTN_VLLM_PATTERN"):
+            from sparse_attn.integrations.vllm.backend import HUGE_JOBS
+            t = time.perf_counter()
+            for j in HUGE_JOBS:
+                j.wait(600)
+            settled = time.perf_counter() - t
     o = llm.generate(p, SamplingParams(temperature=0, max_tokens={new_tokens + 1}, ignore_eos=True),
                      use_tqdm=False)[0]
     m = o.metrics  # engine-core timestamps: scheduled -> first token (prefill), first -> last (decode)
     stats = None
     if os.environ.get("SPARSE_ATTN_VLLM_PATTERN"):  # the plugin's own seconds (attention, all layers)
-        from sparse_attn.integrations.vllm.backend import STATS
+        from sparse_attn.integrations.vllm.backend import HUGE_JOBS, STATS
         stats = dict(STATS)
+        stats["huge_MiB"] = [sum(j.progress()[i] for j in HUGE_JOBS) >> 20 for i in (0, 1)]  # at the last token
+        stats["settled_s"] = settled
     print(json.dumps({{"prefill_s": m.first_token_ts - m.scheduled_ts,
                       "decode_tok_s": (m.num_generation_tokens - 1) / (m.last_token_ts - m.first_token_ts),
                       "decode_s": m.last_token_ts - m.first_token_ts,
@@ -437,12 +452,15 @@ def e2e_bench(args):
         res = {p: [] for p in args.patterns}
         for _ in range(args.rounds):
             for p in args.patterns:
-                r = _one_run(model, p, n, args.new_tokens, n + args.new_tokens + 64)
+                r = _one_run(model, p, n, args.new_tokens, n + args.new_tokens + 64, args.settle)
                 res[p].append(r)
                 st = r.get("stats") or {}
                 inside = (f", in the plugin: decode {st['decode_s']:.2f} s ({st['decode_calls']} calls), prefill "
                           f"{st['prefill_s']:.2f} s ({st['prefill_direct']} direct, {st['prefill_gathered']} "
-                          f"gathered), InfLLMv2 windows {st.get('windows_s', 0.0):.2f} s" if st else "")
+                          f"gathered), InfLLMv2 windows {st.get('windows_s', 0.0):.2f} s, 2 MB pages (background) "
+                          f"at the last token: {st['huge_MiB'][0]} of {st['huge_MiB'][1]} MiB gone through"
+                          + (f" (waited {st['settled_s']:.1f} s for it after the first request)"
+                             if st.get("settled_s") is not None else "") if st else "")
                 print(f"# run n={n} {p}: prefill {r['prefill_s']:.2f} s, decode {r['decode_tok_s']:.2f} tok/s "
                       f"({r['decode_s']:.2f} s){inside}, load {_load()}", flush=True)
         for p, runs in res.items():
@@ -506,6 +524,10 @@ def main():
     e.add_argument("--patterns", nargs="+", default=["vllm", "dense", "topk:16"])
     e.add_argument("--new-tokens", type=int, default=32)
     e.add_argument("--rounds", type=int, default=2)
+    e.add_argument("--settle", action="store_true",
+                   help="time a server's later request: each engine first serves a short request and the plugin "
+                        "then waits until its KV cache is in 2 MB pages (the background move, backend.py "
+                        "`huge_pages_once`); default: the engine's first request")
     a = ap.parse_args()
     print(f"# {a.what}: load average {_load()}", flush=True)
     {"kernel": kernel_bench, "forward": forward_bench, "chunk": chunk_bench, "e2e": e2e_bench}[a.what](a)

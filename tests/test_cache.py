@@ -241,3 +241,36 @@ def test_collapse_keeps_contents_and_reports_huge_pages():
         assert done == 0
     small = torch.arange(1000.0)
     assert huge_pages.collapse(small) == 0 and torch.equal(small, torch.arange(1000.0))
+
+
+def test_background_collapse_keeps_contents_while_written():
+    """`huge_pages.Background` collapses storage in use from its own thread: a writer changing the
+    storage meanwhile loses no write, the untouched contents stay, and where Linux collapses at all
+    the storage ends in huge pages. Two storages queued together both finish."""
+    import sys
+
+    from sparse_attn.cache import huge_pages
+
+    x = torch.randn(10 << 20)  # 40 MB, touched: two 32 MB slices
+    y = torch.randn(3 << 20)
+    before_y = y.clone()
+    jobs = [huge_pages.Background.start(x), huge_pages.Background.start(y)]
+    if not sys.platform.startswith("linux"):
+        assert jobs == [None, None]
+        return
+    assert None not in jobs
+    rows = x.view(-1, 4096)
+    for i in range(0, rows.shape[0], 7):  # writes racing the copies
+        rows[i] = float(i)
+    assert all(j.wait(120) for j in jobs) and all(j.seconds >= 0 for j in jobs)
+    assert torch.equal(rows[::7, 0], torch.arange(0, rows.shape[0], 7, dtype=torch.float32))
+    assert torch.equal(y, before_y)
+    assert huge_pages.Background.start(torch.randn(1000)) is None  # no whole 2 MB page
+    thp = ""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            thp = f.read()
+    except OSError:
+        pass
+    if thp and "[never]" not in thp and huge_pages.collapse(torch.randn(3 << 20)) > 0:  # Linux collapses here
+        assert huge_pages.huge_bytes(x) >= 32 << 20

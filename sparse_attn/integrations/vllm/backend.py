@@ -34,15 +34,14 @@ from typing import ClassVar
 
 import torch
 
+from vllm.logger import init_logger
 from vllm.v1.attention.backend import (AttentionBackend, AttentionImpl, AttentionMetadataBuilder, AttentionType,
                                        CommonAttentionMetadata, MultipleOf)
 from vllm.v1.kv_cache_interface import KVCacheLayout
 
-from vllm.logger import init_logger
-
 from ...api.cache import plan_with_cache
-from ...cache import huge_pages
 from ...api.functional import attention
+from ...cache import huge_pages
 from ...patterns import InfLLMv2, SlidingWindow, TopK
 from .pages import PagesCache, PageWindows, gather_keys, split_pages, write_pages
 from .patterns import ENV, layer_pattern, page_size_for, parse_pattern
@@ -55,29 +54,38 @@ HUGE_PAGES_ENV = "SPARSE_ATTN_VLLM_HUGE_PAGES"
 
 logger = init_logger("vllm.sparse_attn")  # under "vllm": its handler prints INFO
 _huge_done: set = set()  # storage addresses already handled in this process (layers may share one)
+HUGE_JOBS: list = []  # the background collapses `huge_pages_once` started in this process (benches report them)
 
 
-def huge_pages_once(kv_cache: torch.Tensor) -> int:
-    """Before the first write into a KV cache storage: move it into 2 MB pages, keeping its contents
-    (`cache.huge_pages.collapse`: madvise MADV_COLLAPSE, Linux 6.1+). vLLM allocates the cache with
-    `torch.zeros`, which on a Linux with transparent huge pages in "madvise" mode (Ubuntu's default)
-    gives 4 KB pages, and decode streams the whole cache every token: in 2 MB pages the same kernel
-    reads vLLM's layout 1.10x faster at 128K keys, 1.16x at 16K (docs/integrations.md, "Eighteenth
-    session"). Once per storage and process, logged with its size and time (Linux may need to
-    compact memory first: ~2.7 ms per 2 MB measured at worst); `SPARSE_ATTN_VLLM_HUGE_PAGES=0` skips
-    it. Returns the bytes collapsed (0: skipped, done before, or refused: the cache stays as it was)."""
+def huge_pages_once(kv_cache: torch.Tensor):
+    """At the first write into a KV cache storage: start moving it into 2 MB pages in the background,
+    contents kept (`cache.huge_pages.Background`: madvise MADV_COLLAPSE, Linux 6.1+, from a daemon
+    thread at idle CPU priority, 32 MB at a time). vLLM allocates the cache with `torch.zeros`, which
+    on a Linux with transparent huge pages in "madvise" mode (Ubuntu's default) gives 4 KB pages, and
+    decode streams the whole cache every token: in 2 MB pages the same kernel reads vLLM's layout
+    1.10x faster at 128K keys, 1.16x at 16K (docs/integrations.md, "Eighteenth session"). The move
+    costs Linux ~2.7-5 ms of kernel CPU per 2 MB where it must compact memory first (11.6 s for a
+    4 GiB cache measured); done on the caller's path it held the first request that long, in the
+    background it takes idle CPU only, and decode reads 4 KB pages until it reaches them. Once per
+    storage and process, logged with its size and time when finished; `SPARSE_ATTN_VLLM_HUGE_PAGES=0`
+    skips it. Returns the background job (None: skipped, done before, or nothing to collapse)."""
     key = kv_cache.untyped_storage().data_ptr()
     if key in _huge_done or kv_cache.device.type != "cpu":
-        return 0
+        return None
     _huge_done.add(key)
     if os.environ.get(HUGE_PAGES_ENV, "1").strip() == "0":
-        return 0
-    t0 = time.perf_counter()
-    done = huge_pages.collapse(kv_cache)
-    total = kv_cache.untyped_storage().nbytes()
-    logger.info("sparse_attn: KV cache storage of %.1f MiB: %.1f MiB moved to 2 MB pages in %.2f s (%s=0 skips this)",
-                total / 2**20, done / 2**20, time.perf_counter() - t0, HUGE_PAGES_ENV)
-    return done
+        return None
+    job = huge_pages.Background.start(kv_cache, on_done=_log_huge)
+    if job is not None:
+        HUGE_JOBS.append(job)
+    return job
+
+
+def _log_huge(job) -> None:
+    total = job.tensor.untyped_storage().nbytes()
+    huge = huge_pages.huge_bytes(job.tensor) or 0
+    logger.info("sparse_attn: KV cache storage of %.1f MiB: %.1f MiB in 2 MB pages after %.2f s in the background "
+                "(%s=0 skips this)", total / 2**20, min(huge, total) / 2**20, job.seconds, HUGE_PAGES_ENV)
 
 
 #: what `forward` did in this process: prefill requests served from their new K/V directly, those
