@@ -82,7 +82,9 @@ using sparse_attn_cpu::kPvAccVectors;
 using sparse_attn_cpu::kPvCols;
 using sparse_attn_cpu::pack_k_pairs_rows;
 using sparse_attn_cpu::Pacer;
+using sparse_attn_cpu::pacer_calls;
 using sparse_attn_cpu::pv_direct;
+using sparse_attn_cpu::pv_one_pass_dim;
 using sparse_attn_cpu::pv_rows_per_pass;
 using sparse_attn_cpu::qk_direct;
 using sparse_attn_cpu::with_chunks;
@@ -450,14 +452,12 @@ class Split {
     // per pass would read every V row twice: decode_bf16.h pv_direct_blocked)
     const int64_t cols = std::min<int64_t>(P.Dv, kPvCols), rows = pv_rows_per_pass(cols);
 #ifdef SPARSE_ATTN_PV_DIRECT_BLOCKED
-    const bool blocked = kDot && S.w.direct && (P.Dv == 128 || P.Dv == 256) && cnt > rows;
+    const bool blocked = kDot && S.w.direct && pv_one_pass_dim(P.Dv) && cnt > rows;
 #else
     const bool blocked = false;  // Arm: the passes of decode_bf16_neon.h
 #endif
     Pacer<Rows> pace{nkr, nvr, next_nk, P.D * int64_t(sizeof(In)), P.Dv * int64_t(sizeof(In)),
-                     (nk + 15) / 16 * 8 * ((cnt + kDirectRows - 1) / kDirectRows) +
-                         (nk + 1) / 2 * (blocked ? (cnt + kDirectRows - 1) / kDirectRows
-                                                 : ((cnt + rows - 1) / rows) * ((P.Dv + cols - 1) / cols))};
+                     pacer_calls(nk, cnt, P.Dv, blocked)};
     const sparse_attn_cpu::Streamer<Rows> kahead{kr, P.D * int64_t(sizeof(In)), stream_},
         vahead{vr, P.Dv * int64_t(sizeof(In)), stream_};
     if constexpr (kDot) {  // scores: q . K^T over the segment's keys, scaled by scale * log2 e
@@ -644,11 +644,8 @@ class Split {
     // P . V over up to kDirectRows rows and all columns in one pass over the keys where passes of
     // `rows` rows would read every V row twice (int8: decode_int8.h pv_int8_blocked; fp8:
     // decode_bf16.h pv_direct_blocked)
-    const bool blocked = ((kInt8Dot && pv_int8_blocks(P.Dv)) || (kFp8Dot && (P.Dv == 128 || P.Dv == 256))) && cnt > rows;
-    Pacer<Rows> pace{nkr, nvr, next_nk, P.D, P.Dv,
-                     (nk + 15) / 16 * 8 * ((cnt + kDirectRows - 1) / kDirectRows) +
-                         (nk + 1) / 2 * (blocked ? (cnt + kDirectRows - 1) / kDirectRows
-                                                 : ((cnt + rows - 1) / rows) * ((P.Dv + cols - 1) / cols))};
+    const bool blocked = ((kInt8Dot && pv_int8_blocks(P.Dv)) || (kFp8Dot && pv_one_pass_dim(P.Dv))) && cnt > rows;
+    Pacer<Rows> pace{nkr, nvr, next_nk, P.D, P.Dv, pacer_calls(nk, cnt, P.Dv, blocked)};
     const Streamer<Rows> kahead{kr, P.D, stream_}, vahead{vr, P.Dv, stream_};  // one byte per code
 #ifdef SPARSE_ATTN_FP8_DOT
     const Fp8Words words;

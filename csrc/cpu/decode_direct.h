@@ -22,6 +22,21 @@ inline int64_t pv_rows_per_pass(int64_t cols) {
   return std::min<int64_t>(kDirectRows, kPvAccVectors * 16 / cols);
 }
 
+// head dims whose P . V can run over up to kDirectRows rows and all Dv columns in one pass over the
+// keys (decode_bf16.h pv_direct_blocked, decode_int8.h pv_int8_blocked), where passes of
+// pv_rows_per_pass rows would read every V row twice
+inline bool pv_one_pass_dim(int64_t dv) { return dv == 128 || dv == 256; }
+
+// the Pacer's steps over one segment of nk keys and cnt query rows: one per key pair of each q . K^T
+// pass (kDirectRows rows) and of each P . V pass (kDirectRows rows, all columns, where `one_pass`;
+// else pv_rows_per_pass rows x kPvCols columns)
+inline int64_t pacer_calls(int64_t nk, int64_t cnt, int64_t dv, bool one_pass) {
+  const int64_t cols = std::min<int64_t>(dv, kPvCols), rows = pv_rows_per_pass(cols);
+  const int64_t qk_passes = (cnt + kDirectRows - 1) / kDirectRows;
+  const int64_t pv_passes = one_pass ? qk_passes : (cnt + rows - 1) / rows * ((dv + cols - 1) / cols);
+  return (nk + 15) / 16 * 8 * qk_passes + (nk + 1) / 2 * pv_passes;
+}
+
 // dispatch a compile-time row count 1..kDirectRows
 template <typename F>
 inline void with_direct_rows(int64_t rg, F&& f) {

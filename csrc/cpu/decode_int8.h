@@ -296,7 +296,7 @@ inline float quantize_p16(const float* p, const float* sv, int64_t n, int16_t* c
 // of one pass: Dv 128 and 256); false where it is not built (Arm keeps its passes)
 inline bool pv_int8_blocks(int64_t dv) {
 #ifdef SPARSE_ATTN_INT8_PV_BLOCKED
-  return dv == 128 || dv == 256;
+  return pv_one_pass_dim(dv);
 #else
   (void)dv;
   return false;
