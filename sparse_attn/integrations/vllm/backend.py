@@ -78,6 +78,8 @@ def huge_pages_once(kv_cache: torch.Tensor):
     job = huge_pages.Background.start(kv_cache, on_done=_log_huge)
     if job is not None:
         HUGE_JOBS.append(job)
+        logger.info("sparse_attn: moving the KV cache storage of %.1f MiB into 2 MB pages in the background "
+                    "(%s=0 skips this)", kv_cache.untyped_storage().nbytes() / 2**20, HUGE_PAGES_ENV)
     return job
 
 
