@@ -336,16 +336,17 @@ def _forward_row(args, n: int, layers: int, dtype):
 # ------------------------------------------------------------------------------------------- chunk
 def chunk_bench(args):
     """One prefill chunk of `--chunk` queries ending at `n` keys, over one sequence's pages: vLLM's
-    `cpu_attention_with_kv_cache` vs the plugin's path (keys from the pages with `gather_keys`, then
-    `sparse_attn.attention`; the gather timed alone too). n == chunk is a first chunk: the plugin
+    `cpu_attention_with_kv_cache` vs the plugin's path (keys from the pages with `gather_keys` into
+    buffers reused from chunk to chunk, then `sparse_attn.attention`; the gather timed alone too). n == chunk is a first chunk: the plugin
     then reads the new K/V directly."""
     import torch
     from vllm import _custom_ops as ops
 
     import sparse_attn as sa
-    from sparse_attn.integrations.vllm.pages import gather_keys, split_pages
+    from sparse_attn.integrations.vllm.pages import Scratch, gather_keys, split_pages
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    scratch = Scratch()  # as the plugin gathers: into buffers reused from chunk to chunk
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.clock == "thread" and torch.get_num_threads() != 1:
@@ -368,7 +369,7 @@ def chunk_bench(args):
         new_v = gather_keys(ov, table[0], n - c, n).clone()
 
         def gather():
-            return gather_keys(ok, table[0], 0, n), gather_keys(ov, table[0], 0, n)
+            return gather_keys(ok, table[0], 0, n, scratch, 0), gather_keys(ov, table[0], 0, n, scratch, 1)
 
         def ours(pattern):
             def run():

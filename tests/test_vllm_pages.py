@@ -97,6 +97,30 @@ def test_write_and_gather():
             torch.testing.assert_close(sums[table[b, s]], want, rtol=1e-6, atol=1e-5)
 
 
+def test_gather_into_scratch():
+    """`gather_keys` with a `Scratch`: the same rows, a view of the scratch's buffer (reused, grown
+    when a longer sequence comes), K and V in their own slots; pages that do not flatten into
+    (page, head) blocks take the indexing path and give the same rows."""
+    from sparse_attn.integrations.vllm.pages import Scratch
+
+    lengths = [37, 5, 64]
+    kv, table, sums, ks, vs = _fill(lengths, hkv=2, d=8, page_size=16, num_pages=20, seed=2)
+    kp, vp = split_pages(kv)
+    sc = Scratch()
+    for b in [0, 1, 2, 0]:  # short after long: the buffer is reused, not shrunk
+        n = lengths[b]
+        for lo in (0, min(9, n)):
+            k = gather_keys(kp, table[b], lo, n, sc, 0)
+            v = gather_keys(vp, table[b], lo, n, sc, 1)
+            assert torch.equal(k, ks[b][:, :, lo:]) and torch.equal(v, vs[b][:, :, lo:])
+            assert k.untyped_storage().data_ptr() == sc.get(0, 1, kp.dtype).untyped_storage().data_ptr()
+            assert v.untyped_storage().data_ptr() != k.untyped_storage().data_ptr()
+    assert sc.get(0, 1, kp.dtype).numel() >= 2 * 64 * 8  # grown to the longest (4 pages of 16 rows, 2 heads)
+    odd = kp.transpose(0, 1).contiguous().transpose(0, 1)  # (pages, Hkv, ps, D) whose heads are outermost
+    for b, n in enumerate(lengths):
+        assert torch.equal(gather_keys(odd, table[b], 3 % n, n, sc, 0), ks[b][:, :, 3 % n:])
+
+
 def test_bad_kv_cache_shape():
     with pytest.raises(ValueError, match="kv_cache"):
         split_pages(torch.zeros(4, 2, 16, 7))

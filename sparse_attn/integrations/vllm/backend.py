@@ -43,7 +43,7 @@ from ...api.cache import plan_with_cache
 from ...api.functional import attention
 from ...cache import huge_pages
 from ...patterns import InfLLMv2, SlidingWindow, TopK
-from .pages import PagesCache, PageWindows, gather_keys, split_pages, write_pages
+from .pages import PagesCache, PageWindows, Scratch, gather_keys, split_pages, write_pages
 from .patterns import ENV, layer_pattern, page_size_for, parse_pattern
 
 #: vLLM looks the name up in `AttentionBackendEnum`: the member this backend stands in for
@@ -54,6 +54,7 @@ HUGE_PAGES_ENV = "SPARSE_ATTN_VLLM_HUGE_PAGES"
 
 logger = init_logger("vllm.sparse_attn")  # under "vllm": its handler prints INFO
 _huge_done: set = set()  # storage addresses already handled in this process (layers may share one)
+_GATHERED = Scratch()  # a later prefill chunk's K and V, gathered from the pages (every layer's in turn)
 HUGE_JOBS: list = []  # the background collapses `huge_pages_once` started in this process (benches report them)
 
 
@@ -311,8 +312,8 @@ class SparseAttnImpl(AttentionImpl[SparseAttnMetadata]):
                 v = value[a:b].transpose(0, 1)[None]
                 STATS["prefill_direct"] += 1
             else:
-                k = gather_keys(k_pages, m.block_table[i], lo, total)
-                v = gather_keys(v_pages, m.block_table[i], lo, total)
+                k = gather_keys(k_pages, m.block_table[i], lo, total, _GATHERED, 0)
+                v = gather_keys(v_pages, m.block_table[i], lo, total, _GATHERED, 1)
                 STATS["prefill_gathered"] += 1
                 STATS["rows_gathered"] += total - lo
             out = attention(q, k, v, self.pattern, **opts)
