@@ -595,10 +595,10 @@ def test_topk_selection_in_cpp_equals_the_pytorch_selection(b, hq, hkv, sq, sk, 
 
 def test_dense_float32_small_heads_key_block():
     """A Dense float32 forward at D <= 64 runs 128-key blocks (kernels.K_BLOCK_SMALL_F32: less
-    per-block work per score); bfloat16, D = 128 and training keep K_BLOCK. Exact either way:
-    lengths that are no multiple of either block, Sq < Sk, GQA."""
+    per-block work per score); bfloat16 (without AMX tiles: K_BLOCK_AMX with them), D = 128 and
+    training keep K_BLOCK. Exact either way: lengths that are no multiple of either block, Sq < Sk, GQA."""
     import oracle
-    from sparse_attn.backends.cpu.kernels import K_BLOCK, K_BLOCK_SMALL_F32
+    from sparse_attn.backends.cpu.kernels import K_BLOCK, K_BLOCK_AMX, K_BLOCK_SMALL_F32, amx_forward
     torch.manual_seed(0)
     q, k, v = torch.randn(1, 4, 300, 64), torch.randn(1, 2, 777, 64), torch.randn(1, 2, 777, 64)
     p = sa.plan(q, k, v, sa.Dense(), backend="cpu")
@@ -610,4 +610,5 @@ def test_dense_float32_small_heads_key_block():
                    (q.clone().requires_grad_(), k)]:
         pp = sa.plan(qq, kk, kk, sa.Dense(), backend="cpu")
         assert pp.kernel.name == KERNEL, pp.explain()
-        assert pp.kernel.prepare(qq, kk, pp.problem).k_block == K_BLOCK
+        bf16_amx = qq.dtype == torch.bfloat16 and amx_forward()
+        assert pp.kernel.prepare(qq, kk, pp.problem).k_block == (K_BLOCK_AMX if bf16_amx else K_BLOCK)

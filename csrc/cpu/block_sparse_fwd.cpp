@@ -35,6 +35,7 @@
 #include "cpu/token_blocks.h"
 #include "cpu/vec.h"
 #include "cpu/vec_bf16.h"
+#include "cpu/gemm_amx.h"
 
 namespace sparse_attn_cpu {
 namespace {
@@ -68,6 +69,15 @@ inline void nonfinite_to_nan(float* s, int64_t n) {
   }
 #else
   for (int64_t i = 0; i < n; ++i) s[i] += s[i] - s[i];
+#endif
+}
+
+inline void scale_row(float* x, int64_t n, float mul) {
+#ifdef SPARSE_ATTN_VECTOR_TYPES
+  const vfloat vm = vsplat(mul);
+  for (int64_t i = 0; i < n; i += kVec) vstore(x + i, vload(x + i) * vm);
+#else
+  for (int64_t i = 0; i < n; ++i) x[i] *= mul;
 #endif
 }
 
@@ -128,21 +138,20 @@ inline float row_max_finite_or_nan(const float* x, int64_t n) {
 #define SPARSE_ATTN_FUSED_BF16_STORE 1
 // exp2_sub_sum (vec.h) writing the probabilities as bf16 pairs (floats_to_bf16_pairs' rounding)
 // to pw instead of back into x: one pass for what was four. n a multiple of 16. (AVX-512 BF16;
-// elsewhere the plain path converts the stored floats afterwards.)
-inline float exp2_sub_sum_finite_bf16(const float* x, int64_t n, float m, uint32_t* pw) {
+// elsewhere the plain path converts the stored floats afterwards.) 2^(mul * x - m): the AMX
+// products leave the scores unscaled (mul = scale * log2 e, one FMA); mul = 1 gives x - m's bits.
+inline float exp2_sub_sum_finite_bf16(const float* x, int64_t n, float m, uint32_t* pw, float mul = 1.f) {
   vfloat acc{};
-  const vfloat vm = vsplat(m);
+  const __m512 vm = _mm512_set1_ps(m), vmul = _mm512_set1_ps(mul);
   for (int64_t i = 0; i < n; i += kVec) {
     const vfloat v = vload(x + i);
-    const vfloat p = vexp2_nonpos(v - vm);
+    const vfloat p = vexp2_nonpos((vfloat)_mm512_fmsub_ps((__m512)v, vmul, vm));
     acc += p;
     __m512 pv;
     std::memcpy(&pv, &p, sizeof(pv));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(pw + i / 2), (__m256i)_mm512_cvtneps_pbh(pv));
   }
-  float s = 0.f;
-  for (int i = 0; i < kVec; ++i) s += acc[i];
-  return s;
+  return hsum(acc);  // exp2_sub_sum's reduction (a scalar loop here took ~25% of the AMX forward)
 }
 #endif
 
@@ -151,6 +160,34 @@ constexpr bool kHaveBf16Dot = true;
 #else
 constexpr bool kHaveBf16Dot = false;
 #endif
+
+// the bf16 products on AMX tiles (gemm_amx.h) for this call: built, granted by Linux, switched on
+inline bool use_amx() {
+#ifdef SPARSE_ATTN_AMX
+  return amx_active();
+#else
+  return false;
+#endif
+}
+
+// a worker thread's tiles: configured for gemm_amx on entry, released on exit (no tile state
+// outlives a call)
+struct TileScope {
+  const bool on;
+  explicit TileScope(bool on) : on(on) {
+#ifdef SPARSE_ATTN_AMX
+    if (on) {
+      const TileConfig c = gemm_tiles();
+      _tile_loadconfig(&c);
+    }
+#endif
+  }
+  ~TileScope() {
+#ifdef SPARSE_ATTN_AMX
+    if (on) _tile_release();
+#endif
+  }
+};
 
 struct Scratch {
   std::vector<float> q, o, s, kt, v, m, l, corr;
@@ -163,6 +200,9 @@ struct Scratch {
   // the probabilities as bf16 pairs
   std::vector<uint32_t> qw, kp, vp, pw;
   std::vector<const uint32_t*> qwp, qwp2, pwp;
+#ifdef SPARSE_ATTN_AMX
+  GemmAmxScratch ax;  // gemm_amx's copies and read-back
+#endif
 
   Scratch(const Params& P, bool bf16_dot) {
     const int64_t R = P.q_block * P.G, RC = std::min(R, kRowChunk);
@@ -201,8 +241,9 @@ class TaskRunner {
   // bfloat16 inputs use vdpbf16ps products (bf16 Q, K, V and probabilities, float32 sums)
   static constexpr bool kDot = DT == 1 && kHaveBf16Dot;
 
-  TaskRunner(const Params& P, const In* Q, const In* K, const In* V, OutT* O, float* L)
-      : P(P), Q(Q), K(K), V(V), O(O), L(L) {}
+  // amx: the bf16 products on tiles (use_amx(); the caller's thread has them configured, TileScope)
+  TaskRunner(const Params& P, const In* Q, const In* K, const In* V, OutT* O, float* L, bool amx = false)
+      : P(P), Q(Q), K(K), V(V), O(O), L(L), amx_(kDot && amx) {}
 
   void run(Scratch& S, int64_t b, int64_t h, int64_t i) {
     const int64_t p_lo = std::max((P.tile0 + i) * P.q_block, P.off);
@@ -363,8 +404,16 @@ class TaskRunner {
     // TopK's per-token blocks): the row's softmax in two reads of its scores, the bf16
     // probabilities written directly (the general path's arithmetic, below)
     const bool plain = !masked && nk == kbp && !(P.cap > 0.f);
+    // the scores' scale still to apply: 1, or scale * log2 e after the AMX products
+    const float smul = amx_ ? P.qmul : 1.f;
     for (int64_t c0 = 0; c0 < cnt; c0 += kRowChunk) {
       const int64_t rows = std::min(kRowChunk, cnt - c0);
+#ifdef SPARSE_ATTN_AMX
+      // unscaled (the tiles store them where they go); the plain path scales in its exponentials,
+      // the others below
+      if (kDot && amx_) gemm_amx<false>(rows, kbp, (P.D + 1) / 2, qwp + c0, S.kp.data(), kbp, sp, nullptr, 1.f, S.ax);
+      else
+#endif
 #ifdef SPARSE_ATTN_BF16_DOT
       if constexpr (kDot) gemm_bf16<false>(rows, kbp, (P.D + 1) / 2, qwp + c0, S.kp.data(), kbp, sp, nullptr, P.qmul);
       else
@@ -375,8 +424,9 @@ class TaskRunner {
         const int64_t st = rid[c0 + i];
         float m_blk;
         if (plain) {
-          m_blk = row_max_finite_or_nan(s, kbp);
+          m_blk = row_max_finite_or_nan(s, kbp) * smul;  // smul > 0: the scaled row's max (NaN kept)
         } else {
+          if (smul != 1.f) scale_row(s, kbp, smul);
           nonfinite_to_nan(s, kbp);
           if (P.cap > 0.f) softcap_row(s, kbp, P.cap);  // before the padding and the token rule's -inf
           for (int64_t c = nk; c < kbp; ++c) s[c] = kNegInf;
@@ -398,7 +448,7 @@ class TaskRunner {
         corr[i] = exp2_scalar(m_old - m_new);  // 0 on the row's first visible block
         float sum;
 #ifdef SPARSE_ATTN_FUSED_BF16_STORE
-        if (kDot && plain) sum = exp2_sub_sum_finite_bf16(s, kbp, m_new, S.pw.data() + i * kbp / 2);
+        if (kDot && plain) sum = exp2_sub_sum_finite_bf16(s, kbp, m_new, S.pw.data() + i * kbp / 2, smul);
         else
 #endif
           // (plain: m_new is NaN unless every score of the row is finite, row_max_finite_or_nan)
@@ -412,6 +462,12 @@ class TaskRunner {
         if (!plain)
 #endif
           for (int64_t i = 0; i < rows; ++i) floats_to_bf16_pairs(S.pw.data() + i * kbp / 2, sp[i], kbp);
+#ifdef SPARSE_ATTN_AMX
+        if (amx_) {
+          gemm_amx<true>(rows, P.Dv_pad, (nk + 1) / 2, S.pwp.data(), S.vp.data(), P.Dv_pad, op + c0, corr, 1.f, S.ax);
+          continue;
+        }
+#endif
         gemm_bf16<true>(rows, P.Dv_pad, (nk + 1) / 2, S.pwp.data(), S.vp.data(), P.Dv_pad, op + c0, corr);
         continue;
       }
@@ -438,6 +494,7 @@ class TaskRunner {
   OutT* O;
   float* L;
   int64_t p_lo_ = 0, loaded_ = -1;
+  const bool amx_;
   const float* vrows_ = nullptr;  // the loaded V block's rows (float32) and their stride
   int64_t vld_ = 0;
 };
@@ -448,11 +505,13 @@ void run_all(const Params& P, const void* q, const void* k, const void* v, OutT*
   const int64_t BH = P.B * P.Hkv, total = BH * P.M;
   std::atomic<int64_t> next{0};
   const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total));
+  const bool amx = TaskRunner<DT, OutT>::kDot && use_amx();
   at::parallel_for(0, nthreads, 1, [&](int64_t begin, int64_t end) {
     if (begin >= end) return;
+    TileScope tiles(amx);
     Scratch S(P, TaskRunner<DT, OutT>::kDot);
     TaskRunner<DT, OutT> runner(P, static_cast<const In*>(q), static_cast<const In*>(k), static_cast<const In*>(v),
-                                out, lse);
+                                out, lse, amx);
     for (;;) {
       const int64_t t = next.fetch_add(1);
       if (t >= total) break;
@@ -475,14 +534,16 @@ void run_varlen(const Params& P0, const std::vector<Params>& PS, const std::vect
   const int64_t total = static_cast<int64_t>(tasks.size());
   std::atomic<int64_t> next{0};
   const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total));
+  const bool amx = TaskRunner<DT, OutT>::kDot && use_amx();
   at::parallel_for(0, nthreads, 1, [&](int64_t begin, int64_t end) {
     if (begin >= end) return;
+    TileScope tiles(amx);
     Scratch S(P0, TaskRunner<DT, OutT>::kDot);
     for (int64_t t; (t = next.fetch_add(1)) < total;) {
       const auto& w = tasks[t];
       const Params& P = PS[w[0]];
       TaskRunner<DT, OutT> runner(P, Q + qoff[w[0]] * P.qst[2], K + koff[w[0]] * P.kst[2], V + koff[w[0]] * P.vst[2],
-                                  out + P.Hq * qoff[w[0]] * P.Dv, lse + P.Hq * qoff[w[0]]);
+                                  out + P.Hq * qoff[w[0]] * P.Dv, lse + P.Hq * qoff[w[0]], amx);
       runner.run(S, 0, w[1], w[2]);
     }
   });
@@ -697,6 +758,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sparse_attn CPU kernels";
   m.attr("vector_width") = sparse_attn_cpu::kVec;
   m.attr("bf16_dot") = sparse_attn_cpu::kHaveBf16Dot;  // bfloat16 products with vdpbf16ps
+#ifdef SPARSE_ATTN_AMX
+  m.attr("amx_built") = true;  // ... and on AMX tiles in the forward (gemm_amx.h)
+  m.def("set_amx", [](bool on) { sparse_attn_cpu::amx_switch().store(on ? 1 : 0); }, py::arg("on"),
+        "switch the forward's AMX tiles on or off (this module, process-wide; SPARSE_ATTN_CPU_AMX=0 starts off)");
+#else
+  m.attr("amx_built") = false;
+  m.def("set_amx", [](bool) {}, py::arg("on"), "no AMX tiles in this build: does nothing");
+#endif
+  m.def("amx_enabled", &sparse_attn_cpu::use_amx,
+        "whether the bfloat16 forward multiplies on AMX tiles now (built, permitted by Linux, switched on)");
   m.def("block_sparse_fwd", &block_sparse_fwd, "block-sparse flash attention forward over a BlockLayout -> (out, lse)",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("full_count"), py::arg("full_index"),
         py::arg("partial_count"), py::arg("partial_index"), py::arg("token_index"), py::arg("sq"), py::arg("sk"),

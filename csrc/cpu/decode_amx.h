@@ -31,50 +31,15 @@
 // in L2, ~30 against ~35 from L3, where both wait on memory (docs/kernel_guide.md).
 #pragma once
 
-#include "cpu/vec_bf16.h"
+#include "cpu/amx.h"
 
-#if defined(SPARSE_ATTN_BF16_DOT) && defined(__x86_64__) && defined(__linux__) && defined(__AMX_TILE__) && \
-    defined(__AMX_BF16__) && !defined(SPARSE_ATTN_NO_AMX)
-#define SPARSE_ATTN_AMX 1
-
-#include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
+#ifdef SPARSE_ATTN_AMX
 
 #include <algorithm>
-#include <atomic>
-#include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <memory>
 
 namespace sparse_attn_cpu {
-
-// whether Linux lets this process use the tiles (asked once; the answer holds for every thread)
-inline bool amx_permitted() {
-  static const bool ok = [] {
-    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;  // arch/x86/include/uapi/asm/prctl.h
-    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
-  }();
-  return ok;
-}
-
-// the run-time switch: SPARSE_ATTN_CPU_AMX=0 in the environment turns the tiles off; set_amx() too
-inline std::atomic<int>& amx_switch() {
-  static std::atomic<int> on{[] {
-    const char* e = std::getenv("SPARSE_ATTN_CPU_AMX");
-    return e != nullptr && std::strcmp(e, "0") == 0 ? 0 : 1;
-  }()};
-  return on;
-}
-inline bool amx_active() { return amx_switch().load(std::memory_order_relaxed) != 0 && amx_permitted(); }
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-  void set(int t, int r, int bytes) { rows[t] = uint8_t(r), colsb[t] = uint16_t(bytes); }
-};
 
 // q . K^T for r query rows: t0 scores C (16 keys x r), t1 a K chunk (A, 16 keys x 32 dims), t2-t5
 // the q chunks (B, 32 dims x r), resident over the segment

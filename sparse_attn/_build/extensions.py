@@ -12,7 +12,8 @@ EXTENSIONS = {
     "cpu": {
         "sources": ["cpu/block_sparse_fwd.cpp", "cpu/block_sparse_bwd.cpp", "cpu/topk_select.cpp"],
         "headers": ["cpu/vec.h", "cpu/vec_bf16.h", "cpu/scalar.h", "cpu/layout_check.h", "cpu/token_blocks.h",
-                    "cpu/huge_pages.h", "cpu/target_check.h", "cpu/vec_bf16_neon.h", "cpu/softcap.h", "cpu/prefetch.h"],
+                    "cpu/huge_pages.h", "cpu/target_check.h", "cpu/vec_bf16_neon.h", "cpu/softcap.h", "cpu/prefetch.h",
+                    "cpu/amx.h", "cpu/gemm_amx.h"],
         "cflags": ["-fopenmp"],
         "ldflags": ["-fopenmp"],
         # only in JIT builds, which run where they are built
@@ -21,7 +22,7 @@ EXTENSIONS = {
     "cpu_decode": {
         # topk_select.cpp: TopK's selection from a cache's block sums (topk_select_sums), beside the kernel
         "sources": ["cpu/decode.cpp", "cpu/decode_binding.cpp", "cpu/topk_select.cpp"],
-        "headers": ["cpu/scalar.h", "cpu/vec.h", "cpu/vec_bf16.h", "cpu/decode_bf16.h", "cpu/decode_amx.h", "cpu/decode_direct.h",
+        "headers": ["cpu/scalar.h", "cpu/vec.h", "cpu/vec_bf16.h", "cpu/decode_bf16.h", "cpu/amx.h", "cpu/decode_amx.h", "cpu/decode_direct.h",
                     "cpu/decode_int8.h", "cpu/decode_int8_neon.h", "cpu/decode_fp8.h", "cpu/decode_plan.h",
                     "cpu/decode_rows.h", "cpu/decode_f32.h", "cpu/decode_f32_avx512.h", "cpu/decode_softmax.h", "cpu/target_check.h",
                     "cpu/vec_bf16_neon.h", "cpu/decode_bf16_neon.h", "cpu/quant_rows.h", "cpu/decode_quant.h",

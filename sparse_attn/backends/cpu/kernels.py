@@ -42,13 +42,31 @@ def dense_q_block(group: int) -> int:
 #: 128 110.2 / 108.8 ms, 256 106.6 ms (one run); 128 keeps the score scratch (192 x 128 floats)
 #: small. Forward only: a layout that the backward also reads (training) keeps K_BLOCK.
 K_BLOCK_SMALL_F32 = 128
+#: key block of a Dense bfloat16 forward on AMX tiles (csrc/cpu/gemm_amx.h): the tiles make the
+#: products cheap, so the per-block row work weighs more. Measured (2026-12-05, 2-core Sapphire
+#: Rapids VM, 2 threads, Sq 4096, Hq 4, Hkv 2, D 64, best of 3, one process): Sk 4096 k_block 64
+#: 22.9 ms, 128 18.4, 256 21.8; Sk 32768: 271.2, 198.9, 210.4 ms.
+K_BLOCK_AMX = 128
+
+
+def amx_forward() -> bool:
+    """Whether the loaded build's bfloat16 forward multiplies on AMX tiles now (built, granted by
+    Linux, not switched off with SPARSE_ATTN_CPU_AMX=0 / `set_amx(False)`)."""
+    try:
+        ext = _ext()
+        return bool(getattr(ext, "amx_built", False)) and bool(ext.amx_enabled())
+    except Exception:  # noqa: BLE001 - unavailable: the scheduler lists the reason elsewhere
+        return False
 
 
 def dense_k_block(p) -> int | None:
     """The key block `prepare` asks for (None: cpu_layout's default, K_BLOCK)."""
-    small = p.head_dim <= 64 and p.v_head_dim <= 64 and p.dtype == torch.float32
-    if small and isinstance(p.pattern, Dense) and not p.requires_grad:
+    if not isinstance(p.pattern, Dense) or p.requires_grad:  # a layout the backward reads keeps K_BLOCK
+        return None
+    if p.head_dim <= 64 and p.v_head_dim <= 64 and p.dtype == torch.float32:
         return K_BLOCK_SMALL_F32
+    if p.dtype == torch.bfloat16 and p.head_dim <= 128 and p.v_head_dim <= 128 and amx_forward():
+        return K_BLOCK_AMX
     return None
 
 
@@ -205,6 +223,11 @@ class CpuBlockSparse(VarlenFlash, FlashKernel):
     #: (the micro-kernel alone: ~215; the rest is the float32 softmax and the packing), SDPA
     #: 71 (2026-11-23, 2-core Zen 4 EPYC)
     bf16_dot_efficiency = 0.6
+    #: the same peak's fraction where the forward multiplies on AMX tiles (csrc/cpu/gemm_amx.h;
+    #: the backward keeps vdpbf16ps): Dense causal Sq 4096 Hq 4 Hkv 2 D 64, 2 threads of a
+    #: Sapphire Rapids VM (2026-12-05): Sk 4096 8.6 GFLOP in 18.4 ms (1.1 of the nominal 422),
+    #: Sk 32768 129 GFLOP in ~200 ms (1.5); the vdpbf16ps path took 2.6-2.9x as long
+    amx_efficiency = 1.1
     #: training: the backward's time over the forward's. Two-pass schedule (dq pass: Q.K^T,
     #: dO.V^T, dS.K; dk/dv pass: K.Q^T, V.dO^T, P^T.dO, dS^T.Q = 7 products against the forward's
     #: 2, plus per-pair conversions of Q and dO): 2.8-3.9x (dense causal fp32 B=1 Hq=32 Hkv=8
@@ -239,11 +262,24 @@ class CpuBlockSparse(VarlenFlash, FlashKernel):
 
     def extra_reasons(self, p):
         why = super().extra_reasons(p)
+        if p.varlen and isinstance(p.pattern, (TopK, InfLLMv2)):
+            why.append("packed varlen: the per-token selection is per sequence (not implemented packed)")
         if isinstance(p.pattern, InfLLMv2):  # its selection is a second extension
             missing = infllmv2_unavailable()
             if missing:
                 why.append(f"InfLLMv2's C++ selection (cpu_infllmv2) is unavailable: {missing}")
         return why
+
+    def path_note(self, p) -> str:
+        """Which products the forward multiplies with (shown by `explain()`)."""
+        if p.dtype != torch.bfloat16:
+            return ""
+        if amx_forward():
+            return ("cpu.block_sparse: bfloat16 products on AMX tiles in the forward (csrc/cpu/gemm_amx.h; "
+                    "SPARSE_ATTN_CPU_AMX=0 turns them off), vdpbf16ps in the backward")
+        if self.bf16_dot():
+            return "cpu.block_sparse: bfloat16 dot products (vdpbf16ps / bfdot)"
+        return "cpu.block_sparse: bfloat16 converted to float32, float32 products"
 
     def bf16_dot(self) -> bool:
         """Whether the loaded build multiplies bfloat16 with vdpbf16ps (else it converts to float32)."""
@@ -283,7 +319,7 @@ class CpuBlockSparse(VarlenFlash, FlashKernel):
         else:
             tile_pairs, token_pairs = p.visited_pairs(), 0.0
             q_block = pat.block_size if isinstance(pat, BlockSparse) else dense_q_block(g)
-        eff = (self.bf16_dot_efficiency if lowp
+        eff = ((self.amx_efficiency if not p.requires_grad and amx_forward() else self.bf16_dot_efficiency) if lowp
                else self.efficiency_by_generation.get(p.device.generation, self.efficiency))
         compute = (roofline_seconds(p, flops=per_pair * tile_pairs, efficiency=eff, **prod)
                    + roofline_seconds(p, flops=per_pair * token_pairs, efficiency=eff * g / (g + 1), **prod))
@@ -314,10 +350,6 @@ class CpuBlockSparse(VarlenFlash, FlashKernel):
     # (sequence, kv head, query tile) tasks; needs Sq_i <= Sk_i (attention_varlen checks it)
     varlen_sq_above_sk = False
 
-    def extra_reasons(self, p):
-        if p.varlen and isinstance(p.pattern, (TopK, InfLLMv2)):
-            return ["packed varlen: the per-token selection is per sequence (not implemented packed)"]
-        return []
 
     def prepare_varlen(self, q, k, p):
         return cpu_varlen_layout(p.pattern, nseq=p.batch, kv_heads=k.shape[1], group=p.group, sk=p.sk)
