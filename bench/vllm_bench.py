@@ -396,7 +396,7 @@ def chunk_bench(args):
 
 
 # --------------------------------------------------------------------------------------------- e2e
-def _one_run(model, pattern, n, new_tokens, max_len, settle=False):
+def _one_run(model, pattern, n, new_tokens, max_len, settle=False, dtype="float32"):
     code = f"""
 import json, os, sys, time
 sys.path.insert(0, {os.path.join(ROOT, 'tests', 'vllm_serving')!r})
@@ -404,7 +404,7 @@ from generate import prompts
 def main():
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
-    llm = LLM(model={model!r}, max_model_len={max_len}, enforce_eager=True, dtype="float32", seed=0,
+    llm = LLM(model={model!r}, max_model_len={max_len}, enforce_eager=True, dtype={dtype!r}, seed=0,
               gpu_memory_utilization=0.3, enable_prefix_caching=False, disable_log_stats=False)
     p = [TokensPrompt(prompt_token_ids=prompts({n}, 1)[0])]
     settled = None
@@ -453,7 +453,7 @@ def e2e_bench(args):
         res = {p: [] for p in args.patterns}
         for _ in range(args.rounds):
             for p in args.patterns:
-                r = _one_run(model, p, n, args.new_tokens, n + args.new_tokens + 64, args.settle)
+                r = _one_run(model, p, n, args.new_tokens, n + args.new_tokens + 64, args.settle, args.dtype)
                 res[p].append(r)
                 st = r.get("stats") or {}
                 inside = (f", in the plugin: decode {st['decode_s']:.2f} s ({st['decode_calls']} calls), prefill "
@@ -465,7 +465,7 @@ def e2e_bench(args):
                 print(f"# run n={n} {p}: prefill {r['prefill_s']:.2f} s, decode {r['decode_tok_s']:.2f} tok/s "
                       f"({r['decode_s']:.2f} s){inside}, load {_load()}", flush=True)
         for p, runs in res.items():
-            row = {"n": n, "backend": p, "load": _load(),
+            row = {"n": n, "backend": p, "dtype": args.dtype, "load": _load(),
                    "prefill_s": statistics.median(r["prefill_s"] for r in runs),
                    "decode_tok_s": statistics.median(r["decode_tok_s"] for r in runs),
                    "runs": [[round(r["prefill_s"], 2), round(r["decode_tok_s"], 2)] for r in runs],
@@ -524,6 +524,8 @@ def main():
     e.add_argument("--lengths", type=int, nargs="+", default=[32768])
     e.add_argument("--patterns", nargs="+", default=["vllm", "dense", "topk:16"])
     e.add_argument("--new-tokens", type=int, default=32)
+    e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="the model's dtype in both engines (bfloat16: vLLM runs its AMX kernels where it has them)")
     e.add_argument("--rounds", type=int, default=2)
     e.add_argument("--settle", action="store_true",
                    help="time a server's later request: each engine first serves a short request and the plugin "

@@ -195,6 +195,15 @@ def test_bad_input(case):
             attention_with_cache(randn(2, 2, 1, 8), k)
 
 
+def _thp_mode() -> str:
+    """Linux's transparent huge page mode line ("always [madvise] never"), "" where there is none."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
 def test_cache_storage_advised_as_huge_pages():
     """CPU caches allocate their storage through cache/huge_pages.py: zeros of the right shape,
     and on Linux with THP not "never", a large tensor really gets the madvise (the call's return
@@ -207,12 +216,7 @@ def test_cache_storage_advised_as_huge_pages():
     assert t.shape == (2, 3, 5) and t.dtype == torch.bfloat16 and not t.any()
     assert huge_pages.advise_huge(torch.empty(1024)) is False  # under 4 MB: no advice
     big = torch.empty(3 << 20)  # 12 MB
-    thp = ""
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            thp = f.read()
-    except OSError:
-        pass
+    thp = _thp_mode()
     if not sys.platform.startswith("linux"):
         assert huge_pages.advise_huge(big) is False
     elif thp and "[never]" not in thp:  # (with THP "never" the call may succeed or not: unchecked)
@@ -266,11 +270,6 @@ def test_background_collapse_keeps_contents_while_written():
     assert torch.equal(rows[::7, 0], torch.arange(0, rows.shape[0], 7, dtype=torch.float32))
     assert torch.equal(y, before_y)
     assert huge_pages.Background.start(torch.randn(1000)) is None  # no whole 2 MB page
-    thp = ""
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            thp = f.read()
-    except OSError:
-        pass
+    thp = _thp_mode()
     if thp and "[never]" not in thp and huge_pages.collapse(torch.randn(3 << 20)) > 0:  # Linux collapses here
         assert huge_pages.huge_bytes(x) >= 32 << 20

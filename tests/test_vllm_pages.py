@@ -97,6 +97,28 @@ def test_write_and_gather():
             torch.testing.assert_close(sums[table[b, s]], want, rtol=1e-6, atol=1e-5)
 
 
+def test_few_rows_write_as_the_general_path():
+    """Decode steps (a few rows per call, written row by row, padding slots skipped, a page's sum
+    restarted at its row 0) leave the cache and the page sums as one call over all the rows does."""
+    from sparse_attn.integrations.vllm import pages as pg
+    g = torch.Generator().manual_seed(3)
+    hkv, d, ps, n = 2, 8, 16, 45
+    table = torch.randperm(12, generator=g)[:3]  # 45 rows in 3 shuffled pages
+    pos = torch.arange(n)
+    slots = table[pos // ps] * ps + pos % ps
+    k, v = torch.randn(n, hkv, d, generator=g).bfloat16(), torch.randn(n, hkv, d, generator=g).bfloat16()
+    kv_one, kv_steps = torch.zeros(12, hkv, ps, 2 * d).bfloat16(), torch.zeros(12, hkv, ps, 2 * d).bfloat16()
+    sums_one, sums_steps = torch.zeros(12, hkv, d), torch.full((12, hkv, d), 7.0)  # stale sums: restarted
+    assert n > pg._FEW_ROWS
+    write_pages(kv_one, k, v, slots, sums_one)
+    for a in range(0, n, 3):  # 3 rows and a padding slot per call
+        b = min(n, a + 3)
+        write_pages(kv_steps, torch.cat([k[a:b], k[:1]]), torch.cat([v[a:b], v[:1]]),
+                    torch.cat([slots[a:b], torch.tensor([-1])]), sums_steps)
+    assert torch.equal(kv_one, kv_steps)
+    torch.testing.assert_close(sums_steps[table], sums_one[table], rtol=1e-6, atol=1e-5)
+
+
 def test_gather_into_scratch():
     """`gather_keys` with a `Scratch`: the same rows, a view of the scratch's buffer (reused, grown
     when a longer sequence comes), K and V in their own slots; pages that do not flatten into

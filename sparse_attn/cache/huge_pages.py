@@ -24,12 +24,15 @@ idle priority, for storage in use whose owner should not wait (the vLLM plugin's
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import sys
 import threading
 import time
 
 import torch
+
+_log = logging.getLogger(__name__)
 
 _MADV_HUGEPAGE = 14  # <sys/mman.h> on Linux
 _MADV_COLLAPSE = 25  # Linux 6.1
@@ -134,8 +137,8 @@ class Background:
     def _run(cls):
         try:  # pid 0: this thread (Linux schedules threads)
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-        except (AttributeError, OSError):
-            pass
+        except (AttributeError, OSError) as e:  # it then competes with the caller's threads: say so
+            _log.warning("sparse_attn: the huge-page move runs at normal priority (SCHED_IDLE refused: %s)", e)
         f = _libc_madvise()
         while True:
             with cls._lock:
@@ -155,7 +158,7 @@ class Background:
                 try:
                     job.on_done(job)
                 except Exception:  # a log line must not end the thread with other storages queued
-                    pass
+                    _log.exception("sparse_attn: the huge-page move's on_done callback failed")
             job.tensor = None
             job.done.set()
 
