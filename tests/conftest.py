@@ -260,3 +260,72 @@ def shuffled_pages(k, v, page):
             kp[order[i, s], :, :z - a] = k[i, :, a:z]
             vp[order[i, s], :, :z - a] = v[i, :, a:z]
     return kp, vp, order
+
+
+# ----------------------------------------------------------------------------------------------
+# AMX tiles and the vector products they replace (test_cpu_decode_amx.py, test_cpu_prefill_amx.py)
+
+def amx_or_vector(ext, which: str):
+    """Generator for a fixture: the extension's bf16 products on AMX tiles ("amx") or its vector
+    products ("vector") for one test, the switch restored after; skips where that path is absent."""
+    if not ext.bf16_dot:
+        pytest.skip("no AVX-512 BF16 / Arm BF16 products in this build: bfloat16 runs in float32")
+    if which == "amx" and not ext.amx_built:
+        pytest.skip("this CPU / build has no AMX tiles")
+    before = ext.amx_enabled()
+    ext.set_amx(which == "amx")
+    if which == "amx" and not ext.amx_enabled():
+        ext.set_amx(before)
+        pytest.skip("Linux refused this process AMX tiles (arch_prctl)")
+    yield which
+    ext.set_amx(before)
+
+
+def amx_test_pattern(kind: str, b: int, hkv: int, sk: int, window: int):
+    """Dense, SlidingWindow(window, sinks=5), TopK(3) or a random 40% BlockSparse, 32-key blocks."""
+    import sparse_attn as sa
+    if kind == "dense":
+        return sa.Dense()
+    if kind == "window":
+        return sa.SlidingWindow(window, sinks=5)
+    if kind == "topk":
+        return sa.TopK(3, block_size=32)
+    nb = -(-sk // 32)
+    lay = torch.rand(b, hkv, nb, nb) < 0.4
+    lay[..., torch.arange(nb), torch.arange(nb)] = True
+    return sa.BlockSparse(lay, block_size=32)
+
+
+def assert_amx_env_switch(ext_expr: str) -> None:
+    """SPARSE_ATTN_CPU_AMX=0 in a new process's environment starts `ext_expr`'s tiles (Python code
+    naming the extension) off; =1 leaves them on wherever they are built."""
+    import subprocess
+
+    def state(value):
+        code = f"e = {ext_expr}; print(int(e.amx_built), int(e.amx_enabled()))"
+        env = dict(os.environ, SPARSE_ATTN_CPU_AMX=value)
+        res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-2000:]
+        return tuple(map(int, res.stdout.split()[-2:]))
+
+    built, enabled = state("0")
+    assert enabled == 0
+    assert state("1") == (built, built)
+
+
+def with_tiles_and_without(ext, run):
+    """[run() with the extension's AMX tiles on, run() with them off] (the switch restored after);
+    skips where either path is absent."""
+    if not (ext.bf16_dot and ext.amx_built):
+        pytest.skip("needs both the vdpbf16ps products and AMX tiles")
+    before = ext.amx_enabled()
+    outs = []
+    try:
+        for on in (True, False):
+            ext.set_amx(on)
+            if on and not ext.amx_enabled():
+                pytest.skip("Linux refused this process AMX tiles (arch_prctl)")
+            outs.append(run())
+    finally:
+        ext.set_amx(before)
+    return outs

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import os
 import platform
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import oracle
 import sparse_attn as sa
-from conftest import cpu_flags, make_qkv_for, shuffled_pages
+from conftest import (amx_or_vector, assert_amx_env_switch, amx_test_pattern, cpu_flags, make_qkv_for,
+                      shuffled_pages, with_tiles_and_without)
 
 if os.environ.get("SPARSE_ATTN_DISABLE_JIT") == "1":
     pytestmark = pytest.mark.skip(reason="SPARSE_ATTN_DISABLE_JIT=1: the C++ extension is not built")
@@ -33,31 +32,7 @@ def _mod():
 @pytest.fixture(params=["amx", "vector"])
 def products(request):
     """Run the case with the tiles on ("amx") or off ("vector"); the switch is restored after."""
-    ext = _mod()._ext()
-    if not ext.bf16_dot:
-        pytest.skip("no AVX-512 BF16 / Arm BF16 products in this build: bfloat16 decodes in float32")
-    if request.param == "amx" and not ext.amx_built:
-        pytest.skip("this CPU / build has no AMX tiles")
-    before = ext.amx_enabled()
-    ext.set_amx(request.param == "amx")
-    if request.param == "amx" and not ext.amx_enabled():
-        ext.set_amx(before)
-        pytest.skip("Linux refused this process AMX tiles (arch_prctl)")
-    yield request.param
-    ext.set_amx(before)
-
-
-def _pattern(kind, b, hkv, sk):
-    if kind == "dense":
-        return sa.Dense()
-    if kind == "window":
-        return sa.SlidingWindow(300, sinks=5)
-    if kind == "topk":
-        return sa.TopK(3, block_size=32)
-    nb = -(-sk // 32)
-    lay = torch.rand(b, hkv, nb, nb) < 0.4
-    lay[..., torch.arange(nb), torch.arange(nb)] = True
-    return sa.BlockSparse(lay, block_size=32)
+    yield from amx_or_vector(_mod()._ext(), request.param)
 
 
 CASES = [  # B, Hq, Hkv, Sq, Sk, D, Dv
@@ -74,7 +49,7 @@ CASES = [  # B, Hq, Hkv, Sq, Sk, D, Dv
 @pytest.mark.parametrize("kind", ["dense", "window", "topk", "blocksparse"])
 def test_against_float64(products, case, kind):
     b, hq, hkv, sq, sk, d, dv = case
-    pattern = _pattern(kind, b, hkv, sk)
+    pattern = amx_test_pattern(kind, b, hkv, sk, window=300)
     q, k, v = make_qkv_for(pattern, b, hq, hkv, sq, sk, d, dv, dtype=torch.bfloat16)
     scale = d ** -0.5
     out, _ = _mod().decode_forward(q, k, v, pattern, scale=scale)  # TopK: the contract's selection
@@ -91,20 +66,8 @@ def test_against_float64(products, case, kind):
 
 def test_tiles_and_vectors_agree_closely():
     """Both products over the same inputs: another order of float32 sums, not another result."""
-    ext = _mod()._ext()
-    if not (ext.bf16_dot and ext.amx_built):
-        pytest.skip("needs both the vdpbf16ps products and AMX tiles")
-    before = ext.amx_enabled()
     q, k, v = (torch.randn(1, h, n, 128).bfloat16() for h, n in ((32, 1), (8, 4096), (8, 4096)))
-    outs = []
-    try:
-        for on in (True, False):
-            ext.set_amx(on)
-            if on and not ext.amx_enabled():
-                pytest.skip("Linux refused this process AMX tiles (arch_prctl)")
-            outs.append(_mod().decode_forward(q, k, v, sa.Dense(), scale=128 ** -0.5))
-    finally:
-        ext.set_amx(before)
+    outs = with_tiles_and_without(_mod()._ext(), lambda: _mod().decode_forward(q, k, v, sa.Dense(), scale=128 ** -0.5))
     (o1, l1), (o2, l2) = outs
     assert not (torch.equal(l1, l2) and torch.equal(o1, o2))  # two different product paths really ran
     torch.testing.assert_close(l1, l2, rtol=0, atol=1e-4)
@@ -143,17 +106,7 @@ def test_amx_built_follows_the_cpu():
 
 def test_environment_switch_starts_off():
     """SPARSE_ATTN_CPU_AMX=0 in a process's environment: the tiles start off there."""
-    code = ("from sparse_attn.backends.cpu import decode as d; e = d._ext(); "
-            "print(int(e.amx_built), int(e.amx_enabled()))")
-    env = dict(os.environ, SPARSE_ATTN_CPU_AMX="0")
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-2000:]
-    built, enabled = map(int, res.stdout.split()[-2:])
-    assert enabled == 0
-    env["SPARSE_ATTN_CPU_AMX"] = "1"
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert res.stdout.split()[-2:] == [str(built), str(built)]
+    assert_amx_env_switch("__import__('sparse_attn.backends.cpu.decode', fromlist=['_ext'])._ext()")
 
 
 def test_explain_names_the_products(products):

@@ -10,15 +10,14 @@ On a CPU without AMX the "amx" cases are skipped and the vector path is still ch
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import oracle
 import sparse_attn as sa
-from conftest import make_qkv_for
+from conftest import (amx_or_vector, assert_amx_env_switch, amx_test_pattern, make_qkv_for,
+                      with_tiles_and_without)
 
 if os.environ.get("SPARSE_ATTN_DISABLE_JIT") == "1":
     pytestmark = pytest.mark.skip(reason="SPARSE_ATTN_DISABLE_JIT=1: the C++ extension is not built")
@@ -32,31 +31,7 @@ def _ext():
 @pytest.fixture(params=["amx", "vector"])
 def products(request):
     """Run the case with the tiles on ("amx") or off ("vector"); the switch is restored after."""
-    ext = _ext()
-    if not ext.bf16_dot:
-        pytest.skip("no AVX-512 BF16 / Arm BF16 products in this build: bfloat16 runs in float32")
-    if request.param == "amx" and not ext.amx_built:
-        pytest.skip("this CPU / build has no AMX tiles")
-    before = ext.amx_enabled()
-    ext.set_amx(request.param == "amx")
-    if request.param == "amx" and not ext.amx_enabled():
-        ext.set_amx(before)
-        pytest.skip("Linux refused this process AMX tiles (arch_prctl)")
-    yield request.param
-    ext.set_amx(before)
-
-
-def _pattern(kind, b, hkv, sk):
-    if kind == "dense":
-        return sa.Dense()
-    if kind == "window":
-        return sa.SlidingWindow(100, sinks=5)
-    if kind == "topk":
-        return sa.TopK(3, block_size=32)
-    nb = -(-sk // 32)
-    lay = torch.rand(b, hkv, nb, nb) < 0.4
-    lay[..., torch.arange(nb), torch.arange(nb)] = True
-    return sa.BlockSparse(lay, block_size=32)
+    yield from amx_or_vector(_ext(), request.param)
 
 
 CASES = [  # B, Hq, Hkv, Sq, Sk, D, Dv
@@ -78,7 +53,7 @@ def _check(out, q, k, v, pattern, **opts):
 @pytest.mark.parametrize("kind", ["dense", "window", "topk", "blocksparse"])
 def test_against_float64(products, case, kind):
     b, hq, hkv, sq, sk, d, dv = case
-    pattern = _pattern(kind, b, hkv, sk)
+    pattern = amx_test_pattern(kind, b, hkv, sk, window=100)
     q, k, v = make_qkv_for(pattern, b, hq, hkv, sq, sk, d, dv, dtype=torch.bfloat16)
     out = sa.attention(q, k, v, pattern, backend="cpu")
     _check(out, q, k, v, pattern)
@@ -118,37 +93,15 @@ def test_nonfinite_value_row(products):
 
 def test_tiles_and_vectors_agree_closely():
     """Both products over the same inputs: another order of float32 sums, not another result."""
-    ext = _ext()
-    if not (ext.bf16_dot and ext.amx_built):
-        pytest.skip("needs both the vdpbf16ps products and AMX tiles")
-    before = ext.amx_enabled()
     q, k, v = (torch.randn(1, h, n, 64).bfloat16() for h, n in ((4, 500), (2, 1500), (2, 1500)))
-    outs = []
-    try:
-        for on in (True, False):
-            ext.set_amx(on)
-            if on and not ext.amx_enabled():
-                pytest.skip("Linux refused this process AMX tiles (arch_prctl)")
-            outs.append(sa.attention(q, k, v, sa.Dense(), backend="cpu"))
-    finally:
-        ext.set_amx(before)
+    outs = with_tiles_and_without(_ext(), lambda: sa.attention(q, k, v, sa.Dense(), backend="cpu"))
     assert not torch.equal(outs[0], outs[1])  # two different product paths really ran
     torch.testing.assert_close(outs[0].float(), outs[1].float(), rtol=0, atol=2 ** -6)
 
 
 def test_environment_switch_starts_off():
     """SPARSE_ATTN_CPU_AMX=0 in a process's environment: the forward's tiles start off there."""
-    code = ("from sparse_attn.backends.cpu.kernels import _ext; e = _ext(); "
-            "print(int(e.amx_built), int(e.amx_enabled()))")
-    env = dict(os.environ, SPARSE_ATTN_CPU_AMX="0")
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-2000:]
-    built, enabled = map(int, res.stdout.split()[-2:])
-    assert enabled == 0
-    env["SPARSE_ATTN_CPU_AMX"] = "1"
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert res.stdout.split()[-2:] == [str(built), str(built)]
+    assert_amx_env_switch("__import__('sparse_attn.backends.cpu.kernels', fromlist=['_ext'])._ext()")
 
 
 def test_explain_names_the_products(products):
