@@ -296,6 +296,26 @@ def amx_test_pattern(kind: str, b: int, hkv: int, sk: int, window: int):
     return sa.BlockSparse(lay, block_size=32)
 
 
+def assert_amx_built_follows_the_cpu(ext) -> None:
+    """A native JIT build (-march=native) has the extension's tiles exactly where the CPU has
+    AMX-TILE and AMX-BF16 (with AVX-512 BF16) on Linux x86-64; its switch turns them off and on."""
+    import platform
+    flags = cpu_flags()
+    if (not flags or ext.__name__.startswith("sparse_attn._ext_") or platform.machine() != "x86_64"
+            or os.environ.get("SPARSE_ATTN_CPU_TARGET", "").strip()):
+        pytest.skip("no /proc/cpuinfo, an ahead-of-time build, a JIT build for another target "
+                    "(SPARSE_ATTN_CPU_TARGET), or not x86-64")
+    assert bool(ext.amx_built) == ({"amx_tile", "amx_bf16", "avx512_bf16", "avx512bw"} <= flags)
+    before = ext.amx_enabled()
+    try:
+        ext.set_amx(False)
+        assert ext.amx_enabled() is False
+        ext.set_amx(True)
+        assert ext.amx_enabled() == bool(ext.amx_built)  # Linux >= 5.16 grants the tiles
+    finally:
+        ext.set_amx(before)
+
+
 def assert_amx_env_switch(ext_expr: str) -> None:
     """SPARSE_ATTN_CPU_AMX=0 in a new process's environment starts `ext_expr`'s tiles (Python code
     naming the extension) off; =1 leaves them on wherever they are built."""

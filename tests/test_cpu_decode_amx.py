@@ -10,15 +10,14 @@ On a CPU without AMX the "amx" cases are skipped and the vector path is still ch
 from __future__ import annotations
 
 import os
-import platform
 
 import pytest
 import torch
 
 import oracle
 import sparse_attn as sa
-from conftest import (amx_or_vector, assert_amx_env_switch, amx_test_pattern, cpu_flags, make_qkv_for,
-                      shuffled_pages, with_tiles_and_without)
+from conftest import (amx_or_vector, amx_test_pattern, assert_amx_built_follows_the_cpu, assert_amx_env_switch,
+                      make_qkv_for, shuffled_pages, with_tiles_and_without)
 
 if os.environ.get("SPARSE_ATTN_DISABLE_JIT") == "1":
     pytestmark = pytest.mark.skip(reason="SPARSE_ATTN_DISABLE_JIT=1: the C++ extension is not built")
@@ -87,21 +86,8 @@ def test_nonfinite_value_row(products):
 
 
 def test_amx_built_follows_the_cpu():
-    """The JIT build (-march=native) has the tiles exactly where the CPU has AMX-TILE and AMX-BF16
-    (with AVX-512 BF16) on Linux x86-64; the switch turns them off and on."""
-    ext = _mod()._ext()
-    flags = cpu_flags()
-    if not flags or ext.__name__.startswith("sparse_attn._ext_") or platform.machine() != "x86_64":
-        pytest.skip("no /proc/cpuinfo, an ahead-of-time build, or not x86-64")
-    assert bool(ext.amx_built) == ({"amx_tile", "amx_bf16", "avx512_bf16", "avx512bw"} <= flags)
-    before = ext.amx_enabled()
-    try:
-        ext.set_amx(False)
-        assert ext.amx_enabled() is False
-        ext.set_amx(True)
-        assert ext.amx_enabled() == bool(ext.amx_built)  # Linux >= 5.16 grants the tiles
-    finally:
-        ext.set_amx(before)
+    """The decode extension's tiles: built exactly where the CPU has them, the switch works."""
+    assert_amx_built_follows_the_cpu(_mod()._ext())
 
 
 def test_environment_switch_starts_off():

@@ -16,8 +16,8 @@ import torch
 
 import oracle
 import sparse_attn as sa
-from conftest import (amx_or_vector, assert_amx_env_switch, amx_test_pattern, make_qkv_for,
-                      with_tiles_and_without)
+from conftest import (amx_or_vector, amx_test_pattern, assert_amx_built_follows_the_cpu, assert_amx_env_switch,
+                      make_qkv_for, with_tiles_and_without)
 
 if os.environ.get("SPARSE_ATTN_DISABLE_JIT") == "1":
     pytestmark = pytest.mark.skip(reason="SPARSE_ATTN_DISABLE_JIT=1: the C++ extension is not built")
@@ -97,6 +97,11 @@ def test_tiles_and_vectors_agree_closely():
     outs = with_tiles_and_without(_ext(), lambda: sa.attention(q, k, v, sa.Dense(), backend="cpu"))
     assert not torch.equal(outs[0], outs[1])  # two different product paths really ran
     torch.testing.assert_close(outs[0].float(), outs[1].float(), rtol=0, atol=2 ** -6)
+
+
+def test_amx_built_follows_the_cpu():
+    """The forward's extension ("cpu"): tiles built exactly where the CPU has them, the switch works."""
+    assert_amx_built_follows_the_cpu(_ext())
 
 
 def test_environment_switch_starts_off():
