@@ -30,8 +30,17 @@ def _mod():
 
 @pytest.fixture(params=["amx", "vector"])
 def products(request):
-    """Run the case with the tiles on ("amx") or off ("vector"); the switch is restored after."""
-    yield from amx_or_vector(_mod()._ext(), request.param)
+    """Run the case with the tiles on ("amx", every shape: one query row per kv head up) or off
+    ("vector"); the switch and the threshold are restored after."""
+    ext = _mod()._ext()
+    before = ext.amx_min_rows()
+    if request.param == "amx" and ext.amx_built:
+        ext.set_amx_min_rows(1)
+    try:
+        yield from amx_or_vector(ext, request.param)
+    finally:
+        if ext.amx_built:
+            ext.set_amx_min_rows(before)
 
 
 CASES = [  # B, Hq, Hkv, Sq, Sk, D, Dv
@@ -71,6 +80,41 @@ def test_tiles_and_vectors_agree_closely():
     assert not (torch.equal(l1, l2) and torch.equal(o1, o2))  # two different product paths really ran
     torch.testing.assert_close(l1, l2, rtol=0, atol=1e-4)
     torch.testing.assert_close(o1.float(), o2.float(), rtol=0, atol=2 ** -7)
+
+
+def test_tiles_from_four_rows_per_kv_head():
+    """By default the tiles serve 4 or more query rows per (batch, kv head) only (fewer measured
+    slower than vdpbf16ps): two rows get the vector products' exact bits and explain() says why;
+    `set_amx_min_rows` moves the threshold and refuses less than one row."""
+    ext = _mod()._ext()
+    if not (ext.bf16_dot and ext.amx_built):
+        pytest.skip("needs both the vdpbf16ps products and AMX tiles")
+    assert ext.amx_min_rows() == 4
+    with pytest.raises(ValueError, match="rows"):
+        ext.set_amx_min_rows(0)
+    # D 128 (at D 64 the two products happened to sum in the same order: the same bits)
+    q2, k, v = make_qkv_for(sa.Dense(), 1, 4, 2, 1, 777, 128, dtype=torch.bfloat16)  # 2 rows per kv head
+    q4 = torch.randn(1, 8, 1, 128).bfloat16()  # 4 rows
+    run2 = lambda: _mod().decode_forward(q2, k, v, sa.Dense(), scale=0.09)  # (out, lse)
+    run4 = lambda: _mod().decode_forward(q4, k, v, sa.Dense(), scale=0.09)
+    same = lambda a, b: torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    auto2, vec2 = with_tiles_and_without(ext, run2)
+    assert same(auto2, vec2)
+    auto4, vec4 = with_tiles_and_without(ext, run4)
+    assert not same(auto4, vec4)
+    note = sa.plan(q2, k, v, sa.Dense(), backend="cpu").explain()
+    if ext.amx_enabled():
+        assert "AMX tiles from 4 query rows per kv head; this call has 2" in note
+        assert "AMX tiles (csrc/cpu/decode_amx.h" in sa.plan(q4, k, v, sa.Dense(), backend="cpu").explain()
+    try:
+        ext.set_amx_min_rows(1)
+        tiles2, _ = with_tiles_and_without(ext, run2)
+        assert not same(tiles2, vec2)
+        ref = sa.attention(q2.double(), k.double(), v.double(), sa.Dense(), scale=0.09, backend="reference")
+        oracle.assert_close_contract(tiles2[0], ref, dtype=torch.bfloat16, device="cpu",
+                                     lowp_baseline=oracle.masked_attention_in_dtype(q2, k, v, sa.Dense(), scale=0.09))
+    finally:
+        ext.set_amx_min_rows(4)
 
 
 def test_nonfinite_value_row(products):

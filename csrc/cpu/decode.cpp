@@ -112,6 +112,23 @@ constexpr int64_t kPrefetchAhead = 2;  // the packed bf16 path's software prefet
 // ahead (Streamer: a contiguous run, or a paged run through its padded row table)
 enum class Fetch { none, pace, stream };
 
+#ifdef SPARSE_ATTN_AMX
+// Tiles pay for R >= 4 query rows per (batch, kv head) only: with one or two rows the scores' C
+// tile is 1-2 columns wide and P . V wastes most of the unit, while vdpbf16ps's loop is as short.
+// Measured (2-core Sapphire Rapids VM, 2 threads, bf16 paged cache, 64-key pages, tiles / vectors
+// time, cache warm in L3 | read from DRAM): R 1 (Hq 8 Hkv 8 D 128, 16K keys) 1.24 | 1.04;
+// R 2 (Hq 4 Hkv 2 D 64, 32K) 1.08 | 1.06, at 8K 0.92 | 1.03; R 4 (Hq 32 Hkv 8 D 128) 0.94 | 0.95;
+// R 4 (Hq 8 Hkv 2 D 64) 0.87 | 1.00; R 8 (Hq 16 Hkv 2 D 128) 0.56 | 0.69 (docs/kernel_guide.md 8a).
+constexpr int64_t kAmxMinRows = 4;
+std::atomic<int64_t>& amx_min_rows_ref() {
+  static std::atomic<int64_t> rows{kAmxMinRows};
+  return rows;
+}
+bool amx_rows(int64_t R) {
+  return R >= amx_min_rows_ref().load(std::memory_order_relaxed) && sparse_attn_cpu::amx_active();
+}
+#endif
+
 // bf16 dot-product path (bfloat16 on AVX-512 BF16): q rows as bf16 words (unscaled), the segment's
 // K pair-packed (transposed) and V pair-packed (rows interleaved), P as bf16 pairs, and the output
 // accumulators with rows padded to a multiple of 16 columns (ob); products by vec_bf16.h's
@@ -140,7 +157,7 @@ struct DotScratch {
     Dw = (P.D + 1) / 2, Dvp = (P.Dv + 15) / 16 * 16;
     direct = direct_path(P);
 #ifdef SPARSE_ATTN_AMX
-    amx = direct && sparse_attn_cpu::amx_active();
+    amx = direct && amx_rows(P.R);
 #endif
     zero.assign(Dvp, 0);
     qw.assign(P.R * Dw, 0u);
@@ -879,8 +896,11 @@ std::string decode_products(int dtype, int kv_dtype, int64_t R, int64_t D, int64
   if (!float_products(dtype, kv_dtype)) {
     if (!direct) return "bfloat16 dot products on packed K/V (head dims other than 32 / 64 / 128 / 256)";
 #ifdef SPARSE_ATTN_AMX
-    if (sparse_attn_cpu::amx_active())
+    if (amx_rows(R))
       return "bfloat16 products on AMX tiles (csrc/cpu/decode_amx.h; SPARSE_ATTN_CPU_AMX=0 turns them off)";
+    if (sparse_attn_cpu::amx_active())
+      return "bfloat16 dot products from the rows (AMX tiles from " + std::to_string(amx_min_rows()) +
+             " query rows per kv head; this call has " + std::to_string(R) + ")";
     return "bfloat16 dot products from the rows (AMX tiles switched off or refused)";
 #else
     return "bfloat16 dot products from the rows";
@@ -894,10 +914,14 @@ bool bf16_dot_enabled() { return kHaveBf16Dot; }
 bool amx_built() { return true; }
 bool amx_enabled() { return sparse_attn_cpu::amx_active(); }
 void set_amx(bool on) { sparse_attn_cpu::amx_switch().store(on ? 1 : 0); }
+int64_t amx_min_rows() { return amx_min_rows_ref().load(); }
+void set_amx_min_rows(int64_t rows) { amx_min_rows_ref().store(rows); }
 #else
 bool amx_built() { return false; }
 bool amx_enabled() { return false; }
 void set_amx(bool) {}
+int64_t amx_min_rows() { return 0; }
+void set_amx_min_rows(int64_t) {}
 #endif
 bool int8_dot_enabled() { return kHaveInt8Dot; }
 bool fp8_dot_enabled() { return kHaveFp8Dot; }

@@ -389,6 +389,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("amx_enabled", &amx_enabled, "whether bf16 decode runs on AMX tiles now (built, permitted, switched on)");
   m.def("set_amx", &set_amx, py::arg("on"),
         "switch the AMX tiles on or off for bf16 decode (process-wide; SPARSE_ATTN_CPU_AMX=0 starts off)");
+  m.def("amx_min_rows", &amx_min_rows,
+        "query rows per (batch, kv head) from which bf16 decode uses the tiles (fewer: vdpbf16ps; 0 without AMX)");
+  m.def("set_amx_min_rows", [](int64_t rows) {
+          TORCH_CHECK_VALUE(rows >= 1, "set_amx_min_rows: rows must be >= 1, got ", rows);
+          set_amx_min_rows(rows);
+        }, py::arg("rows"), "set amx_min_rows() for the process (tests: 1 runs every shape on tiles)");
   m.def("stream_ahead", [] { return sparse_attn_cpu::stream_ahead_bytes().load(); },
         "bytes of a contiguous run's K / V rows asked for ahead of the products (0: off; stream_ahead.h)");
   m.def("set_stream_ahead", [](int64_t bytes) {

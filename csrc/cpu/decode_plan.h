@@ -114,6 +114,8 @@ bool bf16_dot_enabled();
 bool amx_built();         // decode_amx.h's tiles built in (AMX-TILE, AMX-BF16, Linux)
 bool amx_enabled();       // ... and in use now: built, permitted by the kernel, not switched off
 void set_amx(bool on);    // the run-time switch (SPARSE_ATTN_CPU_AMX=0 starts it off)
+int64_t amx_min_rows();   // query rows per (batch, kv head) from which decode uses the tiles
+void set_amx_min_rows(int64_t rows);  // (tests: 1 runs every shape on tiles)
 bool int8_dot_enabled();  // decode_int8.h's integer products built in
 bool fp8_dot_enabled();   // decode_fp8.h's path built in
 
