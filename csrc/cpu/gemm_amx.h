@@ -8,13 +8,15 @@
 // columns: four C tiles (t0-t3, 16 rows x 16 floats each), for each 16-word chunk of the inner
 // dimension two A loads (t4, t5), two B loads (t6, t7) and four tdpbf16ps, then the C tiles stored
 // to a scratch and added to the rows (`Accumulate`: c = rescale * c + A . B) or written scaled
-// (c = out_mul * A . B). (One B tile reloaded for every product ran ~4x below the tiles' rate:
-// each load waits for the product still reading the tile.)
+// (c = out_mul * A . B); a non-accumulating product with out_mul 1 into evenly spaced rows (the
+// scores) is stored by the tiles straight into its rows. (One B tile reloaded for every product
+// ran ~4x below the tiles' rate: each load waits for the product still reading the tile.)
 //
 // Operands that a tile cannot load where they sit go through a scratch: A rows that are not evenly
-// spaced (TopK's per-token rows), a group of fewer rows than its tiles, or an inner dimension that is not a multiple of
-// 16 words (D = 80; a block's last keys); the inner dimension's tail chunk of B is copied with zero
-// rows past its end, so words past KW (stale rows of an earlier block) are never multiplied.
+// spaced (TopK's per-token rows), a group of fewer rows than its tiles, or an inner dimension that
+// is not a multiple of 16 words (D = 80; a block's last keys); the inner dimension's tail chunk of
+// B is copied with zero rows past its end, so words past KW (stale rows of an earlier block) are
+// never multiplied.
 //
 // Products: bf16 x bf16 exact, summed in float32 (the order differs from vdpbf16ps's: other bits,
 // the same bounds; tests/test_cpu_prefill_amx.py checks both paths against the float64 oracle).
@@ -91,6 +93,16 @@ __attribute__((always_inline)) inline void products(int64_t KW, const uint32_t* 
   if constexpr (MT > 1 && NT > 1) _tile_stored(3, reinterpret_cast<char*>(cd + 16) + 16 * cs, cs);
 }
 
+// the distance between rows p[0], p[1], ... p[n - 1] (in elements) where they are evenly spaced
+// and ascending, else 0
+template <typename T>
+inline int64_t even_stride(T* const* p, int64_t n) {
+  const int64_t ld = n > 1 && p[1] > p[0] ? p[1] - p[0] : 0;
+  for (int64_t i = 2; i < n && ld != 0; ++i)
+    if (p[i] != p[0] + i * ld) return 0;
+  return ld;
+}
+
 }  // namespace amx_detail
 
 // C (rows x N floats, N a multiple of 16; rows by pointer) = [rescale *] C + A . B over KW words of
@@ -108,9 +120,8 @@ inline void gemm_amx(int64_t rows, int64_t N, int64_t KW, const uint32_t* const*
     const int64_t mrows = mr > 16 ? 32 : 16;  // rows the tiles compute
     const uint32_t* const* ar = a + r0;
     // A where it sits: the tile rows evenly spaced, whole 16-word chunks; else copied (zero padded)
-    bool even = mr == mrows && KW % 16 == 0 && ar[1] > ar[0];
-    const int64_t lda = even ? ar[1] - ar[0] : 0;
-    for (int64_t i = 2; i < mrows && even; ++i) even = ar[i] == ar[0] + i * lda;
+    const int64_t lda = mr == mrows && KW % 16 == 0 ? amx_detail::even_stride(ar, mrows) : 0;
+    const bool even = lda != 0;
     const uint32_t* ap = ar[0];
     int64_t as = 4 * lda;
     if (!even) {
@@ -123,9 +134,8 @@ inline void gemm_amx(int64_t rows, int64_t N, int64_t KW, const uint32_t* const*
       ap = dst, as = 4 * kwp;
     }
     // C where it goes: no rescale or scaling, the group's rows evenly spaced
-    bool direct = !Accumulate && out_mul == 1.f && mr == mrows && c[r0 + 1] > c[r0];
-    const int64_t ldc = direct ? c[r0 + 1] - c[r0] : 0;
-    for (int64_t i = 2; i < mrows && direct; ++i) direct = c[r0 + i] == c[r0] + i * ldc;
+    const int64_t ldc = !Accumulate && out_mul == 1.f && mr == mrows ? amx_detail::even_stride(c + r0, mrows) : 0;
+    const bool direct = ldc != 0;
     for (int64_t n0 = 0; n0 < N; n0 += 32) {
       const int nt = N - n0 >= 32 ? 2 : 1;
       float* cd = direct ? c[r0] + n0 : x.c;
@@ -143,10 +153,13 @@ inline void gemm_amx(int64_t rows, int64_t N, int64_t KW, const uint32_t* const*
         const float* src = x.c + 32 * i;
         if constexpr (Accumulate) {
           const __m512 s = _mm512_set1_ps(rescale != nullptr ? rescale[r0 + i] : 1.f);
-          for (int t = 0; t < nt; ++t)
-            _mm512_storeu_ps(dst + 16 * t, _mm512_fmadd_ps(s, _mm512_loadu_ps(dst + 16 * t), _mm512_loadu_ps(src + 16 * t)));
+          for (int t = 0; t < nt; ++t) {
+            const __m512 old = _mm512_loadu_ps(dst + 16 * t);
+            _mm512_storeu_ps(dst + 16 * t, _mm512_fmadd_ps(s, old, _mm512_loadu_ps(src + 16 * t)));
+          }
         } else {
-          for (int t = 0; t < nt; ++t) _mm512_storeu_ps(dst + 16 * t, _mm512_mul_ps(vmul, _mm512_loadu_ps(src + 16 * t)));
+          for (int t = 0; t < nt; ++t)
+            _mm512_storeu_ps(dst + 16 * t, _mm512_mul_ps(vmul, _mm512_loadu_ps(src + 16 * t)));
         }
       }
     }
