@@ -1,0 +1,85 @@
+"""The bfloat16 forward of cpu.block_sparse packs each key block's K / V once per call where the
+layout visits it from several query tiles (`Prepacked` in csrc/cpu/block_sparse_fwd.cpp), in waves
+of (batch, kv head) pairs under a byte budget (`set_prepack_bytes` on the "cpu" extension; 0: each
+task packs its own blocks). The three ways -- one wave, one pair per wave, per task -- must give
+the same bits, on the tiles and on the vector products, for lengths that end inside a block (the
+last block's padding), Dv != D (V's padding columns), D 80, GQA, Sq < Sk, B > 1 and strided K / V;
+one of them is checked against the float64 evaluation of the contract.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import oracle
+import sparse_attn as sa
+from conftest import amx_or_vector, amx_test_pattern, make_qkv_for
+
+if os.environ.get("SPARSE_ATTN_DISABLE_JIT") == "1":
+    pytestmark = pytest.mark.skip(reason="SPARSE_ATTN_DISABLE_JIT=1: the C++ extension is not built")
+
+
+def _ext():
+    from sparse_attn.backends.cpu.kernels import _ext as ext
+    return ext()
+
+
+@pytest.fixture(params=["amx", "vector"])
+def products(request):
+    """The tiles on ("amx") or off ("vector"); the switch and the packing budget restored after."""
+    ext = _ext()
+    budget = ext.prepack_bytes()
+    try:
+        yield from amx_or_vector(ext, request.param)
+    finally:
+        ext.set_prepack_bytes(budget)
+
+
+CASES = [  # B, Hq, Hkv, Sq, Sk, D, Dv
+    (1, 4, 2, 300, 300, 64, 64),     # square causal, the last block 44 keys
+    (2, 8, 2, 260, 1000, 128, 96),   # B 2, GQA 4, Sq < Sk, Dv 96
+    (1, 6, 3, 300, 513, 80, 80),     # D 80: 40 words per key
+    (1, 2, 2, 200, 333, 32, 40),     # MHA, D 32, Dv 40 (V rows padded to 48 columns)
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("kind", ["dense", "window", "blocksparse"])
+def test_packed_once_same_bits_as_per_task(products, case, kind):
+    b, hq, hkv, sq, sk, d, dv = case
+    pattern = amx_test_pattern(kind, b, hkv, sk, window=150)
+    q, k, v = make_qkv_for(pattern, b, hq, hkv, sq, sk, d, dv, dtype=torch.bfloat16)
+    ext = _ext()
+    outs = []
+    for budget in (256 << 20, 1, 0):  # one wave, one (batch, kv head) pair per wave, per task
+        ext.set_prepack_bytes(budget)
+        outs.append(sa.attention(q, k, v, pattern, backend="cpu"))
+    assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[2])
+    ref = sa.attention(q.double(), k.double(), v.double(), pattern, backend="reference")
+    oracle.assert_close_contract(outs[0], ref, dtype=torch.bfloat16, device="cpu",
+                                 lowp_baseline=oracle.masked_attention_in_dtype(q, k, v, pattern))
+
+
+def test_strided_keys_and_values(products):
+    """K / V as views of (B, S, H, D) tensors: packed from their strides, the same bits."""
+    q = torch.randn(1, 4, 270, 64).bfloat16()
+    k = torch.randn(1, 400, 2, 64).bfloat16().transpose(1, 2)
+    v = torch.randn(1, 400, 2, 64).bfloat16().transpose(1, 2)
+    ext = _ext()
+    outs = []
+    for budget in (256 << 20, 0):
+        ext.set_prepack_bytes(budget)
+        outs.append(sa.attention(q, k, v, sa.Dense(), backend="cpu"))
+    assert torch.equal(outs[0], outs[1])
+    ref = sa.attention(q.double(), k.double(), v.double(), sa.Dense(), backend="reference")
+    oracle.assert_close_contract(outs[0], ref, dtype=torch.bfloat16, device="cpu",
+                                 lowp_baseline=oracle.masked_attention_in_dtype(q, k, v, sa.Dense()))
+
+
+def test_budget_is_checked():
+    ext = _ext()
+    assert ext.prepack_bytes() >= 0
+    with pytest.raises(ValueError, match="bytes"):
+        ext.set_prepack_bytes(-1)
