@@ -1,10 +1,12 @@
-"""The bfloat16 forward of cpu.block_sparse packs each key block's K / V once per call where the
+"""The forward of cpu.block_sparse packs each key block's K / V once per call where the
 layout visits it from several query tiles (`Prepacked` in csrc/cpu/block_sparse_fwd.cpp), in waves
 of (batch, kv head) pairs under a byte budget (`set_prepack_bytes` on the "cpu" extension; 0: each
 task packs its own blocks). The three ways -- one wave, one pair per wave, per task -- must give
-the same bits, on the tiles and on the vector products, for lengths that end inside a block (the
-last block's padding), Dv != D (V's padding columns), D 80, GQA, Sq < Sk, B > 1 and strided K / V;
-one of them is checked against the float64 evaluation of the contract.
+the same bits: bfloat16 on the tiles and on the vector products (pair-packed K and V), float32
+(K transposed; V read in place where its rows fill whole vectors, else copied) and float16, for
+lengths that end inside a block (the last block's padding), Dv != D (V's padding columns), D 80,
+GQA, Sq < Sk, B > 1 and strided K / V; one of them is checked against the float64 evaluation of
+the contract.
 """
 from __future__ import annotations
 
@@ -59,6 +61,33 @@ def test_packed_once_same_bits_as_per_task(products, case, kind):
     assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[2])
     ref = sa.attention(q.double(), k.double(), v.double(), pattern, backend="reference")
     oracle.assert_close_contract(outs[0], ref, dtype=torch.bfloat16, device="cpu",
+                                 lowp_baseline=oracle.masked_attention_in_dtype(q, k, v, pattern))
+
+
+def _three_ways(q, k, v, pattern):
+    ext = _ext()
+    budget = ext.prepack_bytes()
+    try:
+        outs = []
+        for b in (256 << 20, 1, 0):
+            ext.set_prepack_bytes(b)
+            outs.append(sa.attention(q, k, v, pattern, backend="cpu"))
+    finally:
+        ext.set_prepack_bytes(budget)
+    return outs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("kind", ["dense", "blocksparse"])
+def test_float32_and_half_packed_once(dtype, case, kind):
+    b, hq, hkv, sq, sk, d, dv = case
+    pattern = amx_test_pattern(kind, b, hkv, sk, window=150)
+    q, k, v = make_qkv_for(pattern, b, hq, hkv, sq, sk, d, dv, dtype=dtype)
+    outs = _three_ways(q, k, v, pattern)
+    assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[2])
+    ref = sa.attention(q.double(), k.double(), v.double(), pattern, backend="reference")
+    oracle.assert_close_contract(outs[0], ref, dtype=dtype, device="cpu",
                                  lowp_baseline=oracle.masked_attention_in_dtype(q, k, v, pattern))
 
 

@@ -26,6 +26,8 @@
 #include <cmath>
 #include <cstdint>
 #include <memory>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "cpu/target_check.h"
@@ -252,11 +254,11 @@ struct Scratch {
   }
 };
 
-// The bf16 path's packed K / V blocks (load_block_bf16's layouts) of a range [bh0, bh1) of (batch,
-// kv head) pairs, made once per call where the layout visits each block from several query tiles
-// (run_all, prepack_pairs): packed per task and block instead, the packing took ~8% of a 4096-query
-// chunk at 16K-32K keys (Hq 4, Hkv 2, D 64, 2 threads, A/B in one process: 170 vs 156 ms with no
-// packing at all, 88 vs 82 ms at 16K).
+// The packed K / V blocks (load_block_bf16's or load_block_f32's layouts) of a range [bh0, bh1) of
+// (batch, kv head) pairs, made once per call where the layout visits each block from several query
+// tiles (run_all, prepack_pairs): packed per task and block instead, the bf16 packing took ~8% of a
+// 4096-query chunk at 16K-32K keys (Hq 4, Hkv 2, D 64, 2 threads, A/B in one process: 170 vs 156
+// ms with no packing at all, 88 vs 82 ms at 16K).
 struct Prepacked {
   std::unique_ptr<uint32_t[]> buf;  // nothing zero-filled: pack() writes every word a product reads
   int64_t bh0 = 0, bh1 = 0, kwords = 0, vwords = 0, per_pair = 0;
@@ -279,20 +281,35 @@ class TaskRunner {
   // read K / V blocks from `pre` where it holds them (bf16 path)
   void use(const Prepacked* pre) { pre_ = pre; }
 
-  // block n of (b, kv head h) packed into `pre`'s place for it (bf16 path; run_all)
+  // the words of one packed key block: K's, V's (0 where the float32 product reads V in place)
+  static std::pair<int64_t, int64_t> packed_words(const Params& P) {
+    if (kDot) return {(P.D + 1) / 2 * P.kb_pad, P.kb_pad / 2 * P.Dv_pad};
+    const bool in_place = DT == 0 && P.vst[3] == 1 && P.Dv == P.Dv_pad;
+    return {P.D * P.kb_pad, in_place ? 0 : P.kb_pad * P.Dv_pad};
+  }
+
+  // block n of (b, kv head h) packed into `pre`'s place for it (run_all), with zeros where the
+  // per-task scratch holds them: the last block's K columns past its keys, V past its keys and
+  // V's padding columns (Dv_pad > Dv)
   void pack(Prepacked& pre, int64_t b, int64_t h, int64_t n) {
     const int64_t j0 = n * P.k_block, nk = std::min(P.k_block, P.sk - j0);
     uint32_t* kp = pre.block(b * P.Hkv + h, n);
     uint32_t* vp = kp + pre.kwords;
-    load_block_bf16(kp, vp, K + b * P.kst[0] + h * P.kst[1] + j0 * P.kst[2],
-                    V + b * P.vst[0] + h * P.vst[1] + j0 * P.vst[2], nk);
-    // what the per-task scratch holds as zeros: the last block's K columns past its keys, the V
-    // pairs past them, and V's padding columns (Dv_pad > Dv)
-    const int64_t Dw = (P.D + 1) / 2, pairs = P.kb_pad / 2, used = (nk + 1) / 2;
-    if (nk < P.kb_pad)
-      for (int64_t w = 0; w < Dw; ++w) std::fill(kp + w * P.kb_pad + nk, kp + (w + 1) * P.kb_pad, 0u);
-    for (int64_t pr = 0; pr < pairs; ++pr)
-      std::fill(vp + pr * P.Dv_pad + (pr < used ? P.Dv : 0), vp + (pr + 1) * P.Dv_pad, 0u);
+    const In* kb = K + b * P.kst[0] + h * P.kst[1] + j0 * P.kst[2];
+    const In* vb = V + b * P.vst[0] + h * P.vst[1] + j0 * P.vst[2];
+    // K rows (words / floats per row of the packed block), V rows and their used count / width
+    int64_t krows, vrows, vused, vcols;
+    if constexpr (kDot) {
+      load_block_bf16(kp, vp, kb, vb, nk);
+      krows = (P.D + 1) / 2, vrows = P.kb_pad / 2, vused = (nk + 1) / 2, vcols = P.Dv;
+    } else {
+      load_block_f32(reinterpret_cast<float*>(kp), reinterpret_cast<float*>(vp), kb, vb, nk);
+      krows = P.D, vrows = pre.vwords > 0 ? P.kb_pad : 0, vused = nk, vcols = P.Dv;
+    }
+    if (nk < P.kb_pad)  // (0.0f and 0u share their bits)
+      for (int64_t w = 0; w < krows; ++w) std::fill(kp + w * P.kb_pad + nk, kp + (w + 1) * P.kb_pad, 0u);
+    for (int64_t r = 0; r < vrows; ++r)
+      std::fill(vp + r * P.Dv_pad + (r < vused ? vcols : 0), vp + (r + 1) * P.Dv_pad, 0u);
   }
 
   void run(Scratch& S, int64_t b, int64_t h, int64_t i) {
@@ -407,7 +424,23 @@ class TaskRunner {
       kp_ = S.kp.data(), vp_ = S.vp.data();
       return;
     }
-    float* kt = S.kt.data();
+    const int64_t bh = b * P.Hkv + h;
+    const bool in_place = DT == 0 && P.vst[3] == 1 && P.Dv == P.Dv_pad;
+    if (pre_ != nullptr && pre_->covers(bh)) {  // packed for the whole call (run_all)
+      kt_ = reinterpret_cast<const float*>(pre_->block(bh, n));
+      if (!in_place) vrows_ = kt_ + pre_->kwords, vld_ = P.Dv_pad;
+    } else {
+      load_block_f32(S.kt.data(), S.v.data(), kb, vb, nk);
+      kt_ = S.kt.data();
+      if (!in_place) vrows_ = S.v.data(), vld_ = P.Dv_pad;
+    }
+    // float32 rows that fill whole vectors: the P . V product reads the nk rows in place
+    if (in_place) vrows_ = reinterpret_cast<const float*>(vb), vld_ = P.vst[2];
+  }
+
+  // float32 path: K block -> kt (D x kb_pad, transposed), V block -> v (kb x Dv_pad) unless the
+  // product reads V's rows in place (float32, unit stride, Dv a whole number of vectors)
+  void load_block_f32(float* kt, float* v, const In* kb, const In* vb, int64_t nk) {
     const int64_t ld = P.kb_pad, ks2 = P.kst[2], ks3 = P.kst[3];
     if (DT == 0 && ks3 == 1) {
       // float32 rows of unit stride: 16 x 16 register transposes
@@ -422,13 +455,8 @@ class TaskRunner {
         }
       }
     }
-    if (DT == 0 && P.vst[3] == 1 && P.Dv == P.Dv_pad) {
-      // float32 rows that fill whole vectors: the P . V product reads the nk rows in place
-      vrows_ = reinterpret_cast<const float*>(vb), vld_ = P.vst[2];
-    } else {
-      for (int64_t c = 0; c < nk; ++c) load_row<DT>(S.v.data() + c * P.Dv_pad, vb + c * P.vst[2], P.Dv, P.vst[3], 1.f);
-      vrows_ = S.v.data(), vld_ = P.Dv_pad;
-    }
+    if (!(DT == 0 && P.vst[3] == 1 && P.Dv == P.Dv_pad))
+      for (int64_t c = 0; c < nk; ++c) load_row<DT>(v + c * P.Dv_pad, vb + c * P.vst[2], P.Dv, P.vst[3], 1.f);
   }
 
   // bf16 path: K block -> kp (word p of key c at [p][c]), V block -> vp (rows 2p, 2p + 1
@@ -474,7 +502,7 @@ class TaskRunner {
       if constexpr (kDot) gemm_bf16<false>(rows, kbp, (P.D + 1) / 2, qwp + c0, kp_, kbp, sp, nullptr, P.qmul);
       else
 #endif
-        gemm_rows<false>(rows, kbp, P.D, qp + c0, S.kt.data(), kbp, sp, nullptr);
+        gemm_rows<false>(rows, kbp, P.D, qp + c0, kt_, kbp, sp, nullptr);
 #ifdef SPARSE_ATTN_AMX
       if (amx_ && plain) plain_rows_16(S, sp, rid + c0, rows, kbp, smul, corr);
       else
@@ -587,6 +615,7 @@ class TaskRunner {
   const bool amx_;
   const Prepacked* pre_ = nullptr;  // K / V blocks packed for the call (run_all), or none
   const uint32_t *kp_ = nullptr, *vp_ = nullptr;  // the loaded block's packed K / V (bf16 path)
+  const float* kt_ = nullptr;  // the loaded K block, transposed (float32 path)
   const float* vrows_ = nullptr;  // the loaded V block's rows (float32) and their stride
   int64_t vld_ = 0;
 };
@@ -598,17 +627,16 @@ inline std::atomic<int64_t>& prepack_bytes() {
   return bytes;
 }
 
-// (batch, kv head) pairs run_all packs at once for the bf16 path, 0 for none: where the layout
-// visits each key block from at least two query tiles on average (Dense / SlidingWindow /
-// BlockSparse prefill; not TopK's per-token blocks, nor a single query tile), as many pairs as
+// (batch, kv head) pairs run_all packs at once (`bytes` each), 0 for none: where the layout visits
+// each key block from at least two query tiles on average (Dense / SlidingWindow / BlockSparse
+// prefill; not TopK's per-token blocks, nor a single query tile), as many pairs as
 // prepack_bytes() holds, at least one
-inline int64_t prepack_pairs(const Params& P) {
+inline int64_t prepack_pairs(const Params& P, int64_t bytes) {
   const int64_t budget = prepack_bytes().load(std::memory_order_relaxed);
   if (budget <= 0 || P.ti != nullptr || P.M < 2 || P.nb < 1) return 0;
   int64_t visits = 0;
   for (int64_t r = 0; r < P.lb * P.lh * P.M; ++r) visits += P.fc[r] + P.pc[r];
   if (visits < 2 * P.nb * P.lb * P.lh) return 0;
-  const int64_t bytes = 4 * P.nb * ((P.D + 1) / 2 * P.kb_pad + P.kb_pad / 2 * P.Dv_pad);
   return std::max<int64_t>(1, budget / std::max<int64_t>(bytes, 1));
 }
 
@@ -621,10 +649,10 @@ void run_all(const Params& P, const void* q, const void* k, const void* v, OutT*
   const bool amx = Runner::kDot && use_amx();
   // (batch, kv head) pairs whose K / V are packed at once (0: packed per task and block instead);
   // the pairs are served in waves of that many, each wave's blocks packed before its tasks run
-  const int64_t W = Runner::kDot ? prepack_pairs(P) : 0;
   Prepacked pre;
+  std::tie(pre.kwords, pre.vwords) = Runner::packed_words(P);
+  const int64_t W = prepack_pairs(P, 4 * P.nb * (pre.kwords + pre.vwords));
   if (W > 0) {
-    pre.kwords = (P.D + 1) / 2 * P.kb_pad, pre.vwords = P.kb_pad / 2 * P.Dv_pad;
     pre.per_pair = P.nb * (pre.kwords + pre.vwords);
     pre.buf.reset(new uint32_t[std::min(W, BH) * pre.per_pair]);
   }
@@ -904,7 +932,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_amx", [](bool) {}, py::arg("on"), "no AMX tiles in this build: does nothing");
 #endif
   m.def("prepack_bytes", [] { return sparse_attn_cpu::prepack_bytes().load(); },
-        "bytes of K / V the bfloat16 forward packs once per call for its tiles to share (0: each task packs its own)");
+        "bytes of K / V the forward packs once per call for its query tiles to share (0: each task packs its own)");
   m.def("set_prepack_bytes", [](int64_t bytes) {
           TORCH_CHECK_VALUE(bytes >= 0, "set_prepack_bytes: bytes must be >= 0, got ", bytes);
           sparse_attn_cpu::prepack_bytes().store(bytes);
