@@ -25,7 +25,6 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <memory>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -159,6 +158,30 @@ inline vfloat vexp2_nonpos_short(vfloat x) {
   return (vfloat)_mm512_scalef_ps(p, n);
 }
 
+// row_max_finite_or_nan over x[0, n) for any n (the last vector under a mask): a causal diagonal
+// block's row, whose keys past n are hidden (they are -inf in x and must not turn the row NaN)
+inline float prefix_max_finite_or_nan(const float* x, int64_t n) {
+  __m512 acc = _mm512_set1_ps(kNegInf), sum = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 v = _mm512_loadu_ps(x + i);
+    acc = _mm512_max_ps(acc, v), sum = _mm512_add_ps(sum, v);
+  }
+  if (i < n) {
+    const __mmask16 k = __mmask16((1u << (n - i)) - 1);
+    const __m512 v = _mm512_maskz_loadu_ps(k, x + i);
+    acc = _mm512_mask_max_ps(acc, k, acc, v), sum = _mm512_add_ps(sum, v);
+  }
+  if (std::isfinite(_mm512_reduce_add_ps(sum))) return _mm512_reduce_max_ps(acc);  // (max: any order)
+  float m = kNegInf;
+  bool nan = false;
+  for (int64_t j = 0; j < n; ++j) {
+    const float w = x[j] + (x[j] - x[j]);
+    m = std::max(m, w), nan = nan || w != w;
+  }
+  return nan ? std::numeric_limits<float>::quiet_NaN() : m;
+}
+
 template <bool Short = false>
 inline float exp2_sub_sum_finite_bf16(const float* x, int64_t n, float m, uint32_t* pw, float mul = 1.f) {
   vfloat acc{};
@@ -260,10 +283,17 @@ struct Scratch {
 // 4096-query chunk at 16K-32K keys (Hq 4, Hkv 2, D 64, 2 threads, A/B in one process: 170 vs 156
 // ms with no packing at all, 88 vs 82 ms at 16K).
 struct Prepacked {
-  std::unique_ptr<uint32_t[]> buf;  // nothing zero-filled: pack() writes every word a product reads
+  // in 2 MB pages where large (empty_huge: a fresh 64 MB buffer per call otherwise costs 16K page
+  // faults); not zero-filled: pack() writes every word a product reads
+  torch::Tensor store;
+  uint32_t* buf = nullptr;
   int64_t bh0 = 0, bh1 = 0, kwords = 0, vwords = 0, per_pair = 0;
+  void allocate(int64_t words) {
+    store = empty_huge({words}, torch::TensorOptions().dtype(torch::kInt32), false);
+    buf = reinterpret_cast<uint32_t*>(store.data_ptr<int32_t>());
+  }
   bool covers(int64_t bh) const { return buf != nullptr && bh >= bh0 && bh < bh1; }
-  uint32_t* block(int64_t bh, int64_t n) const { return buf.get() + (bh - bh0) * per_pair + n * (kwords + vwords); }
+  uint32_t* block(int64_t bh, int64_t n) const { return buf + (bh - bh0) * per_pair + n * (kwords + vwords); }
 };
 
 template <int DT, typename OutT>
@@ -278,7 +308,7 @@ class TaskRunner {
   TaskRunner(const Params& P, const In* Q, const In* K, const In* V, OutT* O, float* L, bool amx = false)
       : P(P), Q(Q), K(K), V(V), O(O), L(L), amx_(kDot && amx) {}
 
-  // read K / V blocks from `pre` where it holds them (bf16 path)
+  // read K / V blocks from `pre` where it holds them
   void use(const Prepacked* pre) { pre_ = pre; }
 
   // the words of one packed key block: K's, V's (0 where the float32 product reads V in place)
@@ -488,6 +518,10 @@ class TaskRunner {
     // TopK's per-token blocks): the row's softmax in two reads of its scores, the bf16
     // probabilities written directly (the general path's arithmetic, below)
     const bool plain = !masked && nk == kbp && !(P.cap > 0.f);
+    // a causal diagonal block (whole, no window, no soft-capping) whose every row sees at least its
+    // first key: on the tiles, the plain rows' arithmetic over each row's visible keys, the hidden
+    // ones set to -inf (their probabilities 0), where the masked path below takes five passes
+    const bool diag = amx_ && masked && P.causal && P.window < 0 && nk == kbp && !(P.cap > 0.f) && p_lo_ >= j0;
     // the scores' scale still to apply: 1, or scale * log2 e after the AMX products
     const float smul = amx_ ? P.qmul : 1.f;
     for (int64_t c0 = 0; c0 < cnt; c0 += kRowChunk) {
@@ -504,8 +538,16 @@ class TaskRunner {
 #endif
         gemm_rows<false>(rows, kbp, P.D, qp + c0, kt_, kbp, sp, nullptr);
 #ifdef SPARSE_ATTN_AMX
-      if (amx_ && plain) plain_rows_16(S, sp, rid + c0, rows, kbp, smul, corr);
-      else
+      if (amx_ && (plain || diag)) {
+        int32_t vis[kRowChunk];  // diag: each row's visible keys (a causal row sees j <= p)
+        if (diag)
+          for (int64_t i = 0; i < rows; ++i) {
+            const int64_t c = std::min(kbp, p_lo_ + rid[c0 + i] / P.G - j0 + 1);
+            vis[i] = static_cast<int32_t>(c);
+            std::fill(sp[i] + c, sp[i] + kbp, kNegInf);
+          }
+        plain_rows_16(S, sp, rid + c0, rows, kbp, smul, corr, diag ? vis : nullptr);
+      } else
 #endif
       for (int64_t i = 0; i < rows; ++i) {
         float* s = sp[i];
@@ -547,7 +589,7 @@ class TaskRunner {
 #ifdef SPARSE_ATTN_BF16_DOT
       if constexpr (kDot) {
 #ifdef SPARSE_ATTN_FUSED_BF16_STORE
-        if (!plain)
+        if (!plain && !diag)
 #endif
           for (int64_t i = 0; i < rows; ++i) floats_to_bf16_pairs(S.pw.data() + i * kbp / 2, sp[i], kbp);
 #ifdef SPARSE_ATTN_AMX
@@ -570,14 +612,19 @@ class TaskRunner {
   // exp2 and its neighbours took ~12% of the AMX forward), then each row's probabilities and sum
   // (the short exponential: 2.5-3.5% less time, A/B in one process). The same rules: NaN wins, a
   // first block's correction is 2^-inf = 0.
+  // vis: each row's visible keys (a causal diagonal block; the rest of the row is -inf), or nullptr
+  // for rows that see all kbp
   void plain_rows_16(Scratch& S, float* const* sp, const int32_t* rid, int64_t rows, int64_t kbp, float smul,
-                     float* corr) {
+                     float* corr, const int32_t* vis = nullptr) {
     alignas(64) float mo[16], mb[16], mn[16];
     for (int64_t i0 = 0; i0 < rows; i0 += 16) {
       const int64_t n = std::min<int64_t>(16, rows - i0);
       for (int64_t i = 0; i < 16; ++i) {
         mo[i] = i < n ? S.m[rid[i0 + i]] : 0.f;
-        mb[i] = i < n ? row_max_finite_or_nan(sp[i0 + i], kbp) * smul : 0.f;  // smul > 0: NaN kept
+        // smul > 0: NaN kept
+        if (i >= n) mb[i] = 0.f;
+        else if (vis != nullptr) mb[i] = prefix_max_finite_or_nan(sp[i0 + i], vis[i0 + i]) * smul;
+        else mb[i] = row_max_finite_or_nan(sp[i0 + i], kbp) * smul;
       }
       const __m512 o = _mm512_load_ps(mo), b = _mm512_load_ps(mb);
       const __m512 m = _mm512_mask_mov_ps(_mm512_max_ps(o, b), _mm512_cmp_ps_mask(o, b, _CMP_UNORD_Q),
@@ -654,7 +701,7 @@ void run_all(const Params& P, const void* q, const void* k, const void* v, OutT*
   const int64_t W = prepack_pairs(P, 4 * P.nb * (pre.kwords + pre.vwords));
   if (W > 0) {
     pre.per_pair = P.nb * (pre.kwords + pre.vwords);
-    pre.buf.reset(new uint32_t[std::min(W, BH) * pre.per_pair]);
+    pre.allocate(std::min(W, BH) * pre.per_pair);
   }
   for (int64_t bh0 = 0; bh0 < BH; bh0 += W > 0 ? W : BH) {
     const int64_t bh1 = W > 0 ? std::min(BH, bh0 + W) : BH, pairs = bh1 - bh0, total = pairs * P.M;
