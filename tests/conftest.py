@@ -265,6 +265,12 @@ def shuffled_pages(k, v, page):
 # ----------------------------------------------------------------------------------------------
 # AMX tiles and the vector products they replace (test_cpu_decode_amx.py, test_cpu_prefill_amx.py)
 
+def cpu_forward_ext():
+    """The "cpu" extension (cpu.block_sparse's forward and backward), built on first use."""
+    from sparse_attn.backends.cpu.kernels import _ext
+    return _ext()
+
+
 def amx_or_vector(ext, which: str):
     """Generator for a fixture: the extension's bf16 products on AMX tiles ("amx") or its vector
     products ("vector") for one test, the switch restored after; skips where that path is absent."""

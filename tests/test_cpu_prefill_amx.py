@@ -17,21 +17,16 @@ import torch
 import oracle
 import sparse_attn as sa
 from conftest import (amx_or_vector, amx_test_pattern, assert_amx_built_follows_the_cpu, assert_amx_env_switch,
-                      make_qkv_for, with_tiles_and_without)
+                      cpu_forward_ext, make_qkv_for, with_tiles_and_without)
 
 if os.environ.get("SPARSE_ATTN_DISABLE_JIT") == "1":
     pytestmark = pytest.mark.skip(reason="SPARSE_ATTN_DISABLE_JIT=1: the C++ extension is not built")
 
 
-def _ext():
-    from sparse_attn.backends.cpu.kernels import _ext as ext
-    return ext()
-
-
 @pytest.fixture(params=["amx", "vector"])
 def products(request):
     """Run the case with the tiles on ("amx") or off ("vector"); the switch is restored after."""
-    yield from amx_or_vector(_ext(), request.param)
+    yield from amx_or_vector(cpu_forward_ext(), request.param)
 
 
 CASES = [  # B, Hq, Hkv, Sq, Sk, D, Dv
@@ -94,14 +89,14 @@ def test_nonfinite_value_row(products):
 def test_tiles_and_vectors_agree_closely():
     """Both products over the same inputs: another order of float32 sums, not another result."""
     q, k, v = (torch.randn(1, h, n, 64).bfloat16() for h, n in ((4, 500), (2, 1500), (2, 1500)))
-    outs = with_tiles_and_without(_ext(), lambda: sa.attention(q, k, v, sa.Dense(), backend="cpu"))
+    outs = with_tiles_and_without(cpu_forward_ext(), lambda: sa.attention(q, k, v, sa.Dense(), backend="cpu"))
     assert not torch.equal(outs[0], outs[1])  # two different product paths really ran
     torch.testing.assert_close(outs[0].float(), outs[1].float(), rtol=0, atol=2 ** -6)
 
 
 def test_amx_built_follows_the_cpu():
     """The forward's extension ("cpu"): tiles built exactly where the CPU has them, the switch works."""
-    assert_amx_built_follows_the_cpu(_ext())
+    assert_amx_built_follows_the_cpu(cpu_forward_ext())
 
 
 def test_environment_switch_starts_off():

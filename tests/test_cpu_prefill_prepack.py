@@ -17,21 +17,16 @@ import torch
 
 import oracle
 import sparse_attn as sa
-from conftest import amx_or_vector, amx_test_pattern, make_qkv_for
+from conftest import amx_or_vector, amx_test_pattern, cpu_forward_ext, make_qkv_for
 
 if os.environ.get("SPARSE_ATTN_DISABLE_JIT") == "1":
     pytestmark = pytest.mark.skip(reason="SPARSE_ATTN_DISABLE_JIT=1: the C++ extension is not built")
 
 
-def _ext():
-    from sparse_attn.backends.cpu.kernels import _ext as ext
-    return ext()
-
-
 @pytest.fixture(params=["amx", "vector"])
 def products(request):
     """The tiles on ("amx") or off ("vector"); the switch and the packing budget restored after."""
-    ext = _ext()
+    ext = cpu_forward_ext()
     budget = ext.prepack_bytes()
     try:
         yield from amx_or_vector(ext, request.param)
@@ -53,7 +48,7 @@ def test_packed_once_same_bits_as_per_task(products, case, kind):
     b, hq, hkv, sq, sk, d, dv = case
     pattern = amx_test_pattern(kind, b, hkv, sk, window=150)
     q, k, v = make_qkv_for(pattern, b, hq, hkv, sq, sk, d, dv, dtype=torch.bfloat16)
-    ext = _ext()
+    ext = cpu_forward_ext()
     outs = []
     for budget in (256 << 20, 1, 0):  # one wave, one (batch, kv head) pair per wave, per task
         ext.set_prepack_bytes(budget)
@@ -65,7 +60,7 @@ def test_packed_once_same_bits_as_per_task(products, case, kind):
 
 
 def _three_ways(q, k, v, pattern):
-    ext = _ext()
+    ext = cpu_forward_ext()
     budget = ext.prepack_bytes()
     try:
         outs = []
@@ -96,7 +91,7 @@ def test_strided_keys_and_values(products):
     q = torch.randn(1, 4, 270, 64).bfloat16()
     k = torch.randn(1, 400, 2, 64).bfloat16().transpose(1, 2)
     v = torch.randn(1, 400, 2, 64).bfloat16().transpose(1, 2)
-    ext = _ext()
+    ext = cpu_forward_ext()
     outs = []
     for budget in (256 << 20, 0):
         ext.set_prepack_bytes(budget)
@@ -108,7 +103,7 @@ def test_strided_keys_and_values(products):
 
 
 def test_budget_is_checked():
-    ext = _ext()
+    ext = cpu_forward_ext()
     assert ext.prepack_bytes() >= 0
     with pytest.raises(ValueError, match="bytes"):
         ext.set_prepack_bytes(-1)

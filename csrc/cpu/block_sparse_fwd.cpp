@@ -101,6 +101,17 @@ inline float row_max_nan(const float* x, int64_t n) {
   return nan ? std::numeric_limits<float>::quiet_NaN() : m;
 }
 
+// the max of x[0, n) + (x - x): NaN if any x is not finite (the exact rule, one element at a time)
+inline float max_finite_or_nan_scalar(const float* x, int64_t n) {
+  float m = kNegInf;
+  bool nan = false;
+  for (int64_t i = 0; i < n; ++i) {
+    const float w = x[i] + (x[i] - x[i]);
+    m = std::max(m, w), nan = nan || w != w;
+  }
+  return nan ? std::numeric_limits<float>::quiet_NaN() : m;
+}
+
 // The fused form of nonfinite_to_nan + row_max_nan for a row with no padding, no token rule and
 // no soft-capping (full blocks, TopK's per-token blocks): reads x once, writes nothing; the max of
 // x + (x - x), i.e. NaN if any x is not finite. n a multiple of kVec. Vectorised as a max and a sum
@@ -126,13 +137,7 @@ inline float row_max_finite_or_nan(const float* x, int64_t n) {
   }
   return vany(seen_nan) ? std::numeric_limits<float>::quiet_NaN() : hmax(acc);
 #else
-  float m = kNegInf;
-  bool nan = false;
-  for (int64_t i = 0; i < n; ++i) {
-    const float w = x[i] + (x[i] - x[i]);
-    m = std::max(m, w), nan = nan || w != w;
-  }
-  return nan ? std::numeric_limits<float>::quiet_NaN() : m;
+  return max_finite_or_nan_scalar(x, n);
 #endif
 }
 
@@ -173,13 +178,7 @@ inline float prefix_max_finite_or_nan(const float* x, int64_t n) {
     acc = _mm512_mask_max_ps(acc, k, acc, v), sum = _mm512_add_ps(sum, v);
   }
   if (std::isfinite(_mm512_reduce_add_ps(sum))) return _mm512_reduce_max_ps(acc);  // (max: any order)
-  float m = kNegInf;
-  bool nan = false;
-  for (int64_t j = 0; j < n; ++j) {
-    const float w = x[j] + (x[j] - x[j]);
-    m = std::max(m, w), nan = nan || w != w;
-  }
-  return nan ? std::numeric_limits<float>::quiet_NaN() : m;
+  return max_finite_or_nan_scalar(x, n);
 }
 
 template <bool Short = false>
