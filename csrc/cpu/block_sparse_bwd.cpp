@@ -37,6 +37,7 @@
 #include <utility>
 #include <vector>
 
+#include "cpu/flush_to_zero.h"
 #include "cpu/huge_pages.h"
 #include "cpu/layout_check.h"
 #include "cpu/softcap.h"
@@ -614,6 +615,7 @@ void dynamic_tasks(int64_t total, Make&& make, Run&& run) {
   const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total));
   at::parallel_for(0, nthreads, 1, [&](int64_t begin, int64_t end) {
     if (begin >= end) return;
+    FlushToZero ftz;
     auto w = make();
     for (int64_t t; (t = next.fetch_add(1)) < total;) run(w, t);
   });

@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "cpu/target_check.h"
+#include "cpu/flush_to_zero.h"
 #include "cpu/huge_pages.h"
 #include "cpu/layout_check.h"
 #include "cpu/prefetch.h"
@@ -718,6 +719,7 @@ void run_all(const Params& P, const void* q, const void* k, const void* v, OutT*
     const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total));
     at::parallel_for(0, nthreads, 1, [&](int64_t begin, int64_t end) {
       if (begin >= end) return;
+      FlushToZero ftz;
       TileScope tiles(amx);
       Scratch S(P, Runner::kDot);
       Runner runner(P, Q, K, V, out, lse, amx);
@@ -748,6 +750,7 @@ void run_varlen(const Params& P0, const std::vector<Params>& PS, const std::vect
   const bool amx = TaskRunner<DT, OutT>::kDot && use_amx();
   at::parallel_for(0, nthreads, 1, [&](int64_t begin, int64_t end) {
     if (begin >= end) return;
+    FlushToZero ftz;
     TileScope tiles(amx);
     Scratch S(P0, TaskRunner<DT, OutT>::kDot);
     for (int64_t t; (t = next.fetch_add(1)) < total;) {

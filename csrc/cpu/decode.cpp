@@ -61,6 +61,7 @@
 #include "cpu/decode_fp8.h"   // SPARSE_ATTN_FP8_DOT: fp8 codes as bf16 words, the bf16 products
 #include "cpu/decode_int8.h"  // SPARSE_ATTN_INT8_DOT: int8 codes x int16 q / P with vpdpwssd
 #include "cpu/decode_plan.h"
+#include "cpu/flush_to_zero.h"
 #include "cpu/decode_quant.h"
 #include "cpu/decode_rows.h"
 #include "cpu/decode_softmax.h"
@@ -824,6 +825,7 @@ void run_all(const Params& P, const void* q, const void* k, const void* v, OutT*
   std::atomic<int64_t> next{0};
   auto work = [&](int64_t begin, int64_t end) {
     if (begin >= end) return;
+    sparse_attn_cpu::FlushToZero ftz;
     Scratch S(P, Split<QT, DT>::kBf16Words, Split<QT, DT>::kInt8Dot, paged_runs);
     std::vector<float> acc, w;
     Split<QT, DT> split(P, static_cast<const QIn*>(q), static_cast<const In*>(k), static_cast<const In*>(v), pf,
