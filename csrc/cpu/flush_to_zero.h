@@ -23,6 +23,8 @@ struct FlushToZero {
   const unsigned int saved;
   FlushToZero() : saved(_mm_getcsr()) { _mm_setcsr(saved | 0x8000u); }  // bit 15: flush to zero
   ~FlushToZero() { _mm_setcsr(saved); }
+#else
+  FlushToZero() = default;
 #endif
   FlushToZero(const FlushToZero&) = delete;
   FlushToZero& operator=(const FlushToZero&) = delete;
