@@ -7,9 +7,11 @@ import pytest
 import torch
 
 import sparse_attn as sa
+from sparse_attn.api.functional import plan_varlen
 from sparse_attn.scheduler import Kernel, device_info, kernels, register
 from sparse_attn.scheduler import registry as registry_mod
-from conftest import make_qkv
+import oracle
+from conftest import check_against_oracle, make_qkv
 
 
 def _qkv(sq, sk, *, hq=4, hkv=2, d=16, dtype=torch.float32, grad=False):
@@ -46,6 +48,56 @@ def test_dense_kernel_exactly_where_the_pattern_is_dense(pattern, sk, dense):
     else:
         assert any("sparse at this length" in r for r in sdpa.reasons)
         assert p.kernel.name != "reference.sdpa"
+
+
+@pytest.mark.parametrize("pattern,sq,sk,runs_dense", [
+    (sa.TopK(16, block_size=64), 1000, 1000, True),     # every query selects all its causal blocks
+    (sa.TopK(16, block_size=64), 200, 1000, True),      # end-aligned chunk, Sq < Sk
+    (sa.TopK(16, block_size=64), 1300, 1300, False),    # 19 candidates > 16: a real selection
+    (sa.TopK(3, block_size=16, sink_blocks=0, local_blocks=2), 77, 77, True),  # 5 blocks: 3 + 2
+    (sa.TopK(3, block_size=16, sink_blocks=0, local_blocks=2), 81, 81, False),  # 6 blocks
+    (sa.SlidingWindow(512, sinks=3), 300, 400, True),
+    (sa.SlidingWindow(100, sinks=4), 400, 400, False),
+])
+def test_a_pattern_that_sees_every_causal_key_runs_as_dense_and_says_so(pattern, sq, sk, runs_dense):
+    """Contract: a short sequence degrades exactly to dense causal attention. Such a call runs as
+    Dense (no selection, no window rule), `explain()` names the caller's pattern and the one run,
+    and the output and gradients are the float64 evaluation of the caller's pattern."""
+    q, k, v = _qkv(sq, sk, grad=True)
+    plan = sa.plan(q, k, v, pattern, backend="cpu")
+    first = plan.explain().splitlines()[0]
+    if runs_dense:
+        assert plan.problem.pattern == sa.Dense() and plan.problem.requested == pattern
+        assert f"{pattern.describe()} sees every causal key at Sk={sk}: run as Dense(causal=True)" in first
+    else:
+        assert type(plan.problem.pattern) is type(pattern) and plan.problem.requested is None
+        assert "sees every causal key" not in first
+    check_against_oracle(lambda q, k, v: sa.attention(q, k, v, pattern, backend="cpu"),
+                         lambda q, k, v: oracle.oracle_attention(q, k, v, pattern),
+                         lambda q, k, v: oracle.masked_attention_in_dtype(q, k, v, pattern),
+                         dict(q=q, k=k, v=v), dtype=torch.float32)
+
+
+def test_packed_varlen_topk_that_selects_every_block_runs_packed_as_dense():
+    """The longest sequence decides: TopK(4, bs 16) over sequences of at most 90 keys (6 blocks:
+    1 sink + 1 local + 4) is dense causal for every sequence, so the packed Dense kernel may run (a
+    real TopK selection is per sequence and is refused packed)."""
+    lens = [90, 33, 61]
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
+    tot = int(cu[-1])
+    q, k, v = (torch.randn(tot, h, 16) for h in (4, 2, 2))
+    plan, packed = plan_varlen(q, k, v, cu, cu, sa.TopK(4, block_size=16), max_seqlen_q=90, max_seqlen_k=90,
+                               backend="cpu")
+    assert plan.problem.pattern == sa.Dense() and "per-token selection is per sequence" not in plan.explain()
+    if packed:
+        assert plan.kernel.name == "cpu.block_sparse" and plan.problem.varlen
+    out = sa.attention_varlen(q, k, v, cu, cu, sa.TopK(4, block_size=16), max_seqlen_q=90, max_seqlen_k=90,
+                              backend="cpu")
+    for i, n in enumerate(lens):
+        s = slice(int(cu[i]), int(cu[i + 1]))
+        one = [x[s].transpose(0, 1)[None].double() for x in (q, k, v)]
+        ref = oracle.oracle_attention(*one, sa.TopK(4, block_size=16))[0].transpose(0, 1)
+        assert oracle.rel_err(out[s], ref) <= 1e-5
 
 
 def test_chunked_prefill_never_uses_top_left_causal_sdpa():

@@ -14,7 +14,7 @@ from ..scheduler.kernel import with_sinks
 from ..scheduler.plan import Plan, choose
 from ..scheduler.device import device_info
 from ..scheduler.problem import (Problem, check_backend, check_qkv, check_scale, check_softmax_options,
-                                 make_problem)
+                                 effective_pattern, make_problem)
 from .ops import attention_op, encode_pattern, select_blocks_op, validate
 
 
@@ -84,10 +84,11 @@ def _varlen_problem(q, k, v, pattern, *, nseq, max_seqlen_q, max_seqlen_k, scale
         msk = min(msk, pattern.block_size * pattern.layout.shape[2])  # every Sk_i fits its layout
     requires_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, gate, sink_logits))
+    run, requested = effective_pattern(pattern, max(msk, 1))
     return Problem(batch=nseq, q_heads=hq, kv_heads=hkv, sq=msq, sk=msk, head_dim=d, v_head_dim=dv, dtype=q.dtype,
-                   device=device_info(q.device), pattern=pattern.clamped(max(msk, 1)), scale=check_scale(scale, d),
+                   device=device_info(q.device), pattern=run, scale=check_scale(scale, d),
                    requires_grad=requires_grad, varlen=True, torch_device=q.device, softcap=softcap,
-                   sinks=sink_logits is not None)
+                   sinks=sink_logits is not None, requested=requested)
 
 
 def plan_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, pattern: Pattern = Dense(), *, max_seqlen_q=None,

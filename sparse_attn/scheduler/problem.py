@@ -41,6 +41,9 @@ class Problem:
     softcap: float | None = None
     #: whether a `(Hq,)` tensor of learned sink logits joins each row's softmax denominator
     sinks: bool = False
+    #: the caller's pattern where `pattern` is an equal one that runs faster (a TopK or InfLLMv2
+    #: that sees every causal key at these lengths runs as `Dense()`); None: `pattern` is the caller's
+    requested: Pattern | None = None
 
     @property
     def group(self) -> int:
@@ -98,7 +101,22 @@ class Problem:
         extra = (", learned sinks" if self.sinks else "") + (f", softcap={self.softcap:g}" if self.softcap else "")
         return (f"B={self.batch} Hq={self.q_heads} Hkv={self.kv_heads} Sq={self.sq} Sk={self.sk} "
                 f"D={self.head_dim} Dv={self.v_head_dim} {str(self.dtype).replace('torch.', '')} "
-                f"on {self.device.name}, {self.phase}, {self.pattern.describe()}{extra}")
+                f"on {self.device.name}, {self.phase}, {self.pattern.describe()}{extra}"
+                + (f" ({self.requested.describe()} sees every causal key at Sk={self.sk}: run as "
+                   f"{self.pattern.describe()})" if self.requested is not None else ""))
+
+
+def effective_pattern(pattern: Pattern, sk: int) -> tuple[Pattern, Pattern | None]:
+    """`(pattern a kernel runs, the caller's pattern or None)`: `pattern.clamped(sk)` (integers
+    beyond the sequence mean what its length means), and a TopK whose every query selects all its
+    causal blocks, or a window longer than the keys, IS dense causal attention (contract: "a short
+    sequence degrades exactly to dense causal attention"), so it runs as `Dense()`: no selection,
+    no per-token block lists, no window rule (InfLLMv2's `clamped` does the same). `sk` is the
+    longest sequence's keys; shorter ones see every causal key too."""
+    run = pattern.clamped(sk)
+    if isinstance(run, (TopK, SlidingWindow)) and run.is_dense_causal_for(sk, sk):
+        run = Dense()
+    return run, (pattern if isinstance(run, Dense) and not isinstance(pattern, Dense) else None)
 
 
 def _need_tensor(name, x):
@@ -232,7 +250,8 @@ def make_problem(q, k, v, pattern, *, scale=None, gate=None, requires_grad=None,
             t is not None and t.requires_grad for t in (q, k, v, gate, sink_logits))
     # integers beyond the sequence mean what the sequence's length means (contract): kernels never
     # see (nor allocate by) a parameter's face value
+    run, requested = effective_pattern(pattern, sk)
     return Problem(batch=b, q_heads=hq, kv_heads=hkv, sq=sq, sk=sk, head_dim=d, v_head_dim=dv, dtype=q.dtype,
-                   device=device_info(q.device), pattern=pattern.clamped(sk), scale=scale,
+                   device=device_info(q.device), pattern=run, scale=scale,
                    requires_grad=bool(requires_grad), torch_device=q.device, softcap=softcap,
-                   sinks=sink_logits is not None)
+                   sinks=sink_logits is not None, requested=requested)
