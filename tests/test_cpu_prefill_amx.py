@@ -54,6 +54,16 @@ def test_against_float64(products, case, kind):
     _check(out, q, k, v, pattern)
 
 
+@pytest.mark.parametrize("hq,hkv,sq,sk", [(4, 2, 1000, 1000), (4, 4, 517, 517), (8, 2, 301, 1090), (2, 1, 64, 640)],
+                         ids=lambda x: str(x))
+def test_causal_diagonal_blocks(products, hq, hkv, sq, sk):
+    """A causal diagonal block on the tiles runs 32 rows at a time over the keys each group's
+    last row sees (rounded up to 32): groups of GQA 1 / 2 / 4 positions, tiles of 64 and 128
+    positions, query tiles that start inside a key block (Sq < Sk) and a last block of few keys."""
+    q, k, v = make_qkv_for(sa.Dense(), 1, hq, hkv, sq, sk, 64, dtype=torch.bfloat16)
+    _check(sa.attention(q, k, v, sa.Dense(), backend="cpu"), q, k, v, sa.Dense())
+
+
 def test_softcap_and_sinks(products):
     q, k, v = make_qkv_for(sa.Dense(), 1, 4, 2, 150, 410, 64, dtype=torch.bfloat16)
     opts = dict(softcap=7.5, sink_logits=torch.randn(4))
