@@ -1,5 +1,5 @@
 """The CPU decode kernel's prefetch modes where a model's caches are read in turn: whether
-csrc/cpu/reuse_clock.h picks the faster one (docs/integrations.md, tenth session).
+csrc/cpu/reuse_clock.h picks the faster one (docs/vllm_measurements.md, tenth session).
 
 `--layers` paged caches (`--dtype`, float32 by default) (the vLLM plugin's page layout, pages in random order) are read
 one after another, as a model's layers are within a step; between two calls `--evict` MB of other

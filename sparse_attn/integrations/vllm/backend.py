@@ -64,7 +64,7 @@ def huge_pages_once(kv_cache: torch.Tensor):
     thread at idle CPU priority, 32 MB at a time). vLLM allocates the cache with `torch.zeros`, which
     on a Linux with transparent huge pages in "madvise" mode (Ubuntu's default) gives 4 KB pages, and
     decode streams the whole cache every token: in 2 MB pages the same kernel reads vLLM's layout
-    1.10x faster at 128K keys, 1.16x at 16K (docs/integrations.md, "Eighteenth session"). The move
+    1.10x faster at 128K keys, 1.16x at 16K (docs/vllm_measurements.md, "Eighteenth session"). The move
     costs Linux ~2.7-5 ms of kernel CPU per 2 MB where it must compact memory first (11.6 s for a
     4 GiB cache measured); done on the caller's path it held the first request that long, in the
     background it takes idle CPU only, and decode reads 4 KB pages until it reaches them. Once per
