@@ -41,8 +41,8 @@ class Problem:
     softcap: float | None = None
     #: whether a `(Hq,)` tensor of learned sink logits joins each row's softmax denominator
     sinks: bool = False
-    #: the caller's pattern where `pattern` is an equal one that runs faster (a TopK or InfLLMv2
-    #: that sees every causal key at these lengths runs as `Dense()`); None: `pattern` is the caller's
+    #: the caller's pattern where `pattern` is an equal one that runs faster (a TopK, InfLLMv2 or
+    #: window that sees every causal key at these lengths runs as `Dense()`); None: the caller's
     requested: Pattern | None = None
 
     @property
