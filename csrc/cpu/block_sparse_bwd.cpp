@@ -110,7 +110,7 @@ struct DqScratch {
   std::vector<const float *> qp, dop, qp2, dop2;
   std::vector<float *> dqp, dqp2, sp, dpp;
   std::vector<int32_t> rid, rid2;
-  std::vector<int64_t> pairs, tokens;
+  std::vector<int64_t> block_count, tokens;  // for_each_selected_block's scratch
   DqDotScratch w;
 
   DqScratch(const BwdParams& P, bool bf16_dot) {
@@ -204,7 +204,7 @@ class DqRunner {
   void per_token_blocks(DqScratch& S, int64_t b, int64_t h, int64_t t_lo, int64_t rows) {
     const int64_t G = P.G;
     const int32_t* sel = P.ti + ((b * P.Hkv + h) * P.sq + t_lo) * P.topk;
-    for_each_selected_block(sel, rows, P.topk, S.pairs, S.tokens, [&](int64_t n, const std::vector<int64_t>& toks) {
+    for_each_selected_block(sel, rows, P.topk, S.block_count, S.tokens, [&](int64_t n, const TokenSpan& toks) {
       int64_t cnt = 0;
       for (const int64_t r : toks)
         for (int64_t g = 0; g < G; ++g, ++cnt) {

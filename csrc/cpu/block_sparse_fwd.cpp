@@ -7,8 +7,8 @@
 //   online softmax per row in base 2 (q is pre-scaled by scale * log2 e), token rule on partial blocks
 //   O (R x Dv) = corr * O + P (R x kb) . V_block
 // in the order: the tile's full blocks (no mask), its partial blocks (the layout's token rule),
-// then TopK's per-token blocks. For those, the tile's (token, block) pairs are sorted by block, so
-// each selected block is converted once per tile and multiplied with the rows of all the tokens of
+// then TopK's per-token blocks. For those, the tile's tokens are grouped by the blocks they selected
+// (token_blocks.h, a counting sort), so each selected block is converted once per tile and multiplied with the rows of all the tokens of
 // the tile that selected it (a key-block-centric pass restricted to one tile; the online-softmax
 // state of a row is shared by every pass, so no partial results are stored). Rows that see no key
 // output 0. Soft-capping (softcap.h) caps each score before the token rule. Scratch per thread: R x (D + Dv) for the tile's Q and O, 192 x kb scores, one K/V
@@ -238,7 +238,7 @@ struct Scratch {
   std::vector<const float*> qp, qp2;
   std::vector<float*> sp, op, op2;
   std::vector<int32_t> rid, rid2;
-  std::vector<int64_t> pairs, tokens;
+  std::vector<int64_t> block_count, tokens;  // for_each_selected_block's scratch
   // bf16 dot-product path (bfloat16 inputs on AVX-512 BF16): Q rows as bf16 words (unscaled),
   // the K block pair-packed (a 32-bit transpose), the V block pair-packed (rows interleaved) and
   // the probabilities as bf16 pairs
@@ -402,11 +402,11 @@ class TaskRunner {
   }
 
  private:
-  // TopK: the tile's (block, token) pairs sorted by block; each block once, with all its tokens' rows
+  // TopK: the tile's tokens grouped by selected block; each block once, with all its tokens' rows
   void per_token_blocks(Scratch& S, int64_t b, int64_t h, int64_t t_lo, int64_t rows) {
     const int64_t G = P.G;
     const int32_t* sel = P.ti + ((b * P.Hkv + h) * P.sq + t_lo) * P.topk;
-    for_each_selected_block(sel, rows, P.topk, S.pairs, S.tokens, [&](int64_t n, const std::vector<int64_t>& toks) {
+    for_each_selected_block(sel, rows, P.topk, S.block_count, S.tokens, [&](int64_t n, const TokenSpan& toks) {
       int64_t cnt = 0;
       for (const int64_t r : toks)
         for (int64_t g = 0; g < G; ++g, ++cnt) {
