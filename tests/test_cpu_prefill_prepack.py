@@ -1,8 +1,8 @@
 """The forward of cpu.block_sparse packs each key block's K / V once per call where the
 layout visits it from several query tiles (`Prepacked` in csrc/cpu/block_sparse_fwd.cpp), in waves
 of (batch, kv head) pairs under a byte budget (`set_prepack_bytes` on the "cpu" extension; 0: each
-task packs its own blocks). The three ways -- one wave, one pair per wave, per task -- must give
-the same bits: bfloat16 on the tiles and on the vector products (pair-packed K and V), float32
+task packs its own blocks). TopK's per-token blocks are packed too where its tiles visit enough of them. The three ways --
+one wave, one pair per wave, per task -- must give the same bits: bfloat16 on the tiles and on the vector products (pair-packed K and V), float32
 (K transposed; V read in place where its rows fill whole vectors, else copied) and float16, for
 lengths that end inside a block (the last block's padding), Dv != D (V's padding columns), D 80,
 GQA, Sq < Sk, B > 1 and strided K / V; one of them is checked against the float64 evaluation of
@@ -78,6 +78,21 @@ def _three_ways(q, k, v, pattern):
 def test_float32_and_half_packed_once(dtype, case, kind):
     b, hq, hkv, sq, sk, d, dv = case
     pattern = amx_test_pattern(kind, b, hkv, sk, window=150)
+    q, k, v = make_qkv_for(pattern, b, hq, hkv, sq, sk, d, dv, dtype=dtype)
+    outs = _three_ways(q, k, v, pattern)
+    assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[2])
+    ref = sa.attention(q.double(), k.double(), v.double(), pattern, backend="reference")
+    oracle.assert_close_contract(outs[0], ref, dtype=dtype, device="cpu",
+                                 lowp_baseline=oracle.masked_attention_in_dtype(q, k, v, pattern))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("case", [CASES[0], CASES[3]], ids=lambda c: "x".join(map(str, c)))
+def test_topk_packed_once(products, dtype, case):
+    """TopK(3) of 32-key blocks: its tiles visit enough blocks to be packed once (at least a
+    quarter as many visits as blocks); lengths where a well-separated selection can be drawn."""
+    b, hq, hkv, sq, sk, d, dv = case
+    pattern = amx_test_pattern("topk", b, hkv, sk, window=150)
     q, k, v = make_qkv_for(pattern, b, hq, hkv, sq, sk, d, dv, dtype=dtype)
     outs = _three_ways(q, k, v, pattern)
     assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[2])
