@@ -337,13 +337,16 @@ def _forward_row(args, n: int, layers: int, dtype):
 def chunk_bench(args):
     """One prefill chunk of `--chunk` queries ending at `n` keys, over one sequence's pages: vLLM's
     `cpu_attention_with_kv_cache` vs the plugin's path (keys from the pages with `gather_keys` into
-    buffers reused from chunk to chunk, then `sparse_attn.attention`; the gather timed alone too). n == chunk is a first chunk: the plugin
+    buffers reused from chunk to chunk, then `prefill.run_prefill`: `sparse_attn.attention` through
+    a plan kept per shape, as every layer of a step shares it, and the result copied into vLLM's
+    output rows; the gather timed alone too). n == chunk is a first chunk: the plugin
     then reads the new K/V directly."""
     import torch
     from vllm import _custom_ops as ops
 
     import sparse_attn as sa
     from sparse_attn.integrations.vllm.pages import Scratch, gather_keys, split_pages
+    from sparse_attn.integrations.vllm.prefill import run_prefill
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     scratch = Scratch()  # as the plugin gathers: into buffers reused from chunk to chunk
@@ -371,10 +374,12 @@ def chunk_bench(args):
         def gather():
             return gather_keys(ok, table[0], 0, n, scratch, 0), gather_keys(ov, table[0], 0, n, scratch, 1)
 
-        def ours(pattern):
+        rows = torch.empty_like(q)
+
+        def ours(pattern):  # the plugin's call: its plan kept per shape, the result into vLLM's rows
             def run():
                 k, v = (new_k, new_v) if n == c else gather()
-                sa.attention(q4, k, v, pattern, scale=scale)
+                run_prefill(q4, k, v, pattern, {"scale": scale}, rows)
             return run
 
         vllm_own()

@@ -15,7 +15,8 @@ the block table, which `do_kv_cache_update` is not given), then:
   (`CachePlan.prepared`): the kernel's binding called with the step's lengths, table and vLLM's
   query rows, writing vLLM's output rows in place;
 * every other request (prefill, a chunk of a chunked prefill, a prefix-cache hit) runs
-  `sparse_attn.attention` on its new queries against its keys, end-aligned as the contract says.
+  `sparse_attn.attention` on its new queries against its keys, end-aligned as the contract says,
+  through a plan made once per request shape and shared by every layer (`prefill.run_prefill`).
   A request with no earlier keys (a whole prompt, the first chunk of a chunked one) attends to its
   new K/V as vLLM hands them, no copy; a later chunk or a prefix-cache hit reads its visible keys
   from the pages in one gather (`pages.gather_keys`: from the window's start only, for a window
@@ -40,11 +41,11 @@ from vllm.v1.attention.backend import (AttentionBackend, AttentionImpl, Attentio
 from vllm.v1.kv_cache_interface import KVCacheLayout
 
 from ...api.cache import plan_with_cache
-from ...api.functional import attention
 from ...cache import huge_pages
 from ...patterns import InfLLMv2, SlidingWindow, TopK
 from .pages import PagesCache, PageWindows, Scratch, gather_keys, split_pages, write_pages
 from .patterns import ENV, layer_pattern, page_size_for, parse_pattern
+from .prefill import run_prefill
 
 #: vLLM looks the name up in `AttentionBackendEnum`: the member this backend stands in for
 NAME = "CPU_ATTN"
@@ -316,8 +317,7 @@ class SparseAttnImpl(AttentionImpl[SparseAttnMetadata]):
                 v = gather_keys(v_pages, m.block_table[i], lo, total, _GATHERED, 1)
                 STATS["prefill_gathered"] += 1
                 STATS["rows_gathered"] += total - lo
-            out = attention(q, k, v, self.pattern, **opts)
-            output[a:b] = out[0].transpose(0, 1)
+            run_prefill(q, k, v, self.pattern, opts, output[a:b])
         STATS["prefill_s"] += time.perf_counter() - t1
         return output
 

@@ -1,0 +1,36 @@
+"""One prefill request of a vLLM step through sparse_attn, as the plugin runs it (no vLLM import).
+
+Every attention layer of a step sees the same request shapes, so the scheduler's choice (`plan()`:
+~70 us of host work, 5% of a 1K-token first chunk on 2 cores) is made once per (pattern, shapes,
+dtype, scale, soft-cap, sinks or not) and kept for every later layer and step with those; the plan's
+`run` checks that the call is the one it was made for (`ValueError` otherwise, never a wrong
+kernel). The result is copied into vLLM's `(T, Hq, Dv)` output rows.
+"""
+from __future__ import annotations
+
+import torch
+
+from ...api.functional import plan
+
+#: plans kept at once (distinct request shapes; cleared whole when full: a long-running server sees
+#: new prompt lengths all the time)
+MAX_PLANS = 256
+_PLANS: dict = {}
+
+
+def run_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern, opts: dict,
+                out_rows: torch.Tensor) -> torch.Tensor:
+    """`attention(q, k, v, pattern, **opts)` written into `out_rows` `(T, Hq, Dv)`; `q` is
+    `(1, Hq, T, D)`, `k` / `v` `(1, Hkv, S, D)`, `opts` the plugin's keywords (`scale`, and
+    `softcap` / `sink_logits` where the layer has them)."""
+    sinks = opts.get("sink_logits")
+    key = (pattern, tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, q.device, opts.get("scale"),
+           opts.get("softcap"), sinks is not None, torch.is_grad_enabled())
+    p = _PLANS.get(key)
+    if p is None:
+        if len(_PLANS) >= MAX_PLANS:
+            _PLANS.clear()
+        p = _PLANS[key] = plan(q, k, v, pattern, **opts)
+    out = p.run(q, k, v, sink_logits=sinks)
+    out_rows.copy_(out[0].transpose(0, 1))
+    return out_rows

@@ -1,0 +1,80 @@
+"""The vLLM plugin's prefill call without vLLM (`sparse_attn.integrations.vllm.prefill.run_prefill`).
+
+It writes `attention(q, k, v, pattern, **opts)` into vLLM's `(T, Hq, Dv)` output rows through a
+plan kept per shape (every layer of a step shares it): the same bits as `attention`, the float64
+evaluation of the contract within its tolerance, one plan for a repeated shape, a new one for a new
+length, scale, soft-cap or sinks, and the plan's own input checks still in force.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import oracle
+import sparse_attn as sa
+from sparse_attn.integrations.vllm import prefill
+
+
+def _call(pattern, t, s, *, hq=4, hkv=2, d=32, dtype=torch.bfloat16, seed=0, **opts):
+    g = torch.Generator().manual_seed(seed)
+    qrows = torch.randn(t, hq, d, generator=g).to(dtype)  # vLLM's query rows (T, Hq, D)
+    q = qrows.transpose(0, 1)[None]
+    k = torch.randn(1, hkv, s, d, generator=g).to(dtype)
+    v = torch.randn(1, hkv, s, d, generator=g).to(dtype)
+    out = torch.full((t, hq, d), float("nan"), dtype=dtype)
+    return q, k, v, out
+
+
+@pytest.mark.parametrize("pattern", [sa.Dense(), sa.TopK(2, block_size=16), sa.SlidingWindow(40, sinks=3)],
+                         ids=["dense", "topk", "window"])
+@pytest.mark.parametrize("t,s", [(70, 70), (33, 150)], ids=["first_chunk", "later_chunk"])
+def test_same_bits_as_attention_and_close_to_float64(pattern, t, s):
+    q, k, v, out = _call(pattern, t, s)
+    opts = {"scale": 0.2}
+    got = prefill.run_prefill(q, k, v, pattern, opts, out)
+    assert got is out
+    want = sa.attention(q, k, v, pattern, **opts)[0].transpose(0, 1)
+    assert torch.equal(out, want)
+    ref = sa.attention(q.double(), k.double(), v.double(), pattern, backend="reference", **opts)
+    if not isinstance(pattern, sa.TopK):  # TopK's selection may hang on rounding: bits above suffice
+        oracle.assert_close_contract(out.transpose(0, 1)[None], ref, dtype=torch.bfloat16, device="cpu",
+                                     lowp_baseline=oracle.masked_attention_in_dtype(q, k, v, pattern, scale=0.2))
+
+
+def test_one_plan_per_shape_and_options():
+    prefill._PLANS.clear()
+    pattern = sa.Dense()
+    q, k, v, out = _call(pattern, 50, 50)
+    prefill.run_prefill(q, k, v, pattern, {"scale": 0.1}, out)
+    first = dict(prefill._PLANS)
+    for layer in range(3):  # the next layers of the step: the same plan, no new one
+        prefill.run_prefill(q, k, v, pattern, {"scale": 0.1}, out)
+    assert prefill._PLANS == first and len(first) == 1
+    prefill.run_prefill(q, k, v, pattern, {"scale": 0.2}, out)  # another scale
+    prefill.run_prefill(q, k, v, pattern, {"scale": 0.1, "softcap": 5.0}, out)
+    sinks = torch.randn(4)
+    prefill.run_prefill(q, k, v, pattern, {"scale": 0.1, "sink_logits": sinks}, out)
+    assert torch.equal(out, sa.attention(q, k, v, pattern, scale=0.1, sink_logits=sinks)[0].transpose(0, 1))
+    q2, k2, v2, out2 = _call(pattern, 51, 51)  # another length
+    prefill.run_prefill(q2, k2, v2, pattern, {"scale": 0.1}, out2)
+    assert len(prefill._PLANS) == 5
+
+
+def test_plans_are_bounded(monkeypatch):
+    prefill._PLANS.clear()
+    monkeypatch.setattr(prefill, "MAX_PLANS", 2)
+    for t in (10, 11, 12):
+        q, k, v, out = _call(sa.Dense(), t, t)
+        prefill.run_prefill(q, k, v, sa.Dense(), {"scale": 0.1}, out)
+        assert torch.equal(out, sa.attention(q, k, v, sa.Dense(), scale=0.1)[0].transpose(0, 1))
+    assert len(prefill._PLANS) <= 2
+
+
+def test_a_kept_plan_still_checks_its_inputs():
+    """A call the kept plan was not made for (here: inputs that require grad, same shapes and
+    options) raises the plan's `ValueError`, not a silent run of an inference plan."""
+    prefill._PLANS.clear()
+    q, k, v, out = _call(sa.Dense(), 20, 20)
+    prefill.run_prefill(q, k, v, sa.Dense(), {"scale": 0.1}, out)
+    with pytest.raises(ValueError, match="require grad"):
+        prefill.run_prefill(q.detach().requires_grad_(), k, v, sa.Dense(), {"scale": 0.1}, out)
