@@ -8,10 +8,11 @@
 //   O (R x Dv) = corr * O + P (R x kb) . V_block
 // in the order: the tile's full blocks (no mask), its partial blocks (the layout's token rule),
 // then TopK's per-token blocks. For those, the tile's tokens are grouped by the blocks they selected
-// (token_blocks.h, a counting sort), so each selected block is converted once per tile and multiplied with the rows of all the tokens of
-// the tile that selected it (a key-block-centric pass restricted to one tile; the online-softmax
-// state of a row is shared by every pass, so no partial results are stored). Rows that see no key
-// output 0. Soft-capping (softcap.h) caps each score before the token rule. Scratch per thread: R x (D + Dv) for the tile's Q and O, 192 x kb scores, one K/V
+// (token_blocks.h, a counting sort), so each selected block is converted once per tile and
+// multiplied with the rows of all the tokens of the tile that selected it (packed once per call
+// where the tiles visit enough blocks: prepack_pairs). That is a key-block-centric pass restricted
+// to one tile; the online-softmax state of a row is shared by every pass, so no partial results are
+// stored. Rows that see no key output 0. Soft-capping (softcap.h) caps each score before the token rule. Scratch per thread: R x (D + Dv) for the tile's Q and O, 192 x kb scores, one K/V
 // block; nothing of size Sq x Sk is allocated.
 //
 // Tasks are handed out dynamically (an atomic counter, heaviest causal tiles first) to the
