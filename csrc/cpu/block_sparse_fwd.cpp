@@ -57,6 +57,7 @@ struct Params {
   float qmul;             // scale * log2(e)
   float cap;              // softcap * log2(e) (softcap.h), 0: no soft-capping
   int64_t qst[4], kst[4], vst[4];
+  int64_t ost[3];  // out's (batch, head, token) strides in elements; its feature dim is contiguous
   const int32_t *fc, *fi, *pc, *pi, *ti;
   int64_t lb, lh, wf, wp, topk;  // layout broadcast extents (1 or B / Hkv), list widths, topk
 };
@@ -396,7 +397,7 @@ class TaskRunner {
         const float inv = seen ? 1.f / S.l[row] : 0.f;
         const float* src = S.o.data() + row * P.Dv_pad;
         const int64_t orow = ((b * P.Hq + h * G + g) * P.sq) + t_lo + r;
-        OutT* dst = O + orow * P.Dv;
+        OutT* dst = O + b * P.ost[0] + (h * G + g) * P.ost[1] + (t_lo + r) * P.ost[2];
         for (int64_t t = 0; t < P.Dv; ++t) dst[t] = static_cast<OutT>(src[t] * inv);
         L[orow] = seen ? kLn2 * (S.m[row] + std::log2(S.l[row])) : std::numeric_limits<float>::infinity();
       }
@@ -762,7 +763,8 @@ void run_all(const Params& P, const void* q, const void* k, const void* v, OutT*
 
 // Packed varlen: `tasks` are (sequence, kv head, absolute query tile); PS[s] is sequence s's
 // Params (its lengths, its layout rows) and its rows sit at the offsets `qoff` / `koff` of the packed
-// q / k, v; out and lse are written per sequence as (Hq, Sq_s, *) blocks at Hq * qoff[s].
+// q / k, v; out (Tq, Hq, Dv) is written in place from row qoff[s] (Params::ost), lse per sequence as
+// an (Hq, Sq_s) block at Hq * qoff[s].
 template <int DT, typename OutT>
 void run_varlen(const Params& P0, const std::vector<Params>& PS, const std::vector<int64_t>& qoff,
                 const std::vector<int64_t>& koff, const std::vector<std::array<int64_t, 3>>& tasks, const void* q,
@@ -795,7 +797,7 @@ std::tuple<torch::Tensor, torch::Tensor> block_sparse_fwd(torch::Tensor q, torch
                                torch::Tensor full_index, torch::Tensor partial_count, torch::Tensor partial_index,
                                c10::optional<torch::Tensor> token_index, int64_t sq, int64_t sk, int64_t q_block,
                                int64_t k_block, bool causal, int64_t window, int64_t sink_tokens, double scale,
-                               double softcap) {
+                               double softcap, c10::optional<torch::Tensor> out_arg) {
   using namespace sparse_attn_cpu;
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "block_sparse_fwd: q, k, v must be 4-D (B, H, S, D)");
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "block_sparse_fwd: CPU tensors only");
@@ -810,7 +812,22 @@ std::tuple<torch::Tensor, torch::Tensor> block_sparse_fwd(torch::Tensor q, torch
               "block_sparse_fwd: q, k, v shapes disagree");
   TORCH_CHECK(q.size(2) == sq && k.size(2) == sk && v.size(2) == sk, "block_sparse_fwd: lengths disagree with sq/sk");
   TORCH_CHECK(sq >= 0 && sk >= 0 && (!causal || sq <= sk), "block_sparse_fwd: need Sq <= Sk for a causal rule");
-  auto out = sparse_attn_cpu::empty_huge({B, Hq, sq, Dv}, q.options(), true);
+  // out: the caller's (B, Hq, Sq, Dv) rows (any strides but a contiguous feature dim, e.g. a view of
+  // a server's (T, Hq, Dv) output buffer), written in place; otherwise a new tensor
+  torch::Tensor out;
+  if (out_arg.has_value() && out_arg->defined()) {
+    out = *out_arg;
+    TORCH_CHECK_VALUE(out.dim() == 4 && out.size(0) == B && out.size(1) == Hq && out.size(2) == sq && out.size(3) == Dv,
+                      "block_sparse_fwd: out must be (B, Hq, Sq, Dv) = (", B, ", ", Hq, ", ", sq, ", ", Dv, "), got ",
+                      out.sizes());
+    TORCH_CHECK_TYPE(out.scalar_type() == dt, "block_sparse_fwd: out must have q's dtype ", dt, ", got ",
+                     out.scalar_type());
+    TORCH_CHECK_VALUE(out.device().is_cpu(), "block_sparse_fwd: out must be a CPU tensor");
+    TORCH_CHECK_VALUE(out.stride(3) == 1 || Dv <= 1, "block_sparse_fwd: out's last dim must be contiguous (stride 1), got ",
+                      out.stride(3));
+  } else {
+    out = sparse_attn_cpu::empty_huge({B, Hq, sq, Dv}, q.options(), true);
+  }
   auto lse = torch::full({B, Hq, sq}, std::numeric_limits<float>::infinity(), q.options().dtype(torch::kFloat32));
   if (B == 0 || Hq == 0 || sq == 0) return {out, lse};
   TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "block_sparse_fwd: Hq must be a multiple of Hkv");
@@ -851,6 +868,7 @@ std::tuple<torch::Tensor, torch::Tensor> block_sparse_fwd(torch::Tensor q, torch
   P.qmul = static_cast<float>(scale) * kLog2e;
   P.cap = static_cast<float>(softcap) * kLog2e;
   for (int d = 0; d < 4; ++d) P.qst[d] = q.stride(d), P.kst[d] = k.stride(d), P.vst[d] = v.stride(d);
+  for (int d = 0; d < 3; ++d) P.ost[d] = out.stride(d);
   P.fc = fc.data_ptr<int32_t>(), P.fi = fi.data_ptr<int32_t>(), P.pc = pc.data_ptr<int32_t>(),
   P.pi = pi.data_ptr<int32_t>();
   P.lb = fc.size(0), P.lh = fc.size(1), P.wf = fi.size(3), P.wp = pi.size(3);
@@ -898,7 +916,7 @@ std::tuple<torch::Tensor, torch::Tensor> block_sparse_fwd_varlen(
   const int64_t *cqp = cq.data_ptr<int64_t>(), *ckp = ck.data_ptr<int64_t>();
   TORCH_CHECK(cqp[0] == 0 && ckp[0] == 0 && cqp[nseq] == Tq && ckp[nseq] == Tk, who,
               ": cu_seqlens must run from 0 to the packed lengths");
-  auto out_blk = torch::empty({Hq * Tq * Dv}, q.options());
+  auto out = torch::empty({Tq, Hq, Dv}, q.options());  // written in place: row q0 + t of sequence s, head by head
   auto lse_blk = torch::full({Hq * Tq}, std::numeric_limits<float>::infinity(), q.options().dtype(torch::kFloat32));
 
   auto fc = full_count.to(torch::kInt32).contiguous(), fi = full_index.to(torch::kInt32).contiguous();
@@ -923,6 +941,7 @@ std::tuple<torch::Tensor, torch::Tensor> block_sparse_fwd_varlen(
   P0.qst[0] = 0, P0.qst[1] = q.stride(1), P0.qst[2] = q.stride(0), P0.qst[3] = q.stride(2);
   P0.kst[0] = 0, P0.kst[1] = k.stride(1), P0.kst[2] = k.stride(0), P0.kst[3] = k.stride(2);
   P0.vst[0] = 0, P0.vst[1] = v.stride(1), P0.vst[2] = v.stride(0), P0.vst[3] = v.stride(2);
+  P0.ost[0] = 0, P0.ost[1] = Dv, P0.ost[2] = Hq * Dv;
   P0.lb = 1, P0.lh = fc.size(1), P0.wf = fi.size(3), P0.wp = pi.size(3);
   P0.ti = nullptr, P0.topk = 0;
 
@@ -950,22 +969,20 @@ std::tuple<torch::Tensor, torch::Tensor> block_sparse_fwd_varlen(
   if (!tasks.empty()) {
     const void *qd = q.data_ptr(), *kd = k.data_ptr(), *vd = v.data_ptr();
     if (dt == torch::kFloat32) {
-      run_varlen<0, float>(P0, PS, qoff, koff, tasks, qd, kd, vd, out_blk.data_ptr<float>(), lse_blk.data_ptr<float>());
+      run_varlen<0, float>(P0, PS, qoff, koff, tasks, qd, kd, vd, out.data_ptr<float>(), lse_blk.data_ptr<float>());
     } else if (dt == torch::kBFloat16) {
-      run_varlen<1, at::BFloat16>(P0, PS, qoff, koff, tasks, qd, kd, vd, out_blk.data_ptr<at::BFloat16>(),
+      run_varlen<1, at::BFloat16>(P0, PS, qoff, koff, tasks, qd, kd, vd, out.data_ptr<at::BFloat16>(),
                                   lse_blk.data_ptr<float>());
     } else {
-      run_varlen<2, at::Half>(P0, PS, qoff, koff, tasks, qd, kd, vd, out_blk.data_ptr<at::Half>(),
+      run_varlen<2, at::Half>(P0, PS, qoff, koff, tasks, qd, kd, vd, out.data_ptr<at::Half>(),
                               lse_blk.data_ptr<float>());
     }
   }
-  // the per-sequence (Hq, Sq_s, *) blocks back to the packed layouts
-  auto out = torch::empty({Tq, Hq, Dv}, q.options());
+  // the per-sequence (Hq, Sq_s) lse blocks back to the packed layout
   auto lse = torch::empty({Hq, Tq}, q.options().dtype(torch::kFloat32));
   for (int64_t s = 0; s < nseq; ++s) {
     const int64_t q0 = cqp[s], sq = cqp[s + 1] - q0;
     if (sq == 0) continue;
-    out.narrow(0, q0, sq).copy_(out_blk.narrow(0, Hq * q0 * Dv, Hq * sq * Dv).view({Hq, sq, Dv}).transpose(0, 1));
     lse.narrow(1, q0, sq).copy_(lse_blk.narrow(0, Hq * q0, Hq * sq).view({Hq, sq}));
   }
   return {out, lse};
@@ -1017,7 +1034,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("full_count"), py::arg("full_index"),
         py::arg("partial_count"), py::arg("partial_index"), py::arg("token_index"), py::arg("sq"), py::arg("sk"),
         py::arg("q_block"), py::arg("k_block"), py::arg("causal"), py::arg("window"), py::arg("sink_tokens"),
-        py::arg("scale"), py::arg("softcap") = 0.0);
+        py::arg("scale"), py::arg("softcap") = 0.0, py::arg("out") = py::none());
   m.def("block_sparse_bwd", &block_sparse_bwd,
         "block-sparse flash attention backward over a BlockLayout and its transpose -> (dq, dk, dv)", py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dout"), py::arg("full_count"),

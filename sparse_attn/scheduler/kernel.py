@@ -84,6 +84,15 @@ class Kernel:
         kernel written before the option keeps its `run(q, k, v, p, *, gate=None)`."""
         raise NotImplementedError
 
+    #: `run_into` writes the rows in place (no result tensor, no copy); otherwise it copies `run`'s
+    writes_out: bool = False
+
+    def run_into(self, q, k, v, p: Problem, out: torch.Tensor, *, gate=None, sink_logits=None) -> torch.Tensor:
+        """`run`, its `(B, Hq, Sq, Dv)` result written into `out` (inference only; `Plan.run(out=)`
+        checks `out`). This default copies `run`'s result; a kernel that writes its rows in place
+        overrides it and sets `writes_out` (`explain()` says which)."""
+        return out.copy_(self.run(q, k, v, p, gate=gate, **with_sinks(sink_logits)))
+
     def run_cache(self, q, view, p: Problem, *, sink_logits=None) -> torch.Tensor:
         """Attention of `q` `(B, Hq, Sq, D)` over a cache's read view (`KVView`): the
         "attention_with_cache" op. Returns `(B, Hq, Sq, Dv)` in q's dtype. `sink_logits` `(Hq,)`

@@ -27,10 +27,17 @@ class Plan:
     backend_request: str | None = None
     notes: list[str] = field(default_factory=list)
 
-    def run(self, q, k, v, *, gate=None, sink_logits=None):
-        """Run the chosen kernel on `q, k, v`: the problem the plan was made for (`ValueError` otherwise)."""
+    def run(self, q, k, v, *, gate=None, sink_logits=None, out=None):
+        """Run the chosen kernel on `q, k, v`: the problem the plan was made for (`ValueError` otherwise).
+
+        `out`: a `(B, Hq, Sq, Dv)` tensor of q's dtype and device (any strides, e.g. a transposed view
+        of a server's `(T, Hq, Dv)` output rows) that receives the result and is returned, for
+        inference only. Kernels with `writes_out` write it in place; the others' result is copied in."""
         self.problem.check_inputs(q, k, v, gate=gate, sink_logits=sink_logits)
-        return self.kernel.run(q, k, v, self.problem, gate=gate, **with_sinks(sink_logits))
+        if out is None:
+            return self.kernel.run(q, k, v, self.problem, gate=gate, **with_sinks(sink_logits))
+        self.problem.check_out(out, q, k, v, gate=gate, sink_logits=sink_logits)
+        return self.kernel.run_into(q, k, v, self.problem, out, gate=gate, sink_logits=sink_logits)
 
     def explain(self) -> str:
         lines = [f"problem: {self.problem.describe()}",
@@ -38,7 +45,12 @@ class Plan:
         # a kernel with several code paths says which one this problem takes (cpu.decode's
         # products); asked here, not at choose(), which runs on every call of the cache ops
         path = getattr(self.kernel, "path_note", None)
-        lines += [f"note: {n}" for n in self.notes + ([path(self.problem)] if path is not None else []) if n]
+        outs = []
+        if self.kernel.writes_out and not self.problem.varlen:
+            outs = [f"run(out=...): {self.kernel.name} writes the rows in place (an out whose last dim is not "
+                    f"contiguous gets a copy)" if not self.problem.sinks else
+                    f"run(out=...): {self.kernel.name}'s result is copied into out (learned sinks apply after it)"]
+        lines += [f"note: {n}" for n in self.notes + ([path(self.problem)] if path is not None else []) + outs if n]
         width = max(len(c.kernel.name) for c in self.candidates)
         for c in sorted(self.candidates, key=lambda c: (c.reasons != [], c.cost or 0.0)):
             mark = "*" if c.kernel is self.kernel else (" " if not c.reasons else "x")

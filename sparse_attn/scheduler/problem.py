@@ -74,12 +74,11 @@ class Problem:
         """Raise `ValueError` unless `q`, `k`, `v` (and `gate`) are the problem this describes: a plan
         runs only the call it was made for (its kernel choice and scale depend on it)."""
         check_qkv(q, k, v)
-        got = dict(B=q.shape[0], Hq=q.shape[1], Hkv=k.shape[1], Sq=q.shape[2], Sk=k.shape[2], D=q.shape[3],
-                   Dv=v.shape[3])
-        want = dict(B=self.batch, Hq=self.q_heads, Hkv=self.kv_heads, Sq=self.sq, Sk=self.sk, D=self.head_dim,
-                    Dv=self.v_head_dim)
-        if got != want:
-            diff = ", ".join(f"{n}={got[n]} (planned {want[n]})" for n in want if got[n] != want[n])
+        got = (q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3])
+        want = (self.batch, self.q_heads, self.kv_heads, self.sq, self.sk, self.head_dim, self.v_head_dim)
+        if got != want:  # (tuples: this runs on every call of a kept plan)
+            diff = ", ".join(f"{n}={g} (planned {w})" for n, g, w in zip(("B", "Hq", "Hkv", "Sq", "Sk", "D", "Dv"),
+                                                                        got, want) if g != w)
             raise ValueError(f"q, k, v do not match the problem this plan was made for: {diff}; make a new plan")
         if q.dtype != self.dtype:
             raise ValueError(f"q, k, v have dtype {q.dtype} but this plan was made for {self.dtype}; make a new plan")
@@ -96,6 +95,26 @@ class Problem:
                 t is not None and t.requires_grad for t in (q, k, v, gate, sink_logits)):
             raise ValueError("the inputs require grad but this plan was made for inference (requires_grad=False); "
                              "make the plan with requires_grad=True")
+
+    def check_out(self, out, q, k, v, *, gate=None, sink_logits=None) -> None:
+        """Raise unless `out` can receive this problem's result (`Plan.run(out=)`): a tensor of
+        shape `(B, Hq, Sq, Dv)`, q's dtype and device, sharing no memory with the inputs, and an
+        inference call (autograd does not track a result written into `out`)."""
+        _need_tensor("out", out)
+        want = (self.batch, self.q_heads, self.sq, self.v_head_dim)
+        if tuple(out.shape) != want:
+            raise ValueError(f"out must have shape (B, Hq, Sq, Dv) = {want}, got {tuple(out.shape)}")
+        if out.dtype != q.dtype:
+            raise TypeError(f"out must have q's dtype {q.dtype}, got {out.dtype}")
+        if out.device != q.device:
+            raise ValueError(f"out must be on q's device {q.device}, got {out.device}")
+        if torch.is_grad_enabled() and (out.requires_grad or any(
+                t is not None and t.requires_grad for t in (q, k, v, gate, sink_logits))):
+            raise ValueError("out= is for inference: the inputs (or out) require grad; call run() without out")
+        mem = out.untyped_storage().data_ptr()
+        for name, t in (("q", q), ("k", k), ("v", v), ("gate", gate)):
+            if t is not None and t.untyped_storage().data_ptr() == mem and _overlap(out, t):
+                raise ValueError(f"out must not share memory with {name}")
 
     def describe(self) -> str:
         extra = (", learned sinks" if self.sinks else "") + (f", softcap={self.softcap:g}" if self.softcap else "")
@@ -117,6 +136,19 @@ def effective_pattern(pattern: Pattern, sk: int) -> tuple[Pattern, Pattern | Non
     if isinstance(run, (TopK, SlidingWindow)) and run.is_dense_causal_for(sk, sk):
         run = Dense()
     return run, (pattern if isinstance(run, Dense) and not isinstance(pattern, Dense) else None)
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the memory spans of `a` and `b` intersect (host pointers and strides only)."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+
+    def span(t):
+        lo = t.data_ptr()
+        return lo, lo + (1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))) * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
 
 
 def _need_tensor(name, x):

@@ -144,14 +144,15 @@ def _rule(lay):
             lay.sink_tokens)
 
 
-def block_sparse_forward_layout(q, k, v, lay, *, scale: float, return_lse: bool = False, softcap=None):
+def block_sparse_forward_layout(q, k, v, lay, *, scale: float, return_lse: bool = False, softcap=None, out=None):
     """The C++ kernel on an explicit :class:`~sparse_attn.layout.BlockLayout` (any layout: the
     kernel visits exactly the blocks it lists, with its token rule on the partial ones).
     Returns `out`, or `(out, lse)` with `lse` float32 `(B, Hq, Sq)` (+inf: no visible key).
-    `softcap` (float > 0 or None) caps the scores (contract)."""
+    `softcap` (float > 0 or None) caps the scores (contract). `out`: a `(B, Hq, Sq, Dv)` tensor of
+    q's dtype with a contiguous last dim (any other strides), written in place."""
     out, lse = _ext().block_sparse_fwd(
         q, k, v, lay.full_count, lay.full_index, lay.partial_count, lay.partial_index, lay.token_index,
-        *_rule(lay), float(scale), float(softcap or 0.0))
+        *_rule(lay), float(scale), float(softcap or 0.0), out)
     return (out, lse) if return_lse else out
 
 
@@ -342,6 +343,16 @@ class CpuBlockSparse(VarlenFlash, FlashKernel):
 
     def forward(self, q, k, v, p, layout):
         return block_sparse_forward_layout(q, k, v, layout, scale=p.scale, return_lse=True, softcap=p.softcap)
+
+    #: `Plan.run(out=)` writes the kernel's rows into `out` (e.g. vLLM's output rows): no result
+    #: tensor, no copy; with learned sinks (applied after the kernel) or a strided last dim, a copy
+    writes_out = True
+
+    def run_into(self, q, k, v, p, out, *, gate=None, sink_logits=None):
+        if sink_logits is not None or (out.stride(-1) != 1 and out.shape[-1] > 1):
+            return super().run_into(q, k, v, p, out, gate=gate, sink_logits=sink_logits)
+        block_sparse_forward_layout(q, k, v, self.prepare(q, k, p), scale=p.scale, softcap=p.softcap, out=out)
+        return out
 
     def backward(self, q, k, v, out, lse, dout, p, layout):
         return block_sparse_backward_layout(q, k, v, out, lse, dout, layout, scale=p.scale, softcap=p.softcap)

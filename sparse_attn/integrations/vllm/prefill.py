@@ -4,7 +4,8 @@ Every attention layer of a step sees the same request shapes, so the scheduler's
 ~70 us of host work, 5% of a 1K-token first chunk on 2 cores) is made once per (pattern, shapes,
 dtype, scale, soft-cap, sinks or not) and kept for every later layer and step with those; the plan's
 `run` checks that the call is the one it was made for (`ValueError` otherwise, never a wrong
-kernel). The result is copied into vLLM's `(T, Hq, Dv)` output rows.
+kernel). The kernel writes its result into vLLM's `(T, Hq, Dv)` output rows (`Plan.run(out=)`:
+in place for the CPU kernel, a copy for a kernel without `writes_out` or with learned sinks).
 """
 from __future__ import annotations
 
@@ -31,6 +32,5 @@ def run_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern, opts
         if len(_PLANS) >= MAX_PLANS:
             _PLANS.clear()
         p = _PLANS[key] = plan(q, k, v, pattern, **opts)
-    out = p.run(q, k, v, sink_logits=sinks)
-    out_rows.copy_(out[0].transpose(0, 1))
+    p.run(q, k, v, sink_logits=sinks, out=out_rows.transpose(0, 1)[None])  # the kernel writes vLLM's rows
     return out_rows
