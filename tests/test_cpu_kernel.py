@@ -612,3 +612,35 @@ def test_dense_float32_small_heads_key_block():
         assert pp.kernel.name == KERNEL, pp.explain()
         bf16_amx = qq.dtype == torch.bfloat16 and amx_forward()
         assert pp.kernel.prepare(qq, kk, pp.problem).k_block == (K_BLOCK_AMX if bf16_amx else K_BLOCK)
+
+
+@pytest.mark.parametrize("sq,sk,bs,tk", [(300, 300, 4, 16), (600, 2400, 4, 16), (90, 2400, 4, 40)],
+                         ids=["short_rows", "rows_across_512", "topk_40"])
+def test_topk_select_ties_and_signed_zeros(sq, sk, bs, tk):
+    """The C++ selection's rule on scores with many exact ties (small integers: exact in any summation
+    order), -0 against +0 and a NaN block: the `topk` highest scores, ties to the lower block, NaN
+    first, ascending. Rows short and long (csrc/cpu/topk_select.cpp picks short rows by a bitwise
+    threshold search, long ones by a running top-k)."""
+    from sparse_attn.backends.cpu.kernels import _ext
+    g = torch.Generator().manual_seed(1)
+    d, nb, w = 8, -(-sk // bs), _ext().vector_width
+    q = torch.randint(-2, 3, (1, 1, sq, d), generator=g).float()
+    q[0, 0, ::7] = -torch.rand(d, generator=g).add(1)  # all-negative rows: a zero block scores -0
+    kbar = torch.randint(-3, 4, (nb, d), generator=g).float()
+    kbar[5] = 0.0
+    kbar[nb // 2] = float("nan")
+    kbar_t = torch.zeros(1, 1, d, -(-nb // w) * w)
+    kbar_t[0, 0, :, :nb] = kbar.t()
+    sinks, local = 1, 1
+    got = _ext().topk_select(q, kbar_t, 1, sk, nb, bs, tk, sinks, local)
+    scores = (q[0, 0] @ kbar.t()).nan_to_num(nan=float("inf"))
+    for t in range(sq):
+        hi = min(nb - 1, (sk - sq + t) // bs - local)
+        cand = torch.arange(sinks, max(sinks, hi + 1))
+        row = got[0, 0, t]
+        if len(cand) <= tk:
+            want = cand
+        else:
+            order = torch.sort(-scores[t, cand], stable=True).indices[:tk]  # ties: the lower block first
+            want = torch.sort(cand[order]).values
+        assert torch.equal(row[:len(want)], want.int()) and (row[len(want):] == -1).all(), t

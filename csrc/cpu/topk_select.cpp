@@ -6,8 +6,10 @@
 //   selected:   the `topk` highest-scoring candidates (all of them if fewer), ascending, -1 padded.
 // One task per (batch, kv head, chunk of kRows tokens): the chunk's qbar (kRows x D, float32) times
 // the transposed pooled keys (D x nb_pad, float32, prepared by the caller) over the columns the
-// chunk's last token can see, with vec.h's micro-kernel; then per row a running top-k whose
-// current minimum rejects most candidates 16 (or 8) at a time. Memory per thread: kRows x nb_pad
+// chunk's last token can see, with vec.h's micro-kernel; then per row the top-k: on AVX-512, rows of
+// up to kShortRow candidates by a bitwise search of the k-th largest score (top_w_short: no
+// branches on the data, no sort); longer rows (and other ISAs) by a running top-k whose current
+// minimum rejects most candidates 16 (or 8) at a time. Memory per thread: kRows x nb_pad
 // scores; nothing of size Sq x nblocks or Sq x Sk. Ties keep the lower block index.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -36,10 +38,68 @@ struct SelectParams {
   int32_t* out;      // (B, Hkv, Sq, topk)
 };
 
+#if defined(__AVX512F__)
+// rows of at most this many candidates take top_w_short. Measured against the running top-w alone
+// (topk_select, bf16, Hq 4, Hkv 2, D 64, TopK(16) of 64-key blocks, 2 threads, one process,
+// alternating, 2026-12-06): 4K x 4K keys 1.94x, 4K x 32K 1.57x (rows up to 511 candidates), 512 x 8K
+// 2.3x, 2K x 2K 1.15x; with whole 2047-candidate rows taken this way (1K x 128K) 0.78x, so longer
+// rows keep the running top-w.
+constexpr int64_t kShortRow = 512;
+
+// order-preserving unsigned keys of 16 scores: key(a) < key(b) exactly when a < b (-0 counts as +0,
+// as the float compares of the running top-w count it; NaN never gets here: run_task made it +inf)
+inline __m512i order_key(__m512 x) {
+  const __m512i b = _mm512_castps_si512(_mm512_add_ps(x, _mm512_setzero_ps()));
+  const __m512i flip = _mm512_or_si512(_mm512_srai_epi32(b, 31), _mm512_set1_epi32(INT32_MIN));
+  return _mm512_xor_si512(b, flip);
+}
+
+// the `w` best of a short row s[lo..hi] (w < n = hi - lo + 1 <= kShortRow) -> idx, ascending; the
+// same picks as the running top-w below (score descending, then the lower block). The w-th largest
+// key T is built bit by bit (32 steps of n / 16 compares, no data-dependent branch); the picks are
+// the keys above T and the first ties at T, written in block order by a compress-store (no sort).
+// The running top-w spent ~1500 cycles a row here: each entry a mispredicted branch and a new
+// minimum, then a sort.
+inline void top_w_short(const float* s, int64_t lo, int64_t hi, int64_t w, int32_t* idx) {
+  const int64_t n = hi - lo + 1, nv = (n + 15) / 16;
+  __m512i key[kShortRow / 16];
+  __mmask16 valid[kShortRow / 16];
+  for (int64_t j = 0; j < nv; ++j) {
+    const int64_t left = n - 16 * j;
+    valid[j] = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
+    key[j] = order_key(_mm512_maskz_loadu_ps(valid[j], s + lo + 16 * j));
+  }
+  uint32_t t = 0;  // the largest value with at least w keys >= it: the w-th largest key
+  for (int bit = 31; bit >= 0; --bit) {
+    const uint32_t c = t | (1u << bit);
+    const __m512i vc = _mm512_set1_epi32(static_cast<int>(c));
+    int64_t cnt = 0;
+    for (int64_t j = 0; j < nv; ++j) cnt += __builtin_popcount(_mm512_mask_cmpge_epu32_mask(valid[j], key[j], vc));
+    t = cnt >= w ? c : t;
+  }
+  const __m512i vt = _mm512_set1_epi32(static_cast<int>(t));
+  int64_t ties = w;  // how many keys equal to T are picked (the lowest blocks first)
+  for (int64_t j = 0; j < nv; ++j) ties -= __builtin_popcount(_mm512_mask_cmpgt_epu32_mask(valid[j], key[j], vt));
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int32_t* o = idx;
+  for (int64_t j = 0; j < nv; ++j) {
+    uint32_t pick = _mm512_mask_cmpgt_epu32_mask(valid[j], key[j], vt);
+    for (uint32_t eq = _mm512_mask_cmpeq_epu32_mask(valid[j], key[j], vt); eq != 0 && ties > 0; eq &= eq - 1, --ties)
+      pick |= eq & (0u - eq);
+    _mm512_mask_compressstoreu_epi32(o, static_cast<__mmask16>(pick),
+                                     _mm512_add_epi32(iota, _mm512_set1_epi32(static_cast<int>(lo + 16 * j))));
+    o += __builtin_popcount(pick);
+  }
+}
+#endif
+
 // the `w` best of s[lo..hi] (w < hi - lo + 1) -> idx, ascending. A running top-w: a candidate
 // enters only if it beats the current minimum (about w ln(n / w) entries on random scores), so
 // most of the row is rejected a vector at a time.
 inline void top_w(const float* s, int64_t lo, int64_t hi, int64_t w, float* val, int32_t* idx) {
+#if defined(__AVX512F__)
+  if (hi - lo + 1 <= kShortRow) return top_w_short(s, lo, hi, w, idx);
+#endif
   for (int64_t e = 0; e < w; ++e) val[e] = s[lo + e], idx[e] = static_cast<int32_t>(lo + e);
   auto argmin_scalar = [&]() {
     int64_t a = 0;
