@@ -78,3 +78,21 @@ def test_a_kept_plan_still_checks_its_inputs():
     prefill.run_prefill(q, k, v, sa.Dense(), {"scale": 0.1}, out)
     with pytest.raises(ValueError, match="require grad"):
         prefill.run_prefill(q.detach().requires_grad_(), k, v, sa.Dense(), {"scale": 0.1}, out)
+
+
+@pytest.mark.parametrize("t,s", [(300, 300), (33, 150)], ids=["first_chunk", "later_chunk"])
+def test_inference_calls_take_the_prepared_path(t, s):
+    """As vLLM calls it (grad off): Dense and SlidingWindow run through the plan's `prepared()`
+    re-run, TopK (a selection per call) through `run(out=)`; the same bits as `attention` each."""
+    prefill._PLANS.clear()
+    patterns = [sa.Dense(), sa.SlidingWindow(40, sinks=3), sa.TopK(2, block_size=16)]
+    with torch.inference_mode():
+        for pattern in patterns:
+            q, k, v, out = _call(pattern, t, s)
+            for _ in range(2):  # the first call plans, the second runs the kept entry
+                prefill.run_prefill(q, k, v, pattern, {"scale": 0.2}, out)
+                assert torch.equal(out, sa.attention(q, k, v, pattern, scale=0.2)[0].transpose(0, 1))
+    kept = list(prefill._PLANS.values())
+    # (sizes where the scheduler picks the C++ kernel for Dense: below ~256 bf16 tokens torch's SDPA wins)
+    assert [p.kernel.name for p, _ in kept[:2]] == ["cpu.block_sparse"] * 2
+    assert [fast is not None for _, fast in kept] == [True, True, False]

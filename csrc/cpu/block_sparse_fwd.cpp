@@ -34,6 +34,7 @@
 #include "cpu/flush_to_zero.h"
 #include "cpu/huge_pages.h"
 #include "cpu/layout_check.h"
+#include "cpu/out_check.h"
 #include "cpu/prefetch.h"
 #include "cpu/softcap.h"
 #include "cpu/token_blocks.h"
@@ -799,19 +800,19 @@ std::tuple<torch::Tensor, torch::Tensor> block_sparse_fwd(torch::Tensor q, torch
                                int64_t k_block, bool causal, int64_t window, int64_t sink_tokens, double scale,
                                double softcap, c10::optional<torch::Tensor> out_arg) {
   using namespace sparse_attn_cpu;
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "block_sparse_fwd: q, k, v must be 4-D (B, H, S, D)");
-  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "block_sparse_fwd: CPU tensors only");
+  TORCH_CHECK_VALUE(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "block_sparse_fwd: q, k, v must be 4-D (B, H, S, D)");
+  TORCH_CHECK_VALUE(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "block_sparse_fwd: CPU tensors only");
   const auto dt = q.scalar_type();
-  TORCH_CHECK(dt == torch::kFloat32 || dt == torch::kBFloat16 || dt == torch::kFloat16,
+  TORCH_CHECK_TYPE(dt == torch::kFloat32 || dt == torch::kBFloat16 || dt == torch::kFloat16,
               "block_sparse_fwd: dtype must be float32, bfloat16 or float16, got ", dt);
-  TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt, "block_sparse_fwd: q, k, v must share one dtype");
+  TORCH_CHECK_TYPE(k.scalar_type() == dt && v.scalar_type() == dt, "block_sparse_fwd: q, k, v must share one dtype");
   TORCH_CHECK(q_block > 0 && k_block > 0, "block_sparse_fwd: q_block and k_block must be positive");
   TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, "block_sparse_fwd: softcap must be finite and >= 0 (0: off)");
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(3), Hkv = k.size(1), Dv = v.size(3);
-  TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == Hkv && k.size(3) == D,
+  TORCH_CHECK_VALUE(k.size(0) == B && v.size(0) == B && v.size(1) == Hkv && k.size(3) == D,
               "block_sparse_fwd: q, k, v shapes disagree");
-  TORCH_CHECK(q.size(2) == sq && k.size(2) == sk && v.size(2) == sk, "block_sparse_fwd: lengths disagree with sq/sk");
-  TORCH_CHECK(sq >= 0 && sk >= 0 && (!causal || sq <= sk), "block_sparse_fwd: need Sq <= Sk for a causal rule");
+  TORCH_CHECK_VALUE(q.size(2) == sq && k.size(2) == sk && v.size(2) == sk, "block_sparse_fwd: lengths disagree with sq/sk");
+  TORCH_CHECK_VALUE(sq >= 0 && sk >= 0 && (!causal || sq <= sk), "block_sparse_fwd: need Sq <= Sk for a causal rule");
   // out: the caller's (B, Hq, Sq, Dv) rows (any strides but a contiguous feature dim, e.g. a view of
   // a server's (T, Hq, Dv) output buffer), written in place; otherwise a new tensor
   torch::Tensor out;
@@ -825,12 +826,17 @@ std::tuple<torch::Tensor, torch::Tensor> block_sparse_fwd(torch::Tensor q, torch
     TORCH_CHECK_VALUE(out.device().is_cpu(), "block_sparse_fwd: out must be a CPU tensor");
     TORCH_CHECK_VALUE(out.stride(3) == 1 || Dv <= 1, "block_sparse_fwd: out's last dim must be contiguous (stride 1), got ",
                       out.stride(3));
+    // threads write rows while others read q, k, v; a stride-0 dim would have two threads write one element
+    TORCH_CHECK_VALUE(!has_zero_stride(out), "block_sparse_fwd: out must not have a stride-0 dim (an expanded view), "
+                      "got strides ", out.strides());
+    TORCH_CHECK_VALUE(!spans_overlap(out, q) && !spans_overlap(out, k) && !spans_overlap(out, v),
+                      "block_sparse_fwd: out must not share memory with q, k or v");
   } else {
     out = sparse_attn_cpu::empty_huge({B, Hq, sq, Dv}, q.options(), true);
   }
   auto lse = torch::full({B, Hq, sq}, std::numeric_limits<float>::infinity(), q.options().dtype(torch::kFloat32));
   if (B == 0 || Hq == 0 || sq == 0) return {out, lse};
-  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "block_sparse_fwd: Hq must be a multiple of Hkv");
+  TORCH_CHECK_VALUE(Hkv > 0 && Hq % Hkv == 0, "block_sparse_fwd: Hq must be a multiple of Hkv");
 
   // query tiles at absolute positions (floor division: Sq > Sk is allowed without a causal rule)
   const int64_t off = sk - sq;

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "cpu/decode_plan.h"
+#include "cpu/out_check.h"
 #include "cpu/quant_rows.h"
 #include "cpu/stream_ahead.h"
 #include "cpu/target_check.h"
@@ -184,16 +185,7 @@ static std::tuple<torch::Tensor, torch::Tensor> decode_impl(const DecodeArgs& a,
                 "decode_fwd: out must be a contiguous CPU ", dt, " (", B, ", ", Hq, ", ", sq, ", ", Dv, ") tensor, got ",
                 out.scalar_type(), " ", out.sizes());
     // q's rows are read while other heads' results are written: they must not share memory
-    auto span = [](const torch::Tensor& t) {
-      const char* p = static_cast<const char*>(t.data_ptr());
-      int64_t last = 0;
-      for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
-      return std::make_pair(p, p + (last + 1) * t.element_size());
-    };
-    if (out.numel() > 0 && q.numel() > 0) {
-      const auto o = span(out), i = span(q);
-      TORCH_CHECK(o.second <= i.first || i.second <= o.first, "decode_fwd: out must not overlap q");
-    }
+    TORCH_CHECK(!sparse_attn_cpu::spans_overlap(out, q), "decode_fwd: out must not overlap q");
   } else {
     out = torch::empty({B, Hq, sq, Dv}, q.options());
   }

@@ -13,7 +13,7 @@ EXTENSIONS = {
         "sources": ["cpu/block_sparse_fwd.cpp", "cpu/block_sparse_bwd.cpp", "cpu/topk_select.cpp"],
         "headers": ["cpu/vec.h", "cpu/vec_bf16.h", "cpu/scalar.h", "cpu/layout_check.h", "cpu/token_blocks.h",
                     "cpu/huge_pages.h", "cpu/target_check.h", "cpu/vec_bf16_neon.h", "cpu/softcap.h", "cpu/prefetch.h",
-                    "cpu/amx.h", "cpu/gemm_amx.h", "cpu/flush_to_zero.h"],
+                    "cpu/amx.h", "cpu/gemm_amx.h", "cpu/flush_to_zero.h", "cpu/out_check.h"],
         "cflags": ["-fopenmp"],
         "ldflags": ["-fopenmp"],
         # only in JIT builds, which run where they are built
@@ -27,7 +27,7 @@ EXTENSIONS = {
                     "cpu/decode_rows.h", "cpu/decode_f32.h", "cpu/decode_f32_avx512.h", "cpu/decode_softmax.h", "cpu/target_check.h",
                     "cpu/vec_bf16_neon.h", "cpu/decode_bf16_neon.h", "cpu/quant_rows.h", "cpu/decode_quant.h",
                     "cpu/softcap.h", "cpu/prefetch.h", "cpu/reuse_clock.h", "cpu/score_tree.h", "cpu/stream_ahead.h",
-                    "cpu/flush_to_zero.h"],
+                    "cpu/flush_to_zero.h", "cpu/out_check.h"],
         "cflags": ["-fopenmp"],
         "ldflags": ["-fopenmp"],
         "jit_cflags": ["-march=native"],

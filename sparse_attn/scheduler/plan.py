@@ -39,6 +39,18 @@ class Plan:
         self.problem.check_out(out, q, k, v, gate=gate, sink_logits=sink_logits)
         return self.kernel.run_into(q, k, v, self.problem, out, gate=gate, sink_logits=sink_logits)
 
+    def prepared(self):
+        """A lighter re-run of this plan for a loop that runs the same call many times (every layer
+        of a served model): an object whose `run(q, k, v, out)` calls the chosen kernel's binding
+        with the plan's fixed arguments (the layout of a Dense / SlidingWindow pattern, scale,
+        softcap) and writes `out` `(B, Hq, Sq, Dv)` in place, the binding checking the tensors
+        (shapes, dtypes, `out` apart from the inputs); None when the kernel has none for this
+        problem (`CpuBlockSparse.prepared_forward`: a selection, sinks, autograd). The plan's choice stands
+        (`explain()`); inference only: the caller keeps the call the plan was made for (the vLLM
+        backend: one per request shape, grad disabled)."""
+        make = getattr(self.kernel, "prepared_forward", None)
+        return None if make is None or self.problem.requires_grad else make(self.problem)
+
     def explain(self) -> str:
         lines = [f"problem: {self.problem.describe()}",
                  f"request: backend={self.backend_request!r}; chosen: {self.kernel.name}"]

@@ -98,7 +98,8 @@ class Problem:
 
     def check_out(self, out, q, k, v, *, gate=None, sink_logits=None) -> None:
         """Raise unless `out` can receive this problem's result (`Plan.run(out=)`): a tensor of
-        shape `(B, Hq, Sq, Dv)`, q's dtype and device, sharing no memory with the inputs, and an
+        shape `(B, Hq, Sq, Dv)`, q's dtype and device, sharing no memory with the inputs, no element
+        reached twice (no stride-0 dim), and an
         inference call (autograd does not track a result written into `out`)."""
         _need_tensor("out", out)
         want = (self.batch, self.q_heads, self.sq, self.v_head_dim)
@@ -111,6 +112,9 @@ class Problem:
         if torch.is_grad_enabled() and (out.requires_grad or any(
                 t is not None and t.requires_grad for t in (q, k, v, gate, sink_logits))):
             raise ValueError("out= is for inference: the inputs (or out) require grad; call run() without out")
+        if any(n > 1 and st == 0 for n, st in zip(out.shape, out.stride())):
+            raise ValueError(f"out must not have a stride-0 dim (an expanded view writes one element for many "
+                             f"positions), got strides {tuple(out.stride())}")
         mem = out.untyped_storage().data_ptr()
         for name, t in (("q", q), ("k", k), ("v", v), ("gate", gate)):
             if t is not None and t.untyped_storage().data_ptr() == mem and _overlap(out, t):

@@ -156,6 +156,25 @@ def block_sparse_forward_layout(q, k, v, lay, *, scale: float, return_lse: bool 
     return (out, lse) if return_lse else out
 
 
+class PreparedForward:
+    """`cpu.block_sparse`'s forward for one inference problem whose layout depends on the shapes
+    only (Dense, SlidingWindow), with the layout, token rule, scale and softcap filled in once:
+    `run(q, k, v, out)` calls the binding, which checks the call (ranks, shapes against the
+    layout's lengths, dtypes, CPU tensors, `out`'s shape, dtype and contiguous last dim, `out`
+    apart from q, k and v) and writes the rows into `out`: no Python validation, no layout
+    lookup. Made by `CpuBlockSparse.prepared_forward` (through `Plan.prepared`) for a serving loop that
+    runs one request shape through every layer (integrations/vllm); `Plan.run` keeps the full
+    validation. Keeps no call's tensors."""
+
+    def __init__(self, lay, *, scale: float, softcap):
+        self._args = (lay.full_count, lay.full_index, lay.partial_count, lay.partial_index, lay.token_index,
+                      *_rule(lay), float(scale), float(softcap or 0.0))
+        self._fwd = _ext().block_sparse_fwd
+
+    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> None:
+        self._fwd(q, k, v, *self._args, out)
+
+
 def block_sparse_backward_layout(q, k, v, out, lse, dout, lay, *, scale: float, mode: int = 0, softcap=None):
     """The C++ backward over `lay` (the forward's layout). Returns (dq, dk, dv) in the inputs' dtypes.
 
@@ -353,6 +372,16 @@ class CpuBlockSparse(VarlenFlash, FlashKernel):
             return super().run_into(q, k, v, p, out, gate=gate, sink_logits=sink_logits)
         block_sparse_forward_layout(q, k, v, self.prepare(q, k, p), scale=p.scale, softcap=p.softcap, out=out)
         return out
+
+    def prepared_forward(self, p):
+        """A `PreparedForward` for the problem `p`, or None where a call needs more than the
+        binding's (a selection: TopK, InfLLMv2; BlockSparse's layout is the caller's data; learned
+        sinks, applied after the kernel; autograd; packed varlen)."""
+        if (not isinstance(p.pattern, (Dense, SlidingWindow)) or p.sinks or p.requires_grad or p.varlen
+                or p.is_empty):
+            return None
+        lay = _static_layout(p.pattern, p.sq, p.sk, dense_q_block(p.group), dense_k_block(p) or K_BLOCK)
+        return PreparedForward(lay, scale=p.scale, softcap=p.softcap)
 
     def backward(self, q, k, v, out, lse, dout, p, layout):
         return block_sparse_backward_layout(q, k, v, out, lse, dout, layout, scale=p.scale, softcap=p.softcap)
