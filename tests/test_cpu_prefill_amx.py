@@ -54,12 +54,14 @@ def test_against_float64(products, case, kind):
     _check(out, q, k, v, pattern)
 
 
-@pytest.mark.parametrize("hq,hkv,sq,sk", [(4, 2, 1000, 1000), (4, 4, 517, 517), (8, 2, 301, 1090), (2, 1, 64, 640)],
+@pytest.mark.parametrize("hq,hkv,sq,sk", [(4, 2, 1000, 1000), (4, 4, 517, 517), (8, 2, 301, 1090), (2, 1, 64, 640),
+                                         (4, 2, 50, 50), (4, 2, 20, 90)],
                          ids=lambda x: str(x))
 def test_causal_diagonal_blocks(products, hq, hkv, sq, sk):
     """A causal diagonal block on the tiles runs 32 rows at a time over the keys each group's
     last row sees (rounded up to 32): groups of GQA 1 / 2 / 4 positions, tiles of 64 and 128
-    positions, query tiles that start inside a key block (Sq < Sk) and a last block of few keys."""
+    positions, query tiles that start inside a key block (Sq < Sk) and a last block of few keys
+    (a whole sequence shorter than one block, 50 and 90 keys: the short block on the tiles)."""
     q, k, v = make_qkv_for(sa.Dense(), 1, hq, hkv, sq, sk, 64, dtype=torch.bfloat16)
     _check(sa.attention(q, k, v, sa.Dense(), backend="cpu"), q, k, v, sa.Dense())
 

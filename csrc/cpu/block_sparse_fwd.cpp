@@ -521,10 +521,13 @@ class TaskRunner {
     // TopK's per-token blocks): the row's softmax in two reads of its scores, the bf16
     // probabilities written directly (the general path's arithmetic, below)
     const bool plain = !masked && nk == kbp && !(P.cap > 0.f);
-    // a causal diagonal block (whole, no window, no soft-capping) whose every row sees at least its
-    // first key: on the tiles, the plain rows' arithmetic over each row's visible keys, the hidden
-    // ones set to -inf (their probabilities 0), where the masked path below takes five passes
-    const bool diag = amx_ && masked && P.causal && P.window < 0 && nk == kbp && !(P.cap > 0.f) && p_lo_ >= j0;
+    // a causal diagonal block (no window, no soft-capping) whose every row sees at least its first
+    // key: on the tiles, the plain rows' arithmetic over each row's visible keys, the hidden ones
+    // and the columns past the block's nk keys set to -inf (their probabilities 0), where the
+    // masked path below takes five passes. A short block (the sequence's last, nk < kbp) too: its
+    // P . V product stops at its nk keys, so no V row past them is read (at 64 tokens, one such
+    // block, the masked path took ~60% of the call)
+    const bool diag = amx_ && masked && P.causal && P.window < 0 && !(P.cap > 0.f) && p_lo_ >= j0;
     // the scores' scale still to apply: 1, or scale * log2 e after the AMX products
     const float smul = amx_ ? P.qmul : 1.f;
     // a diagonal block goes 32 rows (one group of the tiles) at a time, each group's products and
@@ -538,7 +541,7 @@ class TaskRunner {
       if (diag) {
         int64_t seen = 0;
         for (int64_t i = 0; i < rows; ++i) seen = std::max(seen, p_lo_ + rid[c0 + i] / P.G - j0 + 1);
-        width = std::min(kbp, (seen + 31) / 32 * 32);
+        width = std::min(kbp, (std::min(seen, nk) + 31) / 32 * 32);
       }
 #ifdef SPARSE_ATTN_AMX
       // unscaled (the tiles store them where they go); the plain path scales in its exponentials,
@@ -556,7 +559,7 @@ class TaskRunner {
         int32_t vis[kRowChunk];  // diag: each row's visible keys (a causal row sees j <= p)
         if (diag)
           for (int64_t i = 0; i < rows; ++i) {
-            const int64_t c = std::min(width, p_lo_ + rid[c0 + i] / P.G - j0 + 1);
+            const int64_t c = std::min({width, nk, p_lo_ + rid[c0 + i] / P.G - j0 + 1});
             vis[i] = static_cast<int32_t>(c);
             std::fill(sp[i] + c, sp[i] + width, kNegInf);
           }
@@ -608,7 +611,7 @@ class TaskRunner {
           for (int64_t i = 0; i < rows; ++i) floats_to_bf16_pairs(S.pw.data() + i * kbp / 2, sp[i], kbp);
 #ifdef SPARSE_ATTN_AMX
         if (amx_) {
-          gemm_amx<true>(rows, P.Dv_pad, diag ? width / 2 : (nk + 1) / 2, S.pwp.data(), vp_, P.Dv_pad, op + c0, corr,
+          gemm_amx<true>(rows, P.Dv_pad, diag ? std::min(width, nk + 1) / 2 : (nk + 1) / 2, S.pwp.data(), vp_, P.Dv_pad, op + c0, corr,
                          1.f, S.ax);
           continue;
         }
