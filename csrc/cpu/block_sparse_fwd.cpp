@@ -251,8 +251,10 @@ struct Scratch {
   GemmAmxScratch ax;  // gemm_amx's copies and read-back
 #endif
 
-  Scratch(const Params& P, bool bf16_dot) {
-    const int64_t R = P.q_block * P.G, RC = std::min(R, kRowChunk);
+  // tile_rows: the most query positions one task holds (a tile's, or fewer: a short sequence's);
+  // the buffers are zero-filled per call, which at 64 tokens and 128-row tiles was ~15% of it
+  Scratch(const Params& P, bool bf16_dot, int64_t tile_rows) {
+    const int64_t R = std::max<int64_t>(tile_rows, 1) * P.G, RC = std::min(R, kRowChunk);
     if (bf16_dot) {
       const int64_t Dw = (P.D + 1) / 2;
       qw.assign(R * Dw, 0u);
@@ -751,7 +753,7 @@ void run_all(const Params& P, const void* q, const void* k, const void* v, OutT*
       if (begin >= end) return;
       FlushToZero ftz;
       TileScope tiles(amx);
-      Scratch S(P, Runner::kDot);
+      Scratch S(P, Runner::kDot, std::min(P.q_block, P.sq));  // a task's rows: within one tile and Sq
       Runner runner(P, Q, K, V, out, lse, amx);
       if (W > 0) runner.use(&pre);
       for (;;) {
@@ -783,7 +785,7 @@ void run_varlen(const Params& P0, const std::vector<Params>& PS, const std::vect
     if (begin >= end) return;
     FlushToZero ftz;
     TileScope tiles(amx);
-    Scratch S(P0, TaskRunner<DT, OutT>::kDot);
+    Scratch S(P0, TaskRunner<DT, OutT>::kDot, P0.q_block);
     for (int64_t t; (t = next.fetch_add(1)) < total;) {
       const auto& w = tasks[t];
       const Params& P = PS[w[0]];
