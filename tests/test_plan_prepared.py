@@ -64,7 +64,8 @@ def test_no_prepared_call_where_a_call_needs_more():
     assert sa.plan(q, k, v, sa.TopK(2, block_size=16), backend="cpu").prepared() is None  # a selection per call
     infllmv2 = sa.InfLLMv2(topk=2, block_size=32, kernel_size=32, kernel_stride=16, local_blocks=1, dense_len=0)
     assert sa.plan(q, k, v, infllmv2, backend="cpu").prepared() is None
-    assert sa.plan(q, k, v, sa.Dense(), sink_logits=torch.zeros(4), backend="cpu").prepared() is None  # sinks apply after
+    sinks = torch.zeros(4)  # learned sinks apply after the kernel
+    assert sa.plan(q, k, v, sa.Dense(), sink_logits=sinks, backend="cpu").prepared() is None
     qg = q.clone().requires_grad_()
     assert sa.plan(qg, k, v, sa.Dense(), backend="cpu").prepared() is None  # autograd
     assert sa.plan(q, k, v, sa.Dense(), backend="reference").prepared() is None  # a kernel without one

@@ -45,9 +45,9 @@ class Plan:
         with the plan's fixed arguments (the layout of a Dense / SlidingWindow pattern, scale,
         softcap) and writes `out` `(B, Hq, Sq, Dv)` in place, the binding checking the tensors
         (shapes, dtypes, `out` apart from the inputs); None when the kernel has none for this
-        problem (`CpuBlockSparse.prepared_forward`: a selection, sinks, autograd). The plan's choice stands
-        (`explain()`); inference only: the caller keeps the call the plan was made for (the vLLM
-        backend: one per request shape, grad disabled)."""
+        problem (`CpuBlockSparse.prepared_forward`: a selection, sinks, autograd). The plan's
+        choice stands (`explain()`); inference only: the caller keeps the call the plan was made
+        for (the vLLM backend: one per request shape, grad disabled)."""
         make = getattr(self.kernel, "prepared_forward", None)
         return None if make is None or self.problem.requires_grad else make(self.problem)
 

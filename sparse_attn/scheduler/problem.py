@@ -99,8 +99,8 @@ class Problem:
     def check_out(self, out, q, k, v, *, gate=None, sink_logits=None) -> None:
         """Raise unless `out` can receive this problem's result (`Plan.run(out=)`): a tensor of
         shape `(B, Hq, Sq, Dv)`, q's dtype and device, sharing no memory with the inputs, no element
-        reached twice (no stride-0 dim), and an
-        inference call (autograd does not track a result written into `out`)."""
+        reached twice (no stride-0 dim), and an inference call (autograd does not track a result
+        written into `out`)."""
         _need_tensor("out", out)
         want = (self.batch, self.q_heads, self.sq, self.v_head_dim)
         if tuple(out.shape) != want:

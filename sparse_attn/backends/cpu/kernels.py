@@ -161,10 +161,10 @@ class PreparedForward:
     only (Dense, SlidingWindow), with the layout, token rule, scale and softcap filled in once:
     `run(q, k, v, out)` calls the binding, which checks the call (ranks, shapes against the
     layout's lengths, dtypes, CPU tensors, `out`'s shape, dtype and contiguous last dim, `out`
-    apart from q, k and v) and writes the rows into `out`: no Python validation, no layout
-    lookup. Made by `CpuBlockSparse.prepared_forward` (through `Plan.prepared`) for a serving loop that
-    runs one request shape through every layer (integrations/vllm); `Plan.run` keeps the full
-    validation. Keeps no call's tensors."""
+    apart from q, k and v, no stride-0 dim) and writes the rows into `out`: no Python validation,
+    no layout lookup. Made by `CpuBlockSparse.prepared_forward` (through `Plan.prepared`) for a
+    serving loop that runs one request shape through every layer (integrations/vllm); `Plan.run`
+    keeps the full validation. Keeps no call's tensors."""
 
     def __init__(self, lay, *, scale: float, softcap):
         self._args = (lay.full_count, lay.full_index, lay.partial_count, lay.partial_index, lay.token_index,
