@@ -277,6 +277,11 @@ class CpuBlockSparse(VarlenFlash, FlashKernel):
     #: 2026-12-06, where torch's SDPA through reference.sdpa took 58 / 82 us); TopK adds its
     #: selection's PyTorch calls (~250 us at decode)
     overhead_s = 45e-6
+    #: calls of at most `step_rows` query rows after earlier keys (Sq < Sk: decode steps, a few
+    #: speculative rows): their key length grows every step, so each builds its layout anew,
+    #: uncached; cpu.decode (at most 16 rows) competes for them
+    step_overhead_s = 100e-6
+    step_rows = 16
     topk_overhead_s = 250e-6
 
     def unavailable(self):
@@ -357,7 +362,8 @@ class CpuBlockSparse(VarlenFlash, FlashKernel):
             fused = tasks >= threads and tasks >= 0.8 * (-(-tasks // threads) * threads)
             bwd = self.backward_factor_fused if fused else self.backward_factor
         work = max(compute, memory) * (1.0 + bwd)
-        return work + select + self.overhead_s
+        step = p.sq <= self.step_rows and p.sq < p.sk
+        return work + select + (self.step_overhead_s if step else self.overhead_s)
 
     def prepare(self, q, k, p):
         return cpu_layout(q.detach(), k.detach(), p.pattern, k_block=dense_k_block(p))
