@@ -82,13 +82,19 @@ def _static_layout(pattern, sq: int, sk: int, q_block: int | None, k_block: int 
                         device="cpu")
 
 
+def _tiles(pattern, hq: int, hkv: int, q_block, k_block):
+    """The (q_block, k_block) a layout of `pattern` is built with: Dense / SlidingWindow default to
+    `dense_q_block` of the GQA group and K_BLOCK; the block patterns keep their own (None)."""
+    if not isinstance(pattern, (BlockSparse, TopK, InfLLMv2)):
+        return q_block or dense_q_block(hq // max(hkv, 1)), k_block or K_BLOCK
+    return q_block, k_block
+
+
 def cpu_layout(q, k, pattern, *, q_block: int | None = None, k_block: int | None = None):
     """The BlockLayout the C++ kernel runs for `pattern` (with TopK's per-token selection)."""
     b, hq, sq, _ = q.shape
     hkv, sk = k.shape[1], k.shape[2]
-    if not isinstance(pattern, (BlockSparse, TopK, InfLLMv2)):
-        q_block = q_block or dense_q_block(hq // max(hkv, 1))
-        k_block = k_block or K_BLOCK
+    q_block, k_block = _tiles(pattern, hq, hkv, q_block, k_block)
     if isinstance(pattern, BlockSparse):  # data: not cached
         return build_layout(pattern, batch=b, kv_heads=hkv, sq=sq, sk=sk, q_block=q_block, k_block=k_block,
                             device=q.device)
@@ -388,7 +394,7 @@ class CpuBlockSparse(VarlenFlash, FlashKernel):
         if (not isinstance(p.pattern, (Dense, SlidingWindow)) or p.sinks or p.requires_grad or p.varlen
                 or p.is_empty):
             return None
-        lay = _static_layout(p.pattern, p.sq, p.sk, dense_q_block(p.group), dense_k_block(p) or K_BLOCK)
+        lay = _static_layout(p.pattern, p.sq, p.sk, *_tiles(p.pattern, p.q_heads, p.kv_heads, None, dense_k_block(p)))
         return PreparedForward(lay, scale=p.scale, softcap=p.softcap)
 
     def backward(self, q, k, v, out, lse, dout, p, layout):
