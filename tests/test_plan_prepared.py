@@ -47,6 +47,30 @@ def test_prepared_gives_run_bits_and_the_float64_evaluation(pattern, softcap, t,
     assert torch.equal(out, p.run(q2, k2, v2))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("t,s", [(77, 77), (33, 150)], ids=["prefill", "sq_lt_sk"])
+def test_prepared_reads_token_major_rows(t, s, dtype):
+    """q, k, v and out as a server holds them, `(S, H, D)` rows (here strided: K and V side by side
+    in one buffer, out inside a larger one): run()'s bits on the `(1, H, S, D)` views."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(t, 4, 32, generator=g).to(dtype)
+    kv = torch.randn(s, 2, 2, 32, generator=g).to(dtype)  # (S, Hkv, K|V, D)
+    k, v = kv[:, :, 0], kv[:, :, 1]
+    heads = [x.transpose(0, 1)[None] for x in (q, k, v)]
+    p = sa.plan(*heads, sa.SlidingWindow(40, sinks=2), scale=0.2, backend="cpu")
+    fast = p.prepared()
+    buf = torch.full((t + 2, 4, 32), float("nan"), dtype=dtype)
+    fast.run(q, k, v, buf[1:t + 1])
+    assert torch.equal(buf[1:t + 1], p.run(*heads)[0].transpose(0, 1))
+    assert buf[0].isnan().all() and buf[-1].isnan().all()
+    with pytest.raises(ValueError, match=r"out must be \(Sq, Hq, Dv\)"):
+        fast.run(q, k, v, buf[1:t + 1].transpose(0, 1)[None])  # 3-D inputs take 3-D rows
+    with pytest.raises(ValueError, match="4-D .* or all 3-D"):
+        fast.run(q, *heads[1:], buf[1:t + 1])  # one layout for all three
+    with pytest.raises(ValueError, match="share memory"):
+        fast.run(q, k, v, kv.view(s, 4, 32)[:t])  # rows over K and V's buffer
+
+
 def test_topk_covering_every_causal_key_is_prepared_as_dense():
     q, k, v = _inputs(90, 90)
     pattern = sa.TopK(8, block_size=16)  # 6 blocks: every query sees all its causal blocks

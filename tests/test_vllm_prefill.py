@@ -16,13 +16,26 @@ from sparse_attn.integrations.vllm import prefill
 
 
 def _call(pattern, t, s, *, hq=4, hkv=2, d=32, dtype=torch.bfloat16, seed=0, **opts):
+    """As the plugin calls it: vLLM's query rows (T, Hq, D); a first chunk's new key rows (S, Hkv,
+    D), or a later chunk's keys gathered from the pages (1, Hkv, S, D); NaN output rows."""
     g = torch.Generator().manual_seed(seed)
-    qrows = torch.randn(t, hq, d, generator=g).to(dtype)  # vLLM's query rows (T, Hq, D)
-    q = qrows.transpose(0, 1)[None]
-    k = torch.randn(1, hkv, s, d, generator=g).to(dtype)
-    v = torch.randn(1, hkv, s, d, generator=g).to(dtype)
+    q = torch.randn(t, hq, d, generator=g).to(dtype)
+    k = torch.randn(s, hkv, d, generator=g).to(dtype)
+    v = torch.randn(s, hkv, d, generator=g).to(dtype)
+    if t != s:
+        k, v = _heads(k), _heads(v)
     out = torch.full((t, hq, d), float("nan"), dtype=dtype)
     return q, k, v, out
+
+
+def _heads(t):
+    """(S, H, D) rows as (1, H, S, D); 4-D as it is."""
+    return t.transpose(0, 1)[None] if t.dim() == 3 else t
+
+
+def _attention(q, k, v, pattern, **opts):
+    """`sa.attention` on the call's tensors, as (T, Hq, Dv) rows."""
+    return sa.attention(_heads(q), _heads(k), _heads(v), pattern, **opts)[0].transpose(0, 1)
 
 
 @pytest.mark.parametrize("pattern", [sa.Dense(), sa.TopK(2, block_size=16), sa.SlidingWindow(40, sinks=3)],
@@ -33,12 +46,12 @@ def test_same_bits_as_attention_and_close_to_float64(pattern, t, s):
     opts = {"scale": 0.2}
     got = prefill.run_prefill(q, k, v, pattern, opts, out)
     assert got is out
-    want = sa.attention(q, k, v, pattern, **opts)[0].transpose(0, 1)
-    assert torch.equal(out, want)
-    ref = sa.attention(q.double(), k.double(), v.double(), pattern, backend="reference", **opts)
+    assert torch.equal(out, _attention(q, k, v, pattern, **opts))
+    q4, k4, v4 = _heads(q), _heads(k), _heads(v)
+    ref = sa.attention(q4.double(), k4.double(), v4.double(), pattern, backend="reference", **opts)
     if not isinstance(pattern, sa.TopK):  # TopK's selection may hang on rounding: bits above suffice
         oracle.assert_close_contract(out.transpose(0, 1)[None], ref, dtype=torch.bfloat16, device="cpu",
-                                     lowp_baseline=oracle.masked_attention_in_dtype(q, k, v, pattern, scale=0.2))
+                                     lowp_baseline=oracle.masked_attention_in_dtype(q4, k4, v4, pattern, scale=0.2))
 
 
 def test_one_plan_per_shape_and_options():
@@ -54,7 +67,7 @@ def test_one_plan_per_shape_and_options():
     prefill.run_prefill(q, k, v, pattern, {"scale": 0.1, "softcap": 5.0}, out)
     sinks = torch.randn(4)
     prefill.run_prefill(q, k, v, pattern, {"scale": 0.1, "sink_logits": sinks}, out)
-    assert torch.equal(out, sa.attention(q, k, v, pattern, scale=0.1, sink_logits=sinks)[0].transpose(0, 1))
+    assert torch.equal(out, _attention(q, k, v, pattern, scale=0.1, sink_logits=sinks))
     q2, k2, v2, out2 = _call(pattern, 51, 51)  # another length
     prefill.run_prefill(q2, k2, v2, pattern, {"scale": 0.1}, out2)
     assert len(prefill._PLANS) == 5
@@ -66,7 +79,7 @@ def test_plans_are_bounded(monkeypatch):
     for t in (10, 11, 12):
         q, k, v, out = _call(sa.Dense(), t, t)
         prefill.run_prefill(q, k, v, sa.Dense(), {"scale": 0.1}, out)
-        assert torch.equal(out, sa.attention(q, k, v, sa.Dense(), scale=0.1)[0].transpose(0, 1))
+        assert torch.equal(out, _attention(q, k, v, sa.Dense(), scale=0.1))
     assert len(prefill._PLANS) <= 2
 
 
@@ -91,8 +104,7 @@ def test_inference_calls_take_the_prepared_path(t, s):
             q, k, v, out = _call(pattern, t, s)
             for _ in range(2):  # the first call plans, the second runs the kept entry
                 prefill.run_prefill(q, k, v, pattern, {"scale": 0.2}, out)
-                assert torch.equal(out, sa.attention(q, k, v, pattern, scale=0.2)[0].transpose(0, 1))
+                assert torch.equal(out, _attention(q, k, v, pattern, scale=0.2))
     kept = list(prefill._PLANS.values())
-    # (sizes where the scheduler picks the C++ kernel for Dense: below ~256 bf16 tokens torch's SDPA wins)
     assert [p.kernel.name for p, _ in kept[:2]] == ["cpu.block_sparse"] * 2
     assert [fast is not None for _, fast in kept] == [True, True, False]

@@ -26,6 +26,8 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <limits>
+#include <memory>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -252,7 +254,7 @@ struct Scratch {
 #endif
 
   // tile_rows: the most query positions one task holds (a tile's, or fewer: a short sequence's);
-  // the buffers are zero-filled per call, which at 64 tokens and 128-row tiles was ~15% of it
+  // zero-filled when made (thread_scratch keeps one per thread between calls)
   Scratch(const Params& P, bool bf16_dot, int64_t tile_rows) {
     const int64_t R = std::max<int64_t>(tile_rows, 1) * P.G, RC = std::min(R, kRowChunk);
     if (bf16_dot) {
@@ -280,7 +282,39 @@ struct Scratch {
     sp.resize(RC);
     for (int64_t i = 0; i < RC; ++i) sp[i] = s.data() + i * P.kb_pad;
   }
+
+  // every value word NaN (tests: poison_scratch): what a call reads before writing would show
+  void poison() {
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    for (auto* b : {&q, &o, &s, &kt, &v, &m, &l, &corr}) std::fill(b->begin(), b->end(), nan);
+    for (auto* b : {&qw, &kp, &vp, &pw}) std::fill(b->begin(), b->end(), 0x7fc07fc0u);  // two bf16 NaNs
+#ifdef SPARSE_ATTN_AMX
+    ax.poison();
+#endif
+  }
 };
+
+// Poison the kept scratch of every thread with NaN before its next use (tests/test_cpu_scratch.py)
+inline std::atomic<int>& scratch_poison() {
+  static std::atomic<int> on{0};
+  return on;
+}
+
+// The calling thread's Scratch for `P`, kept between calls while its sizes stay the same: made anew
+// for every call (allocated, zero-filled), it was ~10% of a 64-token bf16 call. Reuse is safe
+// because no product reads a word the call did not write first: the score columns past a block's
+// keys are set to -inf after the product, the bf16 V rows past them are zero pairs written by the
+// block's load, gemm_amx copies an inner tail with zero rows, and Q, O, m, l are set per task.
+// Within one call the same buffers already pass from task to task; the tests poison them with NaN
+// between calls (scratch_poison) and compare bits.
+inline Scratch& thread_scratch(const Params& P, bool bf16_dot, int64_t tile_rows) {
+  thread_local std::unique_ptr<Scratch> kept;
+  thread_local std::array<int64_t, 5> key{};
+  const std::array<int64_t, 5> want{bf16_dot ? 1 : 0, std::max<int64_t>(tile_rows, 1) * P.G, P.D, P.kb_pad, P.Dv_pad};
+  if (!kept || key != want) kept = std::make_unique<Scratch>(P, bf16_dot, tile_rows), key = want;
+  if (scratch_poison().load(std::memory_order_relaxed)) kept->poison();
+  return *kept;
+}
 
 // The packed K / V blocks (load_block_bf16's or load_block_f32's layouts) of a range [bh0, bh1) of
 // (batch, kv head) pairs, made once per call where the layout visits each block from several query
@@ -402,7 +436,8 @@ class TaskRunner {
         const int64_t orow = ((b * P.Hq + h * G + g) * P.sq) + t_lo + r;
         OutT* dst = O + b * P.ost[0] + (h * G + g) * P.ost[1] + (t_lo + r) * P.ost[2];
         for (int64_t t = 0; t < P.Dv; ++t) dst[t] = static_cast<OutT>(src[t] * inv);
-        L[orow] = seen ? kLn2 * (S.m[row] + std::log2(S.l[row])) : std::numeric_limits<float>::infinity();
+        if (L != nullptr)
+          L[orow] = seen ? kLn2 * (S.m[row] + std::log2(S.l[row])) : std::numeric_limits<float>::infinity();
       }
   }
 
@@ -753,7 +788,7 @@ void run_all(const Params& P, const void* q, const void* k, const void* v, OutT*
       if (begin >= end) return;
       FlushToZero ftz;
       TileScope tiles(amx);
-      Scratch S(P, Runner::kDot, std::min(P.q_block, P.sq));  // a task's rows: within one tile and Sq
+      Scratch& S = thread_scratch(P, Runner::kDot, std::min(P.q_block, P.sq));  // a task's rows: one tile, Sq
       Runner runner(P, Q, K, V, out, lse, amx);
       if (W > 0) runner.use(&pre);
       for (;;) {
@@ -785,7 +820,7 @@ void run_varlen(const Params& P0, const std::vector<Params>& PS, const std::vect
     if (begin >= end) return;
     FlushToZero ftz;
     TileScope tiles(amx);
-    Scratch S(P0, TaskRunner<DT, OutT>::kDot, P0.q_block);
+    Scratch& S = thread_scratch(P0, TaskRunner<DT, OutT>::kDot, P0.q_block);
     for (int64_t t; (t = next.fetch_add(1)) < total;) {
       const auto& w = tasks[t];
       const Params& P = PS[w[0]];
@@ -803,43 +838,71 @@ std::tuple<torch::Tensor, torch::Tensor> block_sparse_fwd(torch::Tensor q, torch
                                torch::Tensor full_index, torch::Tensor partial_count, torch::Tensor partial_index,
                                c10::optional<torch::Tensor> token_index, int64_t sq, int64_t sk, int64_t q_block,
                                int64_t k_block, bool causal, int64_t window, int64_t sink_tokens, double scale,
-                               double softcap, c10::optional<torch::Tensor> out_arg) {
+                               double softcap, c10::optional<torch::Tensor> out_arg, bool need_lse) {
   using namespace sparse_attn_cpu;
-  TORCH_CHECK_VALUE(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "block_sparse_fwd: q, k, v must be 4-D (B, H, S, D)");
+  // one sequence's rows token-major, (S, H, D), as a server holds them (q, k, v, out all 3-D): read
+  // as (1, H, S, D) through their strides, no view made (ten ATen views cost ~5 us of a 64-token
+  // call); out (Sq, Hq, Dv), lse (Hq, Sq)
+  const bool rows3 = q.dim() == 3 && k.dim() == 3 && v.dim() == 3;
+  TORCH_CHECK_VALUE(rows3 || (q.dim() == 4 && k.dim() == 4 && v.dim() == 4),
+                    "block_sparse_fwd: q, k, v must be 4-D (B, H, S, D), or all 3-D (S, H, D) for one sequence");
+  // a tensor's (B, H, S, D) sizes and strides
+  struct Dims {
+    std::array<int64_t, 4> n, st;
+  };
+  auto dims = [rows3](const torch::Tensor& t) {
+    if (rows3) return Dims{{1, t.size(1), t.size(0), t.size(2)}, {0, t.stride(1), t.stride(0), t.stride(2)}};
+    return Dims{{t.size(0), t.size(1), t.size(2), t.size(3)}, {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}};
+  };
   TORCH_CHECK_VALUE(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "block_sparse_fwd: CPU tensors only");
   const auto dt = q.scalar_type();
   TORCH_CHECK_TYPE(dt == torch::kFloat32 || dt == torch::kBFloat16 || dt == torch::kFloat16,
-              "block_sparse_fwd: dtype must be float32, bfloat16 or float16, got ", dt);
+                   "block_sparse_fwd: dtype must be float32, bfloat16 or float16, got ", dt);
   TORCH_CHECK_TYPE(k.scalar_type() == dt && v.scalar_type() == dt, "block_sparse_fwd: q, k, v must share one dtype");
-  TORCH_CHECK(q_block > 0 && k_block > 0, "block_sparse_fwd: q_block and k_block must be positive");
-  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, "block_sparse_fwd: softcap must be finite and >= 0 (0: off)");
-  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(3), Hkv = k.size(1), Dv = v.size(3);
-  TORCH_CHECK_VALUE(k.size(0) == B && v.size(0) == B && v.size(1) == Hkv && k.size(3) == D,
-              "block_sparse_fwd: q, k, v shapes disagree");
-  TORCH_CHECK_VALUE(q.size(2) == sq && k.size(2) == sk && v.size(2) == sk, "block_sparse_fwd: lengths disagree with sq/sk");
+  TORCH_CHECK_VALUE(q_block > 0 && k_block > 0, "block_sparse_fwd: q_block and k_block must be positive");
+  TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0, "block_sparse_fwd: softcap must be finite and >= 0 (0: off)");
+  const Dims qd4 = dims(q), kd4 = dims(k), vd4 = dims(v);
+  const int64_t B = qd4.n[0], Hq = qd4.n[1], D = qd4.n[3], Hkv = kd4.n[1], Dv = vd4.n[3];
+  TORCH_CHECK_VALUE(kd4.n[0] == B && vd4.n[0] == B && vd4.n[1] == Hkv && kd4.n[3] == D,
+                    "block_sparse_fwd: q, k, v shapes disagree");
+  TORCH_CHECK_VALUE(qd4.n[2] == sq && kd4.n[2] == sk && vd4.n[2] == sk, "block_sparse_fwd: lengths disagree with sq/sk");
   TORCH_CHECK_VALUE(sq >= 0 && sk >= 0 && (!causal || sq <= sk), "block_sparse_fwd: need Sq <= Sk for a causal rule");
   // out: the caller's (B, Hq, Sq, Dv) rows (any strides but a contiguous feature dim, e.g. a view of
-  // a server's (T, Hq, Dv) output buffer), written in place; otherwise a new tensor
+  // a server's (T, Hq, Dv) output buffer), or its (Sq, Hq, Dv) rows with 3-D inputs, written in
+  // place; otherwise a new tensor
   torch::Tensor out;
   if (out_arg.has_value() && out_arg->defined()) {
     out = *out_arg;
-    TORCH_CHECK_VALUE(out.dim() == 4 && out.size(0) == B && out.size(1) == Hq && out.size(2) == sq && out.size(3) == Dv,
-                      "block_sparse_fwd: out must be (B, Hq, Sq, Dv) = (", B, ", ", Hq, ", ", sq, ", ", Dv, "), got ",
-                      out.sizes());
+    const bool shaped = rows3 ? out.dim() == 3 && out.size(0) == sq && out.size(1) == Hq && out.size(2) == Dv
+                              : out.dim() == 4 && out.size(0) == B && out.size(1) == Hq && out.size(2) == sq &&
+                                    out.size(3) == Dv;
+    if (rows3) {
+      TORCH_CHECK_VALUE(shaped, "block_sparse_fwd: out must be (Sq, Hq, Dv) = (", sq, ", ", Hq, ", ", Dv,
+                        ") with 3-D q, k, v, got ", out.sizes());
+    } else {
+      TORCH_CHECK_VALUE(shaped, "block_sparse_fwd: out must be (B, Hq, Sq, Dv) = (", B, ", ", Hq, ", ", sq, ", ", Dv,
+                        "), got ", out.sizes());
+    }
     TORCH_CHECK_TYPE(out.scalar_type() == dt, "block_sparse_fwd: out must have q's dtype ", dt, ", got ",
                      out.scalar_type());
     TORCH_CHECK_VALUE(out.device().is_cpu(), "block_sparse_fwd: out must be a CPU tensor");
-    TORCH_CHECK_VALUE(out.stride(3) == 1 || Dv <= 1, "block_sparse_fwd: out's last dim must be contiguous (stride 1), got ",
-                      out.stride(3));
+    TORCH_CHECK_VALUE(out.stride(out.dim() - 1) == 1 || Dv <= 1,
+                      "block_sparse_fwd: out's last dim must be contiguous (stride 1), got ", out.stride(out.dim() - 1));
     // threads write rows while others read q, k, v; a stride-0 dim would have two threads write one element
     TORCH_CHECK_VALUE(!has_zero_stride(out), "block_sparse_fwd: out must not have a stride-0 dim (an expanded view), "
                       "got strides ", out.strides());
     TORCH_CHECK_VALUE(!spans_overlap(out, q) && !spans_overlap(out, k) && !spans_overlap(out, v),
                       "block_sparse_fwd: out must not share memory with q, k or v");
   } else {
-    out = sparse_attn_cpu::empty_huge({B, Hq, sq, Dv}, q.options(), true);
+    out = rows3 ? sparse_attn_cpu::empty_huge({sq, Hq, Dv}, q.options(), true)
+                : sparse_attn_cpu::empty_huge({B, Hq, sq, Dv}, q.options(), true);
   }
-  auto lse = torch::full({B, Hq, sq}, std::numeric_limits<float>::infinity(), q.options().dtype(torch::kFloat32));
+  const Dims od4 = dims(out);
+  // lse only where asked for (a serving loop's inference call drops it): (B, Hq, Sq), (Hq, Sq) for rows
+  torch::Tensor lse;
+  if (need_lse)
+    lse = rows3 ? torch::full({Hq, sq}, std::numeric_limits<float>::infinity(), q.options().dtype(torch::kFloat32))
+                : torch::full({B, Hq, sq}, std::numeric_limits<float>::infinity(), q.options().dtype(torch::kFloat32));
   if (B == 0 || Hq == 0 || sq == 0) return {out, lse};
   TORCH_CHECK_VALUE(Hkv > 0 && Hq % Hkv == 0, "block_sparse_fwd: Hq must be a multiple of Hkv");
 
@@ -878,8 +941,8 @@ std::tuple<torch::Tensor, torch::Tensor> block_sparse_fwd(torch::Tensor q, torch
   P.causal = causal, P.window = window, P.sinks = sink_tokens;
   P.qmul = static_cast<float>(scale) * kLog2e;
   P.cap = static_cast<float>(softcap) * kLog2e;
-  for (int d = 0; d < 4; ++d) P.qst[d] = q.stride(d), P.kst[d] = k.stride(d), P.vst[d] = v.stride(d);
-  for (int d = 0; d < 3; ++d) P.ost[d] = out.stride(d);
+  for (int d = 0; d < 4; ++d) P.qst[d] = qd4.st[d], P.kst[d] = kd4.st[d], P.vst[d] = vd4.st[d];
+  for (int d = 0; d < 3; ++d) P.ost[d] = od4.st[d];
   P.fc = fc.data_ptr<int32_t>(), P.fi = fi.data_ptr<int32_t>(), P.pc = pc.data_ptr<int32_t>(),
   P.pi = pi.data_ptr<int32_t>();
   P.lb = fc.size(0), P.lh = fc.size(1), P.wf = fi.size(3), P.wp = pi.size(3);
@@ -888,12 +951,13 @@ std::tuple<torch::Tensor, torch::Tensor> block_sparse_fwd(torch::Tensor q, torch
   if (M <= 0) return {out, lse};
 
   const void *qd = q.data_ptr(), *kd = k.data_ptr(), *vd = v.data_ptr();
+  float* ld = lse.defined() ? lse.data_ptr<float>() : nullptr;
   if (dt == torch::kFloat32) {
-    run_all<0, float>(P, qd, kd, vd, out.data_ptr<float>(), lse.data_ptr<float>());
+    run_all<0, float>(P, qd, kd, vd, out.data_ptr<float>(), ld);
   } else if (dt == torch::kBFloat16) {
-    run_all<1, at::BFloat16>(P, qd, kd, vd, out.data_ptr<at::BFloat16>(), lse.data_ptr<float>());
+    run_all<1, at::BFloat16>(P, qd, kd, vd, out.data_ptr<at::BFloat16>(), ld);
   } else {
-    run_all<2, at::Half>(P, qd, kd, vd, out.data_ptr<at::Half>(), lse.data_ptr<float>());
+    run_all<2, at::Half>(P, qd, kd, vd, out.data_ptr<at::Half>(), ld);
   }
   return {out, lse};
 }
@@ -1039,13 +1103,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           TORCH_CHECK_VALUE(bytes >= 0, "set_prepack_bytes: bytes must be >= 0, got ", bytes);
           sparse_attn_cpu::prepack_bytes().store(bytes);
         }, py::arg("bytes"), "set prepack_bytes() for the process (tests and A/B runs; the same bits either way)");
+  m.def("set_scratch_poison", [](bool on) { sparse_attn_cpu::scratch_poison().store(on ? 1 : 0); }, py::arg("on"),
+        "tests: fill the forward's kept per-thread scratch with NaN before each use (the same bits either way)");
   m.def("amx_enabled", &sparse_attn_cpu::use_amx,
         "whether the bfloat16 forward multiplies on AMX tiles now (built, permitted by Linux, switched on)");
   m.def("block_sparse_fwd", &block_sparse_fwd, "block-sparse flash attention forward over a BlockLayout -> (out, lse)",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("full_count"), py::arg("full_index"),
         py::arg("partial_count"), py::arg("partial_index"), py::arg("token_index"), py::arg("sq"), py::arg("sk"),
         py::arg("q_block"), py::arg("k_block"), py::arg("causal"), py::arg("window"), py::arg("sink_tokens"),
-        py::arg("scale"), py::arg("softcap") = 0.0, py::arg("out") = py::none());
+        py::arg("scale"), py::arg("softcap") = 0.0, py::arg("out") = py::none(), py::arg("need_lse") = true);
   m.def("block_sparse_bwd", &block_sparse_bwd,
         "block-sparse flash attention backward over a BlockLayout and its transpose -> (dq, dk, dv)", py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dout"), py::arg("full_count"),

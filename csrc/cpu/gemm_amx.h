@@ -31,6 +31,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <iterator>
+#include <limits>
 #include <memory>
 
 namespace sparse_attn_cpu {
@@ -51,6 +53,12 @@ struct GemmAmxScratch {
   uint32_t* a_rows(int64_t words) {
     if (words > a_words) a.reset(new uint32_t[words]), a_words = words;
     return a.get();
+  }
+  // every word NaN (tests: the forward's kept scratch, block_sparse_fwd.cpp)
+  void poison() {
+    std::fill(a.get(), a.get() + a_words, 0x7fc07fc0u);
+    std::fill(std::begin(b), std::end(b), 0x7fc07fc0u);
+    std::fill(std::begin(c), std::end(c), std::numeric_limits<float>::quiet_NaN());
   }
 };
 

@@ -158,7 +158,7 @@ def block_sparse_forward_layout(q, k, v, lay, *, scale: float, return_lse: bool 
     q's dtype with a contiguous last dim (any other strides), written in place."""
     out, lse = _ext().block_sparse_fwd(
         q, k, v, lay.full_count, lay.full_index, lay.partial_count, lay.partial_index, lay.token_index,
-        *_rule(lay), float(scale), float(softcap or 0.0), out)
+        *_rule(lay), float(scale), float(softcap or 0.0), out, return_lse)
     return (out, lse) if return_lse else out
 
 
@@ -170,7 +170,11 @@ class PreparedForward:
     apart from q, k and v, no stride-0 dim) and writes the rows into `out`: no Python validation,
     no layout lookup. Made by `CpuBlockSparse.prepared_forward` (through `Plan.prepared`) for a
     serving loop that runs one request shape through every layer (integrations/vllm); `Plan.run`
-    keeps the full validation. Keeps no call's tensors."""
+    keeps the full validation. Keeps no call's tensors.
+
+    The tensors are the plan's `(1, H, S, D)` ones, or the same rows token-major, `(S, H, D)`, as a
+    server holds them (q, k, v and out all 3-D): the binding reads them through their strides, so
+    the caller makes no views. No lse is computed."""
 
     def __init__(self, lay, *, scale: float, softcap):
         self._args = (lay.full_count, lay.full_index, lay.partial_count, lay.partial_index, lay.token_index,
@@ -178,7 +182,7 @@ class PreparedForward:
         self._fwd = _ext().block_sparse_fwd
 
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> None:
-        self._fwd(q, k, v, *self._args, out)
+        self._fwd(q, k, v, *self._args, out, False)
 
 
 def block_sparse_backward_layout(q, k, v, out, lse, dout, lay, *, scale: float, mode: int = 0, softcap=None):

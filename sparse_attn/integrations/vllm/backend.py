@@ -306,11 +306,10 @@ class SparseAttnImpl(AttentionImpl[SparseAttnMetadata]):
         k_pages, v_pages = self._pages(kv_cache)
         for i in m.prefill_idx:
             a, b, total = qsl[i], qsl[i + 1], m.seq_lens_host[i]
-            q = query[a:b].transpose(0, 1)[None]  # (1, Hq, T, D)
+            q = query[a:b]  # (T, Hq, D) rows
             lo = self._first_key(total, b - a)
-            if total == b - a and key is not None:  # nothing cached before: the new keys themselves
-                k = key[a:b].transpose(0, 1)[None]
-                v = value[a:b].transpose(0, 1)[None]
+            if total == b - a and key is not None:  # nothing cached before: the new key rows themselves
+                k, v = key[a:b], value[a:b]
                 STATS["prefill_direct"] += 1
             else:
                 k = gather_keys(k_pages, m.block_table[i], lo, total, _GATHERED, 0)

@@ -23,24 +23,36 @@ MAX_PLANS = 256
 _PLANS: dict = {}
 
 
+def _heads_major(t: torch.Tensor) -> torch.Tensor:
+    """`(S, H, D)` rows as the `(1, H, S, D)` view the plans take; a 4-D tensor as it is."""
+    return t.transpose(0, 1)[None] if t.dim() == 3 else t
+
+
 def run_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern, opts: dict,
                 out_rows: torch.Tensor) -> torch.Tensor:
-    """`attention(q, k, v, pattern, **opts)` written into `out_rows` `(T, Hq, Dv)`; `q` is
-    `(1, Hq, T, D)`, `k` / `v` `(1, Hkv, S, D)`, `opts` the plugin's keywords (`scale`, and
-    `softcap` / `sink_logits` where the layer has them)."""
+    """`attention(q, k, v, pattern, **opts)` written into `out_rows` `(T, Hq, Dv)`; `q` is vLLM's
+    query rows `(T, Hq, D)`, `k` / `v` its new key rows `(S, Hkv, D)` (a first chunk) or gathered
+    keys `(1, Hkv, S, D)` (`pages.gather_keys`), `opts` the plugin's keywords (`scale`, and
+    `softcap` / `sink_logits` where the layer has them). Rows go to the prepared re-run as they
+    are (the binding reads their strides: no views made here); the plan's `run` gets `(1, H, S,
+    D)` views."""
     sinks = opts.get("sink_logits")
-    key = (pattern, tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, q.device, opts.get("scale"),
-           opts.get("softcap"), sinks is not None, torch.is_grad_enabled())
+    grad = torch.is_grad_enabled()
+    key = (pattern, q.shape, k.shape, v.shape, q.dtype, q.device, opts.get("scale"), opts.get("softcap"),
+           sinks is not None, grad)
     kept = _PLANS.get(key)
     if kept is None:
         if len(_PLANS) >= MAX_PLANS:
             _PLANS.clear()
-        p = plan(q, k, v, pattern, **opts)
-        kept = _PLANS[key] = (p, None if torch.is_grad_enabled() else p.prepared())
+        p = plan(_heads_major(q), _heads_major(k), _heads_major(v), pattern, **opts)
+        kept = _PLANS[key] = (p, None if grad else p.prepared())
     p, fast = kept
-    out = out_rows.transpose(0, 1)[None]  # the kernel writes vLLM's rows
+    if fast is not None and k.dim() == 3:
+        fast.run(q, k, v, out_rows)  # the kernel writes vLLM's rows
+        return out_rows
+    q4, k4, v4, out = _heads_major(q), _heads_major(k), _heads_major(v), _heads_major(out_rows)
     if fast is not None:
-        fast.run(q, k, v, out)
+        fast.run(q4, k4, v4, out)
     else:
-        p.run(q, k, v, sink_logits=sinks, out=out)
+        p.run(q4, k4, v4, sink_logits=sinks, out=out)
     return out_rows
