@@ -368,8 +368,9 @@ def chunk_bench(args):
         vllm_own = _vllm_call(ops, q, kp, vp, out, qsl, lens, table, scale, args, dtype)
 
         q4 = q.transpose(0, 1)[None]
-        new_k = gather_keys(ok, table[0], n - c, n).clone()  # as vLLM hands a first chunk's K/V: new rows only
-        new_v = gather_keys(ov, table[0], n - c, n).clone()
+        # as vLLM hands a first chunk's K/V: the new rows only, (T, Hkv, D)
+        new_k = gather_keys(ok, table[0], n - c, n)[0].transpose(0, 1).contiguous()
+        new_v = gather_keys(ov, table[0], n - c, n)[0].transpose(0, 1).contiguous()
 
         def gather():
             return gather_keys(ok, table[0], 0, n, scratch, 0), gather_keys(ov, table[0], 0, n, scratch, 1)
@@ -379,7 +380,7 @@ def chunk_bench(args):
         def ours(pattern):  # the plugin's call: its plan kept per shape, the result into vLLM's rows
             def run():
                 k, v = (new_k, new_v) if n == c else gather()
-                run_prefill(q4, k, v, pattern, {"scale": scale}, rows)
+                run_prefill(q, k, v, pattern, {"scale": scale}, rows)
             return run
 
         vllm_own()
@@ -538,7 +539,12 @@ def main():
                         "`huge_pages_once`); default: the engine's first request")
     a = ap.parse_args()
     print(f"# {a.what}: load average {_load()}", flush=True)
-    {"kernel": kernel_bench, "forward": forward_bench, "chunk": chunk_bench, "e2e": e2e_bench}[a.what](a)
+    import torch
+
+    # in inference mode, as vLLM's worker runs a model step (the plugin's prepared prefill path is
+    # for calls without grad; before 2026-12-06 the chunk bench ran with grad on and timed `run`)
+    with torch.inference_mode():
+        {"kernel": kernel_bench, "forward": forward_bench, "chunk": chunk_bench, "e2e": e2e_bench}[a.what](a)
 
 
 if __name__ == "__main__":
