@@ -48,3 +48,23 @@ def test_stale_scratch_is_never_read(case, dtype, poison):
     assert not clean.isnan().any()
     assert torch.equal(clean, dirty)
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_stale_scratch_is_never_read_varlen(dtype, poison):
+    """Packed sequences (`run_varlen` keeps the same per-thread scratch, sized by q_block): one
+    shorter than a tile, one over two tiles with more keys than queries, one single query."""
+    lens_q, lens_k = [37, 150, 1], [37, 300, 64]
+    cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32)
+    cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32)
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(sum(lens_q), 4, 64, generator=g).to(dtype)
+    k = torch.randn(sum(lens_k), 2, 64, generator=g).to(dtype)
+    v = torch.randn(sum(lens_k), 2, 64, generator=g).to(dtype)
+    with torch.inference_mode():
+        clean = sa.attention_varlen(q, k, v, cu_q, cu_k, sa.Dense(), backend="cpu")
+        poison(True)
+        dirty = sa.attention_varlen(q, k, v, cu_q, cu_k, sa.Dense(), backend="cpu")
+        poison(False)
+    assert not clean.isnan().any()
+    assert torch.equal(clean, dirty)

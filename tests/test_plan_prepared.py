@@ -63,6 +63,8 @@ def test_prepared_reads_token_major_rows(t, s, dtype):
     fast.run(q, k, v, buf[1:t + 1])
     assert torch.equal(buf[1:t + 1], p.run(*heads)[0].transpose(0, 1))
     assert buf[0].isnan().all() and buf[-1].isnan().all()
+    want = oracle.oracle_attention(*(x.double() for x in heads), sa.SlidingWindow(40, sinks=2), scale=0.2)
+    oracle.assert_close_contract(buf[1:t + 1].transpose(0, 1)[None], want, dtype=dtype, device="cpu")
     with pytest.raises(ValueError, match=r"out must be \(Sq, Hq, Dv\)"):
         fast.run(q, k, v, buf[1:t + 1].transpose(0, 1)[None])  # 3-D inputs take 3-D rows
     with pytest.raises(ValueError, match="4-D .* or all 3-D"):
