@@ -15,6 +15,8 @@ vLLM loads its plugins once per process), greedy, float32:
 * `topk:2:16`, `window:48:4` and a small InfLLMv2 (`infllmv2:topk=2,block_size=16,...`: its windows
   from the chunk sums kept beside vLLM's pages) generate the same tokens as the transformers model
   with sparse_attn's attention registered by hand (`register_transformers`) with the same pattern;
+* a TopK that sees every causal key while the sequences are short decodes as Dense until they
+  are not (`SparseAttnImpl._dense_covers`), with the same tokens as by hand;
 * a malformed pattern stops the engine with a `ValueError` naming it.
 """
 from __future__ import annotations
@@ -123,6 +125,16 @@ INFLLMV2 = "infllmv2:topk=2,block_size=16,kernel_size=8,kernel_stride=4,local_bl
 def test_sparse_equals_sparse_attn_by_hand(llama, spec):
     from sparse_attn.integrations.vllm import parse_pattern
     assert _ok(llama, spec, "--chunk", "64") == _by_hand(llama, parse_pattern(spec))
+
+
+def test_topk_runs_dense_while_it_covers_every_key(llama):
+    """TopK(11) of 16-token blocks (one sink, one local block) sees every causal key up to 208 keys:
+    the decode steps at 201-208 keys run as Dense (no selection; the binding's lighter re-run),
+    the one at 209 keys selects. The tokens are the transformers model's with the same pattern."""
+    from sparse_attn.integrations.vllm import parse_pattern
+    spec, stats = "topk:11:16", {}
+    assert _ok(llama, spec, stats=stats) == _by_hand(llama, parse_pattern(spec))
+    assert 0 < stats["decode_dense_covered"] < stats["decode_calls"], stats
 
 
 @pytest.mark.parametrize("spec,words", [("infllmv2:foo=1", "foo"), ("topk:x", "SPARSE_ATTN_VLLM_PATTERN")])
