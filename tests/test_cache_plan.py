@@ -16,6 +16,7 @@ from conftest import randn, topk_margin
 from sparse_attn.cache import KVCache, KVView, PagedKVCache, RingKVCache
 from sparse_attn.layout.topk_selection import topk_index_over_cache, topk_token_index
 from sparse_attn.scheduler.cache_problem import CACHE_OP, make_cache_problem
+from sparse_attn.scheduler.problem import dense_reach
 from sparse_attn.scheduler.registry import kernels
 from test_cache import _fill
 from test_layout import _NoHostSync
@@ -124,6 +125,54 @@ def test_plan_runs_its_call_as_the_cache_grows():
             plan.run(q, caches[1 - caches.index(c)])  # the other kind
         with pytest.raises(ValueError, match="this plan was made for"):
             plan.run(randn(2, 8, 1, 16), c)
+
+
+def test_a_pattern_that_covers_a_short_cache_runs_as_dense_until_it_grows():
+    """Contract: a short sequence degrades exactly to dense causal attention. Over a cache the
+    longest sequence decides, at every run: TopK(2) of 16-key blocks (one sink, one local block)
+    sees every causal key up to 64 keys, so a plan made at 60 runs Dense (`explain()` says so) and
+    selects once a sequence passes 64; each step is the float64 evaluation of the TopK itself."""
+    pat = sa.TopK(2, block_size=16)
+    assert dense_reach(pat) == 64 and dense_reach(sa.SlidingWindow(30, sinks=2)) == 32
+    assert dense_reach(sa.Dense()) is None and dense_reach(sa.InfLLMv2(dense_len=100)) >= 99
+    caches, _, _ = _caches(2, 2, 16, [45, 60])
+    q = randn(2, 4, 1, 16)
+    for c in caches:
+        plan = sa.plan_with_cache(q, c, pat)
+        assert plan.problem.pattern == sa.Dense() and plan.problem.requested == pat
+        assert "sees every causal key at Sk=60: run as Dense(causal=True)" in plan.explain().splitlines()[0]
+        ran = []
+        for _ in range(7):  # 61 .. 67 keys in the longer sequence
+            c.append(randn(2, 2, 1, 16), randn(2, 2, 1, 16))
+            ran.append(type(make_cache_problem(q, c, pat)[0].pattern).__name__)
+            out = plan.run(q, c)
+            view = c.kv_view()
+            k, v = view.gather(0, view.max_length)
+            for b, n in enumerate(view.host_lengths):
+                want = oracle.oracle_attention(q[b:b + 1].double(), k[b:b + 1, :, :n].double(),
+                                               v[b:b + 1, :, :n].double(), pat)
+                oracle.assert_close_contract(out[b:b + 1], want, dtype=torch.float32, device="cpu")
+        assert ran == ["Dense"] * 4 + ["TopK"] * 3, ran
+
+
+def test_a_plan_whose_kernel_cannot_select_says_so_when_the_cache_grows():
+    """A plan made while its TopK ran as Dense may hold a kernel that reads Dense only: once the
+    cache passes the pattern's reach, `run` raises `ValueError` naming the kernel (plan again)."""
+    from sparse_attn.api.cache import CachePlan
+    from sparse_attn.backends.cpu.decode import CpuCacheDecode
+
+    class DenseOnly(CpuCacheDecode):
+        name = "test.dense_only"
+        patterns = (sa.Dense,)
+
+    caches, _, _ = _caches(1, 2, 16, [60])
+    c, q, pat = caches[1], randn(1, 4, 1, 16), sa.TopK(2, block_size=16)
+    problem, _ = make_cache_problem(q, c, pat)
+    plan = CachePlan(problem=problem, candidates=[], kernel=DenseOnly(), backend_request=None)
+    torch.testing.assert_close(plan.run(q, c), sa.attention_with_cache(q, c, pat, backend="reference"))
+    c.append(randn(1, 2, 5, 16), randn(1, 2, 5, 16))
+    with pytest.raises(ValueError, match="test.dense_only cannot run .*TopK"):
+        plan.run(q, c)
 
 
 # ------------------------------------------------------------------------- no host synchronisation

@@ -49,7 +49,6 @@ def test_stale_scratch_is_never_read(case, dtype, poison):
     assert torch.equal(clean, dirty)
 
 
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_stale_scratch_is_never_read_varlen(dtype, poison):
     """Packed sequences (`run_varlen` keeps the same per-thread scratch, sized by q_block): one

@@ -446,14 +446,12 @@ def test_prepared_decode_equals_the_plan(kind, dtype):
 
 @needs_jit
 def test_prepared_decode_where_it_does_not_apply_and_bad_outputs():
-    """No prepared call where a step needs more than the binding (TopK's selection, learned
-    sinks); the binding refuses an output of the wrong dtype, shape or layout, or one over q."""
+    """No prepared call where a step needs more than the binding (learned sinks); the binding
+    refuses an output of the wrong dtype, shape or layout, or one over q."""
     hq, hkv, d, ps = 4, 2, 32, 16
     kv, table, sums, _, _ = _fill([40, 21], hkv=hkv, d=d, page_size=ps, num_pages=10, seed=4)
     lens = torch.tensor([40, 21], dtype=torch.int32)
     q = torch.randn(2, hq, 1, d)
-    topk = PagesCache(kv, table, lens, [40, 21], page_sums=sums)
-    assert sa.plan_with_cache(q, topk, sa.TopK(topk=1, block_size=ps)).prepared(topk) is None
     cache = PagesCache(kv, table, lens, [40, 21])
     sinks = torch.zeros(hq)
     assert sa.plan_with_cache(q, cache, sa.Dense(), sink_logits=sinks).prepared(cache) is None
@@ -466,3 +464,30 @@ def test_prepared_decode_where_it_does_not_apply_and_bad_outputs():
     buf = torch.randn(3 * hq * d)  # q and out one sequence apart in one buffer
     with pytest.raises(RuntimeError, match="overlap"):
         fast.run(buf[:2 * hq * d].view(2, hq, d), lens, table, buf[hq * d:].view(2, hq, d))
+
+
+@needs_jit
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepared_decode_of_a_topk_is_dense_within_its_reach(dtype):
+    """TopK(1) of 16-token pages (one sink, one local block) sees every causal key up to 48 keys:
+    its plan's prepared call is Dense's binding call with `longest` 48 -- the plan's bits and the
+    float64 evaluation of the TopK while the sequences are that short -- and the binding refuses
+    a longer sequence by name (the plan runs it, selecting)."""
+    hq, hkv, d, ps = 4, 2, 32, 16
+    pat = sa.TopK(topk=1, block_size=ps)
+    kv, table, sums, k, v = _fill([48, 21], hkv=hkv, d=d, page_size=ps, num_pages=12, seed=5, dtype=dtype)
+    q = torch.randn(2, hq, 1, d).to(dtype)
+    lens = torch.tensor([48, 21], dtype=torch.int32)
+    cache = PagesCache(kv, table, lens, [48, 21], page_sums=sums)
+    plan = sa.plan_with_cache(q, cache, pat)
+    fast = plan.prepared(cache)
+    assert fast is not None and fast.longest == 48
+    rows = torch.empty(2, hq, d, dtype=dtype)
+    fast.run(q[:, :, 0], lens, table, rows)
+    want = plan.run(q, cache)
+    assert torch.equal(rows, want[:, :, 0])
+    for b, n in enumerate([48, 21]):
+        ref = oracle.oracle_attention(q[b:b + 1].double(), k[b].double(), v[b].double(), pat)
+        oracle.assert_close_contract(rows[b:b + 1, :, None], ref, dtype=dtype, device="cpu")
+    with pytest.raises(RuntimeError, match=r"lengths\[0\] = 49 is beyond max_length = 48"):
+        fast.run(q[:, :, 0], torch.tensor([49, 21], dtype=torch.int32), torch.cat([table, table[:, :1]], 1), rows)

@@ -64,6 +64,9 @@ struct DecodeArgs {
   // the float32 products' prefetches of rows ahead of use: -1 when the K/V were probably not read
   // recently (csrc/cpu/reuse_clock.h), 0 never, 1 always; the same bits either way
   int64_t prefetch = -1;
+  // the longest sequence `lengths` may hold (-1: no bound): a TopK / InfLLMv2 runs as a Dense rule
+  // only while it sees every causal key (sparse_attn/backends/cpu/decode.py PreparedDecode)
+  int64_t max_length = -1;
 };
 
 std::string describe(const DecodeArgs& a) {
@@ -78,7 +81,7 @@ std::string describe(const DecodeArgs& a) {
     << ", layout=" << shape(a.layout) << ", token_index=" << shape(a.token_index) << ", sink_blocks=" << a.sink_blocks
     << ", local_blocks=" << a.local_blocks << ", lengths=" << shape(a.lengths) << ", page_table=" << shape(a.page_table)
     << ", page_size=" << a.page_size << ", k_scale=" << shape(a.k_scale) << ", v_scale=" << shape(a.v_scale) << ", out=" << shape(a.out)
-    << ", prefetch=" << a.prefetch << ")";
+    << ", prefetch=" << a.prefetch << ", max_length=" << a.max_length << ")";
   return s.str();
 }
 
@@ -162,6 +165,8 @@ static std::tuple<torch::Tensor, torch::Tensor> decode_impl(const DecodeArgs& a,
     for (int64_t b = 0; b < B; ++b) {
       TORCH_CHECK(L[b] >= 0 && L[b] <= cap, "decode_fwd: lengths[", b, "] = ", L[b], " is outside [0, ", cap, "]");
       TORCH_CHECK(!causal || L[b] >= sq, "decode_fwd: a causal rule needs Sq <= lengths[", b, "] = ", L[b]);
+      TORCH_CHECK(a.max_length < 0 || L[b] <= a.max_length, "decode_fwd: lengths[", b, "] = ", L[b],
+                  " is beyond max_length = ", a.max_length, " (the rule given holds only that far)");
       sk = std::max<int64_t>(sk, L[b]);
       if (paged) {  // every page a visited key can live on must be in the pool
         const int32_t* row = table.data_ptr<int32_t>() + b * table.stride(0);
@@ -174,6 +179,8 @@ static std::tuple<torch::Tensor, torch::Tensor> decode_impl(const DecodeArgs& a,
     }
   } else {
     TORCH_CHECK(!causal || sq <= sk, "decode_fwd: a causal rule needs Sq <= Sk");
+    TORCH_CHECK(a.max_length < 0 || sk <= a.max_length, "decode_fwd: Sk = ", sk, " is beyond max_length = ",
+                a.max_length, " (the rule given holds only that far)");
   }
   // the caller's result tensor (checked: the kernel writes it as contiguous rows), else a new one
   torch::Tensor out;
@@ -418,6 +425,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readwrite("v_scale", &DecodeArgs::v_scale)
       .def_readwrite("out", &DecodeArgs::out)
       .def_readwrite("prefetch", &DecodeArgs::prefetch)
+      .def_readwrite("max_length", &DecodeArgs::max_length)
       .def("__repr__", &describe);
   m.def("decode_fwd", &decode_fwd, "split-KV attention forward for Sq <= 16 query rows -> (out, lse)", py::arg("args"));
   m.def("decode_step", &decode_step,

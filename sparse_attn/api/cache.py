@@ -28,6 +28,11 @@ class CachePlan(Plan):
         if not self.problem.same_call(problem):
             raise ValueError(f"this plan was made for {self.problem.describe()}; it cannot run "
                              f"{problem.describe()}: plan the new call (plan_with_cache)")
+        if type(problem.pattern) is not type(self.problem.pattern):  # e.g. a TopK that ran as Dense
+            why = self.kernel.not_supported_reasons(problem)  # while the cache was short now selects
+            if why:
+                raise ValueError(f"this plan's kernel {self.kernel.name} cannot run {problem.describe()}: "
+                                 f"{'; '.join(why)}; plan the new call (plan_with_cache)")
         return _run(self.kernel, q, view, problem, sink_logits)
 
     def prepared(self, cache):
@@ -37,7 +42,10 @@ class CachePlan(Plan):
         writing `out` in place; None when the chosen kernel has none for this call (see
         `CpuCacheDecode.prepared`). The plan's choice stands (`explain()`); what the full
         validation of `run` checks once -- q's heads, head dim, dtype, the pattern and options --
-        the caller keeps the same (the vLLM backend: one per layer, batch size and cache tensor)."""
+        the caller keeps the same (the vLLM backend: one per layer, batch size and cache tensor).
+        A pattern that runs as Dense only while the sequences are short (a TopK, InfLLMv2) gets the
+        Dense re-run with a bound: its `longest` attribute (None: no bound) is the longest sequence
+        it may be given; the binding refuses a longer one, and the caller runs `run` past it."""
         make = getattr(self.kernel, "prepared", None)
         return None if make is None else make(self.problem, cache.kv_view())
 

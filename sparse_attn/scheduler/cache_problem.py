@@ -14,7 +14,7 @@ import torch
 
 from ..patterns import SOFTMAX_PATTERNS, BlockSparse, InfLLMv2
 from .device import device_info
-from .problem import CHUNKED, DECODE, TRAINING, Problem, check_scale, check_softmax_options
+from .problem import CHUNKED, DECODE, TRAINING, Problem, check_scale, check_softmax_options, effective_pattern
 
 #: the scheduler's op name of attention over a cache
 CACHE_OP = "attention_with_cache"
@@ -30,8 +30,9 @@ class CacheProblem(Problem):
     kv_dtype: str | None = None
     page_size: int = 0
     cache_text: str = ""
-    #: the pattern as the caller gave it; `pattern` is it clamped to the cache's current length
-    #: (what kernels read), which changes as the cache grows, so a plan compares and reruns this one
+    #: the pattern as the caller gave it; `pattern` is what runs at the cache's current length
+    #: (`effective_pattern`: clamped, or Dense while it covers every key), which changes as the cache
+    #: grows, so a plan compares and reruns this one
     asked_pattern: object = None
 
     @property
@@ -102,10 +103,13 @@ def make_cache_problem(q, cache, pattern, *, scale=None, sink_logits=None, softc
     """Validate a call over a cache and describe it: `(CacheProblem, view)`."""
     view, sc = validate_cache_call(q, cache, pattern, scale=scale)
     softcap = check_softmax_options(pattern, sink_logits, softcap, q_heads=q.shape[1], device=q.device)
-    # integers beyond the longest sequence mean what its length means; TopK keeps the pooling block;
-    # InfLLMv2 is Dense when even the longest sequence is below dense_len (each shorter one is too)
+    # integers beyond the longest sequence mean what its length means, and a pattern that sees every
+    # causal key of the longest sequence (a TopK selecting all its candidates, a window longer than
+    # it, InfLLMv2 below dense_len) runs as Dense: each shorter sequence is covered too. Decided per
+    # call from the host lengths (`CachePlan.run` remakes this as the cache grows). A TopK that is
+    # not covered has more keys than one block, so its block size (the cache's pooling) stays
     asked = pattern
-    pattern = pattern.clamped(view.max_length, keep_block_size=not isinstance(pattern, InfLLMv2))
+    pattern, requested = effective_pattern(pattern, view.max_length)
     b, hq, sq, d = q.shape
     problem = CacheProblem(batch=b, q_heads=hq, kv_heads=view.kv_heads, sq=sq, sk=view.max_length, head_dim=d,
                            v_head_dim=view.v_head_dim, dtype=q.dtype, device=device_info(q.device), pattern=pattern,
@@ -113,7 +117,7 @@ def make_cache_problem(q, cache, pattern, *, scale=None, sink_logits=None, softc
                                t is not None and t.requires_grad for t in (q, sink_logits))),
                            cache_kind=view.kind, kv_dtype=view.quant, page_size=view.page_size,
                            cache_text=view.describe(), torch_device=q.device, asked_pattern=asked, softcap=softcap,
-                           sinks=sink_logits is not None)
+                           sinks=sink_logits is not None, requested=requested)
     return problem, view
 
 

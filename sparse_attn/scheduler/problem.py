@@ -142,6 +142,23 @@ def effective_pattern(pattern: Pattern, sk: int) -> tuple[Pattern, Pattern | Non
     return run, (pattern if isinstance(run, Dense) and not isinstance(pattern, Dense) else None)
 
 
+def dense_reach(pattern: Pattern, *, limit: int = 1 << 40) -> int | None:
+    """The longest `sk` at which `effective_pattern(pattern, sk)` runs `Dense()` (0: none; None: every
+    length up to `limit`, e.g. `Dense` itself). A decode loop whose sequences all stay within it may
+    run the pattern as Dense with no per-step pattern check (`CpuCacheDecode.prepared`: a TopK's
+    Dense re-run bounded by this). Found by bisection on the patterns' own rule, which covers every
+    length below one that it covers (a longer sequence only adds candidate blocks / hidden keys)."""
+    def dense(n):
+        return isinstance(effective_pattern(pattern, n)[0], Dense)
+    if dense(limit):
+        return None
+    lo, hi = 0, limit  # dense(lo) or lo == 0; not dense(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if dense(mid) else (lo, mid)
+    return lo if lo > 0 and dense(lo) else 0
+
+
 def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether the memory spans of `a` and `b` intersect (host pointers and strides only)."""
     if a.numel() == 0 or b.numel() == 0:

@@ -16,7 +16,8 @@ vLLM loads its plugins once per process), greedy, float32:
   from the chunk sums kept beside vLLM's pages) generate the same tokens as the transformers model
   with sparse_attn's attention registered by hand (`register_transformers`) with the same pattern;
 * a TopK that sees every causal key while the sequences are short decodes as Dense until they
-  are not (`SparseAttnImpl._dense_covers`), with the same tokens as by hand;
+  are not (`attention_with_cache` decides per run; the prepared re-run is Dense's within the
+  pattern's reach), with the same tokens as by hand;
 * a malformed pattern stops the engine with a `ValueError` naming it.
 """
 from __future__ import annotations

@@ -29,6 +29,7 @@ from ...layout.topk_selection import topk_token_index_pooled
 from ...patterns import BlockSparse, Dense, InfLLMv2, SlidingWindow, TopK
 from ...scheduler.cache_problem import CACHE_OP, kv_elem_bytes
 from ...scheduler.kernel import roofline_seconds
+from ...scheduler.problem import dense_reach
 from ...scheduler.registry import register
 from ..flash import FlashKernel
 from .infllmv2 import infllmv2_picks_over_cache_cpu, native_over_cache
@@ -149,14 +150,19 @@ class PreparedDecode:
     the full validation. Keeps no step's tensors (the binding's `decode_step` takes them as
     arguments)."""
 
-    def __init__(self, pattern, *, scale: float, softcap, k: torch.Tensor, v: torch.Tensor, page_size: int):
+    def __init__(self, pattern, *, scale: float, softcap, k: torch.Tensor, v: torch.Tensor, page_size: int,
+                 longest: int | None = None):
         ext = _ext()
         args = ext.DecodeArgs()
         args.k, args.v, args.scale, args.softcap, args.page_size = k, v, float(scale), float(softcap or 0.0), page_size
         causal, window, sinks = pattern.token_rule()
         args.causal, args.window, args.sinks = causal, window if window else -1, sinks if window else 0
+        args.max_length = -1 if longest is None else int(longest)  # the binding refuses longer sequences
         self._args, self._step = args, ext.decode_step
         self.k, self.v = k, v
+        #: the longest sequence `run` may be given (None: any): a TopK / InfLLMv2 runs as this Dense
+        #: re-run only while it sees every causal key (`dense_reach`)
+        self.longest = longest
 
     def run(self, q: torch.Tensor, lengths: torch.Tensor, page_table: torch.Tensor, out: torch.Tensor) -> None:
         self._step(self._args, q, lengths, page_table, out)
@@ -304,13 +310,25 @@ class CpuCacheDecode(CpuDecode):
 
     def prepared(self, p, view):
         """A `PreparedDecode` for the problem `p` over a paged view's storage, or None where a step
-        needs more than the binding's call (a selection: TopK, InfLLMv2, BlockSparse's layout;
-        learned sinks, applied on (out, lse) after it; quantized storage). `p.asked_pattern`: the
-        token rule as asked, not clamped to the cache's length at planning (the cache grows)."""
+        needs more than the binding's call (learned sinks, applied on (out, lse) after it;
+        quantized storage; a selection: BlockSparse's layout). `p.asked_pattern`: the token rule as
+        asked, not clamped to the cache's length at planning (the cache grows). A TopK or InfLLMv2
+        gets the Dense re-run bounded by `dense_reach` (sequences no longer than the lengths at
+        which it sees every causal key; the contract makes that dense causal attention), or None
+        where it never covers them."""
         pat = p.asked_pattern if p.asked_pattern is not None else p.pattern
-        if not isinstance(pat, (Dense, SlidingWindow)) or p.sinks or view.kind != "paged" or view.quant is not None:
+        if p.sinks or view.kind != "paged" or view.quant is not None:
             return None
-        return PreparedDecode(pat, scale=p.scale, softcap=p.softcap, k=view.k, v=view.v, page_size=view.page_size)
+        longest = None
+        if isinstance(pat, (TopK, InfLLMv2)):
+            longest = dense_reach(pat)
+            if not longest:
+                return None
+            pat = Dense()
+        elif not isinstance(pat, (Dense, SlidingWindow)):
+            return None
+        return PreparedDecode(pat, scale=p.scale, softcap=p.softcap, k=view.k, v=view.v, page_size=view.page_size,
+                              longest=longest)
 
 
 register(CpuDecode())

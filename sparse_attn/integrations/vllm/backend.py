@@ -13,8 +13,9 @@ the block table, which `do_kv_cache_update` is not given), then:
   split-KV decode, which reads vLLM's pages through the block table in place; from the second
   step on, where the plan has one (Dense / SlidingWindow without sinks), its lighter re-run
   (`CachePlan.prepared`): the kernel's binding called with the step's lengths, table and vLLM's
-  query rows, writing vLLM's output rows in place; a TopK / InfLLMv2 layer runs such a step as
-  `Dense()` while its pattern sees every causal key of the step's sequences (`_dense_covers`);
+  query rows, writing vLLM's output rows in place; for a TopK / InfLLMv2 layer that re-run is
+  Dense's, taken while the step's sequences are short enough for the pattern to see every causal
+  key (the re-run's `longest`; past it the plan runs and selects);
 * every other request (prefill, a chunk of a chunked prefill, a prefix-cache hit) runs
   `sparse_attn.attention` on its new queries against its keys, end-aligned as the contract says,
   through a plan made once per request shape and shared by every layer (`prefill.run_prefill`).
@@ -43,7 +44,7 @@ from vllm.v1.kv_cache_interface import KVCacheLayout
 
 from ...api.cache import plan_with_cache
 from ...cache import huge_pages
-from ...patterns import Dense, InfLLMv2, SlidingWindow, TopK
+from ...patterns import InfLLMv2, SlidingWindow, TopK
 from .pages import PagesCache, PageWindows, Scratch, gather_keys, split_pages, write_pages
 from .patterns import ENV, layer_pattern, page_size_for, parse_pattern
 from .prefill import run_prefill
@@ -97,7 +98,7 @@ def _log_huge(job) -> None:
 #: whose keys were gathered from the pages, the key rows gathered (K and V each), decode calls, and
 #: the wall seconds spent in the decode and prefill parts of `forward` (all layers), and in completing
 #: InfLLMv2's window sums (`PageWindows.complete`, every step that writes rows); the decode calls of
-#: a TopK / InfLLMv2 layer that ran as Dense because every sequence was short enough (`_dense_covers`)
+#: a TopK / InfLLMv2 layer that took the Dense re-run because every sequence was short enough
 STATS = {"prefill_direct": 0, "prefill_gathered": 0, "rows_gathered": 0, "decode_calls": 0, "decode_s": 0.0,
          "prefill_s": 0.0, "windows_s": 0.0, "decode_dense_covered": 0}
 
@@ -223,8 +224,8 @@ class SparseAttnImpl(AttentionImpl[SparseAttnMetadata]):
                              f"layer's KV cache cannot run it")
         self._page_sums = None  # TopK: float32 (num_pages, Hkv, D), allocated with the first write
         self._windows = None  # InfLLMv2: its window sums beside the pages (PageWindows), likewise
-        self._plans = {}  # (decode batch size, run as Dense) -> CachePlan
-        self._fast = {}  # the same keys -> the plan's lighter re-run (`CachePlan.prepared`), or None
+        self._plans = {}  # decode batch size -> CachePlan
+        self._fast = {}  # decode batch size -> the plan's lighter re-run (`CachePlan.prepared`), or None
         self._opts_for = (None, None)  # (key, opts): `_opts`, made again only when the sinks change
         self._split = (None, None)  # (kv_cache, its K and V page views): `split_pages` once per cache tensor
         self._huge_seen = None  # the cache tensor `huge_pages_once` was last called for
@@ -330,38 +331,22 @@ class SparseAttnImpl(AttentionImpl[SparseAttnMetadata]):
             return max(0, total - new - p.window + 1)
         return 0
 
-    def _dense_covers(self, lengths) -> bool:
-        """Whether this layer's TopK / InfLLMv2 sees every causal key of sequences of these host
-        lengths: a TopK whose every query selects all its causal blocks, an InfLLMv2 call below its
-        `dense_len`. That IS dense causal attention (contract: a short sequence degrades exactly to
-        dense causal attention), so the step runs as `Dense()`: no selection, and the binding's
-        lighter re-run (`CachePlan.prepared`), which a selecting pattern has none of. Decided per
-        step (the sequences grow past it); host integers only."""
-        p = self.pattern
-        if not (self.is_topk or self.is_infllmv2) or not lengths:
-            return False
-        longest = max(lengths)  # a shorter sequence's queries see fewer blocks: covered too
-        if self.is_topk:
-            return p.is_dense_causal_for(longest, longest)
-        return not p.is_sparse_call(longest)  # (InfLLMv2 past dense_len: selects, never switched here)
-
     def _decode(self, query, kv_cache, m, output, opts):
         idx = m.decode_idx
         qsl = m.query_start_loc
         n = len(idx)
-        dense = self._dense_covers(m.seq_lens_host[:n] if idx == list(range(n)) else
-                                   [m.seq_lens_host[i] for i in idx])
-        if dense:
-            STATS["decode_dense_covered"] += 1
         if idx == list(range(n)):  # vLLM's reordered batch: the decodes come first
             rows = slice(qsl[0], qsl[n])
             table, lens = m.block_table, m.seq_lens
             if n < len(qsl) - 1:  # prefills follow
                 table, lens = table[:n], lens[:n]
-            fast = self._fast.get((n, dense))
-            if fast is not None and fast.k is self._pages(kv_cache)[0] and output.is_contiguous():
+            fast = self._fast.get(n)
+            if fast is not None and fast.k is self._pages(kv_cache)[0] and output.is_contiguous() and (
+                    fast.longest is None or max(m.seq_lens_host[:n]) <= fast.longest):
                 # the kernel writes vLLM's output rows in place; (n, Hq, D) rows are one query each
                 STATS["decode_calls"] += 1
+                if fast.longest is not None:  # a TopK / InfLLMv2 that sees every causal key: Dense
+                    STATS["decode_dense_covered"] += 1
                 if query.shape[0] == n:
                     fast.run(query, lens, table, output)
                 else:
@@ -375,15 +360,15 @@ class SparseAttnImpl(AttentionImpl[SparseAttnMetadata]):
                            windows=self._windows, pages=self._pages(kv_cache))
         STATS["decode_calls"] += 1
         q = query[rows][:, :, None]  # (n, Hq, 1, D)
-        output[rows] = self._planned(q, cache, opts, dense)[:, :, 0]
+        output[rows] = self._planned(q, cache, opts)[:, :, 0]
 
-    def _planned(self, q, cache, opts, dense=False):
-        """`attention_with_cache` through a plan kept per decode batch size (and per `dense`: the
-        layer's pattern, or `Dense()` where `_dense_covers` says it is the same): the scheduler's
-        choice (~150 us of host work per call) is made once, not per layer and step. A plan that no
-        longer fits the call (`CachePlan.run` raises `ValueError`) is made again; a second failure
-        raises."""
-        key = (q.shape[0], dense)
+    def _planned(self, q, cache, opts):
+        """`attention_with_cache` through a plan kept per decode batch size: the scheduler's choice
+        (~150 us of host work per call) is made once, not per layer and step; each run decides from
+        the step's lengths what the pattern runs as (a TopK / InfLLMv2 that sees every causal key
+        runs as Dense: `CachePlan.run`). A plan that no longer fits the call (`CachePlan.run` raises
+        `ValueError`) is made again; a second failure raises."""
+        key = q.shape[0]
         plan = self._plans.get(key)
         sinks = opts.get("sink_logits")
         if plan is not None:
@@ -391,9 +376,10 @@ class SparseAttnImpl(AttentionImpl[SparseAttnMetadata]):
                 return plan.run(q, cache, sink_logits=sinks)
             except ValueError:
                 pass
-        plan = self._plans[key] = plan_with_cache(q, cache, Dense() if dense else self.pattern, **opts)
+        plan = self._plans[key] = plan_with_cache(q, cache, self.pattern, **opts)
         out = plan.run(q, cache, sink_logits=sinks)
         # later steps of this batch size: the plan's lighter re-run, where its kernel has one
-        # (Dense / SlidingWindow on cpu.decode: the binding's call with the step's tensors only)
+        # (cpu.decode: the binding's call with the step's tensors only; for a TopK / InfLLMv2 the
+        # Dense re-run, for sequences no longer than its `longest`)
         self._fast[key] = plan.prepared(cache)
         return out
