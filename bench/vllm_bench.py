@@ -462,19 +462,21 @@ def e2e_bench(args):
                 r = _one_run(model, p, n, args.new_tokens, n + args.new_tokens + 64, args.settle, args.dtype)
                 res[p].append(r)
                 st = r.get("stats") or {}
-                inside = (f", in the plugin: decode {st['decode_s']:.2f} s ({st['decode_calls']} calls), prefill "
+                inside = (f", in the plugin: decode {st['decode_s']:.2f} s ({st['decode_calls']} calls, "
+                          f"{st.get('decode_dense_covered', 0)} of them Dense while the pattern covers every "
+                          f"key), prefill "
                           f"{st['prefill_s']:.2f} s ({st['prefill_direct']} direct, {st['prefill_gathered']} "
                           f"gathered), InfLLMv2 windows {st.get('windows_s', 0.0):.2f} s, 2 MB pages (background) "
                           f"at the last token: {st['huge_MiB'][0]} of {st['huge_MiB'][1]} MiB gone through"
                           + (f" (waited {st['settled_s']:.1f} s for it after the first request)"
                              if st.get("settled_s") is not None else "") if st else "")
-                print(f"# run n={n} {p}: prefill {r['prefill_s']:.2f} s, decode {r['decode_tok_s']:.2f} tok/s "
+                print(f"# run n={n} {p}: prefill {r['prefill_s']:.4f} s, decode {r['decode_tok_s']:.2f} tok/s "
                       f"({r['decode_s']:.2f} s){inside}, load {_load()}", flush=True)
         for p, runs in res.items():
             row = {"n": n, "backend": p, "dtype": args.dtype, "load": _load(),
                    "prefill_s": statistics.median(r["prefill_s"] for r in runs),
                    "decode_tok_s": statistics.median(r["decode_tok_s"] for r in runs),
-                   "runs": [[round(r["prefill_s"], 2), round(r["decode_tok_s"], 2)] for r in runs],
+                   "runs": [[round(r["prefill_s"], 4), round(r["decode_tok_s"], 2)] for r in runs],
                    "same_tokens_as_vllm": runs[-1]["tokens"] == res.get("vllm", runs)[-1]["tokens"]}
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -35,11 +35,13 @@ from conftest import topk_margin
 from test_infllmv2 import CONFIGS
 from sparse_attn.integrations.vllm import parse_pattern, register
 from sparse_attn.cache.view import KVView
-from sparse_attn.integrations.vllm.pages import PagesCache, PageWindows, gather_keys, split_pages, write_pages
+from sparse_attn.integrations.vllm.pages import (PagesCache, PageWindows, gather_keys, split_pages, write_pages,
+                                                write_pages_indexed)
 from sparse_attn.layout.topk_selection import topk_index_over_cache
 from sparse_attn.integrations.vllm.patterns import ENV, layer_pattern
 
-needs_jit = pytest.mark.skipif(os.environ.get("SPARSE_ATTN_DISABLE_JIT") == "1",
+JIT_OFF = os.environ.get("SPARSE_ATTN_DISABLE_JIT") == "1"
+needs_jit = pytest.mark.skipif(JIT_OFF,
                                reason="SPARSE_ATTN_DISABLE_JIT=1: the C++ decode kernel is not built")
 
 
@@ -49,6 +51,7 @@ def _fill(lengths, *, hkv, d, page_size, num_pages, seed, dtype=torch.float32, c
     backend's `forward` does); returns (kv_cache, block_table, page_sums, K, V) where K/V are the
     per-sequence keys/values `(1, Hkv, n, D)`."""
     g = torch.Generator().manual_seed(seed)
+    write = write_pages_indexed if JIT_OFF else write_pages  # the CPU writer is the extension's
     kv = torch.full((num_pages, hkv, page_size, 2 * d), float("nan"), dtype=dtype)  # never-written rows: NaN
     sums = torch.full((num_pages, hkv, d), 7.0)  # stale sums of a page used before
     free = list(range(num_pages))
@@ -76,7 +79,7 @@ def _fill(lengths, *, hkv, d, page_size, num_pages, seed, dtype=torch.float32, c
         keys.append(torch.randn(pad, hkv, d, generator=g).to(dtype))
         vals.append(torch.randn(pad, hkv, d, generator=g).to(dtype))
         slots.append(torch.full((pad,), -1))
-        write_pages(kv, torch.cat(keys), torch.cat(vals), torch.cat(slots), sums, windows)
+        write(kv, torch.cat(keys), torch.cat(vals), torch.cat(slots), sums, windows)
         if windows is not None:
             windows.complete(table, spans)
     return kv, table, sums, ks, vs
@@ -97,26 +100,58 @@ def test_write_and_gather():
             torch.testing.assert_close(sums[table[b, s]], want, rtol=1e-6, atol=1e-5)
 
 
-def test_few_rows_write_as_the_general_path():
-    """Decode steps (a few rows per call, written row by row, padding slots skipped, a page's sum
-    restarted at its row 0) leave the cache and the page sums as one call over all the rows does."""
-    from sparse_attn.integrations.vllm import pages as pg
+@needs_jit
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
+def test_the_cpu_writer_is_the_indexed_definition(dtype):
+    """The extension's `write_page_rows` (`write_pages` on the CPU) leaves the pages and the page
+    sums as the PyTorch definition (`write_pages_indexed`) does: one call over all the rows, or
+    decode-like calls of a few rows with a padding slot each; rows read through their strides (a
+    view of a wider projection), int32 or int64 slots, stale sums restarted at a page's row 0, rows
+    out of order within a page."""
     g = torch.Generator().manual_seed(3)
     hkv, d, ps, n = 2, 8, 16, 45
     table = torch.randperm(12, generator=g)[:3]  # 45 rows in 3 shuffled pages
     pos = torch.arange(n)
     slots = table[pos // ps] * ps + pos % ps
-    k, v = torch.randn(n, hkv, d, generator=g).bfloat16(), torch.randn(n, hkv, d, generator=g).bfloat16()
-    kv_one, kv_steps = torch.zeros(12, hkv, ps, 2 * d).bfloat16(), torch.zeros(12, hkv, ps, 2 * d).bfloat16()
-    sums_one, sums_steps = torch.zeros(12, hkv, d), torch.full((12, hkv, d), 7.0)  # stale sums: restarted
-    assert n > pg._FEW_ROWS
-    write_pages(kv_one, k, v, slots, sums_one)
-    for a in range(0, n, 3):  # 3 rows and a padding slot per call
+    proj = torch.randn(n, hkv, 3 * d, generator=g).to(dtype)  # (T, Hkv, q|k|v)-like rows: strided views
+    k, v = proj[:, :, d:2 * d], proj[:, :, 2 * d:]
+    assert not k.is_contiguous()
+    want_kv, want_sums = torch.zeros(12, hkv, ps, 2 * d, dtype=dtype), torch.full((12, hkv, d), 7.0)
+    write_pages_indexed(want_kv, k, v, slots, want_sums)
+    one_kv, one_sums = torch.zeros_like(want_kv), torch.full((12, hkv, d), 7.0)
+    order = torch.randperm(n, generator=g)  # rows in any order: the sums restart before any row adds
+    write_pages(one_kv, k[order], v[order], slots[order].int(), one_sums, pages=split_pages(one_kv))
+    assert torch.equal(one_kv, want_kv)
+    torch.testing.assert_close(one_sums[table], want_sums[table], rtol=1e-6, atol=1e-5)
+    assert bool((one_sums[[i for i in range(12) if i not in table.tolist()]] == 7).all())  # pages not written
+    steps_kv, steps_sums = torch.zeros_like(want_kv), torch.full((12, hkv, d), 7.0)
+    for a in range(0, n, 3):  # 3 rows and a padding slot per call, slot_mapping longer than the rows
         b = min(n, a + 3)
-        write_pages(kv_steps, torch.cat([k[a:b], k[:1]]), torch.cat([v[a:b], v[:1]]),
-                    torch.cat([slots[a:b], torch.tensor([-1])]), sums_steps)
-    assert torch.equal(kv_one, kv_steps)
-    torch.testing.assert_close(sums_steps[table], sums_one[table], rtol=1e-6, atol=1e-5)
+        write_pages(steps_kv, torch.cat([k[a:b], k[:1]]), torch.cat([v[a:b], v[:1]]),
+                    torch.cat([slots[a:b], torch.tensor([-1, 5])]), steps_sums)
+    assert torch.equal(steps_kv, want_kv)
+    torch.testing.assert_close(steps_sums[table], want_sums[table], rtol=1e-6, atol=1e-5)
+
+
+@needs_jit
+def test_the_cpu_writer_refuses_bad_input():
+    from sparse_attn._build import load_extension
+    ext = load_extension("cpu_decode")
+    kv = torch.zeros(4, 2, 16, 16)
+    kp, vp = split_pages(kv)
+    k = torch.randn(3, 2, 8)
+    slots = torch.tensor([0, 17, 63])
+    with pytest.raises(ValueError, match=r"slots\[2\] = 64 is outside the pages \[0, 64\)"):
+        ext.write_page_rows(kp, vp, k, k, slots + 1)
+    with pytest.raises(TypeError, match="key must have k_pages's dtype"):
+        ext.write_page_rows(kp, vp, k.double(), k, slots)
+    with pytest.raises(ValueError, match="value must be"):
+        ext.write_page_rows(kp, vp, k, k[:2], slots)
+    with pytest.raises(ValueError, match="slots must be"):
+        ext.write_page_rows(kp, vp, k, k, slots.float())
+    with pytest.raises(ValueError, match="sums must be"):
+        ext.write_page_rows(kp, vp, k, k, slots, torch.zeros(4, 2, 9))
+    assert bool((kv == 0).all())  # nothing written by a refused call
 
 
 def test_gather_into_scratch():

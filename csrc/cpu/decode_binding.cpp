@@ -360,6 +360,12 @@ std::tuple<torch::Tensor, torch::Tensor> quantize_rows(torch::Tensor x, bool fp8
 }  // namespace
 }  // namespace sparse_attn_decode
 
+// csrc/cpu/page_write.cpp: a serving loop's new key / value rows into their page slots
+namespace sparse_attn_decode {
+void write_page_rows(const torch::Tensor& k_pages, const torch::Tensor& v_pages, const torch::Tensor& key,
+                     const torch::Tensor& value, const torch::Tensor& slots, const c10::optional<torch::Tensor>& sums);
+}  // namespace sparse_attn_decode
+
 // csrc/cpu/topk_select.cpp: TopK's selection over a cache's block sums (per sequence, or per page
 // through a page table)
 torch::Tensor topk_select_sums(torch::Tensor q, torch::Tensor sums, std::vector<int64_t> lengths, int64_t block_size,
@@ -433,6 +439,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("args"), py::arg("q"), py::arg("lengths"), py::arg("page_table"), py::arg("out"));
   m.def("pool_keys", &pool_keys, "mean key of each block, float32 (B, H, ceil(Sk / block), D)", py::arg("k"),
         py::arg("block"));
+  m.def("write_page_rows", &write_page_rows,
+        "key (T, Hkv, D) / value rows into k_pages / v_pages (P, Hkv, page_size, D) at slots (>= T,) "
+        "(page * page_size + row; negative: skipped), keeping float32 page sums (P, Hkv, D) when given",
+        py::arg("k_pages"), py::arg("v_pages"), py::arg("key"), py::arg("value"), py::arg("slots"),
+        py::arg("sums") = py::none());
   m.def("topk_select_sums", &topk_select_sums,
         "TopK's selection over a cache: int32 (B, Hkv, Sq, topk) from float32 block sums (B, Hkv, blocks, D), "
         "or per-page sums (pages, Hkv, D) read through page_table (B, W), rows end-aligned to each "

@@ -20,8 +20,9 @@ EXTENSIONS = {
         "jit_cflags": ["-march=native"],
     },
     "cpu_decode": {
-        # topk_select.cpp: TopK's selection from a cache's block sums (topk_select_sums), beside the kernel
-        "sources": ["cpu/decode.cpp", "cpu/decode_binding.cpp", "cpu/topk_select.cpp"],
+        # topk_select.cpp: TopK's selection from a cache's block sums (topk_select_sums), beside the kernel;
+        # page_write.cpp: a serving loop's new rows into their page slots (write_page_rows)
+        "sources": ["cpu/decode.cpp", "cpu/decode_binding.cpp", "cpu/topk_select.cpp", "cpu/page_write.cpp"],
         "headers": ["cpu/scalar.h", "cpu/vec.h", "cpu/vec_bf16.h", "cpu/decode_bf16.h", "cpu/amx.h", "cpu/decode_amx.h", "cpu/decode_direct.h",
                     "cpu/decode_int8.h", "cpu/decode_int8_neon.h", "cpu/decode_fp8.h", "cpu/decode_plan.h",
                     "cpu/decode_rows.h", "cpu/decode_f32.h", "cpu/decode_f32_avx512.h", "cpu/decode_softmax.h", "cpu/target_check.h",

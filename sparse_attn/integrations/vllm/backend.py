@@ -258,7 +258,8 @@ class SparseAttnImpl(AttentionImpl[SparseAttnMetadata]):
         if kv_cache is not self._huge_seen:  # the first write into this tensor (vLLM hands each layer the same one)
             self._huge_seen = kv_cache
             huge_pages_once(kv_cache)
-        write_pages(kv_cache, key, value, slot_mapping, self._sums_for(kv_cache), self._windows_for(kv_cache))
+        write_pages(kv_cache, key, value, slot_mapping, self._sums_for(kv_cache), self._windows_for(kv_cache),
+                    pages=self._pages(kv_cache))
 
     # ----------------------------------------------------------------------------------- forward
     def _opts(self, device):

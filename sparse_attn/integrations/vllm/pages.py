@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from ..._build import load_extension
 from ...cache.view import KVView
 
 
@@ -32,39 +33,43 @@ def split_pages(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return both[:, :, :page_size], both[:, :, page_size:]
 
 
-#: new rows up to which `write_pages` copies row by row (a decode batch's tokens)
-_FEW_ROWS = 8
-
-
-def _write_few(k_pages, v_pages, key, value, slots, page_size, page_sums) -> None:
-    """`write_pages` for a few rows: each a view and a copy (the general path's slot arithmetic,
-    mask and two advanced-index writes took ~60 us per call for one decode token, vLLM's own
-    writer ~24 us; 2-core Sapphire Rapids, bf16, 2026-12-05)."""
-    for i, slot in enumerate(slots):
-        if slot < 0:  # a padding token
-            continue
-        page, row = divmod(slot, page_size)
-        k_pages[page, :, row].copy_(key[i])
-        v_pages[page, :, row].copy_(value[i])
-        if page_sums is not None:
-            if row == 0:  # a page written from its first row holds a new block
-                page_sums[page].zero_()
-            page_sums[page].add_(key[i])
-
-
 def write_pages(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor,
-                page_sums: torch.Tensor | None = None, windows: "PageWindows | None" = None) -> None:
+                page_sums: torch.Tensor | None = None, windows: "PageWindows | None" = None,
+                pages: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Store the new tokens' `key` / `value` `(T, Hkv, D)` at their slots (`slot_mapping` `(>= T,)`:
     `page * page_size + row`, negative for padding tokens, which are skipped). `page_sums`
     `(num_pages, Hkv, D)` float32, when given, is kept equal to the sum of each page's rows;
     `windows` (InfLLMv2) gets the rows' keys into its chunk sums (`PageWindows.add_rows`; its
-    windows are completed by `PageWindows.complete`, which needs the block table)."""
+    windows are completed by `PageWindows.complete`, which needs the block table). `pages`: the
+    caller's `split_pages(kv_cache)`, kept (~6 us a call to make again).
+
+    On the CPU the rows and the page sums go through the extension's `write_page_rows`
+    (csrc/cpu/page_write.cpp: one pass, rows read through their strides, parallel over rows). It
+    replaced two advanced-index writes (plus a mask and the sums' `index_add_`), which took ~60 us
+    for one decode token and ~0.2 ms per layer for a 512-token prompt where vLLM's own writer took
+    ~24 us and a few us (2-core Sapphire Rapids, bf16, Hkv 2, D 64; docs/vllm_measurements.md).
+    Elsewhere, `write_pages_indexed` (the same result in PyTorch ops)."""
+    if kv_cache.device.type != "cpu":
+        write_pages_indexed(kv_cache, key, value, slot_mapping, page_sums, windows)
+        return
+    k_pages, v_pages = pages if pages is not None else split_pages(kv_cache)
+    rows_k, rows_v = key, value
+    if key.dtype != k_pages.dtype:  # vLLM hands the model's dtype; a cache of another one converts first
+        rows_k, rows_v = key.to(k_pages.dtype), value.to(v_pages.dtype)
+    load_extension("cpu_decode").write_page_rows(k_pages, v_pages, rows_k, rows_v, slot_mapping, page_sums)
+    if windows is not None and key.shape[0]:
+        slots = slot_mapping[:key.shape[0]].long()
+        keep = slots >= 0
+        windows.add_rows(slots[keep] // k_pages.shape[2], slots[keep] % k_pages.shape[2], key[keep])
+
+
+def write_pages_indexed(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor,
+                        page_sums: torch.Tensor | None = None, windows: "PageWindows | None" = None) -> None:
+    """`write_pages` in PyTorch ops (advanced-index writes): any device, and the definition the
+    CPU extension's writer is tested against."""
     k_pages, v_pages = split_pages(kv_cache)
     page_size = k_pages.shape[2]
     t = key.shape[0]
-    if t <= _FEW_ROWS and windows is None:  # decode steps: a copy per row (the general path's index
-        _write_few(k_pages, v_pages, key, value, slot_mapping[:t].tolist(), page_size, page_sums)  # ops cost ~60 us)
-        return
     slots = slot_mapping[:t].long()
     keep = slots >= 0
     if not bool(keep.all()):
