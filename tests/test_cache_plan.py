@@ -4,12 +4,14 @@ decode step reads no device value, and `cache/` imports no backend."""
 from __future__ import annotations
 
 import ast
+import os
 import pathlib
 import re
 
 import pytest
 import torch
 
+import infllmv2_oracle
 import oracle
 import sparse_attn as sa
 from conftest import randn, topk_margin
@@ -22,6 +24,8 @@ from test_cache import _fill
 from test_layout import _NoHostSync
 
 PKG = pathlib.Path(sa.__file__).parent
+needs_jit = pytest.mark.skipif(os.environ.get("SPARSE_ATTN_DISABLE_JIT") == "1",
+                               reason="SPARSE_ATTN_DISABLE_JIT=1: the C++ decode kernel is not built")
 
 
 def _caches(b, hkv, d, lengths, *, dtype=torch.float32, pool=16, page_size=8):
@@ -134,7 +138,11 @@ def test_a_pattern_that_covers_a_short_cache_runs_as_dense_until_it_grows():
     selects once a sequence passes 64; each step is the float64 evaluation of the TopK itself."""
     pat = sa.TopK(2, block_size=16)
     assert dense_reach(pat) == 64 and dense_reach(sa.SlidingWindow(30, sinks=2)) == 32
-    assert dense_reach(sa.Dense()) is None and dense_reach(sa.InfLLMv2(dense_len=100)) >= 99
+    assert dense_reach(sa.Dense()) is None
+    # InfLLMv2: below dense_len, and past it while its selection still takes every causal block
+    # (to 96 blocks of 64 keys at the default topk 96); with topk 2 and 2 local blocks, dense_len
+    assert dense_reach(sa.InfLLMv2(dense_len=100)) == 96 * 64
+    assert dense_reach(sa.InfLLMv2(dense_len=1000, topk=2, local_blocks=2)) == 999
     caches, _, _ = _caches(2, 2, 16, [45, 60])
     q = randn(2, 4, 1, 16)
     for c in caches:
@@ -153,6 +161,34 @@ def test_a_pattern_that_covers_a_short_cache_runs_as_dense_until_it_grows():
                                                v[b:b + 1, :, :n].double(), pat)
                 oracle.assert_close_contract(out[b:b + 1], want, dtype=torch.float32, device="cpu")
         assert ran == ["Dense"] * 4 + ["TopK"] * 3, ran
+
+
+@needs_jit
+def test_prepared_decode_of_an_infllmv2_is_dense_within_its_reach():
+    """An InfLLMv2 of 16-key blocks with one init, one local and one selected block sees every
+    causal key up to 48 keys (past its dense_len of 40): over a paged cache its plan's prepared call
+    is Dense's binding call bounded there -- the plan's bits and the float64 evaluation of the
+    InfLLMv2 itself -- and the binding refuses a sequence past 48 by name (ValueError)."""
+    pat = sa.InfLLMv2(topk=1, block_size=16, kernel_size=16, kernel_stride=8, local_blocks=1, dense_len=40)
+    assert dense_reach(pat) == 48
+    caches, _, _ = _caches(2, 2, 16, [48, 29], page_size=16)
+    c, q = caches[1], randn(2, 4, 1, 16)
+    plan = sa.plan_with_cache(q, c, pat)
+    fast = plan.prepared(c)
+    assert fast is not None and fast.longest == 48
+    view = c.kv_view()
+    rows = torch.empty(2, 4, 16)
+    fast.run(q[:, :, 0], view.lengths, view.page_table, rows)
+    assert torch.equal(rows, plan.run(q, c)[:, :, 0])
+    k, v = view.gather(0, view.max_length)
+    for b, n in enumerate(view.host_lengths):
+        want = infllmv2_oracle.attention(q[b:b + 1].double(), k[b:b + 1, :, :n].double(), v[b:b + 1, :, :n].double(),
+                                         pat)
+        oracle.assert_close_contract(rows[b:b + 1, :, None], want, dtype=torch.float32, device="cpu")
+    c.append(randn(2, 2, 1, 16), randn(2, 2, 1, 16))
+    view = c.kv_view()
+    with pytest.raises(ValueError, match=r"lengths\[0\] = 49 is beyond max_length = 48"):
+        fast.run(q[:, :, 0], view.lengths, view.page_table, rows)
 
 
 def test_a_plan_whose_kernel_cannot_select_says_so_when_the_cache_grows():

@@ -102,35 +102,42 @@ def test_write_and_gather():
 
 @needs_jit
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
-def test_the_cpu_writer_is_the_indexed_definition(dtype):
+@pytest.mark.parametrize("n,d", [(45, 8), (1500, 40)], ids=["few", "many"])
+def test_the_cpu_writer_is_the_indexed_definition(dtype, n, d):
     """The extension's `write_page_rows` (`write_pages` on the CPU) leaves the pages and the page
     sums as the PyTorch definition (`write_pages_indexed`) does: one call over all the rows, or
     decode-like calls of a few rows with a padding slot each; rows read through their strides (a
     view of a wider projection), int32 or int64 slots, stale sums restarted at a page's row 0, rows
-    out of order within a page."""
-    g = torch.Generator().manual_seed(3)
-    hkv, d, ps, n = 2, 8, 16, 45
-    table = torch.randperm(12, generator=g)[:3]  # 45 rows in 3 shuffled pages
-    pos = torch.arange(n)
-    slots = table[pos // ps] * ps + pos % ps
-    proj = torch.randn(n, hkv, 3 * d, generator=g).to(dtype)  # (T, Hkv, q|k|v)-like rows: strided views
-    k, v = proj[:, :, d:2 * d], proj[:, :, 2 * d:]
-    assert not k.is_contiguous()
-    want_kv, want_sums = torch.zeros(12, hkv, ps, 2 * d, dtype=dtype), torch.full((12, hkv, d), 7.0)
-    write_pages_indexed(want_kv, k, v, slots, want_sums)
-    one_kv, one_sums = torch.zeros_like(want_kv), torch.full((12, hkv, d), 7.0)
-    order = torch.randperm(n, generator=g)  # rows in any order: the sums restart before any row adds
-    write_pages(one_kv, k[order], v[order], slots[order].int(), one_sums, pages=split_pages(one_kv))
-    assert torch.equal(one_kv, want_kv)
-    torch.testing.assert_close(one_sums[table], want_sums[table], rtol=1e-6, atol=1e-5)
-    assert bool((one_sums[[i for i in range(12) if i not in table.tolist()]] == 7).all())  # pages not written
-    steps_kv, steps_sums = torch.zeros_like(want_kv), torch.full((12, hkv, d), 7.0)
-    for a in range(0, n, 3):  # 3 rows and a padding slot per call, slot_mapping longer than the rows
-        b = min(n, a + 3)
-        write_pages(steps_kv, torch.cat([k[a:b], k[:1]]), torch.cat([v[a:b], v[:1]]),
-                    torch.cat([slots[a:b], torch.tensor([-1, 5])]), steps_sums)
-    assert torch.equal(steps_kv, want_kv)
-    torch.testing.assert_close(steps_sums[table], want_sums[table], rtol=1e-6, atol=1e-5)
+    out of order within a page. 1500 rows on 2 threads: the copies split among the threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(3)
+        hkv, ps = 2, 16
+        used, pool = -(-n // ps), -(-n // ps) + 9
+        table = torch.randperm(pool, generator=g)[:used]  # the rows in shuffled pages
+        pos = torch.arange(n)
+        slots = table[pos // ps] * ps + pos % ps
+        proj = torch.randn(n, hkv, 3 * d, generator=g).to(dtype)  # (T, Hkv, q|k|v)-like rows: strided views
+        k, v = proj[:, :, d:2 * d], proj[:, :, 2 * d:]
+        assert not k.is_contiguous()
+        want_kv, want_sums = torch.zeros(pool, hkv, ps, 2 * d, dtype=dtype), torch.full((pool, hkv, d), 7.0)
+        write_pages_indexed(want_kv, k, v, slots, want_sums)
+        one_kv, one_sums = torch.zeros_like(want_kv), torch.full((pool, hkv, d), 7.0)
+        order = torch.randperm(n, generator=g)  # rows in any order: the sums restart before any row adds
+        write_pages(one_kv, k[order], v[order], slots[order].int(), one_sums, pages=split_pages(one_kv))
+        assert torch.equal(one_kv, want_kv)
+        torch.testing.assert_close(one_sums[table], want_sums[table], rtol=1e-6, atol=1e-5)
+        assert bool((one_sums[[i for i in range(pool) if i not in table.tolist()]] == 7).all())  # pages not written
+        steps_kv, steps_sums = torch.zeros_like(want_kv), torch.full((pool, hkv, d), 7.0)
+        for a in range(0, n, 3):  # 3 rows and a padding slot per call, slot_mapping longer than the rows
+            b = min(n, a + 3)
+            write_pages(steps_kv, torch.cat([k[a:b], k[:1]]), torch.cat([v[a:b], v[:1]]),
+                        torch.cat([slots[a:b], torch.tensor([-1, 5])]), steps_sums)
+        assert torch.equal(steps_kv, want_kv)
+        torch.testing.assert_close(steps_sums[table], want_sums[table], rtol=1e-6, atol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @needs_jit
@@ -507,7 +514,8 @@ def test_prepared_decode_of_a_topk_is_dense_within_its_reach(dtype):
     """TopK(1) of 16-token pages (one sink, one local block) sees every causal key up to 48 keys:
     its plan's prepared call is Dense's binding call with `longest` 48 -- the plan's bits and the
     float64 evaluation of the TopK while the sequences are that short -- and the binding refuses
-    a longer sequence by name (the plan runs it, selecting)."""
+    a longer sequence by name (the plan runs it, selecting). InfLLMv2's: tests/test_cache_plan.py
+    (PagesCache keeps no compressed keys)."""
     hq, hkv, d, ps = 4, 2, 32, 16
     pat = sa.TopK(topk=1, block_size=ps)
     kv, table, sums, k, v = _fill([48, 21], hkv=hkv, d=d, page_size=ps, num_pages=12, seed=5, dtype=dtype)
@@ -524,5 +532,5 @@ def test_prepared_decode_of_a_topk_is_dense_within_its_reach(dtype):
     for b, n in enumerate([48, 21]):
         ref = oracle.oracle_attention(q[b:b + 1].double(), k[b].double(), v[b].double(), pat)
         oracle.assert_close_contract(rows[b:b + 1, :, None], ref, dtype=dtype, device="cpu")
-    with pytest.raises(RuntimeError, match=r"lengths\[0\] = 49 is beyond max_length = 48"):
+    with pytest.raises(ValueError, match=r"lengths\[0\] = 49 is beyond max_length = 48"):
         fast.run(q[:, :, 0], torch.tensor([49, 21], dtype=torch.int32), torch.cat([table, table[:, :1]], 1), rows)

@@ -421,7 +421,7 @@ class TaskRunner {
     }
     for (int64_t e = 0; e < np; ++e) {
       prefetch_block(b, h, e + 1 < np ? part[e + 1] : -1);
-      attend(S, b, h, part[e], R, S.qp.data(), S.qwp.data(), S.op.data(), S.rid.data(), true);
+      attend_partial(S, b, h, part[e], rows);
     }
     if (P.ti != nullptr) per_token_blocks(S, b, h, t_lo, rows);
 
@@ -442,6 +442,29 @@ class TaskRunner {
   }
 
  private:
+  // A partial block of the tile's `rows` tokens. Under the plain causal rule (no window) the rows
+  // split by token: those before the block's first key see none of it (skipped: no products for
+  // them), those at or past its last key see all of it (the unmasked path, one pass of the scores
+  // where keys fill the block), and only the tokens in between get the token rule. A short
+  // sequence's single tile lists every block as partial: at 100 tokens (one 128-token tile of
+  // 64-key blocks) this computes 272 of the 400 rows x blocks it did, ~120 of them masked.
+  // Other rules (a window, no causal rule) mask every row, as the layout says.
+  void attend_partial(Scratch& S, int64_t b, int64_t h, int64_t n, int64_t rows) {
+    int64_t r0 = 0, r1 = rows;  // tokens [0, r0) skip the block, [r0, r1) masked, [r1, rows) see it whole
+    if (P.causal && P.window < 0) {
+      const int64_t j0 = n * P.k_block, nk = std::min(P.k_block, P.sk - j0);
+      r0 = std::clamp<int64_t>(j0 - p_lo_, 0, rows);
+      r1 = std::clamp<int64_t>(j0 + nk - 1 - p_lo_, r0, rows);
+    }
+    const int64_t G = P.G;
+    if (r1 > r0)
+      attend(S, b, h, n, (r1 - r0) * G, S.qp.data() + r0 * G, S.qwp.data() + r0 * G, S.op.data() + r0 * G,
+             S.rid.data() + r0 * G, true);
+    if (rows > r1)
+      attend(S, b, h, n, (rows - r1) * G, S.qp.data() + r1 * G, S.qwp.data() + r1 * G, S.op.data() + r1 * G,
+             S.rid.data() + r1 * G, false);
+  }
+
   // TopK: the tile's tokens grouped by selected block; each block once, with all its tokens' rows.
   // Tokens that are one run of the tile's rows (every token of the tile, as on a tile whose tokens
   // select all their candidates, or a run of them) are passed where they sit: the rows stay evenly

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "cpu/decode_plan.h"
+#include "cpu/dtype_tag.h"
 #include "cpu/out_check.h"
 #include "cpu/quant_rows.h"
 #include "cpu/stream_ahead.h"
@@ -119,7 +120,7 @@ static std::tuple<torch::Tensor, torch::Tensor> decode_impl(const DecodeArgs& a,
   const bool quant = a.k_scale.has_value() && a.k_scale->defined();
   TORCH_CHECK(quant == (a.v_scale.has_value() && a.v_scale->defined()), "decode_fwd: set both k_scale and v_scale, or neither");
   const auto kdt = k.scalar_type();
-  int kv_tag = dt == torch::kFloat32 ? 0 : dt == torch::kBFloat16 ? 1 : 2;
+  int kv_tag = sparse_attn_cpu::float_tag(dt);
   if (quant) {
     TORCH_CHECK((kdt == torch::kInt8 || kdt == torch::kFloat8_e4m3fn) && v.scalar_type() == kdt,
                 "decode_fwd: with scales, k and v must both be int8 or both float8_e4m3fn, got ", kdt, " and ",
@@ -165,8 +166,8 @@ static std::tuple<torch::Tensor, torch::Tensor> decode_impl(const DecodeArgs& a,
     for (int64_t b = 0; b < B; ++b) {
       TORCH_CHECK(L[b] >= 0 && L[b] <= cap, "decode_fwd: lengths[", b, "] = ", L[b], " is outside [0, ", cap, "]");
       TORCH_CHECK(!causal || L[b] >= sq, "decode_fwd: a causal rule needs Sq <= lengths[", b, "] = ", L[b]);
-      TORCH_CHECK(a.max_length < 0 || L[b] <= a.max_length, "decode_fwd: lengths[", b, "] = ", L[b],
-                  " is beyond max_length = ", a.max_length, " (the rule given holds only that far)");
+      TORCH_CHECK_VALUE(a.max_length < 0 || L[b] <= a.max_length, "decode_fwd: lengths[", b, "] = ", L[b],
+                        " is beyond max_length = ", a.max_length, " (the rule given holds only that far)");
       sk = std::max<int64_t>(sk, L[b]);
       if (paged) {  // every page a visited key can live on must be in the pool
         const int32_t* row = table.data_ptr<int32_t>() + b * table.stride(0);
@@ -179,8 +180,8 @@ static std::tuple<torch::Tensor, torch::Tensor> decode_impl(const DecodeArgs& a,
     }
   } else {
     TORCH_CHECK(!causal || sq <= sk, "decode_fwd: a causal rule needs Sq <= Sk");
-    TORCH_CHECK(a.max_length < 0 || sk <= a.max_length, "decode_fwd: Sk = ", sk, " is beyond max_length = ",
-                a.max_length, " (the rule given holds only that far)");
+    TORCH_CHECK_VALUE(a.max_length < 0 || sk <= a.max_length, "decode_fwd: Sk = ", sk, " is beyond max_length = ",
+                      a.max_length, " (the rule given holds only that far)");
   }
   // the caller's result tensor (checked: the kernel writes it as contiguous rows), else a new one
   torch::Tensor out;
@@ -211,7 +212,7 @@ static std::tuple<torch::Tensor, torch::Tensor> decode_impl(const DecodeArgs& a,
   P.causal = causal, P.window = window, P.sinks = std::max<int64_t>(0, sinks);
   P.qmul = static_cast<float>(scale) * kLog2e;
   P.cap = static_cast<float>(a.softcap) * kLog2e;
-  const int dtag = dt == torch::kFloat32 ? 0 : dt == torch::kBFloat16 ? 1 : 2;
+  const int dtag = sparse_attn_cpu::float_tag(dt);
   P.seg = segment_keys(dtag, kv_tag, P.R, D);
   P.mode = mode, P.unit = mode == 0 ? P.seg : block;
   P.lens = ragged ? lens.data_ptr<int32_t>() : nullptr;
@@ -310,13 +311,7 @@ torch::Tensor pool_keys(torch::Tensor k, int64_t block) {
       }
     });
   };
-  if (dt == torch::kFloat32) {
-    run(std::integral_constant<int, 0>{});
-  } else if (dt == torch::kBFloat16) {
-    run(std::integral_constant<int, 1>{});
-  } else {
-    run(std::integral_constant<int, 2>{});
-  }
+  sparse_attn_cpu::with_float_tag(dt, run);
   return out;
 }
 
@@ -347,13 +342,7 @@ std::tuple<torch::Tensor, torch::Tensor> quantize_rows(torch::Tensor x, bool fp8
         s[r] = sparse_attn_cpu::quantize_row<DT>(src + r * D, D, fp8, c + r * D, tmp.data());
     });
   };
-  if (dt == torch::kFloat32) {
-    run(std::integral_constant<int, 0>{});
-  } else if (dt == torch::kBFloat16) {
-    run(std::integral_constant<int, 1>{});
-  } else {
-    run(std::integral_constant<int, 2>{});
-  }
+  sparse_attn_cpu::with_float_tag(dt, run);
   return {codes, scales};
 }
 

@@ -160,8 +160,9 @@ class PreparedDecode:
         args.max_length = -1 if longest is None else int(longest)  # the binding refuses longer sequences
         self._args, self._step = args, ext.decode_step
         self.k, self.v = k, v
-        #: the longest sequence `run` may be given (None: any): a TopK / InfLLMv2 runs as this Dense
-        #: re-run only while it sees every causal key (`dense_reach`)
+        #: the longest sequence `run` may be given (None: any; a longer one: the binding's
+        #: ValueError): a TopK / InfLLMv2 runs as this Dense re-run only while it sees every causal
+        #: key (`dense_reach`)
         self.longest = longest
 
     def run(self, q: torch.Tensor, lengths: torch.Tensor, page_table: torch.Tensor, out: torch.Tensor) -> None:
