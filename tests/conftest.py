@@ -28,6 +28,10 @@ DTYPE_IDS = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16",
 #: backend=None is the scheduler's choice; "reference" the plain-PyTorch path.
 BACKENDS = [pytest.param("reference", id="ref"), pytest.param(None, id="auto")]
 BLOCK = 16  # block size of BlockSparse / TopK in the matrix; every length below is not a multiple of it
+#: SPARSE_ATTN_DISABLE_JIT=1 (the Arm and no-compiler CI stages): the C++ extensions are not built
+NO_JIT = os.environ.get("SPARSE_ATTN_DISABLE_JIT") == "1"
+#: the one marker of every test that needs a C++ extension built
+needs_jit = pytest.mark.skipif(NO_JIT, reason="SPARSE_ATTN_DISABLE_JIT=1: the C++ extensions are not built")
 
 
 def pytest_configure(config):

@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import needs_jit
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.skipif(os.environ.get("SPARSE_ATTN_DISABLE_JIT") == "1", reason="JIT builds disabled here")
+@needs_jit
 @pytest.mark.skipif(importlib.util.find_spec("sparse_attn._ext_cpu_decode") is not None,
                     reason="an ahead-of-time build is installed: nothing is built at run time")
 def test_a_failed_build_is_said_once(tmp_path):

@@ -4,7 +4,6 @@ decode step reads no device value, and `cache/` imports no backend."""
 from __future__ import annotations
 
 import ast
-import os
 import pathlib
 import re
 
@@ -14,7 +13,7 @@ import torch
 import infllmv2_oracle
 import oracle
 import sparse_attn as sa
-from conftest import randn, topk_margin
+from conftest import needs_jit, randn, topk_margin
 from sparse_attn.cache import KVCache, KVView, PagedKVCache, RingKVCache
 from sparse_attn.layout.topk_selection import topk_index_over_cache, topk_token_index
 from sparse_attn.scheduler.cache_problem import CACHE_OP, make_cache_problem
@@ -24,8 +23,6 @@ from test_cache import _fill
 from test_layout import _NoHostSync
 
 PKG = pathlib.Path(sa.__file__).parent
-needs_jit = pytest.mark.skipif(os.environ.get("SPARSE_ATTN_DISABLE_JIT") == "1",
-                               reason="SPARSE_ATTN_DISABLE_JIT=1: the C++ decode kernel is not built")
 
 
 def _caches(b, hkv, d, lengths, *, dtype=torch.float32, pool=16, page_size=8):
@@ -74,6 +71,7 @@ def test_selection_over_cache_is_the_layout_one():
 
 
 # ------------------------------------------------------------------------------------- planning
+@needs_jit
 def test_every_decode_kernel_is_planned_and_explained():
     caches, _, _ = _caches(2, 2, 32, [37, 61])
     q = randn(2, 4, 1, 32)
@@ -99,6 +97,7 @@ def test_every_decode_kernel_is_planned_and_explained():
     assert plan.kernel.name == "reference.cache_chunked" and "backend 'reference' requested" in plan.explain()
 
 
+@needs_jit
 def test_a_kernel_that_reads_one_kind_says_so():
     from sparse_attn.backends.cpu.decode import CpuCacheDecode
 
@@ -191,6 +190,7 @@ def test_prepared_decode_of_an_infllmv2_is_dense_within_its_reach():
         fast.run(q[:, :, 0], view.lengths, view.page_table, rows)
 
 
+@needs_jit
 def test_a_plan_whose_kernel_cannot_select_says_so_when_the_cache_grows():
     """A plan made while its TopK ran as Dense may hold a kernel that reads Dense only: once the
     cache passes the pattern's reach, `run` raises `ValueError` naming the kernel (plan again)."""
@@ -212,7 +212,7 @@ def test_a_plan_whose_kernel_cannot_select_says_so_when_the_cache_grows():
 
 
 # ------------------------------------------------------------------------- no host synchronisation
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_jit)])
 @pytest.mark.parametrize("pat", [sa.Dense(), sa.SlidingWindow(20, sinks=3), sa.TopK(2, block_size=16)],
                          ids=["dense", "window", "topk"])
 def test_decode_step_reads_no_device_value(pat, backend):

@@ -14,17 +14,15 @@ The first test in a fresh cache compiles the extension (a minute or two on the 2
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 
 import oracle
 import sparse_attn as sa
-from conftest import make_qkv_for, pairwise, random_layout, randn
+from conftest import needs_jit, make_qkv_for, pairwise, random_layout, randn
 
-if os.environ.get("SPARSE_ATTN_DISABLE_JIT") == "1":
-    pytestmark = pytest.mark.skip(reason="SPARSE_ATTN_DISABLE_JIT=1: the C++ extension is not built")
+pytestmark = needs_jit
 
 KERNEL = "cpu.decode"
 BS = 16  # BlockSparse / TopK block size of the matrix: no length below is a multiple of it

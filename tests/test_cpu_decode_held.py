@@ -7,7 +7,6 @@ Against the float64 reference with the contract's bounds; paged equals contiguou
 """
 from __future__ import annotations
 
-import os
 import platform
 
 import pytest
@@ -15,11 +14,10 @@ import torch
 
 import oracle
 import sparse_attn as sa
-from conftest import make_qkv_for, shuffled_pages
+from conftest import needs_jit, make_qkv_for, shuffled_pages
 from sparse_attn.cache.quant import dequantize
 
-if os.environ.get("SPARSE_ATTN_DISABLE_JIT") == "1":
-    pytestmark = pytest.mark.skip(reason="SPARSE_ATTN_DISABLE_JIT=1: the C++ extension is not built")
+pytestmark = needs_jit
 
 
 def _decode():

@@ -14,17 +14,14 @@ tensors and over contiguous and paged caches:
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 import oracle
 import sparse_attn as sa
-from conftest import make_qkv_for
+from conftest import needs_jit, make_qkv_for
 
-if os.environ.get("SPARSE_ATTN_DISABLE_JIT") == "1":
-    pytestmark = pytest.mark.skip(reason="SPARSE_ATTN_DISABLE_JIT=1: the C++ extension is not built")
+pytestmark = needs_jit
 
 B, HQ, HKV, D = 2, 8, 2, 64
 G = HQ // HKV

@@ -19,10 +19,10 @@ import oracle
 import sparse_attn as sa
 from sparse_attn.cache.quant import dequantize, quantize_rows
 from sparse_attn.integrations.vllm.pages import PagesCache, split_pages, write_pages
+from conftest import needs_jit
 from test_cpu_decode_stream import restore, select_products  # noqa: F401 (restore: a fixture)
 
-if os.environ.get("SPARSE_ATTN_DISABLE_JIT") == "1":
-    pytestmark = pytest.mark.skip(reason="SPARSE_ATTN_DISABLE_JIT=1: the C++ extension is not built")
+pytestmark = needs_jit
 
 
 def _pages(k, v, lens, page, gen):

@@ -18,11 +18,10 @@ import torch
 
 import oracle
 import sparse_attn as sa
-from conftest import make_qkv_for
+from conftest import needs_jit, make_qkv_for
 from sparse_attn.cache.quant import dequantize
 
-if os.environ.get("SPARSE_ATTN_DISABLE_JIT") == "1":
-    pytestmark = pytest.mark.skip(reason="SPARSE_ATTN_DISABLE_JIT=1: the C++ extension is not built")
+pytestmark = needs_jit
 
 
 def _ext():

@@ -5,16 +5,13 @@ work inline), a float32 product that underflows into the denormal range is still
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 import sparse_attn as sa
-from conftest import make_qkv_for
+from conftest import needs_jit, make_qkv_for
 
-if os.environ.get("SPARSE_ATTN_DISABLE_JIT") == "1":
-    pytestmark = pytest.mark.skip(reason="SPARSE_ATTN_DISABLE_JIT=1: the C++ extension is not built")
+pytestmark = needs_jit
 
 TINY = 1e-38  # a normal float32; half of it is denormal
 

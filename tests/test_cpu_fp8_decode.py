@@ -15,12 +15,12 @@ import pytest
 import torch
 
 import sparse_attn as sa
-from conftest import randn
+from conftest import needs_jit, randn
 from sparse_attn.cache import KVCache, PagedKVCache
 from sparse_attn.cache.quant import dequantize
-from test_cpu_int8_decode import LENGTHS, NO_JIT, _decode, _ext, _fill, _lse_base2, _reference
+from test_cpu_int8_decode import LENGTHS, _decode, _ext, _fill, _lse_base2, _reference
 
-pytestmark = pytest.mark.skipif(NO_JIT, reason="SPARSE_ATTN_DISABLE_JIT=1: the C++ extension is not built")
+pytestmark = needs_jit
 
 
 def _caches(b, hkv, d, lengths, pool=16):

@@ -23,13 +23,12 @@ import torch
 
 import oracle
 import sparse_attn as sa
-from conftest import randn, topk_margin
+from conftest import needs_jit, randn, topk_margin
 from sparse_attn.cache import KVCache, PagedKVCache
 from sparse_attn.cache.quant import dequantize
 from test_cache import _fill
 
-NO_JIT = os.environ.get("SPARSE_ATTN_DISABLE_JIT") == "1"
-pytestmark = pytest.mark.skipif(NO_JIT, reason="SPARSE_ATTN_DISABLE_JIT=1: the C++ extension is not built")
+pytestmark = needs_jit
 
 LENGTHS = [1, 2, 3, 17, 127, 128, 129, 255, 257, 300]
 

@@ -29,14 +29,14 @@ import torch
 import sparse_attn as sa
 from sparse_attn.layout import BlockLayout, build_layout, compact, index_to_bool
 from sparse_attn.layout.topk_selection import topk_token_index
+from conftest import needs_jit
 
 KERNEL = "cpu.block_sparse"
 BOUND = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 DTYPES = [pytest.param(torch.float32, id="f32"), pytest.param(torch.bfloat16, id="bf16"),
           pytest.param(torch.float16, id="f16")]
 
-if os.environ.get("SPARSE_ATTN_DISABLE_JIT") == "1":
-    pytestmark = pytest.mark.skip(reason="SPARSE_ATTN_DISABLE_JIT=1: the C++ extension is not built")
+pytestmark = needs_jit
 
 
 def _kernel_module():

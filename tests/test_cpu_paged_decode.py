@@ -13,7 +13,6 @@
 """
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
@@ -21,12 +20,11 @@ import torch
 
 import oracle
 import sparse_attn as sa
-from conftest import make_pattern, randn, topk_margin
+from conftest import needs_jit, make_pattern, randn, topk_margin
 from sparse_attn.cache import KVCache, PagedKVCache, attention_with_cache
 from test_cache import _fill, _row_pattern
 
-if os.environ.get("SPARSE_ATTN_DISABLE_JIT") == "1":
-    pytestmark = pytest.mark.skip(reason="SPARSE_ATTN_DISABLE_JIT=1: the C++ extension is not built")
+pytestmark = needs_jit
 
 BS = 16
 KINDS = ["dense_causal", "dense_full", "window", "window_sinks", "blocksparse", "topk", "topk_wide"]

@@ -17,9 +17,10 @@ import subprocess
 
 import pytest
 
-from test_cpu_int8_decode import NO_JIT, _ext
+from conftest import needs_jit
+from test_cpu_int8_decode import _ext
 
-pytestmark = pytest.mark.skipif(NO_JIT, reason="SPARSE_ATTN_DISABLE_JIT=1: the C++ extension is not built")
+pytestmark = needs_jit
 
 
 def _prefetches_per_function(so_path: str, objdump: str) -> dict[str, int]:

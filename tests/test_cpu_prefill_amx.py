@@ -9,18 +9,15 @@ On a CPU without AMX the "amx" cases are skipped and the vector path is still ch
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 import oracle
 import sparse_attn as sa
 from conftest import (amx_or_vector, amx_test_pattern, assert_amx_built_follows_the_cpu, assert_amx_env_switch,
-                      cpu_forward_ext, make_qkv_for, with_tiles_and_without)
+                      cpu_forward_ext, make_qkv_for, needs_jit, with_tiles_and_without)
 
-if os.environ.get("SPARSE_ATTN_DISABLE_JIT") == "1":
-    pytestmark = pytest.mark.skip(reason="SPARSE_ATTN_DISABLE_JIT=1: the C++ extension is not built")
+pytestmark = needs_jit
 
 
 @pytest.fixture(params=["amx", "vector"])

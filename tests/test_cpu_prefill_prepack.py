@@ -10,17 +10,14 @@ the contract.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 import oracle
 import sparse_attn as sa
-from conftest import amx_or_vector, amx_test_pattern, cpu_forward_ext, make_qkv_for
+from conftest import needs_jit, amx_or_vector, amx_test_pattern, cpu_forward_ext, make_qkv_for
 
-if os.environ.get("SPARSE_ATTN_DISABLE_JIT") == "1":
-    pytestmark = pytest.mark.skip(reason="SPARSE_ATTN_DISABLE_JIT=1: the C++ extension is not built")
+pytestmark = needs_jit
 
 
 @pytest.fixture(params=["amx", "vector"])

@@ -10,7 +10,10 @@ import pytest
 import torch
 
 import sparse_attn as sa
+from conftest import needs_jit
 from sparse_attn.backends.cpu import kernels as K
+
+pytestmark = needs_jit
 
 CASES = [  # (pattern, t, s, hq, hkv, d, softcap)
     (sa.Dense(), 77, 77, 4, 2, 64, None),

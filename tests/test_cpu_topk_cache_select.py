@@ -8,9 +8,11 @@ import pytest
 import torch
 
 import sparse_attn as sa
-from conftest import randn
+from conftest import needs_jit, randn
 from sparse_attn.backends.cpu.decode import _ext
 from sparse_attn.layout.topk_selection import topk_index_over_cache
+
+pytestmark = needs_jit
 
 
 def _native(q, view, pat):

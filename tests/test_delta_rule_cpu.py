@@ -7,10 +7,13 @@ import pytest
 import torch
 
 import sparse_attn as sa
-from conftest import DTYPE_IDS, pairwise
+from conftest import DTYPE_IDS, needs_jit, pairwise
 from delta_oracle import oracle_delta_rule
 from oracle import rel_err
 from test_delta_rule import check, make_inputs, run_and_compare
+
+pytestmark = needs_jit
+
 
 def _chunked():
     from sparse_attn.backends.cpu import delta

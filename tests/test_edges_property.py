@@ -19,6 +19,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 import oracle  # noqa: E402
 import sparse_attn as sa  # noqa: E402
+from conftest import needs_jit  # noqa: E402
 from sparse_attn import BlockSparse, Dense, PagedKVCache, SlidingWindow, TopK  # noqa: E402
 from test_edges import assert_nonfinite_rule, expected_nonfinite  # noqa: E402
 
@@ -62,6 +63,7 @@ def _maybe_strided(draw, x):
     return x
 
 
+@needs_jit  # draws backend="cpu"; a decorator leaves hypothesis's examples (keyed by the body) unchanged
 @settings(max_examples=60, **SETTINGS)
 @given(data=st.data())
 def test_attention_edges(data):

@@ -9,7 +9,7 @@ import torch
 import infllmv2_oracle as O
 import oracle
 import sparse_attn as sa
-from conftest import make_qkv
+from conftest import make_qkv, needs_jit
 
 # (ks = 2 * stride as the models; ks != 2 * stride; pool ratio 2) x both variants x both normalisers
 CONFIGS = {
@@ -128,7 +128,7 @@ def test_dense_len_switch_follows_the_total_key_length(dense_len, sparse):
 
 
 # ------------------------------------------------------------------------------------ attention
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_jit)])
 @pytest.mark.parametrize("name, shape", [("41-coarse", SHAPES[1]), ("4-exact", SHAPES[2]),
                                          ("41-coarse-bs8-local0", SHAPES[3])], ids=["41", "4-gqa16", "41-bs8"])
 def test_attention_equals_oracle(name, shape, backend):
@@ -138,7 +138,7 @@ def test_attention_equals_oracle(name, shape, backend):
     oracle.assert_close_contract(out, O.attention(q, k, v, pattern), dtype=q.dtype, device="cpu")
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_jit)])
 def test_attention_bfloat16(backend):
     pattern = CONFIGS["41-exact"]
     shape = (1, 8, 2, 16, 157)
@@ -150,7 +150,7 @@ def test_attention_bfloat16(backend):
                                  lowp_baseline=base)
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_jit)])
 @pytest.mark.parametrize("name", ["41-coarse", "4-coarse-ks12"])
 def test_gradients_equal_oracle(name, backend):
     pattern = CONFIGS[name]
@@ -165,6 +165,7 @@ def test_gradients_equal_oracle(name, backend):
         oracle.assert_close_contract(g, r, dtype=torch.float32, device="cpu", what=f"d{name_}")
 
 
+@needs_jit
 def test_decode_equals_the_prefill_row():
     pattern = CONFIGS["41-coarse"]
     q, k, v = draw(pattern, (1, 8, 2, 131, 131), 32, min_margin=1e-5)

@@ -10,6 +10,7 @@ import torch
 import infllmv2_oracle as O
 import oracle
 import sparse_attn as sa
+from conftest import needs_jit
 from sparse_attn.cache import RingKVCache
 from test_infllmv2 import CONFIGS, draw
 
@@ -31,9 +32,10 @@ def oracle_row(q, k, v, pattern, n, t):
     return O.attention(q[:, :, t:t + 1], k[:, :, :n], v[:, :, :n], pattern)[:, :, 0]
 
 
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_jit)])
 @pytest.mark.parametrize("kind", ["contiguous", "paged"])
 @pytest.mark.parametrize("name", ["41-coarse", "4-exact", "4-coarse-ks12"])
-def test_decode_steps_equal_prefill_rows_and_oracle(kind, name):
+def test_decode_steps_equal_prefill_rows_and_oracle(kind, name, backend):
     pattern = CONFIGS[name]
     b, hq, hkv, s, d = 2, 4, 2, 107, 32
     q, k, v = drawn(pattern, (b, hq, hkv, s, s), d)
@@ -51,13 +53,12 @@ def test_decode_steps_equal_prefill_rows_and_oracle(kind, name):
         qq = torch.stack([q[i, :, n[i] - 1] for i in range(b)])[:, :, None]
         if step % 6 and step != s - 1:
             continue
-        for backend in ("reference", "cpu"):
-            out = sa.attention_with_cache(qq, cache, pattern, backend=backend)[:, :, 0]
-            for i in range(b):
-                torch.testing.assert_close(out[i], full[i, :, n[i] - 1], rtol=1e-5, atol=1e-5)
-                if step in (48, s - 1) and backend == "cpu":
-                    ref = oracle_row(q[i:i + 1], k[i:i + 1], v[i:i + 1], pattern, n[i], n[i] - 1)
-                    oracle.assert_close_contract(out[i:i + 1], ref, dtype=q.dtype, device="cpu")
+        out = sa.attention_with_cache(qq, cache, pattern, backend=backend)[:, :, 0]
+        for i in range(b):
+            torch.testing.assert_close(out[i], full[i, :, n[i] - 1], rtol=1e-5, atol=1e-5)
+            if step in (48, s - 1) and backend == "cpu":
+                ref = oracle_row(q[i:i + 1], k[i:i + 1], v[i:i + 1], pattern, n[i], n[i] - 1)
+                oracle.assert_close_contract(out[i:i + 1], ref, dtype=q.dtype, device="cpu")
         checked += 1
     assert checked >= 10
 
@@ -90,6 +91,7 @@ def test_window_sums_are_kept_on_append_and_equal_the_compressed_keys():
     assert cache.nbytes() > sa.KVCache(b, hkv, d, 150, dtype=torch.float64).nbytes()  # the sums are counted
 
 
+@needs_jit
 def test_paged_free_restarts_the_window_sums():
     pattern = CONFIGS["41-coarse"]
     b, hq, hkv, d = 2, 4, 2, 32
@@ -106,8 +108,10 @@ def test_paged_free_restarts_the_window_sums():
     oracle.assert_close_contract(out[:, :, 0], oracle_row(q, k, v, pattern, 90, 89), dtype=q.dtype, device="cpu")
 
 
+@pytest.mark.parametrize("backend,rows", [("reference", 31), pytest.param("cpu", 9, marks=needs_jit)],
+                         ids=["reference", "cpu"])
 @pytest.mark.parametrize("kind", ["contiguous", "paged"])
-def test_chunked_prefill_over_the_cache_equals_the_oracle(kind):
+def test_chunked_prefill_over_the_cache_equals_the_oracle(kind, backend, rows):
     """Sq > 1 rows over a cache (speculative decode / chunked prefill), GQA 16."""
     pattern = CONFIGS["41-coarse"]
     b, hq, hkv, s, d = 1, 16, 1, 101, 32
@@ -116,11 +120,11 @@ def test_chunked_prefill_over_the_cache_equals_the_oracle(kind):
     cache.append(k[:, :, :70], v[:, :, :70])
     cache.append(k[:, :, 70:], v[:, :, 70:])
     ref = O.attention(q, k, v, pattern)
-    for backend, rows in (("reference", 31), ("cpu", 9)):
-        out = sa.attention_with_cache(q[:, :, -rows:], cache, pattern, backend=backend)
-        oracle.assert_close_contract(out, ref[:, :, -rows:], dtype=q.dtype, device="cpu")
+    out = sa.attention_with_cache(q[:, :, -rows:], cache, pattern, backend=backend)
+    oracle.assert_close_contract(out, ref[:, :, -rows:], dtype=q.dtype, device="cpu")
 
 
+@needs_jit
 @pytest.mark.parametrize("kind", ["contiguous", "paged"])
 def test_dense_len_follows_each_sequence_length(kind):
     """Below `dense_len` total keys a sequence's decode is dense causal; at or above it sparse; a
@@ -148,6 +152,7 @@ def test_dense_len_follows_each_sequence_length(kind):
         cache.append(kk, vv)
 
 
+@needs_jit
 def test_int8_cache_selects_over_the_dequantized_keys():
     pattern = CONFIGS["41-exact"]
     b, hq, hkv, s, d = 1, 4, 2, 75, 32
@@ -162,6 +167,7 @@ def test_int8_cache_selects_over_the_dequantized_keys():
     oracle.assert_close_contract(out, O.attention(q[:, :, -1:], kd, vd, pattern), dtype=q.dtype, device="cpu")
 
 
+@needs_jit
 def test_plan_explains_the_choice_and_ring_cache_refuses():
     pattern = CONFIGS["41-coarse"]
     cache = sa.PagedKVCache(1, 2, 32, num_pages=8, page_size=16, max_len=128)

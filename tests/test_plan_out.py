@@ -12,6 +12,9 @@ import torch
 
 import oracle
 import sparse_attn as sa
+from conftest import needs_jit
+
+pytestmark = needs_jit  # the CPU kernel (backend="cpu") or its binding in every test
 
 PATTERNS = [sa.Dense(), sa.TopK(3, block_size=16), sa.SlidingWindow(40, sinks=2)]
 

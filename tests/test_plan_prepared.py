@@ -13,6 +13,10 @@ import torch
 
 import oracle
 import sparse_attn as sa
+from conftest import needs_jit
+
+pytestmark = needs_jit  # every test plans backend="cpu" (the C++ kernel's prepared call)
+
 
 def _inputs(t, s, *, hq=4, hkv=2, d=32, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -11,22 +11,18 @@
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 import oracle
 import sparse_attn as sa
-from conftest import make_pattern, randn, topk_margin
+from conftest import needs_jit, make_pattern, randn, topk_margin
 from sparse_attn.cache import KVCache, PagedKVCache, attention_with_cache
 from sparse_attn.cache.quant import KV_DTYPES, dequantize, quantize_rows, quantize_rows_torch
 from sparse_attn.scheduler.kernel import Kernel
 from test_cache import _fill, _row_pattern
 from test_cpu_paged_decode import _paged
 
-NO_JIT = os.environ.get("SPARSE_ATTN_DISABLE_JIT") == "1"
-needs_jit = pytest.mark.skipif(NO_JIT, reason="SPARSE_ATTN_DISABLE_JIT=1: the C++ extension is not built")
 
 BS = 16
 QUANT = list(KV_DTYPES)

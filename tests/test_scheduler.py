@@ -11,7 +11,7 @@ from sparse_attn.api.functional import plan_varlen
 from sparse_attn.scheduler import Kernel, device_info, kernels, register
 from sparse_attn.scheduler import registry as registry_mod
 import oracle
-from conftest import check_against_oracle, make_qkv
+from conftest import check_against_oracle, make_qkv, needs_jit
 
 
 def _qkv(sq, sk, *, hq=4, hkv=2, d=16, dtype=torch.float32, grad=False):
@@ -50,6 +50,7 @@ def test_dense_kernel_exactly_where_the_pattern_is_dense(pattern, sk, dense):
         assert p.kernel.name != "reference.sdpa"
 
 
+@needs_jit
 @pytest.mark.parametrize("pattern,sq,sk,runs_dense", [
     (sa.TopK(16, block_size=64), 1000, 1000, True),     # every query selects all its causal blocks
     (sa.TopK(16, block_size=64), 200, 1000, True),      # end-aligned chunk, Sq < Sk
@@ -78,6 +79,7 @@ def test_a_pattern_that_sees_every_causal_key_runs_as_dense_and_says_so(pattern,
                          dict(q=q, k=k, v=v), dtype=torch.float32)
 
 
+@needs_jit
 def test_packed_varlen_topk_that_selects_every_block_runs_packed_as_dense():
     """The longest sequence decides: TopK(4, bs 16) over sequences of at most 90 keys (6 blocks:
     1 sink + 1 local + 4) is dense causal for every sequence, so the packed Dense kernel may run (a

@@ -10,7 +10,8 @@ import torch
 
 import oracle
 import sparse_attn as sa
-from conftest import TRITON_DEVICE, check_against_oracle, make_pattern, make_qkv_for, pattern_on, randn
+from conftest import (TRITON_DEVICE, check_against_oracle, make_pattern, make_qkv_for, needs_jit, pattern_on,
+                      randn)
 from sparse_attn.backends.reference.softmax import softmax_forward
 from sparse_attn.backends.sinks import apply_sinks, sink_grad
 
@@ -82,7 +83,8 @@ def test_sink_gradient_derivation():
 
 
 # ---------------------------------------------------------------------------- every pattern
-BACKENDS = [pytest.param("reference", id="ref"), pytest.param("cpu", id="cpu"), pytest.param(None, id="auto")]
+BACKENDS = [pytest.param("reference", id="ref"), pytest.param("cpu", id="cpu", marks=needs_jit),
+            pytest.param(None, id="auto")]
 #: (kind, sinks, softcap, dtype, gqa, sq, sk, d): every kind with both options, and each option alone
 CASES = [
     ("dense_causal", True, 2.0, F32, 4, 5, 37, 32),
@@ -110,29 +112,29 @@ def test_forward_backward(case, backend):
     run_case(kind, backend, sinks=sinks, softcap=cap, dtype=dtype, gqa=gqa, sq=sq, sk=sk, d=d)
 
 
-def test_rows_without_keys_are_zero():
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_jit)])
+def test_rows_without_keys_are_zero(backend):
     """A row that sees no key outputs zeros, sinks or not, and its gradients are finite."""
     b, hq, hkv, sk, d, bs = 1, 2, 1, 40, 16, 8
     lay = torch.ones(b, hkv, 5, 5, dtype=torch.bool).tril()
     lay[:, :, 2, :] = False  # query block 2 (tokens 16..23) sees nothing
     pat = sa.BlockSparse(lay, block_size=bs)
-    for backend in ("reference", "cpu"):
-        q, k, v = (randn(b, hq, sk, d, requires_grad=True), randn(b, hkv, sk, d, requires_grad=True),
-                   randn(b, hkv, sk, d, requires_grad=True))
-        c = sink_logits_for(hq)
-        out = sa.attention(q, k, v, pat, sink_logits=c, softcap=2.0, backend=backend)
-        assert torch.equal(out[:, :, 16:24], torch.zeros_like(out[:, :, 16:24])), backend
-        oracle.assert_close_contract(out, oracle.oracle_attention(q, k, v, pat, sink_logits=c, softcap=2.0),
-                                     dtype=F32, device="cpu")
-        grads = torch.autograd.grad(out.sum(), [q, k, v, c])
-        assert all(torch.isfinite(g).all() for g in grads), backend
+    q, k, v = (randn(b, hq, sk, d, requires_grad=True), randn(b, hkv, sk, d, requires_grad=True),
+               randn(b, hkv, sk, d, requires_grad=True))
+    c = sink_logits_for(hq)
+    out = sa.attention(q, k, v, pat, sink_logits=c, softcap=2.0, backend=backend)
+    assert torch.equal(out[:, :, 16:24], torch.zeros_like(out[:, :, 16:24])), backend
+    oracle.assert_close_contract(out, oracle.oracle_attention(q, k, v, pat, sink_logits=c, softcap=2.0),
+                                 dtype=F32, device="cpu")
+    grads = torch.autograd.grad(out.sum(), [q, k, v, c])
+    assert all(torch.isfinite(g).all() for g in grads), backend
 
 
 # ----------------------------------------------------------------------------------- decode
 DECODE_KINDS = ["dense_causal", "window_sinks", "blocksparse", "topk"]
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu", None])
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_jit), None])
 @pytest.mark.parametrize("kind", DECODE_KINDS)
 def test_decode_equals_prefill_rows(kind, backend):
     """The last rows of a prefill, computed over a cache (contiguous and paged) and by `attention`

@@ -7,9 +7,11 @@ import torch
 
 import oracle
 import sparse_attn as sa
-from conftest import leaf64, make_pattern, randn
+from conftest import leaf64, make_pattern, needs_jit, randn
 from sparse_attn.api.functional import plan_varlen
 from sparse_attn.backends.cpu import kernels as cpu_kernels
+
+pytestmark = needs_jit
 
 SEQS = [(5, 37), (33, 33), (1, 40), (0, 5), (70, 130)]
 

@@ -22,7 +22,6 @@ The end-to-end tests with vLLM itself are in tests/vllm_serving/ (their own venv
 """
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
@@ -31,7 +30,7 @@ import torch
 import infllmv2_oracle as O
 import oracle
 import sparse_attn as sa
-from conftest import topk_margin
+from conftest import NO_JIT, needs_jit, topk_margin
 from test_infllmv2 import CONFIGS
 from sparse_attn.integrations.vllm import parse_pattern, register
 from sparse_attn.cache.view import KVView
@@ -40,9 +39,6 @@ from sparse_attn.integrations.vllm.pages import (PagesCache, PageWindows, gather
 from sparse_attn.layout.topk_selection import topk_index_over_cache
 from sparse_attn.integrations.vllm.patterns import ENV, layer_pattern
 
-JIT_OFF = os.environ.get("SPARSE_ATTN_DISABLE_JIT") == "1"
-needs_jit = pytest.mark.skipif(JIT_OFF,
-                               reason="SPARSE_ATTN_DISABLE_JIT=1: the C++ decode kernel is not built")
 
 
 def _fill(lengths, *, hkv, d, page_size, num_pages, seed, dtype=torch.float32, chunks=3, windows=None):
@@ -51,7 +47,7 @@ def _fill(lengths, *, hkv, d, page_size, num_pages, seed, dtype=torch.float32, c
     backend's `forward` does); returns (kv_cache, block_table, page_sums, K, V) where K/V are the
     per-sequence keys/values `(1, Hkv, n, D)`."""
     g = torch.Generator().manual_seed(seed)
-    write = write_pages_indexed if JIT_OFF else write_pages  # the CPU writer is the extension's
+    write = write_pages_indexed if NO_JIT else write_pages  # the CPU writer is the extension's
     kv = torch.full((num_pages, hkv, page_size, 2 * d), float("nan"), dtype=dtype)  # never-written rows: NaN
     sums = torch.full((num_pages, hkv, d), 7.0)  # stale sums of a page used before
     free = list(range(num_pages))
@@ -363,7 +359,7 @@ def test_infllmv2_window_sums_shared_and_reused_pages(name):
         pos = torch.arange(lo, hi)
         slots = table[b, pos // ps].long() * ps + pos % ps
         rows = k[0, :, lo:hi].transpose(0, 1)
-        write_pages(kv, rows, rows, slots, None, w)
+        (write_pages_indexed if NO_JIT else write_pages)(kv, rows, rows, slots, None, w)
         w.complete(table, [(b, lo, hi)])
 
     write(0, k0, 0, 61)

@@ -12,6 +12,7 @@ import torch
 
 import oracle
 import sparse_attn as sa
+from conftest import needs_jit
 from sparse_attn.integrations.vllm import prefill
 
 
@@ -93,6 +94,7 @@ def test_a_kept_plan_still_checks_its_inputs():
         prefill.run_prefill(q.detach().requires_grad_(), k, v, sa.Dense(), {"scale": 0.1}, out)
 
 
+@needs_jit  # the kept plans' kernel is asserted to be cpu.block_sparse
 @pytest.mark.parametrize("t,s", [(300, 300), (33, 150)], ids=["first_chunk", "later_chunk"])
 def test_inference_calls_take_the_prepared_path(t, s):
     """As vLLM calls it (grad off): Dense and SlidingWindow run through the plan's `prepared()`

@@ -44,6 +44,8 @@
 #include "cpu/token_blocks.h"
 #include "cpu/vec.h"
 #include "cpu/vec_bf16.h"
+#include "cpu/partial_rows.h"
+#include "cpu/dtype_tag.h"
 
 namespace sparse_attn_cpu {
 namespace {
@@ -116,6 +118,7 @@ struct DqScratch {
   DqScratch(const BwdParams& P, bool bf16_dot) {
     const int64_t R = P.q_block * P.G, RC = std::min(R, kRows);
     if (bf16_dot) w.init(P, R, RC);
+    else w.qwp.resize(R), w.dowp.resize(R);  // partial_block offsets them on either path
     q.assign(R * std::max<int64_t>(P.D, 1), 0.f);
     dO.assign(R * P.Dv_pad, 0.f);
     dq.assign(R * P.D_pad, 0.f);
@@ -186,9 +189,7 @@ class DqRunner {
       block(S, b, h, full[e], R, S.qp.data(), S.dop.data(), S.w.qwp.data(), S.w.dowp.data(), S.dqp.data(),
             S.rid.data(), false);
     const int32_t* part = P.pi + lrow * P.wp;
-    for (int64_t e = 0, n = P.pc[lrow]; e < n; ++e)
-      block(S, b, h, part[e], R, S.qp.data(), S.dop.data(), S.w.qwp.data(), S.w.dowp.data(), S.dqp.data(),
-            S.rid.data(), true);
+    for (int64_t e = 0, n = P.pc[lrow]; e < n; ++e) partial_block(S, b, h, part[e], rows);
     if (P.ti != nullptr) per_token_blocks(S, b, h, t_lo, rows);
 
     for (int64_t r = 0; r < rows; ++r)
@@ -201,6 +202,18 @@ class DqRunner {
   }
 
  private:
+  // A partial block of the tile's `rows` tokens, split by token as the forward's attend_partial
+  // does (partial_rows.h): rows that see none of it skipped, rows that see all of it unmasked. A
+  // row's arithmetic does not depend on the other rows of a call: the same bits.
+  void partial_block(DqScratch& S, int64_t b, int64_t h, int64_t n, int64_t rows) {
+    const int64_t j0 = n * P.k_block, nk = std::min(P.k_block, P.sk - j0), G = P.G;
+    partial_rows(p_lo_, rows, j0, nk, P.causal, P.window, P.sinks, [&](int64_t lo, int64_t hi, bool masked) {
+      const int64_t a = lo * G;
+      block(S, b, h, n, (hi - lo) * G, S.qp.data() + a, S.dop.data() + a, S.w.qwp.data() + a, S.w.dowp.data() + a,
+            S.dqp.data() + a, S.rid.data() + a, masked);
+    });
+  }
+
   void per_token_blocks(DqScratch& S, int64_t b, int64_t h, int64_t t_lo, int64_t rows) {
     const int64_t G = P.G;
     const int32_t* sel = P.ti + ((b * P.Hkv + h) * P.sq + t_lo) * P.topk;
@@ -415,9 +428,17 @@ class DkvRunner {
         const int64_t i = idx[e];
         const int64_t p_lo = std::max((P.tile0 + i) * P.q_block, P.off);
         const int64_t p_hi = std::min((P.tile0 + i + 1) * P.q_block, P.sk);
-        for (int64_t c = (p_lo - P.off) * G, c1 = (p_hi - P.off) * G; c < c1; c += kCols) {
+        // a partial tile's leading and trailing tokens that see none of the block (partial_rows.h:
+        // before it, past the window) are skipped: their terms were zeros. The chunks keep their
+        // place, each starting from an even column of its own (the bf16 products pair columns).
+        int64_t first = 0, last = p_hi - p_lo;
+        if (masked) seeing_rows(p_lo, p_hi - p_lo, j0, nk, P.causal, P.window, P.sinks, first, last);
+        const int64_t c0 = (p_lo - P.off) * G, cv = c0 + first * G, c1 = c0 + last * G;
+        for (int64_t c = c0; c < c1; c += kCols) {
+          const int64_t lo = cv > c ? c + ((cv - c) & ~int64_t(1)) : c, hi = std::min(c1, c + kCols);
+          if (lo >= hi) continue;
           S.cols.clear();
-          for (int64_t x = c; x < std::min(c1, c + kCols); ++x) S.cols.push_back(x);
+          for (int64_t x = lo; x < hi; ++x) S.cols.push_back(x);
           columns(S, masked);
         }
       }
@@ -831,13 +852,10 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> block_sparse_bwd_varlen(
   auto dk_blk = torch::zeros({Hkv * Tk * D}, k.options()), dv_blk = torch::zeros({Hkv * Tk * Dv}, v.options());
   if (nseq > 0 && Tq > 0 && Tk > 0) {
     const void *qd = q.data_ptr(), *kd = k.data_ptr(), *vd = v.data_ptr(), *dod = dout.data_ptr();
-    if (dt == torch::kFloat32) {
-      run_bwd_varlen<0>(P0, PS, qoff, koff, qd, kd, vd, dod, dq_blk.data_ptr(), dk_blk.data_ptr(), dv_blk.data_ptr(), mode);
-    } else if (dt == torch::kBFloat16) {
-      run_bwd_varlen<1>(P0, PS, qoff, koff, qd, kd, vd, dod, dq_blk.data_ptr(), dk_blk.data_ptr(), dv_blk.data_ptr(), mode);
-    } else {
-      run_bwd_varlen<2>(P0, PS, qoff, koff, qd, kd, vd, dod, dq_blk.data_ptr(), dk_blk.data_ptr(), dv_blk.data_ptr(), mode);
-    }
+    with_float_tag(dt, [&](auto tag) {
+      run_bwd_varlen<decltype(tag)::value>(P0, PS, qoff, koff, qd, kd, vd, dod, dq_blk.data_ptr(), dk_blk.data_ptr(),
+                                           dv_blk.data_ptr(), mode);
+    });
   }
   auto dq = torch::empty({Tq, Hq, D}, q.options());
   auto dk = torch::empty({Tk, Hkv, D}, k.options()), dv = torch::empty({Tk, Hkv, Dv}, v.options());
@@ -974,12 +992,8 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> block_sparse_bwd(
   P.tok_w = tok.defined() ? tok.size(2) : 0;
 
   const void *qd = q.data_ptr(), *kd = k.data_ptr(), *vd = v.data_ptr(), *dod = dout.data_ptr();
-  if (dt == torch::kFloat32) {
-    run_bwd<0>(P, qd, kd, vd, dod, dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), mode);
-  } else if (dt == torch::kBFloat16) {
-    run_bwd<1>(P, qd, kd, vd, dod, dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), mode);
-  } else {
-    run_bwd<2>(P, qd, kd, vd, dod, dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), mode);
-  }
+  with_float_tag(dt, [&](auto tag) {
+    run_bwd<decltype(tag)::value>(P, qd, kd, vd, dod, dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), mode);
+  });
   return {dq, dk, dv};
 }

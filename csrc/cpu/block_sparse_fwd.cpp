@@ -43,6 +43,8 @@
 #include "cpu/vec.h"
 #include "cpu/vec_bf16.h"
 #include "cpu/gemm_amx.h"
+#include "cpu/partial_rows.h"
+#include "cpu/dtype_tag.h"
 
 namespace sparse_attn_cpu {
 namespace {
@@ -263,7 +265,7 @@ struct Scratch {
       kp.assign(std::max<int64_t>(Dw, 1) * P.kb_pad, 0u);
       vp.assign(P.kb_pad / 2 * P.Dv_pad, 0u);
       pw.assign(RC * P.kb_pad / 2, 0u);
-      qwp.resize(R), qwp2.resize(R), pwp.resize(RC);
+      pwp.resize(RC);
       for (int64_t i = 0; i < RC; ++i) pwp[i] = pw.data() + i * P.kb_pad / 2;
       q.assign(1, 0.f);  // the float32 Q rows are not used
       kt.assign(1, 0.f);
@@ -279,6 +281,7 @@ struct Scratch {
     l.assign(R, 0.f);
     corr.assign(RC, 0.f);
     qp.resize(R), qp2.resize(R), op.resize(R), op2.resize(R), rid.resize(R), rid2.resize(R);
+    qwp.resize(R), qwp2.resize(R);  // attend_partial offsets them on either path
     sp.resize(RC);
     for (int64_t i = 0; i < RC; ++i) sp[i] = s.data() + i * P.kb_pad;
   }
@@ -442,27 +445,18 @@ class TaskRunner {
   }
 
  private:
-  // A partial block of the tile's `rows` tokens. Under the plain causal rule (no window) the rows
-  // split by token: those before the block's first key see none of it (skipped: no products for
-  // them), those at or past its last key see all of it (the unmasked path, one pass of the scores
-  // where keys fill the block), and only the tokens in between get the token rule. A short
-  // sequence's single tile lists every block as partial: at 100 tokens (one 128-token tile of
-  // 64-key blocks) this computes 272 of the 400 rows x blocks it did, ~120 of them masked.
-  // Other rules (a window, no causal rule) mask every row, as the layout says.
+  // A partial block of the tile's `rows` tokens, split by token (partial_rows.h): the tokens that
+  // see none of it are skipped (no products for them), those that see all of it take the unmasked
+  // path (one pass of the scores where keys fill the block), only the rest get the token rule. A
+  // short sequence's single tile lists every block as partial: at 100 tokens (one 128-token tile
+  // of 64-key blocks, causal) this computes 272 of the 400 rows x blocks it did, ~120 of them
+  // masked; a narrow window's blocks are partial too (a 128-key window: every block of a tile).
   void attend_partial(Scratch& S, int64_t b, int64_t h, int64_t n, int64_t rows) {
-    int64_t r0 = 0, r1 = rows;  // tokens [0, r0) skip the block, [r0, r1) masked, [r1, rows) see it whole
-    if (P.causal && P.window < 0) {
-      const int64_t j0 = n * P.k_block, nk = std::min(P.k_block, P.sk - j0);
-      r0 = std::clamp<int64_t>(j0 - p_lo_, 0, rows);
-      r1 = std::clamp<int64_t>(j0 + nk - 1 - p_lo_, r0, rows);
-    }
-    const int64_t G = P.G;
-    if (r1 > r0)
-      attend(S, b, h, n, (r1 - r0) * G, S.qp.data() + r0 * G, S.qwp.data() + r0 * G, S.op.data() + r0 * G,
-             S.rid.data() + r0 * G, true);
-    if (rows > r1)
-      attend(S, b, h, n, (rows - r1) * G, S.qp.data() + r1 * G, S.qwp.data() + r1 * G, S.op.data() + r1 * G,
-             S.rid.data() + r1 * G, false);
+    const int64_t j0 = n * P.k_block, nk = std::min(P.k_block, P.sk - j0), G = P.G;
+    partial_rows(p_lo_, rows, j0, nk, P.causal, P.window, P.sinks, [&](int64_t lo, int64_t hi, bool masked) {
+      const int64_t a = lo * G;
+      attend(S, b, h, n, (hi - lo) * G, S.qp.data() + a, S.qwp.data() + a, S.op.data() + a, S.rid.data() + a, masked);
+    });
   }
 
   // TopK: the tile's tokens grouped by selected block; each block once, with all its tokens' rows.
@@ -985,13 +979,10 @@ std::tuple<torch::Tensor, torch::Tensor> block_sparse_fwd(torch::Tensor q, torch
 
   const void *qd = q.data_ptr(), *kd = k.data_ptr(), *vd = v.data_ptr();
   float* ld = lse.defined() ? lse.data_ptr<float>() : nullptr;
-  if (dt == torch::kFloat32) {
-    run_all<0, float>(P, qd, kd, vd, out.data_ptr<float>(), ld);
-  } else if (dt == torch::kBFloat16) {
-    run_all<1, at::BFloat16>(P, qd, kd, vd, out.data_ptr<at::BFloat16>(), ld);
-  } else {
-    run_all<2, at::Half>(P, qd, kd, vd, out.data_ptr<at::Half>(), ld);
-  }
+  with_float_tag(dt, [&](auto tag) {
+    constexpr int DT = decltype(tag)::value;
+    run_all<DT, aten_float_t<DT>>(P, qd, kd, vd, out.data_ptr<aten_float_t<DT>>(), ld);
+  });
   return {out, lse};
 }
 
@@ -1076,15 +1067,11 @@ std::tuple<torch::Tensor, torch::Tensor> block_sparse_fwd_varlen(
 
   if (!tasks.empty()) {
     const void *qd = q.data_ptr(), *kd = k.data_ptr(), *vd = v.data_ptr();
-    if (dt == torch::kFloat32) {
-      run_varlen<0, float>(P0, PS, qoff, koff, tasks, qd, kd, vd, out.data_ptr<float>(), lse_blk.data_ptr<float>());
-    } else if (dt == torch::kBFloat16) {
-      run_varlen<1, at::BFloat16>(P0, PS, qoff, koff, tasks, qd, kd, vd, out.data_ptr<at::BFloat16>(),
-                                  lse_blk.data_ptr<float>());
-    } else {
-      run_varlen<2, at::Half>(P0, PS, qoff, koff, tasks, qd, kd, vd, out.data_ptr<at::Half>(),
-                              lse_blk.data_ptr<float>());
-    }
+    with_float_tag(dt, [&](auto tag) {
+      constexpr int DT = decltype(tag)::value;
+      run_varlen<DT, aten_float_t<DT>>(P0, PS, qoff, koff, tasks, qd, kd, vd, out.data_ptr<aten_float_t<DT>>(),
+                                       lse_blk.data_ptr<float>());
+    });
   }
   // the per-sequence (Hq, Sq_s) lse blocks back to the packed layout
   auto lse = torch::empty({Hq, Tq}, q.options().dtype(torch::kFloat32));

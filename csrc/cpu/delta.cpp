@@ -34,6 +34,7 @@
 #include "cpu/huge_pages.h"
 #include "cpu/delta_common.h"
 #include "cpu/vec.h"
+#include "cpu/dtype_tag.h"
 
 namespace sparse_attn_cpu {
 namespace {
@@ -187,7 +188,7 @@ std::tuple<torch::Tensor, torch::Tensor> delta_setup(DeltaParams& P, const torch
   auto out = sparse_attn_cpu::empty_huge({B, Hv, S, Dv}, f32, false);
   P = DeltaParams{};
   P.B = B, P.Hk = Hk, P.Hv = Hv, P.S = S, P.D = D, P.Dv = Dv;
-  P.dtype = dt == torch::kFloat32 ? 0 : (dt == torch::kBFloat16 ? 1 : 2);
+  P.dtype = sparse_attn_cpu::float_tag(dt);
   P.q = q.data_ptr(), P.k = k.data_ptr(), P.v = v.data_ptr();
   for (int i = 0; i < 3; ++i) P.qs[i] = q.stride(i), P.ks[i] = k.stride(i), P.vs[i] = v.stride(i), P.bs[i] = beta.stride(i);
   P.beta = beta.data_ptr<float>();

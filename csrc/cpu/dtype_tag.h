@@ -13,6 +13,10 @@ inline int float_tag(c10::ScalarType dt) {
   return dt == torch::kFloat32 ? 0 : dt == torch::kBFloat16 ? 1 : 2;
 }
 
+// the ATen element type of tag DT (an output tensor's data_ptr<...>)
+template <int DT>
+using aten_float_t = std::conditional_t<DT == 0, float, std::conditional_t<DT == 1, at::BFloat16, at::Half>>;
+
 // f(std::integral_constant<int, DT>{}) for the tag DT of `dt`
 template <typename F>
 inline void with_float_tag(c10::ScalarType dt, F&& f) {

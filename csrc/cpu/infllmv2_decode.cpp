@@ -31,6 +31,7 @@
 #include "cpu/infllmv2_rows.h"
 #include "cpu/target_check.h"
 #include "cpu/vec.h"
+#include "cpu/dtype_tag.h"
 
 namespace sparse_attn_cpu {
 namespace {
@@ -261,12 +262,10 @@ void run_select(SumParams& P, const torch::Tensor& q, const std::vector<int64_t>
     }
     for (int64_t i; (i = next.fetch_add(1)) < total;) {
       const int64_t b = i / P.Hkv, h = i % P.Hkv;
-      if (dt == torch::kFloat32)
-        run_sums_task<0>(P, static_cast<const float*>(qd), b, h, S);
-      else if (dt == torch::kBFloat16)
-        run_sums_task<1>(P, static_cast<const uint16_t*>(qd), b, h, S);
-      else
-        run_sums_task<2>(P, static_cast<const uint16_t*>(qd), b, h, S);
+      with_float_tag(dt, [&](auto tag) {
+        constexpr int DT = decltype(tag)::value;
+        run_sums_task<DT>(P, static_cast<const typename Elem<DT>::T*>(qd), b, h, S);
+      });
     }
   });
 }

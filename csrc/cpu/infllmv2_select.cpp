@@ -27,6 +27,7 @@
 #include "cpu/infllmv2_rows.h"
 #include "cpu/target_check.h"
 #include "cpu/vec.h"
+#include "cpu/dtype_tag.h"
 
 namespace sparse_attn_cpu {
 namespace {
@@ -178,12 +179,10 @@ torch::Tensor infllmv2_select(torch::Tensor q, torch::Tensor kc_t, torch::Tensor
       // the longest chunks (the last rows see the most kernels) first
       const int64_t t = (chunks - 1 - i / (B * kv_heads)) + (i % (B * kv_heads)) * chunks;
       const int64_t ch = t % chunks, bh = t / chunks, b = bh / kv_heads, h = bh % kv_heads;
-      if (dt == torch::kFloat32)
-        run_task<0>(P, static_cast<const float*>(qd), b, h, ch * kRows, qa, f, c, s, score, ids);
-      else if (dt == torch::kBFloat16)
-        run_task<1>(P, static_cast<const uint16_t*>(qd), b, h, ch * kRows, qa, f, c, s, score, ids);
-      else
-        run_task<2>(P, static_cast<const uint16_t*>(qd), b, h, ch * kRows, qa, f, c, s, score, ids);
+      with_float_tag(dt, [&](auto tag) {
+        constexpr int DT = decltype(tag)::value;
+        run_task<DT>(P, static_cast<const typename Elem<DT>::T*>(qd), b, h, ch * kRows, qa, f, c, s, score, ids);
+      });
     }
   });
   return out;

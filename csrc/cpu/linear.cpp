@@ -42,6 +42,7 @@
 #include "cpu/linear_common.h"
 #include "cpu/prefetch.h"
 #include "cpu/vec.h"
+#include "cpu/dtype_tag.h"
 
 namespace sparse_attn_cpu {
 namespace {
@@ -306,13 +307,7 @@ std::tuple<torch::Tensor, torch::Tensor> linear_fwd(torch::Tensor q, torch::Tens
   P.out = out.data_ptr<float>();
   P.sfinal = sfinal.data_ptr<float>();
   P.scale = static_cast<float>(scale);
-  if (dt == torch::kFloat32) {
-    run_all<0>(P);
-  } else if (dt == torch::kBFloat16) {
-    run_all<1>(P);
-  } else {
-    run_all<2>(P);
-  }
+  with_float_tag(dt, [&](auto tag) { run_all<decltype(tag)::value>(P); });
   return {out, sfinal};
 }
 

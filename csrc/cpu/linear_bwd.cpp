@@ -46,6 +46,7 @@
 #include "cpu/huge_pages.h"
 #include "cpu/linear_common.h"
 #include "cpu/vec.h"
+#include "cpu/dtype_tag.h"
 
 namespace sparse_attn_cpu {
 namespace {
@@ -428,13 +429,7 @@ std::vector<torch::Tensor> linear_bwd(torch::Tensor q, torch::Tensor k, torch::T
   P.ds0 = ds0.data_ptr<float>();
   P.scale = static_cast<float>(scale);
   P.kv_per_head = kv_per_head;
-  if (dt == torch::kFloat32) {
-    bwd_all<0>(P);
-  } else if (dt == torch::kBFloat16) {
-    bwd_all<1>(P);
-  } else {
-    bwd_all<2>(P);
-  }
+  with_float_tag(dt, [&](auto tag) { bwd_all<decltype(tag)::value>(P); });
   if (kv_per_head) {  // the group's query heads are adjacent: h = hk * G + i
     dk = dk.view({B, Hkv, H / Hkv, S, D}).sum(2);
     dv = dv.view({B, Hkv, H / Hkv, S, Dv}).sum(2);

@@ -5,6 +5,7 @@
 
 #include "cpu/target_check.h"
 #include "cpu/step_common.h"
+#include "cpu/dtype_tag.h"
 
 namespace {
 
@@ -12,7 +13,7 @@ int dtype_tag(const torch::Tensor& t) {
   const auto dt = t.scalar_type();
   TORCH_CHECK(dt == torch::kFloat32 || dt == torch::kBFloat16 || dt == torch::kFloat16,
               "step kernels: dtype must be float32, bfloat16 or float16, got ", dt);
-  return dt == torch::kFloat32 ? 0 : (dt == torch::kBFloat16 ? 1 : 2);
+  return sparse_attn_cpu::float_tag(dt);
 }
 
 void check_rows(const torch::Tensor& t, const char* name) {

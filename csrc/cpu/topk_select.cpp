@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "cpu/vec.h"
+#include "cpu/dtype_tag.h"
 
 #if defined(__AVX__)
 #include <immintrin.h>
@@ -207,12 +208,10 @@ void run_task(const SelectParams& P, const typename Elem<DT>::T* Q, int64_t b, i
 inline void run_task_any(at::ScalarType dt, const SelectParams& P, const void* Q, int64_t b, int64_t h, int64_t t0,
                          const float* kbt, int64_t nb_pad, int64_t sk, int64_t nb, std::vector<float>& qbar,
                          std::vector<float>& s, std::vector<float>& val, std::vector<int32_t>& idx) {
-  if (dt == torch::kFloat32)
-    run_task<0>(P, static_cast<const float*>(Q), b, h, t0, kbt, nb_pad, sk, nb, qbar, s, val, idx);
-  else if (dt == torch::kBFloat16)
-    run_task<1>(P, static_cast<const uint16_t*>(Q), b, h, t0, kbt, nb_pad, sk, nb, qbar, s, val, idx);
-  else
-    run_task<2>(P, static_cast<const uint16_t*>(Q), b, h, t0, kbt, nb_pad, sk, nb, qbar, s, val, idx);
+  with_float_tag(dt, [&](auto tag) {
+    constexpr int DT = decltype(tag)::value;
+    run_task<DT>(P, static_cast<const typename Elem<DT>::T*>(Q), b, h, t0, kbt, nb_pad, sk, nb, qbar, s, val, idx);
+  });
 }
 
 }  // namespace

@@ -13,7 +13,8 @@ EXTENSIONS = {
         "sources": ["cpu/block_sparse_fwd.cpp", "cpu/block_sparse_bwd.cpp", "cpu/topk_select.cpp"],
         "headers": ["cpu/vec.h", "cpu/vec_bf16.h", "cpu/scalar.h", "cpu/layout_check.h", "cpu/token_blocks.h",
                     "cpu/huge_pages.h", "cpu/target_check.h", "cpu/vec_bf16_neon.h", "cpu/softcap.h", "cpu/prefetch.h",
-                    "cpu/amx.h", "cpu/gemm_amx.h", "cpu/flush_to_zero.h", "cpu/out_check.h"],
+                    "cpu/amx.h", "cpu/gemm_amx.h", "cpu/flush_to_zero.h", "cpu/out_check.h", "cpu/dtype_tag.h",
+                    "cpu/partial_rows.h"],
         "cflags": ["-fopenmp"],
         "ldflags": ["-fopenmp"],
         # only in JIT builds, which run where they are built
@@ -36,14 +37,14 @@ EXTENSIONS = {
     "cpu_infllmv2": {  # InfLLMv2's block selection (the attention is the "cpu" extension's)
         # infllmv2_decode.cpp: the selection of a few rows over a cache's window sums
         "sources": ["cpu/infllmv2_select.cpp", "cpu/infllmv2_decode.cpp"],
-        "headers": ["cpu/vec.h", "cpu/scalar.h", "cpu/target_check.h", "cpu/infllmv2_rows.h"],
+        "headers": ["cpu/vec.h", "cpu/scalar.h", "cpu/target_check.h", "cpu/infllmv2_rows.h", "cpu/dtype_tag.h"],
         "cflags": ["-fopenmp"],
         "ldflags": ["-fopenmp"],
         "jit_cflags": ["-march=native"],
     },
     "cpu_infllmv2_pages": {  # InfLLMv2's decode selection over window sums kept per page (vLLM's pages)
         "sources": ["cpu/infllmv2_decode.cpp", "cpu/infllmv2_pages_binding.cpp"],
-        "headers": ["cpu/vec.h", "cpu/scalar.h", "cpu/target_check.h", "cpu/infllmv2_rows.h"],
+        "headers": ["cpu/vec.h", "cpu/scalar.h", "cpu/target_check.h", "cpu/infllmv2_rows.h", "cpu/dtype_tag.h"],
         "cflags": ["-fopenmp"],
         "ldflags": ["-fopenmp"],
         "jit_cflags": ["-march=native"],
@@ -51,14 +52,14 @@ EXTENSIONS = {
     "cpu_linear": {
         "sources": ["cpu/linear.cpp", "cpu/linear_bwd.cpp"],
         "headers": ["cpu/vec.h", "cpu/scalar.h", "cpu/huge_pages.h", "cpu/linear_common.h", "cpu/target_check.h",
-                    "cpu/prefetch.h"],
+                    "cpu/prefetch.h", "cpu/dtype_tag.h"],
         "cflags": ["-fopenmp"],
         "ldflags": ["-fopenmp"],
         "jit_cflags": ["-march=native"],
     },
     "cpu_step": {  # decode steps against constant-size state: linear attention and WindowLinear
         "sources": ["cpu/linear_step.cpp", "cpu/window_linear_step.cpp", "cpu/step_binding.cpp"],
-        "headers": ["cpu/vec.h", "cpu/scalar.h", "cpu/step_common.h", "cpu/target_check.h"],
+        "headers": ["cpu/vec.h", "cpu/scalar.h", "cpu/step_common.h", "cpu/target_check.h", "cpu/dtype_tag.h"],
         "cflags": ["-fopenmp"],
         "ldflags": ["-fopenmp"],
         "jit_cflags": ["-march=native"],
@@ -66,7 +67,7 @@ EXTENSIONS = {
     "cpu_delta": {
         "sources": ["cpu/delta.cpp", "cpu/delta_bwd.cpp"],
         "headers": ["cpu/vec.h", "cpu/scalar.h", "cpu/huge_pages.h", "cpu/linear_common.h", "cpu/delta_common.h",
-                    "cpu/target_check.h"],
+                    "cpu/target_check.h", "cpu/dtype_tag.h"],
         "cflags": ["-fopenmp"],
         "ldflags": ["-fopenmp"],
         "jit_cflags": ["-march=native"],

@@ -6,9 +6,12 @@ A row `x` (one token's key or value of one kv head, `D` elements) is stored as
 such a cache means attention over the dequantized rows `stored * s`: the storage's rounding is the
 only error quantization adds (the bench measures it; no kernel tolerance hides it).
 
-`quantize_rows` is the definition in PyTorch (any device); on the CPU the cache calls the C++
-version in the decode extension (`quantize_rows`, csrc/cpu/decode_binding.cpp and quant_rows.h:
-one pass per row, parallel over rows), which gives the same bits (tests/test_quant_cache.py).
+`quantize_rows_torch` is the definition in PyTorch (any device); on the CPU the cache's
+`quantize_rows` calls the C++ version in the decode extension (`quantize_rows`,
+csrc/cpu/decode_binding.cpp and quant_rows.h: one pass per row, parallel over rows), which gives the
+same bits (tests/test_quant_cache.py). Where that extension cannot be built (no compiler,
+SPARSE_ATTN_DISABLE_JIT=1; said once on stderr and in every plan's explain()), the definition
+quantizes: the same bits, slower.
 """
 from __future__ import annotations
 
@@ -55,9 +58,14 @@ def quantize_rows_torch(x: torch.Tensor, kv_dtype: str) -> tuple[torch.Tensor, t
 def quantize_rows(x: torch.Tensor, kv_dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
     """As `quantize_rows_torch`; on the CPU by the decode extension (one vectorised pass)."""
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and x.numel():
-        from .._build import load_extension  # the cache imports no backend; the build helper is not one
+        # the cache imports no backend; the build helper is not one
+        from .._build import ExtensionBuildError, load_extension
 
-        return tuple(load_extension("cpu_decode").quantize_rows(x, kv_dtype == "fp8_e4m3"))
+        try:
+            ext = load_extension("cpu_decode")
+        except ExtensionBuildError:  # the definition gives the same bits
+            return quantize_rows_torch(x, kv_dtype)
+        return tuple(ext.quantize_rows(x, kv_dtype == "fp8_e4m3"))
     return quantize_rows_torch(x, kv_dtype)
 
 

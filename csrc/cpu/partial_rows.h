@@ -1,0 +1,56 @@
+// How the tokens of a query tile see one of its partial key blocks, under the contract's token
+// rule (causal, a sliding window with sink tokens): none of the block, all of it, or part of it.
+// A layout lists a block as partial for the whole tile; the tile's tokens are consecutive, so its
+// rows split into at most five runs (none, part, all, part, none: before the block, on its
+// diagonal, past it, on the window's trailing edge, past the window). The forward and the
+// backward's dq pass skip the rows that see none of it, run the ones that see all of it
+// unmasked and give the token rule only to the rest; the dk/dv pass skips the tile's leading and
+// trailing columns that see none of it.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+namespace sparse_attn_cpu {
+
+enum class Sees { kNone, kAll, kPart };
+
+// what the token at position p sees of the keys [j0, j0 + nk): key j is visible unless
+// (causal and j > p) or (window >= 0 and p - j >= window and j >= sinks)
+inline Sees sees_block(int64_t p, int64_t j0, int64_t nk, bool causal, int64_t window, int64_t sinks) {
+  if (nk <= 0) return Sees::kNone;
+  const int64_t hi = causal ? std::min(j0 + nk - 1, p) : j0 + nk - 1;  // the last key the causal rule keeps
+  int64_t seen = hi - j0 + 1;
+  if (window >= 0) {
+    const int64_t cut = std::min(hi, p - window);  // keys [j0, cut] are past the window...
+    if (cut >= j0) seen -= (cut - j0 + 1) - std::max<int64_t>(0, std::min(cut, sinks - 1) - j0 + 1);  // ...but sinks
+  }
+  return seen <= 0 ? Sees::kNone : seen == nk ? Sees::kAll : Sees::kPart;
+}
+
+// f(lo, hi, masked) for each run [lo, hi) of the rows (row r: the token at p_lo + r) that sees
+// some of the keys [j0, j0 + nk): masked false where every row of the run sees all of them
+template <typename F>
+inline void partial_rows(int64_t p_lo, int64_t rows, int64_t j0, int64_t nk, bool causal, int64_t window,
+                         int64_t sinks, F&& f) {
+  int64_t lo = 0;
+  Sees run = Sees::kNone;
+  for (int64_t r = 0; r <= rows; ++r) {
+    const Sees s = r < rows ? sees_block(p_lo + r, j0, nk, causal, window, sinks) : Sees::kNone;
+    if (r < rows && s == run) continue;
+    if (run != Sees::kNone && r > lo) f(lo, r, run == Sees::kPart);
+    lo = r, run = s;
+  }
+}
+
+// the rows [first, last) of a tile that see anything of the keys [j0, j0 + nk) (first == last: none)
+inline void seeing_rows(int64_t p_lo, int64_t rows, int64_t j0, int64_t nk, bool causal, int64_t window,
+                        int64_t sinks, int64_t& first, int64_t& last) {
+  first = rows, last = 0;
+  partial_rows(p_lo, rows, j0, nk, causal, window, sinks, [&](int64_t lo, int64_t hi, bool) {
+    first = std::min(first, lo), last = std::max(last, hi);
+  });
+  if (first >= last) first = last = 0;
+}
+
+}  // namespace sparse_attn_cpu
