@@ -12,8 +12,9 @@ calls both builds' `block_sparse_fwd` on it: `--rounds` rounds, each timing `--r
 build then of the other, in alternating order; the table gives the medians (us a call), their
 ratio (`rev / tree`: above 1 the tree is faster) and whether both gave the same bits (a change of
 where work is done should keep them; a change of arithmetic need not, and the table says so).
-Patterns: `dense`, `full` (Dense without the causal rule), `window:W` or `window:W:SINKS`, `topk:K`
-(16-key blocks).
+Patterns: the vLLM plugin's `SPARSE_ATTN_VLLM_PATTERN` grammar (`dense`, `window:W[:SINKS]`,
+`topk:K[:BLOCK]` with 64-key blocks by default, `infllmv2[:field=value,...]`) and `full` (Dense
+without the causal rule).
 `--backward` times `block_sparse_bwd` instead (dq, dk, dv from the tree's forward output and lse,
 a random dout; `--mode`: 0 the scheduler's choice, 1 two-pass, 2 fused).
 """
@@ -31,23 +32,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import sparse_attn as sa  # noqa: E402
 from bench.build_ab import load_revision  # noqa: E402
+from sparse_attn.integrations.vllm.patterns import parse_pattern as vllm_pattern  # noqa: E402
 from sparse_attn.backends.cpu.kernels import _ext, _rule, cpu_layout  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
 def parse_pattern(spec: str):
-    name, _, arg = spec.partition(":")
-    if name == "dense" and not arg:
-        return sa.Dense()
-    if name == "full" and not arg:
+    """The vLLM plugin's grammar (`sparse_attn.integrations.vllm.patterns`), plus `full`."""
+    if spec.strip().lower() == "full":
         return sa.Dense(causal=False)
-    w, _, sinks = arg.partition(":")
-    if name == "window" and w.isdigit() and int(w) > 0 and (not sinks or sinks.isdigit()):
-        return sa.SlidingWindow(int(w), sinks=int(sinks or 0))
-    if name == "topk" and arg.isdigit() and int(arg) > 0:
-        return sa.TopK(int(arg), block_size=16)
-    raise argparse.ArgumentTypeError(f"dense, full, window:W[:SINKS] or topk:K, got {spec!r}")
+    try:
+        return vllm_pattern(spec)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{e} (or full)") from None
 
 
 def time_calls(f, reps: int) -> float:
@@ -128,7 +126,8 @@ def main(argv=None) -> int:
             diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(outs["rev"], outs["tree"]))
             same = "yes" if all(torch.equal(a, b) for a, b in zip(outs["rev"], outs["tree"])) else \
                 f"no (max diff {diff:.1e})"
-            print(f"| {n} | {lay.q_block} x {lay.k_block} | {mr:.1f} | {mt:.1f} | {mr / mt:.2f}x | {same} |", flush=True)
+            print(f"| {n} | {lay.q_block} x {lay.k_block} | {mr:.1f} | {mt:.1f} | {mr / mt:.2f}x | {same} |",
+                  flush=True)
     return 0
 
 

@@ -135,3 +135,19 @@ def test_long_generation_rows(tmp_path):
     assert rows[("linear", "sparse_attn")]["cache_bytes"] == 8 * 128 * 128 * 4
     assert rows[("dense", "sdpa (torch.cat + F.sdpa)")]["cache_bytes"] == 2 * 2 * 264 * 128 * 4
     assert "ModelCache" in rows[("windowlinear1024", "sparse_attn")]["pattern"]  # its decode path
+
+
+def test_prefill_ab_takes_the_vllm_plugins_patterns_plus_full():
+    import argparse
+
+    import pytest
+
+    import sparse_attn as sa
+    from bench.prefill_ab import parse_pattern
+
+    assert parse_pattern("full") == sa.Dense(causal=False)
+    assert parse_pattern("dense") == sa.Dense()
+    assert parse_pattern("window:128:4") == sa.SlidingWindow(128, sinks=4)
+    assert parse_pattern("topk:8:16") == sa.TopK(8, block_size=16)
+    with pytest.raises(argparse.ArgumentTypeError, match="the window must be >= 1"):
+        parse_pattern("window:0")
