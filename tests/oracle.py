@@ -64,7 +64,8 @@ def oracle_select_blocks(q: torch.Tensor, k: torch.Tensor, pattern) -> torch.Ten
     """The contract's TopK selection, per query token: bool `(B, Hkv, Sq, ceil(Sk/bs))`.
 
     Forced: blocks `n < sink_blocks` and `pb - local_blocks < n <= pb` (pb = p // bs); plus the `topk`
-    highest-scoring blocks among the remaining blocks `n < pb`. Selection is causal: no block after
+    highest-scoring blocks among the remaining blocks `n < pb`, a NaN score highest, equal scores to
+    the lower block (the contract's InfLLMv2 rule; the contract leaves TopK's ties open). Selection is causal: no block after
     the query's own block `pb` is ever selected (a sink block beyond `pb` holds no visible key).
     """
     assert _kind(pattern) == "TopK", pattern
@@ -83,8 +84,11 @@ def oracle_select_blocks(q: torch.Tensor, k: torch.Tensor, pattern) -> torch.Ten
         ncand = int(candidates.sum())
         if ncand == 0 or topk == 0:
             continue
-        s = scores[:, :, t].masked_fill(~candidates, -math.inf)   # (B, Hkv, nb)
-        top = s.topk(min(topk, ncand), dim=-1).indices
+        s = scores[:, :, t]                                        # (B, Hkv, nb)
+        # NaN first, a -inf candidate above the non-candidates; equal scores to the lower block
+        s = torch.where(torch.isnan(s), math.inf, torch.where(torch.isneginf(s), -1e308, s))
+        s = s.masked_fill(~candidates, -math.inf)
+        top = torch.sort(s, dim=-1, descending=True, stable=True).indices[..., :min(topk, ncand)]
         sel[:, :, t].scatter_(-1, top, True)
     return sel
 

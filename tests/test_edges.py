@@ -29,14 +29,16 @@ def _zeroed(x):
 
 def expected_nonfinite(q, k, v, pattern, *, scale=None, gate=None):
     """`(involved, ref)`: bool `(B, Hq, Sq)` rows whose float64 evaluation involves a non-finite value
-    (own query, or a key or value the row sees, TopK selection taken on the raw inputs: a NaN block
-    score ranks first, as torch.topk), and the float64 output of every other row (the non-finite
-    values replaced by 0, which those rows do not see)."""
+    (own query when the row sees a key, or a key or value the row sees, TopK selection taken on the
+    raw inputs: a NaN block score ranks first, as torch.topk), and the float64 output of every other
+    row (the non-finite values replaced by 0, which those rows do not see)."""
     q64, k64, v64 = (x.detach().to(torch.float64) for x in (q, k, v))
     mask = oracle.visibility_mask(q64, k64, pattern)
     bad_kv = ~(torch.isfinite(k64).all(-1) & torch.isfinite(v64).all(-1))  # (B, Hkv, Sk)
     bad_kv = bad_kv.repeat_interleave(q.shape[1] // max(k.shape[1], 1), dim=1)
-    involved = ~torch.isfinite(q64).all(-1) | (mask & bad_kv[:, :, None, :]).any(-1)
+    # a row that sees no key (an empty BlockSparse row) forms no score: its float64 evaluation is the
+    # contract's zeros, which do not involve its own query
+    involved = (~torch.isfinite(q64).all(-1) & mask.any(-1)) | (mask & bad_kv[:, :, None, :]).any(-1)
     if type(pattern).__name__ == "WindowLinear":
         # the linear memory reads every key j <= p: a non-finite one outside the window involves the row
         sk, sq = k.shape[2], q.shape[2]
@@ -113,6 +115,28 @@ def test_nonfinite_backward_is_loud(backend):
     assert torch.isnan(q.grad[0, 0, 20]).all(), backend
     if backend == "reference":  # rows are independent there (a native tile may spread the NaN)
         assert torch.isfinite(q.grad[0, 0, :20]).all()
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_jit), None])
+@pytest.mark.parametrize("value", [NAN, -INF])
+def test_nonfinite_query_of_a_row_that_sees_no_key(backend, value):
+    """A row with no visible key outputs zeros (the contract), its query's NaN or infinity included:
+    it forms no score, so its float64 evaluation does not involve the query. The rows that see keys
+    and hold such a query stay loud; the rest of the empty tile stays zeros, the others right."""
+    layout = torch.ones(1, 1, 5, 5, dtype=torch.bool).tril()
+    layout[0, 0, 2] = False                                   # queries 16..23 see no key
+    pattern = BlockSparse(layout, block_size=8)
+    q, k, v = (x.requires_grad_() for x in _qkv())
+    q.data[0, 0, 20, 3] = value                               # in the empty tile
+    q.data[0, 1, 30, 3] = value                               # in a tile that sees keys
+    involved, ref = expected_nonfinite(q, k, v, pattern)
+    assert not involved[0, 0, 20] and involved[0, 1, 30]
+    out = sa.attention(q, k, v, pattern, backend=backend)
+    assert (out[0, :, 16:24] == 0).all()
+    assert_nonfinite_rule(out, involved, ref)
+    out.sum().backward()
+    assert (q.grad[0, :, 16:24] == 0).all()                   # an empty row's query gets no gradient
+    assert torch.isnan(q.grad[0, 1, 30]).all()
 
 
 @pytest.mark.parametrize("value", [NAN, INF])
@@ -256,7 +280,8 @@ def test_device_strings(device):
 def test_zero_heads_and_no_keys():
     e = torch.randn(1, 0, 5, 8)
     assert sa.attention(e, e, e, TopK(1, block_size=2)).shape == (1, 0, 5, 8)
-    assert sa.attention(e, torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8), TopK(1, block_size=2)).shape == (1, 0, 5, 8)
+    kv = torch.randn(1, 2, 5, 8)
+    assert sa.attention(e, kv, kv, TopK(1, block_size=2)).shape == (1, 0, 5, 8)
     assert sa.select_blocks(e, e, TopK(1, block_size=2)).shape == (1, 0, 5, 3)
     o, st = sa.linear_attention(e, e, e, return_state=True)
     assert o.shape == (1, 0, 5, 8) and st.shape == (1, 0, 8, 8)

@@ -23,7 +23,7 @@ import torch
 from ..cache.base import check_positive_int
 from ..cache.contiguous import KVCache
 from ..layout.infllmv2_selection import num_windows, token_index_from_compressed
-from ..layout.topk_selection import group_mean_queries
+from ..layout.topk_selection import group_mean_queries, top_blocks
 from ..patterns import SOFTMAX_PATTERNS, InfLLMv2, TopK
 from ..scheduler.problem import check_pattern, check_scale
 from .segment import KeySet, segment_forward
@@ -150,9 +150,7 @@ class ShardedKVCache:
         out = torch.full((b, self.kv_heads, sq, pattern.topk), -1, dtype=torch.int32, device=q.device)
         if width == 0:
             return out
-        val, idx = torch.topk(scores.masked_fill(~cand, float("-inf")), width, dim=-1)
-        idx = torch.where(torch.isinf(val) & (val < 0), torch.full_like(idx, -1), idx)
-        out[..., :width] = idx.to(torch.int32)
+        out[..., :width] = top_blocks(scores, cand, width)
         return out
 
     def attend(self, q: torch.Tensor, pattern=None, *, scale=None) -> torch.Tensor:

@@ -64,6 +64,20 @@ def rank_scores(scores: torch.Tensor) -> torch.Tensor:
                        torch.where(torch.isneginf(scores), torch.full_like(scores, low), scores))
 
 
+def top_blocks(scores: torch.Tensor, candidates: torch.Tensor, width: int) -> torch.Tensor:
+    """The `width` best candidate blocks of each row of `scores` `(..., N)`: int32 `(..., width)`,
+    ascending, -1 padded where fewer candidates exist. Ranked by :func:`rank_scores`; equal scores
+    go to the lower block index (the contract's rule for InfLLMv2, kept for TopK by every backend:
+    the CPU and Triton selections pick the same blocks), so tied NaN scores select alike everywhere."""
+    nb = scores.shape[-1]
+    ranked = rank_scores(scores).masked_fill(~candidates, float("-inf"))
+    val, idx = torch.sort(ranked, dim=-1, descending=True, stable=True)  # torch.topk orders ties freely
+    val, idx = val[..., :width], idx[..., :width]
+    key = torch.where(torch.isneginf(val), torch.full_like(idx, nb), idx)
+    key = torch.sort(key, dim=-1).values
+    return torch.where(key == nb, torch.full_like(key, -1), key).to(torch.int32)
+
+
 def topk_token_index(q: torch.Tensor, k: torch.Tensor, pattern: TopK) -> torch.Tensor:
     """Per-token selected blocks beyond the forced ones: int32 `(B, Hkv, Sq, topk)`, ascending, -1 padded."""
     b, hq, sq, d = q.shape
@@ -102,14 +116,8 @@ def topk_token_index_pooled(q: torch.Tensor, kbar: torch.Tensor, qpos, pattern: 
         pb = (qpos[:, r0:r1] // bs)[:, None, :, None]  # (B or 1, 1, r, 1)
         # candidates: not a sink, strictly before the local blocks
         cand = (blocks >= pattern.sink_blocks) & (blocks <= pb - pattern.local_blocks)
-        scores = rank_scores(torch.matmul(qbar[:, :, r0:r1], kbar.transpose(-1, -2)))  # (B, Hkv, r, N)
-        scores = scores.masked_fill(~cand, float("-inf"))
-        val, idx = torch.topk(scores, width, dim=-1)
-        idx = torch.where(torch.isinf(val) & (val < 0), torch.full_like(idx, -1), idx).to(torch.int32)
-        # ascending block order, padding last
-        key = torch.where(idx < 0, torch.full_like(idx, nb), idx)
-        idx = torch.sort(key, dim=-1).values
-        out[:, :, r0:r1, :width] = torch.where(idx == nb, torch.full_like(idx, -1), idx)
+        scores = torch.matmul(qbar[:, :, r0:r1], kbar.transpose(-1, -2))  # (B, Hkv, r, N)
+        out[:, :, r0:r1, :width] = top_blocks(scores, cand, width)
     return out
 
 
