@@ -74,12 +74,6 @@ struct BwdParams {
   int64_t tok_w;
 };
 
-inline bool visible(const BwdParams& P, int64_t p, int64_t j) {
-  if (P.causal && j > p) return false;
-  if (P.window >= 0 && p - j >= P.window && j >= P.sinks) return false;
-  return true;
-}
-
 // ---------------------------------------------------------------------------------- dq pass
 // the gradients' element type for dtype tag DT (0 float32, 1 bfloat16, 2 float16)
 template <int DT>
@@ -285,11 +279,7 @@ class DqRunner {
         const int64_t st = rid[c0 + r];
         if (P.cap > 0.f) softcap_row_grad(s, S.dcap.data(), kbp, P.cap);
         for (int64_t c = nk; c < kbp; ++c) s[c] = kNegInf;
-        if (masked) {
-          const int64_t p = p_lo_ + st / P.G;
-          for (int64_t c = 0; c < nk; ++c)
-            if (!visible(P, p, j0 + c)) s[c] = kNegInf;
-        }
+        if (masked) hide_keys(s, p_lo_ + st / P.G, j0, nk, P.causal, P.window, P.sinks, kNegInf);
         exp2_sub_sum(s, kbp, S.lse2[st]);  // s = P
         const float dl = S.delta[st];
 #pragma omp simd
@@ -512,11 +502,8 @@ class DkvRunner {
       float* s = S.stp[r];
       float* dp = S.dptp[r];
       if (P.cap > 0.f) softcap_row_grad(s, S.dcap.data(), Cp, P.cap);
-      if (masked) {
-        const int64_t j = j0_ + r;
-        for (int64_t c = 0; c < C; ++c)
-          if (!visible(P, P.off + S.cols[c] / P.G, j)) s[c] = kNegInf;
-      }
+      // a masked chunk's columns are consecutive (run(): S.cols[c] = S.cols[0] + c)
+      if (masked) hide_queries(s, S.cols[0], C, P.G, P.off, j0_ + r, P.causal, P.window, P.sinks, kNegInf);
       exp2_sub_cols(s, S.lse2.data(), Cp);  // s = P^T
       const float* dl = S.delta.data();
 #pragma omp simd

@@ -724,17 +724,9 @@ class TaskRunner {
   }
 #endif
 
-  // the token rule on keys j0 + [0, nk) for a query at position p: hide j > p (causal) and
-  // sinks <= j <= p - window (window), as two ranges
+  // the token rule on keys j0 + [0, nk) for a query at position p (partial_rows.h)
   void mask_row(float* s, int64_t p, int64_t j0, int64_t nk) const {
-    if (P.causal) {
-      const int64_t c = std::max<int64_t>(0, p - j0 + 1);
-      if (c < nk) std::fill(s + c, s + nk, kNegInf);
-    }
-    if (P.window >= 0) {
-      const int64_t c0 = std::max<int64_t>(0, P.sinks - j0), c1 = std::min<int64_t>(nk, p - P.window - j0 + 1);
-      if (c0 < c1) std::fill(s + c0, s + c1, kNegInf);
-    }
+    hide_keys(s, p, j0, nk, P.causal, P.window, P.sinks, kNegInf);
   }
 
   const Params& P;

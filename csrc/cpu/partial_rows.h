@@ -5,7 +5,8 @@
 // diagonal, past it, on the window's trailing edge, past the window). The forward and the
 // backward's dq pass skip the rows that see none of it, run the ones that see all of it
 // unmasked and give the token rule only to the rest; the dk/dv pass skips the tile's leading and
-// trailing columns that see none of it.
+// trailing columns that see none of it. The rest get the rule as ranges of hidden keys
+// (hide_keys: a query's row) or of hidden queries (hide_queries: a key's row of query columns).
 #pragma once
 
 #include <algorithm>
@@ -51,6 +52,36 @@ inline void seeing_rows(int64_t p_lo, int64_t rows, int64_t j0, int64_t nk, bool
     first = std::min(first, lo), last = std::max(last, hi);
   });
   if (first >= last) first = last = 0;
+}
+
+// the rule on one row of scores, as ranges (no per-element test): s[c] = fill for the keys j0 + c,
+// c < nk, that the token at position p does not see (j > p under the causal rule, and
+// sinks <= j <= p - window under a window)
+inline void hide_keys(float* s, int64_t p, int64_t j0, int64_t nk, bool causal, int64_t window, int64_t sinks,
+                      float fill) {
+  if (causal) {
+    const int64_t c = std::max<int64_t>(0, p - j0 + 1);
+    if (c < nk) std::fill(s + c, s + nk, fill);
+  }
+  if (window >= 0) {
+    const int64_t c0 = std::max<int64_t>(0, sinks - j0), c1 = std::min<int64_t>(nk, p - window - j0 + 1);
+    if (c0 < c1) std::fill(s + c0, s + c1, fill);
+  }
+}
+
+// the same rule along one key's row of query columns: s[c] = fill for the columns x0 + c, c < C
+// (column x: head x % G of the token at position off + x / G), that do not see key j (the tokens
+// before j under the causal rule, those at j + window or later under a window unless j is a sink)
+inline void hide_queries(float* s, int64_t x0, int64_t C, int64_t G, int64_t off, int64_t j, bool causal,
+                         int64_t window, int64_t sinks, float fill) {
+  if (causal) {
+    const int64_t c1 = std::clamp<int64_t>((j - off) * G - x0, 0, C);
+    std::fill(s, s + c1, fill);
+  }
+  if (window >= 0 && j >= sinks) {
+    const int64_t c0 = std::clamp<int64_t>((j + window - off) * G - x0, 0, C);
+    std::fill(s + c0, s + C, fill);
+  }
 }
 
 }  // namespace sparse_attn_cpu
