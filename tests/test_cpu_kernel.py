@@ -595,17 +595,22 @@ def test_topk_selection_in_cpp_equals_the_pytorch_selection(b, hq, hkv, sq, sk, 
 
 def test_dense_float32_small_heads_key_block():
     """A Dense float32 forward at D <= 64 runs 128-key blocks (kernels.K_BLOCK_SMALL_F32: less
-    per-block work per score); bfloat16 (without AMX tiles: K_BLOCK_AMX with them), D = 128 and
-    training keep K_BLOCK. Exact either way: lengths that are no multiple of either block, Sq < Sk, GQA."""
+    per-block work per score) from K_BLOCK_SMALL_F32_MIN_KEYS keys on, 64-key blocks below; bfloat16
+    (without AMX tiles: K_BLOCK_AMX with them), D = 128 and training keep K_BLOCK. Exact either way:
+    lengths that are no multiple of either block, Sq < Sk, GQA."""
     import oracle
-    from sparse_attn.backends.cpu.kernels import K_BLOCK, K_BLOCK_AMX, K_BLOCK_SMALL_F32, amx_forward
+    from sparse_attn.backends.cpu.kernels import (K_BLOCK, K_BLOCK_AMX, K_BLOCK_SMALL_F32,
+                                                  K_BLOCK_SMALL_F32_MIN_KEYS, amx_forward)
     torch.manual_seed(0)
-    q, k, v = torch.randn(1, 4, 300, 64), torch.randn(1, 2, 777, 64), torch.randn(1, 2, 777, 64)
-    p = sa.plan(q, k, v, sa.Dense(), backend="cpu")
-    assert p.kernel.name == KERNEL, p.explain()
-    assert p.kernel.prepare(q, k, p.problem).k_block == K_BLOCK_SMALL_F32 != K_BLOCK
-    ref = sa.attention(q.double(), k.double(), v.double(), sa.Dense(), backend="reference")
-    oracle.assert_close_contract(p.run(q, k, v), ref, dtype=torch.float32, device="cpu")
+    for sk, want in [(K_BLOCK_SMALL_F32_MIN_KEYS + 77, K_BLOCK_SMALL_F32), (K_BLOCK_SMALL_F32_MIN_KEYS - 1, K_BLOCK)]:
+        q, k, v = torch.randn(1, 4, 300, 64), torch.randn(1, 2, sk, 64), torch.randn(1, 2, sk, 64)
+        p = sa.plan(q, k, v, sa.Dense(), backend="cpu")
+        assert p.kernel.name == KERNEL, p.explain()
+        assert p.kernel.prepare(q, k, p.problem).k_block == want
+        ref = sa.attention(q.double(), k.double(), v.double(), sa.Dense(), backend="reference")
+        oracle.assert_close_contract(p.run(q, k, v), ref, dtype=torch.float32, device="cpu")
+    assert K_BLOCK_SMALL_F32 != K_BLOCK
+    q, k = torch.randn(1, 4, 300, 64), torch.randn(1, 2, K_BLOCK_SMALL_F32_MIN_KEYS + 77, 64)
     for qq, kk in [(q.bfloat16(), k.bfloat16()), (torch.randn(1, 4, 300, 128), torch.randn(1, 2, 777, 128)),
                    (q.clone().requires_grad_(), k)]:
         pp = sa.plan(qq, kk, kk, sa.Dense(), backend="cpu")

@@ -42,6 +42,12 @@ def dense_q_block(group: int) -> int:
 #: 128 110.2 / 108.8 ms, 256 106.6 ms (one run); 128 keeps the score scratch (192 x 128 floats)
 #: small. Forward only: a layout that the backward also reads (training) keeps K_BLOCK.
 K_BLOCK_SMALL_F32 = 128
+#: ... from this many keys on. Below it the diagonal's larger masked share costs more than the
+#: blocks save: the vLLM plugin's first chunk of n tokens (Hq 4, Hkv 2, D 64, 2 Zen 4 threads,
+#: 2026-12-07, medians of 3 alternating rounds) took 1.23 / 1.17 / 1.12 / 1.07 / 0.98-1.09 x the
+#: time of 64-key blocks at n = 64 / 100 / 256 / 512 / 1024 (1.27 / 1.22 / 1.16 / 1.07 on one
+#: thread), 1.01 at 4096 x 4096, 1.00 at 4096 x 8192, 0.96 at 4096 x 16384.
+K_BLOCK_SMALL_F32_MIN_KEYS = 4096
 #: key block of a Dense bfloat16 forward on AMX tiles (csrc/cpu/gemm_amx.h): the tiles make the
 #: products cheap, so the per-block row work weighs more. Measured (2026-12-05, 2-core Sapphire
 #: Rapids VM, 2 threads, Sq 4096, Hq 4, Hkv 2, D 64, best of 3, one process): Sk 4096 k_block 64
@@ -63,7 +69,8 @@ def dense_k_block(p) -> int | None:
     """The key block `prepare` asks for (None: cpu_layout's default, K_BLOCK)."""
     if not isinstance(p.pattern, Dense) or p.requires_grad:  # a layout the backward reads keeps K_BLOCK
         return None
-    if p.head_dim <= 64 and p.v_head_dim <= 64 and p.dtype == torch.float32:
+    if (p.head_dim <= 64 and p.v_head_dim <= 64 and p.dtype == torch.float32
+            and p.sk >= K_BLOCK_SMALL_F32_MIN_KEYS):
         return K_BLOCK_SMALL_F32
     if p.dtype == torch.bfloat16 and p.head_dim <= 128 and p.v_head_dim <= 128 and amx_forward():
         return K_BLOCK_AMX
