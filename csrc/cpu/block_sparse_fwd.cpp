@@ -598,15 +598,24 @@ class TaskRunner {
     // exponentials over the keys its last row sees, rounded up to 32 (`width`), not the whole
     // block: the keys past them are hidden from every row of the group (at 1K causal keys, 128-key
     // blocks, ~22% of the products are on the diagonal, and this skips ~3/8 of those)
-    const int64_t step = diag ? 32 : kRowChunk;
+    // The other products likewise on a causal block's masked rows whose first token does not see
+    // the whole block (its diagonal): 16 tokens at a time, over the keys the group's last token
+    // sees rounded up to 16, the rest of each row's scores hidden by the token rule below and its
+    // P . V product stopped there (a first chunk of 64 float32 tokens: ~5/8 of the products)
+    const bool narrow = !amx_ && masked && P.causal && p_lo_ + rid[0] / P.G - j0 + 1 + 16 <= nk;
+    const int64_t step = diag ? 32 : narrow ? std::min<int64_t>(kRowChunk, 16 * P.G) : kRowChunk;
     for (int64_t c0 = 0; c0 < cnt; c0 += step) {
       const int64_t rows = std::min(step, cnt - c0);
       int64_t width = kbp;
-      if (diag) {
+      if (diag || narrow) {
+        const int64_t unit = diag ? 32 : 16;
         int64_t seen = 0;
         for (int64_t i = 0; i < rows; ++i) seen = std::max(seen, p_lo_ + rid[c0 + i] / P.G - j0 + 1);
-        width = std::min(kbp, (std::min(seen, nk) + 31) / 32 * 32);
+        width = std::min(kbp, (std::min(seen, nk) + unit - 1) / unit * unit);
       }
+      // the keys whose probabilities the P . V product reads: past `width`, every row's are 0; the
+      // columns the rows' softmax passes cover (narrow: `width`, the rest never read)
+      const int64_t nkv = std::min(width, nk), wcols = narrow ? width : kbp;
 #ifdef SPARSE_ATTN_AMX
       // unscaled (the tiles store them where they go); the plain path scales in its exponentials,
       // the others below
@@ -614,10 +623,10 @@ class TaskRunner {
       else
 #endif
 #ifdef SPARSE_ATTN_BF16_DOT
-      if constexpr (kDot) gemm_bf16<false>(rows, kbp, (P.D + 1) / 2, qwp + c0, kp_, kbp, sp, nullptr, P.qmul);
+      if constexpr (kDot) gemm_bf16<false>(rows, width, (P.D + 1) / 2, qwp + c0, kp_, kbp, sp, nullptr, P.qmul);
       else
 #endif
-        gemm_rows<false>(rows, kbp, P.D, qp + c0, kt_, kbp, sp, nullptr);
+        gemm_rows<false>(rows, width, P.D, qp + c0, kt_, kbp, sp, nullptr);
 #ifdef SPARSE_ATTN_AMX
       if (amx_ && (plain || diag)) {
         int32_t vis[kRowChunk];  // diag: each row's visible keys (a causal row sees j <= p)
@@ -637,12 +646,12 @@ class TaskRunner {
         if (plain) {
           m_blk = row_max_finite_or_nan(s, kbp) * smul;  // smul > 0: the scaled row's max (NaN kept)
         } else {
-          if (smul != 1.f) scale_row(s, kbp, smul);
-          nonfinite_to_nan(s, kbp);
-          if (P.cap > 0.f) softcap_row(s, kbp, P.cap);  // before the padding and the token rule's -inf
-          for (int64_t c = nk; c < kbp; ++c) s[c] = kNegInf;
-          if (masked) mask_row(s, p_lo_ + st / P.G, j0, nk);
-          m_blk = row_max_nan(s, kbp);
+          if (smul != 1.f) scale_row(s, wcols, smul);
+          nonfinite_to_nan(s, wcols);
+          if (P.cap > 0.f) softcap_row(s, wcols, P.cap);  // before the padding and the token rule's -inf
+          for (int64_t c = nk; c < wcols; ++c) s[c] = kNegInf;
+          if (masked) mask_row(s, p_lo_ + st / P.G, j0, std::min(nk, wcols));
+          m_blk = row_max_nan(s, wcols);
         }
         const float m_old = S.m[st];
         // NaN wins both ways: a NaN row stays NaN through every later block
@@ -650,7 +659,7 @@ class TaskRunner {
                                                               : std::max(m_old, m_blk);
         if (m_new == kNegInf) {  // nothing visible yet for this row (never on the plain path)
           corr[i] = 1.f;
-          std::fill_n(s, kbp, 0.f);
+          std::fill_n(s, wcols, 0.f);
 #ifdef SPARSE_ATTN_FUSED_BF16_STORE
           if (kDot && plain) std::fill_n(S.pw.data() + i * kbp / 2, kbp / 2, 0u);
 #endif
@@ -663,7 +672,7 @@ class TaskRunner {
         else
 #endif
           // (plain: m_new is NaN unless every score of the row is finite, row_max_finite_or_nan)
-          sum = exp2_sub_sum(s, kbp, m_new);
+          sum = exp2_sub_sum(s, wcols, m_new);
         S.l[st] = S.l[st] * corr[i] + sum;
         S.m[st] = m_new;
       }
@@ -672,7 +681,7 @@ class TaskRunner {
 #ifdef SPARSE_ATTN_FUSED_BF16_STORE
         if (!plain && !diag)
 #endif
-          for (int64_t i = 0; i < rows; ++i) floats_to_bf16_pairs(S.pw.data() + i * kbp / 2, sp[i], kbp);
+          for (int64_t i = 0; i < rows; ++i) floats_to_bf16_pairs(S.pw.data() + i * kbp / 2, sp[i], wcols);
 #ifdef SPARSE_ATTN_AMX
         if (amx_) {
           gemm_amx<true>(rows, P.Dv_pad, diag ? std::min(width, nk + 1) / 2 : (nk + 1) / 2, S.pwp.data(), vp_, P.Dv_pad, op + c0, corr,
@@ -680,11 +689,11 @@ class TaskRunner {
           continue;
         }
 #endif
-        gemm_bf16<true>(rows, P.Dv_pad, (nk + 1) / 2, S.pwp.data(), vp_, P.Dv_pad, op + c0, corr);
+        gemm_bf16<true>(rows, P.Dv_pad, (nkv + 1) / 2, S.pwp.data(), vp_, P.Dv_pad, op + c0, corr);
         continue;
       }
 #endif
-      gemm_rows<true>(rows, P.Dv_pad, nk, sp, vrows_, vld_, op + c0, corr);
+      gemm_rows<true>(rows, P.Dv_pad, nkv, sp, vrows_, vld_, op + c0, corr);
     }
   }
 
