@@ -165,3 +165,19 @@ def test_huge_pages_once_per_storage(monkeypatch):
     other = torch.randn(16, 2, 64, 256)
     had = huge_pages.huge_bytes(other)  # (0 here unless THP is "always")
     assert backend.huge_pages_once(other) is None and huge_pages.huge_bytes(other) == had
+
+
+@pytest.mark.parametrize("spec,names", [("dense", ["cpu", "cpu_decode"]),
+                                        ("infllmv2", ["cpu", "cpu_decode", "cpu_infllmv2", "cpu_infllmv2_pages"])])
+def test_kernels_load_when_the_layers_are_built(monkeypatch, spec, names):
+    """A layer's impl loads the C++ extensions it will call when vLLM builds it (engine start), so
+    the first request does not pay their loads (10-45 ms each with the build cached)."""
+    from sparse_attn._build import jit
+    from sparse_attn.integrations.vllm import backend
+
+    monkeypatch.setenv("SPARSE_ATTN_VLLM_PATTERN", spec)
+    for name in names:
+        monkeypatch.delitem(jit._LOADED, name, raising=False)
+    impl = backend.SparseAttnImpl(num_heads=4, head_size=64, scale=0.125, num_kv_heads=2)
+    assert type(impl.pattern).__name__ == ("InfLLMv2" if spec == "infllmv2" else "Dense")
+    assert all(name in jit._LOADED for name in names), sorted(jit._LOADED)

@@ -94,6 +94,28 @@ def _log_huge(job) -> None:
                 "(%s=0 skips this)", total / 2**20, min(huge, total) / 2**20, job.seconds, HUGE_PAGES_ENV)
 
 
+def load_kernels(pattern) -> list[str]:
+    """Load the C++ extensions a layer of `pattern` calls (`cpu`, `cpu_decode`, and InfLLMv2's two)
+    when the engine builds its layers, not in the first request: each load runs torch's build
+    check (ninja and the compiler's version, 10-45 ms with the build cached; minutes the first time
+    on a machine, with its progress line), and a server's first 100-token prompt took 0.15 s where
+    vLLM's own backend took 0.015 (`bench/vllm_bench.py e2e`, 2-core Zen 4, 2026-12-07). Once per
+    extension and process (`load_extension` keeps them). One that fails to build is said on stderr
+    by the build and left to the scheduler, which plans without it and says so in `explain()`.
+    Returns the names loaded."""
+    from ..._build.jit import ExtensionBuildError, load_extension
+
+    names = ["cpu", "cpu_decode"] + (["cpu_infllmv2", "cpu_infllmv2_pages"] if isinstance(pattern, InfLLMv2) else [])
+    loaded = []
+    for name in names:
+        try:
+            load_extension(name)
+            loaded.append(name)
+        except ExtensionBuildError:
+            pass
+    return loaded
+
+
 #: what `forward` did in this process: prefill requests served from their new K/V directly, those
 #: whose keys were gathered from the pages, the key rows gathered (K and V each), decode calls, and
 #: the wall seconds spent in the decode and prefill parts of `forward` (all layers), and in completing
@@ -216,6 +238,7 @@ class SparseAttnImpl(AttentionImpl[SparseAttnMetadata]):
         self.sinks = sinks
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self.pattern = layer_pattern(configured_pattern(), sliding_window)
+        load_kernels(self.pattern)
         self.is_topk = isinstance(self.pattern, TopK)
         self.is_infllmv2 = isinstance(self.pattern, InfLLMv2)
         if (self.is_topk or self.is_infllmv2) and kv_sharing_target_layer_name is not None:
