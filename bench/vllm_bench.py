@@ -402,6 +402,10 @@ def chunk_bench(args):
 
 
 # --------------------------------------------------------------------------------------------- e2e
+#: the first, short request of `--settle` (the engine's context must hold it too, for short prompts)
+SETTLE_TOKENS = 256
+
+
 def _one_run(model, pattern, n, new_tokens, max_len, settle=False, dtype="float32"):
     code = f"""
 import json, os, sys, time
@@ -415,7 +419,7 @@ def main():
     p = [TokensPrompt(prompt_token_ids=prompts({n}, 1)[0])]
     settled = None
     if {settle!r}:  # a first short request, then (plugin) wait for the background huge-page move
-        llm.generate([TokensPrompt(prompt_token_ids=prompts(256, 1, seed=1)[0])],
+        llm.generate([TokensPrompt(prompt_token_ids=prompts({SETTLE_TOKENS}, 1, seed=1)[0])],
                      SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)
         if os.environ.get("SPARSE_ATTN_VLLM_PATTERN"):
             from sparse_attn.integrations.vllm.backend import HUGE_JOBS
@@ -459,7 +463,8 @@ def e2e_bench(args):
         res = {p: [] for p in args.patterns}
         for _ in range(args.rounds):
             for p in args.patterns:
-                r = _one_run(model, p, n, args.new_tokens, n + args.new_tokens + 64, args.settle, args.dtype)
+                max_len = max(n, SETTLE_TOKENS if args.settle else 0) + args.new_tokens + 64
+                r = _one_run(model, p, n, args.new_tokens, max_len, args.settle, args.dtype)
                 res[p].append(r)
                 st = r.get("stats") or {}
                 inside = (f", in the plugin: decode {st['decode_s']:.2f} s ({st['decode_calls']} calls, "
