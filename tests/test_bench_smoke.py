@@ -151,3 +151,16 @@ def test_prefill_ab_takes_the_vllm_plugins_patterns_plus_full():
     assert parse_pattern("topk:8:16") == sa.TopK(8, block_size=16)
     with pytest.raises(argparse.ArgumentTypeError, match="the window must be >= 1"):
         parse_pattern("window:0")
+
+
+def test_top_blocks_ab_compares_a_revision_with_the_tree():
+    """bench/top_blocks_ab.py loads a revision's selection and reports one row per case, same blocks."""
+    import bench.top_blocks_ab as ab
+
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "top_blocks_ab.py"), "--rev", "HEAD",
+                          "--rounds", "1", "--reps", "1", "--threads", "1"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| (")]
+    assert len(rows) == len(ab.CASES)
+    assert all(row.endswith("| yes |") for row in rows), out.stdout
