@@ -261,44 +261,56 @@ class DqRunner {
     if (cnt == 0 || n * P.k_block >= P.sk) return;
     load_block(S, b, h, n);
     const int64_t j0 = n * P.k_block, nk = std::min(P.k_block, P.sk - j0), kbp = P.kb_pad;
-    for (int64_t c0 = 0; c0 < cnt; c0 += kRows) {
-      const int64_t rows = std::min(kRows, cnt - c0);
+    // a causal block's masked rows whose first token does not see the whole block: kNarrowTokens
+    // at a time over the keys the group's last token sees (partial_rows.h), as the forward does;
+    // the columns past `width` are probabilities 0 for every row of the group, so dS is 0 there
+    const bool narrow = masked && narrows(p_lo_ + rid[0] / P.G, j0, nk, P.causal);
+    const int64_t step = narrow ? std::min<int64_t>(kRows, kNarrowTokens * P.G) : kRows;
+    for (int64_t c0 = 0; c0 < cnt; c0 += step) {
+      const int64_t rows = std::min(step, cnt - c0);
+      int64_t width = kbp;
+      if (narrow) {
+        int64_t p_last = 0;
+        for (int64_t r = 0; r < rows; ++r) p_last = std::max(p_last, p_lo_ + rid[c0 + r] / P.G);
+        width = seen_width(p_last, j0, nk, kbp, kNarrowTokens);
+      }
+      const int64_t nkv = std::min(width, nk);  // the keys dS . K reads
 #ifdef SPARSE_ATTN_BF16_DOT
       if constexpr (kDot) {
-        gemm_bf16<false>(rows, kbp, (P.D + 1) / 2, qwp + c0, S.w.kp.data(), kbp, S.sp.data(), nullptr, P.qmul);
-        gemm_bf16<false>(rows, kbp, (P.Dv + 1) / 2, dowp + c0, S.w.vpt.data(), kbp, S.dpp.data(), nullptr);
+        gemm_bf16<false>(rows, width, (P.D + 1) / 2, qwp + c0, S.w.kp.data(), kbp, S.sp.data(), nullptr, P.qmul);
+        gemm_bf16<false>(rows, width, (P.Dv + 1) / 2, dowp + c0, S.w.vpt.data(), kbp, S.dpp.data(), nullptr);
       } else
 #endif
       {
-        gemm_rows<false>(rows, kbp, P.D, qp + c0, S.kt.data(), kbp, S.sp.data(), nullptr);
-        gemm_rows<false>(rows, kbp, P.Dv, dop + c0, S.vt.data(), kbp, S.dpp.data(), nullptr);
+        gemm_rows<false>(rows, width, P.D, qp + c0, S.kt.data(), kbp, S.sp.data(), nullptr);
+        gemm_rows<false>(rows, width, P.Dv, dop + c0, S.vt.data(), kbp, S.dpp.data(), nullptr);
       }
       for (int64_t r = 0; r < rows; ++r) {
         float* s = S.sp[r];
         float* dp = S.dpp[r];
         const int64_t st = rid[c0 + r];
-        if (P.cap > 0.f) softcap_row_grad(s, S.dcap.data(), kbp, P.cap);
-        for (int64_t c = nk; c < kbp; ++c) s[c] = kNegInf;
-        if (masked) hide_keys(s, p_lo_ + st / P.G, j0, nk, P.causal, P.window, P.sinks, kNegInf);
-        exp2_sub_sum(s, kbp, S.lse2[st]);  // s = P
+        if (P.cap > 0.f) softcap_row_grad(s, S.dcap.data(), width, P.cap);
+        for (int64_t c = nk; c < width; ++c) s[c] = kNegInf;
+        if (masked) hide_keys(s, p_lo_ + st / P.G, j0, nkv, P.causal, P.window, P.sinks, kNegInf);
+        exp2_sub_sum(s, width, S.lse2[st]);  // s = P
         const float dl = S.delta[st];
 #pragma omp simd
-        for (int64_t c = 0; c < kbp; ++c) s[c] = s[c] * (dp[c] - dl);  // s = dS
+        for (int64_t c = 0; c < width; ++c) s[c] = s[c] * (dp[c] - dl);  // s = dS
         if (P.cap > 0.f) {
           const float* dc = S.dcap.data();
 #pragma omp simd
-          for (int64_t c = 0; c < kbp; ++c) s[c] *= dc[c];
+          for (int64_t c = 0; c < width; ++c) s[c] *= dc[c];
         }
       }
 #ifdef SPARSE_ATTN_BF16_DOT
       if constexpr (kDot) {
-        for (int64_t r = 0; r < rows; ++r) floats_to_bf16_pairs(S.w.dsw.data() + r * kbp / 2, S.sp[r], kbp);
-        gemm_bf16<true>(rows, P.D_pad, (nk + 1) / 2, S.w.dswp.data(), S.w.kint.data(), P.D_pad, dqp + c0,
+        for (int64_t r = 0; r < rows; ++r) floats_to_bf16_pairs(S.w.dsw.data() + r * kbp / 2, S.sp[r], width);
+        gemm_bf16<true>(rows, P.D_pad, (nkv + 1) / 2, S.w.dswp.data(), S.w.kint.data(), P.D_pad, dqp + c0,
                         S.ones.data());
         continue;
       }
 #endif
-      gemm_rows<true>(rows, P.D_pad, nk, S.sp.data(), S.kr.data(), P.D_pad, dqp + c0, S.ones.data());
+      gemm_rows<true>(rows, P.D_pad, nkv, S.sp.data(), S.kr.data(), P.D_pad, dqp + c0, S.ones.data());
     }
   }
 

@@ -54,6 +54,10 @@ constexpr float kLn2 = 0.6931471805599453f;
 // rows whose scores are computed at once: bounds the score scratch (kRowChunk x k_block) whatever
 // the tile (G x q_block rows can be large with big BlockSparse blocks)
 constexpr int64_t kRowChunk = 192;
+// a causal diagonal block's rows on the AMX tiles go 32 at a time (a tile's rows), each group over
+// the keys its last row sees rounded up to 32 (the tiles' key unit; off the tiles: kNarrowTokens,
+// partial_rows.h)
+constexpr int64_t kDiagRowsAmx = 32;
 
 struct Params {
   int64_t B, Hq, Hkv, G, sq, sk, D, Dv, Dv_pad, q_block, k_block, kb_pad, M, nb, off, tile0;
@@ -594,24 +598,25 @@ class TaskRunner {
     const bool diag = amx_ && masked && P.causal && P.window < 0 && !(P.cap > 0.f) && p_lo_ >= j0;
     // the scores' scale still to apply: 1, or scale * log2 e after the AMX products
     const float smul = amx_ ? P.qmul : 1.f;
-    // a diagonal block goes 32 rows (one group of the tiles) at a time, each group's products and
-    // exponentials over the keys its last row sees, rounded up to 32 (`width`), not the whole
+    // a diagonal block goes kDiagRowsAmx rows at a time, each group's products and exponentials
+    // over the keys its last row sees, rounded up to kDiagRowsAmx (`width`), not the whole
     // block: the keys past them are hidden from every row of the group (at 1K causal keys, 128-key
     // blocks, ~22% of the products are on the diagonal, and this skips ~3/8 of those)
     // The other products likewise on a causal block's masked rows whose first token does not see
-    // the whole block (its diagonal): 16 tokens at a time, over the keys the group's last token
-    // sees rounded up to 16, the rest of each row's scores hidden by the token rule below and its
-    // P . V product stopped there (a first chunk of 64 float32 tokens: ~5/8 of the products)
-    const bool narrow = !amx_ && masked && P.causal && p_lo_ + rid[0] / P.G - j0 + 1 + 16 <= nk;
-    const int64_t step = diag ? 32 : narrow ? std::min<int64_t>(kRowChunk, 16 * P.G) : kRowChunk;
+    // the whole block (its diagonal): kNarrowTokens at a time (partial_rows.h: narrows,
+    // seen_width), the rest of each row's scores hidden by the token rule below and its P . V
+    // product stopped there (a first chunk of 64 float32 tokens: ~5/8 of the products)
+    const bool narrow = !amx_ && masked && narrows(p_lo_ + rid[0] / P.G, j0, nk, P.causal);
+    const int64_t step = diag     ? kDiagRowsAmx
+                         : narrow ? std::min<int64_t>(kRowChunk, kNarrowTokens * P.G)
+                                  : kRowChunk;
     for (int64_t c0 = 0; c0 < cnt; c0 += step) {
       const int64_t rows = std::min(step, cnt - c0);
       int64_t width = kbp;
       if (diag || narrow) {
-        const int64_t unit = diag ? 32 : 16;
-        int64_t seen = 0;
-        for (int64_t i = 0; i < rows; ++i) seen = std::max(seen, p_lo_ + rid[c0 + i] / P.G - j0 + 1);
-        width = std::min(kbp, (std::min(seen, nk) + unit - 1) / unit * unit);
+        int64_t p_last = 0;
+        for (int64_t i = 0; i < rows; ++i) p_last = std::max(p_last, p_lo_ + rid[c0 + i] / P.G);
+        width = seen_width(p_last, j0, nk, kbp, diag ? kDiagRowsAmx : kNarrowTokens);
       }
       // the keys whose probabilities the P . V product reads: past `width`, every row's are 0; the
       // columns the rows' softmax passes cover (narrow: `width`, the rest never read)

@@ -54,6 +54,25 @@ inline void seeing_rows(int64_t p_lo, int64_t rows, int64_t j0, int64_t nk, bool
   if (first >= last) first = last = 0;
 }
 
+// A causal block's rows whose first token does not see the whole block (its diagonal) go
+// kNarrowTokens tokens at a time, each group over only the keys its last token sees, rounded up to
+// kNarrowTokens (a float32 vector of scores): the keys past them are hidden from every row of the
+// group (the forward's attend and the backward's dq pass, off the AMX tiles)
+constexpr int64_t kNarrowTokens = 16;
+
+// whether the rows from the token at position p_first on narrow the causal block [j0, j0 + nk):
+// the first token's hidden keys span at least one group's unit
+inline bool narrows(int64_t p_first, int64_t j0, int64_t nk, bool causal) {
+  return causal && p_first - j0 + 1 + kNarrowTokens <= nk;
+}
+
+// the columns a group of rows whose last token is at p_last computes of the block [j0, j0 + nk)
+// padded to kbp: the keys it sees rounded up to `unit`, at most kbp
+inline int64_t seen_width(int64_t p_last, int64_t j0, int64_t nk, int64_t kbp, int64_t unit) {
+  const int64_t seen = std::clamp<int64_t>(p_last - j0 + 1, 0, nk);
+  return std::min(kbp, (seen + unit - 1) / unit * unit);
+}
+
 // the rule on one row of scores, as ranges (no per-element test): s[c] = fill for the keys j0 + c,
 // c < nk, that the token at position p does not see (j > p under the causal rule, and
 // sinks <= j <= p - window under a window)
