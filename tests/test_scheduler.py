@@ -218,3 +218,40 @@ def test_kernel_for_another_device_is_refused_before_its_availability_is_asked(m
     assert _CpuOnly("fake.cpu", 1.0).not_supported_reasons(gpu) == ["device cuda not in ('cpu',)"]
     with pytest.raises(AssertionError, match="another device"):  # a CPU problem still asks
         _CpuOnly("fake.cpu", 1.0).not_supported_reasons(p)
+
+
+@needs_jit
+@pytest.mark.parametrize("pattern, names", [(sa.Dense(), {"cpu", "cpu_decode"}),
+                                            (sa.InfLLMv2(), {"cpu", "cpu_decode", "cpu_infllmv2",
+                                                             "cpu_infllmv2_pages"})])
+def test_preload_loads_the_extensions_the_pattern_will_call(monkeypatch, pattern, names):
+    from sparse_attn._build import jit
+    from sparse_attn.scheduler import preload
+
+    for name in names:
+        monkeypatch.delitem(jit._LOADED, name, raising=False)
+    ready = preload(pattern, "cpu")
+    assert names <= set(jit._LOADED), sorted(jit._LOADED)
+    assert ready[("attention", "cpu.block_sparse")] is None
+    assert ready[("attention_with_cache", "cpu.decode")] is None
+    # only kernels for the device and the pattern's class (Triton's run on the CPU under its interpreter)
+    assert all(kernels_by_name()[key].devices in (None,) or "cpu" in kernels_by_name()[key].devices
+               for key in ready), ready
+    assert ("attention", "cuda.splitkv_decode") not in ready
+    if isinstance(pattern, sa.InfLLMv2):
+        assert ("attention", "cpu.decode") not in ready  # its patterns do not include InfLLMv2
+
+
+def kernels_by_name():
+    return {(op, k.name): k for op in ("attention", "attention_with_cache") for k in kernels(op)}
+
+
+def test_preload_says_why_a_kernel_cannot_run(monkeypatch):
+    from sparse_attn.scheduler import preload
+
+    kern = kernels_by_name()[("attention", "cpu.block_sparse")]
+    monkeypatch.setattr(type(kern), "unavailable", lambda self: "cpu: the build failed (test)")
+    ready = preload(sa.Dense(), "cpu", ops=("attention",))
+    assert ready[("attention", "cpu.block_sparse")] == "cpu: the build failed (test)"
+    assert ready[("attention", "reference.chunked")] is None
+    assert not any(name.startswith("cpu.") for _, name in preload(sa.Dense(), "cuda"))

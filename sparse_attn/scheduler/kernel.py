@@ -41,6 +41,14 @@ class Kernel:
     def extra_reasons(self, p: Problem) -> list[str]:
         return []
 
+    def preload(self, pattern) -> str | None:
+        """Load now what a call serving `pattern` would load on first use (compiled extensions:
+        each load runs torch's build check, tens of ms even when the build is cached). Returns why
+        this kernel cannot run here, None when it can. Default: `unavailable()`, which loads the
+        kernel's extension; a kernel whose selection for some patterns is a second extension
+        loads that too (`scheduler.preload` asks every kernel that could serve the pattern)."""
+        return self.unavailable()
+
     def not_supported_reasons(self, p: Problem) -> list[str]:
         # the device first: a kernel for another device is refused without asking whether it could
         # run here (a CPU kernel's answer builds its C++ extension: minutes, on a GPU machine, for nothing)

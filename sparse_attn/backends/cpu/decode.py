@@ -33,6 +33,7 @@ from ...scheduler.problem import dense_reach
 from ...scheduler.registry import register
 from ..flash import FlashKernel
 from .infllmv2 import infllmv2_picks_over_cache_cpu, native_over_cache
+from .infllmv2 import pages_unavailable
 from .infllmv2 import unavailable as infllmv2_unavailable
 
 #: most query rows (tokens) one call serves: the kernel's row masks are 16-bit and its scratch
@@ -294,6 +295,13 @@ class CpuCacheDecode(CpuDecode):
         return t + max(roofline_seconds(p, flops=flops, bytes_moved=0.0, efficiency=self.infllmv2_select_efficiency,
                                         compute_dtype=torch.float32),
                        roofline_seconds(p, flops=0.0, bytes_moved=wbytes, efficiency=1.0)) + self.select_overhead_s
+
+    def preload(self, pattern):
+        """The decode extension, and for InfLLMv2 its selection over window sums: the contiguous
+        sums' extension and the one that reads sums kept per page (vLLM's pages)."""
+        if not isinstance(pattern, InfLLMv2):
+            return self.unavailable()
+        return self.unavailable() or infllmv2_unavailable() or pages_unavailable()
 
     def extra_reasons(self, p):
         why = super().extra_reasons(p)

@@ -63,6 +63,11 @@ def _pages_ext():
     return load_extension("cpu_infllmv2_pages")
 
 
+def pages_unavailable() -> str | None:
+    """Why the C++ selection over window sums kept per page cannot run here (None when it can)."""
+    return unavailable_reason(_pages_ext)
+
+
 def _by_page(view):
     """The per-page window sums reader of a view whose sums are kept per page (vLLM's pages:
     `integrations/vllm/pages.PagedWindowSums`), else None."""
@@ -75,7 +80,7 @@ def native_over_cache(view) -> bool:
     need the extension that reads them through the page table ("cpu_infllmv2_pages")."""
     if view.compressed is None or view.compressed.dtype != torch.float32 or view.device.type != "cpu":
         return False
-    return _by_page(view) is None or unavailable_reason(_pages_ext) is None
+    return _by_page(view) is None or pages_unavailable() is None
 
 
 def infllmv2_picks_over_cache_cpu(q: torch.Tensor, view, pattern: InfLLMv2) -> torch.Tensor:

@@ -304,6 +304,9 @@ class CpuBlockSparse(VarlenFlash, FlashKernel):
     def unavailable(self):
         return unavailable_reason(_ext)
 
+    def preload(self, pattern):
+        return self.unavailable() or (infllmv2_unavailable() if isinstance(pattern, InfLLMv2) else None)
+
     def extra_reasons(self, p):
         why = super().extra_reasons(p)
         if p.varlen and isinstance(p.pattern, (TopK, InfLLMv2)):

@@ -45,6 +45,7 @@ from vllm.v1.kv_cache_interface import KVCacheLayout
 from ...api.cache import plan_with_cache
 from ...cache import huge_pages
 from ...patterns import InfLLMv2, SlidingWindow, TopK
+from ...scheduler import preload
 from .pages import PagesCache, PageWindows, Scratch, gather_keys, split_pages, write_pages
 from .patterns import ENV, layer_pattern, page_size_for, parse_pattern
 from .prefill import run_prefill
@@ -92,28 +93,6 @@ def _log_huge(job) -> None:
     huge = huge_pages.huge_bytes(job.tensor) or 0
     logger.info("sparse_attn: KV cache storage of %.1f MiB: %.1f MiB in 2 MB pages after %.2f s in the background "
                 "(%s=0 skips this)", total / 2**20, min(huge, total) / 2**20, job.seconds, HUGE_PAGES_ENV)
-
-
-def load_kernels(pattern) -> list[str]:
-    """Load the C++ extensions a layer of `pattern` calls (`cpu`, `cpu_decode`, and InfLLMv2's two)
-    when the engine builds its layers, not in the first request: each load runs torch's build
-    check (ninja and the compiler's version, 10-45 ms with the build cached; minutes the first time
-    on a machine, with its progress line), and a server's first 100-token prompt took 0.15 s where
-    vLLM's own backend took 0.015 (`bench/vllm_bench.py e2e`, 2-core Zen 4, 2026-12-07). Once per
-    extension and process (`load_extension` keeps them). One that fails to build is said on stderr
-    by the build and left to the scheduler, which plans without it and says so in `explain()`.
-    Returns the names loaded."""
-    from ..._build.jit import ExtensionBuildError, load_extension
-
-    names = ["cpu", "cpu_decode"] + (["cpu_infllmv2", "cpu_infllmv2_pages"] if isinstance(pattern, InfLLMv2) else [])
-    loaded = []
-    for name in names:
-        try:
-            load_extension(name)
-            loaded.append(name)
-        except ExtensionBuildError:
-            pass
-    return loaded
 
 
 #: what `forward` did in this process: prefill requests served from their new K/V directly, those
@@ -238,7 +217,11 @@ class SparseAttnImpl(AttentionImpl[SparseAttnMetadata]):
         self.sinks = sinks
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self.pattern = layer_pattern(configured_pattern(), sliding_window)
-        load_kernels(self.pattern)
+        # the extensions this layer's kernels call load now, when vLLM builds the layers, not in the
+        # first request: a server's first 100-token prompt took 0.15 s where vLLM's own backend took
+        # 0.015 (`bench/vllm_bench.py e2e`, 2-core Zen 4, 2026-12-07). A failed build is said on
+        # stderr and left to the scheduler, which plans without it and says so in `explain()`
+        preload(self.pattern, "cpu")
         self.is_topk = isinstance(self.pattern, TopK)
         self.is_infllmv2 = isinstance(self.pattern, InfLLMv2)
         if (self.is_topk or self.is_infllmv2) and kv_sharing_target_layer_name is not None:
