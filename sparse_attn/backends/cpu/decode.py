@@ -298,10 +298,14 @@ class CpuCacheDecode(CpuDecode):
 
     def preload(self, pattern):
         """The decode extension, and for InfLLMv2 its selection over window sums: the contiguous
-        sums' extension and the one that reads sums kept per page (vLLM's pages)."""
-        if not isinstance(pattern, InfLLMv2):
-            return self.unavailable()
-        return self.unavailable() or infllmv2_unavailable() or pages_unavailable()
+        sums' extension (needed: `extra_reasons`) and the one that reads sums kept per page (vLLM's
+        pages; without it that selection takes the PyTorch path, `native_over_cache`, so its
+        failure is not this kernel's reason)."""
+        why = self.unavailable()
+        if isinstance(pattern, InfLLMv2):
+            why = why or infllmv2_unavailable()
+            pages_unavailable()
+        return why
 
     def extra_reasons(self, p):
         why = super().extra_reasons(p)
