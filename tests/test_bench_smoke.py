@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -164,3 +166,26 @@ def test_top_blocks_ab_compares_a_revision_with_the_tree():
     rows = [line for line in out.stdout.splitlines() if line.startswith("| (")]
     assert len(rows) == len(ab.CASES)
     assert all(row.endswith("| yes |") for row in rows), out.stdout
+
+
+def test_decode_ab_layouts_hold_the_same_cache():
+    """bench/decode_ab.py's three layouts (odd context over 16-token pages: a partial last page) give the
+    decode of the same keys: the tree's kernel returns the same bits from each (float32 products sum in
+    an order that does not depend on where a row lies), close to the float64 softmax. The revision's
+    build is not made here (minutes of compiling); main's argument errors are."""
+    import torch
+
+    from bench import decode_ab
+
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 4, 1, 32, generator=g)
+    k, v = torch.randn(1, 2, 1000, 32, generator=g), torch.randn(1, 2, 1000, 32, generator=g)
+    outs = [decode_ab.decode_call(decode_ab._ext(), q, decode_ab.make_cache(layout, k, v, 16, g))[0]
+            for layout in decode_ab.LAYOUTS]
+    kk, vv = k.double().repeat_interleave(2, dim=1), v.double().repeat_interleave(2, dim=1)
+    ref = torch.softmax(q.double() @ kk.transpose(-1, -2) * 32 ** -0.5, dim=-1) @ vv
+    assert torch.allclose(outs[0].double(), ref, atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])
+    for bad in (["--context", "0"], ["--hq", "3"], ["--threads", "0"], ["--reps", "0"]):
+        with pytest.raises(SystemExit):
+            decode_ab.main(bad)
