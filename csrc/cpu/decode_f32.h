@@ -150,10 +150,11 @@ inline void qk_rows_held(int64_t nk, const float* const* q, Rows kr, float* cons
 // P . V for few rows over whole 64-column stripes: RT x NV accumulators (NV = 8: 64 columns for
 // RT <= 2; 4 for RT <= 4), so each key's row pointer and probabilities are loaded once per stripe,
 // not once per 16 columns (pv_rows). The same products in the same order: the same bits.
-template <int DT, int RT, int NV, typename Rows>
-inline void pv_stripe(int64_t nk, int64_t c, const float* const* p, Rows vr, float* const* o, const float* corr) {
+template <int DT, int RT, int NV, typename Rows, typename Ahead>
+inline void pv_stripe(int64_t nk, int64_t c, const float* const* p, Rows vr, float* const* o, const float* corr,
+                      Ahead&& ahead) {
 #ifdef SPARSE_ATTN_F32_Z16
-  return f32z::pv_stripe<DT, RT, NV / 2>(nk, c, p, vr, o, corr);  // 16-lane vectors, the same bits
+  return f32z::pv_stripe<DT, RT, NV / 2>(nk, c, p, vr, o, corr, ahead);  // 16-lane vectors, the same bits
 #else
   v8::f8 a[RT][NV];
 #pragma GCC unroll 4
@@ -161,6 +162,7 @@ inline void pv_stripe(int64_t nk, int64_t c, const float* const* p, Rows vr, flo
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) a[r][v] = v8::load(o[r] + c + 8 * v) * v8::splat(corr[r]);
   for (int64_t j = 0; j < nk; ++j) {
+    ahead(j);
     const typename Elem<DT>::T* vc = vr[j] + c;
     v8::f8 x[NV];
 #pragma GCC unroll 8
@@ -181,13 +183,18 @@ inline void pv_stripe(int64_t nk, int64_t c, const float* const* p, Rows vr, flo
 
 // o_r = corr_r * o_r + sum_j p_r[j] v_j, r < RT; 16 (then 8, then 1) output columns at a time;
 // value j's row starts at vr[j]. Every p_r[j] multiplies its row, zeros included (a masked key's
-// non-finite V row therefore makes the row NaN, never silently nothing: docs/semantics.md)
-template <int DT, int RT, typename Rows>
-inline void pv_rows(int64_t nk, int64_t Dv, const float* const* p, Rows vr, float* const* o, const float* corr) {
+// non-finite V row therefore makes the row NaN, never silently nothing: docs/semantics.md).
+// ahead(j) is called before key j in the first pass over the keys (the caller's prefetch of the
+// next segment's K; not for Dv < 8)
+template <int DT, int RT, typename Rows, typename Ahead>
+inline void pv_rows(int64_t nk, int64_t Dv, const float* const* p, Rows vr, float* const* o, const float* corr,
+                    Ahead&& ahead) {
   int64_t c = 0;
   if constexpr (kHeldQVectors > 0) {  // 32 registers: stripes of 64 (RT <= 2) or 32 columns
     constexpr int NV = RT <= 2 ? 8 : 4;
-    for (; c + 8 * NV <= Dv; c += 8 * NV) pv_stripe<DT, RT, NV>(nk, c, p, vr, o, corr);
+    auto none = [](int64_t) {};
+    for (; c + 8 * NV <= Dv; c += 8 * NV)
+      c == 0 ? pv_stripe<DT, RT, NV>(nk, c, p, vr, o, corr, ahead) : pv_stripe<DT, RT, NV>(nk, c, p, vr, o, corr, none);
   }
   for (; c + 16 <= Dv; c += 16) {
     v8::f8 a0[RT], a1[RT];
@@ -197,6 +204,7 @@ inline void pv_rows(int64_t nk, int64_t Dv, const float* const* p, Rows vr, floa
       a1[r] = v8::load(o[r] + c + 8) * v8::splat(corr[r]);
     }
     for (int64_t j = 0; j < nk; ++j) {
+      if (c == 0) ahead(j);
       const typename Elem<DT>::T* vc = vr[j] + c;
       const v8::f8 v0 = v8::convert<DT>(vc), v1 = v8::convert<DT>(vc + 8);
 #pragma GCC unroll 4
@@ -215,6 +223,7 @@ inline void pv_rows(int64_t nk, int64_t Dv, const float* const* p, Rows vr, floa
     v8::f8 a0[RT];
     for (int r = 0; r < RT; ++r) a0[r] = v8::load(o[r] + c) * v8::splat(corr[r]);
     for (int64_t j = 0; j < nk; ++j) {
+      if (c == 0) ahead(j);
       const v8::f8 v0 = v8::convert<DT>(vr[j] + c);
       for (int r = 0; r < RT; ++r) a0[r] += v8::splat(p[r][j]) * v0;
     }

@@ -155,14 +155,16 @@ inline void qk_rows_held(int64_t nk, const float* const* q, Rows kr, float* cons
 // over the stripe, RT x NV accumulators. Every output column is the same chain of FMAs in key
 // order as on 8-lane vectors, so the bits are the same; half the instructions per key (one load
 // and one FMA per 16 columns) leave more of the out-of-order window to the rows' loads.
-template <int DT, int RT, int NV, typename Rows>
-inline void pv_stripe(int64_t nk, int64_t c, const float* const* p, Rows vr, float* const* o, const float* corr) {
+template <int DT, int RT, int NV, typename Rows, typename Ahead>
+inline void pv_stripe(int64_t nk, int64_t c, const float* const* p, Rows vr, float* const* o, const float* corr,
+                      Ahead&& ahead) {
   __m512 a[RT][NV];
 #pragma GCC unroll 4
   for (int r = 0; r < RT; ++r)
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) a[r][v] = _mm512_mul_ps(_mm512_loadu_ps(o[r] + c + 16 * v), _mm512_set1_ps(corr[r]));
   for (int64_t j = 0; j < nk; ++j) {
+    ahead(j);
     const typename Elem<DT>::T* vc = vr[j] + c;
     __m512 x[NV];
 #pragma GCC unroll 8
