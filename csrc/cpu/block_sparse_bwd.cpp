@@ -269,11 +269,7 @@ class DqRunner {
     for (int64_t c0 = 0; c0 < cnt; c0 += step) {
       const int64_t rows = std::min(step, cnt - c0);
       int64_t width = kbp;
-      if (narrow) {
-        int64_t p_last = 0;
-        for (int64_t r = 0; r < rows; ++r) p_last = std::max(p_last, p_lo_ + rid[c0 + r] / P.G);
-        width = seen_width(p_last, j0, nk, kbp, kNarrowTokens);
-      }
+      if (narrow) width = seen_width(last_token(rid + c0, rows, P.G, p_lo_), j0, nk, kbp, kNarrowTokens);
       const int64_t nkv = std::min(width, nk);  // the keys dS . K reads
 #ifdef SPARSE_ATTN_BF16_DOT
       if constexpr (kDot) {

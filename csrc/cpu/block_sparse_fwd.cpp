@@ -613,11 +613,8 @@ class TaskRunner {
     for (int64_t c0 = 0; c0 < cnt; c0 += step) {
       const int64_t rows = std::min(step, cnt - c0);
       int64_t width = kbp;
-      if (diag || narrow) {
-        int64_t p_last = 0;
-        for (int64_t i = 0; i < rows; ++i) p_last = std::max(p_last, p_lo_ + rid[c0 + i] / P.G);
-        width = seen_width(p_last, j0, nk, kbp, diag ? kDiagRowsAmx : kNarrowTokens);
-      }
+      if (diag || narrow)
+        width = seen_width(last_token(rid + c0, rows, P.G, p_lo_), j0, nk, kbp, diag ? kDiagRowsAmx : kNarrowTokens);
       // the keys whose probabilities the P . V product reads: past `width`, every row's are 0; the
       // columns the rows' softmax passes cover (narrow: `width`, the rest never read)
       const int64_t nkv = std::min(width, nk), wcols = narrow ? width : kbp;

@@ -66,6 +66,14 @@ inline bool narrows(int64_t p_first, int64_t j0, int64_t nk, bool causal) {
   return causal && p_first - j0 + 1 + kNarrowTokens <= nk;
 }
 
+// the position of the last token among `rows` state rows rid[0..rows) (row r = token * G + head),
+// the group's rows starting at token position p_lo
+inline int64_t last_token(const int32_t* rid, int64_t rows, int64_t G, int64_t p_lo) {
+  int64_t p_last = 0;
+  for (int64_t r = 0; r < rows; ++r) p_last = std::max<int64_t>(p_last, p_lo + rid[r] / G);
+  return p_last;
+}
+
 // the columns a group of rows whose last token is at p_last computes of the block [j0, j0 + nk)
 // padded to kbp: the keys it sees rounded up to `unit`, at most kbp
 inline int64_t seen_width(int64_t p_last, int64_t j0, int64_t nk, int64_t kbp, int64_t unit) {
