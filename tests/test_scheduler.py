@@ -235,7 +235,7 @@ def test_preload_loads_the_extensions_the_pattern_will_call(monkeypatch, pattern
     assert ready[("attention", "cpu.block_sparse")] is None
     assert ready[("attention_with_cache", "cpu.decode")] is None
     # only kernels for the device and the pattern's class (Triton's run on the CPU under its interpreter)
-    assert all(kernels_by_name()[key].devices in (None,) or "cpu" in kernels_by_name()[key].devices
+    assert all(kernels_by_name()[key].devices is None or "cpu" in kernels_by_name()[key].devices
                for key in ready), ready
     assert ("attention", "cuda.splitkv_decode") not in ready
     if isinstance(pattern, sa.InfLLMv2):

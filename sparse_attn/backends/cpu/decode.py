@@ -33,8 +33,7 @@ from ...scheduler.problem import dense_reach
 from ...scheduler.registry import register
 from ..flash import FlashKernel
 from .infllmv2 import infllmv2_picks_over_cache_cpu, native_over_cache
-from .infllmv2 import pages_unavailable
-from .infllmv2 import unavailable as infllmv2_unavailable
+from .infllmv2 import pages_unavailable, selection_reason
 
 #: most query rows (tokens) one call serves: the kernel's row masks are 16-bit and its scratch
 #: (G * Sq rows x (D + 64) floats) is sized for a handful of tokens; longer chunks are prefill
@@ -301,18 +300,16 @@ class CpuCacheDecode(CpuDecode):
         sums' extension (needed: `extra_reasons`) and the one that reads sums kept per page (vLLM's
         pages; without it that selection takes the PyTorch path, `native_over_cache`, so its
         failure is not this kernel's reason)."""
-        why = self.unavailable()
+        why = self.unavailable() or selection_reason(pattern)
         if isinstance(pattern, InfLLMv2):
-            why = why or infllmv2_unavailable()
             pages_unavailable()
         return why
 
     def extra_reasons(self, p):
         why = super().extra_reasons(p)
-        if isinstance(p.pattern, InfLLMv2):  # its selection over the window sums is a second extension
-            missing = infllmv2_unavailable()
-            if missing:
-                why.append(f"InfLLMv2's C++ selection (cpu_infllmv2) is unavailable: {missing}")
+        missing = selection_reason(p.pattern)  # InfLLMv2's selection over the window sums
+        if missing:
+            why.append(missing)
         return why
 
     def _pool_bytes(self, p, nb):

@@ -33,6 +33,16 @@ def unavailable() -> str | None:
     return unavailable_reason(_ext)
 
 
+def selection_reason(pattern) -> str | None:
+    """Why a CPU kernel cannot serve `pattern` for want of this extension (InfLLMv2's selection is a
+    second extension beside the kernel's own), or None: for an InfLLMv2 whose extension loads, and for
+    every other pattern. A kernel's `extra_reasons` and `preload` both give it."""
+    if not isinstance(pattern, InfLLMv2):
+        return None
+    missing = unavailable()
+    return f"InfLLMv2's C++ selection (cpu_infllmv2) is unavailable: {missing}" if missing else None
+
+
 def _transposed(kc: torch.Tensor, width: int) -> torch.Tensor:
     b, h, n, d = kc.shape
     out = kc.new_zeros(b, h, d, max(width, -(-n // width) * width))

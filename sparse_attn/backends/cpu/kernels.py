@@ -15,7 +15,7 @@ from ..._build import load_extension, unavailable_reason
 from ...layout import build_layout
 from ...layout.infllmv2_selection import infllmv2_token_index
 from .infllmv2 import infllmv2_select_cpu
-from .infllmv2 import unavailable as infllmv2_unavailable
+from .infllmv2 import selection_reason
 from ...layout.topk_selection import pooled_keys
 from ...patterns import BlockSparse, Dense, InfLLMv2, SlidingWindow, TopK
 from ...scheduler.kernel import roofline_seconds
@@ -305,16 +305,15 @@ class CpuBlockSparse(VarlenFlash, FlashKernel):
         return unavailable_reason(_ext)
 
     def preload(self, pattern):
-        return self.unavailable() or (infllmv2_unavailable() if isinstance(pattern, InfLLMv2) else None)
+        return self.unavailable() or selection_reason(pattern)
 
     def extra_reasons(self, p):
         why = super().extra_reasons(p)
         if p.varlen and isinstance(p.pattern, (TopK, InfLLMv2)):
             why.append("packed varlen: the per-token selection is per sequence (not implemented packed)")
-        if isinstance(p.pattern, InfLLMv2):  # its selection is a second extension
-            missing = infllmv2_unavailable()
-            if missing:
-                why.append(f"InfLLMv2's C++ selection (cpu_infllmv2) is unavailable: {missing}")
+        missing = selection_reason(p.pattern)  # InfLLMv2's selection is a second extension
+        if missing:
+            why.append(missing)
         return why
 
     def path_note(self, p) -> str:
