@@ -74,8 +74,9 @@ def top_blocks(scores: torch.Tensor, candidates: torch.Tensor, width: int) -> to
     # lowest-indexed blocks equal to it (`room` of them, none where `cut` is a non-candidate's -inf)
     val, idx = torch.topk(ranked, width, dim=-1, sorted=False)
     cut = val.amin(dim=-1, keepdim=True)
-    above = torch.where(val > cut, idx, nb)
-    room = width - (val > cut).sum(dim=-1, keepdim=True)
+    over = val > cut
+    above = torch.where(over, idx, nb)
+    room = width - over.sum(dim=-1, keepdim=True)
     order = torch.arange(nb, device=scores.device, dtype=torch.float32)  # exact below 2^24 blocks
     lowest = torch.topk(torch.where(ranked == cut, order, float("inf")), width, dim=-1, largest=False).indices
     keep = (torch.arange(width, device=scores.device) < room) & (cut > float("-inf"))
