@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import needs_jit
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -168,11 +169,12 @@ def test_top_blocks_ab_compares_a_revision_with_the_tree():
     assert all(row.endswith("| yes |") for row in rows), out.stdout
 
 
+@needs_jit
 def test_decode_ab_layouts_hold_the_same_cache():
     """bench/decode_ab.py's three layouts (odd context over 16-token pages: a partial last page) give the
     decode of the same keys: the tree's kernel returns the same bits from each (float32 products sum in
     an order that does not depend on where a row lies), close to the float64 softmax. The revision's
-    build is not made here (minutes of compiling); main's argument errors are."""
+    build is not made here (minutes of compiling)."""
     import torch
 
     from bench import decode_ab
@@ -186,6 +188,12 @@ def test_decode_ab_layouts_hold_the_same_cache():
     ref = torch.softmax(q.double() @ kk.transpose(-1, -2) * 32 ** -0.5, dim=-1) @ vv
     assert torch.allclose(outs[0].double(), ref, atol=1e-5, rtol=1e-5)
     assert all(torch.equal(o, outs[0]) for o in outs[1:])
+
+
+def test_decode_ab_refuses_bad_arguments():
+    """bench/decode_ab.py names a bad argument before it builds anything."""
+    from bench import decode_ab
+
     for bad in (["--context", "0"], ["--hq", "3"], ["--threads", "0"], ["--reps", "0"]):
         with pytest.raises(SystemExit):
             decode_ab.main(bad)
