@@ -7,15 +7,16 @@ processes, so the two builds are timed call by call).
     python bench/decode_ab.py --context 32768 --threads 1 --hq 32 --hkv 8 --d 128
 
 Dense causal decode of one query row per head (B 1) over `--context` random keys, in each of
-`--layouts`: `contiguous` (K, V `(1, Hkv, n, D)`), `paged` (K and V in two pools of `--page-size`-token
-pages, the page table a random order) and `vllm` (vLLM's CPU layout `(pages, Hkv, page, 2 D)`, a
-token's K row then its V row, read as the vLLM plugin's pages are: two strided views through a
-random page table). The pools are in 2 MB pages where the system allows (`cache.huge_pages`), as
-the caches and the plugin's pools are. Each round times `--reps` calls of one build then of the
-other, in alternating order, each call after reading a buffer twice the last-level cache's size
-(bench/llc.py: K/V come from memory, as in a model's decode step); the table gives the medians
-as K+V GB/s, their ratio (`tree / rev`: above 1 the tree is faster) and whether both gave the
-same bits (a change of where memory is asked for keeps them).
+`--layouts`: `contiguous` (K, V `(1, Hkv, n, D)`), `paged` (K and V in two pools of
+`--page-size`-token pages, the page table a random order) and `vllm` (vLLM's CPU layout `(pages,
+Hkv, page, 2 D)` seen as the plugin sees it, `integrations.vllm.pages.split_pages`: each (page, kv
+head) block holds its page's K rows, then its V rows; a random page table). The pools are in 2 MB
+pages where the system allows (`cache.huge_pages`), as the caches and the plugin's pools are. Each
+round times `--reps` calls of one build then of the other, in alternating order, each call after
+reading a buffer twice the last-level cache's size (bench/llc.py: K/V come from memory, as in a
+model's decode step); the table gives the medians as K+V GB/s, their ratio (`tree / rev`: above 1
+the tree is faster) and whether both gave the same bits (a change of where memory is asked for keeps
+them).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from bench.build_ab import load_revision  # noqa: E402
 from bench.llc import Evictor  # noqa: E402
 from sparse_attn.backends.cpu.decode import _ext  # noqa: E402
 from sparse_attn.cache import huge_pages  # noqa: E402
+from sparse_attn.integrations.vllm.pages import split_pages  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 LAYOUTS = ("contiguous", "paged", "vllm")
@@ -56,11 +58,10 @@ def make_cache(layout: str, k: torch.Tensor, v: torch.Tensor, page_size: int, g:
     if layout == "paged":
         kp = huge_pages.zeros(width, hkv, page_size, d, dtype=k.dtype, device="cpu")
         vp = huge_pages.zeros(width, hkv, page_size, d, dtype=v.dtype, device="cpu")
-        kp[order], vp[order] = kt, vt
-        return kp, vp, lengths, table, page_size
-    pool = huge_pages.zeros(width, hkv, page_size, 2 * d, dtype=k.dtype, device="cpu")
-    pool[order] = torch.cat([kt, vt], dim=-1)
-    return pool[..., :d], pool[..., d:], lengths, table, page_size
+    else:  # the plugin's own views of one pool: each (page, kv head) block its K rows, then its V rows
+        kp, vp = split_pages(huge_pages.zeros(width, hkv, page_size, 2 * d, dtype=k.dtype, device="cpu"))
+    kp[order], vp[order] = kt, vt
+    return kp, vp, lengths, table, page_size
 
 
 def decode_call(ext, q, cache):

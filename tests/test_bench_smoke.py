@@ -190,6 +190,27 @@ def test_decode_ab_layouts_hold_the_same_cache():
     assert all(torch.equal(o, outs[0]) for o in outs[1:])
 
 
+def test_decode_ab_vllm_layout_is_the_plugins():
+    """bench/decode_ab.py's `vllm` layout is the pool the vLLM plugin writes (its PyTorch writer,
+    `write_pages_indexed`, through the same page table), not another packing of `(pages, Hkv, page, 2 D)`."""
+    import torch
+
+    from bench import decode_ab
+    from sparse_attn.integrations.vllm.pages import write_pages_indexed
+
+    g = torch.Generator().manual_seed(4)
+    k, v = torch.randn(1, 2, 100, 8, generator=g), torch.randn(1, 2, 100, 8, generator=g)
+    kp, vp, lengths, table, page_size = decode_ab.make_cache("vllm", k, v, 16, g)
+    pool = kp.untyped_storage()
+    assert vp.untyped_storage().data_ptr() == pool.data_ptr()
+    ours = torch.zeros(table.shape[1], 2, 16, 16)
+    pos = torch.arange(100)
+    slots = table[0, pos // 16].long() * 16 + pos % 16
+    write_pages_indexed(ours, k[0].transpose(0, 1), v[0].transpose(0, 1), slots)
+    built = torch.empty(0).set_(pool, 0, ours.shape)
+    assert torch.equal(built, ours)
+
+
 def test_decode_ab_refuses_bad_arguments():
     """bench/decode_ab.py names a bad argument before it builds anything."""
     from bench import decode_ab
