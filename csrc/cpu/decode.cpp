@@ -502,7 +502,7 @@ class Split {
       // pace of the products (one burst of the whole segment's V at the start was mostly dropped:
       // ~12% of the segment's time sat on those prefetches); the next segment's K rows likewise
       // during P . V (below), so both passes keep memory busy. Asking for both in q . K^T left
-      // P . V with nothing in flight: 1.07-1.20x slower at 128K keys (float32, Hq 4 Hkv 2 D 64)
+      // P . V with nothing in flight: 1.03-1.20x slower at 128K keys (float32, Hq 4 Hkv 2 D 64)
       const int64_t vb = P.Dv * int64_t(sizeof(In));
       auto ahead = [&](int64_t j, int n) __attribute__((always_inline)) {
         for (int i = 0; i < n; ++i) sparse_attn_cpu::prefetch_lines<2>(vr[j + i], vb);
@@ -519,17 +519,15 @@ class Split {
         });
       }
       for (int64_t r = 0; r < cnt && !held; r += kRT) {
-        const bool first = r == 0 && pf_;
-        switch (std::min<int64_t>(kRT, cnt - r)) {
-          case 4: first ? qk_rows<DT, 4>(nk, P.D, S.qp.data() + r, kr, S.sp.data() + r, ahead)
-                        : qk_rows<DT, 4>(nk, P.D, S.qp.data() + r, kr, S.sp.data() + r, none); break;
-          case 3: first ? qk_rows<DT, 3>(nk, P.D, S.qp.data() + r, kr, S.sp.data() + r, ahead)
-                        : qk_rows<DT, 3>(nk, P.D, S.qp.data() + r, kr, S.sp.data() + r, none); break;
-          case 2: first ? qk_rows<DT, 2>(nk, P.D, S.qp.data() + r, kr, S.sp.data() + r, ahead)
-                        : qk_rows<DT, 2>(nk, P.D, S.qp.data() + r, kr, S.sp.data() + r, none); break;
-          default: first ? qk_rows<DT, 1>(nk, P.D, S.qp.data() + r, kr, S.sp.data() + r, ahead)
-                         : qk_rows<DT, 1>(nk, P.D, S.qp.data() + r, kr, S.sp.data() + r, none); break;
-        }
+        auto group = [&](auto&& hook) {  // rows [r, r + kRT) with the hook (V rows ahead, or none)
+          switch (std::min<int64_t>(kRT, cnt - r)) {
+            case 4: qk_rows<DT, 4>(nk, P.D, S.qp.data() + r, kr, S.sp.data() + r, hook); break;
+            case 3: qk_rows<DT, 3>(nk, P.D, S.qp.data() + r, kr, S.sp.data() + r, hook); break;
+            case 2: qk_rows<DT, 2>(nk, P.D, S.qp.data() + r, kr, S.sp.data() + r, hook); break;
+            default: qk_rows<DT, 1>(nk, P.D, S.qp.data() + r, kr, S.sp.data() + r, hook); break;
+          }
+        };
+        r == 0 && pf_ ? group(ahead) : group(none);
       }
     }
     if constexpr (kQuant) scale_rows(S.sp.data(), cnt, nk, S.ks.data());  // q . k = s_k (q . code)
@@ -591,17 +589,15 @@ class Split {
     auto knone = [](int64_t) {};
     for (int64_t r = 0; r < cnt; r += kRT) {
       const float* const* p = const_cast<const float* const*>(S.sp.data() + r);
-      const bool first = r == 0 && pf_;
-      switch (std::min<int64_t>(kRT, cnt - r)) {
-        case 4: first ? pv_rows<DT, 4>(nk, P.Dv, p, vr, S.op.data() + r, S.corr.data() + r, knext)
-                      : pv_rows<DT, 4>(nk, P.Dv, p, vr, S.op.data() + r, S.corr.data() + r, knone); break;
-        case 3: first ? pv_rows<DT, 3>(nk, P.Dv, p, vr, S.op.data() + r, S.corr.data() + r, knext)
-                      : pv_rows<DT, 3>(nk, P.Dv, p, vr, S.op.data() + r, S.corr.data() + r, knone); break;
-        case 2: first ? pv_rows<DT, 2>(nk, P.Dv, p, vr, S.op.data() + r, S.corr.data() + r, knext)
-                      : pv_rows<DT, 2>(nk, P.Dv, p, vr, S.op.data() + r, S.corr.data() + r, knone); break;
-        default: first ? pv_rows<DT, 1>(nk, P.Dv, p, vr, S.op.data() + r, S.corr.data() + r, knext)
-                       : pv_rows<DT, 1>(nk, P.Dv, p, vr, S.op.data() + r, S.corr.data() + r, knone); break;
-      }
+      auto group = [&](auto&& hook) {  // rows [r, r + kRT) with the hook (the next K rows, or none)
+        switch (std::min<int64_t>(kRT, cnt - r)) {
+          case 4: pv_rows<DT, 4>(nk, P.Dv, p, vr, S.op.data() + r, S.corr.data() + r, hook); break;
+          case 3: pv_rows<DT, 3>(nk, P.Dv, p, vr, S.op.data() + r, S.corr.data() + r, hook); break;
+          case 2: pv_rows<DT, 2>(nk, P.Dv, p, vr, S.op.data() + r, S.corr.data() + r, hook); break;
+          default: pv_rows<DT, 1>(nk, P.Dv, p, vr, S.op.data() + r, S.corr.data() + r, hook); break;
+        }
+      };
+      r == 0 && pf_ ? group(knext) : group(knone);
     }
   }
 
