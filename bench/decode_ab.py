@@ -10,7 +10,8 @@ Dense causal decode of one query row per head (B 1) over `--context` random keys
 `--layouts`: `contiguous` (K, V `(1, Hkv, n, D)`), `paged` (K and V in two pools of
 `--page-size`-token pages, the page table a random order) and `vllm` (vLLM's CPU layout `(pages,
 Hkv, page, 2 D)` seen as the plugin sees it, `integrations.vllm.pages.split_pages`: each (page, kv
-head) block holds its page's K rows, then its V rows; a random page table). The pools are in 2 MB
+head) block holds its page's K, then its V rows; a random page table; float32 K as columns, which a
+revision before the kernel read them (csrc/cpu/decode_kcols.h) refuses). The pools are in 2 MB
 pages where the system allows (`cache.huge_pages`), as the caches and the plugin's pools are. Each
 round times `--reps` calls of one build then of the other, in alternating order, each call after
 reading a buffer twice the last-level cache's size (bench/llc.py: K/V come from memory, as in a

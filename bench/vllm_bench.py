@@ -104,7 +104,7 @@ def _kernel_case(n: int, *, hq: int, hkv: int, d: int, page: int, dtype, batch: 
     k = torch.randn(batch * n, hkv, d).to(dtype)
     v = torch.randn(batch * n, hkv, d).to(dtype)
     kv_vllm = torch.zeros(pages, hkv, page, 2 * d, dtype=dtype)
-    kvp, vvp = split_pages(kv_vllm)
+    kvp, vvp = split_pages(kv_vllm, columns=False)
     ops.cpu_attn_reshape_and_cache(k, v, kvp, vvp, slots, vllm_isa(dtype, page, d))
     kv_ours = torch.zeros_like(kv_vllm)
     sums = torch.zeros(pages, hkv, d)
@@ -164,7 +164,7 @@ def kernel_bench(args):
     for n in args.lengths:
         kv_vllm, kv, sums, table, q, lens = _kernel_case(n, hq=args.hq, hkv=args.hkv, d=args.d, page=args.page,
                                                          dtype=dtype)
-        kp, vp = split_pages(kv_vllm)
+        kp, vp = split_pages(kv_vllm, columns=False)
         qsl = torch.arange(q.shape[0] + 1, dtype=torch.int32)
         out = torch.empty_like(q)
         scale = args.d ** -0.5
@@ -274,7 +274,7 @@ def _forward_row(args, n: int, layers: int, dtype):
         impl = SparseAttnImpl(args.hq, args.d, scale, args.hkv)  # one per layer, as vLLM makes them
         kv_vllm, kv, _, table, q, lens = _kernel_case(n, hq=args.hq, hkv=args.hkv, d=args.d, page=args.page,
                                                       dtype=dtype)
-        kp, vp = split_pages(kv_vllm)
+        kp, vp = split_pages(kv_vllm, columns=False)
         qsl = torch.arange(2, dtype=torch.int32)
         out = torch.empty_like(q)
         vllm_op = _vllm_call(ops, q, kp, vp, out, qsl, lens, table, scale, args, dtype)
@@ -359,7 +359,7 @@ def chunk_bench(args):
         c = min(args.chunk, n)
         kv_vllm, kv, sums, table, _, lens = _kernel_case(n, hq=args.hq, hkv=args.hkv, d=args.d, page=args.page,
                                                          dtype=dtype)
-        kp, vp = split_pages(kv_vllm)
+        kp, vp = split_pages(kv_vllm, columns=False)
         ok, ov = split_pages(kv)
         q = torch.randn(c, args.hq, args.d).to(dtype)
         qsl = torch.tensor([0, c], dtype=torch.int32)

@@ -85,7 +85,9 @@ def test_write_and_gather():
     lengths = [37, 5, 64]
     kv, table, sums, ks, vs = _fill(lengths, hkv=2, d=8, page_size=16, num_pages=20, seed=1)
     kp, vp = split_pages(kv)
-    assert kp.shape == (20, 2, 16, 8) and kp.stride(-1) == 1 and kp.data_ptr() == kv.data_ptr()
+    # float32 pages keep K as columns (split_pages' default): stride 1 along the rows
+    assert kp.shape == (20, 2, 16, 8) and kp.stride()[2:] == (1, 16) and kp.data_ptr() == kv.data_ptr()
+    assert vp.stride(-1) == 1 and split_pages(kv, columns=False)[0].stride()[2:] == (8, 1)
     for b, n in enumerate(lengths):
         assert torch.equal(gather_keys(kp, table[b], 0, n), ks[b])
         assert torch.equal(gather_keys(vp, table[b], 0, n), vs[b])

@@ -32,6 +32,7 @@
 //   decode_plan.h     the problem (Params), segments, runs, splits: integer work
 //   decode_rows.h     where key j's K/V rows are: a strided tensor or a paged cache's pages
 //   decode_f32.h      float32 products on vec.h's 8-float vectors (v8)
+//   decode_kcols.h    q . K^T over float32 pages that keep K as columns (the vLLM plugin's)
 //   decode_direct.h   what the direct products share: rows per pass, head dims, the paced prefetch
 //   decode_bf16.h     bfloat16 products straight from the rows (AVX-512 BF16)
 //   decode_int8.h     int8 codes x int16 q / P with integer dot products (AVX-512 VNNI)
@@ -60,6 +61,7 @@
 #include "cpu/stream_ahead.h"  // a contiguous run's rows asked for ahead of the products
 #include "cpu/decode_fp8.h"   // SPARSE_ATTN_FP8_DOT: fp8 codes as bf16 words, the bf16 products
 #include "cpu/decode_int8.h"  // SPARSE_ATTN_INT8_DOT: int8 codes x int16 q / P with vpdpwssd
+#include "cpu/decode_kcols.h"  // q . K^T over a paged float32 cache keeping K as columns
 #include "cpu/decode_plan.h"
 #include "cpu/flush_to_zero.h"
 #include "cpu/decode_quant.h"
@@ -510,15 +512,30 @@ class Split {
       auto none = [](int64_t, int) {};
       // few rows of a small head: q held in registers over the segment (decode_f32.h), when every
       // row group fits (G = 1-2 rows per kv head at D 32-64 with Sq = 1)
-      const bool held = qk_held(cnt, P.D);
-      if (held) {
+      const bool held = !P.kcol && qk_held(cnt, P.D);
+      if (P.kcol) {  // K as columns (decode_kcols.h); float32 only (decode_binding.cpp)
+        if constexpr (DT == 0 && std::is_same_v<Rows, TableRows<In>>) {
+          const int64_t ps = P.page_size, off = nk > 0 ? col_row(K, kr[0], P.D * P.kcol) : 0;
+          for (int64_t r = 0; r < cnt; r += kRT) {
+            auto group = [&](auto&& hook) {  // rows [r, r + kRT) with the hook (V rows ahead, or none)
+              switch (std::min<int64_t>(kRT, cnt - r)) {
+                case 4: qk_cols<4>(nk, P.D, P.kcol, ps, off, S.qp.data() + r, kr, S.sp.data() + r, hook); break;
+                case 3: qk_cols<3>(nk, P.D, P.kcol, ps, off, S.qp.data() + r, kr, S.sp.data() + r, hook); break;
+                case 2: qk_cols<2>(nk, P.D, P.kcol, ps, off, S.qp.data() + r, kr, S.sp.data() + r, hook); break;
+                default: qk_cols<1>(nk, P.D, P.kcol, ps, off, S.qp.data() + r, kr, S.sp.data() + r, hook); break;
+              }
+            };
+            r == 0 && pf_ ? group(ahead) : group(none);
+          }
+        }
+      } else if (held) {
         with_held(cnt, P.D, [&](auto rt, auto nq) {
           constexpr int RT = decltype(rt)::value, NQ = decltype(nq)::value;
           pf_ ? qk_rows_held<DT, RT, NQ>(nk, S.qp.data(), kr, S.sp.data(), ahead)
               : qk_rows_held<DT, RT, NQ>(nk, S.qp.data(), kr, S.sp.data(), none);
         });
       }
-      for (int64_t r = 0; r < cnt && !held; r += kRT) {
+      for (int64_t r = 0; r < cnt && !held && !P.kcol; r += kRT) {
         auto group = [&](auto&& hook) {  // rows [r, r + kRT) with the hook (V rows ahead, or none)
           switch (std::min<int64_t>(kRT, cnt - r)) {
             case 4: qk_rows<DT, 4>(nk, P.D, S.qp.data() + r, kr, S.sp.data() + r, hook); break;
@@ -586,6 +603,16 @@ class Split {
     auto knext = [&](int64_t j) __attribute__((always_inline)) {
       if (j < next_nk) sparse_attn_cpu::prefetch_lines<2>(nkr[j], kbytes);
     };
+    // K as columns: key j's share of its block (decode_kcols.h col_share)
+    const int64_t blk = P.D * P.kcol, share = P.kcol ? blk / std::max<int64_t>(1, P.page_size) * int64_t(sizeof(In)) : 0;
+    auto kcnext = [&](int64_t j) __attribute__((always_inline)) {
+      if constexpr (DT == 0) {
+        if (j < next_nk)
+          sparse_attn_cpu::prefetch_lines<2>(col_share(reinterpret_cast<const float*>(K),
+                                                       reinterpret_cast<const float*>(nkr[j]), blk, P.page_size),
+                                             share);
+      }
+    };
     auto knone = [](int64_t) {};
     for (int64_t r = 0; r < cnt; r += kRT) {
       const float* const* p = const_cast<const float* const*>(S.sp.data() + r);
@@ -597,7 +624,11 @@ class Split {
           default: pv_rows<DT, 1>(nk, P.Dv, p, vr, S.op.data() + r, S.corr.data() + r, hook); break;
         }
       };
-      r == 0 && pf_ ? group(knext) : group(knone);
+      if (r == 0 && pf_) {
+        P.kcol ? group(kcnext) : group(knext);
+      } else {
+        group(knone);
+      }
     }
   }
 

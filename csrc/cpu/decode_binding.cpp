@@ -201,7 +201,19 @@ static std::tuple<torch::Tensor, torch::Tensor> decode_impl(const DecodeArgs& a,
   if (with_lse) lse = torch::empty({B, Hq, sq}, q.options().dtype(torch::kFloat32));
   if (B == 0 || Hq == 0 || sq == 0) return {out, lse};
   TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "decode_fwd: Hq must be a multiple of Hkv");
-  if (rows > 0 && D > 0) TORCH_CHECK(k.stride(3) == 1, "decode_fwd: k must be contiguous in its last dim");
+  // K as columns (decode_kcols.h): a paged float32 cache whose (page, kv head) blocks are D rows of
+  // kcol >= page_size floats, the blocks whole (kst0, kst1 multiples of D x kcol)
+  const bool kcols = paged && rows > 0 && D > 1 && k.stride(3) != 1 && k.stride(2) == 1;
+  if (kcols) {
+    const int64_t blk = D * k.stride(3);
+    TORCH_CHECK_VALUE(dt == torch::kFloat32 && !quant && k.stride(3) >= page_size && k.stride(0) % blk == 0 &&
+                          k.stride(1) % blk == 0,
+                      "decode_fwd: k as columns (stride 1 along the rows) needs a paged float32 cache whose "
+                      "(page, kv head) blocks are D rows of at least page_size floats, got dtype ",
+                      kdt, " and strides ", k.strides());
+  } else if (rows > 0 && D > 0) {
+    TORCH_CHECK(k.stride(3) == 1, "decode_fwd: k must be contiguous in its last dim (or, paged float32, in its rows)");
+  }
   if (rows > 0 && Dv > 0) TORCH_CHECK(v.stride(3) == 1, "decode_fwd: v must be contiguous in its last dim");
 
   Params P{};
@@ -219,6 +231,7 @@ static std::tuple<torch::Tensor, torch::Tensor> decode_impl(const DecodeArgs& a,
   P.table = paged ? table.data_ptr<int32_t>() : nullptr;
   P.tst0 = paged ? table.stride(0) : 0, P.tst1 = paged ? table.stride(1) : 0;
   P.page_size = paged ? page_size : 0;
+  P.kcol = kcols ? k.stride(3) : 0;
   P.ksc = P.vsc = nullptr;
   TORCH_CHECK_VALUE(a.prefetch >= -1 && a.prefetch <= 1, "decode_fwd: prefetch must be -1 (auto), 0 or 1, got ",
                     a.prefetch);

@@ -87,6 +87,9 @@ struct Params {
   const int32_t* lens;
   const int32_t* table;
   int64_t tst0, tst1, page_size;
+  // 0: K rows (unit stride along D); else a paged float32 cache whose (page, kv head) blocks keep K
+  // as columns, element d of a key `kcol` floats after element d - 1 (decode_kcols.h)
+  int64_t kcol;
   // a quantized cache (k, v hold int8 / fp8 codes): the float32 row scales, laid out as the rows
   // without the head dim (sst: strides of dims 0 and 1; unit stride along the keys); else nullptr
   const float* ksc;

@@ -49,13 +49,15 @@ inline void locate_rows(const Params& P, const T* K, const T* V, const Seg& sg, 
 // every page costs a TLB walk. The kernel touches one line per 4 KB of K and V of the segment two
 // ahead (a strided tensor streams by itself). Measured: paged / contiguous time ~1.14 -> ~1.08
 // (64-token pages in random order); prefetching whole segments ahead was slower.
+// (K as columns, decode_kcols.h: a key's share of its block, D x kcol / page_size elements)
 template <typename T>
 inline void touch_pages(const Params& P, const T* K, const T* V, const Seg& sg, int64_t b, int64_t h) {
-  const int64_t step = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, P.kst[2] * (int64_t)sizeof(T)));
+  const int64_t kstep = P.kcol ? P.D * P.kcol / P.page_size : P.kst[2];  // K elements per key
+  const int64_t step = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, kstep * (int64_t)sizeof(T)));
   const int32_t* row = P.table + b * P.tst0;
   for (int64_t j = 0; j < sg.nk; j += step) {
     const int64_t a = sg.j0 + j, page = row[(a / P.page_size) * P.tst1], off = a % P.page_size;
-    sparse_attn_cpu::prefetch_line<2>(K + page * P.kst[0] + h * P.kst[1] + off * P.kst[2]);
+    sparse_attn_cpu::prefetch_line<2>(K + page * P.kst[0] + h * P.kst[1] + off * kstep);
     sparse_attn_cpu::prefetch_line<2>(V + page * P.vst[0] + h * P.vst[1] + off * P.vst[2]);
   }
 }

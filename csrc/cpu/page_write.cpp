@@ -2,7 +2,8 @@
 // key / value rows into their page slots, in one pass.
 //
 // key (T, Hkv, D) and value (T, Hkv, Dv) rows, read through their strides (vLLM hands views of its
-// qkv projection), go to k_pages / v_pages (P, Hkv, page_size, D|Dv), row t at page
+// qkv projection), go to k_pages / v_pages (P, Hkv, page_size, D|Dv; k_pages may keep K as columns,
+// stride 1 along the rows: the vLLM plugin's float32 pages, csrc/cpu/decode_kcols.h), row t at page
 // slots[t] / page_size, row slots[t] % page_size (slots may hold more than T entries: the first T
 // are read); a negative slot is a padding token and is skipped. The copies are parallel over rows
 // (distinct slots: each row has its own destination).
@@ -27,8 +28,8 @@ namespace {
 void check_pages(const torch::Tensor& pages, const char* name) {
   TORCH_CHECK_VALUE(pages.device().is_cpu() && pages.dim() == 4, "write_page_rows: ", name,
                     " must be a 4-D CPU tensor (pages, Hkv, page_size, D), got ", pages.sizes());
-  TORCH_CHECK_VALUE(pages.size(3) <= 1 || pages.stride(3) == 1, "write_page_rows: ", name,
-                    " must be contiguous in its last dim");
+  TORCH_CHECK_VALUE(pages.size(3) <= 1 || pages.stride(3) == 1 || pages.stride(2) == 1, "write_page_rows: ", name,
+                    " must be contiguous in its last dim, or in its rows (K as columns)");
 }
 
 void check_rows(const torch::Tensor& rows, const torch::Tensor& pages, int64_t t, const char* name,
@@ -57,13 +58,19 @@ void write_all(const S* slot, int64_t t, int64_t page_size, int64_t num_pages, c
   const auto* kr = static_cast<const char*>(key.data_ptr());
   const auto* vr = static_cast<const char*>(value.data_ptr());
   const int64_t row_bytes = H * (D + Dv) * es;
+  const int64_t kcol = D > 1 ? k_pages.stride(3) : 1;
   at::parallel_for(0, t, std::max<int64_t>(1, 65536 / std::max<int64_t>(row_bytes, 1)), [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       if (slot[i] < 0) continue;
       const int64_t page = slot[i] / page_size, row = slot[i] % page_size;
       for (int64_t h = 0; h < H; ++h) {
-        std::memcpy(kp + (page * k_pages.stride(0) + h * k_pages.stride(1) + row * k_pages.stride(2)) * es,
-                    kr + (i * key.stride(0) + h * key.stride(1)) * es, D * es);
+        char* kd = kp + (page * k_pages.stride(0) + h * k_pages.stride(1) + row * k_pages.stride(2)) * es;
+        const char* ks = kr + (i * key.stride(0) + h * key.stride(1)) * es;
+        if (kcol == 1) {
+          std::memcpy(kd, ks, D * es);
+        } else {  // K as columns (csrc/cpu/decode_kcols.h): element d kcol elements after d - 1
+          for (int64_t d = 0; d < D; ++d) std::memcpy(kd + d * kcol * es, ks + d * es, es);
+        }
         std::memcpy(vp + (page * v_pages.stride(0) + h * v_pages.stride(1) + row * v_pages.stride(2)) * es,
                     vr + (i * value.stride(0) + h * value.stride(1)) * es, Dv * es);
       }

@@ -29,7 +29,7 @@ EXTENSIONS = {
                     "cpu/decode_rows.h", "cpu/decode_f32.h", "cpu/decode_f32_avx512.h", "cpu/decode_softmax.h", "cpu/target_check.h",
                     "cpu/vec_bf16_neon.h", "cpu/decode_bf16_neon.h", "cpu/quant_rows.h", "cpu/decode_quant.h",
                     "cpu/softcap.h", "cpu/prefetch.h", "cpu/reuse_clock.h", "cpu/score_tree.h", "cpu/stream_ahead.h",
-                    "cpu/flush_to_zero.h", "cpu/out_check.h", "cpu/dtype_tag.h"],
+                    "cpu/flush_to_zero.h", "cpu/out_check.h", "cpu/dtype_tag.h", "cpu/decode_kcols.h"],
         "cflags": ["-fopenmp"],
         "ldflags": ["-fopenmp"],
         "jit_cflags": ["-march=native"],

@@ -1,11 +1,13 @@
 """vLLM's paged KV cache read in place: the page layout, the writes, the block sums, the `KVView`.
 
 vLLM hands each attention layer one tensor `(num_pages, Hkv, page_size, 2 * D)` (its `LBHNC`
-layout). We read it as vLLM's own CPU backend does: the `2 * page_size * D` values of one
-(page, kv head) are the page's K rows followed by its V rows, so `k_pages` / `v_pages` are views
-`(num_pages, Hkv, page_size, D)` whose rows of one (page, head) are contiguous. That is exactly a
-`KVView` of kind "paged" (cache/view.py): sparse_attn's split-KV decode reads it through vLLM's
-block table with no per-step copy.
+layout). We lay it out as vLLM's own CPU backend does: the `2 * page_size * D` values of one
+(page, kv head) are the page's K followed by its V rows, so `k_pages` / `v_pages` are views
+`(num_pages, Hkv, page_size, D)` whose values of one (page, head) are contiguous; float32 K is kept
+as columns (`k_columns`: `D` rows of `page_size` values, the view's last two strides `(1,
+page_size)`), as vLLM's writer keeps it, which the decode kernel reads with the keys in its vector
+lanes. That is exactly a `KVView` of kind "paged" (cache/view.py): sparse_attn's split-KV decode
+reads it through vLLM's block table with no per-step copy.
 
 TopK selects blocks from the mean key of each block. vLLM's pages are the blocks (the TopK block
 size is the page size), and a page keeps its tokens for its whole life (prefix caching shares full
@@ -23,14 +25,30 @@ from ..._build import load_extension
 from ...cache.view import KVView
 
 
-def split_pages(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(num_pages, Hkv, page_size, 2 * D)` -> K and V views `(num_pages, Hkv, page_size, D)` (no copy)."""
+def k_columns(dtype: torch.dtype) -> bool:
+    """Whether the plugin keeps K as columns in pages of this dtype: float32 (as vLLM's own CPU writer
+    does). Each (page, kv head) block's K half is then `D` rows of `page_size` values, row d holding
+    element d of the page's keys, so the decode kernel's scores come out with the keys in the vector
+    lanes (csrc/cpu/decode_kcols.h). bfloat16 / float16 keep K rows (their products read pairs of rows)."""
+    return dtype == torch.float32
+
+
+def split_pages(kv_cache: torch.Tensor, columns: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(num_pages, Hkv, page_size, 2 * D)` -> K and V views `(num_pages, Hkv, page_size, D)` (no copy).
+    `columns` (default: `k_columns(kv_cache.dtype)`): K as columns, the view's strides along
+    (page_size, D) then (1, page_size); any reader that goes through the views sees the same keys."""
     if kv_cache.dim() != 4 or kv_cache.shape[3] % 2:
         raise ValueError(f"kv_cache must have shape (num_pages, Hkv, page_size, 2 * head_dim), got "
                          f"{tuple(kv_cache.shape)}")
     pages, heads, page_size, two_d = kv_cache.shape
     both = kv_cache.view(pages, heads, 2 * page_size, two_d // 2)
-    return both[:, :, :page_size], both[:, :, page_size:]
+    k, v = both[:, :, :page_size], both[:, :, page_size:]
+    if columns is None:
+        columns = k_columns(kv_cache.dtype)
+    if columns:
+        halves = kv_cache.view(pages, heads, 2, page_size * (two_d // 2))
+        k = halves[:, :, 0].view(pages, heads, two_d // 2, page_size).transpose(2, 3)
+    return k, v
 
 
 def write_pages(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor,
