@@ -6,7 +6,10 @@
 // lanes: one FMA per (row, 16 keys, d) and no reduction, where K rows end every 16 scores in
 // score_tree.h's ~45 shuffles and adds. A stand-alone model of one warm decode call (4096 keys in
 // 64-key pages in random order, Hq 4, Hkv 2, D 64, 256-key segments, softmax and P . V as the
-// kernel's; one Zen 4 core, three rounds): 81-85 us with K rows, 69-76 us with K columns.
+// kernel's; one Zen 4 core, three rounds): 81-85 us with K rows, 69-76 us with K columns. The
+// kernel itself gained less (its held-q K rows were already near the FMA rate): one thread, warm,
+// 4096 keys 73.9-76.8 -> 71.6-73.6 us; from DRAM at 128K keys 1.16x (Hq 32, Hkv 8, D 128, 1 and 2
+// threads), 0.97-1.09x (Hq 4, Hkv 2, D 64) (docs/vllm_measurements.md, thirty-sixth session).
 //
 // The keys of a segment are cut into chunks of at most 16 keys that are consecutive in one block
 // (a page's keys, or fewer at a page's end, a window's start or the segment's end); four chunks
@@ -14,8 +17,8 @@
 // Bits: key j's score is one chain of FMAs over d = 0 .. D-1 in order from zero (a lane of the
 // vector, or std::fma on targets without AVX-512: the same bits), whatever the chunk's length or
 // place. It differs from the K rows' scores (summed per 16-column chunk, then by the tree), within
-// the contract's float32 bounds: a cache with K columns gives its own bits, the same for every
-// segmentation and thread count.
+// the contract's float32 bounds: a cache with K columns gives its own bits (the same with the
+// prefetches on or off; the splits, hence the merged output, follow the thread count as for rows).
 #pragma once
 
 #include <algorithm>
